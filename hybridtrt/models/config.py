@@ -1,0 +1,295 @@
+"""Model configuration parsed from an HF ``config.json``.
+
+One parser per model family, held in a registry keyed by ``model_type`` (DESIGN.md §3). Block
+letters: ``M`` Mamba-2 mixer, ``*`` attention, ``-`` MLP; ``E`` (MoE) is refused with a clear
+error until an issue adds it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hybridtrt.errors import ConfigError
+
+MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
+SUPPORTED_BLOCKS = (MAMBA, ATTENTION, MLP)
+
+# HF spells block types several ways across releases; all map to our letters.
+_BLOCK_NAMES = {
+    "mamba": MAMBA,
+    "linear_attention": MAMBA,
+    "attention": ATTENTION,
+    "full_attention": ATTENTION,
+    "mlp": MLP,
+    "moe": MOE,
+}
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """Everything the reference model and the exporter need, in one flat, validated record.
+
+    Mamba sizes: ``d_inner = mamba_num_heads * mamba_head_dim``,
+    ``conv_dim = d_inner + 2 * n_groups * ssm_state_size``.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    layer_types: tuple[str, ...]
+    layer_norm_epsilon: float
+    tie_word_embeddings: bool
+    residual_in_fp32: bool
+    #: Nemotron-H multiplies the RMSNorm weight in fp32, plain Mamba-2 in the model dtype.
+    norm_weight_in_fp32: bool
+    # Mamba-2 mixer
+    mamba_num_heads: int
+    mamba_head_dim: int
+    ssm_state_size: int
+    n_groups: int
+    conv_kernel: int
+    chunk_size: int
+    use_conv_bias: bool
+    mamba_bias: bool
+    time_step_limit: tuple[float, float]
+    # Attention
+    num_attention_heads: int
+    num_key_value_heads: int
+    attention_head_dim: int
+    # MLP
+    intermediate_size: int
+    mlp_bias: bool
+    # Tokens
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_types)
+
+    @property
+    def pattern(self) -> str:
+        return "".join(self.layer_types)
+
+    @property
+    def d_inner(self) -> int:
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.n_groups * self.ssm_state_size
+
+    def layers_of(self, kind: str) -> list[int]:
+        """Decoder layer indices whose block letter is ``kind``."""
+        return [i for i, t in enumerate(self.layer_types) if t == kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layer_types"] = self.pattern
+        d["time_step_limit"] = [self.time_step_limit[0], _json_float(self.time_step_limit[1])]
+        return d
+
+
+def _json_float(v: float) -> float | str:
+    return "inf" if math.isinf(v) else v
+
+
+def _get(cfg: dict[str, Any], *names: str, default: Any = ...) -> Any:
+    """First present key among ``names`` (HF renamed many fields over time)."""
+    for name in names:
+        if name in cfg and cfg[name] is not None:
+            return cfg[name]
+    if default is ...:
+        raise ConfigError(
+            f"config.json has no {' / '.join(repr(n) for n in names)}",
+            fix="use the config.json that came with the checkpoint (HF format)",
+        )
+    return default
+
+
+def _single_token(value: Any) -> int | None:
+    if isinstance(value, list):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)
+
+
+def _parse_pattern(cfg: dict[str, Any]) -> tuple[str, ...]:
+    if "hybrid_override_pattern" in cfg and cfg["hybrid_override_pattern"]:
+        letters = list(str(cfg["hybrid_override_pattern"]))
+        source = "hybrid_override_pattern"
+    elif cfg.get("layers_block_type"):
+        names = cfg["layers_block_type"]
+        unknown = sorted({n for n in names if n not in _BLOCK_NAMES})
+        if unknown:
+            raise ConfigError(
+                f"layers_block_type has unknown block types {unknown}",
+                fix=f"use one of {sorted(_BLOCK_NAMES)}",
+            )
+        letters = [_BLOCK_NAMES[n] for n in names]
+        source = "layers_block_type"
+    else:
+        raise ConfigError(
+            "config.json has neither 'hybrid_override_pattern' nor 'layers_block_type'",
+            fix="a Nemotron-H config names its layer pattern, e.g. \"hybrid_override_pattern\": \"M-M*-M\"",
+        )
+    for i, letter in enumerate(letters):
+        if letter == MOE:
+            raise ConfigError(
+                f"{source} has an MoE block 'E' at layer {i}; MoE is not supported yet",
+                fix="export a Nemotron-H variant without MoE layers (pattern of M, * and -)",
+            )
+        if letter not in SUPPORTED_BLOCKS:
+            raise ConfigError(
+                f"{source} has unknown block letter {letter!r} at layer {i}",
+                fix="letters are M (Mamba-2), * (attention), - (MLP)",
+            )
+    if not letters:
+        raise ConfigError(f"{source} is empty", fix="the model needs at least one layer")
+    return tuple(letters)
+
+
+def _parse_nemotron_h(cfg: dict[str, Any]) -> HybridConfig:
+    layer_types = _parse_pattern(cfg)
+    act = _get(cfg, "mlp_hidden_act", default="relu2")
+    if act != "relu2":
+        raise ConfigError(f"mlp_hidden_act={act!r} is not supported", fix="Nemotron-H MLPs use 'relu2'")
+    if _get(cfg, "mamba_hidden_act", default="silu") != "silu":
+        raise ConfigError(f"mamba_hidden_act={cfg['mamba_hidden_act']!r} is not supported", fix="use 'silu'")
+    if cfg.get("attention_bias"):
+        raise ConfigError(
+            "attention_bias=true is not supported (Nemotron-H attention has no biases)",
+            fix="set attention_bias to false if the checkpoint has no q/k/v/o biases",
+        )
+    heads = int(_get(cfg, "num_attention_heads"))
+    hidden = int(_get(cfg, "hidden_size"))
+    return HybridConfig(
+        family="nemotron_h",
+        vocab_size=int(_get(cfg, "vocab_size")),
+        hidden_size=hidden,
+        layer_types=layer_types,
+        layer_norm_epsilon=float(_get(cfg, "layer_norm_epsilon", default=1e-5)),
+        tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
+        # HF's NemotronHBlock keeps the residual in the model dtype whatever the config says.
+        residual_in_fp32=False,
+        norm_weight_in_fp32=True,
+        mamba_num_heads=int(_get(cfg, "mamba_num_heads")),
+        mamba_head_dim=int(_get(cfg, "mamba_head_dim")),
+        ssm_state_size=int(_get(cfg, "ssm_state_size", default=128)),
+        n_groups=int(_get(cfg, "n_groups", "mamba_n_groups", default=8)),
+        conv_kernel=int(_get(cfg, "conv_kernel", "mamba_d_conv", default=4)),
+        chunk_size=int(_get(cfg, "chunk_size", "mamba_chunk_size", default=128)),
+        use_conv_bias=bool(_get(cfg, "use_conv_bias", "mamba_conv_bias", default=True)),
+        mamba_bias=bool(_get(cfg, "use_bias", default=False)),
+        # HF NemotronHMamba2Mixer clamps dt to (time_step_min, inf), not to config.time_step_limit.
+        time_step_limit=(float(_get(cfg, "time_step_min", "mamba_dt_min", default=0.001)), math.inf),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_get(cfg, "num_key_value_heads", default=heads)),
+        attention_head_dim=int(_get(cfg, "head_dim", "attention_head_dim", default=hidden // heads)),
+        intermediate_size=int(_get(cfg, "intermediate_size", default=4 * hidden)),
+        mlp_bias=bool(_get(cfg, "mlp_bias", default=False)),
+        bos_token_id=_single_token(cfg.get("bos_token_id")),
+        eos_token_id=_single_token(cfg.get("eos_token_id")),
+        pad_token_id=_single_token(cfg.get("pad_token_id")),
+    )
+
+
+def _parse_mamba2(cfg: dict[str, Any]) -> HybridConfig:
+    hidden = int(_get(cfg, "hidden_size"))
+    heads = int(_get(cfg, "num_heads"))
+    head_dim = int(_get(cfg, "head_dim"))
+    expand = int(_get(cfg, "expand", default=2))
+    if hidden * expand != heads * head_dim:
+        raise ConfigError(
+            f"hidden_size*expand ({hidden * expand}) != num_heads*head_dim ({heads * head_dim})",
+            fix="fix num_heads/head_dim/expand so that they agree",
+        )
+    if _get(cfg, "hidden_act", default="silu") != "silu":
+        raise ConfigError(f"hidden_act={cfg['hidden_act']!r} is not supported", fix="use 'silu'")
+    lo, hi = _get(cfg, "time_step_limit", default=(0.0, math.inf))
+    return HybridConfig(
+        family="mamba2",
+        vocab_size=int(_get(cfg, "vocab_size")),
+        hidden_size=hidden,
+        layer_types=(MAMBA,) * int(_get(cfg, "num_hidden_layers")),
+        layer_norm_epsilon=float(_get(cfg, "layer_norm_epsilon", default=1e-5)),
+        tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
+        residual_in_fp32=bool(_get(cfg, "residual_in_fp32", default=True)),
+        norm_weight_in_fp32=False,
+        mamba_num_heads=heads,
+        mamba_head_dim=head_dim,
+        ssm_state_size=int(_get(cfg, "state_size", default=128)),
+        n_groups=int(_get(cfg, "n_groups", default=8)),
+        conv_kernel=int(_get(cfg, "conv_kernel", default=4)),
+        chunk_size=int(_get(cfg, "chunk_size", default=256)),
+        use_conv_bias=bool(_get(cfg, "use_conv_bias", default=True)),
+        mamba_bias=bool(_get(cfg, "use_bias", default=False)),
+        time_step_limit=(float(lo), float(hi)),
+        num_attention_heads=0,
+        num_key_value_heads=0,
+        attention_head_dim=0,
+        intermediate_size=0,
+        mlp_bias=False,
+        bos_token_id=_single_token(cfg.get("bos_token_id")),
+        eos_token_id=_single_token(cfg.get("eos_token_id")),
+        pad_token_id=_single_token(cfg.get("pad_token_id")),
+    )
+
+
+#: model_type -> parser. Add a family by adding a parser here (and its weight names in loading.py).
+CONFIG_PARSERS: dict[str, Callable[[dict[str, Any]], HybridConfig]] = {
+    "nemotron_h": _parse_nemotron_h,
+    "mamba2": _parse_mamba2,
+}
+
+
+def _validate(c: HybridConfig) -> HybridConfig:
+    if MAMBA in c.layer_types:
+        if c.mamba_num_heads % c.n_groups:
+            raise ConfigError(
+                f"mamba_num_heads={c.mamba_num_heads} is not divisible by n_groups={c.n_groups}",
+                fix="n_groups must divide the number of Mamba heads",
+            )
+        if c.d_inner % c.n_groups:
+            raise ConfigError(f"d_inner={c.d_inner} is not divisible by n_groups={c.n_groups}")
+        if c.chunk_size < 1 or c.conv_kernel < 1:
+            raise ConfigError(f"chunk_size={c.chunk_size}, conv_kernel={c.conv_kernel} must be ≥ 1")
+    if ATTENTION in c.layer_types:
+        if c.num_key_value_heads < 1 or c.num_attention_heads % c.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={c.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={c.num_key_value_heads}",
+                fix="GQA needs num_attention_heads % num_key_value_heads == 0",
+            )
+    return c
+
+
+def config_from_dict(cfg: dict[str, Any]) -> HybridConfig:
+    """Parse an HF config dict. Raises `ConfigError` for anything unsupported."""
+    model_type = cfg.get("model_type")
+    parser = CONFIG_PARSERS.get(model_type)  # type: ignore[arg-type]
+    if parser is None:
+        raise ConfigError(
+            f"model_type={model_type!r} is not supported",
+            fix=f"supported model types: {', '.join(sorted(CONFIG_PARSERS))}",
+        )
+    return _validate(parser(cfg))
+
+
+def load_config(checkpoint_dir: str | Path) -> HybridConfig:
+    """Read ``checkpoint_dir/config.json``."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no config.json in {checkpoint_dir}", fix="point at an HF checkpoint directory")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return config_from_dict(cfg)

@@ -1,0 +1,211 @@
+"""Building blocks of the reference model: RMSNorm, gated RMSNorm, Mamba-2 mixer, attention, MLP.
+
+Module attribute names mirror HF transformers' so checkpoint keys map one-to-one
+(``mixer.in_proj.weight``, ``mixer.conv1d.weight``, ``mixer.A_log`` ...).
+Forward passes are pure functions of (inputs, states) -> (outputs, new states): no Python branch on
+tensor values, so ``torch.export`` traces them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hybridtrt.models.config import HybridConfig
+from hybridtrt.ops import mamba2_chunk_scan, mamba2_state_update
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in fp32.
+
+    Args:
+        weight_in_fp32: Multiply the weight in fp32 before casting back (Nemotron-H) or after
+            casting back to the input dtype (Mamba-2). Identical in fp32.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, weight_in_fp32: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+        self.weight_in_fp32 = weight_in_fp32
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., D] -> [..., D]`` in x's dtype."""
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_in_fp32:
+            return (self.weight.float() * h).to(dtype)
+        return self.weight * h.to(dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """``RMSNorm_grouped(y * silu(z)) * weight`` — gating before the norm, per group of
+    ``group_size = d_inner / n_groups`` channels (the reference's ``norm_before_gate=False``)."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        """``y, z [B, L, d_inner] -> [B, L, d_inner]`` in y's dtype."""
+        dtype = y.dtype
+        h = y.float() * F.silu(z.float())
+        b, l, d = h.shape
+        g = h.reshape(b, l, d // self.group_size, self.group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * g.reshape(b, l, d).to(dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 mixer (DESIGN.md §3).
+
+    ``in_proj`` → split ``z | xBC | dt`` → causal depthwise conv1d over ``[conv_state, xBC]`` → SiLU →
+    split ``x | B | C`` → SSD (custom op) → gated RMSNorm(y, z) → ``out_proj``.
+    ``dt = clamp(softplus(dt_raw + dt_bias), time_step_limit)``, zeroed on padding; ``A = -exp(A_log)``.
+    """
+
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__()
+        c = config
+        self.num_heads = c.mamba_num_heads
+        self.head_dim = c.mamba_head_dim
+        self.n_groups = c.n_groups
+        self.d_state = c.ssm_state_size
+        self.d_inner = c.d_inner
+        self.conv_dim = c.conv_dim
+        self.conv_kernel = c.conv_kernel
+        self.chunk_size = c.chunk_size
+        self.dt_min, self.dt_max = c.time_step_limit
+        self.in_proj = nn.Linear(c.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=c.mamba_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, c.conv_kernel, groups=self.conv_dim, bias=c.use_conv_bias
+        )
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, c.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.d_inner, c.hidden_size, bias=c.mamba_bias)
+
+    def forward(
+        self,
+        h: Tensor,
+        mask: Tensor,
+        conv_state: Tensor,
+        ssm_state: Tensor,
+        use_state_update: bool,
+        is_decode: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One mixer pass.
+
+        Args:
+            h: ``[B, L, hidden]`` normed hidden states.
+            mask: ``[B, L]`` 1 for real tokens, 0 for (left) padding, in h's dtype.
+            conv_state: ``[B, conv_dim, K]``.
+            ssm_state: ``[B, H, P, N]``.
+            use_state_update: Use ``mamba2_state_update`` (requires L == 1) instead of the scan.
+            is_decode: ``[]`` bool tensor, True for a one-token step on existing states. The
+                reference (HF) skips the lower dt clamp there; see `dt_lower_bound`.
+
+        Returns:
+            ``out [B, L, hidden]``, ``conv_state``, ``ssm_state`` (new tensors).
+        """
+        b, l, _ = h.shape
+        m = mask[..., None]
+        proj = self.in_proj(h * m)
+        z, xbc, dt_raw = proj.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+
+        # Causal depthwise conv over the last K inputs; padded positions feed zeros.
+        window = torch.cat([conv_state, (xbc * m).transpose(1, 2)], dim=-1)  # [B, conv_dim, K + L]
+        new_conv_state = window[:, :, -self.conv_kernel :]
+        xbc = F.conv1d(window[:, :, 1:], self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
+        xbc = F.silu(xbc).transpose(1, 2) * m  # [B, L, conv_dim]
+        x, B, C = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+
+        dt = F.softplus(dt_raw.float() + self.dt_bias.float())
+        if self.dt_min > 0:
+            dt = torch.maximum(dt, dt_lower_bound(is_decode, self.dt_min))
+        if self.dt_max < float("inf"):
+            dt = torch.clamp(dt, max=self.dt_max)
+        dt = dt * m.float()
+        A = -torch.exp(self.A_log.float())
+        D = self.D.float()
+
+        x = x.reshape(b, l, self.num_heads, self.head_dim)
+        B = B.reshape(b, l, self.n_groups, self.d_state)
+        C = C.reshape(b, l, self.n_groups, self.d_state)
+        if use_state_update:
+            y, new_ssm_state = mamba2_state_update(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, ssm_state)
+            y = y[:, None]
+        else:
+            y, new_ssm_state = mamba2_chunk_scan(x, dt, A, B, C, D, ssm_state, self.chunk_size)
+
+        y = self.norm(y.reshape(b, l, self.d_inner), z)
+        return self.out_proj(y.to(h.dtype)), new_conv_state, new_ssm_state
+
+
+def dt_lower_bound(is_decode: Tensor, dt_min: float) -> Tensor:
+    """The lower dt clamp, as HF transformers applies it.
+
+    HF's NemotronH mixer clamps ``dt`` to ``(time_step_min, inf)`` in its chunked path (prefill,
+    and any first call) but not in its recurrent path (one token on an existing state). We copy
+    that rule exactly (DESIGN.md §3) and express it as a tensor so one traced graph serves both.
+    """
+    return torch.where(is_decode, 0.0, dt_min)
+
+
+class Attention(nn.Module):
+    """Causal GQA self-attention without RoPE (Nemotron-H), with a KV cache."""
+
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__()
+        c = config
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = c.num_key_value_heads
+        self.head_dim = c.attention_head_dim
+        self.scaling = self.head_dim**-0.5
+        self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, h: Tensor, bias: Tensor, past_key: Tensor, past_value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One attention pass.
+
+        Args:
+            h: ``[B, L, hidden]``.
+            bias: ``[B, 1, L, S + L]`` additive mask (0 or dtype-min), h's dtype.
+            past_key, past_value: ``[B, H_kv, S, D]``.
+
+        Returns:
+            ``out [B, L, hidden]``, ``key [B, H_kv, S+L, D]``, ``value [B, H_kv, S+L, D]``.
+        """
+        b, l, _ = h.shape
+        q = self.q_proj(h).reshape(b, l, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).reshape(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).reshape(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        key = torch.cat([past_key, k], dim=2)
+        value = torch.cat([past_value, v], dim=2)
+        rep = self.num_heads // self.num_kv_heads
+        k_all = key.repeat_interleave(rep, dim=1) if rep > 1 else key
+        v_all = value.repeat_interleave(rep, dim=1) if rep > 1 else value
+        scores = torch.matmul(q, k_all.transpose(2, 3)) * self.scaling + bias
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v_all).transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim)
+        return self.o_proj(out), key, value
+
+
+class MLP(nn.Module):
+    """``down(relu(up(x))²)``."""
+
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """``[B, L, hidden] -> [B, L, hidden]``."""
+        return self.down_proj(torch.relu(self.up_proj(h)).square())

@@ -1,0 +1,189 @@
+"""Built-in tiny random models, written as real checkpoint directories (config.json + safetensors
++ tokenizer.json) so that every path — loading, export, validation — is exercised as for a real
+checkpoint. ``initializer_range`` ≈ 0.3 so that the Mamba branch visibly matters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from hybridtrt.errors import InputError
+from hybridtrt.models.config import config_from_dict
+from hybridtrt.models.loading import INDEX_FILE, SINGLE_FILE, WEIGHT_NAMES, to_checkpoint_name
+from hybridtrt.models.model import HybridLM
+
+_NEMOTRON_BASE: dict[str, Any] = {
+    "model_type": "nemotron_h",
+    "architectures": ["NemotronHForCausalLM"],
+    "mamba_hidden_act": "silu",
+    "mlp_hidden_act": "relu2",
+    "use_conv_bias": True,
+    "use_bias": False,
+    "mlp_bias": False,
+    "attention_bias": False,
+    "conv_kernel": 4,
+    "layer_norm_epsilon": 1e-5,
+    "tie_word_embeddings": False,
+    "time_step_min": 0.001,
+    "time_step_max": 0.1,
+    "residual_in_fp32": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+
+#: name -> HF config.json contents. Sizes are deliberately odd-shaped where it tests something.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The demo / test default: every block kind, GQA, n_groups > 1.
+    "tiny-nemotron-h": {
+        **_NEMOTRON_BASE,
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "hybrid_override_pattern": "M*M-M*-M",
+        "mamba_num_heads": 8,
+        "mamba_head_dim": 16,
+        "ssm_state_size": 16,
+        "n_groups": 2,
+        "chunk_size": 16,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 128,
+    },
+    # Plain Mamba-2 (HF Mamba2ForCausalLM naming), n_groups = 1, tied embeddings.
+    "tiny-mamba2": {
+        "model_type": "mamba2",
+        "architectures": ["Mamba2ForCausalLM"],
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "num_heads": 8,
+        "head_dim": 16,
+        "expand": 2,
+        "state_size": 16,
+        "n_groups": 1,
+        "conv_kernel": 4,
+        "chunk_size": 16,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "hidden_act": "silu",
+        "residual_in_fp32": True,
+        "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": True,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    },
+    # Nemotron-Nano-9B-v2-like ratios at ~110M parameters: head_dim 80, d_state 128, G = 8.
+    "small-nemotron-h": {
+        **_NEMOTRON_BASE,
+        "vocab_size": 32000,
+        "hidden_size": 640,
+        "hybrid_override_pattern": "M-M-M*-M-M-M*-M-",
+        "mamba_num_heads": 16,
+        "mamba_head_dim": 80,
+        "ssm_state_size": 128,
+        "n_groups": 8,
+        "chunk_size": 128,
+        "num_attention_heads": 10,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "intermediate_size": 2560,
+    },
+}
+
+
+def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """The HF config dict of a preset with ``overrides`` applied."""
+    if name not in PRESETS:
+        raise InputError(f"unknown preset {name!r}", fix=f"choose one of {', '.join(PRESETS)}")
+    return {**PRESETS[name], **overrides}
+
+
+@torch.no_grad()
+def random_model(hf_config: dict[str, Any], *, seed: int = 0, initializer_range: float = 0.3) -> HybridLM:
+    """A reference model with random weights that make every branch matter.
+
+    Linear, embedding and conv weights ~ N(0, initializer_range); norms ~ 1 + N(0, 0.1);
+    ``A = -U(1, 16)``; ``dt_bias`` = softplus⁻¹(log-uniform(0.01, 0.3)); ``D`` ~ 1 + N(0, 0.3).
+    """
+    config = config_from_dict(hf_config)
+    gen = torch.Generator().manual_seed(seed)
+    model = HybridLM(config)
+
+    def normal(t: torch.Tensor, mean: float, std: float) -> None:
+        t.copy_(torch.randn(t.shape, generator=gen) * std + mean)
+
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "A_log":
+            p.copy_(torch.log(1 + 15 * torch.rand(p.shape, generator=gen)))
+        elif leaf == "dt_bias":
+            dt = torch.exp(torch.rand(p.shape, generator=gen) * (math.log(0.3) - math.log(0.01)) + math.log(0.01))
+            p.copy_(dt + torch.log(-torch.expm1(-dt)))
+        elif leaf == "D":
+            normal(p, 1.0, 0.3)
+        elif ".norm" in name or name.startswith("norm_f"):
+            normal(p, 1.0, 0.1)
+        else:
+            normal(p, 0.0, initializer_range)
+    return model.eval()
+
+
+def save_checkpoint(
+    model: HybridLM, hf_config: dict[str, Any], out_dir: str | Path, *, max_shard_bytes: int | None = None
+) -> Path:
+    """Write ``config.json`` and HF-named safetensors (sharded with an index when
+    ``max_shard_bytes`` is given)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = WEIGHT_NAMES[model.config.family].prefixes[0]
+    tensors = {to_checkpoint_name(k, prefix): v.detach().contiguous() for k, v in model.state_dict().items()}
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if max_shard_bytes is None:
+        save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})
+        return out
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def create_checkpoint(
+    name: str,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    initializer_range: float = 0.3,
+    max_shard_bytes: int | None = None,
+    with_tokenizer: bool = True,
+    **overrides: Any,
+) -> Path:
+    """Create a random checkpoint directory of preset ``name`` (with config ``overrides``)."""
+    hf_config = preset_config(name, **overrides)
+    model = random_model(hf_config, seed=seed, initializer_range=initializer_range)
+    out = save_checkpoint(model, hf_config, out_dir, max_shard_bytes=max_shard_bytes)
+    if with_tokenizer:
+        from hybridtrt.models.tokenizer import write_byte_tokenizer
+
+        write_byte_tokenizer(out, hf_config["vocab_size"])
+    return out

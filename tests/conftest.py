@@ -1,0 +1,44 @@
+"""Shared fixtures: random checkpoints of the built-in presets, created once per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybridtrt.models import create_checkpoint
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    """``make_checkpoint(preset="tiny-nemotron-h", seed=0, **config_overrides) -> Path``."""
+    made: dict[str, Path] = {}
+
+    def make(preset: str = "tiny-nemotron-h", seed: int = 0, **overrides) -> Path:
+        key = json.dumps([preset, seed, overrides], sort_keys=True)
+        if key not in made:
+            out = tmp_path_factory.mktemp(preset.replace("-", "_"))
+            create_checkpoint(preset, out, seed=seed, **overrides)
+            made[key] = out
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+
+
+def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0, pad_id: int = 0):
+    """Random prompts of the given lengths, left-padded to the longest: ``(ids, mask)``."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        ids[r, width - n :] = torch.randint(3, vocab, (n,), generator=gen)
+        mask[r, width - n :] = 1
+    return ids, mask
