@@ -1,0 +1,366 @@
+"""``hybridtrt export``: checkpoint -> ``model.onnx`` (+ ``decode.onnx``) + ``weights.data`` +
+``hybridtrt.json``.
+
+Steps: load the reference model → trace with ``torch.onnx.export(dynamo=True)`` (custom ops become
+``hybridtrt`` domain nodes) → graph passes (function bodies, names, dims, cleanup) → write
+atomically → verify the written file with ONNX Runtime against the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import uuid
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+import torch
+from torch.export import Dim
+
+from hybridtrt.errors import ExportError, HybridTrtError
+from hybridtrt.exporter import io
+from hybridtrt.exporter.manifest import MANIFEST_FILE, GraphEntry, Manifest, checkpoint_hash, layer_map
+from hybridtrt.exporter.translation import translation_table
+from hybridtrt.exporter.wrapper import GraphModule, example_inputs
+from hybridtrt.graphs.cleanup import strip_metadata
+from hybridtrt.graphs.dims import name_io_dims
+from hybridtrt.graphs.naming import assign_node_names
+from hybridtrt.models.config import MAMBA
+from hybridtrt.models.loading import load_model, parse_dtype
+from hybridtrt.models.model import HybridLM
+from hybridtrt.ops.onnx_functions import DOMAIN, MAX_OPSET, MIN_OPSET, attach_functions
+
+MODEL_FILE = "model.onnx"
+DECODE_FILE = "decode.onnx"
+WEIGHTS_FILE = "weights.data"
+DECODE_WEIGHTS_FILE = "decode.weights.data"
+DEFAULT_OPSET = 21
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_ONNX_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+Step = Callable[[str], contextlib.AbstractContextManager]
+
+
+@dataclass
+class ExportOptions:
+    """Flags of ``hybridtrt export``; None means the default.
+
+    Attributes:
+        dtype: Model dtype ``fp32 | fp16 | bf16``.
+        state_dtype: SSM state dtype (default fp32).
+        logits: ``"last"`` ``[B, V]`` or ``"all"`` ``[B, L, V]``.
+        split: Also write the decode-only graph ``decode.onnx`` (Mamba2StateUpdate).
+        opset: Default-domain ONNX opset.
+        per_layer: Expose each decoder layer's output as ``layer_output.{i}`` (for validation).
+        verify: Run the written graph with ONNX Runtime against the reference after export.
+        size_threshold: Initializers of at least this many bytes go to external data.
+    """
+
+    dtype: str = "fp32"
+    state_dtype: str | None = None
+    logits: Literal["last", "all"] = "last"
+    split: bool = False
+    opset: int | None = None
+    per_layer: bool = False
+    verify: bool = True
+    size_threshold: int = 1024
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and found."""
+
+    out_dir: Path
+    manifest: Manifest
+    files: dict[str, int] = field(default_factory=dict)  # name -> bytes
+    parameters: int = 0
+    parameter_bytes: int = 0
+    verification: dict[str, float] = field(default_factory=dict)  # output -> rel L2 (worst)
+
+
+@contextlib.contextmanager
+def _no_step(_: str) -> Iterator[None]:
+    yield
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence torch.onnx's chatter (it prints progress and warns about torchvision)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ExportError(
+            f"output directory {out_dir} is not writable ({e.strerror or e})",
+            fix="choose a directory you can write to with -o/--output",
+        ) from None
+
+
+def _check_dtype_runs(model: HybridLM, dtype_name: str, state_dtype: torch.dtype) -> None:
+    """PyTorch on this machine must run the model in this dtype (export traces eagerly)."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 2, dtype=torch.long), cache=model.new_cache(1, state_dtype), logits="last")
+    except (RuntimeError, NotImplementedError) as e:
+        device = model.embeddings.weight.device
+        raise ExportError(
+            f"dtype {dtype_name} is not supported by PyTorch on this machine ({device}): {str(e).splitlines()[0]}",
+            fix="export in fp32 here, or export on a machine whose PyTorch supports this dtype",
+        ) from None
+
+
+def _dynamic_shapes(graph: GraphModule, decode: bool) -> tuple:
+    auto = Dim.AUTO
+    states = tuple({0: auto, 2: auto} if s.kind in ("key", "value") else {0: auto} for s in graph.specs)
+    ids = {0: auto} if decode else {0: auto, 1: auto}
+    return (ids, {0: auto, 1: auto}, states)
+
+
+def _io_shapes(model: HybridLM, logits: str, decode: bool, per_layer: bool) -> dict[str, tuple[int | str, ...]]:
+    c = model.config
+    seq: int | str = 1 if decode else io.SEQ
+    shapes: dict[str, tuple[int | str, ...]] = {
+        io.INPUT_IDS: (io.BATCH, seq),
+        io.ATTENTION_MASK: (io.BATCH, io.TOTAL),
+        io.LOGITS: (io.BATCH, c.vocab_size) if logits == "last" else (io.BATCH, seq, c.vocab_size),
+    }
+    for spec in io.state_specs(c):
+        shapes[spec.past_name] = spec.shape
+        shapes[spec.present_name] = io.present_shape(spec)
+    if per_layer:
+        for i in range(c.num_layers):
+            shapes[f"layer_output.{i}"] = (io.BATCH, seq, c.hidden_size)
+    return shapes
+
+
+def trace_graph(
+    model: HybridLM,
+    *,
+    logits: str = "last",
+    decode: bool = False,
+    per_layer: bool = False,
+    state_dtype: torch.dtype = torch.float32,
+    opset: int = DEFAULT_OPSET,
+) -> onnx.ModelProto:
+    """Trace one graph (unified or decode) and run the graph passes. Returns an in-memory model."""
+    graph = GraphModule(model, logits, decode, per_layer).eval()
+    inputs = example_inputs(model, seq=1 if decode else 5, state_dtype=state_dtype)
+    names_out = io.output_names(model.config) + ([f"layer_output.{i}" for i in range(model.config.num_layers)] if per_layer else [])
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            graph,
+            inputs,
+            dynamo=True,
+            input_names=io.input_names(model.config),
+            output_names=names_out,
+            dynamic_shapes=_dynamic_shapes(graph, decode),
+            custom_translation_table=translation_table(),
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+    proto = program.model_proto
+    assign_node_names(proto)
+    strip_metadata(proto)
+    attach_functions(proto)
+    name_io_dims(proto, _io_shapes(model, logits, decode, per_layer))
+    proto.producer_name = "hybridtrt"
+    from hybridtrt import __version__
+
+    proto.producer_version = __version__
+    return proto
+
+
+def _value_entries(values, dtype_of: dict[str, str]) -> list[dict[str, Any]]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
+    return out
+
+
+def _custom_op_counts(proto: onnx.ModelProto) -> dict[str, int]:
+    return dict(sorted(Counter(n.op_type for n in proto.graph.node if n.domain == DOMAIN).items()))
+
+
+def _save(proto: onnx.ModelProto, path: Path, data_name: str, size_threshold: int) -> None:
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=size_threshold,
+        convert_attribute=False,
+    )
+
+
+def _publish(partial: Path, out_dir: Path, names: list[str]) -> None:
+    """Move finished files into place. The manifest goes first out and last in, so an interrupted
+    publish never leaves a directory that claims to be complete."""
+    stale = out_dir / MANIFEST_FILE
+    if stale.exists():
+        stale.unlink()
+    for name in names:
+        if name != MANIFEST_FILE:
+            os.replace(partial / name, out_dir / name)
+    os.replace(partial / MANIFEST_FILE, out_dir / MANIFEST_FILE)
+
+
+def export(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    options: ExportOptions | None = None,
+    *,
+    step: Step = _no_step,
+    model: HybridLM | None = None,
+) -> ExportResult:
+    """Export a checkpoint directory to ONNX.
+
+    Args:
+        checkpoint_dir: HF checkpoint (config.json + safetensors).
+        out_dir: Output directory (created).
+        options: Export flags.
+        step: ``step(name)`` context manager wrapped around each stage (progress display).
+        model: Use this already-loaded model instead of loading ``checkpoint_dir`` (tests).
+
+    Returns:
+        `ExportResult`.
+    """
+    opts = options or ExportOptions()
+    out = Path(out_dir)
+    opset = opts.opset or DEFAULT_OPSET
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset {opset} is outside {MIN_OPSET}..{MAX_OPSET}", fix=f"use --opset {DEFAULT_OPSET}")
+    dtype = parse_dtype(opts.dtype)
+    state_dtype = parse_dtype(opts.state_dtype or "fp32")
+    _check_writable(out)
+
+    with step("load checkpoint"):
+        if model is None:
+            model = load_model(checkpoint_dir, dtype)
+        _check_dtype_runs(model, _DTYPE_NAMES[dtype], state_dtype)
+    roles = [("unified", MODEL_FILE, WEIGHTS_FILE, False)]
+    if opts.split:
+        roles.append(("decode", DECODE_FILE, DECODE_WEIGHTS_FILE, True))
+    if opts.split and MAMBA not in model.config.layer_types:
+        raise ExportError("--split needs at least one Mamba layer (the decode graph exists for Mamba2StateUpdate)")
+
+    partial = out / f".partial-{uuid.uuid4().hex[:8]}"
+    partial.mkdir()
+    try:
+        graphs: dict[str, GraphEntry] = {}
+        written: list[str] = []
+        for role, fname, data, decode in roles:
+            with step(f"trace {role} graph (torch.export → ONNX)"):
+                proto = trace_graph(
+                    model, logits=opts.logits, decode=decode, per_layer=opts.per_layer, state_dtype=state_dtype, opset=opset
+                )
+            with step(f"write {fname}"):
+                graphs[role] = GraphEntry(
+                    file=fname,
+                    data=[data],
+                    role=role,
+                    inputs=_value_entries(proto.graph.input, {}),
+                    outputs=_value_entries(proto.graph.output, {}),
+                    custom_ops=_custom_op_counts(proto),
+                )
+                _save(proto, partial / fname, data, opts.size_threshold)
+                del proto
+                onnx.checker.check_model(str(partial / fname), full_check=True)
+                written += [fname, data]
+        config = model.config
+        manifest = Manifest(
+            source={"checkpoint": str(Path(checkpoint_dir).resolve()), "sha256": checkpoint_hash(checkpoint_dir), "family": config.family},
+            model=config.to_dict(),
+            layers=layer_map(config.pattern),
+            dtype=_DTYPE_NAMES[dtype],
+            state_dtype=_DTYPE_NAMES[state_dtype],
+            logits=opts.logits,
+            opset=opset,
+            graphs=graphs,
+            states=[s.to_dict() for s in io.state_specs(config)],
+            per_layer_outputs=[f"layer_output.{i}" for i in range(config.num_layers)] if opts.per_layer else [],
+        )
+        manifest.write(partial)
+        written.append(MANIFEST_FILE)
+        _publish(partial, out, written)
+    except HybridTrtError:
+        raise
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the exported graph fails onnx.checker: {e}") from e
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    result = ExportResult(
+        out_dir=out,
+        manifest=manifest,
+        files={name: (out / name).stat().st_size for name in written},
+        parameters=n_params,
+        parameter_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+    )
+    if opts.verify:
+        with step("verify with ONNX Runtime"):
+            result.verification = verify_export(out, model, manifest)
+    return result
+
+
+def verify_export(out_dir: Path, model: HybridLM, manifest: Manifest) -> dict[str, float]:
+    """Run every written graph with ONNX Runtime on example inputs and compare with the reference.
+
+    Returns the worst rel L2 per graph; raises `ExportError` when a graph disagrees (rel L2 above
+    1e-4 in fp32, 1e-2 in half precision) — an exporter bug, never a silent wrong artefact.
+    """
+    from hybridtrt.runtime.onnxruntime import OrtSession
+    from hybridtrt.validation.metrics import rel_l2
+
+    if manifest.dtype == "bf16":
+        return {}  # ONNX Runtime's CPU provider has no bf16 kernels; validate on TensorRT instead.
+    state_dtype = parse_dtype(manifest.state_dtype)
+    tol = 1e-4 if manifest.dtype == "fp32" else 1e-2
+    worst: dict[str, float] = {}
+    for role, entry in manifest.graphs.items():
+        decode = role == "decode"
+        inputs = example_inputs(model, seq=1 if decode else 7, batch=3, past=4, state_dtype=state_dtype, seed=1)
+        graph = GraphModule(model, manifest.logits, decode, bool(manifest.per_layer_outputs)).eval()
+        with torch.no_grad():
+            expected = graph(*inputs)
+        session = OrtSession(out_dir / entry.file)
+        feeds = dict(zip([v["name"] for v in entry.inputs], inputs))
+        got = session.run(feeds)
+        errors = {name: rel_l2(got[name], exp) for name, exp in zip([v["name"] for v in entry.outputs], expected)}
+        bad = {k: v for k, v in errors.items() if not v <= tol}
+        if bad:
+            raise ExportError(
+                f"{entry.file} disagrees with the PyTorch reference on {sorted(bad)} (rel L2 {max(bad.values()):.2e} > {tol})",
+                fix="this is a bug in hybridtrt; please report it with the checkpoint's config.json",
+            )
+        worst[entry.file] = max(errors.values())
+    return worst

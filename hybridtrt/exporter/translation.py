@@ -1,0 +1,54 @@
+"""onnxscript translations of the ``hybridtrt::`` torch ops into ONNX domain ``hybridtrt`` nodes.
+
+The nodes carry ``plugin_namespace``/``plugin_version`` so TensorRT's ONNX parser picks our plugin
+when its library is loaded, and fall back to the model-local function body otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnxscript
+import torch
+
+from hybridtrt.ops import library  # noqa: F401  (registers torch.ops.hybridtrt.*)
+from hybridtrt.ops.onnx_functions import CHUNK_SCAN, DOMAIN, DOMAIN_VERSION, STATE_UPDATE
+from hybridtrt.ops.onnx_schema import register_schemas
+
+PLUGIN_NAMESPACE = "hybridtrt"
+PLUGIN_VERSION = "1"
+
+
+def _opset() -> Any:
+    register_schemas()
+    return onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
+
+
+def _chunk_scan(x, dt, A, B, C, D, initial_state, chunk_size: int):
+    return getattr(_opset(), CHUNK_SCAN)(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D,
+        initial_state,
+        chunk_size=chunk_size,
+        plugin_namespace=PLUGIN_NAMESPACE,
+        plugin_version=PLUGIN_VERSION,
+    )
+
+
+def _state_update(x, dt, A, B, C, D, state):
+    return getattr(_opset(), STATE_UPDATE)(
+        x, dt, A, B, C, D, state, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION
+    )
+
+
+def translation_table() -> dict[Any, Any]:
+    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
+    register_schemas()
+    return {
+        torch.ops.hybridtrt.mamba2_chunk_scan.default: _chunk_scan,
+        torch.ops.hybridtrt.mamba2_state_update.default: _state_update,
+    }

@@ -1,0 +1,71 @@
+"""The traced module: flat tensors in, flat tensors out, in the graph's I/O order (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from hybridtrt.exporter.io import StateSpec, state_specs
+from hybridtrt.models.cache import HybridCache
+from hybridtrt.models.model import HybridLM
+
+_CACHE_FIELD = {"conv": "conv", "ssm": "ssm", "key": "key", "value": "value"}
+
+
+def cache_from_flat(specs: list[StateSpec], tensors: tuple[Tensor, ...] | list[Tensor]) -> HybridCache:
+    """Flat states in graph order -> `HybridCache`."""
+    cache = HybridCache()
+    for spec, t in zip(specs, tensors, strict=True):
+        getattr(cache, _CACHE_FIELD[spec.kind])[spec.layer] = t
+    return cache
+
+
+def flat_from_cache(specs: list[StateSpec], cache: HybridCache) -> list[Tensor]:
+    """`HybridCache` -> flat states in graph order."""
+    return [getattr(cache, _CACHE_FIELD[s.kind])[s.layer] for s in specs]
+
+
+class GraphModule(nn.Module):
+    """``forward(input_ids, attention_mask, *past_states) -> (logits, *present_states[, *layer_outputs])``.
+
+    Args:
+        model: The reference model (its parameters become the graph's initializers, named
+            ``model.<parameter>``).
+        logits: ``"last"`` -> ``[B, V]``; ``"all"`` -> ``[B, L, V]``.
+        decode: Build the decode-only graph (one token, ``mamba2_state_update``) instead of the
+            unified one (``mamba2_chunk_scan`` for every L).
+        per_layer: Also output each decoder layer's hidden states ``layer_output.{i} [B, L, hidden]``.
+    """
+
+    def __init__(
+        self, model: HybridLM, logits: Literal["last", "all"] = "last", decode: bool = False, per_layer: bool = False
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.logits = logits
+        self.decode = decode
+        self.per_layer = per_layer
+        self.specs = state_specs(model.config)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
+        cache = cache_from_flat(self.specs, states)
+        out = self.model._forward(input_ids, attention_mask, cache, self.logits, self.decode, self.per_layer)
+        return (out.logits, *flat_from_cache(self.specs, out.cache), *out.hidden_states)
+
+
+def example_inputs(
+    model: HybridLM, *, batch: int = 2, seq: int = 5, past: int = 3, state_dtype: torch.dtype = torch.float32, seed: int = 0
+) -> tuple[Tensor, ...]:
+    """Realistic example inputs: states from an actual prefill of ``past`` tokens (so a verification
+    run compares meaningful numbers), and ``seq`` new tokens on top."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        cache = model.new_cache(batch, state_dtype)
+        if past:
+            cache = model(torch.randint(0, vocab, (batch, past), generator=gen), cache=cache, logits="last").cache
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    return (ids, mask, *flat_from_cache(state_specs(model.config), cache))

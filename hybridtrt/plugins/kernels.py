@@ -1,0 +1,298 @@
+"""ctypes binding of ``libhybridtrt_kernels.so`` (the C ABI in ``plugins/kernels/include/hybridtrt/ssdKernels.h``).
+
+Host-only queries (ABI version, workspace sizes, shared memory) work on any machine; the launchers
+take torch CUDA tensors and enqueue on the current torch stream. The launchers themselves never
+allocate; the convenience wrappers here allocate outputs and workspace with torch when not given.
+
+Shapes (DESIGN.md §5):
+    chunk_scan:   x [B,L,H,P], dt [B,L,H], A [H] fp32, B/C [B,L,G,N], D [H] fp32, initial_state [B,H,P,N]
+                  -> y [B,L,H,P] (x dtype), final_state [B,H,P,N] (state dtype)
+    state_update: x [B,H,P], dt [B,H], A, B/C [B,G,N], D, state [B,H,P,N]
+                  -> y [B,H,P], new_state [B,H,P,N] (``new_state=state`` updates in place)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hybridtrt.errors import InputError
+from hybridtrt.plugins import library_path
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DTYPE_CODES", "SCAN_TILE", "STATUS_NAMES", "KernelLibrary", "KernelStatusError", "scan_workspace_bytes"]
+
+#: C ABI dtype codes (HybridTrtDtype).
+DTYPE_CODES: dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+#: C ABI status codes (HybridTrtStatus).
+STATUS_NAMES: dict[int, str] = {
+    0: "SUCCESS",
+    1: "INVALID_SHAPE",
+    2: "UNSUPPORTED_HEAD_DIM",
+    3: "UNSUPPORTED_D_STATE",
+    4: "UNSUPPORTED_DTYPE",
+    5: "NULL_POINTER",
+    6: "MISALIGNED_POINTER",
+    7: "WORKSPACE_TOO_SMALL",
+    8: "CUDA_ERROR",
+}
+
+#: Tokens per chunk of the scan kernels (hybridtrtMamba2ChunkScanTileLength).
+SCAN_TILE = 64
+
+_i64, _i32, _size, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_size_t, ctypes.c_void_p
+
+
+class KernelStatusError(InputError):
+    """A C ABI call returned a non-zero HybridTrtStatus."""
+
+    stage = "kernels"
+
+    def __init__(self, function: str, status: int, detail: str) -> None:
+        self.status = status
+        super().__init__(
+            f"{function} returned {STATUS_NAMES.get(status, status)} ({status}): {detail}",
+            fix="check the shapes and dtypes against the contract in plugins/README.md",
+        )
+
+
+def _dtype_code(dtype: Any) -> int:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_CODES:
+        raise InputError(f"dtype {dtype} is not supported by the kernels", fix="use float32, float16 or bfloat16")
+    return DTYPE_CODES[name]
+
+
+def scan_workspace_bytes(batch: int, seq_len: int, heads: int, head_dim: int, d_state: int) -> int:
+    """The documented workspace formula of the scan (mirrors the C code; tests compare the two)."""
+
+    def align256(v: int) -> int:
+        return (v + 255) // 256 * 256
+
+    chunks = -(-seq_len // SCAN_TILE)
+    return align256(batch * heads * chunks * head_dim * d_state * 4) + align256(batch * heads * chunks * 4)
+
+
+class KernelLibrary:
+    """The loaded kernels library.
+
+    Args:
+        path: Library file; None means `hybridtrt.plugins.library_path("kernels")`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path) if path is not None else library_path("kernels")
+        lib = ctypes.CDLL(str(self.path))
+        lib.hybridtrtKernelsAbiVersion.restype = _i32
+        lib.hybridtrtKernelsAbiVersion.argtypes = []
+        lib.hybridtrtStatusString.restype = ctypes.c_char_p
+        lib.hybridtrtStatusString.argtypes = [_i32]
+        lib.hybridtrtMamba2ChunkScanTileLength.restype = _i32
+        lib.hybridtrtMamba2ChunkScanTileLength.argtypes = []
+        lib.hybridtrtMamba2ChunkScanSharedMemory.restype = _i32
+        lib.hybridtrtMamba2ChunkScanSharedMemory.argtypes = [_i32, _i64, ctypes.POINTER(_size), ctypes.POINTER(_size)]
+        lib.hybridtrtMamba2ChunkScanWorkspaceSize.restype = _i32
+        lib.hybridtrtMamba2ChunkScanWorkspaceSize.argtypes = [_i64] * 6 + [_i32] * 3 + [ctypes.POINTER(_size)]
+        lib.hybridtrtMamba2StateUpdateWorkspaceSize.restype = _i32
+        lib.hybridtrtMamba2StateUpdateWorkspaceSize.argtypes = [_i64] * 5 + [_i32] * 3 + [ctypes.POINTER(_size)]
+        lib.hybridtrtMamba2ChunkScan.restype = _i32
+        lib.hybridtrtMamba2ChunkScan.argtypes = (
+            [_ptr] * 9 + [_i64] * 6 + [_i32] * 3 + [_ptr, _size, _ptr]
+        )
+        lib.hybridtrtMamba2StateUpdate.restype = _i32
+        lib.hybridtrtMamba2StateUpdate.argtypes = [_ptr] * 9 + [_i64] * 5 + [_i32] * 3 + [_ptr]
+        self._lib = lib
+
+    # ---- host-only queries -------------------------------------------------------------------------
+
+    def abi_version(self) -> int:
+        """HYBRIDTRT_KERNELS_ABI_VERSION of the loaded library."""
+        return int(self._lib.hybridtrtKernelsAbiVersion())
+
+    def status_string(self, status: int) -> str:
+        """Description of a status code."""
+        return self._lib.hybridtrtStatusString(status).decode()
+
+    def scan_tile_length(self) -> int:
+        """Tokens per chunk of the scan kernels."""
+        return int(self._lib.hybridtrtMamba2ChunkScanTileLength())
+
+    def _check(self, function: str, status: int) -> None:
+        if status != 0:
+            raise KernelStatusError(function, status, self.status_string(status))
+
+    def shared_memory(self, act_dtype: str, d_state: int) -> tuple[int, int]:
+        """Dynamic shared memory (bytes) of (chunkStateKernel, chunkOutputKernel)."""
+        a, b = _size(), _size()
+        status = self._lib.hybridtrtMamba2ChunkScanSharedMemory(DTYPE_CODES[act_dtype], d_state, a, b)
+        self._check("hybridtrtMamba2ChunkScanSharedMemory", status)
+        return a.value, b.value
+
+    def chunk_scan_workspace_status(
+        self,
+        batch: int,
+        seq_len: int,
+        heads: int,
+        head_dim: int,
+        groups: int,
+        d_state: int,
+        act_dtype: str = "float16",
+        dt_dtype: str | None = None,
+        state_dtype: str = "float32",
+    ) -> tuple[int, int]:
+        """Raw ``(status, bytes)`` of hybridtrtMamba2ChunkScanWorkspaceSize (dtype names as in `DTYPE_CODES`)."""
+        out = _size()
+        status = self._lib.hybridtrtMamba2ChunkScanWorkspaceSize(
+            batch, seq_len, heads, head_dim, groups, d_state,
+            DTYPE_CODES.get(act_dtype, 99), DTYPE_CODES.get(dt_dtype or act_dtype, 99),
+            DTYPE_CODES.get(state_dtype, 99), out,
+        )  # fmt: skip
+        return int(status), out.value
+
+    def chunk_scan_workspace_size(self, *args: Any, **kwargs: Any) -> int:
+        """Workspace bytes of the scan; same arguments as `chunk_scan_workspace_status`; raises on error."""
+        status, size = self.chunk_scan_workspace_status(*args, **kwargs)
+        self._check("hybridtrtMamba2ChunkScanWorkspaceSize", status)
+        return size
+
+    def state_update_workspace_status(
+        self,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        groups: int,
+        d_state: int,
+        act_dtype: str = "float16",
+        dt_dtype: str | None = None,
+        state_dtype: str = "float32",
+    ) -> tuple[int, int]:
+        """Raw ``(status, bytes)`` of hybridtrtMamba2StateUpdateWorkspaceSize."""
+        out = _size()
+        status = self._lib.hybridtrtMamba2StateUpdateWorkspaceSize(
+            batch, heads, head_dim, groups, d_state,
+            DTYPE_CODES.get(act_dtype, 99), DTYPE_CODES.get(dt_dtype or act_dtype, 99),
+            DTYPE_CODES.get(state_dtype, 99), out,
+        )  # fmt: skip
+        return int(status), out.value
+
+    # ---- launchers (torch CUDA tensors) --------------------------------------------------------------
+
+    @staticmethod
+    def _ptr(t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        if not t.is_cuda or not t.is_contiguous():
+            raise InputError(
+                f"kernel arguments must be contiguous CUDA tensors (got device={t.device}, "
+                f"contiguous={t.is_contiguous()}, shape={tuple(t.shape)})",
+                fix="call .contiguous().cuda() on the argument",
+            )
+        return t.data_ptr()
+
+    @staticmethod
+    def _stream(stream: Any) -> int:
+        import torch
+
+        s = stream if stream is not None else torch.cuda.current_stream()
+        return int(s.cuda_stream)
+
+    def chunk_scan(
+        self,
+        x: torch.Tensor,
+        dt: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: torch.Tensor | None,
+        initial_state: torch.Tensor | None,
+        *,
+        state_dtype: Any = None,
+        y: torch.Tensor | None = None,
+        final_state: torch.Tensor | None = None,
+        workspace: torch.Tensor | None = None,
+        stream: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Enqueue hybridtrtMamba2ChunkScan.
+
+        Args:
+            x: ``[B, L, H, P]``; B and C ``[B, L, G, N]`` in x's dtype; dt ``[B, L, H]``.
+            A: ``[H]`` fp32. D: ``[H]`` fp32 or None.
+            initial_state: ``[B, H, P, N]`` or None (zero state; then ``state_dtype`` picks the output
+                dtype, default fp32).
+            y, final_state, workspace: Preallocated outputs / uint8 scratch (allocated when None).
+            stream: torch.cuda.Stream; None means the current stream.
+
+        Returns:
+            ``(y, final_state)``.
+        """
+        import torch
+
+        batch, seq_len, heads, head_dim = x.shape
+        groups, d_state = B.shape[2], B.shape[3]
+        sdt = initial_state.dtype if initial_state is not None else (state_dtype or torch.float32)
+        if y is None:
+            y = torch.empty_like(x)
+        if final_state is None:
+            final_state = torch.empty(batch, heads, head_dim, d_state, dtype=sdt, device=x.device)
+        codes = (_dtype_code(x.dtype), _dtype_code(dt.dtype), _dtype_code(sdt))
+        names = [k for c in codes for k, v in DTYPE_CODES.items() if v == c]
+        size = self.chunk_scan_workspace_size(batch, seq_len, heads, head_dim, groups, d_state, *names)
+        if workspace is None:
+            workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=x.device)
+        status = self._lib.hybridtrtMamba2ChunkScan(
+            self._ptr(x), self._ptr(dt), self._ptr(A), self._ptr(B), self._ptr(C), self._ptr(D),
+            self._ptr(initial_state), self._ptr(y), self._ptr(final_state),
+            batch, seq_len, heads, head_dim, groups, d_state, *codes,
+            self._ptr(workspace), workspace.numel(), self._stream(stream),
+        )  # fmt: skip
+        self._check("hybridtrtMamba2ChunkScan", status)
+        return y, final_state
+
+    def state_update(
+        self,
+        x: torch.Tensor,
+        dt: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: torch.Tensor | None,
+        state: torch.Tensor,
+        *,
+        y: torch.Tensor | None = None,
+        new_state: torch.Tensor | None = None,
+        stream: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Enqueue hybridtrtMamba2StateUpdate.
+
+        Args:
+            x: ``[B, H, P]``; dt ``[B, H]``; B and C ``[B, G, N]`` in x's dtype.
+            A: ``[H]`` fp32. D: ``[H]`` fp32 or None.
+            state: ``[B, H, P, N]``.
+            y: Preallocated output (allocated when None).
+            new_state: Output state; None allocates one, ``state`` itself updates in place.
+            stream: torch.cuda.Stream; None means the current stream.
+
+        Returns:
+            ``(y, new_state)``.
+        """
+        import torch
+
+        batch, heads, head_dim = x.shape
+        groups, d_state = B.shape[1], B.shape[2]
+        if y is None:
+            y = torch.empty_like(x)
+        if new_state is None:
+            new_state = torch.empty_like(state)
+        status = self._lib.hybridtrtMamba2StateUpdate(
+            self._ptr(x), self._ptr(dt), self._ptr(A), self._ptr(B), self._ptr(C), self._ptr(D),
+            self._ptr(state), self._ptr(y), self._ptr(new_state),
+            batch, heads, head_dim, groups, d_state,
+            _dtype_code(x.dtype), _dtype_code(dt.dtype), _dtype_code(state.dtype), self._stream(stream),
+        )  # fmt: skip
+        self._check("hybridtrtMamba2StateUpdate", status)
+        return y, new_state
