@@ -42,3 +42,24 @@ def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0, pad_id: int
         ids[r, width - n :] = torch.randint(3, vocab, (n,), generator=gen)
         mask[r, width - n :] = 1
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def make_export(make_checkpoint, tmp_path_factory):
+    """``make_export(preset, options=ExportOptions(...), **overrides) -> (checkpoint, export_dir)``,
+    exported once per session per (preset, options, overrides)."""
+    from hybridtrt.exporter.export import ExportOptions, export
+
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def make(preset: str = "tiny-nemotron-h", options: ExportOptions | None = None, **overrides):
+        options = options or ExportOptions()
+        key = json.dumps([preset, vars(options), overrides], sort_keys=True, default=str)
+        if key not in made:
+            ckpt = make_checkpoint(preset, **overrides)
+            out = tmp_path_factory.mktemp("export")
+            export(ckpt, out, options)
+            made[key] = (ckpt, out)
+        return made[key]
+
+    return make

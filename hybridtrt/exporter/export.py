@@ -41,7 +41,7 @@ MODEL_FILE = "model.onnx"
 DECODE_FILE = "decode.onnx"
 WEIGHTS_FILE = "weights.data"
 DECODE_WEIGHTS_FILE = "decode.weights.data"
-DEFAULT_OPSET = 21
+DEFAULT_OPSET = 22
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _ONNX_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -313,8 +313,11 @@ def export(
         _publish(partial, out, written)
     except HybridTrtError:
         raise
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"the exported graph fails onnx.checker: {e}") from e
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(
+            f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}",
+            fix=f"bf16 needs opset ≥ 22; otherwise report this with the checkpoint's config.json (opset {opset})",
+        ) from e
     finally:
         shutil.rmtree(partial, ignore_errors=True)
 

@@ -1,0 +1,48 @@
+"""Shared CLI pieces: the console, step progress, tables and argument groups."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+@contextlib.contextmanager
+def step(name: str) -> Iterator[None]:
+    """Spinner while ``name`` runs, then a ✓ line with its wall time."""
+    start = time.perf_counter()
+    with console.status(f"[bold]{name}[/] …", spinner="dots"):
+        yield
+    console.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - start:.1f} s)[/]")
+
+
+def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
+    """A rich table with the given columns; cells are str()-ed."""
+    t = Table(title=title, title_justify="left")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    return t
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def add_dtype_args(parser: argparse.ArgumentParser) -> None:
+    """``--dtype`` and ``--state-dtype`` (None = the default)."""
+    g = parser.add_argument_group("precision")
+    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="model dtype (default fp32)")
+    g.add_argument("--state-dtype", choices=["fp32", "fp16", "bf16"], default=None, help="SSM state dtype (default fp32)")

@@ -1,0 +1,45 @@
+"""``hybridtrt inspect PATH``: summarize a checkpoint directory or an export directory."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from hybridtrt.cli.common import console, table
+
+HELP = "summarize a checkpoint (config, layers, states) or an export directory (graphs, I/O)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="checkpoint directory or export directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hybridtrt.exporter.manifest import MANIFEST_FILE, read_manifest
+
+    path = Path(args.path)
+    if (path / MANIFEST_FILE).is_file():
+        m = read_manifest(path)
+        for role, g in m.graphs.items():
+            rows = [[v["name"], v["dtype"], "[" + ", ".join(map(str, v["shape"])) + "]"] for v in g.inputs + g.outputs]
+            console.print(table(f"{role} graph {g.file} ({m.dtype}, state {m.state_dtype}, opset {m.opset})", ["tensor", "dtype", "shape"], rows))
+        return 0
+    from hybridtrt.exporter.io import state_specs
+    from hybridtrt.models.config import load_config
+    from hybridtrt.models.loading import read_safetensors
+
+    c = load_config(path)
+    n = sum(t.numel() for t in read_safetensors(path).values())
+    kinds = Counter(c.layer_types)
+    rows = [
+        ["family", c.family],
+        ["pattern", c.pattern],
+        ["layers", f"{kinds.get('M', 0)} mamba, {kinds.get('*', 0)} attention, {kinds.get('-', 0)} mlp"],
+        ["parameters", f"{n:,}"],
+        ["mamba H×P, N, G", f"{c.mamba_num_heads}×{c.mamba_head_dim}, {c.ssm_state_size}, {c.n_groups}"],
+        ["chunk size", c.chunk_size],
+        ["states", len(state_specs(c))],
+    ]
+    console.print(table(f"checkpoint {path}", ["", ""], rows))
+    return 0

@@ -1,0 +1,61 @@
+"""library_path(): search order and the error that names the build command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hybridtrt.errors import PluginBuildError
+from hybridtrt.plugins import PLUGIN_DIR_ENV, default_build_dir, library_path
+
+
+def test_missing_library_error_names_the_build_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PLUGIN_DIR_ENV, str(tmp_path))
+    if (default_build_dir() / "libhybridtrt_trt.so").is_file():
+        pytest.skip("a TensorRT plugin library is built in plugins/build")
+    with pytest.raises(PluginBuildError) as err:
+        library_path("trt")
+    text = str(err.value)
+    assert "libhybridtrt_trt.so not found" in text
+    assert str(tmp_path) in text
+    assert "python -m hybridtrt.plugins build --tensorrt-root" in text
+    assert err.value.stage == "plugins"
+
+
+def test_env_dir_is_searched_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "libhybridtrt_kernels.so"
+    fake.write_bytes(b"")
+    monkeypatch.setenv(PLUGIN_DIR_ENV, str(tmp_path))
+    assert library_path("kernels") == fake
+
+
+def test_unknown_kind_is_refused() -> None:
+    with pytest.raises(PluginBuildError, match="unknown plugin library kind"):
+        library_path("onnx")  # type: ignore[arg-type]
+
+
+def test_build_without_nvcc_raises_missing_dependency(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybridtrt.errors import MissingDependencyError
+    from hybridtrt.plugins import build
+
+    monkeypatch.setattr(build, "find_nvcc", lambda: None)
+    with pytest.raises(MissingDependencyError, match="nvcc"):
+        build.build_plugins(build_dir="/nonexistent/never-created")
+
+
+def test_build_with_bad_tensorrt_root_is_refused(tmp_path: Path) -> None:
+    from hybridtrt.plugins.build import build_plugins, find_nvcc
+
+    if find_nvcc() is None:
+        pytest.skip("needs nvcc (the CUDA compiler)")
+    with pytest.raises(PluginBuildError, match="NvInferRuntime.h"):
+        build_plugins(build_dir=tmp_path / "b", tensorrt_root=tmp_path)
+
+
+def test_main_reports_typed_errors_without_traceback(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from hybridtrt.plugins import build
+
+    monkeypatch.setattr(build, "find_nvcc", lambda: None)
+    assert build.main(["build", "--build-dir", "/nonexistent/never-created"]) == 2
+    assert "nvcc" in capsys.readouterr().err
