@@ -31,7 +31,7 @@ from hybridtrt.exporter.translation import translation_table
 from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs.cleanup import strip_metadata
 from hybridtrt.graphs.dims import name_io_dims
-from hybridtrt.graphs.naming import assign_node_names
+from hybridtrt.graphs.naming import assign_node_names, name_matmul_weights
 from hybridtrt.models.config import MAMBA
 from hybridtrt.models.loading import load_model, parse_dtype
 from hybridtrt.models.model import HybridLM
@@ -186,6 +186,7 @@ def trace_graph(
         )
     proto = program.model_proto
     assign_node_names(proto)
+    name_matmul_weights(proto)
     strip_metadata(proto)
     attach_functions(proto)
     name_io_dims(proto, _io_shapes(model, logits, decode, per_layer))

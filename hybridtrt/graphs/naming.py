@@ -40,6 +40,42 @@ def _node_scope(node: onnx.NodeProto) -> str | None:
     return None
 
 
+def weight_name(node_name: str) -> str:
+    """Initializer name of a MatMul's weight: ``/model/layers.0/mixer/in_proj/MatMul`` ->
+    ``model.layers.0.mixer.in_proj.weight_t`` (``weight_t``: stored ``[in, out]``); the final
+    projection (scope ``/model``) is ``model.lm_head.weight_t``."""
+    scope = node_name.rsplit("/", 1)[0].lstrip("/")
+    if scope == "model":
+        scope = "model.lm_head"
+    return scope.replace("/", ".") + ".weight_t"
+
+
+def name_matmul_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give constant-folded MatMul weights (``val_123``, ``t``) names derived from their node, in place.
+
+    Run after `assign_node_names`. An initializer shared by several MatMuls keeps the first name.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    renames: dict[str, str] = {}
+    taken = set(inits)
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        w = node.input[1]
+        if w in inits and w not in renames and not w.startswith("model."):
+            new = weight_name(node.name)
+            if new not in taken:
+                renames[w] = new
+                taken.add(new)
+    for old, new in renames.items():
+        inits[old].name = new
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+    return model
+
+
 def assign_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rename every main-graph node in place; returns ``model``."""
     producer_scope: dict[str, str] = {}
