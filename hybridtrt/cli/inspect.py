@@ -26,11 +26,11 @@ def run(args: argparse.Namespace) -> int:
             console.print(table(f"{role} graph {g.file} ({m.dtype}, state {m.state_dtype}, opset {m.opset})", ["tensor", "dtype", "shape"], rows))
         return 0
     from hybridtrt.exporter.io import state_specs
-    from hybridtrt.models.config import load_config
-    from hybridtrt.models.loading import read_safetensors
+    from hybridtrt.models.loading import load_model
 
-    c = load_config(path)
-    n = sum(t.numel() for t in read_safetensors(path).values())
+    model = load_model(path)  # strict: every tensor present, used and of the right shape
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
     kinds = Counter(c.layer_types)
     rows = [
         ["family", c.family],
