@@ -79,6 +79,10 @@ class OrtModel:
             logits = logits[:, -1]
         return torch.from_numpy(np.asarray(logits, dtype=np.float32)), self.plan.feed_back(out)
 
+    def named_states(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``{present_name: array}`` of a state returned by `step`."""
+        return {b.present_name: state[b.past_name] for b in self.plan.buffers}
+
     # -- lower level ----------------------------------------------------------------------------
     def run(self, input_ids: Any, attention_mask: Any, state: dict[str, np.ndarray], session: OrtSession | None = None) -> dict[str, np.ndarray]:
         """One graph call: ``{output_name: array}``."""

@@ -28,7 +28,8 @@ def test_ptxas_hot_kernels_do_not_spill(plugin_build: BuildResult, lib: KernelLi
     for dtype in ("float32", "float16", "bfloat16"):
         for n in (64, 128):
             state_smem, output_smem = lib.shared_memory(dtype, n)
-            print(f"dynamic smem {dtype:>8} N={n:<3}: chunkStateKernel {state_smem} B, chunkOutputKernel {output_smem} B")
+            print(f"dynamic smem {dtype:>8} N={n:<3}: chunkStateKernel {state_smem} B, "
+                  f"chunkOutputKernel {output_smem} B")
             assert output_smem <= 99 * 1024  # fits the sm_89 opt-in limit (sm_90 allows 227 KiB)
     for kernel in HOT_KERNELS:
         for arch in ("sm_89", "sm_90"):
@@ -103,7 +104,8 @@ def test_status_errors_raise_typed_error(lib: KernelLibrary) -> None:
 def test_launchers_validate_before_touching_the_gpu(lib: KernelLibrary) -> None:
     """Bad shapes and NULL pointers are refused on the host: no CUDA call, so this runs without a GPU."""
     raw = lib._lib
-    assert raw.hybridtrtMamba2StateUpdate(*([None] * 9), 1, 4, 72, 1, 64, 0, 0, 0, None) == STATUS["UNSUPPORTED_HEAD_DIM"]
+    bad_head_dim = raw.hybridtrtMamba2StateUpdate(*([None] * 9), 1, 4, 72, 1, 64, 0, 0, 0, None)
+    assert bad_head_dim == STATUS["UNSUPPORTED_HEAD_DIM"]
     assert raw.hybridtrtMamba2StateUpdate(*([None] * 9), 1, 4, 64, 1, 64, 0, 0, 0, None) == STATUS["NULL_POINTER"]
     assert (
         raw.hybridtrtMamba2ChunkScan(*([None] * 9), 1, 16, 4, 64, 1, 64, 0, 0, 0, None, 0, None)

@@ -7,18 +7,19 @@ from pathlib import Path
 import pytest
 
 from hybridtrt.errors import PluginBuildError
-from hybridtrt.plugins import PLUGIN_DIR_ENV, default_build_dir, library_path
+from hybridtrt.plugins import PLUGIN_DIR_ENV, library_path
 
 
 def test_missing_library_error_names_the_build_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hybridtrt.plugins as plugins
+
     monkeypatch.setenv(PLUGIN_DIR_ENV, str(tmp_path))
-    if (default_build_dir() / "libhybridtrt_trt.so").is_file():
-        pytest.skip("a TensorRT plugin library is built in plugins/build")
+    monkeypatch.setattr(plugins, "default_build_dir", lambda: tmp_path / "build")  # ignore a real build
     with pytest.raises(PluginBuildError) as err:
         library_path("trt")
     text = str(err.value)
     assert "libhybridtrt_trt.so not found" in text
-    assert str(tmp_path) in text
+    assert str(tmp_path) in text and str(tmp_path / "build") in text
     assert "python -m hybridtrt.plugins build --tensorrt-root" in text
     assert err.value.stage == "plugins"
 

@@ -33,3 +33,26 @@ def test_trt_plugin_self_test(plugin_build: BuildResult) -> None:
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert ", 0 failures" in proc.stdout
+
+
+def test_trt_plugins_register_at_load_time(plugin_build: BuildResult) -> None:
+    """A plain dlopen (polygraphy --plugins) registers the creators when TensorRT is in the process."""
+    exe = plugin_build.build_dir / "hybridtrt_trt_registry_selftest"
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, check=False)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_get_creators_lists_both_without_tensorrt_in_process(plugin_build: BuildResult) -> None:
+    """Without libnvinfer loaded, nothing registers at load time: loadLibrary gets both creators."""
+    code = (
+        "import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); n = ctypes.c_int32(); "
+        "lib.getCreators(ctypes.byref(n)); print(n.value)"
+    )
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(plugin_build.trt_library)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "2"

@@ -1,0 +1,171 @@
+"""``hybridtrt generate ARTEFACT --prompt "..."``: stream text from any backend.
+
+ARTEFACT is an export directory or its ``model.onnx`` (ONNX Runtime), a ``.engine`` (TensorRT) or a
+checkpoint directory (the PyTorch reference, handy for comparisons). The tokenizer is the
+checkpoint's ``tokenizer.json``, found through the export's manifest (and an engine's sidecar);
+``--tokenizer DIR`` overrides it, and ``--ids`` runs without one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hybridtrt.cli.common import console
+
+HELP = "generate text from an export dir, model.onnx, model.engine or checkpoint dir (streams tokens)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artefact", help="export directory, model.onnx, model.engine, or checkpoint directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", default=None, help="prompt text (needs a tokenizer)")
+    src.add_argument("--ids", default=None, help='prompt token ids, e.g. "1 2 3" (no tokenizer needed)')
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 32)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k best tokens (default 0 = all)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the checkpoint's)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
+    p.add_argument("--plugins", default=None, help="TensorRT plugin library (default: the one recorded in the engine's sidecar)")
+
+
+@dataclass
+class Target:
+    """What ``artefact`` resolved to: a Stepper, its backend name, the checkpoint and EOS id."""
+
+    stepper: Any
+    backend: str
+    checkpoint: Path | None
+    eos_token_id: int | None
+
+
+def resolve(artefact: str | Path, *, plugins: str | None = None) -> Target:
+    """Load ``artefact`` with its backend and find its checkpoint (for the tokenizer).
+
+    Raises:
+        ArtefactError: Not an export, ``.onnx``, ``.engine`` or checkpoint.
+        MissingDependencyError: A ``.engine`` without TensorRT or a GPU.
+    """
+    from hybridtrt.errors import ArtefactError
+    from hybridtrt.exporter.manifest import MANIFEST_FILE, read_manifest
+    from hybridtrt.runtime.load import load
+
+    path = Path(artefact)
+    if path.is_dir() and not (path / MANIFEST_FILE).is_file() and (path / "config.json").is_file():
+        from hybridtrt.models import load_model
+        from hybridtrt.runtime.generation import TorchStepper
+
+        model = load_model(path)
+        return Target(TorchStepper(model), "pytorch", path, model.config.eos_token_id)
+    if path.suffix == ".engine" and path.is_file():
+        from hybridtrt.engine.sidecar import read_sidecar
+
+        sidecar = read_sidecar(path)
+        ckpt = sidecar["source"].get("checkpoint")
+        model = load(path, **({"plugins": plugins} if plugins else {}))
+        return Target(model, "tensorrt", Path(ckpt) if ckpt else None, sidecar["model"].get("eos_token_id"))
+    model = load(path)
+    export_dir = path.parent if path.suffix == ".onnx" else path
+    if not (export_dir / MANIFEST_FILE).is_file():
+        raise ArtefactError(f"{export_dir} has no {MANIFEST_FILE}", fix="pass an export directory")
+    manifest = read_manifest(export_dir)
+    ckpt = manifest.source.get("checkpoint")
+    return Target(model, getattr(model, "backend", "onnxruntime"), Path(ckpt) if ckpt else None, manifest.model.get("eos_token_id"))
+
+
+class IncrementalText:
+    """Decode a growing token list and return only the new text (holds back partial UTF-8)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.emitted = 0
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return ""
+        new, self.emitted = text[self.emitted :], len(text)
+        return new
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. bytes that never formed a valid character)."""
+        text = self.tokenizer.decode(self.tokens) if self.tokens else ""
+        new, self.emitted = text[self.emitted :], len(text)
+        return new
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer: Any) -> list[int]:
+    from hybridtrt.errors import InputError
+
+    if args.ids is not None:
+        try:
+            ids = [int(x) for x in args.ids.replace(",", " ").split()]
+        except ValueError:
+            raise InputError(f"--ids must be integers separated by spaces, got {args.ids!r}", fix='e.g. --ids "1 2 3"') from None
+    else:
+        if tokenizer is None:
+            raise InputError("no tokenizer.json found for this artefact", fix="pass --tokenizer DIR (a directory with tokenizer.json) or --ids")
+        ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        raise InputError("the prompt is empty", fix="pass a non-empty --prompt or --ids")
+    return ids
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from hybridtrt.errors import InputError
+    from hybridtrt.models.tokenizer import load_tokenizer
+    from hybridtrt.runtime.generation import SamplingConfig, iter_generate
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+    sampling = SamplingConfig(
+        temperature=args.temperature if args.temperature is not None else 0.0,
+        top_k=args.top_k if args.top_k is not None else 0,
+        top_p=args.top_p if args.top_p is not None else 1.0,
+        seed=args.seed,
+    )
+    target = resolve(args.artefact, plugins=args.plugins)
+    tok_dir = Path(args.tokenizer) if args.tokenizer else target.checkpoint
+    tokenizer = load_tokenizer(tok_dir) if tok_dir is not None and tok_dir.is_dir() else None
+    if args.tokenizer and tokenizer is None:
+        raise InputError(f"{args.tokenizer} has no tokenizer.json", fix="point --tokenizer at a directory with tokenizer.json")
+    ids = _prompt_ids(args, tokenizer)
+    eos = None if args.ignore_eos else target.eos_token_id
+
+    text = IncrementalText(tokenizer) if tokenizer is not None and args.ids is None else None
+    times: list[float] = []
+    count = 0
+    start = time.perf_counter()
+    for tokens in iter_generate(
+        target.stepper,
+        torch.tensor([ids], dtype=torch.long),
+        max_new_tokens=args.max_new_tokens or 32,
+        sampling=sampling,
+        eos_token_id=eos,
+    ):
+        times.append(time.perf_counter())
+        token = int(tokens[0])
+        if eos is not None and token == eos:
+            break
+        count += 1
+        piece = text.push(token) if text is not None else f"{token} "
+        if piece:
+            console.out(piece, end="", highlight=False)
+    if text is not None and (rest := text.flush()):
+        console.out(rest, end="", highlight=False)
+    prefill_ms = (times[0] - start) * 1e3 if times else 0.0
+    decode_s = times[-1] - times[0] if len(times) > 1 else 0.0
+    rate = f"{(len(times) - 1) / decode_s:.1f} tokens/s" if decode_s > 0 else "n/a"
+    console.out("")
+    console.print(f"[dim]prefill {prefill_ms:.1f} ms · decode {rate} · {count} new tokens · backend {target.backend}[/]")
+    return 0

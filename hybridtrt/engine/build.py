@@ -1,0 +1,296 @@
+"""Build a TensorRT 11 engine from an export directory, through polygraphy's Python API (DESIGN.md §9).
+
+- **Strongly typed** network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``): TensorRT 11 has no
+  FP16/BF16/FP8 builder flags; precision comes from the ONNX dtypes and Q/DQ nodes (DESIGN.md §7).
+- **Two optimization profiles** for the unified graph, prefill then decode (`engine_profiles`).
+- **Plugin library** ``libhybridtrt_trt.so`` loaded when present: the ONNX parser then picks the
+  ``hybridtrt::Mamba2ChunkScan`` / ``Mamba2StateUpdate`` plugins over the nodes' local function
+  bodies. Without it the function bodies (standard ONNX) are built instead, and the sidecar says so.
+- **Timing cache** loaded and saved back when given.
+- **Atomic**: engine, sidecar and timing cache are written to temp files and renamed at the end;
+  a failed build writes nothing. ``tensorrt`` is imported (lazily) before any file is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hybridtrt.engine.profiles import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_CACHE_LEN,
+    DEFAULT_MAX_INPUT_LEN,
+    ProfileSpec,
+    engine_profiles,
+)
+from hybridtrt.engine.sidecar import make_sidecar, sidecar_path, write_sidecar
+from hybridtrt.errors import EngineError, MissingDependencyError, PluginBuildError
+from hybridtrt.exporter.manifest import Manifest, read_manifest
+
+#: Oldest TensorRT major version with the strongly typed network and name-based I/O we rely on.
+MIN_TENSORRT_MAJOR = 10
+
+_DEPLOY_DOC = "see README 'Deploying the engine' (docs/deploying.md)"
+
+
+def import_tensorrt() -> Any:
+    """``import tensorrt``, or a typed error naming what is needed.
+
+    Raises:
+        MissingDependencyError: The TensorRT Python bindings are not installed (or too old).
+    """
+    try:
+        import tensorrt as trt
+    except ImportError as e:  # also catches a broken install (missing libnvinfer.so)
+        raise MissingDependencyError(
+            f"TensorRT is not available ({e}): building or running an engine needs the TensorRT 11 Python "
+            "bindings (`import tensorrt`) and a CUDA GPU",
+            fix=f"install TensorRT 11 with its Python wheel on a machine with an NVIDIA GPU; {_DEPLOY_DOC}",
+        ) from None
+    version = str(getattr(trt, "__version__", "0"))
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = 0
+    if major < MIN_TENSORRT_MAJOR:
+        raise MissingDependencyError(
+            f"TensorRT {version} is too old: hybridtrt builds strongly typed networks with TensorRT ≥ {MIN_TENSORRT_MAJOR} (11 recommended)",
+            fix=f"install TensorRT 11; {_DEPLOY_DOC}",
+        )
+    return trt
+
+
+def resolve_plugin_library(plugins: str | Path | None) -> Path | None:
+    """The plugin library to load: ``plugins`` if given, else the built ``libhybridtrt_trt.so`` if any.
+
+    Returns:
+        The library path, or None when none is built (the ONNX function bodies are used).
+
+    Raises:
+        EngineError: ``plugins`` was given and does not exist.
+    """
+    if plugins is not None:
+        lib = Path(plugins)
+        if not lib.is_file():
+            raise EngineError(f"plugin library {lib} does not exist", fix="build it with `hybridtrt plugins build --tensorrt-root DIR` or drop --plugins")
+        return lib.resolve()
+    from hybridtrt.plugins import library_path
+
+    try:
+        return library_path("trt")
+    except PluginBuildError:
+        return None
+
+
+@dataclass
+class BuildPlan:
+    """Everything decided before TensorRT is involved (printed by the CLI, checked by tests).
+
+    Attributes:
+        export_dir: The export directory.
+        manifest: Its manifest.
+        onnx_path: The ONNX graph the engine is built from.
+        graph: ``"unified"`` or ``"decode"``.
+        profiles: Optimization profiles in engine order.
+        plugin_library: Plugin ``.so`` to load, or None (function bodies).
+        output: Engine path to write.
+        timing_cache: Timing cache file to load (if it exists) and save, or None.
+        flags: Build flags recorded in the sidecar.
+    """
+
+    export_dir: Path
+    manifest: Manifest
+    onnx_path: Path
+    graph: str
+    profiles: list[ProfileSpec]
+    plugin_library: Path | None
+    output: Path
+    timing_cache: Path | None
+    flags: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_build(
+    export_dir: str | Path,
+    output: str | Path,
+    *,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_input_len: int = DEFAULT_MAX_INPUT_LEN,
+    max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
+    plugins: str | Path | None = None,
+    timing_cache: str | Path | None = None,
+    graph: str = "unified",
+    builder_optimization_level: int | None = None,
+) -> BuildPlan:
+    """Validate the request and compute profiles and paths, without TensorRT.
+
+    Raises:
+        ArtefactError: Not a complete export.
+        EngineError: Bad limits, missing graph, unwritable output, missing ``--plugins`` file.
+    """
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    profiles = engine_profiles(manifest, graph=graph, max_batch=max_batch, max_input_len=max_input_len, max_cache_len=max_cache_len)
+    onnx_path = export_dir / manifest.graphs[graph].file
+    if not onnx_path.is_file():
+        raise EngineError(f"{onnx_path} is missing from the export", fix="re-export the model")
+    out = Path(output)
+    if out.is_dir():
+        raise EngineError(f"output {out} is a directory", fix="pass a file name, e.g. -o model.engine")
+    if not out.parent.exists():
+        raise EngineError(f"output directory {out.parent} does not exist", fix=f"create it (`mkdir -p {out.parent}`)")
+    if not os.access(out.parent, os.W_OK):
+        raise EngineError(f"output directory {out.parent} is not writable", fix="choose another -o path")
+    lib = resolve_plugin_library(plugins)
+    flags = {
+        "graph": graph,
+        "max_batch": max_batch,
+        "max_input_len": max_input_len,
+        "max_cache_len": max_cache_len,
+        "strongly_typed": True,
+        "timing_cache": str(Path(timing_cache).resolve()) if timing_cache else None,
+        "builder_optimization_level": builder_optimization_level,
+    }
+    return BuildPlan(export_dir, manifest, onnx_path, graph, profiles, lib, out, Path(timing_cache) if timing_cache else None, flags)
+
+
+@dataclass
+class BuildResult:
+    """What `build_engine` wrote."""
+
+    engine: Path
+    sidecar: Path
+    plan: BuildPlan
+    engine_bytes: int
+    seconds: float
+    tensorrt_version: str
+
+
+def _gpu() -> tuple[str | None, str | None]:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return torch.cuda.get_device_name(), f"{major}.{minor}"
+    except (ImportError, RuntimeError):
+        pass
+    return None, None
+
+
+def _load_plugins(trt: Any, lib: Path | None) -> None:
+    """Register TensorRT's own plugins, then ours (``IPluginRegistry::loadLibrary``)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")
+    if lib is not None:
+        handle = trt.get_plugin_registry().load_library(str(lib))
+        if handle is None:
+            raise EngineError(f"TensorRT could not load plugin library {lib}", fix="rebuild it against this TensorRT (`hybridtrt plugins build`)")
+
+
+def _tmp_beside(path: Path, tag: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{tag}.tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def build_engine(
+    export_dir: str | Path,
+    output: str | Path,
+    *,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_input_len: int = DEFAULT_MAX_INPUT_LEN,
+    max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
+    plugins: str | Path | None = None,
+    timing_cache: str | Path | None = None,
+    graph: str = "unified",
+    builder_optimization_level: int | None = None,
+    plan: BuildPlan | None = None,
+) -> BuildResult:
+    """Build ``output`` (+ ``output.json`` sidecar) from ``export_dir``.
+
+    Args:
+        export_dir: Directory written by ``hybridtrt export``.
+        output: Engine file to write (e.g. ``model.engine``).
+        max_batch / max_input_len / max_cache_len: Profile limits (see `hybridtrt.engine.profiles`).
+        plugins: Plugin library; None = the built ``libhybridtrt_trt.so`` if any, else function bodies.
+        timing_cache: Loaded if it exists, saved back after the build.
+        graph: ``"unified"`` (two profiles) or ``"decode"`` (``decode.onnx``, one profile).
+        builder_optimization_level: TensorRT builder optimization level (None = TensorRT's default).
+        plan: A precomputed `plan_build` result (the CLI prints it first); overrides the other args.
+
+    Raises:
+        MissingDependencyError: No TensorRT; raised before anything is written.
+        EngineError: The build failed (TensorRT's log says why) or bad arguments.
+    """
+    plan = plan or plan_build(
+        export_dir,
+        output,
+        max_batch=max_batch,
+        max_input_len=max_input_len,
+        max_cache_len=max_cache_len,
+        plugins=plugins,
+        timing_cache=timing_cache,
+        graph=graph,
+        builder_optimization_level=builder_optimization_level,
+    )
+    trt = import_tensorrt()  # before any file is written
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    start = time.perf_counter()
+    _load_plugins(trt, plan.plugin_library)
+    trt_profiles = []
+    for spec in plan.profiles:
+        profile = Profile()
+        for name, (lo, opt, hi) in spec.shapes.items():
+            profile.add(name, min=lo, opt=opt, max=hi)
+        trt_profiles.append(profile)
+    cache_in = plan.timing_cache if plan.timing_cache is not None and plan.timing_cache.is_file() else None
+    config = CreateConfig(
+        profiles=trt_profiles,
+        load_timing_cache=str(cache_in) if cache_in else None,
+        builder_optimization_level=plan.flags.get("builder_optimization_level"),
+    )
+    network = NetworkFromOnnxPath(str(plan.onnx_path), strongly_typed=True)
+
+    out = plan.output
+    tmp_engine = _tmp_beside(out, "engine")
+    tmp_cache = _tmp_beside(plan.timing_cache, "cache") if plan.timing_cache is not None else None
+    try:
+        try:
+            blob = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(tmp_cache) if tmp_cache else None)()
+        except Exception as e:  # polygraphy raises PolygraphyException / RuntimeError with TensorRT's log
+            raise EngineError(f"TensorRT could not build {plan.onnx_path}: {e}", fix="read TensorRT's log above; build the plugins if a custom op is unsupported") from e
+        if blob is None:
+            raise EngineError(f"TensorRT returned no engine for {plan.onnx_path}", fix="read TensorRT's log above")
+        data = bytes(blob)
+        tmp_engine.write_bytes(data)
+        gpu_name, cc = _gpu()
+        sidecar = make_sidecar(
+            plan.manifest,
+            plan.export_dir,
+            plan.profiles,
+            graph=plan.graph,
+            tensorrt_version=str(trt.__version__),
+            gpu_name=gpu_name,
+            compute_capability=cc,
+            plugin_library=plan.plugin_library,
+            build_flags=plan.flags,
+        )
+        write_sidecar(sidecar, tmp_engine)  # writes tmp_engine + ".json" atomically
+        os.replace(sidecar_path(tmp_engine), sidecar_path(out))
+        try:
+            os.replace(tmp_engine, out)
+        except OSError:
+            sidecar_path(out).unlink(missing_ok=True)
+            raise
+        if tmp_cache is not None and tmp_cache.stat().st_size > 0:
+            os.replace(tmp_cache, plan.timing_cache)  # type: ignore[arg-type]
+    finally:
+        for tmp in (tmp_engine, sidecar_path(tmp_engine), tmp_cache):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+    return BuildResult(out, sidecar_path(out), plan, len(data), time.perf_counter() - start, str(trt.__version__))

@@ -1,0 +1,207 @@
+"""``model.engine.json``: what an engine was built from and how to feed it.
+
+A serialized TensorRT engine says nothing about the model it holds. The sidecar beside it records
+everything a runtime (the Python `TrtModel` or the C++ runner) needs without reading the export
+again, and everything needed to refuse a mismatch up front:
+
+- ``tensorrt``: the TensorRT version that built it (engines are not portable across versions);
+- ``gpu``: name and compute capability (engines are not portable across architectures);
+- ``profiles``: the optimization profiles in engine order (`ProfileSpec.to_dict`);
+- ``plugins``: the plugin library path and its sha256, or null with ``function_bodies: true``
+  when the custom ops ran as their ONNX function bodies;
+- ``source``: export dir, graph role, and the sha256 of its ``hybridtrt.json``;
+- ``inputs`` / ``outputs`` / ``states``: names, dtypes, symbolic shapes from the manifest;
+- ``dtype`` / ``state_dtype`` / ``model``: precision and model dims (vocab, eos, ...);
+- ``build``: the build flags (limits, strongly typed, timing cache).
+
+Deterministic JSON (sorted keys). Pure functions, no TensorRT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hybridtrt.engine.profiles import ProfileSpec
+from hybridtrt.errors import ArtefactError
+from hybridtrt.exporter.manifest import MANIFEST_FILE, Manifest
+
+#: Version of the sidecar layout; bump when a field changes meaning.
+SIDECAR_VERSION = 1
+SIDECAR_SUFFIX = ".json"
+
+_REQUIRED = ("sidecar_version", "tensorrt", "profiles", "plugins", "source", "inputs", "outputs", "states", "dtype", "state_dtype")
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    """``model.engine`` -> ``model.engine.json``."""
+    p = Path(engine_path)
+    return p.with_name(p.name + SIDECAR_SUFFIX)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_sidecar(
+    manifest: Manifest,
+    export_dir: str | Path,
+    profiles: list[ProfileSpec],
+    *,
+    graph: str = "unified",
+    tensorrt_version: str,
+    gpu_name: str | None,
+    compute_capability: str | None,
+    plugin_library: str | Path | None,
+    build_flags: dict[str, Any],
+) -> dict[str, Any]:
+    """The sidecar contents for an engine built from ``export_dir``'s ``graph``.
+
+    Args:
+        manifest: The export's manifest.
+        export_dir: The export directory (stored absolute).
+        profiles: Profiles in engine order.
+        graph: ``"unified"`` or ``"decode"``.
+        tensorrt_version: ``tensorrt.__version__`` of the builder.
+        gpu_name / compute_capability: The build GPU (e.g. ``"NVIDIA H100"``, ``"9.0"``); None if unknown.
+        plugin_library: The plugin ``.so`` loaded at build time, or None (function bodies).
+        build_flags: Limits and switches the build used (JSON-serializable).
+
+    Raises:
+        ArtefactError: ``graph`` is not in the export, or the plugin library does not exist.
+    """
+    if graph not in manifest.graphs:
+        raise ArtefactError(f"the export has no {graph!r} graph (it has {sorted(manifest.graphs)})", fix="re-export with --split for a decode graph")
+    entry = manifest.graphs[graph]
+    export_dir = Path(export_dir).resolve()
+    manifest_file = export_dir / MANIFEST_FILE
+    plugins: dict[str, Any]
+    if plugin_library is None:
+        plugins = {"path": None, "sha256": None, "function_bodies": True}
+    else:
+        lib = Path(plugin_library).resolve()
+        if not lib.is_file():
+            raise ArtefactError(f"plugin library {lib} does not exist", fix="build it with `hybridtrt plugins build` or pass --plugins PATH")
+        plugins = {"path": str(lib), "sha256": file_sha256(lib), "function_bodies": False}
+    return {
+        "sidecar_version": SIDECAR_VERSION,
+        "tensorrt": tensorrt_version,
+        "gpu": {"name": gpu_name, "compute_capability": compute_capability},
+        "profiles": [p.to_dict() for p in profiles],
+        "plugins": plugins,
+        "source": {
+            "export_dir": str(export_dir),
+            "graph": graph,
+            "onnx": entry.file,
+            "manifest_sha256": file_sha256(manifest_file) if manifest_file.is_file() else None,
+            "checkpoint": manifest.source.get("checkpoint"),
+        },
+        "inputs": entry.inputs,
+        "outputs": entry.outputs,
+        "states": manifest.states,
+        "dtype": manifest.dtype,
+        "state_dtype": manifest.state_dtype,
+        "logits": manifest.logits,
+        "model": {k: manifest.model.get(k) for k in ("vocab_size", "eos_token_id", "bos_token_id", "pad_token_id", "layer_types", "family")},
+        "build": build_flags,
+    }
+
+
+def dumps_sidecar(sidecar: dict[str, Any]) -> str:
+    """Deterministic JSON text of a sidecar."""
+    return json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
+
+
+def write_sidecar(sidecar: dict[str, Any], engine_path: str | Path) -> Path:
+    """Write ``<engine>.json`` atomically (temp file in the same dir, then rename)."""
+    path = sidecar_path(engine_path)
+    fd, tmp = tempfile.mkstemp(prefix=".sidecar-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(dumps_sidecar(sidecar))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_sidecar(engine_path: str | Path) -> dict[str, Any]:
+    """Load and check ``<engine>.json``.
+
+    Args:
+        engine_path: The ``.engine`` file (its sidecar sits beside it), or the sidecar itself.
+
+    Raises:
+        ArtefactError: The sidecar is missing, not JSON, of another version, or lacks a field.
+    """
+    p = Path(engine_path)
+    path = p if p.name.endswith(".engine" + SIDECAR_SUFFIX) or p.suffix == SIDECAR_SUFFIX else sidecar_path(p)
+    if not path.is_file():
+        raise ArtefactError(
+            f"{path} not found: every engine needs the sidecar `hybridtrt build` writes beside it",
+            fix="rebuild the engine with `hybridtrt build EXPORT_DIR -o model.engine`",
+        )
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtefactError(f"{path} is not valid JSON: {e}", fix="rebuild the engine") from None
+    if not isinstance(d, dict):
+        raise ArtefactError(f"{path} is not a JSON object", fix="rebuild the engine")
+    if d.get("sidecar_version") != SIDECAR_VERSION:
+        raise ArtefactError(
+            f"{path} has sidecar_version {d.get('sidecar_version')!r}, this hybridtrt reads {SIDECAR_VERSION}",
+            fix="rebuild the engine with this version of hybridtrt",
+        )
+    missing = [k for k in _REQUIRED if k not in d]
+    if missing:
+        raise ArtefactError(f"{path} lacks {', '.join(missing)}", fix="rebuild the engine")
+    return d
+
+
+def sidecar_profiles(sidecar: dict[str, Any]) -> list[ProfileSpec]:
+    """The profiles of a sidecar, in engine order."""
+    try:
+        return [ProfileSpec.from_dict(p) for p in sidecar["profiles"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtefactError(f"malformed profiles in the sidecar ({e})", fix="rebuild the engine") from None
+
+
+def check_plugin_library(sidecar: dict[str, Any], path: str | Path | None = None) -> Path | None:
+    """The plugin library an engine needs, verified on disk.
+
+    Args:
+        sidecar: The engine's sidecar.
+        path: Override of the recorded path (e.g. the library moved); its hash must still match.
+
+    Returns:
+        The library path, or None when the engine uses the ONNX function bodies.
+
+    Raises:
+        ArtefactError: The library is missing, or its sha256 differs from the build's.
+    """
+    plugins = sidecar["plugins"]
+    if plugins.get("function_bodies") or plugins.get("path") is None:
+        return None
+    lib = Path(path or plugins["path"])
+    if not lib.is_file():
+        raise ArtefactError(
+            f"the engine was built with plugin library {plugins['path']}, which is not at {lib}",
+            fix="build the plugins again (`hybridtrt plugins build`) or pass plugins=PATH to the library the engine was built with",
+        )
+    digest = file_sha256(lib)
+    if digest != plugins.get("sha256"):
+        raise ArtefactError(
+            f"plugin library {lib} has sha256 {digest[:12]}…, the engine was built with {str(plugins.get('sha256'))[:12]}…",
+            fix="rebuild the engine against this library (`hybridtrt build`), or point at the library it was built with",
+        )
+    return lib

@@ -1,0 +1,190 @@
+"""FP8 calibration (DESIGN.md §7): per-tensor amax of the input activation of every linear layer,
+measured on the PyTorch reference and keyed by the exported MatMul node name.
+
+``calibration_batches`` turns a prompt file (one prompt per non-empty line, tokenized with the
+checkpoint's tokenizer, left-padded) or a number of random sequences into ``(ids, mask)`` batches;
+``calibrate`` runs them through the model with forward pre-hooks on every ``nn.Linear``;
+``calibration_hash`` fingerprints the token ids for the recipe record in ``hybridtrt.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hybridtrt.errors import QuantizationError
+from hybridtrt.graphs.naming import scope_path
+from hybridtrt.models.model import HybridLM
+
+#: One calibration batch: ``ids [B, L] int64``, ``mask [B, L] int64`` (1 = token, 0 = left padding).
+Batch = tuple[Tensor, Tensor]
+
+
+def matmul_node_name(module_name: str) -> str:
+    """Exported MatMul node of a linear module.
+
+    ``"layers.0.mixer.in_proj"`` -> ``"/model/layers.0/mixer/in_proj/MatMul"`` (the naming pass's
+    rule, `hybridtrt.graphs.naming.scope_path`, applied to the module path inside `HybridLM`).
+    """
+    return scope_path(module_name, wrapper_prefix="") + "/MatMul"
+
+
+@torch.no_grad()
+def calibrate(
+    model: HybridLM,
+    batches: Iterable[Batch],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    """Max ``|x|`` of the input of every ``nn.Linear`` over all batches.
+
+    The hook sees exactly the tensor the exported MatMul consumes (for ``in_proj`` that is
+    ``h * mask``, as in `Mamba2Mixer.forward`). Each batch runs as one prefill from zero states.
+
+    Args:
+        model: The reference model, in the dtype that will be exported.
+        batches: ``(ids [B, L], mask [B, L])`` pairs.
+        progress: Called as ``progress(done, total)`` after each batch.
+
+    Returns:
+        ``{MatMul node name: amax}`` for every linear layer the batches reached (the LM head is a
+        plain matmul in `HybridLM`, not a module call, so it never appears).
+
+    Raises:
+        QuantizationError: No batches, or a non-finite activation.
+    """
+    batches = list(batches)
+    if not batches:
+        raise QuantizationError("the calibration set is empty", fix="give at least one prompt or --calib-random N ≥ 1")
+    amax: dict[str, float] = {}
+    names = {m: matmul_node_name(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach()
+        value = float(x.abs().max().float()) if x.numel() else 0.0
+        key = names[module]
+        amax[key] = max(amax.get(key, 0.0), value)
+
+    handles = [m.register_forward_pre_hook(hook) for m in names]
+    was_training = model.training
+    model.eval()
+    try:
+        for done, (ids, mask) in enumerate(batches, 1):
+            model(ids, mask, logits="last")
+            if progress is not None:
+                progress(done, len(batches))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    bad = {k: v for k, v in amax.items() if not torch.isfinite(torch.tensor(v))}
+    if bad:
+        raise QuantizationError(
+            f"non-finite calibration activations at {sorted(bad)}",
+            fix="the model overflows on these prompts in this dtype; calibrate in fp32 or check the checkpoint",
+        )
+    return dict(sorted(amax.items()))
+
+
+def _read_prompts(calib_file: str | Path) -> list[str]:
+    path = Path(calib_file)
+    if not path.is_file():
+        raise QuantizationError(f"calibration file {path} does not exist", fix="give a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise QuantizationError(f"calibration file {path} has no prompts", fix="put one prompt per non-empty line")
+    return prompts
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> Batch:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def calibration_batches(
+    tokenizer: Any | None,
+    *,
+    calib_file: str | Path | None,
+    calib_random: int | None,
+    vocab_size: int,
+    seq_len: int = 64,
+    batch: int = 4,
+    seed: int = 0,
+    pad_id: int = 0,
+) -> list[Batch]:
+    """The calibration set as ``(ids [B, L], mask [B, L])`` batches.
+
+    Args:
+        tokenizer: A ``tokenizers.Tokenizer`` (needed for ``calib_file``), or None.
+        calib_file: Text file, one prompt per non-empty line; each is tokenized, truncated to its
+            last ``seq_len`` tokens and left-padded within its batch.
+        calib_random: Number of random sequences of ``seq_len`` ids in ``[0, vocab_size)``.
+        vocab_size: The model's vocabulary size (token ids at or above it are refused).
+        seq_len: Maximum tokens per sequence.
+        batch: Sequences per batch.
+        seed: Seed of the random sequences.
+        pad_id: Id written at padded positions (masked out, so its value does not matter).
+
+    Returns:
+        The batches, in file order (deterministic for the same arguments).
+
+    Raises:
+        QuantizationError: Neither or both sources given, the file is missing or empty, no
+            tokenizer for a file, bad sizes, or token ids outside the vocabulary.
+    """
+    if (calib_file is None) == (calib_random is None):
+        raise QuantizationError(
+            "FP8 calibration needs exactly one source: a prompt file or a number of random sequences",
+            fix="pass --calib-file PROMPTS.txt (one prompt per line) or --calib-random N",
+        )
+    if seq_len < 1 or batch < 1:
+        raise QuantizationError(f"calibration seq_len and batch must be ≥ 1, got {seq_len} and {batch}")
+    rows: list[list[int]]
+    if calib_file is not None:
+        prompts = _read_prompts(calib_file)
+        if tokenizer is None:
+            raise QuantizationError(
+                f"--calib-file {calib_file} needs a tokenizer, but the checkpoint has no tokenizer.json",
+                fix="add tokenizer.json to the checkpoint, or calibrate with --calib-random N",
+            )
+        rows = [list(tokenizer.encode(p).ids)[-seq_len:] for p in prompts]
+        rows = [r for r in rows if r]
+        if not rows:
+            raise QuantizationError(f"every prompt in {calib_file} tokenizes to nothing", fix="use non-empty prompts")
+        too_big = max(max(r) for r in rows)
+        if too_big >= vocab_size:
+            raise QuantizationError(
+                f"the tokenizer produced id {too_big}, outside the model's vocabulary ({vocab_size})",
+                fix="use the checkpoint's own tokenizer.json",
+            )
+    else:
+        if calib_random is None or calib_random < 1:
+            raise QuantizationError(f"--calib-random must be ≥ 1, got {calib_random}")
+        gen = torch.Generator().manual_seed(seed)
+        rows = torch.randint(0, vocab_size, (calib_random, seq_len), generator=gen).tolist()
+    return [_left_pad(rows[i : i + batch], pad_id) for i in range(0, len(rows), batch)]
+
+
+def calibration_hash(batches: Iterable[Batch]) -> str:
+    """``sha256:<hex>`` of the calibration token ids and masks (shapes included), for the recipe."""
+    h = hashlib.sha256()
+    for ids, mask in batches:
+        for t in (ids, mask):
+            t = t.detach().to(torch.int64).contiguous().cpu()
+            h.update(repr(tuple(t.shape)).encode())
+            h.update(t.numpy().astype("<i8").tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+__all__ = ["Batch", "calibrate", "calibration_batches", "calibration_hash", "matmul_node_name"]

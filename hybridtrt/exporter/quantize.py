@@ -1,0 +1,122 @@
+"""FP8 quantization step of ``hybridtrt export`` (DESIGN.md §7): calibrate once on the reference
+model, then insert Q/DQ into each traced graph with the same scales.
+
+Usage inside `hybridtrt.exporter.export.export`, for every traced graph (unified, then decode)::
+
+    proto = trace_graph(model, ...)
+    if quant is not None:                      # quant: QuantizeOptions, one object per export
+        recipe = quantize_graph(proto, model, checkpoint_dir, quant)
+    ...
+    manifest.quantization = recipe             # identical for both graphs
+
+The first call calibrates and caches the amax table on ``options``; later calls reuse it, so the
+unified and decode graphs carry identical scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+
+from hybridtrt.errors import QuantizationError
+from hybridtrt.exporter.calibration import calibrate, calibration_batches, calibration_hash
+from hybridtrt.graphs.fp8_qdq import insert_fp8_qdq
+from hybridtrt.models.model import HybridLM
+from hybridtrt.models.tokenizer import load_tokenizer
+
+
+@dataclass
+class QuantizeOptions:
+    """FP8 flags of ``hybridtrt export``.
+
+    Attributes:
+        calib_file: Prompt file, one prompt per line (tokenized with the checkpoint's tokenizer).
+        calib_random: Number of random calibration sequences instead of a file.
+        exclude: Regexes on MatMul node names to keep in high precision (``re.search``).
+        weight_scale: ``"tensor"`` (default) or ``"channel"`` (per output channel).
+        seq_len: Tokens per calibration sequence (prompts are truncated to their last ``seq_len``).
+        batch: Sequences per calibration forward pass.
+        seed: Seed of the random sequences.
+        progress: Optional ``progress(done, total)`` callback during calibration.
+        act_amax: Calibration result, filled by the first `quantize_graph` call and reused by the
+            next ones (set it yourself to skip calibration).
+        calibration: Record of the calibration set (hash, sequences, tokens), filled with ``act_amax``.
+    """
+
+    calib_file: str | None = None
+    calib_random: int | None = None
+    exclude: list[str] = field(default_factory=list)
+    weight_scale: Literal["tensor", "channel"] = "tensor"
+    seq_len: int = 64
+    batch: int = 4
+    seed: int = 0
+    progress: Callable[[int, int], None] | None = field(default=None, repr=False, compare=False)
+    act_amax: dict[str, float] | None = field(default=None, repr=False, compare=False)
+    calibration: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+def run_calibration(model: HybridLM, checkpoint_dir: str | Path | None, options: QuantizeOptions) -> dict[str, float]:
+    """Calibrate (once) and cache the result on ``options``. Returns ``{MatMul node: amax}``."""
+    if options.act_amax is not None:
+        return options.act_amax
+    if options.weight_scale not in ("tensor", "channel"):
+        raise QuantizationError(f"--weight-scale {options.weight_scale!r} is unknown", fix="use tensor or channel")
+    tokenizer = load_tokenizer(checkpoint_dir) if (options.calib_file is not None and checkpoint_dir is not None) else None
+    config = model.config
+    batches = calibration_batches(
+        tokenizer,
+        calib_file=options.calib_file,
+        calib_random=options.calib_random,
+        vocab_size=config.vocab_size,
+        seq_len=options.seq_len,
+        batch=options.batch,
+        seed=options.seed,
+        pad_id=config.pad_token_id if config.pad_token_id is not None else 0,
+    )
+    options.act_amax = calibrate(model, batches, progress=options.progress)
+    options.calibration = {
+        "source": f"file:{Path(options.calib_file).name}" if options.calib_file is not None else f"random:{options.calib_random}",
+        "hash": calibration_hash(batches),
+        "sequences": sum(int(ids.shape[0]) for ids, _ in batches),
+        "tokens": sum(int(mask.sum()) for _, mask in batches),
+        "seq_len": options.seq_len,
+        "model_dtype": str(model.dtype).removeprefix("torch."),
+    }
+    return options.act_amax
+
+
+def quantize_graph(
+    proto: onnx.ModelProto, model: HybridLM, checkpoint_dir: str | Path | None, options: QuantizeOptions
+) -> dict[str, Any]:
+    """Insert FP8 Q/DQ into ``proto`` in place (calibrating on the first call).
+
+    Args:
+        proto: A graph from `trace_graph` (weights in memory).
+        model: The reference model that was traced, in the export dtype.
+        checkpoint_dir: Checkpoint directory (for its ``tokenizer.json`` when ``calib_file`` is set).
+        options: `QuantizeOptions`; the same object for every graph of one export.
+
+    Returns:
+        The recipe dict for ``hybridtrt.json``'s ``"quantization"`` (see `FP8Recipe`), with the
+        calibration record under ``"calibration"``.
+
+    Raises:
+        QuantizationError: Bad calibration options, opset < 19, bad ``--exclude`` regex, ...
+    """
+    amax = run_calibration(model, checkpoint_dir, options)
+    recipe = insert_fp8_qdq(proto, amax, exclude=options.exclude, weight_scale=options.weight_scale)
+    if not recipe.quantized:
+        raise QuantizationError(
+            "FP8 was requested but no linear layer is left to quantize"
+            + (f" (--exclude {options.exclude} matches all of them)" if options.exclude else ""),
+            fix="loosen --exclude, or export without FP8",
+        )
+    recipe.calibration = dict(options.calibration)
+    return recipe.to_dict()
+
+
+__all__ = ["QuantizeOptions", "quantize_graph", "run_calibration"]

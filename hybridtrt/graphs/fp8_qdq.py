@@ -1,0 +1,330 @@
+"""Pass: FP8 ``QuantizeLinear``/``DequantizeLinear`` on the linear layers (DESIGN.md §7).
+
+Pattern: a ``MatMul`` whose input[1] is a 2-D initializer ``W [in, out]`` and whose name is a
+quantizable projection ``/model/layers.{i}/mixer/{in,out,q,k,v,o,up,down}_proj/MatMul``.
+
+Rewrite (``P`` = ``/model/layers.0/mixer/in_proj``, ``p`` = ``model.layers.0.mixer.in_proj``)::
+
+    x ─ P/input_quantizer/QuantizeLinear ─ P/input_quantizer/DequantizeLinear ─┐
+                (p.input_scale = amax/448, p.input_zero_point = 0 : fp8)       ├─ P/MatMul
+    p.weight_t_fp8 [in, out] : float8e4m3fn ─ P/weight_quantizer/DequantizeLinear ┘
+                (p.weight_scale: [] per tensor, or [out] with axis=1 per output channel)
+
+Scales have the model dtype (the DequantizeLinear output type is the scale type), so an fp16/bf16
+graph stays fp16/bf16 around the MatMul. Weights are cast with saturation (clipped to ±448 before
+the cast). Everything else is left alone: embeddings, norms, conv1d and the scan ops are not
+MatMuls with weights; attention's score/value MatMuls multiply two activations; the LM head
+(``/model/MatMul``) is excluded by default. Every MatMul that is not quantized is listed with the
+reason in the returned `FP8Recipe`.
+
+Refusals (`QuantizationError`): default-domain opset < 19 (no FP8 types), a bad ``--exclude``
+regex, a quantizable layer without calibration amax, a non-finite amax, weights in external data
+that cannot be read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from hybridtrt.errors import QuantizationError
+
+#: Largest finite float8e4m3fn value.
+FP8_E4M3_MAX = 448.0
+#: Oldest default-domain opset with float8 types in QuantizeLinear/DequantizeLinear.
+MIN_FP8_OPSET = 19
+#: The projections that get Q/DQ (DESIGN.md §7).
+QUANTIZABLE_PROJECTIONS = ("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+_QUANTIZABLE = re.compile(r"^/model/layers\.\d+/mixer/(" + "|".join(QUANTIZABLE_PROJECTIONS) + r")/MatMul$")
+LM_HEAD_NODE = "/model/MatMul"
+#: Never quantized by default (DESIGN.md §7); recorded in the recipe.
+DEFAULT_EXCLUSIONS = ("embeddings", "norms", "conv1d", "scan ops", "attention score/value BMMs", "lm_head")
+
+_FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}
+
+WeightScale = Literal["tensor", "channel"]
+
+
+@dataclass
+class FP8Recipe:
+    """What the pass did; written into ``hybridtrt.json`` under ``"quantization"``.
+
+    Attributes:
+        scheme: ``"fp8"``.
+        format: ``"float8e4m3fn"``.
+        activation_scale: ``"tensor"`` (per-tensor, static, from calibration amax / 448).
+        weight_scale: ``"tensor"`` or ``"channel"`` (per output channel, DequantizeLinear axis 1).
+        activation_scales: ``{MatMul node: scale}``.
+        weight_scales: ``{MatMul node: scale}`` for per-tensor weights (empty per channel).
+        quantized: MatMul nodes that got Q/DQ, in graph order.
+        excluded: ``{MatMul node: reason}`` for every other MatMul.
+        default_exclusions: What is never quantized by default.
+        exclude_patterns: The user's ``--exclude`` regexes (matched with ``re.search`` on node names).
+        calibration: Filled by the caller (``{"hash": ..., "sequences": ..., ...}``).
+    """
+
+    scheme: str = "fp8"
+    format: str = "float8e4m3fn"
+    activation_scale: str = "tensor"
+    weight_scale: str = "tensor"
+    activation_scales: dict[str, float] = field(default_factory=dict)
+    weight_scales: dict[str, float] = field(default_factory=dict)
+    quantized: list[str] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)
+    default_exclusions: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUSIONS))
+    exclude_patterns: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def _compile(patterns: Sequence[str]) -> list[tuple[str, re.Pattern[str]]]:
+    out = []
+    for p in patterns:
+        try:
+            out.append((p, re.compile(p)))
+        except re.error as e:
+            raise QuantizationError(f"--exclude {p!r} is not a valid regular expression ({e})", fix="escape it, e.g. 'layers\\.3/'") from None
+    return out
+
+
+def _prefixes(node_name: str) -> tuple[str, str]:
+    """``/model/layers.0/mixer/in_proj/MatMul`` -> (``/model/layers.0/mixer/in_proj``, ``model.layers.0.mixer.in_proj``)."""
+    scope = node_name.rsplit("/", 1)[0]
+    return scope, scope.lstrip("/").replace("/", ".")
+
+
+def _exclusion_reason(
+    node: onnx.NodeProto, inits: Mapping[str, TensorProto], patterns: list[tuple[str, re.Pattern[str]]]
+) -> str | None:
+    """Why ``node`` (a MatMul) is not quantized, or None when it is."""
+    if node.name == LM_HEAD_NODE:
+        return "lm_head (excluded by default, DESIGN.md §7)"
+    if len(node.input) < 2 or node.input[1] not in inits:
+        return "input[1] is an activation, not a weight (activation x activation matmul)"
+    if not _QUANTIZABLE.match(node.name):
+        return "not a quantizable linear projection (" + ", ".join(QUANTIZABLE_PROJECTIONS) + ")"
+    w = inits[node.input[1]]
+    if len(w.dims) != 2:
+        return f"weight {w.name} is {len(w.dims)}-D, expected [in, out]"
+    if w.data_type not in _FLOAT_TYPES:
+        return f"weight {w.name} has type {TensorProto.DataType.Name(w.data_type)}, not fp32/fp16/bf16"
+    for text, rx in patterns:
+        if rx.search(node.name):
+            return f"matches --exclude {text!r}"
+    return None
+
+
+def _load_array(t: TensorProto, base_dir: str | None) -> np.ndarray:
+    if t.data_location == TensorProto.EXTERNAL:
+        if base_dir is None:
+            raise QuantizationError(
+                f"weight {t.name} lives in external data and no base_dir was given",
+                fix="load the model with onnx.load(path) (loads external data) or pass base_dir=<model directory>",
+            )
+        try:
+            return numpy_helper.to_array(t, base_dir)
+        except (OSError, ValueError) as e:
+            raise QuantizationError(f"cannot read external data of {t.name} from {base_dir} ({e})", fix="check weights.data is beside the model") from None
+    return numpy_helper.to_array(t)
+
+
+def _scalar(name: str, value: float, elem_type: int) -> TensorProto:
+    arr = np.asarray(value, dtype=_FLOAT_TYPES[elem_type])
+    return _float_tensor(name, arr, elem_type)
+
+
+def _float_tensor(name: str, arr: np.ndarray, elem_type: int) -> TensorProto:
+    if elem_type == TensorProto.BFLOAT16:
+        return helper.make_tensor(name, elem_type, arr.shape, arr.view(np.uint16).tobytes(), raw=True)
+    return numpy_helper.from_array(arr, name)
+
+
+def fp8_tensor(name: str, arr: np.ndarray) -> TensorProto:
+    """An ``float8e4m3fn`` initializer from an ``ml_dtypes.float8_e4m3fn`` array."""
+    return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, arr.shape, arr.view(np.uint8).tobytes(), raw=True)
+
+
+def fp8_saturating_cast(x: np.ndarray) -> np.ndarray:
+    """Round to ``float8e4m3fn`` with saturation: values beyond ±448 become ±448, never NaN."""
+    return np.clip(np.asarray(x, dtype=np.float32), -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
+
+
+def _round_scale(scale: np.ndarray, elem_type: int) -> np.ndarray:
+    """Scales as stored (model dtype), floored so no scale rounds to zero."""
+    tiny = np.finfo(np.float16).tiny if elem_type == TensorProto.FLOAT16 else np.finfo(np.float32).tiny
+    return np.maximum(np.asarray(scale, dtype=np.float32), tiny).astype(_FLOAT_TYPES[elem_type])
+
+
+def quantize_weight(w: np.ndarray, mode: WeightScale, elem_type: int) -> tuple[np.ndarray, np.ndarray]:
+    """FP8 weight and its scale.
+
+    Args:
+        w: ``[in, out]`` weight (any float dtype).
+        mode: ``"tensor"`` -> scale ``[]``; ``"channel"`` -> scale ``[out]`` (per output channel).
+        elem_type: ONNX type of the scale (the model dtype).
+
+    Returns:
+        ``(w_fp8 [in, out] float8_e4m3fn, scale)`` with ``w ≈ w_fp8 * scale``.
+    """
+    w32 = np.asarray(w, dtype=np.float32)
+    amax = np.abs(w32).max(axis=0) if mode == "channel" else np.abs(w32).max()
+    scale = _round_scale(amax / FP8_E4M3_MAX, elem_type)
+    return fp8_saturating_cast(w32 / scale.astype(np.float32)), scale
+
+
+def insert_fp8_qdq(
+    model: onnx.ModelProto,
+    act_amax: Mapping[str, float],
+    *,
+    exclude: Sequence[str] = (),
+    weight_scale: WeightScale = "tensor",
+    base_dir: str | None = None,
+) -> FP8Recipe:
+    """Insert FP8 Q/DQ on the linear layers of ``model``, in place.
+
+    Args:
+        model: An exported hybridtrt graph (weights loaded, or external data under ``base_dir``).
+        act_amax: ``{MatMul node name: amax}`` of the activation input, from `calibrate`.
+        exclude: Regexes; a MatMul whose name matches any (``re.search``) is left in high precision.
+        weight_scale: ``"tensor"`` (default, DESIGN.md §7) or ``"channel"``.
+        base_dir: Directory of the model file, for weights still in external data.
+
+    Returns:
+        The `FP8Recipe`.
+
+    Raises:
+        QuantizationError: See the module docstring.
+    """
+    if weight_scale not in ("tensor", "channel"):
+        raise QuantizationError(f"weight scale mode {weight_scale!r} is unknown", fix="use 'tensor' or 'channel'")
+    opset = _opset(model)
+    if opset < MIN_FP8_OPSET:
+        raise QuantizationError(
+            f"FP8 Q/DQ needs default-domain opset ≥ {MIN_FP8_OPSET} (float8e4m3fn), the graph has opset {opset}",
+            fix=f"export with --opset {MIN_FP8_OPSET} or newer (the default is fine)",
+        )
+    patterns = _compile(exclude)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    recipe = FP8Recipe(weight_scale=weight_scale, exclude_patterns=list(exclude))
+
+    plan: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        reason = _exclusion_reason(node, inits, patterns)
+        if reason is None:
+            plan.append(node)
+        else:
+            recipe.excluded[node.name] = reason
+    missing = [n.name for n in plan if n.name not in act_amax]
+    if missing:
+        raise QuantizationError(
+            f"no calibration amax for {len(missing)} layer(s): {missing[:4]}{' …' if len(missing) > 4 else ''}",
+            fix="calibrate the same model that was traced (calibrate(model, batches) keys by MatMul node name)",
+        )
+    bad = {n.name: act_amax[n.name] for n in plan if not (np.isfinite(act_amax[n.name]) and act_amax[n.name] >= 0)}
+    if bad:
+        raise QuantizationError(f"non-finite or negative calibration amax: {bad}", fix="re-run calibration in fp32")
+
+    weight_users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            weight_users[name] = weight_users.get(name, 0) + 1
+
+    new_nodes: dict[str, list[onnx.NodeProto]] = {}  # MatMul name -> nodes to insert before it
+    dropped: set[str] = set()
+    for node in plan:
+        scope, dotted = _prefixes(node.name)
+        w_init = inits[node.input[1]]
+        elem = w_init.data_type
+        # Activation Q/DQ.
+        a_scale = float(_round_scale(np.float32(act_amax[node.name]) / FP8_E4M3_MAX, elem).astype(np.float32))
+        s_name, zp_name = f"{dotted}.input_scale", f"{dotted}.input_zero_point"
+        q_out, dq_out = f"{scope}/input_quantizer/QuantizeLinear_output_0", f"{scope}/input_quantizer/DequantizeLinear_output_0"
+        graph.initializer.extend([_scalar(s_name, a_scale, elem), fp8_tensor(zp_name, np.zeros((), ml_dtypes.float8_e4m3fn))])
+        q = helper.make_node("QuantizeLinear", [node.input[0], s_name, zp_name], [q_out], name=f"{scope}/input_quantizer/QuantizeLinear", saturate=1)
+        dq = helper.make_node("DequantizeLinear", [q_out, s_name, zp_name], [dq_out], name=f"{scope}/input_quantizer/DequantizeLinear")
+        # Weight: FP8 initializer + DQ.
+        w_fp8, w_scale = quantize_weight(_load_array(w_init, base_dir), weight_scale, elem)
+        fp8_name, ws_name, wzp_name = f"{dotted}.weight_t_fp8", f"{dotted}.weight_scale", f"{dotted}.weight_zero_point"
+        wdq_out = f"{scope}/weight_quantizer/DequantizeLinear_output_0"
+        graph.initializer.extend(
+            [fp8_tensor(fp8_name, w_fp8), _float_tensor(ws_name, w_scale, elem), fp8_tensor(wzp_name, np.zeros(w_scale.shape, ml_dtypes.float8_e4m3fn))]
+        )
+        wdq_attrs = {"axis": 1} if weight_scale == "channel" else {}
+        wdq = helper.make_node("DequantizeLinear", [fp8_name, ws_name, wzp_name], [wdq_out], name=f"{scope}/weight_quantizer/DequantizeLinear", **wdq_attrs)
+        new_nodes[node.name] = [q, dq, wdq]
+        weight_users[w_init.name] -= 1
+        if weight_users[w_init.name] == 0:
+            dropped.add(w_init.name)
+        node.input[0], node.input[1] = dq_out, wdq_out
+        recipe.quantized.append(node.name)
+        recipe.activation_scales[node.name] = a_scale
+        if weight_scale == "tensor":
+            recipe.weight_scales[node.name] = float(w_scale.astype(np.float32))
+
+    # Rebuild the node list with each Q/DQ group right before its MatMul (keeps topological order).
+    ordered: list[onnx.NodeProto] = []
+    for node in graph.node:
+        ordered.extend(new_nodes.get(node.name, []) if node.op_type == "MatMul" else [])
+        ordered.append(node)
+    del graph.node[:]
+    graph.node.extend(ordered)
+    if dropped:
+        kept = [t for t in graph.initializer if t.name not in dropped]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        kept_vi = [v for v in graph.value_info if v.name not in dropped]
+        del graph.value_info[:]
+        graph.value_info.extend(kept_vi)
+    return recipe
+
+
+def quantized_weight_bytes(model: onnx.ModelProto, base_dir: str | Path | None = None) -> dict[str, int]:
+    """Bytes of the linear-layer weights by storage type: ``{"fp8": n, "high_precision": n}``.
+
+    Counts initializers named ``*.weight_t`` / ``*.weight_t_fp8`` of the quantizable projections
+    (works on in-memory or external-data models: sizes come from dims and element size).
+    """
+    out = {"fp8": 0, "high_precision": 0}
+    for t in model.graph.initializer:
+        if not any(f".{p}.weight_t" in t.name for p in QUANTIZABLE_PROJECTIONS):
+            continue
+        n = int(np.prod(t.dims)) if t.dims else 1
+        if t.data_type == TensorProto.FLOAT8E4M3FN:
+            out["fp8"] += n
+        else:
+            out["high_precision"] += n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return out
+
+
+__all__ = [
+    "DEFAULT_EXCLUSIONS",
+    "FP8Recipe",
+    "FP8_E4M3_MAX",
+    "MIN_FP8_OPSET",
+    "QUANTIZABLE_PROJECTIONS",
+    "fp8_saturating_cast",
+    "fp8_tensor",
+    "insert_fp8_qdq",
+    "quantize_weight",
+    "quantized_weight_bytes",
+]

@@ -1,0 +1,262 @@
+"""TensorRT backend: runs a ``hybridtrt build`` engine with the same `generate` API as the reference.
+
+Needs the TensorRT 11 Python bindings and a CUDA GPU; both are imported lazily, and their absence is
+a typed `MissingDependencyError` (exit code 2 in the CLI), never an ImportError at import time.
+
+Design choices:
+
+- **Device memory is torch CUDA tensors.** torch is already a dependency (generation, sampling,
+  the reference), it shares the CUDA primary context with TensorRT, gives us a caching allocator,
+  streams and events, and turns the logits into the fp32 torch tensor the `Stepper` protocol
+  returns with one ``.cpu()``. No second CUDA binding (cuda-python, pycuda) to install or pin.
+- **States are preallocated once and ping-ponged** (`hybridtrt.runtime.buffers`): two buffers per
+  state at ``max_batch × max_cache_len`` from the sidecar; at every call one is bound as
+  ``past_*`` and the other as ``present_*``, then they swap. No per-step allocation and no host
+  copy of any state; only ``input_ids``, ``attention_mask`` (a few bytes per row) go to the GPU
+  and the last-position logits ``[B, V]`` come back.
+- **Profiles**: prefill (profile 0) for ``seq > 1`` or ``past == 0``, decode (profile 1) for one
+  token on a non-empty cache; the context switches profile only when the choice changes (once per
+  generation).
+- **No CUDA graphs.** A captured graph replays fixed shapes and fixed addresses, but every decode
+  step here changes both: ``attention_mask`` is ``[B, past + 1]`` and the KV inputs are
+  ``[B, H, past, D]`` with ``past`` growing by one, and ping-pong swaps the buffers. A graph would
+  be valid for a single step (capture costs more than it saves). This holds for pure Mamba-2
+  models too, because the mask still grows. Capturing the decode step needs a fixed-capacity graph
+  interface (KV and mask at ``max_cache_len`` plus a position input), which is a change of the
+  graph contract (DESIGN.md §6), not of this runtime; the plugins are already graph-safe (§9).
+- **One live generation per model**: the states live in the model's buffers, so `zero_state`
+  invalidates earlier states; stepping a stale state is refused with an `InputError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hybridtrt.engine.build import import_tensorrt
+from hybridtrt.engine.sidecar import check_plugin_library, read_sidecar
+from hybridtrt.errors import ArtefactError, EngineError, InputError, MissingDependencyError
+from hybridtrt.exporter.io import ATTENTION_MASK, INPUT_IDS, LOGITS
+from hybridtrt.runtime.buffers import BufferPlan, PingPong, StateSlot
+from hybridtrt.runtime.generation import GenerationResult, generate, iter_generate
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    if name not in _TORCH_DTYPES:
+        raise ArtefactError(f"engine tensor dtype {name!r} has no torch equivalent here", fix="rebuild the engine with this hybridtrt")
+    return _TORCH_DTYPES[name]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class TrtState:
+    """Handle to the states held in a `TrtModel`'s device buffers (not the tensors themselves).
+
+    Attributes:
+        generation: Which `zero_state` call it descends from.
+        steps: Calls made since then.
+        batch / past: Rows and cached positions.
+    """
+
+    generation: int
+    steps: int
+    batch: int
+    past: int
+
+
+class TrtModel:
+    """A TensorRT engine with its sidecar. Implements the `Stepper` protocol.
+
+    Args:
+        engine_path: ``model.engine`` written by ``hybridtrt build`` (``model.engine.json`` beside it).
+        plugins: Plugin library to load instead of the sidecar's path (its sha256 must match).
+        device: CUDA device index.
+
+    Raises:
+        MissingDependencyError: No TensorRT bindings or no CUDA GPU.
+        ArtefactError: Missing engine/sidecar, or a plugin library missing or with another hash.
+        EngineError: TensorRT version or GPU differs from the build's, or deserialization failed.
+    """
+
+    backend = "tensorrt"
+
+    def __init__(self, engine_path: str | Path, *, plugins: str | Path | None = None, device: int = 0) -> None:
+        self.engine_path = Path(engine_path)
+        trt = import_tensorrt()
+        if not torch.cuda.is_available():
+            raise MissingDependencyError("the TensorRT backend needs a CUDA GPU visible to torch (torch.cuda.is_available() is False)", fix="run on a machine with an NVIDIA GPU and a CUDA build of torch")
+        if not self.engine_path.is_file():
+            raise ArtefactError(f"engine {self.engine_path} does not exist", fix="build it with `hybridtrt build EXPORT_DIR -o model.engine`")
+        self.sidecar = read_sidecar(self.engine_path)
+        self.plan = BufferPlan.from_sidecar(self.sidecar)
+        self._check_compatible(trt, device)
+        self.plugin_library = check_plugin_library(self.sidecar, plugins)
+        self.device = torch.device("cuda", device)
+        torch.cuda.set_device(self.device)
+
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        trt.init_libnvinfer_plugins(self._logger, "")
+        if self.plugin_library is not None and trt.get_plugin_registry().load_library(str(self.plugin_library)) is None:
+            raise EngineError(f"TensorRT could not load plugin library {self.plugin_library}", fix="rebuild the plugins against this TensorRT")
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if self.engine is None:
+            raise EngineError(f"TensorRT could not deserialize {self.engine_path}", fix="rebuild the engine with this TensorRT on this GPU")
+        self.context = self.engine.create_execution_context()
+        self.cuda_stream = torch.cuda.Stream(self.device)
+        self._input_mode = trt.TensorIOMode.INPUT
+        self._allocate()
+        self._profile: int | None = None
+        self._pp = PingPong(batch=0)
+        self._generation = 0
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _check_compatible(self, trt: Any, device: int) -> None:
+        built = str(self.sidecar["tensorrt"])
+        here = str(trt.__version__)
+        if built.split(".")[:2] != here.split(".")[:2]:
+            raise EngineError(f"{self.engine_path} was built with TensorRT {built}, this is TensorRT {here}", fix="rebuild the engine with this TensorRT (`hybridtrt build`)")
+        cc = self.sidecar.get("gpu", {}).get("compute_capability")
+        major, minor = torch.cuda.get_device_capability(device)
+        if cc is not None and cc != f"{major}.{minor}":
+            raise EngineError(
+                f"{self.engine_path} was built for compute capability {cc}, this GPU is {major}.{minor}",
+                fix="rebuild the engine on this GPU (engines are specific to a GPU architecture)",
+            )
+
+    def _allocate(self) -> None:
+        plan = self.plan
+        self._pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for s in plan.states:
+            n = _numel(s.shape_at(plan.max_batch, plan.max_cache_len))
+            dt = _torch_dtype(s.dtype)
+            self._pairs[s.past_name] = (torch.empty(n, dtype=dt, device=self.device), torch.empty(n, dtype=dt, device=self.device))
+        self._outputs = {
+            name: torch.empty(_numel(plan.output_max_shape(name)), dtype=_torch_dtype(dtype), device=self.device)
+            for name, (_, dtype) in plan.outputs.items()
+        }
+        max_seq = max(p.dims["seq"].max for p in plan.profiles)
+        self._ids = torch.empty(plan.max_batch * max_seq, dtype=_torch_dtype(plan.input_dtypes.get(INPUT_IDS, "int64")), device=self.device)
+        self._mask = torch.empty(plan.max_batch * plan.max_cache_len, dtype=_torch_dtype(plan.input_dtypes.get(ATTENTION_MASK, "int64")), device=self.device)
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the preallocated state and output buffers (TensorRT's activations excluded)."""
+        return self.plan.total_bytes()
+
+    # -- Stepper --------------------------------------------------------------------------------
+    def zero_state(self, batch: int) -> TrtState:
+        """Start a generation of ``batch`` rows: zero the conv/SSM buffers (KV starts empty)."""
+        if not 1 <= batch <= self.plan.max_batch:
+            raise InputError(f"batch {batch} is outside the engine's 1..{self.plan.max_batch}", fix=f"rebuild with `hybridtrt build --max-batch {batch}`")
+        self._generation += 1
+        self._pp.reset(batch)
+        with torch.cuda.stream(self.cuda_stream):
+            for s in self.plan.states:
+                if not s.grows:
+                    self._view(s, 0, s.shape_at(batch, 0)).zero_()
+        return TrtState(self._generation, 0, batch, 0)
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: TrtState, decode: bool) -> tuple[torch.Tensor, TrtState]:
+        """One engine call. See `hybridtrt.runtime.generation.Stepper.step`."""
+        self._check_state(state)
+        batch, seq = int(input_ids.shape[0]), int(input_ids.shape[1])
+        past = self._pp.past
+        if batch != self._pp.batch:
+            raise InputError(f"input_ids has {batch} rows, the state has {self._pp.batch}", fix="call zero_state(batch) for a new batch size")
+        if tuple(attention_mask.shape) != (batch, past + seq):
+            raise InputError(f"attention_mask must be [{batch}, {past + seq}] (past + seq), got {tuple(attention_mask.shape)}")
+        if seq > 1 and not any(p.name == "prefill" for p in self.plan.profiles):
+            logits = None
+            for t in range(seq):  # decode-only engine: feed the prompt token by token
+                logits, state = self.step(input_ids[:, t : t + 1], attention_mask[:, : past + t + 1], state, decode=True)
+            return logits, state  # type: ignore[return-value]
+        profile = self.plan.check_call(batch, seq, past)
+        logits = self._execute(input_ids, attention_mask, batch, seq, past, profile)
+        self._pp.swap(seq)
+        return logits, TrtState(self._generation, self._pp.steps, batch, self._pp.past)
+
+    # -- internals ------------------------------------------------------------------------------
+    def _check_state(self, state: TrtState) -> None:
+        if not isinstance(state, TrtState) or state.generation != self._generation or state.steps != self._pp.steps:
+            raise InputError(
+                "stale TensorRT state: the states live in the model's device buffers and only the latest one is valid",
+                fix="run one generation at a time per TrtModel (call zero_state again, or load a second TrtModel)",
+            )
+
+    def _view(self, slot: StateSlot, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._pairs[slot.past_name][index][: _numel(shape)].view(shape)
+
+    def _execute(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch: int, seq: int, past: int, profile: int) -> torch.Tensor:
+        ctx = self.context
+        handle = self.cuda_stream.cuda_stream
+        if profile != self._profile:
+            if not ctx.set_optimization_profile_async(profile, handle):
+                raise EngineError(f"TensorRT refused optimization profile {profile}", fix="rebuild the engine")
+            self._profile = profile
+        with torch.cuda.stream(self.cuda_stream):
+            ids = self._ids[: batch * seq].view(batch, seq)
+            ids.copy_(input_ids.to(ids.dtype), non_blocking=True)
+            mask = self._mask[: batch * (past + seq)].view(batch, past + seq)
+            mask.copy_(attention_mask.to(mask.dtype), non_blocking=True)
+            for name, shape in self.plan.binding_shapes(batch, seq, past).items():
+                if not ctx.set_input_shape(name, shape):
+                    raise InputError(f"TensorRT refused shape {shape} for {name} (profile {profile})", fix="check the engine's limits in its sidecar")
+            ctx.set_tensor_address(INPUT_IDS, ids.data_ptr())
+            ctx.set_tensor_address(ATTENTION_MASK, mask.data_ptr())
+            for s in self.plan.states:
+                ctx.set_tensor_address(s.past_name, self._pairs[s.past_name][self._pp.past_index].data_ptr())
+                ctx.set_tensor_address(s.present_name, self._pairs[s.past_name][self._pp.present_index].data_ptr())
+            for name, buf in self._outputs.items():
+                ctx.set_tensor_address(name, buf.data_ptr())
+            if not ctx.execute_async_v3(handle):
+                raise EngineError("TensorRT execution failed (enqueue returned false)", fix="read TensorRT's log above")
+            shape = tuple(ctx.get_tensor_shape(LOGITS))
+            logits = self._outputs[LOGITS][: _numel(shape)].view(shape)
+            if logits.dim() == 3:
+                logits = logits[:, -1]
+            host = logits.float().to("cpu", non_blocking=False)
+        self.cuda_stream.synchronize()
+        return host
+
+    # -- convenience ----------------------------------------------------------------------------
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, TrtState]:
+        """Zero states, then one prefill call: last logits ``[B, V]`` and the state handle."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return self.step(input_ids, mask, self.zero_state(int(input_ids.shape[0])), decode=False)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Copies (on the CPU) of the current states, ``{past_name: tensor}`` — for validation."""
+        self.cuda_stream.synchronize()
+        b, past = self._pp.batch, self._pp.past
+        return {s.past_name: self._view(s, self._pp.past_index, s.shape_at(b, past)).cpu() for s in self.plan.states}
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> GenerationResult:
+        """Same API as `HybridLM.generate` / `OrtModel.generate`."""
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Iterator[torch.Tensor]:
+        """Yield ``[B]`` tokens step by step (same as `OrtModel.stream`)."""
+        return iter_generate(self, input_ids, attention_mask, **kwargs)
+
+
+__all__ = ["TrtModel", "TrtState"]

@@ -1,0 +1,152 @@
+"""Writing a validation report: ``report.json``, a per-layer error picture (PNG) and a small
+self-contained HTML page showing it with the tables."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from hybridtrt.errors import MissingDependencyError
+from hybridtrt.validation.runner import Report
+from hybridtrt.validation.tolerances import gate
+
+_KIND_OF = (
+    ("layer_output.", "layer output"),
+    ("present_conv_state.", "conv state"),
+    ("present_ssm_state.", "ssm state"),
+    (".key", "key"),
+    (".value", "value"),
+)
+_FLOOR = 1e-16  # log-scale floor for exact zeros (fp64 resolution of 1 - cosine)
+
+
+def _kind(name: str) -> str:
+    for needle, kind in _KIND_OF:
+        if needle in name:
+            return kind
+    return name
+
+
+def plot_report(report: Report, path: Path) -> Path:
+    """Per-layer (or, without per-layer data, per-phase) errors on log scales.
+
+    Top: rel L2 per layer and state. Bottom: 1 − cosine. Gate lines dashed; failing points red.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingDependencyError("matplotlib is needed for --report pictures", fix="pip install 'hybridtrt[report]'") from None
+
+    layer_checks = [c for c in report.checks if c.phase == "layer"]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    if layer_checks:
+        checks, xlabel = layer_checks, "decoder layer"
+        xs = lambda c: c.layer  # noqa: E731
+        g = gate(report.precision, "layer")
+    else:
+        checks = [c for c in report.checks if c.name == "logits"]
+        xlabel = "decode step (0 = prefill)"
+        xs = lambda c: c.step or 0  # noqa: E731
+        g = gate(report.precision, "steps")
+    series: dict[str, list] = {}
+    for c in checks:
+        series.setdefault(_kind(c.name), []).append(c)
+    markers = "osD^vx"
+    for (kind, cs), marker in zip(sorted(series.items()), markers):
+        x = [xs(c) for c in cs]
+        rel = [c.comparison.rel_l2 if c.comparison.finite else float("nan") for c in cs]
+        cos = [1 - c.comparison.cosine if c.comparison.finite else float("nan") for c in cs]
+        # Only the layer output exists at every layer; states exist at some, so no connecting lines.
+        style = "-" if kind in ("layer output", "logits") else "none"
+        ax1.plot(x, [max(v, _FLOOR) for v in rel], marker=marker, linestyle=style, label=kind, alpha=0.8, markersize=7)
+        ax2.plot(x, [max(v, _FLOOR) for v in cos], marker=marker, linestyle=style, label=kind, alpha=0.8, markersize=7)
+        bad = [c for c in cs if not c.passed]
+        if bad:
+            ax1.scatter([xs(c) for c in bad], [max(c.comparison.rel_l2, _FLOOR) if c.comparison.finite else 1.0 for c in bad], s=160, facecolors="none", edgecolors="red", linewidths=2, zorder=5)
+            ax2.scatter([xs(c) for c in bad], [max(1 - c.comparison.cosine, _FLOOR) if c.comparison.finite else 1.0 for c in bad], s=160, facecolors="none", edgecolors="red", linewidths=2, zorder=5)
+    if g.max_rel_l2:
+        ax1.axhline(g.max_rel_l2, color="gray", linestyle="--", label=f"gate {g.max_rel_l2:g}")
+    if g.min_cosine:
+        ax2.axhline(1 - g.min_cosine, color="gray", linestyle="--", label=f"gate cos ≥ {g.min_cosine:g}")
+    for ax, label in ((ax1, "rel L2  ‖a−b‖/‖b‖"), (ax2, "1 − cosine")):
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", ncol=3)
+    ax2.set_xlabel(xlabel)
+    verdict = "PASS" if report.passed else "FAIL"
+    where = ""
+    if report.first_divergence:
+        where = f" — first divergence: layer {report.first_divergence['layer']} {report.first_divergence['tensor']}"
+    fig.suptitle(f"{report.backend} vs {report.reference} ({report.precision}): {verdict}{where}", fontsize=11)
+    if layer_checks:
+        ticks = sorted({c.layer for c in layer_checks})
+        kinds = {"M": "mamba", "*": "attn", "-": "mlp"}
+        labels = [f"{i}\n{kinds.get(report.pattern[i], '')}" if i < len(report.pattern) else str(i) for i in ticks]
+        ax2.set_xticks(ticks, labels)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _rows_html(report: Report) -> str:
+    rows = []
+    for c in report.checks:
+        cmp = c.comparison
+        cls = "ok" if c.passed else "bad"
+        rows.append(
+            f"<tr class={cls}><td>{c.phase}</td><td>{'' if c.step is None else c.step}</td><td>{'' if c.layer is None else c.layer}</td>"
+            f"<td>{html.escape(c.name)}</td><td>{cmp.rel_l2:.2e}</td><td>{cmp.cosine:.8f}</td><td>{cmp.max_abs:.2e}</td>"
+            f"<td>{'' if cmp.top1 is None else f'{cmp.top1:.3f}'}</td><td>{html.escape('; '.join(c.failures)) or 'ok'}</td></tr>"
+        )
+    return "\n".join(rows)
+
+
+def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.json``, ``errors.png`` and ``report.html`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "png": out / "errors.png", "html": out / "report.html"}
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=2, default=float) + "\n")
+    plot_report(report, paths["png"])
+    img = base64.b64encode(paths["png"].read_bytes()).decode()
+    verdict = "PASS" if report.passed else "FAIL"
+    summary = [
+        ("verdict", verdict),
+        ("backend / reference", f"{report.backend} / {report.reference}"),
+        ("precision", report.precision),
+        ("batch, prompt lengths", f"{report.batch}, {report.prompt_lengths}"),
+        ("decode steps", report.steps),
+        ("greedy token agreement", f"{report.token_agreement:.3f}" if report.token_agreement is not None else "—"),
+        ("teacher-forced top-1", f"{report.teacher_forced_top1:.3f}" if report.teacher_forced_top1 is not None else "—"),
+        ("first divergence", json.dumps(report.first_divergence) if report.first_divergence else "none"),
+        ("time reference / backend", f"{report.timings.get('reference_s', 0):.2f} s / {report.timings.get('backend_s', 0):.2f} s"),
+    ]
+    summary_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>hybridtrt validation: {verdict}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 13px; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+th {{ background: #f4f4f4; text-align: left; }}
+tr.bad td {{ background: #fde2e2; }}
+h1 .PASS {{ color: #1a7f37; }} h1 .FAIL {{ color: #cf222e; }}
+img {{ max-width: 100%; border: 1px solid #ddd; }}
+</style></head><body>
+<h1>hybridtrt validation: <span class="{verdict}">{verdict}</span></h1>
+<table>{summary_html}</table>
+<img alt="per-layer errors" src="data:image/png;base64,{img}">
+<h2>All comparisons</h2>
+<table><tr><th>phase</th><th>step</th><th>layer</th><th>tensor</th><th>rel L2</th><th>cosine</th><th>max abs</th><th>top-1</th><th>gate</th></tr>
+{_rows_html(report)}
+</table></body></html>
+"""
+    paths["html"].write_text(page)
+    return paths

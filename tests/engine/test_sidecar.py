@@ -1,0 +1,115 @@
+"""Engine sidecar: contents, atomic write, read errors, plugin checks (pure; no TensorRT)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hybridtrt.engine.profiles import engine_profiles
+from hybridtrt.engine.sidecar import (
+    SIDECAR_VERSION,
+    check_plugin_library,
+    file_sha256,
+    make_sidecar,
+    read_sidecar,
+    sidecar_path,
+    sidecar_profiles,
+    write_sidecar,
+)
+from hybridtrt.errors import ArtefactError
+from hybridtrt.exporter.export import ExportOptions
+from hybridtrt.exporter.manifest import read_manifest
+
+
+@pytest.fixture(scope="module")
+def export(make_export):
+    _, out = make_export("tiny-nemotron-h", ExportOptions(split=True))
+    return out, read_manifest(out)
+
+
+def _sidecar(export, plugin=None, graph="unified"):
+    out, manifest = export
+    profiles = engine_profiles(manifest, graph=graph, max_batch=2, max_input_len=8, max_cache_len=16)
+    return make_sidecar(
+        manifest,
+        out,
+        profiles,
+        graph=graph,
+        tensorrt_version="11.1.0",
+        gpu_name="NVIDIA H100",
+        compute_capability="9.0",
+        plugin_library=plugin,
+        build_flags={"max_batch": 2, "strongly_typed": True},
+    )
+
+
+def test_contents_without_plugins(export):
+    out, manifest = export
+    s = _sidecar(export)
+    assert s["sidecar_version"] == SIDECAR_VERSION
+    assert s["tensorrt"] == "11.1.0"
+    assert s["gpu"] == {"name": "NVIDIA H100", "compute_capability": "9.0"}
+    assert s["plugins"] == {"path": None, "sha256": None, "function_bodies": True}
+    assert s["source"]["export_dir"] == str(out.resolve())
+    assert s["source"]["manifest_sha256"] == file_sha256(out / "hybridtrt.json")
+    assert s["source"]["graph"] == "unified" and s["source"]["onnx"] == "model.onnx"
+    assert [i["name"] for i in s["inputs"]] == [i["name"] for i in manifest.graphs["unified"].inputs]
+    assert s["states"] == manifest.states
+    assert (s["dtype"], s["state_dtype"]) == ("fp32", "fp32")
+    assert [p["name"] for p in s["profiles"]] == ["prefill", "decode"]
+    assert s["model"]["eos_token_id"] == 2 and s["model"]["vocab_size"] == 256
+    json.dumps(s)  # serializable
+
+
+def test_plugin_library_hash(export, tmp_path):
+    lib = tmp_path / "libfake.so"
+    lib.write_bytes(b"not really a library")
+    s = _sidecar(export, plugin=lib)
+    assert s["plugins"]["function_bodies"] is False
+    assert s["plugins"]["sha256"] == file_sha256(lib)
+    assert check_plugin_library(s) == lib.resolve()
+    lib.write_bytes(b"changed")
+    with pytest.raises(ArtefactError, match="sha256"):
+        check_plugin_library(s)
+    lib.unlink()
+    with pytest.raises(ArtefactError, match="not at"):
+        check_plugin_library(s)
+    assert check_plugin_library(_sidecar(export)) is None
+    with pytest.raises(ArtefactError, match="does not exist"):
+        _sidecar(export, plugin=tmp_path / "missing.so")
+
+
+def test_write_read_roundtrip(export, tmp_path):
+    s = _sidecar(export, graph="decode")
+    engine = tmp_path / "model.engine"
+    path = write_sidecar(s, engine)
+    assert path == sidecar_path(engine) == tmp_path / "model.engine.json"
+    assert read_sidecar(engine) == s
+    assert read_sidecar(path) == s
+    assert [p.name for p in sidecar_profiles(s)] == ["decode"]
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+    assert path.read_text() == write_sidecar(s, engine).read_text()  # deterministic
+
+
+def test_read_errors(tmp_path):
+    engine = tmp_path / "m.engine"
+    with pytest.raises(ArtefactError, match="hybridtrt build"):
+        read_sidecar(engine)
+    sidecar_path(engine).write_text("{not json")
+    with pytest.raises(ArtefactError, match="not valid JSON"):
+        read_sidecar(engine)
+    sidecar_path(engine).write_text(json.dumps({"sidecar_version": 999}))
+    with pytest.raises(ArtefactError, match="sidecar_version"):
+        read_sidecar(engine)
+    sidecar_path(engine).write_text(json.dumps({"sidecar_version": SIDECAR_VERSION}))
+    with pytest.raises(ArtefactError, match="lacks"):
+        read_sidecar(engine)
+
+
+def test_unknown_graph(export):
+    out, manifest = export
+    manifest_copy = type(manifest).from_dict(json.loads(manifest.to_json()))
+    del manifest_copy.graphs["decode"]
+    with pytest.raises(ArtefactError, match="--split"):
+        make_sidecar(manifest_copy, out, [], graph="decode", tensorrt_version="11", gpu_name=None, compute_capability=None, plugin_library=None, build_flags={})
