@@ -27,6 +27,11 @@ def make_checkpoint(tmp_path_factory):
     return make
 
 
+# Test models are tiny: one intra-op thread avoids OpenMP contention on a 2-core CI machine
+# (a 64-wide linear took 32 ms with 2 contended threads vs 0.4 ms with 1).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

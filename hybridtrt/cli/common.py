@@ -23,11 +23,12 @@ def step(name: str) -> Iterator[None]:
     console.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - start:.1f} s)[/]")
 
 
-def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
-    """A rich table with the given columns; cells are str()-ed."""
-    t = Table(title=title, title_justify="left")
+def table(title: str, columns: list[str], rows: list[list[object]], *, numeric: bool = True) -> Table:
+    """A rich table with the given columns; cells are str()-ed. ``numeric`` right-aligns all
+    but the first column; key/value tables pass False."""
+    t = Table(title=title, title_justify="left", show_header=any(columns))
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 else "right")
+        t.add_column(c, justify="right" if numeric and i > 0 else "left")
     for r in rows:
         t.add_row(*[str(x) for x in r])
     return t

@@ -48,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
     ]
     if result.verification:
         rows.append(["ORT vs reference", ", ".join(f"{k}: rel L2 {v:.1e}" for k, v in result.verification.items())])
-    console.print(table("export summary", ["", ""], rows))
+    console.print(table("export summary", ["", ""], rows, numeric=False))
     console.print(table("files written", ["file", "size"], [[f"{result.out_dir / n}", human_bytes(s)] for n, s in result.files.items()]))
     return 0

@@ -167,5 +167,5 @@ def run(args: argparse.Namespace) -> int:
     decode_s = times[-1] - times[0] if len(times) > 1 else 0.0
     rate = f"{(len(times) - 1) / decode_s:.1f} tokens/s" if decode_s > 0 else "n/a"
     console.out("")
-    console.print(f"[dim]prefill {prefill_ms:.1f} ms · decode {rate} · {count} new tokens · backend {target.backend}[/]")
+    console.print(f"[dim]prefill {prefill_ms:.1f} ms · decode {rate} · {count} new tokens · backend {target.backend}[/]", soft_wrap=True)
     return 0

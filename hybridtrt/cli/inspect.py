@@ -41,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
         ["chunk size", c.chunk_size],
         ["states", len(state_specs(c))],
     ]
-    console.print(table(f"checkpoint {path}", ["", ""], rows))
+    console.print(table(f"checkpoint {path}", ["", ""], rows, numeric=False))
     return 0

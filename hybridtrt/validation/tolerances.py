@@ -46,9 +46,15 @@ def precisions() -> list[str]:
 def gate(precision: str, kind: str) -> Gate:
     """The gate of ``kind`` (``"call" | "steps" | "layer"``) for ``precision``."""
     table = _table()
-    if precision not in table:
+    if precision not in table or kind not in ("call", "steps", "layer"):
         raise KeyError(f"no tolerances for precision {precision!r}; known: {precisions()}")
     return Gate(**table[precision][kind])
+
+
+def polygraphy_tolerance(precision: str) -> tuple[float, float]:
+    """``(atol, rtol)`` for polygraphy's elementwise comparison at ``precision``."""
+    entry = _table()[precision]["polygraphy"]
+    return float(entry["atol"]), float(entry["rtol"])
 
 
 def precision_of(manifest) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from hybridtrt.engine.profiles import (
@@ -77,10 +79,11 @@ def test_bad_limits_are_typed_errors(manifest, kwargs, needle):
     assert needle in str(e.value)
 
 
-def test_missing_decode_graph_says_split(make_export):
-    _, out = make_export("tiny-nemotron-h")
+def test_missing_decode_graph_says_split(manifest):
+    unsplit = type(manifest).from_dict(json.loads(manifest.to_json()))
+    del unsplit.graphs["decode"]
     with pytest.raises(EngineError, match="--split"):
-        engine_profiles(read_manifest(out), graph="decode")
+        engine_profiles(unsplit, graph="decode")
 
 
 def test_roundtrip_and_rows(manifest):

@@ -35,10 +35,17 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def where(got: torch.Tensor, want: torch.Tensor) -> str:
+    err = (got.float() - want.float()).abs().nan_to_num(float("inf"))
+    index = tuple(int(i) for i in torch.unravel_index(err.argmax().cpu(), got.shape))
+    nan = int((~torch.isfinite(got)).sum())
+    return f"{nan} non-finite of {got.numel()}, worst |err| {float(err.max()):.3g} at {index}"
+
+
 def check(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten or overflowed elements)"
+    assert torch.isfinite(got).all(), f"{name}: unwritten or overflowed elements: {where(got, want)}"
     err = rel_l2(got, want)
-    assert err <= REL_L2[dtype], f"{name}: rel L2 {err:.3g} > {REL_L2[dtype]:.1g}"
+    assert err <= REL_L2[dtype], f"{name}: rel L2 {err:.3g} > {REL_L2[dtype]:.1g}; {where(got, want)}"
 
 
 def inputs(batch, length, heads, head_dim, groups, d_state, dtype, state_dtype, seed=0):

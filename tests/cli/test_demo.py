@@ -1,0 +1,18 @@
+"""`hybridtrt demo` end to end (the README's main-job command)."""
+
+from __future__ import annotations
+
+import json
+
+from hybridtrt.cli.main import main
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "hybridtrt demo" in out and "PASS" in out and "polygraphy run" in out
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["passed"] and report["token_agreement"] == 1.0
+    assert (tmp_path / "export" / "model.onnx").is_file() and (tmp_path / "export" / "hybridtrt.json").is_file()
+    assert (tmp_path / "report" / "errors.png").stat().st_size > 20_000
+    assert (tmp_path / "polygraphy" / "reference.json").is_file()

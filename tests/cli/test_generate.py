@@ -1,0 +1,70 @@
+"""``hybridtrt generate`` on an export dir, a model.onnx and a checkpoint dir (byte tokenizer)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from hybridtrt.cli.generate import IncrementalText
+from hybridtrt.cli.main import main
+from hybridtrt.exporter.export import ExportOptions
+from hybridtrt.models.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def exported(make_export):
+    return make_export("tiny-nemotron-h", ExportOptions(split=True))
+
+
+def _run(capsys, *argv):
+    rc = main(["generate", *map(str, argv)])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_export_dir_and_checkpoint_agree(exported, capsys):
+    ckpt, out = exported
+    args = ("--prompt", "Hello", "--max-new-tokens", "6", "--ignore-eos")
+    rc, ort_out, err = _run(capsys, out, *args)
+    assert rc == 0, err
+    assert "prefill" in ort_out and "tokens/s" in ort_out and "backend onnxruntime" in ort_out
+    rc, ref_out, err = _run(capsys, ckpt, *args)
+    assert rc == 0, err
+    assert "backend pytorch" in ref_out
+    assert ort_out.splitlines()[0] == ref_out.splitlines()[0]  # same greedy text
+    assert "6 new tokens" in ort_out
+
+
+def test_onnx_file_with_ids(exported, capsys):
+    rc, out, err = _run(capsys, exported[1] / "model.onnx", "--ids", "5 6 7", "--max-new-tokens", "3", "--ignore-eos")
+    assert rc == 0, err
+    assert len(out.splitlines()[0].split()) == 3  # ids printed
+    assert "backend onnxruntime" in out
+
+
+def test_bad_inputs_exit_2(exported, tmp_path, capsys):
+    rc, _, err = _run(capsys, exported[1], "--prompt", "x", "--tokenizer", tmp_path)
+    assert rc == 2 and "tokenizer" in err
+    rc, _, err = _run(capsys, exported[1], "--ids", "1 two")
+    assert rc == 2 and "--ids" in err
+    rc, _, err = _run(capsys, tmp_path / "m.xyz", "--ids", "1")
+    assert rc == 2 and "does not exist" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+def test_engine_without_sidecar_or_tensorrt(tmp_path, capsys):
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"\0")
+    rc, _, err = _run(capsys, engine, "--ids", "1 2")
+    assert rc == 2 and "sidecar" in err
+
+
+def test_incremental_text_holds_partial_utf8(exported):
+    tok = load_tokenizer(exported[0])
+    ids = tok.encode("aé").ids  # 'é' is two bytes → two tokens
+    assert len(ids) == 3
+    inc = IncrementalText(tok)
+    pieces = [inc.push(i) for i in ids]
+    assert pieces == ["a", "", "é"]
+    assert inc.flush() == ""
