@@ -31,6 +31,7 @@ from hybridtrt.exporter.translation import translation_table
 from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs.cleanup import strip_metadata
 from hybridtrt.graphs.dims import name_io_dims
+from hybridtrt.graphs.external_data import external_index, share_initializers
 from hybridtrt.graphs.naming import assign_node_names, name_matmul_weights
 from hybridtrt.models.config import MAMBA
 from hybridtrt.models.loading import load_model, parse_dtype
@@ -211,6 +212,8 @@ def _custom_op_counts(proto: onnx.ModelProto) -> dict[str, int]:
 
 
 def _save(proto: onnx.ModelProto, path: Path, data_name: str, size_threshold: int) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
     onnx.save_model(
         proto,
         str(path),
@@ -220,6 +223,9 @@ def _save(proto: onnx.ModelProto, path: Path, data_name: str, size_threshold: in
         size_threshold=size_threshold,
         convert_attribute=False,
     )
+    for written in (path, path.parent / data_name):
+        if written.exists():  # onnx creates the data file 0600; give it the usual permissions
+            os.chmod(written, 0o666 & ~umask)
 
 
 def _publish(partial: Path, out_dir: Path, names: list[str]) -> None:
@@ -284,18 +290,25 @@ def export(
                     model, logits=opts.logits, decode=decode, per_layer=opts.per_layer, state_dtype=state_dtype, opset=opset
                 )
             with step(f"write {fname}"):
-                graphs[role] = GraphEntry(
+                entry = GraphEntry(
                     file=fname,
-                    data=[data],
+                    data=[],
                     role=role,
                     inputs=_value_entries(proto.graph.input, {}),
                     outputs=_value_entries(proto.graph.output, {}),
                     custom_ops=_custom_op_counts(proto),
                 )
+                if graphs:  # later graphs reuse the unified graph's weights.data where identical
+                    if share_initializers(proto, partial, external_index(partial / MODEL_FILE)):
+                        entry.data.append(WEIGHTS_FILE)
                 _save(proto, partial / fname, data, opts.size_threshold)
                 del proto
+                if (partial / data).exists():
+                    entry.data.append(data)
+                    written.append(data)
+                graphs[role] = entry
                 onnx.checker.check_model(str(partial / fname), full_check=True)
-                written += [fname, data]
+                written.append(fname)
         config = model.config
         manifest = Manifest(
             source={"checkpoint": str(Path(checkpoint_dir).resolve()), "sha256": checkpoint_hash(checkpoint_dir), "family": config.family},

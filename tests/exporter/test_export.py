@@ -120,6 +120,12 @@ def test_weights_are_external_data(exported):
     locations = {dict((e.key, e.value) for e in t.external_data)["location"] for t in big}
     assert locations == {"weights.data"}
     assert (out / "model.onnx").stat().st_size < (out / "weights.data").stat().st_size
+    # The decode graph reuses weights.data instead of writing a second copy.
+    decode = onnx.load(str(out / "decode.onnx"), load_external_data=False)
+    shared = [t for t in decode.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert {dict((e.key, e.value) for e in t.external_data)["location"] for t in shared} == {"weights.data"}
+    assert not (out / "decode.weights.data").exists()
+    assert read_manifest(out).graphs["decode"].data == ["weights.data"]
 
 
 def test_fp16_export_runs_on_ort(make_export):
