@@ -119,6 +119,8 @@ def test_state_update_is_cuda_graph_safe(lib) -> None:
     x, dt, B, C = x[:, 0].contiguous(), dt[:, 0].contiguous(), B[:, 0].contiguous(), C[:, 0].contiguous()
     y_ref, s_ref = mamba2_state_update_ref(x, dt, A, B, C, D, s0)
     state, y = s0.clone(), torch.empty_like(x)
+    lib.state_update(x, dt, A, B, C, D, state, y=y, new_state=state)  # warm-up: module load outside capture
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -137,6 +139,8 @@ def test_chunk_scan_is_cuda_graph_safe(lib) -> None:
     y, final = torch.empty_like(x), torch.empty_like(s0)
     size = lib.chunk_scan_workspace_size(2, 200, 8, 80, 2, 128, "bfloat16", "bfloat16", "float32")
     workspace = torch.empty(size, dtype=torch.uint8, device="cuda")
+    lib.chunk_scan(x, dt, A, B, C, D, s0, y=y, final_state=final, workspace=workspace)  # warm-up
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

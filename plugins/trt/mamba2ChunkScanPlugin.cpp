@@ -1,0 +1,311 @@
+/*
+ * Mamba2ChunkScan IPluginV3: validates, describes and calls hybridtrtMamba2ChunkScan (see the header for
+ * the contract).
+ */
+#include "mamba2ChunkScanPlugin.h"
+
+#include <cstdint>
+#include <cstring>
+#include <new>
+
+using namespace nvinfer1;
+
+namespace hybridtrt
+{
+namespace plugin
+{
+namespace
+{
+constexpr char const* kATTR_CHUNK_SIZE = "chunk_size";
+constexpr int32_t kDEFAULT_CHUNK_SIZE = 256;
+//! The kernels want a 256-byte aligned workspace; TensorRT's alignment is not promised, so ask for
+//! this much more and align inside enqueue.
+constexpr size_t kWORKSPACE_ALIGNMENT = 256;
+} // namespace
+
+Mamba2ChunkScanPlugin::Mamba2ChunkScanPlugin(int32_t chunkSize)
+    : mChunkSize(chunkSize)
+{
+}
+
+IPluginCapability* Mamba2ChunkScanPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept
+{
+    switch (type)
+    {
+    case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
+    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
+    case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
+    }
+    return nullptr;
+}
+
+IPluginV3* Mamba2ChunkScanPlugin::clone() noexcept
+{
+    return new (std::nothrow) Mamba2ChunkScanPlugin(mChunkSize);
+}
+
+char const* Mamba2ChunkScanPlugin::getPluginName() const noexcept
+{
+    return kNAME;
+}
+
+char const* Mamba2ChunkScanPlugin::getPluginVersion() const noexcept
+{
+    return kPLUGIN_VERSION;
+}
+
+char const* Mamba2ChunkScanPlugin::getPluginNamespace() const noexcept
+{
+    return kPLUGIN_NAMESPACE;
+}
+
+int32_t Mamba2ChunkScanPlugin::getNbOutputs() const noexcept
+{
+    return kNB_OUTPUTS;
+}
+
+int32_t Mamba2ChunkScanPlugin::configurePlugin(
+    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
+{
+    if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
+    {
+        logError("Mamba2ChunkScan: expects 7 inputs and 2 outputs");
+        return 1;
+    }
+    Dims const& x = in[kIN_X].desc.dims;
+    Dims const& dt = in[kIN_DT].desc.dims;
+    Dims const& b = in[kIN_B].desc.dims;
+    Dims const& c = in[kIN_C].desc.dims;
+    Dims const& s = in[kIN_INITIAL_STATE].desc.dims;
+    if (x.nbDims != 4 || dt.nbDims != 3 || in[kIN_A].desc.dims.nbDims != 1 || b.nbDims != 4 || c.nbDims != 4
+        || in[kIN_D].desc.dims.nbDims != 1 || s.nbDims != 4)
+    {
+        logError("Mamba2ChunkScan: expected ranks x 4, dt 3, A 1, B 4, C 4, D 1, initial_state 4");
+        return 1;
+    }
+    int64_t const heads = x.d[2];
+    int64_t const headDim = x.d[3];
+    int64_t const groups = b.d[2];
+    int64_t const dState = b.d[3];
+    bool ok = dimIs(dt.d[2], heads) && dimIs(in[kIN_A].desc.dims.d[0], heads) && dimIs(in[kIN_D].desc.dims.d[0], heads)
+        && dimIs(c.d[2], groups) && dimIs(c.d[3], dState) && dimIs(s.d[1], heads) && dimIs(s.d[2], headDim)
+        && dimIs(s.d[3], dState);
+    if (!ok)
+    {
+        logError("Mamba2ChunkScan: inconsistent shapes (x [B,L,H,P], dt [B,L,H], B/C [B,L,G,N], state [B,H,P,N])");
+        return 1;
+    }
+    if (headDim >= 0 && (headDim < 16 || headDim % 16 != 0))
+    {
+        logError("Mamba2ChunkScan: head_dim " + std::to_string(headDim) + " is not a multiple of 16");
+        return 1;
+    }
+    if (dState >= 0 && dState != 16 && dState != 64 && dState != 128)
+    {
+        logError("Mamba2ChunkScan: d_state " + std::to_string(dState) + " is not 16, 64 or 128");
+        return 1;
+    }
+    if (heads > 0 && groups > 0 && heads % groups != 0)
+    {
+        logError("Mamba2ChunkScan: heads " + std::to_string(heads) + " not a multiple of groups "
+            + std::to_string(groups));
+        return 1;
+    }
+    (void) out;
+    return 0;
+}
+
+int32_t Mamba2ChunkScanPlugin::getOutputDataTypes(
+    DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
+{
+    if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
+    {
+        return 1;
+    }
+    outputTypes[kOUT_Y] = inputTypes[kIN_X];
+    outputTypes[kOUT_STATE] = inputTypes[kIN_INITIAL_STATE];
+    return 0;
+}
+
+int32_t Mamba2ChunkScanPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs,
+    DimsExprs const* /*shapeInputs*/, int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs,
+    IExprBuilder& /*exprBuilder*/) noexcept
+{
+    if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS || inputs[kIN_X].nbDims != 4
+        || inputs[kIN_INITIAL_STATE].nbDims != 4)
+    {
+        return 1;
+    }
+    outputs[kOUT_Y] = inputs[kIN_X];
+    outputs[kOUT_STATE] = inputs[kIN_INITIAL_STATE];
+    return 0;
+}
+
+bool Mamba2ChunkScanPlugin::supportsFormatCombination(
+    int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
+{
+    if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS || pos < 0 || pos >= kNB_INPUTS + kNB_OUTPUTS)
+    {
+        return false;
+    }
+    PluginTensorDesc const& desc = inOut[pos].desc;
+    if (desc.format != TensorFormat::kLINEAR)
+    {
+        return false;
+    }
+    DataType const actType = inOut[kIN_X].desc.type;
+    switch (pos)
+    {
+    case kIN_X:
+    case kIN_DT:
+    case kIN_INITIAL_STATE: return isActivationType(desc.type);
+    case kIN_A:
+    case kIN_D: return desc.type == DataType::kFLOAT;
+    case kIN_B:
+    case kIN_C:
+    case kNB_INPUTS + kOUT_Y: return desc.type == actType;
+    case kNB_INPUTS + kOUT_STATE: return desc.type == inOut[kIN_INITIAL_STATE].desc.type;
+    default: return false;
+    }
+}
+
+size_t Mamba2ChunkScanPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+    DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
+{
+    if (nbInputs != kNB_INPUTS)
+    {
+        return 0;
+    }
+    Dims const& x = inputs[kIN_X].max;
+    Dims const& b = inputs[kIN_B].max;
+    size_t bytes = 0;
+    int32_t const status = hybridtrtMamba2ChunkScanWorkspaceSize(x.d[0], x.d[1], x.d[2], x.d[3], b.d[2], b.d[3],
+        toKernelDtype(inputs[kIN_X].desc.type), toKernelDtype(inputs[kIN_DT].desc.type),
+        toKernelDtype(inputs[kIN_INITIAL_STATE].desc.type), &bytes);
+    return status == kHYBRIDTRT_SUCCESS ? bytes + kWORKSPACE_ALIGNMENT : 0;
+}
+
+int32_t Mamba2ChunkScanPlugin::onShapeChange(
+    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
+{
+    if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
+    {
+        return 1;
+    }
+    Dims const& x = in[kIN_X].dims;
+    Dims const& b = in[kIN_B].dims;
+    size_t bytes = 0;
+    (void) out;
+    return reportStatus(kNAME,
+        hybridtrtMamba2ChunkScanWorkspaceSize(x.d[0], x.d[1], x.d[2], x.d[3], b.d[2], b.d[3],
+            toKernelDtype(in[kIN_X].type), toKernelDtype(in[kIN_DT].type), toKernelDtype(in[kIN_INITIAL_STATE].type),
+            &bytes));
+}
+
+int32_t Mamba2ChunkScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
+    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
+{
+    Dims const& x = inputDesc[kIN_X].dims;
+    Dims const& b = inputDesc[kIN_B].dims;
+    int64_t const batch = x.d[0];
+    int64_t const seqLen = x.d[1];
+    int32_t const actDtype = toKernelDtype(inputDesc[kIN_X].type);
+    int32_t const dtDtype = toKernelDtype(inputDesc[kIN_DT].type);
+    int32_t const stateDtype = toKernelDtype(inputDesc[kIN_INITIAL_STATE].type);
+    auto const* A = static_cast<float const*>(inputs[kIN_A]);
+    auto const* D = static_cast<float const*>(inputs[kIN_D]);
+    if (seqLen == 1)
+    {
+        // One token: [B,1,H,P] is [B,H,P] in memory; the update kernel streams the state once, no workspace.
+        return reportStatus(kNAME,
+            hybridtrtMamba2StateUpdate(inputs[kIN_X], inputs[kIN_DT], A, inputs[kIN_B], inputs[kIN_C], D,
+                inputs[kIN_INITIAL_STATE], outputs[kOUT_Y], outputs[kOUT_STATE], batch, x.d[2], x.d[3], b.d[2], b.d[3],
+                actDtype, dtDtype, stateDtype, stream));
+    }
+    size_t bytes = 0;
+    int32_t status = hybridtrtMamba2ChunkScanWorkspaceSize(
+        batch, seqLen, x.d[2], x.d[3], b.d[2], b.d[3], actDtype, dtDtype, stateDtype, &bytes);
+    if (status != kHYBRIDTRT_SUCCESS)
+    {
+        return reportStatus(kNAME, status);
+    }
+    auto const address = reinterpret_cast<uintptr_t>(workspace);
+    void* aligned = reinterpret_cast<void*>((address + kWORKSPACE_ALIGNMENT - 1) / kWORKSPACE_ALIGNMENT
+        * kWORKSPACE_ALIGNMENT);
+    status = hybridtrtMamba2ChunkScan(inputs[kIN_X], inputs[kIN_DT], A, inputs[kIN_B], inputs[kIN_C], D,
+        inputs[kIN_INITIAL_STATE], outputs[kOUT_Y], outputs[kOUT_STATE], batch, seqLen, x.d[2], x.d[3], b.d[2],
+        b.d[3], actDtype, dtDtype, stateDtype, aligned, bytes, stream);
+    return reportStatus(kNAME, status);
+}
+
+IPluginV3* Mamba2ChunkScanPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept
+{
+    return clone();
+}
+
+PluginFieldCollection const* Mamba2ChunkScanPlugin::getFieldsToSerialize() noexcept
+{
+    mFields.clear();
+    mFields.emplace_back(kATTR_CHUNK_SIZE, &mChunkSize, PluginFieldType::kINT32, 1);
+    mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
+    mFieldCollection.fields = mFields.data();
+    return &mFieldCollection;
+}
+
+Mamba2ChunkScanPluginCreator::Mamba2ChunkScanPluginCreator()
+{
+    mFieldNames.emplace_back(kATTR_CHUNK_SIZE, nullptr, PluginFieldType::kINT32, 1);
+    mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
+    mFieldCollection.fields = mFieldNames.data();
+}
+
+char const* Mamba2ChunkScanPluginCreator::getPluginName() const noexcept
+{
+    return Mamba2ChunkScanPlugin::kNAME;
+}
+
+char const* Mamba2ChunkScanPluginCreator::getPluginVersion() const noexcept
+{
+    return kPLUGIN_VERSION;
+}
+
+char const* Mamba2ChunkScanPluginCreator::getPluginNamespace() const noexcept
+{
+    return kPLUGIN_NAMESPACE;
+}
+
+PluginFieldCollection const* Mamba2ChunkScanPluginCreator::getFieldNames() noexcept
+{
+    return &mFieldCollection;
+}
+
+IPluginV3* Mamba2ChunkScanPluginCreator::createPlugin(
+    char const* /*name*/, PluginFieldCollection const* fc, TensorRTPhase /*phase*/) noexcept
+{
+    int64_t chunkSize = kDEFAULT_CHUNK_SIZE;
+    if (fc != nullptr)
+    {
+        for (int32_t i = 0; i < fc->nbFields; ++i)
+        {
+            PluginField const& field = fc->fields[i];
+            if (field.name != nullptr && std::strcmp(field.name, kATTR_CHUNK_SIZE) == 0)
+            {
+                if (!readIntField(field, chunkSize))
+                {
+                    logError("Mamba2ChunkScan: attribute chunk_size must be an integer");
+                    return nullptr;
+                }
+            }
+            // plugin_namespace / plugin_version (consumed by the ONNX parser) and unknown fields are ignored.
+        }
+    }
+    if (chunkSize < 1 || chunkSize > (int64_t(1) << 20))
+    {
+        logError("Mamba2ChunkScan: chunk_size " + std::to_string(chunkSize) + " must be in [1, 2^20]");
+        return nullptr;
+    }
+    return new (std::nothrow) Mamba2ChunkScanPlugin(static_cast<int32_t>(chunkSize));
+}
+
+} // namespace plugin
+} // namespace hybridtrt

@@ -1,0 +1,108 @@
+/*
+ * TensorRT plugin "Mamba2StateUpdate", namespace "hybridtrt", version "1" (DESIGN.md §5).
+ *
+ * Contract (the ONNX node hybridtrt::Mamba2StateUpdate, version 1; one decode token):
+ *   inputs   0 x          [B, H, P]     fp32 | fp16 | bf16 (the activation dtype)
+ *            1 dt         [B, H]        fp32 | fp16 | bf16 (final dt)
+ *            2 A          [H]           fp32
+ *            3 B          [B, G, N]     activation dtype
+ *            4 C          [B, G, N]     activation dtype
+ *            5 D          [H]           fp32
+ *            6 state      [B, H, P, N]  fp32 | fp16 | bf16 (the state dtype)
+ *   outputs  0 y          [B, H, P]     activation dtype
+ *            1 new_state  [B, H, P, N]  state dtype; aliases input 6 (IPluginV3OneBuildV2::getAliasedInput)
+ *                                       when the builder enables PreviewFeature::kALIASED_PLUGIN_IO_10_03:
+ *                                       the state is then updated in place, read once and written once.
+ *   attrs    plugin_namespace = "hybridtrt", plugin_version = "1" (read by the ONNX parser)
+ *   limits   P a multiple of 16, N in {16, 64, 128}, H % G == 0; all tensors kLINEAR; no workspace.
+ *
+ *   s = exp(dt A) s + dt (x outer B),   y = s . C + D x,   head h uses group h / (H/G)
+ */
+#pragma once
+
+#include "pluginCommon.h"
+
+#include <vector>
+
+namespace hybridtrt
+{
+namespace plugin
+{
+
+class Mamba2StateUpdatePlugin : public nvinfer1::IPluginV3,
+                                public nvinfer1::IPluginV3OneCore,
+                                public nvinfer1::IPluginV3OneBuildV2,
+                                public nvinfer1::IPluginV3OneRuntime
+{
+public:
+    static constexpr char const* kNAME = "Mamba2StateUpdate";
+    static constexpr int32_t kIN_X = 0;
+    static constexpr int32_t kIN_DT = 1;
+    static constexpr int32_t kIN_A = 2;
+    static constexpr int32_t kIN_B = 3;
+    static constexpr int32_t kIN_C = 4;
+    static constexpr int32_t kIN_D = 5;
+    static constexpr int32_t kIN_STATE = 6;
+    static constexpr int32_t kNB_INPUTS = 7;
+    static constexpr int32_t kOUT_Y = 0;
+    static constexpr int32_t kOUT_STATE = 1;
+    static constexpr int32_t kNB_OUTPUTS = 2;
+
+    Mamba2StateUpdatePlugin() = default;
+    ~Mamba2StateUpdatePlugin() override = default;
+
+    // IPluginV3
+    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
+    nvinfer1::IPluginV3* clone() noexcept override;
+
+    // IPluginV3OneCore
+    char const* getPluginName() const noexcept override;
+    char const* getPluginVersion() const noexcept override;
+    char const* getPluginNamespace() const noexcept override;
+
+    // IPluginV3OneBuildV2
+    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
+    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
+        nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
+    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
+        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
+        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
+    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
+        int32_t nbOutputs) noexcept override;
+    int32_t getNbOutputs() const noexcept override;
+    size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
+    int32_t getAliasedInput(int32_t outputIndex) noexcept override;
+
+    // IPluginV3OneRuntime
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
+        int32_t nbOutputs) noexcept override;
+    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
+        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
+    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
+    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
+
+private:
+    nvinfer1::PluginFieldCollection mFieldCollection{};
+};
+
+class Mamba2StateUpdatePluginCreator : public nvinfer1::IPluginCreatorV3One
+{
+public:
+    Mamba2StateUpdatePluginCreator() = default;
+    ~Mamba2StateUpdatePluginCreator() override = default;
+
+    char const* getPluginName() const noexcept override;
+    char const* getPluginVersion() const noexcept override;
+    char const* getPluginNamespace() const noexcept override;
+    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
+    nvinfer1::IPluginV3* createPlugin(
+        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
+
+private:
+    nvinfer1::PluginFieldCollection mFieldCollection{};
+};
+
+} // namespace plugin
+} // namespace hybridtrt
