@@ -68,6 +68,9 @@ def resolve(artefact: str | Path, *, plugins: str | None = None) -> Target:
 
         sidecar = read_sidecar(path)
         ckpt = sidecar["source"].get("checkpoint")
+        export_dir = Path(sidecar["source"].get("export_dir") or "")
+        if (export_dir / MANIFEST_FILE).is_file():  # the export's manifest is the source of truth
+            ckpt = read_manifest(export_dir).source.get("checkpoint") or ckpt
         model = load(path, **({"plugins": plugins} if plugins else {}))
         return Target(model, "tensorrt", Path(ckpt) if ckpt else None, sidecar["model"].get("eos_token_id"))
     model = load(path)

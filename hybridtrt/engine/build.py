@@ -2,10 +2,16 @@
 
 - **Strongly typed** network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``): TensorRT 11 has no
   FP16/BF16/FP8 builder flags; precision comes from the ONNX dtypes and Q/DQ nodes (DESIGN.md §7).
+  TensorRT 11 networks are always strongly typed and ignores the (deprecated) flag; we still pass
+  it so that a TensorRT 10 build means the same thing. No precision flag is ever set.
 - **Two optimization profiles** for the unified graph, prefill then decode (`engine_profiles`).
 - **Plugin library** ``libhybridtrt_trt.so`` loaded when present: the ONNX parser then picks the
   ``hybridtrt::Mamba2ChunkScan`` / ``Mamba2StateUpdate`` plugins over the nodes' local function
   bodies. Without it the function bodies (standard ONNX) are built instead, and the sidecar says so.
+- **No aliased plugin I/O** (``PreviewFeature.kALIASED_PLUGIN_IO_10_03`` stays off): the runtimes
+  bind ``past_*`` and ``present_*`` to different (ping-pong) buffers, so ``Mamba2StateUpdate`` reads
+  the past state and writes the new one directly; turning aliasing on would make TensorRT copy
+  the network input into the output first, one extra state copy per step.
 - **Timing cache** loaded and saved back when given.
 - **Atomic**: engine, sidecar and timing cache are written to temp files and renamed at the end;
   a failed build writes nothing. ``tensorrt`` is imported (lazily) before any file is touched.
@@ -144,6 +150,8 @@ def plan_build(
         raise EngineError(f"output directory {out.parent} does not exist", fix=f"create it (`mkdir -p {out.parent}`)")
     if not os.access(out.parent, os.W_OK):
         raise EngineError(f"output directory {out.parent} is not writable", fix="choose another -o path")
+    if timing_cache is not None and not Path(timing_cache).parent.is_dir():
+        raise EngineError(f"timing cache directory {Path(timing_cache).parent} does not exist", fix="create it or choose another --timing-cache path")
     lib = resolve_plugin_library(plugins)
     flags = {
         "graph": graph,

@@ -102,16 +102,13 @@ class TrtModel:
     def __init__(self, engine_path: str | Path, *, plugins: str | Path | None = None, device: int = 0) -> None:
         self.engine_path = Path(engine_path)
         trt = import_tensorrt()
-        if not torch.cuda.is_available():
-            raise MissingDependencyError("the TensorRT backend needs a CUDA GPU visible to torch (torch.cuda.is_available() is False)", fix="run on a machine with an NVIDIA GPU and a CUDA build of torch")
+        self.device = self._select_device(device)
         if not self.engine_path.is_file():
             raise ArtefactError(f"engine {self.engine_path} does not exist", fix="build it with `hybridtrt build EXPORT_DIR -o model.engine`")
         self.sidecar = read_sidecar(self.engine_path)
         self.plan = BufferPlan.from_sidecar(self.sidecar)
-        self._check_compatible(trt, device)
+        self._check_compatible(trt)
         self.plugin_library = check_plugin_library(self.sidecar, plugins)
-        self.device = torch.device("cuda", device)
-        torch.cuda.set_device(self.device)
 
         self._logger = trt.Logger(trt.Logger.WARNING)
         trt.init_libnvinfer_plugins(self._logger, "")
@@ -122,22 +119,43 @@ class TrtModel:
         if self.engine is None:
             raise EngineError(f"TensorRT could not deserialize {self.engine_path}", fix="rebuild the engine with this TensorRT on this GPU")
         self.context = self.engine.create_execution_context()
-        self.cuda_stream = torch.cuda.Stream(self.device)
-        self._input_mode = trt.TensorIOMode.INPUT
+        self.cuda_stream = self._new_stream()
         self._allocate()
         self._profile: int | None = None
         self._pp = PingPong(batch=0)
         self._generation = 0
 
     # -- setup ----------------------------------------------------------------------------------
-    def _check_compatible(self, trt: Any, device: int) -> None:
+    # The CUDA touch points, kept apart so that tests can run the bookkeeping with a fake
+    # TensorRT on the CPU (tests/runtime/test_buffers.py).
+    def _select_device(self, index: int) -> torch.device:
+        if not torch.cuda.is_available():
+            raise MissingDependencyError(
+                "the TensorRT backend needs a CUDA GPU visible to torch (torch.cuda.is_available() is False)",
+                fix="run on a machine with an NVIDIA GPU and a CUDA build of torch",
+            )
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+        return device
+
+    def _new_stream(self) -> Any:
+        return torch.cuda.Stream(self.device)
+
+    def _on_stream(self) -> Any:
+        return torch.cuda.stream(self.cuda_stream)
+
+    def _compute_capability(self) -> str:
+        major, minor = torch.cuda.get_device_capability(self.device)
+        return f"{major}.{minor}"
+
+    def _check_compatible(self, trt: Any) -> None:
         built = str(self.sidecar["tensorrt"])
         here = str(trt.__version__)
         if built.split(".")[:2] != here.split(".")[:2]:
             raise EngineError(f"{self.engine_path} was built with TensorRT {built}, this is TensorRT {here}", fix="rebuild the engine with this TensorRT (`hybridtrt build`)")
-        cc = self.sidecar.get("gpu", {}).get("compute_capability")
-        major, minor = torch.cuda.get_device_capability(device)
-        if cc is not None and cc != f"{major}.{minor}":
+        cc = (self.sidecar.get("gpu") or {}).get("compute_capability")
+        if cc is not None and cc != self._compute_capability():
+            major, minor = self._compute_capability().split(".")
             raise EngineError(
                 f"{self.engine_path} was built for compute capability {cc}, this GPU is {major}.{minor}",
                 fix="rebuild the engine on this GPU (engines are specific to a GPU architecture)",
@@ -170,7 +188,7 @@ class TrtModel:
             raise InputError(f"batch {batch} is outside the engine's 1..{self.plan.max_batch}", fix=f"rebuild with `hybridtrt build --max-batch {batch}`")
         self._generation += 1
         self._pp.reset(batch)
-        with torch.cuda.stream(self.cuda_stream):
+        with self._on_stream():
             for s in self.plan.states:
                 if not s.grows:
                     self._view(s, 0, s.shape_at(batch, 0)).zero_()
@@ -213,7 +231,7 @@ class TrtModel:
             if not ctx.set_optimization_profile_async(profile, handle):
                 raise EngineError(f"TensorRT refused optimization profile {profile}", fix="rebuild the engine")
             self._profile = profile
-        with torch.cuda.stream(self.cuda_stream):
+        with self._on_stream():
             ids = self._ids[: batch * seq].view(batch, seq)
             ids.copy_(input_ids.to(ids.dtype), non_blocking=True)
             mask = self._mask[: batch * (past + seq)].view(batch, past + seq)
@@ -234,7 +252,7 @@ class TrtModel:
             logits = self._outputs[LOGITS][: _numel(shape)].view(shape)
             if logits.dim() == 3:
                 logits = logits[:, -1]
-            host = logits.float().to("cpu", non_blocking=False)
+            host = logits.to("cpu", torch.float32, copy=True)  # always a copy: the buffer is reused
         self.cuda_stream.synchronize()
         return host
 
@@ -249,6 +267,15 @@ class TrtModel:
         self.cuda_stream.synchronize()
         b, past = self._pp.batch, self._pp.past
         return {s.past_name: self._view(s, self._pp.past_index, s.shape_at(b, past)).cpu() for s in self.plan.states}
+
+    def named_states(self, state: TrtState) -> dict[str, torch.Tensor]:
+        """``{present_name: CPU tensor}`` of the state returned by the latest `step` (for validation).
+
+        Raises:
+            InputError: ``state`` is not the latest one (its buffers have been reused).
+        """
+        self._check_state(state)
+        return {s.present_name: t for s, t in zip(self.plan.states, self.state_tensors().values())}
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> GenerationResult:
         """Same API as `HybridLM.generate` / `OrtModel.generate`."""

@@ -68,3 +68,21 @@ def test_incremental_text_holds_partial_utf8(exported):
     pieces = [inc.push(i) for i in ids]
     assert pieces == ["a", "", "é"]
     assert inc.flush() == ""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+def test_engine_with_sidecar_without_tensorrt(exported, tmp_path, capsys):
+    from hybridtrt.engine.profiles import engine_profiles
+    from hybridtrt.engine.sidecar import make_sidecar, write_sidecar
+    from hybridtrt.exporter.manifest import read_manifest
+
+    manifest = read_manifest(exported[1])
+    sidecar = make_sidecar(
+        manifest, exported[1], engine_profiles(manifest, max_batch=1, max_input_len=8, max_cache_len=16),
+        tensorrt_version="11.1.0", gpu_name=None, compute_capability=None, plugin_library=None, build_flags={},
+    )  # fmt: skip
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"\0")
+    write_sidecar(sidecar, engine)
+    rc, _, err = _run(capsys, engine, "--prompt", "Hi")
+    assert rc == 2 and "TensorRT" in err and "fix:" in err

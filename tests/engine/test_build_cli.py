@@ -59,6 +59,8 @@ def test_api_raises_missing_dependency(export_dir, tmp_path):
 def test_plan_checks_arguments_first(export_dir, tmp_path):
     with pytest.raises(EngineError, match="does not exist"):
         plan_build(export_dir, tmp_path / "nodir" / "m.engine")
+    with pytest.raises(EngineError, match="timing cache directory"):
+        plan_build(export_dir, tmp_path / "m.engine", timing_cache=tmp_path / "nodir" / "t.cache")
     with pytest.raises(EngineError, match="--plugins"):
         plan_build(export_dir, tmp_path / "m.engine", plugins=tmp_path / "missing.so")
     with pytest.raises(EngineError, match="max-cache-len"):

@@ -108,3 +108,195 @@ def test_ping_pong_never_aliases_past_and_present():
     for _ in range(10):
         assert pp.past_index != pp.present_index
         pp.swap(1)
+
+
+# -- TrtModel's use of the plan, with TensorRT and CUDA faked -------------------------------------
+# A fake `tensorrt` module whose "engine" is the ONNX Runtime session of the same graph runs
+# `TrtModel` on the CPU: it checks the shapes set against the active profile, that past and present
+# never share a buffer, and reads/writes the bound buffers by address. Greedy generation must then
+# equal `OrtModel`'s exactly: the ping-pong, profile switching and shape bookkeeping are right.
+
+import contextlib  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+
+import torch  # noqa: E402
+
+from hybridtrt.engine.sidecar import write_sidecar  # noqa: E402
+from hybridtrt.runtime.onnxruntime import OrtModel, OrtSession  # noqa: E402
+
+
+class _FakeContext:
+    def __init__(self, session: OrtSession, sidecar: dict) -> None:
+        self.session = session
+        self.profiles = sidecar["profiles"]
+        self.model = None  # set after TrtModel allocated its buffers
+        self.profile = None
+        self.shapes: dict[str, tuple] = {}
+        self.addresses: dict[str, int] = {}
+        self.out_shapes: dict[str, tuple] = {}
+        self.calls: list[tuple[int, tuple]] = []
+
+    def set_optimization_profile_async(self, index, stream):
+        self.profile = index
+        return True
+
+    def set_input_shape(self, name, shape):
+        lo, _, hi = self.profiles[self.profile]["shapes"][name]
+        assert all(a <= d <= b for a, d, b in zip(lo, shape, hi)), (name, shape, self.profile)
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def _buffers(self) -> dict[int, torch.Tensor]:
+        m = self.model
+        flat = [m._ids, m._mask, *m._outputs.values(), *(b for pair in m._pairs.values() for b in pair)]
+        return {t.data_ptr(): t for t in flat}
+
+    def execute_async_v3(self, stream):
+        buffers = self._buffers()
+        feeds = {n: buffers[self.addresses[n]][: int(torch.Size(s).numel())].view(s).clone() for n, s in self.shapes.items()}
+        for past, present in ((s["past_name"], s["present_name"]) for s in self.model.sidecar["states"]):
+            assert self.addresses[past] != self.addresses[present], "past and present alias"
+        self.calls.append((self.profile, self.shapes["input_ids"]))
+        for name, value in self.session.run(feeds).items():
+            out = torch.from_numpy(value)
+            buffers[self.addresses[name]][: out.numel()].copy_(out.flatten())
+            self.out_shapes[name] = tuple(out.shape)
+        return True
+
+    def get_tensor_shape(self, name):
+        return self.out_shapes[name]
+
+
+def _fake_tensorrt(session: OrtSession, sidecar: dict, contexts: list) -> types.ModuleType:
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "11.1.0"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class Engine:
+        def create_execution_context(self):
+            contexts.append(_FakeContext(session, sidecar))
+            return contexts[-1]
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, blob):
+            return Engine()
+
+    trt.Logger, trt.Runtime = Logger, Runtime
+    trt.init_libnvinfer_plugins = lambda logger, ns: True
+    trt.get_plugin_registry = lambda: types.SimpleNamespace(load_library=lambda path: object())
+    trt.TensorIOMode = types.SimpleNamespace(INPUT=0, OUTPUT=1)
+    return trt
+
+
+def _cpu_trt_model(monkeypatch, export_dir, tmp_path, graph="unified"):
+    from hybridtrt.runtime import tensorrt as trt_runtime
+
+    sidecar = _sidecar(export_dir, graph=graph)
+    engine = tmp_path / f"{graph}.engine"
+    engine.write_bytes(b"fake engine")
+    write_sidecar(sidecar, engine)
+    contexts: list = []
+    session = OrtSession(export_dir / sidecar["source"]["onnx"])
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(session, sidecar, contexts))
+
+    class CpuTrtModel(trt_runtime.TrtModel):
+        def _select_device(self, index):
+            return torch.device("cpu")
+
+        def _new_stream(self):
+            return types.SimpleNamespace(cuda_stream=0, synchronize=lambda: None)
+
+        def _on_stream(self):
+            return contextlib.nullcontext()
+
+    model = CpuTrtModel(engine)
+    contexts[0].model = model
+    return model, contexts[0]
+
+
+def test_trt_model_bookkeeping_matches_onnxruntime(monkeypatch, export_dir, tmp_path):
+    from tests.conftest import left_padded_batch
+
+    model, ctx = _cpu_trt_model(monkeypatch, export_dir, tmp_path)
+    ids, mask = left_padded_batch([5, 3], vocab=256, seed=1)
+    ort = OrtModel(export_dir, use_decode_graph=False).generate(ids, mask, max_new_tokens=6, keep_logits=True)
+    trt = model.generate(ids, mask, max_new_tokens=6, keep_logits=True)
+    assert torch.equal(trt.tokens, ort.tokens)
+    for a, b in zip(trt.logits, ort.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ctx.calls == [(0, (2, 5))] + [(1, (2, 1))] * 5  # prefill profile once, then decode
+    # a second generation reuses the same buffers from zero states
+    again = model.generate(ids[:1], mask[:1], max_new_tokens=3)
+    assert torch.equal(again.tokens, OrtModel(export_dir).generate(ids[:1], mask[:1], max_new_tokens=3).tokens)
+
+
+def test_trt_model_decode_only_engine_feeds_prompt_token_by_token(monkeypatch, export_dir, tmp_path):
+    model, ctx = _cpu_trt_model(monkeypatch, export_dir, tmp_path, graph="decode")
+    ids = torch.tensor([[5, 17, 99]])
+    expected = OrtModel(export_dir).generate(ids, max_new_tokens=4).tokens
+    assert torch.equal(model.generate(ids, max_new_tokens=4).tokens, expected)
+    assert [c[1] for c in ctx.calls] == [(1, 1)] * 6
+
+
+def test_trt_model_refuses_stale_state_and_limits(monkeypatch, export_dir, tmp_path):
+    model, _ = _cpu_trt_model(monkeypatch, export_dir, tmp_path)
+    old = model.zero_state(1)
+    model.zero_state(1)
+    ids = torch.tensor([[1, 2]])
+    with pytest.raises(InputError, match="stale"):
+        model.step(ids, torch.ones_like(ids), old, decode=False)
+    with pytest.raises(InputError, match="--max-batch"):
+        model.zero_state(B + 1)
+    with pytest.raises(InputError, match="--max-input-len"):
+        model.prefill(torch.ones(1, L + 1, dtype=torch.long))
+    logits, state = model.prefill(torch.tensor([[3, 4, 5]]))
+    assert logits.shape == (1, 256) and logits.dtype == torch.float32 and state.past == 3
+    states = model.state_tensors()
+    assert states["past_key_values.1.key"].shape == (1, 2, 3, 16)
+    assert states["past_ssm_state.0"].abs().sum() > 0
+    assert model.device_bytes == model.plan.total_bytes()
+    named = model.named_states(state)
+    ort = OrtModel(export_dir)
+    _, ort_state = ort.step(torch.tensor([[3, 4, 5]]), torch.ones(1, 3, dtype=torch.long), ort.zero_state(1), decode=False)
+    expected = ort.named_states(ort_state)
+    assert list(named) == list(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(named[name], torch.from_numpy(value), rtol=0, atol=0)
+
+
+def test_trt_model_refuses_changed_plugin_library(monkeypatch, export_dir, tmp_path):
+    from hybridtrt.errors import ArtefactError
+    from hybridtrt.runtime import tensorrt as trt_runtime
+
+    lib = tmp_path / "libhybridtrt_trt.so"
+    lib.write_bytes(b"v1")
+    manifest = read_manifest(export_dir)
+    profiles = engine_profiles(manifest, max_batch=B, max_input_len=L, max_cache_len=S)
+    sidecar = make_sidecar(manifest, export_dir, profiles, tensorrt_version="11.1.0", gpu_name=None, compute_capability=None, plugin_library=lib, build_flags={})
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"fake")
+    write_sidecar(sidecar, engine)
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(None, sidecar, []))
+    monkeypatch.setattr(trt_runtime.TrtModel, "_select_device", lambda self, index: torch.device("cpu"))
+    lib.write_bytes(b"v2")
+    with pytest.raises(ArtefactError, match="sha256"):
+        trt_runtime.TrtModel(engine)
+    sidecar["tensorrt"] = "10.3.0"
+    write_sidecar(sidecar, engine)
+    from hybridtrt.errors import EngineError
+
+    with pytest.raises(EngineError, match="TensorRT 10.3.0"):
+        trt_runtime.TrtModel(engine)

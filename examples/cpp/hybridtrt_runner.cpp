@@ -1,0 +1,623 @@
+/*
+ * hybridtrt_runner — run a `hybridtrt build` engine from C++: prefill + greedy decode.
+ *
+ *   hybridtrt_runner model.engine --ids "1 2 3" [--max-new-tokens N] [--plugins libhybridtrt_trt.so]
+ *   hybridtrt_runner model.engine --ids-file prompt.txt
+ *
+ * Everything it needs comes from the engine's sidecar `model.engine.json` (the contract shared
+ * with the Python side; no code is shared):
+ *   - "plugins.path" (+ "function_bodies"): the plugin library to load before deserializing;
+ *   - "inputs"/"outputs": tensor names and dtypes; "states": past_* / present_* names and
+ *     symbolic shapes ("batch", "past", ints); "dtype"/"state_dtype": their precision;
+ *   - "profiles": [{"name": "prefill"|"decode", "dims": {"batch"|"seq"|"past": [min, opt, max]}}].
+ *
+ * Buffers: two device buffers per state at max batch x max cache length, allocated once. At every
+ * call one is bound as past_* and the other as present_*, and they swap afterwards (ping-pong):
+ * no per-step allocation and no state copy. Profile rule: seq > 1 or past == 0 -> "prefill",
+ * otherwise "decode". Batch 1, no padding, to keep the example short.
+ */
+
+#include "json_lite.h"
+
+#include <NvInfer.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace
+{
+
+#define CHECK_CUDA(call)                                                                                               \
+    do                                                                                                                 \
+    {                                                                                                                  \
+        cudaError_t const status_ = (call);                                                                            \
+        if (status_ != cudaSuccess)                                                                                    \
+        {                                                                                                              \
+            throw std::runtime_error(std::string(#call) + " failed: " + cudaGetErrorString(status_));                 \
+        }                                                                                                              \
+    } while (0)
+
+using json_lite::JsonValue;
+using Shape = std::vector<int64_t>;
+
+class Logger : public nvinfer1::ILogger
+{
+public:
+    void log(Severity severity, nvinfer1::AsciiChar const* msg) noexcept override
+    {
+        if (severity <= Severity::kWARNING)
+        {
+            std::cerr << "[TensorRT] " << msg << "\n";
+        }
+    }
+};
+
+//! Owning device allocation.
+class DeviceBuffer
+{
+public:
+    DeviceBuffer() = default;
+    explicit DeviceBuffer(size_t bytes)
+        : mBytes(bytes)
+    {
+        CHECK_CUDA(cudaMalloc(&mPtr, std::max<size_t>(bytes, 1)));
+    }
+    ~DeviceBuffer()
+    {
+        if (mPtr != nullptr)
+        {
+            cudaFree(mPtr);
+        }
+    }
+    DeviceBuffer(DeviceBuffer&& other) noexcept
+        : mPtr(other.mPtr)
+        , mBytes(other.mBytes)
+    {
+        other.mPtr = nullptr;
+    }
+    DeviceBuffer& operator=(DeviceBuffer&& other) noexcept
+    {
+        std::swap(mPtr, other.mPtr);
+        std::swap(mBytes, other.mBytes);
+        return *this;
+    }
+    DeviceBuffer(DeviceBuffer const&) = delete;
+    DeviceBuffer& operator=(DeviceBuffer const&) = delete;
+
+    void* get() const { return mPtr; }
+    size_t bytes() const { return mBytes; }
+
+private:
+    void* mPtr{nullptr};
+    size_t mBytes{0};
+};
+
+size_t dtypeSize(std::string const& dtype)
+{
+    if (dtype == "float32" || dtype == "fp32" || dtype == "int32")
+    {
+        return 4;
+    }
+    if (dtype == "float16" || dtype == "fp16" || dtype == "bfloat16" || dtype == "bf16")
+    {
+        return 2;
+    }
+    if (dtype == "int64")
+    {
+        return 8;
+    }
+    throw std::runtime_error("unsupported dtype in sidecar: " + dtype);
+}
+
+std::string tensorDtype(std::string const& precision)
+{
+    if (precision == "fp32")
+    {
+        return "float32";
+    }
+    if (precision == "fp16")
+    {
+        return "float16";
+    }
+    return "bfloat16";
+}
+
+//! Concrete shape of a sidecar shape template ("batch", "seq", "past", "past+seq" or ints).
+Shape resolveShape(JsonValue const& shape, int64_t batch, int64_t seq, int64_t past)
+{
+    Shape out;
+    for (auto const& d : shape.array)
+    {
+        if (d.isNumber())
+        {
+            out.push_back(d.asInt());
+        }
+        else if (d.asString() == "batch")
+        {
+            out.push_back(batch);
+        }
+        else if (d.asString() == "seq")
+        {
+            out.push_back(seq);
+        }
+        else if (d.asString() == "past")
+        {
+            out.push_back(past);
+        }
+        else if (d.asString() == "past+seq")
+        {
+            out.push_back(past + seq);
+        }
+        else
+        {
+            throw std::runtime_error("unknown symbolic dim '" + d.asString() + "' in sidecar");
+        }
+    }
+    return out;
+}
+
+int64_t volume(Shape const& s)
+{
+    int64_t n = 1;
+    for (auto d : s)
+    {
+        n *= d;
+    }
+    return n;
+}
+
+nvinfer1::Dims toDims(Shape const& s)
+{
+    nvinfer1::Dims dims{};
+    dims.nbDims = static_cast<int32_t>(s.size());
+    for (size_t i = 0; i < s.size(); ++i)
+    {
+        dims.d[i] = s[i];
+    }
+    return dims;
+}
+
+//! One element of a logits row as float (fp32, fp16 or bf16 storage).
+float toFloat(uint8_t const* p, std::string const& dtype)
+{
+    if (dtype == "float32")
+    {
+        float f;
+        std::memcpy(&f, p, 4);
+        return f;
+    }
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    uint32_t bits;
+    if (dtype == "bfloat16")
+    {
+        bits = static_cast<uint32_t>(h) << 16;
+    }
+    else // IEEE half -> float
+    {
+        uint32_t sign = (h & 0x8000u) << 16;
+        uint32_t exponent = (h >> 10) & 0x1Fu;
+        uint32_t mantissa = h & 0x3FFu;
+        if (exponent == 0)
+        {
+            float f = std::ldexp(static_cast<float>(mantissa), -24);
+            return sign ? -f : f;
+        }
+        bits = exponent == 31 ? (sign | 0x7F800000u | (mantissa << 13))
+                              : (sign | ((exponent + 112u) << 23) | (mantissa << 13));
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+std::string readFile(std::string const& path)
+{
+    std::ifstream f(path, std::ios::binary);
+    if (!f)
+    {
+        throw std::runtime_error("cannot open " + path);
+    }
+    std::ostringstream ss;
+    ss << f.rdbuf();
+    return ss.str();
+}
+
+//! A state: names, shape template, element size and its ping-pong pair.
+struct StateSlot
+{
+    std::string pastName;
+    std::string presentName;
+    JsonValue const* shape{nullptr};
+    size_t elementSize{0};
+    DeviceBuffer buffers[2];
+};
+
+class Runner
+{
+public:
+    Runner(std::string const& enginePath, std::string const& pluginOverride)
+    {
+        mSidecar = json_lite::parse(readFile(enginePath + ".json"));
+        loadPlugins(pluginOverride);
+        mRuntime.reset(nvinfer1::createInferRuntime(mLogger));
+        std::string blob = readFile(enginePath);
+        mEngine.reset(mRuntime->deserializeCudaEngine(blob.data(), blob.size()));
+        if (!mEngine)
+        {
+            throw std::runtime_error("could not deserialize " + enginePath + " (TensorRT version, GPU or plugins differ?)");
+        }
+        mContext.reset(mEngine->createExecutionContext());
+        CHECK_CUDA(cudaStreamCreate(&mStream));
+        readProfiles();
+        allocate();
+    }
+
+    ~Runner()
+    {
+        if (mStream != nullptr)
+        {
+            cudaStreamDestroy(mStream);
+        }
+    }
+
+    //! Runs `ids` (batch 1) on the cached states; returns the argmax of the last logits.
+    int64_t step(std::vector<int64_t> const& ids)
+    {
+        int64_t const seq = static_cast<int64_t>(ids.size());
+        if (mPast + seq > mMaxCacheLen)
+        {
+            throw std::runtime_error("cache full: rebuild with a larger --max-cache-len");
+        }
+        int32_t const profile = (seq > 1 || mPast == 0) && mPrefillProfile >= 0 ? mPrefillProfile : mDecodeProfile;
+        if (profile < 0 || (seq > 1 && profile != mPrefillProfile))
+        {
+            throw std::runtime_error("this engine has no profile for seq=" + std::to_string(seq));
+        }
+        if (profile != mActiveProfile)
+        {
+            if (!mContext->setOptimizationProfileAsync(profile, mStream))
+            {
+                throw std::runtime_error("setOptimizationProfileAsync failed");
+            }
+            mActiveProfile = profile;
+        }
+        // input_ids: int64 (or int32) on the device.
+        std::vector<uint8_t> host(seq * mIdsElementSize);
+        for (int64_t i = 0; i < seq; ++i)
+        {
+            if (mIdsElementSize == 8)
+            {
+                std::memcpy(host.data() + i * 8, &ids[i], 8);
+            }
+            else
+            {
+                int32_t v = static_cast<int32_t>(ids[i]);
+                std::memcpy(host.data() + i * 4, &v, 4);
+            }
+        }
+        CHECK_CUDA(cudaMemcpyAsync(mIds.get(), host.data(), host.size(), cudaMemcpyHostToDevice, mStream));
+
+        setInput("input_ids", {1, seq}, mIds.get());
+        setInput("attention_mask", {1, mPast + seq}, mMask.get()); // all ones: no padding
+        int const pastIndex = mParity;
+        int const presentIndex = 1 - mParity;
+        for (auto& s : mStates)
+        {
+            setInput(s.pastName, resolveShape(*s.shape, 1, seq, mPast), s.buffers[pastIndex].get());
+            mContext->setTensorAddress(s.presentName.c_str(), s.buffers[presentIndex].get());
+        }
+        for (auto& [name, buffer] : mOutputs)
+        {
+            mContext->setTensorAddress(name.c_str(), buffer.get());
+        }
+        if (!mContext->enqueueV3(mStream))
+        {
+            throw std::runtime_error("enqueueV3 failed");
+        }
+        nvinfer1::Dims const logitsDims = mContext->getTensorShape("logits");
+        int64_t const vocab = logitsDims.d[logitsDims.nbDims - 1];
+        int64_t rows = 1;
+        for (int32_t i = 0; i < logitsDims.nbDims - 1; ++i)
+        {
+            rows *= logitsDims.d[i];
+        }
+        size_t const rowBytes = vocab * dtypeSize(mLogitsDtype);
+        std::vector<uint8_t> last(rowBytes);
+        auto const* src = static_cast<uint8_t const*>(mOutputs.at("logits").get()) + (rows - 1) * rowBytes;
+        CHECK_CUDA(cudaMemcpyAsync(last.data(), src, rowBytes, cudaMemcpyDeviceToHost, mStream));
+        CHECK_CUDA(cudaStreamSynchronize(mStream));
+
+        mParity = presentIndex; // ping-pong: present becomes past
+        mPast += seq;
+        int64_t best = 0;
+        float bestValue = toFloat(last.data(), mLogitsDtype);
+        for (int64_t v = 1; v < vocab; ++v)
+        {
+            float const x = toFloat(last.data() + v * dtypeSize(mLogitsDtype), mLogitsDtype);
+            if (x > bestValue)
+            {
+                best = v;
+                bestValue = x;
+            }
+        }
+        return best;
+    }
+
+    //! Prefill (or token-by-token on a decode-only engine); returns the first new token.
+    int64_t prefill(std::vector<int64_t> const& prompt)
+    {
+        if (mPrefillProfile >= 0)
+        {
+            return step(prompt);
+        }
+        int64_t token = 0;
+        for (int64_t id : prompt)
+        {
+            token = step({id});
+        }
+        return token;
+    }
+
+    int64_t eosTokenId() const
+    {
+        auto const& eos = mSidecar["model"]["eos_token_id"];
+        return eos.isNull() ? -1 : eos.asInt();
+    }
+
+private:
+    void loadPlugins(std::string const& pluginOverride)
+    {
+        auto const& plugins = mSidecar["plugins"];
+        std::string path = pluginOverride;
+        if (path.empty() && !plugins["path"].isNull())
+        {
+            path = plugins["path"].asString();
+        }
+        if (path.empty())
+        {
+            std::cout << "plugins: none (the engine was built from the ONNX function bodies)\n";
+            return;
+        }
+        if (getPluginRegistry()->loadLibrary(path.c_str()) == nullptr)
+        {
+            throw std::runtime_error("could not load plugin library " + path);
+        }
+        std::cout << "plugins: " << path << "\n";
+    }
+
+    void readProfiles()
+    {
+        auto const& profiles = mSidecar["profiles"];
+        for (size_t i = 0; i < profiles.size(); ++i)
+        {
+            auto const& p = profiles.at(i);
+            auto const& dims = p["dims"];
+            mMaxBatch = std::max(mMaxBatch, dims["batch"].at(2).asInt());
+            mMaxSeq = std::max(mMaxSeq, dims["seq"].at(2).asInt());
+            mMaxCacheLen = std::max(mMaxCacheLen, dims["past"].at(2).asInt() + dims["seq"].at(2).asInt());
+            if (p["name"].asString() == "prefill")
+            {
+                mPrefillProfile = static_cast<int32_t>(i);
+            }
+            else if (p["name"].asString() == "decode")
+            {
+                mDecodeProfile = static_cast<int32_t>(i);
+            }
+        }
+    }
+
+    void allocate()
+    {
+        std::string const modelDtype = tensorDtype(mSidecar["dtype"].asString());
+        std::string const stateDtype = tensorDtype(mSidecar["state_dtype"].asString());
+        size_t total = 0;
+        for (auto const& s : mSidecar["states"].array)
+        {
+            StateSlot slot;
+            slot.pastName = s["past_name"].asString();
+            slot.presentName = s["present_name"].asString();
+            slot.shape = &s["shape"];
+            slot.elementSize = dtypeSize(s["dtype"].asString() == "state" ? stateDtype : modelDtype);
+            size_t const bytes = volume(resolveShape(s["shape"], mMaxBatch, 0, mMaxCacheLen)) * slot.elementSize;
+            for (auto& b : slot.buffers)
+            {
+                b = DeviceBuffer(bytes);
+                CHECK_CUDA(cudaMemset(b.get(), 0, bytes)); // zero states: conv and SSM start at 0
+            }
+            total += 2 * bytes;
+            mStates.push_back(std::move(slot));
+        }
+        for (auto const& o : mSidecar["outputs"].array)
+        {
+            std::string const name = o["name"].asString();
+            bool const isState = std::any_of(mStates.begin(), mStates.end(), [&](StateSlot const& s) { return s.presentName == name; });
+            if (isState)
+            {
+                continue;
+            }
+            if (name == "logits")
+            {
+                mLogitsDtype = o["dtype"].asString();
+            }
+            size_t const bytes = volume(resolveShape(o["shape"], mMaxBatch, mMaxSeq, mMaxCacheLen)) * dtypeSize(o["dtype"].asString());
+            mOutputs.emplace(name, DeviceBuffer(bytes));
+            total += bytes;
+        }
+        for (auto const& i : mSidecar["inputs"].array)
+        {
+            if (i["name"].asString() == "input_ids")
+            {
+                mIdsElementSize = dtypeSize(i["dtype"].asString());
+            }
+        }
+        mIds = DeviceBuffer(mMaxBatch * mMaxSeq * mIdsElementSize);
+        std::vector<int64_t> ones(mMaxCacheLen, 1);
+        mMask = DeviceBuffer(ones.size() * sizeof(int64_t));
+        CHECK_CUDA(cudaMemcpy(mMask.get(), ones.data(), mMask.bytes(), cudaMemcpyHostToDevice));
+        std::cout << "buffers: " << mStates.size() << " states x 2 (ping-pong), " << (total >> 20) << " MiB at batch "
+                  << mMaxBatch << ", cache " << mMaxCacheLen << "\n";
+    }
+
+    void setInput(std::string const& name, Shape const& shape, void* ptr)
+    {
+        if (!mContext->setInputShape(name.c_str(), toDims(shape)))
+        {
+            throw std::runtime_error("setInputShape failed for " + name);
+        }
+        mContext->setTensorAddress(name.c_str(), ptr);
+    }
+
+    Logger mLogger;
+    JsonValue mSidecar;
+    std::unique_ptr<nvinfer1::IRuntime> mRuntime;
+    std::unique_ptr<nvinfer1::ICudaEngine> mEngine;
+    std::unique_ptr<nvinfer1::IExecutionContext> mContext;
+    cudaStream_t mStream{nullptr};
+    std::vector<StateSlot> mStates;
+    std::map<std::string, DeviceBuffer> mOutputs;
+    DeviceBuffer mIds;
+    DeviceBuffer mMask;
+    std::string mLogitsDtype{"float32"};
+    size_t mIdsElementSize{8};
+    int64_t mMaxBatch{1};
+    int64_t mMaxSeq{1};
+    int64_t mMaxCacheLen{1};
+    int32_t mPrefillProfile{-1};
+    int32_t mDecodeProfile{-1};
+    int32_t mActiveProfile{-1};
+    int mParity{0};
+    int64_t mPast{0};
+};
+
+std::vector<int64_t> parseIds(std::string const& text)
+{
+    std::vector<int64_t> ids;
+    std::string cleaned = text;
+    std::replace(cleaned.begin(), cleaned.end(), ',', ' ');
+    std::istringstream ss(cleaned);
+    int64_t v;
+    while (ss >> v)
+    {
+        ids.push_back(v);
+    }
+    return ids;
+}
+
+void usage()
+{
+    std::cerr << "usage: hybridtrt_runner MODEL.engine (--ids \"1 2 3\" | --ids-file FILE) [--max-new-tokens N] "
+                 "[--plugins LIB] [--ignore-eos]\n";
+}
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    if (argc < 2)
+    {
+        usage();
+        return 2;
+    }
+    std::string enginePath = argv[1];
+    std::string plugins;
+    std::vector<int64_t> prompt;
+    int maxNewTokens = 16;
+    bool ignoreEos = false;
+    for (int i = 2; i < argc; ++i)
+    {
+        std::string const arg = argv[i];
+        auto next = [&]() -> std::string {
+            if (i + 1 >= argc)
+            {
+                throw std::runtime_error(arg + " needs a value");
+            }
+            return argv[++i];
+        };
+        try
+        {
+            if (arg == "--ids")
+            {
+                prompt = parseIds(next());
+            }
+            else if (arg == "--ids-file")
+            {
+                prompt = parseIds(readFile(next()));
+            }
+            else if (arg == "--max-new-tokens")
+            {
+                maxNewTokens = std::stoi(next());
+            }
+            else if (arg == "--plugins")
+            {
+                plugins = next();
+            }
+            else if (arg == "--ignore-eos")
+            {
+                ignoreEos = true;
+            }
+            else
+            {
+                usage();
+                return 2;
+            }
+        }
+        catch (std::exception const& e)
+        {
+            std::cerr << "error: " << e.what() << "\n";
+            return 2;
+        }
+    }
+    if (prompt.empty())
+    {
+        std::cerr << "error: no prompt ids (pass --ids or --ids-file)\n";
+        return 2;
+    }
+    try
+    {
+        Runner runner(enginePath, plugins);
+        using Clock = std::chrono::steady_clock;
+        auto const t0 = Clock::now();
+        int64_t token = runner.prefill(prompt);
+        auto const t1 = Clock::now();
+        std::vector<int64_t> generated{token};
+        int64_t const eos = ignoreEos ? -1 : runner.eosTokenId();
+        while (static_cast<int>(generated.size()) < maxNewTokens && token != eos)
+        {
+            token = runner.step({token});
+            generated.push_back(token);
+        }
+        auto const t2 = Clock::now();
+        std::cout << "ids:";
+        for (auto id : generated)
+        {
+            std::cout << " " << id;
+        }
+        double const prefillMs = std::chrono::duration<double, std::milli>(t1 - t0).count();
+        double const decodeS = std::chrono::duration<double>(t2 - t1).count();
+        std::cout << "\nprefill " << prefillMs << " ms (" << prompt.size() << " tokens)";
+        if (generated.size() > 1 && decodeS > 0)
+        {
+            std::cout << " · decode " << (generated.size() - 1) / decodeS << " tokens/s";
+        }
+        std::cout << " · backend tensorrt-cpp\n";
+    }
+    catch (std::exception const& e)
+    {
+        std::cerr << "error: " << e.what() << "\n";
+        return 1;
+    }
+    return 0;
+}

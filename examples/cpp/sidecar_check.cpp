@@ -1,0 +1,75 @@
+/*
+ * sidecar_check — print what hybridtrt_runner reads from an engine sidecar, without TensorRT or a GPU.
+ *
+ *   sidecar_check model.engine.json
+ *
+ * Output, one fact per line (parsed by tests/engine/test_cpp_sidecar.py):
+ *   profile <index> <name> batch <max> seq <max> past <max>
+ *   state <past_name> <present_name> <bytes at max batch and max cache length>
+ *   plugins <path or none>
+ */
+
+#include "json_lite.h"
+
+#include <algorithm>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+namespace
+{
+
+int64_t elementSize(std::string const& precision)
+{
+    return precision == "fp32" ? 4 : 2;
+}
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    if (argc != 2)
+    {
+        std::cerr << "usage: sidecar_check MODEL.engine.json\n";
+        return 2;
+    }
+    try
+    {
+        std::ifstream f(argv[1]);
+        std::ostringstream ss;
+        ss << f.rdbuf();
+        json_lite::JsonValue const sidecar = json_lite::parse(ss.str());
+        int64_t maxBatch = 1;
+        int64_t maxCache = 1;
+        auto const& profiles = sidecar["profiles"];
+        for (size_t i = 0; i < profiles.size(); ++i)
+        {
+            auto const& dims = profiles.at(i)["dims"];
+            int64_t const batch = dims["batch"].at(2).asInt();
+            int64_t const seq = dims["seq"].at(2).asInt();
+            int64_t const past = dims["past"].at(2).asInt();
+            maxBatch = std::max(maxBatch, batch);
+            maxCache = std::max(maxCache, past + seq);
+            std::cout << "profile " << i << " " << profiles.at(i)["name"].asString() << " batch " << batch << " seq " << seq
+                      << " past " << past << "\n";
+        }
+        for (auto const& s : sidecar["states"].array)
+        {
+            std::string const precision = sidecar[s["dtype"].asString() == "state" ? "state_dtype" : "dtype"].asString();
+            int64_t bytes = elementSize(precision);
+            for (auto const& d : s["shape"].array)
+            {
+                bytes *= d.isNumber() ? d.asInt() : (d.asString() == "batch" ? maxBatch : maxCache);
+            }
+            std::cout << "state " << s["past_name"].asString() << " " << s["present_name"].asString() << " " << bytes << "\n";
+        }
+        auto const& path = sidecar["plugins"]["path"];
+        std::cout << "plugins " << (path.isNull() ? std::string("none") : path.asString()) << "\n";
+    }
+    catch (std::exception const& e)
+    {
+        std::cerr << "error: " << e.what() << "\n";
+        return 1;
+    }
+    return 0;
+}
