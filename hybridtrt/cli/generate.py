@@ -54,7 +54,7 @@ def resolve(artefact: str | Path, *, plugins: str | None = None) -> Target:
     """
     from hybridtrt.errors import ArtefactError
     from hybridtrt.exporter.manifest import MANIFEST_FILE, read_manifest
-    from hybridtrt.runtime.load import load
+    from hybridtrt.runtime import load
 
     path = Path(artefact)
     if path.is_dir() and not (path / MANIFEST_FILE).is_file() and (path / "config.json").is_file():

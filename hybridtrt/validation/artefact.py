@@ -97,7 +97,7 @@ def validate_artefact(
             )
         subject = ort_subject(OrtModel(export_dir))
     else:
-        from hybridtrt.runtime.load import load
+        from hybridtrt.runtime import load
 
         subject = engine_subject(load(engine or Path(export_dir) / "model.engine"))
     report = validate(subject, torch_subject(model), ids, mask, precision=precision_of(manifest), steps=steps, per_layer=per_layer)

@@ -11,7 +11,7 @@ from hybridtrt.errors import ArtefactError, MissingDependencyError
 from hybridtrt.exporter.export import ExportOptions
 from hybridtrt.models import load_model
 from hybridtrt.runtime.generation import TorchStepper, generate
-from hybridtrt.runtime.load import load
+from hybridtrt.runtime import load
 from hybridtrt.runtime.onnxruntime import OrtModel
 
 

@@ -73,7 +73,7 @@ def test_sidecar_written(engine):
 
 
 def test_greedy_matches_onnxruntime(engine, exported):
-    from hybridtrt.runtime.load import load
+    from hybridtrt.runtime import load
 
     ids = torch.tensor([[5, 17, 99, 42, 7], [0, 0, 3, 4, 200]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
@@ -86,7 +86,7 @@ def test_greedy_matches_onnxruntime(engine, exported):
 
 
 def test_prefill_states_match_onnxruntime(engine, exported):
-    from hybridtrt.runtime.load import load
+    from hybridtrt.runtime import load
 
     ids = torch.tensor([[5, 17, 99, 42, 7]])
     ort = load(exported[1])
@@ -100,7 +100,7 @@ def test_prefill_states_match_onnxruntime(engine, exported):
 
 def test_stale_state_refused(engine):
     from hybridtrt.errors import InputError
-    from hybridtrt.runtime.load import load
+    from hybridtrt.runtime import load
 
     model = load(engine)
     old = model.zero_state(1)
@@ -112,7 +112,7 @@ def test_stale_state_refused(engine):
 
 def test_decode_graph_engine(exported, tmp_path):
     from hybridtrt.engine.build import build_engine
-    from hybridtrt.runtime.load import load
+    from hybridtrt.runtime import load
 
     out = build_engine(exported[1], tmp_path / "decode.engine", graph="decode", plugins=_plugin_library(), **LIMITS).engine
     ids = torch.tensor([[5, 17, 99]])
