@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 
 from hybridtrt.cli.common import add_dtype_args, console, human_bytes, step, table
 
@@ -19,6 +21,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=None, help="default-domain ONNX opset (default 22; bf16 needs ≥ 22)")
     p.add_argument("--per-layer", action="store_true", help="expose every decoder layer's output (for validate --per-layer)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the written graph")
+    q = p.add_argument_group("FP8 (README: FP8)")
+    q.add_argument("--quantize", choices=["fp8"], default=None, help="FP8 Q/DQ on the linear layers")
+    q.add_argument("--calib", default=None, metavar="FILE", help="calibration prompts, one per line (checkpoint tokenizer)")
+    q.add_argument("--calib-random", type=int, default=None, metavar="N", help="N random calibration sequences")
+    q.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="keep matching nodes (regex on node name) unquantized; repeatable")
+    q.add_argument("--weight-scale", choices=["tensor", "channel"], default=None, help="FP8 weight scales per tensor (default) or per output channel")
+
+
+def _quant_summary(recipe: dict | None) -> str:
+    if not recipe:
+        return "none"
+    return (
+        f"{recipe.get('scheme', 'fp8')} ({recipe.get('format', '')}): {len(recipe.get('quantized', []))} linear layers, "
+        f"weights per-{recipe.get('weight_scale', 'tensor')}, {len(recipe.get('excluded', []))} excluded"
+    )
+
+
+@contextlib.contextmanager
+def calibration_progress(quant) -> Iterator[None]:
+    """A rich progress bar fed by the calibration callback."""
+    if quant is None:
+        yield
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress("[bold]calibration", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("calibrate", total=None)
+        quant.progress = lambda done, total: bar.update(task, completed=done, total=total)
+        yield
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +64,22 @@ def run(args: argparse.Namespace) -> int:
         per_layer=args.per_layer,
         verify=not args.no_verify,
     )
-    result = export(args.checkpoint, args.output, opts, step=step)
+    quant = None
+    if args.quantize:
+        from hybridtrt.exporter.quantize import QuantizeOptions
+
+        quant = QuantizeOptions(
+            calib_file=args.calib,
+            calib_random=args.calib_random,
+            exclude=list(args.exclude),
+            weight_scale=args.weight_scale or "tensor",
+        )
+    elif args.calib or args.calib_random or args.exclude or args.weight_scale:
+        from hybridtrt.errors import InputError
+
+        raise InputError("--calib/--calib-random/--exclude/--weight-scale need --quantize fp8")
+    with calibration_progress(quant):
+        result = export(args.checkpoint, args.output, opts, step=step, quantize=quant)
     m = result.manifest
     kinds = Counter(layer["kind"] for layer in m.layers)
     ops = Counter()
@@ -44,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         ["custom ops", ", ".join(f"{n}× {k}" for k, n in sorted(ops.items())) or "none"],
         ["parameters", f"{result.parameters:,} ({human_bytes(result.parameter_bytes)} in {m.dtype})"],
         ["state dtype", m.state_dtype],
-        ["quantization", m.quantization["scheme"] if m.quantization else "none"],
+        ["quantization", _quant_summary(m.quantization)],
     ]
     if result.verification:
         rows.append(["ORT vs reference", ", ".join(f"{k}: rel L2 {v:.1e}" for k, v in result.verification.items())])

@@ -3,14 +3,18 @@ model, then insert Q/DQ into each traced graph with the same scales.
 
 Usage inside `hybridtrt.exporter.export.export`, for every traced graph (unified, then decode)::
 
-    proto = trace_graph(model, ...)
-    if quant is not None:                      # quant: QuantizeOptions, one object per export
-        recipe = quantize_graph(proto, model, checkpoint_dir, quant)
-    ...
-    manifest.quantization = recipe             # identical for both graphs
+    recipe = None
+    for role, fname, data, decode in roles:
+        proto = trace_graph(model, ...)
+        if opts.quantize is not None:          # ExportOptions.quantize: QuantizeOptions | None
+            with step(f"FP8 Q/DQ ({role})"):
+                recipe = quantize_graph(proto, model, checkpoint_dir, opts.quantize)
+        ...                                    # save as before
+    manifest = Manifest(..., quantization=recipe)   # identical for both graphs
 
-The first call calibrates and caches the amax table on ``options``; later calls reuse it, so the
-unified and decode graphs carry identical scales.
+The first call calibrates and caches the amax table on ``options`` (tied to that model object);
+later calls with the same model reuse it, so the unified and decode graphs carry identical scales.
+A different model recalibrates.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import weakref
 
 import onnx
 
@@ -57,11 +63,15 @@ class QuantizeOptions:
     progress: Callable[[int, int], None] | None = field(default=None, repr=False, compare=False)
     act_amax: dict[str, float] | None = field(default=None, repr=False, compare=False)
     calibration: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _calibrated_for: weakref.ReferenceType | None = field(default=None, init=False, repr=False, compare=False)
 
 
 def run_calibration(model: HybridLM, checkpoint_dir: str | Path | None, options: QuantizeOptions) -> dict[str, float]:
-    """Calibrate (once) and cache the result on ``options``. Returns ``{MatMul node: amax}``."""
-    if options.act_amax is not None:
+    """Calibrate (once per model) and cache the result on ``options``. Returns ``{MatMul node: amax}``.
+
+    A table set by hand (``options.act_amax`` given, never calibrated here) is used as is.
+    """
+    if options.act_amax is not None and (options._calibrated_for is None or options._calibrated_for() is model):
         return options.act_amax
     if options.weight_scale not in ("tensor", "channel"):
         raise QuantizationError(f"--weight-scale {options.weight_scale!r} is unknown", fix="use tensor or channel")
@@ -78,6 +88,7 @@ def run_calibration(model: HybridLM, checkpoint_dir: str | Path | None, options:
         pad_id=config.pad_token_id if config.pad_token_id is not None else 0,
     )
     options.act_amax = calibrate(model, batches, progress=options.progress)
+    options._calibrated_for = weakref.ref(model)
     options.calibration = {
         "source": f"file:{Path(options.calib_file).name}" if options.calib_file is not None else f"random:{options.calib_random}",
         "hash": calibration_hash(batches),

@@ -17,8 +17,8 @@ MatMuls with weights; attention's score/value MatMuls multiply two activations; 
 (``/model/MatMul``) is excluded by default. Every MatMul that is not quantized is listed with the
 reason in the returned `FP8Recipe`.
 
-Refusals (`QuantizationError`): default-domain opset < 19 (no FP8 types), a bad ``--exclude``
-regex, a quantizable layer without calibration amax, a non-finite amax, weights in external data
+Refusals (`QuantizationError`): default-domain opset < 19 (no FP8 types), a graph that already
+has Q/DQ nodes, a bad ``--exclude`` regex, a quantizable layer without calibration amax, a non-finite amax, weights in external data
 that cannot be read.
 """
 
@@ -147,10 +147,11 @@ def _load_array(t: TensorProto, base_dir: str | None) -> np.ndarray:
 
 def _scalar(name: str, value: float, elem_type: int) -> TensorProto:
     arr = np.asarray(value, dtype=_FLOAT_TYPES[elem_type])
-    return _float_tensor(name, arr, elem_type)
+    return float_tensor(name, arr, elem_type)
 
 
-def _float_tensor(name: str, arr: np.ndarray, elem_type: int) -> TensorProto:
+def float_tensor(name: str, arr: np.ndarray, elem_type: int) -> TensorProto:
+    """An fp32/fp16/bf16 initializer (``arr`` already in that dtype; bf16 as ``ml_dtypes.bfloat16``)."""
     if elem_type == TensorProto.BFLOAT16:
         return helper.make_tensor(name, elem_type, arr.shape, arr.view(np.uint16).tobytes(), raw=True)
     return numpy_helper.from_array(arr, name)
@@ -222,6 +223,12 @@ def insert_fp8_qdq(
         )
     patterns = _compile(exclude)
     graph = model.graph
+    existing = [n.name for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if existing:
+        raise QuantizationError(
+            f"the graph already has {len(existing)} Q/DQ node(s) (e.g. {existing[0]!r}); it is quantized already",
+            fix="quantize the unquantized export (run the pass once per graph)",
+        )
     inits = {t.name: t for t in graph.initializer}
     recipe = FP8Recipe(weight_scale=weight_scale, exclude_patterns=list(exclude))
 
@@ -267,7 +274,7 @@ def insert_fp8_qdq(
         fp8_name, ws_name, wzp_name = f"{dotted}.weight_t_fp8", f"{dotted}.weight_scale", f"{dotted}.weight_zero_point"
         wdq_out = f"{scope}/weight_quantizer/DequantizeLinear_output_0"
         graph.initializer.extend(
-            [fp8_tensor(fp8_name, w_fp8), _float_tensor(ws_name, w_scale, elem), fp8_tensor(wzp_name, np.zeros(w_scale.shape, ml_dtypes.float8_e4m3fn))]
+            [fp8_tensor(fp8_name, w_fp8), float_tensor(ws_name, w_scale, elem), fp8_tensor(wzp_name, np.zeros(w_scale.shape, ml_dtypes.float8_e4m3fn))]
         )
         wdq_attrs = {"axis": 1} if weight_scale == "channel" else {}
         wdq = helper.make_node("DequantizeLinear", [fp8_name, ws_name, wzp_name], [wdq_out], name=f"{scope}/weight_quantizer/DequantizeLinear", **wdq_attrs)
@@ -323,6 +330,7 @@ __all__ = [
     "MIN_FP8_OPSET",
     "QUANTIZABLE_PROJECTIONS",
     "fp8_saturating_cast",
+    "float_tensor",
     "fp8_tensor",
     "insert_fp8_qdq",
     "quantize_weight",

@@ -179,3 +179,17 @@ def test_excluding_everything_is_refused(exported):
     options = QuantizeOptions(calib_random=4, seq_len=8, exclude=["."])
     with pytest.raises(QuantizationError, match="no linear layer is left"):
         quantize_graph(proto, model, ckpt, options)
+
+
+def test_cached_calibration_is_tied_to_the_model(exported):
+    ckpt, _, model = exported
+    options = QuantizeOptions(calib_random=4, seq_len=8)
+    first = quantize_mod.run_calibration(model, ckpt, options)
+    assert quantize_mod.run_calibration(model, ckpt, options) is first  # same model: cached
+    other = load_model(ckpt, "fp32")
+    with torch.no_grad():
+        other.layers[0].mixer.in_proj.weight.mul_(2)  # changes downstream activations
+    second = quantize_mod.run_calibration(other, ckpt, options)
+    assert second is not first and second != first
+    manual = QuantizeOptions(act_amax={"/model/layers.0/mixer/in_proj/MatMul": 1.0})
+    assert quantize_mod.run_calibration(model, ckpt, manual) == {"/model/layers.0/mixer/in_proj/MatMul": 1.0}

@@ -177,3 +177,89 @@ def test_weights_shrink_to_a_quarter(setup, per_tensor):
     size_after = (per_tensor[2].parent / "weights.data").stat().st_size
     print(f"linear weights {before['high_precision']} -> {after['fp8']} bytes; weights.data {size_before} -> {size_after} ({size_after / size_before:.3f})")
     assert size_after < size_before
+
+
+# -- a hand-built one-layer graph: dtypes and exact numerics -----------------------------------
+
+
+def _one_linear(elem_type: int, seed: int = 0, smallest: float = 0.1) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """``y = x @ W`` with ``x [3, 16]``, ``W [16, 8]`` named like an exported in_proj; output
+    channel ranges grow geometrically from ``smallest`` to 3."""
+    from onnx import helper
+
+    from hybridtrt.graphs.fp8_qdq import float_tensor
+
+    rng = np.random.default_rng(seed)
+    np_type = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}.get(elem_type)
+    w = (rng.standard_normal((16, 8)) * np.geomspace(smallest, 3.0, 8)).astype(np.float32)  # channels differ in range
+    x = rng.standard_normal((3, 16)).astype(np.float32) * 2
+    if np_type is not None:
+        w_init = float_tensor("model.layers.0.mixer.in_proj.weight_t", w.astype(np_type), elem_type)
+    else:  # bf16
+        import ml_dtypes
+
+        w_init = float_tensor("model.layers.0.mixer.in_proj.weight_t", w.astype(ml_dtypes.bfloat16), elem_type)
+    node = helper.make_node("MatMul", ["x", w_init.name], ["y"], name="/model/layers.0/mixer/in_proj/MatMul")
+    graph = helper.make_graph(
+        [node], "one", [helper.make_tensor_value_info("x", elem_type, [3, 16])], [helper.make_tensor_value_info("y", elem_type, [3, 8])], [w_init]
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)]), x, w
+
+
+def _fake_quant(a: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    from hybridtrt.graphs.fp8_qdq import fp8_saturating_cast
+
+    return fp8_saturating_cast(a / scale).astype(np.float32) * scale
+
+
+@pytest.mark.parametrize("mode", ["tensor", "channel"])
+def test_one_linear_matches_numpy_fake_quant(mode, tmp_path):
+    proto, x, w = _one_linear(TensorProto.FLOAT)
+    amax = {"/model/layers.0/mixer/in_proj/MatMul": float(np.abs(x).max()) / 2}  # half of x saturates
+    recipe = insert_fp8_qdq(proto, amax, weight_scale=mode)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    got = OrtSession(tmp_path / "m.onnx").run({"x": x})["y"]
+    a_scale = np.float32(recipe.activation_scales["/model/layers.0/mixer/in_proj/MatMul"])
+    w_scale = np.abs(w).max(axis=0 if mode == "channel" else None).astype(np.float32) / np.float32(FP8_E4M3_MAX)
+    expected = _fake_quant(x, a_scale) @ _fake_quant(w, w_scale)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(_fake_quant(x, a_scale)).max() == pytest.approx(amax["/model/layers.0/mixer/in_proj/MatMul"], rel=1e-6)  # saturated, not NaN
+
+
+def test_per_channel_rescues_channels_that_underflow_per_tensor():
+    """FP8 is floating point: relative error is about the same at any scale, so per-channel scales
+    only matter once a channel's range is below ~2^-15 of the largest (448 → FP8's smallest normal, 2^-6)."""
+    errors = {}
+    for mode in ("tensor", "channel"):
+        proto, x, w = _one_linear(TensorProto.FLOAT, seed=1, smallest=1e-5)
+        insert_fp8_qdq(proto, {"/model/layers.0/mixer/in_proj/MatMul": float(np.abs(x).max())}, weight_scale=mode)
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+        w_dq = inits["model.layers.0.mixer.in_proj.weight_t_fp8"].astype(np.float32) * inits["model.layers.0.mixer.in_proj.weight_scale"]
+        errors[mode] = float(np.linalg.norm(w_dq[:, 0] - w[:, 0]) / np.linalg.norm(w[:, 0]))  # the narrowest channel
+    assert errors["channel"] < 0.05 < 0.5 < errors["tensor"]
+
+
+@pytest.mark.parametrize("elem_type", [TensorProto.FLOAT16, TensorProto.BFLOAT16])
+def test_half_precision_scales_keep_the_model_dtype(elem_type, tmp_path):
+    proto, x, _ = _one_linear(elem_type)
+    insert_fp8_qdq(proto, {"/model/layers.0/mixer/in_proj/MatMul": 4.0})
+    onnx.checker.check_model(proto, full_check=True)
+    inits = {t.name: t for t in proto.graph.initializer}
+    for name in ("model.layers.0.mixer.in_proj.input_scale", "model.layers.0.mixer.in_proj.weight_scale"):
+        assert inits[name].data_type == elem_type  # DequantizeLinear outputs the model dtype
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    assert types["/model/layers.0/mixer/in_proj/input_quantizer/DequantizeLinear_output_0"] == elem_type
+    assert types["/model/layers.0/mixer/in_proj/weight_quantizer/DequantizeLinear_output_0"] == elem_type
+    if elem_type == TensorProto.FLOAT16:  # ORT CPU has no bf16 MatMul
+        onnx.save(proto, str(tmp_path / "m.onnx"))
+        got = OrtSession(tmp_path / "m.onnx").run({"x": x.astype(np.float16)})["y"]
+        assert got.dtype == np.float16 and np.isfinite(got).all()
+
+
+def test_quantizing_twice_is_refused():
+    proto, _, _ = _one_linear(TensorProto.FLOAT)
+    insert_fp8_qdq(proto, {"/model/layers.0/mixer/in_proj/MatMul": 1.0})
+    with pytest.raises(QuantizationError, match="quantized already"):
+        insert_fp8_qdq(proto, {"/model/layers.0/mixer/in_proj/MatMul": 1.0})
