@@ -19,6 +19,8 @@ The C++ runner in ``examples/cpp`` implements the same rules from the same sidec
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,12 +45,6 @@ def _itemsize(dtype: str) -> int:
         raise ArtefactError(f"unknown tensor dtype {dtype!r} in the sidecar", fix="rebuild the engine with this hybridtrt")
     return ITEMSIZE[dtype]
 
-
-def _volume(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @dataclass(frozen=True)
@@ -78,7 +74,7 @@ class StateSlot:
         return resolve_shape(self.shape, {BATCH: batch, PAST: past, SEQ: 0}, name=self.past_name)
 
     def nbytes(self, batch: int, past: int) -> int:
-        return _volume(self.shape_at(batch, past)) * _itemsize(self.dtype)
+        return math.prod(self.shape_at(batch, past)) * _itemsize(self.dtype)
 
 
 def choose_profile(profiles: list[ProfileSpec], seq: int, past: int) -> int:
@@ -152,12 +148,12 @@ class BufferPlan:
         best: tuple[int, ...] = ()
         for p in self.profiles:
             s = resolve_shape(shape, {k: v.max for k, v in p.dims.items()}, name=name)
-            if _volume(s) > _volume(best) or not best:
+            if math.prod(s) > math.prod(best) or not best:
                 best = s
         return best
 
     def output_bytes(self, name: str) -> int:
-        return _volume(self.output_max_shape(name)) * _itemsize(self.outputs[name][1])
+        return math.prod(self.output_max_shape(name)) * _itemsize(self.outputs[name][1])
 
     def total_bytes(self) -> int:
         """All preallocated bytes: two buffers per state plus one per other output."""

@@ -30,6 +30,8 @@ Design choices:
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +61,6 @@ def _torch_dtype(name: str) -> torch.dtype:
         raise ArtefactError(f"engine tensor dtype {name!r} has no torch equivalent here", fix="rebuild the engine with this hybridtrt")
     return _TORCH_DTYPES[name]
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @dataclass(frozen=True)
@@ -165,11 +161,11 @@ class TrtModel:
         plan = self.plan
         self._pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for s in plan.states:
-            n = _numel(s.shape_at(plan.max_batch, plan.max_cache_len))
+            n = math.prod(s.shape_at(plan.max_batch, plan.max_cache_len))
             dt = _torch_dtype(s.dtype)
             self._pairs[s.past_name] = (torch.empty(n, dtype=dt, device=self.device), torch.empty(n, dtype=dt, device=self.device))
         self._outputs = {
-            name: torch.empty(_numel(plan.output_max_shape(name)), dtype=_torch_dtype(dtype), device=self.device)
+            name: torch.empty(math.prod(plan.output_max_shape(name)), dtype=_torch_dtype(dtype), device=self.device)
             for name, (_, dtype) in plan.outputs.items()
         }
         max_seq = max(p.dims["seq"].max for p in plan.profiles)
@@ -222,7 +218,7 @@ class TrtModel:
             )
 
     def _view(self, slot: StateSlot, index: int, shape: tuple[int, ...]) -> torch.Tensor:
-        return self._pairs[slot.past_name][index][: _numel(shape)].view(shape)
+        return self._pairs[slot.past_name][index][: math.prod(shape)].view(shape)
 
     def _execute(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch: int, seq: int, past: int, profile: int) -> torch.Tensor:
         ctx = self.context
@@ -249,7 +245,7 @@ class TrtModel:
             if not ctx.execute_async_v3(handle):
                 raise EngineError("TensorRT execution failed (enqueue returned false)", fix="read TensorRT's log above")
             shape = tuple(ctx.get_tensor_shape(LOGITS))
-            logits = self._outputs[LOGITS][: _numel(shape)].view(shape)
+            logits = self._outputs[LOGITS][: math.prod(shape)].view(shape)
             if logits.dim() == 3:
                 logits = logits[:, -1]
             host = logits.to("cpu", torch.float32, copy=True)  # always a copy: the buffer is reused
