@@ -20,7 +20,6 @@ The C++ runner in ``examples/cpp`` implements the same rules from the same sidec
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from typing import Any
 
