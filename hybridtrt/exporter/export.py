@@ -9,6 +9,7 @@ atomically → verify the written file with ONNX Runtime against the PyTorch ref
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -32,7 +33,7 @@ from hybridtrt.exporter.translation import translation_table
 from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs.cleanup import strip_metadata
 from hybridtrt.graphs.dims import name_io_dims
-from hybridtrt.graphs.external_data import external_index, share_initializers
+from hybridtrt.graphs.external_data import share_external_data
 from hybridtrt.graphs.naming import assign_node_names, name_matmul_weights
 from hybridtrt.models.config import MAMBA
 from hybridtrt.models.loading import load_model, parse_dtype
@@ -160,21 +161,13 @@ def _io_shapes(model: HybridLM, logits: str, decode: bool, per_layer: bool) -> d
     return shapes
 
 
-def trace_graph(
-    model: HybridLM,
-    *,
-    logits: str = "last",
-    decode: bool = False,
-    per_layer: bool = False,
-    state_dtype: torch.dtype = torch.float32,
-    opset: int = DEFAULT_OPSET,
-) -> onnx.ModelProto:
-    """Trace one graph (unified or decode) and run the graph passes. Returns an in-memory model."""
+def _export_program(model: HybridLM, logits: str, decode: bool, per_layer: bool, state_dtype: torch.dtype, opset: int):
+    """``torch.onnx.export(dynamo=True)`` of one graph; returns the ``ONNXProgram``."""
     graph = GraphModule(model, logits, decode, per_layer).eval()
     inputs = example_inputs(model, seq=1 if decode else 5, state_dtype=state_dtype)
     names_out = io.output_names(model.config) + ([f"layer_output.{i}" for i in range(model.config.num_layers)] if per_layer else [])
     with _quiet_exporter():
-        program = torch.onnx.export(
+        return torch.onnx.export(
             graph,
             inputs,
             dynamo=True,
@@ -186,16 +179,63 @@ def trace_graph(
             optimize=True,
             verbose=False,
         )
-    proto = program.model_proto
+
+
+def _run_passes(proto: onnx.ModelProto, model: HybridLM, logits: str, decode: bool, per_layer: bool) -> onnx.ModelProto:
+    """The graph passes every export gets: names, cleanup, function bodies, I/O dims."""
+    from hybridtrt import __version__
+
     assign_node_names(proto)
     name_matmul_weights(proto)
     strip_metadata(proto)
     attach_functions(proto)
     name_io_dims(proto, _io_shapes(model, logits, decode, per_layer))
     proto.producer_name = "hybridtrt"
-    from hybridtrt import __version__
-
     proto.producer_version = __version__
+    return proto
+
+
+def trace_graph(
+    model: HybridLM,
+    *,
+    logits: str = "last",
+    decode: bool = False,
+    per_layer: bool = False,
+    state_dtype: torch.dtype = torch.float32,
+    opset: int = DEFAULT_OPSET,
+) -> onnx.ModelProto:
+    """Trace one graph (unified or decode) and run the graph passes. Returns an in-memory model
+    with its weights (for graph passes that rewrite weights, e.g. FP8, and for tests)."""
+    program = _export_program(model, logits, decode, per_layer, state_dtype, opset)
+    return _run_passes(program.model_proto, model, logits, decode, per_layer)
+
+
+def trace_to_file(
+    model: HybridLM,
+    path: Path,
+    data_name: str,
+    *,
+    logits: str = "last",
+    decode: bool = False,
+    per_layer: bool = False,
+    state_dtype: torch.dtype = torch.float32,
+    opset: int = DEFAULT_OPSET,
+    size_threshold: int = 1024,
+) -> onnx.ModelProto:
+    """Trace one graph and write it with its weights streamed straight to ``data_name``.
+
+    Unlike `trace_graph` no in-memory protobuf copy of the weights is ever made: the exporter's
+    IR writes each tensor to the data file, and the passes run on the weight-less graph. Returns
+    that graph (initializers external) after saving it to ``path``.
+    """
+    import onnx_ir as ir
+
+    program = _export_program(model, logits, decode, per_layer, state_dtype, opset)
+    ir.save(program.model, path, external_data=data_name, size_threshold_bytes=size_threshold)
+    del program
+    gc.collect()
+    proto = _run_passes(onnx.load(str(path), load_external_data=False), model, logits, decode, per_layer)
+    onnx.save_model(proto, str(path))
     return proto
 
 
@@ -212,9 +252,18 @@ def _custom_op_counts(proto: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in proto.graph.node if n.domain == DOMAIN).items()))
 
 
-def _save(proto: onnx.ModelProto, path: Path, data_name: str, size_threshold: int) -> None:
+def _fix_permissions(directory: Path, names: list[str]) -> None:
+    """onnx/onnx_ir create data files 0600; give written files the usual permissions."""
     umask = os.umask(0)
     os.umask(umask)
+    for name in names:
+        if (directory / name).exists():
+            os.chmod(directory / name, 0o666 & ~umask)
+
+
+def _save(proto: onnx.ModelProto, path: Path, data_name: str, size_threshold: int) -> None:
+    """Save an in-memory model, its weights to ``data_name`` (which must not exist yet: onnx
+    appends to an existing data file)."""
     onnx.save_model(
         proto,
         str(path),
@@ -224,9 +273,6 @@ def _save(proto: onnx.ModelProto, path: Path, data_name: str, size_threshold: in
         size_threshold=size_threshold,
         convert_attribute=False,
     )
-    for written in (path, path.parent / data_name):
-        if written.exists():  # onnx creates the data file 0600; give it the usual permissions
-            os.chmod(written, 0o666 & ~umask)
 
 
 def _publish(partial: Path, out_dir: Path, names: list[str]) -> None:
@@ -290,14 +336,17 @@ def export(
         written: list[str] = []
         recipe = None
         for role, fname, data, decode in roles:
-            with step(f"trace {role} graph (torch.export → ONNX)"):
-                proto = trace_graph(
-                    model, logits=opts.logits, decode=decode, per_layer=opts.per_layer, state_dtype=state_dtype, opset=opset
-                )
-            if quantize is not None:
+            trace_args = dict(logits=opts.logits, decode=decode, per_layer=opts.per_layer, state_dtype=state_dtype, opset=opset)
+            if quantize is None:
+                with step(f"trace {role} graph (torch.export → ONNX), stream weights to {data}"):
+                    proto = trace_to_file(model, partial / fname, data, size_threshold=opts.size_threshold, **trace_args)
+            else:
+                with step(f"trace {role} graph (torch.export → ONNX)"):
+                    proto = trace_graph(model, **trace_args)
                 label = "FP8: calibrate on the reference, insert Q/DQ" if recipe is None else f"FP8: insert Q/DQ ({role})"
                 with step(label):
                     recipe = quantize_graph(proto, model, checkpoint_dir, quantize)
+                _save(proto, partial / fname, data, opts.size_threshold)
             with step(f"write {fname}"):
                 entry = GraphEntry(
                     file=fname,
@@ -307,14 +356,14 @@ def export(
                     outputs=_value_entries(proto.graph.output, {}),
                     custom_ops=_custom_op_counts(proto),
                 )
-                if graphs:  # later graphs reuse the unified graph's weights.data where identical
-                    if share_initializers(proto, partial, external_index(partial / MODEL_FILE)):
-                        entry.data.append(WEIGHTS_FILE)
-                _save(proto, partial / fname, data, opts.size_threshold)
                 del proto
+                if graphs:  # later graphs reuse the unified graph's weights.data where identical
+                    if share_external_data(partial / fname, partial / MODEL_FILE, opts.size_threshold):
+                        entry.data.append(WEIGHTS_FILE)
                 if (partial / data).exists():
                     entry.data.append(data)
                     written.append(data)
+                _fix_permissions(partial, [fname, data])
                 graphs[role] = entry
                 onnx.checker.check_model(str(partial / fname), full_check=True)
                 written.append(fname)

@@ -2,62 +2,96 @@
 
 The decode graph (``decode.onnx``) holds the same weights as ``model.onnx``. Instead of a second
 copy, every initializer whose name and bytes equal a tensor already stored in ``weights.data``
-is pointed at that tensor's offset; only what differs goes to the decode graph's own file.
+is pointed at that tensor's offset; only what differs stays in the decode graph's own file.
+Files are compared in chunks, never loaded whole, so memory stays flat for any model size.
 """
 
 from __future__ import annotations
 
-import mmap
 from pathlib import Path
 
 import onnx
 from onnx.external_data_helper import uses_external_data
 
+_CHUNK = 1 << 24
+
+
+def _external_info(t: onnx.TensorProto) -> tuple[str, int, int]:
+    info = {e.key: e.value for e in t.external_data}
+    return info["location"], int(info.get("offset", 0)), int(info["length"])
+
 
 def external_index(model_path: str | Path) -> dict[str, tuple[str, int, int]]:
     """``{initializer: (location, offset, length)}`` of a saved model's external tensors."""
     model = onnx.load(str(model_path), load_external_data=False)
-    out = {}
-    for t in model.graph.initializer:
-        if uses_external_data(t):
-            info = {e.key: e.value for e in t.external_data}
-            out[t.name] = (info["location"], int(info.get("offset", 0)), int(info["length"]))
-    return out
+    return {t.name: _external_info(t) for t in model.graph.initializer if uses_external_data(t)}
 
 
-def share_initializers(model: onnx.ModelProto, model_dir: str | Path, index: dict[str, tuple[str, int, int]]) -> int:
-    """Point ``model``'s initializers at identical tensors listed in ``index`` (in place).
+def _same_bytes(a: Path, a_off: int, b: Path, b_off: int, length: int) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        fa.seek(a_off)
+        fb.seek(b_off)
+        remaining = length
+        while remaining:
+            n = min(remaining, _CHUNK)
+            if fa.read(n) != fb.read(n):
+                return False
+            remaining -= n
+    return True
 
-    Args:
-        model: In-memory model whose initializers carry ``raw_data``.
-        model_dir: Directory both models live in (``index`` locations are relative to it).
-        index: From `external_index` of the already-saved model.
+
+def _point_at(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    t.ClearField("raw_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def share_external_data(model_path: str | Path, reference_path: str | Path, size_threshold: int = 1024) -> int:
+    """Rewrite ``model_path`` so that initializers identical to ``reference_path``'s (same name,
+    same bytes) point into the reference's data file. Both models live in one directory.
+
+    The model's own data file is rewritten with only the tensors that differ (deleted when none
+    do).
 
     Returns:
-        Bytes shared (not written again).
+        Bytes shared.
     """
+    model_path, reference_path = Path(model_path), Path(reference_path)
+    root = model_path.parent
+    index = external_index(reference_path)
+    model = onnx.load(str(model_path), load_external_data=False)
+    reference_files = {loc for loc, _, _ in index.values()}
+    own_files = {_external_info(t)[0] for t in model.graph.initializer if uses_external_data(t)} - reference_files
+    kept: set[str] = set()
     shared = 0
-    maps: dict[str, mmap.mmap] = {}
-    try:
-        for t in model.graph.initializer:
-            if t.name not in index or not t.HasField("raw_data"):
-                continue
-            location, offset, length = index[t.name]
-            if len(t.raw_data) != length:
-                continue
-            if location not in maps:
-                with open(Path(model_dir) / location, "rb") as f:
-                    maps[location] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            if maps[location][offset : offset + length] != t.raw_data:
-                continue
-            t.ClearField("raw_data")
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del t.external_data[:]
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
+    for t in model.graph.initializer:
+        if not uses_external_data(t):
+            continue
+        location, offset, length = _external_info(t)
+        ref = index.get(t.name)
+        if ref and ref[2] == length and _same_bytes(root / location, offset, root / ref[0], ref[1], length):
+            _point_at(t, *ref)
             shared += length
-    finally:
-        for m in maps.values():
-            m.close()
+            continue
+        kept.add(location)
+        with open(root / location, "rb") as f:  # keep it: pull it inline, re-externalized below
+            f.seek(offset)
+            t.raw_data = f.read(length)
+        t.data_location = onnx.TensorProto.DEFAULT
+        del t.external_data[:]
+    for name in own_files:
+        (root / name).unlink()
+    own = sorted(kept)[0] if kept else model_path.stem + ".weights.data"
+    onnx.save_model(
+        model,
+        str(model_path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=own,
+        size_threshold=size_threshold,
+        convert_attribute=False,
+    )
     return shared

@@ -35,7 +35,7 @@ def test_failed_export_leaves_nothing_complete(make_checkpoint, tmp_path, monkey
     def boom(*args, **kwargs):
         raise RuntimeError("disk full (simulated)")
 
-    monkeypatch.setattr(export_mod, "_save", boom)
+    monkeypatch.setattr(export_mod, "_fix_permissions", boom)  # after the graph and weights are written
     with pytest.raises(RuntimeError, match="simulated"):
         export(ckpt, tmp_path / "out", FAST)
     assert list((tmp_path / "out").iterdir()) == []  # no model, no manifest, no partial dir
@@ -45,7 +45,7 @@ def test_failed_reexport_keeps_previous_complete_export(make_checkpoint, tmp_pat
     ckpt = make_checkpoint("tiny-mamba2")
     export(ckpt, tmp_path / "out", FAST)
     before = _digests(tmp_path / "out")
-    monkeypatch.setattr(export_mod, "_save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("simulated")))
+    monkeypatch.setattr(export_mod, "_fix_permissions", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("simulated")))
     with pytest.raises(RuntimeError):
         export(ckpt, tmp_path / "out", FAST)
     assert _digests(tmp_path / "out") == before
