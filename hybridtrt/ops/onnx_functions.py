@@ -40,7 +40,7 @@ Op contract (domain ``hybridtrt``, version 1; accumulation in fp32; heads ``h`` 
 
 All dimensions are dynamic. Bodies use only default-domain ops that TensorRT's ONNX parser
 supports (Shape, Gather, Concat, Reshape, Transpose, Pad, Slice, Unsqueeze, Range, CumSum, Where,
-Greater, GreaterOrEqual, Exp, Mul, Add, Sub, Div, MatMul, Cast, CastLike, Constant); no Einsum, no
+Greater, GreaterOrEqual, Exp, Mul, Add, Sub, Div, Min, MatMul, Cast, CastLike, Constant); no Einsum, no
 contrib ops, no loops.
 """
 
@@ -229,7 +229,10 @@ def chunk_scan_function(opset: int = 18) -> FunctionProto:
     d_r = f.op("Div", [d_h, d_g], "dim_R")
     cs_scalar = f.const_from_attr("chunk_size_scalar", "chunk_size")
     axis0 = f.const("axis_0", np.array([0], dtype=np.int64))
-    d_cs = f.op("Unsqueeze", [cs_scalar, axis0], "dim_cs")
+    # A chunk longer than L only adds padded work (L = 1 on the unified graph's decode step would
+    # otherwise compute a full chunk): cs = min(chunk_size, L). Same math, any chunk length.
+    d_cs_attr = f.op("Unsqueeze", [cs_scalar, axis0], "dim_cs_attr")
+    d_cs = f.op("Min", [d_cs_attr, d_l], "dim_cs")
     one = f.const("one_i64", np.array([1], dtype=np.int64))
     cs_m1 = f.op("Sub", [d_cs, one], "cs_minus_1")
     l_up = f.op("Add", [d_l, cs_m1], "L_plus_cs_minus_1")

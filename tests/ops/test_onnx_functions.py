@@ -31,7 +31,7 @@ CHUNK = 8
 #: Ops TensorRT's ONNX parser supports; the bodies must use no others.
 TRT_FRIENDLY_OPS = {
     "Add", "Cast", "CastLike", "Concat", "Constant", "CumSum", "Div", "Exp", "Gather", "Greater",
-    "GreaterOrEqual", "MatMul", "Mul", "Pad", "Range", "Reshape", "Shape", "Slice", "Squeeze", "Sub",
+    "GreaterOrEqual", "MatMul", "Min", "Mul", "Pad", "Range", "Reshape", "Shape", "Slice", "Squeeze", "Sub",
     "Transpose", "Unsqueeze", "Where",
 }  # fmt: skip
 
@@ -431,3 +431,10 @@ def test_inlined_and_reference_evaluator_agree() -> None:
     for y, final in (session.run(None, feeds), ReferenceEvaluator(model).run(None, feeds)):
         assert _max_rel_err(y, y_ref) <= TOLERANCES["fp32_max_abs_rel"]
         assert _max_rel_err(final, final_ref) <= TOLERANCES["fp32_max_abs_rel"]
+
+
+def test_chunk_longer_than_the_sequence_is_clamped() -> None:
+    """cs = min(chunk_size, L): a one-token call does one token of work, not a padded chunk."""
+    fn = chunk_scan_function(18)
+    mins = [n for n in fn.node if n.op_type == "Min"]
+    assert len(mins) == 1 and mins[0].output[0] == "dim_cs"
