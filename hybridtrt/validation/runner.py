@@ -93,7 +93,10 @@ def _timed(timings: dict[str, float], key: str, fn, *args, **kwargs):
 
 
 def _check(report: Report, phase: str, name: str, got: Any, ref: Any, kind: str, **where: Any) -> Check:
+    """Compare one tensor; present states use the precision's ``state`` gate in every phase."""
     c = compare(got, ref, top1=name == "logits")
+    if name.startswith("present"):
+        kind = "state"
     check = Check(phase, name, c, gate(report.precision, kind).failures(c), **where)
     report.checks.append(check)
     return check

@@ -44,9 +44,9 @@ def precisions() -> list[str]:
 
 
 def gate(precision: str, kind: str) -> Gate:
-    """The gate of ``kind`` (``"call" | "steps" | "layer"``) for ``precision``."""
+    """The gate of ``kind`` (``"call" | "steps" | "layer" | "state"``) for ``precision``."""
     table = _table()
-    if precision not in table or kind not in ("call", "steps", "layer"):
+    if precision not in table or kind not in ("call", "steps", "layer", "state"):
         raise KeyError(f"no tolerances for precision {precision!r}; known: {precisions()}")
     return Gate(**table[precision][kind])
 
