@@ -10,7 +10,7 @@ checkpoint's tokenizer, left-padded) or a number of random sequences into ``(ids
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from hybridtrt.errors import QuantizationError
 from hybridtrt.graphs.naming import scope_path
 from hybridtrt.models.model import HybridLM
+from hybridtrt.runtime.generation import left_pad
 
 #: One calibration batch: ``ids [B, L] int64``, ``mask [B, L] int64`` (1 = token, 0 = left padding).
 Batch = tuple[Tensor, Tensor]
@@ -101,17 +102,6 @@ def _read_prompts(calib_file: str | Path) -> list[str]:
     return prompts
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> Batch:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
 def calibration_batches(
     tokenizer: Any | None,
     *,
@@ -173,7 +163,7 @@ def calibration_batches(
             raise QuantizationError(f"--calib-random must be ≥ 1, got {calib_random}")
         gen = torch.Generator().manual_seed(seed)
         rows = torch.randint(0, vocab_size, (calib_random, seq_len), generator=gen).tolist()
-    return [_left_pad(rows[i : i + batch], pad_id) for i in range(0, len(rows), batch)]
+    return [left_pad(rows[i : i + batch], pad_id) for i in range(0, len(rows), batch)]
 
 
 def calibration_hash(batches: Iterable[Batch]) -> str:

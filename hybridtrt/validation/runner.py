@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from hybridtrt.errors import InputError
+from hybridtrt.runtime.generation import left_pad
 from hybridtrt.validation.metrics import Comparison, compare
 from hybridtrt.validation.subjects import Subject
 from hybridtrt.validation.tolerances import gate
@@ -207,10 +208,4 @@ def pad_left(sequences: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor,
     """Left-pad token lists to a batch: ``(ids, mask)``."""
     if not sequences or any(len(s) == 0 for s in sequences):
         raise InputError("every prompt must have at least one token")
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for r, s in enumerate(sequences):
-        ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[r, width - len(s) :] = 1
-    return ids, mask
+    return left_pad(sequences, pad_id)
