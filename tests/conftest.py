@@ -39,14 +39,11 @@ def _deterministic():
 
 def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0, pad_id: int = 0):
     """Random prompts of the given lengths, left-padded to the longest: ``(ids, mask)``."""
+    from hybridtrt.runtime.generation import left_pad
+
     gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for r, n in enumerate(lengths):
-        ids[r, width - n :] = torch.randint(3, vocab, (n,), generator=gen)
-        mask[r, width - n :] = 1
-    return ids, mask
+    return left_pad([torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths], pad_id)
+
 
 
 @pytest.fixture(scope="session")

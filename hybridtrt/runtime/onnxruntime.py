@@ -15,7 +15,8 @@ from hybridtrt.runtime.generation import GenerationResult, SamplingConfig, gener
 from hybridtrt.runtime.states import StatePlan
 
 
-def _to_numpy(value: Any) -> np.ndarray:
+def to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor (bf16 included, via ml_dtypes) or array-like -> numpy."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
         if value.dtype == torch.bfloat16:
@@ -46,7 +47,7 @@ class OrtSession:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, Any], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        arrays = {k: _to_numpy(v) for k, v in feeds.items() if k in self.input_names}
+        arrays = {k: to_numpy(v) for k, v in feeds.items() if k in self.input_names}
         names = outputs or self.output_names
         return dict(zip(names, self.session.run(names, arrays)))
 
@@ -89,7 +90,7 @@ class OrtModel:
     # -- lower level ----------------------------------------------------------------------------
     def run(self, input_ids: Any, attention_mask: Any, state: dict[str, np.ndarray], session: OrtSession | None = None) -> dict[str, np.ndarray]:
         """One graph call: ``{output_name: array}``."""
-        feeds = {INPUT_IDS: _to_numpy(input_ids).astype(np.int64), ATTENTION_MASK: _to_numpy(attention_mask).astype(np.int64), **state}
+        feeds = {INPUT_IDS: to_numpy(input_ids).astype(np.int64), ATTENTION_MASK: to_numpy(attention_mask).astype(np.int64), **state}
         return (session or self.unified).run(feeds)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> GenerationResult:

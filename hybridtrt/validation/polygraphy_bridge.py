@@ -23,7 +23,7 @@ from hybridtrt.exporter.manifest import Manifest, read_manifest
 from hybridtrt.exporter.wrapper import GraphModule, flat_from_cache
 from hybridtrt.exporter.io import state_specs
 from hybridtrt.models.loading import load_model
-from hybridtrt.runtime.onnxruntime import _to_numpy
+from hybridtrt.runtime.onnxruntime import to_numpy
 from hybridtrt.validation.runner import random_prompts
 from hybridtrt.validation.tolerances import polygraphy_tolerance, precision_of
 
@@ -56,9 +56,9 @@ def _feeds_and_reference(manifest: Manifest, checkpoint: str | Path, batch: int,
         with torch.no_grad():
             result = graph(ids, mask, *states)
         feed = {INPUT_IDS: ids.numpy(), ATTENTION_MASK: mask.numpy()}
-        feed.update({s.past_name: _to_numpy(t) for s, t in zip(specs, states)})
+        feed.update({s.past_name: to_numpy(t) for s, t in zip(specs, states)})
         feeds.append({k: v.astype(in_dtypes[k]) for k, v in feed.items()})
-        outputs.append({name: _to_numpy(t) for name, t in zip(out_names, result)})
+        outputs.append({name: to_numpy(t) for name, t in zip(out_names, result)})
         logits = result[0] if result[0].dim() == 2 else result[0][:, -1]
         ids = logits.argmax(-1, keepdim=True)
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
