@@ -69,10 +69,14 @@ def plot_report(report: Report, path: Path) -> Path:
         if bad:
             ax1.scatter([xs(c) for c in bad], [max(c.comparison.rel_l2, _FLOOR) if c.comparison.finite else 1.0 for c in bad], s=160, facecolors="none", edgecolors="red", linewidths=2, zorder=5)
             ax2.scatter([xs(c) for c in bad], [max(1 - c.comparison.cosine, _FLOOR) if c.comparison.finite else 1.0 for c in bad], s=160, facecolors="none", edgecolors="red", linewidths=2, zorder=5)
-    if g.max_rel_l2:
-        ax1.axhline(g.max_rel_l2, color="gray", linestyle="--", label=f"gate {g.max_rel_l2:g}")
-    if g.min_cosine:
-        ax2.axhline(1 - g.min_cosine, color="gray", linestyle="--", label=f"gate cos ≥ {g.min_cosine:g}")
+    gates = [("", g, "--")]
+    if layer_checks and gate(report.precision, "state") != g:
+        gates.append(("states ", gate(report.precision, "state"), ":"))
+    for label, gg, style in gates:
+        if gg.max_rel_l2:
+            ax1.axhline(gg.max_rel_l2, color="gray", linestyle=style, label=f"{label}gate {gg.max_rel_l2:g}")
+        if gg.min_cosine:
+            ax2.axhline(1 - gg.min_cosine, color="gray", linestyle=style, label=f"{label}gate cos ≥ {gg.min_cosine:g}")
     for ax, label in ((ax1, "rel L2  ‖a−b‖/‖b‖"), (ax2, "1 − cosine")):
         ax.set_yscale("log")
         ax.set_ylabel(label)
