@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -138,3 +139,23 @@ def test_fp16_export_runs_on_ort(make_export):
 
     assert compare(got.logits[0], ref.logits[0]).cosine >= 0.999
     assert read_manifest(out).dtype == "fp16"
+
+
+def test_all_logits_and_half_state(make_export):
+    """--logits all gives [B, L, V] for every position; --state-dtype fp16 keeps SSM states in fp16."""
+    ckpt, out = make_export("tiny-mamba2", ExportOptions(logits="all", state_dtype="fp16"))
+    manifest = read_manifest(out)
+    assert manifest.logits == "all" and manifest.state_dtype == "fp16"
+    model = load_model(ckpt)
+    ort = OrtModel(out)
+    ids, mask = left_padded_batch([19, 11], model.config.vocab_size, seed=8)
+    with torch.no_grad():
+        ref = model(ids, mask, model.new_cache(2, torch.float16), scan_mode="scan")
+    got = ort.run(ids, mask, ort.plan.zeros(2))
+    assert got["logits"].shape == (2, 19, model.config.vocab_size)
+    real = mask.bool()
+    assert rel_l2(got["logits"][real.numpy()], ref.logits[real]) <= TOL
+    ssm = [b for b in ort.plan.buffers if "ssm" in b.past_name]
+    assert all(got[b.present_name].dtype == np.float16 for b in ssm)
+    for b in ssm:
+        assert rel_l2(got[b.present_name], ref.cache.named_states()[b.present_name]) <= 1e-3

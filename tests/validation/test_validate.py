@@ -91,3 +91,15 @@ def test_per_layer_needs_per_layer_export(make_export):
     _, out = make_export("tiny-mamba2", ExportOptions(verify=False))
     with pytest.raises(InputError, match="--per-layer"):
         validate_artefact(out, random_n=1, steps=1, per_layer=True)
+
+
+def test_prompts_file_uses_the_checkpoint_tokenizer(make_export, tmp_path):
+    ckpt, out = make_export("tiny-nemotron-h", PER_LAYER)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\n\nMamba layers carry state.\nhi\n")
+    report = validate_artefact(out, prompts=prompts, steps=4)
+    assert report.passed
+    from hybridtrt.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ckpt)
+    assert report.prompt_lengths == [len(tok.encode(p).ids) for p in ("The capital of France is", "Mamba layers carry state.", "hi")]
