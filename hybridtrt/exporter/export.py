@@ -27,16 +27,22 @@ from torch.export import Dim
 
 from hybridtrt.errors import ExportError, HybridTrtError
 from hybridtrt.exporter import io
+from hybridtrt.exporter.manifest import (
+    MANIFEST_FILE,
+    GraphEntry,
+    Manifest,
+    checkpoint_hash,
+    layer_map,
+)
 from hybridtrt.exporter.quantize import QuantizeOptions, quantize_graph
-from hybridtrt.exporter.manifest import MANIFEST_FILE, GraphEntry, Manifest, checkpoint_hash, layer_map
 from hybridtrt.exporter.translation import translation_table
 from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs.cleanup import strip_metadata
 from hybridtrt.graphs.dims import name_io_dims
-from hybridtrt.graphs.external_data import share_external_data
+from hybridtrt.graphs.external_data import save_with_external_data, share_external_data
 from hybridtrt.graphs.naming import assign_node_names, name_matmul_weights
 from hybridtrt.models.config import MAMBA
-from hybridtrt.models.loading import load_model, parse_dtype
+from hybridtrt.models.loading import DTYPES, load_model, parse_dtype
 from hybridtrt.models.model import HybridLM
 from hybridtrt.ops.onnx_functions import DOMAIN, MAX_OPSET, MIN_OPSET, attach_functions
 
@@ -46,8 +52,7 @@ WEIGHTS_FILE = "weights.data"
 DECODE_WEIGHTS_FILE = "decode.weights.data"
 DEFAULT_OPSET = 22
 
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_ONNX_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 Step = Callable[[str], contextlib.AbstractContextManager]
 
@@ -239,7 +244,7 @@ def trace_to_file(
     return proto
 
 
-def _value_entries(values, dtype_of: dict[str, str]) -> list[dict[str, Any]]:
+def _value_entries(values) -> list[dict[str, Any]]:
     out = []
     for v in values:
         t = v.type.tensor_type
@@ -259,20 +264,6 @@ def _fix_permissions(directory: Path, names: list[str]) -> None:
     for name in names:
         if (directory / name).exists():
             os.chmod(directory / name, 0o666 & ~umask)
-
-
-def _save(proto: onnx.ModelProto, path: Path, data_name: str, size_threshold: int) -> None:
-    """Save an in-memory model, its weights to ``data_name`` (which must not exist yet: onnx
-    appends to an existing data file)."""
-    onnx.save_model(
-        proto,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data_name,
-        size_threshold=size_threshold,
-        convert_attribute=False,
-    )
 
 
 def _publish(partial: Path, out_dir: Path, names: list[str]) -> None:
@@ -346,14 +337,14 @@ def export(
                 label = "FP8: calibrate on the reference, insert Q/DQ" if recipe is None else f"FP8: insert Q/DQ ({role})"
                 with step(label):
                     recipe = quantize_graph(proto, model, checkpoint_dir, quantize)
-                _save(proto, partial / fname, data, opts.size_threshold)
+                save_with_external_data(proto, partial / fname, data, opts.size_threshold)
             with step(f"write {fname}"):
                 entry = GraphEntry(
                     file=fname,
                     data=[],
                     role=role,
-                    inputs=_value_entries(proto.graph.input, {}),
-                    outputs=_value_entries(proto.graph.output, {}),
+                    inputs=_value_entries(proto.graph.input),
+                    outputs=_value_entries(proto.graph.output),
                     custom_ops=_custom_op_counts(proto),
                 )
                 del proto

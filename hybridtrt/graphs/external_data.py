@@ -49,6 +49,20 @@ def _point_at(t: onnx.TensorProto, location: str, offset: int, length: int) -> N
         entry.key, entry.value = key, value
 
 
+def save_with_external_data(model: onnx.ModelProto, path: str | Path, data_name: str, size_threshold: int = 1024) -> None:
+    """Save ``model`` with every initializer of at least ``size_threshold`` bytes in ``data_name``
+    beside it. The data file must not exist yet: onnx appends to an existing one."""
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=size_threshold,
+        convert_attribute=False,
+    )
+
+
 def share_external_data(model_path: str | Path, reference_path: str | Path, size_threshold: int = 1024) -> int:
     """Rewrite ``model_path`` so that initializers identical to ``reference_path``'s (same name,
     same bytes) point into the reference's data file. Both models live in one directory.
@@ -85,13 +99,5 @@ def share_external_data(model_path: str | Path, reference_path: str | Path, size
     for name in own_files:
         (root / name).unlink()
     own = sorted(kept)[0] if kept else model_path.stem + ".weights.data"
-    onnx.save_model(
-        model,
-        str(model_path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=own,
-        size_threshold=size_threshold,
-        convert_attribute=False,
-    )
+    save_with_external_data(model, model_path, own, size_threshold)
     return shared

@@ -27,9 +27,6 @@ class StateBuffer:
     def concrete_shape(self, batch: int, past: int = 0) -> tuple[int, ...]:
         return tuple(batch if d == BATCH else past if d == PAST else int(d) for d in self.shape)
 
-    def nbytes(self, batch: int, past: int = 0) -> int:
-        return int(np.prod(self.concrete_shape(batch, past))) * np.dtype(self.dtype).itemsize
-
 
 @dataclass(frozen=True)
 class StatePlan:
@@ -54,7 +51,3 @@ class StatePlan:
     def feed_back(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``present_*`` outputs -> the next call's ``past_*`` inputs."""
         return {b.past_name: outputs[b.present_name] for b in self.buffers}
-
-    def bytes_per_row(self, past: int) -> int:
-        """State bytes of one batch row at ``past`` cached positions (for buffer planning)."""
-        return sum(b.nbytes(1, past) for b in self.buffers)
