@@ -32,18 +32,21 @@ def print_report(report) -> None:
         cmp = c.comparison
         return [f"{cmp.rel_l2:.2e}" if cmp.finite else "non-finite", f"{cmp.cosine:.6f}" if cmp.finite else "—", "[green]ok[/]" if c.passed else f"[red]{'; '.join(c.failures)}[/]"]
 
+    def worst(checks):
+        """Failing before passing, then the largest rel L2 (non-finite counts as infinite)."""
+        return max(checks, key=lambda c: (not c.passed, c.comparison.rel_l2 if c.comparison.finite else float("inf")))
+
     rows = []
     for phase in ("prefill", "decode"):
         checks = [c for c in report.checks if c.phase == phase]
         logits = [c for c in checks if c.name == "logits"]
         states = [c for c in checks if c.name != "logits"]
         if logits:
-            worst = max(logits, key=lambda c: (not c.passed, c.comparison.rel_l2 if c.comparison.finite else float("inf")))
             label = "prefill logits" if phase == "prefill" else f"decode logits (worst of {len(logits)} steps)"
-            rows.append([label, *fmt(worst)])
+            rows.append([label, *fmt(worst(logits))])
         if states:
-            worst = max(states, key=lambda c: (not c.passed, c.comparison.rel_l2 if c.comparison.finite else float("inf")))
-            rows.append([f"{phase} states (worst of {len(states)}: {worst.name})", *fmt(worst)])
+            w = worst(states)
+            rows.append([f"{phase} states (worst of {len(states)}: {w.name})", *fmt(w)])
     layer = [c for c in report.checks if c.phase == "layer"]
     if layer:
         bad = [c for c in layer if not c.passed]

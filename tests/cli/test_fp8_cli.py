@@ -6,21 +6,16 @@ import json
 import shutil
 
 import onnx
-from onnx import numpy_helper
 
 from hybridtrt.cli.main import main
 from hybridtrt.exporter.manifest import read_manifest
+from tests.validation.faults import scale_initializers
 
 
 def _scale_activation_quantizer(export_dir, factor: float) -> None:
     """Plant a bad scale: every activation QuantizeLinear scale multiplied by ``factor``."""
-    model = onnx.load(str(export_dir / "model.onnx"))
-    q_scales = {n.input[1] for n in model.graph.node if n.op_type == "QuantizeLinear"}
-    for t in model.graph.initializer:
-        if t.name in q_scales:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * factor, t.name))
-    (export_dir / "weights.data").unlink()
-    onnx.save_model(model, str(export_dir / "model.onnx"), save_as_external_data=True, location="weights.data")
+    model = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
+    scale_initializers(export_dir, {n.input[1] for n in model.graph.node if n.op_type == "QuantizeLinear"}, factor)
 
 
 def test_fp8_export_validates_and_bad_scale_fails(make_checkpoint, tmp_path, capsys):

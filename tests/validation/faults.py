@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from hybridtrt.graphs.external_data import save_with_external_data
 
 
 def _load(export_dir: Path) -> onnx.ModelProto:
@@ -15,19 +16,26 @@ def _load(export_dir: Path) -> onnx.ModelProto:
 
 def _save(model: onnx.ModelProto, export_dir: Path) -> None:
     (export_dir / "weights.data").unlink()
-    onnx.save_model(model, str(export_dir / "model.onnx"), save_as_external_data=True, location="weights.data", size_threshold=1024)
+    save_with_external_data(model, export_dir / "model.onnx", "weights.data")
+
+
+def scale_initializers(export_dir: Path, names: set[str], factor: float) -> None:
+    """Multiply each named initializer by ``factor`` (all must exist)."""
+    model = _load(export_dir)
+    found = set()
+    for t in model.graph.initializer:
+        if t.name in names:
+            array = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array(array * array.dtype.type(factor), t.name))
+            found.add(t.name)
+    if found != names:
+        raise KeyError(sorted(names - found))
+    _save(model, export_dir)
 
 
 def perturb_weight(export_dir: Path, initializer: str, scale: float = 1.5) -> None:
     """Multiply one initializer by ``scale``."""
-    model = _load(export_dir)
-    for t in model.graph.initializer:
-        if t.name == initializer:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(scale), initializer))
-            break
-    else:
-        raise KeyError(initializer)
-    _save(model, export_dir)
+    scale_initializers(export_dir, {initializer}, scale)
 
 
 def swap_outputs(export_dir: Path, a: str, b: str) -> None:
