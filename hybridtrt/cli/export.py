@@ -77,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.calib or args.calib_random or args.exclude or args.weight_scale:
         from hybridtrt.errors import InputError
 
-        raise InputError("--calib/--calib-random/--exclude/--weight-scale need --quantize fp8")
+        raise InputError(
+            "--calib/--calib-random/--exclude/--weight-scale only apply to FP8 exports",
+            fix="add --quantize fp8, or drop those flags",
+        )
     with calibration_progress(quant):
         result = export(args.checkpoint, args.output, opts, step=step, quantize=quant)
     m = result.manifest

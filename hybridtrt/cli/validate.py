@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from hybridtrt.cli.common import console, step, table
+from hybridtrt.cli.common import console, step, styled, table
 
 HELP = "compare an export (ONNX Runtime or TensorRT) with the PyTorch reference; non-zero exit when a gate fails"
 
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def print_report(report) -> None:
     def fmt(c):
         cmp = c.comparison
-        return [f"{cmp.rel_l2:.2e}" if cmp.finite else "non-finite", f"{cmp.cosine:.6f}" if cmp.finite else "—", "[green]ok[/]" if c.passed else f"[red]{'; '.join(c.failures)}[/]"]
+        return [f"{cmp.rel_l2:.2e}" if cmp.finite else "non-finite", f"{cmp.cosine:.6f}" if cmp.finite else "—", styled("ok", "green") if c.passed else styled("; ".join(c.failures), "red")]
 
     def worst(checks):
         """Failing before passing, then the largest rel L2 (non-finite counts as infinite)."""
@@ -50,13 +50,13 @@ def print_report(report) -> None:
     layer = [c for c in report.checks if c.phase == "layer"]
     if layer:
         bad = [c for c in layer if not c.passed]
-        rows.append([f"per-layer ({len(layer)} tensors)", "", "", f"[red]{len(bad)} failing[/]" if bad else "[green]ok[/]"])
+        rows.append([f"per-layer ({len(layer)} tensors)", "", "", styled(f"{len(bad)} failing", "red") if bad else styled("ok", "green")])
     console.print(table(f"{report.backend} vs {report.reference} ({report.precision}, batch {report.batch}, {report.steps} steps)", ["", "rel L2", "cosine", "gate"], rows))
     if report.token_agreement is not None:
         console.print(f"greedy token agreement {report.token_agreement:.3f} · teacher-forced top-1 {report.teacher_forced_top1:.3f}")
     if report.first_divergence:
         d = report.first_divergence
-        console.print(f"[bold red]first divergence: layer {d['layer']} — {d['tensor']}[/] ({'; '.join(d['why'])})")
+        console.print(styled(f"first divergence: layer {d['layer']} — {d['tensor']} ({'; '.join(d['why'])})", "bold red"))
     t = report.timings
     console.print(f"time: reference {t.get('reference_s', 0):.2f} s · {report.backend} {t.get('backend_s', 0):.2f} s")
     console.print("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]")
@@ -85,5 +85,5 @@ def run(args: argparse.Namespace) -> int:
         from hybridtrt.validation.report import write_report
 
         paths = write_report(report, args.report)
-        console.print(f"report: {paths['html']}")
+        console.print(f"report: {paths['html']}", markup=False)
     return 0 if report.passed else 1

@@ -113,10 +113,68 @@ def _get(cfg: dict[str, Any], *names: str, default: Any = ...) -> Any:
     return default
 
 
+def _int(cfg: dict[str, Any], *names: str, default: Any = ..., minimum: int = 1) -> int:
+    """A whole-number field (HF writes ints; an integral float such as ``64.0`` is accepted).
+
+    Raises:
+        ConfigError: naming the field and its value when it is not a whole number ≥ ``minimum``.
+    """
+    value = _get(cfg, *names, default=default)
+    name = next((n for n in names if cfg.get(n) is not None), names[0])
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ConfigError(f"{name}={value!r} in config.json is not a whole number", fix=f"set {name} to an integer ≥ {minimum}")
+    if value < minimum:
+        raise ConfigError(f"{name}={value!r} in config.json must be ≥ {minimum}", fix=f"set {name} to an integer ≥ {minimum}")
+    return int(value)
+
+
+def _float(cfg: dict[str, Any], *names: str, default: Any = ...) -> float:
+    """A real-number field; infinities as HF writes them (``{"__float__": "Infinity"}``) are decoded on load."""
+    value = _get(cfg, *names, default=default)
+    name = next((n for n in names if cfg.get(n) is not None), names[0])
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{name}={value!r} in config.json is not a number", fix=f"set {name} to a number")
+    return float(value)
+
+
+def _time_step_limit(cfg: dict[str, Any]) -> tuple[float, float]:
+    """Mamba-2's ``time_step_limit`` ``[lo, hi]`` (transformers writes ``[0.0, {"__float__": "Infinity"}]``)."""
+    value = cfg.get("time_step_limit")
+    if value is None:
+        return 0.0, math.inf
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in value)
+    if not ok or not 0 <= value[0] <= value[1]:
+        raise ConfigError(
+            f"time_step_limit={value!r} in config.json is not [lo, hi] with 0 ≤ lo ≤ hi",
+            fix='write it as transformers does, e.g. [0.0, {"__float__": "Infinity"}]',
+        )
+    return float(value[0]), float(value[1])
+
+
 def _single_token(value: Any) -> int | None:
+    """``bos/eos/pad_token_id``: an int, a list of ints (the first counts) or null."""
     if isinstance(value, list):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
+        value = value[0] if value else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"token id {value!r} in config.json is not a non-negative integer", fix="fix bos/eos/pad_token_id")
+    return value
+
+
+def decode_hf_floats(value: Any) -> Any:
+    """Undo transformers' JSON encoding of non-finite floats (``{"__float__": "Infinity"}``), recursively."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and isinstance(value["__float__"], str):
+            try:
+                return float(value["__float__"])
+            except ValueError:
+                raise ConfigError(f"config.json has an unreadable float {value!r}") from None
+        return {k: decode_hf_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_hf_floats(v) for v in value]
+    return value
 
 
 def _parse_pattern(cfg: dict[str, Any]) -> tuple[str, ...]:
@@ -166,32 +224,32 @@ def _parse_nemotron_h(cfg: dict[str, Any]) -> HybridConfig:
             "attention_bias=true is not supported (Nemotron-H attention has no biases)",
             fix="set attention_bias to false if the checkpoint has no q/k/v/o biases",
         )
-    heads = int(_get(cfg, "num_attention_heads"))
-    hidden = int(_get(cfg, "hidden_size"))
+    heads = _int(cfg, "num_attention_heads")
+    hidden = _int(cfg, "hidden_size")
     return HybridConfig(
         family="nemotron_h",
-        vocab_size=int(_get(cfg, "vocab_size")),
+        vocab_size=_int(cfg, "vocab_size"),
         hidden_size=hidden,
         layer_types=layer_types,
-        layer_norm_epsilon=float(_get(cfg, "layer_norm_epsilon", default=1e-5)),
+        layer_norm_epsilon=_float(cfg, "layer_norm_epsilon", default=1e-5),
         tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
         # HF's NemotronHBlock keeps the residual in the model dtype whatever the config says.
         residual_in_fp32=False,
         norm_weight_in_fp32=True,
-        mamba_num_heads=int(_get(cfg, "mamba_num_heads")),
-        mamba_head_dim=int(_get(cfg, "mamba_head_dim")),
-        ssm_state_size=int(_get(cfg, "ssm_state_size", default=128)),
-        n_groups=int(_get(cfg, "n_groups", "mamba_n_groups", default=8)),
-        conv_kernel=int(_get(cfg, "conv_kernel", "mamba_d_conv", default=4)),
-        chunk_size=int(_get(cfg, "chunk_size", "mamba_chunk_size", default=128)),
+        mamba_num_heads=_int(cfg, "mamba_num_heads"),
+        mamba_head_dim=_int(cfg, "mamba_head_dim"),
+        ssm_state_size=_int(cfg, "ssm_state_size", default=128),
+        n_groups=_int(cfg, "n_groups", "mamba_n_groups", default=8),
+        conv_kernel=_int(cfg, "conv_kernel", "mamba_d_conv", default=4),
+        chunk_size=_int(cfg, "chunk_size", "mamba_chunk_size", default=128),
         use_conv_bias=bool(_get(cfg, "use_conv_bias", "mamba_conv_bias", default=True)),
         mamba_bias=bool(_get(cfg, "use_bias", default=False)),
         # HF NemotronHMamba2Mixer clamps dt to (time_step_min, inf), not to config.time_step_limit.
-        time_step_limit=(float(_get(cfg, "time_step_min", "mamba_dt_min", default=0.001)), math.inf),
+        time_step_limit=(_float(cfg, "time_step_min", "mamba_dt_min", default=0.001), math.inf),
         num_attention_heads=heads,
-        num_key_value_heads=int(_get(cfg, "num_key_value_heads", default=heads)),
-        attention_head_dim=int(_get(cfg, "head_dim", "attention_head_dim", default=hidden // heads)),
-        intermediate_size=int(_get(cfg, "intermediate_size", default=4 * hidden)),
+        num_key_value_heads=_int(cfg, "num_key_value_heads", default=heads),
+        attention_head_dim=_int(cfg, "head_dim", "attention_head_dim", default=hidden // heads),
+        intermediate_size=_int(cfg, "intermediate_size", default=4 * hidden),
         mlp_bias=bool(_get(cfg, "mlp_bias", default=False)),
         bos_token_id=_single_token(cfg.get("bos_token_id")),
         eos_token_id=_single_token(cfg.get("eos_token_id")),
@@ -200,10 +258,10 @@ def _parse_nemotron_h(cfg: dict[str, Any]) -> HybridConfig:
 
 
 def _parse_mamba2(cfg: dict[str, Any]) -> HybridConfig:
-    hidden = int(_get(cfg, "hidden_size"))
-    heads = int(_get(cfg, "num_heads"))
-    head_dim = int(_get(cfg, "head_dim"))
-    expand = int(_get(cfg, "expand", default=2))
+    hidden = _int(cfg, "hidden_size")
+    heads = _int(cfg, "num_heads")
+    head_dim = _int(cfg, "head_dim")
+    expand = _int(cfg, "expand", default=2)
     if hidden * expand != heads * head_dim:
         raise ConfigError(
             f"hidden_size*expand ({hidden * expand}) != num_heads*head_dim ({heads * head_dim})",
@@ -211,25 +269,25 @@ def _parse_mamba2(cfg: dict[str, Any]) -> HybridConfig:
         )
     if _get(cfg, "hidden_act", default="silu") != "silu":
         raise ConfigError(f"hidden_act={cfg['hidden_act']!r} is not supported", fix="use 'silu'")
-    lo, hi = _get(cfg, "time_step_limit", default=(0.0, math.inf))
+    lo, hi = _time_step_limit(cfg)
     return HybridConfig(
         family="mamba2",
-        vocab_size=int(_get(cfg, "vocab_size")),
+        vocab_size=_int(cfg, "vocab_size"),
         hidden_size=hidden,
-        layer_types=(MAMBA,) * int(_get(cfg, "num_hidden_layers")),
-        layer_norm_epsilon=float(_get(cfg, "layer_norm_epsilon", default=1e-5)),
+        layer_types=(MAMBA,) * _int(cfg, "num_hidden_layers"),
+        layer_norm_epsilon=_float(cfg, "layer_norm_epsilon", default=1e-5),
         tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
         residual_in_fp32=bool(_get(cfg, "residual_in_fp32", default=True)),
         norm_weight_in_fp32=False,
         mamba_num_heads=heads,
         mamba_head_dim=head_dim,
-        ssm_state_size=int(_get(cfg, "state_size", default=128)),
-        n_groups=int(_get(cfg, "n_groups", default=8)),
-        conv_kernel=int(_get(cfg, "conv_kernel", default=4)),
-        chunk_size=int(_get(cfg, "chunk_size", default=256)),
+        ssm_state_size=_int(cfg, "state_size", default=128),
+        n_groups=_int(cfg, "n_groups", default=8),
+        conv_kernel=_int(cfg, "conv_kernel", default=4),
+        chunk_size=_int(cfg, "chunk_size", default=256),
         use_conv_bias=bool(_get(cfg, "use_conv_bias", default=True)),
         mamba_bias=bool(_get(cfg, "use_bias", default=False)),
-        time_step_limit=(float(lo), float(hi)),
+        time_step_limit=(lo, hi),
         num_attention_heads=0,
         num_key_value_heads=0,
         attention_head_dim=0,
@@ -249,6 +307,8 @@ CONFIG_PARSERS: dict[str, Callable[[dict[str, Any]], HybridConfig]] = {
 
 
 def _validate(c: HybridConfig) -> HybridConfig:
+    if not c.layer_norm_epsilon > 0:
+        raise ConfigError(f"layer_norm_epsilon={c.layer_norm_epsilon} must be > 0", fix="use the checkpoint's value (e.g. 1e-5)")
     if MAMBA in c.layer_types:
         if c.mamba_num_heads % c.n_groups:
             raise ConfigError(
@@ -271,6 +331,7 @@ def _validate(c: HybridConfig) -> HybridConfig:
 
 def config_from_dict(cfg: dict[str, Any]) -> HybridConfig:
     """Parse an HF config dict. Raises `ConfigError` for anything unsupported."""
+    cfg = decode_hf_floats(cfg)
     model_type = cfg.get("model_type")
     parser = CONFIG_PARSERS.get(model_type)  # type: ignore[arg-type]
     if parser is None:
@@ -287,9 +348,11 @@ def load_config(checkpoint_dir: str | Path) -> HybridConfig:
     if not path.is_file():
         raise ConfigError(f"no config.json in {checkpoint_dir}", fix="point at an HF checkpoint directory")
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_bytes().decode("utf-8"))  # bare Infinity/NaN tokens are accepted
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): not an HF config.json", fix="use the checkpoint's config.json") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        raise ConfigError(f"{path} is not valid JSON: {e}", fix="use the checkpoint's config.json") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path} does not hold a JSON object")
     return config_from_dict(cfg)

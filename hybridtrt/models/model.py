@@ -122,7 +122,12 @@ class HybridLM(nn.Module):
         mask = attention_mask[:, -l:].to(dtype)  # [B, L]
         bias = causal_bias(attention_mask, l, dtype)
         is_decode = decode_flag(attention_mask, l)
-        h = self.embeddings(input_ids)
+        # Left-padding rows are held at exactly zero through every block (DESIGN.md §4): otherwise a
+        # padded query attends uniformly to keys it must not see, its garbage grows layer by layer
+        # (it differs between fp16/fp32/backends, and can overflow to inf, and a NaN V row poisons
+        # real rows through 0·NaN in probs @ V). Real rows are multiplied by 1: unchanged.
+        row = mask[..., None]
+        h = self.embeddings(input_ids) * row
         new = HybridCache()
         hidden: list[Tensor] = []
         for i, block in enumerate(self.layers):
@@ -135,14 +140,15 @@ class HybridLM(nn.Module):
                 out, new.key[i], new.value[i] = block.mixer(x, bias, cache.key[i], cache.value[i])
             else:
                 out = block.mixer(x)
-            h = residual + out
+            h = (residual + out) * row.to(residual.dtype)
             if output_hidden_states:
                 hidden.append(h)
         h = self.norm_f(h)
         if logits_mode == "last":
             h = h[:, -1]
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
-        return CausalLMOutput(torch.matmul(h, head.t()).float(), new, hidden)
+        # With residual_in_fp32 (every real Mamba-2) h is fp32 here; HF casts it to the head's dtype.
+        return CausalLMOutput(torch.matmul(h.to(head.dtype), head.t()).float(), new, hidden)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs):

@@ -40,7 +40,7 @@ def plot_report(report: Report, path: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise MissingDependencyError("matplotlib is needed for --report pictures", fix="pip install 'hybridtrt[report]'") from None
+        raise MissingDependencyError("matplotlib (a hybridtrt dependency) is not importable", fix="pip install matplotlib, or reinstall hybridtrt with its dependencies") from None
 
     layer_checks = [c for c in report.checks if c.phase == "layer"]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from hybridtrt.errors import InputError
@@ -93,8 +94,28 @@ def _timed(timings: dict[str, float], key: str, fn, *args, **kwargs):
     return result
 
 
-def _check(report: Report, phase: str, name: str, got: Any, ref: Any, kind: str, **where: Any) -> Check:
-    """Compare one tensor; present states use the precision's ``state`` gate in every phase."""
+_KV_STATE = re.compile(r"^present\.\d+\.(key|value)$")
+
+
+def real_positions(name: str, tensor: Any, attention_mask: torch.Tensor) -> Any:
+    """The part of a state that the contract defines.
+
+    KV rows of left-padding positions are never read: their content is backend-specific (ours are
+    zero, HF keeps garbage there), so a KV state ``[B, H_kv, past+L, D]`` is compared at real
+    positions only, flattened. Other tensors are returned as they are.
+    """
+    if not _KV_STATE.match(name) or tuple(tensor.shape)[2:3] != (attention_mask.shape[1],):
+        return tensor
+    array = tensor.detach().cpu().float().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor, dtype=np.float32)
+    keep = attention_mask.bool().cpu().numpy()
+    return np.concatenate([array[b][:, keep[b]].reshape(-1) for b in range(array.shape[0])])
+
+
+def _check(report: Report, phase: str, name: str, got: Any, ref: Any, kind: str, mask: torch.Tensor | None = None, **where: Any) -> Check:
+    """Compare one tensor; present states use the precision's ``state`` gate in every phase.
+    With ``mask`` (the attention mask of the call), KV states are compared at real positions."""
+    if mask is not None:
+        got, ref = real_positions(name, got, mask), real_positions(name, ref, mask)
     c = compare(got, ref, top1=name == "logits")
     if name.startswith("present"):
         kind = "state"
@@ -144,7 +165,7 @@ def validate(
     _check(report, "prefill", "logits", got_logits, ref_logits, "call")
     ref_named, got_named = reference.named_states(ref_state), backend.named_states(got_state)
     for name in ref_named:
-        _check(report, "prefill", name, got_named[name], ref_named[name], "call", layer=layer_of(name))
+        _check(report, "prefill", name, got_named[name], ref_named[name], "call", mask=attention_mask, layer=layer_of(name))
 
     # Per layer: outputs and states, in layer order; name the first that diverges.
     if per_layer:
@@ -182,7 +203,7 @@ def validate(
     if steps:
         ref_named, got_named = reference.named_states(ref_state), backend.named_states(got_state)
         for name in ref_named:
-            _check(report, "decode", name, got_named[name], ref_named[name], "steps", step=steps, layer=layer_of(name))
+            _check(report, "decode", name, got_named[name], ref_named[name], "steps", mask=mask, step=steps, layer=layer_of(name))
     report.teacher_forced_top1 = sum(agree) / len(agree)
 
     # Free-running greedy generation of the backend vs the reference's greedy tokens.
