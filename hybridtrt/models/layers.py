@@ -177,7 +177,7 @@ class Attention(nn.Module):
 
         Args:
             h: ``[B, L, hidden]``.
-            bias: ``[B, 1, L, S + L]`` additive mask (0 or dtype-min), h's dtype.
+            bias: ``[B, 1, L, S + L]`` additive mask (0 or fp32-min), fp32: added to fp32 scores.
             past_key, past_value: ``[B, H_kv, S, D]``.
 
         Returns:
@@ -192,8 +192,8 @@ class Attention(nn.Module):
         rep = self.num_heads // self.num_kv_heads
         k_all = key.repeat_interleave(rep, dim=1) if rep > 1 else key
         v_all = value.repeat_interleave(rep, dim=1) if rep > 1 else value
-        scores = torch.matmul(q, k_all.transpose(2, 3)) * self.scaling + bias
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        scores = (torch.matmul(q, k_all.transpose(2, 3)) * self.scaling).float() + bias
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
         out = torch.matmul(probs, v_all).transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim)
         return self.o_proj(out), key, value
 

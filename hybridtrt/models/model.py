@@ -120,14 +120,15 @@ class HybridLM(nn.Module):
         b, l = input_ids.shape
         dtype = self.dtype
         mask = attention_mask[:, -l:].to(dtype)  # [B, L]
-        bias = causal_bias(attention_mask, l, dtype)
+        bias = causal_bias(attention_mask, l, torch.float32)  # added to fp32 scores: never overflows
         is_decode = decode_flag(attention_mask, l)
         # Left-padding rows are held at exactly zero through every block (DESIGN.md §4): otherwise a
         # padded query attends uniformly to keys it must not see, its garbage grows layer by layer
         # (it differs between fp16/fp32/backends, and can overflow to inf, and a NaN V row poisons
-        # real rows through 0·NaN in probs @ V). Real rows are multiplied by 1: unchanged.
-        row = mask[..., None]
-        h = self.embeddings(input_ids) * row
+        # real rows through 0·NaN in probs @ V). A select, not a multiply, so that not even a NaN
+        # survives on a padding row; real rows are passed through unchanged.
+        row = attention_mask[:, -l:, None] != 0  # [B, L, 1]
+        h = torch.where(row, self.embeddings(input_ids), 0.0)
         new = HybridCache()
         hidden: list[Tensor] = []
         for i, block in enumerate(self.layers):
@@ -140,7 +141,7 @@ class HybridLM(nn.Module):
                 out, new.key[i], new.value[i] = block.mixer(x, bias, cache.key[i], cache.value[i])
             else:
                 out = block.mixer(x)
-            h = (residual + out) * row.to(residual.dtype)
+            h = torch.where(row, residual + out, 0.0)
             if output_hidden_states:
                 hidden.append(h)
         h = self.norm_f(h)
@@ -175,8 +176,9 @@ def causal_bias(attention_mask: Tensor, length: int, dtype: torch.dtype) -> Tens
     Args:
         attention_mask: ``[B, past + L]`` of 0/1.
         length: ``L``.
-        dtype: Model dtype (masked entries get ``finfo(dtype).min``, never -inf, so fully padded
-            rows stay finite).
+        dtype: dtype of the scores it is added to (masked entries get ``finfo(dtype).min``, never
+            -inf, so fully padded rows stay finite). The model adds it to fp32 scores: in fp16,
+            ``score + finfo(fp16).min`` overflows to -inf and a fully masked row becomes NaN.
 
     Returns:
         ``[B, 1, L, past + L]``.

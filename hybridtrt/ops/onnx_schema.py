@@ -47,8 +47,22 @@ _CONSTRAINTS = [
 ]
 
 
+def _outputs_like(inputs: tuple[str, ...], outputs: tuple[str, ...]):
+    """Type and shape inference: each output has the type and shape of the input it mirrors
+    (``y`` ← ``x``, ``final_state``/``new_state`` ← ``initial_state``/``state``, DESIGN.md §5)."""
+    mirrors = {"y": "x", "final_state": "initial_state", "new_state": "state"}
+    sources = [inputs.index(mirrors[o]) for o in outputs]
+
+    def infer(ctx: onnx.shape_inference.InferenceContext) -> None:
+        for out, source in enumerate(sources):
+            if ctx.has_input(source):
+                ctx.set_output_type(out, ctx.get_input_type(source))
+
+    return infer
+
+
 def _schema(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], attrs: tuple[str, ...], doc: str) -> OpSchema:
-    return OpSchema(
+    schema = OpSchema(
         name,
         DOMAIN,
         DOMAIN_VERSION,
@@ -66,6 +80,8 @@ def _schema(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], attrs:
             for a in attrs
         ],
     )
+    schema.set_type_and_shape_inference_function(_outputs_like(inputs, outputs))
+    return schema
 
 
 def register_schemas() -> None:

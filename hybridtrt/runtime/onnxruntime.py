@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -27,14 +28,32 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def has_bf16(path: str | Path) -> bool:
+    """Does the graph at ``path`` take or hold bf16 tensors (read without its weights)?"""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    bf16 = onnx.TensorProto.BFLOAT16
+    return any(v.type.tensor_type.elem_type == bf16 for v in (*g.input, *g.output)) or any(
+        t.data_type == bf16 for t in g.initializer
+    )
+
+
 class OrtSession:
-    """A CPU ``InferenceSession`` that takes and returns dicts by name."""
+    """A CPU ``InferenceSession`` that takes and returns dicts by name.
+
+    ONNX Runtime's CPU provider has no bf16 kernels: a bf16 graph runs through
+    `hybridtrt.graphs.bf16_emulation` (fp32 compute, every bf16 tensor rounded to bf16 where it is
+    produced) and ``emulated_bf16`` is True. Feeds in bf16 are widened exactly.
+    """
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         if not Path(path).is_file():
             raise ArtefactError(f"{path} does not exist", fix="export first with `hybridtrt export`")
+        self.emulated_bf16 = has_bf16(path)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         # Idle ORT threads otherwise spin and starve PyTorch's OpenMP threads in the same process
@@ -42,12 +61,21 @@ class OrtSession:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        source: str | bytes = str(path)
+        if self.emulated_bf16:
+            import onnx
+
+            from hybridtrt.graphs.bf16_emulation import emulate_bf16
+
+            source = emulate_bf16(onnx.load(str(path))).SerializeToString()
+        self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, Any], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         arrays = {k: to_numpy(v) for k, v in feeds.items() if k in self.input_names}
+        if self.emulated_bf16:
+            arrays = {k: a.astype(np.float32) if a.dtype == ml_dtypes.bfloat16 else a for k, a in arrays.items()}
         names = outputs or self.output_names
         return dict(zip(names, self.session.run(names, arrays)))
 
