@@ -141,13 +141,12 @@ class MoE(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         """``[B, L, hidden] -> [B, L, hidden]`` in h's dtype (tokens are independent)."""
         b, l, hidden = h.shape
-        flat = h.reshape(b * l, hidden)
-        weights, indices = self.gate(flat)
-        x = flat if self.fc1_latent_proj is None else self.fc1_latent_proj(flat)
-        y = self.experts(x, indices, weights)
+        weights, indices = self.gate(h.reshape(b * l, hidden))
+        # Linears on [B, L, *] (not on the flat tokens) so they export as MatMul like every other.
+        x = h if self.fc1_latent_proj is None else self.fc1_latent_proj(h)
+        y = self.experts(x.reshape(b * l, x.shape[-1]), indices, weights).reshape(b, l, x.shape[-1])
         if self.fc2_latent_proj is not None:
             y = self.fc2_latent_proj(y)
-        y = y.reshape(b, l, hidden)
         if self.shared_experts is not None:
             y = y + self.shared_experts(h)
         return y
@@ -159,13 +158,12 @@ def moe_forward_ref(module: MoE, h: Tensor) -> Tensor:
     Shapes: ``h [B, L, hidden]`` -> ``[B, L, hidden]``.
     """
     b, l, hidden = h.shape
-    flat = h.reshape(b * l, hidden)
-    weights, indices = route_ref(flat, module.gate.weight, module.gate.e_score_correction_bias, module.moe)
-    x = flat if module.fc1_latent_proj is None else module.fc1_latent_proj(flat)
-    y = moe_experts_ref(x, indices, weights, module.experts.up_proj, module.experts.down_proj)
+    weights, indices = route_ref(h.reshape(b * l, hidden), module.gate.weight, module.gate.e_score_correction_bias, module.moe)
+    x = h if module.fc1_latent_proj is None else module.fc1_latent_proj(h)
+    y = moe_experts_ref(x.reshape(b * l, x.shape[-1]), indices, weights, module.experts.up_proj, module.experts.down_proj)
+    y = y.reshape(b, l, x.shape[-1])
     if module.fc2_latent_proj is not None:
         y = module.fc2_latent_proj(y)
-    y = y.reshape(b, l, hidden)
     if module.shared_experts is not None:
         y = y + module.shared_experts(h)
     return y
