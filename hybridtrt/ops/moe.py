@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["moe_experts", "moe_experts_eager", "moe_experts_ref", "relu2"]
+__all__ = ["group_by_expert", "moe_experts", "moe_experts_eager", "moe_experts_ref", "relu2"]
 
 kIN_X, kIN_TOPK_INDICES, kIN_TOPK_WEIGHTS, kIN_UP_PROJ, kIN_DOWN_PROJ = range(5)
 kOUT_Y = 0
@@ -56,22 +56,37 @@ def moe_experts_eager(x: Tensor, topk_indices: Tensor, topk_weights: Tensor, up_
     Returns:
         ``y [T, D]`` in x's dtype. Work is proportional to ``T * K`` (experts nobody chose never run).
     """
-    tokens, k = topk_indices.shape
-    flat = topk_indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # pairs (t, k) grouped by expert, tokens ascending
-    counts = torch.bincount(flat, minlength=up_proj.shape[0]).tolist()
-    token_of = order // k
+    order, groups = group_by_expert(topk_indices, up_proj.shape[0])
+    token_of = order // topk_indices.shape[1]
     xs = x[token_of]
     out = torch.empty(xs.shape[0], down_proj.shape[1], dtype=x.dtype, device=x.device)
-    start = 0
-    for expert, n in enumerate(counts):
-        if n:
-            h = relu2(xs[start : start + n] @ up_proj[expert].t())
-            out[start : start + n] = h @ down_proj[expert].t()
-            start += n
+    for expert, rows in groups:
+        out[rows] = relu2(xs[rows] @ up_proj[expert].t()) @ down_proj[expert].t()
     weighted = out.float() * topk_weights.reshape(-1)[order].float()[:, None]
-    y = torch.zeros(tokens, down_proj.shape[1], dtype=torch.float32, device=x.device)
+    y = torch.zeros(x.shape[0], down_proj.shape[1], dtype=torch.float32, device=x.device)
     return y.index_add_(0, token_of, weighted).to(x.dtype)
+
+
+def group_by_expert(topk_indices: Tensor, num_experts: int) -> tuple[Tensor, list[tuple[int, slice]]]:
+    """The ``P = T·K`` (token, k) pairs grouped by expert.
+
+    Args:
+        topk_indices: ``[T, K]`` int64.
+        num_experts: ``E``.
+
+    Returns:
+        ``order [P]``: pair indices ``p = t·K + k`` sorted by expert (tokens ascending within an
+        expert), and ``(expert, rows)`` for every expert that some pair chose: ``order[rows]`` are
+        that expert's pairs.
+    """
+    flat = topk_indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    groups, start = [], 0
+    for expert, n in enumerate(torch.bincount(flat, minlength=num_experts).tolist()):
+        if n:
+            groups.append((expert, slice(start, start + n)))
+            start += n
+    return order, groups
 
 
 def moe_experts_ref(x: Tensor, topk_indices: Tensor, topk_weights: Tensor, up_proj: Tensor, down_proj: Tensor) -> Tensor:
