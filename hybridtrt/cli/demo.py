@@ -19,7 +19,9 @@ HELP = "end to end on a tiny built-in model: checkpoint → export → validate 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=None, help="where to write (default: a new temporary directory, kept)")
-    p.add_argument("--preset", default=None, help="built-in preset (default tiny-nemotron-h)")
+    from hybridtrt.models.presets import PRESETS
+
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="built-in preset (default tiny-nemotron-h)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,11 +56,12 @@ def run(args: argparse.Namespace) -> int:
     m = result.manifest
     rows = [
         ["model", f"{preset}: pattern {m.model['layer_types']}, {result.parameters:,} parameters"],
-        ["export", f"{sum(m.graphs['unified'].custom_ops.values())} Mamba2ChunkScan nodes with function bodies, {human_bytes(sum(result.files.values()))}"],
+        ["export", f"{', '.join(f'{n} {op}' for op, n in m.graphs['unified'].custom_ops.items())} nodes with function bodies, {human_bytes(sum(result.files.values()))}"],
         ["prefill logits", f"rel L2 {prefill.rel_l2:.1e}, cosine {prefill.cosine:.6f}"],
         ["states (worst of %d)" % len(states), f"rel L2 {max(s.rel_l2 for s in states):.1e}"],
         ["per layer", f"{len(layers)} tensors, {sum(not c.passed for c in layers)} over tolerance"],
         ["decode", f"{report.steps} steps, greedy token agreement {report.token_agreement:.3f}"],
+        *([["MoE routing agreement", ", ".join(f"layer {i}: {a:.3f}" for i, a in report.routing_agreement.items())]] if report.routing_agreement else []),
         ["polygraphy", "PASS" if polygraphy_ok else "FAIL"],
         ["verdict", "[bold green]PASS[/]" if ok else "[bold red]FAIL[/]"],
         ["wall time", f"{time.perf_counter() - start:.1f} s"],
