@@ -39,22 +39,27 @@ _NEMOTRON_BASE: dict[str, Any] = {
     "pad_token_id": 0,
 }
 
+#: Sizes of the tiny Nemotron presets (Mamba-2 and attention layers).
+_TINY_NEMOTRON_SIZES: dict[str, Any] = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "mamba_num_heads": 8,
+    "mamba_head_dim": 16,
+    "ssm_state_size": 16,
+    "n_groups": 2,
+    "chunk_size": 16,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
+
 #: name -> HF config.json contents. Sizes are deliberately odd-shaped where it tests something.
 PRESETS: dict[str, dict[str, Any]] = {
     # The demo / test default: every block kind, GQA, n_groups > 1.
     "tiny-nemotron-h": {
         **_NEMOTRON_BASE,
-        "vocab_size": 256,
-        "hidden_size": 64,
+        **_TINY_NEMOTRON_SIZES,
         "hybrid_override_pattern": "M*M-M*-M",
-        "mamba_num_heads": 8,
-        "mamba_head_dim": 16,
-        "ssm_state_size": 16,
-        "n_groups": 2,
-        "chunk_size": 16,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
         "intermediate_size": 128,
     },
     # Plain Mamba-2 (HF Mamba2ForCausalLM naming), n_groups = 1, tied embeddings.
@@ -87,17 +92,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # RoPE fields that HF's NemotronH ignores.
     "tiny-nemotron3-moe": {
         **_NEMOTRON_BASE,
-        "vocab_size": 256,
-        "hidden_size": 64,
+        **_TINY_NEMOTRON_SIZES,
         "layers_block_type": ["mamba", "moe", "mamba", "moe", "mamba", "attention", "moe"],
-        "mamba_num_heads": 8,
-        "mamba_head_dim": 16,
-        "ssm_state_size": 16,
-        "n_groups": 2,
-        "chunk_size": 16,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
         "intermediate_size": 32,
         "n_routed_experts": 16,
         "num_experts_per_tok": 6,

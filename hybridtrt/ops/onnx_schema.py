@@ -47,15 +47,23 @@ _CONSTRAINTS = [
 ]
 
 
-def _schema(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], attrs: tuple[str, ...], doc: str) -> OpSchema:
+def _schema(
+    name: str,
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+    attrs: tuple[str, ...],
+    doc: str,
+    type_of: dict[str, str] = _TYPE_OF,
+    constraints: list[tuple[str, list[str], str]] = _CONSTRAINTS,
+) -> OpSchema:
     return OpSchema(
         name,
         DOMAIN,
         DOMAIN_VERSION,
         doc=doc,
-        inputs=[OpSchema.FormalParameter(n, _TYPE_OF[n]) for n in inputs],
-        outputs=[OpSchema.FormalParameter(n, _TYPE_OF[n]) for n in outputs],
-        type_constraints=_CONSTRAINTS,
+        inputs=[OpSchema.FormalParameter(n, type_of[n]) for n in inputs],
+        outputs=[OpSchema.FormalParameter(n, type_of[n]) for n in outputs],
+        type_constraints=constraints,
         attributes=[
             OpSchema.Attribute(
                 a,
@@ -108,26 +116,15 @@ def _moe_schemas() -> list[OpSchema]:
         MOE_EXPERTS_OUTPUTS,
     )
 
-    out = []
-    for name, inputs, weights, doc in (
-        (MOE_EXPERTS, MOE_EXPERTS_INPUTS, _FLOATS, "MoE routed relu² experts (Nemotron-3)."),
-        (MOE_EXPERTS_FP8, MOE_EXPERTS_FP8_INPUTS, ["tensor(float8e4m3fn)"], "MoE routed relu² experts, FP8 weights."),
-    ):
-        out.append(
-            OpSchema(
-                name,
-                DOMAIN,
-                DOMAIN_VERSION,
-                doc=doc,
-                inputs=[OpSchema.FormalParameter(n, _MOE_TYPE_OF[n]) for n in inputs],
-                outputs=[OpSchema.FormalParameter(n, _MOE_TYPE_OF[n]) for n in MOE_EXPERTS_OUTPUTS],
-                type_constraints=[
-                    ("T", _FLOATS, "activations x and output y"),
-                    ("I", ["tensor(int64)"], "selected experts"),
-                    ("F", ["tensor(float)"], "routing weights and FP8 scales, fp32"),
-                    ("W", weights, "expert weights"),
-                ],
-                attributes=[OpSchema.Attribute(a, OpSchema.AttrType.STRING, f"{a} (see DESIGN.md §5)", required=False) for a in MOE_EXPERTS_ATTRS],
-            )
+    constraints = [
+        ("T", _FLOATS, "activations x and output y"),
+        ("I", ["tensor(int64)"], "selected experts"),
+        ("F", ["tensor(float)"], "routing weights and FP8 scales, fp32"),
+    ]
+    return [
+        _schema(name, inputs, MOE_EXPERTS_OUTPUTS, MOE_EXPERTS_ATTRS, doc, _MOE_TYPE_OF, [*constraints, ("W", weights, "expert weights")])
+        for name, inputs, weights, doc in (
+            (MOE_EXPERTS, MOE_EXPERTS_INPUTS, _FLOATS, "MoE routed relu² experts (Nemotron-3)."),
+            (MOE_EXPERTS_FP8, MOE_EXPERTS_FP8_INPUTS, ["tensor(float8e4m3fn)"], "MoE routed relu² experts, FP8 weights."),
         )
-    return out
+    ]
