@@ -83,7 +83,7 @@ class FP8Recipe:
         weight_scale: ``"tensor"`` or ``"channel"`` (per output channel, DequantizeLinear axis 1).
         activation_scales: ``{MatMul node: scale}``.
         weight_scales: ``{MatMul node: scale}`` for per-tensor weights (empty per channel).
-        quantized: MatMul nodes that got Q/DQ, in graph order.
+        quantized: MatMul nodes that got Q/DQ, in graph order, then the MoeExpertsFp8 nodes.
         excluded: ``{MatMul node: reason}`` for every other MatMul.
         default_exclusions: What is never quantized by default.
         exclude_patterns: The user's ``--exclude`` regexes (matched with ``re.search`` on node names).
