@@ -61,11 +61,12 @@ def run(args: argparse.Namespace) -> int:
     m = result.manifest
     rows = [
         ["model", f"{preset}: pattern {m.model['layer_types']}, {result.parameters:,} parameters"],
-        ["export", f"{sum(m.graphs['unified'].custom_ops.values())} Mamba2ChunkScan nodes with function bodies, {human_bytes(sum(result.files.values()))}"],
+        ["export", f"{', '.join(f'{n} {op}' for op, n in m.graphs['unified'].custom_ops.items())} nodes with function bodies, {human_bytes(sum(result.files.values()))}"],
         ["prefill logits", f"rel L2 {prefill.rel_l2:.1e}, cosine {prefill.cosine:.6f}"],
         ["states (worst of %d)" % len(states), f"rel L2 {max(s.rel_l2 for s in states):.1e}"],
         ["per layer", f"{len(layers)} tensors, {sum(not c.passed for c in layers)} over tolerance"],
         ["decode", f"{report.steps} steps, greedy token agreement {report.token_agreement:.3f}"],
+        *([["MoE routing agreement", ", ".join(f"layer {i}: {a:.3f}" for i, a in report.routing_agreement.items())]] if report.routing_agreement else []),
         ["polygraphy", "PASS" if polygraphy_ok else "FAIL"],
         ["verdict", styled("PASS", "bold green") if ok else styled("FAIL", "bold red")],
         ["wall time", f"{time.perf_counter() - start:.1f} s"],

@@ -54,6 +54,9 @@ def print_report(report) -> None:
     console.print(table(f"{report.backend} vs {report.reference} ({report.precision}, batch {report.batch}, {report.steps} steps)", ["", "rel L2", "cosine", "gate"], rows))
     if report.token_agreement is not None:
         console.print(f"greedy token agreement {report.token_agreement:.3f} · teacher-forced top-1 {report.teacher_forced_top1:.3f}")
+    if report.routing_agreement:
+        per_layer = ", ".join(f"{i}: {a:.3f}" for i, a in report.routing_agreement.items())
+        console.print(f"MoE routing agreement (top-k sets equal to the reference) per layer: {per_layer}")
     if report.first_divergence:
         d = report.first_divergence
         console.print(styled(f"first divergence: layer {d['layer']} — {d['tensor']} ({'; '.join(d['why'])})", "bold red"))

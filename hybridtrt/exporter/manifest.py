@@ -19,7 +19,7 @@ from hybridtrt.errors import ArtefactError
 
 MANIFEST_FILE = "hybridtrt.json"
 
-_KIND_NAMES = {"M": "mamba", "*": "attention", "-": "mlp"}
+_KIND_NAMES = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 
 
 def checkpoint_hash(checkpoint_dir: str | Path) -> str:

@@ -11,7 +11,8 @@ from typing import Any
 import onnxscript
 import torch
 
-from hybridtrt.ops import library  # noqa: F401  (registers torch.ops.hybridtrt.*)
+from hybridtrt.ops import library, moe  # noqa: F401  (registers torch.ops.hybridtrt.*)
+from hybridtrt.ops.moe_onnx import MOE_EXPERTS, RELU2
 from hybridtrt.ops.onnx_functions import CHUNK_SCAN, DOMAIN, DOMAIN_VERSION, STATE_UPDATE
 from hybridtrt.ops.onnx_schema import register_schemas
 
@@ -45,10 +46,24 @@ def _state_update(x, dt, A, B, C, D, state):
     )
 
 
+def _moe_experts(x, topk_indices, topk_weights, up_proj, down_proj):
+    return getattr(_opset(), MOE_EXPERTS)(
+        x,
+        topk_indices,
+        topk_weights,
+        up_proj,
+        down_proj,
+        activation=RELU2,
+        plugin_namespace=PLUGIN_NAMESPACE,
+        plugin_version=PLUGIN_VERSION,
+    )
+
+
 def translation_table() -> dict[Any, Any]:
     """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
     register_schemas()
     return {
         torch.ops.hybridtrt.mamba2_chunk_scan.default: _chunk_scan,
         torch.ops.hybridtrt.mamba2_state_update.default: _state_update,
+        torch.ops.hybridtrt.moe_experts.default: _moe_experts,
     }

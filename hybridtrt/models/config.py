@@ -1,8 +1,24 @@
 """Model configuration parsed from an HF ``config.json``.
 
 One parser per model family, held in a registry keyed by ``model_type`` (DESIGN.md §3). Block
-letters: ``M`` Mamba-2 mixer, ``*`` attention, ``-`` MLP; ``E`` (MoE) is refused with a clear
-error until an issue adds it.
+letters: ``M`` Mamba-2 mixer, ``*`` attention, ``-`` MLP, ``E`` mixture of experts (Nemotron-3).
+
+Nemotron-3 MoE fields (``E`` layers), against HF transformers' ``NemotronHMoE`` (the math we copy):
+
+* supported: ``n_routed_experts`` (alias ``num_local_experts``), ``num_experts_per_tok``,
+  ``moe_intermediate_size``, ``moe_shared_expert_intermediate_size``, ``n_shared_experts`` (0 or 1),
+  ``n_group``, ``topk_group``, ``norm_topk_prob``, ``routed_scaling_factor``, ``moe_latent_size``
+  (latent MoE: ``fc1_latent_proj`` / ``fc2_latent_proj`` around the routed experts), ``mlp_bias``
+  and ``mlp_hidden_act`` (``relu2``) for the experts as for the MLP;
+* refused (`ConfigError` naming the field): ``num_nextn_predict_layers > 0`` (multi-token
+  prediction: HF transformers has no MTP module and drops the ``mtp.*`` weights), ``n_shared_experts
+  > 1`` (HF builds one shared MLP of ``moe_shared_expert_intermediate_size`` whatever the count,
+  vLLM one of ``count × size``: ambiguous), sizes and groupings that make the router ill-defined;
+* ignored, because they do not change the computation (as in HF): ``rope_theta`` /
+  ``partial_rotary_factor`` (HF's ``NemotronHAttention`` applies no rotary embedding, nor does
+  vLLM's), ``moe_shared_expert_overlap`` (a scheduling hint), ``output_router_logits`` (training),
+  ``mtp_hybrid_override_pattern`` / ``mtp_layers_block_type`` while ``num_nextn_predict_layers``
+  is 0.
 """
 
 from __future__ import annotations
@@ -17,7 +33,7 @@ from typing import Any
 from hybridtrt.errors import ConfigError
 
 MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
-SUPPORTED_BLOCKS = (MAMBA, ATTENTION, MLP)
+SUPPORTED_BLOCKS = (MAMBA, ATTENTION, MLP, MOE)
 
 # HF spells block types several ways across releases; all map to our letters.
 _BLOCK_NAMES = {
@@ -28,6 +44,34 @@ _BLOCK_NAMES = {
     "mlp": MLP,
     "moe": MOE,
 }
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """The ``E`` layers of a Nemotron-3 model (HF ``NemotronHMoE``).
+
+    Attributes:
+        num_experts: Routed experts ``E`` (``n_routed_experts``).
+        top_k: Experts per token (``num_experts_per_tok``).
+        intermediate_size: Routed expert width (``moe_intermediate_size``).
+        shared_intermediate_size: Shared expert width; 0 = no shared expert (``n_shared_experts: 0``).
+        latent_size: Latent MoE width (``moe_latent_size``): routed experts run on
+            ``fc1_latent_proj(h)`` and their sum goes through ``fc2_latent_proj``; None = no latent.
+        n_group: Expert groups for group-limited routing (``n_group``).
+        topk_group: Groups a token may use (``topk_group``).
+        norm_topk_prob: Normalise the selected experts' sigmoid scores to sum to 1.
+        routed_scaling_factor: Multiplies the routing weights.
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    shared_intermediate_size: int
+    latent_size: int | None
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
 
 
 @dataclass(frozen=True)
@@ -68,6 +112,8 @@ class HybridConfig:
     bos_token_id: int | None
     eos_token_id: int | None
     pad_token_id: int | None
+    # Mixture of experts (``E`` layers); None when the model has none.
+    moe: MoeConfig | None = None
 
     @property
     def num_layers(self) -> int:
@@ -197,19 +243,77 @@ def _parse_pattern(cfg: dict[str, Any]) -> tuple[str, ...]:
             fix="a Nemotron-H config names its layer pattern, e.g. \"hybrid_override_pattern\": \"M-M*-M\"",
         )
     for i, letter in enumerate(letters):
-        if letter == MOE:
-            raise ConfigError(
-                f"{source} has an MoE block 'E' at layer {i}; MoE is not supported yet",
-                fix="export a Nemotron-H variant without MoE layers (pattern of M, * and -)",
-            )
         if letter not in SUPPORTED_BLOCKS:
             raise ConfigError(
                 f"{source} has unknown block letter {letter!r} at layer {i}",
-                fix="letters are M (Mamba-2), * (attention), - (MLP)",
+                fix="letters are M (Mamba-2), * (attention), - (MLP), E (mixture of experts)",
             )
     if not letters:
         raise ConfigError(f"{source} is empty", fix="the model needs at least one layer")
     return tuple(letters)
+
+
+def _parse_moe(cfg: dict[str, Any]) -> MoeConfig:
+    """The MoE fields of a Nemotron-3 config (see the module docstring for what is refused)."""
+    mtp = _int(cfg, "num_nextn_predict_layers", default=0, minimum=0)
+    if mtp:
+        raise ConfigError(
+            f"num_nextn_predict_layers={mtp}: multi-token prediction (MTP) layers are not supported — HF "
+            "transformers, whose math hybridtrt copies, has no MTP module and drops the mtp.* weights",
+            fix="set num_nextn_predict_layers to 0 in config.json to export the main model without its MTP "
+            "head (the main model's logits do not depend on it; the mtp.* tensors are then ignored)",
+        )
+    shared = _int(cfg, "n_shared_experts", default=1, minimum=0)
+    if shared not in (0, 1):
+        raise ConfigError(
+            f"n_shared_experts={shared} is not supported: HF transformers builds one shared expert of "
+            "moe_shared_expert_intermediate_size whatever the count, vLLM one of count × that size",
+            fix="use a checkpoint with n_shared_experts 0 or 1 (every Nemotron-3 checkpoint has 1)",
+        )
+    latent = _int(cfg, "moe_latent_size") if cfg.get("moe_latent_size") is not None else None
+    return MoeConfig(
+        num_experts=_int(cfg, "n_routed_experts", "num_local_experts"),
+        top_k=_int(cfg, "num_experts_per_tok"),
+        intermediate_size=_int(cfg, "moe_intermediate_size"),
+        shared_intermediate_size=_int(cfg, "moe_shared_expert_intermediate_size") if shared else 0,
+        latent_size=latent,
+        n_group=_int(cfg, "n_group", default=1),
+        topk_group=_int(cfg, "topk_group", default=1),
+        norm_topk_prob=bool(_get(cfg, "norm_topk_prob", default=True)),
+        routed_scaling_factor=_float(cfg, "routed_scaling_factor", default=1.0),
+    )
+
+
+def _validate_moe(m: MoeConfig) -> None:
+    """Refuse MoE sizes for which HF's router is ill-defined (it would crash or pick masked experts)."""
+    for field_name in ("num_experts", "top_k", "intermediate_size", "n_group", "topk_group"):
+        value = getattr(m, field_name)
+        if value < 1:
+            raise ConfigError(f"MoE {field_name}={value} must be a positive integer")
+    if m.latent_size is not None and m.latent_size < 1:
+        raise ConfigError(f"moe_latent_size={m.latent_size} must be a positive integer or null")
+    if m.shared_intermediate_size < 0:
+        raise ConfigError(f"moe_shared_expert_intermediate_size={m.shared_intermediate_size} must be ≥ 0")
+    if m.num_experts % m.n_group:
+        raise ConfigError(
+            f"n_routed_experts={m.num_experts} is not divisible by n_group={m.n_group}",
+            fix="n_group must divide the number of routed experts",
+        )
+    if m.num_experts // m.n_group < 2:
+        raise ConfigError(
+            f"n_group={m.n_group} leaves {m.num_experts // m.n_group} expert per group; the router scores a "
+            "group by its two best experts",
+            fix="use at least 2 experts per group (n_routed_experts / n_group ≥ 2)",
+        )
+    if m.topk_group > m.n_group:
+        raise ConfigError(f"topk_group={m.topk_group} exceeds n_group={m.n_group}", fix="topk_group ≤ n_group")
+    reachable = m.topk_group * (m.num_experts // m.n_group)
+    if m.top_k > reachable:
+        raise ConfigError(
+            f"num_experts_per_tok={m.top_k} exceeds the {reachable} experts of the topk_group={m.topk_group} "
+            "groups a token may use",
+            fix="num_experts_per_tok ≤ topk_group × n_routed_experts / n_group",
+        )
 
 
 def _parse_nemotron_h(cfg: dict[str, Any]) -> HybridConfig:
@@ -254,6 +358,7 @@ def _parse_nemotron_h(cfg: dict[str, Any]) -> HybridConfig:
         bos_token_id=_single_token(cfg.get("bos_token_id")),
         eos_token_id=_single_token(cfg.get("eos_token_id")),
         pad_token_id=_single_token(cfg.get("pad_token_id")),
+        moe=_parse_moe(cfg) if MOE in layer_types else None,
     )
 
 
@@ -326,6 +431,9 @@ def _validate(c: HybridConfig) -> HybridConfig:
                 f"num_key_value_heads={c.num_key_value_heads}",
                 fix="GQA needs num_attention_heads % num_key_value_heads == 0",
             )
+    if MOE in c.layer_types:
+        assert c.moe is not None, "a config with E layers must carry MoeConfig"
+        _validate_moe(c.moe)
     return c
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from hybridtrt.errors import CheckpointError, InputError
 from hybridtrt.models.config import HybridConfig, load_config
 from hybridtrt.models.model import HybridLM
+from hybridtrt.models.moe import FP32_PARAMETERS
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -35,15 +36,17 @@ class WeightNames:
         prefixes: Accepted prefixes of the backbone (first match wins; e.g. HF's ``model.`` and
             NVIDIA's original ``backbone.`` for Nemotron-H).
         ignore: Regexes of checkpoint tensors that are not part of the model (e.g. MTP heads).
+        keep_fp32: Regexes of our parameter names loaded in fp32 whatever the model dtype.
     """
 
     prefixes: tuple[str, ...]
     ignore: tuple[str, ...] = ()
+    keep_fp32: tuple[str, ...] = ()
 
 
 #: model family -> checkpoint naming (registry; add a family here and in config.CONFIG_PARSERS).
 WEIGHT_NAMES: dict[str, WeightNames] = {
-    "nemotron_h": WeightNames(prefixes=("model.", "backbone."), ignore=(r"^mtp\.",)),
+    "nemotron_h": WeightNames(prefixes=("model.", "backbone."), ignore=(r"^mtp\.",), keep_fp32=FP32_PARAMETERS),
     "mamba2": WeightNames(prefixes=("backbone.",)),
 }
 
@@ -115,6 +118,39 @@ def to_checkpoint_name(name: str, prefix: str) -> str:
     return name if name.startswith("lm_head.") else prefix + name
 
 
+#: The hub's per-expert MoE tensors (``…mixer.experts.3.up_proj.weight [I, D]``, what HF's
+#: ``save_pretrained`` writes); HF's in-memory model — and ours — stacks them into
+#: ``…mixer.experts.up_proj [E, I, D]`` (transformers' ``conversion_mapping``: MergeModulelist).
+_PER_EXPERT = re.compile(r"^(?P<stem>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
+
+
+def stack_per_expert(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Replace per-expert MoE tensors by the stacked tensor of each layer and projection.
+
+    Checkpoints may ship either form (stacked tensors pass through unchanged); expert ``e`` becomes
+    row ``e``. Raises `CheckpointError` when a layer's expert numbers have gaps or a layer has both.
+    """
+    groups: dict[str, dict[int, str]] = {}
+    for name in tensors:
+        m = _PER_EXPERT.match(name)
+        if m:
+            groups.setdefault(f"{m['stem']}.{m['proj']}", {})[int(m["expert"])] = name
+    if not groups:
+        return tensors
+    out = {k: v for k, v in tensors.items() if not _PER_EXPERT.match(k)}
+    for stacked, by_expert in sorted(groups.items()):
+        gaps = sorted(set(range(max(by_expert) + 1)) - set(by_expert))
+        if gaps:
+            raise CheckpointError(
+                f"{stacked}: per-expert tensors for experts {gaps[:8]} are missing",
+                fix="the checkpoint is incomplete; re-download it",
+            )
+        if stacked in out:
+            raise CheckpointError(f"{stacked} is stored both stacked and per expert", fix="keep one of the two forms")
+        out[stacked] = torch.stack([tensors[by_expert[e]] for e in range(len(by_expert))])
+    return out
+
+
 def load_state_dict(config: HybridConfig, tensors: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
     """Match checkpoint tensors to the model's parameters, strictly.
 
@@ -122,6 +158,7 @@ def load_state_dict(config: HybridConfig, tensors: dict[str, Tensor], dtype: tor
         CheckpointError: listing every missing, unexpected and misshapen tensor.
     """
     naming = WEIGHT_NAMES[config.family]
+    tensors = stack_per_expert(tensors)
     prefix = backbone_prefix(config, set(tensors))
     with torch.device("meta"):
         expected = {k: v.shape for k, v in HybridLM(config).state_dict().items()}
@@ -147,7 +184,8 @@ def load_state_dict(config: HybridConfig, tensors: dict[str, Tensor], dtype: tor
             "checkpoint does not match the config: " + "; ".join(lines),
             fix="check that config.json belongs to these weights (layer pattern, sizes, tie_word_embeddings)",
         )
-    return {k: tensors[c].to(dtype) for k, c in ours_to_ckpt.items()}
+    fp32 = [re.compile(p) for p in naming.keep_fp32]
+    return {k: tensors[c].to(torch.float32 if any(p.search("." + k) for p in fp32) else dtype) for k, c in ours_to_ckpt.items()}
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu") -> HybridLM:

@@ -10,14 +10,15 @@ from torch import Tensor, nn
 
 from hybridtrt.errors import InputError
 from hybridtrt.models.cache import HybridCache
-from hybridtrt.models.config import ATTENTION, MAMBA, MLP, HybridConfig
+from hybridtrt.models.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
 from hybridtrt.models.layers import MLP as MLPMixer
 from hybridtrt.models.layers import Attention, Mamba2Mixer, RMSNorm
+from hybridtrt.models.moe import MoE
 
 ScanMode = Literal["auto", "scan", "update"]
 
 #: Block letter -> mixer class (registry, not if/elif).
-MIXERS: dict[str, type[nn.Module]] = {MAMBA: Mamba2Mixer, ATTENTION: Attention, MLP: MLPMixer}
+MIXERS: dict[str, type[nn.Module]] = {MAMBA: Mamba2Mixer, ATTENTION: Attention, MLP: MLPMixer, MOE: MoE}
 
 
 class Block(nn.Module):

@@ -17,6 +17,7 @@ from hybridtrt.errors import InputError
 from hybridtrt.files import usual_permissions
 from hybridtrt.models.config import config_from_dict
 from hybridtrt.models.loading import INDEX_FILE, SINGLE_FILE, WEIGHT_NAMES, to_checkpoint_name
+from hybridtrt.models.moe import unstack_experts
 from hybridtrt.models.model import HybridLM
 from hybridtrt.models.tokenizer import TOKENIZER_FILE
 
@@ -40,22 +41,27 @@ _NEMOTRON_BASE: dict[str, Any] = {
     "pad_token_id": 0,
 }
 
+#: Sizes of the tiny Nemotron presets (Mamba-2 and attention layers).
+_TINY_NEMOTRON_SIZES: dict[str, Any] = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "mamba_num_heads": 8,
+    "mamba_head_dim": 16,
+    "ssm_state_size": 16,
+    "n_groups": 2,
+    "chunk_size": 16,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
+
 #: name -> HF config.json contents. Sizes are deliberately odd-shaped where it tests something.
 PRESETS: dict[str, dict[str, Any]] = {
     # The demo / test default: every block kind, GQA, n_groups > 1.
     "tiny-nemotron-h": {
         **_NEMOTRON_BASE,
-        "vocab_size": 256,
-        "hidden_size": 64,
+        **_TINY_NEMOTRON_SIZES,
         "hybrid_override_pattern": "M*M-M*-M",
-        "mamba_num_heads": 8,
-        "mamba_head_dim": 16,
-        "ssm_state_size": 16,
-        "n_groups": 2,
-        "chunk_size": 16,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
         "intermediate_size": 128,
     },
     # Plain Mamba-2 (HF Mamba2ForCausalLM naming), n_groups = 1, tied embeddings.
@@ -81,6 +87,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         "bos_token_id": 0,
         "eos_token_id": 2,
         "pad_token_id": 1,
+    },
+    # Nemotron-3-Nano-30B-A3B's structure scaled down: `layers_block_type` form, MoE layers with a
+    # shared expert (2× the routed width), top-6 of the routed experts, sigmoid router with a
+    # correction bias, norm_topk_prob, routed_scaling_factor 2.5, no groups (n_group 1), and the
+    # RoPE fields that HF's NemotronH ignores.
+    "tiny-nemotron3-moe": {
+        **_NEMOTRON_BASE,
+        **_TINY_NEMOTRON_SIZES,
+        "layers_block_type": ["mamba", "moe", "mamba", "moe", "mamba", "attention", "moe"],
+        "intermediate_size": 32,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 6,
+        "moe_intermediate_size": 32,
+        "moe_shared_expert_intermediate_size": 64,
+        "n_shared_experts": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "moe_latent_size": None,
+        "num_nextn_predict_layers": 0,
+        "rope_theta": 10000,
+        "partial_rotary_factor": 1.0,
     },
     # Nemotron-Nano-9B-v2-like ratios at ~110M parameters: head_dim 80, d_state 128, G = 8.
     "small-nemotron-h": {
@@ -174,11 +203,12 @@ def save_checkpoint(
     model: HybridLM, hf_config: dict[str, Any], out_dir: str | Path, *, max_shard_bytes: int | None = None
 ) -> Path:
     """Write ``config.json`` and HF-named safetensors (sharded with an index when
-    ``max_shard_bytes`` is given) into an existing directory."""
+    ``max_shard_bytes`` is given) into an existing directory. MoE experts are written per expert, as
+    the hub checkpoints and HF's ``save_pretrained`` store them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefix = WEIGHT_NAMES[model.config.family].prefixes[0]
-    tensors = {to_checkpoint_name(k, prefix): v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = unstack_experts({to_checkpoint_name(k, prefix): v.detach().contiguous() for k, v in model.state_dict().items()})
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if max_shard_bytes is None:
         save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})

@@ -492,3 +492,8 @@ def attach_functions(model: ModelProto) -> ModelProto:
         else:
             model.functions.append(function)
     return model
+
+
+# The MoE bodies (hybridtrt/ops/moe_onnx.py) add themselves to FUNCTION_BUILDERS; imported last
+# because that module imports this one.
+import hybridtrt.ops.moe_onnx  # noqa: E402,F401

@@ -11,6 +11,7 @@ from hybridtrt.errors import ArtefactError, InputError
 from hybridtrt.exporter.manifest import read_manifest
 from hybridtrt.models.loading import load_model
 from hybridtrt.models.tokenizer import load_tokenizer
+from hybridtrt.validation.routing import routing_for
 from hybridtrt.validation.runner import Report, pad_left, random_prompts, validate
 from hybridtrt.validation.subjects import engine_subject, hf_subject, ort_subject, torch_subject
 from hybridtrt.validation.tolerances import precision_of
@@ -100,6 +101,7 @@ def validate_artefact(
         from hybridtrt.runtime import load
 
         subject = engine_subject(load(engine or Path(export_dir) / "model.engine"))
-    report = validate(subject, torch_subject(model), ids, mask, precision=precision_of(manifest), steps=steps, per_layer=per_layer)
+    routing = routing_for(model, ids, mask)
+    report = validate(subject, torch_subject(model), ids, mask, precision=precision_of(manifest), steps=steps, per_layer=per_layer, routing=routing)
     report.pattern = model.config.pattern
     return report

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,6 +64,8 @@ class Report:
     token_agreement: float | None = None
     teacher_forced_top1: float | None = None
     first_divergence: dict[str, Any] | None = None
+    #: MoE layer -> fraction of tokens whose top-k expert set is the reference's (per-layer runs).
+    routing_agreement: dict[int, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     pattern: str = ""  # layer kinds (M * -), for labels
@@ -133,6 +136,7 @@ def validate(
     precision: str,
     steps: int = 8,
     per_layer: bool = False,
+    routing: Callable[[dict[str, Any], dict[str, Any]], dict[int, float]] | None = None,
 ) -> Report:
     """Run both subjects on the same left-padded batch and compare.
 
@@ -144,6 +148,8 @@ def validate(
         precision: Key of the tolerance table (``fp32 | fp16 | bf16 | fp8``).
         steps: Decode steps (teacher-forced and free-running).
         per_layer: Compare each decoder layer's output and states; both subjects must expose them.
+        routing: With ``per_layer``, ``routing(reference layers, backend layers)`` gives the MoE
+            routing agreement per layer (`hybridtrt.validation.routing`).
 
     Returns:
         The `Report`.
@@ -177,6 +183,8 @@ def validate(
             )
         ref_layers = _timed(t, "reference_s", reference.layer_outputs, input_ids, attention_mask)
         got_layers = _timed(t, "backend_s", backend.layer_outputs, input_ids, attention_mask)
+        if routing is not None:
+            report.routing_agreement = routing(ref_layers, got_layers)
         by_layer: dict[int, list[tuple[str, Any, Any]]] = {}
         for name in ref_layers:
             by_layer.setdefault(layer_of(name), []).append((name, got_layers[name], ref_layers[name]))
