@@ -60,7 +60,8 @@ def emulated_kernels(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-DHYBRIDTRT_CPU_EMULATION",
         f"-I{PLUGINS / 'kernels' / 'include'}", f"-I{PLUGINS / 'tests' / 'emulation'}", f"-I{include}",
         "-x", "c++", str(PLUGINS / "kernels" / "src" / "chunkScan.cu"), str(PLUGINS / "kernels" / "src" / "stateUpdate.cu"),
-        "-x", "none", str(PLUGINS / "kernels" / "src" / "abi.cpp"), "-o", str(out),
+        "-x", "none", str(PLUGINS / "kernels" / "src" / "abi.cpp"), str(PLUGINS / "tests" / "emulation" / "emulationHooks.cpp"),
+        "-o", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
