@@ -9,8 +9,8 @@
  * already registered (same name, version, namespace) is left alone, so every creator is registered once.
  *
  * Never give the shim to IPluginRegistry::loadLibrary or trtexec --dynamicPlugins: those load
- * libhybridtrt_trt.so, and TensorRT would be re-entered by this constructor while it loads the library.
- * The shim exports no getCreators, so such a loadLibrary also fails loudly instead of half-working.
+ * libhybridtrt_trt.so. Loaded that way, this constructor would call the registry while TensorRT is still
+ * loading the shim (tests/plugins/test_trt_registration.py shows the re-entrant calls with a fake registry).
  */
 #include "NvInferRuntime.h"
 #include "NvInferVersion.h"

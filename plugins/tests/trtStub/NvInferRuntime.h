@@ -1,7 +1,7 @@
 /*
  * NOT TensorRT's header. A stand-in for the CPU tests (no TensorRT headers can be installed or committed
  * here): declarations, written for hybridtrt, of the subset of the public TensorRT 11 plugin ABI that
- * plugins/trt/*.cpp and the tests in plugins/tests use — plugin fields, the IPluginV3 capability
+ * the sources in plugins/trt and the tests in plugins/tests use — plugin fields, the IPluginV3 capability
  * interfaces, IPluginCreatorV3One, IPluginRegistry, ILogger / ILoggerFinder and getPluginRegistry.
  *
  * Class names, virtual-function order and signatures follow the documented TensorRT 11.1 interfaces, so
