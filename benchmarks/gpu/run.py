@@ -45,6 +45,9 @@ from hybridtrt.plugins.build import build_plugins  # noqa: E402
 from hybridtrt.plugins.kernels import KernelLibrary, scan_workspace_bytes  # noqa: E402
 from hybridtrt.plugins.ptxas import format_table, hot_kernels, parse_ptxas  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import traffic  # noqa: E402  (benchmarks/gpu/traffic.py: the byte-traffic model of the scan)
+
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 #: "cuda", or "cpu" under --dry-run (eager PyTorch stands in for the kernels; exercises the script only).
 DEVICE = "cuda"
@@ -319,6 +322,8 @@ def bench_chunk_scan(lib: KernelLibrary, report: Report, quick: bool) -> None:
                 lambda: lib.chunk_scan(x, dt, A, B, C, D, s0, y=y, final_state=final, workspace=ws, chunk_size=q)
             )
             tokens = batch * length
+            model_shapes = traffic.Shapes(h, p, n, g, q, length, act=4 if dtype == torch.float32 else 2)
+            model_gbs = traffic.totals(traffic.ours(model_shapes))[0] * tokens / t / 1e9
             try:
                 t_eager = time_cuda(lambda: mamba2_chunk_scan_eager(x, dt, A, B, C, D, s0, q), warmup=1, iters=5)
                 eager = f"{tokens / t_eager / 1e6:.2f}"
@@ -334,7 +339,7 @@ def bench_chunk_scan(lib: KernelLibrary, report: Report, quick: bool) -> None:
                 anchor = f"{t_m / t:.2f}x"
             rows.append(
                 [dname, batch, length, f"{t * 1e3:.2f}", f"{tokens / t / 1e6:.2f}", eager, speedup, anchor,
-                 f"{size / 2**20:.0f}"]  # fmt: skip
+                 f"{size / 2**20:.0f}", f"{model_gbs:.0f}"]  # fmt: skip
             )
             del x, dt, B, C, y, final, ws
             empty_cache()
@@ -344,7 +349,7 @@ def bench_chunk_scan(lib: KernelLibrary, report: Report, quick: bool) -> None:
         f"anchor: mamba_ssm mamba_chunk_scan_combined, {note})",
         table(
             ["act", "batch", "L", "ms", "Mtok/s", "PyTorch Mtok/s", "speed-up vs PyTorch", "speed-up vs mamba_ssm",
-             "workspace MiB"],  # fmt: skip
+             "workspace MiB", "model GB/s (traffic.py bytes / time)"],  # fmt: skip
             rows,
         ),
     )
