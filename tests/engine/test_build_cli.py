@@ -89,9 +89,14 @@ def no_built_plugins(monkeypatch, tmp_path):
     monkeypatch.setattr(plugins, "default_build_dir", lambda: tmp_path / "none")
 
 
-def test_check_tensorrt_11_with_plugins(export_dir, tmp_path, capsys, no_built_plugins):
-    lib = tmp_path / "libhybridtrt_trt.so"
-    lib.write_bytes(b"plugin")
+@pytest.fixture
+def lib(tmp_path, no_built_plugins):
+    path = tmp_path / "libhybridtrt_trt.so"
+    path.write_bytes(b"plugin")
+    return path
+
+
+def test_check_tensorrt_11_with_plugins(export_dir, tmp_path, capsys, lib):
     assert main(["build", str(export_dir), "--plugins", str(lib), "--check-tensorrt", "11.1"]) == 0
     out = capsys.readouterr().out
     assert "hybridtrt::Mamba2ChunkScan" in out and "│ plugin " in out and "plugins registered" in out
@@ -99,9 +104,7 @@ def test_check_tensorrt_11_with_plugins(export_dir, tmp_path, capsys, no_built_p
     assert [p.name for p in tmp_path.iterdir()] == ["libhybridtrt_trt.so"]  # a check writes nothing
 
 
-def test_check_tensorrt_10_6_refuses_plugins(export_dir, tmp_path, capsys, no_built_plugins):
-    lib = tmp_path / "libhybridtrt_trt.so"
-    lib.write_bytes(b"plugin")
+def test_check_tensorrt_10_6_refuses_plugins(export_dir, capsys, lib):
     assert main(["build", str(export_dir), "--plugins", str(lib), "--check-tensorrt", "10.6.0"]) == 2
     err = capsys.readouterr().err
     assert "TensorRT 10.6.0" in err and "NVIDIA/TensorRT#4113" in err and "--allow-function-bodies" in err

@@ -355,26 +355,42 @@ struct StoreAny
     }
 };
 
-//! Stores the running state held in the warps' accumulators (tile rows [0, tp), kN columns) through a 16-row
-//! fp32 staging band: element (row, n) goes to store(row * kN + n, value). Contains __syncthreads.
-template <typename T, int kN, typename Store>
-__device__ __forceinline__ void publishState(WarpTile<T> const* s, int32_t tp, float* sStage, Store const& store)
+//! Moves the state rows [16 band, 16 band + 16) between this warp's accumulator tiles and the fp32 staging
+//! band (row-major, ld kLdStage): stores them there (`toStage`) or loads them from there.
+template <typename T, int kN>
+__device__ __forceinline__ void exchangeBand(WarpTile<T>* s, int32_t tp, int band, float* sStage, bool toStage)
 {
     using L = ScanLayout<T, kN>;
     constexpr int kColFrags = kN / 16;
     int const warp = threadIdx.x / 32;
     int const frags = (tp / 16) * kColFrags;
-    for (int band = 0; band < tp / 16; ++band)
-    {
 #pragma unroll
-        for (int i = 0; i < L::kStateFrags; ++i)
+    for (int i = 0; i < L::kStateFrags; ++i)
+    {
+        int const f = warp + i * kWarps;
+        if (f < frags && f / kColFrags == band)
         {
-            int const f = warp + i * kWarps;
-            if (f < frags && f / kColFrags == band)
+            if (toStage)
             {
                 s[i].store(sStage + (f % kColFrags) * 16, L::kLdStage);
             }
+            else
+            {
+                s[i].load(sStage + (f % kColFrags) * 16, L::kLdStage);
+            }
         }
+    }
+}
+
+//! Stores the running state held in the warps' accumulators (tile rows [0, tp), kN columns) through a 16-row
+//! fp32 staging band: element (row, n) goes to store(row * kN + n, value). Contains __syncthreads.
+template <typename T, int kN, typename Store>
+__device__ __forceinline__ void publishState(WarpTile<T>* s, int32_t tp, float* sStage, Store const& store)
+{
+    using L = ScanLayout<T, kN>;
+    for (int band = 0; band < tp / 16; ++band)
+    {
+        exchangeBand<T, kN>(s, tp, band, sStage, true);
         __syncthreads();
         for (int i = threadIdx.x; i < 16 * kN; i += blockDim.x)
         {
@@ -426,15 +442,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) chunkStateKernel(ScanPar
                 sStage[r * L::kLdStage + n] = loadAny(p.initialState, p.stateDtype, stateBase + (band * 16 + r) * kN + n);
             }
             __syncthreads();
-#pragma unroll
-            for (int i = 0; i < L::kStateFrags; ++i)
-            {
-                int const f = warp + i * kWarps;
-                if (f < frags && f / kColFrags == band)
-                {
-                    s[i].load(sStage + (f % kColFrags) * 16, L::kLdStage);
-                }
-            }
+            exchangeBand<T, kN>(s, tp, band, sStage, false);
             __syncthreads();
         }
     }
