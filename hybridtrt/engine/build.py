@@ -296,7 +296,7 @@ def build_engine(
     except Exception as e:  # polygraphy raises PolygraphyException with the parser's errors
         raise EngineError(f"TensorRT's ONNX parser failed on {plan.onnx_path}: {e}", fix="read the parser errors above") from e
     net = prove_plugins(
-        trt, network, report.custom_nodes(), plugins_loaded=lib is not None,
+        trt, network, report.custom_nodes(), expected=report.expected_plugin_layers(), plugins_loaded=lib is not None,
         allow_function_bodies=bool(plan.flags.get("allow_function_bodies")),
     )  # fmt: skip
     needed = lib if any(net.plugin_layers.values()) else None  # the sidecar names the library only when needed

@@ -104,6 +104,17 @@ class DispatchReport:
         """Custom nodes of the model imported by ``importer``, by op."""
         return Counter(n.op for n in self.nodes if n.custom and not n.in_function_body and n.importer == importer)
 
+    def plugin_ops(self) -> set[str]:
+        """The custom ops (``domain::op``) a registered creator serves: what must become plugin layers. Custom
+        ops nobody ships a plugin for (e.g. ``MoeExperts`` today) are built from their function bodies by design."""
+        names = {name for name, _, _ in self.plugins}
+        return {n.op for n in self.nodes if n.custom and n.op.split("::", 1)[1] in names}
+
+    def expected_plugin_layers(self) -> Counter[str]:
+        """Custom nodes of the model whose op has a registered creator, by op (the proof after parsing)."""
+        ops = self.plugin_ops()
+        return Counter({op: n for op, n in self.custom_nodes().items() if op in ops})
+
     def rows(self) -> list[list[str]]:
         """Table rows ``[op, importer, nodes, detail]`` of the custom and native nodes (model level)."""
         counts = Counter((n.op, n.importer, n.detail) for n in self.nodes if not n.in_function_body)
@@ -276,11 +287,12 @@ def require_dispatch(report: DispatchReport, *, plugins_loaded: bool, allow_func
     """Refuse a build whose parse would not be what was asked for.
 
     Raises:
-        EngineError: Any problem of the report; or, with a plugin library loaded, custom nodes that would be
-            built from their function bodies (unless ``allow_function_bodies``).
+        EngineError: Any problem of the report; or, with a plugin library loaded, custom nodes of an op the
+            library serves that would be built from their function bodies (unless ``allow_function_bodies``).
     """
     problems = list(report.problems)
-    bodies = report.imported_as(LOCAL_FUNCTION)
+    plugin_ops = report.plugin_ops()  # ops nobody ships a plugin for are function bodies by design
+    bodies = Counter({op: n for op, n in report.imported_as(LOCAL_FUNCTION).items() if op in plugin_ops})
     version = report.tensorrt
     if plugins_loaded and bodies and not allow_function_bodies:
         listing = ", ".join(f"{n}x {op}" for op, n in sorted(bodies.items()))

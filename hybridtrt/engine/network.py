@@ -67,7 +67,13 @@ def count_plugin_layers(trt: Any, network: Any) -> Counter[str]:
 
 
 def prove_plugins(
-    trt: Any, network: Any, custom_nodes: Counter[str], *, plugins_loaded: bool, allow_function_bodies: bool
+    trt: Any,
+    network: Any,
+    custom_nodes: Counter[str],
+    *,
+    expected: Counter[str] | None = None,
+    plugins_loaded: bool,
+    allow_function_bodies: bool,
 ) -> NetworkPlugins:
     """Compare the network's plugin layers with the graph's custom nodes.
 
@@ -75,13 +81,16 @@ def prove_plugins(
         trt: The tensorrt module.
         network: The parsed ``INetworkDefinition``.
         custom_nodes: Custom nodes of the graph by ``domain::op`` (`DispatchReport.custom_nodes`).
+        expected: The custom nodes that must be plugin layers: those of ops the loaded library serves
+            (`DispatchReport.expected_plugin_layers`); None means all of ``custom_nodes``.
         plugins_loaded: A plugin library was loaded before parsing.
         allow_function_bodies: The user accepts custom nodes built from their function bodies.
 
     Raises:
-        EngineError: With a plugin library loaded, a custom node did not become its plugin (unless allowed); or
-            the network holds more of our plugin layers than the graph has nodes (never expected).
+        EngineError: With a plugin library loaded, a node of ``expected`` did not become its plugin (unless
+            allowed); or the network holds more plugin layers of an op than the graph has nodes (never expected).
     """
+    expected = Counter(custom_nodes) if expected is None else expected
     layers = count_plugin_layers(trt, network)
     result = NetworkPlugins(dict(custom_nodes), {op: layers.get(op, 0) for op in custom_nodes})
     extra = {op: n for op, n in layers.items() if op in custom_nodes and n > custom_nodes[op]}
@@ -90,8 +99,9 @@ def prove_plugins(
             f"the parsed network holds more plugin layers than the graph has custom nodes: {extra} vs {dict(custom_nodes)}",
             fix="report this with the export; rebuild after re-exporting",
         )
-    if plugins_loaded and result.function_bodies and not allow_function_bodies:
-        missing = ", ".join(f"{n} of {custom_nodes[op]} {op}" for op, n in sorted(result.function_bodies.items()))
+    lost = {op: n for op, n in result.function_bodies.items() if op in expected}
+    if plugins_loaded and lost and not allow_function_bodies:
+        missing = ", ".join(f"{n} of {custom_nodes[op]} {op}" for op, n in sorted(lost.items()))
         raise EngineError(
             f"after parsing, {missing} nodes are function bodies, not plugin layers, although the plugin library was "
             "loaded: the engine would run the slow standard-ONNX bodies",

@@ -165,18 +165,29 @@ def test_attention_and_tensorscatter_need_their_release():
 
 
 def test_every_hybridtrt_node_is_checked_not_only_the_scan_ops():
-    """A future custom op (e.g. the MoE helper's) with a local function and no creator in our library: with the
-    plugin library loaded it would run as its function body — refused unless allowed; without a function
-    and a creator it cannot be imported at all; an op type that is a standard op ignores its domain."""
+    """A custom op no plugin serves (the MoE helper's MoeExperts today) is its function body by design: reported,
+    not refused. Once a creator for it is registered it must become that plugin — without a plugin_namespace
+    attribute on 10.15+ it would not, and that is refused. A custom node with neither a function nor a creator
+    cannot be imported at all; a custom op type that is also a standard op ignores its domain."""
     body = helper.make_function("hybridtrt", "MoeExperts", ["x"], ["y"], [helper.make_node("Relu", ["x"], ["y"])],
                                 [helper.make_opsetid("", 22)])  # fmt: skip
-    moe = _model([helper.make_node("MoeExperts", ["x"], ["y"], domain="hybridtrt", name="moe", plugin_namespace="hybridtrt",
-                                   plugin_version="1")], [_t("x")], [_t("y")], 22, [body])  # fmt: skip
-    report = emulate_dispatch(moe, "11.1.0", plugins=HYBRIDTRT_CREATORS)
-    assert report.imported_as(LOCAL_FUNCTION) == {"hybridtrt::MoeExperts": 1}
+
+    def moe(**attrs):
+        node = helper.make_node("MoeExperts", ["x"], ["y"], domain="hybridtrt", name="moe", **attrs)
+        return _model([node], [_t("x")], [_t("y")], 22, [body])
+
+    tagged = moe(plugin_namespace="hybridtrt", plugin_version="1")
+    report = emulate_dispatch(tagged, "11.1.0", plugins=HYBRIDTRT_CREATORS)
+    assert report.imported_as(LOCAL_FUNCTION) == {"hybridtrt::MoeExperts": 1} and report.rows()
+    assert not report.expected_plugin_layers()
+    require_dispatch(report, plugins_loaded=True, allow_function_bodies=False)  # no plugin for it: not refused
+
+    with_moe_plugin = HYBRIDTRT_CREATORS | {("MoeExperts", "1", "hybridtrt")}
+    assert emulate_dispatch(tagged, "11.1.0", plugins=with_moe_plugin).imported_as(PLUGIN) == {"hybridtrt::MoeExperts": 1}
+    untagged = emulate_dispatch(moe(), "11.1.0", plugins=with_moe_plugin)
+    assert untagged.expected_plugin_layers() == {"hybridtrt::MoeExperts": 1}
     with pytest.raises(EngineError, match="MoeExperts would be built from local functions"):
-        require_dispatch(report, plugins_loaded=True, allow_function_bodies=False)
-    assert emulate_dispatch(moe, "11.1.0", plugins=HYBRIDTRT_CREATORS | {("MoeExperts", "1", "hybridtrt")}).imported_as(PLUGIN)
+        require_dispatch(untagged, plugins_loaded=True, allow_function_bodies=False)
 
     orphan = _model([helper.make_node("Unknown", ["x"], ["y"], domain="hybridtrt", name="orphan")], [_t("x")], [_t("y")], 22)
     assert any("cannot be imported" in p for p in emulate_dispatch(orphan, "10.9.0").problems)
