@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     )
     console.print(table(f"optimization profiles of {plan.onnx_path.name}", ["profile", "input", "min", "opt", "max"], profile_rows(plan.profiles)))
     if plan.plugin_library is not None:
-        console.print(f"plugins: [bold]{plan.plugin_library}[/] (IPluginRegistry::loadLibrary)")
+        console.print(f"plugins: {plan.plugin_library}", markup=False)
     else:
         console.print("plugins: none built — the custom ops build from their ONNX function bodies (slower; `hybridtrt plugins build` for the plugins)")
     if args.check_tensorrt is not None:
