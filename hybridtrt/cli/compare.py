@@ -15,7 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("export_dir", help="directory written by `hybridtrt export`")
     p.add_argument("--checkpoint", default=None, help="source checkpoint (default: the one in hybridtrt.json)")
     p.add_argument("--out", default=None, help="where to write inputs.json / reference.json (default OUT_DIR/polygraphy)")
-    p.add_argument("--plugins", default=None, help="TensorRT plugin library for the --trt comparison")
+    p.add_argument(
+        "--plugins",
+        default=None,
+        help="libhybridtrt_trt.so for the TensorRT comparison (polygraphy, which only dlopens, gets the autoreg shim beside it)",
+    )
     p.add_argument("--batch", type=int, default=None, help="rows of random prompts (default 2)")
     p.add_argument("--seed", type=int, default=0)
 

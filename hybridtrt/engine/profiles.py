@@ -26,18 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from hybridtrt.engine.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_CACHE_LEN, DEFAULT_MAX_INPUT_LEN, DEFAULT_OPT_INPUT_LEN
 from hybridtrt.errors import EngineError
 from hybridtrt.exporter.io import BATCH, PAST, SEQ, TOTAL
 from hybridtrt.exporter.manifest import Manifest
-
-#: Largest batch the engine accepts (``--max-batch``).
-DEFAULT_MAX_BATCH = 8
-#: Longest prompt one prefill call accepts (``--max-input-len``).
-DEFAULT_MAX_INPUT_LEN = 2048
-#: Most positions a KV cache holds: prompt + generated tokens (``--max-cache-len``).
-DEFAULT_MAX_CACHE_LEN = 4096
-#: ``opt`` point of the prompt length: TensorRT tunes kernels for it (capped at max_input_len).
-DEFAULT_OPT_INPUT_LEN = 128
 
 PREFILL, DECODE = "prefill", "decode"
 

@@ -5,7 +5,8 @@ outputs as polygraphy ``RunResults`` JSON, so that the printed
 
     polygraphy run model.onnx --onnxrt --load-inputs inputs.json --load-outputs reference.json
 
-passes unmodified (and ``--trt --plugins LIB`` on a TensorRT machine). Two iterations: a prefill
+passes unmodified (and ``--trt --plugins LIB`` on a TensorRT machine, LIB being the autoreg shim beside
+libhybridtrt_trt.so: polygraphy's ``--plugins`` only dlopens, `hybridtrt.plugins.dlopen_library`). Two iterations: a prefill
 from zero states, then one decode step fed with the reference's present states.
 """
 
@@ -102,7 +103,9 @@ def commands(files: BridgeFiles, feeds: list[dict[str, np.ndarray]], plugins: st
     shape = lambda d: " ".join(f"{n}:[{','.join(str(int(x)) for x in d[n])}]" for n in names)  # noqa: E731
     trt = f"polygraphy run {q(str(files.model))} --trt --strongly-typed"
     if plugins:
-        trt += f" --plugins {q(str(plugins))}"
+        from hybridtrt.plugins import dlopen_library
+
+        trt += f" --plugins {q(str(dlopen_library(plugins)))}"  # polygraphy --plugins only dlopens
     trt += f" --trt-min-shapes {shape(lo)} --trt-opt-shapes {shape(hi)} --trt-max-shapes {shape(hi)} {common}"
     cmds["trt"] = trt
     return cmds
@@ -129,7 +132,9 @@ def compare_with_polygraphy(files: BridgeFiles, *, trt: bool = False, plugins: s
         if plugins:
             from polygraphy.backend.trt import LoadPlugins
 
-            network = LoadPlugins(plugins=[str(plugins)], obj=network)
+            from hybridtrt.plugins import dlopen_library
+
+            network = LoadPlugins(plugins=[str(dlopen_library(plugins))], obj=network)  # ctypes.CDLL: needs the autoreg shim
         runners.append(TrtRunner(EngineFromNetwork(network, config=CreateConfig(profiles=[profile])), name="trt"))
     from polygraphy.logger import G_LOGGER
 
