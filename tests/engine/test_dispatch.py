@@ -194,3 +194,18 @@ def test_every_hybridtrt_node_is_checked_not_only_the_scan_ops():
 
     clash = _model([helper.make_node("Relu", ["x"], ["y"], domain="hybridtrt", name="clash")], [_t("x")], [_t("y")], 22)
     assert any("also a standard ONNX op" in p for p in emulate_dispatch(clash, "11.1.0", plugins=HYBRIDTRT_CREATORS).problems)
+
+
+def test_moe_export_scan_nodes_become_plugins_and_experts_build_their_body(make_export):
+    """The MoE preset: our two scan ops have creators, MoeExperts has none yet (DESIGN §5) and is
+    built from its standard-ONNX body on every release — allowed, not a silent fallback."""
+    _, out = make_export("tiny-nemotron3-moe")
+    for _, model, custom in graphs(out):
+        assert "hybridtrt::MoeExperts" in custom and "hybridtrt::Mamba2ChunkScan" in custom
+        for version in PLUGIN_RELEASES:
+            report = emulate_dispatch(model, version, plugins=HYBRIDTRT_CREATORS)
+            assert report.ok, report.problems
+            plugins = report.imported_as(PLUGIN)
+            assert plugins == {k: v for k, v in custom.items() if k != "hybridtrt::MoeExperts"}
+            assert report.imported_as(LOCAL_FUNCTION) == {"hybridtrt::MoeExperts": custom["hybridtrt::MoeExperts"]}
+            require_dispatch(report, plugins_loaded=True, allow_function_bodies=False)
