@@ -6,7 +6,11 @@ outputs as polygraphy ``RunResults`` JSON, so that the printed
     polygraphy run model.onnx --onnxrt --load-inputs inputs.json --load-outputs reference.json
 
 passes unmodified (and ``--trt --plugins LIB`` on a TensorRT machine). Two iterations: a prefill
-from zero states, then one decode step fed with the reference's present states.
+from zero states, then one decode step fed with the reference's present states; the same
+iterations one per file (``inputs.prefill.json``, ``inputs.decode.json``) for an engine built with
+one profile per phase. The printed commands also record a backend's outputs on a machine without
+PyTorch (``--save-outputs``, with the layer outputs via ``--onnx-outputs`` when asked) for
+``hybridtrt validate --load-outputs`` here. Every printed line is quoted with ``shlex.join``.
 """
 
 from __future__ import annotations
@@ -154,9 +158,9 @@ def command_lines(files: BridgeFiles, plugins: str | Path | None = None) -> dict
 
     - ``onnxrt`` / ``trt``: polygraphy compares ONNX Runtime / a TensorRT engine it builds from
       ``model.onnx`` (one profile covering every iteration) with the reference outputs;
-    - ``trt-save``: the same TensorRT run, saving its outputs (``trt.json``) for
-      ``hybridtrt validate --load-outputs`` on a machine with PyTorch (``--onnx-outputs`` adds the
-      layer outputs when per-layer tensors were asked for);
+    - ``trt-save`` (``onnxrt-save``): the same TensorRT (ONNX Runtime) run, saving its outputs
+      (``trt.json``, ``onnxrt.json``) for ``hybridtrt validate --load-outputs`` on a machine with
+      PyTorch (``--onnx-outputs`` adds the layer outputs when per-layer tensors were asked for);
     - ``engine-prefill`` / ``engine-decode``: a two-profile engine from ``hybridtrt build`` run
       profile by profile on its own iterations, and ``validate-engine`` reading both back;
     - ``validate``: reads ``trt.json`` back here.
@@ -174,11 +178,13 @@ def command_lines(files: BridgeFiles, plugins: str | Path | None = None) -> dict
     export_dir = str(files.export_dir or files.model.parent)
     trt_json = str(out / "trt.json")
     engine = str(files.model.parent / "model.engine")
+    load = ["--load-inputs", str(files.inputs)]
     lines = {
         "onnxrt": ["polygraphy", "run", model, "--onnxrt", *compare],
         "trt": ["polygraphy", "run", model, *build, *compare],
-        "trt-save": ["polygraphy", "run", model, *build, *record, "--load-inputs", str(files.inputs), "--save-outputs", trt_json],
-        "validate": ["hybridtrt", "validate", export_dir, "--load-outputs", trt_json, "--load-inputs", str(files.inputs), *per_layer],
+        "onnxrt-save": ["polygraphy", "run", model, "--onnxrt", *record, *load, "--save-outputs", str(out / "onnxrt.json")],
+        "trt-save": ["polygraphy", "run", model, *build, *record, *load, "--save-outputs", trt_json],
+        "validate": ["hybridtrt", "validate", export_dir, "--load-outputs", trt_json, *load, *per_layer],
     }
     saved = {}
     for profile, path in files.profile_inputs.items():

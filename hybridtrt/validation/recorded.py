@@ -64,36 +64,51 @@ def load_results(paths: Sequence[str | Path], runner: str | None = None) -> tupl
     """One runner's iterations from polygraphy ``RunResults`` (``--save-outputs`` files or directories).
 
     Args:
-        paths: Files or directories, chained in order (as ``polygraphy run --load-outputs``).
-        runner: The runner to take; default: the only one that is not ``hybridtrt compare``'s reference.
+        paths: Files or directories, one recorded run each; their iterations are chained in order
+            (e.g. an engine's prefill profile, then its decode profile), as ``--load-inputs`` chains
+            the inputs.
+        runner: The runner to take from each; default: the only one that is not ``hybridtrt
+            compare``'s reference.
 
     Returns:
-        ``(runner name, [{output: array} per iteration])``.
+        ``(runner name(s), [{output: array} per iteration])``.
     """
+    names, iterations = [], []
+    for path in paths:
+        results = _load_run(path)
+        name = _pick_runner(results, runner, path)
+        names.append(name)
+        iterations += [{k: np.asarray(v) for k, v in it.items()} for it in results[name]]
+    return " + ".join(dict.fromkeys(names)), iterations
+
+
+def _load_run(path: str | Path):
     from polygraphy.comparator import RunResults
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
 
-    shown = list(map(str, paths))
+    _existing([path], "--load-outputs")
     try:
         with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
-            results = RunResults.concat(RunResults.load_streaming(_existing(paths, "--load-outputs")))
+            return RunResults.concat(RunResults.load_streaming(str(path)))
     except (PolygraphyException, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise InputError(f"--load-outputs {shown} is not a polygraphy RunResults JSON ({e})", fix="pass what `polygraphy run … --save-outputs FILE` wrote") from None
+        raise InputError(f"--load-outputs {path} is not a polygraphy RunResults JSON ({e})", fix="pass what `polygraphy run … --save-outputs FILE` wrote") from None
+
+
+def _pick_runner(results, runner: str | None, path: str | Path) -> str:
     names = list(results.keys())
-    if runner is None:
-        candidates = [n for n in names if n != REFERENCE_RUNNER]
-        if len(candidates) != 1:
-            raise InputError(
-                f"--load-outputs {shown} holds runners {names}: "
-                + ("only hybridtrt compare's reference, no backend's outputs" if not candidates else "pick one"),
-                fix="pass --runner NAME" if candidates else "pass the file `polygraphy run … --save-outputs` wrote on the backend machine",
-            )
-        runner = candidates[0]
-    if runner not in names:
-        raise InputError(f"--runner {runner!r} is not in {shown}; it holds {names}", fix=f"use one of {names}")
-    iterations = [{name: np.asarray(arr) for name, arr in it.items()} for it in results[runner]]
-    return runner, iterations
+    if runner is not None:
+        if runner not in names:
+            raise InputError(f"--runner {runner!r} is not in {path}; it holds {names}", fix=f"use one of {names}")
+        return runner
+    candidates = [n for n in names if n != REFERENCE_RUNNER]
+    if len(candidates) != 1:
+        raise InputError(
+            f"--load-outputs {path} holds runners {names}: "
+            + ("only hybridtrt compare's reference, no backend's outputs" if not candidates else "pick one"),
+            fix="pass --runner NAME" if candidates else "pass the file `polygraphy run … --save-outputs` wrote on the backend machine",
+        )
+    return candidates[0]
 
 
 def reference_outputs(model: Any, manifest: Manifest, feeds: list[Feed]) -> list[Outputs]:

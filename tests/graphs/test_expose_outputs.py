@@ -1,0 +1,197 @@
+"""Pass: locate each decoder layer's output by node names and expose it as a graph output.
+
+Structure (every layer found, on our exports and on files re-saved or rewritten by other tools;
+what is missing is named) and numbers (the exposed tensors equal the reference's per-layer hidden
+states; the original outputs are bit-identical before and after the rewrite).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from hybridtrt.errors import ArtefactError
+from hybridtrt.exporter.export import ExportOptions
+from hybridtrt.exporter.wrapper import example_inputs
+from hybridtrt.graphs.expose_outputs import expose_outputs, locate_layer_outputs
+from hybridtrt.graphs.fp8_qdq import insert_fp8_qdq
+from hybridtrt.models.loading import load_model
+from hybridtrt.runtime.onnxruntime import OrtSession
+from hybridtrt.validation.layers import ProtoSession
+
+
+def _graph(out, *, weights: bool = False) -> onnx.ModelProto:
+    return onnx.load(str(out / "model.onnx"), load_external_data=weights)
+
+
+def _residual_adds(proto: onnx.ModelProto) -> list[str]:
+    """Our exporter's residual adds, found independently: the /model-scoped Adds that take a
+    MatMul output (out_proj/o_proj/down_proj) as an input, in graph order."""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    return [
+        n.output[0]
+        for n in proto.graph.node
+        if n.op_type == "Add" and n.name.startswith("/model/Add") and any(producers.get(i) is not None and producers[i].op_type == "MatMul" for i in n.input)
+    ]
+
+
+@pytest.mark.parametrize("preset", ["tiny-nemotron-h", "tiny-mamba2"])
+def test_every_layer_is_located_on_a_plain_export(make_export, preset):
+    ckpt, out = make_export(preset)
+    proto = _graph(out)
+    n = len(load_model(ckpt).layers)
+    found = locate_layer_outputs(proto, n)
+    assert found.missing == {}
+    assert [found.tensors[i] for i in range(n)] == _residual_adds(proto)
+
+
+def test_per_layer_export_is_located_at_its_layer_outputs(make_export):
+    _, out = make_export("tiny-nemotron-h", ExportOptions(per_layer=True, verify=False))
+    found = locate_layer_outputs(_graph(out), 8)
+    assert found.tensors == {i: f"layer_output.{i}" for i in range(8)}
+
+
+@pytest.fixture(scope="module")
+def plain(make_export):
+    ckpt, out = make_export("tiny-nemotron-h")
+    return load_model(ckpt), out
+
+
+def _feeds(model, names):
+    inputs = example_inputs(model, batch=2, seq=7, past=3, seed=3)
+    return inputs, dict(zip(names, inputs))
+
+
+def test_exposed_tensors_are_the_reference_hidden_states_and_outputs_are_unchanged(plain):
+    model, out = plain
+    proto = _graph(out)
+    before = proto.SerializeToString()
+    found = locate_layer_outputs(proto, 8)
+    exposed = expose_outputs(proto, list(found.tensors.values()))
+    assert proto.SerializeToString() == before  # the input model is untouched
+    original_outputs = [o.name for o in proto.graph.output]
+    assert [o.name for o in exposed.graph.output] == original_outputs + list(found.tensors.values())
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in exposed.graph.output[len(original_outputs) :])
+
+    session = ProtoSession(exposed, out)
+    inputs, feeds = _feeds(model, session.input_names)
+    got = session.run(feeds)
+    plain_run = OrtSession(out / "model.onnx").run(feeds)
+    for name in original_outputs:  # marking outputs changes nothing else (ORT, CPU)
+        np.testing.assert_array_equal(got[name], plain_run[name])
+    from hybridtrt.exporter.wrapper import cache_from_flat
+    from hybridtrt.exporter.io import state_specs
+
+    with torch.no_grad():
+        ref = model(inputs[0], inputs[1], cache_from_flat(state_specs(model.config), inputs[2:]), logits="last", output_hidden_states=True).hidden_states
+    for i, tensor in found.tensors.items():
+        a, b = got[tensor], ref[i].numpy()
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5, (i, tensor)
+
+
+def test_files_resaved_by_other_tools_are_read_the_same(plain, tmp_path):
+    import onnx_ir
+
+    _, out = plain
+    expected = locate_layer_outputs(_graph(out), 8).tensors
+    # onnx.save with the weights inline, no metadata, no doc strings.
+    proto = _graph(out, weights=True)
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(proto, str(tmp_path / "inline.onnx"))
+    assert locate_layer_outputs(onnx.load(str(tmp_path / "inline.onnx")), 8).tensors == expected
+    # onnx_ir (the IR behind onnxscript and ModelOpt's ONNX passes): load and save.
+    onnx_ir.save(onnx_ir.load(str(out / "model.onnx")), tmp_path / "ir.onnx", external_data="ir.data")
+    assert locate_layer_outputs(onnx.load(str(tmp_path / "ir.onnx"), load_external_data=False), 8).tensors == expected
+
+
+def _rename_tensors(proto: onnx.ModelProto) -> dict[str, str]:
+    """Rename every intermediate tensor to t0, t1, … (as graph-surgery tools do); returns the map."""
+    io = {v.name for v in (*proto.graph.input, *proto.graph.output)} | {t.name for t in proto.graph.initializer}
+    rename = {}
+    for node in proto.graph.node:
+        for i, name in enumerate(node.output):
+            if name and name not in io:
+                rename[name] = f"t{len(rename)}"
+                node.output[i] = rename[name]
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+    return rename
+
+
+def test_graph_surgery_that_keeps_node_names(plain):
+    """Tensors renamed, Q/DQ inserted on the residual path under foreign names (ModelOpt quantizes
+    residual Adds), nodes shuffled and re-sorted: the same layers are found."""
+    _, out = plain
+    proto = _graph(out)
+    expected = locate_layer_outputs(proto, 8).tensors
+    rename = _rename_tensors(proto)
+    adds = {n.output[0]: n for n in proto.graph.node if n.output and n.output[0] in {rename[t] for t in expected.values()}}
+    scale = helper.make_tensor("q_scale", onnx.TensorProto.FLOAT, [], [0.05])
+    proto.graph.initializer.append(scale)
+    extra = []
+    for k, add in enumerate(adds.values()):
+        for j, inp in enumerate(list(add.input)):
+            q, dq = f"Add_{k}_{j}_q", f"Add_{k}_{j}_dq"
+            extra += [
+                helper.make_node("QuantizeLinear", [inp, "q_scale"], [q], name=f"{q}_QuantizeLinear"),
+                helper.make_node("DequantizeLinear", [q, "q_scale"], [dq], name=f"{dq}_DequantizeLinear"),
+            ]
+            add.input[j] = dq
+    nodes = list(proto.graph.node) + extra
+    del proto.graph.node[:]
+    proto.graph.node.extend(reversed(nodes))  # order is irrelevant to the rule
+    found = locate_layer_outputs(proto, 8)
+    assert found.missing == {}
+    assert found.tensors == {i: rename[t] for i, t in expected.items()}
+
+
+def test_fp8_graph_is_located_like_the_plain_one(plain):
+    _, out = plain
+    proto = _graph(out, weights=True)
+    expected = locate_layer_outputs(proto, 8).tensors
+    amax = {n.name: 4.0 for n in proto.graph.node if n.op_type == "MatMul"}
+    recipe = insert_fp8_qdq(proto, amax)
+    assert len(recipe.quantized) == 20
+    assert locate_layer_outputs(proto, 8).tensors == expected
+
+
+def test_a_layer_renamed_by_another_tool_is_named_missing(plain):
+    _, out = plain
+    proto = _graph(out)
+    for node in proto.graph.node:
+        node.name = node.name.replace("/model/layers.3/", "/fused_3/")
+    found = locate_layer_outputs(proto, 8)
+    assert set(found.tensors) == {0, 1, 2, 4, 5, 6, 7}
+    assert set(found.missing) == {3} and "/model/layers.3/" in found.missing[3]
+
+
+def test_two_candidate_adds_are_ambiguous_not_guessed(plain):
+    _, out = plain
+    proto = _graph(out)
+    target = locate_layer_outputs(proto, 8).tensors[2]
+    add = next(n for n in proto.graph.node if n.output[0] == target)
+    proto.graph.node.append(helper.make_node("Add", list(add.input), ["copy"], name="/model/Add_copy"))
+    found = locate_layer_outputs(proto, 8)
+    assert 2 not in found.tensors and "ambiguous" in found.missing[2] and "/model/Add_copy" in found.missing[2]
+
+
+def test_refuses_tensors_that_do_not_exist(plain):
+    _, out = plain
+    with pytest.raises(ArtefactError, match="no_such_tensor"):
+        expose_outputs(_graph(out), ["no_such_tensor"])
+
+
+def test_graph_outputs_are_not_duplicated(plain, tmp_path):
+    _, out = plain
+    proto = _graph(out)
+    exposed = expose_outputs(proto, ["logits", "present_ssm_state.0"])
+    assert [o.name for o in exposed.graph.output] == [o.name for o in proto.graph.output]
+    shutil.rmtree(tmp_path)
