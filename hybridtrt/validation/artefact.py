@@ -99,10 +99,10 @@ def validate_artefact(
     if manifest is None:
         raise InputError("an export directory is needed unless --reference hf")
 
-    model = load_model(checkpoint, "fp32")
     if load_outputs:
-        report = _recorded(export_dir, manifest, model, load_outputs, load_inputs, runner, per_layer)
+        report, model = _recorded(export_dir, manifest, checkpoint, load_outputs, load_inputs, runner, per_layer)
     else:
+        model = load_model(checkpoint, "fp32")
         ids, mask = _prompts(model, checkpoint, prompts, random_n, seed)
         report = validate(_backend_subject(export_dir, manifest, backend, engine), torch_subject(model), ids, mask, precision=precision_of(manifest), steps=steps, per_layer=per_layer)
     report.pattern = model.config.pattern
@@ -163,14 +163,18 @@ def default_inputs(export_dir: str | Path, load_outputs: Sequence[str | Path]) -
     )
 
 
-def _recorded(export_dir, manifest: Manifest, model, load_outputs, load_inputs, runner, per_layer) -> Report:
+def _recorded(export_dir, manifest: Manifest, checkpoint, load_outputs, load_inputs, runner, per_layer):
+    """Recorded outputs against the reference: ``(report, reference model)``. The files are read
+    and matched before the model is loaded."""
     from hybridtrt.validation.layers import layer_taps
-    from hybridtrt.validation.recorded import load_feeds, load_results, reference_outputs, validate_recorded
+    from hybridtrt.validation.recorded import check_matching, load_feeds, load_results, reference_outputs, validate_recorded
 
     inputs = list(load_inputs) if load_inputs else [default_inputs(export_dir, load_outputs)]
     feeds = load_feeds(inputs)
     name, iterations = load_results(load_outputs, runner)
+    check_matching(feeds, iterations)
+    model = load_model(checkpoint, "fp32")
     expected = reference_outputs(model, manifest, feeds)
     report = validate_recorded(feeds, name, iterations, expected, layer_taps(export_dir, manifest), precision=precision_of(manifest), per_layer=per_layer)
     report.notes.append(f"recorded outputs: {', '.join(map(str, load_outputs))}; inputs: {', '.join(map(str, inputs))}")
-    return report
+    return report, model

@@ -132,6 +132,15 @@ def reference_outputs(model: Any, manifest: Manifest, feeds: list[Feed]) -> list
     return out
 
 
+def check_matching(feeds: list[Feed], recorded: list[Outputs]) -> None:
+    """One recorded iteration per input iteration (checked before the reference runs)."""
+    if len(recorded) != len(feeds):
+        raise InputError(
+            f"the recorded results have {len(recorded)} iteration(s), the inputs {len(feeds)}",
+            fix="pass the --load-inputs the outputs were recorded from (`polygraphy run … --load-inputs`)",
+        )
+
+
 def validate_recorded(
     feeds: list[Feed],
     runner: str,
@@ -153,11 +162,7 @@ def validate_recorded(
         precision: Key of the tolerance table.
         per_layer: Compare each layer's states and (recorded) output; name the first divergence.
     """
-    if len(recorded) != len(feeds):
-        raise InputError(
-            f"the recorded results have {len(recorded)} iteration(s), the inputs {len(feeds)}",
-            fix="record the outputs with `polygraphy run … --load-inputs` of these very inputs",
-        )
+    check_matching(feeds, recorded)
     mask0 = np.asarray(feeds[0][ATTENTION_MASK])
     report = Report(
         backend=runner,
@@ -197,4 +202,4 @@ def validate_recorded(
     return report
 
 
-__all__ = ["load_feeds", "load_results", "reference_outputs", "validate_recorded"]
+__all__ = ["check_matching", "load_feeds", "load_results", "reference_outputs", "validate_recorded"]

@@ -133,6 +133,21 @@ def exclude_pattern(node: str) -> str:
     return re.escape(scope) + "/"
 
 
+def smallest_exclusion(n: int, reaches: Callable[[int], bool]) -> int | None:
+    """Smallest ``k`` in ``0..n`` with ``reaches(k)`` (excluding the ``k`` most sensitive layers
+    reaches the target), by bisection — assuming that excluding more never hurts, which holds up to
+    noise; whatever is returned was measured to reach. None when even ``k = n`` does not."""
+    if reaches(0):
+        return 0
+    if not reaches(n):
+        return None
+    lo, hi = 0, n  # reaches(lo) is False, reaches(hi) is True
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+    return hi
+
+
 def _only(nodes: Sequence[str]) -> list[str]:
     """``--exclude`` patterns that leave exactly ``nodes`` quantizable (a negative lookahead)."""
     return ["^(?!(?:" + "|".join(re.escape(n) for n in nodes) + ")$)"]
@@ -256,8 +271,7 @@ def fp8_sensitivity(
         full = compare(full_logits, expected, top1=True)
         result = Sensitivity(target_cosine, layers, none, full, float(np.abs(full_logits - exported).max()))
 
-        # Smallest k (most sensitive first) whose exclusion reaches the target; k = 0 is `full`,
-        # k = n is `none`. Bisection on measured cosines.
+        # k = 0 is `full`, k = n is `none`; everything in between is measured when the search asks.
         measured: dict[int, Comparison] = {0: full, len(ranked): none}
 
         def at(k: int) -> Comparison:
@@ -266,18 +280,9 @@ def fp8_sensitivity(
                 tick()
             return measured[k]
 
-        def ok(k: int) -> bool:
-            c = at(k)
-            return c.finite and c.cosine >= target_cosine
-
-        if ok(0):
-            result.reached = full
-        elif ok(len(ranked)):
-            lo, hi = 0, len(ranked)  # ok(lo) is False, ok(hi) is True
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if ok(mid) else (mid, hi)
-            result.exclude, result.reached = ranked[:hi], at(hi)
+        k = smallest_exclusion(len(ranked), lambda k: at(k).finite and at(k).cosine >= target_cosine)
+        if k is not None:
+            result.exclude, result.reached = ranked[:k], at(k)
         out = Path(export_dir).with_name(Path(export_dir).name + "-exclude")
         result.flags, result.command = _export_flags(recipe, result.exclude, checkpoint, out)
         if progress is not None:
@@ -285,4 +290,4 @@ def fp8_sensitivity(
     return result
 
 
-__all__ = ["LayerSensitivity", "Sensitivity", "describe_node", "exclude_pattern", "fp8_sensitivity"]
+__all__ = ["LayerSensitivity", "Sensitivity", "describe_node", "exclude_pattern", "fp8_sensitivity", "smallest_exclusion"]
