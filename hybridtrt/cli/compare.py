@@ -6,9 +6,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from rich.markup import escape
-
-from hybridtrt.cli.common import console, step, table
+from hybridtrt.cli.common import console, step, styled, table
 
 HELP = "write polygraphy inputs + PyTorch reference RunResults, compare with polygraphy, print the `polygraphy run` commands"
 
@@ -52,11 +50,12 @@ def run(args: argparse.Namespace) -> int:
     have_trt = importlib.util.find_spec("tensorrt") is not None
     with step("polygraphy Comparator"):
         results = compare_with_polygraphy(files, trt=have_trt, plugins=args.plugins)
-    rows = [[escape(name), f"atol {files.atol:g}, rtol {files.rtol:g}", "[green]PASS[/]" if ok else "[red]FAIL[/]"] for name, ok in results.items()]
+    rows = [[name, f"atol {files.atol:g}, rtol {files.rtol:g}", styled("PASS", "green") if ok else styled("FAIL", "red")] for name, ok in results.items()]
     if not have_trt:
-        rows.append(["trt", "", "[yellow]skipped: TensorRT not installed[/]"])
+        rows.append(["trt", "", styled("skipped: TensorRT not installed", "yellow")])
     console.print(table("polygraphy: runners vs pytorch-reference", ["runner", "tolerance", "result"], rows))
     console.print("reproduce with:")
     for name, cmd in files.commands.items():
-        console.print(f"  [dim]# {escape(COMMAND_TITLES.get(name, name))}[/]\n  {escape(cmd)}", soft_wrap=True, highlight=False)
+        console.print(styled(f"  # {COMMAND_TITLES.get(name, name)}", "dim"))
+        console.print(f"  {cmd}", soft_wrap=True, markup=False, highlight=False)
     return 0 if all(results.values()) else 1

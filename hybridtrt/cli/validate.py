@@ -9,9 +9,7 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from rich.markup import escape
-
-from hybridtrt.cli.common import console, step, table
+from hybridtrt.cli.common import console, step, styled, table
 
 HELP = "compare an export (ONNX Runtime, TensorRT, or recorded polygraphy outputs) with the PyTorch reference; exit 1 when a gate fails"
 
@@ -50,7 +48,7 @@ def _fmt(c) -> list[str]:
     return [
         f"{cmp.rel_l2:.2e}" if cmp.finite else "non-finite",
         f"{cmp.cosine:.6f}" if cmp.finite else "—",
-        "[green]ok[/]" if c.passed else f"[red]{escape('; '.join(c.failures))}[/]",
+        styled("ok", "green") if c.passed else styled("; ".join(c.failures), "red"),
     ]
 
 
@@ -77,33 +75,33 @@ def summary_rows(report) -> list[list[str]]:
                 continue
             w = worst(group)
             name = PHASE_LABELS.get(phase, phase)
-            label = f"{name} {kind}" if len(group) == 1 else f"{name} {kind} (worst of {len(group)}: {escape(w.name)}{'' if w.step is None else f' @{w.step}'})"
+            label = f"{name} {kind}" if len(group) == 1 else f"{name} {kind} (worst of {len(group)}: {w.name}{'' if w.step is None else f' @{w.step}'})"
             rows.append([label, *_fmt(w)])
     return rows
 
 
 def print_report(report) -> None:
-    title = f"{escape(report.backend)} vs {escape(report.reference)} ({report.precision}, batch {report.batch}, {report.steps} steps)"
+    title = f"{report.backend} vs {report.reference} ({report.precision}, batch {report.batch}, {report.steps} steps)"
     console.print(table(title, ["", "rel L2", "cosine", "gate"], summary_rows(report)))
     if report.token_agreement is not None:
         console.print(f"greedy token agreement {report.token_agreement:.3f} · teacher-forced top-1 {report.teacher_forced_top1:.3f}")
     elif report.teacher_forced_top1 is not None:
         console.print(f"teacher-forced top-1 {report.teacher_forced_top1:.3f}")
     for note in report.notes:
-        console.print(f"[yellow]note[/] {escape(note)}", soft_wrap=True)
+        console.print(styled(f"note {note}", "yellow"), soft_wrap=True)
     if report.first_divergence:
         d = report.first_divergence
         at = "" if d.get("step") in (None, 0) else f" (iteration {d['step']})"
-        console.print(f"[bold red]first divergence: layer {d['layer']} — {escape(d['tensor'])}[/]{at} ({escape('; '.join(d['why']))})")
+        console.print(styled(f"first divergence: layer {d['layer']} — {d['tensor']}{at} ({'; '.join(d['why'])})", "bold red"))
     t = report.timings
     if t:
-        console.print(f"time: reference {t.get('reference_s', 0):.2f} s · {escape(report.backend)} {t.get('backend_s', 0):.2f} s")
+        console.print(f"time: reference {t.get('reference_s', 0):.2f} s · {report.backend} {t.get('backend_s', 0):.2f} s", markup=False)
     console.print("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]")
 
 
 def print_sensitivity(s, *, shown: int = 20) -> None:
     rows = [
-        [str(i + 1), escape(x.label), x.kind, f"{x.error:.2e}", f"{x.comparison.rel_l2:.2e}" if x.comparison.finite else "non-finite", f"{x.comparison.top1:.2f}" if x.comparison.top1 is not None else "—", "excluded" if x.node in s.exclude else ""]
+        [str(i + 1), x.label, x.kind, f"{x.error:.2e}", f"{x.comparison.rel_l2:.2e}" if x.comparison.finite else "non-finite", f"{x.comparison.top1:.2f}" if x.comparison.top1 is not None else "—", "excluded" if x.node in s.exclude else ""]
         for i, x in enumerate(s.layers[:shown])
     ]
     more = f" ({len(s.layers) - shown} more in the report)" if len(s.layers) > shown else ""
@@ -115,12 +113,12 @@ def print_sensitivity(s, *, shown: int = 20) -> None:
         f" (rebuilt vs the export file: max |Δ| {s.export_max_abs:.1e})"
     )
     if s.reached is None:
-        console.print(f"[red]target cosine {s.target_cosine:g} is out of reach[/]: even with no layer quantized the cosine is {s.none.cosine:.6f}")
+        console.print(styled(f"target cosine {s.target_cosine:g} is out of reach: even with no layer quantized the cosine is {s.none.cosine:.6f}", "red"))
     elif not s.exclude:
-        console.print(f"[green]the export reaches the target cosine {s.target_cosine:g} with every layer quantized[/]")
+        console.print(styled(f"the export reaches the target cosine {s.target_cosine:g} with every layer quantized", "green"))
     else:
         console.print(f"excluding the {len(s.exclude)} most sensitive layer(s) reaches cosine {s.reached.cosine:.6f} ≥ {s.target_cosine:g}; re-export with:")
-        console.print(f"  {escape(s.command)}", soft_wrap=True, highlight=False)
+        console.print(f"  {s.command}", soft_wrap=True, markup=False, highlight=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         from hybridtrt.validation.report import write_report
 
         paths = write_report(report, args.report)
-        console.print(f"report: {escape(str(paths['html']))}")
+        console.print(f"report: {paths['html']}", markup=False)
     return 0 if report.passed else 1
 
 

@@ -184,9 +184,10 @@ def validate_recorded(
         lacking = [n for n in states if n not in got]
         if lacking:
             report.notes.append(f"iteration {k}: the recorded results lack {len(lacking)} state(s), e.g. {lacking[0]}")
+        mask = feeds[k][ATTENTION_MASK]
         for name in states:
             if name in got:
-                check(report, phase, name, got[name], ref[name], "call", step=step)
+                check(report, phase, name, got[name], ref[name], "call", mask=mask, step=step)
         if per_layer:
             layers = [n for n in ref if n.startswith("layer_output.")]
             absent = [n for n in layers if n not in got]
@@ -195,7 +196,7 @@ def validate_recorded(
                     f"per-layer: {len(absent)} layer output(s) not recorded (e.g. {absent[0]}); those layers are compared by "
                     "their states only — record them with the `--onnx-outputs` command `hybridtrt compare --per-layer` prints"
                 )
-            compare_layers(report, [(n, got[n], ref[n]) for n in [*states, *layers] if n in got], step=k)
+            compare_layers(report, [(n, got[n], ref[n]) for n in [*states, *layers] if n in got], step=k, mask=mask)
     report.notes.extend(f"{name}: {why}" for name, why in taps.missing.items() if per_layer)
     report.teacher_forced_top1 = float(np.mean(top1)) if top1 else None
     report.notes.append("greedy token agreement: not measured (recorded outputs cannot generate)")

@@ -41,7 +41,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise MissingDependencyError("matplotlib is needed for --report pictures", fix="pip install 'hybridtrt[report]'") from None
+        raise MissingDependencyError("matplotlib (a hybridtrt dependency) is not importable", fix="pip install matplotlib, or reinstall hybridtrt with its dependencies") from None
     return plt
 
 

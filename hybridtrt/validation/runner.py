@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from hybridtrt.errors import InputError
@@ -98,8 +99,29 @@ class Report:
         return d
 
 
-def check(report: Report, phase: str, name: str, got: Any, ref: Any, kind: str, **where: Any) -> Check:
-    """Compare one tensor and record it; present states use the precision's ``state`` gate."""
+_KV_STATE = re.compile(r"^present\.\d+\.(key|value)$")
+
+
+def real_positions(name: str, tensor: Any, attention_mask: torch.Tensor) -> Any:
+    """The part of a state that the contract defines.
+
+    KV rows of left-padding positions are never read: their content is backend-specific (ours are
+    zero, HF keeps garbage there), so a KV state ``[B, H_kv, past+L, D]`` is compared at real
+    positions only, flattened. Other tensors are returned as they are.
+    """
+    if not _KV_STATE.match(name) or tuple(tensor.shape)[2:3] != (attention_mask.shape[1],):
+        return tensor
+    array = tensor.detach().cpu().float().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor, dtype=np.float32)
+    keep = attention_mask.bool().cpu().numpy()
+    return np.concatenate([array[b][:, keep[b]].reshape(-1) for b in range(array.shape[0])])
+
+
+def check(report: Report, phase: str, name: str, got: Any, ref: Any, kind: str, mask: Any = None, **where: Any) -> Check:
+    """Compare one tensor and record it; present states use the precision's ``state`` gate.
+    With ``mask`` (the attention mask of the call), KV states are compared at real positions."""
+    if mask is not None:
+        mask = torch.as_tensor(np.asarray(mask))
+        got, ref = real_positions(name, got, mask), real_positions(name, ref, mask)
     c = compare(got, ref, top1=name == "logits")
     if is_state(name):
         kind = "state"
@@ -109,7 +131,7 @@ def check(report: Report, phase: str, name: str, got: Any, ref: Any, kind: str, 
 
 
 def compare_layers(
-    report: Report, tensors: Iterable[tuple[str, Any, Any]], *, phase: str = "layer", step: int | None = None
+    report: Report, tensors: Iterable[tuple[str, Any, Any]], *, phase: str = "layer", step: int | None = None, mask: Any = None
 ) -> None:
     """Check per-layer tensors ``(name, got, ref)`` in layer order and name the first divergence.
 
@@ -121,7 +143,7 @@ def compare_layers(
     ordered = sorted(tensors, key=lambda t: (layer_of(t[0]), not is_state(t[0])))
     for name, got, ref in ordered:
         layer = layer_of(name)
-        result = check(report, phase, name, got, ref, "layer", layer=layer, step=step)
+        result = check(report, phase, name, got, ref, "layer", mask=mask, layer=layer, step=step)
         if not result.passed and report.first_divergence is None:
             report.first_divergence = {"layer": layer, "tensor": name, "why": result.failures, "step": step}
 
@@ -172,7 +194,7 @@ def prefill_phase(run: Run) -> None:
     check(r, "prefill", "logits", run.got_logits, run.ref_logits, "call")
     ref_named, got_named = run.reference.named_states(run.ref_state), run.backend.named_states(run.got_state)
     for name in ref_named:
-        check(r, "prefill", name, got_named[name], ref_named[name], "call", layer=layer_of(name))
+        check(r, "prefill", name, got_named[name], ref_named[name], "call", mask=run.attention_mask, layer=layer_of(name))
 
 
 def per_layer_phase(run: Run) -> None:
@@ -194,7 +216,7 @@ def per_layer_phase(run: Run) -> None:
     else:
         lacking = run.backend if run.backend.layer_outputs is None else run.reference
         r.notes.append(f"per-layer: {lacking.name} exposes no layer outputs, so layers are compared by their states only")
-    compare_layers(r, [(name, got, ref) for name, (got, ref) in tensors.items()])
+    compare_layers(r, [(name, got, ref) for name, (got, ref) in tensors.items()], mask=run.attention_mask)
 
 
 def _named_pairs(got: dict[str, Any], ref: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -220,7 +242,7 @@ def decode_phase(run: Run) -> None:
     if run.steps:
         ref_named, got_named = run.reference.named_states(ref_state), run.backend.named_states(got_state)
         for name in ref_named:
-            check(r, "decode", name, got_named[name], ref_named[name], "steps", step=run.steps, layer=layer_of(name))
+            check(r, "decode", name, got_named[name], ref_named[name], "steps", mask=mask, step=run.steps, layer=layer_of(name))
     r.teacher_forced_top1 = sum(agree) / len(agree)
 
 
