@@ -2,14 +2,17 @@
 and find each decoder layer's output by our deterministic node names.
 
 Find (`locate_layer_outputs`): decoder layer ``i`` ends with the residual add
-``h = h + mixer(norm(h))``. Its output is the output of the one ``Add`` node that sits at block
-level (scope ``/model`` or ``/model/layers.{i}``, not inside a layer's ``norm``/``mixer``) and
-takes an input produced — directly, or through ``Cast``/``Identity``/``QuantizeLinear``/
-``DequantizeLinear`` — by a node named ``/model/layers.{i}/…``. Only the *producers'* names are
-used, never the Add's own name or the tensor names, so a file re-saved by another tool that keeps
-node names (``onnx.save``, onnx_ir, onnx-graphsurgeon clean-ups, ModelOpt-style Q/DQ insertion on
-the residual path, our FP8 pass) is read the same way. Exports made with ``--per-layer`` already
-carry these tensors as ``layer_output.{i}`` graph outputs; the rule finds exactly those.
+``h = h + mixer(norm(h))``, found as the one ``Add`` node that sits at block level (scope ``/model``
+or ``/model/layers.{i}``, not inside a layer's ``norm``/``mixer``) and takes an input produced —
+directly, or through ``Cast``/``Identity``/``QuantizeLinear``/``DequantizeLinear`` — by a node named
+``/model/layers.{i}/…``. The layer's output is that Add's output, carried on through block-level
+``Mul``/``Cast``/``Identity`` nodes for as long as each is the tensor's only consumer (the model
+holds left-padding rows at zero with ``(h + out) * row``; the tensor the next layer reads is the
+product). Only the *producers'* names are used, never the Add's own name or the tensor names, so a
+file re-saved by another tool that keeps node names (``onnx.save``, onnx_ir, onnx-graphsurgeon
+clean-ups, ModelOpt-style Q/DQ insertion on the residual path, our FP8 pass) is read the same way.
+Exports made with ``--per-layer`` already carry these tensors as ``layer_output.{i}`` graph
+outputs; the rule finds exactly those.
 
 Check: a layer whose residual Add cannot be found (renamed or fused by another tool), or for which
 several Adds qualify, is listed in `LayerOutputs.missing` with the reason; never guessed.
@@ -35,6 +38,9 @@ LAYER_OUTPUT = "layer_output.{}"
 #: Ops that carry a tensor through unchanged in meaning (dtype, quantization), walked through
 #: when looking for the node that produced a residual Add's input.
 PASSTHROUGH_OPS = frozenset({"Cast", "CastLike", "Identity", "QuantizeLinear", "DequantizeLinear"})
+
+#: Block-level ops that may follow the residual add before the next layer reads the hidden state.
+CARRY_OPS = frozenset({"Mul", "Cast", "CastLike", "Identity"})
 
 _LAYER_SCOPE = re.compile(r"^/model/layers\.(\d+)(?:/|$)")
 _BLOCK_SCOPE = re.compile(r"^/model/layers\.(\d+)$")
@@ -91,6 +97,18 @@ def _residual_layer(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) 
     return max(layers) if layers else None
 
 
+def _carried(tensor: str, consumers: dict[str, list[onnx.NodeProto]], outputs: set[str]) -> str:
+    """Follow ``tensor`` through block-level `CARRY_OPS` that are its only consumer."""
+    seen: set[str] = set()
+    while tensor not in outputs and tensor not in seen and len(consumers.get(tensor, [])) == 1:
+        seen.add(tensor)
+        node = consumers[tensor][0]
+        if node.op_type not in CARRY_OPS or _LAYER_SCOPE.match(node.name) or not node.output:
+            break
+        tensor = node.output[0]
+    return tensor
+
+
 def locate_layer_outputs(model: onnx.ModelProto, num_layers: int) -> LayerOutputs:
     """Find the output tensor of every decoder layer ``0 .. num_layers-1`` (see the module docstring).
 
@@ -103,6 +121,11 @@ def locate_layer_outputs(model: onnx.ModelProto, num_layers: int) -> LayerOutput
     """
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
     candidates: dict[int, list[onnx.NodeProto]] = {}
     for node in graph.node:
         layer = _residual_layer(node, producers)
@@ -112,7 +135,7 @@ def locate_layer_outputs(model: onnx.ModelProto, num_layers: int) -> LayerOutput
     for i in range(num_layers):
         nodes = candidates.get(i, [])
         if len(nodes) == 1:
-            found.tensors[i] = nodes[0].output[0]
+            found.tensors[i] = _carried(nodes[0].output[0], consumers, outputs)
         elif not nodes:
             found.missing[i] = (
                 f"no residual Add takes an output of a node named /model/layers.{i}/… "
@@ -182,4 +205,4 @@ def expose_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.Model
     return out
 
 
-__all__ = ["LAYER_OUTPUT", "PASSTHROUGH_OPS", "LayerOutputs", "expose_outputs", "locate_layer_outputs"]
+__all__ = ["CARRY_OPS", "LAYER_OUTPUT", "PASSTHROUGH_OPS", "LayerOutputs", "expose_outputs", "locate_layer_outputs"]

@@ -7,8 +7,6 @@ states; the original outputs are bit-identical before and after the rewrite).
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import onnx
 import pytest
@@ -29,25 +27,33 @@ def _graph(out, *, weights: bool = False) -> onnx.ModelProto:
     return onnx.load(str(out / "model.onnx"), load_external_data=weights)
 
 
-def _residual_adds(proto: onnx.ModelProto) -> list[str]:
-    """Our exporter's residual adds, found independently: the /model-scoped Adds that take a
-    MatMul output (out_proj/o_proj/down_proj) as an input, in graph order."""
-    producers = {o: n for n in proto.graph.node for o in n.output}
-    return [
-        n.output[0]
-        for n in proto.graph.node
-        if n.op_type == "Add" and n.name.startswith("/model/Add") and any(producers.get(i) is not None and producers[i].op_type == "MatMul" for i in n.input)
-    ]
+def _feeds(model, names):
+    inputs = example_inputs(model, batch=2, seq=7, past=3, seed=3)
+    return inputs, dict(zip(names, inputs))
+
+
+def _reference_hidden(model, inputs):
+    from hybridtrt.exporter.io import state_specs
+    from hybridtrt.exporter.wrapper import cache_from_flat
+
+    with torch.no_grad():
+        return model(inputs[0], inputs[1], cache_from_flat(state_specs(model.config), inputs[2:]), logits="last", output_hidden_states=True).hidden_states
 
 
 @pytest.mark.parametrize("preset", ["tiny-nemotron-h", "tiny-mamba2"])
 def test_every_layer_is_located_on_a_plain_export(make_export, preset):
+    """Every layer found, and each located tensor is that layer's hidden state (numerically, at
+    every position): the independent check of the rule."""
     ckpt, out = make_export(preset)
-    proto = _graph(out)
-    n = len(load_model(ckpt).layers)
-    found = locate_layer_outputs(proto, n)
-    assert found.missing == {}
-    assert [found.tensors[i] for i in range(n)] == _residual_adds(proto)
+    model = load_model(ckpt)
+    n = len(model.layers)
+    found = locate_layer_outputs(_graph(out), n)
+    assert found.missing == {} and len(set(found.tensors.values())) == n
+    session = ProtoSession(expose_outputs(_graph(out), list(found.tensors.values())), out)
+    inputs, feeds = _feeds(model, session.input_names)
+    got, ref = session.run(feeds), _reference_hidden(model, inputs)
+    for i, tensor in found.tensors.items():
+        assert np.linalg.norm(got[tensor] - ref[i].numpy()) / np.linalg.norm(ref[i].numpy()) < 1e-5, (i, tensor)
 
 
 def test_per_layer_export_is_located_at_its_layer_outputs(make_export):
@@ -60,11 +66,6 @@ def test_per_layer_export_is_located_at_its_layer_outputs(make_export):
 def plain(make_export):
     ckpt, out = make_export("tiny-nemotron-h")
     return load_model(ckpt), out
-
-
-def _feeds(model, names):
-    inputs = example_inputs(model, batch=2, seq=7, past=3, seed=3)
-    return inputs, dict(zip(names, inputs))
 
 
 def test_exposed_tensors_are_the_reference_hidden_states_and_outputs_are_unchanged(plain):
@@ -84,11 +85,7 @@ def test_exposed_tensors_are_the_reference_hidden_states_and_outputs_are_unchang
     plain_run = OrtSession(out / "model.onnx").run(feeds)
     for name in original_outputs:  # marking outputs changes nothing else (ORT, CPU)
         np.testing.assert_array_equal(got[name], plain_run[name])
-    from hybridtrt.exporter.wrapper import cache_from_flat
-    from hybridtrt.exporter.io import state_specs
-
-    with torch.no_grad():
-        ref = model(inputs[0], inputs[1], cache_from_flat(state_specs(model.config), inputs[2:]), logits="last", output_hidden_states=True).hidden_states
+    ref = _reference_hidden(model, inputs)
     for i, tensor in found.tensors.items():
         a, b = got[tensor], ref[i].numpy()
         assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5, (i, tensor)
@@ -126,6 +123,15 @@ def _rename_tensors(proto: onnx.ModelProto) -> dict[str, str]:
     return rename
 
 
+def _residual_add(proto: onnx.ModelProto, tensor: str) -> onnx.NodeProto:
+    """The Add a located layer output comes from (back through block-level Mul/Cast, if any)."""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    node = producers[tensor]
+    while node.op_type != "Add":
+        node = producers[node.input[0]]
+    return node
+
+
 def test_graph_surgery_that_keeps_node_names(plain):
     """Tensors renamed, Q/DQ inserted on the residual path under foreign names (ModelOpt quantizes
     residual Adds), nodes shuffled and re-sorted: the same layers are found."""
@@ -133,11 +139,11 @@ def test_graph_surgery_that_keeps_node_names(plain):
     proto = _graph(out)
     expected = locate_layer_outputs(proto, 8).tensors
     rename = _rename_tensors(proto)
-    adds = {n.output[0]: n for n in proto.graph.node if n.output and n.output[0] in {rename[t] for t in expected.values()}}
+    adds = [_residual_add(proto, rename[t]) for t in expected.values()]
     scale = helper.make_tensor("q_scale", onnx.TensorProto.FLOAT, [], [0.05])
     proto.graph.initializer.append(scale)
     extra = []
-    for k, add in enumerate(adds.values()):
+    for k, add in enumerate(adds):
         for j, inp in enumerate(list(add.input)):
             q, dq = f"Add_{k}_{j}_q", f"Add_{k}_{j}_dq"
             extra += [
@@ -151,6 +157,29 @@ def test_graph_surgery_that_keeps_node_names(plain):
     found = locate_layer_outputs(proto, 8)
     assert found.missing == {}
     assert found.tensors == {i: rename[t] for i, t in expected.items()}
+
+
+def test_the_hidden_state_is_followed_past_a_padding_mask(plain):
+    """``h = (h + out) * row`` (padding rows held at zero), then a Cast: the located tensor is the
+    one the next layer reads, not the bare Add output; a tensor with two readers is not followed."""
+    _, out = plain
+    proto = _graph(out)
+    adds = locate_layer_outputs(proto, 8).tensors
+    proto.graph.initializer.append(helper.make_tensor("row", onnx.TensorProto.FLOAT, [], [1.0]))
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    expected = {}
+    for i, tensor in adds.items():
+        masked, cast = f"{tensor}_masked", f"{tensor}_cast"
+        for node in proto.graph.node:
+            node.input[:] = [cast if x == tensor else x for x in node.input]
+        at = list(proto.graph.node).index(producers[tensor]) + 1
+        proto.graph.node.insert(at, helper.make_node("Mul", [tensor, "row"], [masked], name=f"/model/Mul_row_{i}"))
+        proto.graph.node.insert(at + 1, helper.make_node("Cast", [masked], [cast], name=f"/model/Cast_row_{i}", to=onnx.TensorProto.FLOAT))
+        expected[i] = cast
+    assert locate_layer_outputs(proto, 8).tensors == expected
+    # A second reader of the masked tensor stops the walk there.
+    proto.graph.node.append(helper.make_node("Identity", [f"{adds[3]}_masked"], ["spy"], name="/model/Identity_spy"))
+    assert locate_layer_outputs(proto, 8).tensors[3] == f"{adds[3]}_masked"
 
 
 def test_fp8_graph_is_located_like_the_plain_one(plain):
@@ -189,9 +218,8 @@ def test_refuses_tensors_that_do_not_exist(plain):
         expose_outputs(_graph(out), ["no_such_tensor"])
 
 
-def test_graph_outputs_are_not_duplicated(plain, tmp_path):
+def test_graph_outputs_are_not_duplicated(plain):
     _, out = plain
     proto = _graph(out)
     exposed = expose_outputs(proto, ["logits", "present_ssm_state.0"])
     assert [o.name for o in exposed.graph.output] == [o.name for o in proto.graph.output]
-    shutil.rmtree(tmp_path)
