@@ -87,6 +87,9 @@ def print_report(report) -> None:
         console.print(f"greedy token agreement {report.token_agreement:.3f} · teacher-forced top-1 {report.teacher_forced_top1:.3f}")
     elif report.teacher_forced_top1 is not None:
         console.print(f"teacher-forced top-1 {report.teacher_forced_top1:.3f}")
+    if report.routing_agreement:
+        per_layer = ", ".join(f"{i}: {a:.3f}" for i, a in report.routing_agreement.items())
+        console.print(f"MoE routing agreement (top-k sets equal to the reference) per layer: {per_layer}")
     for note in report.notes:
         console.print(styled(f"note {note}", "yellow"), soft_wrap=True)
     if report.first_divergence:

@@ -6,9 +6,9 @@ Find (`locate_layer_outputs`): decoder layer ``i`` ends with the residual add
 or ``/model/layers.{i}``, not inside a layer's ``norm``/``mixer``) and takes an input produced —
 directly, or through ``Cast``/``Identity``/``QuantizeLinear``/``DequantizeLinear`` — by a node named
 ``/model/layers.{i}/…``. The layer's output is that Add's output, carried on through block-level
-``Mul``/``Cast``/``Identity`` nodes for as long as each is the tensor's only consumer (the model
-holds left-padding rows at zero with ``(h + out) * row``; the tensor the next layer reads is the
-product). Only the *producers'* names are used, never the Add's own name or the tensor names, so a
+``Mul``/``Where``/``Cast``/``Identity`` nodes for as long as each is the tensor's only consumer (the
+model holds left-padding rows at zero, ``where(row, h + out, 0)``; the tensor the next layer reads
+is the selected one). Only the *producers'* names are used, never the Add's own name or the tensor names, so a
 file re-saved by another tool that keeps node names (``onnx.save``, onnx_ir, onnx-graphsurgeon
 clean-ups, ModelOpt-style Q/DQ insertion on the residual path, our FP8 pass) is read the same way.
 Exports made with ``--per-layer`` already carry these tensors as ``layer_output.{i}`` graph
@@ -39,8 +39,9 @@ LAYER_OUTPUT = "layer_output.{}"
 #: when looking for the node that produced a residual Add's input.
 PASSTHROUGH_OPS = frozenset({"Cast", "CastLike", "Identity", "QuantizeLinear", "DequantizeLinear"})
 
-#: Block-level ops that may follow the residual add before the next layer reads the hidden state.
-CARRY_OPS = frozenset({"Mul", "Cast", "CastLike", "Identity"})
+#: Block-level ops that may follow the residual add before the next layer reads the hidden state
+#: (``Where``: only when the tensor is a value, not the condition).
+CARRY_OPS = frozenset({"Mul", "Where", "Cast", "CastLike", "Identity"})
 
 _LAYER_SCOPE = re.compile(r"^/model/layers\.(\d+)(?:/|$)")
 _BLOCK_SCOPE = re.compile(r"^/model/layers\.(\d+)$")
@@ -104,6 +105,8 @@ def _carried(tensor: str, consumers: dict[str, list[onnx.NodeProto]], outputs: s
         seen.add(tensor)
         node = consumers[tensor][0]
         if node.op_type not in CARRY_OPS or _LAYER_SCOPE.match(node.name) or not node.output:
+            break
+        if node.op_type == "Where" and node.input[0] == tensor:
             break
         tensor = node.output[0]
     return tensor

@@ -81,8 +81,12 @@ def validate_artefact(
     """
     check_arguments(backend=backend, reference=reference, steps=steps, random_n=random_n, load_outputs=load_outputs, target_cosine=target_cosine)
     manifest = read_manifest(export_dir) if export_dir is not None else None
-    if sensitivity and (manifest is None or not manifest.quantization):
-        raise InputError(f"--sensitivity needs an FP8 export; {export_dir} is not quantized", fix="export with `hybridtrt export CKPT -o OUT --quantize fp8 …`")
+    if sensitivity:
+        from hybridtrt.validation.sensitivity import check_recipe
+
+        if manifest is None:
+            raise InputError("--sensitivity needs an FP8 export directory", fix="pass the export made with --quantize fp8")
+        check_recipe(manifest, export_dir)
     if checkpoint is None:
         if manifest is None:
             raise InputError("give --checkpoint (and/or an export directory)")

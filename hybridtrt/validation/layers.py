@@ -81,6 +81,7 @@ class ProtoSession(OrtSession):
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         if threads:
             opts.intra_op_num_threads = threads
+        self.emulated_bf16 = False  # OrtSession's flag; bf16 exports are refused on ONNX Runtime before this
         self.session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -99,7 +99,7 @@ def plot_report(report: Report, path: Path) -> Path:
     fig.suptitle(f"{report.backend} vs {report.reference} ({report.precision}): {verdict}{where}", fontsize=11)
     if layer_checks:
         ticks = sorted({c.layer for c in layer_checks})
-        kinds = {"M": "mamba", "*": "attn", "-": "mlp"}
+        kinds = {"M": "mamba", "*": "attn", "-": "mlp", "E": "moe"}
         labels = [f"{i}\n{kinds.get(report.pattern[i], '')}" if i < len(report.pattern) else str(i) for i in ticks]
         ax2.set_xticks(ticks, labels)
     fig.tight_layout()
@@ -207,6 +207,7 @@ def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
         ("greedy token agreement", f"{report.token_agreement:.3f}" if report.token_agreement is not None else "—"),
         ("teacher-forced top-1", f"{report.teacher_forced_top1:.3f}" if report.teacher_forced_top1 is not None else "—"),
         ("first divergence", json.dumps(report.first_divergence) if report.first_divergence else "none"),
+        ("MoE routing agreement", ", ".join(f"layer {i}: {a:.3f}" for i, a in report.routing_agreement.items()) or "—"),
         ("time reference / backend", f"{report.timings.get('reference_s', 0):.2f} s / {report.timings.get('backend_s', 0):.2f} s"),
     ]
     summary_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary)

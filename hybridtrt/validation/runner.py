@@ -72,6 +72,8 @@ class Report:
     token_agreement: float | None = None
     teacher_forced_top1: float | None = None
     first_divergence: dict[str, Any] | None = None
+    #: MoE layer -> fraction of tokens whose top-k expert set is the reference's (per-layer runs).
+    routing_agreement: dict[int, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     pattern: str = ""  # layer kinds (M * -), for labels
@@ -166,6 +168,8 @@ class Run:
     steps: int
     per_layer: bool
     report: Report
+    #: ``routing(reference layers, backend layers) -> {MoE layer: agreement}`` (per-layer runs).
+    routing: Callable[[dict[str, Any], dict[str, Any]], dict[int, float]] | None = None
     ref_logits: torch.Tensor | None = None
     got_logits: torch.Tensor | None = None
     ref_state: Any = None
@@ -212,6 +216,8 @@ def per_layer_phase(run: Run) -> None:
     if run.backend.layer_outputs is not None and run.reference.layer_outputs is not None:
         ref_layers = _timed(r.timings, "reference_s", run.reference.layer_outputs, run.input_ids, run.attention_mask)
         got_layers = _timed(r.timings, "backend_s", run.backend.layer_outputs, run.input_ids, run.attention_mask)
+        if run.routing is not None:
+            r.routing_agreement = run.routing(ref_layers, got_layers)
         tensors.update({name: (got, ref) for name, got, ref in _named_pairs(got_layers, ref_layers)})
     else:
         lacking = run.backend if run.backend.layer_outputs is None else run.reference
@@ -269,6 +275,7 @@ def validate(
     steps: int = 8,
     per_layer: bool = False,
     phases: Sequence[Phase] | None = None,
+    routing: Callable[[dict[str, Any], dict[str, Any]], dict[int, float]] | None = None,
 ) -> Report:
     """Run both subjects on the same left-padded batch and compare.
 
@@ -282,6 +289,8 @@ def validate(
         per_layer: Compare each decoder layer's states and output (its output where the subjects
             expose it).
         phases: The phases to run (default `PHASES`).
+        routing: With ``per_layer``, ``routing(reference layers, backend layers)`` gives the MoE
+            routing agreement per layer (`hybridtrt.validation.routing`).
 
     Returns:
         The `Report`.
@@ -295,7 +304,7 @@ def validate(
         prompt_lengths=[int(x) for x in attention_mask.sum(1)],
         steps=steps,
     )
-    run = Run(backend, reference, input_ids, attention_mask, steps, per_layer, report)
+    run = Run(backend, reference, input_ids, attention_mask, steps, per_layer, report, routing)
     for phase in PHASES if phases is None else phases:
         phase(run)
     return report

@@ -201,6 +201,27 @@ def _export_flags(recipe: dict[str, Any], exclude: Sequence[str], checkpoint: st
     return flags, command
 
 
+def check_recipe(manifest: Manifest, export_dir: str | Path) -> list[str]:
+    """The quantized nodes `fp8_sensitivity` can rebuild: those with a recorded activation scale.
+
+    Raises:
+        InputError: Not an FP8 export, or quantized nodes without a recorded activation scale
+            (MoE routed experts keep per-expert scales under ``"experts"``; not measured yet).
+    """
+    recipe = manifest.quantization
+    if not recipe or not recipe.get("quantized"):
+        raise InputError(f"--sensitivity needs an FP8 export; {export_dir} is not quantized", fix="export with `hybridtrt export CKPT -o OUT --quantize fp8 …`")
+    scales = recipe.get("activation_scales", {})
+    other = [n for n in recipe["quantized"] if n not in scales]
+    if other:
+        raise InputError(
+            f"--sensitivity rebuilds linear layers from their recorded activation scale; {len(other)} quantized node(s) of "
+            f"{export_dir} have none (e.g. {other[0]}: MoE routed experts are not measured yet)",
+            fix="measure the other layers on an export made with `--exclude 'experts/'`",
+        )
+    return list(recipe["quantized"])
+
+
 def fp8_sensitivity(
     export_dir: str | Path,
     manifest: Manifest,
@@ -232,12 +253,10 @@ def fp8_sensitivity(
     from hybridtrt.exporter.export import trace_to_file
     from hybridtrt.models.loading import load_model, parse_dtype
 
+    nodes = check_recipe(manifest, export_dir)
     recipe = manifest.quantization
-    if not recipe or not recipe.get("quantized"):
-        raise InputError(f"--sensitivity needs an FP8 export; {export_dir} is not quantized", fix="export with `hybridtrt export CKPT -o OUT --quantize fp8 …`")
     if not 0 < target_cosine <= 1:
         raise InputError(f"--target-cosine must be in (0, 1], got {target_cosine}", fix="e.g. --target-cosine 0.99")
-    nodes: list[str] = list(recipe["quantized"])
     kinds = [entry["kind"] for entry in manifest.layers]
     total = len(nodes) + 3 + max(1, len(nodes)).bit_length()  # layers, anchors, bisection (upper bound)
     done = 0
@@ -290,4 +309,4 @@ def fp8_sensitivity(
     return result
 
 
-__all__ = ["LayerSensitivity", "Sensitivity", "describe_node", "exclude_pattern", "fp8_sensitivity", "smallest_exclusion"]
+__all__ = ["LayerSensitivity", "Sensitivity", "check_recipe", "describe_node", "exclude_pattern", "fp8_sensitivity", "smallest_exclusion"]

@@ -160,12 +160,15 @@ def test_graph_surgery_that_keeps_node_names(plain):
 
 
 def test_the_hidden_state_is_followed_past_a_padding_mask(plain):
-    """``h = (h + out) * row`` (padding rows held at zero), then a Cast: the located tensor is the
-    one the next layer reads, not the bare Add output; a tensor with two readers is not followed."""
+    """``h = where(row, h + out, 0)`` or ``(h + out) * row`` (padding rows held at zero), then a
+    Cast: the located tensor is the one the next layer reads, not the bare Add output; a tensor with
+    two readers is not followed."""
     _, out = plain
     proto = _graph(out)
     adds = locate_layer_outputs(proto, 8).tensors
-    proto.graph.initializer.append(helper.make_tensor("row", onnx.TensorProto.FLOAT, [], [1.0]))
+    proto.graph.initializer.extend(
+        [helper.make_tensor("row", onnx.TensorProto.FLOAT, [], [1.0]), helper.make_tensor("keep", onnx.TensorProto.BOOL, [], [True]), helper.make_tensor("zero", onnx.TensorProto.FLOAT, [], [0.0])]
+    )
     producers = {o: n for n in proto.graph.node for o in n.output}
     expected = {}
     for i, tensor in adds.items():
@@ -173,7 +176,12 @@ def test_the_hidden_state_is_followed_past_a_padding_mask(plain):
         for node in proto.graph.node:
             node.input[:] = [cast if x == tensor else x for x in node.input]
         at = list(proto.graph.node).index(producers[tensor]) + 1
-        proto.graph.node.insert(at, helper.make_node("Mul", [tensor, "row"], [masked], name=f"/model/Mul_row_{i}"))
+        mask = (
+            helper.make_node("Mul", [tensor, "row"], [masked], name=f"/model/Mul_row_{i}")
+            if i % 2
+            else helper.make_node("Where", ["keep", tensor, "zero"], [masked], name=f"/model/Where_{i}")
+        )
+        proto.graph.node.insert(at, mask)
         proto.graph.node.insert(at + 1, helper.make_node("Cast", [masked], [cast], name=f"/model/Cast_row_{i}", to=onnx.TensorProto.FLOAT))
         expected[i] = cast
     assert locate_layer_outputs(proto, 8).tensors == expected

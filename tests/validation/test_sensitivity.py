@@ -128,6 +128,19 @@ def test_needs_an_fp8_export_and_says_so_before_loading(make_export, capsys):
     assert "--quantize fp8" in capsys.readouterr().err
 
 
+def test_quantized_nodes_without_a_recorded_scale_are_refused(fp8_export):
+    """MoE routed experts keep per-expert scales elsewhere in the recipe: refused, not guessed."""
+    from hybridtrt.validation.sensitivity import check_recipe
+
+    _, out = fp8_export
+    manifest = read_manifest(out)
+    assert check_recipe(manifest, out) == manifest.quantization["quantized"]
+    manifest.quantization["quantized"].append("/model/layers.3/mixer/experts/MoeExpertsFp8")
+    with pytest.raises(InputError, match="MoeExpertsFp8") as e:
+        check_recipe(manifest, out)
+    assert "--exclude 'experts/'" in str(e.value)
+
+
 def test_node_names_map_to_layer_kind_and_projection():
     kinds = ["mamba", "attention", "mamba", "mlp", "moe"]
     assert describe_node("/model/layers.1/mixer/q_proj/MatMul", kinds) == (1, "attention", "q_proj")
