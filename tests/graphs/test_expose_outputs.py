@@ -124,11 +124,11 @@ def _rename_tensors(proto: onnx.ModelProto) -> dict[str, str]:
 
 
 def _residual_add(proto: onnx.ModelProto, tensor: str) -> onnx.NodeProto:
-    """The Add a located layer output comes from (back through block-level Mul/Cast, if any)."""
+    """The Add a located layer output comes from (back through block-level Mul/Where/Cast, if any)."""
     producers = {o: n for n in proto.graph.node for o in n.output}
     node = producers[tensor]
     while node.op_type != "Add":
-        node = producers[node.input[0]]
+        node = producers[node.input[1 if node.op_type == "Where" else 0]]
     return node
 
 
@@ -213,8 +213,7 @@ def test_a_layer_renamed_by_another_tool_is_named_missing(plain):
 def test_two_candidate_adds_are_ambiguous_not_guessed(plain):
     _, out = plain
     proto = _graph(out)
-    target = locate_layer_outputs(proto, 8).tensors[2]
-    add = next(n for n in proto.graph.node if n.output[0] == target)
+    add = _residual_add(proto, locate_layer_outputs(proto, 8).tensors[2])
     proto.graph.node.append(helper.make_node("Add", list(add.input), ["copy"], name="/model/Add_copy"))
     found = locate_layer_outputs(proto, 8)
     assert 2 not in found.tensors and "ambiguous" in found.missing[2] and "/model/Add_copy" in found.missing[2]
