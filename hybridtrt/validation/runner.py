@@ -1,16 +1,18 @@
 """Compare a backend with a reference on the same inputs (DESIGN.md §8).
 
-Phases: the prefill (last-token logits and every present state), optionally each decoder layer's
-output and states (``per_layer``: names the first layer and state that diverges), N decode steps
-teacher-forced with the reference's greedy tokens (logits per step, final states), and a
-free-running greedy generation of the backend (token agreement).
+`validate` runs the phases in `PHASES`, in order, on one shared `Run`: the prefill (last-token
+logits and every present state), per layer (``per_layer``: each decoder layer's states and output,
+naming the first that diverges in layer order), N decode steps teacher-forced with the reference's
+greedy tokens (logits per step, final states), and a free-running greedy generation of the backend
+(token agreement). A new kind of check is a new phase appended to `PHASES` (or passed to
+`validate`), not a branch in here.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 from hybridtrt.errors import InputError
 from hybridtrt.runtime.generation import left_pad
 from hybridtrt.validation.metrics import Comparison, compare
+from hybridtrt.validation.preflight import check_counts
 from hybridtrt.validation.subjects import Subject
 from hybridtrt.validation.tolerances import gate
 
@@ -34,11 +37,16 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1) or m.group(2))
 
 
+def is_state(name: str) -> bool:
+    """``present_*`` outputs are states (conv, SSM, KV); they use the precision's ``state`` gate."""
+    return name.startswith("present")
+
+
 @dataclass
 class Check:
     """One compared tensor."""
 
-    phase: str  # "prefill" | "layer" | "decode"
+    phase: str  # "prefill" | "layer" | "decode" | any phase's own name
     name: str
     comparison: Comparison
     failures: list[str]
@@ -69,6 +77,8 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     pattern: str = ""  # layer kinds (M * -), for labels
+    #: Extra analyses attached by name (e.g. ``"sensitivity"``: `hybridtrt.validation.sensitivity`).
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def failures(self) -> list[Check]:
@@ -87,14 +97,8 @@ class Report:
             {**{k: v for k, v in asdict(c).items() if k != "comparison"}, **c.comparison.to_dict(), "passed": c.passed}
             for c in self.checks
         ]
+        d["extras"] = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in self.extras.items()}
         return d
-
-
-def _timed(timings: dict[str, float], key: str, fn, *args, **kwargs):
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
-    return result
 
 
 _KV_STATE = re.compile(r"^present\.\d+\.(key|value)$")
@@ -114,17 +118,151 @@ def real_positions(name: str, tensor: Any, attention_mask: torch.Tensor) -> Any:
     return np.concatenate([array[b][:, keep[b]].reshape(-1) for b in range(array.shape[0])])
 
 
-def _check(report: Report, phase: str, name: str, got: Any, ref: Any, kind: str, mask: torch.Tensor | None = None, **where: Any) -> Check:
-    """Compare one tensor; present states use the precision's ``state`` gate in every phase.
+def check(report: Report, phase: str, name: str, got: Any, ref: Any, kind: str, mask: Any = None, **where: Any) -> Check:
+    """Compare one tensor and record it; present states use the precision's ``state`` gate.
     With ``mask`` (the attention mask of the call), KV states are compared at real positions."""
     if mask is not None:
+        mask = torch.as_tensor(np.asarray(mask))
         got, ref = real_positions(name, got, mask), real_positions(name, ref, mask)
     c = compare(got, ref, top1=name == "logits")
-    if name.startswith("present"):
+    if is_state(name):
         kind = "state"
-    check = Check(phase, name, c, gate(report.precision, kind).failures(c), **where)
-    report.checks.append(check)
-    return check
+    result = Check(phase, name, c, gate(report.precision, kind).failures(c), **where)
+    report.checks.append(result)
+    return result
+
+
+def compare_layers(
+    report: Report, tensors: Iterable[tuple[str, Any, Any]], *, phase: str = "layer", step: int | None = None, mask: Any = None
+) -> None:
+    """Check per-layer tensors ``(name, got, ref)`` in layer order and name the first divergence.
+
+    Within a layer its states come before its output (the mixer writes the states, the residual add
+    closes the layer), so a wrong state is named rather than the output it spoils. The first
+    failing tensor in that order — not the worst — becomes ``report.first_divergence`` (unless an
+    earlier call set it).
+    """
+    ordered = sorted(tensors, key=lambda t: (layer_of(t[0]), not is_state(t[0])))
+    for name, got, ref in ordered:
+        layer = layer_of(name)
+        result = check(report, phase, name, got, ref, "layer", mask=mask, layer=layer, step=step)
+        if not result.passed and report.first_divergence is None:
+            report.first_divergence = {"layer": layer, "tensor": name, "why": result.failures, "step": step}
+
+
+def _timed(timings: dict[str, float], key: str, fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+    return result
+
+
+@dataclass
+class Run:
+    """What the phases share: the subjects, the inputs, the report and the prefill's results."""
+
+    backend: Subject
+    reference: Subject
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    steps: int
+    per_layer: bool
+    report: Report
+    #: ``routing(reference layers, backend layers) -> {MoE layer: agreement}`` (per-layer runs).
+    routing: Callable[[dict[str, Any], dict[str, Any]], dict[int, float]] | None = None
+    ref_logits: torch.Tensor | None = None
+    got_logits: torch.Tensor | None = None
+    ref_state: Any = None
+    got_state: Any = None
+    ref_tokens: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def batch(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def call(self, who: str, *args: Any) -> Any:
+        """One timed ``step`` of ``"reference"`` or ``"backend"``."""
+        subject = self.reference if who == "reference" else self.backend
+        return _timed(self.report.timings, f"{who}_s", subject.stepper.step, *args)
+
+
+#: A phase adds checks (and notes) to ``run.report``.
+Phase = Callable[[Run], None]
+
+
+def prefill_phase(run: Run) -> None:
+    """Last-token logits and every present state after the prefill from zero states."""
+    r = run.report
+    run.ref_logits, run.ref_state = run.call("reference", run.input_ids, run.attention_mask, run.reference.stepper.zero_state(run.batch), False)
+    run.got_logits, run.got_state = run.call("backend", run.input_ids, run.attention_mask, run.backend.stepper.zero_state(run.batch), False)
+    check(r, "prefill", "logits", run.got_logits, run.ref_logits, "call")
+    ref_named, got_named = run.reference.named_states(run.ref_state), run.backend.named_states(run.got_state)
+    for name in ref_named:
+        check(r, "prefill", name, got_named[name], ref_named[name], "call", mask=run.attention_mask, layer=layer_of(name))
+
+
+def per_layer_phase(run: Run) -> None:
+    """Each decoder layer's states and output, in layer order; names the first that diverges.
+
+    A subject that cannot expose a layer's output (a TensorRT engine, a layer another tool renamed)
+    is compared by its states for that layer, and the report says which and why.
+    """
+    if not run.per_layer:
+        return
+    r = run.report
+    tensors = {name: (got, ref) for name, got, ref in _named_pairs(run.backend.named_states(run.got_state), run.reference.named_states(run.ref_state))}
+    for subject in (run.backend, run.reference):
+        r.notes.extend(f"{subject.name}: {note}" for note in subject.layer_notes)
+    if run.backend.layer_outputs is not None and run.reference.layer_outputs is not None:
+        ref_layers = _timed(r.timings, "reference_s", run.reference.layer_outputs, run.input_ids, run.attention_mask)
+        got_layers = _timed(r.timings, "backend_s", run.backend.layer_outputs, run.input_ids, run.attention_mask)
+        if run.routing is not None:
+            r.routing_agreement = run.routing(ref_layers, got_layers)
+        tensors.update({name: (got, ref) for name, got, ref in _named_pairs(got_layers, ref_layers)})
+    else:
+        lacking = run.backend if run.backend.layer_outputs is None else run.reference
+        r.notes.append(f"per-layer: {lacking.name} exposes no layer outputs, so layers are compared by their states only")
+    compare_layers(r, [(name, got, ref) for name, (got, ref) in tensors.items()], mask=run.attention_mask)
+
+
+def _named_pairs(got: dict[str, Any], ref: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(name, got, ref)`` for the names both sides have."""
+    return [(name, got[name], ref[name]) for name in ref if name in got]
+
+
+def decode_phase(run: Run) -> None:
+    """N decode steps teacher-forced with the reference's greedy tokens; logits per step, final states."""
+    r = run.report
+    run.ref_tokens = [run.ref_logits.argmax(-1)]
+    agree = [float((run.got_logits.argmax(-1) == run.ref_tokens[0]).float().mean())]
+    mask = run.attention_mask
+    ref_state, got_state = run.ref_state, run.got_state
+    for k in range(run.steps):
+        token = run.ref_tokens[-1][:, None]
+        mask = torch.cat([mask, torch.ones(run.batch, 1, dtype=mask.dtype)], dim=1)
+        ref_logits, ref_state = run.call("reference", token, mask, ref_state, True)
+        got_logits, got_state = run.call("backend", token, mask, got_state, True)
+        check(r, "decode", "logits", got_logits, ref_logits, "steps", step=k + 1)
+        run.ref_tokens.append(ref_logits.argmax(-1))
+        agree.append(float((got_logits.argmax(-1) == run.ref_tokens[-1]).float().mean()))
+    if run.steps:
+        ref_named, got_named = run.reference.named_states(ref_state), run.backend.named_states(got_state)
+        for name in ref_named:
+            check(r, "decode", name, got_named[name], ref_named[name], "steps", mask=mask, step=run.steps, layer=layer_of(name))
+    r.teacher_forced_top1 = sum(agree) / len(agree)
+
+
+def free_running_phase(run: Run) -> None:
+    """Free-running greedy generation of the backend vs the reference's greedy tokens."""
+    from hybridtrt.runtime.generation import generate
+
+    free = _timed(run.report.timings, "backend_s", generate, run.backend.stepper, run.input_ids, run.attention_mask, max_new_tokens=run.steps + 1)
+    expected = torch.stack(run.ref_tokens, dim=1)
+    run.report.token_agreement = float((free.tokens == expected).float().mean())
+
+
+#: The phases of `validate`, in order.
+PHASES: list[Phase] = [prefill_phase, per_layer_phase, decode_phase, free_running_phase]
 
 
 def validate(
@@ -136,6 +274,7 @@ def validate(
     precision: str,
     steps: int = 8,
     per_layer: bool = False,
+    phases: Sequence[Phase] | None = None,
     routing: Callable[[dict[str, Any], dict[str, Any]], dict[int, float]] | None = None,
 ) -> Report:
     """Run both subjects on the same left-padded batch and compare.
@@ -146,87 +285,34 @@ def validate(
         input_ids: ``[B, L]`` left-padded prompts.
         attention_mask: ``[B, L]``.
         precision: Key of the tolerance table (``fp32 | fp16 | bf16 | fp8``).
-        steps: Decode steps (teacher-forced and free-running).
-        per_layer: Compare each decoder layer's output and states; both subjects must expose them.
+        steps: Decode steps (teacher-forced and free-running), ≥ 0.
+        per_layer: Compare each decoder layer's states and output (its output where the subjects
+            expose it).
+        phases: The phases to run (default `PHASES`).
         routing: With ``per_layer``, ``routing(reference layers, backend layers)`` gives the MoE
             routing agreement per layer (`hybridtrt.validation.routing`).
 
     Returns:
         The `Report`.
     """
-    batch = input_ids.shape[0]
+    check_counts(steps=steps)
     report = Report(
         backend=backend.name,
         reference=reference.name,
         precision=precision,
-        batch=batch,
+        batch=int(input_ids.shape[0]),
         prompt_lengths=[int(x) for x in attention_mask.sum(1)],
         steps=steps,
     )
-    t = report.timings
-
-    # Prefill.
-    ref_logits, ref_state = _timed(t, "reference_s", reference.stepper.step, input_ids, attention_mask, reference.stepper.zero_state(batch), False)
-    got_logits, got_state = _timed(t, "backend_s", backend.stepper.step, input_ids, attention_mask, backend.stepper.zero_state(batch), False)
-    _check(report, "prefill", "logits", got_logits, ref_logits, "call")
-    ref_named, got_named = reference.named_states(ref_state), backend.named_states(got_state)
-    for name in ref_named:
-        _check(report, "prefill", name, got_named[name], ref_named[name], "call", mask=attention_mask, layer=layer_of(name))
-
-    # Per layer: outputs and states, in layer order; name the first that diverges.
-    if per_layer:
-        if backend.layer_outputs is None or reference.layer_outputs is None:
-            missing = backend.name if backend.layer_outputs is None else reference.name
-            raise InputError(
-                f"--per-layer needs each layer's output from {missing}",
-                fix="re-export with `hybridtrt export ... --per-layer` (adds layer_output.{i} graph outputs)",
-            )
-        ref_layers = _timed(t, "reference_s", reference.layer_outputs, input_ids, attention_mask)
-        got_layers = _timed(t, "backend_s", backend.layer_outputs, input_ids, attention_mask)
-        if routing is not None:
-            report.routing_agreement = routing(ref_layers, got_layers)
-        by_layer: dict[int, list[tuple[str, Any, Any]]] = {}
-        for name in ref_layers:
-            by_layer.setdefault(layer_of(name), []).append((name, got_layers[name], ref_layers[name]))
-        for name in ref_named:
-            by_layer.setdefault(layer_of(name), []).append((name, got_named[name], ref_named[name]))
-        for layer in sorted(by_layer):
-            for name, got, ref in by_layer[layer]:
-                check = _check(report, "layer", name, got, ref, "layer", layer=layer)
-                if not check.passed and report.first_divergence is None:
-                    report.first_divergence = {"layer": layer, "tensor": name, "why": check.failures}
-
-    # Decode, teacher-forced with the reference's greedy tokens.
-    ref_tokens = [ref_logits.argmax(-1)]
-    agree = [float((got_logits.argmax(-1) == ref_tokens[0]).float().mean())]
-    mask = attention_mask
-    for k in range(steps):
-        token = ref_tokens[-1][:, None]
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
-        ref_logits, ref_state = _timed(t, "reference_s", reference.stepper.step, token, mask, ref_state, True)
-        got_logits, got_state = _timed(t, "backend_s", backend.stepper.step, token, mask, got_state, True)
-        _check(report, "decode", "logits", got_logits, ref_logits, "steps", step=k + 1)
-        ref_tokens.append(ref_logits.argmax(-1))
-        agree.append(float((got_logits.argmax(-1) == ref_tokens[-1]).float().mean()))
-    if steps:
-        ref_named, got_named = reference.named_states(ref_state), backend.named_states(got_state)
-        for name in ref_named:
-            _check(report, "decode", name, got_named[name], ref_named[name], "steps", mask=mask, step=steps, layer=layer_of(name))
-    report.teacher_forced_top1 = sum(agree) / len(agree)
-
-    # Free-running greedy generation of the backend vs the reference's greedy tokens.
-    from hybridtrt.runtime.generation import generate
-
-    free = _timed(t, "backend_s", generate, backend.stepper, input_ids, attention_mask, max_new_tokens=steps + 1)
-    expected = torch.stack(ref_tokens, dim=1)
-    report.token_agreement = float((free.tokens == expected).float().mean())
+    run = Run(backend, reference, input_ids, attention_mask, steps, per_layer, report, routing)
+    for phase in PHASES if phases is None else phases:
+        phase(run)
     return report
 
 
 def random_prompts(n: int, vocab: int, *, seed: int = 0, min_len: int = 4, max_len: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` random sequences of varied lengths, left-padded: ``(ids [n, L], mask [n, L])``."""
-    if n < 1:
-        raise InputError(f"--random needs N ≥ 1, got {n}")
+    check_counts(random_n=n)
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (n,), generator=gen).tolist()
     lengths[0] = max_len
