@@ -27,6 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="decode steps (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
     p.add_argument("--per-layer", action="store_true", help="compare every decoder layer's states and output; name the first that diverges (any export)")
+    p.add_argument(
+        "--no-yardstick",
+        action="store_true",
+        help="skip the yardstick run (fp64 for fp32 exports, the same-dtype reference for fp16/bf16) whose error the gates scale with; the fixed floors then apply",
+    )
     rec = p.add_argument_group("outputs recorded elsewhere (README: Validating a TensorRT engine on another machine)")
     rec.add_argument("--load-outputs", nargs="+", default=None, metavar="PATH", help="polygraphy RunResults JSON file(s) or directories (polygraphy run … --save-outputs)")
     rec.add_argument("--load-inputs", nargs="+", default=None, metavar="PATH", help="the inputs they were recorded from (default: inputs.json beside them, else OUT_DIR/polygraphy)")
@@ -44,9 +49,11 @@ PHASE_LABELS = {"layer": "per-layer"}
 
 
 def _fmt(c) -> list[str]:
-    cmp = c.comparison
+    cmp, yard = c.comparison, c.yardstick
     return [
         f"{cmp.rel_l2:.2e}" if cmp.finite else "non-finite",
+        "—" if yard is None else f"{yard.rel_l2:.2e}" if yard.finite else "non-finite",
+        "—" if c.allowed is None else f"{c.allowed:.2e}",
         f"{cmp.cosine:.6f}" if cmp.finite else "—",
         styled("ok", "green") if c.passed else styled("; ".join(c.failures), "red"),
     ]
@@ -82,9 +89,15 @@ def summary_rows(report) -> list[list[str]]:
 
 def print_report(report) -> None:
     title = f"{report.backend} vs {report.reference} ({report.precision}, batch {report.batch}, {report.steps} steps)"
-    console.print(table(title, ["", "rel L2", "cosine", "gate"], summary_rows(report)))
+    yard = report.yardstick or "no yardstick"
+    console.print(table(title, ["", "rel L2", f"{yard} rel L2", "allowed", "cosine", "gate"], summary_rows(report)))
     if report.token_agreement is not None:
-        console.print(f"greedy token agreement {report.token_agreement:.3f} · teacher-forced top-1 {report.teacher_forced_top1:.3f}")
+        line = f"greedy token agreement {report.token_agreement:.3f} · teacher-forced top-1 {report.teacher_forced_top1:.3f}"
+        if report.yardstick_top1 is not None:
+            line += f" · {report.yardstick} top-1 {report.yardstick_top1:.3f}"
+            if report.token_gate_waived:
+                line += " (near-ties: tokens reported, not gated)"
+        console.print(line, markup=False)
     elif report.teacher_forced_top1 is not None:
         console.print(f"teacher-forced top-1 {report.teacher_forced_top1:.3f}")
     if report.routing_agreement:
@@ -98,7 +111,10 @@ def print_report(report) -> None:
         console.print(styled(f"first divergence: layer {d['layer']} — {d['tensor']}{at} ({'; '.join(d['why'])})", "bold red"))
     t = report.timings
     if t:
-        console.print(f"time: reference {t.get('reference_s', 0):.2f} s · {report.backend} {t.get('backend_s', 0):.2f} s", markup=False)
+        line = f"time: reference {t.get('reference_s', 0):.2f} s · {report.backend} {t.get('backend_s', 0):.2f} s"
+        if "yardstick_s" in t:
+            line += f" · yardstick {t['yardstick_s']:.2f} s"
+        console.print(line, markup=False)
     console.print("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]")
 
 
@@ -181,6 +197,7 @@ def _validate(args: argparse.Namespace, progress):
         sensitivity=args.sensitivity,
         target_cosine=args.target_cosine,
         progress=progress,
+        yardstick=not args.no_yardstick,
     )
 
 

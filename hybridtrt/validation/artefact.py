@@ -11,13 +11,13 @@ import torch
 
 from hybridtrt.errors import ArtefactError, InputError
 from hybridtrt.exporter.manifest import Manifest, read_manifest
-from hybridtrt.models.loading import load_model
+from hybridtrt.models.loading import load_model, parse_dtype
 from hybridtrt.models.tokenizer import load_tokenizer
 from hybridtrt.validation.preflight import check_arguments
 from hybridtrt.validation.routing import routing_for
 from hybridtrt.validation.runner import Report, pad_left, random_prompts, validate
-from hybridtrt.validation.subjects import engine_subject, hf_subject, ort_subject, torch_subject
-from hybridtrt.validation.tolerances import gate, precision_of
+from hybridtrt.validation.subjects import Subject, engine_subject, hf_subject, ort_subject, torch_subject
+from hybridtrt.validation.tolerances import gate, precision_of, yardstick_of
 
 def load_prompts(path: str | Path, checkpoint: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One prompt per non-empty line, tokenized with the checkpoint's tokenizer, left-padded."""
@@ -52,6 +52,7 @@ def validate_artefact(
     sensitivity: bool = False,
     target_cosine: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    yardstick: bool = True,
 ) -> Report:
     """Compare an export (or engine, or recorded outputs) with the PyTorch reference, or the
     reference with HF.
@@ -79,6 +80,9 @@ def validate_artefact(
             (``report.extras["sensitivity"]``, `hybridtrt.validation.sensitivity`).
         target_cosine: Cosine the exclusions aim for (default: the FP8 logits gate).
         progress: ``progress(done, total)`` during the sensitivity analysis.
+        yardstick: Run the precision's yardstick beside the backend (fp64 for fp32 artefacts, the
+            same-dtype reference for fp16/bf16; `hybridtrt.validation.tolerances`) so the gates scale
+            with what the precision can promise. False: the fixed floors are the gates.
     """
     check_arguments(backend=backend, reference=reference, steps=steps, random_n=random_n, load_outputs=load_outputs, target_cosine=target_cosine)
     manifest = read_manifest(export_dir) if export_dir is not None else None
@@ -100,7 +104,7 @@ def validate_artefact(
 
         notes = check_checkpoint(manifest, export_dir, checkpoint, force=force)
     if reference == "hf":
-        return _against_hf(checkpoint, prompts, random_n, steps, per_layer, seed)
+        return _against_hf(checkpoint, prompts, random_n, steps, per_layer, seed, yardstick)
     if manifest is None:
         raise InputError("an export directory is needed unless --reference hf")
 
@@ -109,15 +113,17 @@ def validate_artefact(
     else:
         model = load_model(checkpoint, "fp32")
         ids, mask = _prompts(model, checkpoint, prompts, random_n, seed)
+        precision = precision_of(manifest)
         report = validate(
             _backend_subject(export_dir, manifest, backend, engine),
             torch_subject(model),
             ids,
             mask,
-            precision=precision_of(manifest),
+            precision=precision,
             steps=steps,
             per_layer=per_layer,
             routing=routing_for(model, ids, mask),
+            yardstick=yardstick_subject(checkpoint, precision, manifest.state_dtype) if yardstick else None,
         )
     report.pattern = model.config.pattern
     report.notes[:0] = notes
@@ -136,14 +142,29 @@ def _prompts(model, checkpoint, prompts, random_n, seed) -> tuple[torch.Tensor, 
     return random_prompts(random_n or 4, model.config.vocab_size, seed=seed)
 
 
-def _against_hf(checkpoint, prompts, random_n, steps, per_layer, seed) -> Report:
-    """Our reference (the backend here) against HF transformers."""
+def yardstick_subject(checkpoint: str | Path, precision: str, state_dtype: str = "fp32") -> Subject | None:
+    """The reference in the yardstick dtype of ``precision`` (`tolerances.yardstick_of`), or None.
+
+    fp64: our reference in double precision (states too): what the fp32 reference itself rounds.
+    fp16/bf16: our reference in the artefact's model and state dtypes: its unavoidable rounding.
+    """
+    dtype = yardstick_of(precision)
+    if dtype is None:
+        return None
+    if dtype == "fp64":
+        return torch_subject(load_model(checkpoint, "fp32").double(), torch.float64, name="pytorch-fp64")
+    return torch_subject(load_model(checkpoint, dtype), parse_dtype(state_dtype), name=f"pytorch-{dtype}")
+
+
+def _against_hf(checkpoint, prompts, random_n, steps, per_layer, seed, yardstick: bool = True) -> Report:
+    """Our reference (the backend here) against HF transformers (fp32), with our fp64 run as the yardstick."""
     from hybridtrt.validation.hf import load_hf
 
     model = load_model(checkpoint, "fp32")
     ids, mask = _prompts(model, checkpoint, prompts, random_n, seed)
     theirs = hf_subject(load_hf(checkpoint), model.config.pattern)
-    report = validate(torch_subject(model), theirs, ids, mask, precision="fp32", steps=steps, per_layer=per_layer)
+    yard = yardstick_subject(checkpoint, "fp32") if yardstick else None
+    report = validate(torch_subject(model), theirs, ids, mask, precision="fp32", steps=steps, per_layer=per_layer, yardstick=yard)
     report.pattern = model.config.pattern
     return report
 
@@ -152,12 +173,7 @@ def _backend_subject(export_dir, manifest: Manifest, backend: str, engine):
     if backend == "ort":
         from hybridtrt.runtime.onnxruntime import OrtModel
 
-        if manifest.dtype == "bf16":
-            raise InputError(
-                "ONNX Runtime's CPU provider has no bf16 kernels",
-                fix="validate a bf16 export with --backend trt on a GPU machine, or export fp32/fp16",
-            )
-        return ort_subject(OrtModel(export_dir))
+        return ort_subject(OrtModel(export_dir))  # bf16 graphs run through the bf16 emulation pass
     from hybridtrt.runtime import load
 
     return engine_subject(load(engine or Path(export_dir) / "model.engine"))

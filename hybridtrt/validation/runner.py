@@ -6,6 +6,11 @@ naming the first that diverges in layer order), N decode steps teacher-forced wi
 greedy tokens (logits per step, final states), and a free-running greedy generation of the backend
 (token agreement). A new kind of check is a new phase appended to `PHASES` (or passed to
 `validate`), not a branch in here.
+
+An optional *yardstick* subject (`hybridtrt.validation.tolerances`: an fp64 run for fp32 artefacts,
+the same-dtype reference for fp16/bf16) runs beside the backend on the same inputs; each check
+records how far the yardstick is from the reference on that tensor, and the gate allows a multiple
+of it.
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ class Check:
     failures: list[str]
     step: int | None = None
     layer: int | None = None
+    #: The yardstick's comparison with the reference on this tensor (when a yardstick ran).
+    yardstick: Comparison | None = None
+    #: The rel L2 the gate allowed (None: not gated by rel L2).
+    allowed: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -79,14 +88,30 @@ class Report:
     pattern: str = ""  # layer kinds (M * -), for labels
     #: Extra analyses attached by name (e.g. ``"sensitivity"``: `hybridtrt.validation.sensitivity`).
     extras: dict[str, Any] = field(default_factory=dict)
+    #: Name of the yardstick run (``"pytorch-fp64"``, ``"pytorch-fp16"``...), None without one.
+    yardstick: str | None = None
+    #: The yardstick's teacher-forced top-1 agreement with the reference's greedy tokens.
+    yardstick_top1: float | None = None
 
     @property
     def failures(self) -> list[Check]:
         return [c for c in self.checks if not c.passed]
 
     @property
+    def token_gate_waived(self) -> bool:
+        """The precision gates token agreement, but the yardstick itself disagreed on a
+        teacher-forced token: the prompts sit on near-ties, so agreement is reported, not gated."""
+        has_gate = gate(self.precision, "steps").min_token_agreement is not None
+        return has_gate and self.yardstick_top1 is not None and self.yardstick_top1 < 1.0
+
+    @property
+    def token_gate(self) -> float | None:
+        """The greedy-token agreement required (None: not gated)."""
+        return None if self.token_gate_waived else gate(self.precision, "steps").min_token_agreement
+
+    @property
     def passed(self) -> bool:
-        token_gate = gate(self.precision, "steps").min_token_agreement
+        token_gate = self.token_gate
         tokens_ok = token_gate is None or self.token_agreement is None or self.token_agreement >= token_gate
         return not self.failures and tokens_ok
 
@@ -94,7 +119,12 @@ class Report:
         d = asdict(self)
         d["passed"] = self.passed
         d["checks"] = [
-            {**{k: v for k, v in asdict(c).items() if k != "comparison"}, **c.comparison.to_dict(), "passed": c.passed}
+            {
+                **{k: v for k, v in asdict(c).items() if k not in ("comparison", "yardstick")},
+                **c.comparison.to_dict(),
+                "yardstick_rel_l2": None if c.yardstick is None else c.yardstick.rel_l2,
+                "passed": c.passed,
+            }
             for c in self.checks
         ]
         d["extras"] = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in self.extras.items()}
@@ -118,24 +148,33 @@ def real_positions(name: str, tensor: Any, attention_mask: torch.Tensor) -> Any:
     return np.concatenate([array[b][:, keep[b]].reshape(-1) for b in range(array.shape[0])])
 
 
-def check(report: Report, phase: str, name: str, got: Any, ref: Any, kind: str, mask: Any = None, **where: Any) -> Check:
+def check(
+    report: Report, phase: str, name: str, got: Any, ref: Any, kind: str, mask: Any = None, yard: Any = None, **where: Any
+) -> Check:
     """Compare one tensor and record it; present states use the precision's ``state`` gate.
-    With ``mask`` (the attention mask of the call), KV states are compared at real positions."""
+    With ``mask`` (the attention mask of the call), KV states are compared at real positions; with
+    ``yard`` (the yardstick's value of the same tensor) the gate scales with the yardstick's error."""
     if mask is not None:
         mask = torch.as_tensor(np.asarray(mask))
         got, ref = real_positions(name, got, mask), real_positions(name, ref, mask)
+        yard = None if yard is None else real_positions(name, yard, mask)
     c = compare(got, ref, top1=name == "logits")
-    if is_state(name):
-        kind = "state"
-    result = Check(phase, name, c, gate(report.precision, kind).failures(c), **where)
+    y = None if yard is None else compare(yard, ref)
+    g = gate(report.precision, "state" if is_state(name) else kind)
+    result = Check(phase, name, c, g.failures(c, y), yardstick=y, allowed=g.bound(y), **where)
     report.checks.append(result)
     return result
 
 
 def compare_layers(
-    report: Report, tensors: Iterable[tuple[str, Any, Any]], *, phase: str = "layer", step: int | None = None, mask: Any = None
+    report: Report,
+    tensors: Iterable[tuple[str, Any, Any] | tuple[str, Any, Any, Any]],
+    *,
+    phase: str = "layer",
+    step: int | None = None,
+    mask: Any = None,
 ) -> None:
-    """Check per-layer tensors ``(name, got, ref)`` in layer order and name the first divergence.
+    """Check per-layer tensors ``(name, got, ref[, yardstick])`` in layer order and name the first divergence.
 
     Within a layer its states come before its output (the mixer writes the states, the residual add
     closes the layer), so a wrong state is named rather than the output it spoils. The first
@@ -143,9 +182,9 @@ def compare_layers(
     earlier call set it).
     """
     ordered = sorted(tensors, key=lambda t: (layer_of(t[0]), not is_state(t[0])))
-    for name, got, ref in ordered:
+    for name, got, ref, *yard in ordered:
         layer = layer_of(name)
-        result = check(report, phase, name, got, ref, "layer", mask=mask, layer=layer, step=step)
+        result = check(report, phase, name, got, ref, "layer", mask=mask, yard=yard[0] if yard else None, layer=layer, step=step)
         if not result.passed and report.first_divergence is None:
             report.first_divergence = {"layer": layer, "tensor": name, "why": result.failures, "step": step}
 
@@ -170,10 +209,14 @@ class Run:
     report: Report
     #: ``routing(reference layers, backend layers) -> {MoE layer: agreement}`` (per-layer runs).
     routing: Callable[[dict[str, Any], dict[str, Any]], dict[int, float]] | None = None
+    #: A second PyTorch run whose distance from the reference scales the gates (None: floors only).
+    yardstick: Subject | None = None
     ref_logits: torch.Tensor | None = None
     got_logits: torch.Tensor | None = None
+    yard_logits: torch.Tensor | None = None
     ref_state: Any = None
     got_state: Any = None
+    yard_state: Any = None
     ref_tokens: list[torch.Tensor] = field(default_factory=list)
 
     @property
@@ -181,9 +224,13 @@ class Run:
         return int(self.input_ids.shape[0])
 
     def call(self, who: str, *args: Any) -> Any:
-        """One timed ``step`` of ``"reference"`` or ``"backend"``."""
-        subject = self.reference if who == "reference" else self.backend
+        """One timed ``step`` of ``"reference"``, ``"backend"`` or ``"yardstick"``."""
+        subject = {"reference": self.reference, "backend": self.backend, "yardstick": self.yardstick}[who]
         return _timed(self.report.timings, f"{who}_s", subject.stepper.step, *args)
+
+    def yard_named(self, state: Any) -> dict[str, Any]:
+        """The yardstick's states by name (empty without a yardstick)."""
+        return {} if self.yardstick is None else self.yardstick.named_states(state)
 
 
 #: A phase adds checks (and notes) to ``run.report``.
@@ -195,10 +242,14 @@ def prefill_phase(run: Run) -> None:
     r = run.report
     run.ref_logits, run.ref_state = run.call("reference", run.input_ids, run.attention_mask, run.reference.stepper.zero_state(run.batch), False)
     run.got_logits, run.got_state = run.call("backend", run.input_ids, run.attention_mask, run.backend.stepper.zero_state(run.batch), False)
-    check(r, "prefill", "logits", run.got_logits, run.ref_logits, "call")
+    if run.yardstick is not None:
+        zero = run.yardstick.stepper.zero_state(run.batch)
+        run.yard_logits, run.yard_state = run.call("yardstick", run.input_ids, run.attention_mask, zero, False)
+    check(r, "prefill", "logits", run.got_logits, run.ref_logits, "call", yard=run.yard_logits)
     ref_named, got_named = run.reference.named_states(run.ref_state), run.backend.named_states(run.got_state)
+    yard_named = run.yard_named(run.yard_state)
     for name in ref_named:
-        check(r, "prefill", name, got_named[name], ref_named[name], "call", mask=run.attention_mask, layer=layer_of(name))
+        check(r, "prefill", name, got_named[name], ref_named[name], "call", mask=run.attention_mask, yard=yard_named.get(name), layer=layer_of(name))
 
 
 def per_layer_phase(run: Run) -> None:
@@ -210,19 +261,22 @@ def per_layer_phase(run: Run) -> None:
     if not run.per_layer:
         return
     r = run.report
+    yard = dict(run.yard_named(run.yard_state))
     tensors = {name: (got, ref) for name, got, ref in _named_pairs(run.backend.named_states(run.got_state), run.reference.named_states(run.ref_state))}
     for subject in (run.backend, run.reference):
         r.notes.extend(f"{subject.name}: {note}" for note in subject.layer_notes)
     if run.backend.layer_outputs is not None and run.reference.layer_outputs is not None:
         ref_layers = _timed(r.timings, "reference_s", run.reference.layer_outputs, run.input_ids, run.attention_mask)
         got_layers = _timed(r.timings, "backend_s", run.backend.layer_outputs, run.input_ids, run.attention_mask)
+        if run.yardstick is not None and run.yardstick.layer_outputs is not None:
+            yard.update(_timed(r.timings, "yardstick_s", run.yardstick.layer_outputs, run.input_ids, run.attention_mask))
         if run.routing is not None:
             r.routing_agreement = run.routing(ref_layers, got_layers)
         tensors.update({name: (got, ref) for name, got, ref in _named_pairs(got_layers, ref_layers)})
     else:
         lacking = run.backend if run.backend.layer_outputs is None else run.reference
         r.notes.append(f"per-layer: {lacking.name} exposes no layer outputs, so layers are compared by their states only")
-    compare_layers(r, [(name, got, ref) for name, (got, ref) in tensors.items()], mask=run.attention_mask)
+    compare_layers(r, [(name, got, ref, yard.get(name)) for name, (got, ref) in tensors.items()], mask=run.attention_mask)
 
 
 def _named_pairs(got: dict[str, Any], ref: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -235,21 +289,30 @@ def decode_phase(run: Run) -> None:
     r = run.report
     run.ref_tokens = [run.ref_logits.argmax(-1)]
     agree = [float((run.got_logits.argmax(-1) == run.ref_tokens[0]).float().mean())]
+    yard_agree = [] if run.yard_logits is None else [float((run.yard_logits.argmax(-1) == run.ref_tokens[0]).float().mean())]
     mask = run.attention_mask
-    ref_state, got_state = run.ref_state, run.got_state
+    ref_state, got_state, yard_state = run.ref_state, run.got_state, run.yard_state
     for k in range(run.steps):
         token = run.ref_tokens[-1][:, None]
         mask = torch.cat([mask, torch.ones(run.batch, 1, dtype=mask.dtype)], dim=1)
         ref_logits, ref_state = run.call("reference", token, mask, ref_state, True)
         got_logits, got_state = run.call("backend", token, mask, got_state, True)
-        check(r, "decode", "logits", got_logits, ref_logits, "steps", step=k + 1)
+        yard_logits = None
+        if run.yardstick is not None:
+            yard_logits, yard_state = run.call("yardstick", token, mask, yard_state, True)
+        check(r, "decode", "logits", got_logits, ref_logits, "steps", yard=yard_logits, step=k + 1)
         run.ref_tokens.append(ref_logits.argmax(-1))
         agree.append(float((got_logits.argmax(-1) == run.ref_tokens[-1]).float().mean()))
+        if yard_logits is not None:
+            yard_agree.append(float((yard_logits.argmax(-1) == run.ref_tokens[-1]).float().mean()))
     if run.steps:
         ref_named, got_named = run.reference.named_states(ref_state), run.backend.named_states(got_state)
+        yard_named = run.yard_named(yard_state)
         for name in ref_named:
-            check(r, "decode", name, got_named[name], ref_named[name], "steps", mask=mask, step=run.steps, layer=layer_of(name))
+            check(r, "decode", name, got_named[name], ref_named[name], "steps", mask=mask, yard=yard_named.get(name), step=run.steps, layer=layer_of(name))
     r.teacher_forced_top1 = sum(agree) / len(agree)
+    if yard_agree:
+        r.yardstick_top1 = sum(yard_agree) / len(yard_agree)
 
 
 def free_running_phase(run: Run) -> None:
@@ -276,6 +339,7 @@ def validate(
     per_layer: bool = False,
     phases: Sequence[Phase] | None = None,
     routing: Callable[[dict[str, Any], dict[str, Any]], dict[int, float]] | None = None,
+    yardstick: Subject | None = None,
 ) -> Report:
     """Run both subjects on the same left-padded batch and compare.
 
@@ -291,6 +355,8 @@ def validate(
         phases: The phases to run (default `PHASES`).
         routing: With ``per_layer``, ``routing(reference layers, backend layers)`` gives the MoE
             routing agreement per layer (`hybridtrt.validation.routing`).
+        yardstick: A PyTorch run in the precision's yardstick dtype (`tolerances.yardstick_of`);
+            the gates allow a multiple of its distance from ``reference`` on every tensor.
 
     Returns:
         The `Report`.
@@ -303,8 +369,9 @@ def validate(
         batch=int(input_ids.shape[0]),
         prompt_lengths=[int(x) for x in attention_mask.sum(1)],
         steps=steps,
+        yardstick=None if yardstick is None else yardstick.name,
     )
-    run = Run(backend, reference, input_ids, attention_mask, steps, per_layer, report, routing)
+    run = Run(backend, reference, input_ids, attention_mask, steps, per_layer, report, routing, yardstick)
     for phase in PHASES if phases is None else phases:
         phase(run)
     return report

@@ -31,8 +31,8 @@ class Subject:
     layer_notes: list[str] = field(default_factory=list)
 
 
-def torch_subject(model: Any, state_dtype: torch.dtype = torch.float32) -> Subject:
-    """The PyTorch reference (oracle #1)."""
+def torch_subject(model: Any, state_dtype: torch.dtype = torch.float32, name: str = "pytorch") -> Subject:
+    """The PyTorch reference (oracle #1), in the model's dtype with ``state_dtype`` SSM states."""
     stepper = TorchStepper(model, state_dtype)
 
     @torch.no_grad()
@@ -40,7 +40,7 @@ def torch_subject(model: Any, state_dtype: torch.dtype = torch.float32) -> Subje
         out = model(ids, mask, model.new_cache(ids.shape[0], state_dtype), logits="last", scan_mode="scan", output_hidden_states=True)
         return {f"layer_output.{i}": h for i, h in enumerate(out.hidden_states)}
 
-    return Subject("pytorch", stepper, lambda cache: cache.named_states(), layers)
+    return Subject(name, stepper, lambda cache: cache.named_states(), layers)
 
 
 def ort_subject(ort_model: Any) -> Subject:
