@@ -23,6 +23,7 @@ Nemotron-3 MoE fields (``E`` layers), against HF transformers' ``NemotronHMoE`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -114,6 +115,9 @@ class HybridConfig:
     pad_token_id: int | None
     # Mixture of experts (``E`` layers); None when the model has none.
     moe: MoeConfig | None = None
+    #: The dtype the checkpoint declares (``dtype``/``torch_dtype`` in config.json) as
+    #: ``fp32 | fp16 | bf16``; None when it declares none we know. The export's default dtype.
+    checkpoint_dtype: str | None = None
 
     @property
     def num_layers(self) -> int:
@@ -207,6 +211,16 @@ def _single_token(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"token id {value!r} in config.json is not a non-negative integer", fix="fix bos/eos/pad_token_id")
     return value
+
+
+#: How transformers spells dtypes in config.json -> ours.
+_HF_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+
+
+def _declared_dtype(cfg: dict[str, Any]) -> str | None:
+    """``dtype`` (transformers ≥ 5) or ``torch_dtype`` (older) of config.json, as ours."""
+    value = cfg.get("dtype", cfg.get("torch_dtype"))
+    return _HF_DTYPES.get(value) if isinstance(value, str) else None
 
 
 def decode_hf_floats(value: Any) -> Any:
@@ -447,7 +461,7 @@ def config_from_dict(cfg: dict[str, Any]) -> HybridConfig:
             f"model_type={model_type!r} is not supported",
             fix=f"supported model types: {', '.join(sorted(CONFIG_PARSERS))}",
         )
-    return _validate(parser(cfg))
+    return _validate(dataclasses.replace(parser(cfg), checkpoint_dtype=_declared_dtype(cfg)))
 
 
 def load_config(checkpoint_dir: str | Path) -> HybridConfig:

@@ -48,7 +48,8 @@ def _pyplot():
 def plot_report(report: Report, path: Path) -> Path:
     """Per-layer (or, without per-layer data, per-phase) errors on log scales.
 
-    Top: rel L2 per layer and state. Bottom: 1 − cosine. Gate lines dashed; failing points red.
+    Top: rel L2 per layer and state. Bottom: 1 − cosine. Gate lines dashed; failing points red;
+    hollow markers are the yardstick's error on the same tensors (the gate allows a multiple of it).
     """
     plt = _pyplot()
     layer_checks = [c for c in report.checks if c.phase == "layer"]
@@ -72,8 +73,15 @@ def plot_report(report: Report, path: Path) -> Path:
         cos = [1 - c.comparison.cosine if c.comparison.finite else float("nan") for c in cs]
         # Only the layer output exists at every layer; states exist at some, so no connecting lines.
         style = "-" if kind in ("layer output", "logits") else "none"
-        ax1.plot(x, [max(v, _FLOOR) for v in rel], marker=marker, linestyle=style, label=kind, alpha=0.8, markersize=7)
+        (line,) = ax1.plot(x, [max(v, _FLOOR) for v in rel], marker=marker, linestyle=style, label=kind, alpha=0.8, markersize=7)
         ax2.plot(x, [max(v, _FLOOR) for v in cos], marker=marker, linestyle=style, label=kind, alpha=0.8, markersize=7)
+        yard = [(xs(c), c.yardstick) for c in cs if c.yardstick is not None and c.yardstick.finite]
+        if yard:  # the yardstick's own error on the same tensors: what the precision causes anyway
+            ax1.plot([p for p, _ in yard], [max(y.rel_l2, _FLOOR) for _, y in yard], marker=marker, markerfacecolor="none",
+                     linestyle=":" if style == "-" else "none", color=line.get_color(), alpha=0.6, markersize=9,
+                     label=f"{kind} ({report.yardstick})")  # fmt: skip
+            ax2.plot([p for p, _ in yard], [max(1 - y.cosine, _FLOOR) for _, y in yard], marker=marker, markerfacecolor="none",
+                     linestyle=":" if style == "-" else "none", color=line.get_color(), alpha=0.6, markersize=9)  # fmt: skip
         bad = [c for c in cs if not c.passed]
         if bad:
             ax1.scatter([xs(c) for c in bad], [max(c.comparison.rel_l2, _FLOOR) if c.comparison.finite else 1.0 for c in bad], s=160, facecolors="none", edgecolors="red", linewidths=2, zorder=5)
@@ -83,7 +91,8 @@ def plot_report(report: Report, path: Path) -> Path:
         gates.append(("states ", gate(report.precision, "state"), ":"))
     for label, gg, style in gates:
         if gg.max_rel_l2:
-            ax1.axhline(gg.max_rel_l2, color="gray", linestyle=style, label=f"{label}gate {gg.max_rel_l2:g}")
+            what = "floor" if report.yardstick and gg.yardstick_ratio else "gate"
+            ax1.axhline(gg.max_rel_l2, color="gray", linestyle=style, label=f"{label}{what} {gg.max_rel_l2:g}")
         if gg.min_cosine:
             ax2.axhline(1 - gg.min_cosine, color="gray", linestyle=style, label=f"{label}gate cos ≥ {gg.min_cosine:g}")
     for ax, label in ((ax1, "rel L2  ‖a−b‖/‖b‖"), (ax2, "1 − cosine")):
