@@ -24,10 +24,15 @@ from hybridtrt.models.config import HybridConfig, load_config
 _SHOWN = 4  # differing config keys named in a message
 
 
+_STORAGE_KEYS = {"checkpoint_dtype"}
+
+
 def _config_diff(recorded: dict[str, Any], actual: dict[str, Any]) -> list[str]:
     """``key: export value vs checkpoint value`` for keys both records have (a newer hybridtrt may
-    record more keys than an older export holds)."""
-    return [f"{k} {recorded[k]!r} vs {actual[k]!r}" for k in sorted(recorded.keys() & actual.keys()) if recorded[k] != actual[k]]
+    record more keys than an older export holds). The declared storage dtype is not part of the
+    model: a checkpoint re-saved by ``save_pretrained`` declares one where ours did not."""
+    keys = sorted((recorded.keys() & actual.keys()) - _STORAGE_KEYS)
+    return [f"{k} {recorded[k]!r} vs {actual[k]!r}" for k in keys if recorded[k] != actual[k]]
 
 
 def _io_diff(manifest: Manifest, config: HybridConfig) -> list[str]:

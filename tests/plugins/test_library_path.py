@@ -83,12 +83,12 @@ def test_printed_polygraphy_command_names_the_shim(tmp_path: Path) -> None:
     a plain dlopen, not libhybridtrt_trt.so (which polygraphy's ctypes.CDLL would load without registering)."""
     import numpy as np
 
-    from hybridtrt.validation.polygraphy_bridge import BridgeFiles, commands
+    from hybridtrt.validation.polygraphy_bridge import BridgeFiles, command_lines
 
     lib = tmp_path / "libhybridtrt_trt.so"
     lib.write_bytes(b"")
     (tmp_path / "libhybridtrt_trt_autoreg.so").write_bytes(b"")
-    files = BridgeFiles(tmp_path / "inputs.json", tmp_path / "reference.json", tmp_path / "model.onnx", 1e-5, 1e-5)
     feeds = [{"input_ids": np.zeros((1, 3), dtype=np.int64)}]
-    trt = commands(files, feeds, plugins=lib)["trt"]
+    files = BridgeFiles(tmp_path / "inputs.json", tmp_path / "reference.json", tmp_path / "model.onnx", 1e-5, 1e-5, feeds=feeds)
+    trt = " ".join(command_lines(files, plugins=lib)["trt"])
     assert f"--plugins {tmp_path / 'libhybridtrt_trt_autoreg.so'}" in trt and f"{lib} " not in trt
