@@ -1,4 +1,11 @@
-"""ONNX Runtime backend: runs an export directory with the same `generate` API as the reference."""
+"""ONNX Runtime backend: runs an export directory with the same `generate` API as the reference.
+
+Both KV-cache flavours (DESIGN.md §6) run here. A dynamic-cache state is a value (a dict of
+arrays; each call returns new ones). A static-cache state (`StaticState`) is one buffer per state,
+bound to the graph as input *and* output through ONNX Runtime's I/O binding, so ``TensorScatter``
+writes the new KV positions in place and the conv/SSM states are overwritten where they lie: a
+state passed to `OrtModel.step` is consumed (take a `Snapshot` to keep one).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from hybridtrt.errors import ArtefactError
-from hybridtrt.exporter.io import ATTENTION_MASK, INPUT_IDS, LOGITS
+from hybridtrt.errors import ArtefactError, InputError
+from hybridtrt.exporter.io import ATTENTION_MASK, CACHE_POSITION, INPUT_IDS, LOGITS, PADDING_LENGTH
 from hybridtrt.exporter.manifest import Manifest, read_manifest
 from hybridtrt.runtime.generation import GenerationResult, SamplingConfig, generate, iter_generate
-from hybridtrt.runtime.states import StatePlan
+from hybridtrt.runtime.snapshot import Snapshot
+from hybridtrt.runtime.states import StatePlan, StaticState, physical_memory_bytes, static_positions
+
+#: Bytes of one fp32 attention score: ONNX Runtime's CPU ``Attention`` kernel materializes the
+#: ``[B, H, L, T]`` scores of a call (measured, README "Long context").
+_SCORE_BYTES = 4
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -25,6 +37,13 @@ def to_numpy(value: Any) -> np.ndarray:
             return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return value.numpy()
     return np.asarray(value)
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """numpy (bf16 included) -> a CPU torch tensor that owns a copy."""
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array, copy=True))
 
 
 class OrtSession:
@@ -51,6 +70,29 @@ class OrtSession:
         names = outputs or self.output_names
         return dict(zip(names, self.session.run(names, arrays)))
 
+    def run_in_place(self, feeds: dict[str, np.ndarray], aliases: dict[str, str]) -> dict[str, np.ndarray]:
+        """Run with every ``aliases`` output written into its input's buffer (I/O binding).
+
+        Args:
+            feeds: ``{input_name: contiguous array}``.
+            aliases: ``{output_name: input_name}``; the output is bound to the input's memory.
+
+        Returns:
+            ``{output_name: array}`` of the other outputs (the aliased ones are the input arrays).
+        """
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        for out, inp in aliases.items():
+            a = feeds[inp]
+            binding.bind_output(out, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        others = [n for n in self.output_names if n not in aliases]
+        for name in others:
+            binding.bind_output(name)
+        self.session.run_with_iobinding(binding)
+        got = binding.get_outputs()[len(aliases) :]
+        return {name: value.numpy() for name, value in zip(others, got)}
+
 
 class OrtModel:
     """An exported model on ONNX Runtime (CPU). Implements the `Stepper` protocol.
@@ -58,6 +100,11 @@ class OrtModel:
     Args:
         export_dir: Directory written by ``hybridtrt export``.
         use_decode_graph: Run one-token steps on ``decode.onnx`` when the export has one.
+        threads: Intra-op threads (default: ONNX Runtime's).
+
+    Raises:
+        ArtefactError: Not an export, or a bf16 export (ONNX Runtime's CPU provider has no bf16
+            kernels for these graphs).
     """
 
     backend = "onnxruntime"
@@ -65,33 +112,110 @@ class OrtModel:
     def __init__(self, export_dir: str | Path, *, use_decode_graph: bool = True, threads: int | None = None) -> None:
         self.export_dir = Path(export_dir)
         self.manifest: Manifest = read_manifest(self.export_dir)
+        if self.manifest.dtype == "bf16":
+            raise ArtefactError(
+                f"{self.export_dir} is a bf16 export; ONNX Runtime's CPU provider has no bf16 kernels for it",
+                fix="run bf16 exports on TensorRT (`hybridtrt build`), or export fp32/fp16 for ONNX Runtime",
+            )
+        self.flavour = self.manifest.cache_flavour
         self.plan = StatePlan.from_manifest(self.manifest)
         self.unified = OrtSession(self.export_dir / self.manifest.graphs["unified"].file, threads=threads)
         self.decode = None
         if use_decode_graph and "decode" in self.manifest.graphs:
             self.decode = OrtSession(self.export_dir / self.manifest.graphs["decode"].file, threads=threads)
 
-    # -- Stepper --------------------------------------------------------------------------------
-    def zero_state(self, batch: int) -> dict[str, np.ndarray]:
-        return self.plan.zeros(batch)
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest.model["vocab_size"])
 
-    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: dict, decode: bool):
+    # -- Stepper --------------------------------------------------------------------------------
+    def zero_state(self, batch: int) -> dict[str, np.ndarray] | StaticState:
+        zeros = self.plan.zeros(batch)
+        return StaticState(zeros) if self.flavour.static else zeros
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any, decode: bool):
         session = self.decode if (decode and self.decode is not None and input_ids.shape[1] == 1) else self.unified
         out = self.run(input_ids, attention_mask, state, session=session)
         logits = out[LOGITS]
         if logits.ndim == 3:
             logits = logits[:, -1]
-        return torch.from_numpy(np.asarray(logits, dtype=np.float32)), self.plan.feed_back(out)
+        logits = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+        if self.flavour.static:
+            return logits, StaticState(self.plan.feed_back(out), int(attention_mask.shape[1]))
+        return logits, self.plan.feed_back(out)
 
-    def named_states(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``{present_name: array}`` of a state returned by `step`."""
+    def named_states(self, state: Any) -> dict[str, np.ndarray]:
+        """``{present_name: array}`` of a state returned by `step` (static KV trimmed to the
+        positions written; copies, so later in-place steps do not change them)."""
+        if isinstance(state, StaticState):
+            return {b.present_name: state.arrays[b.past_name][:, :, : state.past].copy() if b.is_kv else state.arrays[b.past_name].copy() for b in self.plan.buffers}
         return {b.present_name: state[b.past_name] for b in self.plan.buffers}
 
+    def check_request(self, batch: int, positions: int, prefill_chunk: int) -> None:
+        """Refuse, before running, a generation this export cannot hold.
+
+        Args:
+            batch: Rows.
+            positions: Cache positions the generation will reach (prompt with padding + new tokens).
+            prefill_chunk: Longest prefill call.
+
+        Raises:
+            InputError: More positions than a static cache holds, or (dynamic cache) more memory
+                than this machine has for the KV states and the attention scores ONNX Runtime
+                materializes (``B × H × chunk × positions`` fp32 per attention call).
+        """
+        if self.flavour.static:
+            if positions > self.flavour.max_cache_len:
+                raise InputError(
+                    f"the prompt and new tokens need {positions} cache positions, this export's --max-cache-len is {self.flavour.max_cache_len}",
+                    fix=f"re-export with `--kv-cache static --max-cache-len {positions}` or more, or ask for fewer tokens",
+                )
+            return
+        heads = int(self.manifest.model.get("num_attention_heads") or 0) if any(b.is_kv for b in self.plan.buffers) else 0
+        need = positions * self.plan.kv_bytes_per_position(batch) + batch * heads * min(prefill_chunk, positions) * positions * _SCORE_BYTES
+        have = physical_memory_bytes()
+        if have is not None and need > have:
+            raise InputError(
+                f"{positions} positions × batch {batch} need about {need / 2**30:.1f} GiB (KV cache and attention scores), "
+                f"this machine has {have / 2**30:.1f} GiB",
+                fix=f"lower --prefill-chunk (now {prefill_chunk}; the attention scores grow with chunk × positions), the batch, or the prompt",
+            )
+
+    def snapshot(self, state: Any, attention_mask: torch.Tensor) -> Snapshot:
+        """The backend-independent copy of ``state`` (see `hybridtrt.runtime.snapshot`)."""
+        return Snapshot({name: to_torch(a) for name, a in self.named_states(state).items()}, attention_mask.long().cpu().clone())
+
+    def restore(self, snapshot: Snapshot) -> Any:
+        """A fresh state equal to ``snapshot`` (static KV copied into zero buffers)."""
+        arrays = {b.past_name: np.ascontiguousarray(to_numpy(snapshot.states[b.present_name]), dtype=b.dtype) for b in self.plan.buffers}
+        if not self.flavour.static:
+            return arrays
+        if snapshot.past > self.flavour.max_cache_len:
+            raise InputError(f"the snapshot holds {snapshot.past} positions, this export's --max-cache-len is {self.flavour.max_cache_len}")
+        state = self.zero_state(snapshot.batch)
+        for b in self.plan.buffers:
+            target = state.arrays[b.past_name]
+            if b.is_kv:
+                target[:, :, : snapshot.past] = arrays[b.past_name]
+            else:
+                target[...] = arrays[b.past_name]
+        state.past = snapshot.past
+        return state
+
     # -- lower level ----------------------------------------------------------------------------
-    def run(self, input_ids: Any, attention_mask: Any, state: dict[str, np.ndarray], session: OrtSession | None = None) -> dict[str, np.ndarray]:
-        """One graph call: ``{output_name: array}``."""
-        feeds = {INPUT_IDS: to_numpy(input_ids).astype(np.int64), ATTENTION_MASK: to_numpy(attention_mask).astype(np.int64), **state}
-        return (session or self.unified).run(feeds)
+    def run(self, input_ids: Any, attention_mask: Any, state: Any, session: OrtSession | None = None) -> dict[str, np.ndarray]:
+        """One graph call: ``{output_name: array}`` (a static cache's states are updated in place)."""
+        session = session or self.unified
+        ids = to_numpy(input_ids).astype(np.int64)
+        if not self.flavour.static:
+            return session.run({INPUT_IDS: ids, ATTENTION_MASK: to_numpy(attention_mask).astype(np.int64), **state})
+        arrays = state.arrays if isinstance(state, StaticState) else state
+        cache_position, padding = static_positions(torch.as_tensor(attention_mask), ids.shape[1], self.flavour.max_cache_len)
+        feeds = {INPUT_IDS: np.ascontiguousarray(ids), CACHE_POSITION: cache_position, PADDING_LENGTH: padding}
+        feeds.update({name: _contiguous(a) for name, a in arrays.items()})
+        out = session.run_in_place(feeds, {b.present_name: b.past_name for b in self.plan.buffers})
+        out.update({b.present_name: feeds[b.past_name] for b in self.plan.buffers})
+        return out
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> GenerationResult:
         """Same API as `HybridLM.generate`."""
@@ -100,6 +224,10 @@ class OrtModel:
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         """Yield ``[B]`` tokens step by step."""
         return iter_generate(self, input_ids, attention_mask, **kwargs)
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.c_contiguous and a.flags.writeable else np.array(a, order="C")
 
 
 __all__ = ["OrtModel", "OrtSession", "SamplingConfig"]

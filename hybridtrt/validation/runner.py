@@ -86,6 +86,19 @@ class Report:
         return d
 
 
+def real_positions(named: dict[str, Any], attention_mask: torch.Tensor) -> dict[str, Any]:
+    """States with the KV rows of left-padding positions zeroed (DESIGN.md §4: never read, so
+    backends may hold anything there; HF and our graphs do differ). Other states unchanged."""
+    keep = attention_mask.bool()
+    out = {}
+    for name, t in named.items():
+        if name.endswith((".key", ".value")):
+            t = torch.as_tensor(t)
+            t = t * keep[:, None, : t.shape[2], None].to(t.device, t.dtype)
+        out[name] = t
+    return out
+
+
 def _timed(timings: dict[str, float], key: str, fn, *args, **kwargs):
     start = time.perf_counter()
     result = fn(*args, **kwargs)
@@ -142,7 +155,7 @@ def validate(
     ref_logits, ref_state = _timed(t, "reference_s", reference.stepper.step, input_ids, attention_mask, reference.stepper.zero_state(batch), False)
     got_logits, got_state = _timed(t, "backend_s", backend.stepper.step, input_ids, attention_mask, backend.stepper.zero_state(batch), False)
     _check(report, "prefill", "logits", got_logits, ref_logits, "call")
-    ref_named, got_named = reference.named_states(ref_state), backend.named_states(got_state)
+    ref_named, got_named = (real_positions(n(s), attention_mask) for n, s in ((reference.named_states, ref_state), (backend.named_states, got_state)))
     for name in ref_named:
         _check(report, "prefill", name, got_named[name], ref_named[name], "call", layer=layer_of(name))
 
@@ -180,7 +193,7 @@ def validate(
         ref_tokens.append(ref_logits.argmax(-1))
         agree.append(float((got_logits.argmax(-1) == ref_tokens[-1]).float().mean()))
     if steps:
-        ref_named, got_named = reference.named_states(ref_state), backend.named_states(got_state)
+        ref_named, got_named = (real_positions(n(s), mask) for n, s in ((reference.named_states, ref_state), (backend.named_states, got_state)))
         for name in ref_named:
             _check(report, "decode", name, got_named[name], ref_named[name], "steps", step=steps, layer=layer_of(name))
     report.teacher_forced_top1 = sum(agree) / len(agree)
