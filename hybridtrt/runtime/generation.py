@@ -164,10 +164,10 @@ def check_prompt(stepper: Stepper, input_ids: Tensor, attention_mask: Tensor | N
     if bool((mask[:, -1] == 0).any()):
         raise InputError("attention_mask has padding on the right; hybridtrt batches use left padding")
     vocab = getattr(stepper, "vocab_size", None)
-    real = input_ids[mask != 0]
-    if vocab is not None and real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
-        bad = int(real.min()) if int(real.min()) < 0 else int(real.max())
-        raise InputError(f"token id {bad} is outside the model's vocabulary [0, {vocab})", fix="check the tokenizer, or the --ids you passed")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if vocab is not None and (low < 0 or high >= vocab):  # padding ids too: every id is looked up
+        bad = low if low < 0 else high
+        raise InputError(f"token id {bad} is outside the model's vocabulary [0, {vocab})", fix="check the tokenizer, the pad id, or the --ids you passed")
     return input_ids, mask
 
 
