@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, metavar="DIR", help="write report.json, errors.png and report.html")
     p.add_argument("--json", default=None, metavar="FILE", help="write the JSON report here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context", type=int, default=None, metavar="N", help="long-context drift: one N-token prompt, prefilled in chunks, compared after every chunk")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N", help="chunk length of --context (default 2048)")
 
 
 def print_report(report) -> None:
@@ -64,6 +66,11 @@ def print_report(report) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hybridtrt.validation.artefact import validate_artefact
+
+    if args.context is not None:
+        from hybridtrt.validation.long_context import run_cli
+
+        return run_cli(args)
 
     with step("run reference and backend"):
         report = validate_artefact(
