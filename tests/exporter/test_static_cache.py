@@ -73,7 +73,7 @@ def test_graph_uses_standard_in_place_ops_and_constant_decode_shapes(make_export
         ops = [n.op_type for n in proto.graph.node]
         assert ops.count("TensorScatter") == 2 * kv_layers and ops.count("Attention") == kv_layers
         assert "Expand" not in [n.op_type for n in proto.graph.node if "mixer" in n.name and "layers.1/" in n.name]
-        assert "Conv" not in ops  # the depthwise conv is shifted multiply-adds
+        assert ("Conv" in ops) == (role == "unified")  # decode: the depthwise conv as shifted multiply-adds
         assert [i.name for i in proto.graph.input] == input_names(model.config, manifest.cache_flavour)
         dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*proto.graph.input, *proto.graph.output]}
         assert dims["cache_position"] == dims["padding_length"] == ["batch"]
