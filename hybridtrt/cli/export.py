@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output directory")
     add_dtype_args(p)
     p.add_argument("--logits", choices=["last", "all"], default=None, help="logits of the last position (default) or all")
-    p.add_argument("--split", action="store_true", help="also write decode.onnx (one token, Mamba2StateUpdate)")
+    p.add_argument("--split", action=argparse.BooleanOptionalAction, default=None, help="write decode.onnx (one token, Mamba2StateUpdate; the runtimes' decode steps); default: yes when the model has a Mamba layer")
     p.add_argument("--opset", type=int, default=None, help="default-domain ONNX opset (default 24: Attention needs ≥ 23, --kv-cache static ≥ 24)")
     p.add_argument("--kv-cache", choices=["dynamic", "static"], default=None, help="KV cache: dynamic (grows; default) or static (fixed capacity, written in place; README: Long context)")
     p.add_argument("--max-cache-len", type=int, default=None, metavar="N", help="KV capacity of --kv-cache static (prompt + padding + new tokens)")

@@ -65,7 +65,9 @@ class ExportOptions:
         dtype: Model dtype ``fp32 | fp16 | bf16``.
         state_dtype: SSM state dtype (default fp32).
         logits: ``"last"`` ``[B, V]`` or ``"all"`` ``[B, L, V]``.
-        split: Also write the decode-only graph ``decode.onnx`` (Mamba2StateUpdate).
+        split: Also write the decode-only graph ``decode.onnx`` (Mamba2StateUpdate). None (the
+            default): when the model has a Mamba layer — runtimes use it for one-token steps, 1.2–1.3×
+            faster per token than the unified graph on ONNX Runtime (README "Long context").
         opset: Default-domain ONNX opset.
         per_layer: Expose each decoder layer's output as ``layer_output.{i}`` (for validation).
         verify: Run the written graph with ONNX Runtime against the reference after export.
@@ -78,7 +80,7 @@ class ExportOptions:
     dtype: str = "fp32"
     state_dtype: str | None = None
     logits: Literal["last", "all"] = "last"
-    split: bool = False
+    split: bool | None = None
     opset: int | None = None
     per_layer: bool = False
     verify: bool = True
@@ -298,9 +300,10 @@ def export(
             model = load_model(checkpoint_dir, dtype)
         _check_dtype_runs(model, _DTYPE_NAMES[dtype], state_dtype)
     roles = [("unified", MODEL_FILE, WEIGHTS_FILE, False)]
-    if opts.split:
+    split = MAMBA in model.config.layer_types if opts.split is None else opts.split
+    if split:
         roles.append(("decode", DECODE_FILE, DECODE_WEIGHTS_FILE, True))
-    if opts.split and MAMBA not in model.config.layer_types:
+    if split and MAMBA not in model.config.layer_types:
         raise ExportError("--split needs at least one Mamba layer (the decode graph exists for Mamba2StateUpdate)")
 
     partial = out / f".partial-{uuid.uuid4().hex[:8]}"
