@@ -423,7 +423,9 @@ def verify_export(out_dir: Path, model: HybridLM, manifest: Manifest) -> dict[st
             worst[entry.file] = rel_l2(got[names[0]], expected[0])
             continue
         errors = {name: rel_l2(got[name], exp) for name, exp in zip(names, expected)}
-        bad = {k: v for k, v in errors.items() if not v <= tol}
+        # A half-precision SSM state is rounded on both sides: one fp16 ulp is 1e-3 relative.
+        limit = {k: 1e-2 if manifest.state_dtype != "fp32" and "ssm_state" in k else tol for k in errors}
+        bad = {k: v for k, v in errors.items() if not v <= limit[k]}
         if bad:
             raise ExportError(
                 f"{entry.file} disagrees with the PyTorch reference on {sorted(bad)} (rel L2 {max(bad.values()):.2e} > {tol})",
