@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from timing import median_time  # benchmarks/timing.py (the script's directory is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,16 +56,6 @@ def prefill_child(export_dir: Path, context: int, chunk: int) -> dict:
     if proc.returncode:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def random_state(ort, past: int):
