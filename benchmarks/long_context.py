@@ -108,7 +108,7 @@ def micro_attention(past: int, heads: int, kv_heads: int, head_dim: int, repeats
             path = Path(tmp) / f"attn{opset}.onnx"
             prog.save(str(path))
             session = OrtSession(path, threads=1)
-            out.append(median_time(lambda: session.run(feeds), repeats))
+            out.append(median_time(lambda s=session: s.run(feeds), repeats))
             assert np.isfinite(session.run(feeds)[session.output_names[0]]).all()
     return out[0], out[1]
 
@@ -143,7 +143,7 @@ def micro_conv(conv_dim: int, kernel: int, length: int, repeats: int) -> tuple[f
             prog.save(str(path))
             session = OrtSession(path, threads=1)
             feeds = {"window": window.numpy()}
-            results.append((median_time(lambda: session.run(feeds), repeats), session.run(feeds)[session.output_names[0]]))
+            results.append((median_time(lambda s=session, f=feeds: s.run(f), repeats), session.run(feeds)[session.output_names[0]]))
     return results[0][0], results[1][0], float(np.abs(results[0][1] - results[1][1]).max())
 
 

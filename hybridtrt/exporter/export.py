@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import onnx
 import torch
-from torch.export import Dim
 
 from hybridtrt.errors import ExportError, HybridTrtError
 from hybridtrt.exporter import io

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from hybridtrt.errors import InputError
-from hybridtrt.runtime.generation import TorchStepper
 from hybridtrt.runtime.onnxruntime import OrtModel
 from hybridtrt.runtime.snapshot import snapshot_prompt
 from tests.runtime.test_buffers import _cpu_trt_model, export_dir  # noqa: F401  (fixture)
