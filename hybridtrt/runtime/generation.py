@@ -174,7 +174,7 @@ def check_prompt(stepper: Stepper, input_ids: Tensor, attention_mask: Tensor | N
 def chunk_bounds(length: int, chunk: int) -> list[tuple[int, int]]:
     """Split ``length`` tokens into the fewest calls of at most ``chunk`` tokens, balanced.
 
-    Balanced sizes never leave a one-token tail after a long chunk: a one-token call on existing
+    Balanced sizes (for ``chunk ≥ 3``) never leave a one-token tail: a one-token call on existing
     states is a decode step for the graph (HF's dt-clamp rule, DESIGN.md §3), which would make the
     chunked prefill differ from the whole one where that clamp is active.
     """
@@ -201,9 +201,14 @@ def prefill(stepper: Stepper, input_ids: Tensor, attention_mask: Tensor, state: 
         Last-position logits ``[B, V]`` and the state after all ``L`` tokens.
     """
     past = attention_mask.shape[1] - input_ids.shape[1]
-    logits = None
-    for a, b in chunk_bounds(input_ids.shape[1], prefill_chunk):
-        logits, state = stepper.step(input_ids[:, a:b], attention_mask[:, : past + b], state, decode=False)
+    limit = getattr(stepper, "max_prefill_tokens", None)
+    logits, done, length = None, 0, input_ids.shape[1]
+    while done < length:
+        # The backend may cap a call by memory (ONNX Runtime: attention scores grow with the cache).
+        cap = prefill_chunk if limit is None else max(3, min(prefill_chunk, limit(input_ids.shape[0], past + done)))
+        a, b = chunk_bounds(length - done, cap)[0]
+        logits, state = stepper.step(input_ids[:, done + a : done + b], attention_mask[:, : past + done + b], state, decode=False)
+        done += b
     return logits, state
 
 

@@ -9,6 +9,7 @@ state passed to `OrtModel.step` is consumed (take a `Snapshot` to keep one).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,12 @@ from hybridtrt.runtime.generation import GenerationResult, SamplingConfig, gener
 from hybridtrt.runtime.snapshot import Snapshot
 from hybridtrt.runtime.states import StatePlan, StaticState, physical_memory_bytes, static_positions
 
-#: Bytes of one fp32 attention score: ONNX Runtime's CPU ``Attention`` kernel materializes the
-#: ``[B, H, L, T]`` scores of a call (measured, README "Long context").
-_SCORE_BYTES = 4
+#: Bytes a prefill call holds per attention score: ONNX Runtime 1.32's CPU ``Attention`` kernel
+#: materializes the ``[B, H, L, T]`` fp32 scores and a second buffer of the same size (measured:
+#: 8.1 B per score at L = 2,048, T = 16,384 on small-nemotron-h; README "Long context").
+SCORE_BYTES = 8
+#: Default memory for the attention scores of one prefill call: calls are shortened to fit it.
+DEFAULT_ATTENTION_BUDGET = 1 << 30
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -65,12 +69,13 @@ class OrtSession:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, feeds: dict[str, Any], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, Any], outputs: list[str] | None = None, *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
+        """One run. ``shrink_arena``: hand the memory of this run back afterwards (see `_run_options`)."""
         arrays = {k: to_numpy(v) for k, v in feeds.items() if k in self.input_names}
         names = outputs or self.output_names
-        return dict(zip(names, self.session.run(names, arrays)))
+        return dict(zip(names, self.session.run(names, arrays, _run_options(shrink_arena))))
 
-    def run_in_place(self, feeds: dict[str, np.ndarray], aliases: dict[str, str]) -> dict[str, np.ndarray]:
+    def run_in_place(self, feeds: dict[str, np.ndarray], aliases: dict[str, str], *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
         """Run with every ``aliases`` output written into its input's buffer (I/O binding).
 
         Args:
@@ -89,7 +94,7 @@ class OrtSession:
         others = [n for n in self.output_names if n not in aliases]
         for name in others:
             binding.bind_output(name)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, _run_options(shrink_arena))
         got = binding.get_outputs()[len(aliases) :]
         return {name: value.numpy() for name, value in zip(others, got)}
 
@@ -101,6 +106,9 @@ class OrtModel:
         export_dir: Directory written by ``hybridtrt export``.
         use_decode_graph: Run one-token steps on ``decode.onnx`` when the export has one.
         threads: Intra-op threads (default: ONNX Runtime's).
+        attention_budget: Bytes the attention scores of one prefill call may hold; longer calls are
+            split (`max_prefill_tokens`), so a long prompt's peak memory is bounded by this, not by
+            its length.
 
     Raises:
         ArtefactError: Not an export, or a bf16 export (ONNX Runtime's CPU provider has no bf16
@@ -109,7 +117,9 @@ class OrtModel:
 
     backend = "onnxruntime"
 
-    def __init__(self, export_dir: str | Path, *, use_decode_graph: bool = True, threads: int | None = None) -> None:
+    def __init__(
+        self, export_dir: str | Path, *, use_decode_graph: bool = True, threads: int | None = None, attention_budget: int = DEFAULT_ATTENTION_BUDGET
+    ) -> None:
         self.export_dir = Path(export_dir)
         self.manifest: Manifest = read_manifest(self.export_dir)
         if self.manifest.dtype == "bf16":
@@ -119,6 +129,9 @@ class OrtModel:
             )
         self.flavour = self.manifest.cache_flavour
         self.plan = StatePlan.from_manifest(self.manifest)
+        self.attention_budget = attention_budget
+        has_attention = any(b.is_kv for b in self.plan.buffers)
+        self._heads = int(self.manifest.model.get("num_attention_heads") or 0) if has_attention else 0
         self.unified = OrtSession(self.export_dir / self.manifest.graphs["unified"].file, threads=threads)
         self.decode = None
         if use_decode_graph and "decode" in self.manifest.graphs:
@@ -135,7 +148,7 @@ class OrtModel:
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any, decode: bool):
         session = self.decode if (decode and self.decode is not None and input_ids.shape[1] == 1) else self.unified
-        out = self.run(input_ids, attention_mask, state, session=session)
+        out = self.run(input_ids, attention_mask, state, session=session, shrink_arena=input_ids.shape[1] > 1)
         logits = out[LOGITS]
         if logits.ndim == 3:
             logits = logits[:, -1]
@@ -171,15 +184,34 @@ class OrtModel:
                     fix=f"re-export with `--kv-cache static --max-cache-len {positions}` or more, or ask for fewer tokens",
                 )
             return
-        heads = int(self.manifest.model.get("num_attention_heads") or 0) if any(b.is_kv for b in self.plan.buffers) else 0
-        need = positions * self.plan.kv_bytes_per_position(batch) + batch * heads * min(prefill_chunk, positions) * positions * _SCORE_BYTES
+        kv = positions * self.plan.kv_bytes_per_position(batch)
+        need = kv + (self.attention_budget if self._heads else 0)
         have = physical_memory_bytes()
         if have is not None and need > have:
             raise InputError(
-                f"{positions} positions × batch {batch} need about {need / 2**30:.1f} GiB (KV cache and attention scores), "
-                f"this machine has {have / 2**30:.1f} GiB",
-                fix=f"lower --prefill-chunk (now {prefill_chunk}; the attention scores grow with chunk × positions), the batch, or the prompt",
+                f"{positions} positions × batch {batch} need about {need / 2**30:.1f} GiB (KV cache {kv / 2**30:.1f} GiB and "
+                f"attention scores {self.attention_budget / 2**30:.1f} GiB), this machine has {have / 2**30:.1f} GiB",
+                fix="lower the batch or the number of tokens (a dynamic KV cache grows by one position per token)",
             )
+        if self._heads and self.max_prefill_tokens(batch, positions - 1) < 1:
+            raise InputError(
+                f"one token over {positions} positions needs {batch * self._heads * positions * SCORE_BYTES / 2**30:.1f} GiB of attention "
+                f"scores, above the attention budget {self.attention_budget / 2**30:.1f} GiB",
+                fix="raise OrtModel(attention_budget=...) or lower the batch",
+            )
+
+    def max_prefill_tokens(self, batch: int, past: int) -> int:
+        """Longest prefill call on ``past`` positions whose attention scores fit `attention_budget`.
+
+        ONNX Runtime materializes ``B × H × L × T`` scores, ``T = past + L`` (dynamic cache) or the
+        capacity (static cache): the largest ``L`` with ``L · T · B · H · SCORE_BYTES ≤ budget``.
+        """
+        if not self._heads:
+            return 1 << 62
+        scores = self.attention_budget // (batch * self._heads * SCORE_BYTES)  # L · T may reach this
+        if self.flavour.static:
+            return scores // self.flavour.max_cache_len
+        return (math.isqrt(past * past + 4 * scores) - past) // 2  # L (L + past) ≤ scores
 
     def snapshot(self, state: Any, attention_mask: torch.Tensor) -> Snapshot:
         """The backend-independent copy of ``state`` (see `hybridtrt.runtime.snapshot`)."""
@@ -203,17 +235,22 @@ class OrtModel:
         return state
 
     # -- lower level ----------------------------------------------------------------------------
-    def run(self, input_ids: Any, attention_mask: Any, state: Any, session: OrtSession | None = None) -> dict[str, np.ndarray]:
-        """One graph call: ``{output_name: array}`` (a static cache's states are updated in place)."""
+    def run(self, input_ids: Any, attention_mask: Any, state: Any, session: OrtSession | None = None, *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
+        """One graph call: ``{output_name: array}`` (a static cache's states are updated in place).
+
+        ``shrink_arena`` returns the call's memory to the system afterwards: prefill calls of growing
+        lengths would otherwise leave ONNX Runtime's arena holding a block per size (measured 14.8 GB
+        after half of a 65k-token prompt).
+        """
         session = session or self.unified
         ids = to_numpy(input_ids).astype(np.int64)
         if not self.flavour.static:
-            return session.run({INPUT_IDS: ids, ATTENTION_MASK: to_numpy(attention_mask).astype(np.int64), **state})
+            return session.run({INPUT_IDS: ids, ATTENTION_MASK: to_numpy(attention_mask).astype(np.int64), **state}, shrink_arena=shrink_arena)
         arrays = state.arrays if isinstance(state, StaticState) else state
         cache_position, padding = static_positions(torch.as_tensor(attention_mask), ids.shape[1], self.flavour.max_cache_len)
         feeds = {INPUT_IDS: np.ascontiguousarray(ids), CACHE_POSITION: cache_position, PADDING_LENGTH: padding}
         feeds.update({name: _contiguous(a) for name, a in arrays.items()})
-        out = session.run_in_place(feeds, {b.present_name: b.past_name for b in self.plan.buffers})
+        out = session.run_in_place(feeds, {b.present_name: b.past_name for b in self.plan.buffers}, shrink_arena=shrink_arena)
         out.update({b.present_name: feeds[b.past_name] for b in self.plan.buffers})
         return out
 
@@ -224,6 +261,17 @@ class OrtModel:
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         """Yield ``[B]`` tokens step by step."""
         return iter_generate(self, input_ids, attention_mask, **kwargs)
+
+
+def _run_options(shrink_arena: bool) -> Any:
+    """RunOptions that shrink the CPU arena after the run (None: the defaults)."""
+    if not shrink_arena:
+        return None
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:

@@ -64,7 +64,7 @@ def test_right_padding_is_refused(make_checkpoint):
         model.generate(ids, torch.tensor([[1, 1, 1, 0]]), max_new_tokens=2)
 
 
-@pytest.mark.parametrize("length, chunk", [(1, 4), (10, 4), (9, 4), (2049, 2048), (4096, 2048), (7, 100)])
+@pytest.mark.parametrize("length, chunk", [(1, 4), (10, 4), (9, 4), (2049, 2048), (4096, 2048), (7, 100), (3, 3), (5, 3), (7, 3)])
 def test_chunk_bounds_cover_the_prompt_without_a_one_token_tail(length, chunk):
     bounds = chunk_bounds(length, chunk)
     assert bounds[0][0] == 0 and bounds[-1][1] == length
@@ -119,3 +119,21 @@ def test_a_request_the_backend_cannot_hold_is_refused_before_any_step():
         list(iter_generate(Limited(), torch.tensor([[1, 2, 3]]), max_new_tokens=7))
     assert Limited.calls == 0
     assert len(list(iter_generate(Limited(), torch.tensor([[1, 2, 3]]), max_new_tokens=6))) == 6
+
+
+def test_ort_prefill_calls_fit_the_attention_budget(make_export):
+    """A small attention budget shortens the calls as the cache grows; the result is the same."""
+    from hybridtrt.runtime.generation import prefill
+    from hybridtrt.runtime.onnxruntime import SCORE_BYTES, OrtModel
+
+    _, out = make_export("tiny-nemotron-h")
+    ids = torch.randint(3, 256, (1, 120), generator=torch.Generator().manual_seed(5))
+    tight = OrtModel(out, attention_budget=4 * 24 * 80 * SCORE_BYTES)  # H=4: about 24 × 80 scores
+    calls = []
+    original = tight.step
+    tight.step = lambda i, m, s, decode: calls.append((i.shape[1], m.shape[1])) or original(i, m, s, decode)
+    logits, _ = prefill(tight, ids, torch.ones_like(ids), tight.zero_state(1), 64)
+    whole, _ = prefill(OrtModel(out), ids, torch.ones_like(ids), OrtModel(out).zero_state(1), 64)
+    assert rel_l2(logits, whole) <= 1e-5
+    assert sum(n for n, _ in calls) == 120 and len(calls) > 2
+    assert all(n * total <= 24 * 80 for n, total in calls) and min(n for n, _ in calls) >= 3
