@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from timing import median_time  # benchmarks/timing.py (the script's directory is on sys.path)
+from timing import interleaved_median_times  # benchmarks/timing.py (the script's directory is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,13 +72,14 @@ def random_state(ort, past: int):
     return StaticState(arrays, past) if ort.flavour.static else arrays
 
 
-def decode_step_time(ort, past: int, repeats: int, session=None) -> float:
+def decode_step(ort, past: int, session=None):
+    """A callable running one decode step on ``past`` cached positions (random states)."""
     import torch
 
     state = random_state(ort, past)
     tok = torch.tensor([[5]])
     mask = torch.ones(1, past + 1, dtype=torch.long)
-    return median_time(lambda: ort.run(tok, mask, state, session=session), repeats)
+    return lambda: ort.run(tok, mask, state, session=session)
 
 
 def micro_attention(past: int, heads: int, kv_heads: int, head_dim: int, repeats: int) -> tuple[float, float]:
@@ -98,19 +99,19 @@ def micro_attention(past: int, heads: int, kv_heads: int, head_dim: int, repeats
     k = torch.randn(1, kv_heads, past + 1, head_dim)
     m = torch.ones(1, 1, 1, past + 1, dtype=torch.bool)
     feeds = {"q": q.numpy(), "k": k.numpy(), "v": k.numpy(), "m": m.numpy()}
-    out = []
+    from torch.export import Dim
+
+    sessions = {}
     with tempfile.TemporaryDirectory() as tmp:
         for opset in (22, 24):
-            from torch.export import Dim
-
             dims = ({2: Dim.AUTO}, {2: Dim.AUTO}, {2: Dim.AUTO}, {2: Dim.AUTO, 3: Dim.AUTO})
             prog = torch.onnx.export(Sdpa().eval(), (q, k, k, m), dynamo=True, opset_version=opset, input_names=list(feeds), dynamic_shapes=dims, verbose=False)
             path = Path(tmp) / f"attn{opset}.onnx"
             prog.save(str(path))
-            session = OrtSession(path, threads=1)
-            out.append(median_time(lambda s=session: s.run(feeds), repeats))
-            assert np.isfinite(session.run(feeds)[session.output_names[0]]).all()
-    return out[0], out[1]
+            sessions[opset] = OrtSession(path, threads=1)
+            assert np.isfinite(sessions[opset].run(feeds)[sessions[opset].output_names[0]]).all()
+    t = interleaved_median_times({opset: (lambda s=s: s.run(feeds)) for opset, s in sessions.items()}, repeats)
+    return t[22], t[24]
 
 
 def micro_conv(conv_dim: int, kernel: int, length: int, repeats: int) -> tuple[float, float, float]:
@@ -135,16 +136,17 @@ def micro_conv(conv_dim: int, kernel: int, length: int, repeats: int) -> tuple[f
             return depthwise_causal_conv(window, w, b)
 
     window = torch.randn(1, conv_dim, kernel + length)
-    results = []
+    feeds = {"window": window.numpy()}
+    sessions = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, module in enumerate((Grouped(), Shifted())):
+        for name, module in (("conv", Grouped()), ("shifted", Shifted())):
             prog = torch.onnx.export(module.eval(), (window,), dynamo=True, opset_version=24, input_names=["window"], verbose=False)
-            path = Path(tmp) / f"conv{i}.onnx"
+            path = Path(tmp) / f"{name}.onnx"
             prog.save(str(path))
-            session = OrtSession(path, threads=1)
-            feeds = {"window": window.numpy()}
-            results.append((median_time(lambda s=session, f=feeds: s.run(f), repeats), session.run(feeds)[session.output_names[0]]))
-    return results[0][0], results[1][0], float(np.abs(results[0][1] - results[1][1]).max())
+            sessions[name] = OrtSession(path, threads=1)
+    t = interleaved_median_times({name: (lambda s=s: s.run(feeds)) for name, s in sessions.items()}, repeats)
+    outs = [s.run(feeds)[s.output_names[0]] for s in sessions.values()]
+    return t["conv"], t["shifted"], float(np.abs(outs[0] - outs[1]).max())
 
 
 def micro_ssd(config, length: int, repeats: int) -> tuple[float, float]:
@@ -164,9 +166,10 @@ def micro_ssd(config, length: int, repeats: int) -> tuple[float, float]:
     s0 = torch.randn(1, h, p, n, generator=g)
     pad = (-length) % c.chunk_size
     old = (F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad)), A, F.pad(B.repeat_interleave(h // groups, 2), (0, 0, 0, 0, 0, pad)), F.pad(C.repeat_interleave(h // groups, 2), (0, 0, 0, 0, 0, pad)), D, s0)
-    t_old = median_time(lambda: mamba2_chunk_scan_eager(*old, c.chunk_size), repeats)
-    t_new = median_time(lambda: mamba2_chunk_scan_eager(x, dt, A, B, C, D, s0, c.chunk_size), repeats)
-    return t_old, t_new
+    t = interleaved_median_times(
+        {"old": lambda: mamba2_chunk_scan_eager(*old, c.chunk_size), "new": lambda: mamba2_chunk_scan_eager(x, dt, A, B, C, D, s0, c.chunk_size)}, repeats
+    )
+    return t["old"], t["new"]
 
 
 def inlined_nodes(path: Path) -> int:
@@ -205,6 +208,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: prefill,decode,hotspots")
     parser.add_argument("--work", default=None, help="keep checkpoint and exports here (reused when present)")
+    parser.add_argument("--baseline", default=None, metavar="DIR", help="also time the decode steps of this dynamic export (e.g. one made before issue 12 from the same checkpoint)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     contexts = [int(x) for x in args.contexts.split(",")]
@@ -246,14 +250,18 @@ def main() -> None:
         table("1. chunked prefill on ONNX Runtime (fresh process per row)", ["graph", "tokens", "chunk", "peak RSS", "above session load", "time", "rate"], rows)
 
     if "decode" not in skip:
-        rows = []
-        for name, (out, _) in exports.items():
+        graphs = {**({"baseline": (Path(args.baseline), None)} if args.baseline else {}), **exports}
+        steps = {}
+        for name, (out, _) in graphs.items():
             ort = OrtModel(out, threads=1)
             for label, session in (("unified", ort.unified), ("decode.onnx", ort.decode)):
-                times = {p: decode_step_time(ort, p, args.repeats * 4, session=session) for p in pasts}
-                lo, hi = times[pasts[0]], times[pasts[-1]]
-                rows.append([f"{name}, {label}", *[f"{times[p] * 1e3:.2f}" for p in pasts], f"{hi / lo:.2f}×"])
-        table("2. decode step, ms, by cache length (static: capacity fixed)", ["graph", *[f"past {p:,}" for p in pasts], f"past {pasts[-1]:,} / past {pasts[0]}"], rows)
+                steps.update({(f"{name}, {label}", p): decode_step(ort, p, session) for p in pasts})
+        times = interleaved_median_times(steps, args.repeats * 4)
+        rows = []
+        for row in dict.fromkeys(k for k, _ in steps):
+            lo, hi = times[(row, pasts[0])], times[(row, pasts[-1])]
+            rows.append([row, *[f"{times[(row, p)] * 1e3:.2f}" for p in pasts], f"{hi / lo:.2f}×"])
+        table("2. decode step, ms, by cache length (static: capacity fixed; timed interleaved)", ["graph", *[f"past {p:,}" for p in pasts], f"past {pasts[-1]:,} / past {pasts[0]}"], rows)
 
     if "hotspots" not in skip:
         rows = []
@@ -269,9 +277,8 @@ def main() -> None:
         out = exports["dynamic"][0]
         ort = OrtModel(out, threads=1)
         for past in (0, 8192):
-            unified = decode_step_time(ort, past, args.repeats * 4)
-            decode = decode_step_time(ort, past, args.repeats * 4, session=ort.decode)
-            rows.append([f"decode step, dynamic, past {past:,}", f"unified {unified * 1e3:.2f} ms", f"decode.onnx {decode * 1e3:.2f} ms", f"{unified / decode:.2f}×"])
+            t = interleaved_median_times({"unified": decode_step(ort, past, ort.unified), "decode": decode_step(ort, past, ort.decode)}, args.repeats * 4)
+            rows.append([f"decode step, dynamic, past {past:,}", f"unified {t['unified'] * 1e3:.2f} ms", f"decode.onnx {t['decode'] * 1e3:.2f} ms", f"{t['unified'] / t['decode']:.2f}×"])
         rows.append(["nodes with bodies inlined", f"unified {inlined_nodes(out / 'model.onnx')}", f"decode.onnx {inlined_nodes(out / 'decode.onnx')}", ""])
         table("3. hot spots (old form / new form, ratio = speed-up)", ["", "old / A", "new / B", "A / B"], rows)
 
