@@ -17,8 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output directory")
     add_dtype_args(p)
     p.add_argument("--logits", choices=["last", "all"], default=None, help="logits of the last position (default) or all")
-    p.add_argument("--split", action="store_true", help="also write decode.onnx (one token, Mamba2StateUpdate)")
-    p.add_argument("--opset", type=int, default=None, help="default-domain ONNX opset (default 22; bf16 needs ≥ 22)")
+    p.add_argument("--split", action=argparse.BooleanOptionalAction, default=None, help="write decode.onnx (one token, Mamba2StateUpdate; the runtimes' decode steps); default: yes when the model has a Mamba layer")
+    p.add_argument("--opset", type=int, default=None, help="default-domain ONNX opset (default 24: Attention needs ≥ 23, --kv-cache static ≥ 24)")
+    p.add_argument("--kv-cache", choices=["dynamic", "static"], default=None, help="KV cache: dynamic (grows; default) or static (fixed capacity, written in place; README: Long context)")
+    p.add_argument("--max-cache-len", type=int, default=None, metavar="N", help="KV capacity of --kv-cache static (prompt + padding + new tokens)")
     p.add_argument("--per-layer", action="store_true", help="expose every decoder layer's output (for validate --per-layer)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the written graph")
     q = p.add_argument_group("FP8 (README: FP8)")
@@ -63,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         opset=args.opset,
         per_layer=args.per_layer,
         verify=not args.no_verify,
+        kv_cache=args.kv_cache or "dynamic",
+        max_cache_len=args.max_cache_len,
     )
     quant = None
     if args.quantize:

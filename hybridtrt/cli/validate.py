@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     fp8 = p.add_argument_group("FP8 sensitivity")
     fp8.add_argument("--sensitivity", action="store_true", help="FP8 exports: logits error with only each linear layer quantized, ranked, and the --exclude flags that reach --target-cosine")
     fp8.add_argument("--target-cosine", type=float, default=None, metavar="C", help="logits cosine the --exclude flags aim for (default: the FP8 gate)")
+    p.add_argument("--context", type=int, default=None, metavar="N", help="long-context drift: one N-token prompt, prefilled in chunks, compared after every chunk")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N", help="chunk length of --context (default 2048)")
     out = p.add_argument_group("output")
     out.add_argument("--report", default=None, metavar="DIR", help="write report.json, errors.png (+ sensitivity.png) and report.html")
     out.add_argument("--json", default=None, metavar="FILE", help="write the JSON report here")
@@ -156,6 +158,11 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.json, "--json")
     if args.report:
         check_output_dir(args.report, "--report")
+
+    if args.context is not None:
+        from hybridtrt.validation.long_context import run_cli
+
+        return run_cli(args)
 
     if args.sensitivity:  # one live display at a time: the bar replaces the spinner
         with _progress_bar("validate, then FP8 sensitivity") as progress:

@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import onnx
 import torch
-from torch.export import Dim
 
 from hybridtrt.errors import ExportError, HybridTrtError
 from hybridtrt.exporter import io
@@ -50,7 +49,7 @@ MODEL_FILE = "model.onnx"
 DECODE_FILE = "decode.onnx"
 WEIGHTS_FILE = "weights.data"
 DECODE_WEIGHTS_FILE = "decode.weights.data"
-DEFAULT_OPSET = 22
+DEFAULT_OPSET = 24
 
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -65,21 +64,28 @@ class ExportOptions:
         dtype: Model dtype ``fp32 | fp16 | bf16``.
         state_dtype: SSM state dtype (default fp32).
         logits: ``"last"`` ``[B, V]`` or ``"all"`` ``[B, L, V]``.
-        split: Also write the decode-only graph ``decode.onnx`` (Mamba2StateUpdate).
+        split: Also write the decode-only graph ``decode.onnx`` (Mamba2StateUpdate). None (the
+            default): when the model has a Mamba layer — runtimes use it for one-token steps, 1.2–1.3×
+            faster per token than the unified graph on ONNX Runtime (README "Long context").
         opset: Default-domain ONNX opset.
         per_layer: Expose each decoder layer's output as ``layer_output.{i}`` (for validation).
         verify: Run the written graph with ONNX Runtime against the reference after export.
         size_threshold: Initializers of at least this many bytes go to external data.
+        kv_cache: ``"dynamic"`` (growing KV, ``attention_mask``) or ``"static"`` (fixed-capacity
+            KV written in place; `hybridtrt.exporter.io.CacheFlavour`).
+        max_cache_len: KV capacity of the static cache.
     """
 
     dtype: str = "fp32"
     state_dtype: str | None = None
     logits: Literal["last", "all"] = "last"
-    split: bool = False
+    split: bool | None = None
     opset: int | None = None
     per_layer: bool = False
     verify: bool = True
     size_threshold: int = 1024
+    kv_cache: str = "dynamic"
+    max_cache_len: int | None = None
 
 
 @dataclass
@@ -142,51 +148,26 @@ def _check_dtype_runs(model: HybridLM, dtype_name: str, state_dtype: torch.dtype
         ) from None
 
 
-def _dynamic_shapes(graph: GraphModule, decode: bool) -> tuple:
-    auto = Dim.AUTO
-    states = tuple({0: auto, 2: auto} if s.kind in ("key", "value") else {0: auto} for s in graph.specs)
-    ids = {0: auto} if decode else {0: auto, 1: auto}
-    return (ids, {0: auto, 1: auto}, states)
-
-
-def _io_shapes(model: HybridLM, logits: str, decode: bool, per_layer: bool) -> dict[str, tuple[int | str, ...]]:
-    c = model.config
-    seq: int | str = 1 if decode else io.SEQ
-    shapes: dict[str, tuple[int | str, ...]] = {
-        io.INPUT_IDS: (io.BATCH, seq),
-        io.ATTENTION_MASK: (io.BATCH, io.TOTAL),
-        io.LOGITS: (io.BATCH, c.vocab_size) if logits == "last" else (io.BATCH, seq, c.vocab_size),
-    }
-    for spec in io.state_specs(c):
-        shapes[spec.past_name] = spec.shape
-        shapes[spec.present_name] = io.present_shape(spec)
-    if per_layer:
-        for i in range(c.num_layers):
-            shapes[f"layer_output.{i}"] = (io.BATCH, seq, c.hidden_size)
-    return shapes
-
-
-def _export_program(model: HybridLM, logits: str, decode: bool, per_layer: bool, state_dtype: torch.dtype, opset: int):
+def _export_program(model: HybridLM, logits: str, decode: bool, per_layer: bool, state_dtype: torch.dtype, opset: int, flavour: io.CacheFlavour):
     """``torch.onnx.export(dynamo=True)`` of one graph; returns the ``ONNXProgram``."""
-    graph = GraphModule(model, logits, decode, per_layer).eval()
-    inputs = example_inputs(model, seq=1 if decode else 5, state_dtype=state_dtype)
-    names_out = io.output_names(model.config) + ([f"layer_output.{i}" for i in range(model.config.num_layers)] if per_layer else [])
+    graph = GraphModule(model, logits, decode, per_layer, flavour).eval()
+    inputs = example_inputs(model, seq=1 if decode else 5, state_dtype=state_dtype, flavour=flavour)
     with _quiet_exporter():
         return torch.onnx.export(
             graph,
             inputs,
             dynamo=True,
-            input_names=io.input_names(model.config),
-            output_names=names_out,
-            dynamic_shapes=_dynamic_shapes(graph, decode),
-            custom_translation_table=translation_table(),
+            input_names=io.input_names(model.config, flavour),
+            output_names=io.output_names(model.config, per_layer),
+            dynamic_shapes=graph.dynamic_shapes(),
+            custom_translation_table=translation_table(opset),
             opset_version=opset,
             optimize=True,
             verbose=False,
         )
 
 
-def _run_passes(proto: onnx.ModelProto, model: HybridLM, logits: str, decode: bool, per_layer: bool) -> onnx.ModelProto:
+def _run_passes(proto: onnx.ModelProto, model: HybridLM, logits: str, decode: bool, per_layer: bool, flavour: io.CacheFlavour) -> onnx.ModelProto:
     """The graph passes every export gets: names, cleanup, function bodies, I/O dims."""
     from hybridtrt import __version__
 
@@ -194,7 +175,7 @@ def _run_passes(proto: onnx.ModelProto, model: HybridLM, logits: str, decode: bo
     name_matmul_weights(proto)
     strip_metadata(proto)
     attach_functions(proto)
-    name_io_dims(proto, _io_shapes(model, logits, decode, per_layer))
+    name_io_dims(proto, io.io_shapes(model.config, logits, decode, per_layer, flavour))
     proto.producer_name = "hybridtrt"
     proto.producer_version = __version__
     return proto
@@ -208,11 +189,12 @@ def trace_graph(
     per_layer: bool = False,
     state_dtype: torch.dtype = torch.float32,
     opset: int = DEFAULT_OPSET,
+    flavour: io.CacheFlavour = io.DYNAMIC_CACHE,
 ) -> onnx.ModelProto:
     """Trace one graph (unified or decode) and run the graph passes. Returns an in-memory model
     with its weights (for graph passes that rewrite weights, e.g. FP8, and for tests)."""
-    program = _export_program(model, logits, decode, per_layer, state_dtype, opset)
-    return _run_passes(program.model_proto, model, logits, decode, per_layer)
+    program = _export_program(model, logits, decode, per_layer, state_dtype, opset, flavour)
+    return _run_passes(program.model_proto, model, logits, decode, per_layer, flavour)
 
 
 def trace_to_file(
@@ -226,6 +208,7 @@ def trace_to_file(
     state_dtype: torch.dtype = torch.float32,
     opset: int = DEFAULT_OPSET,
     size_threshold: int = 1024,
+    flavour: io.CacheFlavour = io.DYNAMIC_CACHE,
 ) -> onnx.ModelProto:
     """Trace one graph and write it with its weights streamed straight to ``data_name``.
 
@@ -235,11 +218,11 @@ def trace_to_file(
     """
     import onnx_ir as ir
 
-    program = _export_program(model, logits, decode, per_layer, state_dtype, opset)
+    program = _export_program(model, logits, decode, per_layer, state_dtype, opset, flavour)
     ir.save(program.model, path, external_data=data_name, size_threshold_bytes=size_threshold)
     del program
     gc.collect()
-    proto = _run_passes(onnx.load(str(path), load_external_data=False), model, logits, decode, per_layer)
+    proto = _run_passes(onnx.load(str(path), load_external_data=False), model, logits, decode, per_layer, flavour)
     onnx.save_model(proto, str(path))
     return proto
 
@@ -308,6 +291,7 @@ def export(
         raise ExportError(f"--opset {opset} is outside {MIN_OPSET}..{MAX_OPSET}", fix=f"use --opset {DEFAULT_OPSET}")
     dtype = parse_dtype(opts.dtype)
     state_dtype = parse_dtype(opts.state_dtype or "fp32")
+    flavour = io.cache_flavour(opts.kv_cache, opts.max_cache_len, opset)
     _check_writable(out)
 
     with step("load checkpoint"):
@@ -315,9 +299,10 @@ def export(
             model = load_model(checkpoint_dir, dtype)
         _check_dtype_runs(model, _DTYPE_NAMES[dtype], state_dtype)
     roles = [("unified", MODEL_FILE, WEIGHTS_FILE, False)]
-    if opts.split:
+    split = MAMBA in model.config.layer_types if opts.split is None else opts.split
+    if split:
         roles.append(("decode", DECODE_FILE, DECODE_WEIGHTS_FILE, True))
-    if opts.split and MAMBA not in model.config.layer_types:
+    if split and MAMBA not in model.config.layer_types:
         raise ExportError("--split needs at least one Mamba layer (the decode graph exists for Mamba2StateUpdate)")
 
     partial = out / f".partial-{uuid.uuid4().hex[:8]}"
@@ -327,7 +312,7 @@ def export(
         written: list[str] = []
         recipe = None
         for role, fname, data, decode in roles:
-            trace_args = dict(logits=opts.logits, decode=decode, per_layer=opts.per_layer, state_dtype=state_dtype, opset=opset)
+            trace_args = dict(logits=opts.logits, decode=decode, per_layer=opts.per_layer, state_dtype=state_dtype, opset=opset, flavour=flavour)
             if quantize is None:
                 with step(f"trace {role} graph (torch.export → ONNX), stream weights to {data}"):
                     proto = trace_to_file(model, partial / fname, data, size_threshold=opts.size_threshold, **trace_args)
@@ -368,9 +353,11 @@ def export(
             logits=opts.logits,
             opset=opset,
             graphs=graphs,
-            states=[s.to_dict() for s in io.state_specs(config)],
+            states=[s.to_dict() for s in io.state_specs(config, flavour)],
             per_layer_outputs=[f"layer_output.{i}" for i in range(config.num_layers)] if opts.per_layer else [],
             quantization=recipe,
+            kv_cache=flavour.kind,
+            max_cache_len=flavour.max_cache_len,
         )
         manifest.write(partial)
         written.append(MANIFEST_FILE)
@@ -415,10 +402,11 @@ def verify_export(out_dir: Path, model: HybridLM, manifest: Manifest) -> dict[st
     state_dtype = parse_dtype(manifest.state_dtype)
     tol = 1e-4 if manifest.dtype == "fp32" else 1e-2
     worst: dict[str, float] = {}
+    flavour = manifest.cache_flavour
     for role, entry in manifest.graphs.items():
         decode = role == "decode"
-        inputs = example_inputs(model, seq=1 if decode else 7, batch=3, past=4, state_dtype=state_dtype, seed=1)
-        graph = GraphModule(model, manifest.logits, decode, bool(manifest.per_layer_outputs)).eval()
+        inputs = example_inputs(model, seq=1 if decode else 7, batch=3, past=4, state_dtype=state_dtype, seed=1, flavour=flavour)
+        graph = GraphModule(model, manifest.logits, decode, bool(manifest.per_layer_outputs), flavour).eval()
         with torch.no_grad():
             expected = graph(*inputs)
         session = OrtSession(out_dir / entry.file)
@@ -434,7 +422,9 @@ def verify_export(out_dir: Path, model: HybridLM, manifest: Manifest) -> dict[st
             worst[entry.file] = rel_l2(got[names[0]], expected[0])
             continue
         errors = {name: rel_l2(got[name], exp) for name, exp in zip(names, expected)}
-        bad = {k: v for k, v in errors.items() if not v <= tol}
+        # A half-precision SSM state is rounded on both sides: one fp16 ulp is 1e-3 relative.
+        limit = {k: 1e-2 if manifest.state_dtype != "fp32" and "ssm_state" in k else tol for k in errors}
+        bad = {k: v for k, v in errors.items() if not v <= limit[k]}
         if bad:
             raise ExportError(
                 f"{entry.file} disagrees with the PyTorch reference on {sorted(bad)} (rel L2 {max(bad.values()):.2e} > {tol})",

@@ -85,6 +85,15 @@ class Manifest:
     quantization: dict[str, Any] | None = None
     tools: dict[str, str] = field(default_factory=tool_versions)
     contract_version: int = CONTRACT_VERSION
+    kv_cache: str = "dynamic"
+    max_cache_len: int | None = None
+
+    @property
+    def cache_flavour(self):
+        """The graphs' KV-cache flavour (`hybridtrt.exporter.io.CacheFlavour`)."""
+        from hybridtrt.exporter.io import CacheFlavour
+
+        return CacheFlavour(self.kv_cache, self.max_cache_len)
 
     def to_json(self) -> str:
         d = {
@@ -101,6 +110,8 @@ class Manifest:
             "per_layer_outputs": self.per_layer_outputs,
             "quantization": self.quantization,
             "tools": self.tools,
+            "kv_cache": self.kv_cache,
+            "max_cache_len": self.max_cache_len,
         }
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 

@@ -1,7 +1,11 @@
-"""onnxscript translations of the ``hybridtrt::`` torch ops into ONNX domain ``hybridtrt`` nodes.
+"""onnxscript translations of the ``hybridtrt::`` torch ops into ONNX domain ``hybridtrt`` nodes,
+and of the two attention pieces into the standard ops TensorRT builds natively.
 
-The nodes carry ``plugin_namespace``/``plugin_version`` so TensorRT's ONNX parser picks our plugin
-when its library is loaded, and fall back to the model-local function body otherwise.
+The Mamba nodes carry ``plugin_namespace``/``plugin_version`` so TensorRT's ONNX parser picks our
+plugin when its library is loaded, and fall back to the model-local function body otherwise.
+``hybridtrt::kv_cache_update`` becomes ``TensorScatter`` (opset 24 → ``IKVCacheUpdateLayer``) and
+``scaled_dot_product_attention`` becomes one ``Attention`` node (opset ≥ 23 → ``IAttention``), see
+`hybridtrt.exporter.attention`.
 """
 
 from __future__ import annotations
@@ -59,11 +63,14 @@ def _moe_experts(x, topk_indices, topk_weights, up_proj, down_proj):
     )
 
 
-def translation_table() -> dict[Any, Any]:
-    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
+def translation_table(opset: int) -> dict[Any, Any]:
+    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)`` at ``opset``."""
+    from hybridtrt.exporter.attention import attention_translations
+
     register_schemas()
     return {
         torch.ops.hybridtrt.mamba2_chunk_scan.default: _chunk_scan,
         torch.ops.hybridtrt.mamba2_state_update.default: _state_update,
         torch.ops.hybridtrt.moe_experts.default: _moe_experts,
+        **attention_translations(opset),
     }

@@ -308,6 +308,30 @@ class TrtModel:
         self._check_state(state)
         return {s.present_name: t for s, t in zip(self.plan.states, self.state_tensors().values())}
 
+    @property
+    def vocab_size(self) -> int | None:
+        """Logits width (the generation loop refuses token ids outside it)."""
+        vocab = (self.sidecar.get("model") or {}).get("vocab_size")
+        return int(vocab) if vocab is not None else None
+
+    def snapshot(self, state: TrtState, attention_mask: torch.Tensor) -> Any:
+        """The backend-independent copy of the latest state (`hybridtrt.runtime.snapshot`)."""
+        from hybridtrt.runtime.snapshot import Snapshot
+
+        return Snapshot(self.named_states(state), attention_mask.long().cpu().clone())
+
+    def restore(self, snapshot: Any) -> TrtState:
+        """Start a generation from ``snapshot``: zero states, then its tensors into the past buffers."""
+        state = self.zero_state(snapshot.batch)
+        if snapshot.past > self.plan.max_cache_len:
+            raise InputError(f"the snapshot holds {snapshot.past} positions, the engine's max cache length is {self.plan.max_cache_len}")
+        with self._on_stream():
+            for s in self.plan.states:
+                value = snapshot.states[s.present_name]
+                self._view(s, self._pp.past_index, tuple(value.shape)).copy_(value.to(self.device), non_blocking=True)
+        self._pp.past = snapshot.past
+        return TrtState(self._generation, self._pp.steps, state.batch, snapshot.past)
+
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> GenerationResult:
         """Same API as `HybridLM.generate` / `OrtModel.generate`."""
         return generate(self, input_ids, attention_mask, **kwargs)

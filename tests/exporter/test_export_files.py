@@ -25,7 +25,7 @@ def test_export_is_byte_identical(make_checkpoint, tmp_path):
     export(ckpt, tmp_path / "a", FAST)
     export(ckpt, tmp_path / "b", FAST)
     a, b = _digests(tmp_path / "a"), _digests(tmp_path / "b")
-    assert set(a) == {"model.onnx", "weights.data", MANIFEST_FILE}
+    assert set(a) == {"model.onnx", "decode.onnx", "weights.data", MANIFEST_FILE}  # decode.onnx by default, sharing weights.data
     assert a == b
 
 
