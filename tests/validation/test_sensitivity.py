@@ -11,7 +11,9 @@ import re
 import shlex
 import shutil
 
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from hybridtrt.cli.main import main
 from hybridtrt.errors import InputError
@@ -96,7 +98,9 @@ def test_a_mis_scaled_layer_is_ranked_first(fp8_export, measured, tmp_path):
     bad = shutil.copytree(out, tmp_path / "bad")
     scale_initializers(bad, {"model.layers.6.mixer.down_proj.input_scale"}, 0.02)
     manifest = json.loads((bad / MANIFEST_FILE).read_text())
-    manifest["quantization"]["activation_scales"][MIS_SCALED] *= 0.02
+    # the record holds exactly the planted fp32 value (x64 * 0.02 may round to another fp32)
+    planted = next(t for t in onnx.load(str(bad / "model.onnx")).graph.initializer if t.name == "model.layers.6.mixer.down_proj.input_scale")
+    manifest["quantization"]["activation_scales"][MIS_SCALED] = float(numpy_helper.to_array(planted))
     (bad / MANIFEST_FILE).write_text(json.dumps(manifest))
     sens = validate_artefact(bad, random_n=8, steps=0, sensitivity=True).extras["sensitivity"]
     assert sens.layers[0].node == MIS_SCALED, [(s.label, s.error) for s in sens.layers[:3]]
