@@ -45,7 +45,7 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every value of the main graph (after ONNX type inference)."""
     from hybridtrt.ops.onnx_schema import register_schemas
 
-    register_schemas()  # our ops' type inference (y like x, state like state)
+    register_schemas()  # our ops' type inference (y fp32, states like the state input)
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     g = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}

@@ -17,6 +17,12 @@ from hybridtrt.ops import mamba2_chunk_scan, mamba2_state_update
 from hybridtrt.ops.kv_cache import kv_cache_update
 
 
+def wide(t: Tensor) -> Tensor:
+    """``t`` in its accumulation dtype: fp32 for fp32/fp16/bf16 (what ``.float()`` gives), fp64 for
+    fp64, so that an fp64 reference run (the fp32 gates' yardstick) is fp64 throughout."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim, computed in fp32.
 
@@ -34,10 +40,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``[..., D] -> [..., D]`` in x's dtype."""
         dtype = x.dtype
-        h = x.float()
+        h = wide(x)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight_in_fp32:
-            return (self.weight.float() * h).to(dtype)
+            return (wide(self.weight) * h).to(dtype)
         return self.weight * h.to(dtype)
 
 
@@ -52,9 +58,10 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        """``y, z [B, L, d_inner] -> [B, L, d_inner]`` in y's dtype."""
+        """``y, z [B, L, d_inner] -> [B, L, d_inner]`` in y's dtype (y is the scan's fp32 output, so
+        the result is fp32, as in HF's NemotronH; the mixer casts it for ``out_proj``)."""
         dtype = y.dtype
-        h = y.float() * F.silu(z.float())
+        h = wide(y) * F.silu(wide(z))
         b, l, d = h.shape
         g = h.reshape(b, l, d // self.group_size, self.group_size)
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -129,14 +136,14 @@ class Mamba2Mixer(nn.Module):
         xbc = F.silu(xbc).transpose(1, 2) * m
         x, B, C = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
 
-        dt = F.softplus(dt_raw.float() + self.dt_bias.float())
+        dt = F.softplus(wide(dt_raw) + wide(self.dt_bias))
         if self.dt_min > 0:
             dt = torch.maximum(dt, dt_lower_bound(is_decode, self.dt_min))
         if self.dt_max < float("inf"):
             dt = torch.clamp(dt, max=self.dt_max)
-        dt = dt * m.float()
-        A = -torch.exp(self.A_log.float())
-        D = self.D.float()
+        dt = dt * wide(m)
+        A = -torch.exp(wide(self.A_log))
+        D = wide(self.D)
 
         x = x.reshape(b, l, self.num_heads, self.head_dim)
         B = B.reshape(b, l, self.n_groups, self.d_state)

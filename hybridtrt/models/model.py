@@ -12,7 +12,7 @@ from hybridtrt.errors import InputError
 from hybridtrt.models.cache import HybridCache
 from hybridtrt.models.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
 from hybridtrt.models.layers import MLP as MLPMixer
-from hybridtrt.models.layers import Attention, Mamba2Mixer, RMSNorm
+from hybridtrt.models.layers import Attention, Mamba2Mixer, RMSNorm, wide
 from hybridtrt.models.moe import MoE
 
 ScanMode = Literal["auto", "scan", "update"]
@@ -32,7 +32,7 @@ class Block(nn.Module):
         self.mixer = MIXERS[kind](config)
 
     def normed(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        residual = h.float() if self.residual_in_fp32 else h
+        residual = wide(h) if self.residual_in_fp32 else h
         return self.norm(h.to(self.norm.weight.dtype)), residual
 
 
@@ -185,7 +185,7 @@ class HybridLM(nn.Module):
             h = h[:, -1]
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
         # With residual_in_fp32 (every real Mamba-2) h is fp32 here; HF casts it to the head's dtype.
-        return CausalLMOutput(torch.matmul(h.to(head.dtype), head.t()).float(), new, hidden)
+        return CausalLMOutput(wide(torch.matmul(h.to(head.dtype), head.t())), new, hidden)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs):

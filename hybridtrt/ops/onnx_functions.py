@@ -25,7 +25,7 @@ Op contract (domain ``hybridtrt``, version 1; accumulation in fp32; heads ``h`` 
     6     initial_state    [B, H, P, N]        fp32 | fp16 | bf16
     ====  ===============  ==================  ==========================================
 
-    outputs: 0 ``y [B, L, H, P]`` (x's dtype), 1 ``final_state [B, H, P, N]`` (initial_state's
+    outputs: 0 ``y [B, L, H, P]`` (float32), 1 ``final_state [B, H, P, N]`` (initial_state's
     dtype). Attributes: ``chunk_size`` (int, required, >= 1), ``plugin_namespace`` (string),
     ``plugin_version`` (string). The body is the chunked SSD of Mamba-2: ``L`` is zero-padded to a
     multiple of ``chunk_size`` inside the body (exact, since ``dt = 0`` there), decays within a
@@ -35,7 +35,7 @@ Op contract (domain ``hybridtrt``, version 1; accumulation in fp32; heads ``h`` 
 **Mamba2StateUpdate** (decode, one token)
 
     inputs: 0 ``x [B, H, P]``, 1 ``dt [B, H]``, 2 ``A [H]``, 3 ``B [B, G, N]``, 4 ``C [B, G, N]``,
-    5 ``D [H]``, 6 ``state [B, H, P, N]``; outputs: 0 ``y [B, H, P]`` (x's dtype), 1 ``new_state
+    5 ``D [H]``, 6 ``state [B, H, P, N]``; outputs: 0 ``y [B, H, P]`` (float32), 1 ``new_state
     [B, H, P, N]`` (state's dtype). Attributes: ``plugin_namespace``, ``plugin_version``.
 
 All dimensions are dynamic. Bodies use only default-domain ops that TensorRT's ONNX parser
@@ -202,7 +202,7 @@ def chunk_scan_function(opset: int = 18) -> FunctionProto:
     """Body of ``hybridtrt::Mamba2ChunkScan`` as a model-local function (chunked SSD, fp32 math).
 
     Inputs ``x [B,L,H,P]``, ``dt [B,L,H]``, ``A [H]``, ``B [B,L,G,N]``, ``C [B,L,G,N]``, ``D [H]``,
-    ``initial_state [B,H,P,N]``; outputs ``y [B,L,H,P]`` (x's dtype) and ``final_state [B,H,P,N]``
+    ``initial_state [B,H,P,N]``; outputs ``y [B,L,H,P]`` (float32) and ``final_state [B,H,P,N]``
     (initial_state's dtype). ``chunk_size`` is read through an attribute reference. Internally heads
     are split as ``H = G * R`` and tensors are laid out ``[B, G, R, nc, cs, ...]`` (``nc`` chunks of
     ``cs = chunk_size``), so ``B``/``C`` are never repeated per head.
@@ -320,7 +320,7 @@ def chunk_scan_function(opset: int = 18) -> FunctionProto:
     y_ssm = f.op("Slice", [y_p, zero, d_l, axis1], "y_ssm")  # [b, L, H, P]
     d_col = f.op("Unsqueeze", [D, last], "D_col")  # [H, 1]
     y = f.op("Add", [y_ssm, f.op("Mul", [x, d_col], "D_x")], "y_f32")
-    f.op("CastLike", [y, "x"], "y")
+    f.op("Cast", [y], "y", to=TensorProto.FLOAT)  # y is fp32 for every x dtype (a no-op Cast)
     f.op("CastLike", [final, "initial_state"], "final_state")
     return _function(
         CHUNK_SCAN,
@@ -337,7 +337,7 @@ def state_update_function(opset: int = 18) -> FunctionProto:
     """Body of ``hybridtrt::Mamba2StateUpdate`` as a model-local function (fp32 math).
 
     Inputs ``x [B,H,P]``, ``dt [B,H]``, ``A [H]``, ``B [B,G,N]``, ``C [B,G,N]``, ``D [H]``,
-    ``state [B,H,P,N]``; outputs ``y [B,H,P]`` (x's dtype) and ``new_state [B,H,P,N]`` (state's
+    ``state [B,H,P,N]``; outputs ``y [B,H,P]`` (float32) and ``new_state [B,H,P,N]`` (state's
     dtype). Heads are split as ``H = G * R`` so ``B``/``C`` broadcast over the ``R`` heads of a group.
 
     Args:
@@ -382,7 +382,7 @@ def state_update_function(opset: int = 18) -> FunctionProto:
     y = f.op("Add", [y_ssm, f.op("Mul", [x, d_col], "D_x")], "y_f32")
     shp_s = f.op("Concat", [d_b, d_h, d_p, d_n], "shape_state", axis=0)
     new_flat = f.op("Reshape", [new, shp_s], "new_state_f32")
-    f.op("CastLike", [y, "x"], "y")
+    f.op("Cast", [y], "y", to=TensorProto.FLOAT)  # y is fp32 for every x dtype (a no-op Cast)
     f.op("CastLike", [new_flat, "state"], "new_state")
     return _function(
         STATE_UPDATE,

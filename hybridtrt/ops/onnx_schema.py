@@ -24,10 +24,10 @@ from hybridtrt.ops.onnx_functions import (
 )
 
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
-#: Type variable of each input/output name: x/y share T, states share S, dt, B/C and A/D their own.
+#: Type variable of each input/output name: states share S; x, dt, B/C their own; A, D and y are fp32.
 _TYPE_OF = {
     "x": "T",
-    "y": "T",
+    "y": "F",
     "dt": "Tdt",
     "A": "F",
     "D": "F",
@@ -39,24 +39,31 @@ _TYPE_OF = {
     "new_state": "S",
 }
 _CONSTRAINTS = [
-    ("T", _FLOATS, "activations x and output y"),
+    ("T", _FLOATS, "activations x"),
     ("Tdt", _FLOATS, "final step size dt"),
     ("Tbc", _FLOATS, "B and C"),
-    ("F", ["tensor(float)"], "A and D, fp32"),
+    ("F", ["tensor(float)"], "A, D and the output y: fp32"),
     ("S", _FLOATS, "SSM state"),
 ]
 
 
-def _outputs_like(inputs: tuple[str, ...], outputs: tuple[str, ...]):
-    """Type and shape inference: each output has the type and shape of the input it mirrors
-    (``y`` ← ``x``, ``final_state``/``new_state`` ← ``initial_state``/``state``, DESIGN.md §5)."""
+def _outputs_like(inputs: tuple[str, ...], outputs: tuple[str, ...], type_of: dict[str, str]):
+    """Type and shape inference: each output has the shape of the input it mirrors (``y`` ← ``x``,
+    ``final_state``/``new_state`` ← ``initial_state``/``state``) and its type, except an output of
+    the fp32 type variable ``F`` (the scan ops' ``y``, DESIGN.md §5), which is float32 whatever
+    ``x``'s type; the MoE ops' ``y`` has ``x``'s type."""
     mirrors = {"y": "x", "final_state": "initial_state", "new_state": "state"}
     sources = [inputs.index(mirrors[o]) for o in outputs]
+    fp32 = [type_of[o] == "F" for o in outputs]
 
     def infer(ctx: onnx.shape_inference.InferenceContext) -> None:
         for out, source in enumerate(sources):
             if ctx.has_input(source):
-                ctx.set_output_type(out, ctx.get_input_type(source))
+                t = onnx.TypeProto()
+                t.CopyFrom(ctx.get_input_type(source))
+                if fp32[out]:
+                    t.tensor_type.elem_type = onnx.TensorProto.FLOAT
+                ctx.set_output_type(out, t)
 
     return infer
 
@@ -88,7 +95,7 @@ def _schema(
             for a in attrs
         ],
     )
-    schema.set_type_and_shape_inference_function(_outputs_like(inputs, outputs))
+    schema.set_type_and_shape_inference_function(_outputs_like(inputs, outputs, type_of))
     return schema
 
 

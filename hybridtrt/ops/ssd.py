@@ -1,7 +1,9 @@
 """Mamba-2 SSD math in eager PyTorch: the chunked scan, the one-token update, and `_ref` twins.
 
-Contract (DESIGN.md §5). Heads ``h`` use group ``h // (H // G)``. Accumulation is fp32; ``y`` has
-``x``'s dtype; the returned state has the incoming state's dtype.
+Contract (DESIGN.md §5). Heads ``h`` use group ``h // (H // G)``. Accumulation is fp32 (fp64 for an
+fp64 reference run); ``y`` is fp32 whatever ``x``'s dtype (it feeds the gated RMSNorm, which
+normalises in fp32 — HF's NemotronH keeps the scan output fp32 too — and in fp16 |y| exceeds 65504
+on real shapes); the returned state has the incoming state's dtype.
 
     s_t = exp(dt_t * A) * s_{t-1} + dt_t * (x_t ⊗ B_t)
     y_t = s_t · C_t + D * x_t
@@ -25,6 +27,11 @@ __all__ = [
     "mamba2_state_update_eager",
     "mamba2_state_update_ref",
 ]
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    """Accumulation dtype for activations of ``x``'s dtype: fp32, or fp64 for an fp64 run."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _segment_sum(a: Tensor) -> Tensor:
@@ -70,7 +77,7 @@ def mamba2_chunk_scan_eager(
             to a multiple of it internally (exact: a padded step has ``dt = 0``).
 
     Returns:
-        ``y [B, L, H, P]`` in ``x.dtype`` and ``final_state [B, H, P, N]`` in
+        ``y [B, L, H, P]`` fp32 and ``final_state [B, H, P, N]`` in
         ``initial_state.dtype``.
 
     ``B``/``C`` stay per group: heads are split ``H = G * R`` (head ``h = g * R + r`` reads group
@@ -82,16 +89,17 @@ def mamba2_chunk_scan_eager(
     cs = min(chunk_size, length)
     pad = (-length) % cs
     chunks = (length + pad) // cs
-    xf = x.float()
+    acc = _acc(x)
+    xf = x.to(acc)
 
     def to_chunks(t: Tensor) -> Tensor:  # [b, L, ...] -> [b, c, l, ...] (zero-padded)
         t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t
         return t.reshape(batch, chunks, cs, *t.shape[2:])
 
-    dtf = dt.float()
+    dtf = dt.to(acc)
     x_dt = to_chunks((xf * dtf[..., None]).reshape(batch, length, groups, rep, head_dim))  # [b,c,l,g,r,p]
-    Bc, Cc = to_chunks(B.float()), to_chunks(C.float())  # [b, c, l, g, n]
-    a = to_chunks((dtf * A.float()).reshape(batch, length, groups, rep)).permute(0, 3, 4, 1, 2)  # [b,g,r,c,l]
+    Bc, Cc = to_chunks(B.to(acc)), to_chunks(C.to(acc))  # [b, c, l, g, n]
+    a = to_chunks((dtf * A.to(acc)).reshape(batch, length, groups, rep)).permute(0, 3, 4, 1, 2)  # [b,g,r,c,l]
     a_cum = torch.cumsum(a, dim=-1)
 
     # 1. Within each chunk: causal "attention" C_l·B_s weighted by the decay from s to l.
@@ -104,7 +112,7 @@ def mamba2_chunk_scan_eager(
     chunk_states = torch.einsum("bclgn,bgrcl,bclgrp->bcgrpn", Bc, decay_to_end, x_dt)
 
     # 3. Carry states across chunks: start state of chunk c, plus the final state.
-    s0 = initial_state.float().reshape(batch, 1, groups, rep, head_dim, d_state)
+    s0 = initial_state.to(acc).reshape(batch, 1, groups, rep, head_dim, d_state)
     states = torch.cat([s0, chunk_states], dim=1)  # [b, c+1, g, r, p, n]
     chunk_decay = torch.exp(_segment_sum(F.pad(a_cum[..., -1], (1, 0))))  # [b, g, r, c+1, c+1]
     states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
@@ -114,9 +122,9 @@ def mamba2_chunk_scan_eager(
     y_off = torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", Cc, start_states, torch.exp(a_cum))
 
     y = (y_diag + y_off).reshape(batch, chunks * cs, heads, head_dim)[:, :length]
-    y = y + D.float()[:, None] * xf
+    y = y + D.to(acc)[:, None] * xf
     final_state = final_state.reshape(batch, heads, head_dim, d_state)
-    return y.to(x.dtype).contiguous(), final_state.to(initial_state.dtype).contiguous()
+    return y.contiguous(), final_state.to(initial_state.dtype).contiguous()
 
 
 def mamba2_chunk_scan_ref(
@@ -139,7 +147,7 @@ def mamba2_chunk_scan_ref(
     for t in range(x.shape[1]):
         y, state = mamba2_state_update_ref(x[:, t], dt[:, t], A, B[:, t], C[:, t], D, state, _keep_fp32=True)
         ys.append(y)
-    return torch.stack(ys, dim=1).to(x.dtype), state.to(initial_state.dtype)
+    return torch.stack(ys, dim=1), state.to(initial_state.dtype)
 
 
 def mamba2_state_update_eager(
@@ -157,21 +165,22 @@ def mamba2_state_update_eager(
         state: ``[B, H, P, N]``.
 
     Returns:
-        ``y [B, H, P]`` in ``x.dtype`` and ``new_state [B, H, P, N]`` in ``state.dtype``. Heads are
+        ``y [B, H, P]`` fp32 and ``new_state [B, H, P, N]`` in ``state.dtype``. Heads are
         split ``H = G * R`` so ``B``/``C`` broadcast over the ``R`` heads of their group.
     """
     batch, heads, head_dim = x.shape
     groups, d_state = B.shape[-2], B.shape[-1]
     rep = heads // groups
-    xf = x.float().reshape(batch, groups, rep, head_dim)
-    dtf = dt.float().reshape(batch, groups, rep)
-    decay = torch.exp(dtf * A.float().reshape(groups, rep))[..., None, None]  # [b, g, r, 1, 1]
-    s = state.float().reshape(batch, groups, rep, head_dim, d_state)
-    Bg = B.float()[:, :, None, None, :]  # [b, g, 1, 1, n]
+    acc = _acc(x)
+    xf = x.to(acc).reshape(batch, groups, rep, head_dim)
+    dtf = dt.to(acc).reshape(batch, groups, rep)
+    decay = torch.exp(dtf * A.to(acc).reshape(groups, rep))[..., None, None]  # [b, g, r, 1, 1]
+    s = state.to(acc).reshape(batch, groups, rep, head_dim, d_state)
+    Bg = B.to(acc)[:, :, None, None, :]  # [b, g, 1, 1, n]
     new_state = torch.addcmul(s * decay, (xf * dtf[..., None])[..., None], Bg)
-    y = torch.matmul(new_state, C.float()[:, :, None, :, None]).squeeze(-1)  # [b, g, r, p]
-    y = y.reshape(batch, heads, head_dim) + D.float()[:, None] * x.float()
-    return y.to(x.dtype), new_state.reshape(batch, heads, head_dim, d_state).to(state.dtype)
+    y = torch.matmul(new_state, C.to(acc)[:, :, None, :, None]).squeeze(-1)  # [b, g, r, p]
+    y = y.reshape(batch, heads, head_dim) + D.to(acc)[:, None] * x.to(acc)
+    return y, new_state.reshape(batch, heads, head_dim, d_state).to(state.dtype)
 
 
 def mamba2_state_update_ref(
@@ -193,14 +202,15 @@ def mamba2_state_update_ref(
     heads = x.shape[1]
     groups = B.shape[1]
     group_of_head = torch.arange(heads, device=x.device) // (heads // groups)
-    b_h = B.float()[:, group_of_head]  # [b, h, n]
-    c_h = C.float()[:, group_of_head]
-    dtf = dt.float()
-    s = state.float()
-    s = torch.exp(dtf * A.float())[:, :, None, None] * s + dtf[:, :, None, None] * (
-        x.float()[:, :, :, None] * b_h[:, :, None, :]
+    acc = _acc(x)
+    b_h = B.to(acc)[:, group_of_head]  # [b, h, n]
+    c_h = C.to(acc)[:, group_of_head]
+    dtf = dt.to(acc)
+    s = state.to(acc)
+    s = torch.exp(dtf * A.to(acc))[:, :, None, None] * s + dtf[:, :, None, None] * (
+        x.to(acc)[:, :, :, None] * b_h[:, :, None, :]
     )
-    y = (s * c_h[:, :, None, :]).sum(-1) + D.float()[None, :, None] * x.float()
+    y = (s * c_h[:, :, None, :]).sum(-1) + D.to(acc)[None, :, None] * x.to(acc)
     if _keep_fp32:
         return y, s
-    return y.to(x.dtype), s.to(state.dtype)
+    return y, s.to(state.dtype)

@@ -55,14 +55,26 @@ def test_chunk_size_does_not_change_the_result():
         assert _scaled_err(y, outs[0][0]) <= 1e-5 and _scaled_err(s, outs[0][1]) <= 1e-5
 
 
-def test_half_inputs_keep_dtypes_and_accumulate_in_fp32():
+def test_half_inputs_give_fp32_y_and_accumulate_in_fp32():
     x, dt, A, B, C, D, s0 = random_inputs(2, 33, 4, 16, 2, 8, dtype=torch.float16, seed=4)
     y, s = mamba2_chunk_scan_eager(x, dt, A, B, C, D, s0, CHUNK)
-    assert y.dtype == torch.float16 and s.dtype == torch.float32
+    assert y.dtype == torch.float32 and s.dtype == torch.float32  # y is fp32 whatever x's dtype
     y_ref, s_ref = mamba2_chunk_scan_ref(x, dt, A, B, C, D, s0, CHUNK)
-    assert _scaled_err(y, y_ref) <= 2e-3 and _scaled_err(s, s_ref) <= 1e-5
+    assert _scaled_err(y, y_ref) <= 1e-5 and _scaled_err(s, s_ref) <= 1e-5
+    y1, _ = mamba2_state_update_eager(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, s0)
+    assert y1.dtype == torch.float32
     y, s = mamba2_chunk_scan_eager(x, dt, A, B, C, D, s0.to(torch.bfloat16), CHUNK)
     assert s.dtype == torch.bfloat16
+
+
+def test_fp64_runs_in_fp64():
+    """The fp64 yardstick of the fp32 gates is fp64 throughout: y and the state stay fp64."""
+    args = random_inputs(2, 40, 4, 16, 2, 8, seed=6)
+    x, dt, A, B, C, D, s0 = (t.double() for t in args)
+    y, s = mamba2_chunk_scan_eager(x, dt, A, B, C, D, s0, CHUNK)
+    y_ref, s_ref = mamba2_chunk_scan_ref(x, dt, A, B, C, D, s0, CHUNK)
+    assert y.dtype == s.dtype == y_ref.dtype == torch.float64
+    assert _scaled_err(y, y_ref) <= 1e-12 and _scaled_err(s, s_ref) <= 1e-12
 
 
 def test_state_update_matches_ref_and_one_step_scan():
