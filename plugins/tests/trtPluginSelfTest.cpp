@@ -9,6 +9,7 @@
  */
 #include "NvInferRuntime.h"
 #include "hybridtrt/ssdKernels.h"
+#include "pluginCommon.h" // dataTypeName, for messages
 
 #include <cstdint>
 #include <cstdio>
@@ -92,24 +93,13 @@ std::vector<PluginTensorDesc> runtimeDescs(std::vector<DynamicPluginTensorDesc> 
     return out;
 }
 
-char const* typeName(DataType type)
-{
-    switch (type)
-    {
-    case DataType::kFLOAT: return "fp32";
-    case DataType::kHALF: return "fp16";
-    case DataType::kBF16: return "bf16";
-    default: return "other";
-    }
-}
-
 //! y is float32 for every activation dtype, at build time (output types, formats, configure) and at run time
 //! (onShapeChange, enqueue refuse an engine whose y has another dtype, as one built by an older library has).
 void checkYIsFloat32(IPluginV3* plugin, std::vector<DynamicPluginTensorDesc> io, DataType act, char const* name)
 {
     auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
     auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
-    std::string const what = std::string(name) + " " + typeName(act) + " x: ";
+    std::string const what = std::string(name) + " " + hybridtrt::plugin::dataTypeName(act) + " x: ";
     for (int32_t i : {0, 3, 4})
     {
         io[i].desc.type = act;
@@ -133,7 +123,7 @@ void checkYIsFloat32(IPluginV3* plugin, std::vector<DynamicPluginTensorDesc> io,
     {
         auto wrong = io;
         wrong[7].desc.type = other;
-        std::string const y = what + "y " + typeName(other);
+        std::string const y = what + "y " + hybridtrt::plugin::dataTypeName(other);
         check(!build->supportsFormatCombination(7, wrong.data(), 7, 2), y + " refused by supportsFormatCombination");
         check(build->configurePlugin(wrong.data(), 7, wrong.data() + 7, 2) != 0, y + " refused by configurePlugin");
         auto wrongRt = runtimeDescs(wrong);
