@@ -7,18 +7,22 @@ No GPU needed: a model of the global-memory traffic of each kernel of three desi
 of the sequence:
 
 - ``hybridtrt (2 kernels)``: the kernels of this repository — chunk start states computed in one pass over the
-  sequence per head (state passing fused), written once and read once in the activation dtype;
+  sequence per head (state passing fused), written once and read once in the activation dtype; y written in
+  fp32 whatever the activation dtype (C ABI 3: the gated RMSNorm after the scan normalises in fp32, and fp16 y
+  overflows on real shapes);
 - ``hybridtrt before`` (3 kernels): 64-token chunks, fp32 chunk states written, read and rewritten by a
-  state-passing kernel, then read again — what the kernels did before the chunk_size / fusion change;
+  state-passing kernel, then read again, y in the activation dtype — what the kernels did before the
+  chunk_size / fusion change;
 - ``mamba_ssm 5-kernel SSD`` (``mamba_chunk_scan_combined`` forward): ``_chunk_cumsum_fwd`` (fp32 dA_cumsum
   and dt), ``_chunk_state_fwd`` (fp32 chunk states), ``_state_passing_fwd`` (fp32 in, ``out_dtype=C.dtype``
-  out), ``_bmm_chunk_fwd`` (fp32 C.B^T per group and chunk), ``_chunk_scan_fwd``.
+  out), ``_bmm_chunk_fwd`` (fp32 C.B^T per group and chunk), ``_chunk_scan_fwd`` (y in x's dtype).
 
 Model: every kernel reads each tensor region it needs once from DRAM and writes its outputs once (re-reads of
 the same data inside one kernel — B and C shared by the heads of a group, x re-read per row tile — are L2 hits),
 nothing stays in L2 between kernels; per-sequence tensors (initial / final state) are spread over ``--length``
-tokens. It ranks designs by memory traffic; it is not a timing (GPU-unverified until a device runs
-benchmarks/gpu/run.py). Our start-state bytes come from `hybridtrt.plugins.kernels.scan_workspace_bytes`, the
+tokens. The reads of y by the layer after the scan (the gated RMSNorm: 4 bytes per element for our fp32 y, 2 for
+mamba_ssm's bf16 y) are outside the model. It ranks designs by memory traffic; it is not a timing
+(GPU-unverified until a device runs benchmarks/gpu/run.py). Our start-state bytes come from `hybridtrt.plugins.kernels.scan_workspace_bytes`, the
 mirror of the C ABI's workspace query, so the model cannot drift from the kernels.
 """
 
@@ -46,7 +50,7 @@ class Shapes:
     groups: int
     chunk: int
     length: int
-    act: int = 2  #: bytes of x, B, C, y, dt (bf16)
+    act: int = 2  #: bytes of x, B, C, dt (bf16), and of y where a design writes it in x's dtype
     state: int = 4  #: bytes of the initial / final state (fp32)
 
     @property
@@ -58,17 +62,21 @@ class Shapes:
 #: One kernel of a design: name -> {term: bytes per token}.
 Kernel = tuple[str, dict[str, float]]
 
+#: Bytes per element of our kernels' y: float32 whatever the activation dtype (C ABI 3).
+Y_BYTES = 4
+
 
 def ours(s: Shapes) -> list[Kernel]:
-    """This repository's two kernels (chunkStateKernel with state passing fused, chunkOutputKernel)."""
+    """This repository's two kernels (chunkStateKernel with state passing fused, chunkOutputKernel; y fp32)."""
     act_name = {2: "bfloat16", 4: "float32"}[s.act]
     starts = scan_workspace_bytes(1, s.length, s.heads, s.head_dim, s.d_state, s.chunk, act_name) / s.length
     per_seq = s.state_elements * s.state / s.length
     x, bc, dt = s.heads * s.head_dim * s.act, s.groups * s.d_state * s.act, s.heads * s.act
+    y = s.heads * s.head_dim * Y_BYTES
     return [
         ("chunkStateKernel", {"x": x, "B": bc, "dt": dt, "initial state": per_seq, "start states (write)": starts,
                               "final state": per_seq}),
-        ("chunkOutputKernel", {"x": x, "B": bc, "C": bc, "dt": dt, "start states (read)": starts, "y": x}),
+        ("chunkOutputKernel", {"x": x, "B": bc, "C": bc, "dt": dt, "start states (read)": starts, "y": y}),
     ]  # fmt: skip
 
 
@@ -117,6 +125,11 @@ def totals(kernels: list[Kernel]) -> tuple[float, float]:
     return total, state
 
 
+def y_bytes(kernels: list[Kernel]) -> float:
+    """Bytes of y written per token."""
+    return sum(v for _, terms in kernels for k, v in terms.items() if k == "y")
+
+
 def table(rows: list[list[str]], header: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -134,8 +147,10 @@ def report(s: Shapes) -> str:
         rows = [[k, term, f"{v:,.0f}"] for k, terms in kernels for term, v in terms.items()]
         total, state = totals(kernels)
         out.append(f"### {name}\n\n" + table(rows, ["kernel", "tensor", "bytes/token"]) + f"\n\ntotal {total:,.0f} B/token\n")
-        summary.append([name, str(len(kernels)), f"{state:,.0f}", f"{total:,.0f}", f"{state / base_state:.2f}", f"{total / base_total:.2f}"])
-    out.append("### Summary\n\n" + table(summary, ["design", "kernels", "state B/token", "total B/token", "state vs mamba_ssm", "total vs mamba_ssm"]))
+        summary.append([name, str(len(kernels)), f"{state:,.0f}", f"{y_bytes(kernels):,.0f}", f"{total:,.0f}",
+                        f"{state / base_state:.2f}", f"{total / base_total:.2f}"])  # fmt: skip
+    out.append("### Summary\n\n" + table(summary, ["design", "kernels", "state B/token", "y B/token", "total B/token",
+                                                   "state vs mamba_ssm", "total vs mamba_ssm"]))  # fmt: skip
     return "\n".join(out)
 
 

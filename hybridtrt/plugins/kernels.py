@@ -6,9 +6,11 @@ allocate; the convenience wrappers here allocate outputs and workspace with torc
 
 Shapes (DESIGN.md §5):
     chunk_scan:   x [B,L,H,P], dt [B,L,H], A [H] fp32, B/C [B,L,G,N], D [H] fp32, initial_state [B,H,P,N]
-                  -> y [B,L,H,P] (x dtype), final_state [B,H,P,N] (state dtype)
+                  -> y [B,L,H,P] float32, final_state [B,H,P,N] (state dtype)
     state_update: x [B,H,P], dt [B,H], A, B/C [B,G,N], D, state [B,H,P,N]
-                  -> y [B,H,P], new_state [B,H,P,N] (``new_state=state`` updates in place)
+                  -> y [B,H,P] float32, new_state [B,H,P,N] (``new_state=state`` updates in place)
+
+y is float32 whatever x's dtype (C ABI version 3): it feeds a gated RMSNorm that normalises in fp32.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hybridtrt.errors import InputError
+from hybridtrt.errors import InputError, PluginBuildError
 from hybridtrt.plugins import library_path
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "ABI_VERSION",
     "DTYPE_CODES",
     "MAX_CHUNK",
     "STATUS_NAMES",
@@ -34,6 +37,10 @@ __all__ = [
     "chunk_length",
     "scan_workspace_bytes",
 ]
+
+#: HYBRIDTRT_KERNELS_ABI_VERSION this binding is written for (3: y is float32); a library of another version is
+#: refused at load, since its launchers would read or write buffers of other sizes than the ones passed here.
+ABI_VERSION = 3
 
 #: C ABI dtype codes (HybridTrtDtype).
 DTYPE_CODES: dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -115,6 +122,14 @@ class KernelLibrary:
         lib = ctypes.CDLL(str(self.path))
         lib.hybridtrtKernelsAbiVersion.restype = _i32
         lib.hybridtrtKernelsAbiVersion.argtypes = []
+        version = int(lib.hybridtrtKernelsAbiVersion())
+        if version != ABI_VERSION:
+            raise PluginBuildError(
+                f"{self.path} has kernels C ABI version {version}, this hybridtrt needs {ABI_VERSION} "
+                "(version 3 writes y in float32)",
+                fix="rebuild the kernels from this checkout with `hybridtrt plugins build` "
+                "(or point $HYBRIDTRT_PLUGIN_DIR at a build of it)",
+            )
         lib.hybridtrtStatusString.restype = ctypes.c_char_p
         lib.hybridtrtStatusString.argtypes = [_i32]
         lib.hybridtrtMamba2ChunkScanChunkLength.restype = _i32
@@ -233,6 +248,15 @@ class KernelLibrary:
         return t.data_ptr()
 
     @staticmethod
+    def _check_output(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """A preallocated output must have exactly the shape and dtype the kernel writes (it writes raw bytes)."""
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise InputError(
+                f"{name} is {tuple(t.shape)} {t.dtype}, the kernel writes {shape} {dtype}",
+                fix=f"pass {name}=None (allocated for you) or a contiguous {dtype} tensor of shape {shape}",
+            )
+
+    @staticmethod
     def _stream(stream: Any) -> int:
         import torch
 
@@ -264,11 +288,12 @@ class KernelLibrary:
             initial_state: ``[B, H, P, N]`` or None (zero state; then ``state_dtype`` picks the output
                 dtype, default fp32).
             chunk_size: The op's ``chunk_size`` attribute (see `chunk_length`).
-            y, final_state, workspace: Preallocated outputs / uint8 scratch (allocated when None).
+            y, final_state, workspace: Preallocated outputs / uint8 scratch (allocated when None); ``y`` is
+                ``[B, L, H, P]`` float32, ``final_state`` ``[B, H, P, N]`` in the state dtype.
             stream: torch.cuda.Stream; None means the current stream.
 
         Returns:
-            ``(y, final_state)``.
+            ``(y, final_state)``: y ``[B, L, H, P]`` float32.
         """
         import torch
 
@@ -276,9 +301,11 @@ class KernelLibrary:
         groups, d_state = B.shape[2], B.shape[3]
         sdt = initial_state.dtype if initial_state is not None else (state_dtype or torch.float32)
         if y is None:
-            y = torch.empty_like(x)
+            y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         if final_state is None:
             final_state = torch.empty(batch, heads, head_dim, d_state, dtype=sdt, device=x.device)
+        self._check_output("y", y, tuple(x.shape), torch.float32)
+        self._check_output("final_state", final_state, (batch, heads, head_dim, d_state), sdt)
         codes = (_dtype_code(x.dtype), _dtype_code(dt.dtype), _dtype_code(sdt))
         names = [k for c in codes for k, v in DTYPE_CODES.items() if v == c]
         size = self.chunk_scan_workspace_size(batch, seq_len, heads, head_dim, groups, d_state, chunk_size, *names)
@@ -313,21 +340,23 @@ class KernelLibrary:
             x: ``[B, H, P]``; dt ``[B, H]``; B and C ``[B, G, N]`` in x's dtype.
             A: ``[H]`` fp32. D: ``[H]`` fp32 or None.
             state: ``[B, H, P, N]``.
-            y: Preallocated output (allocated when None).
+            y: Preallocated ``[B, H, P]`` float32 output (allocated when None).
             new_state: Output state; None allocates one, ``state`` itself updates in place.
             stream: torch.cuda.Stream; None means the current stream.
 
         Returns:
-            ``(y, new_state)``.
+            ``(y, new_state)``: y ``[B, H, P]`` float32.
         """
         import torch
 
         batch, heads, head_dim = x.shape
         groups, d_state = B.shape[1], B.shape[2]
         if y is None:
-            y = torch.empty_like(x)
+            y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         if new_state is None:
             new_state = torch.empty_like(state)
+        self._check_output("y", y, tuple(x.shape), torch.float32)
+        self._check_output("new_state", new_state, tuple(state.shape), state.dtype)
         status = self._lib.hybridtrtMamba2StateUpdate(
             self._ptr(x), self._ptr(dt), self._ptr(A), self._ptr(B), self._ptr(C), self._ptr(D),
             self._ptr(state), self._ptr(y), self._ptr(new_state),

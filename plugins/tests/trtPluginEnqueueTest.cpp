@@ -6,15 +6,21 @@
  * so the plugin path must reproduce the direct call bit for bit. Covers the argument plumbing
  * (dims -> shapes, TensorRT dtypes -> kernel dtypes, the chunk_size attribute), the L == 1 dispatch of
  * Mamba2ChunkScan to the update kernel, the workspace alignment inside enqueue, onShapeChange's layout
- * check, and Mamba2StateUpdate with new_state == state (the kernel is in-place safe).
+ * check, and Mamba2StateUpdate with new_state == state (the kernel is in-place safe); fp32 / fp16 / bf16
+ * activations and states, y float32 (poisoned before, every element written).
  * Exit code = number of failed checks.
  */
 #include "NvInferRuntime.h"
 #include "hybridtrt/ssdKernels.h"
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <string>
 #include <vector>
 
 using namespace nvinfer1;
@@ -25,16 +31,16 @@ namespace
 {
 int gFailures = 0;
 
-void check(bool ok, char const* what)
+void check(bool ok, std::string const& what)
 {
     if (!ok)
     {
         ++gFailures;
-        std::printf("FAIL: %s\n", what);
+        std::printf("FAIL: %s\n", what.c_str());
     }
     else
     {
-        std::printf("ok: %s\n", what);
+        std::printf("ok: %s\n", what.c_str());
     }
 }
 
@@ -68,7 +74,63 @@ std::vector<float> values(size_t n, uint32_t seed, float lo, float hi)
     return v;
 }
 
-PluginTensorDesc desc(std::vector<int64_t> const& d)
+int32_t kernelDtype(DataType type)
+{
+    return type == DataType::kHALF ? kHYBRIDTRT_FLOAT16 : type == DataType::kBF16 ? kHYBRIDTRT_BFLOAT16 : kHYBRIDTRT_FLOAT32;
+}
+
+//! A host tensor of one TensorRT dtype (fp32 / fp16 / bf16), filled from fp32 values rounded to nearest.
+struct Tensor
+{
+    DataType type;
+    std::vector<unsigned char> bytes;
+
+    Tensor(std::vector<float> const& v, DataType t)
+        : type(t)
+        , bytes(v.size() * (t == DataType::kFLOAT ? 4 : 2))
+    {
+        for (size_t i = 0; i < v.size(); ++i)
+        {
+            switch (t)
+            {
+            case DataType::kHALF: reinterpret_cast<__half*>(bytes.data())[i] = __float2half_rn(v[i]); break;
+            case DataType::kBF16: reinterpret_cast<__nv_bfloat16*>(bytes.data())[i] = __float2bfloat16_rn(v[i]); break;
+            default: reinterpret_cast<float*>(bytes.data())[i] = v[i]; break;
+            }
+        }
+    }
+    void* data()
+    {
+        return bytes.data();
+    }
+    bool operator==(Tensor const& other) const
+    {
+        return type == other.type && bytes == other.bytes;
+    }
+};
+
+//! An output buffer of n elements of `type`, poisoned (0xFF bytes: NaN in every float format).
+Tensor poisoned(size_t n, DataType type)
+{
+    Tensor t(std::vector<float>(n), type);
+    std::memset(t.data(), 0xFF, t.bytes.size());
+    return t;
+}
+
+bool allFinite(Tensor const& y)
+{
+    auto const* v = reinterpret_cast<float const*>(y.bytes.data());
+    for (size_t i = 0; i < y.bytes.size() / 4; ++i)
+    {
+        if (!std::isfinite(v[i]))
+        {
+            return false;
+        }
+    }
+    return true;
+}
+
+PluginTensorDesc desc(std::vector<int64_t> const& d, DataType type = DataType::kFLOAT)
 {
     PluginTensorDesc t{};
     t.dims.nbDims = static_cast<int32_t>(d.size());
@@ -76,29 +138,39 @@ PluginTensorDesc desc(std::vector<int64_t> const& d)
     {
         t.dims.d[i] = d[i];
     }
-    t.type = DataType::kFLOAT;
+    t.type = type;
     t.format = TensorFormat::kLINEAR;
     return t;
 }
 
-void testChunkScan(int64_t L, int32_t chunkSize)
+std::string label(char const* what, int64_t L, int32_t chunkSize, DataType act, DataType state)
+{
+    auto const name = [](DataType t) { return t == DataType::kHALF ? "fp16" : t == DataType::kBF16 ? "bf16" : "fp32"; };
+    return std::string(what) + " (L=" + std::to_string(L) + ", chunk_size=" + std::to_string(chunkSize) + ", x "
+        + name(act) + ", state " + name(state) + ")";
+}
+
+//! The scan plugin's enqueue against the direct C ABI call, x / B / C / dt in `act`, the state in `state`; y is
+//! float32 in both.
+void testChunkScan(int64_t L, int32_t chunkSize, DataType act = DataType::kFLOAT, DataType state = DataType::kFLOAT)
 {
     int64_t const b = 2, h = 4, p = 32, g = 2, n = 16;
-    auto x = values(b * L * h * p, 1, -1.F, 1.F);
-    auto dt = values(b * L * h, 2, 0.01F, 0.2F);
+    Tensor x(values(b * L * h * p, 1, -1.F, 1.F), act);
+    Tensor dt(values(b * L * h, 2, 0.01F, 0.2F), act);
     auto A = values(h, 3, -4.F, -0.5F);
-    auto B = values(b * L * g * n, 4, -0.5F, 0.5F);
-    auto C = values(b * L * g * n, 5, -0.5F, 0.5F);
+    Tensor B(values(b * L * g * n, 4, -0.5F, 0.5F), act);
+    Tensor C(values(b * L * g * n, 5, -0.5F, 0.5F), act);
     auto D = values(h, 6, -1.F, 1.F);
-    auto s0 = values(b * h * p * n, 7, -1.F, 1.F);
-    std::vector<float> y(x.size()), fin(s0.size()), yRef(x.size()), finRef(s0.size());
+    Tensor s0(values(b * h * p * n, 7, -1.F, 1.F), state);
+    Tensor y = poisoned(b * L * h * p, DataType::kFLOAT), yRef = y;
+    Tensor fin = poisoned(b * h * p * n, state), finRef = fin;
 
     IPluginV3* plugin = create("Mamba2ChunkScan", chunkSize);
     auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
     auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
-    std::vector<PluginTensorDesc> in{desc({b, L, h, p}), desc({b, L, h}), desc({h}), desc({b, L, g, n}),
-        desc({b, L, g, n}), desc({h}), desc({b, h, p, n})};
-    std::vector<PluginTensorDesc> out{desc({b, L, h, p}), desc({b, h, p, n})};
+    std::vector<PluginTensorDesc> in{desc({b, L, h, p}, act), desc({b, L, h}, act), desc({h}), desc({b, L, g, n}, act),
+        desc({b, L, g, n}, act), desc({h}), desc({b, h, p, n}, state)};
+    std::vector<PluginTensorDesc> out{desc({b, L, h, p}, DataType::kFLOAT), desc({b, h, p, n}, state)};
     std::vector<DynamicPluginTensorDesc> dyn(7);
     for (int i = 0; i < 7; ++i)
     {
@@ -112,62 +184,73 @@ void testChunkScan(int64_t L, int32_t chunkSize)
     void* misaligned = base + 16;
     void const* inputs[7] = {x.data(), dt.data(), A.data(), B.data(), C.data(), D.data(), s0.data()};
     void* outputs[2] = {y.data(), fin.data()};
-    check(runtime->onShapeChange(in.data(), 7, out.data(), 2) == 0, "scan onShapeChange");
+    check(runtime->onShapeChange(in.data(), 7, out.data(), 2) == 0, label("scan onShapeChange", L, chunkSize, act, state));
     std::vector<PluginTensorDesc> badIn = in;
     badIn[1].dims.d[1] = L + 1; // dt longer than x
-    check(runtime->onShapeChange(badIn.data(), 7, out.data(), 2) != 0, "onShapeChange refuses dt length != x length");
-    check(runtime->enqueue(in.data(), out.data(), inputs, outputs, misaligned, nullptr) == 0, "scan enqueue");
+    check(runtime->onShapeChange(badIn.data(), 7, out.data(), 2) != 0,
+        label("onShapeChange refuses dt length != x length", L, chunkSize, act, state));
+    check(runtime->enqueue(in.data(), out.data(), inputs, outputs, misaligned, nullptr) == 0,
+        label("scan enqueue", L, chunkSize, act, state));
 
     int32_t status = 0;
+    int32_t const a = kernelDtype(act), st = kernelDtype(state);
+    auto* yOut = reinterpret_cast<float*>(yRef.data());
     if (L == 1)
     {
         status = hybridtrtMamba2StateUpdate(x.data(), dt.data(), A.data(), B.data(), C.data(), D.data(), s0.data(),
-            yRef.data(), finRef.data(), b, h, p, g, n, 0, 0, 0, nullptr);
+            yOut, finRef.data(), b, h, p, g, n, a, a, st, nullptr);
     }
     else
     {
         size_t bytes = 0;
-        hybridtrtMamba2ChunkScanWorkspaceSize(b, L, h, p, g, n, chunkSize, 0, 0, 0, &bytes);
+        hybridtrtMamba2ChunkScanWorkspaceSize(b, L, h, p, g, n, chunkSize, a, a, st, &bytes);
         std::vector<unsigned char> ref(bytes + 256);
         void* aligned = ref.data() + (256 - reinterpret_cast<uintptr_t>(ref.data()) % 256) % 256;
         status = hybridtrtMamba2ChunkScan(x.data(), dt.data(), A.data(), B.data(), C.data(), D.data(), s0.data(),
-            yRef.data(), finRef.data(), b, L, h, p, g, n, chunkSize, 0, 0, 0, aligned, bytes, nullptr);
+            yOut, finRef.data(), b, L, h, p, g, n, chunkSize, a, a, st, aligned, bytes, nullptr);
     }
-    check(status == 0, "direct C ABI call");
-    check(std::memcmp(y.data(), yRef.data(), y.size() * 4) == 0, L == 1 ? "scan L=1 y == update kernel y"
-                                                                        : "scan y == direct call");
-    check(std::memcmp(fin.data(), finRef.data(), fin.size() * 4) == 0,
-        L == 1 ? "scan L=1 final_state == update kernel state" : "scan final_state == direct call");
+    check(status == 0, label("direct C ABI call", L, chunkSize, act, state));
+    check(allFinite(y), label("scan y: every float32 element written", L, chunkSize, act, state));
+    check(y == yRef, label(L == 1 ? "scan L=1 y == update kernel y" : "scan y == direct call", L, chunkSize, act, state));
+    check(fin == finRef,
+        label(L == 1 ? "scan L=1 final_state == update kernel state" : "scan final_state == direct call", L, chunkSize,
+            act, state));
     delete plugin;
 }
 
-void testStateUpdateInPlace()
+//! The update plugin's enqueue with new_state == state against the direct C ABI call; y float32.
+void testStateUpdateInPlace(DataType act = DataType::kFLOAT, DataType state = DataType::kFLOAT)
 {
     int64_t const b = 3, h = 4, p = 48, g = 1, n = 64;
-    auto x = values(b * h * p, 11, -1.F, 1.F);
-    auto dt = values(b * h, 12, 0.01F, 0.2F);
+    Tensor x(values(b * h * p, 11, -1.F, 1.F), act);
+    Tensor dt(values(b * h, 12, 0.01F, 0.2F), act);
     auto A = values(h, 13, -4.F, -0.5F);
-    auto B = values(b * g * n, 14, -0.5F, 0.5F);
-    auto C = values(b * g * n, 15, -0.5F, 0.5F);
+    Tensor B(values(b * g * n, 14, -0.5F, 0.5F), act);
+    Tensor C(values(b * g * n, 15, -0.5F, 0.5F), act);
     auto D = values(h, 16, -1.F, 1.F);
-    auto state = values(b * h * p * n, 17, -1.F, 1.F);
-    auto stateRef = state;
-    std::vector<float> y(x.size()), yRef(x.size()), stateOut(state.size());
+    Tensor stateBuf(values(b * h * p * n, 17, -1.F, 1.F), state);
+    Tensor stateRef = stateBuf;
+    Tensor y = poisoned(b * h * p, DataType::kFLOAT), yRef = y;
+    Tensor stateOut = poisoned(b * h * p * n, state);
+    int32_t const a = kernelDtype(act);
     check(hybridtrtMamba2StateUpdate(x.data(), dt.data(), A.data(), B.data(), C.data(), D.data(), stateRef.data(),
-              yRef.data(), stateOut.data(), b, h, p, g, n, 0, 0, 0, nullptr)
+              reinterpret_cast<float*>(yRef.data()), stateOut.data(), b, h, p, g, n, a, a, kernelDtype(state), nullptr)
             == 0,
-        "direct update");
+        label("direct update", 1, 0, act, state));
 
     IPluginV3* plugin = create("Mamba2StateUpdate", 0);
     auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
-    std::vector<PluginTensorDesc> in{desc({b, h, p}), desc({b, h}), desc({h}), desc({b, g, n}), desc({b, g, n}),
-        desc({h}), desc({b, h, p, n})};
-    std::vector<PluginTensorDesc> out{desc({b, h, p}), desc({b, h, p, n})};
-    void const* inputs[7] = {x.data(), dt.data(), A.data(), B.data(), C.data(), D.data(), state.data()};
-    void* outputs[2] = {y.data(), state.data()}; // new_state == state: the kernel updates in place
-    check(runtime->enqueue(in.data(), out.data(), inputs, outputs, nullptr, nullptr) == 0, "update enqueue");
-    check(std::memcmp(y.data(), yRef.data(), y.size() * 4) == 0, "update y == direct call");
-    check(std::memcmp(state.data(), stateOut.data(), state.size() * 4) == 0, "in-place state == direct call");
+    std::vector<PluginTensorDesc> in{desc({b, h, p}, act), desc({b, h}, act), desc({h}), desc({b, g, n}, act),
+        desc({b, g, n}, act), desc({h}), desc({b, h, p, n}, state)};
+    std::vector<PluginTensorDesc> out{desc({b, h, p}, DataType::kFLOAT), desc({b, h, p, n}, state)};
+    void const* inputs[7] = {x.data(), dt.data(), A.data(), B.data(), C.data(), D.data(), stateBuf.data()};
+    void* outputs[2] = {y.data(), stateBuf.data()}; // new_state == state: the kernel updates in place
+    check(runtime->onShapeChange(in.data(), 7, out.data(), 2) == 0, label("update onShapeChange", 1, 0, act, state));
+    check(runtime->enqueue(in.data(), out.data(), inputs, outputs, nullptr, nullptr) == 0,
+        label("update enqueue", 1, 0, act, state));
+    check(allFinite(y), label("update y: every float32 element written", 1, 0, act, state));
+    check(y == yRef, label("update y == direct call", 1, 0, act, state));
+    check(stateBuf == stateOut, label("in-place state == direct call", 1, 0, act, state));
     delete plugin;
 }
 } // namespace
@@ -178,7 +261,12 @@ int main()
     testChunkScan(70, 128);
     testChunkScan(300, 128); // three chunks of 128, the last partial
     testChunkScan(300, 8);   // chunk_size 8 runs as 64-token chunks
+    testChunkScan(1, 128, DataType::kHALF, DataType::kFLOAT);
+    testChunkScan(130, 128, DataType::kHALF, DataType::kFLOAT); // y float32 from fp16 activations
+    testChunkScan(130, 64, DataType::kBF16, DataType::kBF16);
     testStateUpdateInPlace();
+    testStateUpdateInPlace(DataType::kBF16, DataType::kFLOAT);
+    testStateUpdateInPlace(DataType::kHALF, DataType::kHALF);
     std::printf("enqueue test: %d failures\n", gFailures);
     return gFailures;
 }

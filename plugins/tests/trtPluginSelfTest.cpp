@@ -1,13 +1,15 @@
 /*
  * Host-only self test of libhybridtrt_trt.so: exercises the creators and the build/runtime interfaces that
  * need neither a GPU nor libnvinfer (names, fields, serialization round trip, output types, format
- * support, shape validation incl. batch / L agreement, workspace size, no aliasing). Built by
+ * support, shape validation incl. batch / L agreement, y float32 for every activation dtype and the run-time
+ * refusal of an engine whose y is not float32, workspace size, no aliasing). Built by
  * tests/plugins/test_trt_plugins.py against the stub headers (plugins/tests/trtStub) and, with
  * TENSORRT_ROOT, against TensorRT's own; CMake also builds it with the plugins. Prints one line per
  * failed check; exit code = failures.
  */
 #include "NvInferRuntime.h"
 #include "hybridtrt/ssdKernels.h"
+#include "pluginCommon.h" // dataTypeName, for messages
 
 #include <cstdint>
 #include <cstdio>
@@ -72,13 +74,74 @@ DynamicPluginTensorDesc desc(std::vector<int64_t> const& d, DataType type)
     return t;
 }
 
-//! Scan inputs x, dt, A, B, C, D, initial_state then outputs y, final_state for the given shapes.
+//! Scan inputs x, dt, A, B, C, D, initial_state then outputs y (float32), final_state for the given shapes.
 std::vector<DynamicPluginTensorDesc> scanDescs(int64_t b, int64_t l, int64_t h, int64_t p, int64_t g, int64_t n,
     DataType act, DataType state)
 {
     return {desc({b, l, h, p}, act), desc({b, l, h}, act), desc({h}, DataType::kFLOAT), desc({b, l, g, n}, act),
-        desc({b, l, g, n}, act), desc({h}, DataType::kFLOAT), desc({b, h, p, n}, state), desc({b, l, h, p}, act),
-        desc({b, h, p, n}, state)};
+        desc({b, l, g, n}, act), desc({h}, DataType::kFLOAT), desc({b, h, p, n}, state),
+        desc({b, l, h, p}, DataType::kFLOAT), desc({b, h, p, n}, state)};
+}
+
+std::vector<PluginTensorDesc> runtimeDescs(std::vector<DynamicPluginTensorDesc> const& io)
+{
+    std::vector<PluginTensorDesc> out;
+    for (auto const& d : io)
+    {
+        out.push_back(d.desc);
+    }
+    return out;
+}
+
+//! y is float32 for every activation dtype, at build time (output types, formats, configure) and at run time
+//! (onShapeChange, enqueue refuse an engine whose y has another dtype, as one built by an older library has).
+void checkYIsFloat32(IPluginV3* plugin, std::vector<DynamicPluginTensorDesc> io, DataType act, char const* name)
+{
+    auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    std::string const what = std::string(name) + " " + hybridtrt::plugin::dataTypeName(act) + " x: ";
+    for (int32_t i : {0, 3, 4})
+    {
+        io[i].desc.type = act;
+    }
+    DataType in[7];
+    for (int32_t i = 0; i < 7; ++i)
+    {
+        in[i] = io[i].desc.type;
+    }
+    DataType out[2] = {DataType::kINT8, DataType::kINT8};
+    check(build->getOutputDataTypes(out, 2, in, 7) == 0 && out[0] == DataType::kFLOAT && out[1] == in[6],
+        what + "output dtypes y float32, state out = state dtype");
+    for (int32_t pos = 0; pos < 9; ++pos)
+    {
+        check(build->supportsFormatCombination(pos, io.data(), 7, 2), what + "supports pos " + std::to_string(pos));
+    }
+    check(build->configurePlugin(io.data(), 7, io.data() + 7, 2) == 0, what + "configure");
+    auto rt = runtimeDescs(io);
+    check(runtime->onShapeChange(rt.data(), 7, rt.data() + 7, 2) == 0, what + "onShapeChange");
+    for (DataType other : {DataType::kHALF, DataType::kBF16})
+    {
+        auto wrong = io;
+        wrong[7].desc.type = other;
+        std::string const y = what + "y " + hybridtrt::plugin::dataTypeName(other);
+        check(!build->supportsFormatCombination(7, wrong.data(), 7, 2), y + " refused by supportsFormatCombination");
+        check(build->configurePlugin(wrong.data(), 7, wrong.data() + 7, 2) != 0, y + " refused by configurePlugin");
+        auto wrongRt = runtimeDescs(wrong);
+        check(runtime->onShapeChange(wrongRt.data(), 7, wrongRt.data() + 7, 2) != 0, y + " refused by onShapeChange");
+        void const* inputs[7] = {};
+        void* outputs[2] = {};
+        check(runtime->enqueue(wrongRt.data(), wrongRt.data() + 7, inputs, outputs, nullptr, nullptr) != 0,
+            y + " refused by enqueue without a launch");
+    }
+    auto wrong = io;
+    wrong[8].desc.type = wrong[6].desc.type == DataType::kFLOAT ? DataType::kHALF : DataType::kFLOAT;
+    check(build->configurePlugin(wrong.data(), 7, wrong.data() + 7, 2) != 0, what + "state out dtype != state refused");
+    wrong = io;
+    wrong[7].desc.dims.d[wrong[7].desc.dims.nbDims - 1] += 16; // y's P differs from x's
+    check(build->configurePlugin(wrong.data(), 7, wrong.data() + 7, 2) != 0, what + "y shape != x shape refused");
+    wrong = io;
+    wrong[8].desc.dims.d[3] += 16; // state out's N differs from the state's
+    check(build->configurePlugin(wrong.data(), 7, wrong.data() + 7, 2) != 0, what + "state out shape != state refused");
 }
 
 void testCreators()
@@ -142,8 +205,8 @@ void testChunkScan()
     DataType in[7] = {DataType::kHALF, DataType::kFLOAT, DataType::kFLOAT, DataType::kHALF, DataType::kHALF,
         DataType::kFLOAT, DataType::kBF16};
     DataType out[2] = {};
-    check(build->getOutputDataTypes(out, 2, in, 7) == 0 && out[0] == DataType::kHALF && out[1] == DataType::kBF16,
-        "output dtypes: y = x dtype, final_state = state dtype");
+    check(build->getOutputDataTypes(out, 2, in, 7) == 0 && out[0] == DataType::kFLOAT && out[1] == DataType::kBF16,
+        "output dtypes: y float32 (x fp16), final_state = state dtype");
 
     auto io = scanDescs(2, 300, 16, 80, 2, 128, DataType::kHALF, DataType::kFLOAT);
     for (int32_t pos = 0; pos < 9; ++pos)
@@ -163,6 +226,11 @@ void testChunkScan()
     wrong = io;
     wrong[0].desc.type = DataType::kINT8;
     check(!build->supportsFormatCombination(0, wrong.data(), 7, 2), "int8 x refused");
+    for (DataType act : {DataType::kFLOAT, DataType::kHALF, DataType::kBF16})
+    {
+        checkYIsFloat32(plugin, io, act, "scan");
+        checkYIsFloat32(plugin, scanDescs(2, 1, 16, 64, 2, 64, act, DataType::kBF16), act, "scan L=1");
+    }
 
     check(build->configurePlugin(io.data(), 7, io.data() + 7, 2) == 0, "configure P=80 N=128");
     auto p72 = scanDescs(2, 300, 16, 72, 2, 128, DataType::kHALF, DataType::kFLOAT);
@@ -245,7 +313,7 @@ void testStateUpdate()
 
     std::vector<DynamicPluginTensorDesc> io{desc({4, 16, 64}, DataType::kBF16), desc({4, 16}, DataType::kFLOAT),
         desc({16}, DataType::kFLOAT), desc({4, 2, 128}, DataType::kBF16), desc({4, 2, 128}, DataType::kBF16),
-        desc({16}, DataType::kFLOAT), desc({4, 16, 64, 128}, DataType::kHALF), desc({4, 16, 64}, DataType::kBF16),
+        desc({16}, DataType::kFLOAT), desc({4, 16, 64, 128}, DataType::kHALF), desc({4, 16, 64}, DataType::kFLOAT),
         desc({4, 16, 64, 128}, DataType::kHALF)};
     for (int32_t pos = 0; pos < 9; ++pos)
     {
@@ -264,8 +332,12 @@ void testStateUpdate()
     DataType in[7] = {DataType::kBF16, DataType::kFLOAT, DataType::kFLOAT, DataType::kBF16, DataType::kBF16,
         DataType::kFLOAT, DataType::kHALF};
     DataType out[2] = {};
-    check(build->getOutputDataTypes(out, 2, in, 7) == 0 && out[0] == DataType::kBF16 && out[1] == DataType::kHALF,
-        "update output dtypes");
+    check(build->getOutputDataTypes(out, 2, in, 7) == 0 && out[0] == DataType::kFLOAT && out[1] == DataType::kHALF,
+        "update output dtypes: y float32 (x bf16), new_state = state dtype");
+    for (DataType act : {DataType::kFLOAT, DataType::kHALF, DataType::kBF16})
+    {
+        checkYIsFloat32(plugin, io, act, "update");
+    }
     delete plugin;
 }
 } // namespace

@@ -65,14 +65,14 @@ int32_t Mamba2ChunkScanPlugin::getNbOutputs() const noexcept
 }
 
 int32_t Mamba2ChunkScanPlugin::configurePlugin(
-    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
+    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
     if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
     {
         logError("Mamba2ChunkScan: expects 7 inputs and 2 outputs");
         return 1;
     }
-    return reportLayout(kNAME, checkSsdLayout(in, /*hasSeq=*/true));
+    return reportLayout(kNAME, checkSsdLayout(in, out, /*hasSeq=*/true));
 }
 
 int32_t Mamba2ChunkScanPlugin::getOutputDataTypes(
@@ -82,7 +82,7 @@ int32_t Mamba2ChunkScanPlugin::getOutputDataTypes(
     {
         return 1;
     }
-    outputTypes[kOUT_Y] = inputTypes[kIN_X];
+    outputTypes[kOUT_Y] = kY_TYPE; // float32 whatever x's dtype
     outputTypes[kOUT_STATE] = inputTypes[kIN_INITIAL_STATE];
     return 0;
 }
@@ -122,8 +122,8 @@ bool Mamba2ChunkScanPlugin::supportsFormatCombination(
     case kIN_A:
     case kIN_D: return desc.type == DataType::kFLOAT;
     case kIN_B:
-    case kIN_C:
-    case kNB_INPUTS + kOUT_Y: return desc.type == actType;
+    case kIN_C: return desc.type == actType;
+    case kNB_INPUTS + kOUT_Y: return desc.type == kY_TYPE;
     case kNB_INPUTS + kOUT_STATE: return desc.type == inOut[kIN_INITIAL_STATE].desc.type;
     default: return false;
     }
@@ -146,13 +146,13 @@ size_t Mamba2ChunkScanPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* in
 }
 
 int32_t Mamba2ChunkScanPlugin::onShapeChange(
-    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
+    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
     if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
     {
         return 1;
     }
-    if (reportLayout(kNAME, checkSsdLayout(in, /*hasSeq=*/true)) != 0)
+    if (reportLayout(kNAME, checkSsdLayout(in, out, /*hasSeq=*/true)) != 0)
     {
         return 1;
     }
@@ -165,9 +165,13 @@ int32_t Mamba2ChunkScanPlugin::onShapeChange(
             &bytes));
 }
 
-int32_t Mamba2ChunkScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
+int32_t Mamba2ChunkScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
     void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
 {
+    if (reportYType(kNAME, outputDesc[kOUT_Y].type) != 0)
+    {
+        return 1;
+    }
     Dims const& x = inputDesc[kIN_X].dims;
     Dims const& b = inputDesc[kIN_B].dims;
     int64_t const batch = x.d[0];
@@ -177,12 +181,13 @@ int32_t Mamba2ChunkScanPlugin::enqueue(PluginTensorDesc const* inputDesc, Plugin
     int32_t const stateDtype = toKernelDtype(inputDesc[kIN_INITIAL_STATE].type);
     auto const* A = static_cast<float const*>(inputs[kIN_A]);
     auto const* D = static_cast<float const*>(inputs[kIN_D]);
+    auto* y = static_cast<float*>(outputs[kOUT_Y]);
     if (seqLen == 1)
     {
         // One token: [B,1,H,P] is [B,H,P] in memory; the update kernel streams the state once, no workspace.
         return reportStatus(kNAME,
             hybridtrtMamba2StateUpdate(inputs[kIN_X], inputs[kIN_DT], A, inputs[kIN_B], inputs[kIN_C], D,
-                inputs[kIN_INITIAL_STATE], outputs[kOUT_Y], outputs[kOUT_STATE], batch, x.d[2], x.d[3], b.d[2], b.d[3],
+                inputs[kIN_INITIAL_STATE], y, outputs[kOUT_STATE], batch, x.d[2], x.d[3], b.d[2], b.d[3],
                 actDtype, dtDtype, stateDtype, stream));
     }
     size_t bytes = 0;
@@ -196,7 +201,7 @@ int32_t Mamba2ChunkScanPlugin::enqueue(PluginTensorDesc const* inputDesc, Plugin
     void* aligned = reinterpret_cast<void*>((address + kWORKSPACE_ALIGNMENT - 1) / kWORKSPACE_ALIGNMENT
         * kWORKSPACE_ALIGNMENT);
     status = hybridtrtMamba2ChunkScan(inputs[kIN_X], inputs[kIN_DT], A, inputs[kIN_B], inputs[kIN_C], D,
-        inputs[kIN_INITIAL_STATE], outputs[kOUT_Y], outputs[kOUT_STATE], batch, seqLen, x.d[2], x.d[3], b.d[2],
+        inputs[kIN_INITIAL_STATE], y, outputs[kOUT_STATE], batch, seqLen, x.d[2], x.d[3], b.d[2],
         b.d[3], mChunkSize, actDtype, dtDtype, stateDtype, aligned, bytes, stream);
     return reportStatus(kNAME, status);
 }

@@ -50,14 +50,14 @@ int32_t Mamba2StateUpdatePlugin::getNbOutputs() const noexcept
 }
 
 int32_t Mamba2StateUpdatePlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
-    DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
+    DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
     if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
     {
         logError("Mamba2StateUpdate: expects 7 inputs and 2 outputs");
         return 1;
     }
-    return reportLayout(kNAME, checkSsdLayout(in, /*hasSeq=*/false));
+    return reportLayout(kNAME, checkSsdLayout(in, out, /*hasSeq=*/false));
 }
 
 int32_t Mamba2StateUpdatePlugin::getOutputDataTypes(
@@ -67,7 +67,7 @@ int32_t Mamba2StateUpdatePlugin::getOutputDataTypes(
     {
         return 1;
     }
-    outputTypes[kOUT_Y] = inputTypes[kIN_X];
+    outputTypes[kOUT_Y] = kY_TYPE; // float32 whatever x's dtype
     outputTypes[kOUT_STATE] = inputTypes[kIN_STATE];
     return 0;
 }
@@ -106,8 +106,8 @@ bool Mamba2StateUpdatePlugin::supportsFormatCombination(
     case kIN_A:
     case kIN_D: return desc.type == DataType::kFLOAT;
     case kIN_B:
-    case kIN_C:
-    case kNB_INPUTS + kOUT_Y: return desc.type == inOut[kIN_X].desc.type;
+    case kIN_C: return desc.type == inOut[kIN_X].desc.type;
+    case kNB_INPUTS + kOUT_Y: return desc.type == kY_TYPE;
     case kNB_INPUTS + kOUT_STATE: return desc.type == inOut[kIN_STATE].desc.type;
     default: return false;
     }
@@ -120,13 +120,13 @@ size_t Mamba2StateUpdatePlugin::getWorkspaceSize(DynamicPluginTensorDesc const* 
 }
 
 int32_t Mamba2StateUpdatePlugin::onShapeChange(
-    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
+    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
     if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
     {
         return 1;
     }
-    if (reportLayout(kNAME, checkSsdLayout(in, /*hasSeq=*/false)) != 0)
+    if (reportLayout(kNAME, checkSsdLayout(in, out, /*hasSeq=*/false)) != 0)
     {
         return 1;
     }
@@ -138,15 +138,19 @@ int32_t Mamba2StateUpdatePlugin::onShapeChange(
             toKernelDtype(in[kIN_DT].type), toKernelDtype(in[kIN_STATE].type), &bytes));
 }
 
-int32_t Mamba2StateUpdatePlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
+int32_t Mamba2StateUpdatePlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
     void const* const* inputs, void* const* outputs, void* /*workspace*/, cudaStream_t stream) noexcept
 {
+    if (reportYType(kNAME, outputDesc[kOUT_Y].type) != 0)
+    {
+        return 1;
+    }
     Dims const& x = inputDesc[kIN_X].dims;
     Dims const& b = inputDesc[kIN_B].dims;
     return reportStatus(kNAME,
         hybridtrtMamba2StateUpdate(inputs[kIN_X], inputs[kIN_DT], static_cast<float const*>(inputs[kIN_A]),
             inputs[kIN_B], inputs[kIN_C], static_cast<float const*>(inputs[kIN_D]), inputs[kIN_STATE],
-            outputs[kOUT_Y], outputs[kOUT_STATE], x.d[0], x.d[1], x.d[2], b.d[1], b.d[2],
+            static_cast<float*>(outputs[kOUT_Y]), outputs[kOUT_STATE], x.d[0], x.d[1], x.d[2], b.d[1], b.d[2],
             toKernelDtype(inputDesc[kIN_X].type), toKernelDtype(inputDesc[kIN_DT].type),
             toKernelDtype(inputDesc[kIN_STATE].type), stream));
 }

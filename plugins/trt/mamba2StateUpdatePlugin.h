@@ -9,7 +9,7 @@
  *            4 C          [B, G, N]     activation dtype
  *            5 D          [H]           fp32
  *            6 state      [B, H, P, N]  fp32 | fp16 | bf16 (the state dtype)
- *   outputs  0 y          [B, H, P]     activation dtype
+ *   outputs  0 y          [B, H, P]     fp32, whatever the activation dtype
  *            1 new_state  [B, H, P, N]  state dtype. Not declared aliased to input 6: plugin I/O aliasing
  *                                       (PreviewFeature::kALIASED_PLUGIN_IO_10_03) lets TensorRT insert a copy
  *                                       of a network-input state instead of binding one buffer, so the runtimes
@@ -17,8 +17,8 @@
  *                                       kernel reads the state once and writes it once. The kernel itself is
  *                                       in-place safe (the C ABI accepts stateOut == stateIn).
  *   attrs    plugin_namespace = "hybridtrt", plugin_version = "1" (read by the ONNX parser)
- *   limits   P a multiple of 16, N in {16, 64, 128}, H % G == 0; batch agrees across x, dt, B, C, state; all
- *            tensors kLINEAR; no workspace.
+ *   limits   P a multiple of 16, N in {16, 64, 128}, H % G == 0; batch agrees across x, dt, B, C, state;
+ *            output shapes and dtypes as above (checked again at run time); all tensors kLINEAR; no workspace.
  *
  *   s = exp(dt A) s + dt (x outer B),   y = s . C + D x,   head h uses group h / (H/G)
  */
@@ -54,6 +54,8 @@ public:
     static_assert(kIN_X == kSSD_X && kIN_DT == kSSD_DT && kIN_A == kSSD_A && kIN_B == kSSD_B && kIN_C == kSSD_C
             && kIN_D == kSSD_D && kIN_STATE == kSSD_STATE && kNB_INPUTS == kSSD_NB_INPUTS,
         "input order of the shared layout check");
+    static_assert(kOUT_Y == kSSD_Y && kOUT_STATE == kSSD_STATE_OUT && kNB_OUTPUTS == kSSD_NB_OUTPUTS,
+        "output order of the shared layout check");
 
     Mamba2StateUpdatePlugin() = default;
     ~Mamba2StateUpdatePlugin() override = default;

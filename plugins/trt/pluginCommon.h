@@ -45,6 +45,20 @@ inline bool isActivationType(nvinfer1::DataType type) noexcept
     return toKernelDtype(type) >= 0;
 }
 
+//! Output 0 (y) of both plugins: float32 whatever the activation dtype (DESIGN.md §5; C ABI version 3).
+constexpr nvinfer1::DataType kY_TYPE = nvinfer1::DataType::kFLOAT;
+
+inline char const* dataTypeName(nvinfer1::DataType type) noexcept
+{
+    switch (type)
+    {
+    case nvinfer1::DataType::kFLOAT: return "float32";
+    case nvinfer1::DataType::kHALF: return "float16";
+    case nvinfer1::DataType::kBF16: return "bfloat16";
+    default: return "a dtype the kernels do not take";
+    }
+}
+
 //! Reads an integer plugin field (the ONNX parser may hand INT attributes over as int32 or int64).
 inline bool readIntField(nvinfer1::PluginField const& field, int64_t& value) noexcept
 {
@@ -91,13 +105,21 @@ enum SsdInput : int32_t
     kSSD_NB_INPUTS = 7
 };
 
+//! Output order both plugins share; each plugin's kOUT_* constants are static_asserted equal.
+enum SsdOutput : int32_t
+{
+    kSSD_Y = 0,
+    kSSD_STATE_OUT = 1,
+    kSSD_NB_OUTPUTS = 2
+};
+
 //! Checks the I/O layout both plugins share, with the sequence axis L (Mamba2ChunkScan) or without it
 //! (Mamba2StateUpdate):  x [B,(L),H,P], dt [B,(L),H], A [H], B [B,(L),G,N], C [B,(L),G,N], D [H],
-//! state [B,H,P,N]; batch and L agree across x, dt, B, C (and batch with the state); P a multiple of 16,
-//! N in {16, 64, 128}, H % G == 0. Dynamic (-1) dims pass at build time; onShapeChange checks them again
-//! with the real shapes.
+//! state [B,H,P,N] -> y [B,(L),H,P] (x's shape), state out [B,H,P,N] (the state's shape); batch and L agree
+//! across x, dt, B, C (and batch with the state); P a multiple of 16, N in {16, 64, 128}, H % G == 0.
+//! Dynamic (-1) dims pass at build time; onShapeChange checks them again with the real shapes.
 //! \return An empty string when consistent, else what is wrong with the offending shapes.
-inline std::string checkSsdLayout(nvinfer1::Dims const* in, bool hasSeq)
+inline std::string checkSsdLayout(nvinfer1::Dims const* in, nvinfer1::Dims const* out, bool hasSeq)
 {
     int32_t const s = hasSeq ? 1 : 0;
     nvinfer1::Dims const& x = in[kSSD_X];
@@ -147,26 +169,86 @@ inline std::string checkSsdLayout(nvinfer1::Dims const* in, bool hasSeq)
     {
         return "heads " + std::to_string(heads) + " is not a multiple of groups " + std::to_string(groups) + shapes;
     }
+    auto const sameShape = [](nvinfer1::Dims const& a, nvinfer1::Dims const& b) {
+        bool same = a.nbDims == b.nbDims;
+        for (int32_t i = 0; same && i < a.nbDims; ++i)
+        {
+            same = dimIs(a.d[i], b.d[i]);
+        }
+        return same;
+    };
+    if (!sameShape(out[kSSD_Y], x) || !sameShape(out[kSSD_STATE_OUT], state))
+    {
+        return "outputs y " + dimsToString(out[kSSD_Y]) + " / state " + dimsToString(out[kSSD_STATE_OUT])
+            + " must have the shapes of x / state" + shapes;
+    }
     return {};
 }
 
-//! checkSsdLayout on the build-time descriptors (configurePlugin) or the run-time ones (onShapeChange).
-template <typename Desc>
-std::string checkSsdLayout(Desc const* in, bool hasSeq)
+//! The output dtypes both plugins promise (getOutputDataTypes): y float32, the state output in the state's dtype.
+//! An engine whose y has x's half dtype was built with a plugin library older than C ABI version 3; the kernels
+//! would write 4-byte elements into its 2-byte buffer.
+inline std::string checkSsdOutputTypes(
+    nvinfer1::DataType stateType, nvinfer1::DataType yType, nvinfer1::DataType stateOutType)
 {
-    nvinfer1::Dims dims[kSSD_NB_INPUTS];
-    for (int32_t i = 0; i < kSSD_NB_INPUTS; ++i)
+    if (yType != kY_TYPE)
     {
+        return std::string("output y is ") + dataTypeName(yType)
+            + ", the plugin writes float32 (an engine built with a plugin library older than C ABI version 3 has y "
+              "in x's dtype: rebuild the engine with this library)";
+    }
+    if (stateOutType != stateType)
+    {
+        return std::string("the state output is ") + dataTypeName(stateOutType) + ", the state input "
+            + dataTypeName(stateType) + ": both must have the state dtype";
+    }
+    return {};
+}
+
+//! checkSsdLayout and checkSsdOutputTypes on the build-time descriptors (configurePlugin) or the run-time ones
+//! (onShapeChange).
+template <typename Desc>
+std::string checkSsdLayout(Desc const* in, Desc const* out, bool hasSeq)
+{
+    auto const tensor = [](Desc const& d) -> nvinfer1::PluginTensorDesc const& {
         if constexpr (std::is_same_v<Desc, nvinfer1::DynamicPluginTensorDesc>)
         {
-            dims[i] = in[i].desc.dims;
+            return d.desc;
         }
         else
         {
-            dims[i] = in[i].dims;
+            return d;
         }
+    };
+    nvinfer1::Dims inDims[kSSD_NB_INPUTS];
+    nvinfer1::Dims outDims[kSSD_NB_OUTPUTS];
+    for (int32_t i = 0; i < kSSD_NB_INPUTS; ++i)
+    {
+        inDims[i] = tensor(in[i]).dims;
     }
-    return checkSsdLayout(static_cast<nvinfer1::Dims const*>(dims), hasSeq);
+    for (int32_t i = 0; i < kSSD_NB_OUTPUTS; ++i)
+    {
+        outDims[i] = tensor(out[i]).dims;
+    }
+    std::string const problem = checkSsdLayout(
+        static_cast<nvinfer1::Dims const*>(inDims), static_cast<nvinfer1::Dims const*>(outDims), hasSeq);
+    if (!problem.empty())
+    {
+        return problem;
+    }
+    return checkSsdOutputTypes(tensor(in[kSSD_STATE]).type, tensor(out[kSSD_Y]).type, tensor(out[kSSD_STATE_OUT]).type);
+}
+
+//! The y dtype check of enqueue (no string is built unless it fails); logs and returns 1 when y is not float32.
+inline int32_t reportYType(char const* pluginName, nvinfer1::DataType yType) noexcept
+{
+    if (yType == kY_TYPE)
+    {
+        return 0;
+    }
+    logError(std::string(pluginName) + ": output y is " + dataTypeName(yType)
+        + ", the plugin writes float32: rebuild the engine with this plugin library");
+    return 1;
 }
 
 //! Logs `problem` (when not empty) for `pluginName`; returns 0 when there is none, 1 otherwise.

@@ -39,6 +39,18 @@ def test_state_round_trips(traffic, chunk):
     assert ours < mamba < before
 
 
+@pytest.mark.parametrize("act", [2, 4])
+def test_our_y_is_float32_for_every_activation_dtype(traffic, act):
+    """C ABI 3: our y is 4 bytes per element whatever x's dtype; mamba_ssm's y has x's dtype."""
+    n = traffic.NANO
+    s = traffic.Shapes(n["heads"], n["head_dim"], n["d_state"], n["groups"], 128, 2048, act=act)
+    elements = n["heads"] * n["head_dim"]  # y elements per token
+    assert traffic.y_bytes(traffic.ours(s)) == elements * 4
+    assert traffic.y_bytes(traffic.mamba_ssm(s)) == elements * act
+    (_, output_kernel), = [k for k in traffic.ours(s) if k[0] == "chunkOutputKernel"]
+    assert output_kernel["y"] == elements * 4 and output_kernel["x"] == elements * act
+
+
 def test_model_uses_the_kernels_workspace(traffic, emulated_kernels):
     """Our start-state bytes per token are the C ABI's workspace query divided by the tokens."""
     from hybridtrt.plugins.kernels import KernelLibrary
@@ -58,4 +70,5 @@ def test_script_prints_the_comparison():
     summary = out.split("### Summary")[1]
     ours = next(line for line in summary.splitlines() if line.startswith("| hybridtrt (2 kernels)"))
     cells = [c.strip() for c in ours.strip("|").split("|")]
-    assert cells[1] == "2" and float(cells[4]) < 0.5 and float(cells[5]) < 1.0  # state and total below mamba_ssm's
+    assert cells[1] == "2" and cells[3] == f"{128 * 80 * 4:,}"  # y: fp32 at bf16 activations
+    assert float(cells[5]) < 0.5 and float(cells[6]) < 1.0  # state and total below mamba_ssm's

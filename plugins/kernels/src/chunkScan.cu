@@ -17,7 +17,8 @@
  *                                + exp(a[l]) C[l] . start[c] + D x[l]
  *                         per (r, s) sub-tile pair: C.B^T [64x64] (lower block triangle on the diagonal),
  *                         masked and weighted into M, Y += M.X; then Y += (C*exp(a)).start^T, all into one
- *                         accumulator. The start tile is read once per block.
+ *                         accumulator. The start tile is read once per block. y is written in fp32
+ *                         straight from that accumulator tile (+ D x), four columns per 16-byte store.
  *
  * Tensor cores: WMMA m16n16k16 with fp16/bf16 operands and fp32 accumulation. fp32 activations use the same
  * tiling on a fp32 SIMT tile (exact fp32; TF32 would miss the fp32 accuracy gate).
@@ -70,7 +71,7 @@ struct ScanParams
     void const* C;
     float const* D;
     void const* initialState;
-    void* y;
+    float* y; //!< [B, L, H, P] fp32 whatever the activation dtype
     void* finalState;
     void* startStates; //!< [B*H, nChunks, P, N] in the activation dtype: the state at each chunk's start
     int32_t seqLen;
@@ -632,14 +633,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) chunkOutputKernel(ScanPa
         }
         __syncthreads();
 
-        // y = Y + D x (sX holds x of this row tile: the last s was r).
-        auto* y = static_cast<T*>(p.y) + xToken0 + r * kSub * xStride;
-        for (int i = threadIdx.x; i < lenR * tp; i += blockDim.x)
+        // y = Y + D x in fp32 (sX holds x of this row tile: the last s was r), four columns per 16-byte store:
+        // tp, P, p0 and the output tile's row pitch are multiples of 4 floats, y is 16-byte aligned.
+        float* y = p.y + xToken0 + r * kSub * xStride;
+        int const quads = tp / 4;
+        for (int i = threadIdx.x; i < lenR * quads; i += blockDim.x)
         {
-            int const l = i / tp;
-            int const col = i % tp;
-            float const v = sOut[l * L::kLdOut + col] + skip * toFloat(sX[l * L::kLdX + col]);
-            y[l * xStride + col] = fromFloat<T>(v);
+            int const l = i / quads;
+            int const col = (i % quads) * 4;
+            float4 v = *reinterpret_cast<float4 const*>(sOut + l * L::kLdOut + col);
+            T const* xs = sX + l * L::kLdX + col;
+            v.x += skip * toFloat(xs[0]);
+            v.y += skip * toFloat(xs[1]);
+            v.z += skip * toFloat(xs[2]);
+            v.w += skip * toFloat(xs[3]);
+            *reinterpret_cast<float4*>(y + l * xStride + col) = v;
         }
         __syncthreads(); // sC, sX and the output tile are rewritten by the next row tile
     }
@@ -850,7 +858,7 @@ extern "C" int32_t hybridtrtMamba2ChunkScanWorkspaceSize(int64_t batch, int64_t 
 }
 
 extern "C" int32_t hybridtrtMamba2ChunkScan(void const* x, void const* dt, float const* A, void const* B,
-    void const* C, float const* D, void const* initialState, void* y, void* finalState, int64_t batch,
+    void const* C, float const* D, void const* initialState, float* y, void* finalState, int64_t batch,
     int64_t seqLen, int64_t numHeads, int64_t headDim, int64_t numGroups, int64_t dState, int64_t chunkSize,
     int32_t actDtype, int32_t dtDtype, int32_t stateDtype, void* workspace, size_t workspaceBytes, void* stream)
 {
@@ -865,7 +873,8 @@ extern "C" int32_t hybridtrtMamba2ChunkScan(void const* x, void const* dt, float
     {
         return kHYBRIDTRT_NULL_POINTER;
     }
-    if (!isAligned16(x) || !isAligned16(B) || !isAligned16(C) || (reinterpret_cast<uintptr_t>(workspace) & 255U) != 0)
+    if (!isAligned16(x) || !isAligned16(B) || !isAligned16(C) || !isAligned16(y)
+        || (reinterpret_cast<uintptr_t>(workspace) & 255U) != 0)
     {
         return kHYBRIDTRT_MISALIGNED_POINTER;
     }

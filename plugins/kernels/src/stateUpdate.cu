@@ -1,11 +1,12 @@
 /*
- * Mamba2StateUpdate: one decode token, s = exp(dt*A)*s + dt*(x outer B), y = s.C + D*x.
+ * Mamba2StateUpdate: one decode token, s = exp(dt*A)*s + dt*(x outer B), y = s.C + D*x (y in fp32).
  *
  * Memory-bound: the [B,H,P,N] state is read once and written once with 16-byte streaming accesses;
  * everything else is O(B*H*(P+N)). One block per (batch, head) and tile of 16 rows p. A row of N state
  * elements is spread over kLanesPerRow lanes (one 16-byte word each), so a warp covers
  * 32 / kLanesPerRow rows per pass; every thread issues all its kRowIters loads before it computes.
- * y[p] is a shuffle reduction over the lanes of its row. In place is safe: each thread reads its
+ * y[p] is a shuffle reduction over the lanes of its row of the fp32 new state (before it is rounded to the
+ * state dtype), written in fp32. In place is safe: each thread reads its
  * words before it writes them, and no two threads touch the same word.
  */
 #include "ssdCommon.cuh"
@@ -26,7 +27,7 @@ struct StateUpdateParams
     void const* C;
     float const* D;
     void const* stateIn;
-    void* y;
+    float* y; //!< [B, H, P] fp32 whatever the activation dtype
     void* stateOut;
     int32_t numHeads;
     int32_t headDim;
@@ -127,7 +128,7 @@ __global__ void __launch_bounds__(128) mamba2StateUpdateKernel(StateUpdateParams
         }
         if (laneInRow == 0 && r < p.headDim)
         {
-            static_cast<TAct*>(p.y)[bh * p.headDim + r] = fromFloat<TAct>(acc + skip * xv[i]);
+            p.y[bh * p.headDim + r] = acc + skip * xv[i];
         }
     }
 }
@@ -188,7 +189,7 @@ extern "C" int32_t hybridtrtMamba2StateUpdateWorkspaceSize(int64_t batch, int64_
 }
 
 extern "C" int32_t hybridtrtMamba2StateUpdate(void const* x, void const* dt, float const* A, void const* B,
-    void const* C, float const* D, void const* stateIn, void* y, void* stateOut, int64_t batch, int64_t numHeads,
+    void const* C, float const* D, void const* stateIn, float* y, void* stateOut, int64_t batch, int64_t numHeads,
     int64_t headDim, int64_t numGroups, int64_t dState, int32_t actDtype, int32_t dtDtype, int32_t stateDtype,
     void* stream)
 {

@@ -4,16 +4,19 @@
  * Op contract (DESIGN.md §5; domain/namespace "hybridtrt", version 1):
  *
  *   Mamba2ChunkScan   x [B,L,H,P], dt [B,L,H], A [H] fp32, B [B,L,G,N], C [B,L,G,N], D [H] fp32,
- *                     initial_state [B,H,P,N]  ->  y [B,L,H,P] (x dtype), final_state [B,H,P,N]
+ *                     initial_state [B,H,P,N]  ->  y [B,L,H,P] float32, final_state [B,H,P,N]
  *   Mamba2StateUpdate x [B,H,P], dt [B,H], A [H] fp32, B [B,G,N], C [B,G,N], D [H] fp32,
- *                     state [B,H,P,N]  ->  y [B,H,P] (x dtype), new_state [B,H,P,N] (may alias state)
+ *                     state [B,H,P,N]  ->  y [B,H,P] float32, new_state [B,H,P,N] (may alias state)
  *
  *   s_t = exp(dt_t * A) * s_{t-1} + dt_t * (x_t outer B_t),   y_t = s_t . C_t + D * x_t
  *   head h reads group h / (H / G); every sum is accumulated in fp32.
+ *   y is float32 whatever the activation dtype: it feeds a gated RMSNorm that normalises in fp32 (HF's
+ *   NemotronH keeps the scan output in fp32 too), and in fp16 |y| can exceed 65504 where the fp32 value is fine.
  *
  * Conventions:
  *   - All tensors are dense and contiguous (row-major, TensorRT kLINEAR) and live on the device.
- *   - x, y, B and C share one activation dtype; dt has its own dtype; the state has its own dtype.
+ *   - x, B and C share one activation dtype; y is always float32; dt has its own dtype; the state has its own
+ *     dtype (final_state / new_state keep it).
  *   - P (head_dim) is any positive multiple of 16 up to 4096; N (d_state) is 16, 64 or 128;
  *     H % G == 0; H <= 65535; B * H <= 2^31 - 1 (B * H is grid.x of every kernel, nothing sits in grid.y).
  *   - Tensor base pointers are 16-byte aligned (any cudaMalloc / TensorRT / torch allocation is).
@@ -41,7 +44,7 @@ extern "C" {
 #endif
 
 /* Version of this C ABI; bumped whenever a signature or a meaning changes. */
-#define HYBRIDTRT_KERNELS_ABI_VERSION 2 /* 2: chunkSize arguments, Prepare, NOT_PREPARED */
+#define HYBRIDTRT_KERNELS_ABI_VERSION 3 /* 2: chunkSize arguments, Prepare, NOT_PREPARED; 3: y is float32 */
 
 /* Element types. */
 typedef enum HybridTrtDtype
@@ -103,13 +106,14 @@ HYBRIDTRT_API int32_t hybridtrtMamba2ChunkScanPrepare(int32_t actDtype, int64_t 
 
 /*
  * Chunked SSD scan (prefill), any 1 <= L <= Q * 65535. `initialState` may be NULL (zero state); `D` may be
- * NULL; `finalState` may equal `initialState` (updated in place). `workspace` must hold at least
+ * NULL; `finalState` may equal `initialState` (updated in place). `y` [B,L,H,P] is float32 (written in
+ * 16-byte vectors: 16-byte aligned, like x, B and C). `workspace` must hold at least
  * hybridtrtMamba2ChunkScanWorkspaceSize(...) bytes and be 256-byte aligned. Enqueues two kernels: the
  * chunk start states (one pass over the sequence per head and P tile, state passing fused, tensor cores)
  * and the chunk outputs (tensor cores).
  */
 HYBRIDTRT_API int32_t hybridtrtMamba2ChunkScan(void const* x, void const* dt, float const* A, void const* B,
-    void const* C, float const* D, void const* initialState, void* y, void* finalState, int64_t batch,
+    void const* C, float const* D, void const* initialState, float* y, void* finalState, int64_t batch,
     int64_t seqLen, int64_t numHeads, int64_t headDim, int64_t numGroups, int64_t dState, int64_t chunkSize,
     int32_t actDtype, int32_t dtDtype, int32_t stateDtype, void* workspace, size_t workspaceBytes, void* stream);
 
@@ -120,10 +124,10 @@ HYBRIDTRT_API int32_t hybridtrtMamba2StateUpdateWorkspaceSize(int64_t batch, int
 
 /*
  * One-token state update (decode). Reads `stateIn` once and writes `stateOut` once, 16-byte vectors;
- * `stateOut == stateIn` updates in place. `D` may be NULL (no skip term).
+ * `stateOut == stateIn` updates in place. `D` may be NULL (no skip term). `y` [B,H,P] is float32.
  */
 HYBRIDTRT_API int32_t hybridtrtMamba2StateUpdate(void const* x, void const* dt, float const* A, void const* B,
-    void const* C, float const* D, void const* stateIn, void* y, void* stateOut, int64_t batch, int64_t numHeads,
+    void const* C, float const* D, void const* stateIn, float* y, void* stateOut, int64_t batch, int64_t numHeads,
     int64_t headDim, int64_t numGroups, int64_t dState, int32_t actDtype, int32_t dtDtype, int32_t stateDtype,
     void* stream);
 
