@@ -33,10 +33,12 @@ def styled(text: object, style: str) -> Text:
 def table(title: str, columns: list[str], rows: list[list[object]], *, numeric: bool = True) -> Table:
     """A rich table with the given columns. Cells are shown literally (a path or a shape such as
     ``[batch, seq]`` is never parsed as markup); pass `styled` cells for colour. ``numeric``
-    right-aligns all but the first column; key/value tables pass False."""
+    right-aligns all but the first column; key/value tables pass False. The first column (the key:
+    an op, a tensor name) is never wrapped or cut; on a narrow terminal the others wrap, never end
+    in an ellipsis."""
     t = Table(title=Text(title), title_justify="left", show_header=any(columns))
     for i, c in enumerate(columns):
-        t.add_column(Text(c), justify="right" if numeric and i > 0 else "left")
+        t.add_column(Text(c), justify="right" if numeric and i > 0 else "left", no_wrap=i == 0, overflow="fold")
     for r in rows:
         t.add_row(*[x if isinstance(x, Text) else Text(str(x)) for x in r])
     return t

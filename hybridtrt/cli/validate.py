@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line (checkpoint tokenizer)")
     src.add_argument("--random", type=int, default=None, metavar="N", help="N random prompts (default 4)")
     p.add_argument("--steps", type=int, default=None, help="decode steps (default 8)")
+    p.add_argument("--prompt-length", type=int, default=None, metavar="L", help="longest random prompt in tokens (default 48); e.g. 2 x chunk_size + 5 to cross chunk boundaries")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
     p.add_argument("--per-layer", action="store_true", help="compare every decoder layer's states and output; name the first that diverges (any export)")
     p.add_argument(
@@ -153,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         random_n=args.random,
         load_outputs=args.load_outputs,
         target_cosine=args.target_cosine,
+        prompt_length=args.prompt_length,
     )
     if args.json:
         check_output_file(args.json, "--json")
@@ -194,6 +196,7 @@ def _validate(args: argparse.Namespace, progress):
         reference=args.reference or "pytorch",
         prompts=args.prompts,
         random_n=args.random,
+        prompt_length=args.prompt_length,
         steps=8 if args.steps is None else args.steps,
         per_layer=args.per_layer,
         seed=args.seed,

@@ -129,3 +129,11 @@ def round_to_bf16(array: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["emulate_bf16", "round_to_bf16"]
+
+
+def graph_has_bf16(model: onnx.ModelProto) -> bool:
+    """Does ``model`` take, return or hold bf16 tensors? (Initializers may be external: only their
+    declared type is read.)"""
+    g = model.graph
+    bf16 = onnx.TensorProto.BFLOAT16
+    return any(v.type.tensor_type.elem_type == bf16 for v in (*g.input, *g.output)) or any(t.data_type == bf16 for t in g.initializer)

@@ -48,12 +48,9 @@ def has_bf16(path: str | Path) -> bool:
     """Does the graph at ``path`` take or hold bf16 tensors (read without its weights)?"""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    g = model.graph
-    bf16 = onnx.TensorProto.BFLOAT16
-    return any(v.type.tensor_type.elem_type == bf16 for v in (*g.input, *g.output)) or any(
-        t.data_type == bf16 for t in g.initializer
-    )
+    from hybridtrt.graphs.bf16_emulation import graph_has_bf16
+
+    return graph_has_bf16(onnx.load(str(path), load_external_data=False))
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:
@@ -144,8 +141,7 @@ class OrtModel:
             its length.
 
     Raises:
-        ArtefactError: Not an export, or a bf16 export (ONNX Runtime's CPU provider has no bf16
-            kernels for these graphs).
+        ArtefactError: Not an export. (bf16 exports run through `hybridtrt.graphs.bf16_emulation`.)
     """
 
     backend = "onnxruntime"
@@ -155,11 +151,6 @@ class OrtModel:
     ) -> None:
         self.export_dir = Path(export_dir)
         self.manifest: Manifest = read_manifest(self.export_dir)
-        if self.manifest.dtype == "bf16":
-            raise ArtefactError(
-                f"{self.export_dir} is a bf16 export; ONNX Runtime's CPU provider has no bf16 kernels for it",
-                fix="run bf16 exports on TensorRT (`hybridtrt build`), or export fp32/fp16 for ONNX Runtime",
-            )
         self.flavour = self.manifest.cache_flavour
         self.plan = StatePlan.from_manifest(self.manifest)
         self.attention_budget = attention_budget

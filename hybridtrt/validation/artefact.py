@@ -53,6 +53,7 @@ def validate_artefact(
     target_cosine: float | None = None,
     progress: Callable[[int, int], None] | None = None,
     yardstick: bool = True,
+    prompt_length: int | None = None,
 ) -> Report:
     """Compare an export (or engine, or recorded outputs) with the PyTorch reference, or the
     reference with HF.
@@ -83,8 +84,12 @@ def validate_artefact(
         yardstick: Run the precision's yardstick beside the backend (fp64 for fp32 artefacts, the
             same-dtype reference for fp16/bf16; `hybridtrt.validation.tolerances`) so the gates scale
             with what the precision can promise. False: the fixed floors are the gates.
+        prompt_length: Length of the longest random prompt (default 48; the others are shorter,
+            left-padded). Prompts of several chunks exercise the scan's chunk carry.
     """
-    check_arguments(backend=backend, reference=reference, steps=steps, random_n=random_n, load_outputs=load_outputs, target_cosine=target_cosine)
+    check_arguments(
+        backend=backend, reference=reference, steps=steps, random_n=random_n, load_outputs=load_outputs, target_cosine=target_cosine, prompt_length=prompt_length
+    )
     manifest = read_manifest(export_dir) if export_dir is not None else None
     if sensitivity:
         from hybridtrt.validation.sensitivity import check_recipe
@@ -104,7 +109,7 @@ def validate_artefact(
 
         notes = check_checkpoint(manifest, export_dir, checkpoint, force=force)
     if reference == "hf":
-        return _against_hf(checkpoint, prompts, random_n, steps, per_layer, seed, yardstick)
+        return _against_hf(checkpoint, prompts, random_n, steps, per_layer, seed, yardstick, prompt_length)
     if manifest is None:
         raise InputError("an export directory is needed unless --reference hf")
 
@@ -112,7 +117,7 @@ def validate_artefact(
         report, model = _recorded(export_dir, manifest, checkpoint, load_outputs, load_inputs, runner, per_layer)
     else:
         model = load_model(checkpoint, "fp32")
-        ids, mask = _prompts(model, checkpoint, prompts, random_n, seed)
+        ids, mask = _prompts(model, checkpoint, prompts, random_n, seed, prompt_length)
         precision = precision_of(manifest)
         report = validate(
             _backend_subject(export_dir, manifest, backend, engine),
@@ -130,16 +135,17 @@ def validate_artefact(
     if sensitivity:
         from hybridtrt.validation.sensitivity import fp8_sensitivity
 
-        ids, mask = _prompts(model, checkpoint, prompts, random_n, seed)
+        ids, mask = _prompts(model, checkpoint, prompts, random_n, seed, prompt_length)
         target = target_cosine if target_cosine is not None else gate(precision_of(manifest), "call").min_cosine or 0.99
         report.extras["sensitivity"] = fp8_sensitivity(export_dir, manifest, model, checkpoint, ids, mask, target_cosine=target, progress=progress)
     return report
 
 
-def _prompts(model, checkpoint, prompts, random_n, seed) -> tuple[torch.Tensor, torch.Tensor]:
+def _prompts(model, checkpoint, prompts, random_n, seed, prompt_length=None) -> tuple[torch.Tensor, torch.Tensor]:
     if prompts is not None:
         return load_prompts(prompts, checkpoint)
-    return random_prompts(random_n or 4, model.config.vocab_size, seed=seed)
+    longest = prompt_length or 48
+    return random_prompts(random_n or 4, model.config.vocab_size, seed=seed, min_len=min(4, longest), max_len=longest)
 
 
 def yardstick_subject(checkpoint: str | Path, precision: str, state_dtype: str = "fp32") -> Subject | None:
@@ -156,12 +162,12 @@ def yardstick_subject(checkpoint: str | Path, precision: str, state_dtype: str =
     return torch_subject(load_model(checkpoint, dtype), parse_dtype(state_dtype), name=f"pytorch-{dtype}")
 
 
-def _against_hf(checkpoint, prompts, random_n, steps, per_layer, seed, yardstick: bool = True) -> Report:
+def _against_hf(checkpoint, prompts, random_n, steps, per_layer, seed, yardstick: bool = True, prompt_length: int | None = None) -> Report:
     """Our reference (the backend here) against HF transformers (fp32), with our fp64 run as the yardstick."""
     from hybridtrt.validation.hf import load_hf
 
     model = load_model(checkpoint, "fp32")
-    ids, mask = _prompts(model, checkpoint, prompts, random_n, seed)
+    ids, mask = _prompts(model, checkpoint, prompts, random_n, seed, prompt_length)
     theirs = hf_subject(load_hf(checkpoint), model.config.pattern)
     yard = yardstick_subject(checkpoint, "fp32") if yardstick else None
     report = validate(torch_subject(model), theirs, ids, mask, precision="fp32", steps=steps, per_layer=per_layer, yardstick=yard)

@@ -81,7 +81,16 @@ class ProtoSession(OrtSession):
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         if threads:
             opts.intra_op_num_threads = threads
-        self.emulated_bf16 = False  # OrtSession's flag; bf16 exports are refused on ONNX Runtime before this
+        from hybridtrt.graphs.bf16_emulation import emulate_bf16, graph_has_bf16
+
+        self.emulated_bf16 = graph_has_bf16(proto)  # as OrtSession: bf16 graphs run through the emulation pass
+        if self.emulated_bf16:  # the pass rewrites bf16 weights to fp32: it needs their values
+            from onnx.external_data_helper import load_external_data_for_model
+
+            loaded = onnx.ModelProto()
+            loaded.CopyFrom(proto)
+            load_external_data_for_model(loaded, str(folder))
+            proto = emulate_bf16(loaded)
         self.session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -14,8 +14,10 @@ BACKENDS = ("ort", "trt")
 REFERENCES = ("pytorch", "hf")
 
 
-def check_counts(*, steps: int | None = None, random_n: int | None = None) -> None:
-    """``--steps`` ≥ 0 and ``--random`` ≥ 1, as typed errors."""
+def check_counts(*, steps: int | None = None, random_n: int | None = None, prompt_length: int | None = None) -> None:
+    """``--steps`` ≥ 0, ``--random`` ≥ 1 and ``--prompt-length`` ≥ 1, as typed errors."""
+    if prompt_length is not None and prompt_length < 1:
+        raise InputError(f"--prompt-length must be ≥ 1, got {prompt_length}", fix="give the longest random prompt in tokens, e.g. --prompt-length 48")
     if steps is not None and steps < 0:
         raise InputError(f"--steps must be ≥ 0, got {steps}", fix="give the number of decode steps to compare, e.g. --steps 8")
     if random_n is not None and random_n < 1:
@@ -30,13 +32,14 @@ def check_arguments(
     random_n: int | None = None,
     load_outputs: Sequence[str | Path] | None = None,
     target_cosine: float | None = None,
+    prompt_length: int | None = None,
 ) -> None:
     """Refuse bad values and combinations (typed `InputError`s)."""
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}", fix=f"use one of {BACKENDS}")
     if reference not in REFERENCES:
         raise InputError(f"unknown reference {reference!r}", fix=f"use one of {REFERENCES}")
-    check_counts(steps=steps, random_n=random_n)
+    check_counts(steps=steps, random_n=random_n, prompt_length=prompt_length)
     if target_cosine is not None and not 0 < target_cosine <= 1:
         raise InputError(f"--target-cosine must be in (0, 1], got {target_cosine}", fix="e.g. --target-cosine 0.99")
     if load_outputs and (backend != "ort" or reference != "pytorch"):

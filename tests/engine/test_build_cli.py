@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None
 
 @pytest.fixture(scope="module")
 def export_dir(make_export):
-    return make_export("tiny-nemotron-h", ExportOptions(split=True))[1]
+    return make_export("tiny-nemotron-h", ExportOptions(split=True, opset=22))[1]  # opset 22: parsable by TensorRT 10.2+
 
 
 def test_cli_exit_code_2_and_nothing_written(export_dir, tmp_path, capsys):

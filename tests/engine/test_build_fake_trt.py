@@ -26,7 +26,7 @@ SCAN = "hybridtrt::Mamba2ChunkScan"
 
 @pytest.fixture(scope="module")
 def export_dir(make_export):
-    return make_export("tiny-nemotron-h", ExportOptions(split=True))[1]
+    return make_export("tiny-nemotron-h", ExportOptions(split=True, opset=22))[1]  # opset 22: parsable by TensorRT 10.2+
 
 
 class FakeLayer:

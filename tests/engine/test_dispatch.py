@@ -24,16 +24,17 @@ PLUGIN_RELEASES = ["10.7.0", "10.9.0", "10.14", "10.15", "11.1.0"]
 
 @pytest.fixture(scope="module")
 def flavours(make_export, make_checkpoint, tmp_path_factory) -> dict[str, object]:
-    """Export directories of every flavour (the fp32 --split and fp16 ones are shared with other tests)."""
+    """Export directories of every flavour at opset 22 (attention as primitive ops), the newest opset
+    that TensorRT 10.2-10.14 parse; the default opset-24 export is tested on its own below."""
     from hybridtrt.exporter.quantize import QuantizeOptions
 
     out = {
-        "fp32+split": make_export("tiny-nemotron-h", ExportOptions(split=True))[1],
-        "fp16": make_export("tiny-nemotron-h", ExportOptions(dtype="fp16"))[1],
-        "bf16": make_export("tiny-nemotron-h", ExportOptions(dtype="bf16", verify=False))[1],  # ORT CPU has no bf16 kernels
+        "fp32+split": make_export("tiny-nemotron-h", ExportOptions(split=True, opset=22))[1],
+        "fp16": make_export("tiny-nemotron-h", ExportOptions(dtype="fp16", opset=22))[1],
+        "bf16": make_export("tiny-nemotron-h", ExportOptions(dtype="bf16", opset=22, verify=False))[1],
     }
     fp8 = tmp_path_factory.mktemp("fp8")
-    export(make_checkpoint("tiny-nemotron-h", initializer_range=0.05), fp8, ExportOptions(verify=False), quantize=QuantizeOptions(calib_random=4))
+    export(make_checkpoint("tiny-nemotron-h", initializer_range=0.05), fp8, ExportOptions(verify=False, opset=22), quantize=QuantizeOptions(calib_random=4))
     out["fp8"] = fp8
     return out
 
@@ -62,6 +63,20 @@ def test_every_custom_node_becomes_our_plugin_from_10_7(flavours, flavour):
             require_dispatch(bodies, plugins_loaded=False, allow_function_bodies=False)
     if flavour == "fp32+split":
         assert seen == {"unified", "decode"}
+
+
+def test_the_default_opset_24_export_needs_tensorrt_10_15(make_export):
+    """Default export: opset 24, one standard Attention node per attention layer (IAttention from 10.14)."""
+    out = make_export("tiny-nemotron-h", ExportOptions(split=True))[1]
+    for _, model, custom in graphs(out):
+        for version in ("10.15", "11.1.0"):
+            report = emulate_dispatch(model, version, plugins=HYBRIDTRT_CREATORS)
+            assert report.ok, report.problems
+            assert report.imported_as(PLUGIN) == custom
+            assert sum(n.op == "Attention" and n.importer == NATIVE for n in report.nodes) >= 1
+        old = emulate_dispatch(model, "10.9.0", plugins=HYBRIDTRT_CREATORS)
+        assert any("this graph is opset 24" in p for p in old.problems)
+        assert any("Attention needs TensorRT >= 10.14" in p for p in old.problems)
 
 
 @pytest.mark.parametrize("flavour", ["fp32+split", "fp16", "bf16", "fp8"])
@@ -199,9 +214,10 @@ def test_every_hybridtrt_node_is_checked_not_only_the_scan_ops():
 def test_moe_export_scan_nodes_become_plugins_and_experts_build_their_body(make_export):
     """The MoE preset: our two scan ops have creators, MoeExperts has none yet (DESIGN §5) and is
     built from its standard-ONNX body on every release — allowed, not a silent fallback."""
-    _, out = make_export("tiny-nemotron3-moe")
-    for _, model, custom in graphs(out):
-        assert "hybridtrt::MoeExperts" in custom and "hybridtrt::Mamba2ChunkScan" in custom
+    _, out = make_export("tiny-nemotron3-moe", ExportOptions(opset=22))  # opset 22: parsable from 10.2
+    for name, model, custom in graphs(out):
+        scan = "hybridtrt::Mamba2StateUpdate" if name == "decode" else "hybridtrt::Mamba2ChunkScan"
+        assert "hybridtrt::MoeExperts" in custom and scan in custom
         for version in PLUGIN_RELEASES:
             report = emulate_dispatch(model, version, plugins=HYBRIDTRT_CREATORS)
             assert report.ok, report.problems

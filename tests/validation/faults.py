@@ -7,30 +7,55 @@ from pathlib import Path
 import onnx
 from onnx import helper, numpy_helper
 
-from hybridtrt.graphs.external_data import save_with_external_data
 
 
 def _load(export_dir: Path) -> onnx.ModelProto:
-    return onnx.load(str(export_dir / "model.onnx"))
+    """``model.onnx`` without its weights (external initializers stay references to the data file)."""
+    return onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
 
 
 def _save(model: onnx.ModelProto, export_dir: Path) -> None:
-    (export_dir / "weights.data").unlink()
-    save_with_external_data(model, export_dir / "model.onnx", "weights.data")
+    """Write ``model.onnx`` only: the data file, which ``decode.onnx`` may share, is untouched."""
+    onnx.save_model(model, str(export_dir / "model.onnx"))
 
 
 def scale_initializers(export_dir: Path, names: set[str], factor: float) -> None:
-    """Multiply each named initializer by ``factor`` (all must exist)."""
-    model = _load(export_dir)
-    found = set()
+    """Multiply each named initializer by ``factor`` (all must exist), in place.
+
+    External initializers are rewritten at their own offset in their data file, so every graph that
+    shares the file (``decode.onnx`` shares ``weights.data``) sees the same fault, as it would see a
+    corrupted file; inline ones are changed in ``model.onnx``.
+    """
+    path = export_dir / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    found, inline = set(), False
     for t in model.graph.initializer:
-        if t.name in names:
+        if t.name not in names:
+            continue
+        found.add(t.name)
+        if t.data_location != onnx.TensorProto.EXTERNAL:
             array = numpy_helper.to_array(t)
             t.CopyFrom(numpy_helper.from_array(array * array.dtype.type(factor), t.name))
-            found.add(t.name)
+            inline = True
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        with open(export_dir / info["location"], "r+b") as f:
+            f.seek(offset)
+            raw = onnx.TensorProto()
+            raw.CopyFrom(t)
+            del raw.external_data[:]
+            raw.data_location = onnx.TensorProto.DEFAULT
+            raw.raw_data = f.read(length)
+            array = numpy_helper.to_array(raw)
+            scaled = numpy_helper.from_array(array * array.dtype.type(factor), t.name).raw_data
+            assert len(scaled) == length, (t.name, len(scaled), length)
+            f.seek(offset)
+            f.write(scaled)
     if found != names:
         raise KeyError(sorted(names - found))
-    _save(model, export_dir)
+    if inline:
+        onnx.save_model(model, str(path))
 
 
 def perturb_weight(export_dir: Path, initializer: str, scale: float = 1.5) -> None:
