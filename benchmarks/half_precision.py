@@ -9,6 +9,8 @@ Mamba layer of the artefact. It prints rel L2 of the logits (and the worst state
 truth, and the ratio artefact / same-dtype reference that the half-precision gate uses.
 
     python benchmarks/half_precision.py [--arch NAME ...] [--width 8] [--layers 16]
+
+(run from the repository root: the planted fault uses tests/validation/faults.py)
 """
 
 from __future__ import annotations
@@ -56,6 +58,22 @@ def _errors(got, truth, mask) -> tuple[float, float, str]:
     return logits, states[worst], worst
 
 
+def _planted(out: Path, ckpt: Path) -> Path:
+    """A copy of the export with the last Mamba layer's out_proj scaled by 1.1 (a 10 % weight fault;
+    in_proj is not used: the gated RMSNorm after the scan normalises most of its scale away)."""
+    import shutil
+
+    from hybridtrt.models.config import MAMBA, load_config
+    from tests.validation.faults import perturb_weight
+
+    bad = out.with_name(out.name + "-fault")
+    if not bad.exists():
+        shutil.copytree(out, bad)
+        layer = max(i for i, k in enumerate(load_config(ckpt).layer_types) if k == MAMBA)
+        perturb_weight(bad, f"model.layers.{layer}.mixer.out_proj.weight_t", 1.1)
+    return bad
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", action="append", default=None, choices=sorted(ARCHITECTURES))
@@ -83,12 +101,17 @@ def main() -> None:
                 art = _errors(_artefact(out, ids, mask), truth, mask)
                 seconds = time.perf_counter() - start
                 ref = _errors(_reference(load_model(ckpt, dtype), ids, mask), truth, mask)
-                rows.append((name, dtype, label, e64[0], ref[0], art[0], art[0] / ref[0], ref[1], art[1], art[2], seconds))
+                fault = _errors(_artefact(_planted(out, ckpt), ids, mask), truth, mask)
+                rows.append((name, dtype, label, e64[0], ref[0], art[0], art[0] / ref[0], fault[0] / ref[0], ref[1], art[1], seconds))
                 print(
                     f"{name:22s} {dtype} L={label:>5s}  fp32-vs-fp64 {e64[0]:.1e}  | logits: ref {ref[0]:.2e} art {art[0]:.2e} "
-                    f"ratio {art[0] / ref[0]:.2f} | worst state: ref {ref[1]:.2e} art {art[1]:.2e} ({art[2]})  [{seconds:.1f} s]",
+                    f"ratio {art[0] / ref[0]:.2f} fault ratio {fault[0] / ref[0]:.1f} | worst state: ref {ref[1]:.2e} art {art[1]:.2e} ({art[2]})  [{seconds:.1f} s]",
                     flush=True,
                 )
+    print("\n| architecture | dtype | prompt | fp32 vs fp64 | same-dtype ref vs fp32 | artefact vs fp32 | ratio (gate ≤ 2) | 10 % fault ratio | worst state: ref / artefact |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, dtype, label, e64, ref, art, ratio, fault, sref, sart, _ in rows:
+        print(f"| {name} | {dtype} | {label} | {e64:.1e} | {ref:.2e} | {art:.2e} | {ratio:.2f} | {fault:.1f} | {sref:.1e} / {sart:.1e} |")
 
 
 if __name__ == "__main__":

@@ -55,3 +55,13 @@ def test_non_editable_install_runs_the_demo(fresh_install, tmp_path):
         capture_output=True, text=True, cwd=tmp_path, check=True,
     ).stdout.strip()
     assert str(fresh_install) in where, where
+
+
+def test_plugin_build_without_a_checkout_says_where_the_sources_are(fresh_install, tmp_path):
+    """The CUDA/C++ sources are not in the wheel: building the plugins from a plain install is
+    refused up front (before cmake/nvcc are looked for) with the way to get them, exit 2."""
+    proc = subprocess.run(
+        [str(fresh_install / "bin" / "python"), "-m", "hybridtrt.plugins", "build"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "plugin sources" in proc.stderr and "--source" in proc.stderr and "Traceback" not in proc.stderr

@@ -52,9 +52,32 @@ class BuildResult:
     trt_autoreg_library: Path | None = None
 
 
-def source_dir() -> Path:
-    """``plugins/`` of the repository checkout (holds ``CMakeLists.txt``)."""
-    return Path(__file__).resolve().parents[2] / "plugins"
+#: Environment variable naming the ``plugins/`` source directory (as ``--source``).
+SOURCE_ENV = "HYBRIDTRT_PLUGIN_SOURCE"
+
+
+def source_dir(source: str | os.PathLike[str] | None = None) -> Path:
+    """The plugin sources (``plugins/``, holding ``CMakeLists.txt``): ``source``, else
+    ``$HYBRIDTRT_PLUGIN_SOURCE``, else ``plugins/`` of the repository checkout this package runs from.
+
+    The CUDA/C++ sources are not part of the installed Python package (a wheel carries no
+    compiler inputs); `build_plugins` refuses with the way to get them."""
+    if source is None:
+        source = os.environ.get(SOURCE_ENV)
+    return Path(source) if source is not None else Path(__file__).resolve().parents[2] / "plugins"
+
+
+def _check_sources(src: Path, given: bool) -> None:
+    if (src / "CMakeLists.txt").is_file():
+        return
+    if given:
+        raise PluginBuildError(f"no CMakeLists.txt in {src}", fix="pass the plugins/ directory of a hybridtrt checkout")
+    raise PluginBuildError(
+        "the plugin sources (CUDA kernels, TensorRT plugins) are not installed with the Python package; "
+        f"this hybridtrt runs from {Path(__file__).resolve().parents[1]}, which has no checkout beside it",
+        fix="git clone the hybridtrt repository and pass --source CLONE/plugins (or set "
+        f"{SOURCE_ENV}=CLONE/plugins), or run `python -m hybridtrt.plugins build` from the clone",
+    )
 
 
 def find_nvcc() -> Path | None:
@@ -89,6 +112,7 @@ def build_plugins(
     tensorrt_root: str | os.PathLike[str] | None = None,
     cuda_archs: str | Sequence[str] | None = None,
     jobs: int | None = None,
+    source: str | os.PathLike[str] | None = None,
 ) -> BuildResult:
     """Configure and build the plugin libraries with CMake.
 
@@ -99,6 +123,7 @@ def build_plugins(
         cuda_archs: ``CMAKE_CUDA_ARCHITECTURES`` as ``"89;90"`` or ``["89", "90"]``; None means
             ``"89;90"``.
         jobs: Parallel build jobs; None means the CPU count.
+        source: The ``plugins/`` source directory (see `source_dir`).
 
     Returns:
         The `BuildResult` with the library paths and the ptxas report.
@@ -107,6 +132,8 @@ def build_plugins(
         MissingDependencyError: cmake or nvcc is not installed.
         PluginBuildError: configure or build failed, or TENSORRT_ROOT lacks the headers.
     """
+    src = source_dir(source)
+    _check_sources(src, given=source is not None or SOURCE_ENV in os.environ)
     cmake = shutil.which("cmake")
     if cmake is None:
         raise MissingDependencyError(
@@ -118,10 +145,7 @@ def build_plugins(
             "nvcc (the CUDA compiler) not found on PATH, $CUDACXX, $CUDA_HOME/bin or /usr/local/cuda/bin",
             fix="install the CUDA toolkit (12.4 or newer) and put its bin/ on PATH",
         )
-    src = source_dir()
-    if not (src / "CMakeLists.txt").is_file():
-        raise PluginBuildError(f"no CMakeLists.txt in {src}", fix="run from a full hybridtrt checkout")
-    out = Path(build_dir) if build_dir is not None else default_build_dir()
+    out = Path(build_dir) if build_dir is not None else src / "build"  # plugins/build of the checkout by default
     out.mkdir(parents=True, exist_ok=True)
     if tensorrt_root is None and os.environ.get("TENSORRT_ROOT"):
         tensorrt_root = os.environ["TENSORRT_ROOT"]
@@ -179,6 +203,7 @@ def build_plugins(
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``build`` flags, shared by ``python -m hybridtrt.plugins`` and ``hybridtrt plugins``."""
+    parser.add_argument("--source", default=None, metavar="DIR", help=f"plugins/ directory of a hybridtrt checkout (default: ${SOURCE_ENV}, else the checkout this package runs from)")
     parser.add_argument("--build-dir", default=None, help="CMake build directory (default: plugins/build)")
     parser.add_argument(
         "--tensorrt-root", default=None, help="TensorRT root with include/ (default: $TENSORRT_ROOT; else kernels only)"
@@ -192,7 +217,7 @@ def run_build(args: argparse.Namespace) -> int:
     from hybridtrt.plugins.ptxas import format_table, hot_kernels, parse_ptxas
 
     result = build_plugins(
-        build_dir=args.build_dir, tensorrt_root=args.tensorrt_root, cuda_archs=args.cuda_archs, jobs=args.jobs
+        build_dir=args.build_dir, tensorrt_root=args.tensorrt_root, cuda_archs=args.cuda_archs, jobs=args.jobs, source=args.source
     )
     print(f"built in {result.seconds:.1f} s for CUDA archs {result.cuda_archs}")
     print(f"  kernels: {result.kernels_library}")
