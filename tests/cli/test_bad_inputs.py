@@ -142,6 +142,13 @@ CASES = [
     Case("preset-shard-size-zero", ("preset", "tiny-nemotron-h", "-o", "{out}", "--max-shard-mb", "0"), "input", "--max-shard-mb 0",
          lambda ws: None),
     Case("fp8-flags-without-quantize", ("export", "{ckpt}", "-o", "{out}", "--calib-random", "4"), "input", "--quantize fp8"),
+    # -- validate / generate: refused before anything loads -------------------------------------
+    Case("validate-steps-negative", ("validate", "{ckpt}", "--steps", "-1"), "input", "--steps must be ≥ 0, got -1"),
+    Case("validate-random-zero", ("validate", "{ckpt}", "--random", "0"), "input", "got 0"),
+    Case("validate-prompt-length-zero", ("validate", "{ckpt}", "--prompt-length", "0"), "input", "--prompt-length must be ≥ 1, got 0"),
+    Case("validate-json-in-missing-dir", ("validate", "{ckpt}", "--json", "{tmp}/missing/x.json"), "input", "missing"),
+    Case("generate-negative-token-id", ("generate", "{ckpt}", "--ids", "-1 2 3"), "input", "token id -1"),
+    Case("generate-token-id-past-vocab", ("generate", "{ckpt}", "--ids", "1 999999"), "input", "token id 999999"),
 ]
 
 
