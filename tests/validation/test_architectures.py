@@ -100,3 +100,13 @@ def test_cli_export_and_validate_bf16(checkpoints, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] and report["yardstick"] == f"pytorch-{dtype}" and report["precision"] == dtype
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_moe_half_precision_passes_against_the_fp32_truth(dtype, make_checkpoint, tmp_path):
+    """Nemotron-3 MoE (`E` layers: fp32 router, relu² experts) in half precision, same rule."""
+    out = tmp_path / "moe"
+    export(make_checkpoint("tiny-nemotron3-moe"), out, ExportOptions(dtype=dtype))
+    report = validate_artefact(out, random_n=3, steps=2)
+    assert report.yardstick == f"pytorch-{dtype}"
+    assert report.passed, [(c.phase, c.name, c.failures) for c in report.failures()]
