@@ -3,7 +3,9 @@ measured on the PyTorch reference and keyed by the exported MatMul node name.
 
 ``calibration_batches`` turns a prompt file (one prompt per non-empty line, tokenized with the
 checkpoint's tokenizer, left-padded) or a number of random sequences into ``(ids, mask)`` batches;
-``calibrate`` runs them through the model with forward pre-hooks on every ``nn.Linear``;
+``calibrate`` runs them through the model with forward pre-hooks on every ``nn.Linear`` — on a lazy
+model (`hybridtrt.models.lazy`) with sequential onloading: each decoder layer's weights are read
+once for all batches, with the same numbers as batch after batch on the loaded model;
 ``calibration_hash`` fingerprints the token ids for the recipe record in ``hybridtrt.json``.
 """
 
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 
 from hybridtrt.errors import QuantizationError
 from hybridtrt.graphs.naming import scope_path
+from hybridtrt.models.lazy import LazyWeights
 from hybridtrt.models.model import HybridLM
 from hybridtrt.runtime.generation import left_pad
 
@@ -46,11 +49,14 @@ def calibrate(
 
     The hook sees exactly the tensor the exported MatMul consumes (for ``in_proj`` that is
     ``h * mask``, as in `Mamba2Mixer.forward`). Each batch runs as one prefill from zero states.
+    On a `LazyHybridLM` the batches run in lock-step (`LazyWeights.lockstep`): every layer's
+    weights are read once, and the amax table is identical to the batch-by-batch one.
 
     Args:
-        model: The reference model, in the dtype that will be exported.
+        model: The reference model, in the dtype that will be exported (eager or lazy).
         batches: ``(ids [B, L], mask [B, L])`` pairs.
-        progress: Called as ``progress(done, total)`` after each batch.
+        progress: Called as ``progress(done, total)`` after each batch (eager) or each layer's
+            weights read (lazy).
 
     Returns:
         ``{MatMul node name: amax}`` for every linear layer the batches reached (the LM head is a
@@ -75,10 +81,14 @@ def calibrate(
     was_training = model.training
     model.eval()
     try:
-        for done, (ids, mask) in enumerate(batches, 1):
-            model(ids, mask, logits="last")
-            if progress is not None:
-                progress(done, len(batches))
+        weights = getattr(model, "weights", None)
+        if isinstance(weights, LazyWeights):
+            weights.lockstep([lambda ids=ids, mask=mask: model(ids, mask, logits="last") for ids, mask in batches], progress)
+        else:
+            for done, (ids, mask) in enumerate(batches, 1):
+                model(ids, mask, logits="last")
+                if progress is not None:
+                    progress(done, len(batches))
     finally:
         for h in handles:
             h.remove()
@@ -92,10 +102,26 @@ def calibrate(
     return dict(sorted(amax.items()))
 
 
+def check_calibration_source(calib_file: str | Path | None, calib_random: int | None) -> None:
+    """Exactly one calibration source, and it exists (cheap: run before any real work).
+
+    Raises:
+        QuantizationError: Neither or both given, a missing file, or ``calib_random < 1``.
+    """
+    if (calib_file is None) == (calib_random is None):
+        raise QuantizationError(
+            "FP8 calibration needs exactly one source: a prompt file or a number of random sequences"
+            + (f" (got both --calib {calib_file} and --calib-random {calib_random})" if calib_file is not None else ""),
+            fix="pass --calib PROMPTS.txt (one prompt per line) or --calib-random N",
+        )
+    if calib_file is not None and not Path(calib_file).is_file():
+        raise QuantizationError(f"calibration file {calib_file} does not exist", fix="give --calib a text file with one prompt per line")
+    if calib_random is not None and calib_random < 1:
+        raise QuantizationError(f"--calib-random must be ≥ 1, got {calib_random}")
+
+
 def _read_prompts(calib_file: str | Path) -> list[str]:
     path = Path(calib_file)
-    if not path.is_file():
-        raise QuantizationError(f"calibration file {path} does not exist", fix="give a text file with one prompt per line")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise QuantizationError(f"calibration file {path} has no prompts", fix="put one prompt per non-empty line")
@@ -133,11 +159,7 @@ def calibration_batches(
         QuantizationError: Neither or both sources given, the file is missing or empty, no
             tokenizer for a file, bad sizes, or token ids outside the vocabulary.
     """
-    if (calib_file is None) == (calib_random is None):
-        raise QuantizationError(
-            "FP8 calibration needs exactly one source: a prompt file or a number of random sequences",
-            fix="pass --calib-file PROMPTS.txt (one prompt per line) or --calib-random N",
-        )
+    check_calibration_source(calib_file, calib_random)
     if seq_len < 1 or batch < 1:
         raise QuantizationError(f"calibration seq_len and batch must be ≥ 1, got {seq_len} and {batch}")
     rows: list[list[int]]
@@ -145,7 +167,7 @@ def calibration_batches(
         prompts = _read_prompts(calib_file)
         if tokenizer is None:
             raise QuantizationError(
-                f"--calib-file {calib_file} needs a tokenizer, but the checkpoint has no tokenizer.json",
+                f"--calib {calib_file} needs a tokenizer, but the checkpoint has no tokenizer.json",
                 fix="add tokenizer.json to the checkpoint, or calibrate with --calib-random N",
             )
         rows = [list(tokenizer.encode(p).ids)[-seq_len:] for p in prompts]
@@ -159,8 +181,7 @@ def calibration_batches(
                 fix="use the checkpoint's own tokenizer.json",
             )
     else:
-        if calib_random is None or calib_random < 1:
-            raise QuantizationError(f"--calib-random must be ≥ 1, got {calib_random}")
+        assert calib_random is not None
         gen = torch.Generator().manual_seed(seed)
         rows = torch.randint(0, vocab_size, (calib_random, seq_len), generator=gen).tolist()
     return [left_pad(rows[i : i + batch], pad_id) for i in range(0, len(rows), batch)]
@@ -177,4 +198,4 @@ def calibration_hash(batches: Iterable[Batch]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-__all__ = ["Batch", "calibrate", "calibration_batches", "calibration_hash", "matmul_node_name"]
+__all__ = ["Batch", "calibrate", "calibration_batches", "calibration_hash", "check_calibration_source", "matmul_node_name"]

@@ -83,6 +83,9 @@ class Manifest:
     states: list[dict[str, Any]]
     per_layer_outputs: list[str] = field(default_factory=list)
     quantization: dict[str, Any] | None = None
+    #: How the export was checked before publishing (`hybridtrt.exporter.verify`): mode
+    #: ``full`` / ``layers`` (windows) / ``skipped`` (with the reason), gate, worst error per graph.
+    verification: dict[str, Any] | None = None
     tools: dict[str, str] = field(default_factory=tool_versions)
     contract_version: int = CONTRACT_VERSION
 
@@ -100,6 +103,7 @@ class Manifest:
             "states": self.states,
             "per_layer_outputs": self.per_layer_outputs,
             "quantization": self.quantization,
+            "verification": self.verification,
             "tools": self.tools,
         }
         return json.dumps(d, indent=2, sort_keys=True) + "\n"

@@ -25,7 +25,7 @@ that cannot be read.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +51,12 @@ DEFAULT_EXCLUSIONS = ("embeddings", "norms", "conv1d", "scan ops", "attention sc
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}
 
 WeightScale = Literal["tensor", "channel"]
+
+#: ``quantizer(weight, fp8_name, mode, scale_type) -> (fp8 initializer named fp8_name, scale)``:
+#: how a weight initializer becomes its FP8 initializer and scale (`quantize_weight` semantics).
+#: The default reads the weight's values (`in_memory_quantizer`); a streaming exporter passes one
+#: that returns a deferred FP8 initializer (`hybridtrt.graphs.external_data`) instead.
+WeightQuantizer = Callable[[TensorProto, str, WeightScale, int], tuple[TensorProto, np.ndarray]]
 
 
 @dataclass
@@ -190,6 +196,16 @@ def quantize_weight(w: np.ndarray, mode: WeightScale, elem_type: int) -> tuple[n
     return fp8_saturating_cast(w32 / scale.astype(np.float32)), scale
 
 
+def in_memory_quantizer(base_dir: str | None = None) -> WeightQuantizer:
+    """The default `WeightQuantizer`: reads the weight (inline, or external under ``base_dir``)."""
+
+    def quantize(w: TensorProto, fp8_name: str, mode: WeightScale, elem: int) -> tuple[TensorProto, np.ndarray]:
+        w_fp8, scale = quantize_weight(_load_array(w, base_dir), mode, elem)
+        return fp8_tensor(fp8_name, w_fp8), scale
+
+    return quantize
+
+
 def insert_fp8_qdq(
     model: onnx.ModelProto,
     act_amax: Mapping[str, float],
@@ -197,6 +213,7 @@ def insert_fp8_qdq(
     exclude: Sequence[str] = (),
     weight_scale: WeightScale = "tensor",
     base_dir: str | None = None,
+    quantizer: WeightQuantizer | None = None,
 ) -> FP8Recipe:
     """Insert FP8 Q/DQ on the linear layers of ``model``, in place.
 
@@ -206,6 +223,7 @@ def insert_fp8_qdq(
         exclude: Regexes; a MatMul whose name matches any (``re.search``) is left in high precision.
         weight_scale: ``"tensor"`` (default, DESIGN.md §7) or ``"channel"``.
         base_dir: Directory of the model file, for weights still in external data.
+        quantizer: How weights become FP8 initializers (default `in_memory_quantizer`).
 
     Returns:
         The `FP8Recipe`.
@@ -230,6 +248,7 @@ def insert_fp8_qdq(
             fix="quantize the unquantized export (run the pass once per graph)",
         )
     inits = {t.name: t for t in graph.initializer}
+    quantize = quantizer or in_memory_quantizer(base_dir)
     recipe = FP8Recipe(weight_scale=weight_scale, exclude_patterns=list(exclude))
 
     plan: list[onnx.NodeProto] = []
@@ -270,11 +289,11 @@ def insert_fp8_qdq(
         q = helper.make_node("QuantizeLinear", [node.input[0], s_name, zp_name], [q_out], name=f"{scope}/input_quantizer/QuantizeLinear", saturate=1)
         dq = helper.make_node("DequantizeLinear", [q_out, s_name, zp_name], [dq_out], name=f"{scope}/input_quantizer/DequantizeLinear")
         # Weight: FP8 initializer + DQ.
-        w_fp8, w_scale = quantize_weight(_load_array(w_init, base_dir), weight_scale, elem)
         fp8_name, ws_name, wzp_name = f"{dotted}.weight_t_fp8", f"{dotted}.weight_scale", f"{dotted}.weight_zero_point"
+        w_fp8, w_scale = quantize(w_init, fp8_name, weight_scale, elem)
         wdq_out = f"{scope}/weight_quantizer/DequantizeLinear_output_0"
         graph.initializer.extend(
-            [fp8_tensor(fp8_name, w_fp8), float_tensor(ws_name, w_scale, elem), fp8_tensor(wzp_name, np.zeros(w_scale.shape, ml_dtypes.float8_e4m3fn))]
+            [w_fp8, float_tensor(ws_name, w_scale, elem), fp8_tensor(wzp_name, np.zeros(w_scale.shape, ml_dtypes.float8_e4m3fn))]
         )
         wdq_attrs = {"axis": 1} if weight_scale == "channel" else {}
         wdq = helper.make_node("DequantizeLinear", [fp8_name, ws_name, wzp_name], [wdq_out], name=f"{scope}/weight_quantizer/DequantizeLinear", **wdq_attrs)
@@ -328,10 +347,12 @@ __all__ = [
     "FP8Recipe",
     "FP8_E4M3_MAX",
     "MIN_FP8_OPSET",
+    "WeightQuantizer",
     "QUANTIZABLE_PROJECTIONS",
     "fp8_saturating_cast",
     "float_tensor",
     "fp8_tensor",
+    "in_memory_quantizer",
     "insert_fp8_qdq",
     "quantize_weight",
     "quantized_weight_bytes",

@@ -1,0 +1,96 @@
+"""The weight-loaded export (the code path before streaming), kept as the byte-identity oracle.
+
+`write_graphs` loads the whole model, traces it with its real weights (``torch.onnx.export(dynamo=True,
+optimize=True)``), runs the same graph passes, and writes the files the way the exporter did before
+weights were streamed: ``onnx_ir.save`` for plain graphs, ``onnx.save_model`` for FP8 graphs (Q/DQ
+inserted in memory), `share_external_data` for the decode graph. Its memory is the whole model
+several times over; tests compare its files byte for byte with `hybridtrt.exporter.export.export`'s.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import onnx
+import torch
+
+from hybridtrt.exporter.export import (
+    DECODE_FILE,
+    DECODE_WEIGHTS_FILE,
+    DEFAULT_OPSET,
+    MODEL_FILE,
+    WEIGHTS_FILE,
+    ExportOptions,
+    export_program,
+    run_passes,
+)
+from hybridtrt.exporter.quantize import QuantizeOptions, quantize_graph
+from hybridtrt.exporter.wrapper import GraphModule, example_inputs
+from hybridtrt.graphs.external_data import save_with_external_data, share_external_data
+from hybridtrt.models.loading import load_model, parse_dtype
+from hybridtrt.models.model import HybridLM
+
+
+def trace_graph(
+    model: HybridLM,
+    *,
+    logits: str = "last",
+    decode: bool = False,
+    per_layer: bool = False,
+    state_dtype: torch.dtype = torch.float32,
+    opset: int = DEFAULT_OPSET,
+) -> onnx.ModelProto:
+    """Trace one graph of a loaded model and run the graph passes; the weights are in the returned
+    protobuf (for passes that rewrite weights in memory, and tests)."""
+    graph = GraphModule(model, logits, decode, per_layer).eval()
+    inputs = example_inputs(model, seq=1 if decode else 5, state_dtype=state_dtype)
+    program = export_program(graph, inputs, decode=decode, opset=opset, optimize=True)
+    return run_passes(program.model_proto, model.config, logits, decode, per_layer)
+
+
+def _trace_to_file(model: HybridLM, path: Path, data_name: str, *, size_threshold: int, **trace_args) -> None:
+    import onnx_ir as ir
+
+    decode, logits, per_layer = trace_args["decode"], trace_args["logits"], trace_args["per_layer"]
+    graph = GraphModule(model, logits, decode, per_layer).eval()
+    inputs = example_inputs(model, seq=1 if decode else 5, state_dtype=trace_args["state_dtype"])
+    program = export_program(graph, inputs, decode=decode, opset=trace_args["opset"], optimize=True)
+    ir.save(program.model, path, external_data=data_name, size_threshold_bytes=size_threshold)
+    del program
+    gc.collect()
+    proto = run_passes(onnx.load(str(path), load_external_data=False), model.config, logits, decode, per_layer)
+    onnx.save_model(proto, str(path))
+
+
+def write_graphs(
+    checkpoint_dir: str | Path, directory: str | Path, options: ExportOptions | None = None, quantize: QuantizeOptions | None = None
+) -> list[str]:
+    """Write the export's graphs and weight files into ``directory`` from the loaded model.
+
+    Returns:
+        The file names written (no manifest, no verification).
+    """
+    opts = options or ExportOptions()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = load_model(checkpoint_dir, opts.dtype)
+    state_dtype = parse_dtype(opts.state_dtype or "fp32")
+    roles = [(MODEL_FILE, WEIGHTS_FILE, False)] + ([(DECODE_FILE, DECODE_WEIGHTS_FILE, True)] if opts.split else [])
+    written: list[str] = []
+    for fname, data, decode in roles:
+        trace_args = dict(logits=opts.logits, decode=decode, per_layer=opts.per_layer, state_dtype=state_dtype, opset=opts.opset or DEFAULT_OPSET)
+        if quantize is None:
+            _trace_to_file(model, directory / fname, data, size_threshold=opts.size_threshold, **trace_args)
+        else:
+            proto = trace_graph(model, **trace_args)
+            quantize_graph(proto, model, checkpoint_dir, quantize)
+            save_with_external_data(proto, directory / fname, data, opts.size_threshold)
+            del proto
+        if written:
+            share_external_data(directory / fname, directory / MODEL_FILE, opts.size_threshold)
+        written += [fname] + ([data] if (directory / data).exists() else [])
+    return written
+
+
+__all__ = ["trace_graph", "write_graphs"]
