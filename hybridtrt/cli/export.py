@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from hybridtrt.cli.common import add_dtype_args, console, human_bytes, step, table
 
@@ -20,7 +21,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", action="store_true", help="also write decode.onnx (one token, Mamba2StateUpdate)")
     p.add_argument("--opset", type=int, default=None, help="default-domain ONNX opset (default 22; bf16 needs ≥ 22)")
     p.add_argument("--per-layer", action="store_true", help="expose every decoder layer's output (for validate --per-layer)")
-    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the written graph")
+    p.add_argument(
+        "--verify",
+        choices=["auto", "full", "layers"],
+        default=None,
+        help="check the written graphs with ONNX Runtime before publishing: the whole graph (full), "
+        "by windows of decoder layers in bounded memory (layers), or full up to 256 MiB of weights (auto, default)",
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the written graphs")
+    p.add_argument("--force", action="store_true", help="export into a non-empty directory that is not a hybridtrt export, or into the checkpoint directory")
     q = p.add_argument_group("FP8 (README: FP8)")
     q.add_argument("--quantize", choices=["fp8"], default=None, help="FP8 Q/DQ on the linear layers")
     q.add_argument("--calib", default=None, metavar="FILE", help="calibration prompts, one per line (checkpoint tokenizer)")
@@ -39,20 +48,39 @@ def _quant_summary(recipe: dict | None) -> str:
 
 
 @contextlib.contextmanager
-def calibration_progress(quant) -> Iterator[None]:
-    """A rich progress bar fed by the calibration callback."""
-    if quant is None:
-        yield
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+def progress(label: str, total: int, unit: str = "B") -> Iterator[Callable[[int], None]]:
+    """A rich progress bar with ETA (bytes and speed when ``unit`` is ``"B"``), then a ✓ line."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    with Progress("[bold]calibration", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("calibrate", total=None)
-        quant.progress = lambda done, total: bar.update(task, completed=done, total=total)
-        yield
+    counts = (DownloadColumn(), TransferSpeedColumn()) if unit == "B" else (MofNCompleteColumn(),)
+    start = time.perf_counter()
+    with Progress(f"[bold]{escape(label)}", BarColumn(), *counts, TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+    seconds = time.perf_counter() - start
+    amount = f"{human_bytes(total)}, {human_bytes(total / seconds)}/s, " if unit == "B" and seconds > 0 else ""
+    console.print(f"[green]✓[/] {escape(label)} [dim]({amount}{seconds:.1f} s)[/]")
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Flag combinations, refused before anything is imported or read."""
+    from hybridtrt.errors import InputError, QuantizationError
+
+    if args.quantize:
+        if (args.calib is None) == (args.calib_random is None):
+            raise QuantizationError(
+                "--quantize fp8 needs exactly one calibration source" + (" (got both --calib and --calib-random)" if args.calib else ""),
+                fix="pass --calib PROMPTS.txt (one prompt per line) or --calib-random N",
+            )
+    elif args.calib or args.calib_random or args.exclude or args.weight_scale:
+        raise InputError("--calib/--calib-random/--exclude/--weight-scale need --quantize fp8")
+    if args.no_verify and args.verify:
+        raise InputError(f"--verify {args.verify} and --no-verify contradict each other", fix="pass one of them")
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_flags(args)
     from hybridtrt.exporter.export import ExportOptions, export
 
     opts = ExportOptions(
@@ -63,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         opset=args.opset,
         per_layer=args.per_layer,
         verify=not args.no_verify,
+        verify_mode=args.verify or "auto",
+        force=args.force,
     )
     quant = None
     if args.quantize:
@@ -74,12 +104,11 @@ def run(args: argparse.Namespace) -> int:
             exclude=list(args.exclude),
             weight_scale=args.weight_scale or "tensor",
         )
-    elif args.calib or args.calib_random or args.exclude or args.weight_scale:
-        from hybridtrt.errors import InputError
+    result = export(args.checkpoint, args.output, opts, step=step, progress=progress, quantize=quant)
+    from rich.markup import escape
 
-        raise InputError("--calib/--calib-random/--exclude/--weight-scale need --quantize fp8")
-    with calibration_progress(quant):
-        result = export(args.checkpoint, args.output, opts, step=step, quantize=quant)
+    if result.removed_partials:
+        console.print(f"removed {len(result.removed_partials)} unfinished export(s) left by killed runs: {escape(', '.join(result.removed_partials))}")
     m = result.manifest
     kinds = Counter(layer["kind"] for layer in m.layers)
     ops = Counter()
@@ -92,8 +121,13 @@ def run(args: argparse.Namespace) -> int:
         ["state dtype", m.state_dtype],
         ["quantization", _quant_summary(m.quantization)],
     ]
-    if result.verification:
-        rows.append(["ORT vs reference", ", ".join(f"{k}: rel L2 {v:.1e}" for k, v in result.verification.items())])
+    v = m.verification or {}
+    if v.get("mode") == "skipped":
+        rows.append(["verification", f"skipped: {v.get('reason')}"])
+    elif result.verification:
+        windows = {f: len(g.get("windows", [])) for f, g in v.get("graphs", {}).items()}
+        how = "whole graph" if v.get("mode") == "full" else "by decoder-layer windows (" + ", ".join(f"{f}: {n}" for f, n in windows.items()) + ")"
+        rows.append(["ORT vs reference", f"{how}; worst " + ", ".join(f"{k}: rel L2 {x:.1e}" for k, x in result.verification.items())])
     console.print(table("export summary", ["", ""], rows, numeric=False))
-    console.print(table("files written", ["file", "size"], [[f"{result.out_dir / n}", human_bytes(s)] for n, s in result.files.items()]))
+    console.print(table("files written", ["file", "size"], [[escape(str(result.out_dir / n)), human_bytes(s)] for n, s in result.files.items()]))
     return 0

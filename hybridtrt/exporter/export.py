@@ -332,7 +332,8 @@ def export(
             )
             total = planned_external_bytes(proto, rule, opts.size_threshold)
             target.check_space(total)
-            with target.writing(total), progress(f"stream weights → {data}", total, "B") as advance:
+            meter = progress if total else _no_progress
+            with target.writing(total), meter(f"stream weights → {data}", total, "B") as advance:
                 write_external_data(proto, target.partial, data, rule=rule, size_threshold=opts.size_threshold, chunks=table.chunks, progress=advance)
                 onnx.save_model(proto, str(target.partial / fname))
             del proto

@@ -201,7 +201,7 @@ def _verify_windows(export_dir, file, model, specs, feeds, logits, states, hidde
     with progress(f"verify {file} by layer windows", sum(per_layer) + rest, "B") as advance:
         for first, last in windows:
             mine = [s for s in specs if first <= s.layer <= last]
-            sub = layer_window.window(full, stream, first, last, [s.past_name for s in mine], [s.present_name for s in mine], hidden_type)
+            sub = layer_window.window(full, stream, first, last, [s.present_name for s in mine], hidden_type)
             path = export_dir / f".verify-{Path(file).stem}-{first}-{last}.onnx"
             onnx.save_model(sub, str(path))
             try:

@@ -9,10 +9,11 @@ mixer_out``: the output of an ``Add`` in the ``/model`` scope (the node names of
 **Check** that exactly one such Add exists per layer and that they chain ``h_0 → h_1 → …``;
 anything else is refused (`WindowError`): the pass never guesses.
 
-**Rewrite** into a new model that computes layers ``first..last`` only: inputs ``input_ids`` and
-``attention_mask`` (the mask, bias and decode-flag nodes are shared by all layers), ``hidden_in``
+**Rewrite** into a new model that computes layers ``first..last`` only: inputs ``hidden_in``
 = ``h_{first-1}`` (absent when ``first == 0``: the embedding lookup is part of the window) and the
-past states of the window's layers; outputs ``hidden_out`` = ``h_last`` (``logits`` instead when
+graph inputs the window's nodes read — ``input_ids`` and ``attention_mask`` (mask, bias and
+decode flag are shared by all layers), the window's past states, and any other state whose shape
+the exporter reads for a dynamic dim (the batch size is one symbol for all states); outputs ``hidden_out`` = ``h_last`` (``logits`` instead when
 ``last`` is the final layer) and the window's present states. Nodes are
 the backward closure of the outputs, in graph order; initializers keep their external-data
 references, so the window saved beside the model reads only its own weights.
@@ -87,22 +88,18 @@ def _value_info(name: str, elem_type: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem_type, None)
 
 
-def extract(
-    model: onnx.ModelProto,
-    inputs: dict[str, onnx.ValueInfoProto | int],
-    outputs: dict[str, str | int],
-) -> onnx.ModelProto:
-    """A model computing ``outputs`` from ``inputs`` with the nodes of ``model``.
+def extract(model: onnx.ModelProto, cuts: dict[str, int], outputs: dict[str, str | int]) -> onnx.ModelProto:
+    """A model computing ``outputs`` with the nodes of ``model``, cut at ``cuts``.
 
     Args:
         model: The full graph (external data not loaded).
-        inputs: Cut points: ``{value: its ValueInfo}`` (graph inputs), or ``{value: elem type}`` for an
-            intermediate value that becomes an input.
-        outputs: ``{value: output name}`` (a graph output keeps its ValueInfo), or ``{value: elem
-            type}`` to keep the value's name with this type.
+        cuts: Intermediate values that become inputs: ``{value: elem type}``.
+        outputs: ``{value: value}`` for a graph output (keeps its ValueInfo), or ``{value: elem
+            type}`` for an intermediate value.
 
-    Raises:
-        WindowError: The outputs need a graph input that is not among ``inputs``.
+    Returns:
+        The sub-model: nodes of the backward closure of ``outputs`` (graph order), the graph inputs
+        it reaches (in graph order) followed by the cuts, the initializers it uses, all functions.
     """
     g = model.graph
     producer = {out: i for i, n in enumerate(g.node) for out in n.output}
@@ -110,15 +107,17 @@ def extract(
     graph_inputs = {v.name: v for v in g.input}
     graph_outputs = {v.name: v for v in g.output}
     keep: set[int] = set()
+    reached: set[str] = set()
     stack = list(outputs)
     seen: set[str] = set()
     while stack:
         value = stack.pop()
-        if value in seen or value in inputs or value in initializers or not value:
+        if value in seen or value in cuts or value in initializers or not value:
             continue
         seen.add(value)
         if value in graph_inputs:
-            raise WindowError(f"the window needs graph input {value!r}, which is not one of its inputs")
+            reached.add(value)
+            continue
         index = producer.get(value)
         if index is None:
             raise WindowError(f"value {value!r} has no producer")
@@ -129,7 +128,7 @@ def extract(
         stack.extend(node.input)
     nodes = [g.node[i] for i in sorted(keep)]
     used = {name for n in nodes for name in n.input}
-    new_inputs = [v if isinstance(v, onnx.ValueInfoProto) else _value_info(name, v) for name, v in inputs.items()]
+    new_inputs = [v for v in g.input if v.name in reached] + [_value_info(name, t) for name, t in cuts.items()]
     new_outputs = []
     for value, spec in outputs.items():
         if isinstance(spec, str):
@@ -138,13 +137,7 @@ def extract(
             new_outputs.append(out)
         else:
             new_outputs.append(_value_info(value, spec))
-    graph = helper.make_graph(
-        nodes,
-        g.name,
-        new_inputs,
-        new_outputs,
-        initializer=[initializers[n] for n in initializers if n in used],
-    )
+    graph = helper.make_graph(nodes, g.name, new_inputs, new_outputs, initializer=[initializers[n] for n in initializers if n in used])
     out = helper.make_model(graph, opset_imports=list(model.opset_import), functions=list(model.functions))
     out.ir_version = model.ir_version
     return out
@@ -155,10 +148,8 @@ def window(
     stream: list[str],
     first: int,
     last: int,
-    state_inputs: Iterable[str],
     state_outputs: Iterable[str],
     hidden_type: int,
-    fixed_inputs: Iterable[str] = ("input_ids", "attention_mask"),
     final_outputs: Iterable[str] = ("logits",),
 ) -> onnx.ModelProto:
     """The sub-model of decoder layers ``first..last`` (see the module docstring).
@@ -167,16 +158,15 @@ def window(
         model: The full graph.
         stream: `residual_stream` of it.
         first / last: Layer range (inclusive).
-        state_inputs / state_outputs: The past / present state names of these layers.
+        state_outputs: The present state names of these layers.
         hidden_type: ONNX elem type of the residual stream (the reference's hidden-state dtype).
-        fixed_inputs: Graph inputs every window takes.
         final_outputs: The graph outputs (besides states) of a window that ends at the last layer.
+
+    Raises:
+        WindowError: The window would read weights of layers outside ``first..last`` (shape
+            computations the exporter shares between layers are fine).
     """
-    graph_inputs = {v.name: v for v in model.graph.input}
-    inputs: dict[str, onnx.ValueInfoProto | int] = {name: graph_inputs[name] for name in fixed_inputs}
-    if first > 0:
-        inputs[stream[first - 1]] = hidden_type
-    inputs.update({name: graph_inputs[name] for name in state_inputs})
+    cuts = {stream[first - 1]: hidden_type} if first > 0 else {}
     final = last == len(stream) - 1
     outputs: dict[str, str | int] = {}
     if final:
@@ -184,7 +174,13 @@ def window(
     else:
         outputs[stream[last]] = hidden_type
     outputs.update({name: name for name in state_outputs})
-    sub = extract(model, inputs, outputs)
+    sub = extract(model, cuts, outputs)
+    weights = {t.name for t in sub.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    foreign = sorted(
+        {i for n in sub.graph.node if (i := _layer_of(n)) is not None and not first <= i <= last and weights.intersection(n.input)}
+    )
+    if foreign:
+        raise WindowError(f"the window of layers {first}..{last} needs weights of layers {foreign}")
     renames = {}
     if first > 0:
         renames[stream[first - 1]] = HIDDEN_IN

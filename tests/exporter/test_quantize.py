@@ -18,7 +18,7 @@ from torch import nn
 from hybridtrt.errors import QuantizationError
 from hybridtrt.exporter import quantize as quantize_mod
 from hybridtrt.exporter.calibration import calibrate, calibration_batches, calibration_hash, matmul_node_name
-from hybridtrt.exporter.export import trace_graph
+from hybridtrt.exporter.eager import trace_graph
 from hybridtrt.exporter.quantize import QuantizeOptions, quantize_graph
 from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs.fp8_qdq import QUANTIZABLE_PROJECTIONS

@@ -1,0 +1,89 @@
+"""Verification before publishing: the whole graph, or windows of decoder layers in bounded memory."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from hybridtrt.errors import ExportError
+from hybridtrt.exporter.export import ExportOptions
+from hybridtrt.exporter.manifest import read_manifest
+from hybridtrt.exporter.verify import verify_export, window_plan
+from hybridtrt.graphs.external_data import external_index
+from hybridtrt.models import load_model
+
+SPLIT = ExportOptions(split=True)
+
+
+def test_window_plan():
+    assert window_plan([10, 10, 10, 10], 25) == [(0, 1), (2, 3)]
+    assert window_plan([10, 30, 10], 25) == [(0, 0), (1, 1), (2, 2)]  # a layer above budget is its own window
+    assert window_plan([1] * 5, 100) == [(0, 4)]
+    assert window_plan([7], 1) == [(0, 0)]
+
+
+@pytest.fixture(scope="module", params=["tiny-nemotron-h", "tiny-mamba2"])
+def exported(request, make_export):
+    ckpt, out = make_export(request.param, SPLIT)
+    return ckpt, out, read_manifest(out)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_layer_windows_cover_every_layer_and_agree_with_the_whole_graph(exported, lazy):
+    ckpt, out, manifest = exported
+    model = load_model(ckpt, lazy=lazy)
+    full = verify_export(out, model, manifest, mode="full")
+    layers = verify_export(out, model, manifest, mode="layers", parameter_bytes=1)  # 1 byte: one layer per window
+    n = model.config.num_layers
+    for file, graph in layers["graphs"].items():
+        assert graph["windows"] == [[i, i] for i in range(n)]
+        # Both pass the fp32 gate; windows start from the reference's hidden state, so their
+        # error is at most the whole graph's (which accumulates through every layer).
+        assert graph["worst"]["rel_l2"] <= 1e-5
+        assert full["graphs"][file]["worst"]["rel_l2"] <= 1e-4
+    assert layers["mode"] == "layers" and full["mode"] == "full"
+    # Bigger windows, same verdict.
+    wide = verify_export(out, model, manifest, mode="layers", parameter_bytes=16 * 400_000)
+    assert all(len(g["windows"]) < n for g in wide["graphs"].values())
+
+
+def _plant_fault(out, tmp_path, tensor: str):
+    """A copy of the export with one weight scaled by 1.5 in weights.data."""
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    location, offset, length = external_index(bad / "model.onnx")[tensor]
+    with open(bad / location, "r+b") as f:
+        f.seek(offset)
+        w = np.frombuffer(f.read(length), dtype=np.float32) * 1.5
+        f.seek(offset)
+        f.write(w.astype(np.float32).tobytes())
+    return bad
+
+
+@pytest.mark.parametrize("mode", ["full", "layers"])
+def test_planted_weight_fault_is_caught(make_export, tmp_path, mode):
+    ckpt, out = make_export("tiny-nemotron-h", SPLIT)
+    bad = _plant_fault(out, tmp_path, "model.layers.4.mixer.in_proj.weight_t")
+    model = load_model(ckpt, lazy=True)
+    with pytest.raises(ExportError, match="layers 4..4" if mode == "layers" else "disagrees with the PyTorch reference") as e:
+        verify_export(bad, model, read_manifest(bad), mode=mode, parameter_bytes=1)
+    assert "present_ssm_state.4" in str(e.value)
+
+
+def test_window_reads_only_its_own_weights(make_export, tmp_path):
+    from hybridtrt.graphs import layer_window
+
+    _, out = make_export("tiny-nemotron-h", SPLIT)
+    full = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    stream = layer_window.residual_stream(full, 8)
+    sub = layer_window.window(full, stream, 3, 4, ["present_conv_state.4", "present_ssm_state.4"], onnx.TensorProto.FLOAT)
+    weights = {t.name for t in sub.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert weights == {"model.layers.3.mixer.up_proj.weight_t", "model.layers.3.mixer.down_proj.weight_t",
+                       "model.layers.4.mixer.in_proj.weight_t", "model.layers.4.mixer.out_proj.weight_t",
+                       "model.layers.4.mixer.conv1d.weight"}
+    names = {i.name for i in sub.graph.input}
+    assert layer_window.HIDDEN_IN in names and "past_ssm_state.4" in names and "past_ssm_state.2" not in names
+    assert [o.name for o in sub.graph.output] == [layer_window.HIDDEN_OUT, "present_conv_state.4", "present_ssm_state.4"]
