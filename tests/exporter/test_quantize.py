@@ -193,3 +193,19 @@ def test_cached_calibration_is_tied_to_the_model(exported):
     assert second is not first and second != first
     manual = QuantizeOptions(act_amax={"/model/layers.0/mixer/in_proj/MatMul": 1.0})
     assert quantize_mod.run_calibration(model, ckpt, manual) == {"/model/layers.0/mixer/in_proj/MatMul": 1.0}
+
+
+def test_sequential_calibration_on_the_lazy_model_gives_the_same_amax(exported, tmp_path):
+    """Sequential onloading (each layer read once for all batches) = batch by batch, bit for bit."""
+    ckpt, _, model = exported
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"prompt {i} " + "abc" * i for i in range(10)))
+    batches = calibration_batches(load_tokenizer(ckpt), calib_file=prompts, calib_random=None, vocab_size=model.config.vocab_size, seq_len=64, batch=4)
+    assert len({ids.shape[1] for ids, _ in batches}) > 1, "batches of different (left-padded) lengths"
+    lazy = load_model(ckpt, lazy=True)
+    progress = []
+    whole = calibrate(model, batches)
+    sequential = calibrate(lazy, batches, progress=lambda done, total: progress.append(done))
+    assert sequential == whole
+    assert lazy.weights.loads == len(lazy.weights.groups)
+    assert progress == list(range(1, len(lazy.weights.groups) + 1))
