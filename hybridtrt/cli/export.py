@@ -81,8 +81,9 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_flags(args)
-    from hybridtrt.exporter.export import ExportOptions, export
+    from hybridtrt.exporter.export import ExportOptions, export, return_freed_memory_promptly
 
+    return_freed_memory_promptly()
     opts = ExportOptions(
         dtype=args.dtype or "fp32",
         state_dtype=args.state_dtype,

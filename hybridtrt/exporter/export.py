@@ -211,6 +211,25 @@ def trace_streamed(
     return run_passes(proto, checkpoint.config, logits, decode, per_layer)
 
 
+def return_freed_memory_promptly() -> None:
+    """Make freed weight buffers leave the process at once (glibc only; a no-op elsewhere).
+
+    glibc serves blocks below its mmap threshold from the heap, and raises that threshold (up to
+    32 MiB) each time a large block is freed; freed heap blocks are kept, so tensors streamed one
+    at a time would pile up as resident memory. With the threshold fixed at 1 MiB every buffer of
+    that size is its own mapping, returned on free. Process-wide: the CLI calls it, a library
+    caller may.
+    """
+    import ctypes
+
+    m_mmap_threshold = -3
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
 def _value_entries(values) -> list[dict[str, Any]]:
     out = []
     for v in values:

@@ -98,6 +98,11 @@ class LazyWeights:
         if self._progress is not None:
             self._progress(self.loads, len(self.groups) + int(self.checkpoint.config.tie_word_embeddings))
 
+    def release(self) -> None:
+        """Drop the resident group (the next access reads again)."""
+        with self._cv:
+            self.resident, self.group = {}, None
+
     def get(self, name: str) -> Tensor:
         """The value of parameter ``name`` (reads its group if it is not resident)."""
         group = group_of(name)

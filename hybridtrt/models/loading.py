@@ -281,8 +281,12 @@ def match_parameters(config: HybridConfig, index: WeightIndex, dtype: torch.dtyp
 
 
 def count_non_finite(t: Tensor) -> int:
-    """Number of NaN/Inf entries, scanned in slices (bounded temporary memory)."""
+    """Number of NaN/Inf entries. A finite sum proves there are none (any NaN/Inf makes the sum
+    NaN/Inf) at ~50× the speed of an element-wise test; otherwise the entries are counted, in
+    slices (bounded temporary memory)."""
     flat = t.reshape(-1)
+    if not t.is_floating_point() or bool(torch.isfinite(flat.sum())):
+        return 0
     return sum(int((~torch.isfinite(flat[i : i + _FINITE_CHUNK])).sum()) for i in range(0, flat.numel(), _FINITE_CHUNK))
 
 

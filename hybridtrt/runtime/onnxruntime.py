@@ -30,7 +30,7 @@ def to_numpy(value: Any) -> np.ndarray:
 class OrtSession:
     """A CPU ``InferenceSession`` that takes and returns dicts by name."""
 
-    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, *, threads: int | None = None, config: dict[str, str] | None = None) -> None:
         import onnxruntime as ort
 
         if not Path(path).is_file():
@@ -40,6 +40,8 @@ class OrtSession:
         # Idle ORT threads otherwise spin and starve PyTorch's OpenMP threads in the same process
         # (validation runs both side by side): measured 30x slower reference calls on 2 cores.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in (config or {}).items():  # further session config entries
+            opts.add_session_config_entry(key, value)
         if threads:
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
