@@ -84,7 +84,7 @@ SIZES: dict[str, tuple[dict, str, str, bool]] = {
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 _CHILD = r"""
-import contextlib, io, json, os, resource, sys, time
+import contextlib, io, json, sys, time
 sys.path.insert(0, {root!r})
 mode, ckpt, out, dtype, verify = sys.argv[1:6]
 # What an export imports before it touches a tensor: the baseline.
@@ -100,7 +100,9 @@ if mode == "stream":  # exactly what a user runs
 elif mode == "eager":
     from hybridtrt.exporter.eager import write_graphs
     write_graphs(ckpt, out, hybridtrt.exporter.export.ExportOptions(dtype=dtype))
-print(json.dumps({{"wall_s": time.perf_counter() - t, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forked parent's copy.
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({{"wall_s": time.perf_counter() - t, "maxrss_kib": hwm}}))
 """
 
 
