@@ -30,54 +30,34 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_NANO_BASE = {
-    "model_type": "nemotron_h",
-    "architectures": ["NemotronHForCausalLM"],
-    "mamba_hidden_act": "silu",
-    "mlp_hidden_act": "relu2",
-    "use_conv_bias": True,
-    "use_bias": False,
-    "mlp_bias": False,
-    "attention_bias": False,
-    "conv_kernel": 4,
-    "layer_norm_epsilon": 1e-5,
-    "tie_word_embeddings": False,
-    "residual_in_fp32": False,
-    "time_step_min": 0.001,
-    "time_step_max": 0.1,
-    "mamba_head_dim": 80,
-    "ssm_state_size": 128,
-    "n_groups": 8,
-    "chunk_size": 128,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "bos_token_id": 1,
-    "eos_token_id": 12,
-    "pad_token_id": 0,
-}
+def _nemotron(**overrides) -> dict:
+    """An HF config.json with Nemotron-Nano-9B-v2's ratios (Mamba head_dim 80, d_state 128,
+    8 groups, chunk 128): the built-in ``small-nemotron-h`` preset with ``overrides``."""
+    from hybridtrt.models.presets import preset_config
+
+    return preset_config("small-nemotron-h", **overrides)
+
+
+#: Nano-9B-v2's attention: 8 KV heads of 128.
+_NANO_ATTENTION = {"num_key_value_heads": 8, "head_dim": 128}
+
 
 #: name -> (HF config.json, checkpoint dtype, export dtype, verify). ``nano-9b-v2`` is
 #: NVIDIA-Nemotron-Nano-9B-v2's public config (hidden 4480, 56 layers: 27 Mamba-2, 25 MLP,
 #: 4 attention; 128 Mamba heads of 80, d_state 128, 8 groups; vocab 131072): 8.89 B parameters.
+_NANO_9B_PATTERN = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
 SIZES: dict[str, tuple[dict, str, str, bool]] = {
-    "small": (
-        {**_NANO_BASE, "vocab_size": 32000, "hidden_size": 640, "hybrid_override_pattern": "M-M-M*-M-M-M*-M-",
-         "mamba_num_heads": 16, "num_attention_heads": 10, "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 2560},
-        "fp32", "fp32", True,
-    ),
+    "small": (_nemotron(), "fp32", "fp32", True),  # the small-nemotron-h preset
     "1b": (
-        {**_NANO_BASE, "vocab_size": 32000, "hidden_size": 2048, "hybrid_override_pattern": "M-M-M*-M-M-M*-M-M-M*-M-M-M-",
-         "mamba_num_heads": 64, "num_attention_heads": 16, "intermediate_size": 7168},
+        _nemotron(**_NANO_ATTENTION, hidden_size=2048, hybrid_override_pattern="M-M-M*-M-M-M*-M-M-M*-M-M-M-", mamba_num_heads=64, num_attention_heads=16, intermediate_size=7168),
         "fp32", "fp32", True,
     ),
     "5b": (
-        {**_NANO_BASE, "vocab_size": 131072, "hidden_size": 3584, "hybrid_override_pattern": "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-",
-         "mamba_num_heads": 112, "num_attention_heads": 32, "intermediate_size": 12544},
+        _nemotron(**_NANO_ATTENTION, vocab_size=131072, hidden_size=3584, hybrid_override_pattern=_NANO_9B_PATTERN[:44], mamba_num_heads=112, num_attention_heads=32, intermediate_size=12544),
         "bf16", "fp16", True,
     ),
     "nano-9b-v2": (
-        {**_NANO_BASE, "vocab_size": 131072, "hidden_size": 4480, "hybrid_override_pattern": "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-",
-         "mamba_num_heads": 128, "num_attention_heads": 40, "intermediate_size": 15680},
+        _nemotron(**_NANO_ATTENTION, vocab_size=131072, hidden_size=4480, hybrid_override_pattern=_NANO_9B_PATTERN, mamba_num_heads=128, num_attention_heads=40, intermediate_size=15680),
         "bf16", "bf16", False,
     ),
 }

@@ -13,7 +13,6 @@ import gc
 from pathlib import Path
 
 import onnx
-import torch
 
 from hybridtrt.exporter.export import (
     DECODE_FILE,
@@ -22,44 +21,35 @@ from hybridtrt.exporter.export import (
     MODEL_FILE,
     WEIGHTS_FILE,
     ExportOptions,
+    GraphSpec,
     export_program,
     run_passes,
 )
 from hybridtrt.exporter.quantize import QuantizeOptions, quantize_graph
-from hybridtrt.exporter.wrapper import GraphModule, example_inputs
+from hybridtrt.exporter.wrapper import example_inputs
 from hybridtrt.graphs.external_data import save_with_external_data, share_external_data
 from hybridtrt.models.loading import load_model, parse_dtype
 from hybridtrt.models.model import HybridLM
 
 
-def trace_graph(
-    model: HybridLM,
-    *,
-    logits: str = "last",
-    decode: bool = False,
-    per_layer: bool = False,
-    state_dtype: torch.dtype = torch.float32,
-    opset: int = DEFAULT_OPSET,
-) -> onnx.ModelProto:
+def _program(model: HybridLM, spec: GraphSpec):
+    return export_program(model, example_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype), spec, optimize=True)
+
+
+def trace_graph(model: HybridLM, spec: GraphSpec = GraphSpec()) -> onnx.ModelProto:
     """Trace one graph of a loaded model and run the graph passes; the weights are in the returned
     protobuf (for passes that rewrite weights in memory, and tests)."""
-    graph = GraphModule(model, logits, decode, per_layer).eval()
-    inputs = example_inputs(model, seq=1 if decode else 5, state_dtype=state_dtype)
-    program = export_program(graph, inputs, decode=decode, opset=opset, optimize=True)
-    return run_passes(program.model_proto, model.config, logits, decode, per_layer)
+    return run_passes(_program(model, spec).model_proto, model.config, spec)
 
 
-def _trace_to_file(model: HybridLM, path: Path, data_name: str, *, size_threshold: int, **trace_args) -> None:
+def _trace_to_file(model: HybridLM, path: Path, data_name: str, spec: GraphSpec, size_threshold: int) -> None:
     import onnx_ir as ir
 
-    decode, logits, per_layer = trace_args["decode"], trace_args["logits"], trace_args["per_layer"]
-    graph = GraphModule(model, logits, decode, per_layer).eval()
-    inputs = example_inputs(model, seq=1 if decode else 5, state_dtype=trace_args["state_dtype"])
-    program = export_program(graph, inputs, decode=decode, opset=trace_args["opset"], optimize=True)
+    program = _program(model, spec)
     ir.save(program.model, path, external_data=data_name, size_threshold_bytes=size_threshold)
     del program
     gc.collect()
-    proto = run_passes(onnx.load(str(path), load_external_data=False), model.config, logits, decode, per_layer)
+    proto = run_passes(onnx.load(str(path), load_external_data=False), model.config, spec)
     onnx.save_model(proto, str(path))
 
 
@@ -79,11 +69,11 @@ def write_graphs(
     roles = [(MODEL_FILE, WEIGHTS_FILE, False)] + ([(DECODE_FILE, DECODE_WEIGHTS_FILE, True)] if opts.split else [])
     written: list[str] = []
     for fname, data, decode in roles:
-        trace_args = dict(logits=opts.logits, decode=decode, per_layer=opts.per_layer, state_dtype=state_dtype, opset=opts.opset or DEFAULT_OPSET)
+        spec = GraphSpec(opts.logits, decode, opts.per_layer, state_dtype, opts.opset or DEFAULT_OPSET)
         if quantize is None:
-            _trace_to_file(model, directory / fname, data, size_threshold=opts.size_threshold, **trace_args)
+            _trace_to_file(model, directory / fname, data, spec, opts.size_threshold)
         else:
-            proto = trace_graph(model, **trace_args)
+            proto = trace_graph(model, spec)
             quantize_graph(proto, model, checkpoint_dir, quantize)
             save_with_external_data(proto, directory / fname, data, opts.size_threshold)
             del proto

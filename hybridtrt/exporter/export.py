@@ -31,7 +31,8 @@ from hybridtrt.errors import ExportError
 from hybridtrt.exporter import io
 from hybridtrt.exporter.manifest import MANIFEST_FILE, GraphEntry, Manifest, checkpoint_hash, layer_map
 from hybridtrt.exporter.quantize import QuantizeOptions, quantize_graph
-from hybridtrt.exporter.streaming import DeferredTable, StandIns, attach_weights, defer_large_initializers, fake_model, trace_inputs
+from hybridtrt.exporter.streaming import DeferredTable, defer_large_initializers, fake_model, trace_inputs
+from hybridtrt.exporter.streaming import trace_and_optimize
 from hybridtrt.exporter.target import OutputDir
 from hybridtrt.exporter.translation import translation_table
 from hybridtrt.exporter.verify import VERIFY_MODES, Progress, verify_export
@@ -42,6 +43,7 @@ from hybridtrt.graphs.external_data import deferred_key, is_deferred, planned_ex
 from hybridtrt.graphs.naming import assign_node_names, name_matmul_weights
 from hybridtrt.models.config import MAMBA, HybridConfig
 from hybridtrt.models.loading import Checkpoint, dtype_name, open_checkpoint, parse_dtype
+from hybridtrt.models.model import HybridLM
 from hybridtrt.ops.onnx_functions import DOMAIN, MAX_OPSET, MIN_OPSET, attach_functions
 
 MODEL_FILE = "model.onnx"
@@ -83,6 +85,33 @@ class ExportOptions:
     verify_mode: str = "auto"
     size_threshold: int = 1024
     force: bool = False
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph of an export: what the traced module computes and the opset it is exported at.
+
+    Attributes:
+        logits: ``"last"`` or ``"all"`` positions.
+        decode: The decode-only graph (one token, ``Mamba2StateUpdate``) instead of the unified one.
+        per_layer: Expose each decoder layer's output.
+        state_dtype: SSM state dtype.
+        opset: Default-domain ONNX opset.
+    """
+
+    logits: str = "last"
+    decode: bool = False
+    per_layer: bool = False
+    state_dtype: torch.dtype = torch.float32
+    opset: int = DEFAULT_OPSET
+
+    def module(self, model: HybridLM) -> GraphModule:
+        return GraphModule(model, self.logits, self.decode, self.per_layer).eval()  # type: ignore[arg-type]
+
+    @property
+    def seq(self) -> int:
+        """Tokens of the example inputs (1 for the decode graph)."""
+        return 1 if self.decode else 5
 
 
 @dataclass
@@ -132,27 +161,28 @@ def _dynamic_shapes(graph: GraphModule, decode: bool) -> tuple:
     return (ids, {0: auto, 1: auto}, states)
 
 
-def _io_shapes(config: HybridConfig, logits: str, decode: bool, per_layer: bool) -> dict[str, tuple[int | str, ...]]:
+def _io_shapes(config: HybridConfig, graph: GraphSpec) -> dict[str, tuple[int | str, ...]]:
     c = config
-    seq: int | str = 1 if decode else io.SEQ
+    seq: int | str = 1 if graph.decode else io.SEQ
     shapes: dict[str, tuple[int | str, ...]] = {
         io.INPUT_IDS: (io.BATCH, seq),
         io.ATTENTION_MASK: (io.BATCH, io.TOTAL),
-        io.LOGITS: (io.BATCH, c.vocab_size) if logits == "last" else (io.BATCH, seq, c.vocab_size),
+        io.LOGITS: (io.BATCH, c.vocab_size) if graph.logits == "last" else (io.BATCH, seq, c.vocab_size),
     }
     for spec in io.state_specs(c):
         shapes[spec.past_name] = spec.shape
         shapes[spec.present_name] = io.present_shape(spec)
-    if per_layer:
+    if graph.per_layer:
         for i in range(c.num_layers):
             shapes[f"layer_output.{i}"] = (io.BATCH, seq, c.hidden_size)
     return shapes
 
 
-def export_program(graph: GraphModule, inputs: tuple[torch.Tensor, ...], *, decode: bool, opset: int, optimize: bool):
-    """``torch.onnx.export(dynamo=True)`` of one graph module; returns the ``ONNXProgram``."""
-    config = graph.model.config
-    names_out = io.output_names(config) + ([f"layer_output.{i}" for i in range(config.num_layers)] if graph.per_layer else [])
+def export_program(model: HybridLM, inputs: tuple[torch.Tensor, ...], spec: GraphSpec, *, optimize: bool):
+    """``torch.onnx.export(dynamo=True)`` of one graph of ``model``; returns the ``ONNXProgram``."""
+    config = model.config
+    graph = spec.module(model)
+    names_out = io.output_names(config) + ([f"layer_output.{i}" for i in range(config.num_layers)] if spec.per_layer else [])
     with _quiet_exporter():
         return torch.onnx.export(
             graph,
@@ -160,15 +190,15 @@ def export_program(graph: GraphModule, inputs: tuple[torch.Tensor, ...], *, deco
             dynamo=True,
             input_names=io.input_names(config),
             output_names=names_out,
-            dynamic_shapes=_dynamic_shapes(graph, decode),
+            dynamic_shapes=_dynamic_shapes(graph, spec.decode),
             custom_translation_table=translation_table(),
-            opset_version=opset,
+            opset_version=spec.opset,
             optimize=optimize,
             verbose=False,
         )
 
 
-def run_passes(proto: onnx.ModelProto, config: HybridConfig, logits: str, decode: bool, per_layer: bool) -> onnx.ModelProto:
+def run_passes(proto: onnx.ModelProto, config: HybridConfig, spec: GraphSpec) -> onnx.ModelProto:
     """The graph passes every export gets: names, cleanup, function bodies, I/O dims."""
     from hybridtrt import __version__
 
@@ -176,39 +206,31 @@ def run_passes(proto: onnx.ModelProto, config: HybridConfig, logits: str, decode
     name_matmul_weights(proto)
     strip_metadata(proto)
     attach_functions(proto)
-    name_io_dims(proto, _io_shapes(config, logits, decode, per_layer))
+    name_io_dims(proto, _io_shapes(config, spec))
     proto.producer_name = "hybridtrt"
     proto.producer_version = __version__
     return proto
 
 
-def trace_streamed(
-    checkpoint: Checkpoint,
-    table: DeferredTable,
-    *,
-    logits: str = "last",
-    decode: bool = False,
-    per_layer: bool = False,
-    state_dtype: torch.dtype = torch.float32,
-    opset: int = DEFAULT_OPSET,
-) -> onnx.ModelProto:
+def _optimize(program) -> None:
+    """What ``torch.onnx.export(optimize=True)`` runs after tracing."""
+    with _quiet_exporter():
+        program.optimize()
+
+
+def trace_streamed(checkpoint: Checkpoint, table: DeferredTable, spec: GraphSpec = GraphSpec()) -> onnx.ModelProto:
     """Trace one graph (unified or decode) without loading the weights, and run the graph passes.
 
     Returns the graph with its large initializers as placeholders whose recipes are in ``table``
     (`hybridtrt.exporter.streaming`); small ones (≤ `FOLD_LIMIT` elements) are inline.
     """
     model = fake_model(checkpoint)
-    graph = GraphModule(model, logits, decode, per_layer).eval()
-    inputs = trace_inputs(model, seq=1 if decode else 5, state_dtype=state_dtype)
-    program = export_program(graph, inputs, decode=decode, opset=opset, optimize=False)
-    stand_ins = StandIns()
-    large = attach_weights(program, checkpoint, stand_ins)
-    with _quiet_exporter():
-        program.optimize()
+    inputs = trace_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype)
+    program, stand_ins, large = trace_and_optimize(lambda: export_program(model, inputs, spec, optimize=False), checkpoint, _optimize)
     defer_large_initializers(program, table, stand_ins, large)
     proto = program.model_proto
     del program, stand_ins
-    return run_passes(proto, checkpoint.config, logits, decode, per_layer)
+    return run_passes(proto, checkpoint.config, spec)
 
 
 def return_freed_memory_promptly() -> None:
@@ -315,9 +337,7 @@ def export(
         unified_keys: dict[str, str] = {}
         for role, fname, data, decode in roles:
             with step(f"trace {role} graph (torch.export → ONNX, weights not loaded)"):
-                proto = trace_streamed(
-                    checkpoint, table, logits=opts.logits, decode=decode, per_layer=opts.per_layer, state_dtype=state_dtype, opset=opset
-                )
+                proto = trace_streamed(checkpoint, table, GraphSpec(opts.logits, decode, opts.per_layer, state_dtype, opset))
             rule = "onnx_ir"  # the writer the weight-loaded export used: onnx_ir.save
             if quantize is not None:
                 if recipe is None:

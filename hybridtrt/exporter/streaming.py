@@ -6,18 +6,21 @@ exporter itself produces, never from a hand-written per-layer table:
 1. The reference module is built on fake tensors (no storage) and traced by
    ``torch.onnx.export(dynamo=True, optimize=False)``.
 2. Every parameter gets a value for the exporter's optimizer (`ONNXProgram.apply_weights`):
-   parameters of at most `FOLD_LIMIT` elements (the optimizer's constant-folding input limit) get
-   their real values from the checkpoint — the optimizer folds them (``A = -exp(A_log)``, casts of
-   norm weights …) and deduplicates them by value, so they must be real. Larger ones get a
-   stand-in: a tensor over an inaccessible (``PROT_NONE``) anonymous mapping of the right size, which
-   costs no memory; the optimizer only ever folds large constants into views (``Transpose`` is the
-   one op it folds whatever the size), and if it ever read one the process would crash instead of
-   writing a graph computed from placeholder values.
-3. The optimizer runs, as ``optimize=True`` runs it. Each large initializer of the optimized graph
-   is then a strided view of one stand-in: its offset, shape and strides (from the numpy array the
-   optimizer built) are the recipe (`Deferred`) that reproduces it from the real parameter — the
-   ``*.weight_t`` MatMul weights are transposes, the embedding is the parameter itself, and a
-   stacked MoE expert weight would be whatever view the optimizer made of it.
+   vectors and parameters of at most `FOLD_LIMIT` elements (the optimizer's constant-folding input
+   limit) get their real values from the checkpoint — the optimizer folds them (``A =
+   -exp(A_log)``, casts of norm weights …), deduplicates them by value, and its rewrite rules read
+   some whatever their size (onnxscript removes a Conv bias that is all zeros), so they must be
+   real. Larger ones get a stand-in: a tensor over an untouched anonymous mapping of the right
+   size, which costs no memory. The optimizer folds large constants only into views (``Transpose``
+   is the one op it folds whatever the size).
+3. The optimizer runs, as ``optimize=True`` runs it, on a copy of the traced graph. If it read any
+   stand-in (``mincore`` shows the pages it touched) its decisions may depend on the placeholder
+   values: the read parameters get their real values and the optimizer runs again on a fresh copy.
+   Each large initializer of the optimized graph is then a strided view of one stand-in: its
+   offset, shape and strides (from the numpy array the optimizer built) are the recipe
+   (`Deferred`) that reproduces it from the real parameter — the ``*.weight_t`` MatMul weights are
+   transposes, the embedding is the parameter itself, and a stacked MoE expert weight would be
+   whatever view the optimizer made of it.
 4. Those initializers become placeholders (`hybridtrt.graphs.external_data.DEFERRED`), the usual
    graph passes run on the weight-less graph, and `DeferredTable.chunks` produces each recipe's
    bytes from the checkpoint (one parameter in memory, converted in slices, checked for NaN/Inf)
@@ -31,10 +34,10 @@ from __future__ import annotations
 
 import inspect
 import mmap
-import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -53,6 +56,9 @@ from hybridtrt.models.model import HybridLM
 
 #: Largest initializer (elements) the exporter's optimizer folds by value; larger ones are streamed.
 FOLD_LIMIT: int = inspect.signature(onnxscript.optimizer.optimize_ir).parameters["input_size_limit"].default
+#: Parameters with at most this many dims (biases, norm weights: small by nature) are always real,
+#: as the optimizer's rewrite rules inspect some of them whatever their size.
+REAL_MAX_DIMS = 1
 #: Bytes converted at a time when a parameter is written (bounds the temporary copies).
 CHUNK_BYTES = 64 << 20
 #: Initializer names of parameters carry the wrapper's prefix (`GraphModule.model`).
@@ -207,7 +213,8 @@ def trace_inputs(model: HybridLM, *, seq: int, state_dtype: torch.dtype, batch: 
 
 
 class StandIns:
-    """Inaccessible stand-ins for large parameters, and the views the optimizer made of them."""
+    """Stand-ins for large parameters (untouched anonymous memory: no RSS until read), which of
+    them were read, and the views the optimizer made of them."""
 
     def __init__(self) -> None:
         self._maps: list[mmap.mmap] = []
@@ -216,13 +223,15 @@ class StandIns:
     def make(self, parameter: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         itemsize = torch.empty((), dtype=dtype).element_size()
         nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * itemsize)
-        mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE, prot=0)  # PROT_NONE: reads crash
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "buffer is not writable": nothing ever touches it
-            t = torch.frombuffer(mm, dtype=torch.uint8)
+        mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+        t = torch.frombuffer(mm, dtype=torch.uint8)
         self._maps.append(mm)
         self._ranges.append((t.data_ptr(), t.data_ptr() + nbytes, parameter, dtype))
         return t.view(dtype).reshape(shape)
+
+    def read(self) -> set[str]:
+        """Parameters whose stand-in has a page mapped in, i.e. that something has read."""
+        return {parameter for start, end, parameter, _ in self._ranges if _pages_in(start, end - start)}
 
     def recipe(self, array: np.ndarray) -> Deferred | None:
         """The `Deferred` view that ``array`` is of a stand-in, or None when it is not one."""
@@ -236,9 +245,22 @@ class StandIns:
         return None
 
 
-def attach_weights(program, checkpoint: Checkpoint, stand_ins: StandIns) -> set[str]:
-    """Give the traced program's parameters values for the optimizer (real up to `FOLD_LIMIT`
-    elements, stand-ins above). Returns the initializer names that got stand-ins."""
+def _pages_in(address: int, length: int) -> bool:
+    """Whether any page of ``[address, address + length)`` is mapped in (``mincore``)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = (length + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed on a stand-in")
+    return any(v & 1 for v in vec)
+
+
+def attach_weights(program, checkpoint: Checkpoint, stand_ins: StandIns, real: set[str] = frozenset()) -> set[str]:
+    """Give the traced program's parameters values for the optimizer: real for vectors, up to
+    `FOLD_LIMIT` elements and for ``real``; stand-ins otherwise. Returns the initializer names that
+    got stand-ins."""
     values: dict[str, Tensor] = {}
     large: set[str] = set()
     for name in list(program.model.graph.initializers):
@@ -246,13 +268,35 @@ def attach_weights(program, checkpoint: Checkpoint, stand_ins: StandIns) -> set[
         if not name.startswith(_PARAM_PREFIX) or parameter not in checkpoint.parameters:
             raise RuntimeError(f"traced initializer {name!r} is not a parameter of the model")
         source = checkpoint.parameters[parameter]
-        if source.numel <= FOLD_LIMIT:
+        if source.numel <= FOLD_LIMIT or len(source.shape) <= REAL_MAX_DIMS or parameter in real:
             values[name] = checkpoint.read(parameter)
         else:
             values[name] = stand_ins.make(parameter, source.shape, source.dtype)
             large.add(name)
     program.apply_weights(values)
     return large
+
+
+def trace_and_optimize(trace: Callable[[], Any], checkpoint: Checkpoint, optimize_fn: Callable[[Any], None]):
+    """``trace()`` an unoptimized program, attach values and run ``optimize_fn(program)``; if the
+    optimizer read a stand-in, trace again and give the parameters it read their real values,
+    until it reads none. (A fresh trace, not a copy: the optimizer names the constants it creates
+    from the traced graph's name counter, so a copy would name them differently.)
+
+    Returns:
+        ``(program, stand_ins, large)``: the optimized program, its stand-ins, and the initializer
+        names that got them (for `defer_large_initializers`).
+    """
+    real: set[str] = set()
+    while True:
+        program = trace()
+        stand_ins = StandIns()
+        large = attach_weights(program, checkpoint, stand_ins, real)
+        optimize_fn(program)
+        read = stand_ins.read()
+        if not read:
+            return program, stand_ins, large
+        real |= read
 
 
 def defer_large_initializers(program, table: DeferredTable, stand_ins: StandIns, large: set[str]) -> None:
@@ -285,6 +329,7 @@ __all__ = [
     "StandIns",
     "attach_weights",
     "defer_large_initializers",
+    "trace_and_optimize",
     "fake_model",
     "trace_inputs",
 ]

@@ -1,22 +1,24 @@
 """Pass: cut a window of decoder layers out of an exported graph (bounded-memory verification).
 
-**Find** the residual stream. After decoder layer ``i`` the hidden state is ``h_i = residual +
-mixer_out``: the output of an ``Add`` in the ``/model`` scope (the node names of
-`hybridtrt.graphs.naming`) with one operand produced — possibly through ``Cast`` nodes of the
-``/model`` scope (fp32 residuals) — by a node of ``/model/layers.{i}/``, and the other operand
-``h_{i-1}`` (or, for layer 0, the output of ``/model/embeddings``), also possibly through Casts.
+**Find** the residual stream by node names (`hybridtrt.graphs.naming`): the hidden state ``h_i``
+after decoder layer ``i`` is what the next block's norm reads — the one value from outside the
+scope ``/model/layers.{i+1}/norm/`` (``/model/norm_f/`` after the last layer) that the nodes of
+that scope consume, followed back through ``Cast``/``Identity`` nodes of the ``/model`` scope
+(fp32 residuals). Whatever the reference wraps around ``residual + out`` (a padding select, a
+cast) is on the producing side, so ``h_i`` is a cut between the layers.
 
-**Check** that exactly one such Add exists per layer and that they chain ``h_0 → h_1 → …``;
-anything else is refused (`WindowError`): the pass never guesses.
+**Check** that each scope reads exactly one such value, and that a window reads no weights of
+layers outside it (the embedding only in the first window, the head only in the last); anything
+else is refused (`WindowError`): the pass never guesses.
 
 **Rewrite** into a new model that computes layers ``first..last`` only: inputs ``hidden_in``
 = ``h_{first-1}`` (absent when ``first == 0``: the embedding lookup is part of the window) and the
 graph inputs the window's nodes read — ``input_ids`` and ``attention_mask`` (mask, bias and
 decode flag are shared by all layers), the window's past states, and any other state whose shape
-the exporter reads for a dynamic dim (the batch size is one symbol for all states); outputs ``hidden_out`` = ``h_last`` (``logits`` instead when
-``last`` is the final layer) and the window's present states. Nodes are
-the backward closure of the outputs, in graph order; initializers keep their external-data
-references, so the window saved beside the model reads only its own weights.
+the exporter reads for a dynamic dim (the batch size is one symbol for all states); outputs
+``hidden_out`` = ``h_last`` (``logits`` instead when ``last`` is the final layer) and the window's
+present states. Nodes are the backward closure of the outputs, in graph order; initializers keep
+their external-data references, so the window saved beside the model reads only its own weights.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from hybridtrt.errors import ExportError
 
 HIDDEN_IN, HIDDEN_OUT = "hidden_in", "hidden_out"
 _LAYER_SCOPE = re.compile(r"^/model/layers\.(\d+)/")
-_TOP_ADD = re.compile(r"^/model/Add(_\d+)?$")
 _PASS_THROUGH = ("Cast", "Identity")
 
 
@@ -48,44 +49,39 @@ def residual_stream(model: onnx.ModelProto, num_layers: int) -> list[str]:
     """``[h_0, …, h_{L-1}]``: the value name of the hidden state after each decoder layer.
 
     Raises:
-        WindowError: Not exactly one residual Add per layer, or they do not chain.
+        WindowError: A norm scope is missing or reads more than one outside value.
     """
-    producer = {out: n for n in model.graph.node for out in n.output}
+    g = model.graph
+    producer = {out: n for n in g.node for out in n.output}
+    constants = {t.name for t in g.initializer}
 
-    def origin(value: str) -> tuple[str, onnx.NodeProto | None]:
-        """Follow pass-through nodes of the top-level scope back to the producing value/node."""
+    def origin(value: str) -> str:
         node = producer.get(value)
         while node is not None and node.op_type in _PASS_THROUGH and _layer_of(node) is None:
             value = node.input[0]
             node = producer.get(value)
-        return value, node
+        return value
 
-    found: dict[int, tuple[str, str]] = {}  # layer -> (h_i, origin value of the other operand)
-    for node in model.graph.node:
-        if node.op_type != "Add" or not _TOP_ADD.match(node.name) or len(node.input) != 2:
-            continue
-        (va, na), (vb, nb) = origin(node.input[0]), origin(node.input[1])
-        la, lb = _layer_of(na), _layer_of(nb)
-        if (la is None) == (lb is None):
-            continue
-        layer, other = (la, vb) if la is not None else (lb, va)
-        if layer in found:
-            raise WindowError(f"two residual Adds for decoder layer {layer} ({found[layer][0]}, {node.output[0]})")
-        found[layer] = (node.output[0], other)
-    if sorted(found) != list(range(num_layers)):
-        raise WindowError(f"found residual Adds for layers {sorted(found)}, expected 0..{num_layers - 1}")
-    stream = [found[i][0] for i in range(num_layers)]
-    for i in range(1, num_layers):
-        if origin(found[i][1])[0] != stream[i - 1]:
-            raise WindowError(f"the residual Add of layer {i} does not take h_{i - 1} ({stream[i - 1]})")
-    first_other = producer.get(found[0][1]) if num_layers else None
-    if num_layers and (first_other is None or not first_other.name.startswith("/model/embeddings/")):
-        raise WindowError("the residual Add of layer 0 does not take the embedding output")
+    def reads(scope: str) -> set[str]:
+        nodes = [n for n in g.node if n.name.startswith(scope)]
+        if not nodes:
+            raise WindowError(f"the graph has no nodes named {scope}*")
+        inside = {out for n in nodes for out in n.output}
+        return {origin(v) for n in nodes for v in n.input if v and v not in inside and v not in constants}
+
+    stream = []
+    for i in range(num_layers):
+        scope = f"/model/layers.{i + 1}/norm/" if i + 1 < num_layers else "/model/norm_f/"
+        values = reads(scope)
+        if len(values) != 1:
+            raise WindowError(f"{scope} reads {len(values)} values from outside ({sorted(values)[:4]}), expected the hidden state alone")
+        stream.append(values.pop())
     return stream
 
 
 def _value_info(name: str, elem_type: int) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, elem_type, None)
+    """A hidden state ``[batch, seq, hidden]`` (symbolic dims)."""
+    return helper.make_tensor_value_info(name, elem_type, ["batch", "seq", "hidden"])
 
 
 def extract(model: onnx.ModelProto, cuts: dict[str, int], outputs: dict[str, str | int]) -> onnx.ModelProto:
@@ -93,9 +89,10 @@ def extract(model: onnx.ModelProto, cuts: dict[str, int], outputs: dict[str, str
 
     Args:
         model: The full graph (external data not loaded).
-        cuts: Intermediate values that become inputs: ``{value: elem type}``.
+        cuts: Intermediate hidden states ``[batch, seq, hidden]`` that become inputs: ``{value:
+            elem type}``.
         outputs: ``{value: value}`` for a graph output (keeps its ValueInfo), or ``{value: elem
-            type}`` for an intermediate value.
+            type}`` for an intermediate hidden state.
 
     Returns:
         The sub-model: nodes of the backward closure of ``outputs`` (graph order), the graph inputs
@@ -176,11 +173,9 @@ def window(
     outputs.update({name: name for name in state_outputs})
     sub = extract(model, cuts, outputs)
     weights = {t.name for t in sub.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-    foreign = sorted(
-        {i for n in sub.graph.node if (i := _layer_of(n)) is not None and not first <= i <= last and weights.intersection(n.input)}
-    )
+    foreign = sorted({n.name for n in sub.graph.node if weights.intersection(n.input) and not _allowed(n, first, last, final)})
     if foreign:
-        raise WindowError(f"the window of layers {first}..{last} needs weights of layers {foreign}")
+        raise WindowError(f"the window of layers {first}..{last} reads weights outside it (in {foreign[:4]})")
     renames = {}
     if first > 0:
         renames[stream[first - 1]] = HIDDEN_IN
@@ -188,6 +183,17 @@ def window(
         renames[stream[last]] = HIDDEN_OUT
     _rename_values(sub, renames)
     return sub
+
+
+def _allowed(node: onnx.NodeProto, first: int, last: int, final: bool) -> bool:
+    """May a node of this window read weights? Its layer's, the embedding's (first window), the
+    head's (last window)."""
+    layer = _layer_of(node)
+    if layer is not None:
+        return first <= layer <= last
+    if node.name.startswith("/model/embeddings/"):
+        return first == 0
+    return final
 
 
 def _rename_values(model: onnx.ModelProto, renames: dict[str, str]) -> None:

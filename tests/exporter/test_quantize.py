@@ -19,6 +19,7 @@ from hybridtrt.errors import QuantizationError
 from hybridtrt.exporter import quantize as quantize_mod
 from hybridtrt.exporter.calibration import calibrate, calibration_batches, calibration_hash, matmul_node_name
 from hybridtrt.exporter.eager import trace_graph
+from hybridtrt.exporter.export import GraphSpec
 from hybridtrt.exporter.quantize import QuantizeOptions, quantize_graph
 from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs.fp8_qdq import QUANTIZABLE_PROJECTIONS
@@ -150,7 +151,7 @@ def test_quantize_graph_end_to_end(exported, tmp_path, monkeypatch):
     options = QuantizeOptions(calib_random=8, seq_len=32)
 
     unified = onnx.load(str(out / "model.onnx"))  # what export() holds in memory after trace_graph
-    decode = trace_graph(model, decode=True)
+    decode = trace_graph(model, GraphSpec(decode=True))
     recipes = [quantize_graph(unified, model, ckpt, options), quantize_graph(decode, model, ckpt, options)]
     assert len(calls) == 1  # calibrated once, scales reused by the decode graph
     assert recipes[0]["activation_scales"] == recipes[1]["activation_scales"]

@@ -71,19 +71,3 @@ def test_planted_weight_fault_is_caught(make_export, tmp_path, mode):
     with pytest.raises(ExportError, match="layers 4..4" if mode == "layers" else "disagrees with the PyTorch reference") as e:
         verify_export(bad, model, read_manifest(bad), mode=mode, parameter_bytes=1)
     assert "present_ssm_state.4" in str(e.value)
-
-
-def test_window_reads_only_its_own_weights(make_export, tmp_path):
-    from hybridtrt.graphs import layer_window
-
-    _, out = make_export("tiny-nemotron-h", SPLIT)
-    full = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    stream = layer_window.residual_stream(full, 8)
-    sub = layer_window.window(full, stream, 3, 4, ["present_conv_state.4", "present_ssm_state.4"], onnx.TensorProto.FLOAT)
-    weights = {t.name for t in sub.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-    assert weights == {"model.layers.3.mixer.up_proj.weight_t", "model.layers.3.mixer.down_proj.weight_t",
-                       "model.layers.4.mixer.in_proj.weight_t", "model.layers.4.mixer.out_proj.weight_t",
-                       "model.layers.4.mixer.conv1d.weight"}
-    names = {i.name for i in sub.graph.input}
-    assert layer_window.HIDDEN_IN in names and "past_ssm_state.4" in names and "past_ssm_state.2" not in names
-    assert [o.name for o in sub.graph.output] == [layer_window.HIDDEN_OUT, "present_conv_state.4", "present_ssm_state.4"]
