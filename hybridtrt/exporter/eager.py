@@ -36,9 +36,10 @@ def _program(model: HybridLM, spec: GraphSpec):
     return export_program(model, example_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype), spec, optimize=True)
 
 
-def trace_graph(model: HybridLM, spec: GraphSpec = GraphSpec()) -> onnx.ModelProto:
+def trace_graph(model: HybridLM, spec: GraphSpec | None = None) -> onnx.ModelProto:
     """Trace one graph of a loaded model and run the graph passes; the weights are in the returned
     protobuf (for passes that rewrite weights in memory, and tests)."""
+    spec = spec or GraphSpec()
     return run_passes(_program(model, spec).model_proto, model.config, spec)
 
 

@@ -29,20 +29,42 @@ from torch.export import Dim
 
 from hybridtrt.errors import ExportError
 from hybridtrt.exporter import io
-from hybridtrt.exporter.manifest import MANIFEST_FILE, GraphEntry, Manifest, checkpoint_hash, layer_map
+from hybridtrt.exporter.manifest import (
+    MANIFEST_FILE,
+    GraphEntry,
+    Manifest,
+    checkpoint_hash,
+    layer_map,
+)
 from hybridtrt.exporter.quantize import QuantizeOptions, quantize_graph
-from hybridtrt.exporter.streaming import DeferredTable, defer_large_initializers, fake_model, trace_inputs
-from hybridtrt.exporter.streaming import trace_and_optimize
+from hybridtrt.exporter.streaming import (
+    DeferredTable,
+    defer_large_initializers,
+    fake_model,
+    trace_and_optimize,
+    trace_inputs,
+)
 from hybridtrt.exporter.target import OutputDir
 from hybridtrt.exporter.translation import translation_table
 from hybridtrt.exporter.verify import VERIFY_MODES, Progress, verify_export
 from hybridtrt.exporter.wrapper import GraphModule
 from hybridtrt.graphs.cleanup import strip_metadata
 from hybridtrt.graphs.dims import name_io_dims
-from hybridtrt.graphs.external_data import deferred_key, is_deferred, planned_external_bytes, share_before_write, write_external_data
+from hybridtrt.graphs.external_data import (
+    deferred_key,
+    is_deferred,
+    planned_external_bytes,
+    share_before_write,
+    write_external_data,
+)
 from hybridtrt.graphs.naming import assign_node_names, name_matmul_weights
 from hybridtrt.models.config import MAMBA, HybridConfig
-from hybridtrt.models.loading import Checkpoint, dtype_name, open_checkpoint, parse_dtype
+from hybridtrt.models.loading import (
+    Checkpoint,
+    dtype_name,
+    open_checkpoint,
+    parse_dtype,
+)
 from hybridtrt.models.model import HybridLM
 from hybridtrt.ops.onnx_functions import DOMAIN, MAX_OPSET, MIN_OPSET, attach_functions
 
@@ -218,12 +240,13 @@ def _optimize(program) -> None:
         program.optimize()
 
 
-def trace_streamed(checkpoint: Checkpoint, table: DeferredTable, spec: GraphSpec = GraphSpec()) -> onnx.ModelProto:
+def trace_streamed(checkpoint: Checkpoint, table: DeferredTable, spec: GraphSpec | None = None) -> onnx.ModelProto:
     """Trace one graph (unified or decode) without loading the weights, and run the graph passes.
 
     Returns the graph with its large initializers as placeholders whose recipes are in ``table``
     (`hybridtrt.exporter.streaming`); small ones (≤ `FOLD_LIMIT` elements) are inline.
     """
+    spec = spec or GraphSpec()
     model = fake_model(checkpoint)
     inputs = trace_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype)
     program, stand_ins, large = trace_and_optimize(lambda: export_program(model, inputs, spec, optimize=False), checkpoint, _optimize)
@@ -356,7 +379,7 @@ def export(
                     target.partial / MODEL_FILE,
                     rule=rule,
                     size_threshold=opts.size_threshold,
-                    same=lambda t, path, offset, n: table.same(t, path, offset, n, unified_keys),
+                    same=lambda t, path, offset, n, keys=unified_keys: table.same(t, path, offset, n, keys),
                 )
                 rule = "onnx"
             else:

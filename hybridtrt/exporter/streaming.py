@@ -48,8 +48,13 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from hybridtrt.exporter.io import BATCH, PAST, state_specs
-from hybridtrt.exporter.wrapper import GraphModule
-from hybridtrt.graphs.external_data import DEFERRED, deferred_key, deferred_tensor, is_deferred, same_as_file
+from hybridtrt.graphs.external_data import (
+    DEFERRED,
+    deferred_key,
+    deferred_tensor,
+    is_deferred,
+    same_as_file,
+)
 from hybridtrt.graphs.fp8_qdq import WeightScale, quantize_weight
 from hybridtrt.models.loading import Checkpoint, check_finite
 from hybridtrt.models.model import HybridLM

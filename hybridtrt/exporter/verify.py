@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -177,9 +178,9 @@ def verify_export(
     specs = state_specs(model.config)
     for role, entry in manifest.graphs.items():
         decode = role == "decode"
-        inputs = _reference(lambda: example_inputs(model, seq=1 if decode else 7, batch=3, past=4, state_dtype=state_dtype, seed=1), manifest.dtype)
+        inputs = _reference(partial(example_inputs, model, seq=1 if decode else 7, batch=3, past=4, state_dtype=state_dtype, seed=1), manifest.dtype)
         graph = GraphModule(model, manifest.logits, decode, per_layer=True).eval()
-        expected = _reference(lambda: graph(*inputs), manifest.dtype)
+        expected = _reference(partial(graph, *inputs), manifest.dtype)
         weights = getattr(model, "weights", None)
         if weights is not None and hasattr(weights, "release"):
             weights.release()  # a lazy reference's last layer is not needed while ORT runs
