@@ -42,23 +42,23 @@ def _nemotron(**overrides) -> dict:
 _NANO_ATTENTION = {"num_key_value_heads": 8, "head_dim": 128}
 
 
-#: name -> (HF config.json, checkpoint dtype, export dtype, verify). ``nano-9b-v2`` is
+#: name -> (HF config.json, checkpoint dtype, [(export dtype, verify), ...]). ``nano-9b-v2`` is
 #: NVIDIA-Nemotron-Nano-9B-v2's public config (hidden 4480, 56 layers: 27 Mamba-2, 25 MLP,
 #: 4 attention; 128 Mamba heads of 80, d_state 128, 8 groups; vocab 131072): 8.89 B parameters.
 _NANO_9B_PATTERN = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
-SIZES: dict[str, tuple[dict, str, str, bool]] = {
-    "small": (_nemotron(), "fp32", "fp32", True),  # the small-nemotron-h preset
+SIZES: dict[str, tuple[dict, str, list[tuple[str, bool]]]] = {
+    "small": (_nemotron(), "fp32", [("fp32", True)]),  # the small-nemotron-h preset
     "1b": (
         _nemotron(**_NANO_ATTENTION, hidden_size=2048, hybrid_override_pattern="M-M-M*-M-M-M*-M-M-M*-M-M-M-", mamba_num_heads=64, num_attention_heads=16, intermediate_size=7168),
-        "fp32", "fp32", True,
+        "fp32", [("fp32", True)],
     ),
     "5b": (
         _nemotron(**_NANO_ATTENTION, vocab_size=131072, hidden_size=3584, hybrid_override_pattern=_NANO_9B_PATTERN[:44], mamba_num_heads=112, num_attention_heads=32, intermediate_size=12544),
-        "bf16", "fp16", True,
+        "bf16", [("fp16", True)],
     ),
     "nano-9b-v2": (
         _nemotron(**_NANO_ATTENTION, vocab_size=131072, hidden_size=4480, hybrid_override_pattern=_NANO_9B_PATTERN, mamba_num_heads=128, num_attention_heads=40, intermediate_size=15680),
-        "bf16", "bf16", False,
+        "bf16", [("bf16", False), ("fp16", True)],  # ORT CPU cannot run bf16: no verification
     ),
 }
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -164,16 +164,19 @@ def main() -> None:
     rows = []
     try:
         for name in args.sizes:
-            config, ckpt_dtype, export_dtype, verify = SIZES[name]
-            export_dtype = args.export_dtype or export_dtype
-            verify = verify and not args.no_verify and export_dtype != "bf16"
+            config, ckpt_dtype, exports = SIZES[name]
             ckpt, out = work / f"{name}-ckpt", work / f"{name}-export"
             n_params, t_write = write_checkpoint(config, ckpt_dtype, ckpt)
-            param_bytes = n_params * _BYTES[export_dtype]
             print(f"{name}: {n_params / 1e9:.2f} B parameters, checkpoint ({ckpt_dtype}) written in {t_write:.0f} s", flush=True)
-            modes = ["stream"] + (["eager"] if param_bytes <= args.eager_up_to else [])
-            for mode in modes:
-                r = child(mode, ckpt, out, export_dtype, verify and mode == "stream")
+            if args.export_dtype:
+                exports = [(args.export_dtype, args.export_dtype != "bf16")]
+            runs = []
+            for export_dtype, verify in exports:
+                param_bytes = n_params * _BYTES[export_dtype]
+                runs += [("stream", export_dtype, verify and not args.no_verify, param_bytes)]
+                runs += [("eager", export_dtype, False, param_bytes)] if param_bytes <= args.eager_up_to else []
+            for mode, export_dtype, verify, param_bytes in runs:
+                r = child(mode, ckpt, out, export_dtype, verify)
                 written = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
                 verification = "-"
                 if mode == "stream":

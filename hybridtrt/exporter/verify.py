@@ -41,8 +41,8 @@ from hybridtrt.models.model import HybridLM
 VERIFY_MODES = ("auto", "full", "layers")
 #: ``auto`` verifies the whole graph at once up to this many bytes of parameters, by windows above.
 FULL_GRAPH_MAX_BYTES = 256 << 20
-#: A window holds about this fraction of the parameter bytes (at least one layer).
-WINDOW_FRACTION = 1 / 16
+#: A window holds about this fraction of the parameter bytes (at least one layer, or the head).
+WINDOW_FRACTION = 1 / 32
 _ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16, torch.bfloat16: onnx.TensorProto.BFLOAT16}
 
 #: ``progress(label, total, unit) -> context manager yielding advance(n)``.
@@ -81,12 +81,12 @@ def window_plan(layer_bytes: list[int], budget: int) -> list[tuple[int, int]]:
 
 
 def _layer_bytes(model: onnx.ModelProto, num_layers: int) -> list[int]:
-    """Initializer bytes each window member reads: decoder layer ``i``'s nodes, with the embedding
-    counted in layer 0 and everything else (final norm, head) in the last layer."""
+    """Initializer bytes each window member reads: decoder layer ``i``'s nodes (the embedding
+    counted in layer 0), and as member ``L`` everything else (final norm, head)."""
     from hybridtrt.graphs.external_data import tensor_nbytes
 
     sizes = {t.name: tensor_nbytes(t) for t in model.graph.initializer}
-    per_layer = [0] * num_layers
+    per_layer = [0] * (num_layers + 1)
     seen: set[str] = set()
     for node in model.graph.node:
         layer = layer_window._layer_of(node)
@@ -96,7 +96,7 @@ def _layer_bytes(model: onnx.ModelProto, num_layers: int) -> list[int]:
             if name in sizes and name not in seen and layer is not None:
                 per_layer[layer] += sizes[name]
                 seen.add(name)
-    per_layer[-1] += sum(n for k, n in sizes.items() if k not in seen)
+    per_layer[-1] = sum(n for k, n in sizes.items() if k not in seen)
     return per_layer
 
 
@@ -194,24 +194,35 @@ def verify_export(
             worst = gate.check(entry.file, got, want)
             record["graphs"][entry.file] = {"worst": {"output": worst[0], "rel_l2": worst[1]}}
             continue
-        record["graphs"][entry.file] = _verify_windows(export_dir, entry.file, model, specs, feeds, logits, states, hidden, gate, parameter_bytes, progress)
+        present = {s.present_name: t for s, t in zip(specs, states)}
+        hidden = dict(enumerate(hidden))
+        del inputs, expected, states  # the windows drop what they have checked
+        record["graphs"][entry.file] = _verify_windows(export_dir, entry.file, model, specs, feeds, logits, present, hidden, gate, parameter_bytes, progress)
     return record
 
 
-def _verify_windows(export_dir, file, model, specs, feeds, logits, states, hidden, gate, parameter_bytes, progress) -> dict[str, Any]:
-    """``layers`` mode for one graph."""
+def _label(first: int, last: int, num_layers: int) -> str:
+    """``layers 3..5``, ``layers 30..31 + head``, ``head``."""
+    if first == num_layers:
+        return "head"
+    return f"layers {first}..{min(last, num_layers - 1)}" + (" + head" if last == num_layers else "")
+
+
+def _verify_windows(export_dir, file, model, specs, feeds, logits, present, hidden, gate, parameter_bytes, progress) -> dict[str, Any]:
+    """``layers`` mode for one graph. The head is the last window (member ``L``), on its own when
+    it is large: by then the expected states of the layers already verified have been dropped
+    (this function owns ``present`` and ``hidden`` and empties them as it goes)."""
     full = onnx.load(str(export_dir / file), load_external_data=False)
     num_layers = model.config.num_layers
     try:
         stream = layer_window.residual_stream(full, num_layers)
     except layer_window.WindowError as e:
         raise ExportError(f"{file}: cannot verify by layer windows ({e.message})", fix="verify the whole graph with --verify full, or skip with --no-verify") from None
-    per_layer = _layer_bytes(full, num_layers)
-    windows = window_plan(per_layer, max(int(parameter_bytes * WINDOW_FRACTION), 1))
+    member_bytes = _layer_bytes(full, num_layers)
+    windows = window_plan(member_bytes, max(int(parameter_bytes * WINDOW_FRACTION), 1))
     hidden_type = _ONNX_TYPES[hidden[0].dtype]
     worst = ("", -1.0)
-    present = {s.present_name: t for s, t in zip(specs, states)}
-    with progress(f"verify {file} by layer windows", sum(per_layer), "B") as advance:
+    with progress(f"verify {file} by layer windows", sum(member_bytes), "B") as advance:
         for first, last in windows:
             mine = [s for s in specs if first <= s.layer <= last]
             sub = layer_window.window(full, stream, first, last, [s.present_name for s in mine], hidden_type)
@@ -224,12 +235,17 @@ def _verify_windows(export_dir, file, model, specs, feeds, logits, states, hidde
                 got = _session(path).run(window_feeds)
             finally:
                 path.unlink(missing_ok=True)
-            head = {LOGITS: logits} if last == num_layers - 1 else {layer_window.HIDDEN_OUT: hidden[last]}
-            want = {**head, **{s.present_name: present[s.present_name] for s in mine}}
-            name, err = gate.check(f"{file} layers {first}..{last}", got, want)
+            head = {LOGITS: logits} if last == num_layers else {layer_window.HIDDEN_OUT: hidden[last]}
+            want = {**head, **{s.present_name: present.pop(s.present_name) for s in mine}}
+            label = _label(first, last, num_layers)
+            name, err = gate.check(f"{file} {label}", got, want)
             if err > worst[1]:
-                worst = (f"{name} (layers {first}..{last})", err)
-            advance(sum(per_layer[first : last + 1]))
+                worst = (f"{name} ({label})", err)
+            for k in range(first - 1, last):  # what later windows do not need (past states stay:
+                # a window may read another layer's past state for a dynamic dim)
+                hidden.pop(k, None)
+            del got, want
+            advance(sum(member_bytes[first : last + 1]))
     return {"worst": {"output": worst[0], "rel_l2": worst[1]}, "windows": [list(w) for w in windows]}
 
 

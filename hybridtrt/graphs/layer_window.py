@@ -16,8 +16,10 @@ else is refused (`WindowError`): the pass never guesses.
 graph inputs the window's nodes read — ``input_ids`` and ``attention_mask`` (mask, bias and
 decode flag are shared by all layers), the window's past states, and any other state whose shape
 the exporter reads for a dynamic dim (the batch size is one symbol for all states); outputs
-``hidden_out`` = ``h_last`` (``logits`` instead when ``last`` is the final layer) and the window's
-present states. Nodes are the backward closure of the outputs, in graph order; initializers keep
+``hidden_out`` = ``h_last`` and the window's
+present states. The head (final norm, LM head) counts as member ``L`` after the ``L`` layers: a
+window whose ``last`` is ``L`` ends with ``logits`` instead, and the window ``(L, L)`` is the head
+alone. Nodes are the backward closure of the outputs, in graph order; initializers keep
 their external-data references, so the window saved beside the model reads only its own weights.
 """
 
@@ -153,18 +155,18 @@ def window(
 
     Args:
         model: The full graph.
-        stream: `residual_stream` of it.
-        first / last: Layer range (inclusive).
+        stream: `residual_stream` of it (``L`` values).
+        first / last: Member range (inclusive): layers ``0..L-1``, and ``L`` for the head.
         state_outputs: The present state names of these layers.
         hidden_type: ONNX elem type of the residual stream (the reference's hidden-state dtype).
-        final_outputs: The graph outputs (besides states) of a window that ends at the last layer.
+        final_outputs: The graph outputs (besides states) of a window that includes the head.
 
     Raises:
         WindowError: The window would read weights of layers outside ``first..last`` (shape
             computations the exporter shares between layers are fine).
     """
     cuts = {stream[first - 1]: hidden_type} if first > 0 else {}
-    final = last == len(stream) - 1
+    final = last == len(stream)
     outputs: dict[str, str | int] = {}
     if final:
         outputs.update({name: name for name in final_outputs})

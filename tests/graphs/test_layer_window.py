@@ -59,7 +59,8 @@ def test_window_reads_only_its_own_weights(make_export):
 
 @pytest.mark.parametrize("graph", ["model.onnx", "decode.onnx"])
 def test_chained_windows_compute_the_whole_graph(exported, tmp_path, graph):
-    """Windows fed with each other's hidden_out give the whole graph's logits and states."""
+    """Windows fed with each other's hidden_out (the last one is the head alone) give the whole
+    graph's logits and states."""
     model, out = exported
     decode = graph == "decode.onnx"
     inputs = example_inputs(model, seq=1 if decode else 7, batch=3, past=4, seed=2)
@@ -70,7 +71,7 @@ def test_chained_windows_compute_the_whole_graph(exported, tmp_path, graph):
     n = model.config.num_layers
     stream = layer_window.residual_stream(full, n)
     hidden = None
-    bounds = [(0, 1), (2, n - 2), (n - 1, n - 1)]
+    bounds = [(0, 1), (2, n - 1), (n, n)]  # member n: the head alone
     for first, last in bounds:
         mine = [s.present_name for s in specs if first <= s.layer <= last]
         sub = layer_window.window(full, stream, first, last, mine, onnx.TensorProto.FLOAT)
