@@ -36,6 +36,7 @@ import inspect
 import mmap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ from hybridtrt.graphs.external_data import (
     is_deferred,
     same_as_file,
 )
-from hybridtrt.graphs.fp8_qdq import WeightScale, quantize_weight
+from hybridtrt.graphs.fp8_qdq import Quantize
 from hybridtrt.models.loading import Checkpoint, check_finite
 from hybridtrt.models.model import HybridLM
 
@@ -111,16 +112,29 @@ class Deferred:
             yield out.reshape(-1).view(torch.uint8).numpy()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DeferredFP8:
-    """The FP8 initializer of a quantized weight (`quantize_weight` of a `Deferred` weight)."""
+    """The FP8 initializer of a quantized weight: ``quantize`` (`hybridtrt.graphs.fp8_qdq.Quantize`)
+    of a `Deferred` weight's values. Equal when the weight and the quantization (function and bound
+    arguments of the ``functools.partial``) are."""
 
     weight: Deferred
-    mode: WeightScale
-    scale_type: int
+    quantize: Quantize
+
+    def _identity(self) -> tuple:
+        q = self.quantize
+        if isinstance(q, partial):
+            return (self.weight, q.func, q.args, tuple(sorted(q.keywords.items())))
+        return (self.weight, q)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DeferredFP8) and self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
 
     def chunks(self, checkpoint: Checkpoint) -> Iterator[np.ndarray]:
-        w_fp8, _ = quantize_weight(_numpy(self.weight.tensor(checkpoint)), self.mode, self.scale_type)
+        w_fp8, _ = self.quantize(_numpy(self.weight.tensor(checkpoint)))
         yield w_fp8.view(np.uint8)
 
 
@@ -178,17 +192,17 @@ class DeferredTable:
 
         in_memory = in_memory_quantizer()
 
-        def quantize(w: onnx.TensorProto, fp8_name: str, mode: WeightScale, elem: int) -> tuple[onnx.TensorProto, np.ndarray]:
+        def quantizer(w: onnx.TensorProto, fp8_name: str, quantize: Quantize) -> tuple[onnx.TensorProto, np.ndarray]:
             if not is_deferred(w):
-                return in_memory(w, fp8_name, mode, elem)
+                return in_memory(w, fp8_name, quantize)
             recipe = self.recipe(w)
             if not isinstance(recipe, Deferred):
                 raise RuntimeError(f"{w.name} is already quantized ({recipe})")
-            _, scale = quantize_weight(_numpy(recipe.tensor(self.checkpoint)), mode, elem)
-            key = self.key(DeferredFP8(recipe, mode, elem))
+            _, scale = quantize(_numpy(recipe.tensor(self.checkpoint)))
+            key = self.key(DeferredFP8(recipe, quantize))
             return deferred_tensor(fp8_name, onnx.TensorProto.FLOAT8E4M3FN, w.dims, key), scale
 
-        return quantize
+        return quantizer
 
 
 def fake_model(checkpoint: Checkpoint) -> HybridLM:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,11 +53,14 @@ _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, 
 
 WeightScale = Literal["tensor", "channel"]
 
-#: ``quantizer(weight, fp8_name, mode, scale_type) -> (fp8 initializer named fp8_name, scale)``:
-#: how a weight initializer becomes its FP8 initializer and scale (`quantize_weight` semantics).
-#: The default reads the weight's values (`in_memory_quantizer`); a streaming exporter passes one
-#: that returns a deferred FP8 initializer (`hybridtrt.graphs.external_data`) instead.
-WeightQuantizer = Callable[[TensorProto, str, WeightScale, int], tuple[TensorProto, np.ndarray]]
+#: ``quantize(w) -> (w_fp8, scale)`` on a weight's values (`quantize_weight` with its mode and scale
+#: type bound, as a ``functools.partial``).
+Quantize = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+#: ``quantizer(weight, fp8_name, quantize) -> (fp8 initializer named fp8_name, scale)``: how a weight
+#: initializer becomes its FP8 initializer and scale. The default reads the weight's values
+#: (`in_memory_quantizer`); a streaming exporter passes one that returns a deferred FP8 initializer
+#: (`hybridtrt.graphs.external_data`) instead, whose bytes ``quantize`` produces when it is written.
+WeightQuantizer = Callable[[TensorProto, str, Quantize], tuple[TensorProto, np.ndarray]]
 
 
 @dataclass
@@ -199,11 +203,11 @@ def quantize_weight(w: np.ndarray, mode: WeightScale, elem_type: int) -> tuple[n
 def in_memory_quantizer(base_dir: str | None = None) -> WeightQuantizer:
     """The default `WeightQuantizer`: reads the weight (inline, or external under ``base_dir``)."""
 
-    def quantize(w: TensorProto, fp8_name: str, mode: WeightScale, elem: int) -> tuple[TensorProto, np.ndarray]:
-        w_fp8, scale = quantize_weight(_load_array(w, base_dir), mode, elem)
+    def quantizer(w: TensorProto, fp8_name: str, quantize: Quantize) -> tuple[TensorProto, np.ndarray]:
+        w_fp8, scale = quantize(_load_array(w, base_dir))
         return fp8_tensor(fp8_name, w_fp8), scale
 
-    return quantize
+    return quantizer
 
 
 def insert_fp8_qdq(
@@ -290,7 +294,7 @@ def insert_fp8_qdq(
         dq = helper.make_node("DequantizeLinear", [q_out, s_name, zp_name], [dq_out], name=f"{scope}/input_quantizer/DequantizeLinear")
         # Weight: FP8 initializer + DQ.
         fp8_name, ws_name, wzp_name = f"{dotted}.weight_t_fp8", f"{dotted}.weight_scale", f"{dotted}.weight_zero_point"
-        w_fp8, w_scale = quantize(w_init, fp8_name, weight_scale, elem)
+        w_fp8, w_scale = quantize(w_init, fp8_name, partial(quantize_weight, mode=weight_scale, elem_type=elem))
         wdq_out = f"{scope}/weight_quantizer/DequantizeLinear_output_0"
         graph.initializer.extend(
             [w_fp8, float_tensor(ws_name, w_scale, elem), fp8_tensor(wzp_name, np.zeros(w_scale.shape, ml_dtypes.float8_e4m3fn))]
@@ -347,6 +351,7 @@ __all__ = [
     "FP8Recipe",
     "FP8_E4M3_MAX",
     "MIN_FP8_OPSET",
+    "Quantize",
     "WeightQuantizer",
     "QUANTIZABLE_PROJECTIONS",
     "fp8_saturating_cast",
