@@ -125,10 +125,10 @@ def write_external_data(
             nbytes = tensor_nbytes(t)
             parts: Iterable = chunks(t) if is_deferred(t) else (t.raw_data,)
             if not decide(nbytes, size_threshold):
-                if is_deferred(t):
+                if is_deferred(t):  # inline, as if it had never been a placeholder
                     del t.external_data[:]
-                    t.data_location = onnx.TensorProto.DEFAULT
-                    t.raw_data = b"".join(bytes(memoryview(p)) for p in parts)
+                    t.ClearField("data_location")
+                    t.raw_data = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
                 continue
             if out is None:
                 out = open(path, "xb")  # noqa: SIM115 (closed in finally)

@@ -268,3 +268,11 @@ def test_hf_save_pretrained_checkpoint_loads(tmp_path):
     for f in ckpt.glob("model-*.safetensors"):
         hf_tensors.update(load_file(f))
     assert torch.equal(model.layers[0].mixer.in_proj.weight, hf_tensors["backbone.layers.0.mixer.in_proj.weight"])
+
+
+def test_truncated_shard_is_refused_from_its_header(make_checkpoint, tmp_path):
+    ckpt = _copy(make_checkpoint(), tmp_path / "c")
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors file: tensor .* run past the file"):
+        load_model(ckpt, lazy=True)  # refused before anything is read
