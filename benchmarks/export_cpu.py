@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from timing import median_time  # benchmarks/timing.py (the script's directory is on sys.path)
 
 _CHILD = r"""
 import json, sys, time
@@ -39,16 +39,6 @@ def child(mode: str, ckpt: Path, out: Path) -> dict:
     code = _CHILD.format(root=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run([sys.executable, "-c", code, mode, str(ckpt), str(out)], capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:

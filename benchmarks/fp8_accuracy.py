@@ -8,7 +8,9 @@ against the fp32 PyTorch reference:
   top-1 agreement;
 * greedy generation of ``--steps`` tokens (FP8 ORT vs fp32 PyTorch): fraction of identical
   tokens and mean number of steps before the first divergence;
-* ``weights.data`` size and the linear layers' weight bytes, fp32 vs FP8.
+* ``weights.data`` size and the linear layers' weight bytes, fp32 vs FP8;
+* for MoE presets, the routing agreement: fraction of real tokens whose top-k expert set is the
+  reference's, per MoE layer (``hybridtrt.validation.routing``), mean and minimum over the layers.
 
 Usage::
 
@@ -40,6 +42,7 @@ from hybridtrt.models.loading import load_model
 from hybridtrt.models.presets import create_checkpoint
 from hybridtrt.runtime.onnxruntime import OrtModel
 from hybridtrt.validation.metrics import compare
+from hybridtrt.validation.routing import routing_agreement
 
 #: (preset, initializer_range) runs when no ``--presets`` is given.
 DEFAULT_RUNS = [
@@ -48,6 +51,8 @@ DEFAULT_RUNS = [
     ("tiny-mamba2", 0.3),
     ("tiny-mamba2", 0.05),
     ("small-nemotron-h", 0.02),
+    ("tiny-nemotron3-moe", 0.3),
+    ("tiny-nemotron3-moe", 0.05),
 ]
 
 
@@ -66,6 +71,8 @@ class Row:
     file_ratio: float
     linear_ratio: float
     seconds: float
+    routing_mean: float | None = None  # MoE presets: top-k expert sets equal to the reference's
+    routing_min: float | None = None
 
 
 def _prompts(vocab: int, n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,13 +96,15 @@ def run_preset(preset: str, init_range: float, args: argparse.Namespace, work: P
     start = time.perf_counter()
     ckpt = create_checkpoint(preset, work / f"ckpt-{preset}-{init_range}", seed=0, initializer_range=init_range)
     out = work / f"export-{preset}-{init_range}"
-    export(ckpt, out, ExportOptions(verify=False))
+    export(ckpt, out, ExportOptions(verify=False, per_layer=True))
     model = load_model(ckpt, "fp32")
     vocab = model.config.vocab_size
     amax = calibrate(model, calibration_batches(None, calib_file=None, calib_random=args.calib, vocab_size=vocab, seq_len=args.seq_len, seed=1))
     ids, mask = _prompts(vocab, args.prompts, args.seq_len, seed=2)
     with torch.no_grad():
-        ref_logits = model(ids, mask, logits="last").logits
+        ref = model(ids, mask, logits="last", output_hidden_states=True)
+        ref_logits = ref.logits
+        ref_layers = {f"layer_output.{i}": h for i, h in enumerate(ref.hidden_states)}
         ref_tokens = model.generate(ids, mask, max_new_tokens=args.steps, eos_token_id=None).tokens
     fp32_bytes = (out / "weights.data").stat().st_size
     fp32_linear = quantized_weight_bytes(onnx.load(str(out / "model.onnx"), load_external_data=False))["high_precision"]
@@ -113,7 +122,9 @@ def run_preset(preset: str, init_range: float, args: argparse.Namespace, work: P
             onnx.save_model(proto, str(qdir / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True, location="weights.data", size_threshold=1024)
             shutil.copy(out / "hybridtrt.json", qdir / "hybridtrt.json")
         fp8 = OrtModel(qdir)
-        logits = torch.from_numpy(fp8.run(ids, mask, fp8.zero_state(ids.shape[0]))["logits"])
+        outputs = fp8.run(ids, mask, fp8.zero_state(ids.shape[0]))
+        logits = torch.from_numpy(outputs["logits"])
+        routing = list(routing_agreement(model, ids, mask, ref_layers, outputs).values())
         c = compare(logits, ref_logits, top1=True)
         tokens = fp8.generate(ids, mask, max_new_tokens=args.steps, eos_token_id=None).tokens
         match, first = _greedy(tokens, ref_tokens)
@@ -130,18 +141,22 @@ def run_preset(preset: str, init_range: float, args: argparse.Namespace, work: P
                 file_ratio=(qdir / "weights.data").stat().st_size / fp32_bytes,
                 linear_ratio=sum(quantized_weight_bytes(proto).values()) / fp32_linear,
                 seconds=setup_s / 2 + time.perf_counter() - t0,
+                routing_mean=sum(routing) / len(routing) if routing else None,
+                routing_min=min(routing) if routing else None,
             )
         )
     return rows
 
 
 def print_table(rows: list[Row], steps: int) -> None:
-    head = ["preset", "init", "weights", "cosine", "rel L2", "top-1", f"greedy ({steps})", "to 1st diff", "file", "linear W", "s"]
+    head = ["preset", "init", "weights", "cosine", "rel L2", "top-1", f"greedy ({steps})", "to 1st diff", "routing mean / min", "file", "linear W", "s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             r.preset, f"{r.init_range:g}", "fp32 (ORT)" if r.weight_scale == "none" else f"FP8 per-{r.weight_scale}", f"{r.cosine:.4f}", f"{r.rel_l2:.3f}", f"{r.top1:.3f}",
-            f"{r.greedy_match:.3f}", f"{r.steps_to_divergence:.1f}", f"{r.file_ratio:.3f}", f"{r.linear_ratio:.3f}", f"{r.seconds:.0f}",
+            f"{r.greedy_match:.3f}", f"{r.steps_to_divergence:.1f}",
+            "—" if r.routing_mean is None else f"{r.routing_mean:.3f} / {r.routing_min:.3f}",
+            f"{r.file_ratio:.3f}", f"{r.linear_ratio:.3f}", f"{r.seconds:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))

@@ -45,6 +45,9 @@ from hybridtrt.plugins.build import build_plugins  # noqa: E402
 from hybridtrt.plugins.kernels import KernelLibrary, scan_workspace_bytes  # noqa: E402
 from hybridtrt.plugins.ptxas import format_table, hot_kernels, parse_ptxas  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import traffic  # noqa: E402  (benchmarks/gpu/traffic.py: the byte-traffic model of the scan)
+
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 #: "cuda", or "cpu" under --dry-run (eager PyTorch stands in for the kernels; exercises the script only).
 DEVICE = "cuda"
@@ -158,7 +161,10 @@ def check_chunk_scan(lib: KernelLibrary, report: Report, quick: bool) -> None:
                         s0.zero_()
                     y = torch.full_like(x, float("nan"))
                     final = torch.full_like(s0, float("nan"))
-                    lib.chunk_scan(x, dt, A, B, C, D, s0 if with_init else None, y=y, final_state=final)
+                    lib.chunk_scan(
+                        x, dt, A, B, C, D, s0 if with_init else None, y=y, final_state=final,
+                        chunk_size=NANO["chunk_size"],
+                    )  # fmt: skip
                     sync()
                     y_ref, s_ref = mamba2_chunk_scan_ref(x, dt, A, B, C, D, s0)
                     finite = bool(torch.isfinite(y).all() and torch.isfinite(final).all())
@@ -172,7 +178,7 @@ def check_chunk_scan(lib: KernelLibrary, report: Report, quick: bool) -> None:
                     rows.append([dname, head_dim, length, with_init, f"{ey:.2e}", f"{es:.2e}", "ok" if ok else "FAIL"])
     report.add(
         "Correctness: Mamba2ChunkScan vs mamba2_chunk_scan_ref "
-        "(B<=2, H=4, G=2, N=128, fp32 state, NaN-poisoned outputs)",
+        f"(B<=2, H=4, G=2, N=128, chunk_size={NANO['chunk_size']}, fp32 state, NaN-poisoned outputs)",
         table(["act", "P", "L", "init", "rel L2 y", "rel L2 state", "result"], rows),
     )
 
@@ -217,18 +223,18 @@ def check_graph_capture(lib: KernelLibrary, report: Report) -> None:
         return
     x, dt, A, B, C, D, s0 = make_inputs(2, 200, 8, 64, 2, 128, torch.bfloat16, torch.float32, seed=2)
     y, final = torch.empty_like(x), torch.empty_like(s0)
-    size = lib.chunk_scan_workspace_size(2, 200, 8, 64, 2, 128, "bfloat16", "bfloat16", "float32")
+    size = lib.chunk_scan_workspace_size(2, 200, 8, 64, 2, 128, 128, "bfloat16", "bfloat16", "float32")
     ws = torch.empty(size, dtype=torch.uint8, device=DEVICE)
     x1, dt1, B1, C1 = (t[:, 0].contiguous() for t in (x, dt, B, C))
     y1, state = torch.empty_like(x1), s0.clone()
-    lib.chunk_scan(x, dt, A, B, C, D, s0, y=y, final_state=final, workspace=ws)  # warm-up outside capture
+    lib.prepare("bfloat16", 128)  # the shared-memory opt-in, outside the capture (as the plugin's attachToContext)
     lib.state_update(x1, dt1, A, B1, C1, D, state, y=y1, new_state=state)
     torch.cuda.synchronize()
     state.copy_(s0)
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        lib.chunk_scan(x, dt, A, B, C, D, s0, y=y, final_state=final, workspace=ws)
+        lib.chunk_scan(x, dt, A, B, C, D, s0, y=y, final_state=final, workspace=ws, chunk_size=128)
         lib.state_update(x1, dt1, A, B1, C1, D, state, y=y1, new_state=state)
     y.fill_(float("nan"))
     state.copy_(s0)
@@ -310,10 +316,14 @@ def bench_chunk_scan(lib: KernelLibrary, report: Report, quick: bool) -> None:
         for batch, length in shapes:
             x, dt, A, B, C, D, s0 = make_inputs(batch, length, h, p, g, n, dtype, torch.float32, seed=5)
             y, final = torch.empty_like(x), torch.empty_like(s0)
-            size = lib.chunk_scan_workspace_size(batch, length, h, p, g, n, dname_to(dname), dname_to(dname), "float32")
+            size = lib.chunk_scan_workspace_size(batch, length, h, p, g, n, q, dname_to(dname), dname_to(dname), "float32")
             ws = torch.empty(size, dtype=torch.uint8, device=DEVICE)
-            t = time_cuda(lambda: lib.chunk_scan(x, dt, A, B, C, D, s0, y=y, final_state=final, workspace=ws))
+            t = time_cuda(
+                lambda: lib.chunk_scan(x, dt, A, B, C, D, s0, y=y, final_state=final, workspace=ws, chunk_size=q)
+            )
             tokens = batch * length
+            model_shapes = traffic.Shapes(h, p, n, g, q, length, act=4 if dtype == torch.float32 else 2)
+            model_gbs = traffic.totals(traffic.ours(model_shapes))[0] * tokens / t / 1e9
             try:
                 t_eager = time_cuda(lambda: mamba2_chunk_scan_eager(x, dt, A, B, C, D, s0, q), warmup=1, iters=5)
                 eager = f"{tokens / t_eager / 1e6:.2f}"
@@ -329,7 +339,7 @@ def bench_chunk_scan(lib: KernelLibrary, report: Report, quick: bool) -> None:
                 anchor = f"{t_m / t:.2f}x"
             rows.append(
                 [dname, batch, length, f"{t * 1e3:.2f}", f"{tokens / t / 1e6:.2f}", eager, speedup, anchor,
-                 f"{size / 2**20:.0f}"]  # fmt: skip
+                 f"{size / 2**20:.0f}", f"{model_gbs:.0f}"]  # fmt: skip
             )
             del x, dt, B, C, y, final, ws
             empty_cache()
@@ -339,7 +349,7 @@ def bench_chunk_scan(lib: KernelLibrary, report: Report, quick: bool) -> None:
         f"anchor: mamba_ssm mamba_chunk_scan_combined, {note})",
         table(
             ["act", "batch", "L", "ms", "Mtok/s", "PyTorch Mtok/s", "speed-up vs PyTorch", "speed-up vs mamba_ssm",
-             "workspace MiB"],  # fmt: skip
+             "workspace MiB", "model GB/s (traffic.py bytes / time)"],  # fmt: skip
             rows,
         ),
     )
@@ -352,12 +362,15 @@ class EagerStandIn:
     nothing and are never written to RESULTS.md.
     """
 
-    def chunk_scan_workspace_size(self, batch, seq_len, heads, head_dim, groups, d_state, *dtypes) -> int:
-        return scan_workspace_bytes(batch, seq_len, heads, head_dim, d_state)
+    def chunk_scan_workspace_size(self, batch, seq_len, heads, head_dim, groups, d_state, chunk_size, act, *dtypes) -> int:
+        return scan_workspace_bytes(batch, seq_len, heads, head_dim, d_state, chunk_size, act)
 
-    def chunk_scan(self, x, dt, A, B, C, D, initial_state, *, y, final_state, workspace=None):
+    def prepare(self, act_dtype=None, d_state=None) -> None:
+        pass
+
+    def chunk_scan(self, x, dt, A, B, C, D, initial_state, *, y, final_state, workspace=None, chunk_size=128):
         s0 = initial_state if initial_state is not None else torch.zeros_like(final_state)
-        y_, s_ = mamba2_chunk_scan_eager(x, dt, A, B, C, D, s0, 64)
+        y_, s_ = mamba2_chunk_scan_eager(x, dt, A, B, C, D, s0, chunk_size)
         y.copy_(y_)
         final_state.copy_(s_)
         return y, final_state

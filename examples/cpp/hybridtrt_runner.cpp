@@ -6,18 +6,23 @@
  *
  * Everything it needs comes from the engine's sidecar `model.engine.json` (the contract shared
  * with the Python side; no code is shared):
- *   - "plugins.path" (+ "function_bodies"): the plugin library to load before deserializing;
+ *   - "tensorrt": the TensorRT that built the engine; a runtime of another major.minor is refused;
+ *   - "plugins.path" / "plugins.sha256": the plugin library to load (IPluginRegistry::loadLibrary, which
+ *     takes libhybridtrt_trt.so's getCreators) before deserializing, refused when its sha256 differs;
+ *     null when the engine holds no plugin layer;
  *   - "inputs"/"outputs": tensor names and dtypes; "states": past_* / present_* names and
  *     symbolic shapes ("batch", "past", ints); "dtype"/"state_dtype": their precision;
  *   - "profiles": [{"name": "prefill"|"decode", "dims": {"batch"|"seq"|"past": [min, opt, max]}}].
  *
  * Buffers: two device buffers per state at max batch x max cache length, allocated once. At every
  * call one is bound as past_* and the other as present_*, and they swap afterwards (ping-pong):
- * no per-step allocation and no state copy. Profile rule: seq > 1 or past == 0 -> "prefill",
+ * no per-step allocation and no state copy. A state whose output the engine aliases to its input
+ * (ICudaEngine::getAliasedInputTensor) gets one buffer bound as both. Profile rule: seq > 1 or past == 0 -> "prefill",
  * otherwise "decode". Batch 1, no padding, to keep the example short.
  */
 
 #include "json_lite.h"
+#include "sidecar_checks.h"
 
 #include <NvInfer.h>
 #include <cuda_runtime_api.h>
@@ -235,14 +240,20 @@ std::string readFile(std::string const& path)
     return ss.str();
 }
 
-//! A state: names, shape template, element size and its ping-pong pair.
+//! A state: names, shape template, element size and its ping-pong pair (one buffer when updated in place).
 struct StateSlot
 {
     std::string pastName;
     std::string presentName;
     JsonValue const* shape{nullptr};
     size_t elementSize{0};
+    bool inPlace{false}; //!< the engine aliases presentName to pastName
     DeviceBuffer buffers[2];
+
+    void* buffer(int index) const
+    {
+        return buffers[inPlace ? 0 : index].get();
+    }
 };
 
 class Runner
@@ -251,6 +262,11 @@ public:
     Runner(std::string const& enginePath, std::string const& pluginOverride)
     {
         mSidecar = json_lite::parse(readFile(enginePath + ".json"));
+        std::string const versionError = sidecar_checks::checkTensorRtVersion(mSidecar, getInferLibVersion());
+        if (!versionError.empty())
+        {
+            throw std::runtime_error(enginePath + ": " + versionError);
+        }
         loadPlugins(pluginOverride);
         mRuntime.reset(nvinfer1::createInferRuntime(mLogger));
         std::string blob = readFile(enginePath);
@@ -316,8 +332,8 @@ public:
         int const presentIndex = 1 - mParity;
         for (auto& s : mStates)
         {
-            setInput(s.pastName, resolveShape(*s.shape, 1, seq, mPast), s.buffers[pastIndex].get());
-            mContext->setTensorAddress(s.presentName.c_str(), s.buffers[presentIndex].get());
+            setInput(s.pastName, resolveShape(*s.shape, 1, seq, mPast), s.buffer(pastIndex));
+            mContext->setTensorAddress(s.presentName.c_str(), s.buffer(presentIndex));
         }
         for (auto& [name, buffer] : mOutputs)
         {
@@ -380,22 +396,22 @@ public:
 private:
     void loadPlugins(std::string const& pluginOverride)
     {
-        auto const& plugins = mSidecar["plugins"];
-        std::string path = pluginOverride;
-        if (path.empty() && !plugins["path"].isNull())
+        sidecar_checks::PluginCheck const lib = sidecar_checks::checkPluginLibrary(mSidecar, pluginOverride);
+        if (!lib.error.empty())
         {
-            path = plugins["path"].asString();
+            throw std::runtime_error(lib.error);
         }
-        if (path.empty())
+        if (lib.path.empty())
         {
-            std::cout << "plugins: none (the engine was built from the ONNX function bodies)\n";
+            std::cout << "plugins: none (the engine holds no plugin layer)\n";
             return;
         }
-        if (getPluginRegistry()->loadLibrary(path.c_str()) == nullptr)
+        // libhybridtrt_trt.so registers through its getCreators, which loadLibrary calls (never the autoreg shim).
+        if (getPluginRegistry()->loadLibrary(lib.path.c_str()) == nullptr)
         {
-            throw std::runtime_error("could not load plugin library " + path);
+            throw std::runtime_error("TensorRT could not load plugin library " + lib.path);
         }
-        std::cout << "plugins: " << path << "\n";
+        std::cout << "plugins: " << lib.path << " (sha256 verified)\n";
     }
 
     void readProfiles()
@@ -431,13 +447,22 @@ private:
             slot.presentName = s["present_name"].asString();
             slot.shape = &s["shape"];
             slot.elementSize = dtypeSize(s["dtype"].asString() == "state" ? stateDtype : modelDtype);
-            size_t const bytes = volume(resolveShape(s["shape"], mMaxBatch, 0, mMaxCacheLen)) * slot.elementSize;
-            for (auto& b : slot.buffers)
+            if (char const* alias = mEngine->getAliasedInputTensor(slot.presentName.c_str()))
             {
-                b = DeviceBuffer(bytes);
-                CHECK_CUDA(cudaMemset(b.get(), 0, bytes)); // zero states: conv and SSM start at 0
+                if (slot.pastName != alias)
+                {
+                    throw std::runtime_error("the engine aliases output " + slot.presentName + " to input " + alias
+                        + ", not to " + slot.pastName + ": rebuild it from an export of this hybridtrt");
+                }
+                slot.inPlace = true;
             }
-            total += 2 * bytes;
+            size_t const bytes = volume(resolveShape(s["shape"], mMaxBatch, 0, mMaxCacheLen)) * slot.elementSize;
+            for (int i = 0; i < (slot.inPlace ? 1 : 2); ++i)
+            {
+                slot.buffers[i] = DeviceBuffer(bytes);
+                CHECK_CUDA(cudaMemset(slot.buffers[i].get(), 0, bytes)); // zero states: conv and SSM start at 0
+            }
+            total += (slot.inPlace ? 1 : 2) * bytes;
             mStates.push_back(std::move(slot));
         }
         for (auto const& o : mSidecar["outputs"].array)
@@ -467,7 +492,9 @@ private:
         std::vector<int64_t> ones(mMaxCacheLen, 1);
         mMask = DeviceBuffer(ones.size() * sizeof(int64_t));
         CHECK_CUDA(cudaMemcpy(mMask.get(), ones.data(), mMask.bytes(), cudaMemcpyHostToDevice));
-        std::cout << "buffers: " << mStates.size() << " states x 2 (ping-pong), " << (total >> 20) << " MiB at batch "
+        auto const inPlace = std::count_if(mStates.begin(), mStates.end(), [](StateSlot const& s) { return s.inPlace; });
+        std::cout << "buffers: " << mStates.size() << " states (" << inPlace << " updated in place, the others ping-pong), "
+                  << (total >> 20) << " MiB at batch "
                   << mMaxBatch << ", cache " << mMaxCacheLen << "\n";
     }
 

@@ -1,15 +1,21 @@
 /*
- * sidecar_check — print what hybridtrt_runner reads from an engine sidecar, without TensorRT or a GPU.
+ * sidecar_check — what hybridtrt_runner reads from and checks on an engine sidecar, without TensorRT or a GPU.
  *
- *   sidecar_check model.engine.json
+ *   sidecar_check model.engine.json                       what the runner reads
+ *   sidecar_check model.engine.json --runtime-version V [--plugins PATH]
+ *                                                         the runner's checks against TensorRT V (getInferLibVersion
+ *                                                         form, e.g. 110100) and the plugin library
+ *   sidecar_check --sha256 FILE                           the runner's sha256 of a file
  *
  * Output, one fact per line (parsed by tests/engine/test_cpp_sidecar.py):
  *   profile <index> <name> batch <max> seq <max> past <max>
  *   state <past_name> <present_name> <bytes at max batch and max cache length>
  *   plugins <path or none>
+ *   check ok <plugin path or none>  |  error: <message> (exit code 1)
  */
 
 #include "json_lite.h"
+#include "sidecar_checks.h"
 
 #include <algorithm>
 #include <fstream>
@@ -28,9 +34,15 @@ int64_t elementSize(std::string const& precision)
 
 int main(int argc, char** argv)
 {
-    if (argc != 2)
+    if (argc == 3 && std::string(argv[1]) == "--sha256")
     {
-        std::cerr << "usage: sidecar_check MODEL.engine.json\n";
+        std::string const digest = sidecar_checks::fileSha256(argv[2]);
+        std::cout << (digest.empty() ? "error: cannot read " + std::string(argv[2]) : digest) << "\n";
+        return digest.empty() ? 1 : 0;
+    }
+    if (argc < 2)
+    {
+        std::cerr << "usage: sidecar_check MODEL.engine.json [--runtime-version V [--plugins PATH]] | --sha256 FILE\n";
         return 2;
     }
     try
@@ -39,6 +51,23 @@ int main(int argc, char** argv)
         std::ostringstream ss;
         ss << f.rdbuf();
         json_lite::JsonValue const sidecar = json_lite::parse(ss.str());
+        if (argc >= 4 && std::string(argv[2]) == "--runtime-version")
+        {
+            std::string const plugins = argc == 6 && std::string(argv[4]) == "--plugins" ? argv[5] : "";
+            std::string error = sidecar_checks::checkTensorRtVersion(sidecar, std::stoi(argv[3]));
+            sidecar_checks::PluginCheck const lib = sidecar_checks::checkPluginLibrary(sidecar, plugins);
+            if (error.empty())
+            {
+                error = lib.error;
+            }
+            if (!error.empty())
+            {
+                std::cout << "error: " << error << "\n";
+                return 1;
+            }
+            std::cout << "check ok " << (lib.path.empty() ? std::string("none") : lib.path) << "\n";
+            return 0;
+        }
         int64_t maxBatch = 1;
         int64_t maxCache = 1;
         auto const& profiles = sidecar["profiles"];

@@ -1,4 +1,8 @@
-"""``hybridtrt build EXPORT_DIR -o model.engine``: a TensorRT 11 engine + its sidecar."""
+"""``hybridtrt build EXPORT_DIR -o model.engine``: a TensorRT 11 engine + its sidecar.
+
+``--check-tensorrt VERSION`` runs the version gates and the emulated parser dispatch for that TensorRT
+release without TensorRT (exit 0 when the graph would build as asked, 2 otherwise).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,10 @@ HELP = "build a TensorRT engine (two profiles: prefill, decode) from an export d
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from hybridtrt.engine.profiles import DEFAULT_MAX_BATCH, DEFAULT_MAX_CACHE_LEN, DEFAULT_MAX_INPUT_LEN
+    from hybridtrt.engine.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_CACHE_LEN, DEFAULT_MAX_INPUT_LEN
 
     p.add_argument("export_dir", help="directory written by `hybridtrt export`")
-    p.add_argument("-o", "--output", required=True, help="engine file to write (the sidecar goes to OUTPUT.json)")
+    p.add_argument("-o", "--output", default=None, help="engine file to write (the sidecar goes to OUTPUT.json); required unless --check-tensorrt")
     g = p.add_argument_group("profiles")
     g.add_argument("--max-batch", type=int, default=None, help=f"largest batch (default {DEFAULT_MAX_BATCH})")
     g.add_argument("--max-input-len", type=int, default=None, help=f"longest prompt in one prefill (default {DEFAULT_MAX_INPUT_LEN})")
@@ -21,17 +25,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--graph", choices=["unified", "decode"], default=None, help="graph to build: unified (default; prefill + decode profiles) or decode (decode.onnx)")
     b = p.add_argument_group("build")
     b.add_argument("--plugins", default=None, help="plugin library (default: the built libhybridtrt_trt.so if any, else the ONNX function bodies)")
+    b.add_argument(
+        "--allow-function-bodies",
+        action="store_true",
+        help="accept custom nodes built from their ONNX function bodies although a plugin library is given "
+        "(default: a typed error, e.g. on TensorRT <= 10.6 or when the plugins did not register)",
+    )
     b.add_argument("--timing-cache", default=None, help="timing cache file, loaded if present and saved back")
     b.add_argument("--opt-level", type=int, default=None, help="TensorRT builder optimization level (default: TensorRT's)")
+    b.add_argument(
+        "--check-tensorrt",
+        metavar="VERSION",
+        default=None,
+        help="only check the graph against TensorRT VERSION's ONNX parser (emulated; no TensorRT needed): "
+        "opset range, plugin vs function body for every custom node, native layers",
+    )
+
+
+def _dispatch_table(report, plugins: bool):  # noqa: ANN001, ANN202 - rich table of a DispatchReport
+    title = f"TensorRT {report.tensorrt} ONNX parser ({report.release.dispatch}; opset {report.opset} of ≤ {report.release.max_opset}), plugins {'registered' if plugins else 'not loaded'}"
+    return table(title, ["op", "imported as", "nodes", "detail"], report.rows() or [["(no custom or native-layer nodes)", "", "", ""]], numeric=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybridtrt.engine.build import build_engine, import_tensorrt, plan_build
-    from hybridtrt.engine.profiles import DEFAULT_MAX_BATCH, DEFAULT_MAX_CACHE_LEN, DEFAULT_MAX_INPUT_LEN, profile_rows
+    from hybridtrt.engine.build import build_engine, check_dispatch, import_tensorrt, plan_build
+    from hybridtrt.engine.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_CACHE_LEN, DEFAULT_MAX_INPUT_LEN
+    from hybridtrt.engine.profiles import profile_rows
+    from hybridtrt.errors import InputError
 
+    if args.output is None and args.check_tensorrt is None:
+        raise InputError("hybridtrt build needs -o/--output (or --check-tensorrt VERSION to only check)", fix="pass -o model.engine")
     plan = plan_build(
         args.export_dir,
-        args.output,
+        args.output or f"{args.export_dir}/model.engine",
         max_batch=args.max_batch if args.max_batch is not None else DEFAULT_MAX_BATCH,
         max_input_len=args.max_input_len if args.max_input_len is not None else DEFAULT_MAX_INPUT_LEN,
         max_cache_len=args.max_cache_len if args.max_cache_len is not None else DEFAULT_MAX_CACHE_LEN,
@@ -39,19 +65,28 @@ def run(args: argparse.Namespace) -> int:
         timing_cache=args.timing_cache,
         graph=args.graph or "unified",
         builder_optimization_level=args.opt_level,
+        allow_function_bodies=args.allow_function_bodies,
     )
     console.print(table(f"optimization profiles of {plan.onnx_path.name}", ["profile", "input", "min", "opt", "max"], profile_rows(plan.profiles)))
     if plan.plugin_library is not None:
-        console.print(f"plugins: [bold]{plan.plugin_library}[/]")
+        console.print(f"plugins: {plan.plugin_library}", markup=False)
     else:
         console.print("plugins: none built — the custom ops build from their ONNX function bodies (slower; `hybridtrt plugins build` for the plugins)")
-    import_tensorrt()  # fails here, after the table and before anything is written
+    if args.check_tensorrt is not None:
+        report = check_dispatch(plan, args.check_tensorrt)  # raises EngineError (exit 2) listing every problem
+        console.print(_dispatch_table(report, plan.plugin_library is not None))
+        console.print(f"TensorRT {args.check_tensorrt} would build {plan.onnx_path.name} as asked")
+        return 0
+    trt = import_tensorrt()  # fails here, after the table and before anything is written
+    console.print(_dispatch_table(check_dispatch(plan, str(trt.__version__)), plan.plugin_library is not None))
     with step("building TensorRT engine"):
         result = build_engine(args.export_dir, args.output, plan=plan)
     rows = [
         ["engine", f"{result.engine} ({human_bytes(result.engine_bytes)})"],
         ["sidecar", str(result.sidecar)],
         ["TensorRT", result.tensorrt_version],
+        ["network", result.network.summary()],
+        ["plugin library", str(result.plugin_library) if result.plugin_library else "not needed at run time"],
         ["build time", f"{result.seconds:.1f} s"],
     ]
     if plan.timing_cache is not None:

@@ -8,7 +8,9 @@ import time
 from collections.abc import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -18,19 +20,25 @@ err_console = Console(stderr=True, highlight=False)
 def step(name: str) -> Iterator[None]:
     """Spinner while ``name`` runs, then a ✓ line with its wall time."""
     start = time.perf_counter()
-    with console.status(f"[bold]{name}[/] …", spinner="dots"):
+    with console.status(f"[bold]{escape(name)}[/] …", spinner="dots"):
         yield
-    console.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - start:.1f} s)[/]")
+    console.print(f"[green]✓[/] {escape(name)} [dim]({time.perf_counter() - start:.1f} s)[/]")
+
+
+def styled(text: object, style: str) -> Text:
+    """A table cell or message shown literally (never parsed as markup) in ``style``."""
+    return Text(str(text), style=style)
 
 
 def table(title: str, columns: list[str], rows: list[list[object]], *, numeric: bool = True) -> Table:
-    """A rich table with the given columns; cells are str()-ed. ``numeric`` right-aligns all
-    but the first column; key/value tables pass False."""
-    t = Table(title=title, title_justify="left", show_header=any(columns))
+    """A rich table with the given columns. Cells are shown literally (a path or a shape such as
+    ``[batch, seq]`` is never parsed as markup); pass `styled` cells for colour. ``numeric``
+    right-aligns all but the first column; key/value tables pass False."""
+    t = Table(title=Text(title), title_justify="left", show_header=any(columns))
     for i, c in enumerate(columns):
-        t.add_column(c, justify="right" if numeric and i > 0 else "left")
+        t.add_column(Text(c), justify="right" if numeric and i > 0 else "left")
     for r in rows:
-        t.add_row(*[str(x) for x in r])
+        t.add_row(*[x if isinstance(x, Text) else Text(str(x)) for x in r])
     return t
 
 

@@ -1,4 +1,4 @@
-"""``hybridtrt compare OUT_DIR --checkpoint CKPT``: the polygraphy bridge."""
+"""``hybridtrt compare OUT_DIR``: the polygraphy bridge."""
 
 from __future__ import annotations
 
@@ -6,34 +6,56 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from hybridtrt.cli.common import console, step, table
+from hybridtrt.cli.common import console, step, styled, table
 
 HELP = "write polygraphy inputs + PyTorch reference RunResults, compare with polygraphy, print the `polygraphy run` commands"
+
+#: Printed command lines, in this order, with what each is for.
+COMMAND_TITLES = {
+    "onnxrt": "ONNX Runtime vs the reference (runs here)",
+    "trt": "TensorRT vs the reference (GPU machine; builds its own engine from model.onnx)",
+    "onnxrt-save": "record ONNX Runtime's outputs (any machine) for `hybridtrt validate --load-outputs`",
+    "trt-save": "GPU machine without PyTorch: record TensorRT's outputs …",
+    "validate": "… and check them here with the usual gates",
+    "engine-prefill": "an engine from `hybridtrt build` (two profiles): record profile 0 (prefill) …",
+    "engine-decode": "… and profile 1 (decode) …",
+    "validate-engine": "… and check both here",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("export_dir", help="directory written by `hybridtrt export`")
-    p.add_argument("--checkpoint", default=None, help="source checkpoint (default: the one in hybridtrt.json)")
-    p.add_argument("--out", default=None, help="where to write inputs.json / reference.json (default OUT_DIR/polygraphy)")
-    p.add_argument("--plugins", default=None, help="TensorRT plugin library for the --trt comparison")
+    p.add_argument("--checkpoint", default=None, help="source checkpoint (default: the one in hybridtrt.json; its sha256 is checked)")
+    p.add_argument("--force", action="store_true", help="use a checkpoint other than the export's source (same graph I/O)")
+    p.add_argument("-o", "--output", default=None, metavar="DIR", help="where to write inputs.json / reference.json (default OUT_DIR/polygraphy)")
+    p.add_argument("--out", dest="output", default=None, help=argparse.SUPPRESS)  # old spelling, kept working
+    p.add_argument("--plugins", default=None, metavar="LIB", help="TensorRT plugin library for the --trt comparison and the printed commands")
+    p.add_argument("--per-layer", action="store_true", help="printed save-outputs commands also record every layer output (--onnx-outputs)")
     p.add_argument("--batch", type=int, default=None, help="rows of random prompts (default 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from hybridtrt.validation.preflight import check_output_dir
+
+    out = Path(args.output) if args.output else Path(args.export_dir) / "polygraphy"
+    check_output_dir(out, "-o/--output")
     from hybridtrt.validation.polygraphy_bridge import compare_with_polygraphy, write_polygraphy_data
 
-    out = Path(args.out) if args.out else Path(args.export_dir) / "polygraphy"
     with step("write polygraphy inputs and reference RunResults"):
-        files = write_polygraphy_data(args.export_dir, args.checkpoint, out, batch=args.batch or 2, seed=args.seed, plugins=args.plugins)
+        files = write_polygraphy_data(
+            args.export_dir, args.checkpoint, out, batch=2 if args.batch is None else args.batch, seed=args.seed,
+            plugins=args.plugins, per_layer=args.per_layer, force=args.force,
+        )  # fmt: skip
     have_trt = importlib.util.find_spec("tensorrt") is not None
     with step("polygraphy Comparator"):
         results = compare_with_polygraphy(files, trt=have_trt, plugins=args.plugins)
-    rows = [[name, f"atol {files.atol:g}, rtol {files.rtol:g}", "[green]PASS[/]" if ok else "[red]FAIL[/]"] for name, ok in results.items()]
+    rows = [[name, f"atol {files.atol:g}, rtol {files.rtol:g}", styled("PASS", "green") if ok else styled("FAIL", "red")] for name, ok in results.items()]
     if not have_trt:
-        rows.append(["trt", "", "[yellow]skipped: TensorRT not installed[/]"])
+        rows.append(["trt", "", styled("skipped: TensorRT not installed", "yellow")])
     console.print(table("polygraphy: runners vs pytorch-reference", ["runner", "tolerance", "result"], rows))
     console.print("reproduce with:")
     for name, cmd in files.commands.items():
-        console.print(f"  [dim]# {name}[/]\n  {cmd}", soft_wrap=True, markup=True, highlight=False)
+        console.print(styled(f"  # {COMMAND_TITLES.get(name, name)}", "dim"))
+        console.print(f"  {cmd}", soft_wrap=True, markup=False, highlight=False)
     return 0 if all(results.values()) else 1

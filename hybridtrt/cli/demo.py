@@ -12,14 +12,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from hybridtrt.cli.common import console, human_bytes, step, table
+from hybridtrt.cli.common import console, human_bytes, step, styled, table
 
 HELP = "end to end on a tiny built-in model: checkpoint → export → validate (ORT) → polygraphy"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", default=None, help="where to write (default: a new temporary directory, kept)")
-    p.add_argument("--preset", default=None, help="built-in preset (default tiny-nemotron-h)")
+    from hybridtrt.cli.preset import PRESET_NAMES
+
+    p.add_argument("-o", "--output", default=None, help="new or empty directory to write into (default: a new temporary directory, kept)")
+    p.add_argument("--workdir", dest="output", help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument("--preset", choices=PRESET_NAMES, default=None, help="built-in preset (default tiny-nemotron-h)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +36,11 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # a tiny model: threads only add OpenMP overhead
     start = time.perf_counter()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="hybridtrt-demo-"))
+    work = Path(args.output or tempfile.mkdtemp(prefix="hybridtrt-demo-"))
+    if work.exists() and (not work.is_dir() or any(work.iterdir())):
+        from hybridtrt.errors import InputError
+
+        raise InputError(f"demo output {work} exists and is not an empty directory", fix="choose a new directory with -o/--output")
     preset = args.preset or "tiny-nemotron-h"
     ckpt, out = work / "checkpoint", work / "export"
 
@@ -54,13 +61,14 @@ def run(args: argparse.Namespace) -> int:
     m = result.manifest
     rows = [
         ["model", f"{preset}: pattern {m.model['layer_types']}, {result.parameters:,} parameters"],
-        ["export", f"{sum(m.graphs['unified'].custom_ops.values())} Mamba2ChunkScan nodes with function bodies, {human_bytes(sum(result.files.values()))}"],
+        ["export", f"{', '.join(f'{n} {op}' for op, n in m.graphs['unified'].custom_ops.items())} nodes with function bodies, {human_bytes(sum(result.files.values()))}"],
         ["prefill logits", f"rel L2 {prefill.rel_l2:.1e}, cosine {prefill.cosine:.6f}"],
         ["states (worst of %d)" % len(states), f"rel L2 {max(s.rel_l2 for s in states):.1e}"],
         ["per layer", f"{len(layers)} tensors, {sum(not c.passed for c in layers)} over tolerance"],
         ["decode", f"{report.steps} steps, greedy token agreement {report.token_agreement:.3f}"],
+        *([["MoE routing agreement", ", ".join(f"layer {i}: {a:.3f}" for i, a in report.routing_agreement.items())]] if report.routing_agreement else []),
         ["polygraphy", "PASS" if polygraphy_ok else "FAIL"],
-        ["verdict", "[bold green]PASS[/]" if ok else "[bold red]FAIL[/]"],
+        ["verdict", styled("PASS", "bold green") if ok else styled("FAIL", "bold red")],
         ["wall time", f"{time.perf_counter() - start:.1f} s"],
     ]
     console.print(table("hybridtrt demo", ["", ""], rows, numeric=False))
@@ -79,5 +87,5 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     console.print("reproduce the polygraphy check:")
-    console.print(f"  {files.commands['onnxrt']}", soft_wrap=True)
+    console.print(f"  {files.commands['onnxrt']}", soft_wrap=True, markup=False)
     return 0 if ok else 1

@@ -18,8 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output directory")
     add_dtype_args(p)
     p.add_argument("--logits", choices=["last", "all"], default=None, help="logits of the last position (default) or all")
-    p.add_argument("--split", action="store_true", help="also write decode.onnx (one token, Mamba2StateUpdate)")
-    p.add_argument("--opset", type=int, default=None, help="default-domain ONNX opset (default 22; bf16 needs ≥ 22)")
+    p.add_argument("--split", action=argparse.BooleanOptionalAction, default=None, help="write decode.onnx (one token, Mamba2StateUpdate; the runtimes' decode steps); default: yes when the model has a Mamba layer")
+    p.add_argument("--opset", type=int, default=None, help="default-domain ONNX opset (default 24: Attention needs ≥ 23, --kv-cache static ≥ 24)")
+    p.add_argument("--kv-cache", choices=["dynamic", "static"], default=None, help="KV cache: dynamic (grows; default) or static (fixed capacity, written in place; README: Long context)")
+    p.add_argument("--max-cache-len", type=int, default=None, metavar="N", help="KV capacity of --kv-cache static (prompt + padding + new tokens)")
     p.add_argument("--per-layer", action="store_true", help="expose every decoder layer's output (for validate --per-layer)")
     p.add_argument(
         "--verify",
@@ -74,7 +76,10 @@ def _check_flags(args: argparse.Namespace) -> None:
                 fix="pass --calib PROMPTS.txt (one prompt per line) or --calib-random N",
             )
     elif args.calib or args.calib_random or args.exclude or args.weight_scale:
-        raise InputError("--calib/--calib-random/--exclude/--weight-scale need --quantize fp8")
+        raise InputError(
+            "--calib/--calib-random/--exclude/--weight-scale only apply to FP8 exports",
+            fix="add --quantize fp8, or drop those flags",
+        )
     if args.no_verify and args.verify:
         raise InputError(f"--verify {args.verify} and --no-verify contradict each other", fix="pass one of them")
 
@@ -94,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         verify_mode=args.verify or "auto",
         force=args.force,
+        kv_cache=args.kv_cache or "dynamic",
+        max_cache_len=args.max_cache_len,
     )
     quant = None
     if args.quantize:

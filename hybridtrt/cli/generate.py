@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the checkpoint's)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
     p.add_argument("--plugins", default=None, help="TensorRT plugin library (default: the one recorded in the engine's sidecar)")
+    lc = p.add_argument_group("long context (README: Long context)")
+    lc.add_argument("--prefill-chunk", type=int, default=None, metavar="N", help="prefill long prompts in calls of at most N tokens (default 2048)")
+    lc.add_argument("--save-snapshot", default=None, metavar="FILE", help="prefill the prompt, write its state snapshot to FILE and stop")
+    lc.add_argument("--snapshot", default=None, metavar="FILE", help="continue after a snapshot written by --save-snapshot (the prompt is what follows it)")
 
 
 @dataclass
@@ -144,6 +148,19 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.tokenizer} has no tokenizer.json", fix="point --tokenizer at a directory with tokenizer.json")
     ids = _prompt_ids(args, tokenizer)
     eos = None if args.ignore_eos else target.eos_token_id
+    if args.save_snapshot:
+        from hybridtrt.runtime.snapshot import snapshot_prompt
+
+        start = time.perf_counter()
+        snap = snapshot_prompt(target.stepper, torch.tensor([ids], dtype=torch.long), prefill_chunk=args.prefill_chunk)
+        path = snap.save(args.save_snapshot)
+        console.print(f"[dim]snapshot of {snap.past} positions written to {path} in {time.perf_counter() - start:.2f} s · backend {target.backend}[/]", soft_wrap=True)
+        return 0
+    snapshot = None
+    if args.snapshot:
+        from hybridtrt.runtime.snapshot import Snapshot
+
+        snapshot = Snapshot.load(args.snapshot)
 
     text = IncrementalText(tokenizer) if tokenizer is not None and args.ids is None else None
     times: list[float] = []
@@ -155,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens or 32,
         sampling=sampling,
         eos_token_id=eos,
+        prefill_chunk=args.prefill_chunk,
+        snapshot=snapshot,
     ):
         times.append(time.perf_counter())
         token = int(tokens[0])

@@ -35,11 +35,16 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         ["family", c.family],
         ["pattern", c.pattern],
-        ["layers", f"{kinds.get('M', 0)} mamba, {kinds.get('*', 0)} attention, {kinds.get('-', 0)} mlp"],
+        ["layers", f"{kinds.get('M', 0)} mamba, {kinds.get('*', 0)} attention, {kinds.get('-', 0)} mlp, {kinds.get('E', 0)} moe"],
         ["parameters", f"{n:,}"],
         ["mamba H×P, N, G", f"{c.mamba_num_heads}×{c.mamba_head_dim}, {c.ssm_state_size}, {c.n_groups}"],
         ["chunk size", c.chunk_size],
         ["states", len(state_specs(c))],
     ]
+    if c.moe is not None:
+        e = c.moe
+        shared = f"shared {e.shared_intermediate_size}" if e.shared_intermediate_size else "no shared expert"
+        latent = f", latent {e.latent_size}" if e.latent_size else ""
+        rows.append(["moe", f"top-{e.top_k} of {e.num_experts} (I {e.intermediate_size}), {shared}{latent}, groups {e.topk_group}/{e.n_group}, scaling {e.routed_scaling_factor:g}, norm_topk_prob {e.norm_topk_prob}"])
     console.print(table(f"checkpoint {path}", ["", ""], rows, numeric=False))
     return 0

@@ -1,19 +1,23 @@
-"""``hybridtrt validate OUT_DIR --checkpoint CKPT``."""
+"""``hybridtrt validate OUT_DIR``: an export (ONNX Runtime or TensorRT), or outputs recorded on
+another machine, against the PyTorch reference; per layer, and FP8 sensitivity per layer."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from hybridtrt.cli.common import console, step, table
+from hybridtrt.cli.common import console, step, styled, table
 
-HELP = "compare an export (ONNX Runtime or TensorRT) with the PyTorch reference; non-zero exit when a gate fails"
+HELP = "compare an export (ONNX Runtime, TensorRT, or recorded polygraphy outputs) with the PyTorch reference; exit 1 when a gate fails"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("export_dir", nargs="?", default=None, help="directory written by `hybridtrt export`")
-    p.add_argument("--checkpoint", default=None, help="source checkpoint (default: the one in hybridtrt.json)")
+    p.add_argument("--checkpoint", default=None, help="source checkpoint (default: the one in hybridtrt.json; its sha256 is checked)")
+    p.add_argument("--force", action="store_true", help="compare with a checkpoint other than the export's source (same graph I/O)")
     p.add_argument("--backend", choices=["ort", "trt"], default=None, help="artefact runtime (default ort)")
     p.add_argument("--engine", default=None, help="engine for --backend trt (default OUT_DIR/model.engine)")
     p.add_argument("--reference", choices=["pytorch", "hf"], default=None, help="hf: compare our reference with HF transformers")
@@ -21,69 +25,194 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line (checkpoint tokenizer)")
     src.add_argument("--random", type=int, default=None, metavar="N", help="N random prompts (default 4)")
     p.add_argument("--steps", type=int, default=None, help="decode steps (default 8)")
-    p.add_argument("--per-layer", action="store_true", help="name the first layer and state that diverges")
-    p.add_argument("--report", default=None, metavar="DIR", help="write report.json, errors.png and report.html")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the JSON report here")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
+    p.add_argument("--per-layer", action="store_true", help="compare every decoder layer's states and output; name the first that diverges (any export)")
+    p.add_argument(
+        "--no-yardstick",
+        action="store_true",
+        help="skip the yardstick run (fp64 for fp32 exports, the same-dtype reference for fp16/bf16) whose error the gates scale with; the fixed floors then apply",
+    )
+    rec = p.add_argument_group("outputs recorded elsewhere (README: Validating a TensorRT engine on another machine)")
+    rec.add_argument("--load-outputs", nargs="+", default=None, metavar="PATH", help="polygraphy RunResults JSON file(s) or directories (polygraphy run … --save-outputs)")
+    rec.add_argument("--load-inputs", nargs="+", default=None, metavar="PATH", help="the inputs they were recorded from (default: inputs.json beside them, else OUT_DIR/polygraphy)")
+    rec.add_argument("--runner", default=None, help="runner name in the results (default: the only one that is not the reference)")
+    fp8 = p.add_argument_group("FP8 sensitivity")
+    fp8.add_argument("--sensitivity", action="store_true", help="FP8 exports: logits error with only each linear layer quantized, ranked, and the --exclude flags that reach --target-cosine")
+    fp8.add_argument("--target-cosine", type=float, default=None, metavar="C", help="logits cosine the --exclude flags aim for (default: the FP8 gate)")
+    p.add_argument("--context", type=int, default=None, metavar="N", help="long-context drift: one N-token prompt, prefilled in chunks, compared after every chunk")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N", help="chunk length of --context (default 2048)")
+    out = p.add_argument_group("output")
+    out.add_argument("--report", default=None, metavar="DIR", help="write report.json, errors.png (+ sensitivity.png) and report.html")
+    out.add_argument("--json", default=None, metavar="FILE", help="write the JSON report here")
+
+
+#: How a phase is named in the summary table (default: its own name).
+PHASE_LABELS = {"layer": "per-layer"}
+
+
+def _fmt(c) -> list[str]:
+    cmp, yard = c.comparison, c.yardstick
+    return [
+        f"{cmp.rel_l2:.2e}" if cmp.finite else "non-finite",
+        "—" if yard is None else f"{yard.rel_l2:.2e}" if yard.finite else "non-finite",
+        "—" if c.allowed is None else f"{c.allowed:.2e}",
+        f"{cmp.cosine:.6f}" if cmp.finite else "—",
+        styled("ok", "green") if c.passed else styled("; ".join(c.failures), "red"),
+    ]
+
+
+def worst(checks):
+    """Failing before passing, then the largest rel L2 (non-finite counts as infinite)."""
+    return max(checks, key=lambda c: (not c.passed, c.comparison.rel_l2 if c.comparison.finite else float("inf")))
+
+
+def summary_rows(report) -> list[list[str]]:
+    """One row per phase and kind of tensor (logits, states, layer outputs), the worst of each.
+    Phases appear in the order they ran, so a new phase shows up without changes here."""
+    phases = list(dict.fromkeys(c.phase for c in report.checks))
+    rows = []
+    for phase in phases:
+        checks = [c for c in report.checks if c.phase == phase]
+        groups = {
+            "logits": [c for c in checks if c.name == "logits"],
+            "states": [c for c in checks if c.name.startswith("present")],
+            "layer outputs": [c for c in checks if c.name.startswith("layer_output.")],
+        }
+        groups["other"] = [c for c in checks if not any(c in g for g in groups.values())]
+        for kind, group in groups.items():
+            if not group:
+                continue
+            w = worst(group)
+            name = PHASE_LABELS.get(phase, phase)
+            label = f"{name} {kind}" if len(group) == 1 else f"{name} {kind} (worst of {len(group)}: {w.name}{'' if w.step is None else f' @{w.step}'})"
+            rows.append([label, *_fmt(w)])
+    return rows
 
 
 def print_report(report) -> None:
-    def fmt(c):
-        cmp = c.comparison
-        return [f"{cmp.rel_l2:.2e}" if cmp.finite else "non-finite", f"{cmp.cosine:.6f}" if cmp.finite else "—", "[green]ok[/]" if c.passed else f"[red]{'; '.join(c.failures)}[/]"]
-
-    def worst(checks):
-        """Failing before passing, then the largest rel L2 (non-finite counts as infinite)."""
-        return max(checks, key=lambda c: (not c.passed, c.comparison.rel_l2 if c.comparison.finite else float("inf")))
-
-    rows = []
-    for phase in ("prefill", "decode"):
-        checks = [c for c in report.checks if c.phase == phase]
-        logits = [c for c in checks if c.name == "logits"]
-        states = [c for c in checks if c.name != "logits"]
-        if logits:
-            label = "prefill logits" if phase == "prefill" else f"decode logits (worst of {len(logits)} steps)"
-            rows.append([label, *fmt(worst(logits))])
-        if states:
-            w = worst(states)
-            rows.append([f"{phase} states (worst of {len(states)}: {w.name})", *fmt(w)])
-    layer = [c for c in report.checks if c.phase == "layer"]
-    if layer:
-        bad = [c for c in layer if not c.passed]
-        rows.append([f"per-layer ({len(layer)} tensors)", "", "", f"[red]{len(bad)} failing[/]" if bad else "[green]ok[/]"])
-    console.print(table(f"{report.backend} vs {report.reference} ({report.precision}, batch {report.batch}, {report.steps} steps)", ["", "rel L2", "cosine", "gate"], rows))
+    title = f"{report.backend} vs {report.reference} ({report.precision}, batch {report.batch}, {report.steps} steps)"
+    yard = report.yardstick or "no yardstick"
+    console.print(table(title, ["", "rel L2", f"{yard} rel L2", "allowed", "cosine", "gate"], summary_rows(report)))
     if report.token_agreement is not None:
-        console.print(f"greedy token agreement {report.token_agreement:.3f} · teacher-forced top-1 {report.teacher_forced_top1:.3f}")
+        line = f"greedy token agreement {report.token_agreement:.3f} · teacher-forced top-1 {report.teacher_forced_top1:.3f}"
+        if report.yardstick_top1 is not None:
+            line += f" · {report.yardstick} top-1 {report.yardstick_top1:.3f}"
+            if report.token_gate_waived:
+                line += " (near-ties: tokens reported, not gated)"
+        console.print(line, markup=False)
+    elif report.teacher_forced_top1 is not None:
+        console.print(f"teacher-forced top-1 {report.teacher_forced_top1:.3f}")
+    if report.routing_agreement:
+        per_layer = ", ".join(f"{i}: {a:.3f}" for i, a in report.routing_agreement.items())
+        console.print(f"MoE routing agreement (top-k sets equal to the reference) per layer: {per_layer}")
+    for note in report.notes:
+        console.print(styled(f"note {note}", "yellow"), soft_wrap=True)
     if report.first_divergence:
         d = report.first_divergence
-        console.print(f"[bold red]first divergence: layer {d['layer']} — {d['tensor']}[/] ({'; '.join(d['why'])})")
+        at = "" if d.get("step") in (None, 0) else f" (iteration {d['step']})"
+        console.print(styled(f"first divergence: layer {d['layer']} — {d['tensor']}{at} ({'; '.join(d['why'])})", "bold red"))
     t = report.timings
-    console.print(f"time: reference {t.get('reference_s', 0):.2f} s · {report.backend} {t.get('backend_s', 0):.2f} s")
+    if t:
+        line = f"time: reference {t.get('reference_s', 0):.2f} s · {report.backend} {t.get('backend_s', 0):.2f} s"
+        if "yardstick_s" in t:
+            line += f" · yardstick {t['yardstick_s']:.2f} s"
+        console.print(line, markup=False)
     console.print("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]")
 
 
-def run(args: argparse.Namespace) -> int:
-    from hybridtrt.validation.artefact import validate_artefact
+def print_sensitivity(s, *, shown: int = 20) -> None:
+    rows = [
+        [str(i + 1), x.label, x.kind, f"{x.error:.2e}", f"{x.comparison.rel_l2:.2e}" if x.comparison.finite else "non-finite", f"{x.comparison.top1:.2f}" if x.comparison.top1 is not None else "—", "excluded" if x.node in s.exclude else ""]
+        for i, x in enumerate(s.layers[:shown])
+    ]
+    more = f" ({len(s.layers) - shown} more in the report)" if len(s.layers) > shown else ""
+    console.print(table(f"FP8 sensitivity: logits with only this layer quantized, vs the fp32 reference{more}", ["#", "layer", "kind", "1 − cosine", "rel L2", "top-1", ""], rows))
+    kinds = [[r["kind"], r["projection"], str(r["count"]), f"{r['worst']:.2e}", f"{r['median']:.2e}"] for r in s.by_kind()]
+    console.print(table("by kind", ["kind", "projection", "layers", "worst 1 − cos", "median 1 − cos"], kinds))
+    console.print(
+        f"nothing quantized: cosine {s.none.cosine:.6f} · all {len(s.layers)} quantized: cosine {s.full.cosine:.6f}"
+        f" (rebuilt vs the export file: max |Δ| {s.export_max_abs:.1e})"
+    )
+    if s.reached is None:
+        console.print(styled(f"target cosine {s.target_cosine:g} is out of reach: even with no layer quantized the cosine is {s.none.cosine:.6f}", "red"))
+    elif not s.exclude:
+        console.print(styled(f"the export reaches the target cosine {s.target_cosine:g} with every layer quantized", "green"))
+    else:
+        console.print(f"excluding the {len(s.exclude)} most sensitive layer(s) reaches cosine {s.reached.cosine:.6f} ≥ {s.target_cosine:g}; re-export with:")
+        console.print(f"  {s.command}", soft_wrap=True, markup=False, highlight=False)
 
-    with step("run reference and backend"):
-        report = validate_artefact(
-            args.export_dir,
-            args.checkpoint,
-            backend=args.backend or "ort",
-            engine=args.engine,
-            reference=args.reference or "pytorch",
-            prompts=args.prompts,
-            random_n=args.random,
-            steps=8 if args.steps is None else args.steps,
-            per_layer=args.per_layer,
-            seed=args.seed,
-        )
+
+def run(args: argparse.Namespace) -> int:
+    from hybridtrt.validation.preflight import check_arguments, check_output_dir, check_output_file
+
+    # Refuse bad values and unwritable outputs before importing torch or loading anything.
+    check_arguments(
+        backend=args.backend or "ort",
+        reference=args.reference or "pytorch",
+        steps=8 if args.steps is None else args.steps,
+        random_n=args.random,
+        load_outputs=args.load_outputs,
+        target_cosine=args.target_cosine,
+    )
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.report:
+        check_output_dir(args.report, "--report")
+
+    if args.context is not None:
+        from hybridtrt.validation.long_context import run_cli
+
+        return run_cli(args)
+
+    if args.sensitivity:  # one live display at a time: the bar replaces the spinner
+        with _progress_bar("validate, then FP8 sensitivity") as progress:
+            report = _validate(args, progress)
+    else:
+        with step("validate: reference and backend"):
+            report = _validate(args, None)
     print_report(report)
+    if "sensitivity" in report.extras:
+        print_sensitivity(report.extras["sensitivity"])
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, default=float) + "\n")
     if args.report:
         from hybridtrt.validation.report import write_report
 
         paths = write_report(report, args.report)
-        console.print(f"report: {paths['html']}")
+        console.print(f"report: {paths['html']}", markup=False)
     return 0 if report.passed else 1
+
+
+def _validate(args: argparse.Namespace, progress):
+    from hybridtrt.validation.artefact import validate_artefact
+
+    return validate_artefact(
+        args.export_dir,
+        args.checkpoint,
+        backend=args.backend or "ort",
+        engine=args.engine,
+        reference=args.reference or "pytorch",
+        prompts=args.prompts,
+        random_n=args.random,
+        steps=8 if args.steps is None else args.steps,
+        per_layer=args.per_layer,
+        seed=args.seed,
+        force=args.force,
+        load_outputs=args.load_outputs,
+        load_inputs=args.load_inputs,
+        runner=args.runner,
+        sensitivity=args.sensitivity,
+        target_cosine=args.target_cosine,
+        progress=progress,
+        yardstick=not args.no_yardstick,
+    )
+
+
+@contextlib.contextmanager
+def _progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar with ETA; yields the ``progress(done, total)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(f"[bold]{label}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as p:
+        task = p.add_task(label, total=None)
+        yield lambda done, total: p.update(task, completed=done, total=total)

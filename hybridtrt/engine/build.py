@@ -1,17 +1,27 @@
 """Build a TensorRT 11 engine from an export directory, through polygraphy's Python API (DESIGN.md §9).
 
+- **Version gates first** (`hybridtrt.engine.versions`, `hybridtrt.engine.dispatch`): before TensorRT parses
+  anything, the graph is run through the emulated ONNX parser of the installed TensorRT. A release whose parser
+  does not cover the graph's opset, imports a node nowhere, or — with a plugin library — would build the custom
+  nodes from their function bodies (TensorRT <= 10.6 always does) is refused with a typed error, unless
+  ``--allow-function-bodies`` accepts the function bodies knowingly.
+- **Proof after parsing** (`hybridtrt.engine.network`): the parsed network's IPluginV3 layers are counted and
+  compared with the graph's custom nodes; with a plugin library, a node that did not become its plugin is an
+  error (or accepted with ``--allow-function-bodies``). The sidecar and the summary report what the network
+  holds, and name the plugin library only when the network needs it.
 - **Strongly typed** network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``): TensorRT 11 has no
   FP16/BF16/FP8 builder flags; precision comes from the ONNX dtypes and Q/DQ nodes (DESIGN.md §7).
   TensorRT 11 networks are always strongly typed and ignores the (deprecated) flag; we still pass
   it so that a TensorRT 10 build means the same thing. No precision flag is ever set.
 - **Two optimization profiles** for the unified graph, prefill then decode (`engine_profiles`).
-- **Plugin library** ``libhybridtrt_trt.so`` loaded when present: the ONNX parser then picks the
-  ``hybridtrt::Mamba2ChunkScan`` / ``Mamba2StateUpdate`` plugins over the nodes' local function
-  bodies. Without it the function bodies (standard ONNX) are built instead, and the sidecar says so.
-- **No aliased plugin I/O** (``PreviewFeature.kALIASED_PLUGIN_IO_10_03`` stays off): the runtimes
-  bind ``past_*`` and ``present_*`` to different (ping-pong) buffers, so ``Mamba2StateUpdate`` reads
-  the past state and writes the new one directly; turning aliasing on would make TensorRT copy
-  the network input into the output first, one extra state copy per step.
+- **Plugin library** ``libhybridtrt_trt.so`` loaded with ``IPluginRegistry::loadLibrary`` (its ``getCreators``),
+  as trtexec ``--dynamicPlugins`` does.
+- **No aliased plugin I/O** (``PreviewFeature.kALIASED_PLUGIN_IO_10_03`` stays off, and no plugin declares an
+  alias): the runtimes bind ``past_*`` and ``present_*`` to different (ping-pong) buffers, so
+  ``Mamba2StateUpdate`` reads the past state and writes the new one directly; plugin aliasing would let TensorRT
+  insert a copy of the network-input state instead (one extra state copy per step). Outputs the engine itself
+  aliases to inputs (``ICudaEngine::getAliasedInputTensor``, e.g. a KV-cache update layer) are bound to one
+  buffer by the runtimes.
 - **Timing cache** loaded and saved back when given.
 - **Atomic**: engine, sidecar and timing cache are written to temp files and renamed at the end;
   a failed build writes nothing. ``tensorrt`` is imported (lazily) before any file is touched.
@@ -26,19 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hybridtrt.engine.profiles import (
-    DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_CACHE_LEN,
-    DEFAULT_MAX_INPUT_LEN,
-    ProfileSpec,
-    engine_profiles,
-)
+from hybridtrt.engine.dispatch import DispatchReport, emulate_dispatch, require_dispatch
+from hybridtrt.engine.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_CACHE_LEN, DEFAULT_MAX_INPUT_LEN
+from hybridtrt.engine.network import NetworkPlugins, prove_plugins
+from hybridtrt.engine.profiles import ProfileSpec, engine_profiles
 from hybridtrt.engine.sidecar import make_sidecar, sidecar_path, write_sidecar
+from hybridtrt.engine.trt_rules import HYBRIDTRT_CREATORS, LOCAL_FUNCTION_ALWAYS
+from hybridtrt.engine.versions import check_runtime_version
 from hybridtrt.errors import EngineError, MissingDependencyError, PluginBuildError
 from hybridtrt.exporter.manifest import Manifest, read_manifest
-
-#: Oldest TensorRT major version with the strongly typed network and name-based I/O we rely on.
-MIN_TENSORRT_MAJOR = 10
 
 _DEPLOY_DOC = "see README 'Deploying the engine' (docs/deploying.md)"
 
@@ -47,7 +53,8 @@ def import_tensorrt() -> Any:
     """``import tensorrt``, or a typed error naming what is needed.
 
     Raises:
-        MissingDependencyError: The TensorRT Python bindings are not installed (or too old).
+        MissingDependencyError: The TensorRT Python bindings are not installed, or older than 10.0 (the gate
+            of `hybridtrt.engine.versions`).
     """
     try:
         import tensorrt as trt
@@ -57,16 +64,7 @@ def import_tensorrt() -> Any:
             "bindings (`import tensorrt`) and a CUDA GPU",
             fix=f"install TensorRT 11 with its Python wheel on a machine with an NVIDIA GPU; {_DEPLOY_DOC}",
         ) from None
-    version = str(getattr(trt, "__version__", "0"))
-    try:
-        major = int(version.split(".")[0])
-    except ValueError:
-        major = 0
-    if major < MIN_TENSORRT_MAJOR:
-        raise MissingDependencyError(
-            f"TensorRT {version} is too old: hybridtrt builds strongly typed networks with TensorRT ≥ {MIN_TENSORRT_MAJOR} (11 recommended)",
-            fix=f"install TensorRT 11; {_DEPLOY_DOC}",
-        )
+    check_runtime_version(str(getattr(trt, "__version__", "unknown")))
     return trt
 
 
@@ -105,7 +103,7 @@ class BuildPlan:
         plugin_library: Plugin ``.so`` to load, or None (function bodies).
         output: Engine path to write.
         timing_cache: Timing cache file to load (if it exists) and save, or None.
-        flags: Build flags recorded in the sidecar.
+        flags: Build flags recorded in the sidecar (limits, ``allow_function_bodies``, ...).
     """
 
     export_dir: Path
@@ -130,6 +128,7 @@ def plan_build(
     timing_cache: str | Path | None = None,
     graph: str = "unified",
     builder_optimization_level: int | None = None,
+    allow_function_bodies: bool = False,
 ) -> BuildPlan:
     """Validate the request and compute profiles and paths, without TensorRT.
 
@@ -161,13 +160,45 @@ def plan_build(
         "strongly_typed": True,
         "timing_cache": str(Path(timing_cache).resolve()) if timing_cache else None,
         "builder_optimization_level": builder_optimization_level,
+        "allow_function_bodies": allow_function_bodies,
     }
     return BuildPlan(export_dir, manifest, onnx_path, graph, profiles, lib, out, Path(timing_cache) if timing_cache else None, flags)
 
 
+def check_dispatch(plan: BuildPlan, tensorrt_version: str) -> DispatchReport:
+    """Emulate TensorRT ``tensorrt_version``'s ONNX parser on the plan's graph (no TensorRT needed).
+
+    The plugins count as registered when the plan loads a plugin library.
+
+    Raises:
+        EngineError: The parser would not build what was asked (opset, unsupported node, custom nodes built
+            from function bodies although plugins are loaded and ``allow_function_bodies`` is off).
+        MissingDependencyError: ``tensorrt_version`` is unreadable or older than 10.0.
+    """
+    report = emulate_dispatch(plan.onnx_path, tensorrt_version, plugins=HYBRIDTRT_CREATORS if plan.plugin_library else ())
+    require_dispatch(
+        report, plugins_loaded=plan.plugin_library is not None, allow_function_bodies=bool(plan.flags.get("allow_function_bodies"))
+    )
+    return report
+
+
+def plugins_to_load(plan: BuildPlan, report: DispatchReport) -> Path | None:
+    """The plugin library to register before parsing: none when this TensorRT would never use it (<= 10.6, where
+    only ``--allow-function-bodies`` gets this far)."""
+    if plan.plugin_library is None or report.release.dispatch == LOCAL_FUNCTION_ALWAYS:
+        return None
+    return plan.plugin_library
+
+
 @dataclass
 class BuildResult:
-    """What `build_engine` wrote."""
+    """What `build_engine` wrote, and what the parsed network held.
+
+    Attributes:
+        network: Custom nodes of the graph and the plugin layers the network holds for them.
+        plugin_library: The plugin library the engine needs at run time (None: it holds no plugin layer).
+        dispatch: The emulated parse that gated the build.
+    """
 
     engine: Path
     sidecar: Path
@@ -175,6 +206,9 @@ class BuildResult:
     engine_bytes: int
     seconds: float
     tensorrt_version: str
+    network: NetworkPlugins
+    plugin_library: Path | None
+    dispatch: DispatchReport
 
 
 def _gpu() -> tuple[str | None, str | None]:
@@ -190,7 +224,7 @@ def _gpu() -> tuple[str | None, str | None]:
 
 
 def _load_plugins(trt: Any, lib: Path | None) -> None:
-    """Register TensorRT's own plugins, then ours (``IPluginRegistry::loadLibrary``)."""
+    """Register TensorRT's own plugins, then ours (``IPluginRegistry::loadLibrary``, i.e. its ``getCreators``)."""
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")
     if lib is not None:
@@ -216,6 +250,7 @@ def build_engine(
     timing_cache: str | Path | None = None,
     graph: str = "unified",
     builder_optimization_level: int | None = None,
+    allow_function_bodies: bool = False,
     plan: BuildPlan | None = None,
 ) -> BuildResult:
     """Build ``output`` (+ ``output.json`` sidecar) from ``export_dir``.
@@ -228,11 +263,14 @@ def build_engine(
         timing_cache: Loaded if it exists, saved back after the build.
         graph: ``"unified"`` (two profiles) or ``"decode"`` (``decode.onnx``, one profile).
         builder_optimization_level: TensorRT builder optimization level (None = TensorRT's default).
+        allow_function_bodies: Accept custom nodes built from their ONNX function bodies although a plugin
+            library is given (otherwise a typed error).
         plan: A precomputed `plan_build` result (the CLI prints it first); overrides the other args.
 
     Raises:
-        MissingDependencyError: No TensorRT; raised before anything is written.
-        EngineError: The build failed (TensorRT's log says why) or bad arguments.
+        MissingDependencyError: No TensorRT (or < 10.0); raised before anything is written.
+        EngineError: The version gates or the proof after parsing refused the build, the build failed
+            (TensorRT's log says why), or bad arguments.
     """
     plan = plan or plan_build(
         export_dir,
@@ -244,12 +282,24 @@ def build_engine(
         timing_cache=timing_cache,
         graph=graph,
         builder_optimization_level=builder_optimization_level,
+        allow_function_bodies=allow_function_bodies,
     )
     trt = import_tensorrt()  # before any file is written
+    report = check_dispatch(plan, str(trt.__version__))
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
     start = time.perf_counter()
-    _load_plugins(trt, plan.plugin_library)
+    lib = plugins_to_load(plan, report)
+    _load_plugins(trt, lib)
+    try:
+        builder, network, parser = NetworkFromOnnxPath(str(plan.onnx_path), strongly_typed=True)()
+    except Exception as e:  # polygraphy raises PolygraphyException with the parser's errors
+        raise EngineError(f"TensorRT's ONNX parser failed on {plan.onnx_path}: {e}", fix="read the parser errors above") from e
+    net = prove_plugins(
+        trt, network, report.custom_nodes(), expected=report.expected_plugin_layers(), plugins_loaded=lib is not None,
+        allow_function_bodies=bool(plan.flags.get("allow_function_bodies")),
+    )  # fmt: skip
+    needed = lib if any(net.plugin_layers.values()) else None  # the sidecar names the library only when needed
     trt_profiles = []
     for spec in plan.profiles:
         profile = Profile()
@@ -262,14 +312,15 @@ def build_engine(
         load_timing_cache=str(cache_in) if cache_in else None,
         builder_optimization_level=plan.flags.get("builder_optimization_level"),
     )
-    network = NetworkFromOnnxPath(str(plan.onnx_path), strongly_typed=True)
 
     out = plan.output
     tmp_engine = _tmp_beside(out, "engine")
     tmp_cache = _tmp_beside(plan.timing_cache, "cache") if plan.timing_cache is not None else None
     try:
         try:
-            blob = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(tmp_cache) if tmp_cache else None)()
+            blob = EngineBytesFromNetwork(
+                (builder, network, parser), config=config, save_timing_cache=str(tmp_cache) if tmp_cache else None
+            )()
         except Exception as e:  # polygraphy raises PolygraphyException / RuntimeError with TensorRT's log
             raise EngineError(f"TensorRT could not build {plan.onnx_path}: {e}", fix="read TensorRT's log above; build the plugins if a custom op is unsupported") from e
         if blob is None:
@@ -285,7 +336,8 @@ def build_engine(
             tensorrt_version=str(trt.__version__),
             gpu_name=gpu_name,
             compute_capability=cc,
-            plugin_library=plan.plugin_library,
+            plugin_library=needed,
+            network=net,
             build_flags=plan.flags,
         )
         write_sidecar(sidecar, tmp_engine)  # writes tmp_engine + ".json" atomically
@@ -301,4 +353,6 @@ def build_engine(
         for tmp in (tmp_engine, sidecar_path(tmp_engine), tmp_cache):
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-    return BuildResult(out, sidecar_path(out), plan, len(data), time.perf_counter() - start, str(trt.__version__))
+    return BuildResult(
+        out, sidecar_path(out), plan, len(data), time.perf_counter() - start, str(trt.__version__), net, needed, report
+    )

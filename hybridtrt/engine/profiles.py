@@ -6,7 +6,8 @@ always the prefill one:
 ===========  ==========================  ==================================================
 profile      dims                        meaning
 ===========  ==========================  ==================================================
-0 prefill    batch 1..B, seq 1..L, past 0  the prompt, from zero states (KV inputs are empty)
+0 prefill    batch 1..B, seq 1..L,        a prompt chunk: from zero states (past 0) or on
+             past 0..S-L                  the states of earlier chunks / a snapshot
 1 decode     batch 1..B, seq 1, past 0..S-1  one new token on top of ``past`` cached positions
 ===========  ==========================  ==================================================
 
@@ -26,18 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from hybridtrt.engine.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_CACHE_LEN, DEFAULT_MAX_INPUT_LEN, DEFAULT_OPT_INPUT_LEN
 from hybridtrt.errors import EngineError
 from hybridtrt.exporter.io import BATCH, PAST, SEQ, TOTAL
 from hybridtrt.exporter.manifest import Manifest
-
-#: Largest batch the engine accepts (``--max-batch``).
-DEFAULT_MAX_BATCH = 8
-#: Longest prompt one prefill call accepts (``--max-input-len``).
-DEFAULT_MAX_INPUT_LEN = 2048
-#: Most positions a KV cache holds: prompt + generated tokens (``--max-cache-len``).
-DEFAULT_MAX_CACHE_LEN = 4096
-#: ``opt`` point of the prompt length: TensorRT tunes kernels for it (capped at max_input_len).
-DEFAULT_OPT_INPUT_LEN = 128
 
 PREFILL, DECODE = "prefill", "decode"
 
@@ -150,10 +143,14 @@ def _graph_inputs(manifest: Manifest, graph: str) -> list[dict[str, Any]]:
     return manifest.graphs[graph].inputs
 
 
-def prefill_dims(max_batch: int, max_input_len: int, *, opt_batch: int = 1, opt_input_len: int | None = None) -> dict[str, DimRange]:
-    """``batch 1..B, seq 1..L, past 0``."""
+def prefill_dims(
+    max_batch: int, max_input_len: int, max_cache_len: int | None = None, *, opt_batch: int = 1, opt_input_len: int | None = None
+) -> dict[str, DimRange]:
+    """``batch 1..B, seq 1..L, past 0..S-L`` (chunked prefill and snapshot continuations call the
+    prefill profile on a non-empty cache; ``opt`` past stays 0)."""
     opt_len = min(opt_input_len or DEFAULT_OPT_INPUT_LEN, max_input_len)
-    return {BATCH: DimRange(1, min(opt_batch, max_batch), max_batch), SEQ: DimRange(1, opt_len, max_input_len), PAST: DimRange(0, 0, 0)}
+    past_max = max_cache_len - max_input_len if max_cache_len is not None else 0
+    return {BATCH: DimRange(1, min(opt_batch, max_batch), max_batch), SEQ: DimRange(1, opt_len, max_input_len), PAST: DimRange(0, 0, past_max)}
 
 
 def decode_dims(max_batch: int, max_cache_len: int, *, opt_batch: int = 1, opt_past: int | None = None) -> dict[str, DimRange]:
@@ -195,7 +192,7 @@ def engine_profiles(
     decode = _profile(DECODE, inputs, decode_dims(max_batch, max_cache_len, opt_batch=opt_batch))
     if graph == DECODE:
         return [decode]
-    prefill = _profile(PREFILL, inputs, prefill_dims(max_batch, max_input_len, opt_batch=opt_batch))
+    prefill = _profile(PREFILL, inputs, prefill_dims(max_batch, max_input_len, max_cache_len, opt_batch=opt_batch))
     return [prefill, decode]
 
 

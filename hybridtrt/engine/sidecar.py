@@ -7,8 +7,9 @@ again, and everything needed to refuse a mismatch up front:
 - ``tensorrt``: the TensorRT version that built it (engines are not portable across versions);
 - ``gpu``: name and compute capability (engines are not portable across architectures);
 - ``profiles``: the optimization profiles in engine order (`ProfileSpec.to_dict`);
-- ``plugins``: the plugin library path and its sha256, or null with ``function_bodies: true``
-  when the custom ops ran as their ONNX function bodies;
+- ``plugins``: what the parsed network holds — ``custom_nodes`` and plugin ``layers`` by ``domain::op``,
+  ``function_bodies`` (any custom node built from its ONNX function body) — and the plugin library path and
+  its sha256 when the network has plugin layers (else null: nothing to load at run time);
 - ``source``: export dir, graph role, and the sha256 of its ``hybridtrt.json``;
 - ``inputs`` / ``outputs`` / ``states``: names, dtypes, symbolic shapes from the manifest;
 - ``dtype`` / ``state_dtype`` / ``model``: precision and model dims (vocab, eos, ...);
@@ -24,14 +25,17 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hybridtrt.engine.profiles import ProfileSpec
 from hybridtrt.errors import ArtefactError
 from hybridtrt.exporter.manifest import MANIFEST_FILE, Manifest
 
-#: Version of the sidecar layout; bump when a field changes meaning.
-SIDECAR_VERSION = 1
+if TYPE_CHECKING:
+    from hybridtrt.engine.network import NetworkPlugins
+
+#: Version of the sidecar layout; bump when a field changes meaning. 2: ``plugins`` reports the parsed network.
+SIDECAR_VERSION = 2
 SIDECAR_SUFFIX = ".json"
 
 _REQUIRED = ("sidecar_version", "tensorrt", "profiles", "plugins", "source", "inputs", "outputs", "states", "dtype", "state_dtype")
@@ -63,6 +67,7 @@ def make_sidecar(
     compute_capability: str | None,
     plugin_library: str | Path | None,
     build_flags: dict[str, Any],
+    network: NetworkPlugins | None = None,
 ) -> dict[str, Any]:
     """The sidecar contents for an engine built from ``export_dir``'s ``graph``.
 
@@ -73,8 +78,10 @@ def make_sidecar(
         graph: ``"unified"`` or ``"decode"``.
         tensorrt_version: ``tensorrt.__version__`` of the builder.
         gpu_name / compute_capability: The build GPU (e.g. ``"NVIDIA H100"``, ``"9.0"``); None if unknown.
-        plugin_library: The plugin ``.so`` loaded at build time, or None (function bodies).
+        plugin_library: The plugin ``.so`` the engine needs (its network holds plugin layers), or None.
         build_flags: Limits and switches the build used (JSON-serializable).
+        network: What the parsed network held (`hybridtrt.engine.network.prove_plugins`); None for sidecars made
+            without a network (tests): then the plugin library alone says whether the plugins are used.
 
     Raises:
         ArtefactError: ``graph`` is not in the export, or the plugin library does not exist.
@@ -86,12 +93,16 @@ def make_sidecar(
     manifest_file = export_dir / MANIFEST_FILE
     plugins: dict[str, Any]
     if plugin_library is None:
-        plugins = {"path": None, "sha256": None, "function_bodies": True}
+        plugins = {"path": None, "sha256": None}
     else:
         lib = Path(plugin_library).resolve()
         if not lib.is_file():
             raise ArtefactError(f"plugin library {lib} does not exist", fix="build it with `hybridtrt plugins build` or pass --plugins PATH")
-        plugins = {"path": str(lib), "sha256": file_sha256(lib), "function_bodies": False}
+        plugins = {"path": str(lib), "sha256": file_sha256(lib)}
+    if network is not None:
+        plugins.update(network.to_sidecar())
+    else:
+        plugins.update({"custom_nodes": {}, "layers": {}, "function_bodies": plugin_library is None})
     return {
         "sidecar_version": SIDECAR_VERSION,
         "tensorrt": tensorrt_version,
@@ -184,13 +195,13 @@ def check_plugin_library(sidecar: dict[str, Any], path: str | Path | None = None
         path: Override of the recorded path (e.g. the library moved); its hash must still match.
 
     Returns:
-        The library path, or None when the engine uses the ONNX function bodies.
+        The library path, or None when the engine holds no plugin layer.
 
     Raises:
         ArtefactError: The library is missing, or its sha256 differs from the build's.
     """
     plugins = sidecar["plugins"]
-    if plugins.get("function_bodies") or plugins.get("path") is None:
+    if plugins.get("path") is None:
         return None
     lib = Path(path or plugins["path"])
     if not lib.is_file():

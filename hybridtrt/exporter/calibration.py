@@ -1,6 +1,13 @@
 """FP8 calibration (DESIGN.md §7): per-tensor amax of the input activation of every linear layer,
 measured on the PyTorch reference and keyed by the exported MatMul node name.
 
+MoE layers (DESIGN.md §7): each routed expert is its own pair of linears, so its activations get
+their own scales. A hook on every `hybridtrt.models.moe.Experts` records, per expert, how many
+(token, k) pairs of real (not padding) tokens were routed to it and the amax of its up-projection
+input and of its down-projection input (``relu(up x)²``), keyed by the exported ``MoeExperts`` node name
+(`ExpertAmax`). An expert no calibration token reached keeps ``tokens == 0`` and amax 0; the FP8
+pass gives it the stated fallback scale.
+
 ``calibration_batches`` turns a prompt file (one prompt per non-empty line, tokenized with the
 checkpoint's tokenizer, left-padded) or a number of random sequences into ``(ids, mask)`` batches;
 ``calibrate`` runs them through the model with forward pre-hooks on every ``nn.Linear`` — on a lazy
@@ -12,6 +19,8 @@ once for all batches, with the same numbers as batch after batch on the loaded m
 from __future__ import annotations
 
 import hashlib
+import math
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -20,13 +29,41 @@ import torch
 from torch import Tensor, nn
 
 from hybridtrt.errors import QuantizationError
+from hybridtrt.graphs.fp8_qdq import ExpertAmax
 from hybridtrt.graphs.naming import scope_path
 from hybridtrt.models.lazy import LazyWeights
 from hybridtrt.models.model import HybridLM
+from hybridtrt.models.moe import Experts
+from hybridtrt.ops.moe import group_by_expert, relu2
+from hybridtrt.ops.moe_onnx import MOE_EXPERTS
 from hybridtrt.runtime.generation import left_pad
 
 #: One calibration batch: ``ids [B, L] int64``, ``mask [B, L] int64`` (1 = token, 0 = left padding).
 Batch = tuple[Tensor, Tensor]
+
+
+#: What `calibrate` measures per node: a linear's input amax, or a MoE layer's `ExpertAmax`.
+Amax = float | ExpertAmax
+
+
+def moe_node_name(module_name: str) -> str:
+    """Exported MoeExperts node of an `Experts` module: ``"layers.1.mixer.experts"`` ->
+    ``"/model/layers.1/mixer/experts/MoeExperts"``."""
+    return scope_path(module_name, wrapper_prefix="") + "/" + MOE_EXPERTS
+
+
+def expert_amax(x: Tensor, topk_indices: Tensor, up_proj: Tensor) -> ExpertAmax:
+    """`ExpertAmax` of one call of the routed experts (``x [T, D]``, ``topk_indices [T, K]``,
+    ``up_proj [E, I, D]``), computed as the experts compute (model dtype, grouped by expert)."""
+    num_experts = up_proj.shape[0]
+    order, groups = group_by_expert(topk_indices, num_experts)
+    xs = x[order // topk_indices.shape[1]]
+    tokens, up, down = [0] * num_experts, [0.0] * num_experts, [0.0] * num_experts
+    for expert, rows in groups:
+        tokens[expert] = rows.stop - rows.start
+        up[expert] = float(xs[rows].abs().max().float())
+        down[expert] = float(relu2(xs[rows] @ up_proj[expert].t()).max().float())
+    return ExpertAmax(tokens, up, down)
 
 
 def matmul_node_name(module_name: str) -> str:
@@ -44,8 +81,8 @@ def calibrate(
     batches: Iterable[Batch],
     *,
     progress: Callable[[int, int], None] | None = None,
-) -> dict[str, float]:
-    """Max ``|x|`` of the input of every ``nn.Linear`` over all batches.
+) -> dict[str, Amax]:
+    """Max ``|x|`` of the input of every ``nn.Linear`` (and per expert of every MoE layer) over all batches.
 
     The hook sees exactly the tensor the exported MatMul consumes (for ``in_proj`` that is
     ``h * mask``, as in `Mamba2Mixer.forward`). Each batch runs as one prefill from zero states.
@@ -60,7 +97,8 @@ def calibrate(
 
     Returns:
         ``{MatMul node name: amax}`` for every linear layer the batches reached (the LM head is a
-        plain matmul in `HybridLM`, not a module call, so it never appears).
+        plain matmul in `HybridLM`, not a module call, so it never appears), and
+        ``{MoeExperts node name: ExpertAmax}`` for every MoE layer.
 
     Raises:
         QuantizationError: No batches, or a non-finite activation.
@@ -68,8 +106,9 @@ def calibrate(
     batches = list(batches)
     if not batches:
         raise QuantizationError("the calibration set is empty", fix="give at least one prompt or --calib-random N ≥ 1")
-    amax: dict[str, float] = {}
+    amax: dict[str, Amax] = {}
     names = {m: matmul_node_name(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    experts = {m: moe_node_name(n) for n, m in model.named_modules() if isinstance(m, Experts)}
 
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach()
@@ -77,23 +116,39 @@ def calibrate(
         key = names[module]
         amax[key] = max(amax.get(key, 0.0), value)
 
+    # The running batch's mask, flattened like the MoE's tokens; per thread, because a lazy model
+    # runs its batches in lock-step threads (`LazyWeights.lockstep`).
+    real = threading.local()
+
+    def experts_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        keep = real.mask  # left padding is not a token an expert "saw"
+        stats = expert_amax(args[0].detach()[keep], args[1][keep], module.up_proj)
+        key = experts[module]
+        amax[key] = amax[key].merge(stats) if key in amax else stats
+
     handles = [m.register_forward_pre_hook(hook) for m in names]
+    handles += [m.register_forward_pre_hook(experts_hook) for m in experts]
     was_training = model.training
     model.eval()
     try:
         weights = getattr(model, "weights", None)
+
+        def run(ids: Tensor, mask: Tensor) -> None:
+            real.mask = mask.reshape(-1) != 0
+            model(ids, mask, logits="last")
+
         if isinstance(weights, LazyWeights):
-            weights.lockstep([lambda ids=ids, mask=mask: model(ids, mask, logits="last") for ids, mask in batches], progress)
+            weights.lockstep([lambda ids=ids, mask=mask: run(ids, mask) for ids, mask in batches], progress)
         else:
             for done, (ids, mask) in enumerate(batches, 1):
-                model(ids, mask, logits="last")
+                run(ids, mask)
                 if progress is not None:
                     progress(done, len(batches))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    bad = {k: v for k, v in amax.items() if not torch.isfinite(torch.tensor(v))}
+    bad = {k: v for k, v in amax.items() if not (v.finite() if isinstance(v, ExpertAmax) else math.isfinite(v))}
     if bad:
         raise QuantizationError(
             f"non-finite calibration activations at {sorted(bad)}",
@@ -198,4 +253,15 @@ def calibration_hash(batches: Iterable[Batch]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-__all__ = ["Batch", "calibrate", "calibration_batches", "calibration_hash", "check_calibration_source", "matmul_node_name"]
+__all__ = [
+    "Amax",
+    "Batch",
+    "ExpertAmax",
+    "calibrate",
+    "calibration_batches",
+    "calibration_hash",
+    "check_calibration_source",
+    "expert_amax",
+    "matmul_node_name",
+    "moe_node_name",
+]

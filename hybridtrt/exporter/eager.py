@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnx
 
+from hybridtrt.exporter import io
 from hybridtrt.exporter.export import (
     DECODE_FILE,
     DECODE_WEIGHTS_FILE,
@@ -28,12 +29,13 @@ from hybridtrt.exporter.export import (
 from hybridtrt.exporter.quantize import QuantizeOptions, quantize_graph
 from hybridtrt.exporter.wrapper import example_inputs
 from hybridtrt.graphs.external_data import save_with_external_data, share_external_data
+from hybridtrt.models.config import MAMBA
 from hybridtrt.models.loading import load_model, parse_dtype
 from hybridtrt.models.model import HybridLM
 
 
 def _program(model: HybridLM, spec: GraphSpec):
-    return export_program(model, example_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype), spec, optimize=True)
+    return export_program(model, example_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour), spec, optimize=True)
 
 
 def trace_graph(model: HybridLM, spec: GraphSpec | None = None) -> onnx.ModelProto:
@@ -43,8 +45,12 @@ def trace_graph(model: HybridLM, spec: GraphSpec | None = None) -> onnx.ModelPro
     return run_passes(_program(model, spec).model_proto, model.config, spec)
 
 
-def _trace_to_file(model: HybridLM, path: Path, data_name: str, spec: GraphSpec, size_threshold: int) -> None:
+def trace_to_file(model: HybridLM, path: Path, data_name: str, spec: GraphSpec | None = None, size_threshold: int = 1024) -> onnx.ModelProto:
+    """Trace one graph of a loaded model and write it with its weights to ``data_name``
+    (``onnx_ir.save``); returns the graph without its weights (initializers external)."""
     import onnx_ir as ir
+
+    spec = spec or GraphSpec()
 
     program = _program(model, spec)
     ir.save(program.model, path, external_data=data_name, size_threshold_bytes=size_threshold)
@@ -52,6 +58,7 @@ def _trace_to_file(model: HybridLM, path: Path, data_name: str, spec: GraphSpec,
     gc.collect()
     proto = run_passes(onnx.load(str(path), load_external_data=False), model.config, spec)
     onnx.save_model(proto, str(path))
+    return proto
 
 
 def write_graphs(
@@ -67,12 +74,15 @@ def write_graphs(
     directory.mkdir(parents=True, exist_ok=True)
     model = load_model(checkpoint_dir, opts.dtype)
     state_dtype = parse_dtype(opts.state_dtype or "fp32")
-    roles = [(MODEL_FILE, WEIGHTS_FILE, False)] + ([(DECODE_FILE, DECODE_WEIGHTS_FILE, True)] if opts.split else [])
+    split = MAMBA in model.config.layer_types if opts.split is None else opts.split
+    roles = [(MODEL_FILE, WEIGHTS_FILE, False)] + ([(DECODE_FILE, DECODE_WEIGHTS_FILE, True)] if split else [])
+    opset = opts.opset or DEFAULT_OPSET
+    flavour = io.cache_flavour(opts.kv_cache, opts.max_cache_len, opset)
     written: list[str] = []
     for fname, data, decode in roles:
-        spec = GraphSpec(opts.logits, decode, opts.per_layer, state_dtype, opts.opset or DEFAULT_OPSET)
+        spec = GraphSpec(opts.logits, decode, opts.per_layer, state_dtype, opset, flavour)
         if quantize is None:
-            _trace_to_file(model, directory / fname, data, spec, opts.size_threshold)
+            trace_to_file(model, directory / fname, data, spec, opts.size_threshold)
         else:
             proto = trace_graph(model, spec)
             quantize_graph(proto, model, checkpoint_dir, quantize)
@@ -84,4 +94,4 @@ def write_graphs(
     return written
 
 
-__all__ = ["trace_graph", "write_graphs"]
+__all__ = ["trace_graph", "trace_to_file", "write_graphs"]

@@ -19,7 +19,7 @@ from hybridtrt.errors import ArtefactError
 
 MANIFEST_FILE = "hybridtrt.json"
 
-_KIND_NAMES = {"M": "mamba", "*": "attention", "-": "mlp"}
+_KIND_NAMES = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 
 
 def checkpoint_hash(checkpoint_dir: str | Path) -> str:
@@ -88,6 +88,15 @@ class Manifest:
     verification: dict[str, Any] | None = None
     tools: dict[str, str] = field(default_factory=tool_versions)
     contract_version: int = CONTRACT_VERSION
+    kv_cache: str = "dynamic"
+    max_cache_len: int | None = None
+
+    @property
+    def cache_flavour(self):
+        """The graphs' KV-cache flavour (`hybridtrt.exporter.io.CacheFlavour`)."""
+        from hybridtrt.exporter.io import CacheFlavour
+
+        return CacheFlavour(self.kv_cache, self.max_cache_len)
 
     def to_json(self) -> str:
         d = {
@@ -105,6 +114,8 @@ class Manifest:
             "quantization": self.quantization,
             "verification": self.verification,
             "tools": self.tools,
+            "kv_cache": self.kv_cache,
+            "max_cache_len": self.max_cache_len,
         }
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 

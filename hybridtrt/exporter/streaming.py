@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from hybridtrt.exporter.io import BATCH, PAST, state_specs
+from hybridtrt.exporter.io import BATCH, DYNAMIC_CACHE, PAST, CacheFlavour, state_specs
 from hybridtrt.graphs.external_data import (
     DEFERRED,
     deferred_key,
@@ -215,20 +215,25 @@ def fake_model(checkpoint: Checkpoint) -> HybridLM:
     return model.requires_grad_(False).eval()
 
 
-def trace_inputs(model: HybridLM, *, seq: int, state_dtype: torch.dtype, batch: int = 2, past: int = 3, seed: int = 0) -> tuple[Tensor, ...]:
-    """Example inputs for tracing, without running the model: the ids and mask of
+def trace_inputs(
+    model: HybridLM, *, seq: int, state_dtype: torch.dtype, batch: int = 2, past: int = 3, seed: int = 0, flavour: CacheFlavour = DYNAMIC_CACHE
+) -> tuple[Tensor, ...]:
+    """Example inputs for tracing, without running the model: the ids and position inputs of
     `hybridtrt.exporter.wrapper.example_inputs` and zero states of its shapes and dtypes."""
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     if past:
         torch.randint(0, vocab, (batch, past), generator=gen)  # consumed by example_inputs' prefill
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
-    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    if flavour.static:
+        positions: tuple[Tensor, ...] = (torch.full((batch,), past, dtype=torch.int64), torch.zeros(batch, dtype=torch.int64))
+    else:
+        positions = (torch.ones(batch, past + seq, dtype=torch.int64),)
     states = []
-    for spec in state_specs(model.config):
+    for spec in state_specs(model.config, flavour):
         shape = tuple(batch if d == BATCH else past if d == PAST else d for d in spec.shape)
         states.append(torch.zeros(shape, dtype=state_dtype if spec.dtype == "state" else model.dtype))
-    return (ids, mask, *states)
+    return (ids, *positions, *states)
 
 
 class StandIns:

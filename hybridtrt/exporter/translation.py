@@ -1,7 +1,11 @@
-"""onnxscript translations of the ``hybridtrt::`` torch ops into ONNX domain ``hybridtrt`` nodes.
+"""onnxscript translations of the ``hybridtrt::`` torch ops into ONNX domain ``hybridtrt`` nodes,
+and of the two attention pieces into the standard ops TensorRT builds natively.
 
-The nodes carry ``plugin_namespace``/``plugin_version`` so TensorRT's ONNX parser picks our plugin
-when its library is loaded, and fall back to the model-local function body otherwise.
+The Mamba nodes carry ``plugin_namespace``/``plugin_version`` so TensorRT's ONNX parser picks our
+plugin when its library is loaded, and fall back to the model-local function body otherwise.
+``hybridtrt::kv_cache_update`` becomes ``TensorScatter`` (opset 24 → ``IKVCacheUpdateLayer``) and
+``scaled_dot_product_attention`` becomes one ``Attention`` node (opset ≥ 23 → ``IAttention``), see
+`hybridtrt.exporter.attention`.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from typing import Any
 import onnxscript
 import torch
 
-from hybridtrt.ops import library  # noqa: F401  (registers torch.ops.hybridtrt.*)
+from hybridtrt.ops import library, moe  # noqa: F401  (registers torch.ops.hybridtrt.*)
+from hybridtrt.ops.moe_onnx import MOE_EXPERTS, RELU2
 from hybridtrt.ops.onnx_functions import CHUNK_SCAN, DOMAIN, DOMAIN_VERSION, STATE_UPDATE
 from hybridtrt.ops.onnx_schema import register_schemas
 
@@ -45,10 +50,27 @@ def _state_update(x, dt, A, B, C, D, state):
     )
 
 
-def translation_table() -> dict[Any, Any]:
-    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
+def _moe_experts(x, topk_indices, topk_weights, up_proj, down_proj):
+    return getattr(_opset(), MOE_EXPERTS)(
+        x,
+        topk_indices,
+        topk_weights,
+        up_proj,
+        down_proj,
+        activation=RELU2,
+        plugin_namespace=PLUGIN_NAMESPACE,
+        plugin_version=PLUGIN_VERSION,
+    )
+
+
+def translation_table(opset: int) -> dict[Any, Any]:
+    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)`` at ``opset``."""
+    from hybridtrt.exporter.attention import attention_translations
+
     register_schemas()
     return {
         torch.ops.hybridtrt.mamba2_chunk_scan.default: _chunk_scan,
         torch.ops.hybridtrt.mamba2_state_update.default: _state_update,
+        torch.ops.hybridtrt.moe_experts.default: _moe_experts,
+        **attention_translations(opset),
     }

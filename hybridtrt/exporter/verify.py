@@ -115,6 +115,8 @@ class _Gate:
     def __init__(self, manifest: Manifest) -> None:
         self.fp8 = bool(manifest.quantization)
         self.tol = 1e-4 if manifest.dtype == "fp32" else 1e-2
+        # A half-precision SSM state is rounded on both sides: one fp16 ulp is 1e-3 relative.
+        self.half_state = manifest.state_dtype != "fp32"
 
     def check(self, where: str, got: dict[str, Any], expected: dict[str, Any]) -> tuple[str, float]:
         """Compare; raise `ExportError` on failure. Returns the worst (output, rel L2)."""
@@ -127,7 +129,8 @@ class _Gate:
                 raise ExportError(f"{where}: FP8 {name} has cosine {cosine:.4f} < 0.5 against the reference", fix="check the calibration set; try --weight-scale channel or --exclude")
             return name, rel_l2(got[name], expected[name])
         errors = {k: rel_l2(got[k], v) for k, v in expected.items()}
-        bad = {k: v for k, v in errors.items() if not v <= self.tol}
+        limit = {k: 1e-2 if self.half_state and "ssm_state" in k else self.tol for k in errors}
+        bad = {k: v for k, v in errors.items() if not v <= limit[k]}
         if bad:
             raise ExportError(
                 f"{where} disagrees with the PyTorch reference on {sorted(bad)} (rel L2 {max(bad.values()):.2e} > {self.tol})",
@@ -175,11 +178,12 @@ def verify_export(
     record: dict[str, Any] = {"mode": chosen, "graphs": {}}
     record["gate"] = "FP8 logits cosine ≥ 0.5" if gate.fp8 else f"rel L2 ≤ {gate.tol:g}"
     state_dtype = parse_dtype(manifest.state_dtype)
-    specs = state_specs(model.config)
+    flavour = manifest.cache_flavour
+    specs = state_specs(model.config, flavour)
     for role, entry in manifest.graphs.items():
         decode = role == "decode"
-        inputs = _reference(partial(example_inputs, model, seq=1 if decode else 7, batch=3, past=4, state_dtype=state_dtype, seed=1), manifest.dtype)
-        graph = GraphModule(model, manifest.logits, decode, per_layer=True).eval()
+        inputs = _reference(partial(example_inputs, model, seq=1 if decode else 7, batch=3, past=4, state_dtype=state_dtype, seed=1, flavour=flavour), manifest.dtype)
+        graph = GraphModule(model, manifest.logits, decode, True, flavour).eval()
         expected = _reference(partial(graph, *inputs), manifest.dtype)
         weights = getattr(model, "weights", None)
         if weights is not None and hasattr(weights, "release"):

@@ -10,6 +10,16 @@ Rewrite (``P`` = ``/model/layers.0/mixer/in_proj``, ``p`` = ``model.layers.0.mix
     p.weight_t_fp8 [in, out] : float8e4m3fn ─ P/weight_quantizer/DequantizeLinear ┘
                 (p.weight_scale: [] per tensor, or [out] with axis=1 per output channel)
 
+MoE layers (Nemotron-3): the shared expert's and the latent projections' MatMuls are linears like
+the others; the router (``mixer/gate/MatMul``) stays in high precision. Each routed-experts node
+``/model/layers.{i}/mixer/experts/MoeExperts`` becomes ``MoeExpertsFp8`` (contract in
+`hybridtrt.ops.moe_onnx`): FP8 ``up_proj`` / ``down_proj`` initializers with a scale per expert
+(``[E, 1]``; per expert and output channel ``[E, out]`` with ``--weight-scale channel``) and per-expert
+activation scales for the up and the down input (calibration amax / 448). An expert that no
+calibration token reached gets the **fallback** scale: the largest scale of its layer's reached
+experts (it clips nothing that its neighbours saw; never zero); the recipe lists the tokens each
+expert saw and which experts fell back.
+
 Scales have the model dtype (the DequantizeLinear output type is the scale type), so an fp16/bf16
 graph stays fp16/bf16 around the MatMul. Weights are cast with saturation (clipped to ±448 before
 the cast). Everything else is left alone: embeddings, norms, conv1d and the scan ops are not
@@ -24,6 +34,7 @@ that cannot be read.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,17 +48,25 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from hybridtrt.errors import QuantizationError
+from hybridtrt.ops.moe_onnx import MOE_EXPERTS, MOE_EXPERTS_FP8
+from hybridtrt.ops.onnx_functions import DOMAIN, attach_functions
 
 #: Largest finite float8e4m3fn value.
 FP8_E4M3_MAX = 448.0
 #: Oldest default-domain opset with float8 types in QuantizeLinear/DequantizeLinear.
 MIN_FP8_OPSET = 19
-#: The projections that get Q/DQ (DESIGN.md §7).
-QUANTIZABLE_PROJECTIONS = ("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-_QUANTIZABLE = re.compile(r"^/model/layers\.\d+/mixer/(" + "|".join(QUANTIZABLE_PROJECTIONS) + r")/MatMul$")
+#: The projections that get Q/DQ (DESIGN.md §7); MoE shared-expert up/down and latent projections too.
+QUANTIZABLE_PROJECTIONS = (
+    "in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "fc1_latent_proj", "fc2_latent_proj",
+)  # fmt: skip
+_QUANTIZABLE = re.compile(r"^/model/layers\.\d+/mixer/(shared_experts/)?(" + "|".join(QUANTIZABLE_PROJECTIONS) + r")/MatMul$")
+_EXPERT_WEIGHT = re.compile(r"\.experts\.(up|down)_proj(_fp8)?$")
+_ROUTER = re.compile(r"^/model/layers\.\d+/mixer/gate/MatMul$")
 LM_HEAD_NODE = "/model/MatMul"
 #: Never quantized by default (DESIGN.md §7); recorded in the recipe.
-DEFAULT_EXCLUSIONS = ("embeddings", "norms", "conv1d", "scan ops", "attention score/value BMMs", "lm_head")
+DEFAULT_EXCLUSIONS = ("embeddings", "norms", "conv1d", "scan ops", "attention score/value BMMs", "lm_head", "MoE router (gate)")
+#: How an expert that no calibration token reached gets its activation scales (recorded in the recipe).
+EXPERT_FALLBACK = "largest activation scale among the reached experts of the same layer"
 
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}
 
@@ -74,11 +93,14 @@ class FP8Recipe:
         weight_scale: ``"tensor"`` or ``"channel"`` (per output channel, DequantizeLinear axis 1).
         activation_scales: ``{MatMul node: scale}``.
         weight_scales: ``{MatMul node: scale}`` for per-tensor weights (empty per channel).
-        quantized: MatMul nodes that got Q/DQ, in graph order.
+        quantized: MatMul nodes that got Q/DQ, in graph order, then the MoeExpertsFp8 nodes.
         excluded: ``{MatMul node: reason}`` for every other MatMul.
         default_exclusions: What is never quantized by default.
         exclude_patterns: The user's ``--exclude`` regexes (matched with ``re.search`` on node names).
         calibration: Filled by the caller (``{"hash": ..., "sequences": ..., ...}``).
+        experts: ``{MoeExperts node: {"tokens": [E], "fallback_experts": [...], "up_input_scale": [E],
+            "down_input_scale": [E], "up_weight_scale"/"down_weight_scale": [E] (per tensor)}}``.
+        expert_fallback: The rule for experts no calibration token reached.
     """
 
     scheme: str = "fp8"
@@ -92,9 +114,37 @@ class FP8Recipe:
     default_exclusions: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUSIONS))
     exclude_patterns: list[str] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
+    experts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    expert_fallback: str = EXPERT_FALLBACK
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class ExpertAmax:
+    """Calibration of the routed experts of one MoE layer (one ``MoeExperts`` node).
+
+    Attributes:
+        tokens: ``[E]`` (token, k) pairs routed to each expert.
+        up_input: ``[E]`` max ``|x|`` over the tokens routed to each expert (0 when none).
+        down_input: ``[E]`` max ``relu(up_e x)²`` over the same tokens (0 when none).
+    """
+
+    tokens: list[int]
+    up_input: list[float]
+    down_input: list[float]
+
+    def merge(self, other: ExpertAmax) -> ExpertAmax:
+        """Counts add up, amax take the maximum."""
+        return ExpertAmax(
+            [a + b for a, b in zip(self.tokens, other.tokens)],
+            [max(a, b) for a, b in zip(self.up_input, other.up_input)],
+            [max(a, b) for a, b in zip(self.down_input, other.down_input)],
+        )
+
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in self.up_input + self.down_input)
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -126,6 +176,8 @@ def _exclusion_reason(
     """Why ``node`` (a MatMul) is not quantized, or None when it is."""
     if node.name == LM_HEAD_NODE:
         return "lm_head (excluded by default, DESIGN.md §7)"
+    if _ROUTER.match(node.name):
+        return "MoE router (gate): kept in high precision, it decides the routing"
     if len(node.input) < 2 or node.input[1] not in inits:
         return "input[1] is an activation, not a weight (activation x activation matmul)"
     if not _QUANTIZABLE.match(node.name):
@@ -212,7 +264,7 @@ def in_memory_quantizer(base_dir: str | None = None) -> WeightQuantizer:
 
 def insert_fp8_qdq(
     model: onnx.ModelProto,
-    act_amax: Mapping[str, float],
+    act_amax: Mapping[str, float | ExpertAmax],
     *,
     exclude: Sequence[str] = (),
     weight_scale: WeightScale = "tensor",
@@ -256,7 +308,15 @@ def insert_fp8_qdq(
     recipe = FP8Recipe(weight_scale=weight_scale, exclude_patterns=list(exclude))
 
     plan: list[onnx.NodeProto] = []
+    experts_plan: list[onnx.NodeProto] = []
     for node in graph.node:
+        if node.domain == DOMAIN and node.op_type == MOE_EXPERTS:
+            matched = next((text for text, rx in patterns if rx.search(node.name)), None)
+            if matched is None:
+                experts_plan.append(node)
+            else:
+                recipe.excluded[node.name] = f"matches --exclude {matched!r}"
+            continue
         if node.op_type != "MatMul":
             continue
         reason = _exclusion_reason(node, inits, patterns)
@@ -265,6 +325,7 @@ def insert_fp8_qdq(
         else:
             recipe.excluded[node.name] = reason
     missing = [n.name for n in plan if n.name not in act_amax]
+    missing += [n.name for n in experts_plan if not isinstance(act_amax.get(n.name), ExpertAmax)]
     if missing:
         raise QuantizationError(
             f"no calibration amax for {len(missing)} layer(s): {missing[:4]}{' …' if len(missing) > 4 else ''}",
@@ -310,6 +371,14 @@ def insert_fp8_qdq(
         recipe.activation_scales[node.name] = a_scale
         if weight_scale == "tensor":
             recipe.weight_scales[node.name] = float(w_scale.astype(np.float32))
+    for node in experts_plan:
+        old_weights = list(node.input[3:])  # replaced by FP8 copies
+        recipe.experts[node.name] = _quantize_experts(graph, node, act_amax[node.name], inits, weight_scale, quantize)
+        for name in old_weights:
+            weight_users[name] -= 1
+            if weight_users[name] == 0:
+                dropped.add(name)
+        recipe.quantized.append(node.name)
 
     # Rebuild the node list with each Q/DQ group right before its MatMul (keeps topological order).
     ordered: list[onnx.NodeProto] = []
@@ -325,18 +394,81 @@ def insert_fp8_qdq(
         kept_vi = [v for v in graph.value_info if v.name not in dropped]
         del graph.value_info[:]
         graph.value_info.extend(kept_vi)
+    if experts_plan:
+        _attach_used_functions(model)
     return recipe
+
+
+def expert_input_scales(amax: list[float], tokens: list[int]) -> tuple[np.ndarray, list[int]]:
+    """Per-expert activation scales ``amax / 448`` (fp32, never zero) and the experts that fell back.
+
+    An expert that saw no calibration token gets `EXPERT_FALLBACK`: the largest scale among the
+    layer's reached experts.
+    """
+    reached = [a for a, n in zip(amax, tokens) if n]
+    fallback = max(reached) if reached else 0.0
+    fell_back = [e for e, n in enumerate(tokens) if not n]
+    values = np.array([a if n else fallback for a, n in zip(amax, tokens)], dtype=np.float32)
+    return _round_scale(values / FP8_E4M3_MAX, TensorProto.FLOAT), fell_back
+
+
+def quantize_expert_weights(w: np.ndarray, mode: WeightScale) -> tuple[np.ndarray, np.ndarray]:
+    """FP8 expert weights ``[E, out, in]`` and their fp32 scale: ``[E, 1]`` per expert (``"tensor"``,
+    each expert's matrix is one tensor) or ``[E, out]`` per expert and output channel."""
+    w32 = np.asarray(w, dtype=np.float32)
+    amax = np.abs(w32).max(axis=2) if mode == "channel" else np.abs(w32).max(axis=(1, 2))[:, None]
+    scale = _round_scale(amax / FP8_E4M3_MAX, TensorProto.FLOAT)
+    return fp8_saturating_cast(w32 / scale[:, :, None]), scale
+
+
+def _quantize_experts(
+    graph: onnx.GraphProto,
+    node: onnx.NodeProto,
+    stats: ExpertAmax,
+    inits: Mapping[str, TensorProto],
+    weight_scale: WeightScale,
+    quantizer: WeightQuantizer,
+) -> dict[str, Any]:
+    """Turn one ``MoeExperts`` node into ``MoeExpertsFp8`` in place; returns its recipe entry."""
+    _, dotted = _prefixes(node.name)  # model.layers.{i}.mixer.experts
+    entry: dict[str, Any] = {"tokens": list(stats.tokens)}
+    inputs = list(node.input[:3])
+    for proj, w_name, amax in (("up", node.input[3], stats.up_input), ("down", node.input[4], stats.down_input)):
+        names = (f"{dotted}.{proj}_proj_fp8", f"{dotted}.{proj}_weight_scale", f"{dotted}.{proj}_input_scale")
+        w_fp8, w_scale = quantizer(inits[w_name], names[0], partial(quantize_expert_weights, mode=weight_scale))
+        in_scale, fell_back = expert_input_scales(amax, stats.tokens)
+        graph.initializer.extend([w_fp8, numpy_helper.from_array(w_scale, names[1]), numpy_helper.from_array(in_scale, names[2])])
+        inputs += names
+        entry[f"{proj}_input_scale"] = in_scale.tolist()
+        if weight_scale == "tensor":
+            entry[f"{proj}_weight_scale"] = w_scale[:, 0].tolist()
+        entry["fallback_experts"] = fell_back
+    node.op_type = MOE_EXPERTS_FP8
+    node.name = node.name.rsplit("/", 1)[0] + "/" + MOE_EXPERTS_FP8
+    del node.input[:]
+    node.input.extend(inputs)
+    return entry
+
+
+def _attach_used_functions(model: onnx.ModelProto) -> None:
+    """Attach the bodies of the hybridtrt ops now in the graph and drop those no node uses."""
+    attach_functions(model)
+    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    kept = [f for f in model.functions if f.domain != DOMAIN or f.name in used]
+    del model.functions[:]
+    model.functions.extend(kept)
 
 
 def quantized_weight_bytes(model: onnx.ModelProto, base_dir: str | Path | None = None) -> dict[str, int]:
     """Bytes of the linear-layer weights by storage type: ``{"fp8": n, "high_precision": n}``.
 
-    Counts initializers named ``*.weight_t`` / ``*.weight_t_fp8`` of the quantizable projections
-    (works on in-memory or external-data models: sizes come from dims and element size).
+    Counts initializers named ``*.weight_t`` / ``*.weight_t_fp8`` of the quantizable projections and
+    the routed experts' ``*.experts.{up,down}_proj`` / ``*_proj_fp8`` (works on in-memory or
+    external-data models: sizes come from dims and element size).
     """
     out = {"fp8": 0, "high_precision": 0}
     for t in model.graph.initializer:
-        if not any(f".{p}.weight_t" in t.name for p in QUANTIZABLE_PROJECTIONS):
+        if not any(f".{p}.weight_t" in t.name for p in QUANTIZABLE_PROJECTIONS) and not _EXPERT_WEIGHT.search(t.name):
             continue
         n = int(np.prod(t.dims)) if t.dims else 1
         if t.data_type == TensorProto.FLOAT8E4M3FN:
@@ -348,6 +480,8 @@ def quantized_weight_bytes(model: onnx.ModelProto, base_dir: str | Path | None =
 
 __all__ = [
     "DEFAULT_EXCLUSIONS",
+    "EXPERT_FALLBACK",
+    "ExpertAmax",
     "FP8Recipe",
     "FP8_E4M3_MAX",
     "MIN_FP8_OPSET",
@@ -359,6 +493,8 @@ __all__ = [
     "fp8_tensor",
     "in_memory_quantizer",
     "insert_fp8_qdq",
+    "expert_input_scales",
+    "quantize_expert_weights",
     "quantize_weight",
     "quantized_weight_bytes",
 ]

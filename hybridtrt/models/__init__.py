@@ -1,22 +1,40 @@
-"""The PyTorch reference of Nemotron-H hybrids and plain Mamba-2 (validation oracle #1)."""
+"""The PyTorch reference of Nemotron-H hybrids and plain Mamba-2 (validation oracle #1).
 
-from hybridtrt.models.cache import HybridCache
-from hybridtrt.models.config import HybridConfig, config_from_dict, load_config
-from hybridtrt.models.loading import load_model, parse_dtype
-from hybridtrt.models.model import CausalLMOutput, HybridLM
-from hybridtrt.models.presets import PRESETS, create_checkpoint, random_model, save_checkpoint
+Names are imported on first use (PEP 562), so that ``hybridtrt.models.config`` and other torch-free
+modules can be imported without importing torch (``hybridtrt --help`` stays fast).
+"""
 
-__all__ = [
-    "PRESETS",
-    "CausalLMOutput",
-    "HybridCache",
-    "HybridConfig",
-    "HybridLM",
-    "config_from_dict",
-    "create_checkpoint",
-    "load_config",
-    "load_model",
-    "parse_dtype",
-    "random_model",
-    "save_checkpoint",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: public name -> module that defines it
+_EXPORTS = {
+    "HybridCache": "hybridtrt.models.cache",
+    "HybridConfig": "hybridtrt.models.config",
+    "config_from_dict": "hybridtrt.models.config",
+    "load_config": "hybridtrt.models.config",
+    "load_model": "hybridtrt.models.loading",
+    "parse_dtype": "hybridtrt.models.loading",
+    "CausalLMOutput": "hybridtrt.models.model",
+    "HybridLM": "hybridtrt.models.model",
+    "PRESETS": "hybridtrt.models.presets",
+    "create_checkpoint": "hybridtrt.models.presets",
+    "random_model": "hybridtrt.models.presets",
+    "save_checkpoint": "hybridtrt.models.presets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

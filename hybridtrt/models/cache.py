@@ -45,8 +45,10 @@ class HybridCache:
         dtype: torch.dtype = torch.float32,
         state_dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        capacity: int = 0,
     ) -> HybridCache:
-        """Zero states and empty (S = 0) KV for ``batch`` rows."""
+        """Zero states for ``batch`` rows: empty (S = 0) KV, or zero KV buffers of ``capacity``
+        positions for the static-cache flavour."""
         c = config
         cache = cls()
         for i in c.layers_of(MAMBA):
@@ -55,14 +57,15 @@ class HybridCache:
                 batch, c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size, dtype=state_dtype, device=device
             )
         for i in c.layers_of(ATTENTION):
-            shape = (batch, c.num_key_value_heads, 0, c.attention_head_dim)
+            shape = (batch, c.num_key_value_heads, capacity, c.attention_head_dim)
             cache.key[i] = torch.zeros(shape, dtype=dtype, device=device)
             cache.value[i] = torch.zeros(shape, dtype=dtype, device=device)
         return cache
 
     @property
     def past_length(self) -> int:
-        """Number of positions the KV cache holds (0 for a pure Mamba model)."""
+        """Number of positions the KV cache holds (0 for a pure Mamba model; the capacity for a
+        static cache)."""
         for k in self.key.values():
             return int(k.shape[2])
         return 0

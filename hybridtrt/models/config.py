@@ -1,12 +1,29 @@
 """Model configuration parsed from an HF ``config.json``.
 
 One parser per model family, held in a registry keyed by ``model_type`` (DESIGN.md §3). Block
-letters: ``M`` Mamba-2 mixer, ``*`` attention, ``-`` MLP; ``E`` (MoE) is refused with a clear
-error until an issue adds it.
+letters: ``M`` Mamba-2 mixer, ``*`` attention, ``-`` MLP, ``E`` mixture of experts (Nemotron-3).
+
+Nemotron-3 MoE fields (``E`` layers), against HF transformers' ``NemotronHMoE`` (the math we copy):
+
+* supported: ``n_routed_experts`` (alias ``num_local_experts``), ``num_experts_per_tok``,
+  ``moe_intermediate_size``, ``moe_shared_expert_intermediate_size``, ``n_shared_experts`` (0 or 1),
+  ``n_group``, ``topk_group``, ``norm_topk_prob``, ``routed_scaling_factor``, ``moe_latent_size``
+  (latent MoE: ``fc1_latent_proj`` / ``fc2_latent_proj`` around the routed experts), ``mlp_bias``
+  and ``mlp_hidden_act`` (``relu2``) for the experts as for the MLP;
+* refused (`ConfigError` naming the field): ``num_nextn_predict_layers > 0`` (multi-token
+  prediction: HF transformers has no MTP module and drops the ``mtp.*`` weights), ``n_shared_experts
+  > 1`` (HF builds one shared MLP of ``moe_shared_expert_intermediate_size`` whatever the count,
+  vLLM one of ``count × size``: ambiguous), sizes and groupings that make the router ill-defined;
+* ignored, because they do not change the computation (as in HF): ``rope_theta`` /
+  ``partial_rotary_factor`` (HF's ``NemotronHAttention`` applies no rotary embedding, nor does
+  vLLM's), ``moe_shared_expert_overlap`` (a scheduling hint), ``output_router_logits`` (training),
+  ``mtp_hybrid_override_pattern`` / ``mtp_layers_block_type`` while ``num_nextn_predict_layers``
+  is 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -17,7 +34,7 @@ from typing import Any
 from hybridtrt.errors import ConfigError
 
 MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
-SUPPORTED_BLOCKS = (MAMBA, ATTENTION, MLP)
+SUPPORTED_BLOCKS = (MAMBA, ATTENTION, MLP, MOE)
 
 # HF spells block types several ways across releases; all map to our letters.
 _BLOCK_NAMES = {
@@ -28,6 +45,34 @@ _BLOCK_NAMES = {
     "mlp": MLP,
     "moe": MOE,
 }
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """The ``E`` layers of a Nemotron-3 model (HF ``NemotronHMoE``).
+
+    Attributes:
+        num_experts: Routed experts ``E`` (``n_routed_experts``).
+        top_k: Experts per token (``num_experts_per_tok``).
+        intermediate_size: Routed expert width (``moe_intermediate_size``).
+        shared_intermediate_size: Shared expert width; 0 = no shared expert (``n_shared_experts: 0``).
+        latent_size: Latent MoE width (``moe_latent_size``): routed experts run on
+            ``fc1_latent_proj(h)`` and their sum goes through ``fc2_latent_proj``; None = no latent.
+        n_group: Expert groups for group-limited routing (``n_group``).
+        topk_group: Groups a token may use (``topk_group``).
+        norm_topk_prob: Normalise the selected experts' sigmoid scores to sum to 1.
+        routed_scaling_factor: Multiplies the routing weights.
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    shared_intermediate_size: int
+    latent_size: int | None
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
 
 
 @dataclass(frozen=True)
@@ -68,6 +113,11 @@ class HybridConfig:
     bos_token_id: int | None
     eos_token_id: int | None
     pad_token_id: int | None
+    # Mixture of experts (``E`` layers); None when the model has none.
+    moe: MoeConfig | None = None
+    #: The dtype the checkpoint declares (``dtype``/``torch_dtype`` in config.json) as
+    #: ``fp32 | fp16 | bf16``; None when it declares none we know. The export's default dtype.
+    checkpoint_dtype: str | None = None
 
     @property
     def num_layers(self) -> int:
@@ -113,10 +163,78 @@ def _get(cfg: dict[str, Any], *names: str, default: Any = ...) -> Any:
     return default
 
 
+def _int(cfg: dict[str, Any], *names: str, default: Any = ..., minimum: int = 1) -> int:
+    """A whole-number field (HF writes ints; an integral float such as ``64.0`` is accepted).
+
+    Raises:
+        ConfigError: naming the field and its value when it is not a whole number ≥ ``minimum``.
+    """
+    value = _get(cfg, *names, default=default)
+    name = next((n for n in names if cfg.get(n) is not None), names[0])
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ConfigError(f"{name}={value!r} in config.json is not a whole number", fix=f"set {name} to an integer ≥ {minimum}")
+    if value < minimum:
+        raise ConfigError(f"{name}={value!r} in config.json must be ≥ {minimum}", fix=f"set {name} to an integer ≥ {minimum}")
+    return int(value)
+
+
+def _float(cfg: dict[str, Any], *names: str, default: Any = ...) -> float:
+    """A real-number field; infinities as HF writes them (``{"__float__": "Infinity"}``) are decoded on load."""
+    value = _get(cfg, *names, default=default)
+    name = next((n for n in names if cfg.get(n) is not None), names[0])
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{name}={value!r} in config.json is not a number", fix=f"set {name} to a number")
+    return float(value)
+
+
+def _time_step_limit(cfg: dict[str, Any]) -> tuple[float, float]:
+    """Mamba-2's ``time_step_limit`` ``[lo, hi]`` (transformers writes ``[0.0, {"__float__": "Infinity"}]``)."""
+    value = cfg.get("time_step_limit")
+    if value is None:
+        return 0.0, math.inf
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in value)
+    if not ok or not 0 <= value[0] <= value[1]:
+        raise ConfigError(
+            f"time_step_limit={value!r} in config.json is not [lo, hi] with 0 ≤ lo ≤ hi",
+            fix='write it as transformers does, e.g. [0.0, {"__float__": "Infinity"}]',
+        )
+    return float(value[0]), float(value[1])
+
+
 def _single_token(value: Any) -> int | None:
+    """``bos/eos/pad_token_id``: an int, a list of ints (the first counts) or null."""
     if isinstance(value, list):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
+        value = value[0] if value else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"token id {value!r} in config.json is not a non-negative integer", fix="fix bos/eos/pad_token_id")
+    return value
+
+
+#: How transformers spells dtypes in config.json -> ours.
+_HF_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+
+
+def _declared_dtype(cfg: dict[str, Any]) -> str | None:
+    """``dtype`` (transformers ≥ 5) or ``torch_dtype`` (older) of config.json, as ours."""
+    value = cfg.get("dtype", cfg.get("torch_dtype"))
+    return _HF_DTYPES.get(value) if isinstance(value, str) else None
+
+
+def decode_hf_floats(value: Any) -> Any:
+    """Undo transformers' JSON encoding of non-finite floats (``{"__float__": "Infinity"}``), recursively."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and isinstance(value["__float__"], str):
+            try:
+                return float(value["__float__"])
+            except ValueError:
+                raise ConfigError(f"config.json has an unreadable float {value!r}") from None
+        return {k: decode_hf_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_hf_floats(v) for v in value]
+    return value
 
 
 def _parse_pattern(cfg: dict[str, Any]) -> tuple[str, ...]:
@@ -139,19 +257,77 @@ def _parse_pattern(cfg: dict[str, Any]) -> tuple[str, ...]:
             fix="a Nemotron-H config names its layer pattern, e.g. \"hybrid_override_pattern\": \"M-M*-M\"",
         )
     for i, letter in enumerate(letters):
-        if letter == MOE:
-            raise ConfigError(
-                f"{source} has an MoE block 'E' at layer {i}; MoE is not supported yet",
-                fix="export a Nemotron-H variant without MoE layers (pattern of M, * and -)",
-            )
         if letter not in SUPPORTED_BLOCKS:
             raise ConfigError(
                 f"{source} has unknown block letter {letter!r} at layer {i}",
-                fix="letters are M (Mamba-2), * (attention), - (MLP)",
+                fix="letters are M (Mamba-2), * (attention), - (MLP), E (mixture of experts)",
             )
     if not letters:
         raise ConfigError(f"{source} is empty", fix="the model needs at least one layer")
     return tuple(letters)
+
+
+def _parse_moe(cfg: dict[str, Any]) -> MoeConfig:
+    """The MoE fields of a Nemotron-3 config (see the module docstring for what is refused)."""
+    mtp = _int(cfg, "num_nextn_predict_layers", default=0, minimum=0)
+    if mtp:
+        raise ConfigError(
+            f"num_nextn_predict_layers={mtp}: multi-token prediction (MTP) layers are not supported — HF "
+            "transformers, whose math hybridtrt copies, has no MTP module and drops the mtp.* weights",
+            fix="set num_nextn_predict_layers to 0 in config.json to export the main model without its MTP "
+            "head (the main model's logits do not depend on it; the mtp.* tensors are then ignored)",
+        )
+    shared = _int(cfg, "n_shared_experts", default=1, minimum=0)
+    if shared not in (0, 1):
+        raise ConfigError(
+            f"n_shared_experts={shared} is not supported: HF transformers builds one shared expert of "
+            "moe_shared_expert_intermediate_size whatever the count, vLLM one of count × that size",
+            fix="use a checkpoint with n_shared_experts 0 or 1 (every Nemotron-3 checkpoint has 1)",
+        )
+    latent = _int(cfg, "moe_latent_size") if cfg.get("moe_latent_size") is not None else None
+    return MoeConfig(
+        num_experts=_int(cfg, "n_routed_experts", "num_local_experts"),
+        top_k=_int(cfg, "num_experts_per_tok"),
+        intermediate_size=_int(cfg, "moe_intermediate_size"),
+        shared_intermediate_size=_int(cfg, "moe_shared_expert_intermediate_size") if shared else 0,
+        latent_size=latent,
+        n_group=_int(cfg, "n_group", default=1),
+        topk_group=_int(cfg, "topk_group", default=1),
+        norm_topk_prob=bool(_get(cfg, "norm_topk_prob", default=True)),
+        routed_scaling_factor=_float(cfg, "routed_scaling_factor", default=1.0),
+    )
+
+
+def _validate_moe(m: MoeConfig) -> None:
+    """Refuse MoE sizes for which HF's router is ill-defined (it would crash or pick masked experts)."""
+    for field_name in ("num_experts", "top_k", "intermediate_size", "n_group", "topk_group"):
+        value = getattr(m, field_name)
+        if value < 1:
+            raise ConfigError(f"MoE {field_name}={value} must be a positive integer")
+    if m.latent_size is not None and m.latent_size < 1:
+        raise ConfigError(f"moe_latent_size={m.latent_size} must be a positive integer or null")
+    if m.shared_intermediate_size < 0:
+        raise ConfigError(f"moe_shared_expert_intermediate_size={m.shared_intermediate_size} must be ≥ 0")
+    if m.num_experts % m.n_group:
+        raise ConfigError(
+            f"n_routed_experts={m.num_experts} is not divisible by n_group={m.n_group}",
+            fix="n_group must divide the number of routed experts",
+        )
+    if m.num_experts // m.n_group < 2:
+        raise ConfigError(
+            f"n_group={m.n_group} leaves {m.num_experts // m.n_group} expert per group; the router scores a "
+            "group by its two best experts",
+            fix="use at least 2 experts per group (n_routed_experts / n_group ≥ 2)",
+        )
+    if m.topk_group > m.n_group:
+        raise ConfigError(f"topk_group={m.topk_group} exceeds n_group={m.n_group}", fix="topk_group ≤ n_group")
+    reachable = m.topk_group * (m.num_experts // m.n_group)
+    if m.top_k > reachable:
+        raise ConfigError(
+            f"num_experts_per_tok={m.top_k} exceeds the {reachable} experts of the topk_group={m.topk_group} "
+            "groups a token may use",
+            fix="num_experts_per_tok ≤ topk_group × n_routed_experts / n_group",
+        )
 
 
 def _parse_nemotron_h(cfg: dict[str, Any]) -> HybridConfig:
@@ -166,44 +342,45 @@ def _parse_nemotron_h(cfg: dict[str, Any]) -> HybridConfig:
             "attention_bias=true is not supported (Nemotron-H attention has no biases)",
             fix="set attention_bias to false if the checkpoint has no q/k/v/o biases",
         )
-    heads = int(_get(cfg, "num_attention_heads"))
-    hidden = int(_get(cfg, "hidden_size"))
+    heads = _int(cfg, "num_attention_heads")
+    hidden = _int(cfg, "hidden_size")
     return HybridConfig(
         family="nemotron_h",
-        vocab_size=int(_get(cfg, "vocab_size")),
+        vocab_size=_int(cfg, "vocab_size"),
         hidden_size=hidden,
         layer_types=layer_types,
-        layer_norm_epsilon=float(_get(cfg, "layer_norm_epsilon", default=1e-5)),
+        layer_norm_epsilon=_float(cfg, "layer_norm_epsilon", default=1e-5),
         tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
         # HF's NemotronHBlock keeps the residual in the model dtype whatever the config says.
         residual_in_fp32=False,
         norm_weight_in_fp32=True,
-        mamba_num_heads=int(_get(cfg, "mamba_num_heads")),
-        mamba_head_dim=int(_get(cfg, "mamba_head_dim")),
-        ssm_state_size=int(_get(cfg, "ssm_state_size", default=128)),
-        n_groups=int(_get(cfg, "n_groups", "mamba_n_groups", default=8)),
-        conv_kernel=int(_get(cfg, "conv_kernel", "mamba_d_conv", default=4)),
-        chunk_size=int(_get(cfg, "chunk_size", "mamba_chunk_size", default=128)),
+        mamba_num_heads=_int(cfg, "mamba_num_heads"),
+        mamba_head_dim=_int(cfg, "mamba_head_dim"),
+        ssm_state_size=_int(cfg, "ssm_state_size", default=128),
+        n_groups=_int(cfg, "n_groups", "mamba_n_groups", default=8),
+        conv_kernel=_int(cfg, "conv_kernel", "mamba_d_conv", default=4),
+        chunk_size=_int(cfg, "chunk_size", "mamba_chunk_size", default=128),
         use_conv_bias=bool(_get(cfg, "use_conv_bias", "mamba_conv_bias", default=True)),
         mamba_bias=bool(_get(cfg, "use_bias", default=False)),
         # HF NemotronHMamba2Mixer clamps dt to (time_step_min, inf), not to config.time_step_limit.
-        time_step_limit=(float(_get(cfg, "time_step_min", "mamba_dt_min", default=0.001)), math.inf),
+        time_step_limit=(_float(cfg, "time_step_min", "mamba_dt_min", default=0.001), math.inf),
         num_attention_heads=heads,
-        num_key_value_heads=int(_get(cfg, "num_key_value_heads", default=heads)),
-        attention_head_dim=int(_get(cfg, "head_dim", "attention_head_dim", default=hidden // heads)),
-        intermediate_size=int(_get(cfg, "intermediate_size", default=4 * hidden)),
+        num_key_value_heads=_int(cfg, "num_key_value_heads", default=heads),
+        attention_head_dim=_int(cfg, "head_dim", "attention_head_dim", default=hidden // heads),
+        intermediate_size=_int(cfg, "intermediate_size", default=4 * hidden),
         mlp_bias=bool(_get(cfg, "mlp_bias", default=False)),
         bos_token_id=_single_token(cfg.get("bos_token_id")),
         eos_token_id=_single_token(cfg.get("eos_token_id")),
         pad_token_id=_single_token(cfg.get("pad_token_id")),
+        moe=_parse_moe(cfg) if MOE in layer_types else None,
     )
 
 
 def _parse_mamba2(cfg: dict[str, Any]) -> HybridConfig:
-    hidden = int(_get(cfg, "hidden_size"))
-    heads = int(_get(cfg, "num_heads"))
-    head_dim = int(_get(cfg, "head_dim"))
-    expand = int(_get(cfg, "expand", default=2))
+    hidden = _int(cfg, "hidden_size")
+    heads = _int(cfg, "num_heads")
+    head_dim = _int(cfg, "head_dim")
+    expand = _int(cfg, "expand", default=2)
     if hidden * expand != heads * head_dim:
         raise ConfigError(
             f"hidden_size*expand ({hidden * expand}) != num_heads*head_dim ({heads * head_dim})",
@@ -211,25 +388,25 @@ def _parse_mamba2(cfg: dict[str, Any]) -> HybridConfig:
         )
     if _get(cfg, "hidden_act", default="silu") != "silu":
         raise ConfigError(f"hidden_act={cfg['hidden_act']!r} is not supported", fix="use 'silu'")
-    lo, hi = _get(cfg, "time_step_limit", default=(0.0, math.inf))
+    lo, hi = _time_step_limit(cfg)
     return HybridConfig(
         family="mamba2",
-        vocab_size=int(_get(cfg, "vocab_size")),
+        vocab_size=_int(cfg, "vocab_size"),
         hidden_size=hidden,
-        layer_types=(MAMBA,) * int(_get(cfg, "num_hidden_layers")),
-        layer_norm_epsilon=float(_get(cfg, "layer_norm_epsilon", default=1e-5)),
+        layer_types=(MAMBA,) * _int(cfg, "num_hidden_layers"),
+        layer_norm_epsilon=_float(cfg, "layer_norm_epsilon", default=1e-5),
         tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
         residual_in_fp32=bool(_get(cfg, "residual_in_fp32", default=True)),
         norm_weight_in_fp32=False,
         mamba_num_heads=heads,
         mamba_head_dim=head_dim,
-        ssm_state_size=int(_get(cfg, "state_size", default=128)),
-        n_groups=int(_get(cfg, "n_groups", default=8)),
-        conv_kernel=int(_get(cfg, "conv_kernel", default=4)),
-        chunk_size=int(_get(cfg, "chunk_size", default=256)),
+        ssm_state_size=_int(cfg, "state_size", default=128),
+        n_groups=_int(cfg, "n_groups", default=8),
+        conv_kernel=_int(cfg, "conv_kernel", default=4),
+        chunk_size=_int(cfg, "chunk_size", default=256),
         use_conv_bias=bool(_get(cfg, "use_conv_bias", default=True)),
         mamba_bias=bool(_get(cfg, "use_bias", default=False)),
-        time_step_limit=(float(lo), float(hi)),
+        time_step_limit=(lo, hi),
         num_attention_heads=0,
         num_key_value_heads=0,
         attention_head_dim=0,
@@ -249,6 +426,8 @@ CONFIG_PARSERS: dict[str, Callable[[dict[str, Any]], HybridConfig]] = {
 
 
 def _validate(c: HybridConfig) -> HybridConfig:
+    if not c.layer_norm_epsilon > 0:
+        raise ConfigError(f"layer_norm_epsilon={c.layer_norm_epsilon} must be > 0", fix="use the checkpoint's value (e.g. 1e-5)")
     if MAMBA in c.layer_types:
         if c.mamba_num_heads % c.n_groups:
             raise ConfigError(
@@ -266,11 +445,15 @@ def _validate(c: HybridConfig) -> HybridConfig:
                 f"num_key_value_heads={c.num_key_value_heads}",
                 fix="GQA needs num_attention_heads % num_key_value_heads == 0",
             )
+    if MOE in c.layer_types:
+        assert c.moe is not None, "a config with E layers must carry MoeConfig"
+        _validate_moe(c.moe)
     return c
 
 
 def config_from_dict(cfg: dict[str, Any]) -> HybridConfig:
     """Parse an HF config dict. Raises `ConfigError` for anything unsupported."""
+    cfg = decode_hf_floats(cfg)
     model_type = cfg.get("model_type")
     parser = CONFIG_PARSERS.get(model_type)  # type: ignore[arg-type]
     if parser is None:
@@ -278,7 +461,7 @@ def config_from_dict(cfg: dict[str, Any]) -> HybridConfig:
             f"model_type={model_type!r} is not supported",
             fix=f"supported model types: {', '.join(sorted(CONFIG_PARSERS))}",
         )
-    return _validate(parser(cfg))
+    return _validate(dataclasses.replace(parser(cfg), checkpoint_dtype=_declared_dtype(cfg)))
 
 
 def load_config(checkpoint_dir: str | Path) -> HybridConfig:
@@ -287,9 +470,11 @@ def load_config(checkpoint_dir: str | Path) -> HybridConfig:
     if not path.is_file():
         raise ConfigError(f"no config.json in {checkpoint_dir}", fix="point at an HF checkpoint directory")
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_bytes().decode("utf-8"))  # bare Infinity/NaN tokens are accepted
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): not an HF config.json", fix="use the checkpoint's config.json") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        raise ConfigError(f"{path} is not valid JSON: {e}", fix="use the checkpoint's config.json") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path} does not hold a JSON object")
     return config_from_dict(cfg)

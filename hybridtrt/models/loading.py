@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch import Tensor
 from hybridtrt.errors import CheckpointError, InputError
 from hybridtrt.models.config import HybridConfig, load_config
 from hybridtrt.models.model import Block, HybridLM
+from hybridtrt.models.moe import FP32_PARAMETERS
 from hybridtrt.models.weights import FLOAT_CODES, WeightIndex
 
 SINGLE_FILE = "model.safetensors"
@@ -46,15 +48,17 @@ class WeightNames:
         prefixes: Accepted prefixes of the backbone (first match wins; e.g. HF's ``model.`` and
             NVIDIA's original ``backbone.`` for Nemotron-H).
         ignore: Regexes of checkpoint tensors that are not part of the model (e.g. MTP heads).
+        keep_fp32: Regexes of our parameter names loaded in fp32 whatever the model dtype.
     """
 
     prefixes: tuple[str, ...]
     ignore: tuple[str, ...] = ()
+    keep_fp32: tuple[str, ...] = ()
 
 
 #: model family -> checkpoint naming (registry; add a family here and in config.CONFIG_PARSERS).
 WEIGHT_NAMES: dict[str, WeightNames] = {
-    "nemotron_h": WeightNames(prefixes=("model.", "backbone."), ignore=(r"^mtp\.",)),
+    "nemotron_h": WeightNames(prefixes=("model.", "backbone."), ignore=(r"^mtp\.",), keep_fp32=FP32_PARAMETERS),
     "mamba2": WeightNames(prefixes=("backbone.",)),
 }
 
@@ -172,21 +176,58 @@ def expected_parameters(config: HybridConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+#: The hub's per-expert MoE tensors (``…mixer.experts.3.up_proj.weight [I, D]``, what HF's
+#: ``save_pretrained`` writes); HF's in-memory model — and ours — stacks them into
+#: ``…mixer.experts.up_proj [E, I, D]`` (transformers' ``conversion_mapping``: MergeModulelist).
+_PER_EXPERT = re.compile(r"^(?P<stem>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
+
+
+def per_expert_groups(names: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """``{stacked name: per-expert tensor names in expert order}`` for the per-expert MoE tensors
+    among ``names`` (checkpoints may ship either form; expert ``e`` becomes row ``e``).
+
+    Raises:
+        CheckpointError: A layer's expert numbers have gaps, or a layer has both forms.
+    """
+    names = set(names)
+    groups: dict[str, dict[int, str]] = {}
+    for name in names:
+        m = _PER_EXPERT.match(name)
+        if m:
+            groups.setdefault(f"{m['stem']}.{m['proj']}", {})[int(m["expert"])] = name
+    out: dict[str, tuple[str, ...]] = {}
+    for stacked, by_expert in sorted(groups.items()):
+        gaps = sorted(set(range(max(by_expert) + 1)) - set(by_expert))
+        if gaps:
+            raise CheckpointError(
+                f"{stacked}: per-expert tensors for experts {gaps[:8]} are missing",
+                fix="the checkpoint is incomplete; re-download it",
+            )
+        if stacked in names:
+            raise CheckpointError(f"{stacked} is stored both stacked and per expert", fix="keep one of the two forms")
+        out[stacked] = tuple(by_expert[e] for e in range(len(by_expert)))
+    return out
+
+
 @dataclass(frozen=True)
 class ParameterSource:
     """Where one model parameter comes from.
 
     Attributes:
         name: Our parameter name (``layers.0.mixer.in_proj.weight``).
-        tensor: The checkpoint tensor (``model.layers.0.mixer.in_proj.weight``).
+        tensor: The checkpoint tensor (``model.layers.0.mixer.in_proj.weight``), or the stacked
+            name of per-expert tensors (``model.layers.1.mixer.experts.up_proj``).
         shape: Its shape.
-        dtype: Its dtype in the model.
+        dtype: Its dtype in the model (fp32 for the family's ``keep_fp32`` parameters).
+        parts: The per-expert tensors stacked along a new first axis into this parameter, in
+            expert order; empty when ``tensor`` is stored as such.
     """
 
     name: str
     tensor: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    parts: tuple[str, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -247,17 +288,26 @@ def match_parameters(config: HybridConfig, index: WeightIndex, dtype: torch.dtyp
     prefix = backbone_prefix(config, names)
     _layer_count_check(config, names, prefix)
     expected = expected_parameters(config)
+    stacks = per_expert_groups(names)
+    in_stack = {part for parts in stacks.values() for part in parts}
+    # What each name the model can use holds: a stored tensor, or a stack of per-expert ones.
+    shapes = {c: index[c].shape for c in names if c not in in_stack}
+    codes = {c: index[c].dtype for c in names if c not in in_stack}
+    for c, parts in stacks.items():
+        part_shapes = {index[q].shape for q in parts}
+        shapes[c] = (len(parts), *next(iter(part_shapes))) if len(part_shapes) == 1 else ("per-expert shapes differ: " + ", ".join(map(str, sorted(part_shapes))),)
+        codes[c] = next((index[q].dtype for q in parts if not index[q].is_float), index[parts[0]].dtype)
     ours_to_ckpt = {k: to_checkpoint_name(k, prefix) for k in expected}
     used = set(ours_to_ckpt.values())
-    missing = sorted(c for c in used if c not in index)
+    missing = sorted(c for c in used if c not in shapes)
     ignorable = [re.compile(p) for p in naming.ignore]
     if config.tie_word_embeddings:
         ignorable.append(re.compile(r"^lm_head\.weight$"))
-    unexpected = sorted(k for k in names if k not in used and not any(p.search(k) for p in ignorable))
+    unexpected = sorted(k for k in shapes if k not in used and not any(p.search(k) for p in ignorable))
     misshapen = sorted(
-        f"{c}: checkpoint {index[c].shape} vs model {expected[k]}"
+        f"{c}: checkpoint {shapes[c]} vs model {expected[k]}"
         for k, c in ours_to_ckpt.items()
-        if c in index and index[c].shape != expected[k]
+        if c in shapes and shapes[c] != expected[k]
     )
     if missing or unexpected or misshapen:
         lines = []
@@ -269,7 +319,7 @@ def match_parameters(config: HybridConfig, index: WeightIndex, dtype: torch.dtyp
             "checkpoint does not match the config: " + "; ".join(lines),
             fix="check that config.json belongs to these weights (layer pattern, sizes, tie_word_embeddings)",
         )
-    not_float = [f"{c} ({index[c].dtype})" for c in ours_to_ckpt.values() if not index[c].is_float]
+    not_float = [f"{c} ({codes[c]})" for c in ours_to_ckpt.values() if codes[c] not in FLOAT_CODES]
     if not_float:
         shown = ", ".join(not_float[:8]) + (f" … (+{len(not_float) - 8} more)" if len(not_float) > 8 else "")
         raise CheckpointError(
@@ -277,7 +327,11 @@ def match_parameters(config: HybridConfig, index: WeightIndex, dtype: torch.dtyp
             f"{'/'.join(FLOAT_CODES)} weights{_quantization_note(root) if root is not None else ''}",
             fix="export from the unquantized (bf16/fp16/fp32) checkpoint; hybridtrt quantizes to FP8 itself (--quantize fp8)",
         )
-    return {k: ParameterSource(k, c, expected[k], dtype) for k, c in ours_to_ckpt.items()}
+    fp32 = [re.compile(p) for p in naming.keep_fp32]
+    return {
+        k: ParameterSource(k, c, expected[k], torch.float32 if any(p.search("." + k) for p in fp32) else dtype, stacks.get(c, ()))
+        for k, c in ours_to_ckpt.items()
+    }
 
 
 def count_non_finite(t: Tensor) -> int:
@@ -344,8 +398,12 @@ class Checkpoint:
         return sum(p.nbytes for p in self.parameters.values())
 
     def read_stored(self, name: str) -> Tensor:
-        """Parameter ``name`` as stored in the checkpoint (its stored dtype)."""
-        return self.index.read(self.parameters[name].tensor)
+        """Parameter ``name`` as stored in the checkpoint (its stored dtype; per-expert tensors
+        stacked, expert ``e`` as row ``e``)."""
+        source = self.parameters[name]
+        if source.parts:
+            return torch.stack([self.index.read(q) for q in source.parts])
+        return self.index.read(source.tensor)
 
     def read(self, name: str) -> Tensor:
         """Parameter ``name`` in the model dtype, checked for NaN/Inf.

@@ -10,14 +10,15 @@ from torch import Tensor, nn
 
 from hybridtrt.errors import InputError
 from hybridtrt.models.cache import HybridCache
-from hybridtrt.models.config import ATTENTION, MAMBA, MLP, HybridConfig
+from hybridtrt.models.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
 from hybridtrt.models.layers import MLP as MLPMixer
 from hybridtrt.models.layers import Attention, Mamba2Mixer, RMSNorm
+from hybridtrt.models.moe import MoE
 
 ScanMode = Literal["auto", "scan", "update"]
 
 #: Block letter -> mixer class (registry, not if/elif).
-MIXERS: dict[str, type[nn.Module]] = {MAMBA: Mamba2Mixer, ATTENTION: Attention, MLP: MLPMixer}
+MIXERS: dict[str, type[nn.Module]] = {MAMBA: Mamba2Mixer, ATTENTION: Attention, MLP: MLPMixer, MOE: MoE}
 
 
 class Block(nn.Module):
@@ -117,32 +118,74 @@ class HybridLM(nn.Module):
         use_update: bool,
         output_hidden_states: bool,
     ) -> CausalLMOutput:
-        b, l = input_ids.shape
-        dtype = self.dtype
-        mask = attention_mask[:, -l:].to(dtype)  # [B, L]
-        bias = causal_bias(attention_mask, l, dtype)
-        is_decode = decode_flag(attention_mask, l)
-        h = self.embeddings(input_ids)
+        """Growing-cache pass: ``attention_mask [B, past + L]`` (DESIGN.md §6, unified graph)."""
+        return self._run(input_ids, growing_positions(attention_mask, input_ids.shape[1], self.dtype), cache, logits_mode, use_update, output_hidden_states)
+
+    def forward_static(
+        self,
+        input_ids: Tensor,
+        cache_position: Tensor,
+        padding_length: Tensor,
+        cache: HybridCache,
+        *,
+        logits: Literal["all", "last"] = "last",
+        use_update: bool = False,
+        output_hidden_states: bool = False,
+    ) -> CausalLMOutput:
+        """Static-cache pass (DESIGN.md §6, static flavour): KV buffers of fixed capacity ``N``.
+
+        Args:
+            input_ids: ``[B, L]``.
+            cache_position: ``[B]`` int64, cache positions already written (padding included); the
+                new tokens go to ``cache_position .. cache_position + L - 1``.
+            padding_length: ``[B]`` int64, left-padding positions of each row (never attended; their
+                tokens are exact no-ops for every state).
+            cache: conv/SSM states and KV buffers ``[B, H_kv, N, D]``; returned KV are the buffers
+                with the new positions written.
+            logits, use_update, output_hidden_states: As in `forward`.
+        """
+        capacity = next(iter(cache.key.values())).shape[2] if cache.key else 0
+        positions = static_positions(cache_position, padding_length, input_ids.shape[1], capacity, self.dtype)
+        return self._run(input_ids, positions, cache, logits, use_update, output_hidden_states)
+
+    def _run(
+        self,
+        input_ids: Tensor,
+        positions: Positions,
+        cache: HybridCache,
+        logits_mode: str,
+        use_update: bool,
+        output_hidden_states: bool,
+    ) -> CausalLMOutput:
+        # Left-padding rows are held at exactly zero through every block (DESIGN.md §4): otherwise a
+        # padded query's garbage grows layer by layer (it differs between fp16/fp32/backends, and can
+        # overflow to inf, and a NaN V row poisons real rows through 0·NaN in probs @ V). A select,
+        # not a multiply, so that not even a NaN survives on a padding row; real rows pass unchanged.
+        row = positions.mask[:, :, None] != 0  # [B, L, 1]
+        h = torch.where(row, self.embeddings(input_ids), 0.0)
         new = HybridCache()
         hidden: list[Tensor] = []
         for i, block in enumerate(self.layers):
             x, residual = block.normed(h)
             if block.kind == MAMBA:
                 out, new.conv[i], new.ssm[i] = block.mixer(
-                    x, mask, cache.conv[i], cache.ssm[i], use_update, is_decode
+                    x, positions.mask, cache.conv[i], cache.ssm[i], use_update, positions.is_decode
                 )
             elif block.kind == ATTENTION:
-                out, new.key[i], new.value[i] = block.mixer(x, bias, cache.key[i], cache.value[i])
+                out, new.key[i], new.value[i] = block.mixer(
+                    x, positions.allowed, cache.key[i], cache.value[i], positions.write_index
+                )
             else:
                 out = block.mixer(x)
-            h = residual + out
+            h = torch.where(row, residual + out, 0.0)
             if output_hidden_states:
                 hidden.append(h)
         h = self.norm_f(h)
         if logits_mode == "last":
             h = h[:, -1]
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
-        return CausalLMOutput(torch.matmul(h, head.t()).float(), new, hidden)
+        # With residual_in_fp32 (every real Mamba-2) h is fp32 here; HF casts it to the head's dtype.
+        return CausalLMOutput(torch.matmul(h.to(head.dtype), head.t()).float(), new, hidden)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs):
@@ -150,6 +193,58 @@ class HybridLM(nn.Module):
         from hybridtrt.runtime.generation import TorchStepper, generate
 
         return generate(TorchStepper(self), input_ids, attention_mask, **kwargs)
+
+
+@dataclass
+class Positions:
+    """Where ``L`` new tokens sit, in the form every mixer needs it.
+
+    Attributes:
+        mask: ``[B, L]`` model dtype, 1 for real tokens, 0 for left padding.
+        allowed: ``[B, 1, L, T]`` bool attention mask over the ``T`` cache positions.
+        is_decode: bool, ``[]`` or ``[B, 1, 1]``: a one-token step on existing states (see
+            `hybridtrt.models.layers.dt_lower_bound`).
+        write_index: ``[B]`` int64 cache position of the first new token (static cache), or None
+            when the KV cache grows by concatenation.
+    """
+
+    mask: Tensor
+    allowed: Tensor
+    is_decode: Tensor
+    write_index: Tensor | None = None
+
+
+def growing_positions(attention_mask: Tensor, length: int, dtype: torch.dtype) -> Positions:
+    """Positions of ``length`` new tokens on a growing cache with ``attention_mask [B, past + L]``."""
+    return Positions(
+        mask=attention_mask[:, -length:].to(dtype),
+        allowed=causal_mask(attention_mask, length),
+        is_decode=decode_flag(attention_mask, length),
+    )
+
+
+def static_positions(cache_position: Tensor, padding_length: Tensor, length: int, capacity: int, dtype: torch.dtype) -> Positions:
+    """Positions of ``length`` new tokens written at ``cache_position [B]`` into a cache of
+    ``capacity`` positions whose first ``padding_length [B]`` positions are left padding.
+
+    Token ``l`` of row ``b`` sits at ``p = cache_position[b] + l``; it is real iff
+    ``p >= padding_length[b]``, and attends to positions ``padding_length[b] .. p`` (and always to
+    itself, see `causal_mask`). Built with tensor ops only, so one traced graph serves every call.
+    """
+    device = cache_position.device
+    new = torch.arange(length, device=device)
+    q_pos = cache_position[:, None] + new[None, :]  # [B, L]
+    real = q_pos >= padding_length[:, None]
+    k_pos = torch.arange(capacity, device=device)[None, None, :]  # [1, 1, N]
+    q = q_pos[:, :, None]
+    allowed = ((k_pos <= q) & (k_pos >= padding_length[:, None, None])) | (k_pos == q)
+    one_token = torch.ones(length, device=device).sum() == 1
+    return Positions(
+        mask=real.to(dtype),
+        allowed=allowed[:, None],
+        is_decode=(one_token & (cache_position > 0))[:, None, None],
+        write_index=cache_position,
+    )
 
 
 def decode_flag(attention_mask: Tensor, length: int) -> Tensor:
@@ -163,22 +258,24 @@ def decode_flag(attention_mask: Tensor, length: int) -> Tensor:
     return (new == 1) & (total > 1)
 
 
-def causal_bias(attention_mask: Tensor, length: int, dtype: torch.dtype) -> Tensor:
-    """Additive attention mask for ``length`` new queries over ``past + length`` keys.
+def causal_mask(attention_mask: Tensor, length: int) -> Tensor:
+    """Boolean attention mask of ``length`` new queries over ``past + length`` keys.
+
+    A query attends to the real (mask 1) keys at or before its position, and always to itself: a
+    left-padding query thus attends only to itself, so no row is fully masked (no NaN, no
+    dtype-min trick) and padding positions compute the same values in the growing and the static
+    cache flavours. Real positions never read padding positions, so the rule only fixes what
+    padding positions hold.
 
     Args:
         attention_mask: ``[B, past + L]`` of 0/1.
         length: ``L``.
-        dtype: Model dtype (masked entries get ``finfo(dtype).min``, never -inf, so fully padded
-            rows stay finite).
 
     Returns:
-        ``[B, 1, L, past + L]``.
+        ``[B, 1, L, past + L]`` bool, True = attend.
     """
     total = attention_mask.shape[1]
     q_pos = torch.arange(length, device=attention_mask.device)[:, None] + (total - length)
     k_pos = torch.arange(total, device=attention_mask.device)[None, :]
-    allowed = (k_pos <= q_pos)[None, None] & (attention_mask[:, None, None, :] != 0)
-    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
-    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
-    return torch.where(allowed, zero, neg)
+    allowed = ((k_pos <= q_pos)[None] & (attention_mask[:, None, :] != 0)) | (k_pos == q_pos)[None]
+    return allowed[:, None]

@@ -14,9 +14,12 @@ import torch
 from safetensors.torch import save_file
 
 from hybridtrt.errors import InputError
+from hybridtrt.files import usual_permissions
 from hybridtrt.models.config import config_from_dict
 from hybridtrt.models.loading import INDEX_FILE, SINGLE_FILE, WEIGHT_NAMES, to_checkpoint_name
+from hybridtrt.models.moe import unstack_experts
 from hybridtrt.models.model import HybridLM
+from hybridtrt.models.tokenizer import TOKENIZER_FILE
 
 _NEMOTRON_BASE: dict[str, Any] = {
     "model_type": "nemotron_h",
@@ -38,22 +41,27 @@ _NEMOTRON_BASE: dict[str, Any] = {
     "pad_token_id": 0,
 }
 
+#: Sizes of the tiny Nemotron presets (Mamba-2 and attention layers).
+_TINY_NEMOTRON_SIZES: dict[str, Any] = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "mamba_num_heads": 8,
+    "mamba_head_dim": 16,
+    "ssm_state_size": 16,
+    "n_groups": 2,
+    "chunk_size": 16,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
+
 #: name -> HF config.json contents. Sizes are deliberately odd-shaped where it tests something.
 PRESETS: dict[str, dict[str, Any]] = {
     # The demo / test default: every block kind, GQA, n_groups > 1.
     "tiny-nemotron-h": {
         **_NEMOTRON_BASE,
-        "vocab_size": 256,
-        "hidden_size": 64,
+        **_TINY_NEMOTRON_SIZES,
         "hybrid_override_pattern": "M*M-M*-M",
-        "mamba_num_heads": 8,
-        "mamba_head_dim": 16,
-        "ssm_state_size": 16,
-        "n_groups": 2,
-        "chunk_size": 16,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
         "intermediate_size": 128,
     },
     # Plain Mamba-2 (HF Mamba2ForCausalLM naming), n_groups = 1, tied embeddings.
@@ -79,6 +87,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         "bos_token_id": 0,
         "eos_token_id": 2,
         "pad_token_id": 1,
+    },
+    # Nemotron-3-Nano-30B-A3B's structure scaled down: `layers_block_type` form, MoE layers with a
+    # shared expert (2× the routed width), top-6 of the routed experts, sigmoid router with a
+    # correction bias, norm_topk_prob, routed_scaling_factor 2.5, no groups (n_group 1), and the
+    # RoPE fields that HF's NemotronH ignores.
+    "tiny-nemotron3-moe": {
+        **_NEMOTRON_BASE,
+        **_TINY_NEMOTRON_SIZES,
+        "layers_block_type": ["mamba", "moe", "mamba", "moe", "mamba", "attention", "moe"],
+        "intermediate_size": 32,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 6,
+        "moe_intermediate_size": 32,
+        "moe_shared_expert_intermediate_size": 64,
+        "n_shared_experts": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "moe_latent_size": None,
+        "num_nextn_predict_layers": 0,
+        "rope_theta": 10000,
+        "partial_rotary_factor": 1.0,
     },
     # Nemotron-Nano-9B-v2-like ratios at ~110M parameters: head_dim 80, d_state 128, G = 8.
     "small-nemotron-h": {
@@ -136,18 +167,52 @@ def random_model(hf_config: dict[str, Any], *, seed: int = 0, initializer_range:
     return model.eval()
 
 
+def _is_checkpoint_file(path: Path) -> bool:
+    """The files a checkpoint directory is made of; ``--force`` replaces exactly these."""
+    return path.name in ("config.json", INDEX_FILE, TOKENIZER_FILE) or path.suffix == ".safetensors"
+
+
+def prepare_checkpoint_dir(out_dir: str | Path, *, force: bool = False) -> Path:
+    """Create ``out_dir`` for a new checkpoint, refusing to write into a non-empty directory.
+
+    A new checkpoint written over an old one would mix files (a stale shard index next to a new
+    single-file checkpoint loads the old weights), so a non-empty directory is refused unless
+    ``force``, which removes the old checkpoint files first and leaves anything else alone.
+
+    Raises:
+        InputError: ``out_dir`` is a file, or a non-empty directory without ``force``.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory", fix="choose another -o/--output")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if entries and not force:
+        shown = ", ".join(p.name for p in entries[:3]) + (" …" if len(entries) > 3 else "")
+        raise InputError(
+            f"{out} is not empty ({len(entries)} entries: {shown})",
+            fix="choose a new directory, or pass --force to replace its checkpoint files",
+        )
+    for p in entries:
+        if p.is_file() and _is_checkpoint_file(p):
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def save_checkpoint(
     model: HybridLM, hf_config: dict[str, Any], out_dir: str | Path, *, max_shard_bytes: int | None = None
 ) -> Path:
     """Write ``config.json`` and HF-named safetensors (sharded with an index when
-    ``max_shard_bytes`` is given)."""
+    ``max_shard_bytes`` is given) into an existing directory. MoE experts are written per expert, as
+    the hub checkpoints and HF's ``save_pretrained`` store them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefix = WEIGHT_NAMES[model.config.family].prefixes[0]
-    tensors = {to_checkpoint_name(k, prefix): v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = unstack_experts({to_checkpoint_name(k, prefix): v.detach().contiguous() for k, v in model.state_dict().items()})
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if max_shard_bytes is None:
         save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})
+        usual_permissions([out / SINGLE_FILE])
         return out
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -162,6 +227,7 @@ def save_checkpoint(
     for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out / fname), metadata={"format": "pt"})
+        usual_permissions([out / fname])
         weight_map.update({name: fname for name in shard})
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": weight_map}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -176,10 +242,15 @@ def create_checkpoint(
     initializer_range: float = 0.3,
     max_shard_bytes: int | None = None,
     with_tokenizer: bool = True,
+    force: bool = False,
     **overrides: Any,
 ) -> Path:
-    """Create a random checkpoint directory of preset ``name`` (with config ``overrides``)."""
+    """Create a random checkpoint directory of preset ``name`` (with config ``overrides``).
+
+    ``out_dir`` must be new or empty unless ``force`` (see `prepare_checkpoint_dir`).
+    """
     hf_config = preset_config(name, **overrides)
+    prepare_checkpoint_dir(out_dir, force=force)
     model = random_model(hf_config, seed=seed, initializer_range=initializer_range)
     out = save_checkpoint(model, hf_config, out_dir, max_shard_bytes=max_shard_bytes)
     if with_tokenizer:

@@ -443,6 +443,21 @@ def _check_node(node: NodeProto) -> None:
             )
 
 
+def _scoped(function: FunctionProto) -> FunctionProto:
+    """Prefix the function's internal value names with ``<op_type>/``.
+
+    Generated bodies name temporaries ``tmp``, ``tmp_1``…, and so may the calling graph: TensorRT's
+    parser before 10.8 confuses a function-internal value with an outer tensor of the same name
+    (hybridtrt.engine.trt_rules). Formal inputs and outputs keep their names.
+    """
+    formal = set(function.input) | set(function.output) | {""}
+    rename = {v: f"{function.name}/{v}" for n in function.node for v in (*n.input, *n.output) if v not in formal}
+    for node in function.node:
+        node.input[:] = [rename.get(v, v) for v in node.input]
+        node.output[:] = [rename.get(v, v) for v in node.output]
+    return function
+
+
 def attach_functions(model: ModelProto) -> ModelProto:
     """Attach the standard-ONNX bodies of every ``hybridtrt`` op the main graph uses.
 
@@ -483,7 +498,7 @@ def attach_functions(model: ModelProto) -> ModelProto:
         model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
 
     for op_type in sorted(used):
-        function = FUNCTION_BUILDERS[op_type](opset)
+        function = _scoped(FUNCTION_BUILDERS[op_type](opset))
         matches = [i for i, fn in enumerate(model.functions) if fn.domain == DOMAIN and fn.name == op_type]
         if matches:
             model.functions[matches[0]].CopyFrom(function)
@@ -492,3 +507,8 @@ def attach_functions(model: ModelProto) -> ModelProto:
         else:
             model.functions.append(function)
     return model
+
+
+# The MoE bodies (hybridtrt/ops/moe_onnx.py) add themselves to FUNCTION_BUILDERS; imported last
+# because that module imports this one.
+import hybridtrt.ops.moe_onnx  # noqa: E402,F401

@@ -47,15 +47,37 @@ _CONSTRAINTS = [
 ]
 
 
-def _schema(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], attrs: tuple[str, ...], doc: str) -> OpSchema:
-    return OpSchema(
+def _outputs_like(inputs: tuple[str, ...], outputs: tuple[str, ...]):
+    """Type and shape inference: each output has the type and shape of the input it mirrors
+    (``y`` ← ``x``, ``final_state``/``new_state`` ← ``initial_state``/``state``, DESIGN.md §5)."""
+    mirrors = {"y": "x", "final_state": "initial_state", "new_state": "state"}
+    sources = [inputs.index(mirrors[o]) for o in outputs]
+
+    def infer(ctx: onnx.shape_inference.InferenceContext) -> None:
+        for out, source in enumerate(sources):
+            if ctx.has_input(source):
+                ctx.set_output_type(out, ctx.get_input_type(source))
+
+    return infer
+
+
+def _schema(
+    name: str,
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+    attrs: tuple[str, ...],
+    doc: str,
+    type_of: dict[str, str] = _TYPE_OF,
+    constraints: list[tuple[str, list[str], str]] = _CONSTRAINTS,
+) -> OpSchema:
+    schema = OpSchema(
         name,
         DOMAIN,
         DOMAIN_VERSION,
         doc=doc,
-        inputs=[OpSchema.FormalParameter(n, _TYPE_OF[n]) for n in inputs],
-        outputs=[OpSchema.FormalParameter(n, _TYPE_OF[n]) for n in outputs],
-        type_constraints=_CONSTRAINTS,
+        inputs=[OpSchema.FormalParameter(n, type_of[n]) for n in inputs],
+        outputs=[OpSchema.FormalParameter(n, type_of[n]) for n in outputs],
+        type_constraints=constraints,
         attributes=[
             OpSchema.Attribute(
                 a,
@@ -66,10 +88,12 @@ def _schema(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], attrs:
             for a in attrs
         ],
     )
+    schema.set_type_and_shape_inference_function(_outputs_like(inputs, outputs))
+    return schema
 
 
 def register_schemas() -> None:
-    """Register both op schemas with ``onnx.defs`` once per process."""
+    """Register the op schemas (scan ops and MoE ops) with ``onnx.defs`` once per process."""
     specs = [
         (CHUNK_SCAN, CHUNK_SCAN_INPUTS, CHUNK_SCAN_OUTPUTS, CHUNK_SCAN_ATTRS, "Mamba-2 chunked SSD scan (prefill)."),
         (STATE_UPDATE, STATE_UPDATE_INPUTS, STATE_UPDATE_OUTPUTS, STATE_UPDATE_ATTRS, "Mamba-2 one-token state update."),
@@ -77,3 +101,46 @@ def register_schemas() -> None:
     for name, ins, outs, attrs, doc in specs:
         if not onnx.defs.has(name, DOMAIN):
             onnx.defs.register_schema(_schema(name, ins, outs, attrs, doc))
+    for schema in _moe_schemas():
+        if not onnx.defs.has(schema.name, DOMAIN):
+            onnx.defs.register_schema(schema)
+
+
+#: MoE ops (hybridtrt/ops/moe_onnx.py): type variable of each input/output name.
+_MOE_TYPE_OF = {
+    "x": "T",
+    "y": "T",
+    "topk_indices": "I",
+    "topk_weights": "F",
+    "up_proj": "W",
+    "down_proj": "W",
+    "up_weight_scale": "F",
+    "up_input_scale": "F",
+    "down_weight_scale": "F",
+    "down_input_scale": "F",
+}
+
+
+def _moe_schemas() -> list[OpSchema]:
+    """Schemas of ``MoeExperts`` (weights in x's dtype) and ``MoeExpertsFp8`` (float8e4m3fn weights)."""
+    from hybridtrt.ops.moe_onnx import (
+        MOE_EXPERTS,
+        MOE_EXPERTS_ATTRS,
+        MOE_EXPERTS_FP8,
+        MOE_EXPERTS_FP8_INPUTS,
+        MOE_EXPERTS_INPUTS,
+        MOE_EXPERTS_OUTPUTS,
+    )
+
+    constraints = [
+        ("T", _FLOATS, "activations x and output y"),
+        ("I", ["tensor(int64)"], "selected experts"),
+        ("F", ["tensor(float)"], "routing weights and FP8 scales, fp32"),
+    ]
+    return [
+        _schema(name, inputs, MOE_EXPERTS_OUTPUTS, MOE_EXPERTS_ATTRS, doc, _MOE_TYPE_OF, [*constraints, ("W", weights, "expert weights")])
+        for name, inputs, weights, doc in (
+            (MOE_EXPERTS, MOE_EXPERTS_INPUTS, _FLOATS, "MoE routed relu² experts (Nemotron-3)."),
+            (MOE_EXPERTS_FP8, MOE_EXPERTS_FP8_INPUTS, ["tensor(float8e4m3fn)"], "MoE routed relu² experts, FP8 weights."),
+        )
+    ]

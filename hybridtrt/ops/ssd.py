@@ -27,12 +27,6 @@ __all__ = [
 ]
 
 
-def _heads_from_groups(t: Tensor, num_heads: int) -> Tensor:
-    """[..., G, N] -> [..., H, N] in fp32 (head h reads group h // (H // G))."""
-    groups = t.shape[-2]
-    return t.float().repeat_interleave(num_heads // groups, dim=-2)
-
-
 def _segment_sum(a: Tensor) -> Tensor:
     """Stable segment sums.
 
@@ -71,56 +65,57 @@ def mamba2_chunk_scan_eager(
         C: ``[B, L, G, N]``.
         D: ``[H]`` fp32 skip.
         initial_state: ``[B, H, P, N]``.
-        chunk_size: Chunk length; ``L`` is zero-padded to a multiple internally (exact: a padded
-            step has ``dt = 0``).
+        chunk_size: Chunk length. The chunk actually used is ``min(chunk_size, L)`` (as in the ONNX
+            body: a chunk longer than the sequence only adds padded work), and ``L`` is zero-padded
+            to a multiple of it internally (exact: a padded step has ``dt = 0``).
 
     Returns:
         ``y [B, L, H, P]`` in ``x.dtype`` and ``final_state [B, H, P, N]`` in
         ``initial_state.dtype``.
+
+    ``B``/``C`` stay per group: heads are split ``H = G * R`` (head ``h = g * R + r`` reads group
+    ``g``), so nothing is repeated per head.
     """
     batch, length, heads, head_dim = x.shape
-    pad = (-length) % chunk_size
+    groups, d_state = B.shape[-2], B.shape[-1]
+    rep = heads // groups
+    cs = min(chunk_size, length)
+    pad = (-length) % cs
+    chunks = (length + pad) // cs
     xf = x.float()
+
+    def to_chunks(t: Tensor) -> Tensor:  # [b, L, ...] -> [b, c, l, ...] (zero-padded)
+        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t
+        return t.reshape(batch, chunks, cs, *t.shape[2:])
+
     dtf = dt.float()
-    Bh = _heads_from_groups(B, heads)
-    Ch = _heads_from_groups(C, heads)
-    if pad:
-        xf_p = F.pad(xf, (0, 0, 0, 0, 0, pad))
-        dtf = F.pad(dtf, (0, 0, 0, pad))
-        Bh = F.pad(Bh, (0, 0, 0, 0, 0, pad))
-        Ch = F.pad(Ch, (0, 0, 0, 0, 0, pad))
-    else:
-        xf_p = xf
-    chunks = (length + pad) // chunk_size
-
-    def to_chunks(t: Tensor) -> Tensor:
-        return t.reshape(batch, chunks, chunk_size, *t.shape[2:])
-
-    x_dt = to_chunks(xf_p * dtf[..., None])  # [b, c, l, h, p]
-    Bc, Cc = to_chunks(Bh), to_chunks(Ch)  # [b, c, l, h, n]
-    a = to_chunks(dtf * A.float()).permute(0, 3, 1, 2)  # [b, h, c, l]
+    x_dt = to_chunks((xf * dtf[..., None]).reshape(batch, length, groups, rep, head_dim))  # [b,c,l,g,r,p]
+    Bc, Cc = to_chunks(B.float()), to_chunks(C.float())  # [b, c, l, g, n]
+    a = to_chunks((dtf * A.float()).reshape(batch, length, groups, rep)).permute(0, 3, 4, 1, 2)  # [b,g,r,c,l]
     a_cum = torch.cumsum(a, dim=-1)
 
     # 1. Within each chunk: causal "attention" C_l·B_s weighted by the decay from s to l.
-    decay = torch.exp(_segment_sum(a))  # [b, h, c, l, s]
-    scores = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc) * decay
-    y_diag = torch.einsum("bhcls,bcshp->bclhp", scores, x_dt)
+    decay = torch.exp(_segment_sum(a))  # [b, g, r, c, l, s]
+    cb = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc)[:, :, None]  # [b, g, 1, c, l, s]
+    y_diag = torch.einsum("bgrcls,bcsgrp->bclgrp", cb * decay, x_dt)
 
     # 2. Each chunk's own contribution to the state at its end.
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b, h, c, l]
-    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_to_end, x_dt)
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b, g, r, c, l]
+    chunk_states = torch.einsum("bclgn,bgrcl,bclgrp->bcgrpn", Bc, decay_to_end, x_dt)
 
     # 3. Carry states across chunks: start state of chunk c, plus the final state.
-    states = torch.cat([initial_state.float()[:, None], chunk_states], dim=1)  # [b, c+1, h, p, n]
-    chunk_decay = torch.exp(_segment_sum(F.pad(a_cum[..., -1], (1, 0))))  # [b, h, c+1, c+1]
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    s0 = initial_state.float().reshape(batch, 1, groups, rep, head_dim, d_state)
+    states = torch.cat([s0, chunk_states], dim=1)  # [b, c+1, g, r, p, n]
+    chunk_decay = torch.exp(_segment_sum(F.pad(a_cum[..., -1], (1, 0))))  # [b, g, r, c+1, c+1]
+    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
     start_states, final_state = states[:, :-1], states[:, -1]
 
     # 4. What each position reads from its chunk's start state.
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, start_states, torch.exp(a_cum))
+    y_off = torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", Cc, start_states, torch.exp(a_cum))
 
-    y = (y_diag + y_off).reshape(batch, chunks * chunk_size, heads, head_dim)[:, :length]
+    y = (y_diag + y_off).reshape(batch, chunks * cs, heads, head_dim)[:, :length]
     y = y + D.float()[:, None] * xf
+    final_state = final_state.reshape(batch, heads, head_dim, d_state)
     return y.to(x.dtype).contiguous(), final_state.to(initial_state.dtype).contiguous()
 
 
@@ -162,16 +157,21 @@ def mamba2_state_update_eager(
         state: ``[B, H, P, N]``.
 
     Returns:
-        ``y [B, H, P]`` in ``x.dtype`` and ``new_state [B, H, P, N]`` in ``state.dtype``.
+        ``y [B, H, P]`` in ``x.dtype`` and ``new_state [B, H, P, N]`` in ``state.dtype``. Heads are
+        split ``H = G * R`` so ``B``/``C`` broadcast over the ``R`` heads of their group.
     """
     batch, heads, head_dim = x.shape
-    xf, dtf = x.float(), dt.float()
-    Bh = _heads_from_groups(B, heads)  # [b, h, n]
-    Ch = _heads_from_groups(C, heads)
-    decay = torch.exp(dtf * A.float())[..., None, None]  # [b, h, 1, 1]
-    new_state = torch.addcmul(state.float() * decay, (xf * dtf[..., None])[..., None], Bh[:, :, None, :])
-    y = torch.matmul(new_state, Ch[..., None]).squeeze(-1) + D.float()[:, None] * xf
-    return y.to(x.dtype), new_state.to(state.dtype)
+    groups, d_state = B.shape[-2], B.shape[-1]
+    rep = heads // groups
+    xf = x.float().reshape(batch, groups, rep, head_dim)
+    dtf = dt.float().reshape(batch, groups, rep)
+    decay = torch.exp(dtf * A.float().reshape(groups, rep))[..., None, None]  # [b, g, r, 1, 1]
+    s = state.float().reshape(batch, groups, rep, head_dim, d_state)
+    Bg = B.float()[:, :, None, None, :]  # [b, g, 1, 1, n]
+    new_state = torch.addcmul(s * decay, (xf * dtf[..., None])[..., None], Bg)
+    y = torch.matmul(new_state, C.float()[:, :, None, :, None]).squeeze(-1)  # [b, g, r, p]
+    y = y.reshape(batch, heads, head_dim) + D.float()[:, None] * x.float()
+    return y.to(x.dtype), new_state.reshape(batch, heads, head_dim, d_state).to(state.dtype)
 
 
 def mamba2_state_update_ref(

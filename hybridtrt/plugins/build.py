@@ -32,6 +32,7 @@ class BuildResult:
         build_dir: CMake build directory.
         kernels_library: ``libhybridtrt_kernels.so``.
         trt_library: ``libhybridtrt_trt.so``, or None when built without TensorRT.
+        trt_autoreg_library: ``libhybridtrt_trt_autoreg.so`` (for loaders that only dlopen), or None.
         ptxas_log: ptxas ``-v`` report of the last compilation (per kernel and arch: registers, shared
             memory, spills); parse it with `hybridtrt.plugins.ptxas.parse_ptxas`.
         build_log: Full configure + build output.
@@ -48,6 +49,7 @@ class BuildResult:
     seconds: float
     cuda_archs: str
     tensorrt_root: Path | None
+    trt_autoreg_library: Path | None = None
 
 
 def source_dir() -> Path:
@@ -161,6 +163,7 @@ def build_plugins(
     if not kernels_lib.is_file():
         raise PluginBuildError(f"the build finished but {kernels_lib} is missing", fix=f"read {log_path}")
     trt_lib = out / LIBRARY_NAMES["trt"]
+    autoreg = out / LIBRARY_NAMES["trt_autoreg"]
     return BuildResult(
         build_dir=out,
         kernels_library=kernels_lib,
@@ -170,6 +173,7 @@ def build_plugins(
         seconds=seconds,
         cuda_archs=archs,
         tensorrt_root=trt,
+        trt_autoreg_library=autoreg if trt is not None and autoreg.is_file() else None,
     )
 
 
@@ -192,7 +196,10 @@ def run_build(args: argparse.Namespace) -> int:
     )
     print(f"built in {result.seconds:.1f} s for CUDA archs {result.cuda_archs}")
     print(f"  kernels: {result.kernels_library}")
-    print(f"  trt:     {result.trt_library if result.trt_library else '(not built: no TENSORRT_ROOT)'}")
+    print(f"  trt:     {result.trt_library if result.trt_library else '(not built: no TENSORRT_ROOT)'}"
+          + ("  (IPluginRegistry::loadLibrary, trtexec --dynamicPlugins)" if result.trt_library else ""))
+    if result.trt_autoreg_library:
+        print(f"  autoreg: {result.trt_autoreg_library}  (polygraphy --plugins, trtexec --staticPlugins)")
     if result.ptxas_log.is_file():
         print(format_table(hot_kernels(parse_ptxas(result.ptxas_log.read_text()))))
     return 0

@@ -24,7 +24,16 @@ from hybridtrt.plugins import library_path
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DTYPE_CODES", "SCAN_TILE", "STATUS_NAMES", "KernelLibrary", "KernelStatusError", "scan_workspace_bytes"]
+__all__ = [
+    "DTYPE_CODES",
+    "MAX_CHUNK",
+    "STATUS_NAMES",
+    "SUB_TILE",
+    "KernelLibrary",
+    "KernelStatusError",
+    "chunk_length",
+    "scan_workspace_bytes",
+]
 
 #: C ABI dtype codes (HybridTrtDtype).
 DTYPE_CODES: dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -40,10 +49,15 @@ STATUS_NAMES: dict[int, str] = {
     6: "MISALIGNED_POINTER",
     7: "WORKSPACE_TOO_SMALL",
     8: "CUDA_ERROR",
+    9: "NOT_PREPARED",
 }
 
-#: Tokens per chunk of the scan kernels (hybridtrtMamba2ChunkScanTileLength).
-SCAN_TILE = 64
+#: Tokens per sub-tile of the scan kernels (GEMM depth, rows of an output tile); chunks are multiples of it.
+SUB_TILE = 64
+#: Longest chunk of the scan kernels.
+MAX_CHUNK = 256
+#: Bytes per element of each C ABI dtype.
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 _i64, _i32, _size, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_size_t, ctypes.c_void_p
 
@@ -68,14 +82,25 @@ def _dtype_code(dtype: Any) -> int:
     return DTYPE_CODES[name]
 
 
-def scan_workspace_bytes(batch: int, seq_len: int, heads: int, head_dim: int, d_state: int) -> int:
-    """The documented workspace formula of the scan (mirrors the C code; tests compare the two)."""
+def chunk_length(chunk_size: int) -> int:
+    """Tokens per chunk the kernels use for an op's ``chunk_size``: rounded up to a multiple of 64, capped at 256.
 
-    def align256(v: int) -> int:
-        return (v + 255) // 256 * 256
+    Mirrors ``hybridtrtMamba2ChunkScanChunkLength`` (tests compare the two); 0 when ``chunk_size < 1``.
+    """
+    if chunk_size < 1:
+        return 0
+    return min(-(-chunk_size // SUB_TILE) * SUB_TILE, MAX_CHUNK)
 
-    chunks = -(-seq_len // SCAN_TILE)
-    return align256(batch * heads * chunks * head_dim * d_state * 4) + align256(batch * heads * chunks * 4)
+
+def scan_workspace_bytes(
+    batch: int, seq_len: int, heads: int, head_dim: int, d_state: int, chunk_size: int, act_dtype: str = "float16"
+) -> int:
+    """The documented workspace formula of the scan: every chunk's start state in the activation dtype.
+
+    ``align256(B·H·⌈L/Q⌉·P·N·sizeof(act))`` with ``Q = chunk_length(chunk_size)`` (mirrors the C code).
+    """
+    chunks = -(-seq_len // chunk_length(chunk_size))
+    return -(-(batch * heads * chunks * head_dim * d_state * _ITEMSIZE[act_dtype]) // 256) * 256
 
 
 class KernelLibrary:
@@ -92,17 +117,19 @@ class KernelLibrary:
         lib.hybridtrtKernelsAbiVersion.argtypes = []
         lib.hybridtrtStatusString.restype = ctypes.c_char_p
         lib.hybridtrtStatusString.argtypes = [_i32]
-        lib.hybridtrtMamba2ChunkScanTileLength.restype = _i32
-        lib.hybridtrtMamba2ChunkScanTileLength.argtypes = []
+        lib.hybridtrtMamba2ChunkScanChunkLength.restype = _i32
+        lib.hybridtrtMamba2ChunkScanChunkLength.argtypes = [_i64]
+        lib.hybridtrtMamba2ChunkScanPrepare.restype = _i32
+        lib.hybridtrtMamba2ChunkScanPrepare.argtypes = [_i32, _i64]
         lib.hybridtrtMamba2ChunkScanSharedMemory.restype = _i32
         lib.hybridtrtMamba2ChunkScanSharedMemory.argtypes = [_i32, _i64, ctypes.POINTER(_size), ctypes.POINTER(_size)]
         lib.hybridtrtMamba2ChunkScanWorkspaceSize.restype = _i32
-        lib.hybridtrtMamba2ChunkScanWorkspaceSize.argtypes = [_i64] * 6 + [_i32] * 3 + [ctypes.POINTER(_size)]
+        lib.hybridtrtMamba2ChunkScanWorkspaceSize.argtypes = [_i64] * 7 + [_i32] * 3 + [ctypes.POINTER(_size)]
         lib.hybridtrtMamba2StateUpdateWorkspaceSize.restype = _i32
         lib.hybridtrtMamba2StateUpdateWorkspaceSize.argtypes = [_i64] * 5 + [_i32] * 3 + [ctypes.POINTER(_size)]
         lib.hybridtrtMamba2ChunkScan.restype = _i32
         lib.hybridtrtMamba2ChunkScan.argtypes = (
-            [_ptr] * 9 + [_i64] * 6 + [_i32] * 3 + [_ptr, _size, _ptr]
+            [_ptr] * 9 + [_i64] * 7 + [_i32] * 3 + [_ptr, _size, _ptr]
         )
         lib.hybridtrtMamba2StateUpdate.restype = _i32
         lib.hybridtrtMamba2StateUpdate.argtypes = [_ptr] * 9 + [_i64] * 5 + [_i32] * 3 + [_ptr]
@@ -118,9 +145,19 @@ class KernelLibrary:
         """Description of a status code."""
         return self._lib.hybridtrtStatusString(status).decode()
 
-    def scan_tile_length(self) -> int:
-        """Tokens per chunk of the scan kernels."""
-        return int(self._lib.hybridtrtMamba2ChunkScanTileLength())
+    def chunk_length(self, chunk_size: int) -> int:
+        """Tokens per chunk the scan kernels use for an op's ``chunk_size`` (0 when < 1)."""
+        return int(self._lib.hybridtrtMamba2ChunkScanChunkLength(chunk_size))
+
+    def prepare(self, act_dtype: str | None = None, d_state: int | None = None) -> None:
+        """Opt the scan kernels in to their shared memory on the current device (None = every dtype / d_state).
+
+        Call it outside a CUDA-graph capture, before capturing scans.
+        """
+        status = self._lib.hybridtrtMamba2ChunkScanPrepare(
+            DTYPE_CODES[act_dtype] if act_dtype else -1, d_state if d_state is not None else -1
+        )
+        self._check("hybridtrtMamba2ChunkScanPrepare", status)
 
     def _check(self, function: str, status: int) -> None:
         if status != 0:
@@ -141,6 +178,7 @@ class KernelLibrary:
         head_dim: int,
         groups: int,
         d_state: int,
+        chunk_size: int = 128,
         act_dtype: str = "float16",
         dt_dtype: str | None = None,
         state_dtype: str = "float32",
@@ -148,7 +186,7 @@ class KernelLibrary:
         """Raw ``(status, bytes)`` of hybridtrtMamba2ChunkScanWorkspaceSize (dtype names as in `DTYPE_CODES`)."""
         out = _size()
         status = self._lib.hybridtrtMamba2ChunkScanWorkspaceSize(
-            batch, seq_len, heads, head_dim, groups, d_state,
+            batch, seq_len, heads, head_dim, groups, d_state, chunk_size,
             DTYPE_CODES.get(act_dtype, 99), DTYPE_CODES.get(dt_dtype or act_dtype, 99),
             DTYPE_CODES.get(state_dtype, 99), out,
         )  # fmt: skip
@@ -211,6 +249,7 @@ class KernelLibrary:
         D: torch.Tensor | None,
         initial_state: torch.Tensor | None,
         *,
+        chunk_size: int = 128,
         state_dtype: Any = None,
         y: torch.Tensor | None = None,
         final_state: torch.Tensor | None = None,
@@ -224,6 +263,7 @@ class KernelLibrary:
             A: ``[H]`` fp32. D: ``[H]`` fp32 or None.
             initial_state: ``[B, H, P, N]`` or None (zero state; then ``state_dtype`` picks the output
                 dtype, default fp32).
+            chunk_size: The op's ``chunk_size`` attribute (see `chunk_length`).
             y, final_state, workspace: Preallocated outputs / uint8 scratch (allocated when None).
             stream: torch.cuda.Stream; None means the current stream.
 
@@ -241,13 +281,13 @@ class KernelLibrary:
             final_state = torch.empty(batch, heads, head_dim, d_state, dtype=sdt, device=x.device)
         codes = (_dtype_code(x.dtype), _dtype_code(dt.dtype), _dtype_code(sdt))
         names = [k for c in codes for k, v in DTYPE_CODES.items() if v == c]
-        size = self.chunk_scan_workspace_size(batch, seq_len, heads, head_dim, groups, d_state, *names)
+        size = self.chunk_scan_workspace_size(batch, seq_len, heads, head_dim, groups, d_state, chunk_size, *names)
         if workspace is None:
             workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=x.device)
         status = self._lib.hybridtrtMamba2ChunkScan(
             self._ptr(x), self._ptr(dt), self._ptr(A), self._ptr(B), self._ptr(C), self._ptr(D),
             self._ptr(initial_state), self._ptr(y), self._ptr(final_state),
-            batch, seq_len, heads, head_dim, groups, d_state, *codes,
+            batch, seq_len, heads, head_dim, groups, d_state, chunk_size, *codes,
             self._ptr(workspace), workspace.numel(), self._stream(stream),
         )  # fmt: skip
         self._check("hybridtrtMamba2ChunkScan", status)

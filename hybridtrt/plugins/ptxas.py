@@ -20,7 +20,6 @@ __all__ = ["HOT_KERNELS", "KernelResources", "demangle", "format_table", "hot_ke
 HOT_KERNELS: tuple[str, ...] = (
     "mamba2StateUpdateKernel",
     "chunkStateKernel",
-    "statePassingKernel",
     "chunkOutputKernel",
 )
 

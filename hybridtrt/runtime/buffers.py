@@ -1,7 +1,8 @@
 """Backend-independent device-buffer bookkeeping for engine runtimes (pure; no TensorRT, no CUDA).
 
 An engine runtime allocates every state buffer **once**, at its largest shape (``max_batch`` rows,
-``max_cache_len`` KV positions), twice: a *ping* and a *pong* buffer per state. At step ``k`` one of
+``max_cache_len`` KV positions), twice: a *ping* and a *pong* buffer per state (once for a state the engine
+updates in place: its output aliases its input, ``ICudaEngine::getAliasedInputTensor``). At step ``k`` one of
 the pair is bound as the ``past_*`` input and the other as the ``present_*`` output; after the step
 they swap roles, so the output of step ``k`` is the input of step ``k + 1`` with no copy and no
 allocation. A TensorRT tensor of shape ``[B, H, past, D]`` is bound as a contiguous block at the
@@ -154,9 +155,11 @@ class BufferPlan:
     def output_bytes(self, name: str) -> int:
         return math.prod(self.output_max_shape(name)) * _itemsize(self.outputs[name][1])
 
-    def total_bytes(self) -> int:
-        """All preallocated bytes: two buffers per state plus one per other output."""
-        return 2 * sum(self.state_bytes(s) for s in self.states) + sum(self.output_bytes(n) for n in self.outputs)
+    def total_bytes(self, in_place: frozenset[str] | set[str] = frozenset()) -> int:
+        """All preallocated bytes: two buffers per state (one for the states in ``in_place``, by past name, that the
+        engine updates in place) plus one per other output."""
+        states = sum(self.state_bytes(s) * (1 if s.past_name in in_place else 2) for s in self.states)
+        return states + sum(self.output_bytes(n) for n in self.outputs)
 
     # -- calls ----------------------------------------------------------------------------------
     def check_call(self, batch: int, seq: int, past: int) -> int:

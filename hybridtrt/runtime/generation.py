@@ -1,8 +1,13 @@
-"""Backend-independent generation: prefill, then one-token decode steps feeding states back.
+"""Backend-independent generation: prefill (in chunks), then one-token decode steps feeding
+states back.
 
 A backend only implements `Stepper` (zero states + one forward call); batching with left padding,
-the attention mask bookkeeping, sampling, stopping and timing live here once, for the PyTorch
-reference, ONNX Runtime and TensorRT alike.
+the attention mask bookkeeping, chunked prefill, snapshots, input checks, sampling, stopping and
+timing live here once, for the PyTorch reference, ONNX Runtime and TensorRT alike.
+
+Chunked prefill relies on the state algebra of DESIGN.md §4 (prefill(a) + prefill(b) ==
+prefill(a + b)): a prompt longer than ``prefill_chunk`` runs as consecutive calls on the same graph,
+each carrying the states forward, so the activations of one call scale with the chunk.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import torch
 from torch import Tensor
 
 from hybridtrt.errors import InputError
+
+#: Longest prefill call (tokens) of `iter_generate` unless told otherwise.
+DEFAULT_PREFILL_CHUNK = 2048
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
@@ -49,11 +57,15 @@ class Stepper(Protocol):
 
 
 class TorchStepper:
-    """`Stepper` over the PyTorch reference model."""
+    """`Stepper` over the PyTorch reference model (with snapshots)."""
 
     def __init__(self, model: Any, state_dtype: torch.dtype = torch.float32) -> None:
         self.model = model
         self.state_dtype = state_dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
 
     def zero_state(self, batch: int) -> Any:
         return self.model.new_cache(batch, self.state_dtype)
@@ -63,6 +75,19 @@ class TorchStepper:
         device = self.model.embeddings.weight.device
         out = self.model(input_ids.to(device), attention_mask.to(device), state, logits="last")
         return out.logits.cpu(), out.cache
+
+    def snapshot(self, state: Any, attention_mask: Tensor) -> Any:
+        from hybridtrt.runtime.snapshot import Snapshot
+
+        return Snapshot({k: v.detach().cpu().clone() for k, v in state.named_states().items()}, attention_mask.long().cpu().clone())
+
+    def restore(self, snapshot: Any) -> Any:
+        from hybridtrt.exporter.io import state_specs
+        from hybridtrt.exporter.wrapper import cache_from_flat
+
+        device = self.model.embeddings.weight.device
+        specs = state_specs(self.model.config)
+        return cache_from_flat(specs, [snapshot.states[s.present_name].to(device).clone() for s in specs])
 
 
 @dataclass
@@ -123,6 +148,70 @@ class GenerationResult:
         return steps / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+def check_prompt(stepper: Stepper, input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Validate a left-padded prompt batch before anything runs; returns ``(ids, mask)`` on the CPU.
+
+    Raises:
+        InputError: Not ``[batch, seq ≥ 1]``, a mask of another shape or with right padding, or
+            token ids outside ``[0, vocab)`` (they would silently wrap around in the embedding).
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise InputError(f"input_ids must be [batch, seq] with seq ≥ 1, got {tuple(input_ids.shape)}")
+    input_ids = input_ids.long().cpu()
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long().cpu()
+    if mask.shape != input_ids.shape:
+        raise InputError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+    if bool((mask[:, -1] == 0).any()):
+        raise InputError("attention_mask has padding on the right; hybridtrt batches use left padding")
+    vocab = getattr(stepper, "vocab_size", None)
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if vocab is not None and (low < 0 or high >= vocab):  # padding ids too: every id is looked up
+        bad = low if low < 0 else high
+        raise InputError(f"token id {bad} is outside the model's vocabulary [0, {vocab})", fix="check the tokenizer, the pad id, or the --ids you passed")
+    return input_ids, mask
+
+
+def chunk_bounds(length: int, chunk: int) -> list[tuple[int, int]]:
+    """Split ``length`` tokens into the fewest calls of at most ``chunk`` tokens, balanced.
+
+    Balanced sizes (for ``chunk ≥ 3``) never leave a one-token tail: a one-token call on existing
+    states is a decode step for the graph (HF's dt-clamp rule, DESIGN.md §3), which would make the
+    chunked prefill differ from the whole one where that clamp is active.
+    """
+    if chunk < 1:
+        raise InputError(f"--prefill-chunk must be ≥ 1, got {chunk}")
+    n = -(-length // chunk)
+    sizes = [length // n + (1 if i < length % n else 0) for i in range(n)]
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def prefill(stepper: Stepper, input_ids: Tensor, attention_mask: Tensor, state: Any, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> tuple[Tensor, Any]:
+    """Run ``input_ids [B, L]`` on ``state`` in calls of at most ``prefill_chunk`` tokens.
+
+    Args:
+        input_ids: The new tokens: the last ``L`` columns of ``attention_mask``.
+        attention_mask: ``[B, past + L]``.
+        state: States after ``past`` positions.
+
+    Returns:
+        Last-position logits ``[B, V]`` and the state after all ``L`` tokens.
+    """
+    past = attention_mask.shape[1] - input_ids.shape[1]
+    limit = getattr(stepper, "max_prefill_tokens", None)
+    logits, done, length = None, 0, input_ids.shape[1]
+    while done < length:
+        # The backend may cap a call by memory (ONNX Runtime: attention scores grow with the cache).
+        cap = prefill_chunk if limit is None else max(3, min(prefill_chunk, limit(input_ids.shape[0], past + done)))
+        a, b = chunk_bounds(length - done, cap)[0]
+        logits, state = stepper.step(input_ids[:, done + a : done + b], attention_mask[:, : past + done + b], state, decode=False)
+        done += b
+    return logits, state
+
+
 def iter_generate(
     stepper: Stepper,
     input_ids: Tensor,
@@ -133,35 +222,54 @@ def iter_generate(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     on_step: Callable[[Tensor, Tensor], None] | None = None,
+    prefill_chunk: int | None = None,
+    snapshot: Any = None,
 ) -> Iterator[Tensor]:
     """Yield the next token of every row (``[B]``), one step at a time.
 
     Args:
         stepper: The backend.
-        input_ids: ``[B, L]`` prompt ids, left-padded.
+        input_ids: ``[B, L]`` prompt ids, left-padded (with ``snapshot``: the tokens after it).
         attention_mask: ``[B, L]``; None = no padding.
         max_new_tokens: Upper bound on steps.
         sampling: Greedy by default.
         eos_token_id: Rows that emit it are finished (later tokens are ``pad_token_id``); None
             disables stopping.
         on_step: Called with ``(tokens [B], logits [B, V])`` after every step.
+        prefill_chunk: Longest prefill call (default `DEFAULT_PREFILL_CHUNK`); longer prompts are
+            prefilled chunk by chunk.
+        snapshot: Continue after this `hybridtrt.runtime.snapshot.Snapshot` (a shared prefix
+            prefilled once) instead of from zero states; ``input_ids`` must then be unpadded.
+
+    Raises:
+        InputError: Bad ids or mask, a continuation with padding, or more positions than the
+            backend can hold (checked before anything runs).
     """
     sampling = sampling or SamplingConfig()
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise InputError(f"input_ids must be [batch, seq] with seq ≥ 1, got {tuple(input_ids.shape)}")
-    input_ids = input_ids.long().cpu()
+    chunk = prefill_chunk or DEFAULT_PREFILL_CHUNK
+    input_ids, mask = check_prompt(stepper, input_ids, attention_mask)
     batch = input_ids.shape[0]
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long().cpu()
-    if mask.shape != input_ids.shape:
-        raise InputError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
-    if bool((mask[:, -1] == 0).any()):
-        raise InputError("attention_mask has padding on the right; hybridtrt batches use left padding")
+    if snapshot is not None:
+        from hybridtrt.runtime.snapshot import supports_snapshots
+
+        if not supports_snapshots(stepper):
+            raise InputError(f"{type(stepper).__name__} cannot restore state snapshots", fix="use the reference, ONNX Runtime or TensorRT backend")
+        if bool((mask == 0).any()):
+            raise InputError("the tokens after a snapshot cannot be padded (padding must come first in a row)", fix="continue every row with the same number of tokens")
+        snapshot = snapshot.rows(batch)
+        mask = torch.cat([snapshot.attention_mask, mask], dim=1)
+    check = getattr(stepper, "check_request", None)
+    if check is not None:
+        check(batch, mask.shape[1] + max(max_new_tokens - 1, 0), chunk)
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    state = stepper.zero_state(batch)
+    state = stepper.zero_state(batch) if snapshot is None else stepper.restore(snapshot)
     finished = torch.zeros(batch, dtype=torch.bool)
     ids = input_ids
     for k in range(max_new_tokens):
-        logits, state = stepper.step(ids, mask, state, decode=k > 0)
+        if k == 0:
+            logits, state = prefill(stepper, ids, mask, state, chunk)
+        else:
+            logits, state = stepper.step(ids, mask, state, decode=True)
         tokens = next_tokens(logits, sampling, generator)
         tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
         if on_step is not None:
@@ -185,6 +293,8 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     keep_logits: bool = False,
+    prefill_chunk: int | None = None,
+    snapshot: Any = None,
 ) -> GenerationResult:
     """Generate ``max_new_tokens`` for a left-padded batch. See `iter_generate`."""
     logits: list[Tensor] = []
@@ -206,6 +316,8 @@ def generate(
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             on_step=record,
+            prefill_chunk=prefill_chunk,
+            snapshot=snapshot,
         )
     )
     out = torch.stack(tokens, dim=1) if tokens else torch.zeros(input_ids.shape[0], 0, dtype=torch.long)

@@ -1,18 +1,35 @@
-"""ONNX Runtime backend: runs an export directory with the same `generate` API as the reference."""
+"""ONNX Runtime backend: runs an export directory with the same `generate` API as the reference.
+
+Both KV-cache flavours (DESIGN.md §6) run here. A dynamic-cache state is a value (a dict of
+arrays; each call returns new ones). A static-cache state (`StaticState`) is one buffer per state,
+bound to the graph as input *and* output through ONNX Runtime's I/O binding, so ``TensorScatter``
+writes the new KV positions in place and the conv/SSM states are overwritten where they lie: a
+state passed to `OrtModel.step` is consumed (take a `Snapshot` to keep one).
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import torch
 
-from hybridtrt.errors import ArtefactError
-from hybridtrt.exporter.io import ATTENTION_MASK, INPUT_IDS, LOGITS
+from hybridtrt.errors import ArtefactError, InputError
+from hybridtrt.exporter.io import ATTENTION_MASK, CACHE_POSITION, INPUT_IDS, LOGITS, PADDING_LENGTH
 from hybridtrt.exporter.manifest import Manifest, read_manifest
 from hybridtrt.runtime.generation import GenerationResult, SamplingConfig, generate, iter_generate
-from hybridtrt.runtime.states import StatePlan
+from hybridtrt.runtime.snapshot import Snapshot
+from hybridtrt.runtime.states import StatePlan, StaticState, physical_memory_bytes, static_positions
+
+#: Bytes a prefill call holds per attention score: ONNX Runtime 1.32's CPU ``Attention`` kernel
+#: materializes the ``[B, H, L, T]`` fp32 scores and a second buffer of the same size (measured:
+#: 8.1 B per score at L = 2,048, T = 16,384 on small-nemotron-h; README "Long context").
+SCORE_BYTES = 8
+#: Default memory for the attention scores of one prefill call: calls are shortened to fit it.
+DEFAULT_ATTENTION_BUDGET = 1 << 30
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -27,14 +44,39 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def has_bf16(path: str | Path) -> bool:
+    """Does the graph at ``path`` take or hold bf16 tensors (read without its weights)?"""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    bf16 = onnx.TensorProto.BFLOAT16
+    return any(v.type.tensor_type.elem_type == bf16 for v in (*g.input, *g.output)) or any(
+        t.data_type == bf16 for t in g.initializer
+    )
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """numpy (bf16 included) -> a CPU torch tensor that owns a copy."""
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array, copy=True))
+
+
 class OrtSession:
-    """A CPU ``InferenceSession`` that takes and returns dicts by name."""
+    """A CPU ``InferenceSession`` that takes and returns dicts by name.
+
+    ONNX Runtime's CPU provider has no bf16 kernels: a bf16 graph runs through
+    `hybridtrt.graphs.bf16_emulation` (fp32 compute, every bf16 tensor rounded to bf16 where it is
+    produced) and ``emulated_bf16`` is True. Feeds in bf16 are widened exactly.
+    """
 
     def __init__(self, path: str | Path, *, threads: int | None = None, config: dict[str, str] | None = None) -> None:
         import onnxruntime as ort
 
         if not Path(path).is_file():
             raise ArtefactError(f"{path} does not exist", fix="export first with `hybridtrt export`")
+        self.emulated_bf16 = has_bf16(path)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         # Idle ORT threads otherwise spin and starve PyTorch's OpenMP threads in the same process
@@ -44,14 +86,52 @@ class OrtSession:
             opts.add_session_config_entry(key, value)
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        source: str | bytes = str(path)
+        if self.emulated_bf16:
+            import onnx
+
+            from hybridtrt.graphs.bf16_emulation import emulate_bf16
+
+            source = emulate_bf16(onnx.load(str(path))).SerializeToString()
+        self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, feeds: dict[str, Any], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, Any], outputs: list[str] | None = None, *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
+        """One run. ``shrink_arena``: hand the memory of this run back afterwards (see `_run_options`)."""
         arrays = {k: to_numpy(v) for k, v in feeds.items() if k in self.input_names}
+        if self.emulated_bf16:
+            arrays = {k: a.astype(np.float32) if a.dtype == ml_dtypes.bfloat16 else a for k, a in arrays.items()}
         names = outputs or self.output_names
-        return dict(zip(names, self.session.run(names, arrays)))
+        return dict(zip(names, self.session.run(names, arrays, _run_options(shrink_arena))))
+
+    def run_in_place(self, feeds: dict[str, np.ndarray], aliases: dict[str, str], *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
+        """Run with every ``aliases`` output written into its input's buffer (I/O binding).
+
+        Args:
+            feeds: ``{input_name: contiguous array}``.
+            aliases: ``{output_name: input_name}``; the output is bound to the input's memory.
+
+        Returns:
+            ``{output_name: array}`` of the other outputs (the aliased ones are the input arrays).
+        """
+        if self.emulated_bf16:  # the emulated graph holds fp32 where the caller's buffers are bf16
+            got = self.run(feeds, shrink_arena=shrink_arena)
+            for out, inp in aliases.items():
+                feeds[inp][...] = got.pop(out).astype(feeds[inp].dtype)
+            return got
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        for out, inp in aliases.items():
+            a = feeds[inp]
+            binding.bind_output(out, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        others = [n for n in self.output_names if n not in aliases]
+        for name in others:
+            binding.bind_output(name)
+        self.session.run_with_iobinding(binding, _run_options(shrink_arena))
+        got = binding.get_outputs()[len(aliases) :]
+        return {name: value.numpy() for name, value in zip(others, got)}
 
 
 class OrtModel:
@@ -60,40 +140,154 @@ class OrtModel:
     Args:
         export_dir: Directory written by ``hybridtrt export``.
         use_decode_graph: Run one-token steps on ``decode.onnx`` when the export has one.
+        threads: Intra-op threads (default: ONNX Runtime's).
+        attention_budget: Bytes the attention scores of one prefill call may hold; longer calls are
+            split (`max_prefill_tokens`), so a long prompt's peak memory is bounded by this, not by
+            its length.
+
+    Raises:
+        ArtefactError: Not an export, or a bf16 export (ONNX Runtime's CPU provider has no bf16
+            kernels for these graphs).
     """
 
     backend = "onnxruntime"
 
-    def __init__(self, export_dir: str | Path, *, use_decode_graph: bool = True, threads: int | None = None) -> None:
+    def __init__(
+        self, export_dir: str | Path, *, use_decode_graph: bool = True, threads: int | None = None, attention_budget: int = DEFAULT_ATTENTION_BUDGET
+    ) -> None:
         self.export_dir = Path(export_dir)
         self.manifest: Manifest = read_manifest(self.export_dir)
+        if self.manifest.dtype == "bf16":
+            raise ArtefactError(
+                f"{self.export_dir} is a bf16 export; ONNX Runtime's CPU provider has no bf16 kernels for it",
+                fix="run bf16 exports on TensorRT (`hybridtrt build`), or export fp32/fp16 for ONNX Runtime",
+            )
+        self.flavour = self.manifest.cache_flavour
         self.plan = StatePlan.from_manifest(self.manifest)
+        self.attention_budget = attention_budget
+        has_attention = any(b.is_kv for b in self.plan.buffers)
+        self._heads = int(self.manifest.model.get("num_attention_heads") or 0) if has_attention else 0
         self.unified = OrtSession(self.export_dir / self.manifest.graphs["unified"].file, threads=threads)
         self.decode = None
         if use_decode_graph and "decode" in self.manifest.graphs:
             self.decode = OrtSession(self.export_dir / self.manifest.graphs["decode"].file, threads=threads)
 
-    # -- Stepper --------------------------------------------------------------------------------
-    def zero_state(self, batch: int) -> dict[str, np.ndarray]:
-        return self.plan.zeros(batch)
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest.model["vocab_size"])
 
-    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: dict, decode: bool):
+    # -- Stepper --------------------------------------------------------------------------------
+    def zero_state(self, batch: int) -> dict[str, np.ndarray] | StaticState:
+        zeros = self.plan.zeros(batch)
+        return StaticState(zeros) if self.flavour.static else zeros
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any, decode: bool):
         session = self.decode if (decode and self.decode is not None and input_ids.shape[1] == 1) else self.unified
-        out = self.run(input_ids, attention_mask, state, session=session)
+        out = self.run(input_ids, attention_mask, state, session=session, shrink_arena=input_ids.shape[1] > 1)
         logits = out[LOGITS]
         if logits.ndim == 3:
             logits = logits[:, -1]
-        return torch.from_numpy(np.asarray(logits, dtype=np.float32)), self.plan.feed_back(out)
+        logits = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+        if self.flavour.static:
+            return logits, StaticState(self.plan.feed_back(out), int(attention_mask.shape[1]))
+        return logits, self.plan.feed_back(out)
 
-    def named_states(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``{present_name: array}`` of a state returned by `step`."""
+    def named_states(self, state: Any) -> dict[str, np.ndarray]:
+        """``{present_name: array}`` of a state returned by `step` (static KV trimmed to the
+        positions written; copies, so later in-place steps do not change them)."""
+        if isinstance(state, StaticState):
+            return {b.present_name: state.arrays[b.past_name][:, :, : state.past].copy() if b.is_kv else state.arrays[b.past_name].copy() for b in self.plan.buffers}
         return {b.present_name: state[b.past_name] for b in self.plan.buffers}
 
+    def check_request(self, batch: int, positions: int, prefill_chunk: int) -> None:
+        """Refuse, before running, a generation this export cannot hold.
+
+        Args:
+            batch: Rows.
+            positions: Cache positions the generation will reach (prompt with padding + new tokens).
+            prefill_chunk: Longest prefill call.
+
+        Raises:
+            InputError: More positions than a static cache holds, or (dynamic cache) more memory
+                than this machine has for the KV states and the attention scores ONNX Runtime
+                materializes (``B × H × chunk × positions`` fp32 per attention call).
+        """
+        if self.flavour.static:
+            if positions > self.flavour.max_cache_len:
+                raise InputError(
+                    f"the prompt and new tokens need {positions} cache positions, this export's --max-cache-len is {self.flavour.max_cache_len}",
+                    fix=f"re-export with `--kv-cache static --max-cache-len {positions}` or more, or ask for fewer tokens",
+                )
+            return
+        kv = positions * self.plan.kv_bytes_per_position(batch)
+        need = kv + (self.attention_budget if self._heads else 0)
+        have = physical_memory_bytes()
+        if have is not None and need > have:
+            raise InputError(
+                f"{positions} positions × batch {batch} need about {need / 2**30:.1f} GiB (KV cache {kv / 2**30:.1f} GiB and "
+                f"attention scores {self.attention_budget / 2**30:.1f} GiB), this machine has {have / 2**30:.1f} GiB",
+                fix="lower the batch or the number of tokens (a dynamic KV cache grows by one position per token)",
+            )
+        if self._heads and self.max_prefill_tokens(batch, positions - 1) < 1:
+            raise InputError(
+                f"one token over {positions} positions needs {batch * self._heads * positions * SCORE_BYTES / 2**30:.1f} GiB of attention "
+                f"scores, above the attention budget {self.attention_budget / 2**30:.1f} GiB",
+                fix="raise OrtModel(attention_budget=...) or lower the batch",
+            )
+
+    def max_prefill_tokens(self, batch: int, past: int) -> int:
+        """Longest prefill call on ``past`` positions whose attention scores fit `attention_budget`.
+
+        ONNX Runtime materializes ``B × H × L × T`` scores, ``T = past + L`` (dynamic cache) or the
+        capacity (static cache): the largest ``L`` with ``L · T · B · H · SCORE_BYTES ≤ budget``.
+        """
+        if not self._heads:
+            return 1 << 62
+        scores = self.attention_budget // (batch * self._heads * SCORE_BYTES)  # L · T may reach this
+        if self.flavour.static:
+            return scores // self.flavour.max_cache_len
+        return (math.isqrt(past * past + 4 * scores) - past) // 2  # L (L + past) ≤ scores
+
+    def snapshot(self, state: Any, attention_mask: torch.Tensor) -> Snapshot:
+        """The backend-independent copy of ``state`` (see `hybridtrt.runtime.snapshot`)."""
+        return Snapshot({name: to_torch(a) for name, a in self.named_states(state).items()}, attention_mask.long().cpu().clone())
+
+    def restore(self, snapshot: Snapshot) -> Any:
+        """A fresh state equal to ``snapshot`` (static KV copied into zero buffers)."""
+        arrays = {b.past_name: np.ascontiguousarray(to_numpy(snapshot.states[b.present_name]), dtype=b.dtype) for b in self.plan.buffers}
+        if not self.flavour.static:
+            return arrays
+        if snapshot.past > self.flavour.max_cache_len:
+            raise InputError(f"the snapshot holds {snapshot.past} positions, this export's --max-cache-len is {self.flavour.max_cache_len}")
+        state = self.zero_state(snapshot.batch)
+        for b in self.plan.buffers:
+            target = state.arrays[b.past_name]
+            if b.is_kv:
+                target[:, :, : snapshot.past] = arrays[b.past_name]
+            else:
+                target[...] = arrays[b.past_name]
+        state.past = snapshot.past
+        return state
+
     # -- lower level ----------------------------------------------------------------------------
-    def run(self, input_ids: Any, attention_mask: Any, state: dict[str, np.ndarray], session: OrtSession | None = None) -> dict[str, np.ndarray]:
-        """One graph call: ``{output_name: array}``."""
-        feeds = {INPUT_IDS: to_numpy(input_ids).astype(np.int64), ATTENTION_MASK: to_numpy(attention_mask).astype(np.int64), **state}
-        return (session or self.unified).run(feeds)
+    def run(self, input_ids: Any, attention_mask: Any, state: Any, session: OrtSession | None = None, *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
+        """One graph call: ``{output_name: array}`` (a static cache's states are updated in place).
+
+        ``shrink_arena`` returns the call's memory to the system afterwards: prefill calls of growing
+        lengths would otherwise leave ONNX Runtime's arena holding a block per size (measured 14.8 GB
+        after half of a 65k-token prompt).
+        """
+        session = session or self.unified
+        ids = to_numpy(input_ids).astype(np.int64)
+        if not self.flavour.static:
+            return session.run({INPUT_IDS: ids, ATTENTION_MASK: to_numpy(attention_mask).astype(np.int64), **state}, shrink_arena=shrink_arena)
+        arrays = state.arrays if isinstance(state, StaticState) else state
+        cache_position, padding = static_positions(torch.as_tensor(attention_mask), ids.shape[1], self.flavour.max_cache_len)
+        feeds = {INPUT_IDS: np.ascontiguousarray(ids), CACHE_POSITION: cache_position, PADDING_LENGTH: padding}
+        feeds.update({name: _contiguous(a) for name, a in arrays.items()})
+        out = session.run_in_place(feeds, {b.present_name: b.past_name for b in self.plan.buffers}, shrink_arena=shrink_arena)
+        out.update({b.present_name: feeds[b.past_name] for b in self.plan.buffers})
+        return out
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> GenerationResult:
         """Same API as `HybridLM.generate`."""
@@ -102,6 +296,21 @@ class OrtModel:
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         """Yield ``[B]`` tokens step by step."""
         return iter_generate(self, input_ids, attention_mask, **kwargs)
+
+
+def _run_options(shrink_arena: bool) -> Any:
+    """RunOptions that shrink the CPU arena after the run (None: the defaults)."""
+    if not shrink_arena:
+        return None
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.c_contiguous and a.flags.writeable else np.array(a, order="C")
 
 
 __all__ = ["OrtModel", "OrtSession", "SamplingConfig"]

@@ -14,6 +14,10 @@ Design choices:
   ``past_*`` and the other as ``present_*``, then they swap. No per-step allocation and no host
   copy of any state; only ``input_ids``, ``attention_mask`` (a few bytes per row) go to the GPU
   and the last-position logits ``[B, V]`` come back.
+- **Aliasing follows the engine**: a ``present_*`` output the engine aliases to its ``past_*`` input
+  (``ICudaEngine.get_aliased_input_tensor``: layers that update in place, such as TensorRT's KV-cache update)
+  gets one buffer bound as both; every other state is ping-ponged. hybridtrt's plugins declare no alias
+  (plugin aliasing lets TensorRT copy a network input instead), so today's engines ping-pong every state.
 - **Profiles**: prefill (profile 0) for ``seq > 1`` or ``past == 0``, decode (profile 1) for one
   token on a non-empty cache; the context switches profile only when the choice changes (once per
   generation).
@@ -114,6 +118,7 @@ class TrtModel:
         self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
             raise EngineError(f"TensorRT could not deserialize {self.engine_path}", fix="rebuild the engine with this TensorRT on this GPU")
+        self.in_place = self._aliased_states()
         self.context = self.engine.create_execution_context()
         self.cuda_stream = self._new_stream()
         self._allocate()
@@ -157,13 +162,43 @@ class TrtModel:
                 fix="rebuild the engine on this GPU (engines are specific to a GPU architecture)",
             )
 
+    def _aliased_states(self) -> frozenset[str]:
+        """``past_name`` of every state whose output the engine aliases to its input (bound to one buffer).
+
+        Raises:
+            EngineError: The engine aliases an output to anything but its own state's past input.
+        """
+        # get_aliased_input_tensor exists from TensorRT 10.15, the first release that can alias engine I/O
+        # (IKVCacheUpdateLayer); an engine of an older TensorRT has no aliased I/O to report.
+        aliased = getattr(self.engine, "get_aliased_input_tensor", None)
+        if aliased is None:
+            return frozenset()
+        in_place = set()
+        for s in self.plan.states:
+            source = aliased(s.present_name)
+            if source is None:
+                continue
+            if source != s.past_name:
+                raise EngineError(
+                    f"{self.engine_path} aliases output {s.present_name} to input {source}, not to {s.past_name}",
+                    fix="rebuild the engine from an export of this hybridtrt",
+                )
+            in_place.add(s.past_name)
+        for name in self.plan.outputs:
+            if aliased(name) is not None:
+                raise EngineError(f"{self.engine_path} aliases output {name} to input {aliased(name)}", fix="rebuild the engine")
+        return frozenset(in_place)
+
     def _allocate(self) -> None:
         plan = self.plan
         self._pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for s in plan.states:
             n = math.prod(s.shape_at(plan.max_batch, plan.max_cache_len))
             dt = _torch_dtype(s.dtype)
-            self._pairs[s.past_name] = (torch.empty(n, dtype=dt, device=self.device), torch.empty(n, dtype=dt, device=self.device))
+            first = torch.empty(n, dtype=dt, device=self.device)
+            # one buffer bound as past and present when the engine updates the state in place
+            second = first if s.past_name in self.in_place else torch.empty(n, dtype=dt, device=self.device)
+            self._pairs[s.past_name] = (first, second)
         self._outputs = {
             name: torch.empty(math.prod(plan.output_max_shape(name)), dtype=_torch_dtype(dtype), device=self.device)
             for name, (_, dtype) in plan.outputs.items()
@@ -175,7 +210,7 @@ class TrtModel:
     @property
     def device_bytes(self) -> int:
         """Bytes of the preallocated state and output buffers (TensorRT's activations excluded)."""
-        return self.plan.total_bytes()
+        return self.plan.total_bytes(in_place=self.in_place)
 
     # -- Stepper --------------------------------------------------------------------------------
     def zero_state(self, batch: int) -> TrtState:
@@ -272,6 +307,30 @@ class TrtModel:
         """
         self._check_state(state)
         return {s.present_name: t for s, t in zip(self.plan.states, self.state_tensors().values())}
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Logits width (the generation loop refuses token ids outside it)."""
+        vocab = (self.sidecar.get("model") or {}).get("vocab_size")
+        return int(vocab) if vocab is not None else None
+
+    def snapshot(self, state: TrtState, attention_mask: torch.Tensor) -> Any:
+        """The backend-independent copy of the latest state (`hybridtrt.runtime.snapshot`)."""
+        from hybridtrt.runtime.snapshot import Snapshot
+
+        return Snapshot(self.named_states(state), attention_mask.long().cpu().clone())
+
+    def restore(self, snapshot: Any) -> TrtState:
+        """Start a generation from ``snapshot``: zero states, then its tensors into the past buffers."""
+        state = self.zero_state(snapshot.batch)
+        if snapshot.past > self.plan.max_cache_len:
+            raise InputError(f"the snapshot holds {snapshot.past} positions, the engine's max cache length is {self.plan.max_cache_len}")
+        with self._on_stream():
+            for s in self.plan.states:
+                value = snapshot.states[s.present_name]
+                self._view(s, self._pp.past_index, tuple(value.shape)).copy_(value.to(self.device), non_blocking=True)
+        self._pp.past = snapshot.past
+        return TrtState(self._generation, self._pp.steps, state.batch, snapshot.past)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> GenerationResult:
         """Same API as `HybridLM.generate` / `OrtModel.generate`."""

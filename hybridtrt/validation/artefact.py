@@ -1,29 +1,29 @@
-"""Validate an artefact end to end: pick the reference and backend, build the inputs, run
-`runner.validate`. Used by ``hybridtrt validate`` and ``hybridtrt demo``."""
+"""Validate an artefact end to end: check the checkpoint is the export's, pick the reference and the
+backend (or outputs recorded elsewhere), build the inputs, run the comparison, and optionally the
+FP8 sensitivity analysis. Used by ``hybridtrt validate`` and ``hybridtrt demo``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from hybridtrt.errors import ArtefactError, InputError
-from hybridtrt.exporter.manifest import read_manifest
-from hybridtrt.models.loading import load_model
+from hybridtrt.exporter.manifest import Manifest, read_manifest
+from hybridtrt.models.loading import load_model, parse_dtype
 from hybridtrt.models.tokenizer import load_tokenizer
+from hybridtrt.validation.preflight import check_arguments
+from hybridtrt.validation.routing import routing_for
 from hybridtrt.validation.runner import Report, pad_left, random_prompts, validate
-from hybridtrt.validation.subjects import engine_subject, hf_subject, ort_subject, torch_subject
-from hybridtrt.validation.tolerances import precision_of
-
-BACKENDS = ("ort", "trt")
-REFERENCES = ("pytorch", "hf")
-
+from hybridtrt.validation.subjects import Subject, engine_subject, hf_subject, ort_subject, torch_subject
+from hybridtrt.validation.tolerances import gate, precision_of, yardstick_of
 
 def load_prompts(path: str | Path, checkpoint: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One prompt per non-empty line, tokenized with the checkpoint's tokenizer, left-padded."""
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"prompts file {p} does not exist")
+        raise InputError(f"prompts file {p} does not exist", fix="give a text file with one prompt per line")
     lines = [line for line in p.read_text().splitlines() if line.strip()]
     if not lines:
         raise InputError(f"prompts file {p} has no prompts", fix="write one prompt per line")
@@ -45,61 +45,166 @@ def validate_artefact(
     steps: int = 8,
     per_layer: bool = False,
     seed: int = 0,
+    force: bool = False,
+    load_outputs: Sequence[str | Path] | None = None,
+    load_inputs: Sequence[str | Path] | None = None,
+    runner: str | None = None,
+    sensitivity: bool = False,
+    target_cosine: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    yardstick: bool = True,
 ) -> Report:
-    """Compare an export (or engine) with the PyTorch reference, or the reference with HF.
+    """Compare an export (or engine, or recorded outputs) with the PyTorch reference, or the
+    reference with HF.
 
     Args:
         export_dir: ``hybridtrt export`` output (None only with ``reference="hf"``).
-        checkpoint: The source checkpoint (default: the one recorded in ``hybridtrt.json``).
+        checkpoint: The source checkpoint (default: the one recorded in ``hybridtrt.json``); its
+            sha256 and config are checked against the record first.
         backend: ``"ort"`` or ``"trt"`` (``engine`` defaults to ``export_dir/model.engine``).
         reference: ``"pytorch"`` (artefact vs our reference) or ``"hf"`` (our reference vs HF
             transformers on the same checkpoint).
         prompts: File with one prompt per line (tokenized with the checkpoint's tokenizer).
         random_n: Number of random prompts (default 4 when no ``prompts``).
         steps: Decode steps.
-        per_layer: Per-layer comparison (needs an export made with ``--per-layer``).
+        per_layer: Per-layer comparison: each layer's states and output, first divergence named.
+            Works on every export (layer outputs located by node name, see
+            `hybridtrt.validation.layers`).
+        force: Compare with a checkpoint whose sha256 differs from the record (same graph I/O).
+        load_outputs: Polygraphy ``RunResults`` files/directories recorded elsewhere; compared
+            instead of running a backend (`hybridtrt.validation.recorded`).
+        load_inputs: The inputs they were recorded with (default: ``inputs.json`` beside the
+            first results file, else ``export_dir/polygraphy/inputs.json``).
+        runner: Which runner of the results (default: the only non-reference one).
+        sensitivity: FP8 exports: per-layer sensitivity and ``--exclude`` flags
+            (``report.extras["sensitivity"]``, `hybridtrt.validation.sensitivity`).
+        target_cosine: Cosine the exclusions aim for (default: the FP8 logits gate).
+        progress: ``progress(done, total)`` during the sensitivity analysis.
+        yardstick: Run the precision's yardstick beside the backend (fp64 for fp32 artefacts, the
+            same-dtype reference for fp16/bf16; `hybridtrt.validation.tolerances`) so the gates scale
+            with what the precision can promise. False: the fixed floors are the gates.
     """
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}", fix=f"use one of {BACKENDS}")
-    if reference not in REFERENCES:
-        raise InputError(f"unknown reference {reference!r}", fix=f"use one of {REFERENCES}")
+    check_arguments(backend=backend, reference=reference, steps=steps, random_n=random_n, load_outputs=load_outputs, target_cosine=target_cosine)
     manifest = read_manifest(export_dir) if export_dir is not None else None
+    if sensitivity:
+        from hybridtrt.validation.sensitivity import check_recipe
+
+        if manifest is None:
+            raise InputError("--sensitivity needs an FP8 export directory", fix="pass the export made with --quantize fp8")
+        check_recipe(manifest, export_dir)
     if checkpoint is None:
         if manifest is None:
             raise InputError("give --checkpoint (and/or an export directory)")
         checkpoint = manifest.source["checkpoint"]
     if not Path(checkpoint).is_dir():
         raise ArtefactError(f"checkpoint {checkpoint} does not exist", fix="pass --checkpoint CKPT_DIR")
-    model = load_model(checkpoint, "fp32")
-    if prompts is not None:
-        ids, mask = load_prompts(prompts, checkpoint)
-    else:
-        ids, mask = random_prompts(random_n or 4, model.config.vocab_size, seed=seed)
+    notes: list[str] = []
+    if manifest is not None:
+        from hybridtrt.validation.provenance import check_checkpoint
 
+        notes = check_checkpoint(manifest, export_dir, checkpoint, force=force)
     if reference == "hf":
-        from hybridtrt.validation.hf import load_hf
-
-        ours = torch_subject(model)
-        theirs = hf_subject(load_hf(checkpoint), model.config.pattern)
-        report = validate(ours, theirs, ids, mask, precision="fp32", steps=steps, per_layer=False)
-        report.pattern = model.config.pattern
-        return report
-
+        return _against_hf(checkpoint, prompts, random_n, steps, per_layer, seed, yardstick)
     if manifest is None:
         raise InputError("an export directory is needed unless --reference hf")
+
+    if load_outputs:
+        report, model = _recorded(export_dir, manifest, checkpoint, load_outputs, load_inputs, runner, per_layer)
+    else:
+        model = load_model(checkpoint, "fp32")
+        ids, mask = _prompts(model, checkpoint, prompts, random_n, seed)
+        precision = precision_of(manifest)
+        report = validate(
+            _backend_subject(export_dir, manifest, backend, engine),
+            torch_subject(model),
+            ids,
+            mask,
+            precision=precision,
+            steps=steps,
+            per_layer=per_layer,
+            routing=routing_for(model, ids, mask),
+            yardstick=yardstick_subject(checkpoint, precision, manifest.state_dtype) if yardstick else None,
+        )
+    report.pattern = model.config.pattern
+    report.notes[:0] = notes
+    if sensitivity:
+        from hybridtrt.validation.sensitivity import fp8_sensitivity
+
+        ids, mask = _prompts(model, checkpoint, prompts, random_n, seed)
+        target = target_cosine if target_cosine is not None else gate(precision_of(manifest), "call").min_cosine or 0.99
+        report.extras["sensitivity"] = fp8_sensitivity(export_dir, manifest, model, checkpoint, ids, mask, target_cosine=target, progress=progress)
+    return report
+
+
+def _prompts(model, checkpoint, prompts, random_n, seed) -> tuple[torch.Tensor, torch.Tensor]:
+    if prompts is not None:
+        return load_prompts(prompts, checkpoint)
+    return random_prompts(random_n or 4, model.config.vocab_size, seed=seed)
+
+
+def yardstick_subject(checkpoint: str | Path, precision: str, state_dtype: str = "fp32") -> Subject | None:
+    """The reference in the yardstick dtype of ``precision`` (`tolerances.yardstick_of`), or None.
+
+    fp64: our reference in double precision (states too): what the fp32 reference itself rounds.
+    fp16/bf16: our reference in the artefact's model and state dtypes: its unavoidable rounding.
+    """
+    dtype = yardstick_of(precision)
+    if dtype is None:
+        return None
+    if dtype == "fp64":
+        return torch_subject(load_model(checkpoint, "fp32").double(), torch.float64, name="pytorch-fp64")
+    return torch_subject(load_model(checkpoint, dtype), parse_dtype(state_dtype), name=f"pytorch-{dtype}")
+
+
+def _against_hf(checkpoint, prompts, random_n, steps, per_layer, seed, yardstick: bool = True) -> Report:
+    """Our reference (the backend here) against HF transformers (fp32), with our fp64 run as the yardstick."""
+    from hybridtrt.validation.hf import load_hf
+
+    model = load_model(checkpoint, "fp32")
+    ids, mask = _prompts(model, checkpoint, prompts, random_n, seed)
+    theirs = hf_subject(load_hf(checkpoint), model.config.pattern)
+    yard = yardstick_subject(checkpoint, "fp32") if yardstick else None
+    report = validate(torch_subject(model), theirs, ids, mask, precision="fp32", steps=steps, per_layer=per_layer, yardstick=yard)
+    report.pattern = model.config.pattern
+    return report
+
+
+def _backend_subject(export_dir, manifest: Manifest, backend: str, engine):
     if backend == "ort":
         from hybridtrt.runtime.onnxruntime import OrtModel
 
-        if manifest.dtype == "bf16":
-            raise InputError(
-                "ONNX Runtime's CPU provider has no bf16 kernels",
-                fix="validate a bf16 export with --backend trt on a GPU machine, or export fp32/fp16",
-            )
-        subject = ort_subject(OrtModel(export_dir))
-    else:
-        from hybridtrt.runtime import load
+        return ort_subject(OrtModel(export_dir))  # bf16 graphs run through the bf16 emulation pass
+    from hybridtrt.runtime import load
 
-        subject = engine_subject(load(engine or Path(export_dir) / "model.engine"))
-    report = validate(subject, torch_subject(model), ids, mask, precision=precision_of(manifest), steps=steps, per_layer=per_layer)
-    report.pattern = model.config.pattern
-    return report
+    return engine_subject(load(engine or Path(export_dir) / "model.engine"))
+
+
+def default_inputs(export_dir: str | Path, load_outputs: Sequence[str | Path]) -> Path:
+    """Where the inputs of recorded outputs are when ``--load-inputs`` is not given."""
+    from hybridtrt.validation.polygraphy_bridge import INPUTS
+
+    first = Path(load_outputs[0])
+    for candidate in ((first if first.is_dir() else first.parent) / INPUTS, first.parent / INPUTS, Path(export_dir) / "polygraphy" / INPUTS):
+        if candidate.is_file():
+            return candidate
+    raise InputError(
+        f"no --load-inputs given and no {INPUTS} beside {first} or in {Path(export_dir) / 'polygraphy'}",
+        fix="pass --load-inputs with the inputs the outputs were recorded from (what `hybridtrt compare` wrote)",
+    )
+
+
+def _recorded(export_dir, manifest: Manifest, checkpoint, load_outputs, load_inputs, runner, per_layer):
+    """Recorded outputs against the reference: ``(report, reference model)``. The files are read
+    and matched before the model is loaded."""
+    from hybridtrt.validation.layers import layer_taps
+    from hybridtrt.validation.recorded import check_matching, load_feeds, load_results, reference_outputs, validate_recorded
+
+    inputs = list(load_inputs) if load_inputs else [default_inputs(export_dir, load_outputs)]
+    feeds = load_feeds(inputs)
+    name, iterations = load_results(load_outputs, runner)
+    check_matching(feeds, iterations)
+    model = load_model(checkpoint, "fp32")
+    expected = reference_outputs(model, manifest, feeds)
+    report = validate_recorded(feeds, name, iterations, expected, layer_taps(export_dir, manifest), precision=precision_of(manifest), per_layer=per_layer)
+    report.notes.append(f"recorded outputs: {', '.join(map(str, load_outputs))}; inputs: {', '.join(map(str, inputs))}")
+    return report, model

@@ -11,8 +11,8 @@ import torch
 from hybridtrt.errors import MissingDependencyError
 
 
-def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
-    """HF's own ``*ForCausalLM`` for the checkpoint (eager attention; EOS disabled)."""
+def import_transformers() -> Any:
+    """``transformers`` with its logging quietened, or a typed error naming the extra to install."""
     try:
         import transformers
         import transformers.utils.logging as hf_logging
@@ -21,6 +21,13 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
             "HF transformers is not installed", fix="pip install 'hybridtrt[hf]' (transformers ≥ 5)"
         ) from None
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    return transformers
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
+    """HF's own ``*ForCausalLM`` for the checkpoint (eager attention; EOS disabled)."""
+    transformers = import_transformers()
     model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype)
     model.generation_config.eos_token_id = None
     return model.eval()

@@ -5,8 +5,14 @@ outputs as polygraphy ``RunResults`` JSON, so that the printed
 
     polygraphy run model.onnx --onnxrt --load-inputs inputs.json --load-outputs reference.json
 
-passes unmodified (and ``--trt --plugins LIB`` on a TensorRT machine). Two iterations: a prefill
-from zero states, then one decode step fed with the reference's present states.
+passes unmodified (and ``--trt --plugins LIB`` on a TensorRT machine, LIB being the autoreg shim
+beside libhybridtrt_trt.so: polygraphy's ``--plugins`` only dlopens, see
+`hybridtrt.plugins.dlopen_library`). Two iterations: a prefill
+from zero states, then one decode step fed with the reference's present states; the same
+iterations one per file (``inputs.prefill.json``, ``inputs.decode.json``) for an engine built with
+one profile per phase. The printed commands also record a backend's outputs on a machine without
+PyTorch (``--save-outputs``, with the layer outputs via ``--onnx-outputs`` when asked) for
+``hybridtrt validate --load-outputs`` here. Every printed line is quoted with ``shlex.join``.
 """
 
 from __future__ import annotations
@@ -18,11 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybridtrt.exporter.io import ATTENTION_MASK, INPUT_IDS
+from hybridtrt.errors import ArtefactError, InputError
+from hybridtrt.exporter.io import ATTENTION_MASK, INPUT_IDS, state_specs
 from hybridtrt.exporter.manifest import Manifest, read_manifest
 from hybridtrt.exporter.wrapper import GraphModule, flat_from_cache
-from hybridtrt.exporter.io import state_specs
-from hybridtrt.models.loading import load_model
 from hybridtrt.runtime.onnxruntime import to_numpy
 from hybridtrt.validation.runner import random_prompts
 from hybridtrt.validation.tolerances import polygraphy_tolerance, precision_of
@@ -30,9 +35,21 @@ from hybridtrt.validation.tolerances import polygraphy_tolerance, precision_of
 REFERENCE_RUNNER = "pytorch-reference"
 
 
+#: Files `write_polygraphy_data` writes (per-profile inputs serve a built two-profile engine).
+INPUTS, REFERENCE = "inputs.json", "reference.json"
+PROFILE_INPUTS = {0: "inputs.prefill.json", 1: "inputs.decode.json"}  # engine profile -> its iterations
+
+
 @dataclass
 class BridgeFiles:
-    """What `write_polygraphy_data` wrote, and the commands that reproduce the comparison."""
+    """What `write_polygraphy_data` wrote, and the command lines that reproduce the comparison.
+
+    Attributes:
+        argv: ``{name: argument list}``; ``commands`` holds the same lines quoted for a POSIX shell
+            (``shlex.join``), so ``shlex.split(commands[k]) == argv[k]``.
+        onnx_outputs: Tensors the per-layer commands record (graph outputs, then layer outputs);
+            empty unless asked for.
+    """
 
     inputs: Path
     reference: Path
@@ -40,11 +57,17 @@ class BridgeFiles:
     atol: float
     rtol: float
     feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
+    export_dir: Path | None = None
+    onnx_outputs: list[str] = field(default_factory=list)
+    argv: dict[str, list[str]] = field(default_factory=dict)
     commands: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def profile_inputs(self) -> dict[int, Path]:
+        return {k: self.inputs.parent / name for k, name in PROFILE_INPUTS.items()}
 
-def _feeds_and_reference(manifest: Manifest, checkpoint: str | Path, batch: int, seed: int):
-    model = load_model(checkpoint, "fp32")
+
+def _feeds_and_reference(model, manifest: Manifest, batch: int, seed: int):
     specs = state_specs(model.config)
     graph = GraphModule(model, manifest.logits, decode=False, per_layer=bool(manifest.per_layer_outputs)).eval()
     out_names = [o["name"] for o in manifest.graphs["unified"].outputs]
@@ -66,46 +89,120 @@ def _feeds_and_reference(manifest: Manifest, checkpoint: str | Path, batch: int,
     return feeds, outputs
 
 
-def write_polygraphy_data(export_dir: str | Path, checkpoint: str | Path | None, out_dir: str | Path, *, batch: int = 2, seed: int = 0, plugins: str | Path | None = None) -> BridgeFiles:
-    """Write ``inputs.json`` and ``reference.json`` (RunResults) into ``out_dir``."""
+def write_polygraphy_data(
+    export_dir: str | Path,
+    checkpoint: str | Path | None,
+    out_dir: str | Path,
+    *,
+    batch: int = 2,
+    seed: int = 0,
+    plugins: str | Path | None = None,
+    per_layer: bool = False,
+    force: bool = False,
+) -> BridgeFiles:
+    """Write ``inputs.json`` (+ one file per engine profile) and ``reference.json`` (RunResults).
+
+    Args:
+        export_dir: ``hybridtrt export`` output.
+        checkpoint: Its source checkpoint (default: the one in ``hybridtrt.json``; checked against
+            the recorded sha256 first, see `hybridtrt.validation.provenance`).
+        out_dir: Where to write.
+        batch: Rows of random prompts.
+        seed: Their seed.
+        plugins: TensorRT plugin library named in the printed ``--trt`` commands.
+        per_layer: The printed save-outputs commands also record every located layer output
+            (``--onnx-outputs``), for ``hybridtrt validate --load-outputs --per-layer``.
+        force: Compare with a checkpoint other than the export's source (same graph I/O).
+    """
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.json import save_json
+    from polygraphy.logger import G_LOGGER
 
+    from hybridtrt.models.loading import load_model
+    from hybridtrt.validation.provenance import check_checkpoint
+
+    if batch < 1:
+        raise InputError(f"--batch must be ≥ 1, got {batch}", fix="e.g. --batch 2")
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     checkpoint = checkpoint or manifest.source["checkpoint"]
-    feeds, outputs = _feeds_and_reference(manifest, checkpoint, batch, seed)
+    if not Path(checkpoint).is_dir():
+        raise ArtefactError(f"checkpoint {checkpoint} does not exist", fix="pass --checkpoint CKPT_DIR")
+    check_checkpoint(manifest, export_dir, checkpoint, force=force)
+    feeds, outputs = _feeds_and_reference(load_model(checkpoint, "fp32"), manifest, batch, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = BridgeFiles(out / "inputs.json", out / "reference.json", export_dir / manifest.graphs["unified"].file, *polygraphy_tolerance(precision_of(manifest)), feeds)
-    from polygraphy.logger import G_LOGGER
+    files = BridgeFiles(out / INPUTS, out / REFERENCE, export_dir / manifest.graphs["unified"].file, *polygraphy_tolerance(precision_of(manifest)), feeds, export_dir)
+    if per_layer:
+        from hybridtrt.validation.layers import layer_taps
 
+        taps = layer_taps(export_dir, manifest)
+        files.onnx_outputs = taps.outputs + [t for t in taps.tensors.values() if t not in taps.outputs]
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
         save_json(feeds, str(files.inputs), description="hybridtrt inputs")
+        for profile, path in files.profile_inputs.items():
+            save_json([feeds[profile]], str(path), description=f"hybridtrt inputs, engine profile {profile}")
         results = RunResults()
         results.append((REFERENCE_RUNNER, [IterationResult(o, runner_name=REFERENCE_RUNNER) for o in outputs]))
         results.save(str(files.reference))
-    files.commands = commands(files, feeds, plugins)
+    files.argv = command_lines(files, plugins)
+    files.commands = {name: shlex.join(argv) for name, argv in files.argv.items()}
     return files
 
 
-def commands(files: BridgeFiles, feeds: list[dict[str, np.ndarray]], plugins: str | Path | None = None) -> dict[str, str]:
-    """The ``polygraphy run`` command lines that reproduce the comparison."""
-    q = shlex.quote
-    common = f"--load-inputs {q(str(files.inputs))} --load-outputs {q(str(files.reference))} --atol {files.atol:g} --rtol {files.rtol:g}"
-    cmds = {"onnxrt": f"polygraphy run {q(str(files.model))} --onnxrt {common}"}
-    # TensorRT needs a profile covering every iteration's shapes.
-    names = list(feeds[0])
-    lo = {n: np.minimum.reduce([np.array(f[n].shape) for f in feeds]) for n in names}
-    hi = {n: np.maximum.reduce([np.array(f[n].shape) for f in feeds]) for n in names}
-    shape = lambda d: " ".join(f"{n}:[{','.join(str(int(x)) for x in d[n])}]" for n in names)  # noqa: E731
-    trt = f"polygraphy run {q(str(files.model))} --trt --strongly-typed"
+def _shape_args(flag: str, shapes: dict[str, np.ndarray]) -> list[str]:
+    return [flag, *(f"{n}:[{','.join(str(int(x)) for x in d)}]" for n, d in shapes.items())]
+
+
+def command_lines(files: BridgeFiles, plugins: str | Path | None = None) -> dict[str, list[str]]:
+    """The command lines that reproduce and extend the comparison, as argument lists.
+
+    - ``onnxrt`` / ``trt``: polygraphy compares ONNX Runtime / a TensorRT engine it builds from
+      ``model.onnx`` (one profile covering every iteration) with the reference outputs;
+    - ``trt-save`` (``onnxrt-save``): the same TensorRT (ONNX Runtime) run, saving its outputs
+      (``trt.json``, ``onnxrt.json``) for ``hybridtrt validate --load-outputs`` on a machine with
+      PyTorch (``--onnx-outputs`` adds the layer outputs when per-layer tensors were asked for);
+    - ``engine-prefill`` / ``engine-decode``: a two-profile engine from ``hybridtrt build`` run
+      profile by profile on its own iterations, and ``validate-engine`` reading both back;
+    - ``validate``: reads ``trt.json`` back here.
+    """
+    model, out = str(files.model), files.inputs.parent
+    tol = ["--atol", f"{files.atol:g}", "--rtol", f"{files.rtol:g}"]
+    plugin_args = []
     if plugins:
-        trt += f" --plugins {q(str(plugins))}"
-    trt += f" --trt-min-shapes {shape(lo)} --trt-opt-shapes {shape(hi)} --trt-max-shapes {shape(hi)} {common}"
-    cmds["trt"] = trt
-    return cmds
+        from hybridtrt.plugins import dlopen_library
+
+        plugin_args = ["--plugins", str(dlopen_library(plugins))]  # polygraphy --plugins only dlopens
+    names = list(files.feeds[0])
+    lo = {n: np.minimum.reduce([np.array(f[n].shape) for f in files.feeds]) for n in names}
+    hi = {n: np.maximum.reduce([np.array(f[n].shape) for f in files.feeds]) for n in names}
+    build = ["--trt", "--strongly-typed", *plugin_args, *_shape_args("--trt-min-shapes", lo), *_shape_args("--trt-opt-shapes", hi), *_shape_args("--trt-max-shapes", hi)]
+    compare = ["--load-inputs", str(files.inputs), "--load-outputs", str(files.reference), *tol]
+    record = ["--onnx-outputs", *files.onnx_outputs] if files.onnx_outputs else []
+    per_layer = ["--per-layer"] if files.onnx_outputs else []
+    export_dir = str(files.export_dir or files.model.parent)
+    trt_json = str(out / "trt.json")
+    engine = str(files.model.parent / "model.engine")
+    load = ["--load-inputs", str(files.inputs)]
+    lines = {
+        "onnxrt": ["polygraphy", "run", model, "--onnxrt", *compare],
+        "trt": ["polygraphy", "run", model, *build, *compare],
+        "onnxrt-save": ["polygraphy", "run", model, "--onnxrt", *record, *load, "--save-outputs", str(out / "onnxrt.json")],
+        "trt-save": ["polygraphy", "run", model, *build, *record, *load, "--save-outputs", trt_json],
+        "validate": ["hybridtrt", "validate", export_dir, "--load-outputs", trt_json, *load, *per_layer],
+    }
+    saved = {}
+    for profile, path in files.profile_inputs.items():
+        saved[profile] = str(out / f"trt.{'prefill' if profile == 0 else 'decode'}.json")
+        lines[f"engine-{'prefill' if profile == 0 else 'decode'}"] = [
+            "polygraphy", "run", engine, "--model-type", "engine", "--trt", *plugin_args,
+            "--optimization-profile", str(profile), "--load-inputs", str(path), "--save-outputs", saved[profile],
+        ]  # fmt: skip
+    lines["validate-engine"] = [
+        "hybridtrt", "validate", export_dir, "--load-outputs", *saved.values(), "--load-inputs", *map(str, files.profile_inputs.values()),
+    ]  # fmt: skip
+    return lines
 
 
 def compare_with_polygraphy(files: BridgeFiles, *, trt: bool = False, plugins: str | Path | None = None) -> dict[str, bool]:
@@ -129,7 +226,9 @@ def compare_with_polygraphy(files: BridgeFiles, *, trt: bool = False, plugins: s
         if plugins:
             from polygraphy.backend.trt import LoadPlugins
 
-            network = LoadPlugins(plugins=[str(plugins)], obj=network)
+            from hybridtrt.plugins import dlopen_library
+
+            network = LoadPlugins(plugins=[str(dlopen_library(plugins))], obj=network)  # ctypes.CDLL: needs the autoreg shim
         runners.append(TrtRunner(EngineFromNetwork(network, config=CreateConfig(profiles=[profile])), name="trt"))
     from polygraphy.logger import G_LOGGER
 

@@ -1,5 +1,6 @@
-"""Writing a validation report: ``report.json``, a per-layer error picture (PNG) and a small
-self-contained HTML page showing it with the tables."""
+"""Writing a validation report: ``report.json``, a per-layer error picture (PNG), the FP8
+sensitivity picture when there is one, and a small self-contained HTML page showing them with the
+tables."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import base64
 import html
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hybridtrt.errors import MissingDependencyError
 from hybridtrt.validation.runner import Report
 from hybridtrt.validation.tolerances import gate
+
+if TYPE_CHECKING:
+    from hybridtrt.validation.sensitivity import Sensitivity
 
 _KIND_OF = (
     ("layer_output.", "layer output"),
@@ -29,19 +34,24 @@ def _kind(name: str) -> str:
     return name
 
 
-def plot_report(report: Report, path: Path) -> Path:
-    """Per-layer (or, without per-layer data, per-phase) errors on log scales.
-
-    Top: rel L2 per layer and state. Bottom: 1 − cosine. Gate lines dashed; failing points red.
-    """
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise MissingDependencyError("matplotlib is needed for --report pictures", fix="pip install 'hybridtrt[report]'") from None
+        raise MissingDependencyError("matplotlib (a hybridtrt dependency) is not importable", fix="pip install matplotlib, or reinstall hybridtrt with its dependencies") from None
+    return plt
 
+
+def plot_report(report: Report, path: Path) -> Path:
+    """Per-layer (or, without per-layer data, per-phase) errors on log scales.
+
+    Top: rel L2 per layer and state. Bottom: 1 − cosine. Gate lines dashed; failing points red;
+    hollow markers are the yardstick's error on the same tensors (the gate allows a multiple of it).
+    """
+    plt = _pyplot()
     layer_checks = [c for c in report.checks if c.phase == "layer"]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     if layer_checks:
@@ -63,8 +73,15 @@ def plot_report(report: Report, path: Path) -> Path:
         cos = [1 - c.comparison.cosine if c.comparison.finite else float("nan") for c in cs]
         # Only the layer output exists at every layer; states exist at some, so no connecting lines.
         style = "-" if kind in ("layer output", "logits") else "none"
-        ax1.plot(x, [max(v, _FLOOR) for v in rel], marker=marker, linestyle=style, label=kind, alpha=0.8, markersize=7)
+        (line,) = ax1.plot(x, [max(v, _FLOOR) for v in rel], marker=marker, linestyle=style, label=kind, alpha=0.8, markersize=7)
         ax2.plot(x, [max(v, _FLOOR) for v in cos], marker=marker, linestyle=style, label=kind, alpha=0.8, markersize=7)
+        yard = [(xs(c), c.yardstick) for c in cs if c.yardstick is not None and c.yardstick.finite]
+        if yard:  # the yardstick's own error on the same tensors: what the precision causes anyway
+            ax1.plot([p for p, _ in yard], [max(y.rel_l2, _FLOOR) for _, y in yard], marker=marker, markerfacecolor="none",
+                     linestyle=":" if style == "-" else "none", color=line.get_color(), alpha=0.6, markersize=9,
+                     label=f"{kind} ({report.yardstick})")  # fmt: skip
+            ax2.plot([p for p, _ in yard], [max(1 - y.cosine, _FLOOR) for _, y in yard], marker=marker, markerfacecolor="none",
+                     linestyle=":" if style == "-" else "none", color=line.get_color(), alpha=0.6, markersize=9)  # fmt: skip
         bad = [c for c in cs if not c.passed]
         if bad:
             ax1.scatter([xs(c) for c in bad], [max(c.comparison.rel_l2, _FLOOR) if c.comparison.finite else 1.0 for c in bad], s=160, facecolors="none", edgecolors="red", linewidths=2, zorder=5)
@@ -74,7 +91,8 @@ def plot_report(report: Report, path: Path) -> Path:
         gates.append(("states ", gate(report.precision, "state"), ":"))
     for label, gg, style in gates:
         if gg.max_rel_l2:
-            ax1.axhline(gg.max_rel_l2, color="gray", linestyle=style, label=f"{label}gate {gg.max_rel_l2:g}")
+            what = "floor" if report.yardstick and gg.yardstick_ratio else "gate"
+            ax1.axhline(gg.max_rel_l2, color="gray", linestyle=style, label=f"{label}{what} {gg.max_rel_l2:g}")
         if gg.min_cosine:
             ax2.axhline(1 - gg.min_cosine, color="gray", linestyle=style, label=f"{label}gate cos ≥ {gg.min_cosine:g}")
     for ax, label in ((ax1, "rel L2  ‖a−b‖/‖b‖"), (ax2, "1 − cosine")):
@@ -90,13 +108,75 @@ def plot_report(report: Report, path: Path) -> Path:
     fig.suptitle(f"{report.backend} vs {report.reference} ({report.precision}): {verdict}{where}", fontsize=11)
     if layer_checks:
         ticks = sorted({c.layer for c in layer_checks})
-        kinds = {"M": "mamba", "*": "attn", "-": "mlp"}
+        kinds = {"M": "mamba", "*": "attn", "-": "mlp", "E": "moe"}
         labels = [f"{i}\n{kinds.get(report.pattern[i], '')}" if i < len(report.pattern) else str(i) for i in ticks]
         ax2.set_xticks(ticks, labels)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+_KIND_COLORS = {"mamba": "tab:blue", "attention": "tab:orange", "mlp": "tab:green", "moe": "tab:purple"}
+
+
+def plot_sensitivity(sens: Sensitivity, path: Path) -> Path:
+    """FP8 sensitivity: 1 − cosine of the logits with only that layer quantized, one bar per
+    quantized linear in layer order, coloured by kind (log scale). Bars of the layers the
+    suggested ``--exclude`` flags keep unquantized are outlined red; the dashed line is the
+    whole-model target, the dotted one the all-quantized error."""
+    plt = _pyplot()
+    layers = sorted(sens.layers, key=lambda s: (s.layer if s.layer is not None else 1 << 30, s.node))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.32 * len(layers) + 2), 4.8))
+    x = list(range(len(layers)))
+    heights = [max(s.error, _FLOOR) if s.comparison.finite else 1.0 for s in layers]
+    colors = [_KIND_COLORS.get(s.kind, "tab:gray") for s in layers]
+    excluded = set(sens.exclude)
+    ax.bar(x, heights, color=colors, edgecolor=["red" if s.node in excluded else "none" for s in layers], linewidth=2)
+    from matplotlib.patches import Patch
+
+    ax.axhline(1 - sens.target_cosine, color="gray", linestyle="--", label=f"target: whole model 1 − cos = {1 - sens.target_cosine:.0e}")
+    if sens.full.finite:
+        ax.axhline(max(1 - sens.full.cosine, _FLOOR), color="black", linestyle=":", label=f"all quantized: {1 - sens.full.cosine:.1e}")
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Patch(color=c, label=k) for k, c in _KIND_COLORS.items() if any(s.kind == k for s in layers)]
+    ax.set_yscale("log")
+    ax.set_ylabel("1 − cosine of logits (only this layer FP8)")
+    ax.set_xticks(x, [s.label for s in layers], rotation=60, ha="right", fontsize=8)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(handles=handles, fontsize=8, loc="upper right")
+    title = f"FP8 sensitivity per linear layer — {len(sens.exclude)} excluded (red) reach cosine ≥ {sens.target_cosine:g}"
+    if sens.reached is None:
+        title = f"FP8 sensitivity per linear layer — cosine {sens.target_cosine:g} is out of reach"
+    ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _sensitivity_html(sens: Sensitivity, img: str) -> str:
+    rows = "".join(
+        f"<tr{' class=bad' if s.node in sens.exclude else ''}><td>{i + 1}</td><td>{html.escape(s.label)}</td><td>{html.escape(s.kind)}</td>"
+        f"<td>{s.error:.2e}</td><td>{s.comparison.rel_l2:.2e}</td><td>{'' if s.comparison.top1 is None else f'{s.comparison.top1:.2f}'}</td></tr>"
+        for i, s in enumerate(sens.layers)
+    )
+    kinds = "".join(
+        f"<tr><td>{html.escape(r['kind'])}</td><td>{html.escape(r['projection'])}</td><td>{r['count']}</td><td>{r['worst']:.2e}</td><td>{r['median']:.2e}</td></tr>"
+        for r in sens.by_kind()
+    )
+    verdict = (
+        f"out of reach (nothing quantized: cosine {sens.none.cosine:.6f})" if sens.reached is None
+        else f"cosine {sens.reached.cosine:.6f} with {len(sens.exclude)} layer(s) excluded"
+    )
+    return f"""<h2>FP8 sensitivity</h2>
+<p>Logits with only one linear layer quantized, against the fp32 reference. All quantized: cosine {sens.full.cosine:.6f};
+target {sens.target_cosine:g}: {html.escape(verdict)}.</p>
+<pre>{html.escape(sens.command)}</pre>
+<img alt="FP8 sensitivity" src="data:image/png;base64,{img}">
+<table><tr><th>kind</th><th>projection</th><th>layers</th><th>worst 1 − cos</th><th>median 1 − cos</th></tr>{kinds}</table>
+<table><tr><th>#</th><th>layer</th><th>kind</th><th>1 − cos</th><th>rel L2</th><th>top-1</th></tr>{rows}</table>
+"""
 
 
 def _rows_html(report: Report) -> str:
@@ -113,13 +193,19 @@ def _rows_html(report: Report) -> str:
 
 
 def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.json``, ``errors.png`` and ``report.html`` into ``out_dir``."""
+    """Write ``report.json``, ``errors.png`` (+ ``sensitivity.png``) and ``report.html`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "png": out / "errors.png", "html": out / "report.html"}
     paths["json"].write_text(json.dumps(report.to_dict(), indent=2, default=float) + "\n")
     plot_report(report, paths["png"])
     img = base64.b64encode(paths["png"].read_bytes()).decode()
+    extra = ""
+    sens = report.extras.get("sensitivity")
+    if sens is not None:
+        paths["sensitivity_png"] = plot_sensitivity(sens, out / "sensitivity.png")
+        extra = _sensitivity_html(sens, base64.b64encode(paths["sensitivity_png"].read_bytes()).decode())
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.notes)
     verdict = "PASS" if report.passed else "FAIL"
     summary = [
         ("verdict", verdict),
@@ -130,6 +216,7 @@ def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
         ("greedy token agreement", f"{report.token_agreement:.3f}" if report.token_agreement is not None else "—"),
         ("teacher-forced top-1", f"{report.teacher_forced_top1:.3f}" if report.teacher_forced_top1 is not None else "—"),
         ("first divergence", json.dumps(report.first_divergence) if report.first_divergence else "none"),
+        ("MoE routing agreement", ", ".join(f"layer {i}: {a:.3f}" for i, a in report.routing_agreement.items()) or "—"),
         ("time reference / backend", f"{report.timings.get('reference_s', 0):.2f} s / {report.timings.get('backend_s', 0):.2f} s"),
     ]
     summary_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary)
@@ -146,7 +233,9 @@ img {{ max-width: 100%; border: 1px solid #ddd; }}
 </style></head><body>
 <h1>hybridtrt validation: <span class="{verdict}">{verdict}</span></h1>
 <table>{summary_html}</table>
+{f"<ul>{notes}</ul>" if notes else ""}
 <img alt="per-layer errors" src="data:image/png;base64,{img}">
+{extra}
 <h2>All comparisons</h2>
 <table><tr><th>phase</th><th>step</th><th>layer</th><th>tensor</th><th>rel L2</th><th>cosine</th><th>max abs</th><th>top-1</th><th>gate</th></tr>
 {_rows_html(report)}

@@ -3,7 +3,7 @@ per-layer outputs. One adapter per kind of model; all speak numpy/torch by our s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -20,17 +20,19 @@ class Subject:
         stepper: Runs calls.
         named_states: state -> ``{present_name: array}``.
         layer_outputs: ``(ids, mask) -> {"layer_output.{i}": [B, L, hidden]}`` from zero state, or
-            None when the subject cannot expose them.
+            None when the subject cannot expose them. May cover only some layers.
+        layer_notes: Why some (or all) layer outputs are not exposed, one line each.
     """
 
     name: str
     stepper: Stepper
     named_states: Callable[[Any], dict[str, Any]]
     layer_outputs: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]] | None = None
+    layer_notes: list[str] = field(default_factory=list)
 
 
-def torch_subject(model: Any, state_dtype: torch.dtype = torch.float32) -> Subject:
-    """The PyTorch reference (oracle #1)."""
+def torch_subject(model: Any, state_dtype: torch.dtype = torch.float32, name: str = "pytorch") -> Subject:
+    """The PyTorch reference (oracle #1), in the model's dtype with ``state_dtype`` SSM states."""
     stepper = TorchStepper(model, state_dtype)
 
     @torch.no_grad()
@@ -38,24 +40,35 @@ def torch_subject(model: Any, state_dtype: torch.dtype = torch.float32) -> Subje
         out = model(ids, mask, model.new_cache(ids.shape[0], state_dtype), logits="last", scan_mode="scan", output_hidden_states=True)
         return {f"layer_output.{i}": h for i, h in enumerate(out.hidden_states)}
 
-    return Subject("pytorch", stepper, lambda cache: cache.named_states(), layers)
+    return Subject(name, stepper, lambda cache: cache.named_states(), layers)
 
 
 def ort_subject(ort_model: Any) -> Subject:
-    """An export directory on ONNX Runtime."""
-    plan = ort_model.plan
-    has_layers = bool(ort_model.manifest.per_layer_outputs)
+    """An export directory on ONNX Runtime. Per-layer outputs come from the export's own graph
+    outputs (``--per-layer`` exports) or from a temporary copy that exposes the located tensors."""
+    from hybridtrt.validation.layers import exposed_session, layer_taps
+
+    taps = layer_taps(ort_model.export_dir, ort_model.manifest)
+    sessions: list[Any] = []  # built on first use: plain validation never pays for it
 
     def layers(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
-        out = ort_model.run(ids, mask, plan.zeros(ids.shape[0]))
-        return {k: v for k, v in out.items() if k.startswith("layer_output.")}
+        if not sessions:
+            sessions.append(exposed_session(taps))
+        out = ort_model.run(ids, mask, ort_model.plan.zeros(ids.shape[0]), session=sessions[0])
+        return {name: out[tensor] for name, tensor in taps.tensors.items()}
 
-    return Subject("onnxruntime", ort_model, ort_model.named_states, layers if has_layers else None)
+    return Subject("onnxruntime", ort_model, ort_model.named_states, layers if taps.tensors else None, taps.notes())
 
 
 def engine_subject(trt_model: Any) -> Subject:
-    """A TensorRT engine (needs TensorRT and a GPU)."""
-    return Subject("tensorrt", trt_model, trt_model.named_states, None)
+    """A TensorRT engine (needs TensorRT and a GPU). An engine has only its graph outputs, so
+    per-layer validation compares its states; layer outputs go through polygraphy (see notes)."""
+    note = (
+        "a built engine exposes no layer outputs; for per-layer TensorRT results run the "
+        "`polygraphy run … --trt --onnx-outputs …` command that `hybridtrt compare OUT --per-layer` "
+        "prints and check them with `hybridtrt validate OUT --load-outputs`"
+    )
+    return Subject("tensorrt", trt_model, trt_model.named_states, None, [note])
 
 
 def hf_subject(hf_model: Any, layer_types: str) -> Subject:

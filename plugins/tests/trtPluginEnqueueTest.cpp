@@ -1,10 +1,12 @@
 /*
  * enqueue() of both TensorRT plugins against direct C ABI calls, on the CPU: built by
  * tests/plugins/test_trt_plugins.py together with the CPU emulation of the kernels
- * (-DHYBRIDTRT_CPU_EMULATION), so it runs without a GPU or libnvinfer. The emulation is deterministic,
+ * (-DHYBRIDTRT_CPU_EMULATION), against the stub headers (and TensorRT's own with TENSORRT_ROOT), so it
+ * runs without a GPU or libnvinfer. The emulation is deterministic,
  * so the plugin path must reproduce the direct call bit for bit. Covers the argument plumbing
- * (dims -> shapes, TensorRT dtypes -> kernel dtypes), the L == 1 dispatch of Mamba2ChunkScan to the
- * update kernel, the workspace alignment inside enqueue, and in-place Mamba2StateUpdate.
+ * (dims -> shapes, TensorRT dtypes -> kernel dtypes, the chunk_size attribute), the L == 1 dispatch of
+ * Mamba2ChunkScan to the update kernel, the workspace alignment inside enqueue, onShapeChange's layout
+ * check, and Mamba2StateUpdate with new_state == state (the kernel is in-place safe).
  * Exit code = number of failed checks.
  */
 #include "NvInferRuntime.h"
@@ -17,7 +19,7 @@
 
 using namespace nvinfer1;
 
-extern "C" IPluginCreatorInterface* const* hybridtrtGetAllCreators(int32_t& nbCreators);
+extern "C" IPluginCreatorInterface* const* getCreators(int32_t& nbCreators);
 
 namespace
 {
@@ -39,7 +41,7 @@ void check(bool ok, char const* what)
 IPluginV3* create(char const* name, int32_t chunkSize)
 {
     int32_t n = 0;
-    IPluginCreatorInterface* const* creators = hybridtrtGetAllCreators(n);
+    IPluginCreatorInterface* const* creators = getCreators(n);
     for (int32_t i = 0; i < n; ++i)
     {
         auto* c = static_cast<IPluginCreatorV3One*>(creators[i]);
@@ -79,7 +81,7 @@ PluginTensorDesc desc(std::vector<int64_t> const& d)
     return t;
 }
 
-void testChunkScan(int64_t L)
+void testChunkScan(int64_t L, int32_t chunkSize)
 {
     int64_t const b = 2, h = 4, p = 32, g = 2, n = 16;
     auto x = values(b * L * h * p, 1, -1.F, 1.F);
@@ -91,7 +93,7 @@ void testChunkScan(int64_t L)
     auto s0 = values(b * h * p * n, 7, -1.F, 1.F);
     std::vector<float> y(x.size()), fin(s0.size()), yRef(x.size()), finRef(s0.size());
 
-    IPluginV3* plugin = create("Mamba2ChunkScan", 128);
+    IPluginV3* plugin = create("Mamba2ChunkScan", chunkSize);
     auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
     auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
     std::vector<PluginTensorDesc> in{desc({b, L, h, p}), desc({b, L, h}), desc({h}), desc({b, L, g, n}),
@@ -111,6 +113,9 @@ void testChunkScan(int64_t L)
     void const* inputs[7] = {x.data(), dt.data(), A.data(), B.data(), C.data(), D.data(), s0.data()};
     void* outputs[2] = {y.data(), fin.data()};
     check(runtime->onShapeChange(in.data(), 7, out.data(), 2) == 0, "scan onShapeChange");
+    std::vector<PluginTensorDesc> badIn = in;
+    badIn[1].dims.d[1] = L + 1; // dt longer than x
+    check(runtime->onShapeChange(badIn.data(), 7, out.data(), 2) != 0, "onShapeChange refuses dt length != x length");
     check(runtime->enqueue(in.data(), out.data(), inputs, outputs, misaligned, nullptr) == 0, "scan enqueue");
 
     int32_t status = 0;
@@ -122,11 +127,11 @@ void testChunkScan(int64_t L)
     else
     {
         size_t bytes = 0;
-        hybridtrtMamba2ChunkScanWorkspaceSize(b, L, h, p, g, n, 0, 0, 0, &bytes);
+        hybridtrtMamba2ChunkScanWorkspaceSize(b, L, h, p, g, n, chunkSize, 0, 0, 0, &bytes);
         std::vector<unsigned char> ref(bytes + 256);
         void* aligned = ref.data() + (256 - reinterpret_cast<uintptr_t>(ref.data()) % 256) % 256;
         status = hybridtrtMamba2ChunkScan(x.data(), dt.data(), A.data(), B.data(), C.data(), D.data(), s0.data(),
-            yRef.data(), finRef.data(), b, L, h, p, g, n, 0, 0, 0, aligned, bytes, nullptr);
+            yRef.data(), finRef.data(), b, L, h, p, g, n, chunkSize, 0, 0, 0, aligned, bytes, nullptr);
     }
     check(status == 0, "direct C ABI call");
     check(std::memcmp(y.data(), yRef.data(), y.size() * 4) == 0, L == 1 ? "scan L=1 y == update kernel y"
@@ -159,7 +164,7 @@ void testStateUpdateInPlace()
         desc({h}), desc({b, h, p, n})};
     std::vector<PluginTensorDesc> out{desc({b, h, p}), desc({b, h, p, n})};
     void const* inputs[7] = {x.data(), dt.data(), A.data(), B.data(), C.data(), D.data(), state.data()};
-    void* outputs[2] = {y.data(), state.data()}; // new_state aliases state, as with getAliasedInput
+    void* outputs[2] = {y.data(), state.data()}; // new_state == state: the kernel updates in place
     check(runtime->enqueue(in.data(), out.data(), inputs, outputs, nullptr, nullptr) == 0, "update enqueue");
     check(std::memcmp(y.data(), yRef.data(), y.size() * 4) == 0, "update y == direct call");
     check(std::memcmp(state.data(), stateOut.data(), state.size() * 4) == 0, "in-place state == direct call");
@@ -169,8 +174,10 @@ void testStateUpdateInPlace()
 
 int main()
 {
-    testChunkScan(1);
-    testChunkScan(70);
+    testChunkScan(1, 128);
+    testChunkScan(70, 128);
+    testChunkScan(300, 128); // three chunks of 128, the last partial
+    testChunkScan(300, 8);   // chunk_size 8 runs as 64-token chunks
     testStateUpdateInPlace();
     std::printf("enqueue test: %d failures\n", gFailures);
     return gFailures;

@@ -1,8 +1,10 @@
 /*
  * Host-only self test of libhybridtrt_trt.so: exercises the creators and the build/runtime interfaces that
  * need neither a GPU nor libnvinfer (names, fields, serialization round trip, output types, format
- * support, shape validation, workspace size, aliasing). Built with the plugins (TENSORRT_ROOT set);
- * run by tests/plugins/test_trt_plugins.py. Prints one line per failed check; exit code = failures.
+ * support, shape validation incl. batch / L agreement, workspace size, no aliasing). Built by
+ * tests/plugins/test_trt_plugins.py against the stub headers (plugins/tests/trtStub) and, with
+ * TENSORRT_ROOT, against TensorRT's own; CMake also builds it with the plugins. Prints one line per
+ * failed check; exit code = failures.
  */
 #include "NvInferRuntime.h"
 #include "hybridtrt/ssdKernels.h"
@@ -105,6 +107,14 @@ void testChunkScan()
     }
     PluginFieldCollection const* names = creator->getFieldNames();
     check(names->nbFields == 1 && std::strcmp(names->fields[0].name, "chunk_size") == 0, "field chunk_size");
+    // The ONNX parser passes only the fields getFieldNames lists, INT attributes as kINT32 (loadFields).
+    check(names->nbFields == 1 && names->fields[0].type == PluginFieldType::kINT32, "chunk_size declared kINT32");
+    int32_t chunk32 = 256;
+    PluginField parserField("chunk_size", &chunk32, PluginFieldType::kINT32, 1);
+    PluginFieldCollection parserFc{1, &parserField};
+    IPluginV3* fromParser = creator->createPlugin("scan", &parserFc, TensorRTPhase::kBUILD);
+    check(fromParser != nullptr, "createPlugin(chunk_size=256 kINT32, as the ONNX parser passes it)");
+    delete fromParser;
 
     // The ONNX parser hands attributes over as fields; int64 or int32, plus the namespace/version strings.
     int64_t chunk64 = 128;
@@ -162,9 +172,18 @@ void testChunkScan()
     auto dyn = io;
     dyn[0].desc.dims.d[1] = -1; // dynamic L passes
     check(build->configurePlugin(dyn.data(), 7, dyn.data() + 7, 2) == 0, "configure dynamic L");
+    auto batchMismatch = io;
+    batchMismatch[1].desc.dims.d[0] = 3; // dt batch 3, x batch 2
+    check(build->configurePlugin(batchMismatch.data(), 7, batchMismatch.data() + 7, 2) != 0, "dt batch != x batch refused");
+    auto lengthMismatch = io;
+    lengthMismatch[3].desc.dims.d[1] = 299; // B has L 299, x 300
+    check(build->configurePlugin(lengthMismatch.data(), 7, lengthMismatch.data() + 7, 2) != 0, "B length != x length refused");
+    auto stateBatch = io;
+    stateBatch[6].desc.dims.d[0] = 1;
+    check(build->configurePlugin(stateBatch.data(), 7, stateBatch.data() + 7, 2) != 0, "state batch != x batch refused");
 
     size_t expected = 0;
-    hybridtrtMamba2ChunkScanWorkspaceSize(2, 300, 16, 80, 2, 128, kHYBRIDTRT_FLOAT16, kHYBRIDTRT_FLOAT16,
+    hybridtrtMamba2ChunkScanWorkspaceSize(2, 300, 16, 80, 2, 128, 128, kHYBRIDTRT_FLOAT16, kHYBRIDTRT_FLOAT16,
         kHYBRIDTRT_FLOAT32, &expected);
     check(expected > 0 && build->getWorkspaceSize(io.data(), 7, io.data() + 7, 2) == expected + 256,
         "workspace size = C ABI query at the profile max + 256 bytes of alignment slack");
@@ -218,10 +237,10 @@ void testStateUpdate()
     }
     IPluginCapability* buildCap = plugin->getCapabilityInterface(PluginCapabilityType::kBUILD);
     InterfaceInfo const info = buildCap->getInterfaceInfo();
-    check(std::strcmp(info.kind, "PLUGIN_V3ONE_BUILD") == 0 && info.major == 2, "build interface is V2 (aliasing)");
-    auto* build = static_cast<IPluginV3OneBuildV2*>(buildCap);
-    check(build->getAliasedInput(1) == 6, "new_state aliases state");
-    check(build->getAliasedInput(0) == -1, "y aliases nothing");
+    // Version 1 of the build capability: no getAliasedInput, so new_state never aliases the state input and
+    // the runtimes' separate past / present buffers are what TensorRT binds (DESIGN.md §5, aliasing).
+    check(std::strcmp(info.kind, "PLUGIN_V3ONE_BUILD") == 0 && info.major == 1, "build interface is V1 (no aliasing)");
+    auto* build = static_cast<IPluginV3OneBuild*>(buildCap);
     check(build->getWorkspaceSize(nullptr, 0, nullptr, 0) == 0, "no workspace");
 
     std::vector<DynamicPluginTensorDesc> io{desc({4, 16, 64}, DataType::kBF16), desc({4, 16}, DataType::kFLOAT),
@@ -239,6 +258,9 @@ void testStateUpdate()
     wrong = io;
     wrong[6].desc.dims.d[2] = 32; // state P disagrees with x
     check(build->configurePlugin(wrong.data(), 7, wrong.data() + 7, 2) != 0, "inconsistent state shape refused");
+    wrong = io;
+    wrong[3].desc.dims.d[0] = 5; // B batch disagrees with x
+    check(build->configurePlugin(wrong.data(), 7, wrong.data() + 7, 2) != 0, "B batch != x batch refused");
     DataType in[7] = {DataType::kBF16, DataType::kFLOAT, DataType::kFLOAT, DataType::kBF16, DataType::kBF16,
         DataType::kFLOAT, DataType::kHALF};
     DataType out[2] = {};

@@ -11,9 +11,11 @@
  *            6 initial_state  [B, H, P, N]  fp32 | fp16 | bf16 (the state dtype)
  *   outputs  0 y              [B, L, H, P]  activation dtype
  *            1 final_state    [B, H, P, N]  state dtype
- *   attrs    chunk_size (int, >= 1; serialized; the kernels' own 64-token tile computes the same math),
- *            plugin_namespace = "hybridtrt", plugin_version = "1" (read by the ONNX parser)
- *   limits   P a multiple of 16, N in {16, 64, 128}, H % G == 0, any L >= 1; all tensors kLINEAR.
+ *   attrs    chunk_size (int, >= 1; serialized): the kernels' chunk, rounded up to a multiple of 64 and capped at
+ *            256 (hybridtrtMamba2ChunkScanChunkLength); plugin_namespace = "hybridtrt", plugin_version = "1"
+ *            (read by the ONNX parser, which hands chunk_size over as a kINT32 field)
+ *   limits   P a multiple of 16, N in {16, 64, 128}, H % G == 0, any L >= 1; batch and L agree across x, dt,
+ *            B, C; all tensors kLINEAR. No output aliases an input.
  *   L == 1 is dispatched to the one-token update kernel (no workspace used).
  *
  *   s_t = exp(dt_t A) s_{t-1} + dt_t (x_t outer B_t),   y_t = s_t . C_t + D x_t,   head h uses group h / (H/G)
@@ -47,6 +49,9 @@ public:
     static constexpr int32_t kOUT_Y = 0;
     static constexpr int32_t kOUT_STATE = 1;
     static constexpr int32_t kNB_OUTPUTS = 2;
+    static_assert(kIN_X == kSSD_X && kIN_DT == kSSD_DT && kIN_A == kSSD_A && kIN_B == kSSD_B && kIN_C == kSSD_C
+            && kIN_D == kSSD_D && kIN_INITIAL_STATE == kSSD_STATE && kNB_INPUTS == kSSD_NB_INPUTS,
+        "input order of the shared layout check");
 
     explicit Mamba2ChunkScanPlugin(int32_t chunkSize);
     ~Mamba2ChunkScanPlugin() override = default;

@@ -18,7 +18,7 @@ IPluginCapability* Mamba2StateUpdatePlugin::getCapabilityInterface(PluginCapabil
     switch (type)
     {
     case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
-    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuildV2*>(this);
+    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
     case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
     }
     return nullptr;
@@ -49,11 +49,6 @@ int32_t Mamba2StateUpdatePlugin::getNbOutputs() const noexcept
     return kNB_OUTPUTS;
 }
 
-int32_t Mamba2StateUpdatePlugin::getAliasedInput(int32_t outputIndex) noexcept
-{
-    return outputIndex == kOUT_STATE ? kIN_STATE : -1;
-}
-
 int32_t Mamba2StateUpdatePlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
     DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
 {
@@ -62,46 +57,7 @@ int32_t Mamba2StateUpdatePlugin::configurePlugin(DynamicPluginTensorDesc const* 
         logError("Mamba2StateUpdate: expects 7 inputs and 2 outputs");
         return 1;
     }
-    Dims const& x = in[kIN_X].desc.dims;
-    Dims const& dt = in[kIN_DT].desc.dims;
-    Dims const& b = in[kIN_B].desc.dims;
-    Dims const& c = in[kIN_C].desc.dims;
-    Dims const& s = in[kIN_STATE].desc.dims;
-    if (x.nbDims != 3 || dt.nbDims != 2 || in[kIN_A].desc.dims.nbDims != 1 || b.nbDims != 3 || c.nbDims != 3
-        || in[kIN_D].desc.dims.nbDims != 1 || s.nbDims != 4)
-    {
-        logError("Mamba2StateUpdate: expected ranks x 3, dt 2, A 1, B 3, C 3, D 1, state 4");
-        return 1;
-    }
-    int64_t const heads = x.d[1];
-    int64_t const headDim = x.d[2];
-    int64_t const groups = b.d[1];
-    int64_t const dState = b.d[2];
-    bool const ok = dimIs(dt.d[1], heads) && dimIs(in[kIN_A].desc.dims.d[0], heads)
-        && dimIs(in[kIN_D].desc.dims.d[0], heads) && dimIs(c.d[1], groups) && dimIs(c.d[2], dState)
-        && dimIs(s.d[1], heads) && dimIs(s.d[2], headDim) && dimIs(s.d[3], dState);
-    if (!ok)
-    {
-        logError("Mamba2StateUpdate: inconsistent shapes (x [B,H,P], dt [B,H], B/C [B,G,N], state [B,H,P,N])");
-        return 1;
-    }
-    if (headDim >= 0 && (headDim < 16 || headDim % 16 != 0))
-    {
-        logError("Mamba2StateUpdate: head_dim " + std::to_string(headDim) + " is not a multiple of 16");
-        return 1;
-    }
-    if (dState >= 0 && dState != 16 && dState != 64 && dState != 128)
-    {
-        logError("Mamba2StateUpdate: d_state " + std::to_string(dState) + " is not 16, 64 or 128");
-        return 1;
-    }
-    if (heads > 0 && groups > 0 && heads % groups != 0)
-    {
-        logError("Mamba2StateUpdate: heads " + std::to_string(heads) + " not a multiple of groups "
-            + std::to_string(groups));
-        return 1;
-    }
-    return 0;
+    return reportLayout(kNAME, checkSsdLayout(in, /*hasSeq=*/false));
 }
 
 int32_t Mamba2StateUpdatePlugin::getOutputDataTypes(
@@ -170,6 +126,10 @@ int32_t Mamba2StateUpdatePlugin::onShapeChange(
     {
         return 1;
     }
+    if (reportLayout(kNAME, checkSsdLayout(in, /*hasSeq=*/false)) != 0)
+    {
+        return 1;
+    }
     Dims const& x = in[kIN_X].dims;
     Dims const& b = in[kIN_B].dims;
     size_t bytes = 0;
@@ -183,7 +143,6 @@ int32_t Mamba2StateUpdatePlugin::enqueue(PluginTensorDesc const* inputDesc, Plug
 {
     Dims const& x = inputDesc[kIN_X].dims;
     Dims const& b = inputDesc[kIN_B].dims;
-    // outputs[kOUT_STATE] == inputs[kIN_STATE] when TensorRT honours the alias: the kernel is in-place safe.
     return reportStatus(kNAME,
         hybridtrtMamba2StateUpdate(inputs[kIN_X], inputs[kIN_DT], static_cast<float const*>(inputs[kIN_A]),
             inputs[kIN_B], inputs[kIN_C], static_cast<float const*>(inputs[kIN_D]), inputs[kIN_STATE],

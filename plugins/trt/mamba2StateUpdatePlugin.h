@@ -10,11 +10,15 @@
  *            5 D          [H]           fp32
  *            6 state      [B, H, P, N]  fp32 | fp16 | bf16 (the state dtype)
  *   outputs  0 y          [B, H, P]     activation dtype
- *            1 new_state  [B, H, P, N]  state dtype; aliases input 6 (IPluginV3OneBuildV2::getAliasedInput)
- *                                       when the builder enables PreviewFeature::kALIASED_PLUGIN_IO_10_03:
- *                                       the state is then updated in place, read once and written once.
+ *            1 new_state  [B, H, P, N]  state dtype. Not declared aliased to input 6: plugin I/O aliasing
+ *                                       (PreviewFeature::kALIASED_PLUGIN_IO_10_03) lets TensorRT insert a copy
+ *                                       of a network-input state instead of binding one buffer, so the runtimes
+ *                                       bind past and present states to separate buffers (ping-pong) and the
+ *                                       kernel reads the state once and writes it once. The kernel itself is
+ *                                       in-place safe (the C ABI accepts stateOut == stateIn).
  *   attrs    plugin_namespace = "hybridtrt", plugin_version = "1" (read by the ONNX parser)
- *   limits   P a multiple of 16, N in {16, 64, 128}, H % G == 0; all tensors kLINEAR; no workspace.
+ *   limits   P a multiple of 16, N in {16, 64, 128}, H % G == 0; batch agrees across x, dt, B, C, state; all
+ *            tensors kLINEAR; no workspace.
  *
  *   s = exp(dt A) s + dt (x outer B),   y = s . C + D x,   head h uses group h / (H/G)
  */
@@ -31,7 +35,7 @@ namespace plugin
 
 class Mamba2StateUpdatePlugin : public nvinfer1::IPluginV3,
                                 public nvinfer1::IPluginV3OneCore,
-                                public nvinfer1::IPluginV3OneBuildV2,
+                                public nvinfer1::IPluginV3OneBuild,
                                 public nvinfer1::IPluginV3OneRuntime
 {
 public:
@@ -47,6 +51,9 @@ public:
     static constexpr int32_t kOUT_Y = 0;
     static constexpr int32_t kOUT_STATE = 1;
     static constexpr int32_t kNB_OUTPUTS = 2;
+    static_assert(kIN_X == kSSD_X && kIN_DT == kSSD_DT && kIN_A == kSSD_A && kIN_B == kSSD_B && kIN_C == kSSD_C
+            && kIN_D == kSSD_D && kIN_STATE == kSSD_STATE && kNB_INPUTS == kSSD_NB_INPUTS,
+        "input order of the shared layout check");
 
     Mamba2StateUpdatePlugin() = default;
     ~Mamba2StateUpdatePlugin() override = default;
@@ -60,7 +67,7 @@ public:
     char const* getPluginVersion() const noexcept override;
     char const* getPluginNamespace() const noexcept override;
 
-    // IPluginV3OneBuildV2
+    // IPluginV3OneBuild
     int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
     int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
@@ -73,7 +80,6 @@ public:
     int32_t getNbOutputs() const noexcept override;
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
-    int32_t getAliasedInput(int32_t outputIndex) noexcept override;
 
     // IPluginV3OneRuntime
     int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,

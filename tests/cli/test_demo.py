@@ -8,7 +8,7 @@ from hybridtrt.cli.main import main
 
 
 def test_demo_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--workdir", str(tmp_path)]) == 0
+    assert main(["demo", "-o", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "hybridtrt demo" in out and "PASS" in out and "polygraphy run" in out
     report = json.loads((tmp_path / "report" / "report.json").read_text())

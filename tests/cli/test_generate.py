@@ -86,3 +86,22 @@ def test_engine_with_sidecar_without_tensorrt(exported, tmp_path, capsys):
     write_sidecar(sidecar, engine)
     rc, _, err = _run(capsys, engine, "--prompt", "Hi")
     assert rc == 2 and "TensorRT" in err and "fix:" in err
+
+
+def test_snapshot_files_continue_a_prompt(exported, tmp_path, capsys):
+    """--save-snapshot FILE then --snapshot FILE gives the text of the whole prompt at once, also
+    across runtimes (snapshot on the reference, continued on ONNX Runtime); chunks change nothing."""
+    ckpt, out = exported
+    gen = ("--max-new-tokens", "5", "--ignore-eos")
+    rc, whole, err = _run(capsys, out, "--ids", "5 6 7 8 9 10 11", *gen, "--prefill-chunk", "3")
+    assert rc == 0, err
+    rc, saved, err = _run(capsys, ckpt, "--ids", "5 6 7 8", "--save-snapshot", tmp_path / "p.safetensors")
+    assert rc == 0 and "snapshot of 4 positions" in saved, err
+    rc, resumed, err = _run(capsys, out, "--ids", "9 10 11", "--snapshot", tmp_path / "p.safetensors", *gen)
+    assert rc == 0, err
+    assert resumed.splitlines()[0] == whole.splitlines()[0]
+
+
+def test_out_of_vocabulary_ids_exit_2(exported, capsys):
+    rc, _, err = _run(capsys, exported[1], "--ids", "5 -3 7")
+    assert rc == 2 and "token id -3 is outside" in err

@@ -75,3 +75,60 @@ def test_cli_bad_limits_exit_2(export_dir, tmp_path, capsys):
     rc = main(["build", str(export_dir), "-o", str(tmp_path / "m.engine"), "--max-input-len", "100", "--max-cache-len", "10"])
     assert rc == 2
     assert "max-cache-len" in capsys.readouterr().err
+
+
+# -- --check-tensorrt: the version gates and the emulated parser, without TensorRT ---------------------------
+
+
+@pytest.fixture
+def no_built_plugins(monkeypatch, tmp_path):
+    """Hide any libhybridtrt_trt.so built in the checkout, so that the default is "no plugin library"."""
+    import hybridtrt.plugins as plugins
+
+    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(tmp_path / "none"))
+    monkeypatch.setattr(plugins, "default_build_dir", lambda: tmp_path / "none")
+
+
+@pytest.fixture
+def lib(tmp_path, no_built_plugins):
+    path = tmp_path / "libhybridtrt_trt.so"
+    path.write_bytes(b"plugin")
+    return path
+
+
+def test_check_tensorrt_11_with_plugins(export_dir, tmp_path, capsys, lib):
+    assert main(["build", str(export_dir), "--plugins", str(lib), "--check-tensorrt", "11.1"]) == 0
+    out = capsys.readouterr().out
+    assert "hybridtrt::Mamba2ChunkScan" in out and "│ plugin " in out and "plugins registered" in out
+    assert "would build model.onnx as asked" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["libhybridtrt_trt.so"]  # a check writes nothing
+
+
+def test_check_tensorrt_10_6_refuses_plugins(export_dir, capsys, lib):
+    assert main(["build", str(export_dir), "--plugins", str(lib), "--check-tensorrt", "10.6.0"]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT 10.6.0" in err and "NVIDIA/TensorRT#4113" in err and "--allow-function-bodies" in err
+    assert main(["build", str(export_dir), "--plugins", str(lib), "--check-tensorrt", "10.6.0", "--allow-function-bodies"]) == 0
+    assert "local function" in capsys.readouterr().out
+
+
+def test_check_tensorrt_10_1_refuses_opset_22(export_dir, capsys, no_built_plugins):
+    assert main(["build", str(export_dir), "--check-tensorrt", "10.1", "--graph", "decode"]) == 2
+    assert "covers opsets up to 20" in capsys.readouterr().err
+
+
+def test_build_without_output_or_check_is_refused(export_dir, capsys):
+    assert main(["build", str(export_dir)]) == 2
+    assert "-o/--output" in capsys.readouterr().err
+
+
+def test_build_help_does_not_import_torch():
+    """`hybridtrt build --help` must stay light (issue 10: `hybridtrt --help` < 0.5 s)."""
+    code = (
+        "import argparse, sys\n"
+        "import hybridtrt.cli.build as b\n"
+        "p = argparse.ArgumentParser(); b.add_arguments(p); p.format_help()\n"
+        "print(sorted(m for m in ('torch', 'onnx', 'tensorrt') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert proc.stdout.strip() == "[]"

@@ -43,3 +43,76 @@ def test_cpp_reads_what_python_plans(make_export, sidecar_check, tmp_path, graph
     expected += [f"state {s.past_name} {s.present_name} {plan.state_bytes(s)}" for s in plan.states]
     expected += ["plugins none"]
     assert lines == expected
+
+
+# -- the runner's refusals (docs/deploying.md): TensorRT version and plugin sha256, same rules as Python ---------
+
+
+def _run(exe, *args):
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_cpp_sha256_matches_hashlib(sidecar_check, tmp_path):
+    import hashlib
+    import random
+
+    rng = random.Random(0)
+    for name, data in [("empty", b""), ("abc", b"abc"), ("block", b"x" * 64), ("big", rng.randbytes(3 * 2**20 + 17))]:
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert _run(sidecar_check, "--sha256", path).stdout.strip() == hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def plugin_sidecar(make_export, tmp_path):
+    out = make_export("tiny-nemotron-h", ExportOptions(split=True))[1]
+    manifest = read_manifest(out)
+    lib = tmp_path / "libhybridtrt_trt.so"
+    lib.write_bytes(b"plugin v1")
+    profiles = engine_profiles(manifest, max_batch=1, max_input_len=8, max_cache_len=16)
+    sidecar = make_sidecar(manifest, out, profiles, tensorrt_version="11.1.0", gpu_name=None, compute_capability=None, plugin_library=lib, build_flags={})
+    return write_sidecar(sidecar, tmp_path / "model.engine"), lib, sidecar
+
+
+@pytest.mark.parametrize(
+    ("runtime", "ok"), [(110100, True), (110203, False), (110105, True), (100150, False), (120100, False)]
+)
+def test_cpp_refuses_another_tensorrt(sidecar_check, plugin_sidecar, runtime, ok):
+    path, lib, _ = plugin_sidecar
+    proc = _run(sidecar_check, path, "--runtime-version", runtime)
+    if ok:
+        assert proc.returncode == 0 and proc.stdout.strip() == f"check ok {lib.resolve()}"
+    else:
+        major, minor, patch = runtime // 10000, runtime // 100 % 100, runtime % 100
+        assert proc.returncode == 1
+        assert f"built with TensorRT 11.1.0, this is TensorRT {major}.{minor}.{patch}" in proc.stdout
+
+
+def test_cpp_refuses_a_changed_plugin_library_like_python(sidecar_check, plugin_sidecar, tmp_path):
+    from hybridtrt.engine.sidecar import check_plugin_library
+    from hybridtrt.errors import ArtefactError
+
+    path, lib, sidecar = plugin_sidecar
+    copy = tmp_path / "copy.so"
+    copy.write_bytes(lib.read_bytes())
+    assert _run(sidecar_check, path, "--runtime-version", 110100, "--plugins", copy).stdout.strip() == f"check ok {copy}"
+    assert check_plugin_library(sidecar, copy) == copy
+    lib.write_bytes(b"plugin v2")
+    proc = _run(sidecar_check, path, "--runtime-version", 110100)
+    assert proc.returncode == 1 and "has sha256" in proc.stdout and "rebuild the engine against this library" in proc.stdout
+    with pytest.raises(ArtefactError, match="sha256"):
+        check_plugin_library(sidecar)
+    lib.unlink()
+    proc = _run(sidecar_check, path, "--runtime-version", 110100)
+    assert proc.returncode == 1 and "cannot be read" in proc.stdout
+
+
+def test_cpp_refuses_plugins_for_an_engine_without_plugin_layers(sidecar_check, tmp_path, make_export):
+    out = make_export("tiny-nemotron-h", ExportOptions(split=True))[1]
+    manifest = read_manifest(out)
+    profiles = engine_profiles(manifest, max_batch=1, max_input_len=8, max_cache_len=16)
+    sidecar = make_sidecar(manifest, out, profiles, tensorrt_version="11.1.0", gpu_name=None, compute_capability=None, plugin_library=None, build_flags={})
+    path = write_sidecar(sidecar, tmp_path / "model.engine")
+    assert _run(sidecar_check, path, "--runtime-version", 110100).stdout.strip() == "check ok none"
+    proc = _run(sidecar_check, path, "--runtime-version", 110100, "--plugins", tmp_path / "x.so")
+    assert proc.returncode == 1 and "holds no plugin layer" in proc.stdout

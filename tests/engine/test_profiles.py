@@ -31,10 +31,10 @@ def test_unified_has_prefill_then_decode(manifest):
     assert [p.name for p in profiles] == ["prefill", "decode"]
     prefill, decode = profiles
     assert prefill.shapes["input_ids"] == ((1, 1), (1, 32), (4, 32))
-    assert prefill.shapes["attention_mask"] == ((1, 1), (1, 32), (4, 32))
-    # prefill: past = 0 → empty KV inputs
-    assert all(s[2] == 0 for s in prefill.shapes["past_key_values.1.key"])
-    assert prefill.shapes["past_key_values.1.key"][2] == (4, 2, 0, 16)
+    assert prefill.shapes["attention_mask"][:2] == ((1, 1), (1, 32))
+    # prefill: from empty KV inputs (min, opt) up to a chunk on S - L cached positions (max)
+    assert prefill.shapes["past_key_values.1.key"] == ((1, 2, 0, 16), (1, 2, 0, 16), (4, 2, 32, 16))
+    assert prefill.shapes["attention_mask"][2] == (4, 64)
     # decode: one token, past 0..S-1, mask past+1 up to S
     assert decode.shapes["input_ids"] == ((1, 1), (1, 1), (4, 1))
     assert decode.shapes["attention_mask"][2] == (4, 64)

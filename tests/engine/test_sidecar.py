@@ -50,7 +50,7 @@ def test_contents_without_plugins(export):
     assert s["sidecar_version"] == SIDECAR_VERSION
     assert s["tensorrt"] == "11.1.0"
     assert s["gpu"] == {"name": "NVIDIA H100", "compute_capability": "9.0"}
-    assert s["plugins"] == {"path": None, "sha256": None, "function_bodies": True}
+    assert s["plugins"] == {"path": None, "sha256": None, "custom_nodes": {}, "layers": {}, "function_bodies": True}
     assert s["source"]["export_dir"] == str(out.resolve())
     assert s["source"]["manifest_sha256"] == file_sha256(out / "hybridtrt.json")
     assert s["source"]["graph"] == "unified" and s["source"]["onnx"] == "model.onnx"
@@ -78,6 +78,33 @@ def test_plugin_library_hash(export, tmp_path):
     assert check_plugin_library(_sidecar(export)) is None
     with pytest.raises(ArtefactError, match="does not exist"):
         _sidecar(export, plugin=tmp_path / "missing.so")
+
+
+def test_plugins_report_the_parsed_network(export, tmp_path):
+    """With a network summary, the sidecar says what the network holds, not what was loaded."""
+    from hybridtrt.engine.network import NetworkPlugins
+
+    lib = tmp_path / "libhybridtrt_trt.so"
+    lib.write_bytes(b"plugins")
+    op = "hybridtrt::Mamba2ChunkScan"
+    full = _sidecar_with(export, lib, NetworkPlugins({op: 4}, {op: 4}))
+    assert full["plugins"]["layers"] == {op: 4} and full["plugins"]["custom_nodes"] == {op: 4}
+    assert full["plugins"]["function_bodies"] is False and check_plugin_library(full) == lib.resolve()
+    partial = _sidecar_with(export, lib, NetworkPlugins({op: 4}, {op: 3}))  # --allow-function-bodies
+    assert partial["plugins"]["function_bodies"] is True
+    assert check_plugin_library(partial) == lib.resolve()  # 3 plugin layers still need the library
+    bodies = _sidecar_with(export, None, NetworkPlugins({op: 4}, {op: 0}))
+    assert bodies["plugins"]["path"] is None and bodies["plugins"]["function_bodies"] is True
+    assert check_plugin_library(bodies) is None
+
+
+def _sidecar_with(export, plugin, network):
+    out, manifest = export
+    profiles = engine_profiles(manifest, max_batch=2, max_input_len=8, max_cache_len=16)
+    return make_sidecar(
+        manifest, out, profiles, tensorrt_version="11.1.0", gpu_name=None, compute_capability=None,
+        plugin_library=plugin, build_flags={}, network=network,
+    )  # fmt: skip
 
 
 def test_write_read_roundtrip(export, tmp_path):

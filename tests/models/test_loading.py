@@ -88,7 +88,7 @@ def test_shard_outside_checkpoint_is_refused(make_checkpoint, tmp_path):
     ("patch", "message"),
     [
         ({"hybrid_override_pattern": "M*Q-"}, "unknown block letter 'Q' at layer 2"),
-        ({"hybrid_override_pattern": "ME"}, "MoE block 'E' at layer 1"),
+        ({"hybrid_override_pattern": "ME"}, "config.json has no 'n_routed_experts'"),  # E needs the MoE fields
         ({"model_type": "llama"}, "model_type='llama' is not supported"),
         ({"n_groups": 3}, "not divisible by n_groups=3"),
         ({"mlp_hidden_act": "gelu"}, "mlp_hidden_act='gelu'"),

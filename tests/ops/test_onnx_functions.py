@@ -22,6 +22,7 @@ from hybridtrt.ops.onnx_functions import (
     attach_functions,
     chunk_scan_function,
     state_update_function,
+    _scoped,
 )
 
 #: Tolerances are data: fp32 max abs error relative to max(1, output scale); half cosine.
@@ -368,8 +369,17 @@ def test_attach_replaces_stub_in_place() -> None:
     model.functions.extend([stub, other, stub])
     attach_functions(model)
     assert [(f.domain, f.name) for f in model.functions] == [(DOMAIN, CHUNK_SCAN), ("other", "Keep")]
-    assert model.functions[0] == chunk_scan_function(18)
+    assert model.functions[0] == _scoped(chunk_scan_function(18))
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 18), (DOMAIN, DOMAIN_VERSION)]
+
+
+def test_attached_bodies_name_their_temporaries_apart_from_the_graph() -> None:
+    """TensorRT < 10.8 confuses function values with outer tensors of the same name."""
+    model = _build(CHUNK_SCAN)
+    function = model.functions[0]
+    formal = set(function.input) | set(function.output)
+    internal = {v for n in function.node for v in n.output if v not in formal}
+    assert internal and all(v.startswith(f"{CHUNK_SCAN}/") for v in internal)
 
 
 def test_attach_uses_model_opset() -> None:

@@ -5,6 +5,8 @@
   host-only self tests.
 - ``emulated_kernels``: the same kernel sources compiled for the CPU (``HYBRIDTRT_CPU_EMULATION``), a
   library with the same C ABI that runs the kernels on CPU threads.
+- ``trt_test_build``: the TensorRT plugin libraries compiled with g++ on the emulated kernels, against the
+  stub headers (always) and TensorRT's own (with ``$TENSORRT_ROOT``), plus the fake libnvinfer harness.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -60,8 +63,74 @@ def emulated_kernels(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-DHYBRIDTRT_CPU_EMULATION",
         f"-I{PLUGINS / 'kernels' / 'include'}", f"-I{PLUGINS / 'tests' / 'emulation'}", f"-I{include}",
         "-x", "c++", str(PLUGINS / "kernels" / "src" / "chunkScan.cu"), str(PLUGINS / "kernels" / "src" / "stateUpdate.cu"),
-        "-x", "none", str(PLUGINS / "kernels" / "src" / "abi.cpp"), "-o", str(out),
+        "-x", "none", str(PLUGINS / "kernels" / "src" / "abi.cpp"), str(PLUGINS / "tests" / "emulation" / "emulationHooks.cpp"),
+        "-o", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
+
+
+#: Header sets the TensorRT plugin sources compile against in the tests: the stub of the plugin ABI written for
+#: these tests (always; CI has no TensorRT) and TensorRT's own include/ when $TENSORRT_ROOT is set.
+HEADER_SETS = ["stub"] + (["tensorrt"] if os.environ.get("TENSORRT_ROOT") else [])
+
+
+@dataclass(frozen=True)
+class TrtTestBuild:
+    """The plugin libraries built with g++ on the CPU-emulated kernels, plus the fake libnvinfer and its harness.
+
+    Attributes:
+        headers: ``"stub"`` or ``"tensorrt"``.
+        include: The TensorRT include dir compiled against.
+        trt_library: ``libhybridtrt_trt.so`` (getCreators / setLoggerFinder only).
+        autoreg_library: ``libhybridtrt_trt_autoreg.so`` (registers at load).
+        fake_nvinfer: ``libnvinfer.so.11`` (plugins/tests/fakeNvinfer/fakeNvinfer.cpp).
+        harness: ``registryHarness`` executable.
+        flags: Compiler flags to build more test programs against these libraries.
+    """
+
+    headers: str
+    include: Path
+    trt_library: Path
+    autoreg_library: Path
+    fake_nvinfer: Path
+    harness: Path
+    flags: tuple[str, ...]
+
+
+def _compile(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, " ".join(cmd) + "\n" + proc.stderr[-6000:]
+
+
+@pytest.fixture(scope="session", params=HEADER_SETS)
+def trt_test_build(request, emulated_kernels: Path, tmp_path_factory: pytest.TempPathFactory) -> TrtTestBuild:
+    """libhybridtrt_trt.so + libhybridtrt_trt_autoreg.so (g++, linked to the emulated kernels), the fake
+    libnvinfer and the registry harness, compiled against one header set."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    cuda_include = _cuda_include_dir()
+    if cxx is None or cuda_include is None:
+        pytest.skip("needs a C++17 compiler and the CUDA headers (cuda_runtime_api.h)")
+    headers = request.param
+    include = PLUGINS / "tests" / "trtStub" if headers == "stub" else Path(os.environ["TENSORRT_ROOT"]) / "include"
+    out = tmp_path_factory.mktemp(f"trt_{headers}")
+    kernels_dir = emulated_kernels.parent
+    flags = (
+        "-std=c++17", "-O1", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Werror", "-Wno-deprecated-declarations",
+        f"-I{include}", f"-I{PLUGINS / 'trt'}", f"-I{PLUGINS / 'kernels' / 'include'}", f"-I{cuda_include}",
+    )  # fmt: skip
+    kernels = (f"-L{kernels_dir}", f"-l:{emulated_kernels.name}", f"-Wl,-rpath,{kernels_dir}")
+    trt = out / "libhybridtrt_trt.so"
+    _compile([cxx, *flags, "-shared", "-fvisibility=hidden",
+              *(str(PLUGINS / "trt" / f) for f in ("mamba2ChunkScanPlugin.cpp", "mamba2StateUpdatePlugin.cpp", "pluginRegistration.cpp")),
+              *kernels, "-o", str(trt)])  # fmt: skip
+    autoreg = out / "libhybridtrt_trt_autoreg.so"
+    _compile([cxx, *flags, "-shared", "-fvisibility=hidden", str(PLUGINS / "trt" / "autoRegister.cpp"),
+              f"-L{out}", "-l:libhybridtrt_trt.so", "-Wl,--no-as-needed", "-Wl,-rpath,$ORIGIN", "-ldl", "-o", str(autoreg)])  # fmt: skip
+    fake = out / "libnvinfer.so.11"
+    _compile([cxx, *flags, "-shared", "-Wl,-soname,libnvinfer.so.11",
+              str(PLUGINS / "tests" / "fakeNvinfer" / "fakeNvinfer.cpp"), "-ldl", "-o", str(fake)])  # fmt: skip
+    harness = out / "registryHarness"
+    _compile([cxx, *flags, str(PLUGINS / "tests" / "fakeNvinfer" / "registryHarness.cpp"), "-ldl", "-o", str(harness)])
+    return TrtTestBuild(headers, include, trt, autoreg, fake, harness, (*flags, *kernels, f"-L{out}", "-l:libhybridtrt_trt.so", f"-Wl,-rpath,{out}"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hybridtrt.plugins.build import BuildResult
-from hybridtrt.plugins.kernels import STATUS_NAMES, KernelLibrary, KernelStatusError, scan_workspace_bytes
+from hybridtrt.plugins.kernels import STATUS_NAMES, KernelLibrary, KernelStatusError, chunk_length, scan_workspace_bytes
 from hybridtrt.plugins.ptxas import HOT_KERNELS, format_table, hot_kernels, parse_ptxas
 
 STATUS = {name: code for code, name in STATUS_NAMES.items()}
@@ -41,8 +41,9 @@ def test_ptxas_hot_kernels_do_not_spill(plugin_build: BuildResult, lib: KernelLi
 
 
 def test_library_loads_with_ctypes(lib: KernelLibrary) -> None:
-    assert lib.abi_version() == 1
-    assert lib.scan_tile_length() == 64
+    assert lib.abi_version() == 2
+    assert [lib.chunk_length(c) for c in (0, 1, 64, 65, 128, 256, 4096)] == [0, 64, 64, 128, 128, 256, 256]
+    assert all(lib.chunk_length(c) == chunk_length(c) for c in range(-1, 600))
     assert lib.status_string(0) == "success"
     assert "d_state" in lib.status_string(STATUS["UNSUPPORTED_D_STATE"])
 
@@ -59,12 +60,13 @@ def test_library_loads_with_ctypes(lib: KernelLibrary) -> None:
     ],
 )
 def test_chunk_scan_workspace_size(lib: KernelLibrary, batch, seq_len, heads, head_dim, groups, d_state) -> None:
-    for act, state in [("float32", "float32"), ("float16", "float32"), ("bfloat16", "bfloat16")]:
-        size = lib.chunk_scan_workspace_size(batch, seq_len, heads, head_dim, groups, d_state, act, act, state)
-        assert size == scan_workspace_bytes(batch, seq_len, heads, head_dim, d_state)
-        assert size > 0 and size % 256 == 0
-    chunks = -(-seq_len // 64)
-    assert size >= batch * heads * chunks * head_dim * d_state * 4
+    for chunk_size in (8, 128, 256):
+        for act, state in [("float32", "float32"), ("float16", "float32"), ("bfloat16", "bfloat16")]:
+            size = lib.chunk_scan_workspace_size(batch, seq_len, heads, head_dim, groups, d_state, chunk_size, act, act, state)
+            assert size == scan_workspace_bytes(batch, seq_len, heads, head_dim, d_state, chunk_size, act)
+            assert size > 0 and size % 256 == 0
+            chunks = -(-seq_len // chunk_length(chunk_size))
+            assert size >= batch * heads * chunks * head_dim * d_state * (4 if act == "float32" else 2)
 
 
 def test_state_update_needs_no_workspace(lib: KernelLibrary) -> None:
@@ -84,7 +86,7 @@ def test_state_update_needs_no_workspace(lib: KernelLibrary) -> None:
     ],
 )
 def test_bad_shapes_return_error_codes(lib: KernelLibrary, args, status: str) -> None:
-    code, size = lib.chunk_scan_workspace_status(*args)
+    code, size = lib.chunk_scan_workspace_status(*args, chunk_size=128)
     assert code == STATUS[status] and size == 0
     batch, _, heads, head_dim, groups, d_state = args
     if status != "INVALID_SHAPE":
@@ -93,12 +95,18 @@ def test_bad_shapes_return_error_codes(lib: KernelLibrary, args, status: str) ->
 
 def test_bad_dtype_returns_error_code(lib: KernelLibrary) -> None:
     assert lib.chunk_scan_workspace_status(1, 16, 4, 64, 1, 64, act_dtype="int8")[0] == STATUS["UNSUPPORTED_DTYPE"]
+    assert lib.chunk_scan_workspace_status(1, 16, 4, 64, 1, 64, chunk_size=0)[0] == STATUS["INVALID_SHAPE"]
+    # more than 65535 chunks (grid.y of the output kernel) is refused before any launch
+    assert lib.chunk_scan_workspace_status(1, 65536 * 64 + 1, 4, 64, 1, 64, chunk_size=64)[0] == STATUS["INVALID_SHAPE"]
+    # batch x heads is grid.x (2^31 - 1): batch 512 at 128 heads is fine, 2^24 at 128 heads is not
+    assert lib.chunk_scan_workspace_status(512, 16, 128, 64, 8, 64)[0] == 0
+    assert lib.chunk_scan_workspace_status(1 << 24, 16, 128, 64, 8, 64)[0] == STATUS["INVALID_SHAPE"]
     assert lib.state_update_workspace_status(1, 4, 64, 1, 64, state_dtype="fp8")[0] == STATUS["UNSUPPORTED_DTYPE"]
 
 
 def test_status_errors_raise_typed_error(lib: KernelLibrary) -> None:
     with pytest.raises(KernelStatusError, match="UNSUPPORTED_D_STATE"):
-        lib.chunk_scan_workspace_size(1, 16, 4, 64, 1, 48)
+        lib.chunk_scan_workspace_size(1, 16, 4, 64, 1, 48, 128)
 
 
 def test_launchers_validate_before_touching_the_gpu(lib: KernelLibrary) -> None:
@@ -108,16 +116,16 @@ def test_launchers_validate_before_touching_the_gpu(lib: KernelLibrary) -> None:
     assert bad_head_dim == STATUS["UNSUPPORTED_HEAD_DIM"]
     assert raw.hybridtrtMamba2StateUpdate(*([None] * 9), 1, 4, 64, 1, 64, 0, 0, 0, None) == STATUS["NULL_POINTER"]
     assert (
-        raw.hybridtrtMamba2ChunkScan(*([None] * 9), 1, 16, 4, 64, 1, 64, 0, 0, 0, None, 0, None)
+        raw.hybridtrtMamba2ChunkScan(*([None] * 9), 1, 16, 4, 64, 1, 64, 128, 0, 0, 0, None, 0, None)
         == STATUS["NULL_POINTER"]
     )
     fake = 1 << 20  # an aligned, never dereferenced address
     ptrs = [fake] * 9
     assert (
-        raw.hybridtrtMamba2ChunkScan(*ptrs, 1, 16, 4, 64, 1, 64, 0, 0, 0, fake, 16, None)
+        raw.hybridtrtMamba2ChunkScan(*ptrs, 1, 16, 4, 64, 1, 64, 128, 0, 0, 0, fake, 16, None)
         == STATUS["WORKSPACE_TOO_SMALL"]
     )
     assert (
-        raw.hybridtrtMamba2ChunkScan(*ptrs, 1, 16, 4, 64, 1, 64, 0, 0, 0, fake + 16, 1 << 30, None)
+        raw.hybridtrtMamba2ChunkScan(*ptrs, 1, 16, 4, 64, 1, 64, 128, 0, 0, 0, fake + 16, 1 << 30, None)
         == STATUS["MISALIGNED_POINTER"]
     )

@@ -60,3 +60,35 @@ def test_main_reports_typed_errors_without_traceback(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(build, "find_nvcc", lambda: None)
     assert build.main(["build", "--build-dir", "/nonexistent/never-created"]) == 2
     assert "nvcc" in capsys.readouterr().err
+
+
+def test_dlopen_loaders_get_the_autoreg_shim(tmp_path: Path) -> None:
+    """polygraphy --plugins and trtexec --staticPlugins only dlopen: they need the shim beside libhybridtrt_trt.so."""
+    from hybridtrt.plugins import dlopen_library
+
+    lib = tmp_path / "libhybridtrt_trt.so"
+    lib.write_bytes(b"")
+    with pytest.raises(PluginBuildError, match="libhybridtrt_trt_autoreg.so is missing"):
+        dlopen_library(lib)
+    shim = tmp_path / "libhybridtrt_trt_autoreg.so"
+    shim.write_bytes(b"")
+    assert dlopen_library(lib) == shim
+    assert dlopen_library(shim) == shim
+    other = tmp_path / "libsomeone_else.so"
+    assert dlopen_library(other) == other  # another library's registration is its own business
+
+
+def test_printed_polygraphy_command_names_the_shim(tmp_path: Path) -> None:
+    """`hybridtrt compare` prints `polygraphy run ... --trt --plugins X`: X must be the library that registers on
+    a plain dlopen, not libhybridtrt_trt.so (which polygraphy's ctypes.CDLL would load without registering)."""
+    import numpy as np
+
+    from hybridtrt.validation.polygraphy_bridge import BridgeFiles, command_lines
+
+    lib = tmp_path / "libhybridtrt_trt.so"
+    lib.write_bytes(b"")
+    (tmp_path / "libhybridtrt_trt_autoreg.so").write_bytes(b"")
+    feeds = [{"input_ids": np.zeros((1, 3), dtype=np.int64)}]
+    files = BridgeFiles(tmp_path / "inputs.json", tmp_path / "reference.json", tmp_path / "model.onnx", 1e-5, 1e-5, feeds=feeds)
+    trt = " ".join(command_lines(files, plugins=lib)["trt"])
+    assert f"--plugins {tmp_path / 'libhybridtrt_trt_autoreg.so'}" in trt and f"{lib} " not in trt

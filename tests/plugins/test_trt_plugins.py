@@ -1,16 +1,19 @@
-"""TensorRT plugin library: compiled against $TENSORRT_ROOT headers and checked without a GPU or libnvinfer.
+"""TensorRT plugin library: the plugin classes checked without a GPU or libnvinfer.
 
-- hybridtrt_trt_selftest (plugins/tests/trtPluginSelfTest.cpp): getCreators, creators and the
-  build/runtime interfaces (names, fields, serialization, dtypes, formats, shape checks, workspace,
-  aliasing);
-- hybridtrt_trt_registry_selftest: registration at dlopen against a fake getPluginRegistry;
-- plugins/tests/trtPluginEnqueueTest.cpp: enqueue() of both plugins against direct C ABI calls with the
-  kernels in CPU emulation.
+Compiled with g++ against the stub headers of plugins/tests/trtStub (always, so CI runs them) and against
+TensorRT's own include/ when $TENSORRT_ROOT is set; the kernels run in CPU emulation:
+
+- plugins/tests/trtPluginSelfTest.cpp: getCreators, creators and the build/runtime interfaces (names,
+  fields as the ONNX parser passes them, serialization, dtypes, formats, shape checks incl. batch / L
+  agreement, workspace, no aliasing);
+- plugins/tests/trtPluginEnqueueTest.cpp: enqueue() of both plugins against direct C ABI calls.
+
+With $TENSORRT_ROOT the CMake build (nvcc) is checked too: exported entry points of both libraries and its
+own build of the self test. Registration through the loaders: test_trt_registration.py.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import subprocess
@@ -19,70 +22,59 @@ from pathlib import Path
 import pytest
 
 from hybridtrt.plugins.build import BuildResult, source_dir
+from tests.plugins.conftest import TrtTestBuild
 
-pytestmark = pytest.mark.skipif(
+PLUGINS = source_dir()
+
+
+def _build_and_run(build: TrtTestBuild, source: str, exe: Path) -> str:
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or "g++"
+    cmd = [cxx, str(PLUGINS / "tests" / source), *build.flags, "-o", str(exe)]
+    compiled = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert compiled.returncode == 0, compiled.stderr[-4000:]
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300, check=False)
+    print(proc.stdout[-3000:])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_trt_plugin_self_test(trt_test_build: TrtTestBuild, tmp_path: Path) -> None:
+    out = _build_and_run(trt_test_build, "trtPluginSelfTest.cpp", tmp_path / "selftest")
+    assert ", 0 failures" in out
+
+
+def test_trt_plugin_enqueue_on_emulated_kernels(trt_test_build: TrtTestBuild, tmp_path: Path) -> None:
+    """enqueue() of both plugins == direct C ABI calls, with the kernels in CPU emulation (no GPU, no
+    libnvinfer): argument plumbing, chunk_size, the L == 1 dispatch, workspace alignment, onShapeChange."""
+    out = _build_and_run(trt_test_build, "trtPluginEnqueueTest.cpp", tmp_path / "enqueue")
+    assert "enqueue test: 0 failures" in out
+
+
+needs_tensorrt = pytest.mark.skipif(
     not os.environ.get("TENSORRT_ROOT"),
-    reason="needs TENSORRT_ROOT (TensorRT headers, e.g. include/ of github.com/NVIDIA/TensorRT)",
+    reason="needs TENSORRT_ROOT (TensorRT headers, e.g. include/ of github.com/NVIDIA/TensorRT) for the nvcc build",
 )
 
 
-def test_trt_library_exports_entry_points(plugin_build: BuildResult) -> None:
-    assert plugin_build.trt_library is not None and plugin_build.trt_library.is_file()
-    lib = ctypes.CDLL(str(plugin_build.trt_library))
-    assert hasattr(lib, "getCreators") and hasattr(lib, "setLoggerFinder")
+@needs_tensorrt
+def test_cmake_build_exports_one_registration_path_per_library(plugin_build: BuildResult) -> None:
+    """libhybridtrt_trt.so exports getCreators / setLoggerFinder; the autoreg shim exports neither and needs
+    libhybridtrt_trt.so beside it."""
+    assert plugin_build.trt_library is not None
+    shim = plugin_build.trt_library.with_name("libhybridtrt_trt_autoreg.so")
+    assert shim.is_file()
+
+    def exported(lib: Path) -> set[str]:
+        nm = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True)
+        return {line.split()[-1] for line in nm.stdout.splitlines() if line.strip()}
+
+    assert {"getCreators", "setLoggerFinder"} <= exported(plugin_build.trt_library)
+    assert not {"getCreators", "setLoggerFinder", "getPluginCreators"} & exported(shim)
+    needed = subprocess.run(["readelf", "-d", str(shim)], capture_output=True, text=True, check=True).stdout
+    assert "libhybridtrt_trt.so" in needed
 
 
-def test_trt_plugin_self_test(plugin_build: BuildResult) -> None:
-    exe = plugin_build.build_dir / "hybridtrt_trt_selftest"
-    proc = subprocess.run([str(exe)], capture_output=True, text=True, check=False)
-    print(proc.stdout)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert ", 0 failures" in proc.stdout
-
-
-def test_trt_plugins_register_at_load_time(plugin_build: BuildResult) -> None:
-    """A plain dlopen (polygraphy --plugins) registers the creators when TensorRT is in the process."""
-    exe = plugin_build.build_dir / "hybridtrt_trt_registry_selftest"
-    proc = subprocess.run([str(exe)], capture_output=True, text=True, check=False)
-    print(proc.stdout)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_get_creators_lists_both_without_tensorrt_in_process(plugin_build: BuildResult) -> None:
-    """Without libnvinfer loaded, nothing registers at load time: loadLibrary gets both creators."""
-    code = (
-        "import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); n = ctypes.c_int32(); "
-        "lib.getCreators(ctypes.byref(n)); print(n.value)"
-    )
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(plugin_build.trt_library)], capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "2"
-
-
-def test_trt_plugin_enqueue_on_emulated_kernels(tmp_path: Path, cuda_include_dir: Path) -> None:
-    """enqueue() of both plugins == direct C ABI calls, with the kernels in CPU emulation (no GPU, no
-    libnvinfer): argument plumbing, the L == 1 dispatch, workspace alignment, in-place update."""
-    plugins = source_dir()
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("needs a C++20 compiler")
-    exe = tmp_path / "trt_enqueue_test"
-    cmd = [
-        cxx, "-std=c++20", "-O2", "-pthread", "-Wno-deprecated-declarations", "-DHYBRIDTRT_CPU_EMULATION",
-        f"-I{plugins / 'trt'}", f"-I{plugins / 'kernels' / 'include'}", f"-I{plugins / 'tests' / 'emulation'}",
-        f"-I{cuda_include_dir}", f"-I{Path(os.environ['TENSORRT_ROOT']) / 'include'}",
-        "-x", "c++", str(plugins / "kernels" / "src" / "chunkScan.cu"), str(plugins / "kernels" / "src" / "stateUpdate.cu"),
-        "-x", "none", str(plugins / "kernels" / "src" / "abi.cpp"),
-        *(str(plugins / "trt" / f) for f in ("mamba2ChunkScanPlugin.cpp", "mamba2StateUpdatePlugin.cpp",
-                                             "pluginRegistration.cpp")),
-        str(plugins / "tests" / "trtPluginEnqueueTest.cpp"), "-ldl", "-o", str(exe),
-    ]  # fmt: skip
-    build = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert build.returncode == 0, build.stderr[-4000:]
-    proc = subprocess.run([str(exe)], capture_output=True, text=True, check=False)
-    print(proc.stdout)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+@needs_tensorrt
+def test_cmake_self_test(plugin_build: BuildResult) -> None:
+    proc = subprocess.run([str(plugin_build.build_dir / "hybridtrt_trt_selftest")], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and ", 0 failures" in proc.stdout, proc.stdout + proc.stderr

@@ -7,7 +7,9 @@ import torch
 
 from hybridtrt.errors import InputError
 from hybridtrt.models import load_model
-from hybridtrt.runtime.generation import SamplingConfig, next_tokens
+from hybridtrt.runtime.generation import SamplingConfig, chunk_bounds, iter_generate, next_tokens
+from hybridtrt.validation.metrics import rel_l2
+from tests.conftest import left_padded_batch
 
 
 def test_greedy_is_argmax():
@@ -60,3 +62,78 @@ def test_right_padding_is_refused(make_checkpoint):
     ids = torch.randint(3, 256, (1, 4))
     with pytest.raises(InputError, match="left padding"):
         model.generate(ids, torch.tensor([[1, 1, 1, 0]]), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("length, chunk", [(1, 4), (10, 4), (9, 4), (2049, 2048), (4096, 2048), (7, 100), (3, 3), (5, 3), (7, 3)])
+def test_chunk_bounds_cover_the_prompt_without_a_one_token_tail(length, chunk):
+    bounds = chunk_bounds(length, chunk)
+    assert bounds[0][0] == 0 and bounds[-1][1] == length
+    assert all(b0[1] == b1[0] for b0, b1 in zip(bounds, bounds[1:]))
+    sizes = [b - a for a, b in bounds]
+    assert max(sizes) <= chunk and len(sizes) == -(-length // chunk)
+    assert length == 1 or min(sizes) >= 2  # a one-token call would be a decode step for the graph
+
+
+def test_chunked_prefill_equals_one_prefill_on_the_reference(make_checkpoint):
+    model = load_model(make_checkpoint())
+    ids, mask = left_padded_batch([45, 30, 3], model.config.vocab_size, seed=21)
+    whole = model.generate(ids, mask, max_new_tokens=6, keep_logits=True, prefill_chunk=100)
+    chunked = model.generate(ids, mask, max_new_tokens=6, keep_logits=True, prefill_chunk=8)
+    assert torch.equal(whole.tokens, chunked.tokens)
+    assert max(rel_l2(a, b) for a, b in zip(chunked.logits, whole.logits)) <= 1e-5
+
+
+@pytest.mark.parametrize("bad", [-1, 256, 10_000])
+def test_token_ids_outside_the_vocabulary_are_refused(make_checkpoint, bad):
+    model = load_model(make_checkpoint())
+    ids = torch.tensor([[5, bad, 7]])
+    with pytest.raises(InputError, match=f"token id {bad} is outside .*\\[0, 256\\)"):
+        model.generate(ids, max_new_tokens=2)
+
+
+def test_padding_ids_are_checked_too(make_checkpoint):
+    """Padding positions are looked up in the embedding like any other id."""
+    model = load_model(make_checkpoint())
+    ids, mask = torch.tensor([[-1, 5, 6]]), torch.tensor([[0, 1, 1]])
+    with pytest.raises(InputError, match="token id -1"):
+        model.generate(ids, mask, max_new_tokens=2)
+
+
+def test_a_request_the_backend_cannot_hold_is_refused_before_any_step():
+    class Limited:
+        vocab_size = 10
+        calls = 0
+
+        def zero_state(self, batch):
+            return None
+
+        def step(self, ids, mask, state, decode):
+            Limited.calls += 1
+            return torch.zeros(ids.shape[0], 10), state
+
+        def check_request(self, batch, positions, chunk):
+            if positions > 8:
+                raise InputError(f"{positions} positions > 8")
+
+    with pytest.raises(InputError, match="9 positions > 8"):
+        list(iter_generate(Limited(), torch.tensor([[1, 2, 3]]), max_new_tokens=7))
+    assert Limited.calls == 0
+    assert len(list(iter_generate(Limited(), torch.tensor([[1, 2, 3]]), max_new_tokens=6))) == 6
+
+
+def test_ort_prefill_calls_fit_the_attention_budget(make_export):
+    """A small attention budget shortens the calls as the cache grows; the result is the same."""
+    from hybridtrt.runtime.generation import prefill
+    from hybridtrt.runtime.onnxruntime import SCORE_BYTES, OrtModel
+
+    _, out = make_export("tiny-nemotron-h")
+    ids = torch.randint(3, 256, (1, 120), generator=torch.Generator().manual_seed(5))
+    tight = OrtModel(out, attention_budget=4 * 24 * 80 * SCORE_BYTES)  # H=4: about 24 × 80 scores
+    calls = []
+    original = tight.step
+    tight.step = lambda i, m, s, decode: calls.append((i.shape[1], m.shape[1])) or original(i, m, s, decode)
+    logits, _ = prefill(tight, ids, torch.ones_like(ids), tight.zero_state(1), 64)
+    whole, _ = prefill(OrtModel(out), ids, torch.ones_like(ids), OrtModel(out).zero_state(1), 64)
+    assert rel_l2(logits, whole) <= 1e-5
+    assert sum(n for n, _ in calls) == 120 and len(calls) > 2
+    assert all(n * total <= 24 * 80 for n, total in calls) and min(n for n, _ in calls) >= 3

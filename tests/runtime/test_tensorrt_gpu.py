@@ -70,6 +70,19 @@ def test_sidecar_written(engine):
     s = read_sidecar(engine)
     assert [p["name"] for p in s["profiles"]] == ["prefill", "decode"]
     assert s["gpu"]["compute_capability"] is not None
+    plugins = s["plugins"]
+    assert plugins["custom_nodes"] == {"hybridtrt::Mamba2ChunkScan": 4}
+    if plugins["path"] is None:  # function bodies: the proof after parsing found no plugin layer
+        assert plugins["function_bodies"] is True and plugins["layers"] == {"hybridtrt::Mamba2ChunkScan": 0}
+    else:  # the real parser turned every custom node into our plugin
+        assert plugins["function_bodies"] is False and plugins["layers"] == plugins["custom_nodes"]
+
+
+def test_engine_aliases_nothing(engine):
+    """The plugins declare no alias, so the runtime ping-pongs every state (the engine agrees)."""
+    from hybridtrt.runtime import load
+
+    assert load(engine).in_place == frozenset()
 
 
 def test_greedy_matches_onnxruntime(engine, exported):

@@ -74,3 +74,12 @@ def nan_output(export_dir: Path, name: str) -> None:
     model.graph.initializer.append(nan)
     model.graph.node.append(helper.make_node("Mul", [name + ".pre_nan", "planted_nan"], [name], name="/planted/Mul"))
     _save(model, export_dir)
+
+
+def rename_layer_nodes(export_dir: Path, layer: int, prefix: str) -> None:
+    """Rename every node of decoder layer ``layer`` (``/model/layers.{layer}/…`` -> ``{prefix}/…``),
+    as a fusing or renaming tool would; the graph computes the same."""
+    model = _load(export_dir)
+    for node in model.graph.node:
+        node.name = node.name.replace(f"/model/layers.{layer}/", f"{prefix}/")
+    _save(model, export_dir)

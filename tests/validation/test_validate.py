@@ -9,8 +9,9 @@ import pytest
 
 from hybridtrt.cli.main import main
 from hybridtrt.exporter.export import ExportOptions
+from hybridtrt.exporter.manifest import read_manifest
 from hybridtrt.validation.artefact import validate_artefact
-from tests.validation.faults import nan_output, perturb_weight, swap_outputs
+from tests.validation.faults import nan_output, perturb_weight, rename_layer_nodes, scale_initializers, swap_outputs
 
 PER_LAYER = ExportOptions(per_layer=True, verify=False)
 
@@ -50,7 +51,77 @@ def test_swapped_state_outputs_are_caught(faulty):
     swap_outputs(faulty, "present_ssm_state.2", "present_ssm_state.4")
     report = validate_artefact(faulty, random_n=2, steps=2, per_layer=True)
     assert not report.passed
-    assert report.first_divergence == {"layer": 2, "tensor": "present_ssm_state.2", "why": report.first_divergence["why"]}
+    assert report.first_divergence == {"layer": 2, "tensor": "present_ssm_state.2", "why": report.first_divergence["why"], "step": None}
+
+
+# -- per layer on any export: layer outputs located by node name, not exported -------------------
+
+
+def _first_divergence_is(report, layer: int) -> None:
+    assert not report.passed
+    assert report.first_divergence["layer"] == layer, report.first_divergence
+    earlier = [c for c in report.checks if c.phase == "layer" and c.layer < layer]
+    assert earlier and all(c.passed for c in earlier)
+    names = {c.name for c in report.checks if c.phase == "layer" and c.layer == layer}
+    assert f"layer_output.{layer}" in names  # the layer's output was compared, not only its states
+
+
+@pytest.mark.parametrize(
+    ("layer", "weight", "kind"),
+    [(1, "o_proj", "attention"), (4, "out_proj", "mamba"), (6, "down_proj", "mlp"), (7, "in_proj", "last mamba")],
+)
+def test_planted_fault_in_a_plain_export_names_its_layer_first(make_export, tmp_path, layer, weight, kind):
+    _, out = make_export("tiny-nemotron-h")  # exported without --per-layer
+    bad = shutil.copytree(out, tmp_path / "bad")
+    perturb_weight(bad, f"model.layers.{layer}.mixer.{weight}.weight_t", 1.5)
+    _first_divergence_is(validate_artefact(bad, random_n=2, steps=1, per_layer=True), layer)
+
+
+def test_per_layer_on_a_plain_export_equals_the_per_layer_export(make_export):
+    _, plain = make_export("tiny-nemotron-h")
+    _, exported = make_export("tiny-nemotron-h", PER_LAYER)
+    a = validate_artefact(plain, random_n=2, steps=1, per_layer=True)
+    b = validate_artefact(exported, random_n=2, steps=1, per_layer=True)
+    assert a.passed and b.passed and not a.notes
+    layer_a = {c.name: c.comparison.rel_l2 for c in a.checks if c.phase == "layer"}
+    layer_b = {c.name: c.comparison.rel_l2 for c in b.checks if c.phase == "layer"}
+    assert layer_a.keys() == layer_b.keys() and len([n for n in layer_a if n.startswith("layer_output.")]) == 8
+    # Same graph, same inputs: the located tensors are the exported ones (up to ORT scheduling).
+    assert all(abs(layer_a[n] - layer_b[n]) < 1e-6 for n in layer_a)
+
+
+@pytest.mark.parametrize(("layer", "weight"), [(2, "in_proj"), (5, "o_proj")])
+def test_planted_fault_in_an_fp8_export_names_its_layer_first(fp8_export, tmp_path, layer, weight):
+    _, out = fp8_export
+    bad = shutil.copytree(out, tmp_path / "bad")
+    scale_initializers(bad, {f"model.layers.{layer}.mixer.{weight}.weight_scale"}, 3.0)
+    report = validate_artefact(bad, random_n=4, steps=1, per_layer=True)
+    assert report.precision == "fp8"
+    _first_divergence_is(report, layer)
+
+
+def test_planted_fault_in_an_fp16_export_names_its_layer_first(make_export, tmp_path):
+    _, out = make_export("tiny-nemotron-h", ExportOptions(dtype="fp16", verify=False))
+    clean = validate_artefact(out, random_n=1, steps=1, per_layer=True)
+    assert clean.passed and clean.first_divergence is None
+    bad = shutil.copytree(out, tmp_path / "bad")
+    perturb_weight(bad, "model.layers.4.mixer.out_proj.weight_t", 1.5)
+    _first_divergence_is(validate_artefact(bad, random_n=1, steps=1, per_layer=True), 4)
+
+
+def test_a_layer_that_cannot_be_located_falls_back_to_its_states(make_export, tmp_path):
+    _, out = make_export("tiny-nemotron-h")
+    bad = shutil.copytree(out, tmp_path / "renamed")
+    rename_layer_nodes(bad, 2, "/fused")
+    clean = validate_artefact(bad, random_n=2, steps=1, per_layer=True)
+    assert clean.passed
+    assert any("layer_output.2: not located" in n and "/model/layers.2/" in n for n in clean.notes)
+    names = {c.name for c in clean.checks if c.phase == "layer"}
+    assert "layer_output.2" not in names and {"present_conv_state.2", "present_ssm_state.2", "layer_output.1", "layer_output.3"} <= names
+    # A fault in that layer is still found, by its states.
+    perturb_weight(bad, "model.layers.2.mixer.in_proj.weight_t", 1.5)
+    report = validate_artefact(bad, random_n=2, steps=1, per_layer=True)
+    assert report.first_divergence["layer"] == 2 and report.first_divergence["tensor"].startswith("present_")
 
 
 def test_nan_state_fails_first_as_non_finite(faulty, tmp_path, capsys):
@@ -85,14 +156,6 @@ def test_reference_against_hf(make_checkpoint):
     assert any(c.name.startswith("present_ssm_state") for c in report.checks)
 
 
-def test_per_layer_needs_per_layer_export(make_export):
-    from hybridtrt.errors import InputError
-
-    _, out = make_export("tiny-mamba2", ExportOptions(verify=False))
-    with pytest.raises(InputError, match="--per-layer"):
-        validate_artefact(out, random_n=1, steps=1, per_layer=True)
-
-
 def test_prompts_file_uses_the_checkpoint_tokenizer(make_export, tmp_path):
     ckpt, out = make_export("tiny-nemotron-h", PER_LAYER)
     prompts = tmp_path / "prompts.txt"
@@ -103,3 +166,25 @@ def test_prompts_file_uses_the_checkpoint_tokenizer(make_export, tmp_path):
 
     tok = load_tokenizer(ckpt)
     assert report.prompt_lengths == [len(tok.encode(p).ids) for p in ("The capital of France is", "Mamba layers carry state.", "hi")]
+
+
+def test_routing_hook_sees_both_subjects_layer_outputs(make_export):
+    """The MoE routing-agreement hook (`hybridtrt.validation.routing`) gets the reference's and the
+    backend's layer outputs of a per-layer run, located ones included."""
+    _, out = make_export("tiny-nemotron-h")
+    seen = {}
+
+    def routing(ref, got):
+        seen.update(ref=set(ref), got=set(got))
+        return {3: 1.0}
+
+    from hybridtrt.models.loading import load_model
+    from hybridtrt.runtime.onnxruntime import OrtModel
+    from hybridtrt.validation.runner import random_prompts, validate
+    from hybridtrt.validation.subjects import ort_subject, torch_subject
+
+    model = load_model(read_manifest(out).source["checkpoint"])
+    ids, mask = random_prompts(2, model.config.vocab_size)
+    report = validate(ort_subject(OrtModel(out)), torch_subject(model), ids, mask, precision="fp32", steps=0, per_layer=True, routing=routing)
+    assert seen["ref"] == seen["got"] == {f"layer_output.{i}" for i in range(8)}
+    assert report.routing_agreement == {3: 1.0} and report.to_dict()["routing_agreement"] == {3: 1.0}

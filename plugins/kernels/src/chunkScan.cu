@@ -1,23 +1,29 @@
 /*
- * Mamba2ChunkScan: the chunked SSD algorithm of Mamba-2 in three kernels.
+ * Mamba2ChunkScan: the chunked SSD algorithm of Mamba-2 in two kernels.
  *
- * The sequence is cut into chunks of kChunk = 64 tokens (the op's chunk_size attribute only changes
- * rounding, never the math, so the kernels keep their own tile). With a = cumsum(dt * A) inside a
- * chunk, for every (batch, head):
+ * The sequence is cut into chunks of Q tokens, Q = the op's chunk_size rounded up to a multiple of 64 and
+ * capped at 256 (hybridtrtMamba2ChunkScanChunkLength: Nemotron's 128 and Mamba-2's 256 are used as they are).
+ * With a = cumsum(dt * A) inside a piece of the sequence, for every (batch, head):
  *
- *   1. chunkStateKernel   states[c] = sum_l x[l] (outer) B[l] * dt[l] * exp(a_end - a[l])
- *                         GEMM X^T [P x Q] . Bw [Q x N] on tensor cores; fp32 into the workspace.
- *                         Also stores a_end (the chunk's total log-decay).
- *   2. statePassingKernel start[c] = exp(a_end[c-1]) * start[c-1] + states[c-1], start[0] = initial
- *                         state (or 0). Sequential over chunks, elementwise over P*N, in place in the
- *                         workspace; writes final_state in the state dtype.
- *   3. chunkOutputKernel  y[l] = sum_{s<=l} (C[l].B[s]) exp(a[l]-a[s]) dt[s] x[s]
- *                              + exp(a[l]) C[l] . start[c] + D x[l]
- *                         Three tensor-core GEMMs per (chunk, head, P tile): C.B^T [QxQ] (lower
- *                         triangle only), then (C*exp(a)).start^T and M.X [QxP] into one accumulator.
+ *   1. chunkStateKernel   grid (B*H, P tiles), sequential over the sequence in 64-token sub-tiles. The running
+ *                         state s [P tile x N] stays in fp32 tensor-core accumulators for the whole sequence:
+ *                           s = exp(a_end) * s + X^T . Bw,   Bw[l] = B[l] * dt[l] * exp(a_end - a[l])
+ *                         (one GEMM per sub-tile, state passing fused). At the start of every chunk it writes
+ *                         s, the chunk's start state, to the workspace once, in the activation dtype (the
+ *                         dtype the output GEMM reads it in); at the end it writes final_state in the state
+ *                         dtype. Per chunk and head the state moves P*N*sizeof(T) bytes out and the same in.
+ *   2. chunkOutputKernel  grid (B*H, chunks, P tiles), sequential over the chunk's 64-row tiles r:
+ *                           y[l] = sum_{s<=l in chunk} (C[l].B[s]) exp(a[l]-a[s]) dt[s] x[s]
+ *                                + exp(a[l]) C[l] . start[c] + D x[l]
+ *                         per (r, s) sub-tile pair: C.B^T [64x64] (lower block triangle on the diagonal),
+ *                         masked and weighted into M, Y += M.X; then Y += (C*exp(a)).start^T, all into one
+ *                         accumulator. The start tile is read once per block.
  *
- * Tensor cores: WMMA m16n16k16 with fp16/bf16 operands and fp32 accumulation. fp32 activations use
- * the same tiling on a fp32 SIMT tile (exact fp32; TF32 would miss the fp32 accuracy gate).
+ * Tensor cores: WMMA m16n16k16 with fp16/bf16 operands and fp32 accumulation. fp32 activations use the same
+ * tiling on a fp32 SIMT tile (exact fp32; TF32 would miss the fp32 accuracy gate).
+ *
+ * The state kernel reads initial_state and writes final_state for the same tile of the same block, and the
+ * output kernel reads start states from the workspace only: final_state may alias initial_state.
  */
 #include "ssdCommon.cuh"
 
@@ -36,9 +42,24 @@ namespace kernels
 namespace
 {
 
-constexpr int kChunk = 64;   //!< tokens per chunk (K of the intra-chunk GEMMs)
+constexpr int kSub = 64;       //!< tokens per sub-tile: K of the GEMMs, rows of an output tile
+constexpr int kMaxChunk = 256; //!< longest chunk (4 sub-tiles)
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
+//! Blocks per SM the register budget is planned for: 65536 / (4 * 128) = 128 registers per thread. Without it
+//! ptxas picks a tighter budget on its own and spills the fp32 tiles.
+constexpr int kMinBlocks = 4;
+
+//! Tokens per chunk for an op's chunk_size: rounded up to a multiple of kSub, in [kSub, kMaxChunk]; 0 if < 1.
+inline int32_t chunkLength(int64_t chunkSize)
+{
+    if (chunkSize < 1)
+    {
+        return 0;
+    }
+    int64_t const rounded = (chunkSize + kSub - 1) / kSub * kSub;
+    return static_cast<int32_t>(std::min<int64_t>(rounded, kMaxChunk));
+}
 
 struct ScanParams
 {
@@ -51,17 +72,18 @@ struct ScanParams
     void const* initialState;
     void* y;
     void* finalState;
-    float* chunkStates; //!< [B*H, nChunks, P, N] fp32: chunk states, then (in place) chunk start states
-    float* chunkDecay;  //!< [B*H, nChunks] fp32: a_end of each chunk
+    void* startStates; //!< [B*H, nChunks, P, N] in the activation dtype: the state at each chunk's start
     int32_t seqLen;
     int32_t numHeads;
     int32_t headDim;
     int32_t numGroups;
     int32_t headsPerGroup;
+    int32_t chunk;   //!< Q, a multiple of kSub
     int32_t nChunks;
     int32_t dState;
     int32_t tileP; //!< width of a P tile (multiple of 16, <= ScanLayout::kTileP)
     int32_t dtDtype;
+    int32_t stateDtype;
 };
 
 template <typename T>
@@ -72,39 +94,46 @@ constexpr size_t align128(size_t v)
     return (v + 127) / 128 * 128;
 }
 
-//! Shared-memory plan of both GEMM kernels (byte offsets; rows padded by 16 bytes against bank conflicts).
+//! Shared-memory plan of both kernels (byte offsets; rows padded by 16 bytes against bank conflicts).
 template <typename T, int kN>
 struct ScanLayout
 {
     static constexpr bool kTc = kUseTensorCores<T>;
-    static constexpr int kTileP = kTc ? 64 : 32;
+    //! fp32 keeps 16-column P tiles so that the output kernel fits the sm_89 opt-in limit (99 KiB).
+    static constexpr int kTileP = kTc ? 64 : 16;
     static constexpr int kPad = 16 / static_cast<int>(sizeof(T));
-    static constexpr int kLdN = kN + kPad;        //!< rows of C, B, start state
-    static constexpr int kLdX = kTileP + kPad;    //!< rows of the x tile
-    static constexpr int kLdCB = kChunk + 4;      //!< fp32 C.B^T
-    static constexpr int kLdM = kTc ? kChunk + kPad : kLdCB;
-    static constexpr int kLdOut = kTileP + 4;     //!< fp32 output tile
+    static constexpr int kLdN = kN + kPad;     //!< rows of C, B, start state
+    static constexpr int kLdX = kTileP + kPad; //!< rows of the x tile
+    static constexpr int kLdCB = kSub + 4;     //!< fp32 C.B^T
+    static constexpr int kLdM = kTc ? kSub + kPad : kLdCB;
+    static constexpr int kLdOut = kTileP + 4; //!< fp32 output tile
+    static constexpr int kLdStage = kN + 4;   //!< fp32 staging of 16 state rows
     static constexpr size_t kT = sizeof(T);
 
     // chunkOutputKernel
     static constexpr size_t kOffAcum = 0;
-    static constexpr size_t kOffDt = kChunk * 4;
-    static constexpr size_t kOffExpA = 2 * kChunk * 4;
-    static constexpr size_t kOffC = align128(3 * kChunk * 4); //!< C, later the fp32 output tile
-    static constexpr size_t kSizeC = align128(std::max(kChunk * kLdN * kT, size_t(kChunk) * kLdOut * 4));
-    static constexpr size_t kOffB = kOffC + kSizeC;           //!< B, later the start-state tile
-    static constexpr size_t kSizeB = align128(std::max(kChunk * kLdN * kT, size_t(kTileP) * kLdN * kT));
-    static constexpr size_t kOffCB = kOffB + kSizeB;
-    static constexpr size_t kSizeCB = align128(size_t(kChunk) * kLdCB * 4);
+    static constexpr size_t kOffDt = kMaxChunk * 4;
+    static constexpr size_t kOffC = align128(2 * kMaxChunk * 4);
+    static constexpr size_t kOffB = kOffC + align128(size_t(kSub) * kLdN * kT);
+    static constexpr size_t kOffS = kOffB + align128(size_t(kSub) * kLdN * kT);
+    static constexpr size_t kOffCB = kOffS + align128(size_t(kTileP) * kLdN * kT); //!< C.B^T, later the output tile
+    static constexpr size_t kSizeCB = align128(std::max(size_t(kSub) * kLdCB, size_t(kSub) * kLdOut) * 4);
     static constexpr size_t kOffM = kTc ? kOffCB + kSizeCB : kOffCB; //!< fp32: M overwrites C.B^T in place
-    static constexpr size_t kSizeM = kTc ? align128(size_t(kChunk) * kLdM * kT) : 0;
+    static constexpr size_t kSizeM = kTc ? align128(size_t(kSub) * kLdM * kT) : 0;
     static constexpr size_t kOffX = kOffCB + kSizeCB + kSizeM;
-    static constexpr size_t kBytes = kOffX + align128(kChunk * kLdX * kT);
+    static constexpr size_t kBytes = kOffX + align128(size_t(kSub) * kLdX * kT);
 
-    // chunkStateKernel
-    static constexpr size_t kStOffX = align128(2 * kChunk * 4);
-    static constexpr size_t kStOffB = kStOffX + align128(kChunk * kLdX * kT);
-    static constexpr size_t kStBytes = kStOffB + align128(kChunk * kLdN * kT);
+    // chunkStateKernel: a 16-row fp32 staging band of the state aliases the B tile (free at chunk boundaries)
+    static constexpr size_t kStOffX = align128(2 * kSub * 4);
+    static constexpr size_t kStOffB = kStOffX + align128(size_t(kSub) * kLdX * kT);
+    static constexpr size_t kStBytes
+        = kStOffB + align128(std::max(size_t(kSub) * kLdN * kT, size_t(16) * kLdStage * 4));
+    //! Accumulator tiles per warp holding the running state [kTileP x kN].
+    static constexpr int kStateFrags = ((kTileP / 16) * (kN / 16) + kWarps - 1) / kWarps;
+    //! Accumulator tiles per warp of one 64-row output tile.
+    static constexpr int kOutFrags = ((kSub / 16) * (kTileP / 16) + kWarps - 1) / kWarps;
+
+    static_assert(kBytes <= 99 * 1024 && kStBytes <= 99 * 1024, "shared memory plan exceeds the sm_89 opt-in limit");
 };
 
 #if defined(HYBRIDTRT_CPU_EMULATION)
@@ -125,6 +154,16 @@ struct WarpTile
         nvcuda::wmma::fill_fragment(acc, 0.F);
     }
 
+    //! Uniform scale: independent of the (opaque) fragment layout.
+    __device__ __forceinline__ void scale(float s)
+    {
+#pragma unroll
+        for (int i = 0; i < acc.num_elements; ++i)
+        {
+            acc.x[i] *= s;
+        }
+    }
+
     template <bool kAColMajor, bool kBColMajor>
     __device__ __forceinline__ void mma(T const* a, int lda, T const* b, int ldb, int k)
     {
@@ -139,6 +178,11 @@ struct WarpTile
             wmma::load_matrix_sync(fb, b + (kBColMajor ? kk : kk * ldb), ldb);
             wmma::mma_sync(acc, fa, fb, acc);
         }
+    }
+
+    __device__ __forceinline__ void load(float const* src, int ld)
+    {
+        nvcuda::wmma::load_matrix_sync(acc, src, ld, nvcuda::wmma::mem_row_major);
     }
 
     __device__ __forceinline__ void store(float* dst, int ld) const
@@ -163,6 +207,15 @@ struct WarpTile<T, false>
         }
     }
 
+    __device__ __forceinline__ void scale(float s)
+    {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+        {
+            acc[j] *= s;
+        }
+    }
+
     template <bool kAColMajor, bool kBColMajor>
     __device__ __forceinline__ void mma(T const* a, int lda, T const* b, int ldb, int k)
     {
@@ -178,6 +231,17 @@ struct WarpTile<T, false>
                 float const bv = kBColMajor ? b[(c0 + j) * ldb + kk] : b[kk * ldb + c0 + j];
                 acc[j] = fmaf(av, bv, acc[j]);
             }
+        }
+    }
+
+    __device__ __forceinline__ void load(float const* src, int ld)
+    {
+        int const lane = threadIdx.x % 32;
+        float const* row = src + (lane / 2) * ld + (lane % 2) * 8;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+        {
+            acc[j] = row[j];
         }
     }
 
@@ -214,27 +278,31 @@ __device__ __forceinline__ void loadTile(
     }
 }
 
-//! sDt[l] = dt, sAcum[l] = dt * A for the chunk (0 past the end of the sequence); call before a sync.
+//! sDt[i] = dt, sAcum[i] = dt * A for `count` tokens from l0 (0 from `len` on, i.e. past the sequence's end).
 __device__ __forceinline__ void loadDecayInputs(
-    ScanParams const& p, int64_t b, int32_t h, int32_t l0, int32_t len, float* sDt, float* sAcum)
+    ScanParams const& p, int64_t b, int32_t h, int32_t l0, int32_t len, int32_t count, float* sDt, float* sAcum)
 {
-    if (threadIdx.x < kChunk)
+    for (int i = threadIdx.x; i < count; i += blockDim.x)
     {
-        int const l = threadIdx.x;
-        float const dtv = l < len ? loadAny(p.dt, p.dtDtype, (b * p.seqLen + l0 + l) * p.numHeads + h) : 0.F;
-        sDt[l] = dtv;
-        sAcum[l] = dtv * p.A[h];
+        float const dtv = i < len ? loadAny(p.dt, p.dtDtype, (b * p.seqLen + l0 + i) * p.numHeads + h) : 0.F;
+        sDt[i] = dtv;
+        sAcum[i] = dtv * p.A[h];
     }
 }
 
-//! In-place inclusive prefix sum of the kChunk values in sAcum (warp 0 only; sync before and after).
-__device__ __forceinline__ void scanChunk(float* sAcum, float* sExpA)
+//! Inclusive prefix sum of `count` (a multiple of 64, <= 256) values of sAcum: warp w scans values
+//! [64 w, 64 w + 64), then adds the totals of the warps before it. Call with the whole block after a sync;
+//! contains three __syncthreads (the last one publishes the result).
+__device__ __forceinline__ void blockScan(float* sAcum, int count)
 {
-    if (threadIdx.x < 32)
+    int const warp = threadIdx.x / 32;
+    int const lane = threadIdx.x % 32;
+    bool const active = warp * kSub < count;
+    float* seg = sAcum + warp * kSub;
+    if (active)
     {
-        int const lane = threadIdx.x;
-        float const a0 = sAcum[2 * lane];
-        float const a1 = sAcum[2 * lane + 1];
+        float const a0 = seg[2 * lane];
+        float const a1 = seg[2 * lane + 1];
         float incl = a0 + a1;
 #pragma unroll
         for (int offset = 1; offset < 32; offset *= 2)
@@ -246,149 +314,202 @@ __device__ __forceinline__ void scanChunk(float* sAcum, float* sExpA)
             }
         }
         float const excl = incl - (a0 + a1);
-        sAcum[2 * lane] = excl + a0;
-        sAcum[2 * lane + 1] = incl;
-        if (sExpA != nullptr)
+        seg[2 * lane] = excl + a0;
+        seg[2 * lane + 1] = incl;
+    }
+    __syncthreads();
+    float carry = 0.F; // totals of the warps before this one, read before any segment changes again
+    for (int w = 0; w < warp && active; ++w)
+    {
+        carry += sAcum[w * kSub + kSub - 1];
+    }
+    __syncthreads();
+    if (active && warp > 0)
+    {
+        seg[2 * lane] += carry;
+        seg[2 * lane + 1] += carry;
+    }
+    __syncthreads();
+}
+
+//! Writes element i (of a [rows x kN] state tile) in the activation dtype: the chunk start states.
+template <typename TOut>
+struct StoreTyped
+{
+    TOut* dst;
+    __device__ __forceinline__ void operator()(int64_t i, float v) const
+    {
+        dst[i] = fromFloat<TOut>(v);
+    }
+};
+
+//! Writes element i in the state dtype, known at run time: final_state.
+struct StoreAny
+{
+    void* dst;
+    int32_t dtype;
+    int64_t offset; //!< elements before the tile
+    __device__ __forceinline__ void operator()(int64_t i, float v) const
+    {
+        storeAny(dst, dtype, offset + i, v);
+    }
+};
+
+//! Moves the state rows [16 band, 16 band + 16) between this warp's accumulator tiles and the fp32 staging
+//! band (row-major, ld kLdStage): stores them there (`toStage`) or loads them from there.
+template <typename T, int kN>
+__device__ __forceinline__ void exchangeBand(WarpTile<T>* s, int32_t tp, int band, float* sStage, bool toStage)
+{
+    using L = ScanLayout<T, kN>;
+    constexpr int kColFrags = kN / 16;
+    int const warp = threadIdx.x / 32;
+    int const frags = (tp / 16) * kColFrags;
+#pragma unroll
+    for (int i = 0; i < L::kStateFrags; ++i)
+    {
+        int const f = warp + i * kWarps;
+        if (f < frags && f / kColFrags == band)
         {
-            sExpA[2 * lane] = expf(excl + a0);
-            sExpA[2 * lane + 1] = expf(incl);
+            if (toStage)
+            {
+                s[i].store(sStage + (f % kColFrags) * 16, L::kLdStage);
+            }
+            else
+            {
+                s[i].load(sStage + (f % kColFrags) * 16, L::kLdStage);
+            }
         }
     }
 }
 
-template <typename T, int kN>
-__global__ void __launch_bounds__(kThreads) chunkStateKernel(ScanParams const p)
+//! Stores the running state held in the warps' accumulators (tile rows [0, tp), kN columns) through a 16-row
+//! fp32 staging band: element (row, n) goes to store(row * kN + n, value). Contains __syncthreads.
+template <typename T, int kN, typename Store>
+__device__ __forceinline__ void publishState(WarpTile<T>* s, int32_t tp, float* sStage, Store const& store)
 {
     using L = ScanLayout<T, kN>;
+    for (int band = 0; band < tp / 16; ++band)
+    {
+        exchangeBand<T, kN>(s, tp, band, sStage, true);
+        __syncthreads();
+        for (int i = threadIdx.x; i < 16 * kN; i += blockDim.x)
+        {
+            int const r = i / kN;
+            int const n = i % kN;
+            store(int64_t(band * 16 + r) * kN + n, sStage[r * L::kLdStage + n]);
+        }
+        __syncthreads();
+    }
+}
+
+template <typename T, int kN>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) chunkStateKernel(ScanParams const p)
+{
+    using L = ScanLayout<T, kN>;
+    constexpr int kColFrags = kN / 16;
     HYBRIDTRT_DYNAMIC_SHARED_MEMORY(smem);
     auto* sAcum = reinterpret_cast<float*>(smem);
-    auto* sDt = reinterpret_cast<float*>(smem + kChunk * 4);
+    auto* sDt = reinterpret_cast<float*>(smem + kSub * 4);
     auto* sX = reinterpret_cast<T*>(smem + L::kStOffX);
     auto* sB = reinterpret_cast<T*>(smem + L::kStOffB);
+    auto* sStage = reinterpret_cast<float*>(smem + L::kStOffB); // only between sub-tiles, when sB is free
 
     int64_t const bh = blockIdx.x;
-    int32_t const c = blockIdx.y;
     int64_t const b = bh / p.numHeads;
     int32_t const h = static_cast<int32_t>(bh % p.numHeads);
     int32_t const g = h / p.headsPerGroup;
-    int32_t const l0 = c * kChunk;
-    int32_t const len = min(kChunk, p.seqLen - l0);
-    int32_t const p0 = blockIdx.z * p.tileP;
+    int32_t const p0 = blockIdx.y * p.tileP;
     int32_t const tp = min(p.tileP, p.headDim - p0);
-    int32_t const kEff = (len + 15) / 16 * 16;
-
-    loadDecayInputs(p, b, h, l0, len, sDt, sAcum);
-    loadTile(sX, L::kLdX, static_cast<T const*>(p.x) + ((b * p.seqLen + l0) * p.numHeads + h) * p.headDim + p0,
-        int64_t(p.numHeads) * p.headDim, kEff, len, tp);
-    loadTile(sB, L::kLdN, static_cast<T const*>(p.B) + ((b * p.seqLen + l0) * p.numGroups + g) * kN,
-        int64_t(p.numGroups) * kN, kEff, len, kN);
-    __syncthreads();
-    scanChunk(sAcum, nullptr);
-    __syncthreads();
-
-    // Fold dt * exp(a_end - a[l]) into the rows of B.
-    float const aEnd = sAcum[kChunk - 1];
-    for (int i = threadIdx.x; i < kEff * kN; i += blockDim.x)
-    {
-        int const l = i / kN;
-        int const n = i % kN;
-        T& v = sB[l * L::kLdN + n];
-        v = fromFloat<T>(toFloat(v) * sDt[l] * expf(aEnd - sAcum[l]));
-    }
-    if (blockIdx.z == 0 && threadIdx.x == 0)
-    {
-        p.chunkDecay[bh * p.nChunks + c] = aEnd;
-    }
-    __syncthreads();
-
-    // states[c][p][n] = sum_l X[l][p] * Bw[l][n]: A = X^T (column-major view of sX), B = Bw.
     int const warp = threadIdx.x / 32;
-    int const colFrags = kN / 16;
-    int const frags = (tp / 16) * colFrags;
-    float* out = p.chunkStates + ((bh * p.nChunks + c) * p.headDim + p0) * kN;
-    for (int f = warp; f < frags; f += kWarps)
-    {
-        int const fr = f / colFrags;
-        int const fc = f % colFrags;
-        WarpTile<T> tile;
-        tile.zero();
-        tile.template mma<true, false>(sX + fr * 16, L::kLdX, sB + fc * 16, L::kLdN, kEff);
-        tile.store(out + (fr * 16) * kN + fc * 16, kN);
-    }
-}
+    int const frags = (tp / 16) * kColFrags;
+    int64_t const stateBase = (bh * p.headDim + p0) * kN; // this tile in [B, H, P, N]
 
-template <typename TState>
-__global__ void __launch_bounds__(256) statePassingKernel(ScanParams const p)
-{
-    int64_t const bh = blockIdx.y;
-    int64_t const pn = int64_t(p.headDim) * p.dState;
-    int64_t const e = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
-    if (e >= pn)
+    // The running state s [tp x N], fp32, in tensor-core accumulators for the whole sequence.
+    WarpTile<T> s[L::kStateFrags];
+#pragma unroll
+    for (int i = 0; i < L::kStateFrags; ++i)
     {
-        return;
+        s[i].zero();
     }
-    float s[4] = {0.F, 0.F, 0.F, 0.F};
     if (p.initialState != nullptr)
     {
-        auto const* init = static_cast<TState const*>(p.initialState) + bh * pn + e;
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int band = 0; band < tp / 16; ++band)
         {
-            s[j] = toFloat(init[j]);
+            for (int i = threadIdx.x; i < 16 * kN; i += blockDim.x)
+            {
+                int const r = i / kN;
+                int const n = i % kN;
+                sStage[r * L::kLdStage + n] = loadAny(p.initialState, p.stateDtype, stateBase + (band * 16 + r) * kN + n);
+            }
+            __syncthreads();
+            exchangeBand<T, kN>(s, tp, band, sStage, false);
+            __syncthreads();
         }
     }
-    float* cs = p.chunkStates + bh * p.nChunks * pn + e;
-    float const* decay = p.chunkDecay + bh * p.nChunks;
-    // The recurrence is sequential over chunks, its loads are not: fetch kAhead chunks at once so that
-    // one memory latency is exposed per kAhead chunks instead of per chunk.
-    constexpr int kAhead = 4;
-    for (int32_t c0 = 0; c0 < p.nChunks; c0 += kAhead)
+
+    int32_t const subsPerChunk = p.chunk / kSub;
+    int32_t const nSubs = (p.seqLen + kSub - 1) / kSub;
+    auto* starts = static_cast<T*>(p.startStates);
+    for (int32_t j = 0; j < nSubs; ++j)
     {
-        float4 cur[kAhead];
-#pragma unroll
-        for (int j = 0; j < kAhead; ++j)
+        if (j % subsPerChunk == 0) // the state entering chunk j / subsPerChunk, written once
         {
-            if (c0 + j < p.nChunks)
+            int64_t const c = j / subsPerChunk;
+            StoreTyped<T> const store{starts + ((bh * p.nChunks + c) * p.headDim + p0) * kN};
+            publishState<T, kN>(s, tp, sStage, store);
+        }
+        int32_t const l0 = j * kSub;
+        int32_t const len = min(kSub, p.seqLen - l0);
+        int32_t const kEff = (len + 15) / 16 * 16;
+        loadDecayInputs(p, b, h, l0, len, kSub, sDt, sAcum);
+        loadTile(sX, L::kLdX, static_cast<T const*>(p.x) + ((b * p.seqLen + l0) * p.numHeads + h) * p.headDim + p0,
+            int64_t(p.numHeads) * p.headDim, kEff, len, tp);
+        loadTile(sB, L::kLdN, static_cast<T const*>(p.B) + ((b * p.seqLen + l0) * p.numGroups + g) * kN,
+            int64_t(p.numGroups) * kN, kEff, len, kN);
+        __syncthreads();
+        blockScan(sAcum, kSub);
+
+        // Fold dt * exp(a_end - a[l]) into the rows of B (dt = 0 past the end: those rows add nothing).
+        float const aEnd = sAcum[kSub - 1];
+        for (int i = threadIdx.x; i < kEff * kN; i += blockDim.x)
+        {
+            int const l = i / kN;
+            int const n = i % kN;
+            T& v = sB[l * L::kLdN + n];
+            v = fromFloat<T>(toFloat(v) * sDt[l] * expf(aEnd - sAcum[l]));
+        }
+        __syncthreads();
+
+        // s = exp(a_end) s + X^T Bw: A = X^T (column-major view of sX), B = Bw.
+        float const decay = expf(aEnd);
+#pragma unroll
+        for (int i = 0; i < L::kStateFrags; ++i)
+        {
+            int const f = warp + i * kWarps;
+            if (f < frags)
             {
-                cur[j] = __ldcg(reinterpret_cast<float4 const*>(cs + (c0 + j) * pn));
+                s[i].scale(decay);
+                s[i].template mma<true, false>(
+                    sX + (f / kColFrags) * 16, L::kLdX, sB + (f % kColFrags) * 16, L::kLdN, kEff);
             }
         }
-#pragma unroll
-        for (int j = 0; j < kAhead; ++j)
-        {
-            if (c0 + j < p.nChunks)
-            {
-                float const d = expf(decay[c0 + j]);
-                __stcg(reinterpret_cast<float4*>(cs + (c0 + j) * pn), make_float4(s[0], s[1], s[2], s[3]));
-                s[0] = fmaf(d, s[0], cur[j].x);
-                s[1] = fmaf(d, s[1], cur[j].y);
-                s[2] = fmaf(d, s[2], cur[j].z);
-                s[3] = fmaf(d, s[3], cur[j].w);
-            }
-        }
+        __syncthreads(); // sX, sB and the staging band are rewritten next
     }
-    auto* fin = static_cast<TState*>(p.finalState) + bh * pn + e;
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-    {
-        fin[j] = fromFloat<TState>(s[j]);
-    }
+    publishState<T, kN>(s, tp, sStage, StoreAny{p.finalState, p.stateDtype, stateBase});
 }
 
 template <typename T, int kN>
-__global__ void __launch_bounds__(kThreads) chunkOutputKernel(ScanParams const p)
+__global__ void __launch_bounds__(kThreads, kMinBlocks) chunkOutputKernel(ScanParams const p)
 {
     using L = ScanLayout<T, kN>;
-    constexpr int kMaxFrags = (kChunk / 16) * (L::kTileP / 16) / kWarps;
     HYBRIDTRT_DYNAMIC_SHARED_MEMORY(smem);
     auto* sAcum = reinterpret_cast<float*>(smem + L::kOffAcum);
     auto* sDt = reinterpret_cast<float*>(smem + L::kOffDt);
-    auto* sExpA = reinterpret_cast<float*>(smem + L::kOffExpA);
     auto* sC = reinterpret_cast<T*>(smem + L::kOffC);
-    auto* sOut = reinterpret_cast<float*>(smem + L::kOffC);
     auto* sB = reinterpret_cast<T*>(smem + L::kOffB);
-    auto* sS = reinterpret_cast<T*>(smem + L::kOffB);
+    auto* sS = reinterpret_cast<T*>(smem + L::kOffS);
     auto* sCB = reinterpret_cast<float*>(smem + L::kOffCB);
+    auto* sOut = reinterpret_cast<float*>(smem + L::kOffCB);
     auto* sM = reinterpret_cast<T*>(smem + L::kOffM);
     auto* sX = reinterpret_cast<T*>(smem + L::kOffX);
 
@@ -397,108 +518,130 @@ __global__ void __launch_bounds__(kThreads) chunkOutputKernel(ScanParams const p
     int64_t const b = bh / p.numHeads;
     int32_t const h = static_cast<int32_t>(bh % p.numHeads);
     int32_t const g = h / p.headsPerGroup;
-    int32_t const l0 = c * kChunk;
-    int32_t const len = min(kChunk, p.seqLen - l0);
+    int32_t const c0 = c * p.chunk;
+    int32_t const len = min(p.chunk, p.seqLen - c0);
+    int32_t const count = (len + kSub - 1) / kSub * kSub;
     int32_t const p0 = blockIdx.z * p.tileP;
     int32_t const tp = min(p.tileP, p.headDim - p0);
-    int32_t const rowFrags = (len + 15) / 16;
-    int32_t const kEff = rowFrags * 16;
+    int32_t const colFrags = tp / 16;
     int const warp = threadIdx.x / 32;
 
-    loadDecayInputs(p, b, h, l0, len, sDt, sAcum);
-    int64_t const bcRow = (b * p.seqLen + l0) * p.numGroups + g;
-    loadTile(sC, L::kLdN, static_cast<T const*>(p.C) + bcRow * kN, int64_t(p.numGroups) * kN, kEff, len, kN);
-    loadTile(sB, L::kLdN, static_cast<T const*>(p.B) + bcRow * kN, int64_t(p.numGroups) * kN, kEff, len, kN);
-    loadTile(sX, L::kLdX, static_cast<T const*>(p.x) + ((b * p.seqLen + l0) * p.numHeads + h) * p.headDim + p0,
-        int64_t(p.numHeads) * p.headDim, kEff, len, tp);
+    loadDecayInputs(p, b, h, c0, len, count, sDt, sAcum);
+    loadTile(sS, L::kLdN, static_cast<T const*>(p.startStates) + ((bh * p.nChunks + c) * p.headDim + p0) * kN, kN,
+        tp, tp, kN);
     __syncthreads();
-    scanChunk(sAcum, sExpA);
+    blockScan(sAcum, count);
 
-    // G1: C.B^T, lower block triangle only (blocks above the diagonal are fully masked).
-    for (int f = warp; f < rowFrags * rowFrags; f += kWarps)
-    {
-        int const fr = f / rowFrags;
-        int const fc = f % rowFrags;
-        if (fc > fr)
-        {
-            continue;
-        }
-        WarpTile<T> tile;
-        tile.zero();
-        tile.template mma<false, true>(sC + fr * 16 * L::kLdN, L::kLdN, sB + fc * 16 * L::kLdN, L::kLdN, kN);
-        tile.store(sCB + fr * 16 * L::kLdCB + fc * 16, L::kLdCB);
-    }
-    __syncthreads();
+    auto const* C = static_cast<T const*>(p.C);
+    auto const* Bm = static_cast<T const*>(p.B);
+    auto const* x = static_cast<T const*>(p.x);
+    int64_t const bcStride = int64_t(p.numGroups) * kN;  // between tokens in B and C
+    int64_t const xStride = int64_t(p.numHeads) * p.headDim; // between tokens in x and y
+    int64_t const bcToken0 = ((b * p.seqLen + c0) * p.numGroups + g) * kN;
+    int64_t const xToken0 = ((b * p.seqLen + c0) * p.numHeads + h) * p.headDim + p0;
+    float const skip = p.D != nullptr ? p.D[h] : 0.F;
 
-    // M[l][s] = C[l].B[s] * exp(a[l] - a[s]) * dt[s] for s <= l; C rows scaled by exp(a[l]);
-    // the fp32 start state of this chunk and P tile replaces B (no longer needed).
-    for (int i = threadIdx.x; i < kEff * kEff; i += blockDim.x)
+    for (int32_t r = 0; r < count / kSub; ++r)
     {
-        int const l = i / kEff;
-        int const s = i % kEff;
-        float const v = s <= l ? sCB[l * L::kLdCB + s] * expf(sAcum[l] - sAcum[s]) * sDt[s] : 0.F;
-        sM[l * L::kLdM + s] = fromFloat<T>(v);
-    }
-    for (int i = threadIdx.x; i < kEff * kN; i += blockDim.x)
-    {
-        int const l = i / kN;
-        int const n = i % kN;
-        T& v = sC[l * L::kLdN + n];
-        v = fromFloat<T>(toFloat(v) * sExpA[l]);
-    }
-    float const* start = p.chunkStates + ((bh * p.nChunks + c) * p.headDim + p0) * kN;
-    for (int i = threadIdx.x; i < tp * (kN / 4); i += blockDim.x)
-    {
-        int const r = i / (kN / 4);
-        int const n = (i % (kN / 4)) * 4;
-        float4 const v = __ldcg(reinterpret_cast<float4 const*>(start + r * kN + n));
-        T* dst = sS + r * L::kLdN + n;
-        dst[0] = fromFloat<T>(v.x);
-        dst[1] = fromFloat<T>(v.y);
-        dst[2] = fromFloat<T>(v.z);
-        dst[3] = fromFloat<T>(v.w);
-    }
-    __syncthreads();
-
-    // G2 + G3 into one accumulator: Y = (C * exp(a)) . start^T + M . X  (M is lower triangular).
-    int const colFrags = tp / 16;
-    WarpTile<T> acc[kMaxFrags];
+        int32_t const lenR = min(kSub, len - r * kSub);
+        int32_t const rowFrags = (lenR + 15) / 16;
+        int32_t const kEffR = rowFrags * 16;
+        loadTile(sC, L::kLdN, C + bcToken0 + r * kSub * bcStride, bcStride, kEffR, lenR, kN);
+        WarpTile<T> acc[L::kOutFrags];
 #pragma unroll
-    for (int i = 0; i < kMaxFrags; ++i)
-    {
-        int const f = warp + i * kWarps;
-        int const fr = f / colFrags;
-        int const fc = f % colFrags;
-        if (f < rowFrags * colFrags)
+        for (int i = 0; i < L::kOutFrags; ++i)
         {
             acc[i].zero();
-            acc[i].template mma<false, true>(
-                sC + fr * 16 * L::kLdN, L::kLdN, sS + fc * 16 * L::kLdN, L::kLdN, kN);
-            acc[i].template mma<false, false>(
-                sM + fr * 16 * L::kLdM, L::kLdM, sX + fc * 16, L::kLdX, (fr + 1) * 16);
         }
-    }
-    __syncthreads(); // sOut overwrites sC
-#pragma unroll
-    for (int i = 0; i < kMaxFrags; ++i)
-    {
-        int const f = warp + i * kWarps;
-        if (f < rowFrags * colFrags)
+        for (int32_t s = 0; s <= r; ++s)
         {
-            acc[i].store(sOut + (f / colFrags) * 16 * L::kLdOut + (f % colFrags) * 16, L::kLdOut);
-        }
-    }
-    __syncthreads();
+            bool const diagonal = s == r;
+            int32_t const lenS = min(kSub, len - s * kSub);
+            int32_t const colFragsS = (lenS + 15) / 16;
+            int32_t const kEffS = colFragsS * 16;
+            loadTile(sB, L::kLdN, Bm + bcToken0 + s * kSub * bcStride, bcStride, kEffS, lenS, kN);
+            loadTile(sX, L::kLdX, x + xToken0 + s * kSub * xStride, xStride, kEffS, lenS, tp);
+            __syncthreads();
 
-    float const skip = p.D != nullptr ? p.D[h] : 0.F;
-    auto* y = static_cast<T*>(p.y) + ((b * p.seqLen + l0) * p.numHeads + h) * p.headDim + p0;
-    int64_t const yStride = int64_t(p.numHeads) * p.headDim;
-    for (int i = threadIdx.x; i < len * tp; i += blockDim.x)
-    {
-        int const l = i / tp;
-        int const col = i % tp;
-        float const v = sOut[l * L::kLdOut + col] + skip * toFloat(sX[l * L::kLdX + col]);
-        y[l * yStride + col] = fromFloat<T>(v);
+            // C.B^T for rows r and columns s; on the diagonal the lower block triangle only.
+            for (int f = warp; f < rowFrags * colFragsS; f += kWarps)
+            {
+                int const fr = f / colFragsS;
+                int const fc = f % colFragsS;
+                if (diagonal && fc > fr)
+                {
+                    continue;
+                }
+                WarpTile<T> tile;
+                tile.zero();
+                tile.template mma<false, true>(sC + fr * 16 * L::kLdN, L::kLdN, sB + fc * 16 * L::kLdN, L::kLdN, kN);
+                tile.store(sCB + fr * 16 * L::kLdCB + fc * 16, L::kLdCB);
+            }
+            __syncthreads();
+
+            // M[l][s'] = C[l].B[s'] exp(a[l] - a[s']) dt[s'], causal (s' <= l) on the diagonal.
+            float const* aR = sAcum + r * kSub;
+            float const* aS = sAcum + s * kSub;
+            float const* dtS = sDt + s * kSub;
+            for (int i = threadIdx.x; i < kEffR * kEffS; i += blockDim.x)
+            {
+                int const l = i / kEffS;
+                int const sp = i % kEffS;
+                float const v
+                    = (!diagonal || sp <= l) ? sCB[l * L::kLdCB + sp] * expf(aR[l] - aS[sp]) * dtS[sp] : 0.F;
+                sM[l * L::kLdM + sp] = fromFloat<T>(v);
+            }
+            __syncthreads();
+
+            // Y += M.X_s (on the diagonal M is lower triangular: the depth stops at the diagonal block).
+#pragma unroll
+            for (int i = 0; i < L::kOutFrags; ++i)
+            {
+                int const f = warp + i * kWarps;
+                if (f < rowFrags * colFrags)
+                {
+                    int const fr = f / colFrags;
+                    int const fc = f % colFrags;
+                    acc[i].template mma<false, false>(sM + fr * 16 * L::kLdM, L::kLdM, sX + fc * 16, L::kLdX,
+                        diagonal ? (fr + 1) * 16 : kEffS);
+                }
+            }
+            __syncthreads(); // sB, sX, sCB and sM are rewritten next
+        }
+
+        // Y += (C * exp(a)) . start^T: the chunk's start state decayed to each row.
+        for (int i = threadIdx.x; i < kEffR * kN; i += blockDim.x)
+        {
+            int const l = i / kN;
+            int const n = i % kN;
+            T& v = sC[l * L::kLdN + n];
+            v = fromFloat<T>(toFloat(v) * expf(sAcum[r * kSub + l]));
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < L::kOutFrags; ++i)
+        {
+            int const f = warp + i * kWarps;
+            if (f < rowFrags * colFrags)
+            {
+                int const fr = f / colFrags;
+                int const fc = f % colFrags;
+                acc[i].template mma<false, true>(sC + fr * 16 * L::kLdN, L::kLdN, sS + fc * 16 * L::kLdN, L::kLdN, kN);
+                acc[i].store(sOut + fr * 16 * L::kLdOut + fc * 16, L::kLdOut); // sCB is no longer read
+            }
+        }
+        __syncthreads();
+
+        // y = Y + D x (sX holds x of this row tile: the last s was r).
+        auto* y = static_cast<T*>(p.y) + xToken0 + r * kSub * xStride;
+        for (int i = threadIdx.x; i < lenR * tp; i += blockDim.x)
+        {
+            int const l = i / tp;
+            int const col = i % tp;
+            float const v = sOut[l * L::kLdOut + col] + skip * toFloat(sX[l * L::kLdX + col]);
+            y[l * xStride + col] = fromFloat<T>(v);
+        }
+        __syncthreads(); // sC, sX and the output tile are rewritten by the next row tile
     }
 }
 
@@ -510,95 +653,110 @@ inline int32_t pickTileP(int64_t headDim, int32_t maxTile)
     return static_cast<int32_t>((width + 15) / 16 * 16);
 }
 
-//! Opts the two GEMM kernels in to their dynamic shared memory (> 48 KiB) once per device. A host-side
-//! function attribute, not a stream operation: no synchronisation; after the first launch on a device
-//! (TensorRT's build / warm-up) it is a cached bit test, so captured launches make no CUDA call here.
+//! Opts both kernels of (T, kN) in to their dynamic shared memory (> 48 KiB) on the current device. Outside a
+//! stream capture it calls cudaFuncSetAttribute every time (a host-side attribute: no stream work, no sync), so
+//! a new device or a new context is never assumed to be set up already. Inside a capture it makes no CUDA call:
+//! the opt-in must have happened on this device before (hybridtrtMamba2ChunkScanPrepare, or any launch outside a
+//! capture), else the launch is refused with NOT_PREPARED.
 template <typename T, int kN>
-cudaError_t ensureSharedMemoryOptIn()
+int32_t optInSharedMemory(cudaStream_t stream, bool capturing)
 {
-#if defined(HYBRIDTRT_CPU_EMULATION)
-    return cudaSuccess;
-#else
-    static std::atomic<uint64_t> sDevicesDone{0};
-    int device = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess)
-    {
-        return err;
-    }
-    uint64_t const bit = device < 64 ? (uint64_t{1} << device) : 0;
-    if (bit != 0 && (sDevicesDone.load(std::memory_order_acquire) & bit) != 0)
-    {
-        return cudaSuccess;
-    }
-    using L = ScanLayout<T, kN>;
-    err = cudaFuncSetAttribute(
-        chunkStateKernel<T, kN>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L::kStBytes));
-    if (err == cudaSuccess)
-    {
-        err = cudaFuncSetAttribute(
-            chunkOutputKernel<T, kN>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L::kBytes));
-    }
-    if (err == cudaSuccess)
-    {
-        sDevicesDone.fetch_or(bit, std::memory_order_release);
-    }
-    return err;
-#endif
-}
-
-template <typename T, int kN>
-int32_t launchScan(ScanParams p, int64_t batch, int32_t stateDtype, cudaStream_t stream)
-{
-    using L = ScanLayout<T, kN>;
-    p.tileP = pickTileP(p.headDim, L::kTileP);
-    uint32_t const pTiles = static_cast<uint32_t>((p.headDim + p.tileP - 1) / p.tileP);
-    dim3 const grid(static_cast<uint32_t>(batch * p.numHeads), static_cast<uint32_t>(p.nChunks), pTiles);
-
-    if (ensureSharedMemoryOptIn<T, kN>() != cudaSuccess)
+    static std::atomic<uint64_t> sPrepared{0}; // one bit per device < 64 (this instantiation's kernels)
+    int32_t const device = currentDevice();
+    if (device < 0)
     {
         return kHYBRIDTRT_CUDA_ERROR;
     }
-    launchKernel(chunkStateKernel<T, kN>, grid, dim3(kThreads), L::kStBytes, stream, p);
-
-    int64_t const pn = int64_t(p.headDim) * kN;
-    dim3 const gridPass(static_cast<uint32_t>((pn / 4 + 255) / 256), static_cast<uint32_t>(batch * p.numHeads));
-    switch (stateDtype)
+    uint64_t const bit = device < 64 ? (uint64_t{1} << device) : 0;
+    if (capturing)
     {
-    case kHYBRIDTRT_FLOAT32: launchKernel(statePassingKernel<float>, gridPass, dim3(256), 0, stream, p); break;
-    case kHYBRIDTRT_FLOAT16: launchKernel(statePassingKernel<__half>, gridPass, dim3(256), 0, stream, p); break;
-    default: launchKernel(statePassingKernel<__nv_bfloat16>, gridPass, dim3(256), 0, stream, p); break;
+        return bit != 0 && (sPrepared.load(std::memory_order_acquire) & bit) != 0 ? kHYBRIDTRT_SUCCESS
+                                                                                : kHYBRIDTRT_NOT_PREPARED;
     }
+    (void) stream;
+    using L = ScanLayout<T, kN>;
+    if (!setMaxDynamicSharedMemory(chunkStateKernel<T, kN>, L::kStBytes)
+        || !setMaxDynamicSharedMemory(chunkOutputKernel<T, kN>, L::kBytes))
+    {
+        return kHYBRIDTRT_CUDA_ERROR;
+    }
+    sPrepared.fetch_or(bit, std::memory_order_release);
+    return kHYBRIDTRT_SUCCESS;
+}
 
-    launchKernel(chunkOutputKernel<T, kN>, grid, dim3(kThreads), L::kBytes, stream, p);
+template <typename T, int kN>
+int32_t launchScan(ScanParams p, int64_t batch, cudaStream_t stream)
+{
+    using L = ScanLayout<T, kN>;
+    p.tileP = pickTileP(p.headDim, L::kTileP);
+    auto const pTiles = static_cast<uint32_t>((p.headDim + p.tileP - 1) / p.tileP);
+    auto const rows = static_cast<uint32_t>(batch * p.numHeads); // grid.x: up to 2^31 - 1 (checkShapes)
+    int32_t const status = optInSharedMemory<T, kN>(stream, streamIsCapturing(stream));
+    if (status != kHYBRIDTRT_SUCCESS)
+    {
+        return status;
+    }
+    launchKernel(chunkStateKernel<T, kN>, dim3(rows, pTiles), dim3(kThreads), L::kStBytes, stream, p);
+    launchKernel(chunkOutputKernel<T, kN>, dim3(rows, static_cast<uint32_t>(p.nChunks), pTiles), dim3(kThreads),
+        L::kBytes, stream, p);
     return launchStatus();
 }
 
 template <typename T>
-int32_t dispatchScanN(ScanParams const& p, int64_t batch, int32_t stateDtype, cudaStream_t stream)
+int32_t dispatchScanN(ScanParams const& p, int64_t batch, cudaStream_t stream)
 {
     switch (p.dState)
     {
-    case 16: return launchScan<T, 16>(p, batch, stateDtype, stream);
-    case 64: return launchScan<T, 64>(p, batch, stateDtype, stream);
-    case 128: return launchScan<T, 128>(p, batch, stateDtype, stream);
+    case 16: return launchScan<T, 16>(p, batch, stream);
+    case 64: return launchScan<T, 64>(p, batch, stream);
+    case 128: return launchScan<T, 128>(p, batch, stream);
     default: return kHYBRIDTRT_UNSUPPORTED_D_STATE;
     }
 }
 
-struct ScanWorkspace
+template <typename T>
+int32_t prepareN(int64_t dState)
 {
-    size_t statesBytes;
-    size_t decayBytes;
-};
+    int32_t status = kHYBRIDTRT_SUCCESS;
+    if (status == kHYBRIDTRT_SUCCESS && (dState < 0 || dState == 16))
+    {
+        status = optInSharedMemory<T, 16>(nullptr, false);
+    }
+    if (status == kHYBRIDTRT_SUCCESS && (dState < 0 || dState == 64))
+    {
+        status = optInSharedMemory<T, 64>(nullptr, false);
+    }
+    if (status == kHYBRIDTRT_SUCCESS && (dState < 0 || dState == 128))
+    {
+        status = optInSharedMemory<T, 128>(nullptr, false);
+    }
+    return status;
+}
 
-inline ScanWorkspace scanWorkspace(int64_t batch, int64_t seqLen, int64_t numHeads, int64_t headDim, int64_t dState)
+//! Chunks of a sequence and the workspace bytes of their start states (activation dtype).
+inline size_t startStatesBytes(int64_t batch, int64_t seqLen, int64_t numHeads, int64_t headDim, int64_t dState,
+    int32_t chunk, int32_t actDtype)
 {
-    int64_t const nChunks = (seqLen + kChunk - 1) / kChunk;
-    ScanWorkspace ws{};
-    ws.statesBytes = alignUp(static_cast<size_t>(batch * numHeads * nChunks * headDim * dState) * 4, 256);
-    ws.decayBytes = alignUp(static_cast<size_t>(batch * numHeads * nChunks) * 4, 256);
-    return ws;
+    int64_t const nChunks = (seqLen + chunk - 1) / chunk;
+    return alignUp(static_cast<size_t>(batch * numHeads * nChunks * headDim * dState) * dtypeSize(actDtype), 256);
+}
+
+//! Shape checks of the scan on top of checkShapes: chunk_size >= 1 and at most 65535 chunks (grid.y).
+inline int32_t checkScan(int64_t batch, int64_t seqLen, int64_t numHeads, int64_t headDim, int64_t numGroups,
+    int64_t dState, int64_t chunkSize, int32_t actDtype, int32_t dtDtype, int32_t stateDtype)
+{
+    int32_t const status
+        = checkShapes(batch, seqLen, numHeads, headDim, numGroups, dState, actDtype, dtDtype, stateDtype);
+    if (status != kHYBRIDTRT_SUCCESS)
+    {
+        return status;
+    }
+    int32_t const chunk = chunkLength(chunkSize);
+    if (chunk == 0 || seqLen > int64_t(chunk) * 65535)
+    {
+        return kHYBRIDTRT_INVALID_SHAPE;
+    }
+    return kHYBRIDTRT_SUCCESS;
 }
 
 } // namespace
@@ -607,9 +765,9 @@ inline ScanWorkspace scanWorkspace(int64_t batch, int64_t seqLen, int64_t numHea
 
 using namespace hybridtrt::kernels;
 
-extern "C" int32_t hybridtrtMamba2ChunkScanTileLength(void)
+extern "C" int32_t hybridtrtMamba2ChunkScanChunkLength(int64_t chunkSize)
 {
-    return kChunk;
+    return chunkLength(chunkSize);
 }
 
 template <typename T>
@@ -646,9 +804,35 @@ extern "C" int32_t hybridtrtMamba2ChunkScanSharedMemory(
     return kHYBRIDTRT_SUCCESS;
 }
 
+extern "C" int32_t hybridtrtMamba2ChunkScanPrepare(int32_t actDtype, int64_t dState)
+{
+    if (dState >= 0 && dState != 16 && dState != 64 && dState != 128)
+    {
+        return kHYBRIDTRT_UNSUPPORTED_D_STATE;
+    }
+    if (actDtype >= 0 && !isDtype(actDtype))
+    {
+        return kHYBRIDTRT_UNSUPPORTED_DTYPE;
+    }
+    int32_t status = kHYBRIDTRT_SUCCESS;
+    if (status == kHYBRIDTRT_SUCCESS && (actDtype < 0 || actDtype == kHYBRIDTRT_FLOAT32))
+    {
+        status = prepareN<float>(dState);
+    }
+    if (status == kHYBRIDTRT_SUCCESS && (actDtype < 0 || actDtype == kHYBRIDTRT_FLOAT16))
+    {
+        status = prepareN<__half>(dState);
+    }
+    if (status == kHYBRIDTRT_SUCCESS && (actDtype < 0 || actDtype == kHYBRIDTRT_BFLOAT16))
+    {
+        status = prepareN<__nv_bfloat16>(dState);
+    }
+    return status;
+}
+
 extern "C" int32_t hybridtrtMamba2ChunkScanWorkspaceSize(int64_t batch, int64_t seqLen, int64_t numHeads,
-    int64_t headDim, int64_t numGroups, int64_t dState, int32_t actDtype, int32_t dtDtype, int32_t stateDtype,
-    size_t* workspaceBytes)
+    int64_t headDim, int64_t numGroups, int64_t dState, int64_t chunkSize, int32_t actDtype, int32_t dtDtype,
+    int32_t stateDtype, size_t* workspaceBytes)
 {
     if (workspaceBytes == nullptr)
     {
@@ -656,34 +840,25 @@ extern "C" int32_t hybridtrtMamba2ChunkScanWorkspaceSize(int64_t batch, int64_t 
     }
     *workspaceBytes = 0;
     int32_t const status
-        = checkShapes(batch, seqLen, numHeads, headDim, numGroups, dState, actDtype, dtDtype, stateDtype);
+        = checkScan(batch, seqLen, numHeads, headDim, numGroups, dState, chunkSize, actDtype, dtDtype, stateDtype);
     if (status != kHYBRIDTRT_SUCCESS)
     {
         return status;
     }
-    if (seqLen > int64_t(kChunk) * 65535)
-    {
-        return kHYBRIDTRT_INVALID_SHAPE;
-    }
-    ScanWorkspace const ws = scanWorkspace(batch, seqLen, numHeads, headDim, dState);
-    *workspaceBytes = ws.statesBytes + ws.decayBytes;
+    *workspaceBytes = startStatesBytes(batch, seqLen, numHeads, headDim, dState, chunkLength(chunkSize), actDtype);
     return kHYBRIDTRT_SUCCESS;
 }
 
 extern "C" int32_t hybridtrtMamba2ChunkScan(void const* x, void const* dt, float const* A, void const* B,
     void const* C, float const* D, void const* initialState, void* y, void* finalState, int64_t batch,
-    int64_t seqLen, int64_t numHeads, int64_t headDim, int64_t numGroups, int64_t dState, int32_t actDtype,
-    int32_t dtDtype, int32_t stateDtype, void* workspace, size_t workspaceBytes, void* stream)
+    int64_t seqLen, int64_t numHeads, int64_t headDim, int64_t numGroups, int64_t dState, int64_t chunkSize,
+    int32_t actDtype, int32_t dtDtype, int32_t stateDtype, void* workspace, size_t workspaceBytes, void* stream)
 {
     int32_t const status
-        = checkShapes(batch, seqLen, numHeads, headDim, numGroups, dState, actDtype, dtDtype, stateDtype);
+        = checkScan(batch, seqLen, numHeads, headDim, numGroups, dState, chunkSize, actDtype, dtDtype, stateDtype);
     if (status != kHYBRIDTRT_SUCCESS)
     {
         return status;
-    }
-    if (seqLen > int64_t(kChunk) * 65535) // chunks are grid.y
-    {
-        return kHYBRIDTRT_INVALID_SHAPE;
     }
     if (x == nullptr || dt == nullptr || A == nullptr || B == nullptr || C == nullptr || y == nullptr
         || finalState == nullptr || workspace == nullptr)
@@ -694,8 +869,8 @@ extern "C" int32_t hybridtrtMamba2ChunkScan(void const* x, void const* dt, float
     {
         return kHYBRIDTRT_MISALIGNED_POINTER;
     }
-    ScanWorkspace const ws = scanWorkspace(batch, seqLen, numHeads, headDim, dState);
-    if (workspaceBytes < ws.statesBytes + ws.decayBytes)
+    int32_t const chunk = chunkLength(chunkSize);
+    if (workspaceBytes < startStatesBytes(batch, seqLen, numHeads, headDim, dState, chunk, actDtype))
     {
         return kHYBRIDTRT_WORKSPACE_TOO_SMALL;
     }
@@ -709,22 +884,23 @@ extern "C" int32_t hybridtrtMamba2ChunkScan(void const* x, void const* dt, float
     p.initialState = initialState;
     p.y = y;
     p.finalState = finalState;
-    p.chunkStates = static_cast<float*>(workspace);
-    p.chunkDecay = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + ws.statesBytes);
+    p.startStates = workspace;
     p.seqLen = static_cast<int32_t>(seqLen);
     p.numHeads = static_cast<int32_t>(numHeads);
     p.headDim = static_cast<int32_t>(headDim);
     p.numGroups = static_cast<int32_t>(numGroups);
     p.headsPerGroup = static_cast<int32_t>(numHeads / numGroups);
-    p.nChunks = static_cast<int32_t>((seqLen + kChunk - 1) / kChunk);
+    p.chunk = chunk;
+    p.nChunks = static_cast<int32_t>((seqLen + chunk - 1) / chunk);
     p.dState = static_cast<int32_t>(dState);
     p.dtDtype = dtDtype;
+    p.stateDtype = stateDtype;
     auto const s = static_cast<cudaStream_t>(stream);
     switch (actDtype)
     {
-    case kHYBRIDTRT_FLOAT32: return dispatchScanN<float>(p, batch, stateDtype, s);
-    case kHYBRIDTRT_FLOAT16: return dispatchScanN<__half>(p, batch, stateDtype, s);
-    case kHYBRIDTRT_BFLOAT16: return dispatchScanN<__nv_bfloat16>(p, batch, stateDtype, s);
+    case kHYBRIDTRT_FLOAT32: return dispatchScanN<float>(p, batch, s);
+    case kHYBRIDTRT_FLOAT16: return dispatchScanN<__half>(p, batch, s);
+    case kHYBRIDTRT_BFLOAT16: return dispatchScanN<__nv_bfloat16>(p, batch, s);
     default: return kHYBRIDTRT_UNSUPPORTED_DTYPE;
     }
 }

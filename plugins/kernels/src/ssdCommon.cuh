@@ -69,6 +69,17 @@ __device__ __forceinline__ float loadAny(void const* ptr, int32_t dtype, int64_t
     }
 }
 
+//! Stores element `i` of a tensor whose dtype is only known at run time (the final state: once per block).
+__device__ __forceinline__ void storeAny(void* ptr, int32_t dtype, int64_t i, float v)
+{
+    switch (dtype)
+    {
+    case kHYBRIDTRT_FLOAT16: static_cast<__half*>(ptr)[i] = __float2half_rn(v); break;
+    case kHYBRIDTRT_BFLOAT16: static_cast<__nv_bfloat16*>(ptr)[i] = __float2bfloat16_rn(v); break;
+    default: static_cast<float*>(ptr)[i] = v; break;
+    }
+}
+
 //! kN elements of T moved as whole 16-byte words (kN * sizeof(T) is a multiple of 16).
 template <typename T, int kN>
 struct alignas(16) Vec
@@ -132,13 +143,50 @@ inline void launchKernel(
 #endif
 }
 
-//! Status of the launches just enqueued (cudaGetLastError: no synchronisation).
+//! Status of the launches just enqueued (cudaGetLastError: no synchronisation). The emulation reports the
+//! launch configurations it refused (grid limits, dynamic shared memory against the target architecture).
 inline int32_t launchStatus()
 {
 #if defined(HYBRIDTRT_CPU_EMULATION)
-    return kHYBRIDTRT_SUCCESS;
+    return emulation::takeLaunchError() ? kHYBRIDTRT_CUDA_ERROR : kHYBRIDTRT_SUCCESS;
 #else
     return cudaGetLastError() == cudaSuccess ? kHYBRIDTRT_SUCCESS : kHYBRIDTRT_CUDA_ERROR;
+#endif
+}
+
+//! The current CUDA device, or -1 when there is none.
+inline int32_t currentDevice()
+{
+#if defined(HYBRIDTRT_CPU_EMULATION)
+    return emulation::currentDevice();
+#else
+    int device = -1;
+    return cudaGetDevice(&device) == cudaSuccess ? device : -1;
+#endif
+}
+
+//! True while `stream` is being captured into a CUDA graph (then no attribute call may run).
+inline bool streamIsCapturing(cudaStream_t stream)
+{
+#if defined(HYBRIDTRT_CPU_EMULATION)
+    (void) stream;
+    return emulation::capturing();
+#else
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    return cudaStreamIsCapturing(stream, &status) == cudaSuccess && status != cudaStreamCaptureStatusNone;
+#endif
+}
+
+//! Opts `kernel` in to `bytes` of dynamic shared memory on the current device (a host-side function attribute,
+//! no stream work). Returns false on failure (e.g. more than the architecture allows).
+template <typename Params>
+inline bool setMaxDynamicSharedMemory(void (*kernel)(Params), size_t bytes)
+{
+#if defined(HYBRIDTRT_CPU_EMULATION)
+    return emulation::setMaxDynamicSharedMemory(reinterpret_cast<void const*>(kernel), bytes);
+#else
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes))
+        == cudaSuccess;
 #endif
 }
 
@@ -166,8 +214,9 @@ inline size_t alignUp(size_t v, size_t a)
 inline int32_t checkShapes(int64_t batch, int64_t seqLen, int64_t numHeads, int64_t headDim, int64_t numGroups,
     int64_t dState, int32_t actDtype, int32_t dtDtype, int32_t stateDtype)
 {
+    // batch * heads is grid.x of every kernel (limit 2^31 - 1); nothing else depends on either alone.
     if (batch < 1 || seqLen < 1 || numHeads < 1 || numGroups < 1 || numHeads % numGroups != 0
-        || batch > INT32_MAX || numHeads > 65535)
+        || numHeads > 65535 || batch > INT32_MAX / numHeads)
     {
         return kHYBRIDTRT_INVALID_SHAPE;
     }

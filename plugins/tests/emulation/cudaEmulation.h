@@ -7,6 +7,14 @@
  * scalar tile with the same interface and the same operand precision (T operands, fp32 accumulation),
  * so everything but the WMMA intrinsics themselves, the GPU memory model and the timing is exercised:
  * grid and block decomposition, shared-memory plans and aliasing, indexing, masking, barriers.
+ *
+ * Every launch is validated as the GPU would (before anything runs): grid.x <= 2^31 - 1, grid.y/z <= 65535,
+ * <= 1024 threads per block, and dynamic shared memory <= 48 KiB unless the kernel was opted in
+ * (cudaFuncSetAttribute, emulated) to at most the target architecture's limit (sm_89 by default: 99 KiB). A
+ * refused launch runs nothing and makes launchStatus() report a CUDA error, like cudaGetLastError. Attribute
+ * calls made while a stream is "being captured" (a test hook) are recorded as violations. Test hooks
+ * (emulationHooks.cpp, C ABI): target architecture, validate-only mode (launches are checked and logged, not
+ * run: huge shapes), capture flag, current device, launch log.
  * tests/plugins/test_kernels_emulated.py builds it and compares it with the PyTorch references.
  */
 #pragma once
@@ -21,8 +29,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #ifndef __launch_bounds__
@@ -91,11 +102,143 @@ inline float shuffle(float v, int32_t srcLane, bool keepOwn)
     return r;
 }
 
+// ---- launch validation (what the GPU would refuse) -------------------------------------------------------
+
+//! Default dynamic shared memory limit without an opt-in.
+constexpr size_t kDEFAULT_DYNAMIC_SHARED = 48 * 1024;
+
+//! Largest dynamic shared memory a block may opt in to, by compute capability (CUDA programming guide).
+inline size_t maxDynamicSharedOptIn(int32_t sm)
+{
+    switch (sm)
+    {
+    case 75: return 64 * 1024;
+    case 80: return 163 * 1024;
+    case 86:
+    case 87:
+    case 89:
+    case 120: return 99 * 1024;
+    case 90:
+    case 100: return 227 * 1024;
+    default: return 48 * 1024;
+    }
+}
+
+//! One validated launch (the log the tests read).
+struct LaunchRecord
+{
+    dim3 grid;
+    dim3 block;
+    size_t sharedBytes;
+    bool ok;
+};
+
+struct State
+{
+    int32_t sm{89};
+    bool validateOnly{false};
+    bool capturing{false};
+    int32_t device{0};
+    //! (device, kernel) -> opted-in dynamic shared memory (cudaFuncSetAttribute).
+    std::map<std::pair<int32_t, void const*>, size_t> optIn;
+    std::vector<LaunchRecord> launches;
+    int64_t violations{0};
+    bool pendingError{false};
+    std::string lastError;
+};
+
+inline State& state()
+{
+    static State s;
+    return s;
+}
+
+inline void fail(std::string const& what)
+{
+    State& s = state();
+    ++s.violations;
+    s.pendingError = true;
+    s.lastError = what;
+}
+
+inline bool takeLaunchError()
+{
+    bool const error = state().pendingError;
+    state().pendingError = false;
+    return error;
+}
+
+inline int32_t currentDevice()
+{
+    return state().device;
+}
+
+inline bool capturing()
+{
+    return state().capturing;
+}
+
+//! cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) on the current device.
+inline bool setMaxDynamicSharedMemory(void const* kernel, size_t bytes)
+{
+    State& s = state();
+    if (s.capturing)
+    {
+        fail("cudaFuncSetAttribute called while the stream is being captured");
+    }
+    if (bytes > maxDynamicSharedOptIn(s.sm))
+    {
+        return false; // cudaErrorInvalidValue
+    }
+    s.optIn[{s.device, kernel}] = bytes;
+    return true;
+}
+
+//! The launch checks of the CUDA runtime; returns an empty string when the launch is valid.
+inline std::string checkLaunch(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes)
+{
+    State const& s = state();
+    if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.x > 2147483647U || grid.y > 65535U || grid.z > 65535U)
+    {
+        return "grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " + std::to_string(grid.z)
+            + ") exceeds the CUDA limits (x <= 2^31 - 1, y and z <= 65535)";
+    }
+    if (block.x * block.y * block.z > 1024U || block.x > 1024U || block.y > 1024U || block.z > 64U)
+    {
+        return "block of " + std::to_string(block.x * block.y * block.z) + " threads exceeds 1024";
+    }
+    size_t limit = kDEFAULT_DYNAMIC_SHARED;
+    auto const it = s.optIn.find({s.device, kernel});
+    if (it != s.optIn.end())
+    {
+        limit = std::max(limit, it->second);
+    }
+    if (sharedBytes > limit)
+    {
+        return "dynamic shared memory " + std::to_string(sharedBytes) + " B > " + std::to_string(limit)
+            + " B allowed for this kernel on device " + std::to_string(s.device) + " (sm_" + std::to_string(s.sm)
+            + (it == s.optIn.end() ? ", no cudaFuncSetAttribute opt-in)" : ")");
+    }
+    return {};
+}
+
 //! Runs kernel(params) for every block of the grid, blocks in turn, on one std::thread per CUDA thread
-//! (the same threads serve every block; shared memory is re-poisoned between blocks).
+//! (the same threads serve every block; shared memory is re-poisoned between blocks). The launch is
+//! validated first; a refused launch runs nothing (launchStatus() then reports it).
 template <typename Params>
 void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t sharedBytes, Params const& params)
 {
+    std::string const problem = checkLaunch(reinterpret_cast<void const*>(kernel), grid, block, sharedBytes);
+    state().launches.push_back({grid, block, sharedBytes, problem.empty()});
+    if (!problem.empty())
+    {
+        fail(problem);
+        return;
+    }
+    if (state().validateOnly)
+    {
+        return;
+    }
     int32_t const threads = static_cast<int32_t>(block.x * block.y * block.z);
     Block ctx(threads, sharedBytes);
     std::memset(ctx.shared.data(), 0xFF, ctx.shared.size()); // poison: NaN bit patterns
@@ -134,48 +277,66 @@ void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t sharedBytes, P
     }
 }
 
-//! Scalar stand-in for the WMMA m16n16k16 tile: every lane computes the whole 16x16 fp32 tile from the
-//! same shared operands (reading T, accumulating fp32 like the tensor cores); lane 0 stores it.
+//! Stand-in for the WMMA m16n16k16 fp32 accumulator tile: the same operand precision (T operands, fp32
+//! accumulation with fma) distributed over the warp like the fp32 SIMT tile (lane owns row lane / 2, columns
+//! (lane % 2) * 8 .. + 8). Only layout-independent operations exist (uniform scale, load / store through
+//! memory), exactly the ones the kernels apply to WMMA fragments.
 template <typename T>
 struct EmulatedMmaTile
 {
-    float acc[16][16];
+    float acc[8];
+
+    static int row()
+    {
+        return static_cast<int>(tThreadIdx.x % 32) / 2;
+    }
+    static int col0()
+    {
+        return (static_cast<int>(tThreadIdx.x % 32) % 2) * 8;
+    }
 
     void zero()
     {
-        std::memset(acc, 0, sizeof(acc));
+        std::fill(acc, acc + 8, 0.F);
+    }
+
+    void scale(float s)
+    {
+        for (float& v : acc)
+        {
+            v *= s;
+        }
     }
 
     template <bool kAColMajor, bool kBColMajor>
     void mma(T const* a, int lda, T const* b, int ldb, int k)
     {
-        for (int r = 0; r < 16; ++r)
+        int const r = row();
+        int const c0 = col0();
+        for (int kk = 0; kk < k; ++kk)
         {
-            for (int c = 0; c < 16; ++c)
+            float const av = static_cast<float>(kAColMajor ? a[kk * lda + r] : a[r * lda + kk]);
+            for (int j = 0; j < 8; ++j)
             {
-                float sum = acc[r][c];
-                for (int kk = 0; kk < k; ++kk)
-                {
-                    float const av = static_cast<float>(kAColMajor ? a[kk * lda + r] : a[r * lda + kk]);
-                    float const bv = static_cast<float>(kBColMajor ? b[c * ldb + kk] : b[kk * ldb + c]);
-                    sum = std::fma(av, bv, sum);
-                }
-                acc[r][c] = sum;
+                float const bv = static_cast<float>(kBColMajor ? b[(c0 + j) * ldb + kk] : b[kk * ldb + c0 + j]);
+                acc[j] = std::fma(av, bv, acc[j]);
             }
+        }
+    }
+
+    void load(float const* src, int ld)
+    {
+        for (int j = 0; j < 8; ++j)
+        {
+            acc[j] = src[row() * ld + col0() + j];
         }
     }
 
     void store(float* dst, int ld) const
     {
-        if (tThreadIdx.x % 32 == 0)
+        for (int j = 0; j < 8; ++j)
         {
-            for (int r = 0; r < 16; ++r)
-            {
-                for (int c = 0; c < 16; ++c)
-                {
-                    dst[r * ld + c] = acc[r][c];
-                }
-            }
+            dst[row() * ld + col0() + j] = acc[j];
         }
     }
 };

@@ -15,11 +15,13 @@
  *   - All tensors are dense and contiguous (row-major, TensorRT kLINEAR) and live on the device.
  *   - x, y, B and C share one activation dtype; dt has its own dtype; the state has its own dtype.
  *   - P (head_dim) is any positive multiple of 16 up to 4096; N (d_state) is 16, 64 or 128;
- *     H % G == 0; H <= 65535.
+ *     H % G == 0; H <= 65535; B * H <= 2^31 - 1 (B * H is grid.x of every kernel, nothing sits in grid.y).
  *   - Tensor base pointers are 16-byte aligned (any cudaMalloc / TensorRT / torch allocation is).
- *   - A launcher never synchronises the host, never allocates and only enqueues work on `stream`
- *     (safe inside CUDA-graph capture). Scratch comes from `workspace`, whose size the matching
- *     `...WorkspaceSize` function returns for the same shapes.
+ *   - A launcher never synchronises the host, never allocates and only enqueues work on `stream`.
+ *     Inside a CUDA-graph capture it makes no CUDA call besides the launches: the scan's shared-memory
+ *     opt-in (cudaFuncSetAttribute) runs outside captures only, so a captured scan needs
+ *     hybridtrtMamba2ChunkScanPrepare (or any uncaptured scan launch) on that device first.
+ *     Scratch comes from `workspace`, whose size the matching `...WorkspaceSize` function returns.
  *   - Every function returns a HybridTrtStatus; 0 is success. `hybridtrtStatusString` names it.
  */
 #ifndef HYBRIDTRT_SSD_KERNELS_H
@@ -39,7 +41,7 @@ extern "C" {
 #endif
 
 /* Version of this C ABI; bumped whenever a signature or a meaning changes. */
-#define HYBRIDTRT_KERNELS_ABI_VERSION 1
+#define HYBRIDTRT_KERNELS_ABI_VERSION 2 /* 2: chunkSize arguments, Prepare, NOT_PREPARED */
 
 /* Element types. */
 typedef enum HybridTrtDtype
@@ -60,7 +62,9 @@ typedef enum HybridTrtStatus
     kHYBRIDTRT_NULL_POINTER = 5,
     kHYBRIDTRT_MISALIGNED_POINTER = 6,
     kHYBRIDTRT_WORKSPACE_TOO_SMALL = 7,
-    kHYBRIDTRT_CUDA_ERROR = 8          /* a kernel launch failed (see cudaGetLastError) */
+    kHYBRIDTRT_CUDA_ERROR = 8,         /* a kernel launch failed (see cudaGetLastError) */
+    kHYBRIDTRT_NOT_PREPARED = 9        /* scan launched inside a stream capture before its shared-memory opt-in
+                                          ran on this device (hybridtrtMamba2ChunkScanPrepare) */
 } HybridTrtStatus;
 
 /* Returns HYBRIDTRT_KERNELS_ABI_VERSION of the built library. */
@@ -69,9 +73,10 @@ HYBRIDTRT_API int32_t hybridtrtKernelsAbiVersion(void);
 /* Static, NUL-terminated description of a status code. */
 HYBRIDTRT_API char const* hybridtrtStatusString(int32_t status);
 
-/* Internal chunk length (tokens) of the scan kernels. The op's chunk_size attribute does not change
- * the math (any chunking computes the same recurrence), so the kernels use their own tile. */
-HYBRIDTRT_API int32_t hybridtrtMamba2ChunkScanTileLength(void);
+/* Chunk length (tokens) the scan kernels use for an op's chunk_size: rounded up to a multiple of 64 and
+ * capped at 256 (Nemotron's 128 and Mamba-2's 256 are used as they are); 0 when chunkSize < 1. Any
+ * chunking computes the same recurrence; the chunk decides where start states are materialised. */
+HYBRIDTRT_API int32_t hybridtrtMamba2ChunkScanChunkLength(int64_t chunkSize);
 
 /*
  * Dynamic shared memory (bytes) of the two GEMM kernels of the scan for an activation dtype and d_state
@@ -81,25 +86,32 @@ HYBRIDTRT_API int32_t hybridtrtMamba2ChunkScanSharedMemory(
     int32_t actDtype, int64_t dState, size_t* chunkStateKernelBytes, size_t* chunkOutputKernelBytes);
 
 /*
- * Scratch bytes needed by hybridtrtMamba2ChunkScan for these shapes (pure host code, no CUDA call):
- *   nChunks = ceil(L / 64);  bytes = align256(B*H*nChunks*P*N*4) + align256(B*H*nChunks*4)
- * (fp32 per-chunk states, then fp32 per-chunk total log-decay). The dtypes are validated but do not
- * change the size.
+ * Scratch bytes needed by hybridtrtMamba2ChunkScan for these shapes (pure host code, no CUDA call): the
+ * start state of every chunk in the activation dtype,
+ *   Q = hybridtrtMamba2ChunkScanChunkLength(chunkSize);  bytes = align256(B*H*ceil(L/Q)*P*N*sizeof(act)).
  */
 HYBRIDTRT_API int32_t hybridtrtMamba2ChunkScanWorkspaceSize(int64_t batch, int64_t seqLen, int64_t numHeads,
-    int64_t headDim, int64_t numGroups, int64_t dState, int32_t actDtype, int32_t dtDtype, int32_t stateDtype,
-    size_t* workspaceBytes);
+    int64_t headDim, int64_t numGroups, int64_t dState, int64_t chunkSize, int32_t actDtype, int32_t dtDtype,
+    int32_t stateDtype, size_t* workspaceBytes);
 
 /*
- * Chunked SSD scan (prefill), any 1 <= L <= 64 * 65535 (= 4,194,240). `initialState` may be NULL
- * (zero state); `D` may be NULL. `workspace` must
- * hold at least hybridtrtMamba2ChunkScanWorkspaceSize(...) bytes and be 256-byte aligned. Enqueues
- * three kernels (chunk states with tensor cores, state passing, chunk outputs with tensor cores).
+ * Opts the scan kernels in to their dynamic shared memory on the current device, for one activation dtype and
+ * d_state (a negative value means all of them). Host-side attribute calls only; call it outside any stream
+ * capture, e.g. when a TensorRT execution context is created, before capturing scans into a CUDA graph.
+ */
+HYBRIDTRT_API int32_t hybridtrtMamba2ChunkScanPrepare(int32_t actDtype, int64_t dState);
+
+/*
+ * Chunked SSD scan (prefill), any 1 <= L <= Q * 65535. `initialState` may be NULL (zero state); `D` may be
+ * NULL; `finalState` may equal `initialState` (updated in place). `workspace` must hold at least
+ * hybridtrtMamba2ChunkScanWorkspaceSize(...) bytes and be 256-byte aligned. Enqueues two kernels: the
+ * chunk start states (one pass over the sequence per head and P tile, state passing fused, tensor cores)
+ * and the chunk outputs (tensor cores).
  */
 HYBRIDTRT_API int32_t hybridtrtMamba2ChunkScan(void const* x, void const* dt, float const* A, void const* B,
     void const* C, float const* D, void const* initialState, void* y, void* finalState, int64_t batch,
-    int64_t seqLen, int64_t numHeads, int64_t headDim, int64_t numGroups, int64_t dState, int32_t actDtype,
-    int32_t dtDtype, int32_t stateDtype, void* workspace, size_t workspaceBytes, void* stream);
+    int64_t seqLen, int64_t numHeads, int64_t headDim, int64_t numGroups, int64_t dState, int64_t chunkSize,
+    int32_t actDtype, int32_t dtDtype, int32_t stateDtype, void* workspace, size_t workspaceBytes, void* stream);
 
 /* Scratch bytes needed by hybridtrtMamba2StateUpdate: always 0 (kept for symmetry). */
 HYBRIDTRT_API int32_t hybridtrtMamba2StateUpdateWorkspaceSize(int64_t batch, int64_t numHeads, int64_t headDim,

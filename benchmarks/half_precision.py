@@ -1,0 +1,95 @@
+"""Half precision against one truth: fp16/bf16 artefacts and same-dtype references vs fp32, per
+real architecture (scaled copies, HF ``save_pretrained`` checkpoints in bf16, random weights).
+
+For each architecture and dtype it exports the checkpoint, runs the artefact on ONNX Runtime
+(bf16 through `hybridtrt.graphs.bf16_emulation`), the same-dtype PyTorch reference, the fp32
+reference (the truth) and an fp64 run (what fp32 itself can promise), on a left-padded batch of
+short prompts and on one of prompts longer than two chunks; then plants a 10 % weight fault in one
+Mamba layer of the artefact. It prints rel L2 of the logits (and the worst state) against the fp32
+truth, and the ratio artefact / same-dtype reference that the half-precision gate uses.
+
+    python benchmarks/half_precision.py [--arch NAME ...] [--width 8] [--layers 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hybridtrt.exporter.export import ExportOptions, export
+from hybridtrt.models import load_model
+from hybridtrt.models.architectures import ARCHITECTURES, scaled_config, write_hf_checkpoint
+from hybridtrt.runtime.generation import left_pad
+from hybridtrt.validation.metrics import compare
+from hybridtrt.validation.runner import real_positions
+
+
+def _prompts(vocab: int, lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return left_pad([torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths])
+
+
+def _reference(model, ids, mask):
+    with torch.no_grad():
+        out = model(ids, mask, logits="last")
+    return out.logits.double(), {k: v.double() for k, v in out.cache.named_states().items()}
+
+
+def _artefact(export_dir: Path, ids, mask):
+    from hybridtrt.runtime.onnxruntime import OrtModel
+
+    model = OrtModel(export_dir)
+    logits, state = model.step(ids, mask, model.zero_state(ids.shape[0]), False)
+    return logits.double(), {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in model.named_states(state).items()}
+
+
+def _errors(got, truth, mask) -> tuple[float, float, str]:
+    """(logits rel L2, worst state rel L2, its name) of ``got`` against ``truth``."""
+    logits = compare(got[0], truth[0]).rel_l2
+    states = {k: compare(real_positions(k, got[1][k], mask), real_positions(k, truth[1][k], mask)).rel_l2 for k in truth[1]}
+    worst = max(states, key=states.get)
+    return logits, states[worst], worst
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", action="append", default=None, choices=sorted(ARCHITECTURES))
+    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--dtype", action="append", default=None, choices=["fp16", "bf16"])
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="hybridtrt-half-"))
+    rows = []
+    for name in args.arch or sorted(ARCHITECTURES):
+        cfg = scaled_config(name, width=args.width, layers=args.layers)
+        ckpt = write_hf_checkpoint(cfg, work / name, dtype="bfloat16")
+        m32, m64 = load_model(ckpt, "fp32"), load_model(ckpt, "fp32").double()
+        chunk = m32.config.chunk_size
+        for label, lengths in (("short", [24, 11, 17]), (f"{2 * chunk + 5}", [2 * chunk + 5, chunk, 13])):
+            ids, mask = _prompts(m32.config.vocab_size, lengths, seed=1)
+            truth = _reference(m32, ids, mask)
+            e64 = _errors(truth, _reference(m64, ids, mask), mask)
+            for dtype in args.dtype or ["fp16", "bf16"]:
+                out = work / f"{name}-{dtype}"
+                if not out.exists():
+                    export(ckpt, out, ExportOptions(dtype=dtype, verify=False))
+                start = time.perf_counter()
+                art = _errors(_artefact(out, ids, mask), truth, mask)
+                seconds = time.perf_counter() - start
+                ref = _errors(_reference(load_model(ckpt, dtype), ids, mask), truth, mask)
+                rows.append((name, dtype, label, e64[0], ref[0], art[0], art[0] / ref[0], ref[1], art[1], art[2], seconds))
+                print(
+                    f"{name:22s} {dtype} L={label:>5s}  fp32-vs-fp64 {e64[0]:.1e}  | logits: ref {ref[0]:.2e} art {art[0]:.2e} "
+                    f"ratio {art[0] / ref[0]:.2f} | worst state: ref {ref[1]:.2e} art {art[1]:.2e} ({art[2]})  [{seconds:.1f} s]",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Outputs recorded elsewhere: validate a polygraphy ``RunResults`` JSON against the reference here.
+
+The GPU machine needs neither PyTorch nor the checkpoint: it runs the inputs that
+``hybridtrt compare`` wrote through ``polygraphy run … --load-inputs inputs.json --save-outputs
+trt.json``; this machine recomputes the PyTorch reference on the very same inputs and applies the
+usual gates, table, report and exit codes.
+
+Every iteration of the inputs is one graph call whose past states are the *reference's*, so no
+error is fed back: each iteration's logits get the single-call gate (``call``), its states the
+``state`` gate. Iteration 0 is the prefill, later ones are decode steps. Layer outputs recorded with
+``--onnx-outputs`` (the located tensors, or ``layer_output.{i}`` of a ``--per-layer`` export) are
+compared per layer when asked, naming the first divergence in layer order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hybridtrt.errors import InputError
+from hybridtrt.exporter.io import ATTENTION_MASK, INPUT_IDS, LOGITS
+from hybridtrt.exporter.manifest import Manifest
+from hybridtrt.exporter.wrapper import GraphModule
+from hybridtrt.validation.layers import LayerTaps
+from hybridtrt.validation.polygraphy_bridge import REFERENCE_RUNNER
+from hybridtrt.validation.runner import Report, check, compare_layers, is_state
+
+Feed = dict[str, np.ndarray]
+Outputs = dict[str, np.ndarray]
+
+
+def _existing(paths: Sequence[str | Path], flag: str) -> list[str]:
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise InputError(f"{flag} {missing[0]} does not exist", fix=f"give the file (or directory of per-iteration files) that polygraphy wrote")
+    return [str(p) for p in paths]
+
+
+def load_feeds(paths: Sequence[str | Path]) -> list[Feed]:
+    """Polygraphy input data (``--load-inputs`` files or directories, chained in order)."""
+    from polygraphy.comparator import StreamingDataLoader
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+            feeds = list(StreamingDataLoader(_existing(paths, "--load-inputs")))
+    except (PolygraphyException, ValueError, TypeError, KeyError) as e:
+        raise InputError(f"--load-inputs {list(map(str, paths))} is not polygraphy input data ({e})", fix="pass the inputs.json that `hybridtrt compare` wrote") from None
+    bad = [i for i, f in enumerate(feeds) if not isinstance(f, dict) or INPUT_IDS not in f or ATTENTION_MASK not in f]
+    if not feeds or bad:
+        raise InputError(
+            f"--load-inputs {list(map(str, paths))}: iteration {bad[0] if bad else 0} has no {INPUT_IDS}/{ATTENTION_MASK} feed",
+            fix="pass the inputs.json that `hybridtrt compare` wrote",
+        )
+    return feeds
+
+
+def load_results(paths: Sequence[str | Path], runner: str | None = None) -> tuple[str, list[Outputs]]:
+    """One runner's iterations from polygraphy ``RunResults`` (``--save-outputs`` files or directories).
+
+    Args:
+        paths: Files or directories, one recorded run each; their iterations are chained in order
+            (e.g. an engine's prefill profile, then its decode profile), as ``--load-inputs`` chains
+            the inputs.
+        runner: The runner to take from each; default: the only one that is not ``hybridtrt
+            compare``'s reference.
+
+    Returns:
+        ``(runner name(s), [{output: array} per iteration])``.
+    """
+    names, iterations = [], []
+    for path in paths:
+        results = _load_run(path)
+        name = _pick_runner(results, runner, path)
+        names.append(name)
+        iterations += [{k: np.asarray(v) for k, v in it.items()} for it in results[name]]
+    return " + ".join(dict.fromkeys(names)), iterations
+
+
+def _load_run(path: str | Path):
+    from polygraphy.comparator import RunResults
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    _existing([path], "--load-outputs")
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+            return RunResults.concat(RunResults.load_streaming(str(path)))
+    except (PolygraphyException, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise InputError(f"--load-outputs {path} is not a polygraphy RunResults JSON ({e})", fix="pass what `polygraphy run … --save-outputs FILE` wrote") from None
+
+
+def _pick_runner(results, runner: str | None, path: str | Path) -> str:
+    names = list(results.keys())
+    if runner is not None:
+        if runner not in names:
+            raise InputError(f"--runner {runner!r} is not in {path}; it holds {names}", fix=f"use one of {names}")
+        return runner
+    candidates = [n for n in names if n != REFERENCE_RUNNER]
+    if len(candidates) != 1:
+        raise InputError(
+            f"--load-outputs {path} holds runners {names}: "
+            + ("only hybridtrt compare's reference, no backend's outputs" if not candidates else "pick one"),
+            fix="pass --runner NAME" if candidates else "pass the file `polygraphy run … --save-outputs` wrote on the backend machine",
+        )
+    return candidates[0]
+
+
+def reference_outputs(model: Any, manifest: Manifest, feeds: list[Feed]) -> list[Outputs]:
+    """The PyTorch reference on each feed (fp32), with every layer's output: ``{name: array}``."""
+    from hybridtrt.exporter.io import output_names, state_specs
+
+    graph = GraphModule(model, manifest.logits, decode=False, per_layer=True).eval()
+    specs = state_specs(model.config)
+    names = output_names(model.config) + [f"layer_output.{i}" for i in range(model.config.num_layers)]
+    out = []
+    for feed in feeds:
+        ids = torch.from_numpy(np.asarray(feed[INPUT_IDS], dtype=np.int64))
+        mask = torch.from_numpy(np.asarray(feed[ATTENTION_MASK], dtype=np.int64))
+        missing = [s.past_name for s in specs if s.past_name not in feed]
+        if missing:
+            raise InputError(f"the inputs have no {missing[:3]}", fix="pass the inputs.json that `hybridtrt compare` wrote for this export")
+        states = [torch.from_numpy(np.asarray(feed[s.past_name], dtype=np.float32)) for s in specs]
+        with torch.no_grad():
+            result = graph(ids, mask, *states)
+        out.append({name: t.detach().float().numpy() for name, t in zip(names, result)})
+    return out
+
+
+def check_matching(feeds: list[Feed], recorded: list[Outputs]) -> None:
+    """One recorded iteration per input iteration (checked before the reference runs)."""
+    if len(recorded) != len(feeds):
+        raise InputError(
+            f"the recorded results have {len(recorded)} iteration(s), the inputs {len(feeds)}",
+            fix="pass the --load-inputs the outputs were recorded from (`polygraphy run … --load-inputs`)",
+        )
+
+
+def validate_recorded(
+    feeds: list[Feed],
+    runner: str,
+    recorded: list[Outputs],
+    reference: list[Outputs],
+    taps: LayerTaps,
+    *,
+    precision: str,
+    per_layer: bool = False,
+) -> Report:
+    """Compare recorded iterations with the reference's (see the module docstring).
+
+    Args:
+        feeds: The inputs, one per iteration.
+        runner: Name of the recorded runner (shown as the backend).
+        recorded: ``load_results``'s iterations.
+        reference: ``reference_outputs`` on ``feeds``.
+        taps: Where the export's layer outputs are (maps recorded tensor names to ``layer_output.{i}``).
+        precision: Key of the tolerance table.
+        per_layer: Compare each layer's states and (recorded) output; name the first divergence.
+    """
+    check_matching(feeds, recorded)
+    mask0 = np.asarray(feeds[0][ATTENTION_MASK])
+    report = Report(
+        backend=runner,
+        reference="pytorch",
+        precision=precision,
+        batch=int(mask0.shape[0]),
+        prompt_lengths=[int(x) for x in mask0.sum(1)],
+        steps=len(feeds) - 1,
+    )
+    rename = taps.by_tensor
+    top1 = []
+    for k, (got_raw, ref) in enumerate(zip(recorded, reference)):
+        got = {rename.get(name, name): arr for name, arr in got_raw.items()}
+        if LOGITS not in got:
+            raise InputError(f"iteration {k} of the recorded results has no {LOGITS!r} output (it has {sorted(got)[:6]})", fix="record the export's graph outputs (with --onnx-outputs, list them too)")
+        phase, step = ("prefill", None) if k == 0 else ("decode", k)
+        top1.append(check(report, phase, LOGITS, got[LOGITS], ref[LOGITS], "call", step=step).comparison.top1 or 0.0)
+        states = [n for n in ref if is_state(n)]
+        lacking = [n for n in states if n not in got]
+        if lacking:
+            report.notes.append(f"iteration {k}: the recorded results lack {len(lacking)} state(s), e.g. {lacking[0]}")
+        mask = feeds[k][ATTENTION_MASK]
+        for name in states:
+            if name in got:
+                check(report, phase, name, got[name], ref[name], "call", mask=mask, step=step)
+        if per_layer:
+            layers = [n for n in ref if n.startswith("layer_output.")]
+            absent = [n for n in layers if n not in got]
+            if absent and k == 0:
+                report.notes.append(
+                    f"per-layer: {len(absent)} layer output(s) not recorded (e.g. {absent[0]}); those layers are compared by "
+                    "their states only — record them with the `--onnx-outputs` command `hybridtrt compare --per-layer` prints"
+                )
+            compare_layers(report, [(n, got[n], ref[n]) for n in [*states, *layers] if n in got], step=k, mask=mask)
+    report.notes.extend(f"{name}: {why}" for name, why in taps.missing.items() if per_layer)
+    report.teacher_forced_top1 = float(np.mean(top1)) if top1 else None
+    report.notes.append("greedy token agreement: not measured (recorded outputs cannot generate)")
+    return report
+
+
+__all__ = ["check_matching", "load_feeds", "load_results", "reference_outputs", "validate_recorded"]
