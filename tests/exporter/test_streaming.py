@@ -81,6 +81,44 @@ def test_fp8_streamed_export_is_byte_identical(make_checkpoint, tmp_path, weight
     assert result.manifest.quantization["quantized"]
 
 
+def test_static_kv_cache_streamed_export_is_byte_identical(make_checkpoint, tmp_path):
+    """The static-cache flavour (cache_position/padding_length inputs, fixed-capacity KV)."""
+    ckpt = make_checkpoint("tiny-nemotron-h")
+    options = ExportOptions(kv_cache="static", max_cache_len=16, verify=False)
+    export(ckpt, tmp_path / "streamed", options)
+    names = write_graphs(ckpt, tmp_path / "eager", options)
+    assert "decode.onnx" in names
+    _assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
+
+
+def test_moe_hf_per_expert_checkpoint_streams_stacked_experts(tmp_path):
+    """An MoE checkpoint as HF saves it (one tensor per expert): the stacked expert initializers are
+    streamed from the per-expert tensors, byte-identical to the loaded model's."""
+    ckpt = save_hf_checkpoint("tiny-nemotron3-moe", tmp_path / "hf", dtype=torch.bfloat16, initializer_range=0.05)
+    checkpoint = open_checkpoint(ckpt, "fp16")
+    stacked = [p for p in checkpoint.parameters.values() if p.parts]
+    assert stacked and all(len(p.parts) == p.shape[0] for p in stacked)
+    assert checkpoint.parameters["layers.1.mixer.gate.weight"].dtype == torch.float32  # router kept fp32
+    options = ExportOptions(dtype="fp16", verify=False)
+    export(ckpt, tmp_path / "streamed", options)
+    names = write_graphs(ckpt, tmp_path / "eager", options)
+    _assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
+
+
+def test_moe_fp8_experts_streamed_export_is_byte_identical(make_checkpoint, tmp_path):
+    """FP8 expert weights (`MoeExpertsFp8`) are quantized while streaming, with the same bytes."""
+    ckpt = make_checkpoint("tiny-nemotron3-moe", initializer_range=0.05)
+    options = ExportOptions(split=False, verify=False)
+
+    def quant():
+        return QuantizeOptions(calib_random=6, batch=4)
+
+    result = export(ckpt, tmp_path / "streamed", options, quantize=quant())
+    names = write_graphs(ckpt, tmp_path / "eager", options, quantize=quant())
+    _assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
+    assert result.manifest.quantization["experts"]
+
+
 def test_large_initializers_are_recipes_of_parameters(make_checkpoint):
     checkpoint = open_checkpoint(make_checkpoint("tiny-nemotron-h"))
     table = DeferredTable(checkpoint)
