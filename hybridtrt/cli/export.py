@@ -130,12 +130,13 @@ def run(args: argparse.Namespace) -> int:
         ["quantization", _quant_summary(m.quantization)],
     ]
     v = m.verification or {}
-    if v.get("mode") == "skipped":
-        rows.append(["verification", f"skipped: {v.get('reason')}"])
+    if v.get("method") == "skipped":
+        rows.append(["verification", f"skipped: {escape(str(v.get('reason')))}"])
     elif result.verification:
         windows = {f: len(g.get("windows", [])) for f, g in v.get("graphs", {}).items()}
-        how = "whole graph" if v.get("mode") == "full" else "by decoder-layer windows (" + ", ".join(f"{f}: {n}" for f, n in windows.items()) + ")"
-        rows.append(["ORT vs reference", f"{how}; worst " + ", ".join(f"{k}: rel L2 {x:.1e}" for k, x in result.verification.items())])
+        how = "whole graph" if v.get("method") == "full-graph" else "by decoder-layer windows (" + ", ".join(f"{f}: {n}" for f, n in windows.items()) + ")"
+        against = f"vs the {v.get('truth')}" + (f", the {v['yardstick']} as yardstick" if v.get("yardstick") else "")
+        rows.append(["ORT vs reference", f"{how} on {escape(str(v.get('executor')))}, {against}; worst " + ", ".join(f"{k}: rel L2 {x:.1e}" for k, x in result.verification.items())])
     console.print(table("export summary", ["", ""], rows, numeric=False))
     console.print(table("files written", ["file", "size"], [[escape(str(result.out_dir / n)), human_bytes(s)] for n, s in result.files.items()]))
     return 0

@@ -412,12 +412,14 @@ def export(
             max_cache_len=flavour.max_cache_len,
         )
         if opts.verify:
-            with step(f"verify with ONNX Runtime ({opts.verify_mode})"):
+            with step(f"verify with ONNX Runtime against the fp32 reference ({opts.verify_mode})"):
+                truth = reference if checkpoint.dtype == torch.float32 else lazy_model(checkpoint.as_dtype(torch.float32))
                 manifest.verification = verify_export(
-                    target.partial, reference, manifest, mode=opts.verify_mode, parameter_bytes=checkpoint.parameter_bytes, progress=progress
+                    target.partial, reference, manifest, truth=truth, mode=opts.verify_mode, parameter_bytes=checkpoint.parameter_bytes, progress=progress
                 )
+                del truth
         else:
-            manifest.verification = {"mode": "skipped", "reason": "--no-verify"}
+            manifest.verification = {"method": "skipped", "reason": "--no-verify"}
         with target.writing(0):
             manifest.write(target.partial)
         written.append(MANIFEST_FILE)

@@ -397,6 +397,11 @@ class Checkpoint:
         """Bytes of all parameters in the model dtype."""
         return sum(p.nbytes for p in self.parameters.values())
 
+    def as_dtype(self, dtype: str | torch.dtype) -> Checkpoint:
+        """The same checkpoint read in another model dtype (headers are not parsed again)."""
+        torch_dtype = parse_dtype(dtype)
+        return Checkpoint(self.root, self.config, self.index, torch_dtype, match_parameters(self.config, self.index, torch_dtype, self.root))
+
     def read_stored(self, name: str) -> Tensor:
         """Parameter ``name`` as stored in the checkpoint (its stored dtype; per-expert tensors
         stacked, expert ``e`` as row ``e``)."""

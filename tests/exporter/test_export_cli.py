@@ -116,6 +116,8 @@ def test_bad_export_inputs(case, make_checkpoint, previous, tmp_path):
         assert _digests(out) == before
         assert not list(out.glob(".partial-*"))
     assert _digests(ckpt) == ckpt_before
+    if case == "disk-full":  # names the directory and the bytes needed
+        assert str(out) in proc.stderr and "it needs" in proc.stderr, proc.stderr
     if case in ("fp8-without-calibration", "verify-and-no-verify", "malformed-index", "pattern-longer-than-weights"):
         assert elapsed < 30, f"refused after {elapsed:.1f} s: must be before any loading or tracing"
 

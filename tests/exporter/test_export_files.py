@@ -113,28 +113,35 @@ def test_cli_error_has_no_traceback(make_checkpoint, tmp_path):
     assert "[config]" in proc.stderr and "'X'" in proc.stderr and "fix:" in proc.stderr
 
 
-def _perturbed_chunks(monkeypatch, parameter: str) -> None:
-    """Write ``parameter`` scaled by 2 (a wrong weights.data the verification must catch)."""
+def _perturbed_chunks(monkeypatch, parameter: str, factor: float = 2.0, dtype: str = "<f4") -> None:
+    """Write ``parameter`` scaled by ``factor`` (a wrong weights.data the verification must catch)."""
+    import numpy as np
+
     from hybridtrt.exporter.streaming import Deferred
 
     original = Deferred.chunks
 
     def chunks(self, checkpoint):
         for part in original(self, checkpoint):
-            yield (part.view("<f4") * 2).view("u1") if self.parameter == parameter else part
+            yield (part.view(dtype) * np.dtype(dtype).type(factor)).view("u1") if self.parameter == parameter else part
 
     monkeypatch.setattr(Deferred, "chunks", chunks)
 
 
-@pytest.mark.parametrize("mode", ["full", "layers"])
-def test_verification_runs_before_publishing(make_checkpoint, tmp_path, monkeypatch, mode):
-    """A wrong graph never gets hybridtrt.json, and a previous export stays as it was."""
+@pytest.mark.parametrize(("mode", "dtype"), [("full", "fp32"), ("layers", "fp32"), ("full", "fp16"), ("layers", "fp16")])
+def test_verification_runs_before_publishing(make_checkpoint, tmp_path, monkeypatch, mode, dtype):
+    """A wrong graph never gets hybridtrt.json, and a previous export stays as it was: fp32 with
+    one weight doubled, fp16 with one weight 10% off (judged against the fp32 reference, the
+    fp16 reference as the yardstick)."""
     ckpt = make_checkpoint("tiny-mamba2")
     export(ckpt, tmp_path / "out", FAST)
     before = _digests(tmp_path / "out")
-    _perturbed_chunks(monkeypatch, "layers.1.mixer.in_proj.weight")
-    with pytest.raises(ExportError, match=("layers 1..1 " if mode == "layers" else "") + "disagrees with the PyTorch reference"):
-        export(ckpt, tmp_path / "out", ExportOptions(verify_mode=mode))
+    if dtype == "fp32":
+        _perturbed_chunks(monkeypatch, "layers.1.mixer.in_proj.weight")
+    else:
+        _perturbed_chunks(monkeypatch, "layers.1.mixer.in_proj.weight", 1.1, "<f2")
+    with pytest.raises(ExportError, match=("layers 1..1 " if mode == "layers" else "") + f"disagrees with the fp32 reference beyond the {dtype} gate"):
+        export(ckpt, tmp_path / "out", ExportOptions(dtype=dtype, verify_mode=mode))
     assert _digests(tmp_path / "out") == before
     assert not list((tmp_path / "out").glob(".partial-*"))
 

@@ -62,8 +62,10 @@ def test_hf_saved_sharded_bf16_checkpoint(tmp_path):
     result = export(ckpt, tmp_path / "streamed", options)
     names = write_graphs(ckpt, tmp_path / "eager", options)
     _assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
-    # ONNX Runtime's CPU provider cannot run bf16: said so in hybridtrt.json, not silently passed.
-    assert result.manifest.verification["mode"] == "skipped" and "bf16" in result.manifest.verification["reason"]
+    # Verified on ONNX Runtime CPU through the bf16 emulation, against the fp32 reference.
+    v = result.manifest.verification
+    assert v["method"] == "full-graph" and v["truth"] == "fp32 reference" and v["yardstick"] == "bf16 reference"
+    assert v["executor"].startswith("onnxruntime-cpu (bf16 emulated")
 
 
 @pytest.mark.parametrize(("weight_scale", "dtype", "split"), [("tensor", "fp32", True), ("channel", "fp16", False)])
@@ -197,6 +199,8 @@ def test_non_finite_weight_is_named_and_nothing_is_published(make_checkpoint, tm
 def test_manifest_records_streaming_and_verification(make_export):
     _, out = make_export("tiny-nemotron-h", ExportOptions(split=True))
     manifest = read_manifest(out)
-    assert manifest.verification["mode"] == "full"
+    v = manifest.verification
+    assert (v["method"], v["truth"], v["yardstick"], v["executor"]) == ("full-graph", "fp32 reference", None, "onnxruntime-cpu")
+    assert v["worst"]["graph"] in v["graphs"] and 0 < v["worst"]["rel_l2"] <= v["worst"]["bound"] == 1e-5
     assert set(manifest.verification["graphs"]) == {"model.onnx", "decode.onnx"}
     assert json.loads((out / MANIFEST_FILE).read_text())["verification"] == manifest.verification
