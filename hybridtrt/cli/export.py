@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from hybridtrt.cli.common import add_dtype_args, console, human_bytes, step, table
 
@@ -22,7 +23,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", choices=["dynamic", "static"], default=None, help="KV cache: dynamic (grows; default) or static (fixed capacity, written in place; README: Long context)")
     p.add_argument("--max-cache-len", type=int, default=None, metavar="N", help="KV capacity of --kv-cache static (prompt + padding + new tokens)")
     p.add_argument("--per-layer", action="store_true", help="expose every decoder layer's output (for validate --per-layer)")
-    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the written graph")
+    p.add_argument(
+        "--verify",
+        choices=["auto", "full", "layers"],
+        default=None,
+        help="check the written graphs with ONNX Runtime before publishing: the whole graph (full), "
+        "by windows of decoder layers in bounded memory (layers), or full up to 256 MiB of weights (auto, default)",
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the written graphs")
+    p.add_argument("--force", action="store_true", help="export into a non-empty directory that is not a hybridtrt export, or into the checkpoint directory")
     q = p.add_argument_group("FP8 (README: FP8)")
     q.add_argument("--quantize", choices=["fp8"], default=None, help="FP8 Q/DQ on the linear layers")
     q.add_argument("--calib", default=None, metavar="FILE", help="calibration prompts, one per line (checkpoint tokenizer)")
@@ -41,22 +50,45 @@ def _quant_summary(recipe: dict | None) -> str:
 
 
 @contextlib.contextmanager
-def calibration_progress(quant) -> Iterator[None]:
-    """A rich progress bar fed by the calibration callback."""
-    if quant is None:
-        yield
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+def progress(label: str, total: int, unit: str = "B") -> Iterator[Callable[[int], None]]:
+    """A rich progress bar with ETA (bytes and speed when ``unit`` is ``"B"``), then a ✓ line."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    with Progress("[bold]calibration", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("calibrate", total=None)
-        quant.progress = lambda done, total: bar.update(task, completed=done, total=total)
-        yield
+    counts = (DownloadColumn(), TransferSpeedColumn()) if unit == "B" else (MofNCompleteColumn(),)
+    start = time.perf_counter()
+    with Progress(f"[bold]{escape(label)}", BarColumn(), *counts, TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+    seconds = time.perf_counter() - start
+    amount = f"{human_bytes(total)}, {human_bytes(total / seconds)}/s, " if unit == "B" and seconds > 0 else ""
+    console.print(f"[green]✓[/] {escape(label)} [dim]({amount}{seconds:.1f} s)[/]")
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Flag combinations, refused before anything is imported or read."""
+    from hybridtrt.errors import InputError, QuantizationError
+
+    if args.quantize:
+        if (args.calib is None) == (args.calib_random is None):
+            raise QuantizationError(
+                "--quantize fp8 needs exactly one calibration source" + (" (got both --calib and --calib-random)" if args.calib else ""),
+                fix="pass --calib PROMPTS.txt (one prompt per line) or --calib-random N",
+            )
+    elif args.calib or args.calib_random or args.exclude or args.weight_scale:
+        raise InputError(
+            "--calib/--calib-random/--exclude/--weight-scale only apply to FP8 exports",
+            fix="add --quantize fp8, or drop those flags",
+        )
+    if args.no_verify and args.verify:
+        raise InputError(f"--verify {args.verify} and --no-verify contradict each other", fix="pass one of them")
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybridtrt.exporter.export import ExportOptions, export
+    _check_flags(args)
+    from hybridtrt.exporter.export import ExportOptions, export, return_freed_memory_promptly
 
+    return_freed_memory_promptly()
     opts = ExportOptions(
         dtype=args.dtype or "fp32",
         state_dtype=args.state_dtype,
@@ -65,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         opset=args.opset,
         per_layer=args.per_layer,
         verify=not args.no_verify,
+        verify_mode=args.verify or "auto",
+        force=args.force,
         kv_cache=args.kv_cache or "dynamic",
         max_cache_len=args.max_cache_len,
     )
@@ -78,15 +112,11 @@ def run(args: argparse.Namespace) -> int:
             exclude=list(args.exclude),
             weight_scale=args.weight_scale or "tensor",
         )
-    elif args.calib or args.calib_random or args.exclude or args.weight_scale:
-        from hybridtrt.errors import InputError
+    result = export(args.checkpoint, args.output, opts, step=step, progress=progress, quantize=quant)
+    from rich.markup import escape
 
-        raise InputError(
-            "--calib/--calib-random/--exclude/--weight-scale only apply to FP8 exports",
-            fix="add --quantize fp8, or drop those flags",
-        )
-    with calibration_progress(quant):
-        result = export(args.checkpoint, args.output, opts, step=step, quantize=quant)
+    if result.removed_partials:
+        console.print(f"removed {len(result.removed_partials)} unfinished export(s) left by killed runs: {escape(', '.join(result.removed_partials))}")
     m = result.manifest
     kinds = Counter(layer["kind"] for layer in m.layers)
     ops = Counter()
@@ -99,8 +129,14 @@ def run(args: argparse.Namespace) -> int:
         ["state dtype", m.state_dtype],
         ["quantization", _quant_summary(m.quantization)],
     ]
-    if result.verification:
-        rows.append(["ORT vs reference", ", ".join(f"{k}: rel L2 {v:.1e}" for k, v in result.verification.items())])
+    v = m.verification or {}
+    if v.get("method") == "skipped":
+        rows.append(["verification", f"skipped: {escape(str(v.get('reason')))}"])
+    elif result.verification:
+        windows = {f: len(g.get("windows", [])) for f, g in v.get("graphs", {}).items()}
+        how = "whole graph" if v.get("method") == "full-graph" else "by decoder-layer windows (" + ", ".join(f"{f}: {n}" for f, n in windows.items()) + ")"
+        against = f"vs the {v.get('truth')}" + (f", the {v['yardstick']} as yardstick" if v.get("yardstick") else "")
+        rows.append(["ORT vs reference", f"{how} on {escape(str(v.get('executor')))}, {against}; worst " + ", ".join(f"{k}: rel L2 {x:.1e}" for k, x in result.verification.items())])
     console.print(table("export summary", ["", ""], rows, numeric=False))
-    console.print(table("files written", ["file", "size"], [[f"{result.out_dir / n}", human_bytes(s)] for n, s in result.files.items()]))
+    console.print(table("files written", ["file", "size"], [[escape(str(result.out_dir / n)), human_bytes(s)] for n, s in result.files.items()]))
     return 0

@@ -10,7 +10,9 @@ pass gives it the stated fallback scale.
 
 ``calibration_batches`` turns a prompt file (one prompt per non-empty line, tokenized with the
 checkpoint's tokenizer, left-padded) or a number of random sequences into ``(ids, mask)`` batches;
-``calibrate`` runs them through the model with forward pre-hooks on every ``nn.Linear``;
+``calibrate`` runs them through the model with forward pre-hooks on every ``nn.Linear`` — on a lazy
+model (`hybridtrt.models.lazy`) with sequential onloading: each decoder layer's weights are read
+once for all batches, with the same numbers as batch after batch on the loaded model;
 ``calibration_hash`` fingerprints the token ids for the recipe record in ``hybridtrt.json``.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 from hybridtrt.errors import QuantizationError
 from hybridtrt.graphs.fp8_qdq import ExpertAmax
 from hybridtrt.graphs.naming import scope_path
+from hybridtrt.models.lazy import LazyWeights
 from hybridtrt.models.model import HybridLM
 from hybridtrt.models.moe import Experts
 from hybridtrt.ops.moe import group_by_expert, relu2
@@ -82,11 +86,14 @@ def calibrate(
 
     The hook sees exactly the tensor the exported MatMul consumes (for ``in_proj`` that is
     ``h * mask``, as in `Mamba2Mixer.forward`). Each batch runs as one prefill from zero states.
+    On a `LazyHybridLM` the batches run in lock-step (`LazyWeights.lockstep`): every layer's
+    weights are read once, and the amax table is identical to the batch-by-batch one.
 
     Args:
-        model: The reference model, in the dtype that will be exported.
+        model: The reference model, in the dtype that will be exported (eager or lazy).
         batches: ``(ids [B, L], mask [B, L])`` pairs.
-        progress: Called as ``progress(done, total)`` after each batch.
+        progress: Called as ``progress(done, total)`` after each batch (eager) or each layer's
+            weights read (lazy).
 
     Returns:
         ``{MatMul node name: amax}`` for every linear layer the batches reached (the LM head is a
@@ -109,10 +116,12 @@ def calibrate(
         key = names[module]
         amax[key] = max(amax.get(key, 0.0), value)
 
-    real = [torch.ones(0, dtype=torch.bool)]  # the current batch's mask, flattened like the MoE's tokens
+    # The running batch's mask, flattened like the MoE's tokens; per thread, because a lazy model
+    # runs its batches in lock-step threads (`LazyWeights.lockstep`).
+    real = threading.local()
 
     def experts_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        keep = real[0]  # left padding is not a token an expert "saw"
+        keep = real.mask  # left padding is not a token an expert "saw"
         stats = expert_amax(args[0].detach()[keep], args[1][keep], module.up_proj)
         key = experts[module]
         amax[key] = amax[key].merge(stats) if key in amax else stats
@@ -122,11 +131,19 @@ def calibrate(
     was_training = model.training
     model.eval()
     try:
-        for done, (ids, mask) in enumerate(batches, 1):
-            real[0] = mask.reshape(-1) != 0
+        weights = getattr(model, "weights", None)
+
+        def run(ids: Tensor, mask: Tensor) -> None:
+            real.mask = mask.reshape(-1) != 0
             model(ids, mask, logits="last")
-            if progress is not None:
-                progress(done, len(batches))
+
+        if isinstance(weights, LazyWeights):
+            weights.lockstep([lambda ids=ids, mask=mask: run(ids, mask) for ids, mask in batches], progress)
+        else:
+            for done, (ids, mask) in enumerate(batches, 1):
+                run(ids, mask)
+                if progress is not None:
+                    progress(done, len(batches))
     finally:
         for h in handles:
             h.remove()
@@ -140,10 +157,26 @@ def calibrate(
     return dict(sorted(amax.items()))
 
 
+def check_calibration_source(calib_file: str | Path | None, calib_random: int | None) -> None:
+    """Exactly one calibration source, and it exists (cheap: run before any real work).
+
+    Raises:
+        QuantizationError: Neither or both given, a missing file, or ``calib_random < 1``.
+    """
+    if (calib_file is None) == (calib_random is None):
+        raise QuantizationError(
+            "FP8 calibration needs exactly one source: a prompt file or a number of random sequences"
+            + (f" (got both --calib {calib_file} and --calib-random {calib_random})" if calib_file is not None else ""),
+            fix="pass --calib PROMPTS.txt (one prompt per line) or --calib-random N",
+        )
+    if calib_file is not None and not Path(calib_file).is_file():
+        raise QuantizationError(f"calibration file {calib_file} does not exist", fix="give --calib a text file with one prompt per line")
+    if calib_random is not None and calib_random < 1:
+        raise QuantizationError(f"--calib-random must be ≥ 1, got {calib_random}")
+
+
 def _read_prompts(calib_file: str | Path) -> list[str]:
     path = Path(calib_file)
-    if not path.is_file():
-        raise QuantizationError(f"calibration file {path} does not exist", fix="give a text file with one prompt per line")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise QuantizationError(f"calibration file {path} has no prompts", fix="put one prompt per non-empty line")
@@ -181,11 +214,7 @@ def calibration_batches(
         QuantizationError: Neither or both sources given, the file is missing or empty, no
             tokenizer for a file, bad sizes, or token ids outside the vocabulary.
     """
-    if (calib_file is None) == (calib_random is None):
-        raise QuantizationError(
-            "FP8 calibration needs exactly one source: a prompt file or a number of random sequences",
-            fix="pass --calib-file PROMPTS.txt (one prompt per line) or --calib-random N",
-        )
+    check_calibration_source(calib_file, calib_random)
     if seq_len < 1 or batch < 1:
         raise QuantizationError(f"calibration seq_len and batch must be ≥ 1, got {seq_len} and {batch}")
     rows: list[list[int]]
@@ -193,7 +222,7 @@ def calibration_batches(
         prompts = _read_prompts(calib_file)
         if tokenizer is None:
             raise QuantizationError(
-                f"--calib-file {calib_file} needs a tokenizer, but the checkpoint has no tokenizer.json",
+                f"--calib {calib_file} needs a tokenizer, but the checkpoint has no tokenizer.json",
                 fix="add tokenizer.json to the checkpoint, or calibrate with --calib-random N",
             )
         rows = [list(tokenizer.encode(p).ids)[-seq_len:] for p in prompts]
@@ -207,8 +236,7 @@ def calibration_batches(
                 fix="use the checkpoint's own tokenizer.json",
             )
     else:
-        if calib_random is None or calib_random < 1:
-            raise QuantizationError(f"--calib-random must be ≥ 1, got {calib_random}")
+        assert calib_random is not None
         gen = torch.Generator().manual_seed(seed)
         rows = torch.randint(0, vocab_size, (calib_random, seq_len), generator=gen).tolist()
     return [left_pad(rows[i : i + batch], pad_id) for i in range(0, len(rows), batch)]
@@ -232,6 +260,7 @@ __all__ = [
     "calibrate",
     "calibration_batches",
     "calibration_hash",
+    "check_calibration_source",
     "expert_amax",
     "matmul_node_name",
     "moe_node_name",

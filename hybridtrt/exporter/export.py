@@ -1,19 +1,21 @@
 """``hybridtrt export``: checkpoint -> ``model.onnx`` (+ ``decode.onnx``) + ``weights.data`` +
-``hybridtrt.json``.
+``hybridtrt.json``, in memory bounded by the largest tensor, not the model.
 
-Steps: load the reference model → trace with ``torch.onnx.export(dynamo=True)`` (custom ops become
-``hybridtrt`` domain nodes) → graph passes (function bodies, names, dims, cleanup) → write
-atomically → verify the written file with ONNX Runtime against the PyTorch reference.
+Steps: read the checkpoint's config and safetensors headers (every refusal happens here, before
+any work) → lock the output directory (`hybridtrt.exporter.target`) → trace each graph with fake
+weights (`hybridtrt.exporter.streaming`: ``torch.onnx.export(dynamo=True)``, the exporter's own
+optimizer, custom ops become ``hybridtrt`` domain nodes) → graph passes (names, cleanup, function
+bodies, dims; FP8 Q/DQ with sequential calibration on the lazy reference) → stream every weight
+from the checkpoint into ``weights.data`` (one tensor in flight, NaN/Inf checked) → verify the
+written files with ONNX Runtime against the lazy reference (whole graph, or by decoder-layer
+windows) → ``hybridtrt.json`` (with the verification record) → publish atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import os
-import shutil
-import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,7 +26,7 @@ from typing import Any, Literal
 import onnx
 import torch
 
-from hybridtrt.errors import ExportError, HybridTrtError
+from hybridtrt.errors import ExportError
 from hybridtrt.exporter import io
 from hybridtrt.exporter.manifest import (
     MANIFEST_FILE,
@@ -34,14 +36,34 @@ from hybridtrt.exporter.manifest import (
     layer_map,
 )
 from hybridtrt.exporter.quantize import QuantizeOptions, quantize_graph
+from hybridtrt.exporter.streaming import (
+    DeferredTable,
+    defer_large_initializers,
+    fake_model,
+    trace_and_optimize,
+    trace_inputs,
+)
+from hybridtrt.exporter.target import OutputDir
 from hybridtrt.exporter.translation import translation_table
-from hybridtrt.exporter.wrapper import GraphModule, example_inputs
+from hybridtrt.exporter.verify import VERIFY_MODES, Progress, verify_export
+from hybridtrt.exporter.wrapper import GraphModule
 from hybridtrt.graphs.cleanup import strip_metadata
 from hybridtrt.graphs.dims import name_io_dims
-from hybridtrt.graphs.external_data import save_with_external_data, share_external_data
+from hybridtrt.graphs.external_data import (
+    deferred_key,
+    is_deferred,
+    planned_external_bytes,
+    share_before_write,
+    write_external_data,
+)
 from hybridtrt.graphs.naming import assign_node_names, name_matmul_weights
-from hybridtrt.models.config import MAMBA
-from hybridtrt.models.loading import DTYPES, load_model, parse_dtype
+from hybridtrt.models.config import MAMBA, HybridConfig
+from hybridtrt.models.loading import (
+    Checkpoint,
+    dtype_name,
+    open_checkpoint,
+    parse_dtype,
+)
 from hybridtrt.models.model import HybridLM
 from hybridtrt.ops.onnx_functions import DOMAIN, MAX_OPSET, MIN_OPSET, attach_functions
 
@@ -50,8 +72,7 @@ DECODE_FILE = "decode.onnx"
 WEIGHTS_FILE = "weights.data"
 DECODE_WEIGHTS_FILE = "decode.weights.data"
 DEFAULT_OPSET = 24
-
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+ARTEFACTS = {MODEL_FILE, DECODE_FILE, WEIGHTS_FILE, DECODE_WEIGHTS_FILE}
 
 Step = Callable[[str], contextlib.AbstractContextManager]
 
@@ -69,8 +90,12 @@ class ExportOptions:
             faster per token than the unified graph on ONNX Runtime (README "Long context").
         opset: Default-domain ONNX opset.
         per_layer: Expose each decoder layer's output as ``layer_output.{i}`` (for validation).
-        verify: Run the written graph with ONNX Runtime against the reference after export.
+        verify: Run the written graphs with ONNX Runtime against the reference before publishing.
+        verify_mode: ``auto`` (whole graph for small models, decoder-layer windows above),
+            ``full`` or ``layers`` (`hybridtrt.exporter.verify`).
         size_threshold: Initializers of at least this many bytes go to external data.
+        force: Export into a non-empty directory that is not a hybridtrt export, or into the
+            checkpoint directory.
         kv_cache: ``"dynamic"`` (growing KV, ``attention_mask``) or ``"static"`` (fixed-capacity
             KV written in place; `hybridtrt.exporter.io.CacheFlavour`).
         max_cache_len: KV capacity of the static cache.
@@ -83,9 +108,40 @@ class ExportOptions:
     opset: int | None = None
     per_layer: bool = False
     verify: bool = True
+    verify_mode: str = "auto"
     size_threshold: int = 1024
+    force: bool = False
     kv_cache: str = "dynamic"
     max_cache_len: int | None = None
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph of an export: what the traced module computes and the opset it is exported at.
+
+    Attributes:
+        logits: ``"last"`` or ``"all"`` positions.
+        decode: The decode-only graph (one token, ``Mamba2StateUpdate``) instead of the unified one.
+        per_layer: Expose each decoder layer's output.
+        state_dtype: SSM state dtype.
+        opset: Default-domain ONNX opset.
+        flavour: KV-cache flavour (`hybridtrt.exporter.io.CacheFlavour`).
+    """
+
+    logits: str = "last"
+    decode: bool = False
+    per_layer: bool = False
+    state_dtype: torch.dtype = torch.float32
+    opset: int = DEFAULT_OPSET
+    flavour: io.CacheFlavour = io.DYNAMIC_CACHE
+
+    def module(self, model: HybridLM) -> GraphModule:
+        return GraphModule(model, self.logits, self.decode, self.per_layer, self.flavour).eval()  # type: ignore[arg-type]
+
+    @property
+    def seq(self) -> int:
+        """Tokens of the example inputs (1 for the decode graph)."""
+        return 1 if self.decode else 5
 
 
 @dataclass
@@ -97,12 +153,18 @@ class ExportResult:
     files: dict[str, int] = field(default_factory=dict)  # name -> bytes
     parameters: int = 0
     parameter_bytes: int = 0
-    verification: dict[str, float] = field(default_factory=dict)  # output -> rel L2 (worst)
+    verification: dict[str, float] = field(default_factory=dict)  # graph file -> worst rel L2
+    removed_partials: list[str] = field(default_factory=list)  # stale .partial-* dirs cleaned up
 
 
 @contextlib.contextmanager
 def _no_step(_: str) -> Iterator[None]:
     yield
+
+
+@contextlib.contextmanager
+def _no_progress(label: str, total: int, unit: str = "B") -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
 
 
 @contextlib.contextmanager
@@ -122,52 +184,25 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{uuid.uuid4().hex}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ExportError(
-            f"output directory {out_dir} is not writable ({e.strerror or e})",
-            fix="choose a directory you can write to with -o/--output",
-        ) from None
-
-
-def _check_dtype_runs(model: HybridLM, dtype_name: str, state_dtype: torch.dtype) -> None:
-    """PyTorch on this machine must run the model in this dtype (export traces eagerly)."""
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 2, dtype=torch.long), cache=model.new_cache(1, state_dtype), logits="last")
-    except (RuntimeError, NotImplementedError) as e:
-        device = model.embeddings.weight.device
-        raise ExportError(
-            f"dtype {dtype_name} is not supported by PyTorch on this machine ({device}): {str(e).splitlines()[0]}",
-            fix="export in fp32 here, or export on a machine whose PyTorch supports this dtype",
-        ) from None
-
-
-def _export_program(model: HybridLM, logits: str, decode: bool, per_layer: bool, state_dtype: torch.dtype, opset: int, flavour: io.CacheFlavour):
-    """``torch.onnx.export(dynamo=True)`` of one graph; returns the ``ONNXProgram``."""
-    graph = GraphModule(model, logits, decode, per_layer, flavour).eval()
-    inputs = example_inputs(model, seq=1 if decode else 5, state_dtype=state_dtype, flavour=flavour)
+def export_program(model: HybridLM, inputs: tuple[torch.Tensor, ...], spec: GraphSpec, *, optimize: bool):
+    """``torch.onnx.export(dynamo=True)`` of one graph of ``model``; returns the ``ONNXProgram``."""
+    graph = spec.module(model)
     with _quiet_exporter():
         return torch.onnx.export(
             graph,
             inputs,
             dynamo=True,
-            input_names=io.input_names(model.config, flavour),
-            output_names=io.output_names(model.config, per_layer),
+            input_names=io.input_names(model.config, spec.flavour),
+            output_names=io.output_names(model.config, spec.per_layer),
             dynamic_shapes=graph.dynamic_shapes(),
-            custom_translation_table=translation_table(opset),
-            opset_version=opset,
-            optimize=True,
+            custom_translation_table=translation_table(spec.opset),
+            opset_version=spec.opset,
+            optimize=optimize,
             verbose=False,
         )
 
 
-def _run_passes(proto: onnx.ModelProto, model: HybridLM, logits: str, decode: bool, per_layer: bool, flavour: io.CacheFlavour) -> onnx.ModelProto:
+def run_passes(proto: onnx.ModelProto, config: HybridConfig, spec: GraphSpec) -> onnx.ModelProto:
     """The graph passes every export gets: names, cleanup, function bodies, I/O dims."""
     from hybridtrt import __version__
 
@@ -175,56 +210,51 @@ def _run_passes(proto: onnx.ModelProto, model: HybridLM, logits: str, decode: bo
     name_matmul_weights(proto)
     strip_metadata(proto)
     attach_functions(proto)
-    name_io_dims(proto, io.io_shapes(model.config, logits, decode, per_layer, flavour))
+    name_io_dims(proto, io.io_shapes(config, spec.logits, spec.decode, spec.per_layer, spec.flavour))
     proto.producer_name = "hybridtrt"
     proto.producer_version = __version__
     return proto
 
 
-def trace_graph(
-    model: HybridLM,
-    *,
-    logits: str = "last",
-    decode: bool = False,
-    per_layer: bool = False,
-    state_dtype: torch.dtype = torch.float32,
-    opset: int = DEFAULT_OPSET,
-    flavour: io.CacheFlavour = io.DYNAMIC_CACHE,
-) -> onnx.ModelProto:
-    """Trace one graph (unified or decode) and run the graph passes. Returns an in-memory model
-    with its weights (for graph passes that rewrite weights, e.g. FP8, and for tests)."""
-    program = _export_program(model, logits, decode, per_layer, state_dtype, opset, flavour)
-    return _run_passes(program.model_proto, model, logits, decode, per_layer, flavour)
+def _optimize(program) -> None:
+    """What ``torch.onnx.export(optimize=True)`` runs after tracing."""
+    with _quiet_exporter():
+        program.optimize()
 
 
-def trace_to_file(
-    model: HybridLM,
-    path: Path,
-    data_name: str,
-    *,
-    logits: str = "last",
-    decode: bool = False,
-    per_layer: bool = False,
-    state_dtype: torch.dtype = torch.float32,
-    opset: int = DEFAULT_OPSET,
-    size_threshold: int = 1024,
-    flavour: io.CacheFlavour = io.DYNAMIC_CACHE,
-) -> onnx.ModelProto:
-    """Trace one graph and write it with its weights streamed straight to ``data_name``.
+def trace_streamed(checkpoint: Checkpoint, table: DeferredTable, spec: GraphSpec | None = None) -> onnx.ModelProto:
+    """Trace one graph (unified or decode) without loading the weights, and run the graph passes.
 
-    Unlike `trace_graph` no in-memory protobuf copy of the weights is ever made: the exporter's
-    IR writes each tensor to the data file, and the passes run on the weight-less graph. Returns
-    that graph (initializers external) after saving it to ``path``.
+    Returns the graph with its large initializers as placeholders whose recipes are in ``table``
+    (`hybridtrt.exporter.streaming`); small ones (≤ `FOLD_LIMIT` elements) are inline.
     """
-    import onnx_ir as ir
+    spec = spec or GraphSpec()
+    model = fake_model(checkpoint)
+    inputs = trace_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour)
+    program, stand_ins, large = trace_and_optimize(lambda: export_program(model, inputs, spec, optimize=False), checkpoint, _optimize)
+    defer_large_initializers(program, table, stand_ins, large)
+    proto = program.model_proto
+    del program, stand_ins
+    return run_passes(proto, checkpoint.config, spec)
 
-    program = _export_program(model, logits, decode, per_layer, state_dtype, opset, flavour)
-    ir.save(program.model, path, external_data=data_name, size_threshold_bytes=size_threshold)
-    del program
-    gc.collect()
-    proto = _run_passes(onnx.load(str(path), load_external_data=False), model, logits, decode, per_layer, flavour)
-    onnx.save_model(proto, str(path))
-    return proto
+
+def return_freed_memory_promptly() -> None:
+    """Make freed weight buffers leave the process at once (glibc only; a no-op elsewhere).
+
+    glibc serves blocks below its mmap threshold from the heap, and raises that threshold (up to
+    32 MiB) each time a large block is freed; freed heap blocks are kept, so tensors streamed one
+    at a time would pile up as resident memory. With the threshold fixed at 1 MiB every buffer of
+    that size is its own mapping, returned on free. Process-wide: the CLI calls it, a library
+    caller may.
+    """
+    import ctypes
+
+    m_mmap_threshold = -3
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
 def _value_entries(values) -> list[dict[str, Any]]:
@@ -241,7 +271,7 @@ def _custom_op_counts(proto: onnx.ModelProto) -> dict[str, int]:
 
 
 def _fix_permissions(directory: Path, names: list[str]) -> None:
-    """onnx/onnx_ir create data files 0600; give written files the usual permissions."""
+    """Give written files the usual permissions (onnx/onnx_ir create data files 0600)."""
     umask = os.umask(0)
     os.umask(umask)
     for name in names:
@@ -249,16 +279,20 @@ def _fix_permissions(directory: Path, names: list[str]) -> None:
             os.chmod(directory / name, 0o666 & ~umask)
 
 
-def _publish(partial: Path, out_dir: Path, names: list[str]) -> None:
-    """Move finished files into place. The manifest goes first out and last in, so an interrupted
-    publish never leaves a directory that claims to be complete."""
-    stale = out_dir / MANIFEST_FILE
-    if stale.exists():
-        stale.unlink()
-    for name in names:
-        if name != MANIFEST_FILE:
-            os.replace(partial / name, out_dir / name)
-    os.replace(partial / MANIFEST_FILE, out_dir / MANIFEST_FILE)
+def check_options(opts: ExportOptions, quantize: QuantizeOptions | None) -> int:
+    """Refuse bad flags before any work. Returns the opset."""
+    from hybridtrt.exporter.calibration import check_calibration_source
+
+    opset = opts.opset or DEFAULT_OPSET
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset {opset} is outside {MIN_OPSET}..{MAX_OPSET}", fix=f"use --opset {DEFAULT_OPSET}")
+    parse_dtype(opts.dtype)
+    parse_dtype(opts.state_dtype or "fp32")
+    if opts.verify_mode not in VERIFY_MODES:
+        raise ExportError(f"verification mode {opts.verify_mode!r} is unknown", fix=f"use one of {', '.join(VERIFY_MODES)}")
+    if quantize is not None:
+        check_calibration_source(quantize.calib_file, quantize.calib_random)
+    return opset
 
 
 def export(
@@ -267,7 +301,7 @@ def export(
     options: ExportOptions | None = None,
     *,
     step: Step = _no_step,
-    model: HybridLM | None = None,
+    progress: Progress = _no_progress,
     quantize: QuantizeOptions | None = None,
 ) -> ExportResult:
     """Export a checkpoint directory to ONNX.
@@ -276,8 +310,9 @@ def export(
         checkpoint_dir: HF checkpoint (config.json + safetensors).
         out_dir: Output directory (created).
         options: Export flags.
-        step: ``step(name)`` context manager wrapped around each stage (progress display).
-        model: Use this already-loaded model instead of loading ``checkpoint_dir`` (tests).
+        step: ``step(name)`` context manager wrapped around each short stage (progress display).
+        progress: ``progress(label, total, unit)`` context manager yielding ``advance(n)``, for the
+            long stages (weight streaming in bytes, calibration in layers, verification).
         quantize: FP8 Q/DQ on the linear layers (DESIGN.md §7): calibrate on the reference, then
             the same scales in every graph of the export.
 
@@ -285,71 +320,88 @@ def export(
         `ExportResult`.
     """
     opts = options or ExportOptions()
-    out = Path(out_dir)
-    opset = opts.opset or DEFAULT_OPSET
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"--opset {opset} is outside {MIN_OPSET}..{MAX_OPSET}", fix=f"use --opset {DEFAULT_OPSET}")
-    dtype = parse_dtype(opts.dtype)
+    opset = check_options(opts, quantize)
     state_dtype = parse_dtype(opts.state_dtype or "fp32")
     flavour = io.cache_flavour(opts.kv_cache, opts.max_cache_len, opset)
-    _check_writable(out)
-
-    with step("load checkpoint"):
-        if model is None:
-            model = load_model(checkpoint_dir, dtype)
-        _check_dtype_runs(model, _DTYPE_NAMES[dtype], state_dtype)
+    with step("read checkpoint (config.json, safetensors headers)"):
+        checkpoint = open_checkpoint(checkpoint_dir, opts.dtype)
+    config = checkpoint.config
     roles = [("unified", MODEL_FILE, WEIGHTS_FILE, False)]
-    split = MAMBA in model.config.layer_types if opts.split is None else opts.split
+    split = MAMBA in config.layer_types if opts.split is None else opts.split
     if split:
+        if MAMBA not in config.layer_types:
+            raise ExportError("--split needs at least one Mamba layer (the decode graph exists for Mamba2StateUpdate)")
         roles.append(("decode", DECODE_FILE, DECODE_WEIGHTS_FILE, True))
-    if split and MAMBA not in model.config.layer_types:
-        raise ExportError("--split needs at least one Mamba layer (the decode graph exists for Mamba2StateUpdate)")
 
-    partial = out / f".partial-{uuid.uuid4().hex[:8]}"
-    partial.mkdir()
-    try:
+    from hybridtrt.models.lazy import lazy_model
+
+    reference = lazy_model(checkpoint)
+    with OutputDir(Path(out_dir), ARTEFACTS, MANIFEST_FILE, checkpoint.root, force=opts.force) as target:
+        table = DeferredTable(checkpoint)
         graphs: dict[str, GraphEntry] = {}
         written: list[str] = []
         recipe = None
+        unified_keys: dict[str, str] = {}
         for role, fname, data, decode in roles:
-            trace_args = dict(logits=opts.logits, decode=decode, per_layer=opts.per_layer, state_dtype=state_dtype, opset=opset, flavour=flavour)
-            if quantize is None:
-                with step(f"trace {role} graph (torch.export → ONNX), stream weights to {data}"):
-                    proto = trace_to_file(model, partial / fname, data, size_threshold=opts.size_threshold, **trace_args)
-            else:
-                with step(f"trace {role} graph (torch.export → ONNX)"):
-                    proto = trace_graph(model, **trace_args)
-                label = "FP8: calibrate on the reference, insert Q/DQ" if recipe is None else f"FP8: insert Q/DQ ({role})"
-                with step(label):
-                    recipe = quantize_graph(proto, model, checkpoint_dir, quantize)
-                save_with_external_data(proto, partial / fname, data, opts.size_threshold)
-            with step(f"write {fname}"):
-                entry = GraphEntry(
-                    file=fname,
-                    data=[],
-                    role=role,
-                    inputs=_value_entries(proto.graph.input),
-                    outputs=_value_entries(proto.graph.output),
-                    custom_ops=_custom_op_counts(proto),
+            with step(f"trace {role} graph (torch.export → ONNX, weights not loaded)"):
+                proto = trace_streamed(checkpoint, table, GraphSpec(opts.logits, decode, opts.per_layer, state_dtype, opset, flavour))
+            rule = "onnx_ir"  # the writer the weight-loaded export used: onnx_ir.save
+            if quantize is not None:
+                if recipe is None:
+                    with progress("FP8 calibration (each layer read once)", len(reference.weights.groups), "layers") as advance:
+                        quantize.progress = _counter(advance)
+                        from hybridtrt.exporter.quantize import run_calibration
+
+                        run_calibration(reference, checkpoint.root, quantize)
+                with step(f"FP8: insert Q/DQ ({role})"):
+                    recipe = quantize_graph(proto, reference, checkpoint.root, quantize, quantizer=table.quantizer())
+                rule = "onnx"  # FP8 graphs were saved from memory with onnx.save_model
+            shared = 0
+            if graphs:  # later graphs reuse the unified graph's weights.data where identical
+                shared = share_before_write(
+                    proto,
+                    target.partial / MODEL_FILE,
+                    rule=rule,
+                    size_threshold=opts.size_threshold,
+                    same=lambda t, path, offset, n, keys=unified_keys: table.same(t, path, offset, n, keys),
                 )
-                del proto
-                if graphs:  # later graphs reuse the unified graph's weights.data where identical
-                    if share_external_data(partial / fname, partial / MODEL_FILE, opts.size_threshold):
-                        entry.data.append(WEIGHTS_FILE)
-                if (partial / data).exists():
-                    entry.data.append(data)
-                    written.append(data)
-                _fix_permissions(partial, [fname, data])
-                graphs[role] = entry
-                onnx.checker.check_model(str(partial / fname), full_check=True)
-                written.append(fname)
-        config = model.config
+                rule = "onnx"
+            else:
+                unified_keys = {t.name: deferred_key(t) for t in proto.graph.initializer if is_deferred(t)}
+            entry = GraphEntry(
+                file=fname,
+                data=[WEIGHTS_FILE] if shared else [],
+                role=role,
+                inputs=_value_entries(proto.graph.input),
+                outputs=_value_entries(proto.graph.output),
+                custom_ops=_custom_op_counts(proto),
+            )
+            total = planned_external_bytes(proto, rule, opts.size_threshold)
+            target.check_space(total)
+            meter = progress if total else _no_progress
+            with target.writing(total), meter(f"stream weights → {data}", total, "B") as advance:
+                write_external_data(proto, target.partial, data, rule=rule, size_threshold=opts.size_threshold, chunks=table.chunks, progress=advance)
+                onnx.save_model(proto, str(target.partial / fname))
+            del proto
+            if (target.partial / data).exists():
+                entry.data.append(data)
+                written.append(data)
+            _fix_permissions(target.partial, [fname, data])
+            graphs[role] = entry
+            try:
+                onnx.checker.check_model(str(target.partial / fname), full_check=True)
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+                raise ExportError(
+                    f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}",
+                    fix=f"bf16 needs opset ≥ 22; otherwise report this with the checkpoint's config.json (opset {opset})",
+                ) from e
+            written.append(fname)
         manifest = Manifest(
-            source={"checkpoint": str(Path(checkpoint_dir).resolve()), "sha256": checkpoint_hash(checkpoint_dir), "family": config.family},
+            source={"checkpoint": str(checkpoint.root.resolve()), "sha256": checkpoint_hash(checkpoint.root), "family": config.family},
             model=config.to_dict(),
             layers=layer_map(config.pattern),
-            dtype=_DTYPE_NAMES[dtype],
-            state_dtype=_DTYPE_NAMES[state_dtype],
+            dtype=dtype_name(checkpoint.dtype),
+            state_dtype=dtype_name(state_dtype),
             logits=opts.logits,
             opset=opset,
             graphs=graphs,
@@ -359,76 +411,39 @@ def export(
             kv_cache=flavour.kind,
             max_cache_len=flavour.max_cache_len,
         )
-        manifest.write(partial)
+        if opts.verify:
+            with step(f"verify with ONNX Runtime against the fp32 reference ({opts.verify_mode})"):
+                truth = reference if checkpoint.dtype == torch.float32 else lazy_model(checkpoint.as_dtype(torch.float32))
+                manifest.verification = verify_export(
+                    target.partial, reference, manifest, truth=truth, mode=opts.verify_mode, parameter_bytes=checkpoint.parameter_bytes, progress=progress
+                )
+                del truth
+        else:
+            manifest.verification = {"method": "skipped", "reason": "--no-verify"}
+        with target.writing(0):
+            manifest.write(target.partial)
         written.append(MANIFEST_FILE)
-        _publish(partial, out, written)
-    except HybridTrtError:
-        raise
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ExportError(
-            f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}",
-            fix=f"bf16 needs opset ≥ 22; otherwise report this with the checkpoint's config.json (opset {opset})",
-        ) from e
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        target.publish(written)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    result = ExportResult(
+    out = Path(out_dir)
+    return ExportResult(
         out_dir=out,
         manifest=manifest,
         files={name: (out / name).stat().st_size for name in written},
-        parameters=n_params,
-        parameter_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        parameters=checkpoint.num_parameters,
+        parameter_bytes=checkpoint.parameter_bytes,
+        verification={f: g["worst"]["rel_l2"] for f, g in manifest.verification.get("graphs", {}).items()},
+        removed_partials=target.removed_partials,
     )
-    if opts.verify:
-        with step("verify with ONNX Runtime"):
-            result.verification = verify_export(out, model, manifest)
-    return result
 
 
-def verify_export(out_dir: Path, model: HybridLM, manifest: Manifest) -> dict[str, float]:
-    """Run every written graph with ONNX Runtime on example inputs and compare with the reference.
+def _counter(advance: Callable[[int], None]) -> Callable[[int, int], None]:
+    """``progress(done, total)`` callbacks -> increments of ``advance``."""
+    last = 0
 
-    Returns the worst rel L2 per graph; raises `ExportError` when a graph disagrees (rel L2 above
-    1e-4 in fp32, 1e-2 in half precision) — an exporter bug, never a silent wrong artefact.
-    """
-    from hybridtrt.runtime.onnxruntime import OrtSession
-    from hybridtrt.validation.metrics import rel_l2
+    def update(done: int, total: int) -> None:
+        nonlocal last
+        advance(done - last)
+        last = done
 
-    if manifest.dtype == "bf16":
-        return {}  # ONNX Runtime's CPU provider has no bf16 kernels; validate on TensorRT instead.
-    from hybridtrt.validation.metrics import compare
-
-    state_dtype = parse_dtype(manifest.state_dtype)
-    tol = 1e-4 if manifest.dtype == "fp32" else 1e-2
-    worst: dict[str, float] = {}
-    flavour = manifest.cache_flavour
-    for role, entry in manifest.graphs.items():
-        decode = role == "decode"
-        inputs = example_inputs(model, seq=1 if decode else 7, batch=3, past=4, state_dtype=state_dtype, seed=1, flavour=flavour)
-        graph = GraphModule(model, manifest.logits, decode, bool(manifest.per_layer_outputs), flavour).eval()
-        with torch.no_grad():
-            expected = graph(*inputs)
-        session = OrtSession(out_dir / entry.file)
-        feeds = dict(zip([v["name"] for v in entry.inputs], inputs))
-        got = session.run(feeds)
-        names = [v["name"] for v in entry.outputs]
-        if manifest.quantization:
-            # FP8 changes the numbers by design: a sanity gate on the logits only (the real
-            # accuracy report is `hybridtrt validate`).
-            cosine = compare(got[names[0]], expected[0]).cosine
-            if not cosine >= 0.5:  # catastrophic only (a broken scale gives ~0.1)
-                raise ExportError(f"{entry.file}: FP8 logits have cosine {cosine:.4f} < 0.5 against the reference", fix="check the calibration set; try --weight-scale channel or --exclude")
-            worst[entry.file] = rel_l2(got[names[0]], expected[0])
-            continue
-        errors = {name: rel_l2(got[name], exp) for name, exp in zip(names, expected)}
-        # A half-precision SSM state is rounded on both sides: one fp16 ulp is 1e-3 relative.
-        limit = {k: 1e-2 if manifest.state_dtype != "fp32" and "ssm_state" in k else tol for k in errors}
-        bad = {k: v for k, v in errors.items() if not v <= limit[k]}
-        if bad:
-            raise ExportError(
-                f"{entry.file} disagrees with the PyTorch reference on {sorted(bad)} (rel L2 {max(bad.values()):.2e} > {tol})",
-                fix="this is a bug in hybridtrt; please report it with the checkpoint's config.json",
-            )
-        worst[entry.file] = max(errors.values())
-    return worst
+    return update

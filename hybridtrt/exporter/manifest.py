@@ -83,6 +83,9 @@ class Manifest:
     states: list[dict[str, Any]]
     per_layer_outputs: list[str] = field(default_factory=list)
     quantization: dict[str, Any] | None = None
+    #: How the export was checked before publishing (`hybridtrt.exporter.verify`): mode
+    #: ``full`` / ``layers`` (windows) / ``skipped`` (with the reason), gate, worst error per graph.
+    verification: dict[str, Any] | None = None
     tools: dict[str, str] = field(default_factory=tool_versions)
     contract_version: int = CONTRACT_VERSION
     kv_cache: str = "dynamic"
@@ -109,6 +112,7 @@ class Manifest:
             "states": self.states,
             "per_layer_outputs": self.per_layer_outputs,
             "quantization": self.quantization,
+            "verification": self.verification,
             "tools": self.tools,
             "kv_cache": self.kv_cache,
             "max_cache_len": self.max_cache_len,

@@ -3,13 +3,11 @@ model, then insert Q/DQ into each traced graph with the same scales.
 
 Usage inside `hybridtrt.exporter.export.export`, for every traced graph (unified, then decode)::
 
-    recipe = None
     for role, fname, data, decode in roles:
-        proto = trace_graph(model, ...)
-        if opts.quantize is not None:          # ExportOptions.quantize: QuantizeOptions | None
-            with step(f"FP8 Q/DQ ({role})"):
-                recipe = quantize_graph(proto, model, checkpoint_dir, opts.quantize)
-        ...                                    # save as before
+        proto = trace(...)                     # weights are placeholders (exporter/streaming.py)
+        if quantize is not None:
+            recipe = quantize_graph(proto, reference, checkpoint_dir, quantize, quantizer=table.quantizer())
+        ...                                    # write
     manifest = Manifest(..., quantization=recipe)   # identical for both graphs
 
 The first call calibrates and caches the amax table on ``options`` (tied to that model object);
@@ -30,7 +28,7 @@ import onnx
 
 from hybridtrt.errors import QuantizationError
 from hybridtrt.exporter.calibration import calibrate, calibration_batches, calibration_hash
-from hybridtrt.graphs.fp8_qdq import insert_fp8_qdq
+from hybridtrt.graphs.fp8_qdq import WeightQuantizer, insert_fp8_qdq
 from hybridtrt.models.model import HybridLM
 from hybridtrt.models.tokenizer import load_tokenizer
 
@@ -101,15 +99,20 @@ def run_calibration(model: HybridLM, checkpoint_dir: str | Path | None, options:
 
 
 def quantize_graph(
-    proto: onnx.ModelProto, model: HybridLM, checkpoint_dir: str | Path | None, options: QuantizeOptions
+    proto: onnx.ModelProto,
+    model: HybridLM,
+    checkpoint_dir: str | Path | None,
+    options: QuantizeOptions,
+    quantizer: WeightQuantizer | None = None,
 ) -> dict[str, Any]:
     """Insert FP8 Q/DQ into ``proto`` in place (calibrating on the first call).
 
     Args:
-        proto: A graph from `trace_graph` (weights in memory).
-        model: The reference model that was traced, in the export dtype.
+        proto: A traced graph (weights in memory, or placeholders with a matching ``quantizer``).
+        model: The reference model that was traced, in the export dtype (eager or lazy).
         checkpoint_dir: Checkpoint directory (for its ``tokenizer.json`` when ``calib_file`` is set).
         options: `QuantizeOptions`; the same object for every graph of one export.
+        quantizer: How weights become FP8 initializers (`hybridtrt.graphs.fp8_qdq.WeightQuantizer`).
 
     Returns:
         The recipe dict for ``hybridtrt.json``'s ``"quantization"`` (see `FP8Recipe`), with the
@@ -119,7 +122,7 @@ def quantize_graph(
         QuantizationError: Bad calibration options, opset < 19, bad ``--exclude`` regex, ...
     """
     amax = run_calibration(model, checkpoint_dir, options)
-    recipe = insert_fp8_qdq(proto, amax, exclude=options.exclude, weight_scale=options.weight_scale)
+    recipe = insert_fp8_qdq(proto, amax, exclude=options.exclude, weight_scale=options.weight_scale, quantizer=quantizer)
     if not recipe.quantized:
         raise QuantizationError(
             "FP8 was requested but no linear layer is left to quantize"

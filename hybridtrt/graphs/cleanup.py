@@ -1,5 +1,7 @@
-"""Pass: strip exporter metadata (stack traces with absolute paths, FX node dumps) and stale
-value_info so the file is byte-identical across machines and checkouts."""
+"""Pass: strip exporter metadata (stack traces with absolute paths, FX node dumps, the exported
+program's symbolic range constraints) and stale value_info so the file is byte-identical across
+machines, checkouts and tracing modes (the range constraints depend on the example inputs'
+strides, which differ between a traced eager prefill and the zero states of a weight-less trace)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ def strip_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
             del node.metadata_props[:]
     del model.graph.value_info[:]
     del model.metadata_props[:]
+    del model.graph.metadata_props[:]
     model.graph.doc_string = ""
     model.doc_string = ""
     return model

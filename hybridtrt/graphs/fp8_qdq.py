@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,6 +71,15 @@ EXPERT_FALLBACK = "largest activation scale among the reached experts of the sam
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}
 
 WeightScale = Literal["tensor", "channel"]
+
+#: ``quantize(w) -> (w_fp8, scale)`` on a weight's values (`quantize_weight` with its mode and scale
+#: type bound, as a ``functools.partial``).
+Quantize = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+#: ``quantizer(weight, fp8_name, quantize) -> (fp8 initializer named fp8_name, scale)``: how a weight
+#: initializer becomes its FP8 initializer and scale. The default reads the weight's values
+#: (`in_memory_quantizer`); a streaming exporter passes one that returns a deferred FP8 initializer
+#: (`hybridtrt.graphs.external_data`) instead, whose bytes ``quantize`` produces when it is written.
+WeightQuantizer = Callable[[TensorProto, str, Quantize], tuple[TensorProto, np.ndarray]]
 
 
 @dataclass
@@ -242,6 +252,16 @@ def quantize_weight(w: np.ndarray, mode: WeightScale, elem_type: int) -> tuple[n
     return fp8_saturating_cast(w32 / scale.astype(np.float32)), scale
 
 
+def in_memory_quantizer(base_dir: str | None = None) -> WeightQuantizer:
+    """The default `WeightQuantizer`: reads the weight (inline, or external under ``base_dir``)."""
+
+    def quantizer(w: TensorProto, fp8_name: str, quantize: Quantize) -> tuple[TensorProto, np.ndarray]:
+        w_fp8, scale = quantize(_load_array(w, base_dir))
+        return fp8_tensor(fp8_name, w_fp8), scale
+
+    return quantizer
+
+
 def insert_fp8_qdq(
     model: onnx.ModelProto,
     act_amax: Mapping[str, float | ExpertAmax],
@@ -249,6 +269,7 @@ def insert_fp8_qdq(
     exclude: Sequence[str] = (),
     weight_scale: WeightScale = "tensor",
     base_dir: str | None = None,
+    quantizer: WeightQuantizer | None = None,
 ) -> FP8Recipe:
     """Insert FP8 Q/DQ on the linear layers of ``model``, in place.
 
@@ -258,6 +279,7 @@ def insert_fp8_qdq(
         exclude: Regexes; a MatMul whose name matches any (``re.search``) is left in high precision.
         weight_scale: ``"tensor"`` (default, DESIGN.md §7) or ``"channel"``.
         base_dir: Directory of the model file, for weights still in external data.
+        quantizer: How weights become FP8 initializers (default `in_memory_quantizer`).
 
     Returns:
         The `FP8Recipe`.
@@ -282,6 +304,7 @@ def insert_fp8_qdq(
             fix="quantize the unquantized export (run the pass once per graph)",
         )
     inits = {t.name: t for t in graph.initializer}
+    quantize = quantizer or in_memory_quantizer(base_dir)
     recipe = FP8Recipe(weight_scale=weight_scale, exclude_patterns=list(exclude))
 
     plan: list[onnx.NodeProto] = []
@@ -331,11 +354,11 @@ def insert_fp8_qdq(
         q = helper.make_node("QuantizeLinear", [node.input[0], s_name, zp_name], [q_out], name=f"{scope}/input_quantizer/QuantizeLinear", saturate=1)
         dq = helper.make_node("DequantizeLinear", [q_out, s_name, zp_name], [dq_out], name=f"{scope}/input_quantizer/DequantizeLinear")
         # Weight: FP8 initializer + DQ.
-        w_fp8, w_scale = quantize_weight(_load_array(w_init, base_dir), weight_scale, elem)
         fp8_name, ws_name, wzp_name = f"{dotted}.weight_t_fp8", f"{dotted}.weight_scale", f"{dotted}.weight_zero_point"
+        w_fp8, w_scale = quantize(w_init, fp8_name, partial(quantize_weight, mode=weight_scale, elem_type=elem))
         wdq_out = f"{scope}/weight_quantizer/DequantizeLinear_output_0"
         graph.initializer.extend(
-            [fp8_tensor(fp8_name, w_fp8), float_tensor(ws_name, w_scale, elem), fp8_tensor(wzp_name, np.zeros(w_scale.shape, ml_dtypes.float8_e4m3fn))]
+            [w_fp8, float_tensor(ws_name, w_scale, elem), fp8_tensor(wzp_name, np.zeros(w_scale.shape, ml_dtypes.float8_e4m3fn))]
         )
         wdq_attrs = {"axis": 1} if weight_scale == "channel" else {}
         wdq = helper.make_node("DequantizeLinear", [fp8_name, ws_name, wzp_name], [wdq_out], name=f"{scope}/weight_quantizer/DequantizeLinear", **wdq_attrs)
@@ -350,7 +373,7 @@ def insert_fp8_qdq(
             recipe.weight_scales[node.name] = float(w_scale.astype(np.float32))
     for node in experts_plan:
         old_weights = list(node.input[3:])  # replaced by FP8 copies
-        recipe.experts[node.name] = _quantize_experts(graph, node, act_amax[node.name], inits, weight_scale, base_dir)
+        recipe.experts[node.name] = _quantize_experts(graph, node, act_amax[node.name], inits, weight_scale, quantize)
         for name in old_weights:
             weight_users[name] -= 1
             if weight_users[name] == 0:
@@ -404,17 +427,17 @@ def _quantize_experts(
     stats: ExpertAmax,
     inits: Mapping[str, TensorProto],
     weight_scale: WeightScale,
-    base_dir: str | None,
+    quantizer: WeightQuantizer,
 ) -> dict[str, Any]:
     """Turn one ``MoeExperts`` node into ``MoeExpertsFp8`` in place; returns its recipe entry."""
     _, dotted = _prefixes(node.name)  # model.layers.{i}.mixer.experts
     entry: dict[str, Any] = {"tokens": list(stats.tokens)}
     inputs = list(node.input[:3])
     for proj, w_name, amax in (("up", node.input[3], stats.up_input), ("down", node.input[4], stats.down_input)):
-        w_fp8, w_scale = quantize_expert_weights(_load_array(inits[w_name], base_dir), weight_scale)
-        in_scale, fell_back = expert_input_scales(amax, stats.tokens)
         names = (f"{dotted}.{proj}_proj_fp8", f"{dotted}.{proj}_weight_scale", f"{dotted}.{proj}_input_scale")
-        graph.initializer.extend([fp8_tensor(names[0], w_fp8), numpy_helper.from_array(w_scale, names[1]), numpy_helper.from_array(in_scale, names[2])])
+        w_fp8, w_scale = quantizer(inits[w_name], names[0], partial(quantize_expert_weights, mode=weight_scale))
+        in_scale, fell_back = expert_input_scales(amax, stats.tokens)
+        graph.initializer.extend([w_fp8, numpy_helper.from_array(w_scale, names[1]), numpy_helper.from_array(in_scale, names[2])])
         inputs += names
         entry[f"{proj}_input_scale"] = in_scale.tolist()
         if weight_scale == "tensor":
@@ -462,10 +485,13 @@ __all__ = [
     "FP8Recipe",
     "FP8_E4M3_MAX",
     "MIN_FP8_OPSET",
+    "Quantize",
+    "WeightQuantizer",
     "QUANTIZABLE_PROJECTIONS",
     "fp8_saturating_cast",
     "float_tensor",
     "fp8_tensor",
+    "in_memory_quantizer",
     "insert_fp8_qdq",
     "expert_input_scales",
     "quantize_expert_weights",

@@ -1,31 +1,43 @@
-"""Loading a checkpoint directory: config.json + safetensors (single or sharded).
+"""Loading a checkpoint directory: config.json + safetensors (single, sharded, or the HF hub cache).
 
-Strict: every parameter of the model must be in the checkpoint with the right shape, and every
-tensor in the checkpoint must be used (except names a family declares ignorable). Pickle files are
-never opened and checkpoint code is never run.
+Strict: every parameter of the model must be in the checkpoint with the right shape and a float
+dtype, and every tensor in the checkpoint must be used (except names a family declares
+ignorable). All of that is decided from the safetensors headers (`hybridtrt.models.weights`)
+before a module is built or a tensor is read, so a checkpoint that does not match its config is
+refused in milliseconds whatever its size. Tensors are then read one at a time, converted to the
+model dtype and checked for NaN/Inf on the way (`Checkpoint.read`): the eager model holds the
+weights once, the lazy one (`load_model(..., lazy=True)`) one decoder layer at a time. Pickle files
+are never opened and checkpoint code is never run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from hybridtrt.errors import CheckpointError, InputError
 from hybridtrt.models.config import HybridConfig, load_config
-from hybridtrt.models.model import HybridLM
+from hybridtrt.models.model import Block, HybridLM
 from hybridtrt.models.moe import FP32_PARAMETERS
+from hybridtrt.models.weights import FLOAT_CODES, WeightIndex
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+#: Elements per slice of the NaN/Inf scan (bounds its temporary to 16 MiB of bools).
+_FINITE_CHUNK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -63,21 +75,69 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
-def _weight_files(root: Path) -> list[Path]:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"fp16"``."""
+    return _DTYPE_NAMES[dtype]
+
+
+def _hub_blobs(root: Path) -> Path | None:
+    """``<repo>/blobs`` when ``root`` is an HF hub cache snapshot ``<repo>/snapshots/<revision>``."""
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        return root.parent.parent / "blobs"
+    return None
+
+
+def _shard_path(root: Path, name: object, index: Path) -> Path:
+    """A shard named in the index, refused unless it stays inside the checkpoint.
+
+    The name itself must lie inside the checkpoint directory; a shard that is a symlink must
+    resolve inside it too, or — the HF hub cache layout — into the ``blobs/`` of the same cache
+    repo (``snapshots/<rev>/x.safetensors -> ../../blobs/<sha>``).
+    """
+    if not isinstance(name, str) or not name.endswith(".safetensors"):
+        raise CheckpointError(f"{index} names shard {name!r}, not a .safetensors file")
+    real_root = root.resolve()
+    base = Path(os.path.normpath(root.absolute()))
+    lexical = Path(os.path.normpath(base / name))
+    if base not in lexical.parents:
+        raise CheckpointError(f"{index} names shard {name!r} outside the checkpoint", fix="shard names are file names inside the checkpoint directory")
+    target = lexical.resolve()
+    blobs = _hub_blobs(real_root)
+    if real_root not in target.parents and not (blobs is not None and blobs.resolve() in target.parents):
+        raise CheckpointError(
+            f"shard {name!r} named in {INDEX_FILE} is a link to {target}, outside the checkpoint"
+            + (" and its hub cache repo" if blobs is not None else ""),
+            fix="copy the shards into the checkpoint directory",
+        )
+    if not target.is_file():
+        raise CheckpointError(f"shard {name} named in {INDEX_FILE} is missing", fix="re-download the checkpoint")
+    return lexical
+
+
+def weight_files(root: Path) -> list[Path]:
+    """The checkpoint's safetensors files: the shards of ``model.safetensors.index.json``, else
+    ``model.safetensors``, else every ``*.safetensors``.
+
+    Raises:
+        CheckpointError: A malformed index (``weight_map`` must map tensor names to file names),
+            shards outside the checkpoint, only pickle files, or no weights at all.
+    """
     index = root / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            path = (root / name).resolve()
-            if root.resolve() not in path.parents or not name.endswith(".safetensors"):
-                raise CheckpointError(f"{index} names shard {name!r} outside the checkpoint or not .safetensors")
-            if not path.is_file():
-                raise CheckpointError(f"shard {name} named in {INDEX_FILE} is missing", fix="re-download the checkpoint")
-        return [root / f for f in files]
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index} is not valid JSON ({e})", fix="re-download the checkpoint's index file") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            shown = type(weight_map).__name__ if not isinstance(weight_map, dict) else next(
+                f"{k!r}: {v!r}" for k, v in weight_map.items() if not (isinstance(k, str) and isinstance(v, str))
+            )
+            raise CheckpointError(
+                f"{index} is not a valid safetensors index: 'weight_map' must map tensor names to shard file names (found {shown})",
+                fix="re-download the checkpoint's index file",
+            )
+        return [_shard_path(root, name, index) for name in sorted(set(weight_map.values()))]
     if (root / SINGLE_FILE).is_file():
         return [root / SINGLE_FILE]
     shards = sorted(root.glob("*.safetensors"))
@@ -92,22 +152,7 @@ def _weight_files(root: Path) -> list[Path]:
     raise CheckpointError(f"no *.safetensors weights in {root}", fix="point at an HF checkpoint directory")
 
 
-def read_safetensors(root: str | Path) -> dict[str, Tensor]:
-    """All tensors of a checkpoint directory, by name, as stored (no dtype change)."""
-    tensors: dict[str, Tensor] = {}
-    for path in _weight_files(Path(root)):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    if name in tensors:
-                        raise CheckpointError(f"tensor {name!r} appears in more than one shard ({path.name})")
-                    tensors[name] = f.get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"{path.name} is not a readable safetensors file: {e}") from None
-    return tensors
-
-
-def backbone_prefix(config: HybridConfig, keys: set[str]) -> str:
+def backbone_prefix(config: HybridConfig, keys: set[str] | dict) -> str:
     """The first of the family's accepted prefixes that the checkpoint uses."""
     prefixes = WEIGHT_NAMES[config.family].prefixes
     return next((p for p in prefixes if any(k.startswith(p) for k in keys)), prefixes[0])
@@ -118,26 +163,39 @@ def to_checkpoint_name(name: str, prefix: str) -> str:
     return name if name.startswith("lm_head.") else prefix + name
 
 
+def expected_parameters(config: HybridConfig) -> dict[str, tuple[int, ...]]:
+    """``{parameter name: shape}`` of `HybridLM` ``(config)`` in module order, without building it:
+    the top-level modules of a layerless model plus one meta `Block` per block kind."""
+    with torch.device("meta"):
+        top = HybridLM(dataclasses.replace(config, layer_types=())).state_dict()
+        blocks = {kind: Block(config, kind).state_dict() for kind in set(config.layer_types)}
+    shapes = {k: tuple(v.shape) for k, v in top.items() if k.startswith("embeddings.")}
+    for i, kind in enumerate(config.layer_types):
+        shapes.update({f"layers.{i}.{k}": tuple(v.shape) for k, v in blocks[kind].items()})
+    shapes.update({k: tuple(v.shape) for k, v in top.items() if not k.startswith("embeddings.")})
+    return shapes
+
+
 #: The hub's per-expert MoE tensors (``…mixer.experts.3.up_proj.weight [I, D]``, what HF's
 #: ``save_pretrained`` writes); HF's in-memory model — and ours — stacks them into
 #: ``…mixer.experts.up_proj [E, I, D]`` (transformers' ``conversion_mapping``: MergeModulelist).
 _PER_EXPERT = re.compile(r"^(?P<stem>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
 
 
-def stack_per_expert(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Replace per-expert MoE tensors by the stacked tensor of each layer and projection.
+def per_expert_groups(names: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """``{stacked name: per-expert tensor names in expert order}`` for the per-expert MoE tensors
+    among ``names`` (checkpoints may ship either form; expert ``e`` becomes row ``e``).
 
-    Checkpoints may ship either form (stacked tensors pass through unchanged); expert ``e`` becomes
-    row ``e``. Raises `CheckpointError` when a layer's expert numbers have gaps or a layer has both.
+    Raises:
+        CheckpointError: A layer's expert numbers have gaps, or a layer has both forms.
     """
+    names = set(names)
     groups: dict[str, dict[int, str]] = {}
-    for name in tensors:
+    for name in names:
         m = _PER_EXPERT.match(name)
         if m:
             groups.setdefault(f"{m['stem']}.{m['proj']}", {})[int(m["expert"])] = name
-    if not groups:
-        return tensors
-    out = {k: v for k, v in tensors.items() if not _PER_EXPERT.match(k)}
+    out: dict[str, tuple[str, ...]] = {}
     for stacked, by_expert in sorted(groups.items()):
         gaps = sorted(set(range(max(by_expert) + 1)) - set(by_expert))
         if gaps:
@@ -145,34 +203,111 @@ def stack_per_expert(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
                 f"{stacked}: per-expert tensors for experts {gaps[:8]} are missing",
                 fix="the checkpoint is incomplete; re-download it",
             )
-        if stacked in out:
+        if stacked in names:
             raise CheckpointError(f"{stacked} is stored both stacked and per expert", fix="keep one of the two forms")
-        out[stacked] = torch.stack([tensors[by_expert[e]] for e in range(len(by_expert))])
+        out[stacked] = tuple(by_expert[e] for e in range(len(by_expert)))
     return out
 
 
-def load_state_dict(config: HybridConfig, tensors: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    """Match checkpoint tensors to the model's parameters, strictly.
+@dataclass(frozen=True)
+class ParameterSource:
+    """Where one model parameter comes from.
+
+    Attributes:
+        name: Our parameter name (``layers.0.mixer.in_proj.weight``).
+        tensor: The checkpoint tensor (``model.layers.0.mixer.in_proj.weight``), or the stacked
+            name of per-expert tensors (``model.layers.1.mixer.experts.up_proj``).
+        shape: Its shape.
+        dtype: Its dtype in the model (fp32 for the family's ``keep_fp32`` parameters).
+        parts: The per-expert tensors stacked along a new first axis into this parameter, in
+            expert order; empty when ``tensor`` is stored as such.
+    """
+
+    name: str
+    tensor: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    parts: tuple[str, ...] = ()
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _layer_count_check(config: HybridConfig, names: list[str], prefix: str) -> None:
+    """Refuse a layer pattern whose length disagrees with the weights before anything is built."""
+    rx = re.compile(re.escape(prefix) + r"layers\.(\d+)\.")
+    found = sorted({int(m.group(1)) for n in names if (m := rx.match(n))})
+    if found == list(range(config.num_layers)) or not found:
+        return
+    shown = f"layers.{found[0]} … layers.{found[-1]}" if len(found) > 1 else f"layers.{found[0]}"
+    raise CheckpointError(
+        f"config.json describes {config.num_layers:,} decoder layers (pattern {config.pattern[:40]}{'…' if config.num_layers > 40 else ''}), "
+        f"the weights have {len(found):,} ({shown})",
+        fix="check that config.json belongs to these weights (hybrid_override_pattern / num_hidden_layers)",
+    )
+
+
+def _quantization_note(root: Path) -> str:
+    try:
+        raw = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    q = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if isinstance(q, dict):
+        return f"; config.json declares quantization_config (quant_method={q.get('quant_method')!r}), which hybridtrt does not read"
+    return ""
+
+
+def match_parameters(config: HybridConfig, index: WeightIndex, dtype: torch.dtype, root: Path | None = None) -> dict[str, ParameterSource]:
+    """Match the checkpoint's tensors (headers only) to the model's parameters, strictly.
+
+    Args:
+        config: The model config.
+        index: The checkpoint's tensors.
+        dtype: The model dtype every parameter is converted to.
+        root: Checkpoint directory (to name a declared quantization format in the error).
+
+    Returns:
+        ``{parameter name: ParameterSource}`` in module order.
 
     Raises:
-        CheckpointError: listing every missing, unexpected and misshapen tensor.
+        CheckpointError: A layer count that disagrees with the pattern; every missing,
+            unexpected and misshapen tensor by name; integer or fp8 tensors where the model
+            expects floats.
     """
     naming = WEIGHT_NAMES[config.family]
-    tensors = stack_per_expert(tensors)
-    prefix = backbone_prefix(config, set(tensors))
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in HybridLM(config).state_dict().items()}
+    names = list(index.tensors)
+    prefix = backbone_prefix(config, names)
+    _layer_count_check(config, names, prefix)
+    expected = expected_parameters(config)
+    stacks = per_expert_groups(names)
+    in_stack = {part for parts in stacks.values() for part in parts}
+    # What each name the model can use holds: a stored tensor, or a stack of per-expert ones.
+    shapes = {c: index[c].shape for c in names if c not in in_stack}
+    codes = {c: index[c].dtype for c in names if c not in in_stack}
+    for c, parts in stacks.items():
+        part_shapes = {index[q].shape for q in parts}
+        shapes[c] = (len(parts), *next(iter(part_shapes))) if len(part_shapes) == 1 else ("per-expert shapes differ: " + ", ".join(map(str, sorted(part_shapes))),)
+        codes[c] = next((index[q].dtype for q in parts if not index[q].is_float), index[parts[0]].dtype)
     ours_to_ckpt = {k: to_checkpoint_name(k, prefix) for k in expected}
     used = set(ours_to_ckpt.values())
-    missing = sorted(c for c in used if c not in tensors)
+    missing = sorted(c for c in used if c not in shapes)
     ignorable = [re.compile(p) for p in naming.ignore]
     if config.tie_word_embeddings:
         ignorable.append(re.compile(r"^lm_head\.weight$"))
-    unexpected = sorted(k for k in tensors if k not in used and not any(p.search(k) for p in ignorable))
+    unexpected = sorted(k for k in shapes if k not in used and not any(p.search(k) for p in ignorable))
     misshapen = sorted(
-        f"{c}: checkpoint {tuple(tensors[c].shape)} vs model {tuple(expected[k])}"
+        f"{c}: checkpoint {shapes[c]} vs model {expected[k]}"
         for k, c in ours_to_ckpt.items()
-        if c in tensors and tuple(tensors[c].shape) != tuple(expected[k])
+        if c in shapes and shapes[c] != expected[k]
     )
     if missing or unexpected or misshapen:
         lines = []
@@ -184,28 +319,148 @@ def load_state_dict(config: HybridConfig, tensors: dict[str, Tensor], dtype: tor
             "checkpoint does not match the config: " + "; ".join(lines),
             fix="check that config.json belongs to these weights (layer pattern, sizes, tie_word_embeddings)",
         )
+    not_float = [f"{c} ({codes[c]})" for c in ours_to_ckpt.values() if codes[c] not in FLOAT_CODES]
+    if not_float:
+        shown = ", ".join(not_float[:8]) + (f" … (+{len(not_float) - 8} more)" if len(not_float) > 8 else "")
+        raise CheckpointError(
+            f"{len(not_float)} weight tensor(s) are not floating point: {shown}; the model expects "
+            f"{'/'.join(FLOAT_CODES)} weights{_quantization_note(root) if root is not None else ''}",
+            fix="export from the unquantized (bf16/fp16/fp32) checkpoint; hybridtrt quantizes to FP8 itself (--quantize fp8)",
+        )
     fp32 = [re.compile(p) for p in naming.keep_fp32]
-    return {k: tensors[c].to(torch.float32 if any(p.search("." + k) for p in fp32) else dtype) for k, c in ours_to_ckpt.items()}
+    return {
+        k: ParameterSource(k, c, expected[k], torch.float32 if any(p.search("." + k) for p in fp32) else dtype, stacks.get(c, ()))
+        for k, c in ours_to_ckpt.items()
+    }
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu") -> HybridLM:
-    """Load a Nemotron-H / Mamba-2 checkpoint directory into the reference model.
+def count_non_finite(t: Tensor) -> int:
+    """Number of NaN/Inf entries. A finite sum proves there are none (any NaN/Inf makes the sum
+    NaN/Inf) at ~50× the speed of an element-wise test; otherwise the entries are counted, in
+    slices (bounded temporary memory)."""
+    flat = t.reshape(-1)
+    if not t.is_floating_point() or bool(torch.isfinite(flat.sum())):
+        return 0
+    return sum(int((~torch.isfinite(flat[i : i + _FINITE_CHUNK])).sum()) for i in range(0, flat.numel(), _FINITE_CHUNK))
+
+
+def check_finite(t: Tensor, tensor: str, stored: Tensor | None = None) -> None:
+    """Raise `CheckpointError` naming ``tensor`` when ``t`` has NaN/Inf.
 
     Args:
-        path: Directory with ``config.json`` and safetensors weights (single or sharded).
-        dtype: ``"fp32" | "fp16" | "bf16"`` (or a torch dtype).
-        device: Where to put the weights.
+        t: The tensor as the model will use it (converted).
+        tensor: Its checkpoint name.
+        stored: The tensor as stored, when ``t`` is a conversion of it (tells a corrupt
+            checkpoint from a value that overflows the target dtype).
+    """
+    bad = count_non_finite(t)
+    if not bad:
+        return
+    if stored is not None and stored.dtype != t.dtype and not count_non_finite(stored):
+        raise CheckpointError(
+            f"tensor {tensor} overflows {dtype_name(t.dtype) if t.dtype in _DTYPE_NAMES else t.dtype}: {bad} value(s) become Inf "
+            f"(largest magnitude {float(stored.abs().max()):.4g})",
+            fix="export in a dtype with more range (bf16 or fp32)",
+        )
+    raise CheckpointError(
+        f"tensor {tensor} has {bad} NaN/Inf value(s) of {t.numel()}",
+        fix="the checkpoint is corrupt (or was saved from a diverged run); re-download or re-save it",
+    )
 
-    Returns:
-        The model in eval mode.
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: its config, the index of its tensors and the parameter mapping.
+
+    Nothing but headers has been read. `read` reads, converts and checks one parameter.
+
+    Attributes:
+        root: The checkpoint directory.
+        config: Parsed config.json.
+        index: Its tensors (safetensors headers).
+        dtype: Model dtype.
+        parameters: ``{parameter name: ParameterSource}`` in module order.
+    """
+
+    root: Path
+    config: HybridConfig
+    index: WeightIndex
+    dtype: torch.dtype
+    parameters: dict[str, ParameterSource]
+
+    @cached_property
+    def num_parameters(self) -> int:
+        return sum(p.numel for p in self.parameters.values())
+
+    @cached_property
+    def parameter_bytes(self) -> int:
+        """Bytes of all parameters in the model dtype."""
+        return sum(p.nbytes for p in self.parameters.values())
+
+    def as_dtype(self, dtype: str | torch.dtype) -> Checkpoint:
+        """The same checkpoint read in another model dtype (headers are not parsed again)."""
+        torch_dtype = parse_dtype(dtype)
+        return Checkpoint(self.root, self.config, self.index, torch_dtype, match_parameters(self.config, self.index, torch_dtype, self.root))
+
+    def read_stored(self, name: str) -> Tensor:
+        """Parameter ``name`` as stored in the checkpoint (its stored dtype; per-expert tensors
+        stacked, expert ``e`` as row ``e``)."""
+        source = self.parameters[name]
+        if source.parts:
+            return torch.stack([self.index.read(q) for q in source.parts])
+        return self.index.read(source.tensor)
+
+    def read(self, name: str) -> Tensor:
+        """Parameter ``name`` in the model dtype, checked for NaN/Inf.
+
+        Raises:
+            CheckpointError: NaN/Inf in the tensor, or values that overflow the model dtype.
+        """
+        source = self.parameters[name]
+        stored = self.read_stored(name)
+        t = stored.to(source.dtype)
+        check_finite(t, source.tensor, stored)
+        return t
+
+
+def open_checkpoint(path: str | Path, dtype: str | torch.dtype = "fp32") -> Checkpoint:
+    """Parse config.json and every safetensors header, and match them (no tensor is read).
+
+    Raises:
+        ConfigError, CheckpointError: see `load_config`, `weight_files`, `match_parameters`.
     """
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {root} does not exist")
     torch_dtype = parse_dtype(dtype)
     config = load_config(root)
-    state = load_state_dict(config, read_safetensors(root), torch_dtype)
+    index = WeightIndex(weight_files(root))
+    return Checkpoint(root, config, index, torch_dtype, match_parameters(config, index, torch_dtype, root))
+
+
+def load_model(
+    path: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu", *, lazy: bool = False
+) -> HybridLM:
+    """Load a Nemotron-H / Mamba-2 checkpoint directory into the reference model.
+
+    Args:
+        path: Directory with ``config.json`` and safetensors weights (single or sharded).
+        dtype: ``"fp32" | "fp16" | "bf16"`` (or a torch dtype).
+        device: Where to put the weights.
+        lazy: Read each decoder layer's weights when the forward pass reaches it and drop them
+            after (one layer resident at a time; see `hybridtrt.models.lazy`). Same numbers as
+            the eager model, for checkpoints larger than memory.
+
+    Returns:
+        The model in eval mode.
+    """
+    checkpoint = open_checkpoint(path, dtype)
+    if lazy:
+        from hybridtrt.models.lazy import lazy_model
+
+        return lazy_model(checkpoint, device)
     with torch.device("meta"):
-        model = HybridLM(config)
+        model = HybridLM(checkpoint.config)
+    state = {name: checkpoint.read(name).to(device) for name in checkpoint.parameters}
     model.load_state_dict(state, strict=True, assign=True)
-    return model.requires_grad_(False).to(device).eval()
+    return model.requires_grad_(False).eval()

@@ -68,7 +68,7 @@ class OrtSession:
     produced) and ``emulated_bf16`` is True. Feeds in bf16 are widened exactly.
     """
 
-    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, *, threads: int | None = None, config: dict[str, str] | None = None) -> None:
         import onnxruntime as ort
 
         if not Path(path).is_file():
@@ -79,6 +79,8 @@ class OrtSession:
         # Idle ORT threads otherwise spin and starve PyTorch's OpenMP threads in the same process
         # (validation runs both side by side): measured 30x slower reference calls on 2 cores.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in (config or {}).items():  # further session config entries
+            opts.add_session_config_entry(key, value)
         if threads:
             opts.intra_op_num_threads = threads
         source: str | bytes = str(path)

@@ -250,7 +250,8 @@ def fp8_sensitivity(
     Raises:
         InputError: Not an FP8 export.
     """
-    from hybridtrt.exporter.export import trace_to_file
+    from hybridtrt.exporter.eager import trace_to_file
+    from hybridtrt.exporter.export import GraphSpec
     from hybridtrt.models.loading import load_model, parse_dtype
 
     nodes = check_recipe(manifest, export_dir)
@@ -273,7 +274,7 @@ def fp8_sensitivity(
     feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(), **StatePlan.from_manifest(manifest).zeros(int(input_ids.shape[0]))}
     with tempfile.TemporaryDirectory(prefix="hybridtrt-sensitivity-") as tmp:
         folder = Path(tmp)
-        base = trace_to_file(model, folder / "model.onnx", "weights.data", logits=manifest.logits, state_dtype=parse_dtype(manifest.state_dtype), opset=manifest.opset)
+        base = trace_to_file(model, folder / "model.onnx", "weights.data", GraphSpec(logits=manifest.logits, state_dtype=parse_dtype(manifest.state_dtype), opset=manifest.opset))
         graphs = _Graphs(folder, base, recipe, feeds)
         exported = _last(OrtSession(Path(export_dir) / manifest.graphs["unified"].file).run(feeds, [LOGITS])[LOGITS])
         full_logits = graphs.logits(nodes)

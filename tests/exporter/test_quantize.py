@@ -18,7 +18,8 @@ from torch import nn
 from hybridtrt.errors import QuantizationError
 from hybridtrt.exporter import quantize as quantize_mod
 from hybridtrt.exporter.calibration import calibrate, calibration_batches, calibration_hash, matmul_node_name
-from hybridtrt.exporter.export import trace_graph
+from hybridtrt.exporter.eager import trace_graph
+from hybridtrt.exporter.export import GraphSpec
 from hybridtrt.exporter.quantize import QuantizeOptions, quantize_graph
 from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs.fp8_qdq import QUANTIZABLE_PROJECTIONS
@@ -150,7 +151,7 @@ def test_quantize_graph_end_to_end(exported, tmp_path, monkeypatch):
     options = QuantizeOptions(calib_random=8, seq_len=32)
 
     unified = onnx.load(str(out / "model.onnx"))  # what export() holds in memory after trace_graph
-    decode = trace_graph(model, decode=True)
+    decode = trace_graph(model, GraphSpec(decode=True))
     recipes = [quantize_graph(unified, model, ckpt, options), quantize_graph(decode, model, ckpt, options)]
     assert len(calls) == 1  # calibrated once, scales reused by the decode graph
     assert recipes[0]["activation_scales"] == recipes[1]["activation_scales"]
@@ -193,3 +194,19 @@ def test_cached_calibration_is_tied_to_the_model(exported):
     assert second is not first and second != first
     manual = QuantizeOptions(act_amax={"/model/layers.0/mixer/in_proj/MatMul": 1.0})
     assert quantize_mod.run_calibration(model, ckpt, manual) == {"/model/layers.0/mixer/in_proj/MatMul": 1.0}
+
+
+def test_sequential_calibration_on_the_lazy_model_gives_the_same_amax(exported, tmp_path):
+    """Sequential onloading (each layer read once for all batches) = batch by batch, bit for bit."""
+    ckpt, _, model = exported
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"prompt {i} " + "abc" * i for i in range(10)))
+    batches = calibration_batches(load_tokenizer(ckpt), calib_file=prompts, calib_random=None, vocab_size=model.config.vocab_size, seq_len=64, batch=4)
+    assert len({ids.shape[1] for ids, _ in batches}) > 1, "batches of different (left-padded) lengths"
+    lazy = load_model(ckpt, lazy=True)
+    progress = []
+    whole = calibrate(model, batches)
+    sequential = calibrate(lazy, batches, progress=lambda done, total: progress.append(done))
+    assert sequential == whole
+    assert lazy.weights.loads == len(lazy.weights.groups)
+    assert progress == list(range(1, len(lazy.weights.groups) + 1))

@@ -15,7 +15,8 @@ import torch
 from onnx import TensorProto
 
 from hybridtrt.exporter.calibration import calibrate, calibration_batches, moe_node_name
-from hybridtrt.exporter.export import ExportOptions, export, trace_graph
+from hybridtrt.exporter.eager import trace_graph
+from hybridtrt.exporter.export import ExportOptions, export
 from hybridtrt.exporter.quantize import QuantizeOptions
 from hybridtrt.graphs.fp8_qdq import EXPERT_FALLBACK, ExpertAmax, insert_fp8_qdq
 from hybridtrt.models import load_model

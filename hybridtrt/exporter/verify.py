@@ -1,0 +1,361 @@
+"""Verification of a written export against the PyTorch reference, before it is published.
+
+Each graph runs on ONNX Runtime (CPU; bf16 graphs through `hybridtrt.graphs.bf16_emulation`: fp32
+compute with bf16 rounding casts) with example inputs (states from a real prefill) and is judged
+against the **fp32 reference on the same inputs** (the truth, DESIGN.md §8). fp16/bf16 exports
+have a **yardstick**: the same-dtype PyTorch reference on the same inputs, whose distance from the
+truth is the rounding that dtype causes anyway; each output may be at most
+``max(floor, ratio × yardstick rel L2)`` from the truth (`hybridtrt.validation.tolerances.Gate`:
+``call`` for logits, ``layer`` for decoder-layer outputs, ``state`` for present states). fp32
+exports are gated by the fp32 floors. FP8 exports get a sanity gate (logits cosine ≥ 0.5 against
+the truth: a broken scale gives ~0.1; `hybridtrt validate` measures accuracy).
+
+Two methods, with the same inputs and gates (the one used is recorded in ``hybridtrt.json``):
+
+- ``full-graph``: the whole graph in one session. ONNX Runtime holds all weights, so this is for
+  models that fit (``auto`` picks it up to `FULL_GRAPH_MAX_BYTES` of parameters).
+- ``layer-windows``: windows of consecutive decoder layers (`hybridtrt.graphs.layer_window`), each
+  cut out of the written graph and run in its own session, fed with the same-dtype reference's
+  hidden state at the window's start; every layer, the embedding and the head are covered, and
+  one window's weights (about 1/32 of the model, at least one layer) are resident at a time. The
+  references are usually lazy (`hybridtrt.models.lazy`), one layer resident at a time, so memory
+  stays bounded on both sides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from hybridtrt.errors import ExportError
+from hybridtrt.exporter.io import LOGITS, state_specs
+from hybridtrt.exporter.manifest import Manifest
+from hybridtrt.exporter.wrapper import GraphModule, example_inputs
+from hybridtrt.graphs import layer_window
+from hybridtrt.models.loading import parse_dtype
+from hybridtrt.validation.metrics import compare
+from hybridtrt.validation.tolerances import gate
+from hybridtrt.models.model import HybridLM
+
+VERIFY_MODES = ("auto", "full", "layers")
+#: ``auto`` verifies the whole graph at once up to this many bytes of parameters, by windows above.
+FULL_GRAPH_MAX_BYTES = 256 << 20
+#: A window holds about this fraction of the parameter bytes (at least one layer, or the head).
+WINDOW_FRACTION = 1 / 32
+_ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16, torch.bfloat16: onnx.TensorProto.BFLOAT16}
+
+#: ``progress(label, total, unit) -> context manager yielding advance(n)``.
+Progress = Callable[[str, int, str], contextlib.AbstractContextManager[Callable[[int], None]]]
+
+
+@contextlib.contextmanager
+def _no_progress(label: str, total: int, unit: str = "B") -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
+
+
+def _reference(fn: Callable[[], Any], dtype: str) -> Any:
+    """Run the reference; PyTorch refusing the dtype on this machine becomes a user error."""
+    try:
+        with torch.no_grad():
+            return fn()
+    except (RuntimeError, NotImplementedError) as e:
+        raise ExportError(
+            f"dtype {dtype} is not supported by PyTorch on this machine: {str(e).splitlines()[0]}",
+            fix="export in fp32 here, or export with --no-verify and validate on a machine whose PyTorch supports this dtype",
+        ) from None
+
+
+def window_plan(layer_bytes: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive layer ranges ``(first, last)`` whose layers hold at most ``budget`` bytes (at
+    least one layer per window)."""
+    windows: list[tuple[int, int]] = []
+    first, size = 0, 0
+    for i, nbytes in enumerate(layer_bytes):
+        if i > first and size + nbytes > budget:
+            windows.append((first, i - 1))
+            first, size = i, 0
+        size += nbytes
+    windows.append((first, len(layer_bytes) - 1))
+    return windows
+
+
+def _layer_bytes(model: onnx.ModelProto, num_layers: int) -> list[int]:
+    """Initializer bytes each window member reads: decoder layer ``i``'s nodes (the embedding
+    counted in layer 0), and as member ``L`` everything else (final norm, head)."""
+    from hybridtrt.graphs.external_data import tensor_nbytes
+
+    sizes = {t.name: tensor_nbytes(t) for t in model.graph.initializer}
+    per_layer = [0] * (num_layers + 1)
+    seen: set[str] = set()
+    for node in model.graph.node:
+        layer = layer_window._layer_of(node)
+        if layer is None and node.name.startswith("/model/embeddings/"):
+            layer = 0
+        for name in node.input:
+            if name in sizes and name not in seen and layer is not None:
+                per_layer[layer] += sizes[name]
+                seen.add(name)
+    per_layer[-1] = sum(n for k, n in sizes.items() if k not in seen)
+    return per_layer
+
+
+def _session(path: Path):
+    """An ONNX Runtime CPU session that does not copy weights: external data stays memory-mapped
+    (pages read as the graph runs, dropped with the session) and MatMul weights are not
+    pre-packed (pre-packing keeps a second copy of every weight)."""
+    from hybridtrt.runtime.onnxruntime import OrtSession
+
+    return OrtSession(path, config={"session.disable_prepacking": "1"})
+
+
+def _kind(output: str) -> str:
+    """The tolerance kind of an output: logits are a ``call``, decoder-layer outputs a ``layer``,
+    the rest are states."""
+    if output == LOGITS:
+        return "call"
+    if output.startswith("layer_output.") or output == layer_window.HIDDEN_OUT:
+        return "layer"
+    return "state"
+
+
+class _Judge:
+    """The pass/fail rule for one export: the artefact against the truth (fp32 reference), with the
+    same-dtype reference as the yardstick (fp16/bf16), or the FP8 cosine sanity gate."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.fp8 = bool(manifest.quantization)
+        self.precision = manifest.dtype
+        self.yardstick = None if self.fp8 or manifest.dtype == "fp32" else f"{manifest.dtype} reference"
+        # A half-precision SSM state is rounded on both sides (one fp16 ulp is 1e-3 relative): the
+        # SSM states are gated at the coarser of the model and the state dtype.
+        coarser = max((manifest.dtype, manifest.state_dtype), key=lambda p: gate(p, "state").max_rel_l2 or 0.0)
+        self.ssm_precision = coarser
+
+    def describe(self) -> dict[str, Any]:
+        if self.fp8:
+            return {"rule": "FP8 logits cosine ≥ 0.5 against the truth"}
+        out: dict[str, Any] = {"precision": self.precision}
+        for kind in ("call", "layer", "state"):
+            g = gate(self.precision, kind)
+            out[kind] = {"max_rel_l2": g.max_rel_l2, **({"yardstick_ratio": g.yardstick_ratio} if self.yardstick else {})}
+        if self.ssm_precision != self.precision:
+            out["ssm_state"] = {"precision": self.ssm_precision, "max_rel_l2": gate(self.ssm_precision, "state").max_rel_l2}
+        return out
+
+    def gate_of(self, output: str):
+        if "ssm_state" in output and self.ssm_precision != self.precision:
+            return gate(self.ssm_precision, "state")
+        return gate(self.precision, _kind(output))
+
+    def check(self, where: str, got: dict[str, Any], truth: dict[str, Any], yard: dict[str, Any] | None) -> dict[str, Any]:
+        """Judge every output of ``truth``; raise `ExportError` on failure. Returns the worst: the
+        output closest to its bound (``{"output", "rel_l2", "bound", "yardstick_rel_l2"}``)."""
+        if self.fp8:
+            name = next(iter(truth))
+            c = compare(got[name], truth[name])
+            if not c.cosine >= 0.5:  # catastrophic only (a broken scale gives ~0.1)
+                raise ExportError(f"{where}: FP8 {name} has cosine {c.cosine:.4f} < 0.5 against the fp32 reference", fix="check the calibration set; try --weight-scale channel or --exclude")
+            return {"output": name, "rel_l2": c.rel_l2, "cosine": c.cosine}
+        worst: dict[str, Any] = {}
+        failed: dict[str, str] = {}
+        for name, want in truth.items():
+            g = self.gate_of(name)
+            c = compare(got[name], want)
+            y = compare(yard[name], want) if yard is not None else None
+            why = g.failures(c, y)
+            if why:
+                failed[name] = "; ".join(why)
+                continue
+            bound = g.bound(y)
+            score = c.rel_l2 / bound if bound else 0.0
+            if not worst or score > worst["_score"]:
+                worst = {"output": name, "rel_l2": c.rel_l2, "bound": bound, "yardstick_rel_l2": y.rel_l2 if y is not None else None, "_score": score}
+        if failed:
+            shown = ", ".join(f"{k} ({v})" for k, v in sorted(failed.items())[:8])
+            raise ExportError(
+                f"{where} disagrees with the fp32 reference beyond the {self.precision} gate"
+                + (f" (the {self.yardstick} is the yardstick)" if self.yardstick else "")
+                + f": {shown}",
+                fix="this is a bug in hybridtrt (or a corrupt weights file); please report it with the checkpoint's config.json",
+            )
+        worst.pop("_score", None)
+        return worst
+
+
+def verify_export(
+    export_dir: Path,
+    model: HybridLM,
+    manifest: Manifest,
+    *,
+    truth: HybridLM | None = None,
+    mode: str = "auto",
+    parameter_bytes: int | None = None,
+    progress: Progress = _no_progress,
+) -> dict[str, Any]:
+    """Run every graph of ``manifest`` in ``export_dir`` on ONNX Runtime and judge it against the
+    fp32 reference on the same inputs (module docstring).
+
+    Args:
+        export_dir: Directory holding the written graphs (usually the export's partial directory).
+        model: The reference in the export dtype (eager or lazy): it makes the example inputs and
+            is the yardstick of fp16/bf16 exports.
+        manifest: The export's manifest (graphs, dtypes, logits, quantization).
+        truth: The fp32 reference (eager or lazy); required unless the export is fp32 (then
+            ``model`` is the truth).
+        mode: ``auto | full | layers`` (module docstring).
+        parameter_bytes: Bytes of the model's parameters (``auto`` and the window budget).
+        progress: Progress display for the windows.
+
+    Returns:
+        The record for ``hybridtrt.json``: ``{"method": "full-graph" | "layer-windows", "truth",
+        "yardstick", "executor", "gate", "worst", "graphs": {file: {"worst": {"output", "rel_l2",
+        "bound", "yardstick_rel_l2"}, "windows": [[first, last], ...]}}}``.
+
+    Raises:
+        ExportError: A graph disagrees with the truth beyond the gate, or a reference cannot run here.
+    """
+    if mode not in VERIFY_MODES:
+        raise ExportError(f"verification mode {mode!r} is unknown", fix=f"use one of {', '.join(VERIFY_MODES)}")
+    if truth is None:
+        if manifest.dtype != "fp32":
+            raise ValueError(f"verify_export of a {manifest.dtype} export needs the fp32 reference as truth=")
+        truth = model
+    if parameter_bytes is None:
+        parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    chosen = mode if mode != "auto" else ("full" if parameter_bytes <= FULL_GRAPH_MAX_BYTES else "layers")
+    judge = _Judge(manifest)
+    record: dict[str, Any] = {
+        "method": METHODS[chosen],
+        "truth": "fp32 reference",
+        "yardstick": judge.yardstick,
+        "executor": EXECUTOR,
+        "gate": judge.describe(),
+        "graphs": {},
+    }
+    state_dtype = parse_dtype(manifest.state_dtype)
+    flavour = manifest.cache_flavour
+    specs = state_specs(model.config, flavour)
+    same = truth is model
+    for role, entry in manifest.graphs.items():
+        decode = role == "decode"
+        inputs = _reference(partial(example_inputs, model, seq=1 if decode else 7, batch=3, past=4, state_dtype=state_dtype, seed=1, flavour=flavour), manifest.dtype)
+        ran = _reference(partial(GraphModule(model, manifest.logits, decode, True, flavour).eval(), *inputs), manifest.dtype)
+        _release(model)  # a lazy reference's last layer is not needed any more
+        mine = _outputs(ran, specs)
+        if same:
+            expected, yard = mine, None
+        else:
+            wide = tuple(t.float() if t.is_floating_point() else t for t in inputs)
+            expected = _outputs(_reference(partial(GraphModule(truth, manifest.logits, decode, True, flavour).eval(), *wide), "fp32"), specs)
+            _release(truth)
+            del wide
+            yard = mine if judge.yardstick else None
+        del ran
+        feeds = dict(zip([v["name"] for v in entry.inputs], inputs))
+        if chosen == "full":
+            names = manifest.per_layer_outputs
+            def flat(o):
+                return None if o is None else {LOGITS: o["logits"], **o["present"], **{n: o["hidden"][i] for i, n in enumerate(names)}}
+            session = _session(export_dir / entry.file)
+            got = session.run(feeds)
+            if session.emulated_bf16:
+                record["executor"] = EXECUTOR_BF16
+            worst = judge.check(entry.file, got, flat(expected), flat(yard))
+            record["graphs"][entry.file] = {"worst": worst}
+            del session, got
+            continue
+        del inputs  # the windows drop what they have checked
+        record["graphs"][entry.file] = _verify_windows(
+            export_dir, entry.file, model.config.num_layers, specs, feeds, mine["hidden"], expected, yard, judge, parameter_bytes, progress, record
+        )
+    worst = [(f, g["worst"]) for f, g in record["graphs"].items()]
+    record["worst"] = max(({"graph": f, **w} for f, w in worst), key=lambda w: w.get("rel_l2", 0.0) / (w.get("bound") or 1.0), default=None)
+    return record
+
+
+METHODS = {"full": "full-graph", "layers": "layer-windows"}
+EXECUTOR = "onnxruntime-cpu"
+EXECUTOR_BF16 = "onnxruntime-cpu (bf16 emulated: fp32 compute, bf16 rounding casts)"
+
+
+def _release(model: HybridLM) -> None:
+    weights = getattr(model, "weights", None)
+    if weights is not None and hasattr(weights, "release"):
+        weights.release()
+
+
+def _outputs(ran: tuple, specs) -> dict[str, Any]:
+    """A `GraphModule` (per_layer) run as ``{"logits", "present": {name: t}, "hidden": {layer: t}}``."""
+    n = len(specs)
+    return {"logits": ran[0], "present": {s.present_name: t for s, t in zip(specs, ran[1 : 1 + n])}, "hidden": dict(enumerate(ran[1 + n :]))}
+
+
+def _label(first: int, last: int, num_layers: int) -> str:
+    """``layers 3..5``, ``layers 30..31 + head``, ``head``."""
+    if first == num_layers:
+        return "head"
+    return f"layers {first}..{min(last, num_layers - 1)}" + (" + head" if last == num_layers else "")
+
+
+def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, truth, yard, judge, parameter_bytes, progress, record) -> dict[str, Any]:
+    """``layers`` method for one graph. Each window is fed ``inputs_hidden`` (the export-dtype
+    reference's hidden state) at its start. The head is the last window (member ``L``), on its own
+    when it is large: by then the expected outputs of the layers already verified have been dropped
+    (this function owns ``truth``, ``yard`` and ``inputs_hidden`` and empties them as it goes)."""
+    full = onnx.load(str(export_dir / file), load_external_data=False)
+    try:
+        stream = layer_window.residual_stream(full, num_layers)
+    except layer_window.WindowError as e:
+        raise ExportError(f"{file}: cannot verify by layer windows ({e.message})", fix="verify the whole graph with --verify full, or skip with --no-verify") from None
+    member_bytes = _layer_bytes(full, num_layers)
+    windows = window_plan(member_bytes, max(int(parameter_bytes * WINDOW_FRACTION), 1))
+    hidden_type = _ONNX_TYPES[inputs_hidden[0].dtype]
+    worst: dict[str, Any] = {}
+    worst_score = -1.0
+
+    def wanted(o: dict[str, Any] | None, first: int, last: int, mine: list) -> dict[str, Any] | None:
+        if o is None:
+            return None
+        head = {LOGITS: o["logits"]} if last == num_layers else {layer_window.HIDDEN_OUT: o["hidden"][last]}
+        return {**head, **{s.present_name: o["present"].pop(s.present_name) for s in mine}}
+
+    with progress(f"verify {file} by layer windows", sum(member_bytes), "B") as advance:
+        for first, last in windows:
+            mine = [s for s in specs if first <= s.layer <= last]
+            sub = layer_window.window(full, stream, first, last, [s.present_name for s in mine], hidden_type)
+            path = export_dir / f".verify-{Path(file).stem}-{first}-{last}.onnx"
+            onnx.save_model(sub, str(path))
+            try:
+                window_feeds = {k: v for k, v in feeds.items() if k in {i.name for i in sub.graph.input}}
+                if first > 0:
+                    window_feeds[layer_window.HIDDEN_IN] = inputs_hidden[first - 1]
+                session = _session(path)
+                got = session.run(window_feeds)
+                if session.emulated_bf16:
+                    record["executor"] = EXECUTOR_BF16
+                del session
+            finally:
+                path.unlink(missing_ok=True)
+            label = _label(first, last, num_layers)
+            w = judge.check(f"{file} {label}", got, wanted(truth, first, last, mine), wanted(yard, first, last, mine))
+            score = w.get("rel_l2", 0.0) / (w.get("bound") or 1.0)
+            if score > worst_score:
+                worst, worst_score = {**w, "output": f"{w['output']} ({label})"}, score
+            for k in range(first - 1, last):  # what later windows do not need (past states stay:
+                # a window may read another layer's past state for a dynamic dim)
+                for o in (truth, yard):
+                    if o is not None:
+                        o["hidden"].pop(k, None)
+                inputs_hidden.pop(k, None)
+            del got
+            advance(sum(member_bytes[first : last + 1]))
+    return {"worst": worst, "windows": [list(w) for w in windows]}
+
+
+__all__ = ["FULL_GRAPH_MAX_BYTES", "VERIFY_MODES", "verify_export", "window_plan"]

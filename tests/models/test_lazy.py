@@ -1,0 +1,86 @@
+"""The lazy reference (`load_model(..., lazy=True)`): eager numbers, one layer resident, and
+lock-step sequential onloading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridtrt.errors import CheckpointError
+from hybridtrt.models import load_model
+from hybridtrt.models.lazy import LazyHybridLM, group_of
+from tests.conftest import left_padded_batch
+
+CASES = [("tiny-nemotron-h", "fp32"), ("tiny-nemotron-h", "fp16"), ("tiny-nemotron-h", "bf16"), ("tiny-mamba2", "fp32")]
+
+
+def test_group_of():
+    assert group_of("layers.12.mixer.in_proj.weight") == "layers.12"
+    assert group_of("embeddings.weight") == "embeddings.weight"
+    assert group_of("lm_head.weight") == "lm_head.weight"
+
+
+@pytest.mark.parametrize(("preset", "dtype"), CASES)
+def test_lazy_model_computes_exactly_the_eager_numbers(make_checkpoint, preset, dtype):
+    ckpt = make_checkpoint(preset)
+    eager, lazy = load_model(ckpt, dtype), load_model(ckpt, dtype, lazy=True)
+    assert isinstance(lazy, LazyHybridLM) and lazy.dtype == eager.dtype
+    assert lazy.weights.loads == 0, "nothing is read before the forward pass"
+    ids, mask = left_padded_batch([13, 6], eager.config.vocab_size, seed=3)
+    with torch.no_grad():
+        a, b = eager(ids, mask), lazy(ids, mask)
+        # a decode step on the returned states
+        step = torch.randint(3, 200, (2, 1))
+        mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        a2, b2 = eager(step, mask2, a.cache), lazy(step, mask2, b.cache)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a2.logits, b2.logits)
+    for name, t in a2.cache.named_states().items():
+        assert torch.equal(t, b2.cache.named_states()[name]), name
+
+
+def test_one_group_resident_and_each_read_once_per_pass(make_checkpoint):
+    lazy = load_model(make_checkpoint("tiny-nemotron-h"), lazy=True)
+    groups = lazy.weights.groups
+    assert len(groups) == lazy.config.num_layers + 3  # embeddings, layers, norm_f, lm_head
+    with torch.no_grad():
+        lazy(torch.ones(1, 4, dtype=torch.long))
+    assert lazy.weights.loads == len(groups)
+    assert set(lazy.weights.resident) == {"lm_head.weight"}
+    assert all(p.is_meta for p in lazy.parameters()), "the module itself holds no weights"
+
+
+def test_lockstep_reads_each_layer_once_for_all_inputs(make_checkpoint):
+    ckpt = make_checkpoint("tiny-nemotron-h")
+    eager, lazy = load_model(ckpt), load_model(ckpt, lazy=True)
+    batches = [left_padded_batch(lengths, 256, seed=i) for i, lengths in enumerate([[5, 9], [17], [3, 3, 30]])]
+    seen = []
+    out = lazy.weights.lockstep([lambda ids=ids, mask=mask: lazy(ids, mask, logits="last").logits for ids, mask in batches], lambda done, total: seen.append((done, total)))
+    assert lazy.weights.loads == len(lazy.weights.groups)  # not 3x
+    assert seen[-1] == (len(lazy.weights.groups), len(lazy.weights.groups))
+    with torch.no_grad():
+        for got, (ids, mask) in zip(out, batches):
+            assert torch.equal(got, eager(ids, mask, logits="last").logits)
+
+
+def test_lockstep_reraises_the_first_error(make_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    lazy = load_model(make_checkpoint("tiny-nemotron-h"), lazy=True)
+
+    def boom():
+        lazy(torch.ones(1, 2, dtype=torch.long), logits="last")
+        raise ValueError("planted")
+
+    with pytest.raises(ValueError, match="planted"):
+        lazy.weights.lockstep([lambda: lazy(torch.ones(1, 3, dtype=torch.long)), boom, lambda: lazy(torch.ones(2, 2, dtype=torch.long))])
+    # A bad weight met in the middle of the pass stops every input with the checkpoint's error.
+    ckpt = tmp_path / "c"
+    shutil.copytree(make_checkpoint("tiny-nemotron-h"), ckpt)
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["model.layers.2.mixer.D"][0] = float("nan")
+    save_file(tensors, ckpt / "model.safetensors")
+    bad = load_model(ckpt, lazy=True)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mixer\.D"):
+        bad.weights.lockstep([lambda: bad(torch.ones(1, 3, dtype=torch.long))] * 3)
