@@ -55,5 +55,5 @@ def human_bytes(n: float) -> str:
 def add_dtype_args(parser: argparse.ArgumentParser) -> None:
     """``--dtype`` and ``--state-dtype`` (None = the default)."""
     g = parser.add_argument_group("precision")
-    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="model dtype (default fp32)")
+    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="model dtype (default: the dtype the checkpoint declares in config.json, torch_dtype/dtype; fp32 when it declares none)")
     g.add_argument("--state-dtype", choices=["fp32", "fp16", "bf16"], default=None, help="SSM state dtype (default fp32)")

@@ -84,13 +84,32 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise InputError(f"--verify {args.verify} and --no-verify contradict each other", fix="pass one of them")
 
 
+def _export_dtype(args: argparse.Namespace) -> tuple[str, str]:
+    """The export dtype and why: ``--dtype``, else the dtype the checkpoint declares (bf16 for real
+    Nemotron-H checkpoints: TensorRT builds from it, half the bytes of fp32, and ONNX Runtime CPU runs
+    it through the bf16 emulation), else fp32."""
+    if args.dtype:
+        return args.dtype, "--dtype"
+    from pathlib import Path
+
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        return "fp32", "default"  # export itself says what is wrong with the checkpoint
+    from hybridtrt.models.config import load_config
+
+    declared = load_config(args.checkpoint).checkpoint_dtype
+    if declared:
+        return declared, "the checkpoint's declared dtype; --dtype to choose"
+    return "fp32", "the checkpoint declares no dtype; --dtype to choose"
+
+
 def run(args: argparse.Namespace) -> int:
     _check_flags(args)
     from hybridtrt.exporter.export import ExportOptions, export, return_freed_memory_promptly
 
     return_freed_memory_promptly()
+    dtype, dtype_source = _export_dtype(args)
     opts = ExportOptions(
-        dtype=args.dtype or "fp32",
+        dtype=dtype,
         state_dtype=args.state_dtype,
         logits=args.logits or "last",
         split=args.split,
@@ -125,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         ["layers", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))],
         ["custom ops", ", ".join(f"{n}× {k}" for k, n in sorted(ops.items())) or "none"],
+        ["dtype", f"{m.dtype} ({dtype_source})"],
         ["parameters", f"{result.parameters:,} ({human_bytes(result.parameter_bytes)} in {m.dtype})"],
         ["state dtype", m.state_dtype],
         ["quantization", _quant_summary(m.quantization)],

@@ -26,17 +26,19 @@ def run(args: argparse.Namespace) -> int:
             console.print(table(f"{role} graph {g.file} ({m.dtype}, state {m.state_dtype}, opset {m.opset})", ["tensor", "dtype", "shape"], rows))
         return 0
     from hybridtrt.exporter.io import state_specs
-    from hybridtrt.models.loading import load_model
+    from hybridtrt.models.loading import open_checkpoint
 
-    model = load_model(path)  # strict: every tensor present, used and of the right shape
-    c = model.config
-    n = sum(p.numel() for p in model.parameters())
+    # Headers only (nothing loaded, any size): every tensor present, used and of the right shape.
+    ckpt = open_checkpoint(path)
+    c = ckpt.config
+    n = ckpt.num_parameters
     kinds = Counter(c.layer_types)
     rows = [
         ["family", c.family],
         ["pattern", c.pattern],
         ["layers", f"{kinds.get('M', 0)} mamba, {kinds.get('*', 0)} attention, {kinds.get('-', 0)} mlp, {kinds.get('E', 0)} moe"],
         ["parameters", f"{n:,}"],
+        ["declared dtype", c.checkpoint_dtype or "none (exports default to fp32)"],
         ["mamba H×P, N, G", f"{c.mamba_num_heads}×{c.mamba_head_dim}, {c.ssm_state_size}, {c.n_groups}"],
         ["chunk size", c.chunk_size],
         ["states", len(state_specs(c))],

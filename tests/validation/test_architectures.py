@@ -89,12 +89,14 @@ def test_a_planted_fault_fails_at_its_layer(dtype, checkpoints, exports, tmp_pat
 
 
 def test_cli_export_and_validate_bf16(checkpoints, tmp_path):
-    """As a user runs it, on the dtype real checkpoints ship in: `hybridtrt export --dtype bf16`,
-    then `hybridtrt validate` (ONNX Runtime CPU through the bf16 emulation), in fresh processes."""
+    """As a user runs it, on the dtype real checkpoints ship in: `hybridtrt export` (bf16 by default,
+    as the checkpoint declares), then `hybridtrt validate` (ONNX Runtime CPU through the bf16
+    emulation), in fresh processes."""
     dtype = "bf16"
     ckpt, out = checkpoints["mamba-codestral-7b"], tmp_path / "out"
-    done = run_cli("export", ckpt, "-o", out, "--dtype", dtype)
+    done = run_cli("export", ckpt, "-o", out)  # no --dtype: the checkpoint declares bf16
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "bf16 (the checkpoint's declared dtype" in done.stdout, done.stdout[-3000:]
     done = run_cli("validate", out, "--random", 3, "--prompt-length", 37, "--steps", 2, "--json", tmp_path / "r.json")
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-2000:])
     report = json.loads((tmp_path / "r.json").read_text())
