@@ -131,6 +131,33 @@ def round_to_bf16(array: np.ndarray) -> np.ndarray:
 __all__ = ["emulate_bf16", "round_to_bf16"]
 
 
+#: Above this many bytes of weights an emulated graph is handed to ONNX Runtime as a file with
+#: external data: one protobuf message cannot exceed 2 GiB (a bf16 embedding of 131072 × 4480 is
+#: already 2.3 GB once widened to fp32).
+INLINE_LIMIT = 1 << 30
+
+
+def emulated_session(model: onnx.ModelProto, make_session):
+    """``make_session(source)`` over the emulated ``model`` (weights loaded): the serialized bytes
+    for a small graph, else a temporary ``model.onnx`` + ``weights.data`` that is deleted once the
+    session holds its weights (ONNX Runtime reads or maps them at creation)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    emulated = emulate_bf16(model)
+    size = sum(len(t.raw_data) for t in emulated.graph.initializer)
+    if size <= INLINE_LIMIT:
+        return make_session(emulated.SerializeToString())
+    folder = Path(tempfile.mkdtemp(prefix="hybridtrt-bf16-"))
+    try:
+        onnx.save_model(emulated, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True, location="weights.data", size_threshold=1024)
+        del emulated
+        return make_session(str(folder / "model.onnx"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def graph_has_bf16(model: onnx.ModelProto) -> bool:
     """Does ``model`` take, return or hold bf16 tensors? (Initializers may be external: only their
     declared type is read.)"""

@@ -83,14 +83,17 @@ class OrtSession:
             opts.add_session_config_entry(key, value)
         if threads:
             opts.intra_op_num_threads = threads
-        source: str | bytes = str(path)
+        def make(source: str | bytes):
+            return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
         if self.emulated_bf16:
             import onnx
 
-            from hybridtrt.graphs.bf16_emulation import emulate_bf16
+            from hybridtrt.graphs.bf16_emulation import emulated_session
 
-            source = emulate_bf16(onnx.load(str(path))).SerializeToString()
-        self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+            self.session = emulated_session(onnx.load(str(path)), make)
+        else:
+            self.session = make(str(path))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

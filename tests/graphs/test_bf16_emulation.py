@@ -86,3 +86,25 @@ def test_exported_model_matches_the_torch_bf16_reference(make_export):
     artefact, reference = compare(got, exp32), compare(exp16, exp32)
     assert compare(got, exp16).cosine > 0.99
     assert artefact.rel_l2 <= 1.5 * reference.rel_l2, (artefact.rel_l2, reference.rel_l2)
+
+
+def test_large_graphs_go_through_external_data(make_export, monkeypatch):
+    """A graph whose widened weights exceed one protobuf message (2 GiB) is handed to ONNX Runtime as
+    a temporary file with external data: the same logits as the in-memory path."""
+    import torch
+
+    import hybridtrt.graphs.bf16_emulation as emulation
+    from hybridtrt.runtime.onnxruntime import OrtModel
+
+    _, out = make_export("tiny-nemotron-h", ExportOptions(dtype="bf16", verify=False))
+    ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+    mask = (ids != 0).long()
+
+    def logits():
+        model = OrtModel(out)
+        return model.step(ids, mask, model.zero_state(2), False)[0]
+
+    inline = logits()
+    monkeypatch.setattr(emulation, "INLINE_LIMIT", 0)
+    external = logits()
+    assert torch.equal(torch.as_tensor(inline), torch.as_tensor(external))
