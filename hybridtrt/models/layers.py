@@ -15,12 +15,13 @@ from torch import Tensor, nn
 from hybridtrt.models.config import HybridConfig
 from hybridtrt.ops import mamba2_chunk_scan, mamba2_state_update
 from hybridtrt.ops.kv_cache import kv_cache_update
+from hybridtrt.ops.ssd import acc_dtype
 
 
 def wide(t: Tensor) -> Tensor:
     """``t`` in its accumulation dtype: fp32 for fp32/fp16/bf16 (what ``.float()`` gives), fp64 for
     fp64, so that an fp64 reference run (the fp32 gates' yardstick) is fp64 throughout."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    return t.to(acc_dtype(t))
 
 
 class RMSNorm(nn.Module):

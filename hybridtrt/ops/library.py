@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hybridtrt.ops.ssd import mamba2_chunk_scan_eager, mamba2_state_update_eager
+from hybridtrt.ops.ssd import acc_dtype, mamba2_chunk_scan_eager, mamba2_state_update_eager
 
 __all__ = ["mamba2_chunk_scan", "mamba2_state_update"]
 
@@ -25,7 +25,7 @@ def mamba2_chunk_scan(
 
 @mamba2_chunk_scan.register_fake
 def _mamba2_chunk_scan_fake(x, dt, A, B, C, D, initial_state, chunk_size):
-    return torch.empty_like(x, dtype=_y_dtype(x)), torch.empty_like(initial_state)
+    return torch.empty_like(x, dtype=acc_dtype(x)), torch.empty_like(initial_state)
 
 
 @torch.library.custom_op("hybridtrt::mamba2_state_update", mutates_args=())
@@ -38,9 +38,4 @@ def mamba2_state_update(
 
 @mamba2_state_update.register_fake
 def _mamba2_state_update_fake(x, dt, A, B, C, D, state):
-    return torch.empty_like(x, dtype=_y_dtype(x)), torch.empty_like(state)
-
-
-def _y_dtype(x: Tensor) -> torch.dtype:
-    """y is fp32 for fp32/fp16/bf16 activations (fp64 in an fp64 reference run), DESIGN.md §5."""
-    return torch.promote_types(x.dtype, torch.float32)
+    return torch.empty_like(x, dtype=acc_dtype(x)), torch.empty_like(state)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "acc_dtype",
     "mamba2_chunk_scan_eager",
     "mamba2_chunk_scan_ref",
     "mamba2_state_update_eager",
@@ -29,8 +30,9 @@ __all__ = [
 ]
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    """Accumulation dtype for activations of ``x``'s dtype: fp32, or fp64 for an fp64 run."""
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """Accumulation dtype for activations of ``x``'s dtype: fp32 for fp32/fp16/bf16, fp64 for an
+    fp64 run (the fp32 gates' yardstick). ``y`` of both ops has this dtype."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
@@ -89,7 +91,7 @@ def mamba2_chunk_scan_eager(
     cs = min(chunk_size, length)
     pad = (-length) % cs
     chunks = (length + pad) // cs
-    acc = _acc(x)
+    acc = acc_dtype(x)
     xf = x.to(acc)
 
     def to_chunks(t: Tensor) -> Tensor:  # [b, L, ...] -> [b, c, l, ...] (zero-padded)
@@ -171,7 +173,7 @@ def mamba2_state_update_eager(
     batch, heads, head_dim = x.shape
     groups, d_state = B.shape[-2], B.shape[-1]
     rep = heads // groups
-    acc = _acc(x)
+    acc = acc_dtype(x)
     xf = x.to(acc).reshape(batch, groups, rep, head_dim)
     dtf = dt.to(acc).reshape(batch, groups, rep)
     decay = torch.exp(dtf * A.to(acc).reshape(groups, rep))[..., None, None]  # [b, g, r, 1, 1]
@@ -202,7 +204,7 @@ def mamba2_state_update_ref(
     heads = x.shape[1]
     groups = B.shape[1]
     group_of_head = torch.arange(heads, device=x.device) // (heads // groups)
-    acc = _acc(x)
+    acc = acc_dtype(x)
     b_h = B.to(acc)[:, group_of_head]  # [b, h, n]
     c_h = C.to(acc)[:, group_of_head]
     dtf = dt.to(acc)
