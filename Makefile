@@ -9,6 +9,8 @@ VENV ?= .venv
 TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
+# Test workers (pytest-xdist): one per CPU, at most 4; `make test JOBS=0` runs the tests in this process.
+JOBS ?= $(shell python3 -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')
 
 .PHONY: setup demo test
 setup: $(VENV)/.installed
@@ -23,4 +25,4 @@ demo: setup
 	$(VENV)/bin/hybridtrt demo
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadscope $(PYTEST_ARGS)

@@ -33,6 +33,7 @@ it against `hybridtrt.exporter.eager`, the former code path, for every dtype and
 from __future__ import annotations
 
 import inspect
+import math
 import mmap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -97,10 +98,27 @@ class Deferred:
 
     def chunks(self, checkpoint: Checkpoint) -> Iterator[np.ndarray]:
         """The initializer's bytes in slices along its first dim: the parameter is read once (as
-        stored), each slice is converted, checked for NaN/Inf and made contiguous on its own."""
-        stored = checkpoint.read_stored(self.parameter)
-        view = self.view(stored)
-        name = checkpoint.parameters[self.parameter].tensor
+        stored), each slice is converted, checked for NaN/Inf and made contiguous on its own. A
+        stack of per-expert tensors whose view keeps the expert axis first is read one expert at a
+        time (one layer's experts are several GB in the largest MoE models)."""
+        source = checkpoint.parameters[self.parameter]
+        if source.parts and self._per_expert(len(source.parts)):
+            for part in source.parts:
+                stored = checkpoint.index.read(part)
+                yield from self._slices(stored.reshape(-1).as_strided(self.shape[1:], self.strides[1:], self.offset), part)
+                del stored
+            return
+        yield from self._slices(self.view(checkpoint.read_stored(self.parameter)), source.tensor)
+
+    def _per_expert(self, experts: int) -> bool:
+        """Is expert ``e``'s part of the view the same view of expert ``e``'s own tensor?"""
+        if len(self.shape) < 2 or self.shape[0] != experts:
+            return False
+        per = self.strides[0]
+        reach = self.offset + sum((n - 1) * st for n, st in zip(self.shape[1:], self.strides[1:]))
+        return per * experts == math.prod(self.shape) and 0 <= self.offset and reach < per
+
+    def _slices(self, view: Tensor, name: str) -> Iterator[np.ndarray]:
         if view.dim() == 0:
             view = view.reshape(1)
         row_bytes = max(1, view[0].numel() * torch.empty((), dtype=self.dtype).element_size())

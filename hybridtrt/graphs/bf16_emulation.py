@@ -10,9 +10,20 @@ Rewrite: the value becomes ``float`` and is rounded to bf16 where it is produced
     after:   a:f32,  b:f32  ─ MatMul ─ y/f32 ─ Cast(to=bf16) ─ Cast(to=f32) ─ y:f32
 
 A ``Cast(to=bf16)`` already rounds, so it only gets the ``Cast(to=f32)`` after it; a ``CastLike``
-whose target was bf16 now casts to fp32 and is rounded like any other producer. bf16 initializers
-and ``Constant``/``ConstantOfShape`` values are widened exactly. Graph inputs that were bf16 take fp32
-arrays holding bf16 values (a previous call's outputs are exactly that).
+whose target was bf16 now casts to fp32 and is rounded like any other producer. ``Constant`` /
+``ConstantOfShape`` values are widened exactly. Graph inputs that were bf16 take fp32 arrays holding
+bf16 values (a previous call's outputs are exactly that).
+
+**Weights stay bf16 where they lie** (the pass never reads them: a 9B export's weights are 18 GB,
+and the pass runs on the graph alone, external data not loaded). A bf16 initializer ``w`` is
+renamed ``w/bf16`` and widened exactly by a ``Cast(to=f32)`` node that produces ``w``, so every
+consumer (subgraphs included) reads fp32. ONNX Runtime folds such casts once at session creation:
+one fp32 copy of the weights of the graph it runs. A ``Gather`` whose data is a bf16 weight (an
+embedding lookup) reads the bf16 table directly and widens the rows it gathers, exactly equal and
+without an fp32 copy of the table::
+
+    before:  table:bf16 ─ Gather(ids) ─ rows:bf16
+    after:   table/bf16 ─ Gather(ids) ─ rows/raw:bf16 ─ Cast(to=f32) ─ rows:f32
 
 What this emulates, and how far it is from true bf16 execution: each bf16 tensor is the fp32
 result of its producing op rounded once to bf16 (round to nearest even), which is what an op that
@@ -34,27 +45,45 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from hybridtrt.errors import ArtefactError
 
 BF16, F32 = TensorProto.BFLOAT16, TensorProto.FLOAT
 #: Suffix of the unrounded fp32 value a rewritten node produces.
 RAW_SUFFIX = "/bf16_emulation/raw"
 
 
+#: Inline initializers up to this size keep their values for shape inference (shape operands of
+#: Reshape/Expand …); larger ones, and external ones, are described by their header alone.
+_INFERENCE_VALUE_BYTES = 1 << 16
+
+
+def _header_only(t: TensorProto) -> TensorProto:
+    """``t`` without its values (name, type, dims) if it is a weight: all shape inference needs."""
+    if t.data_location != TensorProto.EXTERNAL and t.ByteSize() <= _INFERENCE_VALUE_BYTES:
+        return t
+    out = TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, data_location=TensorProto.EXTERNAL)
+    out.external_data.add(key="location", value="none")
+    return out
+
+
 def _value_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every value of the main graph (after ONNX type inference)."""
+    """Element type of every value of the main graph (after ONNX type inference, on the graph
+    without its weights: inference would otherwise serialize them all)."""
     from hybridtrt.ops.onnx_schema import register_schemas
 
     register_schemas()  # our ops' type inference (y fp32, states like the state input)
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    g = model.graph
+    graph = helper.make_graph(g.node, g.name, g.input, g.output, [_header_only(t) for t in g.initializer], value_info=g.value_info)
+    bare = helper.make_model(graph, opset_imports=model.opset_import, functions=model.functions)
+    bare.ir_version = model.ir_version
+    inferred = onnx.shape_inference.infer_shapes(bare, strict_mode=False)
     g = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}
-    types.update({t.name: t.data_type for t in g.initializer})
+    types.update({t.name: t.data_type for t in model.graph.initializer})
     return types
 
 
 def _widen_tensor(t: TensorProto) -> TensorProto:
-    """A bf16 TensorProto as an exactly equal fp32 one (same name)."""
+    """A (small, inline) bf16 TensorProto as an exactly equal fp32 one (same name)."""
     array = numpy_helper.to_array(t).astype(np.float32)
     return numpy_helper.from_array(array, t.name)
 
@@ -66,56 +95,68 @@ def _widen_attributes(node: onnx.NodeProto) -> None:
             attr.t.CopyFrom(_widen_tensor(attr.t))
 
 
+#: Suffix of a bf16 weight's own name once the fp32 widening of it has taken the name.
+WEIGHT_SUFFIX = "/bf16"
+
+
 def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a copy of ``model`` whose bf16 tensors are fp32 with bf16 rounding at every producer.
+    """Return a copy of ``model`` whose bf16 values are fp32 with bf16 rounding at every producer.
 
     Args:
-        model: A graph with its initializers loaded (``onnx.load(path)``, external data included).
+        model: A graph, with its weights loaded or (the usual case) external data not loaded: weights
+            are neither read nor copied (external references are kept as they are).
 
     Returns:
         The rewritten model; ``model`` is not modified. A graph without bf16 values is returned as
         an unchanged copy.
-
-    Raises:
-        ArtefactError: an initializer is still external (load the weights first), or a bf16 value
-            has no known producer type (type inference failed).
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    for t in g.initializer:
-        if t.data_location == TensorProto.EXTERNAL:
-            raise ArtefactError(
-                f"initializer {t.name} is in external data", fix="load the model with its weights before emulating bf16"
-            )
     types = _value_types(model)
     bf16_values = {name for name, elem in types.items() if elem == BF16}
     if not bf16_values:
         return out
 
-    for i, t in enumerate(g.initializer):
-        if t.data_type == BF16:
-            g.initializer[i].CopyFrom(_widen_tensor(t))
+    weights = {t.name for t in g.initializer if t.data_type == BF16}
+    for t in g.initializer:
+        if t.name in weights:
+            t.name += WEIGHT_SUFFIX
     for v in (*g.input, *g.output, *g.value_info):
         if v.type.tensor_type.elem_type == BF16:
             v.type.tensor_type.elem_type = F32
 
+    # Widen each bf16 weight once, before any node (only those some node reads as fp32).
     nodes: list[onnx.NodeProto] = []
-    for node in g.node:
+    gathers_bf16: set[int] = set()
+    widened: set[str] = set()
+    for k, node in enumerate(g.node):
+        if node.op_type == "Gather" and node.input[0] in weights:
+            node.input[0] += WEIGHT_SUFFIX  # rows gathered in bf16, widened below
+            gathers_bf16.add(k)
+        widened.update(name for name in node.input if name in weights)
+    widened.update(_subgraph_reads(g) & weights)
+    widened.update(v.name for v in g.output if v.name in weights)
+    nodes.extend(
+        helper.make_node("Cast", [name + WEIGHT_SUFFIX], [name], to=F32, name=f"/bf16_emulation/weight/{name}")
+        for name in sorted(widened)
+    )
+
+    for k, node in enumerate(g.node):
         _widen_attributes(node)
         casts: list[onnx.NodeProto] = []
-        for k, name in enumerate(node.output):
+        for j, name in enumerate(node.output):
             if name not in bf16_values:
                 continue
-            is_rounding_cast = node.op_type == "Cast" and any(a.name == "to" and a.i == BF16 for a in node.attribute)
+            already_bf16 = k in gathers_bf16 or (node.op_type == "Cast" and any(a.name == "to" and a.i == BF16 for a in node.attribute))
             raw = name + RAW_SUFFIX
-            node.output[k] = raw
-            if is_rounding_cast:  # already bf16: widen it
-                casts.append(helper.make_node("Cast", [raw], [name], to=F32, name=f"{node.name}/bf16_emulation/widen_{k}"))
+            node.output[j] = raw
+            if already_bf16:  # bf16 values already: widen them
+                casts.append(helper.make_node("Cast", [raw], [name], to=F32, name=f"{node.name}/bf16_emulation/widen_{j}"))
             else:  # fp32 result: round to bf16, widen back
                 rounded = name + "/bf16_emulation/rounded"
-                casts.append(helper.make_node("Cast", [raw], [rounded], to=BF16, name=f"{node.name}/bf16_emulation/round_{k}"))
-                casts.append(helper.make_node("Cast", [rounded], [name], to=F32, name=f"{node.name}/bf16_emulation/widen_{k}"))
+                casts.append(helper.make_node("Cast", [raw], [rounded], to=BF16, name=f"{node.name}/bf16_emulation/round_{j}"))
+                casts.append(helper.make_node("Cast", [rounded], [name], to=F32, name=f"{node.name}/bf16_emulation/widen_{j}"))
         nodes.append(node)
         nodes.extend(casts)
     del g.node[:]
@@ -123,39 +164,22 @@ def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names read by nodes of the subgraphs (If/Loop/Scan bodies) of ``graph``'s nodes."""
+    found: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                found.update(name for n in sub.node for name in n.input)
+                found |= _subgraph_reads(sub)
+    return found
+
+
 def round_to_bf16(array: np.ndarray) -> np.ndarray:
     """fp32 values rounded to the nearest bf16 (round half to even), as fp32."""
     return np.asarray(array, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
-__all__ = ["emulate_bf16", "round_to_bf16"]
-
-
-#: Above this many bytes of weights an emulated graph is handed to ONNX Runtime as a file with
-#: external data: one protobuf message cannot exceed 2 GiB (a bf16 embedding of 131072 × 4480 is
-#: already 2.3 GB once widened to fp32).
-INLINE_LIMIT = 1 << 30
-
-
-def emulated_session(model: onnx.ModelProto, make_session):
-    """``make_session(source)`` over the emulated ``model`` (weights loaded): the serialized bytes
-    for a small graph, else a temporary ``model.onnx`` + ``weights.data`` that is deleted once the
-    session holds its weights (ONNX Runtime reads or maps them at creation)."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    emulated = emulate_bf16(model)
-    size = sum(len(t.raw_data) for t in emulated.graph.initializer)
-    if size <= INLINE_LIMIT:
-        return make_session(emulated.SerializeToString())
-    folder = Path(tempfile.mkdtemp(prefix="hybridtrt-bf16-"))
-    try:
-        onnx.save_model(emulated, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True, location="weights.data", size_threshold=1024)
-        del emulated
-        return make_session(str(folder / "model.onnx"))
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def graph_has_bf16(model: onnx.ModelProto) -> bool:
@@ -164,3 +188,6 @@ def graph_has_bf16(model: onnx.ModelProto) -> bool:
     g = model.graph
     bf16 = onnx.TensorProto.BFLOAT16
     return any(v.type.tensor_type.elem_type == bf16 for v in (*g.input, *g.output)) or any(t.data_type == bf16 for t in g.initializer)
+
+
+__all__ = ["emulate_bf16", "graph_has_bf16", "round_to_bf16"]

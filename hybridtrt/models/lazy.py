@@ -1,8 +1,10 @@
 """The reference model with its weights read when used: ``load_model(path, lazy=True)``.
 
 Parameters are grouped: a decoder layer's parameters (``layers.{i}.*``) form one group, every
-other parameter is a group of its own (``embeddings.weight``, ``norm_f.weight``,
-``lm_head.weight``). One group is resident at a time. Each parameter is a parametrization
+other parameter is a group of its own (``norm_f.weight``). One group is resident at a time.
+The embedding and the LM head (`ROW_READ`, the two largest tensors: 131072 × 4480 in Nano-9B-v2,
+2.3 GB each in fp32) are never read whole: the lookup reads the rows of the ids it is given, and
+the head is applied `HEAD_BLOCK_BYTES` of vocabulary rows at a time. Each parameter is a parametrization
 (`torch.nn.utils.parametrize`) over a meta tensor: the first access to a parameter of another group
 drops the resident group and reads the new one from the checkpoint (converted to the model dtype
 and checked for NaN/Inf, exactly as the eager load does). The forward pass is `HybridLM`'s own, so
@@ -29,10 +31,15 @@ from torch.nn.utils import parametrize
 
 from hybridtrt.models.cache import HybridCache
 from hybridtrt.models.loading import Checkpoint
+from hybridtrt.models.layers import wide
 from hybridtrt.models.model import HybridLM
 
 T = TypeVar("T")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
+#: Parameters read by rows, never whole (embedding lookup; LM head by vocabulary blocks).
+ROW_READ = ("embeddings.weight", "lm_head.weight")
+#: Bytes of LM-head rows (in the model dtype) applied at a time.
+HEAD_BLOCK_BYTES = 64 << 20
 
 
 def group_of(name: str) -> str:
@@ -77,7 +84,8 @@ class LazyWeights:
         self.device = torch.device(device)
         self.groups: dict[str, list[str]] = {}
         for name in checkpoint.parameters:
-            self.groups.setdefault(group_of(name), []).append(name)
+            if name not in ROW_READ:
+                self.groups.setdefault(group_of(name), []).append(name)
         self.group: str | None = None
         self.resident: dict[str, Tensor] = {}
         self.loads = 0
@@ -96,15 +104,22 @@ class LazyWeights:
         self.group = group
         self.loads += 1
         if self._progress is not None:
-            self._progress(self.loads, len(self.groups) + int(self.checkpoint.config.tie_word_embeddings))
+            self._progress(self.loads, len(self.groups))
 
     def release(self) -> None:
         """Drop the resident group (the next access reads again)."""
         with self._cv:
             self.resident, self.group = {}, None
 
+    def rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of a `ROW_READ` parameter (read now, not kept)."""
+        return self.checkpoint.read_rows(name, start, stop).to(self.device)
+
     def get(self, name: str) -> Tensor:
-        """The value of parameter ``name`` (reads its group if it is not resident)."""
+        """The value of parameter ``name`` (reads its group if it is not resident; a `ROW_READ`
+        parameter is read whole for this one access)."""
+        if name in ROW_READ:
+            return self.checkpoint.read(name).to(self.device)
         group = group_of(name)
         with self._cv:
             if group != self.group:
@@ -216,9 +231,40 @@ class LazyHybridLM(HybridLM):
     def dtype(self) -> torch.dtype:
         return self.weights.dtype
 
-    def new_cache(self, batch: int, state_dtype: torch.dtype = torch.float32) -> HybridCache:
-        """Zero states (without reading the embeddings to learn the device)."""
-        return HybridCache.empty(self.config, batch, dtype=self.dtype, state_dtype=state_dtype, device=self.weights.device)
+    @property
+    def device(self) -> torch.device:
+        return self.weights.device
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """The rows of the ids in ``input_ids`` only (the eager lookup's values)."""
+        ids, inverse = torch.unique(input_ids, return_inverse=True)
+        rows = torch.cat([self.weights.rows("embeddings.weight", int(a), int(b) + 1) for a, b in _runs(ids.tolist())])
+        return rows[inverse.to(rows.device)]
+
+    def head_logits(self, h: Tensor) -> Tensor:
+        """The LM head one block of vocabulary rows at a time (each logit is the same dot product as
+        the eager head's: its reduction runs over the hidden size, which is never split)."""
+        name = "embeddings.weight" if self.lm_head is None else "lm_head.weight"
+        vocab, hidden = self.config.vocab_size, self.config.hidden_size
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        block = max(1, HEAD_BLOCK_BYTES // (hidden * itemsize))
+        parts = []
+        for start in range(0, vocab, block):
+            w = self.weights.rows(name, start, min(start + block, vocab))
+            parts.append(wide(torch.matmul(h.to(w.dtype), w.t())))
+            del w
+        return torch.cat(parts, dim=-1)
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ids as inclusive runs of consecutive values: ``[1, 2, 3, 7] -> [(1, 3), (7, 7)]``."""
+    runs: list[tuple[int, int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
 
 
 def lazy_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> LazyHybridLM:
@@ -233,4 +279,4 @@ def lazy_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> La
     return model.requires_grad_(False).eval()
 
 
-__all__ = ["LazyHybridLM", "LazyWeights", "group_of", "lazy_model"]
+__all__ = ["HEAD_BLOCK_BYTES", "ROW_READ", "LazyHybridLM", "LazyWeights", "group_of", "lazy_model"]

@@ -423,6 +423,18 @@ class Checkpoint:
         return t
 
 
+    def read_rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of parameter ``name`` in the model dtype, checked for NaN/Inf: the
+        values `read` gives for those rows, without reading the rest (not for stacked experts)."""
+        source = self.parameters[name]
+        if source.parts:
+            raise ValueError(f"{name} is stacked from per-expert tensors: read it whole")
+        stored = self.index.read_rows(source.tensor, start, stop)
+        t = stored.to(source.dtype)
+        check_finite(t, f"{source.tensor} (rows {start}:{stop})", stored)
+        return t
+
+
 def open_checkpoint(path: str | Path, dtype: str | torch.dtype = "fp32") -> Checkpoint:
     """Parse config.json and every safetensors header, and match them (no tensor is read).
 

@@ -66,11 +66,23 @@ class HybridLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embeddings.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.weight.device
+
     def new_cache(self, batch: int, state_dtype: torch.dtype = torch.float32) -> HybridCache:
         """Zero states for ``batch`` rows on the model's device and dtype."""
-        return HybridCache.empty(
-            self.config, batch, dtype=self.dtype, state_dtype=state_dtype, device=self.embeddings.weight.device
-        )
+        return HybridCache.empty(self.config, batch, dtype=self.dtype, state_dtype=state_dtype, device=self.device)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """``[B, L]`` token ids -> ``[B, L, hidden]`` embeddings."""
+        return self.embeddings(input_ids)
+
+    def head_logits(self, h: Tensor) -> Tensor:
+        """The LM head: ``[..., hidden]`` (after ``norm_f``) -> ``[..., vocab]`` logits (`wide`)."""
+        head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
+        # With residual_in_fp32 (every real Mamba-2) h is fp32 here; HF casts it to the head's dtype.
+        return wide(torch.matmul(h.to(head.dtype), head.t()))
 
     def forward(
         self,
@@ -162,7 +174,7 @@ class HybridLM(nn.Module):
         # overflow to inf, and a NaN V row poisons real rows through 0·NaN in probs @ V). A select,
         # not a multiply, so that not even a NaN survives on a padding row; real rows pass unchanged.
         row = positions.mask[:, :, None] != 0  # [B, L, 1]
-        h = torch.where(row, self.embeddings(input_ids), 0.0)
+        h = torch.where(row, self.embed(input_ids), 0.0)
         new = HybridCache()
         hidden: list[Tensor] = []
         for i, block in enumerate(self.layers):
@@ -183,9 +195,7 @@ class HybridLM(nn.Module):
         h = self.norm_f(h)
         if logits_mode == "last":
             h = h[:, -1]
-        head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
-        # With residual_in_fp32 (every real Mamba-2) h is fp32 here; HF casts it to the head's dtype.
-        return CausalLMOutput(wide(torch.matmul(h.to(head.dtype), head.t())), new, hidden)
+        return CausalLMOutput(self.head_logits(h), new, hidden)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs):

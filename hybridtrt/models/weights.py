@@ -155,17 +155,34 @@ class WeightIndex:
             CheckpointError: The file is shorter than its header says.
         """
         info = self.tensors[name]
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        return self._read(info, 0, info.nbytes).reshape(info.shape)
+
+    def read_rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of a tensor's first dimension as stored (a contiguous byte range:
+        an embedding lookup or a slice of the LM head without the whole matrix).
+
+        Raises:
+            CheckpointError: The file is shorter than its header says.
+        """
+        info = self.tensors[name]
+        rows = info.shape[0] if info.shape else 0
+        if not 0 <= start <= stop <= rows:
+            raise IndexError(f"rows {start}:{stop} of {name} {list(info.shape)}")
+        row_bytes = info.nbytes // rows if rows else 0
+        return self._read(info, start * row_bytes, (stop - start) * row_bytes).reshape(stop - start, *info.shape[1:])
+
+    def _read(self, info: TensorInfo, offset: int, nbytes: int) -> Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         with info.file.open("rb") as f:
-            f.seek(info.start)
+            f.seek(info.start + offset)
             done = 0
-            while done < info.nbytes:
+            while done < nbytes:
                 n = f.readinto(view[done:])
                 if not n:
-                    raise CheckpointError(f"{info.file.name} ends inside tensor {name!r}", fix="the file is truncated; re-download it")
+                    raise CheckpointError(f"{info.file.name} ends inside tensor {info.name!r}", fix="the file is truncated; re-download it")
                 done += n
-        return buf.view(SAFETENSORS_DTYPES[info.dtype]).reshape(info.shape)
+        return buf.view(SAFETENSORS_DTYPES[info.dtype])
 
 
 __all__ = ["FLOAT_CODES", "SAFETENSORS_DTYPES", "TensorInfo", "WeightIndex", "read_header"]

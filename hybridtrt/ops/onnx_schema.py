@@ -58,9 +58,10 @@ def _outputs_like(inputs: tuple[str, ...], outputs: tuple[str, ...], type_of: di
 
     def infer(ctx: onnx.shape_inference.InferenceContext) -> None:
         for out, source in enumerate(sources):
-            if ctx.has_input(source):
+            known = ctx.get_input_type(source) if ctx.has_input(source) else None
+            if known is not None:  # else left unknown, as ONNX's own ops do
                 t = onnx.TypeProto()
-                t.CopyFrom(ctx.get_input_type(source))
+                t.CopyFrom(known)
                 if fp32[out]:
                     t.tensor_type.elem_type = onnx.TensorProto.FLOAT
                 ctx.set_output_type(out, t)

@@ -72,7 +72,7 @@ class TorchStepper:
 
     @torch.no_grad()
     def step(self, input_ids: Tensor, attention_mask: Tensor, state: Any, decode: bool) -> tuple[Tensor, Any]:
-        device = self.model.embeddings.weight.device
+        device = self.model.device
         out = self.model(input_ids.to(device), attention_mask.to(device), state, logits="last")
         return out.logits.cpu(), out.cache
 
@@ -85,7 +85,7 @@ class TorchStepper:
         from hybridtrt.exporter.io import state_specs
         from hybridtrt.exporter.wrapper import cache_from_flat
 
-        device = self.model.embeddings.weight.device
+        device = self.model.device
         specs = state_specs(self.model.config)
         return cache_from_flat(specs, [snapshot.states[s.present_name].to(device).clone() for s in specs])
 

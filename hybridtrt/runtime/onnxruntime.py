@@ -83,17 +83,16 @@ class OrtSession:
             opts.add_session_config_entry(key, value)
         if threads:
             opts.intra_op_num_threads = threads
-        def make(source: str | bytes):
-            return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-
-        if self.emulated_bf16:
+        if self.emulated_bf16:  # the graph is rewritten (weights not read) and handed over as bytes
             import onnx
 
-            from hybridtrt.graphs.bf16_emulation import emulated_session
+            from hybridtrt.graphs.bf16_emulation import emulate_bf16
 
-            self.session = emulated_session(onnx.load(str(path)), make)
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(path).resolve().parent))
+            source: str | bytes = emulate_bf16(onnx.load(str(path), load_external_data=False)).SerializeToString()
         else:
-            self.session = make(str(path))
+            source = str(path)
+        self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

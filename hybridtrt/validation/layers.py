@@ -75,30 +75,17 @@ class ProtoSession(OrtSession):
     def __init__(self, proto: onnx.ModelProto, folder: str | Path, *, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        def options(external_folder: bool):
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as OrtSession
-            if external_folder:  # bytes have no directory of their own
-                opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-            if threads:
-                opts.intra_op_num_threads = threads
-            return opts
+        from hybridtrt.graphs.bf16_emulation import emulate_bf16, graph_has_bf16
 
-        from hybridtrt.graphs.bf16_emulation import emulated_session, graph_has_bf16
-
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as OrtSession
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))  # bytes have no directory
+        if threads:
+            opts.intra_op_num_threads = threads
         self.emulated_bf16 = graph_has_bf16(proto)  # as OrtSession: bf16 graphs run through the emulation pass
-        if self.emulated_bf16:  # the pass rewrites bf16 weights to fp32: it needs their values
-            from onnx.external_data_helper import load_external_data_for_model
-
-            loaded = onnx.ModelProto()
-            loaded.CopyFrom(proto)
-            load_external_data_for_model(loaded, str(folder))
-            self.session = emulated_session(
-                loaded, lambda source: ort.InferenceSession(source, options(isinstance(source, bytes)), providers=["CPUExecutionProvider"])
-            )
-        else:
-            self.session = ort.InferenceSession(proto.SerializeToString(), options(True), providers=["CPUExecutionProvider"])
+        source = emulate_bf16(proto) if self.emulated_bf16 else proto
+        self.session = ort.InferenceSession(source.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

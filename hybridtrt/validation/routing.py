@@ -60,7 +60,7 @@ def routing_agreement(
         ``{layer: agreement in [0, 1]}`` for every ``E`` layer, in layer order.
     """
     real = attention_mask[:, -input_ids.shape[1] :].reshape(-1) != 0
-    embeddings = model.embeddings(input_ids)
+    embeddings = model.embed(input_ids)
     out: dict[int, float] = {}
     for layer in model.config.layers_of(MOE):
         key = f"layer_output.{layer - 1}"

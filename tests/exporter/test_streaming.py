@@ -93,9 +93,15 @@ def test_static_kv_cache_streamed_export_is_byte_identical(make_checkpoint, tmp_
     _assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
 
 
-def test_moe_hf_per_expert_checkpoint_streams_stacked_experts(tmp_path):
+def test_moe_hf_per_expert_checkpoint_streams_stacked_experts(tmp_path, monkeypatch):
     """An MoE checkpoint as HF saves it (one tensor per expert): the stacked expert initializers are
-    streamed from the per-expert tensors, byte-identical to the loaded model's."""
+    streamed from the per-expert tensors one expert at a time (never the whole stack),
+    byte-identical to the loaded model's."""
+    from hybridtrt.models.loading import Checkpoint
+
+    whole: list[str] = []
+    read_stored = Checkpoint.read_stored
+    monkeypatch.setattr(Checkpoint, "read_stored", lambda self, name: whole.append(name) or read_stored(self, name))
     ckpt = save_hf_checkpoint("tiny-nemotron3-moe", tmp_path / "hf", dtype=torch.bfloat16, initializer_range=0.05)
     checkpoint = open_checkpoint(ckpt, "fp16")
     stacked = [p for p in checkpoint.parameters.values() if p.parts]
@@ -103,6 +109,7 @@ def test_moe_hf_per_expert_checkpoint_streams_stacked_experts(tmp_path):
     assert checkpoint.parameters["layers.1.mixer.gate.weight"].dtype == torch.float32  # router kept fp32
     options = ExportOptions(dtype="fp16", verify=False)
     export(ckpt, tmp_path / "streamed", options)
+    assert not {p.name for p in stacked} & set(whole)
     names = write_graphs(ckpt, tmp_path / "eager", options)
     _assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
 
