@@ -45,7 +45,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-
 BF16, F32 = TensorProto.BFLOAT16, TensorProto.FLOAT
 #: Suffix of the unrounded fp32 value a rewritten node produces.
 RAW_SUFFIX = "/bf16_emulation/raw"
@@ -178,8 +177,6 @@ def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
 def round_to_bf16(array: np.ndarray) -> np.ndarray:
     """fp32 values rounded to the nearest bf16 (round half to even), as fp32."""
     return np.asarray(array, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
-
-
 
 
 def graph_has_bf16(model: onnx.ModelProto) -> bool:

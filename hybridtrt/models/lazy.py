@@ -246,8 +246,7 @@ class LazyHybridLM(HybridLM):
         the eager head's: its reduction runs over the hidden size, which is never split)."""
         name = "embeddings.weight" if self.lm_head is None else "lm_head.weight"
         vocab, hidden = self.config.vocab_size, self.config.hidden_size
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        block = max(1, HEAD_BLOCK_BYTES // (hidden * itemsize))
+        block = max(1, HEAD_BLOCK_BYTES // (hidden * self.dtype.itemsize))
         parts = []
         for start in range(0, vocab, block):
             w = self.weights.rows(name, start, min(start + block, vocab))

@@ -417,11 +417,7 @@ class Checkpoint:
             CheckpointError: NaN/Inf in the tensor, or values that overflow the model dtype.
         """
         source = self.parameters[name]
-        stored = self.read_stored(name)
-        t = stored.to(source.dtype)
-        check_finite(t, source.tensor, stored)
-        return t
-
+        return _converted(self.read_stored(name), source.dtype, source.tensor)
 
     def read_rows(self, name: str, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of parameter ``name`` in the model dtype, checked for NaN/Inf: the
@@ -429,10 +425,14 @@ class Checkpoint:
         source = self.parameters[name]
         if source.parts:
             raise ValueError(f"{name} is stacked from per-expert tensors: read it whole")
-        stored = self.index.read_rows(source.tensor, start, stop)
-        t = stored.to(source.dtype)
-        check_finite(t, f"{source.tensor} (rows {start}:{stop})", stored)
-        return t
+        return _converted(self.index.read_rows(source.tensor, start, stop), source.dtype, f"{source.tensor} (rows {start}:{stop})")
+
+
+def _converted(stored: Tensor, dtype: torch.dtype, tensor: str) -> Tensor:
+    """``stored`` in ``dtype``, checked for NaN/Inf (named ``tensor``)."""
+    t = stored.to(dtype)
+    check_finite(t, tensor, stored)
+    return t
 
 
 def open_checkpoint(path: str | Path, dtype: str | torch.dtype = "fp32") -> Checkpoint:

@@ -44,15 +44,6 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def has_bf16(path: str | Path) -> bool:
-    """Does the graph at ``path`` take or hold bf16 tensors (read without its weights)?"""
-    import onnx
-
-    from hybridtrt.graphs.bf16_emulation import graph_has_bf16
-
-    return graph_has_bf16(onnx.load(str(path), load_external_data=False))
-
-
 def to_torch(array: np.ndarray) -> torch.Tensor:
     """numpy (bf16 included) -> a CPU torch tensor that owns a copy."""
     if array.dtype.name == "bfloat16":
@@ -69,11 +60,21 @@ class OrtSession:
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None, config: dict[str, str] | None = None) -> None:
-        import onnxruntime as ort
+        import onnx
 
         if not Path(path).is_file():
             raise ArtefactError(f"{path} does not exist", fix="export first with `hybridtrt export`")
-        self.emulated_bf16 = has_bf16(path)
+        graph = onnx.load(str(path), load_external_data=False)
+        self._open(graph, Path(path).resolve().parent, threads=threads, config=config, path=Path(path))
+
+    def _open(self, graph, folder: Path, *, threads: int | None, config: dict[str, str] | None, path: Path | None = None) -> None:
+        """Create the session over ``graph`` (weights not loaded) whose external data is in
+        ``folder``: from ``path`` when it is that file unchanged, else as bytes (bf16 graphs are
+        rewritten by the emulation pass, which reads no weights)."""
+        import onnxruntime as ort
+
+        from hybridtrt.graphs.bf16_emulation import emulate_bf16, graph_has_bf16
+
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         # Idle ORT threads otherwise spin and starve PyTorch's OpenMP threads in the same process
@@ -83,13 +84,10 @@ class OrtSession:
             opts.add_session_config_entry(key, value)
         if threads:
             opts.intra_op_num_threads = threads
-        if self.emulated_bf16:  # the graph is rewritten (weights not read) and handed over as bytes
-            import onnx
-
-            from hybridtrt.graphs.bf16_emulation import emulate_bf16
-
-            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(path).resolve().parent))
-            source: str | bytes = emulate_bf16(onnx.load(str(path), load_external_data=False)).SerializeToString()
+        self.emulated_bf16 = graph_has_bf16(graph)
+        if self.emulated_bf16 or path is None:  # bytes have no directory of their own
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+            source: str | bytes = (emulate_bf16(graph) if self.emulated_bf16 else graph).SerializeToString()
         else:
             source = str(path)
         self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])

@@ -73,21 +73,7 @@ class ProtoSession(OrtSession):
     """
 
     def __init__(self, proto: onnx.ModelProto, folder: str | Path, *, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        from hybridtrt.graphs.bf16_emulation import emulate_bf16, graph_has_bf16
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as OrtSession
-        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))  # bytes have no directory
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.emulated_bf16 = graph_has_bf16(proto)  # as OrtSession: bf16 graphs run through the emulation pass
-        source = emulate_bf16(proto) if self.emulated_bf16 else proto
-        self.session = ort.InferenceSession(source.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._open(proto, Path(folder), threads=threads, config=None)
 
 
 def exposed_session(taps: LayerTaps, *, threads: int | None = None) -> OrtSession:
