@@ -153,8 +153,11 @@ def run(args: argparse.Namespace) -> int:
     if v.get("method") == "skipped":
         rows.append(["verification", f"skipped: {escape(str(v.get('reason')))}"])
     elif result.verification:
-        windows = {f: len(g.get("windows", [])) for f, g in v.get("graphs", {}).items()}
-        how = "whole graph" if v.get("method") == "full-graph" else "by decoder-layer windows (" + ", ".join(f"{f}: {n}" for f, n in windows.items()) + ")"
+        def count(g: dict) -> str:
+            return f"{len(g.get('windows', []))}" + (f", head in {g['head_slices']} vocabulary slices" if g.get("head_slices") else "")
+
+        windows = {f: count(g) for f, g in v.get("graphs", {}).items()}
+        how = "whole graph" if v.get("method") == "full-graph" else "by decoder-layer windows (" + "; ".join(f"{f}: {n}" for f, n in windows.items()) + ")"
         against = f"vs the {v.get('truth')}" + (f", the {v['yardstick']} as yardstick" if v.get("yardstick") else "")
         rows.append(["ORT vs reference", f"{how} on {escape(str(v.get('executor')))}, {against}; worst " + ", ".join(f"{k}: rel L2 {x:.1e}" for k, x in result.verification.items())])
     console.print(table("export summary", ["", ""], rows, numeric=False))

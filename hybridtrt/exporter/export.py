@@ -45,7 +45,7 @@ from hybridtrt.exporter.streaming import (
 )
 from hybridtrt.exporter.target import OutputDir
 from hybridtrt.exporter.translation import translation_table
-from hybridtrt.exporter.verify import VERIFY_MODES, Progress, verify_export
+from hybridtrt.exporter.verify import VERIFY_MODES, Progress, temporary_bytes, verify_export
 from hybridtrt.exporter.wrapper import GraphModule
 from hybridtrt.graphs.cleanup import strip_metadata
 from hybridtrt.graphs.dims import name_io_dims
@@ -414,9 +414,10 @@ def export(
         if opts.verify:
             with step(f"verify with ONNX Runtime against the fp32 reference ({opts.verify_mode})"):
                 truth = reference if checkpoint.dtype == torch.float32 else lazy_model(checkpoint.as_dtype(torch.float32))
-                manifest.verification = verify_export(
-                    target.partial, reference, manifest, truth=truth, mode=opts.verify_mode, parameter_bytes=checkpoint.parameter_bytes, progress=progress
-                )
+                with target.writing(temporary_bytes(checkpoint.parameter_bytes)):  # head slices (verify.py)
+                    manifest.verification = verify_export(
+                        target.partial, reference, manifest, truth=truth, mode=opts.verify_mode, parameter_bytes=checkpoint.parameter_bytes, progress=progress
+                    )
                 del truth
         else:
             manifest.verification = {"method": "skipped", "reason": "--no-verify"}

@@ -17,19 +17,23 @@ Two methods, with the same inputs and gates (the one used is recorded in ``hybri
 - ``layer-windows``: windows of consecutive decoder layers (`hybridtrt.graphs.layer_window`), each
   cut out of the written graph and run in its own session, fed with the same-dtype reference's
   hidden state at the window's start; every layer, the embedding and the head are covered, and
-  one window's weights (about 1/32 of the model, at least one layer) are resident at a time. The
-  references are usually lazy (`hybridtrt.models.lazy`), one layer resident at a time, so memory
-  stays bounded on both sides.
+  one window's weights (about 1/32 of the model, at least one layer) are resident at a time. A head
+  whose weight is larger than a window runs by vocabulary slices of a window's bytes (one session
+  per slice, the logits concatenated: the same numbers as the whole head). The references are
+  usually lazy (`hybridtrt.models.lazy`), one layer resident at a time, so memory stays bounded on
+  both sides.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
@@ -38,6 +42,7 @@ from hybridtrt.exporter.io import LOGITS, state_specs
 from hybridtrt.exporter.manifest import Manifest
 from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs import layer_window
+from hybridtrt.graphs.external_data import external_info, tensor_nbytes
 from hybridtrt.models.loading import parse_dtype
 from hybridtrt.validation.metrics import compare
 from hybridtrt.validation.tolerances import gate
@@ -48,6 +53,9 @@ VERIFY_MODES = ("auto", "full", "layers")
 FULL_GRAPH_MAX_BYTES = 256 << 20
 #: A window holds about this fraction of the parameter bytes (at least one layer, or the head).
 WINDOW_FRACTION = 1 / 32
+#: A head whose weight is larger than a window (and than this) runs by vocabulary slices of at most
+#: a window's bytes (`hybridtrt.graphs.layer_window.vocab_slice`); smaller heads run whole.
+HEAD_SLICE_MIN_BYTES = 16 << 20
 _ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16, torch.bfloat16: onnx.TensorProto.BFLOAT16}
 
 #: ``progress(label, total, unit) -> context manager yielding advance(n)``.
@@ -71,6 +79,11 @@ def _reference(fn: Callable[[], Any], dtype: str) -> Any:
         ) from None
 
 
+def temporary_bytes(parameter_bytes: int) -> int:
+    """The most disk space verification uses beside the export at a time (a head slice's weight)."""
+    return max(int(parameter_bytes * WINDOW_FRACTION), HEAD_SLICE_MIN_BYTES)
+
+
 def window_plan(layer_bytes: list[int], budget: int) -> list[tuple[int, int]]:
     """Consecutive layer ranges ``(first, last)`` whose layers hold at most ``budget`` bytes (at
     least one layer per window)."""
@@ -88,8 +101,6 @@ def window_plan(layer_bytes: list[int], budget: int) -> list[tuple[int, int]]:
 def _layer_bytes(model: onnx.ModelProto, num_layers: int) -> list[int]:
     """Initializer bytes each window member reads: decoder layer ``i``'s nodes (the embedding
     counted in layer 0), and as member ``L`` everything else (final norm, head)."""
-    from hybridtrt.graphs.external_data import tensor_nbytes
-
     sizes = {t.name: tensor_nbytes(t) for t in model.graph.initializer}
     per_layer = [0] * (num_layers + 1)
     seen: set[str] = set()
@@ -215,7 +226,8 @@ def verify_export(
     Returns:
         The record for ``hybridtrt.json``: ``{"method": "full-graph" | "layer-windows", "truth",
         "yardstick", "executor", "gate", "worst", "graphs": {file: {"worst": {"output", "rel_l2",
-        "bound", "yardstick_rel_l2"}, "windows": [[first, last], ...]}}}``.
+        "bound", "yardstick_rel_l2"}, "windows": [[first, last], ...], "head_slices": n (when the
+        head ran by vocabulary slices)}}}``.
 
     Raises:
         ExportError: A graph disagrees with the truth beyond the gate, or a reference cannot run here.
@@ -314,7 +326,9 @@ def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, t
     except layer_window.WindowError as e:
         raise ExportError(f"{file}: cannot verify by layer windows ({e.message})", fix="verify the whole graph with --verify full, or skip with --no-verify") from None
     member_bytes = _layer_bytes(full, num_layers)
-    windows = window_plan(member_bytes, max(int(parameter_bytes * WINDOW_FRACTION), 1))
+    budget = max(int(parameter_bytes * WINDOW_FRACTION), 1)
+    windows = window_plan(member_bytes, budget)
+    out: dict[str, Any] = {"windows": [list(w) for w in windows]}
     hidden_type = _ONNX_TYPES[inputs_hidden[0].dtype]
     worst: dict[str, Any] = {}
     worst_score = -1.0
@@ -329,19 +343,16 @@ def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, t
         for first, last in windows:
             mine = [s for s in specs if first <= s.layer <= last]
             sub = layer_window.window(full, stream, first, last, [s.present_name for s in mine], hidden_type)
-            path = export_dir / f".verify-{Path(file).stem}-{first}-{last}.onnx"
-            onnx.save_model(sub, str(path))
-            try:
-                window_feeds = {k: v for k, v in feeds.items() if k in {i.name for i in sub.graph.input}}
-                if first > 0:
-                    window_feeds[layer_window.HIDDEN_IN] = inputs_hidden[first - 1]
-                session = _session(path)
-                got = session.run(window_feeds)
-                if session.emulated_bf16:
-                    record["executor"] = EXECUTOR_BF16
-                del session
-            finally:
-                path.unlink(missing_ok=True)
+            window_feeds = {k: v for k, v in feeds.items() if k in {i.name for i in sub.graph.input}}
+            if first > 0:
+                window_feeds[layer_window.HIDDEN_IN] = inputs_hidden[first - 1]
+            tag = f".verify-{Path(file).stem}-{first}-{last}"
+            head = layer_window.head_weight(sub) if first == num_layers else None
+            if head is not None and tensor_nbytes(head) > temporary_bytes(parameter_bytes):
+                got, slices = _run_head_by_slices(export_dir, tag, sub, head, temporary_bytes(parameter_bytes), window_feeds, record)
+                out["head_slices"] = slices
+            else:
+                got = _run(export_dir, tag, sub, window_feeds, record)
             label = _label(first, last, num_layers)
             w = judge.check(f"{file} {label}", got, wanted(truth, first, last, mine), wanted(yard, first, last, mine))
             score = w.get("rel_l2", 0.0) / (w.get("bound") or 1.0)
@@ -355,7 +366,56 @@ def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, t
                 inputs_hidden.pop(k, None)
             del got
             advance(sum(member_bytes[first : last + 1]))
-    return {"worst": worst, "windows": [list(w) for w in windows]}
+    return {"worst": worst, **out}
 
 
-__all__ = ["FULL_GRAPH_MAX_BYTES", "VERIFY_MODES", "verify_export", "window_plan"]
+def _run(export_dir: Path, tag: str, sub: onnx.ModelProto, feeds: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """Run the window ``sub`` (saved beside the export as ``{tag}.onnx`` while it runs)."""
+    path = export_dir / f"{tag}.onnx"
+    onnx.save_model(sub, str(path))
+    try:
+        session = _session(path)
+        if session.emulated_bf16:
+            record["executor"] = EXECUTOR_BF16
+        return session.run(feeds)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _run_head_by_slices(export_dir, tag, sub, weight, max_bytes, feeds, record) -> tuple[dict[str, Any], int]:
+    """Run the head window ``sub`` by vocabulary slices of at most ``max_bytes`` of its weight
+    (`hybridtrt.graphs.layer_window.vocab_slice`); returns the whole logits and the slice count.
+    Each slice's columns are copied row by row from ``weights.data`` into a file beside the export
+    (one row in memory), which the slice's session reads and which is removed after it."""
+    location, offset, _ = external_info(weight)
+    rows, vocab = weight.dims
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(weight.data_type).itemsize
+    count = math.ceil(tensor_nbytes(weight) / max_bytes)
+    bounds = [vocab * k // count for k in range(count + 1)]
+    parts = []
+    for start, stop in zip(bounds, bounds[1:]):
+        data = f"{tag}-vocab-{start}.data"
+        try:
+            _copy_columns(export_dir / location, offset, rows, vocab * itemsize, start * itemsize, stop * itemsize, export_dir / data)
+            got = _run(export_dir, f"{tag}-vocab-{start}", layer_window.vocab_slice(sub, weight.name, start, stop, data), feeds, record)
+        finally:
+            (export_dir / data).unlink(missing_ok=True)
+        parts.append(got.pop(LOGITS))
+        if got:
+            raise AssertionError(f"a head slice has outputs besides logits: {sorted(got)}")
+    return {LOGITS: np.concatenate(parts, axis=-1)}, count
+
+
+def _copy_columns(source: Path, offset: int, rows: int, row_bytes: int, start: int, stop: int, target: Path) -> None:
+    """Write bytes ``start:stop`` of each of ``rows`` rows of ``row_bytes`` (a row-major matrix at
+    ``offset`` in ``source``) one after the other into ``target``."""
+    buffer = bytearray(stop - start)
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        for r in range(rows):
+            src.seek(offset + r * row_bytes + start)
+            if src.readinto(buffer) != len(buffer):
+                raise ExportError(f"{source} ends inside the LM head weight", fix="the export is incomplete: export again")
+            dst.write(buffer)
+
+
+__all__ = ["FULL_GRAPH_MAX_BYTES", "VERIFY_MODES", "temporary_bytes", "verify_export", "window_plan"]

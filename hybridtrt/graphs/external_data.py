@@ -51,7 +51,7 @@ def is_deferred(t: onnx.TensorProto) -> bool:
 
 def deferred_key(t: onnx.TensorProto) -> str:
     """``hybridtrt-deferred:<key>`` -> ``<key>``."""
-    return _external_info(t)[0][len(DEFERRED) :]
+    return external_info(t)[0][len(DEFERRED) :]
 
 
 def deferred_tensor(name: str, elem_type: int, dims: Iterable[int], key: str) -> onnx.TensorProto:
@@ -150,7 +150,8 @@ def write_external_data(
     return offset
 
 
-def _external_info(t: onnx.TensorProto) -> tuple[str, int, int]:
+def external_info(t: onnx.TensorProto) -> tuple[str, int, int]:
+    """``(location, offset, length)`` of an external tensor (length -1: to the end of the file)."""
     info = {e.key: e.value for e in t.external_data}
     return info["location"], int(info.get("offset", 0)), int(info.get("length", -1))
 
@@ -158,7 +159,7 @@ def _external_info(t: onnx.TensorProto) -> tuple[str, int, int]:
 def external_index(model_path: str | Path) -> dict[str, tuple[str, int, int]]:
     """``{initializer: (location, offset, length)}`` of a saved model's external tensors."""
     model = onnx.load(str(model_path), load_external_data=False)
-    return {t.name: _external_info(t) for t in model.graph.initializer if uses_external_data(t)}
+    return {t.name: external_info(t) for t in model.graph.initializer if uses_external_data(t)}
 
 
 def _same_bytes(a: Path, a_off: int, b: Path, b_off: int, length: int) -> bool:
@@ -212,13 +213,13 @@ def share_external_data(model_path: str | Path, reference_path: str | Path, size
     index = external_index(reference_path)
     model = onnx.load(str(model_path), load_external_data=False)
     reference_files = {loc for loc, _, _ in index.values()}
-    own_files = {_external_info(t)[0] for t in model.graph.initializer if uses_external_data(t)} - reference_files
+    own_files = {external_info(t)[0] for t in model.graph.initializer if uses_external_data(t)} - reference_files
     kept: set[str] = set()
     shared = 0
     for t in model.graph.initializer:
         if not uses_external_data(t):
             continue
-        location, offset, length = _external_info(t)
+        location, offset, length = external_info(t)
         ref = index.get(t.name)
         if ref and ref[2] == length and _same_bytes(root / location, offset, root / ref[0], ref[1], length):
             _point_at(t, *ref)

@@ -21,6 +21,14 @@ present states. The head (final norm, LM head) counts as member ``L`` after the 
 window whose ``last`` is ``L`` ends with ``logits`` instead, and the window ``(L, L)`` is the head
 alone. Nodes are the backward closure of the outputs, in graph order; initializers keep
 their external-data references, so the window saved beside the model reads only its own weights.
+
+**Vocabulary slices** of the head window (`head_weight`, `vocab_slice`): the LM head's weight is
+as large as a few layers together (Nano-9B-v2: 1.17 GB in bf16, and ONNX Runtime's CPU provider
+widens a half-precision weight to an fp32 copy), so it can be run in slices of the vocabulary.
+The pattern is strict — an external ``[hidden, vocab]`` initializer read as the second input of
+a ``MatMul`` whose result reaches ``logits`` through ``Cast``/``Identity`` nodes only — so each
+slice computes exactly the columns ``logits[..., start:stop]`` of the whole head; any other head
+(an FP8 Q/DQ head, a softcap) is run whole.
 """
 
 from __future__ import annotations
@@ -211,4 +219,57 @@ def _rename_values(model: onnx.ModelProto, renames: dict[str, str]) -> None:
             n.output[i] = renames.get(name, name)
 
 
-__all__ = ["HIDDEN_IN", "HIDDEN_OUT", "WindowError", "extract", "residual_stream", "window"]
+def head_weight(model: onnx.ModelProto, logits: str = "logits") -> onnx.TensorProto | None:
+    """The weight of ``model``'s LM head if the head can run by vocabulary slices (module
+    docstring), else None.
+
+    Args:
+        model: A window that ends with ``logits`` (external data not loaded).
+        logits: The logits output's name.
+    """
+    g = model.graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    producer = {out: n for n in g.node for out in n.output}
+    node = producer.get(logits)
+    while node is not None and node.op_type in _PASS_THROUGH:
+        if len(consumers.get(node.input[0], [])) != 1:
+            return None
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "MatMul" or len(consumers.get(node.input[1], [])) != 1:
+        return None
+    weight = next((t for t in g.initializer if t.name == node.input[1]), None)
+    if weight is None or weight.data_location != onnx.TensorProto.EXTERNAL or len(weight.dims) != 2:
+        return None
+    vocab = next(v for v in g.output if v.name == logits).type.tensor_type.shape.dim[-1]
+    if vocab.HasField("dim_value") and vocab.dim_value != weight.dims[1]:
+        return None
+    return weight
+
+
+def vocab_slice(model: onnx.ModelProto, weight: str, start: int, stop: int, location: str, logits: str = "logits") -> onnx.ModelProto:
+    """A copy of the head window ``model`` that computes ``logits[..., start:stop]``: the head
+    weight ``weight`` (found by `head_weight`) becomes its columns ``start:stop``, stored from
+    offset 0 of the external file ``location`` (the caller writes it), and the last dim of every
+    value between the ``MatMul`` and ``logits`` is ``stop - start``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    t = next(t for t in g.initializer if t.name == weight)
+    rows = t.dims[0]
+    t.dims[1] = stop - start
+    nbytes = rows * (stop - start) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", "0"), ("length", str(nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    output = next(v for v in g.output if v.name == logits)
+    output.type.tensor_type.shape.dim[-1].Clear()
+    output.type.tensor_type.shape.dim[-1].dim_value = stop - start
+    del g.value_info[:]  # intermediate shapes (if any) would still say the whole vocabulary
+    return out
+
+
+__all__ = ["HIDDEN_IN", "HIDDEN_OUT", "WindowError", "extract", "head_weight", "residual_stream", "vocab_slice", "window"]

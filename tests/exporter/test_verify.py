@@ -99,3 +99,72 @@ def test_half_precision_needs_the_fp32_truth(make_export):
     ckpt, out = make_export("tiny-nemotron-h", ExportOptions(dtype="fp16", split=False, verify=False))
     with pytest.raises(ValueError, match="needs the fp32 reference"):
         verify_export(out, load_model(ckpt, "fp16"), read_manifest(out))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_head_by_vocabulary_slices_computes_the_whole_head(make_export, dtype):
+    """The head window run by three vocabulary slices (each slice's weight columns copied to a
+    file of its own) gives the whole head's logits, bit for bit, and leaves no file behind."""
+    import onnx
+
+    from hybridtrt.exporter.verify import _run, _run_head_by_slices
+    from hybridtrt.graphs import layer_window
+    from hybridtrt.graphs.bf16_emulation import round_to_bf16
+    from hybridtrt.graphs.external_data import tensor_nbytes
+
+    ckpt, out = make_export("tiny-nemotron-h", ExportOptions(dtype=dtype, split=False, verify=False))
+    full = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    n = len(read_manifest(out).layers)
+    hidden_type = onnx.TensorProto.BFLOAT16 if dtype == "bf16" else onnx.TensorProto.FLOAT
+    sub = layer_window.window(full, layer_window.residual_stream(full, n), n, n, [], hidden_type)
+    weight = layer_window.head_weight(sub)
+    assert weight is not None and weight.name == "model.lm_head.weight_t"
+    hidden_in = round_to_bf16(np.random.default_rng(0).standard_normal((3, 7, weight.dims[0]), dtype=np.float32))
+    feeds = {i.name: hidden_in if i.name == layer_window.HIDDEN_IN else np.ones((3, 7), np.int64) for i in sub.graph.input}
+    before = sorted(p.name for p in out.iterdir())
+    whole = _run(out, ".test-head", sub, feeds, {})["logits"]
+    sliced, count = _run_head_by_slices(out, ".test-head", sub, weight, tensor_nbytes(weight) // 3 + 1, feeds, {})
+    assert count == 3 and sliced["logits"].shape == whole.shape == (3, weight.dims[1])
+    np.testing.assert_array_equal(sliced["logits"], whole)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_head_that_is_not_matmul_then_casts_runs_whole(make_export):
+    import onnx
+    from onnx import helper
+
+    from hybridtrt.graphs import layer_window
+
+    ckpt, out = make_export("tiny-nemotron-h", SPLIT)
+    full = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    n = len(read_manifest(out).layers)
+    sub = layer_window.window(full, layer_window.residual_stream(full, n), n, n, [], onnx.TensorProto.FLOAT)
+    assert layer_window.head_weight(sub) is not None
+    # A softcap (logits = tanh(x)) between the MatMul and the output: not a column-wise copy of
+    # the head any more by this rule's reading, so it is not sliced.
+    last = next(node for node in sub.graph.node if "logits" in node.output)
+    last.output[0] = "pre_cap"
+    sub.graph.node.append(helper.make_node("Tanh", ["pre_cap"], ["logits"], name="/model/softcap"))
+    assert layer_window.head_weight(sub) is None
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_verification_runs_a_large_head_by_slices_and_catches_a_fault_in_it(make_export, tmp_path, monkeypatch, dtype):
+    from hybridtrt.exporter import verify
+
+    ckpt, out = make_export("tiny-nemotron-h", ExportOptions(dtype=dtype, split=False, verify=False))
+    head = external_index(out / "model.onnx")["model.lm_head.weight_t"][2]
+    monkeypatch.setattr(verify, "HEAD_SLICE_MIN_BYTES", head // 4 + 1)  # four slices
+    model, truth = load_model(ckpt, dtype, lazy=True), load_model(ckpt, lazy=True)
+    kw = {"truth": truth, "mode": "layers", "parameter_bytes": 1}
+    record = verify_export(out, model, read_manifest(out), **kw)
+    graph = record["graphs"]["model.onnx"]
+    assert graph["head_slices"] == 4
+    monkeypatch.setattr(verify, "HEAD_SLICE_MIN_BYTES", 16 << 20)  # the tiny head whole
+    whole = verify_export(out, model, read_manifest(out), **kw)["graphs"]["model.onnx"]
+    assert "head_slices" not in whole and graph["worst"] == whole["worst"]
+    # The head weight 1.5× off: the sliced head's logits fail the gate.
+    monkeypatch.setattr(verify, "HEAD_SLICE_MIN_BYTES", head // 4 + 1)
+    bad = _plant_fault(out, tmp_path, "model.lm_head.weight_t", 1.5, np.float32 if dtype == "fp32" else np.float16)
+    with pytest.raises(ExportError, match=r"model.onnx head disagrees .*logits"):
+        verify_export(bad, model, read_manifest(bad), **kw)
