@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,25 @@ def _nano_9b_v2() -> dict:
 
 
 _NANO_9B_PATTERN = _nano_9b_v2()["hybrid_override_pattern"]
+
+
+def _moe_30b_layers() -> dict:
+    """Seven decoder layers (3 MoE, 3 Mamba-2, 1 attention) of Nemotron-3-Nano-30B-A3B's size:
+    hidden 2688, 128 routed experts of 1856 (top-6) and a shared expert of 3712, 64 Mamba heads of
+    64 with d_state 128 and 8 groups, 32 attention heads (2 KV heads of 128), vocab 131072; the
+    ``tiny-nemotron3-moe`` preset's routing fields. 4.74 B parameters; each layer's stacked expert
+    tensor (1.28 GB in bf16) is 13 % of them."""
+    from hybridtrt.models.presets import preset_config
+
+    return preset_config(
+        "tiny-nemotron3-moe",
+        layers_block_type=["mamba", "moe", "mamba", "attention", "moe", "mamba", "moe"],
+        hidden_size=2688, n_routed_experts=128, num_experts_per_tok=6, moe_intermediate_size=1856,
+        moe_shared_expert_intermediate_size=3712, mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128,
+        n_groups=8, num_attention_heads=32, num_key_value_heads=2, head_dim=128, vocab_size=131072,
+    )
+
+
 #: name -> (HF config.json, checkpoint dtype, [(export dtype, verify), ...]).
 SIZES: dict[str, tuple[dict, str, list[tuple[str, bool]]]] = {
     "small": (_nemotron(), "fp32", [("fp32", True)]),  # the small-nemotron-h preset
@@ -65,7 +85,12 @@ SIZES: dict[str, tuple[dict, str, list[tuple[str, bool]]]] = {
     ),
     # bf16 is verified on ONNX Runtime CPU through the bf16 emulation, by layer windows.
     "nano-9b-v2": (_nano_9b_v2(), "bf16", [("bf16", True)]),
+    # Experts written one tensor per expert, as HF's save_pretrained and the hub have them.
+    "moe-30b-layers": (_moe_30b_layers(), "bf16", [("bf16", True)]),
 }
+#: The sizes run by default (``moe-30b-layers`` on request: the MoE path is not yet bounded).
+DEFAULT_SIZES = ["small", "1b", "5b", "nano-9b-v2"]
+_EXPERTS = re.compile(r"^(.*\.experts)\.(up_proj|down_proj)$")
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 _CHILD = r"""
@@ -91,13 +116,28 @@ print(json.dumps({{"wall_s": time.perf_counter() - t, "maxrss_kib": hwm}}))
 """
 
 
+def _model_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The reference's parameter shapes (routed experts stacked ``[E, out, in]``)."""
+    from hybridtrt.models.config import config_from_dict
+    from hybridtrt.models.loading import expected_parameters
+
+    return dict(expected_parameters(config_from_dict(config)))
+
+
 def parameter_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor names and shapes of a Nemotron-H config (from the reference's own modules,
-    built on the meta device one block per kind)."""
-    from hybridtrt.models.config import config_from_dict
-    from hybridtrt.models.loading import expected_parameters, to_checkpoint_name
+    built on the meta device one block per kind); routed experts one tensor per expert."""
+    from hybridtrt.models.loading import to_checkpoint_name
 
-    return {to_checkpoint_name(k, "backbone."): v for k, v in expected_parameters(config_from_dict(config)).items()}
+    shapes = {}
+    for name, shape in _model_shapes(config).items():
+        name = to_checkpoint_name(name, "backbone.")
+        m = _EXPERTS.match(name)
+        if m:  # one tensor per expert: experts.{e}.up_proj.weight [I, D]
+            shapes.update({f"{m.group(1)}.{e}.{m.group(2)}.weight": tuple(shape[1:]) for e in range(shape[0])})
+        else:
+            shapes[name] = tuple(shape)
+    return shapes
 
 
 def write_checkpoint(config: dict, dtype: str, out: Path, *, shard_bytes: int = 2 << 30, seed: int = 0) -> tuple[int, float]:
@@ -155,7 +195,7 @@ def child(mode: str, ckpt: Path, out: Path, dtype: str, verify: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, choices=list(SIZES))
     parser.add_argument("--export-dtype", choices=["fp32", "fp16", "bf16"], default=None, help="override every size's export dtype")
     parser.add_argument("--no-verify", action="store_true", help="skip verification for every size")
     parser.add_argument("--eager-up-to", type=float, default=2e9, help="also run the weight-loaded path up to this many parameter bytes")
@@ -172,7 +212,7 @@ def main() -> None:
             config, ckpt_dtype, exports = SIZES[name]
             ckpt, out = work / f"{name}-ckpt", work / f"{name}-export"
             n_params, t_write = write_checkpoint(config, ckpt_dtype, ckpt)
-            largest = max(math.prod(s) for s in parameter_shapes(config).values()) / n_params
+            largest = max(math.prod(s) for s in _model_shapes(config).values()) / n_params  # experts stacked, as exported
             print(f"{name}: {n_params / 1e9:.2f} B parameters, checkpoint ({ckpt_dtype}) written in {t_write:.0f} s", flush=True)
             if args.export_dtype:
                 exports = [(args.export_dtype, True)]  # bf16 is verified too (ORT bf16 emulation)

@@ -52,17 +52,18 @@ def moe_node_name(module_name: str) -> str:
     return scope_path(module_name, wrapper_prefix="") + "/" + MOE_EXPERTS
 
 
-def expert_amax(x: Tensor, topk_indices: Tensor, up_proj: Tensor) -> ExpertAmax:
-    """`ExpertAmax` of one call of the routed experts (``x [T, D]``, ``topk_indices [T, K]``,
-    ``up_proj [E, I, D]``), computed as the experts compute (model dtype, grouped by expert)."""
-    num_experts = up_proj.shape[0]
+def expert_amax(x: Tensor, topk_indices: Tensor, experts: Experts) -> ExpertAmax:
+    """`ExpertAmax` of one call of the routed experts ``experts`` (``x [T, D]``, ``topk_indices
+    [T, K]``), computed as the experts compute (model dtype, grouped by expert; a lazy model's
+    experts are read one at a time)."""
+    num_experts = experts.num_experts
     order, groups = group_by_expert(topk_indices, num_experts)
     xs = x[order // topk_indices.shape[1]]
     tokens, up, down = [0] * num_experts, [0.0] * num_experts, [0.0] * num_experts
     for expert, rows in groups:
         tokens[expert] = rows.stop - rows.start
         up[expert] = float(xs[rows].abs().max().float())
-        down[expert] = float(relu2(xs[rows] @ up_proj[expert].t()).max().float())
+        down[expert] = float(relu2(xs[rows] @ experts.weights_of(expert)[0].t()).max().float())
     return ExpertAmax(tokens, up, down)
 
 
@@ -122,7 +123,7 @@ def calibrate(
 
     def experts_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         keep = real.mask  # left padding is not a token an expert "saw"
-        stats = expert_amax(args[0].detach()[keep], args[1][keep], module.up_proj)
+        stats = expert_amax(args[0].detach()[keep], args[1][keep], module)
         key = experts[module]
         amax[key] = amax[key].merge(stats) if key in amax else stats
 

@@ -421,10 +421,12 @@ class Checkpoint:
 
     def read_rows(self, name: str, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of parameter ``name`` in the model dtype, checked for NaN/Inf: the
-        values `read` gives for those rows, without reading the rest (not for stacked experts)."""
+        values `read` gives for those rows, without reading the rest (experts ``start:stop`` of a
+        stack of per-expert tensors)."""
         source = self.parameters[name]
         if source.parts:
-            raise ValueError(f"{name} is stacked from per-expert tensors: read it whole")
+            parts = source.parts[start:stop]
+            return torch.stack([_converted(self.index.read(q), source.dtype, q) for q in parts])
         return _converted(self.index.read_rows(source.tensor, start, stop), source.dtype, f"{source.tensor} (rows {start}:{stop})")
 
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from hybridtrt.models.config import HybridConfig, MoeConfig
 from hybridtrt.models.layers import MLP
-from hybridtrt.ops.moe import moe_experts, moe_experts_ref
+from hybridtrt.ops.moe import ExpertWeights, moe_experts, moe_experts_grouped, moe_experts_ref
 
 __all__ = ["FP32_PARAMETERS", "Experts", "MoE", "TopkRouter", "moe_forward_ref", "route", "route_ref", "unstack_experts"]
 
@@ -105,13 +105,27 @@ class TopkRouter(nn.Module):
 class Experts(nn.Module):
     """The routed experts, stacked: ``up_proj [E, I, D]``, ``down_proj [E, D, I]`` (HF's layout)."""
 
+    #: Set by `hybridtrt.models.lazy`: one expert's weights, read when asked (the stacks are then
+    #: never read whole by the forward pass).
+    expert_weights: ExpertWeights | None = None
+
     def __init__(self, num_experts: int, intermediate_size: int, dim: int) -> None:
         super().__init__()
+        self.num_experts = num_experts
         self.up_proj = nn.Parameter(torch.zeros(num_experts, intermediate_size, dim))
         self.down_proj = nn.Parameter(torch.zeros(num_experts, dim, intermediate_size))
 
+    def weights_of(self, expert: int) -> tuple[Tensor, Tensor]:
+        """``(up [I, D], down [D, I])`` of one expert."""
+        if self.expert_weights is not None:
+            return self.expert_weights(expert)
+        return self.up_proj[expert], self.down_proj[expert]
+
     def forward(self, x: Tensor, topk_indices: Tensor, topk_weights: Tensor) -> Tensor:
-        """``x [N, D]``, ``topk_indices [N, K]``, ``topk_weights [N, K]`` -> ``[N, D]`` (custom op)."""
+        """``x [N, D]``, ``topk_indices [N, K]``, ``topk_weights [N, K]`` -> ``[N, D]`` (custom op;
+        expert by expert when the weights are lazy)."""
+        if self.expert_weights is not None:
+            return moe_experts_grouped(x, topk_indices, topk_weights, self.num_experts, self.expert_weights)
         return moe_experts(x, topk_indices, topk_weights, self.up_proj, self.down_proj)
 
 

@@ -29,10 +29,12 @@ Index constants `kIN_*` / `kOUT_*` mirror the (future) plugin header.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-__all__ = ["group_by_expert", "moe_experts", "moe_experts_eager", "moe_experts_ref", "relu2"]
+__all__ = ["ExpertWeights", "group_by_expert", "moe_experts", "moe_experts_eager", "moe_experts_grouped", "moe_experts_ref", "relu2"]
 
 kIN_X, kIN_TOPK_INDICES, kIN_TOPK_WEIGHTS, kIN_UP_PROJ, kIN_DOWN_PROJ = range(5)
 kOUT_Y = 0
@@ -56,14 +58,26 @@ def moe_experts_eager(x: Tensor, topk_indices: Tensor, topk_weights: Tensor, up_
     Returns:
         ``y [T, D]`` in x's dtype. Work is proportional to ``T * K`` (experts nobody chose never run).
     """
-    order, groups = group_by_expert(topk_indices, up_proj.shape[0])
+    return moe_experts_grouped(x, topk_indices, topk_weights, up_proj.shape[0], lambda e: (up_proj[e], down_proj[e]))
+
+
+#: ``expert -> (up [I, D], down [D, I])``: one expert's weights.
+ExpertWeights = Callable[[int], tuple[Tensor, Tensor]]
+
+
+def moe_experts_grouped(x: Tensor, topk_indices: Tensor, topk_weights: Tensor, num_experts: int, weights: ExpertWeights) -> Tensor:
+    """`moe_experts_eager` with each chosen expert's weights from ``weights(expert)``, asked once
+    per expert some token chose (a lazy reference reads one expert at a time this way)."""
+    order, groups = group_by_expert(topk_indices, num_experts)
     token_of = order // topk_indices.shape[1]
     xs = x[token_of]
-    out = torch.empty(xs.shape[0], down_proj.shape[1], dtype=x.dtype, device=x.device)
+    out = torch.empty(xs.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
     for expert, rows in groups:
-        out[rows] = relu2(xs[rows] @ up_proj[expert].t()) @ down_proj[expert].t()
+        up, down = weights(expert)
+        out[rows] = relu2(xs[rows] @ up.t()) @ down.t()
+        del up, down
     weighted = out.float() * topk_weights.reshape(-1)[order].float()[:, None]
-    y = torch.zeros(x.shape[0], down_proj.shape[1], dtype=torch.float32, device=x.device)
+    y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     return y.index_add_(0, token_of, weighted).to(x.dtype)
 
 

@@ -117,3 +117,36 @@ def test_embedding_and_head_are_read_by_rows_never_whole(make_checkpoint, monkey
     head = [(a, b) for n, a, b in reads[4:]]
     vocab = eager.config.vocab_size
     assert head[0] == (0, 7) and head[-1][1] == vocab and len(head) == -(-vocab // 7)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_routed_experts_are_read_one_expert_at_a_time(tmp_path, monkeypatch, dtype):
+    """A Nemotron-3 checkpoint as HF's save_pretrained writes it (per-expert tensors): the lazy
+    model reads each chosen expert alone (a layer's stacks of Nano-30B's size are 5.1 GB in fp32),
+    never a stack, and computes the eager model's logits and states bit for bit."""
+    from tests.models.moe_hf import save_hf_moe
+
+    ckpt = save_hf_moe(tmp_path / "moe")
+    eager, lazy = load_model(ckpt, dtype), load_model(ckpt, dtype, lazy=True)
+    checkpoint = lazy.weights.checkpoint
+    stacks: list[str] = []
+    experts: list[tuple[str, int, int]] = []
+    real_read, real_rows = checkpoint.read, checkpoint.read_rows
+    monkeypatch.setattr(checkpoint, "read", lambda name: stacks.append(name) or real_read(name))
+    monkeypatch.setattr(checkpoint, "read_rows", lambda name, a, b: experts.append((name, a, b)) or real_rows(name, a, b))
+    ids, mask = left_padded_batch([9, 5], eager.config.vocab_size, seed=4)
+    with torch.no_grad():
+        a, b = eager(ids, mask), lazy(ids, mask)
+    assert torch.equal(a.logits, b.logits)
+    for name, t in a.cache.named_states().items():
+        assert torch.equal(t, b.cache.named_states()[name]), name
+    assert not [n for n in stacks if ".experts." in n], "an expert stack was read whole"
+    from hybridtrt.models.moe import Experts
+
+    stacked = {name: m.num_experts for name, m in eager.named_modules() if isinstance(m, Experts)}
+    assert len(stacked) == 3  # MEMEM*E
+    for name, num_experts in stacked.items():
+        up = [(s, e) for n, s, e in experts if n == f"{name}.up_proj"]
+        down = [(s, e) for n, s, e in experts if n == f"{name}.down_proj"]
+        assert up == down and all(e == s + 1 for s, e in up), "one expert per read"
+        assert 0 < len(up) == len(set(up)) <= num_experts  # each chosen expert once per pass
