@@ -326,8 +326,8 @@ def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, t
     except layer_window.WindowError as e:
         raise ExportError(f"{file}: cannot verify by layer windows ({e.message})", fix="verify the whole graph with --verify full, or skip with --no-verify") from None
     member_bytes = _layer_bytes(full, num_layers)
-    budget = max(int(parameter_bytes * WINDOW_FRACTION), 1)
-    windows = window_plan(member_bytes, budget)
+    windows = window_plan(member_bytes, max(int(parameter_bytes * WINDOW_FRACTION), 1))
+    slice_bytes = temporary_bytes(parameter_bytes)  # a larger head runs by vocabulary slices
     out: dict[str, Any] = {"windows": [list(w) for w in windows]}
     hidden_type = _ONNX_TYPES[inputs_hidden[0].dtype]
     worst: dict[str, Any] = {}
@@ -348,8 +348,8 @@ def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, t
                 window_feeds[layer_window.HIDDEN_IN] = inputs_hidden[first - 1]
             tag = f".verify-{Path(file).stem}-{first}-{last}"
             head = layer_window.head_weight(sub) if first == num_layers else None
-            if head is not None and tensor_nbytes(head) > temporary_bytes(parameter_bytes):
-                got, slices = _run_head_by_slices(export_dir, tag, sub, head, temporary_bytes(parameter_bytes), window_feeds, record)
+            if head is not None and tensor_nbytes(head) > slice_bytes:
+                got, slices = _run_head_by_slices(export_dir, tag, sub, head, slice_bytes, window_feeds, record)
                 out["head_slices"] = slices
             else:
                 got = _run(export_dir, tag, sub, window_feeds, record)

@@ -142,7 +142,7 @@ def write_external_data(
             if written != nbytes:
                 raise ValueError(f"tensor {t.name}: wrote {written} bytes, its dims and type say {nbytes}")
             t.ClearField("raw_data")
-            _point_at(t, data_name, offset, nbytes)
+            point_at(t, data_name, offset, nbytes)
             offset += nbytes
     finally:
         if out is not None:
@@ -175,7 +175,8 @@ def _same_bytes(a: Path, a_off: int, b: Path, b_off: int, length: int) -> bool:
     return True
 
 
-def _point_at(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+def point_at(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make ``t`` an external tensor at ``length`` bytes from ``offset`` of ``location``."""
     t.ClearField("raw_data")
     t.data_location = onnx.TensorProto.EXTERNAL
     del t.external_data[:]
@@ -222,7 +223,7 @@ def share_external_data(model_path: str | Path, reference_path: str | Path, size
         location, offset, length = external_info(t)
         ref = index.get(t.name)
         if ref and ref[2] == length and _same_bytes(root / location, offset, root / ref[0], ref[1], length):
-            _point_at(t, *ref)
+            point_at(t, *ref)
             shared += length
             continue
         kept.add(location)
@@ -289,6 +290,6 @@ def share_before_write(
         ref = index.get(t.name)
         if ref and ref[2] == n and same(t, reference_path.parent / ref[0], ref[1], ref[2]):
             t.ClearField("raw_data")
-            _point_at(t, *ref)
+            point_at(t, *ref)
             shared += n
     return shared

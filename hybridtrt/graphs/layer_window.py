@@ -40,6 +40,7 @@ import onnx
 from onnx import helper
 
 from hybridtrt.errors import ExportError
+from hybridtrt.graphs.external_data import point_at, tensor_nbytes
 
 HIDDEN_IN, HIDDEN_OUT = "hidden_in", "hidden_out"
 _LAYER_SCOPE = re.compile(r"^/model/layers\.(\d+)/")
@@ -258,13 +259,8 @@ def vocab_slice(model: onnx.ModelProto, weight: str, start: int, stop: int, loca
     out.CopyFrom(model)
     g = out.graph
     t = next(t for t in g.initializer if t.name == weight)
-    rows = t.dims[0]
     t.dims[1] = stop - start
-    nbytes = rows * (stop - start) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    del t.external_data[:]
-    for key, value in (("location", location), ("offset", "0"), ("length", str(nbytes))):
-        entry = t.external_data.add()
-        entry.key, entry.value = key, value
+    point_at(t, location, 0, tensor_nbytes(t))
     output = next(v for v in g.output if v.name == logits)
     output.type.tensor_type.shape.dim[-1].Clear()
     output.type.tensor_type.shape.dim[-1].dim_value = stop - start

@@ -34,8 +34,7 @@ from torch.nn.utils import parametrize
 
 from hybridtrt.models.cache import HybridCache
 from hybridtrt.models.loading import Checkpoint
-from hybridtrt.models.layers import wide
-from hybridtrt.models.model import HybridLM
+from hybridtrt.models.model import HybridLM, head_projection
 from hybridtrt.models.moe import Experts
 
 T = TypeVar("T")
@@ -46,11 +45,13 @@ ROW_READ = ("embeddings.weight", "lm_head.weight")
 _EXPERT_STACK = re.compile(r"\.experts\.(up_proj|down_proj)$")
 
 
+#: Bytes of LM-head rows (in the model dtype) applied at a time.
+HEAD_BLOCK_BYTES = 64 << 20
+
+
 def _by_rows(name: str) -> bool:
     """Is ``name`` read by rows (embedding, LM head) or by experts, never as part of its group?"""
     return name in ROW_READ or _EXPERT_STACK.search(name) is not None
-#: Bytes of LM-head rows (in the model dtype) applied at a time.
-HEAD_BLOCK_BYTES = 64 << 20
 
 
 def group_of(name: str) -> str:
@@ -261,7 +262,7 @@ class LazyHybridLM(HybridLM):
         parts = []
         for start in range(0, vocab, block):
             w = self.weights.rows(name, start, min(start + block, vocab))
-            parts.append(wide(torch.matmul(h.to(w.dtype), w.t())))
+            parts.append(head_projection(h, w))
             del w
         return torch.cat(parts, dim=-1)
 

@@ -51,6 +51,13 @@ class CausalLMOutput:
     hidden_states: list[Tensor] = field(default_factory=list)
 
 
+def head_projection(h: Tensor, weight: Tensor) -> Tensor:
+    """``[..., hidden]`` (after ``norm_f``) times the LM head's ``weight [vocab, hidden]`` (or a block
+    of its rows) -> logits (`wide`)."""
+    # With residual_in_fp32 (every real Mamba-2) h is fp32 here; HF casts it to the head's dtype.
+    return wide(torch.matmul(h.to(weight.dtype), weight.t()))
+
+
 class HybridLM(nn.Module):
     """Nemotron-H / Mamba-2 causal LM whose Mamba layers call the ``hybridtrt::`` custom ops."""
 
@@ -80,9 +87,7 @@ class HybridLM(nn.Module):
 
     def head_logits(self, h: Tensor) -> Tensor:
         """The LM head: ``[..., hidden]`` (after ``norm_f``) -> ``[..., vocab]`` logits (`wide`)."""
-        head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
-        # With residual_in_fp32 (every real Mamba-2) h is fp32 here; HF casts it to the head's dtype.
-        return wide(torch.matmul(h.to(head.dtype), head.t()))
+        return head_projection(h, self.embeddings.weight if self.lm_head is None else self.lm_head.weight)
 
     def forward(
         self,
