@@ -154,7 +154,12 @@ def run(args: argparse.Namespace) -> int:
         rows.append(["verification", f"skipped: {escape(str(v.get('reason')))}"])
     elif result.verification:
         def count(g: dict) -> str:
-            return f"{len(g.get('windows', []))}" + (f", head in {g['head_slices']} vocabulary slices" if g.get("head_slices") else "")
+            ranges = g.get("expert_ranges") or {}
+            return (
+                f"{len(g.get('windows', []))}"
+                + (f", head in {g['head_slices']} vocabulary slices" if g.get("head_slices") else "")
+                + (f", experts of {len(ranges)} layers by ranges ({'' if len(set(ranges.values())) == 1 else 'up to '}{max(ranges.values())} each)" if ranges else "")
+            )
 
         windows = {f: count(g) for f, g in v.get("graphs", {}).items()}
         how = "whole graph" if v.get("method") == "full-graph" else "by decoder-layer windows (" + "; ".join(f"{f}: {n}" for f, n in windows.items()) + ")"

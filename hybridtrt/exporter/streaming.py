@@ -67,7 +67,7 @@ FOLD_LIMIT: int = inspect.signature(onnxscript.optimizer.optimize_ir).parameters
 #: as the optimizer's rewrite rules inspect some of them whatever their size.
 REAL_MAX_DIMS = 1
 #: Bytes converted at a time when a parameter is written (bounds the temporary copies).
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20
 #: Initializer names of parameters carry the wrapper's prefix (`GraphModule.model`).
 _PARAM_PREFIX = "model."
 _FOLDED_FROM = onnxscript.optimizer.FOLDED_FROM_KEY

@@ -19,9 +19,11 @@ Two methods, with the same inputs and gates (the one used is recorded in ``hybri
   hidden state at the window's start; every layer, the embedding and the head are covered, and
   one window's weights (about 1/32 of the model, at least one layer) are resident at a time. A head
   whose weight is larger than a window runs by vocabulary slices of a window's bytes (one session
-  per slice, the logits concatenated: the same numbers as the whole head). The references are
-  usually lazy (`hybridtrt.models.lazy`), one layer resident at a time, so memory stays bounded on
-  both sides.
+  per slice, the logits concatenated: the same numbers as the whole head), and a routed-experts
+  node whose weights are larger than a window by ranges of experts (one session per range on the
+  tokens that chose its experts, their outputs added per token in fp32 and rounded once, as the
+  node does). The references are usually lazy (`hybridtrt.models.lazy`), one layer resident at
+  a time, so memory stays bounded on both sides.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
 import torch
@@ -53,10 +56,13 @@ VERIFY_MODES = ("auto", "full", "layers")
 FULL_GRAPH_MAX_BYTES = 256 << 20
 #: A window holds about this fraction of the parameter bytes (at least one layer, or the head).
 WINDOW_FRACTION = 1 / 32
-#: A head whose weight is larger than a window (and than this) runs by vocabulary slices of at most
-#: a window's bytes (`hybridtrt.graphs.layer_window.vocab_slice`); smaller heads run whole.
-HEAD_SLICE_MIN_BYTES = 16 << 20
+#: A head weight, or a routed-experts node's weights, larger than a window (and than this) runs by
+#: slices of at most a window's bytes: vocabulary slices of the head
+#: (`hybridtrt.graphs.layer_window.vocab_slice`), expert ranges of the experts
+#: (`~hybridtrt.graphs.layer_window.expert_range`); smaller ones run whole.
+SLICE_MIN_BYTES = 16 << 20
 _ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16, torch.bfloat16: onnx.TensorProto.BFLOAT16}
+_NUMPY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.BFLOAT16: ml_dtypes.bfloat16}
 
 #: ``progress(label, total, unit) -> context manager yielding advance(n)``.
 Progress = Callable[[str, int, str], contextlib.AbstractContextManager[Callable[[int], None]]]
@@ -81,7 +87,7 @@ def _reference(fn: Callable[[], Any], dtype: str) -> Any:
 
 def temporary_bytes(parameter_bytes: int) -> int:
     """The most disk space verification uses beside the export at a time (a head slice's weight)."""
-    return max(int(parameter_bytes * WINDOW_FRACTION), HEAD_SLICE_MIN_BYTES)
+    return max(int(parameter_bytes * WINDOW_FRACTION), SLICE_MIN_BYTES)
 
 
 def window_plan(layer_bytes: list[int], budget: int) -> list[tuple[int, int]]:
@@ -227,7 +233,8 @@ def verify_export(
         The record for ``hybridtrt.json``: ``{"method": "full-graph" | "layer-windows", "truth",
         "yardstick", "executor", "gate", "worst", "graphs": {file: {"worst": {"output", "rel_l2",
         "bound", "yardstick_rel_l2"}, "windows": [[first, last], ...], "head_slices": n (when the
-        head ran by vocabulary slices)}}}``.
+        head ran by vocabulary slices), "expert_ranges": {node: n} (routed-experts nodes that ran
+        by expert ranges)}}}``.
 
     Raises:
         ExportError: A graph disagrees with the truth beyond the gate, or a reference cannot run here.
@@ -352,7 +359,9 @@ def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, t
                 got, slices = _run_head_by_slices(export_dir, tag, sub, head, slice_bytes, window_feeds, record)
                 out["head_slices"] = slices
             else:
-                got = _run(export_dir, tag, sub, window_feeds, record)
+                got, ranges = _run_window(export_dir, tag, sub, window_feeds, slice_bytes, record)
+                if ranges:
+                    out.setdefault("expert_ranges", {}).update(ranges)
             label = _label(first, last, num_layers)
             w = judge.check(f"{file} {label}", got, wanted(truth, first, last, mine), wanted(yard, first, last, mine))
             score = w.get("rel_l2", 0.0) / (w.get("bound") or 1.0)
@@ -380,6 +389,68 @@ def _run(export_dir: Path, tag: str, sub: onnx.ModelProto, feeds: dict[str, Any]
         return session.run(feeds)
     finally:
         path.unlink(missing_ok=True)
+
+
+def _run_window(export_dir: Path, tag: str, sub: onnx.ModelProto, feeds: dict[str, Any], max_bytes: int, record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Run the window ``sub``; a routed-experts node whose per-expert weights are larger than
+    ``max_bytes`` runs by expert ranges of at most that (`hybridtrt.graphs.layer_window.expert_range`):
+    the graph before it, one session per range on the (token, k) pairs that chose an expert of the
+    range, then the rest with the node's output as an input. Returns the outputs and ``{node
+    name: ranges}`` of the nodes that ran by ranges."""
+    split = [n for n in layer_window.expert_nodes(sub) if layer_window.expert_bytes(sub, n)[1] > max_bytes]
+    if not split:
+        return _run(export_dir, tag, sub, feeds, record), {}
+    from hybridtrt.graphs.bf16_emulation import value_types
+
+    types = value_types(sub)
+    feeds = dict(feeds)
+    ranges: dict[str, int] = {}
+    for k, node in enumerate(split):
+        before = layer_window.before_experts(sub, node, types, cuts=[n.output[0] for n in split[:k]])
+        x, experts, weights = (_run(export_dir, f"{tag}-experts-{k}", before, feeds, record)[v] for v in node.input[:3])
+        y, ranges[node.name] = _run_by_expert_ranges(export_dir, f"{tag}-experts-{k}", sub, node, types, x, experts, weights, max_bytes, record)
+        feeds[node.output[0]] = y.astype(_NUMPY_TYPES[types[node.output[0]]])  # rounded once, as the node does
+    return _run(export_dir, tag, layer_window.after_experts(sub, split, types), feeds, record), ranges
+
+
+def _run_by_expert_ranges(export_dir, tag, sub, node, types, x, experts, weights, max_bytes, record) -> tuple[np.ndarray, int]:
+    """``node``'s output in fp32 from one session per range of experts (`_run_window`); each pair
+    ``(t, k)`` runs in the range of its expert and the pairs are added per token in fp32, as the
+    node's body does (`_sum_over_k`)."""
+    count_experts, nbytes = layer_window.expert_bytes(sub, node)
+    count = min(math.ceil(nbytes / max_bytes), count_experts)
+    bounds = [count_experts * r // count for r in range(count + 1)]
+    pairs = np.zeros((*experts.shape, x.shape[-1]), np.float32)  # [T, K, D]
+    for start, stop in zip(bounds, bounds[1:]):
+        tokens, ks = np.nonzero((experts >= start) & (experts < stop))
+        if not len(tokens):
+            continue
+        feeds = {
+            layer_window.PAIR_X: x[tokens],
+            layer_window.PAIR_EXPERT: (experts[tokens, ks] - start).astype(np.int64)[:, None],
+            layer_window.PAIR_WEIGHT: weights[tokens, ks].astype(np.float32)[:, None],
+        }
+        got = _run(export_dir, f"{tag}-{start}", layer_window.expert_range(sub, node, start, stop, types), feeds, record)
+        pairs[tokens, ks] = got[layer_window.PAIR_Y]
+    return _sum_over_k(pairs), count
+
+
+def _sum_over_k(pairs: np.ndarray) -> np.ndarray:
+    """``pairs [T, K, D]`` summed over ``k`` by ONNX Runtime's ``ReduceSum``, the kernel the node's
+    body sums with: the same order of additions, so the same fp32 sums bit for bit."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["pairs", "axes"], ["y"], keepdims=0)],
+        "sum over k",
+        [layer_window.typed("pairs", onnx.TensorProto.FLOAT)],
+        [layer_window.typed("y", onnx.TensorProto.FLOAT)],
+        [helper.make_tensor("axes", onnx.TensorProto.INT64, [1], [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"pairs": pairs})[0]
 
 
 def _run_head_by_slices(export_dir, tag, sub, weight, max_bytes, feeds, record) -> tuple[dict[str, Any], int]:

@@ -64,7 +64,7 @@ def _header_only(t: TensorProto) -> TensorProto:
     return out
 
 
-def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+def value_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every value of the main graph (after ONNX type inference, on the graph
     without its weights: inference would otherwise serialize them all)."""
     from hybridtrt.ops.onnx_schema import register_schemas
@@ -112,7 +112,7 @@ def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    types = _value_types(model)
+    types = value_types(model)
     bf16_values = {name for name, elem in types.items() if elem == BF16}
     if not bf16_values:
         return out
@@ -187,4 +187,4 @@ def graph_has_bf16(model: onnx.ModelProto) -> bool:
     return any(v.type.tensor_type.elem_type == bf16 for v in (*g.input, *g.output)) or any(t.data_type == bf16 for t in g.initializer)
 
 
-__all__ = ["emulate_bf16", "graph_has_bf16", "round_to_bf16"]
+__all__ = ["emulate_bf16", "graph_has_bf16", "round_to_bf16", "value_types"]

@@ -29,6 +29,16 @@ The pattern is strict — an external ``[hidden, vocab]`` initializer read as th
 a ``MatMul`` whose result reaches ``logits`` through ``Cast``/``Identity`` nodes only — so each
 slice computes exactly the columns ``logits[..., start:stop]`` of the whole head; any other head
 (an FP8 Q/DQ head, a softcap) is run whole.
+
+**Expert ranges** of a routed-experts node (`expert_nodes`, `before_experts`, `expert_range`,
+`after_experts`): an MoE layer's expert stacks are the largest weights of the model (Nemotron-3
+Nano 30B: 2 × 1.28 GB per layer in bf16). The layer runs in three parts: the graph up to the node's
+inputs ``x, topk_indices, topk_weights``; the node on the (token, k) pairs that chose experts
+``start..stop-1``, one range at a time, with rows ``start:stop`` of every per-expert weight (a byte
+range of the external file: nothing is copied) and its sum over ``k`` left in fp32 (the node's
+function with its final ``CastLike`` made an ``Identity``, domain `PAIRS_DOMAIN`); and the rest of
+the graph with the node's output ``y`` as an input. The caller adds the pairs' outputs per token
+and rounds once to ``y``'s dtype, as the node does.
 """
 
 from __future__ import annotations
@@ -37,10 +47,10 @@ import re
 from collections.abc import Iterable
 
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from hybridtrt.errors import ExportError
-from hybridtrt.graphs.external_data import point_at, tensor_nbytes
+from hybridtrt.graphs.external_data import external_info, point_at, tensor_nbytes
 
 HIDDEN_IN, HIDDEN_OUT = "hidden_in", "hidden_out"
 _LAYER_SCOPE = re.compile(r"^/model/layers\.(\d+)/")
@@ -90,20 +100,33 @@ def residual_stream(model: onnx.ModelProto, num_layers: int) -> list[str]:
     return stream
 
 
-def _value_info(name: str, elem_type: int) -> onnx.ValueInfoProto:
-    """A hidden state ``[batch, seq, hidden]`` (symbolic dims)."""
-    return helper.make_tensor_value_info(name, elem_type, ["batch", "seq", "hidden"])
+#: The spec of an intermediate value that becomes a window's input or output: its elem type (a
+#: hidden state ``[batch, seq, hidden]``), or its ValueInfo as it is.
+ValueSpec = int | onnx.ValueInfoProto
 
 
-def extract(model: onnx.ModelProto, cuts: dict[str, int], outputs: dict[str, str | int]) -> onnx.ModelProto:
+def _value_info(name: str, spec: ValueSpec) -> onnx.ValueInfoProto:
+    if isinstance(spec, onnx.ValueInfoProto):
+        out = onnx.ValueInfoProto()
+        out.CopyFrom(spec)
+        out.name = name
+        return out
+    return helper.make_tensor_value_info(name, spec, ["batch", "seq", "hidden"])
+
+
+def typed(name: str, elem_type: int) -> onnx.ValueInfoProto:
+    """A ValueInfo of ``elem_type`` and unknown shape."""
+    return helper.make_tensor_value_info(name, elem_type, None)
+
+
+def extract(model: onnx.ModelProto, cuts: dict[str, ValueSpec], outputs: dict[str, str | ValueSpec]) -> onnx.ModelProto:
     """A model computing ``outputs`` with the nodes of ``model``, cut at ``cuts``.
 
     Args:
         model: The full graph (external data not loaded).
-        cuts: Intermediate hidden states ``[batch, seq, hidden]`` that become inputs: ``{value:
-            elem type}``.
-        outputs: ``{value: value}`` for a graph output (keeps its ValueInfo), or ``{value: elem
-            type}`` for an intermediate hidden state.
+        cuts: Intermediate values that become inputs: ``{value: spec}`` (`ValueSpec`).
+        outputs: ``{value: value}`` for a graph output (keeps its ValueInfo), or ``{value: spec}``
+            for an intermediate value.
 
     Returns:
         The sub-model: nodes of the backward closure of ``outputs`` (graph order), the graph inputs
@@ -268,4 +291,122 @@ def vocab_slice(model: onnx.ModelProto, weight: str, start: int, stop: int, loca
     return out
 
 
-__all__ = ["HIDDEN_IN", "HIDDEN_OUT", "WindowError", "extract", "head_weight", "residual_stream", "vocab_slice", "window"]
+#: Routed-experts ops (`hybridtrt.ops.moe_onnx`): inputs 0–2 are ``x [T, D]``, ``topk_indices
+#: [T, K]``, ``topk_weights [T, K]``; every later input is per expert, ``[E, …]``.
+EXPERT_OPS = ("MoeExperts", "MoeExpertsFp8")
+#: Domain of the pairs function `expert_range` runs (verification only, never in an export).
+PAIRS_DOMAIN = "hybridtrt.verify"
+#: Inputs and output of an `expert_range` model.
+PAIR_X, PAIR_EXPERT, PAIR_WEIGHT, PAIR_Y = "pair_x", "pair_expert", "pair_weight", "pair_y"
+
+
+def expert_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The routed-experts nodes of ``model`` (graph order) whose per-expert inputs are all
+    initializers with one leading expert count: the nodes `expert_range` can split."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.domain != "hybridtrt" or node.op_type not in EXPERT_OPS:
+            continue
+        weights = [initializers.get(name) for name in node.input[3:]]
+        if weights and all(t is not None and t.dims for t in weights) and len({t.dims[0] for t in weights}) == 1:
+            found.append(node)
+    return found
+
+
+def expert_bytes(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[int, int]:
+    """``(experts, bytes)``: the expert count and the bytes of all per-expert inputs of ``node``."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    weights = [initializers[name] for name in node.input[3:]]
+    return weights[0].dims[0], sum(tensor_nbytes(t) for t in weights)
+
+
+def before_experts(model: onnx.ModelProto, node: onnx.NodeProto, types: dict[str, int], cuts: Iterable[str] = ()) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``node``'s inputs ``x, topk_indices, topk_weights``.
+
+    Args:
+        model: A window.
+        node: One of its `expert_nodes`.
+        types: Elem type of every value (`hybridtrt.graphs.bf16_emulation.value_types`).
+        cuts: Outputs of earlier expert nodes, fed as inputs (they ran by ranges before this one).
+    """
+    return extract(model, {y: typed(y, types[y]) for y in cuts}, {v: typed(v, types[v]) for v in node.input[:3]})
+
+
+def after_experts(model: onnx.ModelProto, nodes: Iterable[onnx.NodeProto], types: dict[str, int]) -> onnx.ModelProto:
+    """``model`` with the outputs ``y`` of ``nodes`` as inputs: what is left once they ran by
+    ranges (the routers, used by the nodes alone, are gone)."""
+    graph_outputs = {v.name: v.name for v in model.graph.output}
+    return extract(model, {n.output[0]: typed(n.output[0], types[n.output[0]]) for n in nodes}, graph_outputs)
+
+
+def expert_range(model: onnx.ModelProto, node: onnx.NodeProto, start: int, stop: int, types: dict[str, int]) -> onnx.ModelProto:
+    """A model running ``node`` on pairs of experts ``start..stop-1`` (module docstring).
+
+    Inputs ``pair_x [P, D]`` (x's dtype: the token of each pair), ``pair_expert [P, 1]`` (int64,
+    the pair's expert minus ``start``), ``pair_weight [P, 1]`` (fp32); output ``pair_y [P, D]``
+    fp32: each pair's weighted expert output, before the rounding to x's dtype. The per-expert
+    weights are rows ``start:stop`` of ``node``'s (external ones point into the same file).
+
+    Raises:
+        WindowError: The node's function does not end with ``CastLike(sum, x)``.
+    """
+    function = next((f for f in model.functions if f.domain == node.domain and f.name == node.op_type), None)
+    if function is None:
+        raise WindowError(f"the graph has no function body for {node.domain}::{node.op_type}")
+    pairs = onnx.FunctionProto()
+    pairs.CopyFrom(function)
+    last = next((n for n in pairs.node if function.output[0] in n.output), None)
+    if last is None or last.op_type != "CastLike" or last.input[1] != function.input[0]:
+        raise WindowError(f"{node.op_type}'s body does not end with CastLike(y, x); it cannot run by expert ranges")
+    last.op_type = "Identity"
+    del last.input[1:]
+    pairs.domain = PAIRS_DOMAIN
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    weights = []
+    for name in node.input[3:]:
+        whole = initializers[name]
+        part = onnx.TensorProto()
+        part.CopyFrom(whole)
+        part.dims[0] = stop - start
+        row = tensor_nbytes(whole) // whole.dims[0]
+        if whole.data_location == onnx.TensorProto.EXTERNAL:
+            location, offset, _ = external_info(whole)
+            point_at(part, location, offset + start * row, (stop - start) * row)
+        else:
+            part.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(whole)[start:stop], name))
+        weights.append(part)
+    call = helper.make_node(node.op_type, [PAIR_X, PAIR_EXPERT, PAIR_WEIGHT, *node.input[3:]], [PAIR_Y], node.name, domain=PAIRS_DOMAIN)
+    call.attribute.extend(node.attribute)
+    graph = helper.make_graph(
+        [call],
+        f"{node.name} experts {start}..{stop - 1}",
+        [typed(PAIR_X, types[node.input[0]]), typed(PAIR_EXPERT, onnx.TensorProto.INT64), typed(PAIR_WEIGHT, onnx.TensorProto.FLOAT)],
+        [typed(PAIR_Y, onnx.TensorProto.FLOAT)],
+        initializer=weights,
+    )
+    opsets = [o for o in model.opset_import if o.domain == ""] + [helper.make_opsetid(PAIRS_DOMAIN, 1)]
+    out = helper.make_model(graph, opset_imports=opsets, functions=[pairs])
+    out.ir_version = model.ir_version
+    return out
+
+
+__all__ = [
+    "EXPERT_OPS",
+    "HIDDEN_IN",
+    "HIDDEN_OUT",
+    "PAIRS_DOMAIN",
+    "WindowError",
+    "after_experts",
+    "before_experts",
+    "expert_bytes",
+    "expert_nodes",
+    "expert_range",
+    "extract",
+    "head_weight",
+    "residual_stream",
+    "typed",
+    "vocab_slice",
+    "window",
+]

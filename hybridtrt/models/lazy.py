@@ -46,7 +46,7 @@ _EXPERT_STACK = re.compile(r"\.experts\.(up_proj|down_proj)$")
 
 
 #: Bytes of LM-head rows (in the model dtype) applied at a time.
-HEAD_BLOCK_BYTES = 64 << 20
+HEAD_BLOCK_BYTES = 16 << 20
 
 
 def _by_rows(name: str) -> bool:

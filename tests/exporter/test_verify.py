@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -50,11 +51,14 @@ def test_layer_windows_cover_every_layer_and_agree_with_the_whole_graph(exported
     assert all(len(g["windows"]) < n for g in wide["graphs"].values())
 
 
-def _plant_fault(out, tmp_path, tensor: str, factor: float = 1.5, dtype=np.float32):
-    """A copy of the export with one weight scaled by ``factor`` in weights.data."""
+def _plant_fault(out, tmp_path, tensor: str, factor: float = 1.5, dtype=np.float32, part: tuple[int, int] = (0, 1)):
+    """A copy of the export with one weight (or its part ``k`` of ``n`` equal parts along its
+    first dim: ``part=(k, n)``) scaled by ``factor`` in weights.data."""
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
     location, offset, length = external_index(bad / "model.onnx")[tensor]
+    k, n = part
+    offset, length = offset + k * length // n, length // n
     with open(bad / location, "r+b") as f:
         f.seek(offset)
         w = np.frombuffer(f.read(length), dtype=dtype) * dtype(factor)
@@ -154,17 +158,96 @@ def test_verification_runs_a_large_head_by_slices_and_catches_a_fault_in_it(make
 
     ckpt, out = make_export("tiny-nemotron-h", ExportOptions(dtype=dtype, split=False, verify=False))
     head = external_index(out / "model.onnx")["model.lm_head.weight_t"][2]
-    monkeypatch.setattr(verify, "HEAD_SLICE_MIN_BYTES", head // 4 + 1)  # four slices
+    monkeypatch.setattr(verify, "SLICE_MIN_BYTES", head // 4 + 1)  # four slices
     model, truth = load_model(ckpt, dtype, lazy=True), load_model(ckpt, lazy=True)
     kw = {"truth": truth, "mode": "layers", "parameter_bytes": 1}
     record = verify_export(out, model, read_manifest(out), **kw)
     graph = record["graphs"]["model.onnx"]
     assert graph["head_slices"] == 4
-    monkeypatch.setattr(verify, "HEAD_SLICE_MIN_BYTES", 16 << 20)  # the tiny head whole
+    monkeypatch.setattr(verify, "SLICE_MIN_BYTES", 16 << 20)  # the tiny head whole
     whole = verify_export(out, model, read_manifest(out), **kw)["graphs"]["model.onnx"]
     assert "head_slices" not in whole and graph["worst"] == whole["worst"]
     # The head weight 1.5× off: the sliced head's logits fail the gate.
-    monkeypatch.setattr(verify, "HEAD_SLICE_MIN_BYTES", head // 4 + 1)
+    monkeypatch.setattr(verify, "SLICE_MIN_BYTES", head // 4 + 1)
     bad = _plant_fault(out, tmp_path, "model.lm_head.weight_t", 1.5, np.float32 if dtype == "fp32" else np.float16)
     with pytest.raises(ExportError, match=r"model.onnx head disagrees .*logits"):
+        verify_export(bad, model, read_manifest(bad), **kw)
+
+
+MOE = "tiny-nemotron3-moe"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "fp8"])
+def test_experts_by_ranges_compute_the_whole_layer(make_export, make_checkpoint, tmp_path, dtype):
+    """An MoE layer's window run with its routed experts in ranges (3 and 16 sessions over a byte
+    range of each stack) gives the outputs of the whole window: fp32 to rounding (a range's matmuls
+    have other shapes), half types bit for bit here; the windows' files are removed."""
+    import onnx
+    import torch
+
+    from hybridtrt.exporter.export import export
+    from hybridtrt.exporter.quantize import QuantizeOptions
+    from hybridtrt.exporter.verify import _run, _run_window
+    from hybridtrt.exporter.wrapper import example_inputs
+    from hybridtrt.graphs import layer_window
+
+    if dtype == "fp8":
+        ckpt, out = make_checkpoint(MOE), tmp_path / "fp8"
+        export(ckpt, out, ExportOptions(split=False, verify=False), quantize=QuantizeOptions(calib_random=4))
+    else:
+        ckpt, out = make_export(MOE, ExportOptions(dtype=dtype, split=False, verify=False))
+    manifest = read_manifest(out)
+    full = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    n = len(manifest.layers)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+    hidden_type = {torch.bfloat16: onnx.TensorProto.BFLOAT16, torch.float16: onnx.TensorProto.FLOAT16}.get(half, onnx.TensorProto.FLOAT)
+    sub = layer_window.window(full, layer_window.residual_stream(full, n), 3, 3, [], hidden_type)
+    (node,) = layer_window.expert_nodes(sub)
+    assert node.op_type == ("MoeExpertsFp8" if dtype == "fp8" else "MoeExperts")
+    experts, nbytes = layer_window.expert_bytes(sub, node)
+    assert experts == 16
+    inputs = example_inputs(load_model(ckpt), seq=7, batch=3, past=4, seed=1)
+    feeds = {k: v.to(half) if v.is_floating_point() else v for k, v in zip([v["name"] for v in next(iter(manifest.graphs.values())).inputs], inputs)}
+    feeds[layer_window.HIDDEN_IN] = (torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(0)) * 3).to(half)
+    before = sorted(p.name for p in out.iterdir())
+    whole = _run(out, ".test-moe", sub, feeds, {})
+    for count in (3, 16):
+        got, ranges = _run_window(out, ".test-moe", sub, feeds, nbytes // count + 1, {})
+        assert ranges == {node.name: count} and sorted(got) == sorted(whole) == ["hidden_out"]
+        want = whole["hidden_out"]
+        if dtype in ("fp32", "fp8"):
+            np.testing.assert_allclose(got["hidden_out"], want, rtol=0, atol=1e-6 * np.abs(want).max())
+        else:
+            np.testing.assert_array_equal(got["hidden_out"], want)
+    assert sorted(p.name for p in out.iterdir()) == before
+    # The rest of the layer has no router and no experts node: what they computed is an input.
+    types = __import__("hybridtrt.graphs.bf16_emulation", fromlist=["value_types"]).value_types(sub)
+    rest = layer_window.after_experts(sub, [node], types)
+    assert node.output[0] in [i.name for i in rest.graph.input]
+    assert not any(n.op_type in layer_window.EXPERT_OPS or "/gate/" in n.name for n in rest.graph.node)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_verification_runs_large_experts_by_ranges_and_catches_a_fault_in_one_expert(make_export, tmp_path, monkeypatch, dtype):
+    """With a window smaller than an MoE layer's experts, every MoE layer runs in four expert
+    ranges, with the verdict of the whole layers; one expert's weights 1.5× off (a fourth of
+    one range) fails that layer's window."""
+    from hybridtrt.exporter import verify
+
+    ckpt, out = make_export(MOE, ExportOptions(dtype=dtype, split=False, verify=False))
+    index = external_index(out / "model.onnx")
+    stack = index["model.layers.3.mixer.experts.up_proj"][2]
+    model, truth = load_model(ckpt, dtype, lazy=True), (load_model(ckpt, lazy=True) if dtype != "fp32" else None)
+    kw = {"truth": truth, "mode": "layers", "parameter_bytes": 1}
+    monkeypatch.setattr(verify, "SLICE_MIN_BYTES", 16 << 20)
+    whole = verify_export(out, model, read_manifest(out), **kw)["graphs"]["model.onnx"]
+    assert "expert_ranges" not in whole
+    monkeypatch.setattr(verify, "SLICE_MIN_BYTES", 2 * stack // 4 + 1)  # up + down stacks: four ranges
+    graph = verify_export(out, model, read_manifest(out), **kw)["graphs"]["model.onnx"]
+    assert graph["expert_ranges"] == {f"/model/layers.{i}/mixer/experts/MoeExperts": 4 for i in (1, 3, 6)}
+    assert graph["windows"] == whole["windows"]
+    assert graph["worst"]["output"] == whole["worst"]["output"]
+    assert graph["worst"]["rel_l2"] == pytest.approx(whole["worst"]["rel_l2"], rel=1e-3)
+    bad = _plant_fault(out, tmp_path, "model.layers.3.mixer.experts.up_proj", 1.5, np.float32 if dtype == "fp32" else ml_dtypes.bfloat16, part=(5, 16))
+    with pytest.raises(ExportError, match=r"model.onnx layers 3..3 disagrees .*hidden_out"):
         verify_export(bad, model, read_manifest(bad), **kw)

@@ -94,3 +94,36 @@ def test_a_window_that_is_not_a_cut_is_refused(make_export):
     wrong = [stream[4]] + stream[1:]  # pretend h_0 is layer 4's output: layers 1..2 need layer 0
     with pytest.raises(layer_window.WindowError, match="reads weights outside it"):
         layer_window.window(full, wrong, 1, 2, [], onnx.TensorProto.FLOAT)
+
+
+def test_expert_range_reads_its_rows_of_each_stack_in_place(make_export):
+    """An expert range's weights are byte ranges of the stacks in weights.data (nothing copied),
+    its node runs a copy of the body that leaves the sum in fp32; a body that does not end with
+    ``CastLike(y, x)`` is refused."""
+    from hybridtrt.graphs.bf16_emulation import value_types
+    from hybridtrt.graphs.external_data import external_info
+
+    ckpt, out = make_export("tiny-nemotron3-moe", ExportOptions(dtype="bf16", split=False, verify=False))
+    full = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    (node,) = [x for x in layer_window.expert_nodes(full) if x.name.startswith("/model/layers.3/")]
+    assert [x.name.split("/")[2] for x in layer_window.expert_nodes(full)] == ["layers.1", "layers.3", "layers.6"]
+    experts, nbytes = layer_window.expert_bytes(full, node)
+    assert (experts, nbytes) == (16, 2 * 16 * 32 * 64 * 2)
+    part = layer_window.expert_range(full, node, 4, 9, value_types(full))
+    stacks = {t.name: t for t in full.graph.initializer}
+    for t in part.graph.initializer:
+        whole = stacks[t.name]
+        location, offset, length = external_info(whole)
+        assert list(t.dims) == [5, *whole.dims[1:]]
+        assert external_info(t) == (location, offset + 4 * length // 16, 5 * length // 16)
+    (call,) = part.graph.node
+    (body,) = part.functions
+    assert (call.domain, body.domain, body.name) == (layer_window.PAIRS_DOMAIN,) * 2 + (node.op_type,)
+    assert body.node[-1].op_type == "Identity" and part.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert {a.name for a in call.attribute} == {a.name for a in node.attribute}
+    for f in full.functions:  # a body without the final cast
+        if f.name == node.op_type:
+            f.node[-1].op_type = "Identity"
+            del f.node[-1].input[1:]
+    with pytest.raises(layer_window.WindowError, match="does not end with CastLike"):
+        layer_window.expert_range(full, node, 0, 4, value_types(full))
