@@ -243,17 +243,26 @@ def _forget_trace() -> None:
     """Drop what tracing leaves behind: torch keeps the last export's fake-tensor → FX-node map
     (the whole traced graph) in a module global until the next export, and glibc keeps the freed
     heap (about 13 MiB after tracing a 0.1 B model) unless asked to return it."""
-    import ctypes
     import gc
 
     from torch.fx.experimental import proxy_tensor
 
     getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", {}).clear()
     gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    """glibc as a `ctypes.CDLL`, or None elsewhere (musl, macOS, Windows)."""
+    import ctypes
+
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def return_freed_memory_promptly() -> None:
@@ -265,14 +274,10 @@ def return_freed_memory_promptly() -> None:
     that size is its own mapping, returned on free. Process-wide: the CLI calls it, a library
     caller may.
     """
-    import ctypes
-
     m_mmap_threshold = -3
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.mallopt(m_mmap_threshold, 1 << 20)
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
 def _value_entries(values) -> list[dict[str, Any]]:

@@ -334,7 +334,7 @@ def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, t
         raise ExportError(f"{file}: cannot verify by layer windows ({e.message})", fix="verify the whole graph with --verify full, or skip with --no-verify") from None
     member_bytes = _layer_bytes(full, num_layers)
     windows = window_plan(member_bytes, max(int(parameter_bytes * WINDOW_FRACTION), 1))
-    slice_bytes = temporary_bytes(parameter_bytes)  # a larger head runs by vocabulary slices
+    slice_bytes = temporary_bytes(parameter_bytes)  # larger heads and experts run by slices / ranges
     out: dict[str, Any] = {"windows": [list(w) for w in windows]}
     hidden_type = _ONNX_TYPES[inputs_hidden[0].dtype]
     worst: dict[str, Any] = {}
@@ -419,9 +419,8 @@ def _run_by_expert_ranges(export_dir, tag, sub, node, types, x, experts, weights
     node's body does (`_sum_over_k`)."""
     count_experts, nbytes = layer_window.expert_bytes(sub, node)
     count = min(math.ceil(nbytes / max_bytes), count_experts)
-    bounds = [count_experts * r // count for r in range(count + 1)]
     pairs = np.zeros((*experts.shape, x.shape[-1]), np.float32)  # [T, K, D]
-    for start, stop in zip(bounds, bounds[1:]):
+    for start, stop in _even_parts(count_experts, count):
         tokens, ks = np.nonzero((experts >= start) & (experts < stop))
         if not len(tokens):
             continue
@@ -462,9 +461,8 @@ def _run_head_by_slices(export_dir, tag, sub, weight, max_bytes, feeds, record) 
     rows, vocab = weight.dims
     itemsize = onnx.helper.tensor_dtype_to_np_dtype(weight.data_type).itemsize
     count = math.ceil(tensor_nbytes(weight) / max_bytes)
-    bounds = [vocab * k // count for k in range(count + 1)]
     parts = []
-    for start, stop in zip(bounds, bounds[1:]):
+    for start, stop in _even_parts(vocab, count):
         data = f"{tag}-vocab-{start}.data"
         try:
             _copy_columns(export_dir / location, offset, rows, vocab * itemsize, start * itemsize, stop * itemsize, export_dir / data)
@@ -475,6 +473,12 @@ def _run_head_by_slices(export_dir, tag, sub, weight, max_bytes, feeds, record) 
         if got:
             raise AssertionError(f"a head slice has outputs besides logits: {sorted(got)}")
     return {LOGITS: np.concatenate(parts, axis=-1)}, count
+
+
+def _even_parts(total: int, count: int) -> list[tuple[int, int]]:
+    """``[0, total)`` as ``count`` consecutive ``(start, stop)`` ranges of sizes differing by at most one."""
+    bounds = [total * k // count for k in range(count + 1)]
+    return list(zip(bounds, bounds[1:]))
 
 
 def _copy_columns(source: Path, offset: int, rows: int, row_bytes: int, start: int, stop: int, target: Path) -> None:

@@ -51,6 +51,8 @@ from onnx import helper, numpy_helper
 
 from hybridtrt.errors import ExportError
 from hybridtrt.graphs.external_data import external_info, point_at, tensor_nbytes
+from hybridtrt.ops.moe_onnx import MOE_EXPERTS, MOE_EXPERTS_FP8
+from hybridtrt.ops.onnx_functions import DOMAIN
 
 HIDDEN_IN, HIDDEN_OUT = "hidden_in", "hidden_out"
 _LAYER_SCOPE = re.compile(r"^/model/layers\.(\d+)/")
@@ -293,7 +295,7 @@ def vocab_slice(model: onnx.ModelProto, weight: str, start: int, stop: int, loca
 
 #: Routed-experts ops (`hybridtrt.ops.moe_onnx`): inputs 0–2 are ``x [T, D]``, ``topk_indices
 #: [T, K]``, ``topk_weights [T, K]``; every later input is per expert, ``[E, …]``.
-EXPERT_OPS = ("MoeExperts", "MoeExpertsFp8")
+EXPERT_OPS = (MOE_EXPERTS, MOE_EXPERTS_FP8)
 #: Domain of the pairs function `expert_range` runs (verification only, never in an export).
 PAIRS_DOMAIN = "hybridtrt.verify"
 #: Inputs and output of an `expert_range` model.
@@ -306,7 +308,7 @@ def expert_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     initializers = {t.name: t for t in model.graph.initializer}
     found = []
     for node in model.graph.node:
-        if node.domain != "hybridtrt" or node.op_type not in EXPERT_OPS:
+        if node.domain != DOMAIN or node.op_type not in EXPERT_OPS:
             continue
         weights = [initializers.get(name) for name in node.input[3:]]
         if weights and all(t is not None and t.dims for t in weights) and len({t.dims[0] for t in weights}) == 1:
