@@ -35,13 +35,14 @@ from pathlib import Path
 import onnx
 import torch
 
+from hybridtrt.runtime.generation import TorchStepper
 from hybridtrt.exporter.calibration import calibrate, calibration_batches
 from hybridtrt.exporter.export import ExportOptions, export
 from hybridtrt.graphs.fp8_qdq import insert_fp8_qdq, quantized_weight_bytes
 from hybridtrt.models.loading import load_model
 from hybridtrt.models.presets import create_checkpoint
 from hybridtrt.runtime.onnxruntime import OrtModel
-from hybridtrt.validation.metrics import compare
+from hybridtrt.judge.metrics import compare
 from hybridtrt.validation.routing import routing_agreement
 
 #: (preset, initializer_range) runs when no ``--presets`` is given.
@@ -105,7 +106,7 @@ def run_preset(preset: str, init_range: float, args: argparse.Namespace, work: P
         ref = model(ids, mask, logits="last", output_hidden_states=True)
         ref_logits = ref.logits
         ref_layers = {f"layer_output.{i}": h for i, h in enumerate(ref.hidden_states)}
-        ref_tokens = model.generate(ids, mask, max_new_tokens=args.steps, eos_token_id=None).tokens
+        ref_tokens = TorchStepper(model).generate(ids, mask, max_new_tokens=args.steps, eos_token_id=None).tokens
     fp32_bytes = (out / "weights.data").stat().st_size
     fp32_linear = quantized_weight_bytes(onnx.load(str(out / "model.onnx"), load_external_data=False))["high_precision"]
     setup_s = time.perf_counter() - start

@@ -27,7 +27,7 @@ from hybridtrt.exporter.export import ExportOptions, export
 from hybridtrt.models import load_model
 from hybridtrt.models.architectures import ARCHITECTURES, scaled_config, write_hf_checkpoint
 from hybridtrt.runtime.generation import left_pad
-from hybridtrt.validation.metrics import compare
+from hybridtrt.judge.metrics import compare
 from hybridtrt.validation.runner import real_positions
 
 
@@ -54,7 +54,7 @@ def _gate_ratio(got, ref, truth, mask, dtype: str) -> tuple[float, str]:
     """How far ``got`` is past its gate, worst tensor first: max over logits and every state of
     rel L2 / allowed, where allowed = the precision's gate given the same-dtype reference ``ref``
     as yardstick (what `hybridtrt validate` applies to a prefill). > 1 means the tensor fails."""
-    from hybridtrt.validation.tolerances import gate
+    from hybridtrt.judge.tolerances import gate
 
     def ratio(kind, a, r, t):
         return compare(a, t).rel_l2 / gate(dtype, kind).bound(compare(r, t))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,22 @@ def make_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+# One trace cache for the whole run, shared by the xdist workers (they inherit the controller's
+# environment): the suite exports the same few checkpoints with the same flags in many tests, and
+# tracing is 95 % of a tiny export (`hybridtrt.exporter.trace_cache`; keyed on checkpoint bytes,
+# graph spec, source and library versions; a fresh directory per run, so nothing is ever stale).
+from hybridtrt.exporter import trace_cache  # noqa: E402
+
+_OWN_TRACE_CACHE = None if os.environ.get(trace_cache.ENV) else tempfile.mkdtemp(prefix="hybridtrt-trace-cache-")
+if _OWN_TRACE_CACHE:
+    os.environ[trace_cache.ENV] = _OWN_TRACE_CACHE
+
+
+def pytest_unconfigure(config):
+    if _OWN_TRACE_CACHE:  # the process that made it (the xdist controller) removes it
+        shutil.rmtree(_OWN_TRACE_CACHE, ignore_errors=True)
 
 
 # Test models are tiny: one intra-op thread avoids OpenMP contention on a 2-core CI machine

@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from hybridtrt.errors import ExportError
-from hybridtrt.exporter import io
+from hybridtrt.exporter import io, trace_cache
 from hybridtrt.exporter.manifest import (
     MANIFEST_FILE,
     GraphEntry,
@@ -229,6 +229,9 @@ def trace_streamed(checkpoint: Checkpoint, table: DeferredTable, spec: GraphSpec
     (`hybridtrt.exporter.streaming`); small ones (≤ `FOLD_LIMIT` elements) are inline.
     """
     spec = spec or GraphSpec()
+    cached = trace_cache.load(checkpoint, spec, table)
+    if cached is not None:
+        return cached
     model = fake_model(checkpoint)
     inputs = trace_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour)
     program, stand_ins, large = trace_and_optimize(lambda: export_program(model, inputs, spec, optimize=False), checkpoint, _optimize)
@@ -236,7 +239,9 @@ def trace_streamed(checkpoint: Checkpoint, table: DeferredTable, spec: GraphSpec
     proto = program.model_proto
     del program, stand_ins
     _forget_trace()
-    return run_passes(proto, checkpoint.config, spec)
+    proto = run_passes(proto, checkpoint.config, spec)
+    trace_cache.store(checkpoint, spec, table, proto)
+    return proto
 
 
 def _forget_trace() -> None:

@@ -5,7 +5,7 @@ compute with bf16 rounding casts) with example inputs (states from a real prefil
 against the **fp32 reference on the same inputs** (the truth, DESIGN.md §8). fp16/bf16 exports
 have a **yardstick**: the same-dtype PyTorch reference on the same inputs, whose distance from the
 truth is the rounding that dtype causes anyway; each output may be at most
-``max(floor, ratio × yardstick rel L2)`` from the truth (`hybridtrt.validation.tolerances.Gate`:
+``max(floor, ratio × yardstick rel L2)`` from the truth (`hybridtrt.judge.tolerances.Gate`:
 ``call`` for logits, ``layer`` for decoder-layer outputs, ``state`` for present states). fp32
 exports are gated by the fp32 floors. FP8 exports get a sanity gate (logits cosine ≥ 0.5 against
 the truth: a broken scale gives ~0.1; `hybridtrt validate` measures accuracy).
@@ -47,8 +47,8 @@ from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs import layer_window
 from hybridtrt.graphs.external_data import external_info, tensor_nbytes
 from hybridtrt.models.loading import parse_dtype
-from hybridtrt.validation.metrics import compare
-from hybridtrt.validation.tolerances import gate
+from hybridtrt.judge.metrics import compare
+from hybridtrt.judge.tolerances import gate
 from hybridtrt.models.model import HybridLM
 
 VERIFY_MODES = ("auto", "full", "layers")

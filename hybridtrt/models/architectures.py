@@ -129,7 +129,7 @@ def write_hf_checkpoint(
     """
     import torch
 
-    from hybridtrt.validation.hf import import_transformers
+    from hybridtrt.extras import import_transformers
 
     transformers = import_transformers()
     fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "torch_dtype", "dtype")}

@@ -187,9 +187,10 @@ def _float(cfg: dict[str, Any], *names: str, default: Any = ...) -> float:
     return float(value)
 
 
-def _time_step_limit(cfg: dict[str, Any]) -> tuple[float, float]:
-    """Mamba-2's ``time_step_limit`` ``[lo, hi]`` (transformers writes ``[0.0, {"__float__": "Infinity"}]``)."""
-    value = cfg.get("time_step_limit")
+def _time_step_limit(cfg: dict[str, Any], *names: str) -> tuple[float, float]:
+    """The ``dt`` clamp ``time_step_limit`` ``[lo, hi]`` (transformers writes ``[0.0, {"__float__": "Infinity"}]``;
+    NemotronH also accepts it as ``mamba_dt_limit``); ``(0, inf)``, mamba_ssm's default, when absent."""
+    value = _get(cfg, *(names or ("time_step_limit",)), default=None)
     if value is None:
         return 0.0, math.inf
     ok = isinstance(value, (list, tuple)) and len(value) == 2
@@ -362,8 +363,9 @@ def _parse_nemotron_h(cfg: dict[str, Any]) -> HybridConfig:
         chunk_size=_int(cfg, "chunk_size", "mamba_chunk_size", default=128),
         use_conv_bias=bool(_get(cfg, "use_conv_bias", "mamba_conv_bias", default=True)),
         mamba_bias=bool(_get(cfg, "use_bias", default=False)),
-        # HF NemotronHMamba2Mixer clamps dt to (time_step_min, inf), not to config.time_step_limit.
-        time_step_limit=(_float(cfg, "time_step_min", "mamba_dt_min", default=0.001), math.inf),
+        # The dt rule of the served kernels (DESIGN.md §3): clamp to time_step_limit, never to
+        # time_step_min (an initialisation range of dt_bias, as in mamba_ssm's Mamba2 dt_min).
+        time_step_limit=_time_step_limit(cfg, "time_step_limit", "mamba_dt_limit"),
         num_attention_heads=heads,
         num_key_value_heads=_int(cfg, "num_key_value_heads", default=heads),
         attention_head_dim=_int(cfg, "head_dim", "attention_head_dim", default=hidden // heads),

@@ -74,7 +74,8 @@ class Mamba2Mixer(nn.Module):
 
     ``in_proj`` → split ``z | xBC | dt`` → causal depthwise conv1d over ``[conv_state, xBC]`` → SiLU →
     split ``x | B | C`` → SSD (custom op) → gated RMSNorm(y, z) → ``out_proj``.
-    ``dt = clamp(softplus(dt_raw + dt_bias), time_step_limit)``, zeroed on padding; ``A = -exp(A_log)``.
+    ``dt = clamp(softplus(dt_raw + dt_bias), time_step_limit)`` on every token, prefill and decode alike
+    (DESIGN.md §3 gives the sources), zeroed on padding; ``A = -exp(A_log)``.
     """
 
     def __init__(self, config: HybridConfig) -> None:
@@ -106,7 +107,6 @@ class Mamba2Mixer(nn.Module):
         conv_state: Tensor,
         ssm_state: Tensor,
         use_state_update: bool,
-        is_decode: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One mixer pass.
 
@@ -116,8 +116,6 @@ class Mamba2Mixer(nn.Module):
             conv_state: ``[B, conv_dim, K]``.
             ssm_state: ``[B, H, P, N]``.
             use_state_update: Use ``mamba2_state_update`` (requires L == 1) instead of the scan.
-            is_decode: ``[]`` bool tensor, True for a one-token step on existing states. The
-                reference (HF) skips the lower dt clamp there; see `dt_lower_bound`.
 
         Returns:
             ``out [B, L, hidden]``, ``conv_state``, ``ssm_state`` (new tensors).
@@ -137,12 +135,7 @@ class Mamba2Mixer(nn.Module):
         xbc = F.silu(xbc).transpose(1, 2) * m
         x, B, C = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
 
-        dt = F.softplus(wide(dt_raw) + wide(self.dt_bias))
-        if self.dt_min > 0:
-            dt = torch.maximum(dt, dt_lower_bound(is_decode, self.dt_min))
-        if self.dt_max < float("inf"):
-            dt = torch.clamp(dt, max=self.dt_max)
-        dt = dt * wide(m)
+        dt = clamp_dt(F.softplus(wide(dt_raw) + wide(self.dt_bias)), self.dt_min, self.dt_max) * wide(m)
         A = -torch.exp(wide(self.A_log))
         D = wide(self.D)
 
@@ -159,14 +152,18 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y.to(h.dtype)), new_conv_state, new_ssm_state
 
 
-def dt_lower_bound(is_decode: Tensor, dt_min: float) -> Tensor:
-    """The lower dt clamp, as HF transformers applies it.
+def clamp_dt(dt: Tensor, lo: float, hi: float) -> Tensor:
+    """``dt`` (after softplus) clamped to ``time_step_limit = (lo, hi)``, the same on every token.
 
-    HF's NemotronH mixer clamps ``dt`` to ``(time_step_min, inf)`` in its chunked path (prefill,
-    and any first call) but not in its recurrent path (one token on an existing state). We copy
-    that rule exactly (DESIGN.md §3) and express it as a tensor so one traced graph serves both.
+    mamba_ssm's chunked kernels clamp to ``dt_limit`` (``_chunk_cumsum_fwd_kernel``); with the
+    ``(0, inf)`` of every published Nemotron-H config the clamp is the identity (softplus > 0), and
+    no node is emitted. Decode clamps too, so that prefill + decode == prefill (DESIGN.md §3, §4).
     """
-    return torch.where(is_decode, 0.0, dt_min)
+    if lo > 0:
+        dt = torch.clamp(dt, min=lo)
+    if hi < float("inf"):
+        dt = torch.clamp(dt, max=hi)
+    return dt
 
 
 def depthwise_causal_conv(window: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

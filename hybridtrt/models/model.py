@@ -186,7 +186,7 @@ class HybridLM(nn.Module):
             x, residual = block.normed(h)
             if block.kind == MAMBA:
                 out, new.conv[i], new.ssm[i] = block.mixer(
-                    x, positions.mask, cache.conv[i], cache.ssm[i], use_update, positions.is_decode
+                    x, positions.mask, cache.conv[i], cache.ssm[i], use_update
                 )
             elif block.kind == ATTENTION:
                 out, new.key[i], new.value[i] = block.mixer(
@@ -202,13 +202,6 @@ class HybridLM(nn.Module):
             h = h[:, -1]
         return CausalLMOutput(self.head_logits(h), new, hidden)
 
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs):
-        """Prefill, then one-token decode steps. See `hybridtrt.runtime.generation.generate`."""
-        from hybridtrt.runtime.generation import TorchStepper, generate
-
-        return generate(TorchStepper(self), input_ids, attention_mask, **kwargs)
-
 
 @dataclass
 class Positions:
@@ -217,15 +210,12 @@ class Positions:
     Attributes:
         mask: ``[B, L]`` model dtype, 1 for real tokens, 0 for left padding.
         allowed: ``[B, 1, L, T]`` bool attention mask over the ``T`` cache positions.
-        is_decode: bool, ``[]`` or ``[B, 1, 1]``: a one-token step on existing states (see
-            `hybridtrt.models.layers.dt_lower_bound`).
         write_index: ``[B]`` int64 cache position of the first new token (static cache), or None
             when the KV cache grows by concatenation.
     """
 
     mask: Tensor
     allowed: Tensor
-    is_decode: Tensor
     write_index: Tensor | None = None
 
 
@@ -234,7 +224,6 @@ def growing_positions(attention_mask: Tensor, length: int, dtype: torch.dtype) -
     return Positions(
         mask=attention_mask[:, -length:].to(dtype),
         allowed=causal_mask(attention_mask, length),
-        is_decode=decode_flag(attention_mask, length),
     )
 
 
@@ -253,24 +242,7 @@ def static_positions(cache_position: Tensor, padding_length: Tensor, length: int
     k_pos = torch.arange(capacity, device=device)[None, None, :]  # [1, 1, N]
     q = q_pos[:, :, None]
     allowed = ((k_pos <= q) & (k_pos >= padding_length[:, None, None])) | (k_pos == q)
-    one_token = torch.ones(length, device=device).sum() == 1
-    return Positions(
-        mask=real.to(dtype),
-        allowed=allowed[:, None],
-        is_decode=(one_token & (cache_position > 0))[:, None, None],
-        write_index=cache_position,
-    )
-
-
-def decode_flag(attention_mask: Tensor, length: int) -> Tensor:
-    """``[]`` bool: one new token (``L == 1``) on top of at least one past position.
-
-    Built from shapes with tensor ops only, so a graph traced with dynamic ``L`` and ``past`` keeps
-    the decision at run time instead of baking it in.
-    """
-    new = torch.ones(length, device=attention_mask.device).sum()
-    total = torch.ones(attention_mask.shape[1], device=attention_mask.device).sum()
-    return (new == 1) & (total > 1)
+    return Positions(mask=real.to(dtype), allowed=allowed[:, None], write_index=cache_position)
 
 
 def causal_mask(attention_mask: Tensor, length: int) -> Tensor:

@@ -57,7 +57,9 @@ class Stepper(Protocol):
 
 
 class TorchStepper:
-    """`Stepper` over the PyTorch reference model (with snapshots)."""
+    """`Stepper` over the PyTorch reference model (with snapshots), with the runtimes' generation
+    API: ``TorchStepper(model).generate(ids, mask, max_new_tokens=32)`` as ``OrtModel(...).generate``.
+    The reference model itself knows nothing of generation (DESIGN.md §1: the data walks one way)."""
 
     def __init__(self, model: Any, state_dtype: torch.dtype = torch.float32) -> None:
         self.model = model
@@ -88,6 +90,14 @@ class TorchStepper:
         device = self.model.device
         specs = state_specs(self.model.config)
         return cache_from_flat(specs, [snapshot.states[s.present_name].to(device).clone() for s in specs])
+
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> GenerationResult:
+        """Prefill, then one-token decode steps (`generate`)."""
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def stream(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Iterator[Tensor]:
+        """Yield ``[B]`` tokens step by step (`iter_generate`)."""
+        return iter_generate(self, input_ids, attention_mask, **kwargs)
 
 
 @dataclass

@@ -281,7 +281,7 @@ class OrtModel:
         return out
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> GenerationResult:
-        """Same API as `HybridLM.generate`."""
+        """Same API as `TorchStepper.generate`."""
         return generate(self, input_ids, attention_mask, **kwargs)
 
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):

@@ -333,7 +333,7 @@ class TrtModel:
         return TrtState(self._generation, self._pp.steps, state.batch, snapshot.past)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> GenerationResult:
-        """Same API as `HybridLM.generate` / `OrtModel.generate`."""
+        """Same API as `TorchStepper.generate` / `OrtModel.generate`."""
         return generate(self, input_ids, attention_mask, **kwargs)
 
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Iterator[torch.Tensor]:

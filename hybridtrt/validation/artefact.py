@@ -11,13 +11,15 @@ import torch
 
 from hybridtrt.errors import ArtefactError, InputError
 from hybridtrt.exporter.manifest import Manifest, read_manifest
+from hybridtrt.models.config import load_config
 from hybridtrt.models.loading import load_model, parse_dtype
 from hybridtrt.models.tokenizer import load_tokenizer
 from hybridtrt.validation.preflight import check_arguments
 from hybridtrt.validation.routing import routing_for
 from hybridtrt.validation.runner import Report, pad_left, random_prompts, validate
 from hybridtrt.validation.subjects import Subject, engine_subject, hf_subject, ort_subject, torch_subject
-from hybridtrt.validation.tolerances import gate, precision_of, yardstick_of
+from hybridtrt.judge.tolerances import gate, precision_of
+from hybridtrt.judge.yardsticks import Judged, yardstick_for
 
 def load_prompts(path: str | Path, checkpoint: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One prompt per non-empty line, tokenized with the checkpoint's tokenizer, left-padded."""
@@ -82,7 +84,7 @@ def validate_artefact(
         target_cosine: Cosine the exclusions aim for (default: the FP8 logits gate).
         progress: ``progress(done, total)`` during the sensitivity analysis.
         yardstick: Run the precision's yardstick beside the backend (fp64 for fp32 artefacts, the
-            same-dtype reference for fp16/bf16; `hybridtrt.validation.tolerances`) so the gates scale
+            same-dtype reference for fp16/bf16; `hybridtrt.judge.tolerances`) so the gates scale
             with what the precision can promise. False: the fixed floors are the gates.
         prompt_length: Length of the longest random prompt (default 48; the others are shorter,
             left-padded). Prompts of several chunks exercise the scan's chunk carry.
@@ -148,30 +150,37 @@ def _prompts(model, checkpoint, prompts, random_n, seed, prompt_length=None) -> 
     return random_prompts(random_n or 4, model.config.vocab_size, seed=seed, min_len=min(4, longest), max_len=longest)
 
 
-def yardstick_subject(checkpoint: str | Path, precision: str, state_dtype: str = "fp32") -> Subject | None:
-    """The reference in the yardstick dtype of ``precision`` (`tolerances.yardstick_of`), or None.
+def yardstick_subject(checkpoint: str | Path, precision: str, state_dtype: str = "fp32", judged: Judged = "artefact") -> Subject | None:
+    """The yardstick of `hybridtrt.judge.yardsticks.yardstick_for`, loaded, or None.
 
-    fp64: our reference in double precision (states too): what the fp32 reference itself rounds.
-    fp16/bf16: our reference in the artefact's model and state dtypes: its unavoidable rounding.
+    For an artefact: our reference in fp64 (states too: what the fp32 reference itself rounds), or in
+    the artefact's model and state dtypes (its unavoidable rounding). For our reference judged
+    against HF: HF transformers in fp64.
     """
-    dtype = yardstick_of(precision)
-    if dtype is None:
+    spec = yardstick_for(judged, precision)
+    if spec is None:
         return None
-    if dtype == "fp64":
-        return torch_subject(load_model(checkpoint, "fp32").double(), torch.float64, name="pytorch-fp64")
-    return torch_subject(load_model(checkpoint, dtype), parse_dtype(state_dtype), name=f"pytorch-{dtype}")
+    if spec.implementation == "hf":
+        from hybridtrt.validation.hf import load_hf
+
+        return hf_subject(load_hf(checkpoint, torch.float64), load_config(checkpoint).pattern, name=spec.name, rowwise=True)
+    if spec.dtype == "fp64":
+        return torch_subject(load_model(checkpoint, "fp32").double(), torch.float64, name=spec.name)
+    return torch_subject(load_model(checkpoint, spec.dtype), parse_dtype(state_dtype), name=spec.name)
 
 
 def _against_hf(checkpoint, prompts, random_n, steps, per_layer, seed, yardstick: bool = True, prompt_length: int | None = None) -> Report:
-    """Our reference (the backend here) against HF transformers (fp32), with our fp64 run as the yardstick."""
-    from hybridtrt.validation.hf import load_hf
+    """Our reference (the backend here) against HF transformers in fp32 (the truth), with HF's own fp64
+    run as the yardstick (`hybridtrt.judge.yardsticks`), and the known per-release differences noted."""
+    from hybridtrt.validation.hf import hf_differences, load_hf
 
     model = load_model(checkpoint, "fp32")
     ids, mask = _prompts(model, checkpoint, prompts, random_n, seed, prompt_length)
     theirs = hf_subject(load_hf(checkpoint), model.config.pattern)
-    yard = yardstick_subject(checkpoint, "fp32") if yardstick else None
+    yard = yardstick_subject(checkpoint, "fp32", judged="reference") if yardstick else None
     report = validate(torch_subject(model), theirs, ids, mask, precision="fp32", steps=steps, per_layer=per_layer, yardstick=yard)
     report.pattern = model.config.pattern
+    report.notes.extend(hf_differences(checkpoint, model.config.time_step_limit))
     return report
 
 

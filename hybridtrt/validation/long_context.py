@@ -19,9 +19,9 @@ import torch
 
 from hybridtrt.errors import InputError, MissingDependencyError
 from hybridtrt.runtime.generation import DEFAULT_PREFILL_CHUNK, chunk_bounds
-from hybridtrt.validation.metrics import Comparison, compare
+from hybridtrt.judge.metrics import Comparison, compare
 from hybridtrt.validation.subjects import Subject
-from hybridtrt.validation.tolerances import gate
+from hybridtrt.judge.tolerances import gate
 
 SSM_STATE = "present_ssm_state."
 

@@ -30,7 +30,7 @@ from hybridtrt.exporter.manifest import Manifest, read_manifest
 from hybridtrt.exporter.wrapper import GraphModule, flat_from_cache
 from hybridtrt.runtime.onnxruntime import to_numpy
 from hybridtrt.validation.runner import random_prompts
-from hybridtrt.validation.tolerances import polygraphy_tolerance, precision_of
+from hybridtrt.judge.tolerances import polygraphy_tolerance, precision_of
 
 REFERENCE_RUNNER = "pytorch-reference"
 

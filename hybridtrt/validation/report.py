@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from hybridtrt.errors import MissingDependencyError
 from hybridtrt.validation.runner import Report
-from hybridtrt.validation.tolerances import gate
+from hybridtrt.judge.tolerances import gate
 
 if TYPE_CHECKING:
     from hybridtrt.validation.sensitivity import Sensitivity

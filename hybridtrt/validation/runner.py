@@ -7,7 +7,7 @@ greedy tokens (logits per step, final states), and a free-running greedy generat
 (token agreement). A new kind of check is a new phase appended to `PHASES` (or passed to
 `validate`), not a branch in here.
 
-An optional *yardstick* subject (`hybridtrt.validation.tolerances`: an fp64 run for fp32 artefacts,
+An optional *yardstick* subject (`hybridtrt.judge.tolerances`: an fp64 run for fp32 artefacts,
 the same-dtype reference for fp16/bf16) runs beside the backend on the same inputs; each check
 records how far the yardstick is from the reference on that tensor, and the gate allows a multiple
 of it.
@@ -26,10 +26,10 @@ import torch
 
 from hybridtrt.errors import InputError
 from hybridtrt.runtime.generation import left_pad
-from hybridtrt.validation.metrics import Comparison, compare
+from hybridtrt.judge.metrics import Comparison, compare
 from hybridtrt.validation.preflight import check_counts
 from hybridtrt.validation.subjects import Subject
-from hybridtrt.validation.tolerances import gate
+from hybridtrt.judge.tolerances import gate
 
 _LAYER_OF = re.compile(r"(?:layer_output|present_conv_state|present_ssm_state)\.(\d+)$|^present\.(\d+)\.")
 

@@ -39,7 +39,7 @@ from hybridtrt.graphs.fp8_qdq import FP8_E4M3_MAX, float_tensor, insert_fp8_qdq
 from hybridtrt.runtime.onnxruntime import OrtSession
 from hybridtrt.runtime.states import StatePlan
 from hybridtrt.validation.layers import ProtoSession
-from hybridtrt.validation.metrics import Comparison, compare
+from hybridtrt.judge.metrics import Comparison, compare
 
 _NODE = re.compile(r"^/model/layers\.(\d+)/mixer/(.+)/MatMul$")
 

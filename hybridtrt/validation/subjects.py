@@ -71,9 +71,10 @@ def engine_subject(trt_model: Any) -> Subject:
     return Subject("tensorrt", trt_model, trt_model.named_states, None, [note])
 
 
-def hf_subject(hf_model: Any, layer_types: str) -> Subject:
-    """HF transformers' own model (oracle #2)."""
-    from hybridtrt.validation.hf import HfStepper
+def hf_subject(hf_model: Any, layer_types: str, name: str = "hf-transformers", rowwise: bool = False) -> Subject:
+    """HF transformers' own model (oracle #2); ``rowwise`` runs each row of a batch alone, unpadded
+    (`hybridtrt.validation.hf.RowwiseHfStepper`: HF in fp64 turns padding into NaN)."""
+    from hybridtrt.validation.hf import HfStepper, RowwiseHfStepper
 
-    stepper = HfStepper(hf_model, layer_types)
-    return Subject("hf-transformers", stepper, stepper.named_states, None)
+    stepper = (RowwiseHfStepper if rowwise else HfStepper)(hf_model, layer_types)
+    return Subject(name, stepper, stepper.named_states, None)

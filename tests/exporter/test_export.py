@@ -7,13 +7,14 @@ import onnx
 import pytest
 import torch
 
+from hybridtrt.runtime.generation import TorchStepper
 from hybridtrt.exporter.export import ExportOptions
 from hybridtrt.exporter.io import input_names, output_names
 from hybridtrt.exporter.manifest import read_manifest
 from hybridtrt.models import load_model
 from hybridtrt.ops.onnx_functions import DOMAIN
 from hybridtrt.runtime.onnxruntime import OrtModel
-from hybridtrt.validation.metrics import rel_l2
+from hybridtrt.judge.metrics import rel_l2
 from tests.conftest import left_padded_batch
 
 TOL = 1e-5
@@ -67,7 +68,7 @@ def test_greedy_32_tokens_equal_reference(exported, use_decode_graph):
     model, _, out = exported
     ort = OrtModel(out, use_decode_graph=use_decode_graph)
     ids, mask = left_padded_batch([17, 6], model.config.vocab_size, seed=4)
-    ref = model.generate(ids, mask, max_new_tokens=32, keep_logits=True)
+    ref = TorchStepper(model).generate(ids, mask, max_new_tokens=32, keep_logits=True)
     got = ort.generate(ids, mask, max_new_tokens=32, keep_logits=True)
     assert torch.equal(got.tokens, ref.tokens)
     # fp32 rounding differences compound through 32 fed-back states: 10x the one-call gate.
@@ -133,9 +134,9 @@ def test_fp16_export_runs_on_ort(make_export):
     ckpt, out = make_export("tiny-nemotron-h", ExportOptions(dtype="fp16"))
     model = load_model(ckpt, "fp16")
     ids, mask = left_padded_batch([21, 9], 256, seed=5)
-    ref = model.generate(ids, mask, max_new_tokens=8, keep_logits=True)
+    ref = TorchStepper(model).generate(ids, mask, max_new_tokens=8, keep_logits=True)
     got = OrtModel(out).generate(ids, mask, max_new_tokens=8, keep_logits=True)
-    from hybridtrt.validation.metrics import compare
+    from hybridtrt.judge.metrics import compare
 
     assert compare(got.logits[0], ref.logits[0]).cosine >= 0.999
     assert read_manifest(out).dtype == "fp16"

@@ -11,13 +11,14 @@ import onnx
 import pytest
 import torch
 
+from hybridtrt.runtime.generation import TorchStepper
 from hybridtrt.exporter.export import ExportOptions, export
 from hybridtrt.exporter.manifest import read_manifest
 from hybridtrt.models import load_model
 from hybridtrt.ops.moe_onnx import MOE_EXPERTS
 from hybridtrt.ops.onnx_functions import DOMAIN
 from hybridtrt.runtime.onnxruntime import OrtModel
-from hybridtrt.validation.metrics import compare, rel_l2
+from hybridtrt.judge.metrics import compare, rel_l2
 from tests.conftest import left_padded_batch
 from tests.exporter.test_export import _compare_call
 
@@ -66,7 +67,7 @@ def test_eight_decode_steps_match_reference(exported, use_decode_graph):
 def test_greedy_32_tokens_equal_reference(exported):
     model, out = exported
     ids, mask = left_padded_batch([17, 6], model.config.vocab_size, seed=4)
-    ref = model.generate(ids, mask, max_new_tokens=32)
+    ref = TorchStepper(model).generate(ids, mask, max_new_tokens=32)
     for use_decode_graph in (False, True):
         assert torch.equal(OrtModel(out, use_decode_graph=use_decode_graph).generate(ids, mask, max_new_tokens=32).tokens, ref.tokens)
 
@@ -111,7 +112,7 @@ def test_fp16_export_runs_on_ort(make_export):
     model = load_model(ckpt, "fp16")
     assert model.layers[1].mixer.gate.weight.dtype == torch.float32  # the router stays fp32
     ids, mask = left_padded_batch([21, 9], 256, seed=5)
-    ref = model.generate(ids, mask, max_new_tokens=8, keep_logits=True)
+    ref = TorchStepper(model).generate(ids, mask, max_new_tokens=8, keep_logits=True)
     got = OrtModel(out).generate(ids, mask, max_new_tokens=8, keep_logits=True)
     assert compare(got.logits[0], ref.logits[0]).cosine >= 0.999
 

@@ -26,7 +26,7 @@ from hybridtrt.graphs.fp8_qdq import QUANTIZABLE_PROJECTIONS
 from hybridtrt.models.loading import load_model
 from hybridtrt.models.tokenizer import load_tokenizer
 from hybridtrt.runtime.onnxruntime import OrtSession
-from hybridtrt.validation.metrics import compare
+from hybridtrt.judge.metrics import compare
 
 PRESET = "tiny-nemotron-h"
 INIT_RANGE = 0.05

@@ -7,6 +7,7 @@ import onnx
 import pytest
 import torch
 
+from hybridtrt.runtime.generation import TorchStepper
 from hybridtrt.errors import ExportError, InputError
 from hybridtrt.exporter.export import ExportOptions, export
 from hybridtrt.exporter.io import input_names
@@ -14,7 +15,7 @@ from hybridtrt.exporter.manifest import read_manifest
 from hybridtrt.graphs.aliasing import check_in_place
 from hybridtrt.models import load_model
 from hybridtrt.runtime.onnxruntime import OrtModel
-from hybridtrt.validation.metrics import rel_l2
+from hybridtrt.judge.metrics import rel_l2
 from tests.conftest import left_padded_batch
 
 TOL = 1e-5
@@ -33,7 +34,7 @@ def test_prefill_and_32_steps_match_reference_left_padded(static, use_decode_gra
     model, out = static
     ort = OrtModel(out, use_decode_graph=use_decode_graph)
     ids, mask = left_padded_batch([29, 17, 5], model.config.vocab_size, seed=11)
-    ref = model.generate(ids, mask, max_new_tokens=32, keep_logits=True)
+    ref = TorchStepper(model).generate(ids, mask, max_new_tokens=32, keep_logits=True)
     got = ort.generate(ids, mask, max_new_tokens=32, keep_logits=True)
     assert torch.equal(got.tokens, ref.tokens)
     assert rel_l2(got.logits[0], ref.logits[0]) <= TOL  # the prefill call

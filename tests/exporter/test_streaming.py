@@ -25,6 +25,14 @@ from hybridtrt.graphs.external_data import is_deferred
 from hybridtrt.models.loading import open_checkpoint
 from tests.models.hf import save_hf_checkpoint
 
+@pytest.fixture(autouse=True)
+def _trace_for_real(monkeypatch):
+    """This module is about tracing itself (and patches its internals): no replayed traces."""
+    from hybridtrt.exporter import trace_cache
+
+    monkeypatch.delenv(trace_cache.ENV, raising=False)
+
+
 #: The session exports other tests use (so only the eager side costs a trace here).
 SHARED = {
     "nemotron-fp32-split": ("tiny-nemotron-h", ExportOptions(split=True)),

@@ -17,7 +17,7 @@ from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs.bf16_emulation import RAW_SUFFIX, emulate_bf16, round_to_bf16
 from hybridtrt.models import load_model
 from hybridtrt.runtime.onnxruntime import OrtSession
-from hybridtrt.validation.metrics import compare
+from hybridtrt.judge.metrics import compare
 
 
 def _one_op(op: str, n_inputs: int) -> onnx.ModelProto:

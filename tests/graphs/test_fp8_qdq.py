@@ -23,7 +23,7 @@ from hybridtrt.exporter.wrapper import example_inputs
 from hybridtrt.graphs.fp8_qdq import FP8_E4M3_MAX, QUANTIZABLE_PROJECTIONS, insert_fp8_qdq, quantized_weight_bytes
 from hybridtrt.models.loading import load_model
 from hybridtrt.runtime.onnxruntime import OrtSession
-from hybridtrt.validation.metrics import compare
+from hybridtrt.judge.metrics import compare
 
 PRESET = "tiny-nemotron-h"
 INIT_RANGE = 0.05

@@ -12,7 +12,7 @@ from hybridtrt.exporter.wrapper import example_inputs
 from hybridtrt.graphs import layer_window
 from hybridtrt.models import load_model
 from hybridtrt.runtime.onnxruntime import OrtSession
-from hybridtrt.validation.metrics import rel_l2
+from hybridtrt.judge.metrics import rel_l2
 
 SPLIT = ExportOptions(split=True)
 

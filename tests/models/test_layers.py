@@ -11,7 +11,7 @@ from hybridtrt.models import load_model
 from hybridtrt.models.layers import depthwise_causal_conv
 from hybridtrt.models.model import causal_mask, static_positions
 from hybridtrt.ops.kv_cache import kv_cache_update_eager, kv_cache_update_ref
-from hybridtrt.validation.metrics import rel_l2
+from hybridtrt.judge.metrics import rel_l2
 from tests.conftest import left_padded_batch
 
 

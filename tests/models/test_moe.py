@@ -13,7 +13,7 @@ from hybridtrt.errors import CheckpointError, ConfigError
 from hybridtrt.models import config_from_dict, load_model
 from hybridtrt.models.moe import moe_forward_ref, route, route_ref
 from hybridtrt.models.presets import preset_config
-from hybridtrt.validation.metrics import rel_l2
+from hybridtrt.judge.metrics import rel_l2
 from tests.models.moe_hf import save_hf_moe
 
 PRESET = "tiny-nemotron3-moe"

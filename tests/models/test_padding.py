@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hybridtrt.models import load_model
-from hybridtrt.validation.metrics import compare
+from hybridtrt.judge.metrics import compare
 from tests.conftest import left_padded_batch
 
 

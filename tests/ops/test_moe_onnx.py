@@ -24,7 +24,7 @@ from hybridtrt.ops.moe_onnx import (
     moe_experts_function,
 )
 from hybridtrt.ops.onnx_functions import DOMAIN, MAX_OPSET, attach_functions
-from hybridtrt.validation.metrics import rel_l2
+from hybridtrt.judge.metrics import rel_l2
 from tests.ops.test_moe_op import _inputs
 
 _TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.int64: TensorProto.INT64}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hybridtrt.ops.moe import moe_experts, moe_experts_eager, moe_experts_ref
-from hybridtrt.validation.metrics import rel_l2
+from hybridtrt.judge.metrics import rel_l2
 
 
 def _inputs(tokens: int, k: int, experts: int, dim: int = 24, inter: int = 40, dtype=torch.float32, seed: int = 0):

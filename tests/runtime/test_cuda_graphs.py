@@ -14,7 +14,7 @@ from hybridtrt.exporter.manifest import read_manifest
 from hybridtrt.runtime.cuda_graphs import StaticEngineSession, StaticEngineStepper, StaticLayout
 from hybridtrt.runtime.generation import generate
 from hybridtrt.runtime.onnxruntime import OrtModel, OrtSession
-from hybridtrt.validation.metrics import rel_l2
+from hybridtrt.judge.metrics import rel_l2
 from tests.conftest import left_padded_batch
 
 CAPACITY = 64

@@ -7,8 +7,8 @@ import torch
 
 from hybridtrt.errors import InputError
 from hybridtrt.models import load_model
-from hybridtrt.runtime.generation import SamplingConfig, chunk_bounds, iter_generate, next_tokens
-from hybridtrt.validation.metrics import rel_l2
+from hybridtrt.runtime.generation import SamplingConfig, TorchStepper, chunk_bounds, iter_generate, next_tokens
+from hybridtrt.judge.metrics import rel_l2
 from tests.conftest import left_padded_batch
 
 
@@ -31,18 +31,18 @@ def test_top_k_and_top_p_restrict_the_support():
 def test_seeded_sampling_is_reproducible(make_checkpoint):
     model = load_model(make_checkpoint())
     ids = torch.randint(3, 256, (2, 9))
-    a = model.generate(ids, max_new_tokens=10, sampling=SamplingConfig(temperature=0.8, top_p=0.9, seed=7)).tokens
-    b = model.generate(ids, max_new_tokens=10, sampling=SamplingConfig(temperature=0.8, top_p=0.9, seed=7)).tokens
-    greedy = model.generate(ids, max_new_tokens=10).tokens
+    a = TorchStepper(model).generate(ids, max_new_tokens=10, sampling=SamplingConfig(temperature=0.8, top_p=0.9, seed=7)).tokens
+    b = TorchStepper(model).generate(ids, max_new_tokens=10, sampling=SamplingConfig(temperature=0.8, top_p=0.9, seed=7)).tokens
+    greedy = TorchStepper(model).generate(ids, max_new_tokens=10).tokens
     assert torch.equal(a, b) and not torch.equal(a, greedy)
 
 
 def test_eos_stops_rows_and_pads(make_checkpoint):
     model = load_model(make_checkpoint())
     ids = torch.randint(3, 256, (2, 6))
-    free = model.generate(ids, max_new_tokens=6).tokens
+    free = TorchStepper(model).generate(ids, max_new_tokens=6).tokens
     eos = int(free[0, 2])
-    out = model.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0).tokens
+    out = TorchStepper(model).generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0).tokens
     row0 = out[0].tolist()
     assert row0[: row0.index(eos) + 1] == free[0, : row0.index(eos) + 1].tolist()
     assert all(t == 0 for t in row0[row0.index(eos) + 1 :])
@@ -61,7 +61,7 @@ def test_right_padding_is_refused(make_checkpoint):
     model = load_model(make_checkpoint())
     ids = torch.randint(3, 256, (1, 4))
     with pytest.raises(InputError, match="left padding"):
-        model.generate(ids, torch.tensor([[1, 1, 1, 0]]), max_new_tokens=2)
+        TorchStepper(model).generate(ids, torch.tensor([[1, 1, 1, 0]]), max_new_tokens=2)
 
 
 @pytest.mark.parametrize("length, chunk", [(1, 4), (10, 4), (9, 4), (2049, 2048), (4096, 2048), (7, 100), (3, 3), (5, 3), (7, 3)])
@@ -77,8 +77,8 @@ def test_chunk_bounds_cover_the_prompt_without_a_one_token_tail(length, chunk):
 def test_chunked_prefill_equals_one_prefill_on_the_reference(make_checkpoint):
     model = load_model(make_checkpoint())
     ids, mask = left_padded_batch([45, 30, 3], model.config.vocab_size, seed=21)
-    whole = model.generate(ids, mask, max_new_tokens=6, keep_logits=True, prefill_chunk=100)
-    chunked = model.generate(ids, mask, max_new_tokens=6, keep_logits=True, prefill_chunk=8)
+    whole = TorchStepper(model).generate(ids, mask, max_new_tokens=6, keep_logits=True, prefill_chunk=100)
+    chunked = TorchStepper(model).generate(ids, mask, max_new_tokens=6, keep_logits=True, prefill_chunk=8)
     assert torch.equal(whole.tokens, chunked.tokens)
     assert max(rel_l2(a, b) for a, b in zip(chunked.logits, whole.logits)) <= 1e-5
 
@@ -88,7 +88,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(make_checkpoint, bad):
     model = load_model(make_checkpoint())
     ids = torch.tensor([[5, bad, 7]])
     with pytest.raises(InputError, match=f"token id {bad} is outside .*\\[0, 256\\)"):
-        model.generate(ids, max_new_tokens=2)
+        TorchStepper(model).generate(ids, max_new_tokens=2)
 
 
 def test_padding_ids_are_checked_too(make_checkpoint):
@@ -96,7 +96,7 @@ def test_padding_ids_are_checked_too(make_checkpoint):
     model = load_model(make_checkpoint())
     ids, mask = torch.tensor([[-1, 5, 6]]), torch.tensor([[0, 1, 1]])
     with pytest.raises(InputError, match="token id -1"):
-        model.generate(ids, mask, max_new_tokens=2)
+        TorchStepper(model).generate(ids, mask, max_new_tokens=2)
 
 
 def test_a_request_the_backend_cannot_hold_is_refused_before_any_step():

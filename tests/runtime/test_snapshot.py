@@ -12,7 +12,7 @@ from hybridtrt.models import load_model
 from hybridtrt.runtime.generation import TorchStepper
 from hybridtrt.runtime.onnxruntime import OrtModel
 from hybridtrt.runtime.snapshot import Snapshot, snapshot_prompt
-from hybridtrt.validation.metrics import rel_l2
+from hybridtrt.judge.metrics import rel_l2
 from tests.conftest import left_padded_batch
 
 TOL = 1e-5
@@ -62,7 +62,7 @@ def test_snapshot_moves_between_runtimes(reference, ort, tmp_path):
     snap = snapshot_prompt(TorchStepper(reference), prefix, prefix_mask)
     loaded = Snapshot.load(snap.save(tmp_path / "prefix.safetensors"))
     assert set(loaded.states) == set(snap.states) and torch.equal(loaded.attention_mask, snap.attention_mask)
-    ref = reference.generate(tail, max_new_tokens=8, keep_logits=True, snapshot=snap)
+    ref = TorchStepper(reference).generate(tail, max_new_tokens=8, keep_logits=True, snapshot=snap)
     got = ort.generate(tail, max_new_tokens=8, keep_logits=True, snapshot=loaded)
     assert torch.equal(got.tokens, ref.tokens)
     assert rel_l2(got.logits[0], ref.logits[0]) <= TOL
@@ -75,7 +75,7 @@ def test_one_row_prefix_serves_a_batch(reference, ort):
     got = ort.generate(tails, max_new_tokens=5, snapshot=snap).tokens
     for row in range(3):
         whole = torch.cat([prefix, tails[row : row + 1]], 1)
-        assert torch.equal(got[row], reference.generate(whole, max_new_tokens=5).tokens[0])
+        assert torch.equal(got[row], TorchStepper(reference).generate(whole, max_new_tokens=5).tokens[0])
 
 
 def test_bad_continuations_are_refused(reference):
@@ -83,6 +83,6 @@ def test_bad_continuations_are_refused(reference):
     prefix, prefix_mask, tail = _prompts(256)
     snap = snapshot_prompt(stepper, prefix, prefix_mask)
     with pytest.raises(InputError, match="cannot be padded"):
-        reference.generate(tail, torch.tensor([[0, 1, 1, 1, 1]] * 2), snapshot=snap)
+        TorchStepper(reference).generate(tail, torch.tensor([[0, 1, 1, 1, 1]] * 2), snapshot=snap)
     with pytest.raises(InputError, match="snapshot has 2 rows"):
-        reference.generate(tail[:1].repeat(3, 1), snapshot=snap)
+        TorchStepper(reference).generate(tail[:1].repeat(3, 1), snapshot=snap)

@@ -52,7 +52,7 @@ def test_another_family_cannot_be_compared_even_with_force(exported, make_checkp
 
 def test_a_different_config_with_the_same_io_is_named(exported, make_checkpoint):
     ckpt, out = exported
-    other = make_checkpoint("tiny-nemotron-h", time_step_min=0.01)
+    other = make_checkpoint("tiny-nemotron-h", time_step_limit=[0.01, 10.0])
     with pytest.raises(CheckpointError, match=r"its config differs \(time_step_limit"):
         check_checkpoint(read_manifest(out), out, other)
     notes = check_checkpoint(read_manifest(out), out, other, force=True)

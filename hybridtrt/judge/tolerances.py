@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from hybridtrt.validation.metrics import Comparison
+from hybridtrt.judge.metrics import Comparison
 
 _TABLE = Path(__file__).with_name("tolerances.json")
 KINDS = ("call", "steps", "layer", "state")

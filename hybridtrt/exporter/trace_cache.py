@@ -1,0 +1,121 @@
+"""An opt-in cache of traced graphs, for test suites that export the same checkpoint many times.
+
+Tracing (``torch.export`` → ONNX → optimizer → graph passes) is 95 % of a small model's export time,
+and the test suite exports the same few checkpoints with the same flags in many tests and in each
+pytest-xdist worker. With ``HYBRIDTRT_TRACE_CACHE=<dir>`` set, `trace_streamed`'s result is kept
+there and replayed when everything it depends on is the same:
+
+- the checkpoint's bytes (`checkpoint_hash`: config, weights, tokenizer) and the model dtype — the
+  trace inlines small parameters' real values;
+- the graph's spec (logits, decode, per-layer outputs, state dtype, opset, KV flavour);
+- every source file of the ``hybridtrt`` package and the versions of torch, onnx, onnxscript and
+  onnx-ir;
+- the streaming limits (`FOLD_LIMIT`, `REAL_MAX_DIMS`).
+
+Placeholders (`hybridtrt.exporter.streaming.Deferred` recipes) are stored by recipe and re-keyed
+into the export's own `DeferredTable` on replay, so a replayed graph is byte-identical to a traced
+one in any position of an export. Writes are atomic (temporary name, then rename), so concurrent
+workers may share a directory. A test that monkeypatches tracing must unset the variable (the key
+cannot see a patched function). Users never need it: it is not set unless asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from hybridtrt.exporter.manifest import checkpoint_hash
+from hybridtrt.graphs.external_data import DEFERRED, deferred_key, is_deferred
+
+ENV = "HYBRIDTRT_TRACE_CACHE"
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def directory() -> Path | None:
+    """The cache directory, or None when the cache is off."""
+    value = os.environ.get(ENV)
+    return Path(value) if value else None
+
+
+@cache
+def _code_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted(_PACKAGE.rglob("*")):
+        if path.suffix in (".py", ".json") and path.is_file():
+            h.update(str(path.relative_to(_PACKAGE)).encode() + b"\0" + path.read_bytes())
+    for pkg in ("torch", "onnx", "onnxscript", "onnx-ir"):
+        try:
+            h.update(f"{pkg}={metadata.version(pkg)}".encode())
+        except metadata.PackageNotFoundError:
+            continue
+    return h.hexdigest()
+
+
+@cache
+def _checkpoint_digest(root: str, stamp: tuple) -> str:
+    return checkpoint_hash(root)
+
+
+def _key(checkpoint: Any, spec: Any) -> str:
+    from hybridtrt.exporter import streaming
+
+    root = Path(checkpoint.root)
+    stamp = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.iterdir() if p.is_file()))
+    parts = [
+        _checkpoint_digest(str(root.resolve()), stamp),
+        str(checkpoint.dtype),
+        repr(spec),
+        _code_digest(),
+        streaming.FOLD_LIMIT,
+        streaming.REAL_MAX_DIMS,
+    ]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+def load(checkpoint: Any, spec: Any, table: Any) -> onnx.ModelProto | None:
+    """The cached graph of ``spec`` with its placeholders keyed into ``table``, or None."""
+    where = directory()
+    if where is None:
+        return None
+    path = where / f"{_key(checkpoint, spec)}.pkl"
+    if not path.is_file():
+        return None
+    data, recipes = pickle.loads(path.read_bytes())
+    proto = onnx.ModelProto.FromString(data)
+    for t in proto.graph.initializer:
+        if is_deferred(t):
+            _relocate(t, table.key(recipes[int(deferred_key(t))]))
+    return proto
+
+
+def store(checkpoint: Any, spec: Any, table: Any, proto: onnx.ModelProto) -> None:
+    """Keep ``proto`` (its placeholders as recipes) for later exports."""
+    where = directory()
+    if where is None:
+        return
+    where.mkdir(parents=True, exist_ok=True)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    recipes = []
+    for t in copy.graph.initializer:
+        if is_deferred(t):
+            recipes.append(table.recipe(t))
+            _relocate(t, str(len(recipes) - 1))
+    path = where / f"{_key(checkpoint, spec)}.pkl"
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_bytes(pickle.dumps((copy.SerializeToString(), recipes)))
+    os.replace(temporary, path)
+
+
+def _relocate(t: onnx.TensorProto, key: str) -> None:
+    for entry in t.external_data:
+        if entry.key == "location":
+            entry.value = DEFERRED + key
