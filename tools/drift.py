@@ -146,7 +146,9 @@ def _trial(venv: Venv, pkg: str, release: str, locked: dict[str, str], args, bas
     print(f"trying {pkg} {release} …", flush=True)
     done = venv.pip("install", *(specs or [f"{pkg}=={release}"]))
     if done.returncode:
-        trial.error = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "pip failed"
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip() and "Location" not in line]
+        why = [line for line in lines if "requested" in line or "conflict" in line.lower() or "No matching" in line]
+        trial.error = "; ".join(why[:2] or lines[-1:] or ["pip failed"])
     else:
         now = venv.versions()
         trial.also_changed = {k: f"{locked.get(k, '-')} → {v}" for k, v in now.items() if locked.get(k) != v and k != pkg}

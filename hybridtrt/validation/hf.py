@@ -193,21 +193,16 @@ class RowwiseHfStepper(HfStepper):
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any, decode: bool):
+        """As `HfStepper.step`; every row must have a real token in the call (validation's prefill
+        and decode steps do: left padding only precedes a row's first token)."""
         logits, caches = [], []
         new = input_ids.shape[1]
         for row, cache in enumerate(state):
             real = attention_mask[row].bool()
-            keep = real[-new:]
-            ids = input_ids[row : row + 1, keep]
-            if ids.shape[1] == 0:  # an all-padding call of this row: nothing changes
-                logits.append(torch.zeros_like(logits[-1]) if logits else None)
-                caches.append(cache)
-                continue
-            out = self._forward(ids, torch.ones(1, int(real.sum()), dtype=attention_mask.dtype), cache)
+            out = self._forward(input_ids[row : row + 1, real[-new:]], torch.ones(1, int(real.sum()), dtype=attention_mask.dtype), cache)
             logits.append(out.logits[:, -1].float())
             caches.append(_cache_of(out))
-        width = next(t for t in logits if t is not None)
-        return torch.cat([t if t is not None else torch.zeros_like(width) for t in logits]), caches
+        return torch.cat(logits), caches
 
     def named_states(self, state: Any) -> dict[str, torch.Tensor]:
         rows = [hf_states(cache, self.layer_types) for cache in state]
