@@ -19,7 +19,6 @@ says how often the 5.15–5.24 clamp bites on this config.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile

@@ -61,6 +61,8 @@ def _code_digest() -> str:
 
 @cache
 def _checkpoint_digest(root: str, stamp: tuple) -> str:
+    """`checkpoint_hash` once per checkpoint state: ``stamp`` (names, sizes, mtimes) is only part of
+    the memo key, so a rewritten checkpoint is hashed again."""
     return checkpoint_hash(root)
 
 

@@ -466,8 +466,20 @@ def config_from_dict(cfg: dict[str, Any]) -> HybridConfig:
     return _validate(dataclasses.replace(parser(cfg), checkpoint_dtype=_declared_dtype(cfg)))
 
 
-def load_config(checkpoint_dir: str | Path) -> HybridConfig:
-    """Read ``checkpoint_dir/config.json``."""
+def dt_clamp_bounds(cfg: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """The ``(lo, hi)`` of each dt clamp some implementation applies, for a NemotronH config dict:
+    ``time_step_limit`` (the reference's, DESIGN.md §3), ``[time_step_min, inf)`` (older HF
+    releases) and ``none``; names as `hybridtrt.validation.hf.DtClamp`."""
+    cfg = decode_hf_floats(cfg)
+    return {
+        "time_step_limit": _time_step_limit(cfg, "time_step_limit", "mamba_dt_limit"),
+        "time_step_min": (_float(cfg, "time_step_min", "mamba_dt_min", default=0.001), math.inf),
+        "none": (0.0, math.inf),
+    }
+
+
+def read_config_json(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """``checkpoint_dir/config.json`` as a dict, or a `ConfigError` naming what is wrong with it."""
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"no config.json in {checkpoint_dir}", fix="point at an HF checkpoint directory")
@@ -479,4 +491,9 @@ def load_config(checkpoint_dir: str | Path) -> HybridConfig:
         raise ConfigError(f"{path} is not valid JSON: {e}", fix="use the checkpoint's config.json") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path} does not hold a JSON object")
-    return config_from_dict(cfg)
+    return cfg
+
+
+def load_config(checkpoint_dir: str | Path) -> HybridConfig:
+    """Read ``checkpoint_dir/config.json``."""
+    return config_from_dict(read_config_json(checkpoint_dir))

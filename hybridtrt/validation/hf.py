@@ -8,7 +8,6 @@ reference follows the kernels the models are trained and served with.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from hybridtrt.extras import import_transformers
+from hybridtrt.models.config import dt_clamp_bounds, read_config_json
 
 #: Where a release clamps NemotronH's ``dt`` (after softplus): to ``config.time_step_limit``, to
 #: ``[time_step_min, inf)``, or not at all.
@@ -78,24 +78,18 @@ def hf_dt_rule(version: str) -> HfDtRule | None:
 
 
 def clamp_bounds(clamp: DtClamp, raw_config: dict[str, Any]) -> tuple[float, float]:
-    """``(lo, hi)`` that a clamp applies to ``dt`` for a NemotronH ``config.json``.
+    """``(lo, hi)`` that a clamp applies to ``dt`` for a NemotronH ``config.json`` (parsed as the
+    reference parses it, `hybridtrt.models.config.dt_clamp_bounds`).
 
     ``(0, inf)`` is the identity on softplus outputs, so "none" and a default limit agree.
     """
-    if clamp == "none":
-        return 0.0, math.inf
-    if clamp == "time_step_min":
-        return float(raw_config.get("time_step_min", raw_config.get("mamba_dt_min", 0.001))), math.inf
-    limit = raw_config.get("time_step_limit", raw_config.get("mamba_dt_limit"))
-    if limit is None:
-        return 0.0, math.inf
-    return tuple(float(v["__float__"]) if isinstance(v, dict) else float(v) for v in limit)  # type: ignore[return-value]
+    return dt_clamp_bounds(raw_config)[clamp]
 
 
 def hf_differences(checkpoint: str | Path, reference_limit: tuple[float, float], version: str | None = None) -> list[str]:
     """Where the installed (or given) transformers release clamps ``dt`` otherwise than the
     reference on this checkpoint, one line each; empty when they agree everywhere."""
-    raw = json.loads((Path(checkpoint) / "config.json").read_text())
+    raw = read_config_json(checkpoint)
     if raw.get("model_type") != "nemotron_h":
         return []
     version = version or import_transformers().__version__
@@ -161,6 +155,7 @@ class HfStepper:
     def __init__(self, model: Any, layer_types: str) -> None:
         self.model = model
         self.layer_types = layer_types
+        self._cache_arg = _cache_arg(model)
 
     def zero_state(self, batch: int) -> Any:
         return None
@@ -172,7 +167,7 @@ class HfStepper:
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any) -> Any:
         """One forward call; the cache argument is ``cache`` from transformers 5.24 on (``past_key_values`` before)."""
-        return self.model(input_ids, attention_mask=attention_mask, use_cache=True, **{_cache_arg(self.model): state})
+        return self.model(input_ids, attention_mask=attention_mask, use_cache=True, **{self._cache_arg: state})
 
     def named_states(self, state: Any) -> dict[str, torch.Tensor]:
         return hf_states(state, self.layer_types)
