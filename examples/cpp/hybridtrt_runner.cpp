@@ -2,14 +2,18 @@
  * hybridtrt_runner — run a `hybridtrt build` engine from C++: prefill + greedy decode.
  *
  *   hybridtrt_runner model.engine --ids "1 2 3" [--max-new-tokens N] [--plugins libhybridtrt_trt.so]
- *   hybridtrt_runner model.engine --ids-file prompt.txt
+ *   hybridtrt_runner model.engine --ids-file prompt.txt [--no-cuda-graphs]
  *
  * Everything it needs comes from the engine's sidecar `model.engine.json` (the contract shared
  * with the Python side; no code is shared):
  *   - "tensorrt": the TensorRT that built the engine; a runtime of another major.minor is refused;
  *   - "plugins.path" / "plugins.sha256": the plugin library to load (IPluginRegistry::loadLibrary, which
  *     takes libhybridtrt_trt.so's getCreators) before deserializing, refused when its sha256 differs;
- *     null when the engine holds no plugin layer;
+ *     null when the engine holds no plugin layer. Loaded once per process (plugin_libraries.h: loadLibrary
+ *     fails when the creators are already registered, so a second Runner reuses the first handle);
+ *   - "kv_cache" / "max_cache_len": the KV-cache flavour. "dynamic" (or absent: an older sidecar) binds
+ *     attention_mask [1, past + seq]; "static" binds cache_position [1] (= past) and padding_length [1] (= 0,
+ *     no padding at batch 1), and its KV states are fixed-capacity [1, H, max_cache_len, D];
  *   - "inputs"/"outputs": tensor names and dtypes; "states": past_* / present_* names and
  *     symbolic shapes ("batch", "past", ints); "dtype"/"state_dtype": their precision;
  *   - "profiles": [{"name": "prefill"|"decode", "dims": {"batch"|"seq"|"past": [min, opt, max]}}].
@@ -17,11 +21,19 @@
  * Buffers: two device buffers per state at max batch x max cache length, allocated once. At every
  * call one is bound as past_* and the other as present_*, and they swap afterwards (ping-pong):
  * no per-step allocation and no state copy. A state whose output the engine aliases to its input
- * (ICudaEngine::getAliasedInputTensor) gets one buffer bound as both. Profile rule: seq > 1 or past == 0 -> "prefill",
- * otherwise "decode". Batch 1, no padding, to keep the example short.
+ * (ICudaEngine::getAliasedInputTensor) gets one buffer bound as both — on a static-cache engine the KV states,
+ * which TensorRT's IKVCacheUpdateLayer writes in place; conv/SSM ping-pong. Profile rule: seq > 1 or past == 0 ->
+ * "prefill", otherwise "decode". Batch 1, no padding, to keep the example short.
+ *
+ * CUDA graphs (static-cache engines; --no-cuda-graphs turns them off): a decode step has fixed shapes and, per
+ * ping-pong parity, fixed addresses, so the first decode step of each parity runs eagerly (TensorRT's warm-up after
+ * new shapes), is then captured (cudaStreamBeginCapture, thread-local mode, on the runner's non-default stream) and
+ * every later decode step of that parity is a cudaGraphLaunch; the token id and cache_position are copied into
+ * their fixed device buffers before the launch. A dynamic-cache engine's decode shapes grow every step: eager.
  */
 
 #include "json_lite.h"
+#include "plugin_libraries.h"
 #include "sidecar_checks.h"
 
 #include <NvInfer.h>
@@ -259,7 +271,8 @@ struct StateSlot
 class Runner
 {
 public:
-    Runner(std::string const& enginePath, std::string const& pluginOverride)
+    Runner(std::string const& enginePath, std::string const& pluginOverride, bool cudaGraphs)
+        : mCudaGraphs(cudaGraphs)
     {
         mSidecar = json_lite::parse(readFile(enginePath + ".json"));
         std::string const versionError = sidecar_checks::checkTensorRtVersion(mSidecar, getInferLibVersion());
@@ -267,6 +280,12 @@ public:
         {
             throw std::runtime_error(enginePath + ": " + versionError);
         }
+        mFlavour = sidecar_checks::cacheFlavour(mSidecar);
+        if (!mFlavour.error.empty())
+        {
+            throw std::runtime_error(enginePath + ": " + mFlavour.error);
+        }
+        mStatic = mFlavour.kind == "static";
         loadPlugins(pluginOverride);
         mRuntime.reset(nvinfer1::createInferRuntime(mLogger));
         std::string blob = readFile(enginePath);
@@ -276,13 +295,20 @@ public:
             throw std::runtime_error("could not deserialize " + enginePath + " (TensorRT version, GPU or plugins differ?)");
         }
         mContext.reset(mEngine->createExecutionContext());
-        CHECK_CUDA(cudaStreamCreate(&mStream));
+        CHECK_CUDA(cudaStreamCreateWithFlags(&mStream, cudaStreamNonBlocking));
         readProfiles();
         allocate();
     }
 
     ~Runner()
     {
+        for (cudaGraphExec_t exec : mDecodeGraphs)
+        {
+            if (exec != nullptr)
+            {
+                cudaGraphExecDestroy(exec);
+            }
+        }
         if (mStream != nullptr)
         {
             cudaStreamDestroy(mStream);
@@ -293,9 +319,10 @@ public:
     int64_t step(std::vector<int64_t> const& ids)
     {
         int64_t const seq = static_cast<int64_t>(ids.size());
-        if (mPast + seq > mMaxCacheLen)
+        if (mPast + seq > (mStatic ? mFlavour.maxCacheLen : mMaxCacheLen))
         {
-            throw std::runtime_error("cache full: rebuild with a larger --max-cache-len");
+            throw std::runtime_error(mStatic ? "cache full: re-export with a larger --kv-cache static --max-cache-len and rebuild"
+                                             : "cache full: rebuild with a larger --max-cache-len");
         }
         int32_t const profile = (seq > 1 || mPast == 0) && mPrefillProfile >= 0 ? mPrefillProfile : mDecodeProfile;
         if (profile < 0 || (seq > 1 && profile != mPrefillProfile))
@@ -327,7 +354,16 @@ public:
         CHECK_CUDA(cudaMemcpyAsync(mIds.get(), host.data(), host.size(), cudaMemcpyHostToDevice, mStream));
 
         setInput("input_ids", {1, seq}, mIds.get());
-        setInput("attention_mask", {1, mPast + seq}, mMask.get()); // all ones: no padding
+        if (mStatic)
+        {
+            CHECK_CUDA(cudaMemcpyAsync(mCachePosition.get(), &mPast, sizeof(int64_t), cudaMemcpyHostToDevice, mStream));
+            setInput("cache_position", {1}, mCachePosition.get());
+            setInput("padding_length", {1}, mPadding.get()); // zero: no padding
+        }
+        else
+        {
+            setInput("attention_mask", {1, mPast + seq}, mMask.get()); // all ones: no padding
+        }
         int const pastIndex = mParity;
         int const presentIndex = 1 - mParity;
         for (auto& s : mStates)
@@ -339,9 +375,14 @@ public:
         {
             mContext->setTensorAddress(name.c_str(), buffer.get());
         }
-        if (!mContext->enqueueV3(mStream))
+        bool const decode = seq == 1 && mPast > 0;
+        if (mStatic && decode && mCudaGraphs)
         {
-            throw std::runtime_error("enqueueV3 failed");
+            launchDecodeGraph(pastIndex);
+        }
+        else
+        {
+            enqueue();
         }
         nvinfer1::Dims const logitsDims = mContext->getTensorShape("logits");
         int64_t const vocab = logitsDims.d[logitsDims.nbDims - 1];
@@ -394,6 +435,50 @@ public:
     }
 
 private:
+    void enqueue()
+    {
+        if (!mContext->enqueueV3(mStream))
+        {
+            throw std::runtime_error("enqueueV3 failed");
+        }
+    }
+
+    //! The decode step of this ping-pong parity: captured on its first use (after an eager warm-up run), replayed after.
+    void launchDecodeGraph(int parity)
+    {
+        cudaGraphExec_t& exec = mDecodeGraphs[parity];
+        if (exec != nullptr)
+        {
+            CHECK_CUDA(cudaGraphLaunch(exec, mStream));
+            ++mReplays;
+            return;
+        }
+        enqueue(); // computes this step; TensorRT's first enqueue after new shapes may do work a capture must not see
+        cudaGraph_t graph = nullptr;
+        CHECK_CUDA(cudaStreamBeginCapture(mStream, cudaStreamCaptureModeThreadLocal));
+        bool const ok = mContext->enqueueV3(mStream); // recorded, not executed
+        cudaError_t const end = cudaStreamEndCapture(mStream, &graph);
+        if (!ok || end != cudaSuccess)
+        {
+            if (graph != nullptr)
+            {
+                cudaGraphDestroy(graph);
+            }
+            throw std::runtime_error("capturing the decode step as a CUDA graph failed (run with --no-cuda-graphs)");
+        }
+        CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+        CHECK_CUDA(cudaGraphDestroy(graph));
+        ++mCaptures;
+    }
+
+public:
+    //! "captures N replays M" of the decode graphs (static-cache engines).
+    std::string graphSummary() const
+    {
+        return mStatic && mCudaGraphs ? " · cuda graphs: " + std::to_string(mCaptures) + " captured, " + std::to_string(mReplays) + " replayed" : "";
+    }
+
+private:
     void loadPlugins(std::string const& pluginOverride)
     {
         sidecar_checks::PluginCheck const lib = sidecar_checks::checkPluginLibrary(mSidecar, pluginOverride);
@@ -406,10 +491,12 @@ private:
             std::cout << "plugins: none (the engine holds no plugin layer)\n";
             return;
         }
-        // libhybridtrt_trt.so registers through its getCreators, which loadLibrary calls (never the autoreg shim).
-        if (getPluginRegistry()->loadLibrary(lib.path.c_str()) == nullptr)
+        // libhybridtrt_trt.so registers through its getCreators, which loadLibrary calls (never the autoreg shim); once
+        // per process: a second Runner (or a second engine) reuses the handle.
+        plugin_libraries::Loaded const loaded = plugin_libraries::PluginLibraries::instance().load(*getPluginRegistry(), lib.path);
+        if (!loaded.error.empty())
         {
-            throw std::runtime_error("TensorRT could not load plugin library " + lib.path);
+            throw std::runtime_error(loaded.error);
         }
         std::cout << "plugins: " << lib.path << " (sha256 verified)\n";
     }
@@ -489,13 +576,16 @@ private:
             }
         }
         mIds = DeviceBuffer(mMaxBatch * mMaxSeq * mIdsElementSize);
+        mCachePosition = DeviceBuffer(mMaxBatch * sizeof(int64_t));
+        mPadding = DeviceBuffer(mMaxBatch * sizeof(int64_t));
+        CHECK_CUDA(cudaMemset(mPadding.get(), 0, mPadding.bytes()));
         std::vector<int64_t> ones(mMaxCacheLen, 1);
         mMask = DeviceBuffer(ones.size() * sizeof(int64_t));
         CHECK_CUDA(cudaMemcpy(mMask.get(), ones.data(), mMask.bytes(), cudaMemcpyHostToDevice));
         auto const inPlace = std::count_if(mStates.begin(), mStates.end(), [](StateSlot const& s) { return s.inPlace; });
         std::cout << "buffers: " << mStates.size() << " states (" << inPlace << " updated in place, the others ping-pong), "
                   << (total >> 20) << " MiB at batch "
-                  << mMaxBatch << ", cache " << mMaxCacheLen << "\n";
+                  << mMaxBatch << ", cache " << (mStatic ? mFlavour.maxCacheLen : mMaxCacheLen) << " (" << mFlavour.kind << ")\n";
     }
 
     void setInput(std::string const& name, Shape const& shape, void* ptr)
@@ -517,6 +607,14 @@ private:
     std::map<std::string, DeviceBuffer> mOutputs;
     DeviceBuffer mIds;
     DeviceBuffer mMask;
+    DeviceBuffer mCachePosition;
+    DeviceBuffer mPadding;
+    sidecar_checks::CacheFlavour mFlavour;
+    bool mStatic{false};
+    bool mCudaGraphs{true};
+    cudaGraphExec_t mDecodeGraphs[2]{nullptr, nullptr}; //!< per ping-pong parity (batch 1)
+    int mCaptures{0};
+    int mReplays{0};
     std::string mLogitsDtype{"float32"};
     size_t mIdsElementSize{8};
     int64_t mMaxBatch{1};
@@ -546,7 +644,7 @@ std::vector<int64_t> parseIds(std::string const& text)
 void usage()
 {
     std::cerr << "usage: hybridtrt_runner MODEL.engine (--ids \"1 2 3\" | --ids-file FILE) [--max-new-tokens N] "
-                 "[--plugins LIB] [--ignore-eos]\n";
+                 "[--plugins LIB] [--ignore-eos] [--no-cuda-graphs]\n";
 }
 
 } // namespace
@@ -563,6 +661,7 @@ int main(int argc, char** argv)
     std::vector<int64_t> prompt;
     int maxNewTokens = 16;
     bool ignoreEos = false;
+    bool cudaGraphs = true;
     for (int i = 2; i < argc; ++i)
     {
         std::string const arg = argv[i];
@@ -595,6 +694,10 @@ int main(int argc, char** argv)
             {
                 ignoreEos = true;
             }
+            else if (arg == "--no-cuda-graphs")
+            {
+                cudaGraphs = false;
+            }
             else
             {
                 usage();
@@ -614,7 +717,7 @@ int main(int argc, char** argv)
     }
     try
     {
-        Runner runner(enginePath, plugins);
+        Runner runner(enginePath, plugins, cudaGraphs);
         using Clock = std::chrono::steady_clock;
         auto const t0 = Clock::now();
         int64_t token = runner.prefill(prompt);
@@ -639,7 +742,7 @@ int main(int argc, char** argv)
         {
             std::cout << " · decode " << (generated.size() - 1) / decodeS << " tokens/s";
         }
-        std::cout << " · backend tensorrt-cpp\n";
+        std::cout << runner.graphSummary() << " · backend tensorrt-cpp\n";
     }
     catch (std::exception const& e)
     {

@@ -11,6 +11,7 @@
  *   profile <index> <name> batch <max> seq <max> past <max>
  *   state <past_name> <present_name> <bytes at max batch and max cache length>
  *   plugins <path or none>
+ *   kv_cache dynamic | kv_cache static <max_cache_len>   |  error: <message> (exit code 1)
  *   check ok <plugin path or none>  |  error: <message> (exit code 1)
  */
 
@@ -94,6 +95,18 @@ int main(int argc, char** argv)
         }
         auto const& path = sidecar["plugins"]["path"];
         std::cout << "plugins " << (path.isNull() ? std::string("none") : path.asString()) << "\n";
+        sidecar_checks::CacheFlavour const flavour = sidecar_checks::cacheFlavour(sidecar);
+        if (!flavour.error.empty())
+        {
+            std::cout << "error: " << flavour.error << "\n";
+            return 1;
+        }
+        std::cout << "kv_cache " << flavour.kind;
+        if (flavour.kind == "static")
+        {
+            std::cout << " " << flavour.maxCacheLen;
+        }
+        std::cout << "\n";
     }
     catch (std::exception const& e)
     {

@@ -1,7 +1,7 @@
 /*
  * The checks hybridtrt_runner makes on an engine's sidecar before it loads anything, as docs/deploying.md
- * promises (the Python runtime makes the same ones): the TensorRT version that built the engine, and the
- * plugin library's sha256. No TensorRT and no CUDA here: sidecar_check.cpp runs them in the tests.
+ * promises (the Python runtime makes the same ones): the TensorRT version that built the engine, the
+ * plugin library's sha256, and the KV-cache flavour (kv_cache / max_cache_len). No TensorRT and no CUDA here: sidecar_check.cpp runs them in the tests.
  */
 #pragma once
 
@@ -204,6 +204,44 @@ inline PluginCheck checkPluginLibrary(json_lite::JsonValue const& sidecar, std::
                 "--plugins at the library it was built with"};
     }
     return {path, ""};
+}
+
+//! The engine's KV-cache flavour: "dynamic" (attention_mask input, KV grows) or "static" (cache_position /
+//! padding_length inputs, KV of maxCacheLen positions written in place).
+struct CacheFlavour
+{
+    std::string kind;
+    int64_t maxCacheLen{0}; //!< static only
+    std::string error;      //!< empty when the sidecar can be run
+};
+
+//! Same rules as hybridtrt.engine.sidecar.read_sidecar: a sidecar without "kv_cache" (written before the field existed)
+//! is a dynamic engine's, unless its inputs hold cache_position (an old static engine: refused, rebuild it).
+inline CacheFlavour cacheFlavour(json_lite::JsonValue const& sidecar)
+{
+    if (!sidecar.has("kv_cache"))
+    {
+        for (auto const& input : sidecar["inputs"].array)
+        {
+            if (input["name"].asString() == "cache_position")
+            {
+                return {"", 0, "the engine was built from a static-cache export by a hybridtrt whose sidecars did not "
+                               "record kv_cache / max_cache_len: rebuild the engine with this hybridtrt (hybridtrt build)"};
+            }
+        }
+        return {"dynamic", 0, ""};
+    }
+    std::string const kind = sidecar["kv_cache"].asString();
+    if (kind == "dynamic")
+    {
+        return {kind, 0, ""};
+    }
+    if (kind == "static" && sidecar.has("max_cache_len") && sidecar["max_cache_len"].isNumber()
+        && sidecar["max_cache_len"].asInt() >= 1)
+    {
+        return {kind, sidecar["max_cache_len"].asInt(), ""};
+    }
+    return {"", 0, "the sidecar has kv_cache '" + kind + "' without a usable max_cache_len: rebuild the engine with this hybridtrt"};
 }
 
 } // namespace sidecar_checks

@@ -31,6 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="accept custom nodes built from their ONNX function bodies although a plugin library is given "
         "(default: a typed error, e.g. on TensorRT <= 10.6 or when the plugins did not register)",
     )
+    b.add_argument(
+        "--attention",
+        choices=["decomposable", "fused"],
+        default="decomposable",
+        help="IAttention layers: decomposable (default; TensorRT may use several kernels where no fused kernel fits, "
+        "e.g. fp32 or head_dim 16) or fused (fused kernels only; the build fails where none fits)",
+    )
     b.add_argument("--timing-cache", default=None, help="timing cache file, loaded if present and saved back")
     b.add_argument("--opt-level", type=int, default=None, help="TensorRT builder optimization level (default: TensorRT's)")
     b.add_argument(
@@ -38,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="VERSION",
         default=None,
         help="only check the graph against TensorRT VERSION's ONNX parser (emulated; no TensorRT needed): "
-        "opset range, plugin vs function body for every custom node, native layers",
+        "opset range, plugin vs function body for every custom node, native layers, and the parser's checker, "
+        "type and constant-input rules on every node and function body",
     )
 
 
@@ -66,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         graph=args.graph or "unified",
         builder_optimization_level=args.opt_level,
         allow_function_bodies=args.allow_function_bodies,
+        attention=args.attention,
     )
     console.print(table(f"optimization profiles of {plan.onnx_path.name}", ["profile", "input", "min", "opt", "max"], profile_rows(plan.profiles)))
     if plan.plugin_library is not None:
@@ -86,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         ["sidecar", str(result.sidecar)],
         ["TensorRT", result.tensorrt_version],
         ["network", result.network.summary()],
+        ["attention", result.attention.summary()],
         ["plugin library", str(result.plugin_library) if result.plugin_library else "not needed at run time"],
         ["build time", f"{result.seconds:.1f} s"],
     ]

@@ -14,6 +14,9 @@
   TensorRT 11 networks are always strongly typed and ignores the (deprecated) flag; we still pass
   it so that a TensorRT 10 build means the same thing. No precision flag is ever set.
 - **Two optimization profiles** for the unified graph, prefill then decode (`engine_profiles`).
+- **Attention decomposable** (`hybridtrt.engine.attention`): the parser makes every ``Attention`` a fused-kernel-only
+  ``IAttention``; the build marks them decomposable (``--attention fused`` keeps them fused-only), builds with
+  ``ProfilingVerbosity.DETAILED`` and records what the engine holds for each (``IEngineInspector``) in the sidecar.
 - **Plugin library** ``libhybridtrt_trt.so`` loaded with ``IPluginRegistry::loadLibrary`` (its ``getCreators``),
   as trtexec ``--dynamicPlugins`` does.
 - **No aliased plugin I/O** (``PreviewFeature.kALIASED_PLUGIN_IO_10_03`` stays off, and no plugin declares an
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hybridtrt.engine.attention import DECOMPOSABLE, AttentionLayers, inspect_engine_attention, mark_attention
 from hybridtrt.engine.dispatch import DispatchReport, emulate_dispatch, require_dispatch
 from hybridtrt.engine.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_CACHE_LEN, DEFAULT_MAX_INPUT_LEN
 from hybridtrt.engine.network import NetworkPlugins, prove_plugins
@@ -129,6 +133,7 @@ def plan_build(
     graph: str = "unified",
     builder_optimization_level: int | None = None,
     allow_function_bodies: bool = False,
+    attention: str = DECOMPOSABLE,
 ) -> BuildPlan:
     """Validate the request and compute profiles and paths, without TensorRT.
 
@@ -161,6 +166,7 @@ def plan_build(
         "timing_cache": str(Path(timing_cache).resolve()) if timing_cache else None,
         "builder_optimization_level": builder_optimization_level,
         "allow_function_bodies": allow_function_bodies,
+        "attention": attention,
     }
     return BuildPlan(export_dir, manifest, onnx_path, graph, profiles, lib, out, Path(timing_cache) if timing_cache else None, flags)
 
@@ -198,6 +204,7 @@ class BuildResult:
         network: Custom nodes of the graph and the plugin layers the network holds for them.
         plugin_library: The plugin library the engine needs at run time (None: it holds no plugin layer).
         dispatch: The emulated parse that gated the build.
+        attention: The IAttention layers, their decomposable flag and what the engine holds for them.
     """
 
     engine: Path
@@ -209,6 +216,7 @@ class BuildResult:
     network: NetworkPlugins
     plugin_library: Path | None
     dispatch: DispatchReport
+    attention: AttentionLayers
 
 
 def _gpu() -> tuple[str | None, str | None]:
@@ -224,13 +232,12 @@ def _gpu() -> tuple[str | None, str | None]:
 
 
 def _load_plugins(trt: Any, lib: Path | None) -> None:
-    """Register TensorRT's own plugins, then ours (``IPluginRegistry::loadLibrary``, i.e. its ``getCreators``)."""
-    logger = trt.Logger(trt.Logger.WARNING)
-    trt.init_libnvinfer_plugins(logger, "")
-    if lib is not None:
-        handle = trt.get_plugin_registry().load_library(str(lib))
-        if handle is None:
-            raise EngineError(f"TensorRT could not load plugin library {lib}", fix="rebuild it against this TensorRT (`hybridtrt plugins build`)")
+    """Register TensorRT's own plugins, then ours (``IPluginRegistry::loadLibrary``, i.e. its ``getCreators``), each
+    once per process (`hybridtrt.engine.plugin_registry`: a second build, or a build then a `TrtModel`, reuses the
+    first load — TensorRT's ``loadLibrary`` fails when the creators are already registered)."""
+    from hybridtrt.engine.plugin_registry import load_plugin_library
+
+    load_plugin_library(trt, lib)
 
 
 def _tmp_beside(path: Path, tag: str) -> Path:
@@ -251,6 +258,7 @@ def build_engine(
     graph: str = "unified",
     builder_optimization_level: int | None = None,
     allow_function_bodies: bool = False,
+    attention: str = DECOMPOSABLE,
     plan: BuildPlan | None = None,
 ) -> BuildResult:
     """Build ``output`` (+ ``output.json`` sidecar) from ``export_dir``.
@@ -265,6 +273,8 @@ def build_engine(
         builder_optimization_level: TensorRT builder optimization level (None = TensorRT's default).
         allow_function_bodies: Accept custom nodes built from their ONNX function bodies although a plugin
             library is given (otherwise a typed error).
+        attention: ``"decomposable"`` (default: TensorRT may split an IAttention into several kernels when it has
+            no fused one) or ``"fused"`` (fused kernels only; the build fails where none fits).
         plan: A precomputed `plan_build` result (the CLI prints it first); overrides the other args.
 
     Raises:
@@ -283,6 +293,7 @@ def build_engine(
         graph=graph,
         builder_optimization_level=builder_optimization_level,
         allow_function_bodies=allow_function_bodies,
+        attention=attention,
     )
     trt = import_tensorrt()  # before any file is written
     report = check_dispatch(plan, str(trt.__version__))
@@ -299,7 +310,10 @@ def build_engine(
         trt, network, report.custom_nodes(), expected=report.expected_plugin_layers(), plugins_loaded=lib is not None,
         allow_function_bodies=bool(plan.flags.get("allow_function_bodies")),
     )  # fmt: skip
-    needed = lib if any(net.plugin_layers.values()) else None  # the sidecar names the library only when needed
+    layers = mark_attention(trt, network, mode=plan.flags.get("attention", DECOMPOSABLE))
+    from hybridtrt.engine.plugin_registry import required_library
+
+    needed = required_library(net, lib)  # the sidecar names the library only when needed; plugin layers need one
     trt_profiles = []
     for spec in plan.profiles:
         profile = Profile()
@@ -311,6 +325,7 @@ def build_engine(
         profiles=trt_profiles,
         load_timing_cache=str(cache_in) if cache_in else None,
         builder_optimization_level=plan.flags.get("builder_optimization_level"),
+        profiling_verbosity=trt.ProfilingVerbosity.DETAILED,  # the engine inspector's per-layer facts
     )
 
     out = plan.output
@@ -340,6 +355,8 @@ def build_engine(
             network=net,
             build_flags=plan.flags,
         )
+        layers = inspect_engine_attention(trt, data, layers)
+        sidecar["attention"] = layers.to_sidecar()
         write_sidecar(sidecar, tmp_engine)  # writes tmp_engine + ".json" atomically
         os.replace(sidecar_path(tmp_engine), sidecar_path(out))
         try:
@@ -354,5 +371,5 @@ def build_engine(
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
     return BuildResult(
-        out, sidecar_path(out), plan, len(data), time.perf_counter() - start, str(trt.__version__), net, needed, report
+        out, sidecar_path(out), plan, len(data), time.perf_counter() - start, str(trt.__version__), net, needed, report, layers
     )

@@ -15,10 +15,15 @@ importer            when
 ==================  ===========================================================================================
 
 Every node of a non-default domain is checked (the ``hybridtrt`` ops and any op other helpers add), every
-standard op of `NATIVE_OPS` is checked against the release and the model's opset, and the graph as a whole
-against the release's opset range and, before 10.8, the local-function name-aliasing bug. Problems are
-sentences naming the node, the release and the fix. `require_dispatch` turns them — and custom nodes that
-would be built from function bodies although a plugin library is loaded — into one typed error.
+standard op of `NATIVE_OPS` against the release, the model's opset and its importer's refusals
+(`hybridtrt.engine.native_layers`), every standard op — in the graph and in every function body the parser
+would build — against `OP_RULES` (the static checker's attribute refusals, operators.md's element types and
+build-time-constant inputs), and the graph as a whole against the release's opset range and, before 10.8,
+the local-function name-aliasing bug. Element types come from ONNX shape inference for the graph and are
+propagated node by node through each function body from its call's input types. Problems are sentences
+naming the node (or the function body and its nodes), the release, the rule's source and the fix.
+`require_dispatch` turns them — and custom nodes that would be built from function bodies although a plugin
+library is loaded — into one typed error.
 
 The emulator is what the build checks before TensorRT parses anything; after parsing, the build compares its
 prediction with the plugin layers the network really holds (`hybridtrt.engine.network`).
@@ -34,12 +39,20 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from hybridtrt.engine.native_layers import IMPORTER_RULES, GraphFacts
 from hybridtrt.engine.trt_rules import (
+    BODY_FIXES,
     LOCAL_FUNCTION_ALWAYS,
     NATIVE_OPS,
+    NONZERO,
+    OP_RULES,
     PLUGIN_NAMESPACE_WINS,
+    PRESENT,
     REGISTERED_PLUGIN_WINS,
+    TRT_TYPE_NAMES,
+    AttributeRule,
     NativeOp,
+    OpRule,
     ParserRelease,
 )
 from hybridtrt.engine.versions import MIN_PLUGIN_DISPATCH, fmt, parse_version, parser_release
@@ -148,6 +161,67 @@ def _graph_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def _type_name(elem_type: int) -> str:
+    name = onnx.TensorProto.DataType.Name(elem_type)
+    return TRT_TYPE_NAMES.get(name, name)
+
+
+@dataclass
+class _Scope:
+    """What the rules need to know about the values of one graph or function body.
+
+    Attributes:
+        name: ``"graph"`` or ``"function domain::op"``.
+        types: Value name -> ONNX element type (0: unknown).
+        constants: Values known at build time (initializers, ``Constant`` outputs).
+        opsets: The scope's opset imports (schemas for type propagation in function bodies).
+    """
+
+    name: str
+    types: dict[str, int]
+    constants: set[str]
+    opsets: dict[str, int] = field(default_factory=dict)
+    propagate: bool = False
+
+
+def _graph_scope(model: onnx.ModelProto) -> tuple[_Scope, onnx.ModelProto | None, str]:
+    """The main graph's scope from ONNX shape inference (and the inferred model, or the reason it failed)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as e:  # onnx raises InferenceError / ValidationError / RuntimeError
+        inferred, error = None, f"{type(e).__name__}: {e}"
+    else:
+        error = ""
+    graph = (inferred or model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return _Scope("graph", types, constants), inferred, error
+
+
+def _bind_attribute_refs(function: onnx.FunctionProto, call: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The function's nodes with every attribute reference replaced by the call's value (or the default)."""
+    given = {a.name: a for a in call.attribute}
+    defaults = {a.name: a for a in function.attribute_proto}
+    nodes = []
+    for node in function.node:
+        if not any(a.ref_attr_name for a in node.attribute):
+            nodes.append(node)
+            continue
+        bound = onnx.NodeProto()
+        bound.CopyFrom(node)
+        del bound.attribute[:]
+        for a in node.attribute:
+            source = (given.get(a.ref_attr_name) or defaults.get(a.ref_attr_name)) if a.ref_attr_name else a
+            if source is not None:
+                value = onnx.AttributeProto()
+                value.CopyFrom(source)
+                value.name = a.name
+                bound.attribute.append(value)
+        nodes.append(bound)
+    return nodes
+
+
 class _Emulator:
     def __init__(self, model: onnx.ModelProto, version: str, plugins: frozenset[Creator], plugin_override: bool):
         self.version = parse_version(version)
@@ -155,6 +229,11 @@ class _Emulator:
         self.functions = {f.name: f for f in model.functions}  # the parser keys local functions by op_type
         self.report = DispatchReport(version, self.release, default_opset(model), plugins, plugin_override)
         self._collisions_reported: set[str] = set()
+        self.graph_scope, inferred, self.inference_error = _graph_scope(model)
+        self.graph_scope.opsets = {o.domain: o.version for o in model.opset_import}
+        self.facts = GraphFacts.of(model, inferred) if inferred is not None else None
+        self._refusals: dict[tuple[str, str], list[str]] = {}  # (scope, refusal) -> node names
+        self._fixes: dict[tuple[str, str], str] = {}
 
     # -- the parser's decision for one node (ModelImporter.cpp parseNode, by release) -------------------
     def importer(self, node: onnx.NodeProto) -> tuple[str, str]:
@@ -189,15 +268,18 @@ class _Emulator:
         return UNSUPPORTED, missing
 
     # -- walking the graph ------------------------------------------------------------------------------------
-    def visit(self, nodes: Iterable[onnx.NodeProto], scope: str, outer: set[str]) -> None:
+    def visit(self, nodes: Iterable[onnx.NodeProto], scope: str, outer: set[str], values: _Scope) -> None:
         for node in nodes:
-            self.visit_node(node, scope, outer)
+            self.visit_node(node, scope, outer, values)
+            if values.propagate:
+                self.propagate(node, values)
             for a in node.attribute:
                 subgraphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-                for g in subgraphs:
-                    self.visit(g.node, f"{scope} > {node.name or node.op_type}.{a.name}", outer | _graph_names(g))
+                for g in subgraphs:  # element types inside subgraphs are not inferred: checked for attributes only
+                    inner = _Scope(values.name, {}, {i.name for i in g.initializer})
+                    self.visit(g.node, f"{scope} > {node.name or node.op_type}.{a.name}", outer | _graph_names(g), inner)
 
-    def visit_node(self, node: onnx.NodeProto, scope: str, outer: set[str]) -> None:
+    def visit_node(self, node: onnx.NodeProto, scope: str, outer: set[str], values: _Scope) -> None:
         report = self.report
         name = node.name or f"<{node.op_type} -> {', '.join(node.output)}>"
         custom = node.domain not in _DEFAULT_DOMAINS
@@ -205,11 +287,15 @@ class _Emulator:
         importer, detail = self.importer(node)
         if not custom:
             native = NATIVE_OPS.get(node.op_type)
+            if importer in (BUILTIN, NATIVE) and node.op_type in OP_RULES:
+                self.check_op(node, name, OP_RULES[node.op_type], values)
+            if node.op_type == "Constant":
+                values.constants.update(o for o in node.output if o)
             if importer == BUILTIN and native is None:
                 report.builtin[node.op_type] += 1
                 return
             if native is not None and importer == BUILTIN:
-                importer, detail = self.native(native)
+                importer, detail = self.native(native, node, name)
         elif importer == BUILTIN:
             report.problems.append(
                 f"node {name!r} ({op}): its op_type {node.op_type!r} is also a standard ONNX op, and TensorRT's parser "
@@ -221,15 +307,104 @@ class _Emulator:
         if importer == LOCAL_FUNCTION:
             function = self.functions[node.op_type]
             self.check_function_scope(function, name, op, outer)
-            self.visit(function.node, f"function {op}", outer)
+            body = _Scope(
+                f"function {op}",
+                {formal: values.types.get(actual, 0) for formal, actual in zip(function.input, node.input)},
+                {formal for formal, actual in zip(function.input, node.input) if actual in values.constants},
+                {o.domain: o.version for o in function.opset_import},
+                propagate=True,
+            )
+            self.visit(_bind_attribute_refs(function, node), body.name, outer, body)
 
-    def native(self, native: NativeOp) -> tuple[str, str]:
-        detail = native.layer + (f" ({native.restrictions})" if native.restrictions else "")
+    def native(self, native: NativeOp, node: onnx.NodeProto, name: str) -> tuple[str, str]:
+        detail = native.layer  # its importer's restrictions are checked below, not repeated in the table
         if self.version < native.since:
             return UNSUPPORTED, f"{native.op_type} needs TensorRT >= {fmt(native.since)} ({native.layer})"
         if self.report.opset < native.min_opset:
             return UNSUPPORTED, f"{native.op_type} exists from opset {native.min_opset}, the model imports {self.report.opset}"
+        if self.facts is not None and native.op_type in IMPORTER_RULES:
+            refused = IMPORTER_RULES[native.op_type](node, self.facts)
+            if refused:
+                return UNSUPPORTED, f"TensorRT's {native.op_type} importer (onnxOpImporters.cpp) would not build {native.layer}: " + "; ".join(refused)
         return NATIVE, detail
+
+    # -- the parser's static checker and operators.md, per op (OP_RULES) ---------------------------------------
+    def refuse(self, scope: str, node_name: str, refusal: str, fix: str = "") -> None:
+        names = self._refusals.setdefault((scope, refusal), [])
+        if node_name not in names:  # a function body is visited once per call
+            names.append(node_name)
+        if fix:
+            self._fixes[(scope, refusal)] = fix
+
+    def check_op(self, node: onnx.NodeProto, name: str, rule: OpRule, values: _Scope) -> None:
+        attrs = _attrs(node)
+        for a in rule.attributes:
+            if self.version >= a.since and a.name in attrs and self._refuses(a, attrs[a.name]):
+                self.refuse(values.name, name, self._attribute_refusal(rule.op_type, a, attrs[a.name]), a.fix)
+        for i in rule.typed_inputs:
+            if i < len(node.input) and node.input[i] and values.types.get(node.input[i], 0):
+                kind = _type_name(values.types[node.input[i]])
+                if kind not in rule.types:
+                    self.refuse(values.name, name, f"{rule.op_type} on {kind} (input {i}) is not supported: TensorRT's "
+                                f"{rule.op_type} takes {', '.join(rule.types)} (operators.md){self._quantized_note(kind)}")  # fmt: skip
+        if rule.typed_to and "to" in attrs:
+            kind = _type_name(int(attrs["to"]))  # type: ignore[arg-type]
+            if kind not in rule.types:
+                self.refuse(values.name, name, f"{rule.op_type} to {kind} is not supported: TensorRT's {rule.op_type} takes "
+                            f"{', '.join(rule.types)} (operators.md){self._quantized_note(kind)}")  # fmt: skip
+        for i in rule.constant_inputs:
+            if i < len(node.input) and node.input[i] and node.input[i] not in values.constants:
+                self.refuse(values.name, name, f"{rule.op_type}'s input {i} must be a build-time constant (an initializer "
+                            "or a Constant node; operators.md), it is computed in the graph")  # fmt: skip
+
+    @staticmethod
+    def _refuses(rule: AttributeRule, value: object) -> bool:
+        if rule.refuse == PRESENT:
+            return True
+        if rule.refuse == NONZERO:
+            return bool(value)
+        return value not in rule.allowed
+
+    def _attribute_refusal(self, op_type: str, rule: AttributeRule, value: object) -> str:
+        shown = "(any value)" if rule.refuse == PRESENT else f"= {value!r}"
+        where = ("TensorRT's static checker refuses it before importing anything (onnxOpCheckers.cpp)" if rule.source == "checker"
+                 else "operators.md")  # fmt: skip
+        return f"{op_type} with attribute {rule.name} {shown}: \"{rule.message}\" — {where}"
+
+    @staticmethod
+    def _quantized_note(kind: str) -> str:
+        if kind in ("FP8", "FP4", "INT4", "INT8"):
+            return f"; {kind} is a quantized type in TensorRT, reached only through QuantizeLinear/DequantizeLinear"
+        return ""
+
+    def propagate(self, node: onnx.NodeProto, values: _Scope) -> None:
+        """Element types of ``node``'s outputs inside a function body (ONNX's per-node inference)."""
+        if node.domain not in _DEFAULT_DOMAINS:
+            return
+        try:
+            schema = onnx.defs.get_schema(node.op_type, values.opsets.get(node.domain, values.opsets.get("", 1)), node.domain)
+            known = {i: onnx.helper.make_tensor_type_proto(values.types[i], None) for i in node.input if values.types.get(i)}
+            outputs = onnx.shape_inference.infer_node_outputs(schema, node, known)
+        except Exception:  # noqa: BLE001 - onnx raises several types; an unknown type just goes unchecked
+            return
+        for out, proto in outputs.items():
+            values.types[out] = proto.tensor_type.elem_type
+
+    def refusal_problems(self) -> list[str]:
+        """One sentence per (scope, refusal) naming up to three nodes, then the fix of each refused body."""
+        problems, bodies = [], []
+        for (scope, refusal), names in self._refusals.items():
+            listed = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            where = "" if scope == "graph" else f"in the body of {scope.removeprefix('function ')}, which TensorRT would build: "
+            fix = self._fixes.get((scope, refusal))
+            problems.append(f"{where}{refusal} — node{'s' if len(names) > 1 else ''} {listed}" + (f" — fix: {fix}" if fix else ""))
+            if scope != "graph" and scope not in bodies:
+                bodies.append(scope)
+        for scope in bodies:
+            op = scope.removeprefix("function ")
+            fix = BODY_FIXES.get(op.rsplit("::", 1)[-1], "build the plugin for it, or re-export without it")
+            problems.append(f"{op} cannot be built from its function body by TensorRT {fmt(self.version)} — fix: {fix}")
+        return problems
 
     def check_function_scope(self, function: onnx.FunctionProto, name: str, op: str, outer: set[str]) -> None:
         """Before 10.8 a local function whose value names alias an outer-scope tensor is imported wrongly."""
@@ -249,14 +424,22 @@ class _Emulator:
         report = self.report
         if report.opset > self.release.max_opset:
             report.problems.append(
-                f"TensorRT {fmt(self.version)}'s ONNX parser covers opsets up to {self.release.max_opset} "
-                f"({self.release.source}); this graph is opset {report.opset} — install TensorRT >= 10.15 (11 recommended), "
+                f"TensorRT {fmt(self.version)} documents ONNX opsets up to {self.release.max_opset} "
+                f"({self.release.source}); this graph is opset {report.opset}. The parser itself only checks a minimum, "
+                "so hybridtrt refuses (policy) rather than let ops newer than the release build by older rules or fail "
+                "deep in the build — install TensorRT >= 10.15 (11 recommended), "
                 f"or re-export with `hybridtrt export --opset {self.release.max_opset}` if the dtype allows it "
                 "(bf16 needs 22)"
             )
         elif report.opset < 9:
             report.problems.append(f"the graph imports default-domain opset {report.opset}; TensorRT's parser needs >= 9")
-        self.visit(model.graph.node, "graph", _graph_names(model.graph))
+        if self.inference_error:
+            report.problems.append(
+                f"ONNX shape inference failed on the graph ({self.inference_error}): the element types TensorRT's "
+                "operators take cannot be checked — re-export with this hybridtrt"
+            )
+        self.visit(model.graph.node, "graph", _graph_names(model.graph), self.graph_scope)
+        report.problems += self.refusal_problems()
         return report
 
 

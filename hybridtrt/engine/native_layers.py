@@ -1,35 +1,31 @@
-"""Will TensorRT build our attention and KV-update nodes as its native layers? A data table of the
-ONNX parser's rules (onnx-tensorrt ``onnxOpImporters.cpp``, TensorRT 10.14–11.1) and one function
-that applies them to a graph — no TensorRT needed, so the answer is known on any machine.
+"""The importers of TensorRT's native attention layers: what ``importAttention`` / ``importTensorScatter``
+(onnx-tensorrt ``onnxOpImporters.cpp``, TensorRT 10.14–11.1) refuse or silently ignore — called by the
+dispatch emulator (`hybridtrt.engine.dispatch`) for every node it imports as a native layer; which release
+imports which op is `hybridtrt.engine.trt_rules.NATIVE_OPS`, what the static checker refuses before any
+import (``softmax_precision``, ``softcap``) is `hybridtrt.engine.trt_rules.OP_RULES`.
 
-=================  =================  ============  ===============================================
-ONNX op            TensorRT layer     parser since  what the importer requires (else it refuses,
-                                                    or — marked ⚠ — silently ignores the input)
-=================  =================  ============  ===============================================
-``Attention``      ``IAttention``     10.14         one output; no ``past_key``/``past_value``;
-(opset 23)                                          Q/K/V of equal rank 3 or 4 (3: head attrs);
-                                                    ⚠ ``nonpad_kv_seqlen`` and ``softcap`` are
-                                                    not read; ``is_causal`` aligns upper-left;
-                                                    mask rank ≤ 4, bool or Q's dtype
-``TensorScatter``  ``IKVCacheUpdate   10.15         cache and update rank 4; ``axis`` −2;
-(opset 24)         Layer`` kLINEAR                  ``mode="linear"``; the cache's sequence dim
-                                                    static; its output a network output (the
-                                                    layer writes in place into bound memory)
-=================  =================  ============  ===============================================
-
-The issue-14 dispatch emulator can fold `NATIVE_LAYERS` into its table; `hybridtrt build` should
-call `check_native_layers` with the installed TensorRT version before parsing.
+=================  =================  ===============================================================
+ONNX op            TensorRT layer     what the importer requires (else it refuses, or — marked ⚠ —
+                                      silently ignores the input)
+=================  =================  ===============================================================
+``Attention``      ``IAttention``     one output; no ``past_key``/``past_value``; Q/K/V of equal
+                                      rank 3 or 4 (3: head attrs); ⚠ ``nonpad_kv_seqlen`` is not
+                                      read; ``is_causal`` aligns upper-left; mask rank ≤ 4, bool or
+                                      Q's dtype
+``TensorScatter``  ``IKVCacheUpdate   cache and update rank 4; ``axis`` −2; ``mode="linear"``; the
+                   Layer`` kLINEAR    cache's sequence dim static; its output a network output (the
+                                      layer writes in place into bound memory)
+=================  =================  ===============================================================
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import onnx
 from onnx import NodeProto, helper
 
-from hybridtrt.errors import EngineError
 
 
 @dataclass
@@ -42,8 +38,9 @@ class GraphFacts:
     opset: int
 
     @classmethod
-    def of(cls, model: onnx.ModelProto) -> GraphFacts:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    def of(cls, model: onnx.ModelProto, inferred: onnx.ModelProto | None = None) -> GraphFacts:
+        """Facts of ``model``; ``inferred`` is its shape-inferred copy when the caller has one."""
+        inferred = inferred or onnx.shape_inference.infer_shapes(model, strict_mode=False)
         shapes, dtypes = {}, {}
         for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
             t = v.type.tensor_type
@@ -74,8 +71,6 @@ def _attention_problems(node: NodeProto, g: GraphFacts) -> list[str]:
         problems.append("sets past_key/past_value, which TensorRT's importer refuses (write the cache with TensorScatter)")
     if _present(node, 6):
         problems.append("sets nonpad_kv_seqlen, which TensorRT's importer ignores (put padding in attn_mask)")
-    if a.get("softcap", 0.0):
-        problems.append("sets softcap, which TensorRT's importer ignores")
     if a.get("is_causal", 0):
         problems.append("sets is_causal: TensorRT aligns it upper-left, wrong for queries after a cache (pass the causal mask)")
     ranks = {g.rank(n) for n in node.input[:3]}
@@ -113,66 +108,8 @@ def _tensor_scatter_problems(node: NodeProto, g: GraphFacts) -> list[str]:
     return problems
 
 
-@dataclass(frozen=True)
-class NativeRule:
-    """One ONNX op TensorRT builds as a native layer."""
-
-    op_type: str
-    layer: str
-    since_tensorrt: tuple[int, int]
-    since_opset: int
-    problems: Callable[[NodeProto, GraphFacts], list[str]]
-    source: str = field(default="onnx-tensorrt onnxOpImporters.cpp")
-
-
-#: op_type -> rule (a registry; the dispatch emulator can merge it).
-NATIVE_LAYERS: dict[str, NativeRule] = {
-    "Attention": NativeRule("Attention", "IAttention", (10, 14), 23, _attention_problems),
-    "TensorScatter": NativeRule("TensorScatter", "IKVCacheUpdateLayer", (10, 15), 24, _tensor_scatter_problems),
+#: op_type -> the importer's refusals for a node of that op (`NATIVE_OPS` says which release imports it).
+IMPORTER_RULES: dict[str, Callable[[NodeProto, GraphFacts], list[str]]] = {
+    "Attention": _attention_problems,
+    "TensorScatter": _tensor_scatter_problems,
 }
-
-
-@dataclass
-class Dispatch:
-    """Where one node goes: ``layer`` when TensorRT builds it natively, else ``reasons``."""
-
-    node: str
-    op_type: str
-    layer: str | None
-    reasons: list[str]
-
-
-def _version(text: str) -> tuple[int, int]:
-    parts = (str(text).split(".") + ["0"])[:2]
-    return int(parts[0]), int(parts[1])
-
-
-def native_dispatch(model: onnx.ModelProto, tensorrt_version: str) -> list[Dispatch]:
-    """Apply `NATIVE_LAYERS` to every node of the main graph that has a rule."""
-    g = GraphFacts.of(model)
-    trt = _version(tensorrt_version)
-    out = []
-    for node in model.graph.node:
-        rule = NATIVE_LAYERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if rule is None:
-            continue
-        reasons = []
-        if trt < rule.since_tensorrt:
-            reasons.append(f"TensorRT {tensorrt_version} predates the {rule.op_type} importer ({'.'.join(map(str, rule.since_tensorrt))})")
-        if g.opset < rule.since_opset:
-            reasons.append(f"opset {g.opset} < {rule.since_opset}")
-        reasons += rule.problems(node, g)
-        out.append(Dispatch(node.name or node.op_type, node.op_type, None if reasons else rule.layer, reasons))
-    return out
-
-
-def check_native_layers(model: onnx.ModelProto, tensorrt_version: str) -> list[Dispatch]:
-    """`native_dispatch`, raising `EngineError` when a node would not become its native layer."""
-    dispatch = native_dispatch(model, tensorrt_version)
-    bad = [d for d in dispatch if d.layer is None]
-    if bad:
-        raise EngineError(
-            "TensorRT would not build these nodes as native layers: " + "; ".join(f"{d.node}: {', '.join(d.reasons)}" for d in bad[:4]),
-            fix="re-export with this hybridtrt at opset 24, and build with TensorRT ≥ 10.15",
-        )
-    return dispatch

@@ -13,6 +13,10 @@ again, and everything needed to refuse a mismatch up front:
 - ``source``: export dir, graph role, and the sha256 of its ``hybridtrt.json``;
 - ``inputs`` / ``outputs`` / ``states``: names, dtypes, symbolic shapes from the manifest;
 - ``dtype`` / ``state_dtype`` / ``model``: precision and model dims (vocab, eos, ...);
+- ``kv_cache`` / ``max_cache_len``: the export's KV-cache flavour (DESIGN.md §6): ``"dynamic"`` (``attention_mask``
+  input, KV grows; ``max_cache_len`` null) or ``"static"`` (``cache_position`` / ``padding_length`` inputs, KV at
+  ``max_cache_len`` positions written in place). Sidecars written before the field existed read as dynamic; one
+  of them whose inputs are a static export's is refused (`read_sidecar`);
 - ``build``: the build flags (limits, strongly typed, timing cache).
 
 Deterministic JSON (sorted keys). Pure functions, no TensorRT.
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from hybridtrt.engine.profiles import ProfileSpec
 from hybridtrt.errors import ArtefactError
+from hybridtrt.exporter.io import CACHE_POSITION, DYNAMIC, STATIC, CacheFlavour
 from hybridtrt.exporter.manifest import MANIFEST_FILE, Manifest
 
 if TYPE_CHECKING:
@@ -122,6 +127,8 @@ def make_sidecar(
         "dtype": manifest.dtype,
         "state_dtype": manifest.state_dtype,
         "logits": manifest.logits,
+        "kv_cache": manifest.kv_cache,
+        "max_cache_len": manifest.max_cache_len,
         "model": {k: manifest.model.get(k) for k in ("vocab_size", "eos_token_id", "bos_token_id", "pad_token_id", "layer_types", "family")},
         "build": build_flags,
     }
@@ -176,7 +183,38 @@ def read_sidecar(engine_path: str | Path) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in d]
     if missing:
         raise ArtefactError(f"{path} lacks {', '.join(missing)}", fix="rebuild the engine")
+    _check_flavour(d, path)
     return d
+
+
+def _check_flavour(d: dict[str, Any], path: Path) -> None:
+    """Fill in and check ``kv_cache`` / ``max_cache_len`` (in place).
+
+    A sidecar written before these fields existed is a dynamic-cache engine's, unless its inputs say otherwise.
+
+    Raises:
+        ArtefactError: An old sidecar of a static-cache engine (nothing records its capacity), an unknown flavour,
+            or a static flavour without a positive ``max_cache_len``.
+    """
+    if "kv_cache" not in d:
+        if any(i.get("name") == CACHE_POSITION for i in d.get("inputs", [])):
+            raise ArtefactError(
+                f"{path} belongs to an engine built from a static-cache export (input {CACHE_POSITION}) by a hybridtrt "
+                "whose sidecars did not record kv_cache / max_cache_len, so nothing says how to run it",
+                fix="rebuild the engine with this hybridtrt (`hybridtrt build EXPORT_DIR -o model.engine`)",
+            )
+        d["kv_cache"], d["max_cache_len"] = DYNAMIC, None
+    kind, capacity = d["kv_cache"], d.get("max_cache_len")
+    if kind not in (DYNAMIC, STATIC):
+        raise ArtefactError(f"{path} has kv_cache {kind!r}; this hybridtrt knows {DYNAMIC!r} and {STATIC!r}", fix="rebuild the engine with this hybridtrt")
+    if kind == STATIC and (not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1):
+        raise ArtefactError(f"{path} has kv_cache 'static' with max_cache_len {capacity!r}", fix="rebuild the engine with this hybridtrt")
+
+
+def sidecar_flavour(sidecar: dict[str, Any]) -> CacheFlavour:
+    """The KV-cache flavour of a sidecar read by `read_sidecar` (dynamic when the field is absent)."""
+    kind = sidecar.get("kv_cache", DYNAMIC)
+    return CacheFlavour(kind, sidecar.get("max_cache_len") if kind == STATIC else None)
 
 
 def sidecar_profiles(sidecar: dict[str, Any]) -> list[ProfileSpec]:

@@ -1,14 +1,19 @@
 """What TensorRT's ONNX parser does with an exported graph, by TensorRT version — data only, one place.
 
-Two tables, read by `hybridtrt.engine.versions` (the gates) and `hybridtrt.engine.dispatch` (the emulator):
+The tables, read by `hybridtrt.engine.versions` (the gates) and `hybridtrt.engine.dispatch` (the emulator,
+which applies every one of them to the graph and to every function body the parser would import):
 
 ``PARSER_RELEASES``: per release range of the ONNX parser, the newest documented default-domain opset, how a
 node that has both a model-local function and a registered plugin creator is imported, and whether local
 functions whose value names alias an outer scope are mishandled.
 
-``NATIVE_OPS``: standard ONNX ops the parser builds as a dedicated TensorRT layer only from some version on
-(the other helpers add rows here: Attention / TensorScatter for the static-cache flavour, ...). Ops not
-listed are assumed to import on every release this project supports (the graphs use ordinary ops).
+``NATIVE_OPS``: standard ONNX ops the parser builds as a dedicated TensorRT layer only from some version on;
+their importers' own refusals are `hybridtrt.engine.native_layers`.
+
+``OP_RULES``: per standard op, what the parser accepts before and while importing it — the element types of
+docs/operators.md ("Supported Types") and the attributes the static checker (``onnxOpCheckers.cpp``, run on
+every node, inside local-function bodies too, before anything of the model is imported) or the operators.md
+restrictions refuse. An op without a row is not type-checked.
 
 Sources, checked for this table (onnx/onnx-tensorrt and NVIDIA/TensorRT, both public):
 - ModelImporter.cpp ``parseNode`` at 10.0-GA / 10.1-GA: builtin importer, else ``LocalFunctionImporter``,
@@ -28,6 +33,21 @@ Sources, checked for this table (onnx/onnx-tensorrt and NVIDIA/TensorRT, both pu
   10.11: ONNX 1.18 = opset 23); 11.5 release notes: "Added support for ONNX opset 25".
 - ``loadFields`` (onnxOpImporters.cpp): only fields listed by the creator's ``getFieldNames`` are passed,
   INT attributes as ``kINT32``, ``plugin_version`` / ``plugin_namespace`` are read as STRING attributes.
+- Static checker: onnx-tensorrt ``onnxOpCheckers.cpp`` at the parser commits TensorRT pins as ``parsers/onnx``
+  (v10.14 c72727708d4e, v11.0 5ab48c5c436a; the 10.15-era dd0a3a9f8794 reads the same for these ops):
+  ``DEFINE_OP_CHECKER(Attention)`` refuses ``softcap != 0`` ("Setting softcap is not supported in TensorRT
+  Attention.") and a ``softmax_precision`` attribute of any value (``attrs.count("softmax_precision")``:
+  "Setting softmax precision is not supported in TensorRT Attention."); ``Cast`` refuses a ``to`` that
+  ``convertDtype`` cannot map; 11.0 adds ``ScatterElements`` (``reduction`` one of none/add/mul/max/min).
+  ``DEFINE_OP_CHECKER(LocalFunctionImporter)`` runs ``parseNodeStaticCheck`` on every node of the function
+  body; ``ModelImporter.cpp`` ``parseGraph`` stops importing at the first static error, so one refused node
+  fails the whole parse.
+- Types: docs/operators.md of TensorRT 10.15 ("opset 9 to opset 24"; no 11.x edition is published in the
+  repository), rows "Supported Types"; its notes: "INT8, INT4, FP8 and FP4 are treated as Quantized Types in
+  TensorRT, where support is available only through quantization from a floating-point type with higher
+  precision" — ``Cast`` lists FP32, FP16, BF16, INT32, INT64, UINT8, BOOL, so a float8 Cast is refused (the
+  importer: "Ignore "saturate" attribute as TRT will reject casts to FP8"); FP8 goes through Q/DQ only. The
+  rows are applied to every release (the newest published data).
 - Attention: operators.md (10.15) and changelog 10.14 "Added support for the Attention operator";
   TensorScatter: changelog 10.15, operators.md "past_cache and update must be 4D, axis must be -2"; the
   layers: ``INetworkDefinition::addAttention`` / ``addKVCacheUpdate`` (NvInfer.h, TensorRT 11.1), the latter
@@ -55,7 +75,9 @@ class ParserRelease:
 
     Attributes:
         since: First (major, minor) this row applies to.
-        max_opset: Newest default-domain opset the release documents (or its bundled ONNX release defines).
+        max_opset: Newest default-domain opset the release documents (or its bundled ONNX release defines). A
+            policy, not a parser limit: ``ModelImporter.cpp`` only refuses opsets below 7; hybridtrt refuses a graph
+            above the documented range instead of letting ops newer than the release import by older rules.
         dispatch: One of the three dispatch rules above.
         function_scope_bug: Local functions whose value names alias an outer-scope name are mishandled.
         source: Where the row comes from (see the module docstring).
@@ -92,7 +114,8 @@ class NativeOp:
         layer: The TensorRT layer it becomes.
         since: First TensorRT (major, minor) whose parser imports it.
         min_opset: The op's first ONNX opset.
-        restrictions: What the parser refuses (operators.md), for the report.
+        restrictions: operators.md's restriction text (documentation: the importer's rules are
+            `hybridtrt.engine.native_layers.IMPORTER_RULES`).
     """
 
     op_type: str
@@ -112,6 +135,116 @@ NATIVE_OPS: dict[str, NativeOp] = {
     )
 }  # fmt: skip
 
+
+#: TensorRT's names (operators.md) of the ONNX element types (``onnx.TensorProto.DataType`` names).
+TRT_TYPE_NAMES: dict[str, str] = {
+    "FLOAT": "FP32", "FLOAT16": "FP16", "BFLOAT16": "BF16", "DOUBLE": "DOUBLE", "FLOAT8E4M3FN": "FP8",
+    "FLOAT8E4M3FNUZ": "FP8 E4M3FNUZ", "FLOAT8E5M2": "FP8 E5M2", "FLOAT8E5M2FNUZ": "FP8 E5M2FNUZ", "FLOAT4E2M1": "FP4",
+    "INT4": "INT4", "UINT4": "UINT4", "INT8": "INT8", "UINT8": "UINT8", "INT16": "INT16", "UINT16": "UINT16",
+    "INT32": "INT32", "UINT32": "UINT32", "INT64": "INT64", "UINT64": "UINT64", "BOOL": "BOOL", "STRING": "STRING",
+}  # fmt: skip
+
+#: Refusal kinds of an `AttributeRule`.
+PRESENT = "present"  # the attribute is refused whatever its value
+NONZERO = "nonzero"  # refused unless absent or 0
+NOT_ONE_OF = "not one of"  # refused unless absent (the ONNX default) or one of `allowed`
+
+
+@dataclass(frozen=True)
+class AttributeRule:
+    """An attribute value TensorRT's parser refuses on one op.
+
+    Attributes:
+        name: The attribute.
+        refuse: `PRESENT`, `NONZERO` or `NOT_ONE_OF`.
+        message: What the parser says (the checker's text where it has one).
+        allowed: The values `NOT_ONE_OF` accepts.
+        since: First TensorRT (major, minor) that refuses it.
+        source: ``"checker"`` (onnxOpCheckers.cpp: before anything is imported) or ``"operators.md"``.
+        fix: What to do, when it is more than "do not set it".
+    """
+
+    name: str
+    refuse: str
+    message: str
+    allowed: tuple[object, ...] = ()
+    since: Version = (10, 0)
+    source: str = "checker"
+    fix: str = ""
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """What TensorRT's ONNX parser accepts of one standard op.
+
+    Attributes:
+        op_type: Default-domain op type.
+        types: operators.md "Supported Types" (TensorRT names, see `TRT_TYPE_NAMES`).
+        typed_inputs: The inputs whose element type the row means (the data, not indices or conditions).
+        typed_to: The ``to`` attribute (Cast) must be one of `types` too.
+        attributes: Attribute values refused (checker or operators.md restrictions).
+        constant_inputs: Inputs operators.md requires to be build-time constants (an initializer or a
+            ``Constant`` node): ``axes`` of the reductions, ``axis`` of CumSum.
+    """
+
+    op_type: str
+    types: tuple[str, ...]
+    typed_inputs: tuple[int, ...] = (0,)
+    typed_to: bool = False
+    attributes: tuple[AttributeRule, ...] = ()
+    constant_inputs: tuple[int, ...] = ()
+
+
+_FLOATS = ("FP32", "FP16", "BF16")
+_NUMBERS = (*_FLOATS, "INT32", "INT64")
+_ALL = (*_NUMBERS, "BOOL")
+_CAST = (*_NUMBERS, "UINT8", "BOOL")
+
+#: op_type -> its rule; the ops hybridtrt's graphs and function bodies use (operators.md, TensorRT 10.15).
+OP_RULES: dict[str, OpRule] = {
+    r.op_type: r
+    for r in (
+        OpRule("Attention", (*_FLOATS, "INT8", "FP8"), (0, 1, 2), attributes=(
+            AttributeRule("softmax_precision", PRESENT, "Setting softmax precision is not supported in TensorRT Attention.", since=(10, 14),
+                          fix="re-export with this hybridtrt, which no longer writes the attribute (ONNX Runtime computes the same)"),
+            AttributeRule("softcap", NONZERO, "Setting softcap is not supported in TensorRT Attention.", since=(10, 14)),
+        )),
+        OpRule("TensorScatter", (*_FLOATS, "INT32"), (0, 1)),
+        OpRule("Cast", _CAST, typed_to=True),
+        OpRule("CastLike", _CAST, (0, 1)),
+        OpRule("QuantizeLinear", _FLOATS),
+        OpRule("DequantizeLinear", ("INT8", "FP8", "FP4", "INT4")),
+        OpRule("Conv", _FLOATS),
+        OpRule("CumSum", _FLOATS, constant_inputs=(1,)),
+        OpRule("Softplus", _FLOATS),
+        OpRule("MatMul", _FLOATS, (0, 1)),
+        *(OpRule(op, _FLOATS) for op in ("Reciprocal", "Sqrt", "Sigmoid", "Exp")),
+        OpRule("TopK", _NUMBERS, attributes=(AttributeRule("sorted", NOT_ONE_OF, "`sorted` must be 1", (1,), source="operators.md"),)),
+        OpRule("ScatterND", _NUMBERS, attributes=(
+            AttributeRule("reduction", NOT_ONE_OF, "`reduction` other than `none` is not supported", ("none",), source="operators.md"),
+        )),
+        OpRule("ScatterElements", _NUMBERS, attributes=(
+            AttributeRule("reduction", NOT_ONE_OF, "ScatterElements reduction attribute must be one of: none, add, mul, max, min.",
+                          ("none", "add", "mul", "max", "min"), since=(11, 0)),
+        )),
+        *(OpRule(op, _NUMBERS) for op in ("Pad", "Range", "Pow", "Relu")),
+        *(OpRule(op, _NUMBERS, constant_inputs=(1,)) for op in ("ReduceProd", "ReduceMax", "ReduceSum", "ReduceMean")),
+        *(OpRule(op, _NUMBERS, (0, 1)) for op in ("Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Div", "Sub", "Mul", "Add")),
+        *(OpRule(op, _NUMBERS, (0, 1)) for op in ("Min", "Max")),
+        *(OpRule(op, ("BOOL",), (0, 1)) for op in ("And", "Or")),
+        OpRule("Not", ("BOOL",)),
+        OpRule("Where", _ALL, (1, 2)),
+        *(OpRule(op, _ALL) for op in ("GatherElements", "Gather", "Split", "Slice", "Squeeze", "Unsqueeze", "Expand",
+                                      "Shape", "Reshape", "Transpose", "Concat")),
+    )
+}  # fmt: skip
+
+#: Custom ops without a TensorRT plugin whose function body holds what TensorRT refuses: the fix to print.
+BODY_FIXES: dict[str, str] = {
+    "MoeExpertsFp8": "FP8 MoE experts have no TensorRT plugin yet and their function body casts to/from float8, which "
+    "TensorRT takes only through Q/DQ: export the MoE checkpoint without --quantize fp8 (bf16 experts) to build it "
+    "with TensorRT; FP8 MoE runs on ONNX Runtime today",
+}
 
 #: The plugin creators libhybridtrt_trt.so registers: (name, version, namespace) (DESIGN.md §5).
 HYBRIDTRT_CREATORS: frozenset[tuple[str, str, str]] = frozenset(

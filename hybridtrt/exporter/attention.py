@@ -11,8 +11,11 @@ The ``Attention`` node has exactly one output and no ``past_key``/``past_value``
 ``nonpad_kv_seqlen`` inputs: TensorRT's importer refuses the first two and ignores the third, so
 padding and causality travel in the boolean ``attn_mask`` ``[B, 1, L, T]`` (True = attend), never
 in ``is_causal`` (ONNX and TensorRT align it upper-left, wrong for a query block after a cache).
-GQA is native (``K``/``V`` keep ``H_kv`` heads). Half-precision models ask for an fp32 softmax, as
-the reference computes it.
+GQA is native (``K``/``V`` keep ``H_kv`` heads). No attribute asks for the softmax precision:
+TensorRT's static checker refuses the node when ``softmax_precision`` is present at all, whatever its
+value (onnx-tensorrt ``onnxOpCheckers.cpp`` ``DEFINE_OP_CHECKER(Attention)``, TensorRT 10.14–11.1),
+and ONNX Runtime's results are bitwise the same without it (fp16, bf16 and static-cache exports:
+``tests/engine/test_parser_rules.py``). ``softcap`` stays 0 (refused otherwise, same checker).
 
 Below opset 23 there is no ``Attention`` op; the fallback computes GQA by reshaping the query to
 ``[B, H_kv, R·L, D]`` (``R = H / H_kv``) instead of repeating K/V per head.
@@ -34,14 +37,10 @@ from hybridtrt.ops import kv_cache  # noqa: F401  (registers torch.ops.hybridtrt
 ATTENTION_OPSET = 23
 TENSOR_SCATTER_OPSET = 24
 
-_HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
-
-
 def _sdpa_attention_op(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False):
     """``scaled_dot_product_attention`` → one standard ``Attention`` node (opset ≥ 23)."""
     _check_sdpa(attn_mask, dropout_p, is_causal)
-    precision = {"softmax_precision": int(ir.DataType.FLOAT)} if query.dtype in _HALF else {}
-    y, _, _, _ = op23.Attention(query, key, value, attn_mask, scale=scale, **precision)
+    y, _, _, _ = op23.Attention(query, key, value, attn_mask, scale=scale)
     return y
 
 

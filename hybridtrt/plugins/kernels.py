@@ -31,6 +31,7 @@ __all__ = [
     "DTYPE_CODES",
     "MAX_CHUNK",
     "STATUS_NAMES",
+    "START_STATE_ITEMSIZE",
     "SUB_TILE",
     "KernelLibrary",
     "KernelStatusError",
@@ -38,9 +39,9 @@ __all__ = [
     "scan_workspace_bytes",
 ]
 
-#: HYBRIDTRT_KERNELS_ABI_VERSION this binding is written for (3: y is float32); a library of another version is
+#: HYBRIDTRT_KERNELS_ABI_VERSION this binding is written for (3: y is float32; 4: fp16 start states fp32); a library of another version is
 #: refused at load, since its launchers would read or write buffers of other sizes than the ones passed here.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 #: C ABI dtype codes (HybridTrtDtype).
 DTYPE_CODES: dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -63,8 +64,9 @@ STATUS_NAMES: dict[int, str] = {
 SUB_TILE = 64
 #: Longest chunk of the scan kernels.
 MAX_CHUNK = 256
-#: Bytes per element of each C ABI dtype.
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+#: Bytes per chunk start state in the scan's workspace, by activation dtype: fp32 for fp16 (a start state can pass
+#: fp16's 65504 where the fp32 recurrence is fine, as y can), the activation dtype otherwise (bf16 has fp32's range).
+START_STATE_ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 4, "bfloat16": 2}
 
 _i64, _i32, _size, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_size_t, ctypes.c_void_p
 
@@ -102,12 +104,14 @@ def chunk_length(chunk_size: int) -> int:
 def scan_workspace_bytes(
     batch: int, seq_len: int, heads: int, head_dim: int, d_state: int, chunk_size: int, act_dtype: str = "float16"
 ) -> int:
-    """The documented workspace formula of the scan: every chunk's start state in the activation dtype.
+    """The documented workspace formula of the scan: every chunk's start state, fp32 for fp16 activations.
 
-    ``align256(B·H·⌈L/Q⌉·P·N·sizeof(act))`` with ``Q = chunk_length(chunk_size)`` (mirrors the C code).
+    ``align256(B·H·⌈L/Q⌉·P·N·s)`` with ``Q = chunk_length(chunk_size)`` and
+    ``s = START_STATE_ITEMSIZE[act_dtype]`` (4 for float32 and float16, 2 for bfloat16); mirrors the C code.
+    Python integers: no 32- or 64-bit wrap.
     """
     chunks = -(-seq_len // chunk_length(chunk_size))
-    return -(-(batch * heads * chunks * head_dim * d_state * _ITEMSIZE[act_dtype]) // 256) * 256
+    return -(-(batch * heads * chunks * head_dim * d_state * START_STATE_ITEMSIZE[act_dtype]) // 256) * 256
 
 
 class KernelLibrary:

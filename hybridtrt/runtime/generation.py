@@ -20,10 +20,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from hybridtrt.engine.limits import DEFAULT_PREFILL_CHUNK
 from hybridtrt.errors import InputError
-
-#: Longest prefill call (tokens) of `iter_generate` unless told otherwise.
-DEFAULT_PREFILL_CHUNK = 2048
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:

@@ -21,13 +21,17 @@ Design choices:
 - **Profiles**: prefill (profile 0) for ``seq > 1`` or ``past == 0``, decode (profile 1) for one
   token on a non-empty cache; the context switches profile only when the choice changes (once per
   generation).
-- **No CUDA graphs.** A captured graph replays fixed shapes and fixed addresses, but every decode
-  step here changes both: ``attention_mask`` is ``[B, past + 1]`` and the KV inputs are
-  ``[B, H, past, D]`` with ``past`` growing by one, and ping-pong swaps the buffers. A graph would
-  be valid for a single step (capture costs more than it saves). This holds for pure Mamba-2
-  models too, because the mask still grows. Capturing the decode step needs a fixed-capacity graph
-  interface (KV and mask at ``max_cache_len`` plus a position input), which is a change of the
-  graph contract (DESIGN.md §6), not of this runtime; the plugins are already graph-safe (§9).
+- **Both KV-cache flavours** (DESIGN.md §6), told apart by the sidecar's ``kv_cache``. A dynamic-cache
+  engine takes ``attention_mask [B, past + L]`` and KV inputs that grow by ``L`` per call, so no two
+  decode steps have the same shapes: it runs eagerly, as above. A **static-cache** engine
+  (``--kv-cache static``) takes ``cache_position [B]`` / ``padding_length [B]`` (derived from the
+  generation loop's mask, `hybridtrt.runtime.states.static_positions`) and fixed-capacity KV buffers,
+  so a decode step has fixed shapes and addresses once the batch is known: `TrtModel` hands every call
+  to `hybridtrt.runtime.cuda_graphs.StaticEngineSession` (one buffer per state the engine aliases —
+  TensorRT's KV-cache update writes in place — and a ping-pong pair for conv/SSM), which captures the
+  first decode step of each ``(batch, buffer parity)`` as a CUDA graph and replays it afterwards
+  (``cuda_graphs=False``: every call eager). All work of a model, graph capture included, runs on its
+  one non-default stream.
 - **One live generation per model**: the states live in the model's buffers, so `zero_state`
   invalidates earlier states; stepping a stale state is refused with an `InputError`.
 """
@@ -44,10 +48,12 @@ from typing import Any
 import torch
 
 from hybridtrt.engine.build import import_tensorrt
-from hybridtrt.engine.sidecar import check_plugin_library, read_sidecar
+from hybridtrt.engine.plugin_registry import load_plugin_library
+from hybridtrt.engine.sidecar import check_plugin_library, read_sidecar, sidecar_flavour
 from hybridtrt.errors import ArtefactError, EngineError, InputError, MissingDependencyError
-from hybridtrt.exporter.io import ATTENTION_MASK, INPUT_IDS, LOGITS
+from hybridtrt.exporter.io import ATTENTION_MASK, INPUT_IDS, LOGITS, SEQ
 from hybridtrt.runtime.buffers import BufferPlan, PingPong, StateSlot
+from hybridtrt.runtime.cuda_graphs import GraphApi, StaticEngineSession, StaticEngineStepper, StaticLayout, TorchCudaGraphs
 from hybridtrt.runtime.generation import GenerationResult, generate, iter_generate
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -90,30 +96,32 @@ class TrtModel:
         engine_path: ``model.engine`` written by ``hybridtrt build`` (``model.engine.json`` beside it).
         plugins: Plugin library to load instead of the sidecar's path (its sha256 must match).
         device: CUDA device index.
+        cuda_graphs: Replay the decode steps of a static-cache engine as CUDA graphs (no effect on a
+            dynamic-cache engine, whose decode shapes change every step).
 
     Raises:
         MissingDependencyError: No TensorRT bindings or no CUDA GPU.
         ArtefactError: Missing engine/sidecar, or a plugin library missing or with another hash.
-        EngineError: TensorRT version or GPU differs from the build's, or deserialization failed.
+        EngineError: TensorRT version or GPU differs from the build's, the plugin library could not be loaded (or
+            another library with the same creators is loaded in this process), or deserialization failed.
     """
 
     backend = "tensorrt"
 
-    def __init__(self, engine_path: str | Path, *, plugins: str | Path | None = None, device: int = 0) -> None:
+    def __init__(self, engine_path: str | Path, *, plugins: str | Path | None = None, device: int = 0, cuda_graphs: bool = True) -> None:
         self.engine_path = Path(engine_path)
         trt = import_tensorrt()
         self.device = self._select_device(device)
         if not self.engine_path.is_file():
             raise ArtefactError(f"engine {self.engine_path} does not exist", fix="build it with `hybridtrt build EXPORT_DIR -o model.engine`")
         self.sidecar = read_sidecar(self.engine_path)
+        self.flavour = sidecar_flavour(self.sidecar)
         self.plan = BufferPlan.from_sidecar(self.sidecar)
         self._check_compatible(trt)
         self.plugin_library = check_plugin_library(self.sidecar, plugins)
 
         self._logger = trt.Logger(trt.Logger.WARNING)
-        trt.init_libnvinfer_plugins(self._logger, "")
-        if self.plugin_library is not None and trt.get_plugin_registry().load_library(str(self.plugin_library)) is None:
-            raise EngineError(f"TensorRT could not load plugin library {self.plugin_library}", fix="rebuild the plugins against this TensorRT")
+        load_plugin_library(trt, self.plugin_library)  # once per process: a second model reuses the handle
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
@@ -121,10 +129,14 @@ class TrtModel:
         self.in_place = self._aliased_states()
         self.context = self.engine.create_execution_context()
         self.cuda_stream = self._new_stream()
-        self._allocate()
         self._profile: int | None = None
         self._pp = PingPong(batch=0)
         self._generation = 0
+        self._static: StaticEngineStepper | None = None
+        if self.flavour.static:
+            self._static = self._static_stepper(cuda_graphs)
+        else:
+            self._allocate()
 
     # -- setup ----------------------------------------------------------------------------------
     # The CUDA touch points, kept apart so that tests can run the bookkeeping with a fake
@@ -144,6 +156,14 @@ class TrtModel:
 
     def _on_stream(self) -> Any:
         return torch.cuda.stream(self.cuda_stream)
+
+    def _empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A 1-D device buffer (every buffer of the model is allocated here, once)."""
+        return torch.empty(numel, dtype=dtype, device=self.device)
+
+    def _graph_api(self) -> GraphApi:
+        """CUDA-graph capture and replay on the model's stream."""
+        return TorchCudaGraphs(self.cuda_stream)
 
     def _compute_capability(self) -> str:
         major, minor = torch.cuda.get_device_capability(self.device)
@@ -195,21 +215,38 @@ class TrtModel:
         for s in plan.states:
             n = math.prod(s.shape_at(plan.max_batch, plan.max_cache_len))
             dt = _torch_dtype(s.dtype)
-            first = torch.empty(n, dtype=dt, device=self.device)
+            first = self._empty(n, dt)
             # one buffer bound as past and present when the engine updates the state in place
-            second = first if s.past_name in self.in_place else torch.empty(n, dtype=dt, device=self.device)
+            second = first if s.past_name in self.in_place else self._empty(n, dt)
             self._pairs[s.past_name] = (first, second)
-        self._outputs = {
-            name: torch.empty(math.prod(plan.output_max_shape(name)), dtype=_torch_dtype(dtype), device=self.device)
-            for name, (_, dtype) in plan.outputs.items()
-        }
-        max_seq = max(p.dims["seq"].max for p in plan.profiles)
-        self._ids = torch.empty(plan.max_batch * max_seq, dtype=_torch_dtype(plan.input_dtypes.get(INPUT_IDS, "int64")), device=self.device)
-        self._mask = torch.empty(plan.max_batch * plan.max_cache_len, dtype=_torch_dtype(plan.input_dtypes.get(ATTENTION_MASK, "int64")), device=self.device)
+        self._outputs = {name: self._empty(math.prod(plan.output_max_shape(name)), _torch_dtype(dtype)) for name, (_, dtype) in plan.outputs.items()}
+        max_seq = max(p.dims[SEQ].max for p in plan.profiles)
+        self._ids = self._empty(plan.max_batch * max_seq, _torch_dtype(plan.input_dtypes.get(INPUT_IDS, "int64")))
+        self._mask = self._empty(plan.max_batch * plan.max_cache_len, _torch_dtype(plan.input_dtypes.get(ATTENTION_MASK, "int64")))
+
+    def _static_stepper(self, cuda_graphs: bool) -> StaticEngineStepper:
+        """The session that runs a static-cache engine: its buffers, profiles, stream and CUDA graphs."""
+        if set(self.plan.outputs) != {LOGITS}:
+            raise EngineError(
+                f"{self.engine_path} has outputs {sorted(self.plan.outputs)} besides its states; the static-cache runtime binds logits only",
+                fix="rebuild the engine from an export without per-layer outputs",
+            )
+        max_seq = max(p.dims[SEQ].max for p in self.plan.profiles)
+        layout = StaticLayout.from_sidecar(self.sidecar, shared=self.in_place, max_batch=self.plan.max_batch, max_seq=max_seq)
+        graphs = self._graph_api() if cuda_graphs else None
+        session = StaticEngineSession(self.context, layout, self._empty, graphs, stream=self.cuda_stream.cuda_stream, profiles=self.plan.profiles)
+        return StaticEngineStepper(session, layout.capacity)
+
+    @property
+    def decode_graphs(self) -> Any:
+        """The `DecodeGraphs` of a static-cache engine (captures / replays), None otherwise."""
+        return self._static.session.decode_graphs if self._static is not None else None
 
     @property
     def device_bytes(self) -> int:
         """Bytes of the preallocated state and output buffers (TensorRT's activations excluded)."""
+        if self._static is not None:
+            return self._static.session.nbytes
         return self.plan.total_bytes(in_place=self.in_place)
 
     # -- Stepper --------------------------------------------------------------------------------
@@ -220,10 +257,31 @@ class TrtModel:
         self._generation += 1
         self._pp.reset(batch)
         with self._on_stream():
-            for s in self.plan.states:
-                if not s.grows:
-                    self._view(s, 0, s.shape_at(batch, 0)).zero_()
+            if self._static is not None:
+                self._static.zero_state(batch)  # every state, KV included (read at all positions)
+            else:
+                for s in self.plan.states:
+                    if not s.grows:
+                        self._view(s, 0, s.shape_at(batch, 0)).zero_()
         return TrtState(self._generation, 0, batch, 0)
+
+    def check_request(self, batch: int, positions: int, prefill_chunk: int) -> None:
+        """Refuse, before anything runs, a generation that needs more cache positions than the engine holds.
+
+        Raises:
+            InputError: ``positions`` (prompt with padding + new tokens) beyond the static cache's capacity or the
+                dynamic engine's ``--max-cache-len``.
+        """
+        if self.flavour.static and positions > int(self.flavour.max_cache_len or 0):
+            raise InputError(
+                f"the prompt and new tokens need {positions} cache positions, this engine's export has --max-cache-len {self.flavour.max_cache_len}",
+                fix=f"re-export with `--kv-cache static --max-cache-len {positions}` or more and rebuild, or ask for fewer tokens",
+            )
+        if not self.flavour.static and positions > self.plan.max_cache_len:
+            raise InputError(
+                f"the prompt and new tokens need {positions} cache positions, the engine's max cache length is {self.plan.max_cache_len}",
+                fix=f"rebuild with `hybridtrt build --max-cache-len {positions}` or ask for fewer tokens",
+            )
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: TrtState, decode: bool) -> tuple[torch.Tensor, TrtState]:
         """One engine call. See `hybridtrt.runtime.generation.Stepper.step`."""
@@ -239,8 +297,12 @@ class TrtModel:
             for t in range(seq):  # decode-only engine: feed the prompt token by token
                 logits, state = self.step(input_ids[:, t : t + 1], attention_mask[:, : past + t + 1], state, decode=True)
             return logits, state  # type: ignore[return-value]
-        profile = self.plan.check_call(batch, seq, past)
-        logits = self._execute(input_ids, attention_mask, batch, seq, past, profile)
+        if self._static is not None:
+            with self._on_stream():
+                logits, _ = self._static.step(input_ids, attention_mask, self._static.session.past, decode)
+        else:
+            profile = self.plan.check_call(batch, seq, past)
+            logits = self._execute(input_ids, attention_mask, batch, seq, past, profile)
         self._pp.swap(seq)
         return logits, TrtState(self._generation, self._pp.steps, batch, self._pp.past)
 
@@ -294,10 +356,14 @@ class TrtModel:
         return self.step(input_ids, mask, self.zero_state(int(input_ids.shape[0])), decode=False)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Copies (on the CPU) of the current states, ``{past_name: tensor}`` — for validation."""
+        """Copies (on the CPU) of the current states, ``{past_name: tensor}`` — for validation. A static cache's KV is
+        trimmed to the positions written (as `OrtModel.named_states` does)."""
         self.cuda_stream.synchronize()
         b, past = self._pp.batch, self._pp.past
-        return {s.past_name: self._view(s, self._pp.past_index, s.shape_at(b, past)).cpu() for s in self.plan.states}
+        if self._static is not None:
+            full = self._static.session.states()
+            return {s.past_name: full[s.present_name][:, :, :past] if s.kind in ("key", "value") else full[s.present_name] for s in self.plan.states}
+        return {s.past_name: self._view(s, self._pp.past_index, s.shape_at(b, past)).to("cpu", copy=True) for s in self.plan.states}
 
     def named_states(self, state: TrtState) -> dict[str, torch.Tensor]:
         """``{present_name: CPU tensor}`` of the state returned by the latest `step` (for validation).
@@ -323,6 +389,11 @@ class TrtModel:
     def restore(self, snapshot: Any) -> TrtState:
         """Start a generation from ``snapshot``: zero states, then its tensors into the past buffers."""
         state = self.zero_state(snapshot.batch)
+        if self._static is not None:
+            with self._on_stream():
+                self._static.session.load(snapshot.states, snapshot.past)
+            self._pp.past = snapshot.past
+            return TrtState(self._generation, self._pp.steps, state.batch, snapshot.past)
         if snapshot.past > self.plan.max_cache_len:
             raise InputError(f"the snapshot holds {snapshot.past} positions, the engine's max cache length is {self.plan.max_cache_len}")
         with self._on_stream():

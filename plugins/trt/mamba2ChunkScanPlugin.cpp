@@ -28,105 +28,9 @@ Mamba2ChunkScanPlugin::Mamba2ChunkScanPlugin(int32_t chunkSize)
 {
 }
 
-IPluginCapability* Mamba2ChunkScanPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept
-{
-    switch (type)
-    {
-    case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
-    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
-    case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-}
-
 IPluginV3* Mamba2ChunkScanPlugin::clone() noexcept
 {
     return new (std::nothrow) Mamba2ChunkScanPlugin(mChunkSize);
-}
-
-char const* Mamba2ChunkScanPlugin::getPluginName() const noexcept
-{
-    return kNAME;
-}
-
-char const* Mamba2ChunkScanPlugin::getPluginVersion() const noexcept
-{
-    return kPLUGIN_VERSION;
-}
-
-char const* Mamba2ChunkScanPlugin::getPluginNamespace() const noexcept
-{
-    return kPLUGIN_NAMESPACE;
-}
-
-int32_t Mamba2ChunkScanPlugin::getNbOutputs() const noexcept
-{
-    return kNB_OUTPUTS;
-}
-
-int32_t Mamba2ChunkScanPlugin::configurePlugin(
-    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
-{
-    if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
-    {
-        logError("Mamba2ChunkScan: expects 7 inputs and 2 outputs");
-        return 1;
-    }
-    return reportLayout(kNAME, checkSsdLayout(in, out, /*hasSeq=*/true));
-}
-
-int32_t Mamba2ChunkScanPlugin::getOutputDataTypes(
-    DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
-{
-    if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
-    {
-        return 1;
-    }
-    outputTypes[kOUT_Y] = kY_TYPE; // float32 whatever x's dtype
-    outputTypes[kOUT_STATE] = inputTypes[kIN_INITIAL_STATE];
-    return 0;
-}
-
-int32_t Mamba2ChunkScanPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs,
-    DimsExprs const* /*shapeInputs*/, int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs,
-    IExprBuilder& /*exprBuilder*/) noexcept
-{
-    if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS || inputs[kIN_X].nbDims != 4
-        || inputs[kIN_INITIAL_STATE].nbDims != 4)
-    {
-        return 1;
-    }
-    outputs[kOUT_Y] = inputs[kIN_X];
-    outputs[kOUT_STATE] = inputs[kIN_INITIAL_STATE];
-    return 0;
-}
-
-bool Mamba2ChunkScanPlugin::supportsFormatCombination(
-    int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
-{
-    if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS || pos < 0 || pos >= kNB_INPUTS + kNB_OUTPUTS)
-    {
-        return false;
-    }
-    PluginTensorDesc const& desc = inOut[pos].desc;
-    if (desc.format != TensorFormat::kLINEAR)
-    {
-        return false;
-    }
-    DataType const actType = inOut[kIN_X].desc.type;
-    switch (pos)
-    {
-    case kIN_X:
-    case kIN_DT:
-    case kIN_INITIAL_STATE: return isActivationType(desc.type);
-    case kIN_A:
-    case kIN_D: return desc.type == DataType::kFLOAT;
-    case kIN_B:
-    case kIN_C: return desc.type == actType;
-    case kNB_INPUTS + kOUT_Y: return desc.type == kY_TYPE;
-    case kNB_INPUTS + kOUT_STATE: return desc.type == inOut[kIN_INITIAL_STATE].desc.type;
-    default: return false;
-    }
 }
 
 size_t Mamba2ChunkScanPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
@@ -148,11 +52,7 @@ size_t Mamba2ChunkScanPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* in
 int32_t Mamba2ChunkScanPlugin::onShapeChange(
     PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
-    if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
-    {
-        return 1;
-    }
-    if (reportLayout(kNAME, checkSsdLayout(in, out, /*hasSeq=*/true)) != 0)
+    if (checkRuntimeLayout(in, nbInputs, out, nbOutputs) != 0)
     {
         return 1;
     }
@@ -233,21 +133,6 @@ Mamba2ChunkScanPluginCreator::Mamba2ChunkScanPluginCreator()
     mFieldNames.emplace_back(kATTR_CHUNK_SIZE, nullptr, PluginFieldType::kINT32, 1);
     mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
     mFieldCollection.fields = mFieldNames.data();
-}
-
-char const* Mamba2ChunkScanPluginCreator::getPluginName() const noexcept
-{
-    return Mamba2ChunkScanPlugin::kNAME;
-}
-
-char const* Mamba2ChunkScanPluginCreator::getPluginVersion() const noexcept
-{
-    return kPLUGIN_VERSION;
-}
-
-char const* Mamba2ChunkScanPluginCreator::getPluginNamespace() const noexcept
-{
-    return kPLUGIN_NAMESPACE;
 }
 
 PluginFieldCollection const* Mamba2ChunkScanPluginCreator::getFieldNames() noexcept

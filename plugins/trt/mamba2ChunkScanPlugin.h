@@ -23,7 +23,7 @@
  */
 #pragma once
 
-#include "pluginCommon.h"
+#include "ssdPluginBase.h"
 
 #include <vector>
 
@@ -32,10 +32,8 @@ namespace hybridtrt
 namespace plugin
 {
 
-class Mamba2ChunkScanPlugin : public nvinfer1::IPluginV3,
-                              public nvinfer1::IPluginV3OneCore,
-                              public nvinfer1::IPluginV3OneBuild,
-                              public nvinfer1::IPluginV3OneRuntime
+//! Names, I/O description, formats and layout checks: SsdPluginBase (shared with Mamba2StateUpdate).
+class Mamba2ChunkScanPlugin : public SsdPluginBase<Mamba2ChunkScanPlugin, /*kHasSeq=*/true>
 {
 public:
     static constexpr char const* kNAME = "Mamba2ChunkScan";
@@ -60,25 +58,9 @@ public:
     ~Mamba2ChunkScanPlugin() override = default;
 
     // IPluginV3
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
     nvinfer1::IPluginV3* clone() noexcept override;
 
-    // IPluginV3OneCore
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-
     // IPluginV3OneBuild
-    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
-        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
-    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
-        nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
-    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
-        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
-        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
-    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
-        int32_t nbOutputs) noexcept override;
-    int32_t getNbOutputs() const noexcept override;
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
 
@@ -96,15 +78,12 @@ private:
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
-class Mamba2ChunkScanPluginCreator : public nvinfer1::IPluginCreatorV3One
+class Mamba2ChunkScanPluginCreator : public SsdPluginCreatorBase<Mamba2ChunkScanPlugin>
 {
 public:
     Mamba2ChunkScanPluginCreator();
     ~Mamba2ChunkScanPluginCreator() override = default;
 
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
     nvinfer1::IPluginV3* createPlugin(
         char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;

@@ -13,104 +13,9 @@ namespace hybridtrt
 namespace plugin
 {
 
-IPluginCapability* Mamba2StateUpdatePlugin::getCapabilityInterface(PluginCapabilityType type) noexcept
-{
-    switch (type)
-    {
-    case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
-    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
-    case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-}
-
 IPluginV3* Mamba2StateUpdatePlugin::clone() noexcept
 {
     return new (std::nothrow) Mamba2StateUpdatePlugin();
-}
-
-char const* Mamba2StateUpdatePlugin::getPluginName() const noexcept
-{
-    return kNAME;
-}
-
-char const* Mamba2StateUpdatePlugin::getPluginVersion() const noexcept
-{
-    return kPLUGIN_VERSION;
-}
-
-char const* Mamba2StateUpdatePlugin::getPluginNamespace() const noexcept
-{
-    return kPLUGIN_NAMESPACE;
-}
-
-int32_t Mamba2StateUpdatePlugin::getNbOutputs() const noexcept
-{
-    return kNB_OUTPUTS;
-}
-
-int32_t Mamba2StateUpdatePlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
-    DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
-{
-    if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
-    {
-        logError("Mamba2StateUpdate: expects 7 inputs and 2 outputs");
-        return 1;
-    }
-    return reportLayout(kNAME, checkSsdLayout(in, out, /*hasSeq=*/false));
-}
-
-int32_t Mamba2StateUpdatePlugin::getOutputDataTypes(
-    DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
-{
-    if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
-    {
-        return 1;
-    }
-    outputTypes[kOUT_Y] = kY_TYPE; // float32 whatever x's dtype
-    outputTypes[kOUT_STATE] = inputTypes[kIN_STATE];
-    return 0;
-}
-
-int32_t Mamba2StateUpdatePlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs,
-    DimsExprs const* /*shapeInputs*/, int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs,
-    IExprBuilder& /*exprBuilder*/) noexcept
-{
-    if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS || inputs[kIN_X].nbDims != 3
-        || inputs[kIN_STATE].nbDims != 4)
-    {
-        return 1;
-    }
-    outputs[kOUT_Y] = inputs[kIN_X];
-    outputs[kOUT_STATE] = inputs[kIN_STATE];
-    return 0;
-}
-
-bool Mamba2StateUpdatePlugin::supportsFormatCombination(
-    int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
-{
-    if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS || pos < 0 || pos >= kNB_INPUTS + kNB_OUTPUTS)
-    {
-        return false;
-    }
-    PluginTensorDesc const& desc = inOut[pos].desc;
-    if (desc.format != TensorFormat::kLINEAR)
-    {
-        return false;
-    }
-    switch (pos)
-    {
-    case kIN_X:
-    case kIN_DT:
-    case kIN_STATE: return isActivationType(desc.type);
-    case kIN_A:
-    case kIN_D: return desc.type == DataType::kFLOAT;
-    case kIN_B:
-    case kIN_C: return desc.type == inOut[kIN_X].desc.type;
-    case kNB_INPUTS + kOUT_Y: return desc.type == kY_TYPE;
-    case kNB_INPUTS + kOUT_STATE: return desc.type == inOut[kIN_STATE].desc.type;
-    default: return false;
-    }
 }
 
 size_t Mamba2StateUpdatePlugin::getWorkspaceSize(DynamicPluginTensorDesc const* /*inputs*/, int32_t /*nbInputs*/,
@@ -122,11 +27,7 @@ size_t Mamba2StateUpdatePlugin::getWorkspaceSize(DynamicPluginTensorDesc const* 
 int32_t Mamba2StateUpdatePlugin::onShapeChange(
     PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
-    if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
-    {
-        return 1;
-    }
-    if (reportLayout(kNAME, checkSsdLayout(in, out, /*hasSeq=*/false)) != 0)
+    if (checkRuntimeLayout(in, nbInputs, out, nbOutputs) != 0)
     {
         return 1;
     }
@@ -165,21 +66,6 @@ PluginFieldCollection const* Mamba2StateUpdatePlugin::getFieldsToSerialize() noe
     mFieldCollection.nbFields = 0;
     mFieldCollection.fields = nullptr;
     return &mFieldCollection;
-}
-
-char const* Mamba2StateUpdatePluginCreator::getPluginName() const noexcept
-{
-    return Mamba2StateUpdatePlugin::kNAME;
-}
-
-char const* Mamba2StateUpdatePluginCreator::getPluginVersion() const noexcept
-{
-    return kPLUGIN_VERSION;
-}
-
-char const* Mamba2StateUpdatePluginCreator::getPluginNamespace() const noexcept
-{
-    return kPLUGIN_NAMESPACE;
 }
 
 PluginFieldCollection const* Mamba2StateUpdatePluginCreator::getFieldNames() noexcept

@@ -24,19 +24,15 @@
  */
 #pragma once
 
-#include "pluginCommon.h"
-
-#include <vector>
+#include "ssdPluginBase.h"
 
 namespace hybridtrt
 {
 namespace plugin
 {
 
-class Mamba2StateUpdatePlugin : public nvinfer1::IPluginV3,
-                                public nvinfer1::IPluginV3OneCore,
-                                public nvinfer1::IPluginV3OneBuild,
-                                public nvinfer1::IPluginV3OneRuntime
+//! Names, I/O description, formats and layout checks: SsdPluginBase (shared with Mamba2ChunkScan).
+class Mamba2StateUpdatePlugin : public SsdPluginBase<Mamba2StateUpdatePlugin, /*kHasSeq=*/false>
 {
 public:
     static constexpr char const* kNAME = "Mamba2StateUpdate";
@@ -61,25 +57,9 @@ public:
     ~Mamba2StateUpdatePlugin() override = default;
 
     // IPluginV3
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
     nvinfer1::IPluginV3* clone() noexcept override;
 
-    // IPluginV3OneCore
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-
     // IPluginV3OneBuild
-    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
-        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
-    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
-        nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
-    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
-        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
-        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
-    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
-        int32_t nbOutputs) noexcept override;
-    int32_t getNbOutputs() const noexcept override;
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
 
@@ -95,15 +75,12 @@ private:
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
-class Mamba2StateUpdatePluginCreator : public nvinfer1::IPluginCreatorV3One
+class Mamba2StateUpdatePluginCreator : public SsdPluginCreatorBase<Mamba2StateUpdatePlugin>
 {
 public:
     Mamba2StateUpdatePluginCreator() = default;
     ~Mamba2StateUpdatePluginCreator() override = default;
 
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
     nvinfer1::IPluginV3* createPlugin(
         char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;

@@ -114,7 +114,7 @@ def test_check_tensorrt_10_6_refuses_plugins(export_dir, capsys, lib):
 
 def test_check_tensorrt_10_1_refuses_opset_22(export_dir, capsys, no_built_plugins):
     assert main(["build", str(export_dir), "--check-tensorrt", "10.1", "--graph", "decode"]) == 2
-    assert "covers opsets up to 20" in capsys.readouterr().err
+    assert "documents ONNX opsets up to 20" in capsys.readouterr().err
 
 
 def test_build_without_output_or_check_is_refused(export_dir, capsys):

@@ -9,6 +9,7 @@ library's ``getCreators`` returning nothing), which the proof after parsing must
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -30,9 +31,11 @@ def export_dir(make_export):
 
 
 class FakeLayer:
-    def __init__(self, layer_type, plugin=None):
+    def __init__(self, layer_type, plugin=None, name=""):
         self.type = layer_type
         self._plugin = plugin
+        self.name = name
+        self._attention = types.SimpleNamespace(decomposable=False)  # the parser's default (importAttention)
 
 
 class FakeTrt:
@@ -43,13 +46,34 @@ class FakeTrt:
         self.loaded: list[str] = []
         self.registration_works = True
         self.registered: set[tuple[str, str]] = set()
+        self.networks: list[types.SimpleNamespace] = []
+        #: What the engine inspector reports: None -> one engine layer per attention layer; an exception -> raised.
+        self.inspector: object = None
 
     def module(self) -> types.ModuleType:
         trt = types.ModuleType("tensorrt")
         trt.__version__ = self.version
         trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
         trt.init_libnvinfer_plugins = lambda logger, ns: True
-        trt.LayerType = types.SimpleNamespace(PLUGIN_V3="PLUGIN_V3", MATRIX_MULTIPLY="MATRIX_MULTIPLY")
+        trt.LayerType = types.SimpleNamespace(PLUGIN_V3="PLUGIN_V3", MATRIX_MULTIPLY="MATRIX_MULTIPLY", ATTENTION_INPUT="ATTENTION_INPUT")
+        trt.IAttentionInputLayer = type("IAttentionInputLayer", (FakeLayer,), {"attention": property(lambda self: self._attention)})
+        trt.ProfilingVerbosity = types.SimpleNamespace(DETAILED="DETAILED")
+        trt.LayerInformationFormat = types.SimpleNamespace(JSON="JSON")
+        fake = self
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                if isinstance(fake.inspector, Exception):
+                    raise fake.inspector
+                names = [layer.name for net in fake.networks for layer in net.layers if layer.type == "ATTENTION_INPUT"]
+                report = fake.inspector or {"Layers": [{"Name": f"{{ForeignNode[{n}]}}", "LayerType": "Myelin"} for n in names]}
+                inspector = types.SimpleNamespace(get_engine_information=lambda fmt: json.dumps(report))
+                return types.SimpleNamespace(create_engine_inspector=lambda: inspector)
+
+        trt.Runtime = Runtime
         trt.PluginCapabilityType = types.SimpleNamespace(CORE="CORE")
         trt.IPluginV3Layer = type("IPluginV3Layer", (FakeLayer,), {"plugin": property(lambda self: self._plugin)})
 
@@ -73,7 +97,11 @@ class FakeTrt:
                 layers.append(FakeLayer("PLUGIN_V3", plugin))
             elif node.domain == "hybridtrt":
                 layers += [FakeLayer("MATRIX_MULTIPLY")] * 3  # the function body, flattened
-        return types.SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__, strongly_typed=True, path=onnx_path)
+            elif node.op_type == "Attention":
+                layers.append(FakeLayer("ATTENTION_INPUT", name=node.name))
+        network = types.SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__, strongly_typed=True, path=onnx_path, layers=layers)
+        self.networks.append(network)
+        return network
 
 
 @pytest.fixture
@@ -192,7 +220,7 @@ def test_tensorrt_10_6_with_plugins_is_refused_before_parsing(export_dir, tmp_pa
 @pytest.mark.parametrize("version", ["10.0.1", "10.1.0"])
 def test_tensorrt_10_0_and_10_1_cannot_parse_opset_22(export_dir, tmp_path, fake, version):
     fake(version)
-    with pytest.raises(EngineError, match="covers opsets up to 20.*this graph is opset 22"):
+    with pytest.raises(EngineError, match="documents ONNX opsets up to 20.*this graph is opset 22"):
         _build(export_dir, tmp_path / "model.engine", plugins=None)
     assert list(tmp_path.iterdir()) == []
 
@@ -223,3 +251,63 @@ def test_failed_build_writes_nothing(export_dir, tmp_path, fake):
     with pytest.raises(EngineError, match="builder said no"):
         _build(export_dir, tmp_path / "model.engine", plugins=None, timing_cache=tmp_path / "t.cache")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def attention_export(make_export):
+    return make_export("tiny-nemotron-h", ExportOptions())[1]  # opset 24: two Attention nodes
+
+
+def test_attention_is_decomposable_and_the_engine_says_what_it_holds(attention_export, tmp_path, fake):
+    """The parser makes fused-only IAttention layers; the build marks them decomposable, builds with detailed
+    profiling verbosity, and the sidecar records what the engine inspector shows for each."""
+    trt = fake("11.1.0")
+    result = _build(attention_export, tmp_path / "model.engine", plugins=None)
+    (network,) = trt.networks
+    attention = [layer for layer in network.layers if layer.type == "ATTENTION_INPUT"]
+    assert len(attention) == 2 and all(layer.attention.decomposable for layer in attention)
+    assert fake.calls[-1]["config"].profiling_verbosity == "DETAILED"
+    recorded = read_sidecar(result.engine)["attention"]
+    assert recorded["layers"] == 2 and recorded["mode"] == "decomposable" and recorded["inspection_error"] is None
+    assert set(recorded["engine"].values()) == {"fused: 1 engine layer (Myelin)"}
+    assert result.attention.summary() == "2 IAttention, decomposable; engine: fused: 1 engine layer (Myelin)"
+
+
+def test_fused_only_attention_and_a_decomposed_engine(attention_export, tmp_path, fake):
+    trt = fake("11.1.0")
+    names = [n.name for n in onnx.load(str(attention_export / "model.onnx"), load_external_data=False).graph.node if n.op_type == "Attention"]
+    trt.inspector = {"Layers": [{"Name": f"{names[0]}_bmm1", "LayerType": "MatrixMultiply"}, {"Name": "softmax", "Metadata": f"[ONNX Layer: {names[0]}]", "LayerType": "Softmax"}]}
+    result = _build(attention_export, tmp_path / "model.engine", plugins=None, attention="fused")
+    assert not any(layer.attention.decomposable for layer in trt.networks[0].layers if layer.type == "ATTENTION_INPUT")
+    recorded = read_sidecar(result.engine)["attention"]
+    assert recorded["mode"] == "fused" and read_sidecar(result.engine)["build"]["attention"] == "fused"
+    assert recorded["engine"] == {names[0]: "decomposed: 2 engine layers (MatrixMultiply, Softmax)", names[1]: "not found in the inspector's layers"}
+
+
+def test_an_engine_that_cannot_be_inspected_still_builds(attention_export, tmp_path, fake):
+    fake("11.1.0").inspector = RuntimeError("no GPU")
+    result = _build(attention_export, tmp_path / "model.engine", plugins=None)
+    recorded = read_sidecar(result.engine)["attention"]
+    assert recorded["engine"] is None and recorded["inspection_error"] == "RuntimeError: no GPU"
+    assert result.attention.summary() == "2 IAttention, decomposable; engine not inspected (RuntimeError: no GPU)"
+
+
+def test_every_build_applies_the_parser_rules_before_parsing(attention_export, tmp_path, fake):
+    """An export of the previous release (softmax_precision on its Attention nodes) is refused by the build itself,
+    before TensorRT parses anything and before anything is written."""
+    import shutil
+
+    from onnx import helper
+
+    planted = shutil.copytree(attention_export, tmp_path / "old_export")
+    model = onnx.load(str(planted / "model.onnx"), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "Attention":
+            node.attribute.append(helper.make_attribute("softmax_precision", 1))
+    onnx.save(model, str(planted / "model.onnx"))
+    trt = fake("11.1.0")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(EngineError, match="softmax_precision"):
+        _build(planted, out / "model.engine", plugins=None)
+    assert trt.networks == [] and list(out.iterdir()) == []

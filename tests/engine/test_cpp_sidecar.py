@@ -41,8 +41,36 @@ def test_cpp_reads_what_python_plans(make_export, sidecar_check, tmp_path, graph
         f"profile {i} {p.name} batch {p.dims['batch'].max} seq {p.dims['seq'].max} past {p.dims['past'].max}" for i, p in enumerate(plan.profiles)
     ]
     expected += [f"state {s.past_name} {s.present_name} {plan.state_bytes(s)}" for s in plan.states]
-    expected += ["plugins none"]
+    expected += ["plugins none", "kv_cache dynamic"]
     assert lines == expected
+
+
+def test_cpp_reads_the_kv_cache_flavour_like_python(make_export, sidecar_check, tmp_path):
+    """A static-cache engine's sidecar says so (kv_cache static, max_cache_len); an old sidecar without the field reads
+    as dynamic, unless its inputs are a static export's: then both readers refuse it, naming the fix."""
+    from hybridtrt.engine.sidecar import read_sidecar
+    from hybridtrt.errors import ArtefactError
+
+    out = make_export("tiny-nemotron-h", ExportOptions(kv_cache="static", max_cache_len=64))[1]
+    manifest = read_manifest(out)
+    profiles = engine_profiles(manifest, max_batch=2, max_input_len=8, max_cache_len=64)
+    sidecar = make_sidecar(manifest, out, profiles, tensorrt_version="11.1.0", gpu_name=None, compute_capability=None, plugin_library=None, build_flags={})
+    assert (sidecar["kv_cache"], sidecar["max_cache_len"]) == ("static", 64)
+    path = write_sidecar(sidecar, tmp_path / "model.engine")
+    lines = _run(sidecar_check, path).stdout.splitlines()
+    assert lines[-1] == "kv_cache static 64"
+    assert "state past_key_values.1.key present.1.key " + str(2 * 2 * 64 * 16 * 4) in lines  # fixed capacity, not profile-derived
+    del sidecar["kv_cache"], sidecar["max_cache_len"]
+    write_sidecar(sidecar, tmp_path / "model.engine")
+    proc = _run(sidecar_check, path)
+    assert proc.returncode == 1 and "static-cache export" in proc.stdout and "rebuild the engine" in proc.stdout
+    with pytest.raises(ArtefactError, match="static-cache export"):
+        read_sidecar(path)
+    sidecar["kv_cache"] = "static"  # the flavour without its capacity
+    write_sidecar(sidecar, tmp_path / "model.engine")
+    assert _run(sidecar_check, path).returncode == 1
+    with pytest.raises(ArtefactError, match="max_cache_len None"):
+        read_sidecar(path)
 
 
 # -- the runner's refusals (docs/deploying.md): TensorRT version and plugin sha256, same rules as Python ---------

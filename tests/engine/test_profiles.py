@@ -16,6 +16,7 @@ from hybridtrt.engine.profiles import (
     resolve_shape,
 )
 from hybridtrt.errors import EngineError
+from hybridtrt.runtime.generation import DEFAULT_PREFILL_CHUNK
 from hybridtrt.exporter.export import ExportOptions
 from hybridtrt.exporter.manifest import read_manifest
 
@@ -56,6 +57,10 @@ def test_defaults_are_documented_values(manifest):
     assert prefill.dims["batch"].max == DEFAULT_MAX_BATCH == 8
     assert prefill.dims["seq"].max == DEFAULT_MAX_INPUT_LEN == 2048
     assert decode.dims["past"].max + 1 == DEFAULT_MAX_CACHE_LEN == 4096
+    # TensorRT tunes for the prompt length the runtimes call the prefill profile with: the prefill chunk
+    assert prefill.dims["seq"].opt == DEFAULT_PREFILL_CHUNK == 2048
+    (short, _) = engine_profiles(manifest, max_input_len=512)
+    assert short.dims["seq"].opt == 512
 
 
 def test_min_opt_max_are_ordered(manifest):

@@ -59,7 +59,24 @@ def test_contents_without_plugins(export):
     assert (s["dtype"], s["state_dtype"]) == ("fp32", "fp32")
     assert [p["name"] for p in s["profiles"]] == ["prefill", "decode"]
     assert s["model"]["eos_token_id"] == 2 and s["model"]["vocab_size"] == 256
+    assert (s["kv_cache"], s["max_cache_len"]) == ("dynamic", None)
     json.dumps(s)  # serializable
+
+
+def test_kv_cache_flavour_on_read(export, tmp_path):
+    """An old sidecar (no kv_cache) reads as dynamic; an unknown flavour is refused with the fix."""
+    from hybridtrt.engine.sidecar import sidecar_flavour
+
+    s = _sidecar(export)
+    del s["kv_cache"], s["max_cache_len"]
+    engine = tmp_path / "m.engine"
+    write_sidecar(s, engine)
+    read = read_sidecar(engine)
+    assert (read["kv_cache"], read["max_cache_len"]) == ("dynamic", None) and not sidecar_flavour(read).static
+    s["kv_cache"] = "paged"
+    write_sidecar(s, engine)
+    with pytest.raises(ArtefactError, match="kv_cache 'paged'.*\n  fix: rebuild the engine"):
+        read_sidecar(engine)
 
 
 def test_plugin_library_hash(export, tmp_path):

@@ -132,5 +132,6 @@ def trt_test_build(request, emulated_kernels: Path, tmp_path_factory: pytest.Tem
     _compile([cxx, *flags, "-shared", "-Wl,-soname,libnvinfer.so.11",
               str(PLUGINS / "tests" / "fakeNvinfer" / "fakeNvinfer.cpp"), "-ldl", "-o", str(fake)])  # fmt: skip
     harness = out / "registryHarness"
-    _compile([cxx, *flags, str(PLUGINS / "tests" / "fakeNvinfer" / "registryHarness.cpp"), "-ldl", "-o", str(harness)])
+    runner_dir = PLUGINS.parent / "examples" / "cpp"  # plugin_libraries.h: the C++ runner's one-load rule
+    _compile([cxx, *flags, f"-I{runner_dir}", str(PLUGINS / "tests" / "fakeNvinfer" / "registryHarness.cpp"), "-ldl", "-o", str(harness)])
     return TrtTestBuild(headers, include, trt, autoreg, fake, harness, (*flags, *kernels, f"-L{out}", "-l:libhybridtrt_trt.so", f"-Wl,-rpath,{out}"))

@@ -24,22 +24,23 @@ def lib(emulated_kernels: Path) -> KernelLibrary:
 
 
 def test_library_reports_the_binding_abi_version(lib: KernelLibrary) -> None:
-    assert lib.abi_version() == ABI_VERSION == 3
+    assert lib.abi_version() == ABI_VERSION == 4
 
 
 def test_library_of_another_abi_version_is_refused(tmp_path: Path) -> None:
-    """A kernels library built before y became float32 (ABI 2) is refused at load, naming both versions."""
+    """A kernels library of an older C ABI (3: fp16 start states in fp16, half the workspace) is refused at load,
+    naming both versions."""
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if cxx is None:
         pytest.skip("needs a C++ compiler")
     source = tmp_path / "old.c"
-    source.write_text('int hybridtrtKernelsAbiVersion(void) { return 2; }\n')
+    source.write_text('int hybridtrtKernelsAbiVersion(void) { return 3; }\n')
     old = tmp_path / "libhybridtrt_kernels.so"
     subprocess.run([cxx, "-x", "c", "-shared", "-fPIC", str(source), "-o", str(old)], check=True)
     with pytest.raises(PluginBuildError) as err:
         KernelLibrary(old)
     text = str(err.value)
-    assert "version 2" in text and "needs 3" in text and "hybridtrt plugins build" in text
+    assert "version 3" in text and "needs 4" in text and "hybridtrt plugins build" in text
 
 
 def _scan_inputs(dtype: torch.dtype):

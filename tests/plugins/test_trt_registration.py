@@ -113,3 +113,92 @@ def test_polygraphy_load_plugins_registers_through_the_shim(trt_test_build: TrtT
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_registered_once(facts(proc.stdout))
+
+
+# -- a plugin library loaded any number of times in one process (issue 23, item 6) ------------------------------
+
+
+def test_a_second_load_library_fails(trt_test_build: TrtTestBuild) -> None:
+    """What every build and every TrtModel did: IPluginRegistry::loadLibrary on each use. TensorRT documents that the
+    call "will fail and return nullptr if any of the plugins are already registered" — the fake does the same."""
+    proc = harness(trt_test_build, "load-twice", str(trt_test_build.fake_nvinfer), str(trt_test_build.trt_library))
+    report = facts(proc.stdout)
+    assert report["load-library"] == ["ok", "failed"]
+    assert report["loads"] == ["1"] and report["failed-loads"] == ["1"]
+    assert report["creators"] == ["2"]  # the failed load registered nothing
+
+
+def test_cpp_runner_loads_each_library_once(trt_test_build: TrtTestBuild, tmp_path) -> None:
+    """The C++ runner's PluginLibraries (examples/cpp/plugin_libraries.h): the same library twice and a byte-identical
+    copy reuse the first handle (one loadLibrary call); a library with other bytes is refused, naming both paths."""
+    copy = tmp_path / "copy" / "libhybridtrt_trt.so"
+    other = tmp_path / "other" / "libhybridtrt_trt.so"
+    for path, data in ((copy, trt_test_build.trt_library.read_bytes()), (other, trt_test_build.trt_library.read_bytes() + b"\0")):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    proc = harness(trt_test_build, "runner-rule", str(trt_test_build.fake_nvinfer), str(trt_test_build.trt_library), str(copy), str(other))
+    report = facts(proc.stdout)
+    lib = str(trt_test_build.trt_library.resolve())
+    assert report["runner-load"][:3] == [f"same-handle {lib}"] * 3
+    assert report["runner-load"][3].startswith(f"refused plugin library {other} would register the creators that {lib}")
+    assert report["loads"] == ["1"] and report["failed-loads"] == ["0"]
+    assert_registered_once(report)
+
+
+_PYTHON_LOADER = """
+import ctypes, sys, types
+fake = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)
+fake.fakeNvinferLoadLibrary.restype = ctypes.c_void_p
+fake.fakeNvinferLoadLibrary.argtypes = [ctypes.c_char_p]
+fake.fakeNvinferHasCreator.argtypes = [ctypes.c_char_p] * 3
+registry = types.SimpleNamespace(
+    load_library=lambda path: fake.fakeNvinferLoadLibrary(path.encode()),
+    get_creator=lambda *key: object() if fake.fakeNvinferHasCreator(*(k.encode() for k in key)) else None,
+)
+trt = types.ModuleType("tensorrt")
+trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+trt.init_libnvinfer_plugins = lambda logger, ns: True
+trt.get_plugin_registry = lambda: registry
+from hybridtrt.engine.build import _load_plugins
+from hybridtrt.engine.plugin_registry import load_plugin_library
+from hybridtrt.errors import EngineError
+for lib in sys.argv[2:]:
+    if lib == "raw":  # another loader registers the creators first (as the autoreg shim or polygraphy would)
+        registry.load_library(sys.argv[3])
+        continue
+    try:
+        _load_plugins(trt, lib)  # what build_engine calls
+        print("build-load ok")
+        print("model-load", "ok" if load_plugin_library(trt, lib) else "none")  # what TrtModel calls
+    except EngineError as e:
+        print("refused", str(e).replace(chr(10), " "))
+sys.stdout.flush()
+fake.fakeNvinferReport()
+"""
+
+
+def _python_loader(build: TrtTestBuild, *libs: str) -> dict[str, list[str]]:
+    import os
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _PYTHON_LOADER, str(build.fake_nvinfer), *libs], capture_output=True, text=True, timeout=120,
+        check=False, env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return facts(proc.stdout)
+
+
+def test_python_loader_loads_once_against_the_fake_libnvinfer(trt_test_build: TrtTestBuild) -> None:
+    """hybridtrt.engine.plugin_registry against the fake libnvinfer's real registry calls: a build then a model load,
+    twice over, in one process — one loadLibrary, both creators registered once."""
+    lib = str(trt_test_build.trt_library)
+    report = _python_loader(trt_test_build, lib, lib)
+    assert report["build-load"] == ["ok", "ok"] and report["model-load"] == ["ok", "ok"]
+    assert report["loads"] == ["1"] and report["failed-loads"] == ["0"]
+    assert_registered_once(report)
+
+
+def test_python_loader_names_creators_registered_by_another_loader(trt_test_build: TrtTestBuild) -> None:
+    report = _python_loader(trt_test_build, "raw", str(trt_test_build.trt_library))
+    assert len(report["refused"]) == 1 and "already registered in this process by a loader other than hybridtrt" in report["refused"][0]
+    assert report["failed-loads"] == ["1"]

@@ -117,123 +117,18 @@ def test_ping_pong_never_aliases_past_and_present():
 # never otherwise, and reads/writes the bound buffers by address. Greedy generation must then
 # equal `OrtModel`'s exactly: the ping-pong, profile switching and shape bookkeeping are right.
 
-import contextlib  # noqa: E402
 import sys  # noqa: E402
-import types  # noqa: E402
 
 import torch  # noqa: E402
 
+from hybridtrt.runtime.onnxruntime import OrtModel  # noqa: E402
+from tests.runtime.fake_trt import cpu_trt_model  # noqa: E402
+from tests.runtime.fake_trt import fake_tensorrt as _fake_tensorrt  # noqa: E402
 from hybridtrt.engine.sidecar import write_sidecar  # noqa: E402
-from hybridtrt.runtime.onnxruntime import OrtModel, OrtSession  # noqa: E402
-
-
-class _FakeContext:
-    def __init__(self, session: OrtSession, sidecar: dict, aliases: dict[str, str]) -> None:
-        self.session = session
-        self.aliases = aliases  # the engine's output -> input aliasing
-        self.profiles = sidecar["profiles"]
-        self.model = None  # set after TrtModel allocated its buffers
-        self.profile = None
-        self.shapes: dict[str, tuple] = {}
-        self.addresses: dict[str, int] = {}
-        self.out_shapes: dict[str, tuple] = {}
-        self.calls: list[tuple[int, tuple]] = []
-
-    def set_optimization_profile_async(self, index, stream):
-        self.profile = index
-        return True
-
-    def set_input_shape(self, name, shape):
-        lo, _, hi = self.profiles[self.profile]["shapes"][name]
-        assert all(a <= d <= b for a, d, b in zip(lo, shape, hi)), (name, shape, self.profile)
-        self.shapes[name] = tuple(shape)
-        return True
-
-    def set_tensor_address(self, name, ptr):
-        self.addresses[name] = ptr
-        return True
-
-    def _buffers(self) -> dict[int, torch.Tensor]:
-        m = self.model
-        flat = [m._ids, m._mask, *m._outputs.values(), *(b for pair in m._pairs.values() for b in pair)]
-        return {t.data_ptr(): t for t in flat}
-
-    def execute_async_v3(self, stream):
-        buffers = self._buffers()
-        feeds = {n: buffers[self.addresses[n]][: int(torch.Size(s).numel())].view(s).clone() for n, s in self.shapes.items()}
-        for past, present in ((s["past_name"], s["present_name"]) for s in self.model.sidecar["states"]):
-            if self.aliases.get(present) == past:
-                assert self.addresses[past] == self.addresses[present], f"engine aliases {present} to {past}, bound apart"
-            else:
-                assert self.addresses[past] != self.addresses[present], f"{past} and {present} share a buffer"
-        self.calls.append((self.profile, self.shapes["input_ids"]))
-        for name, value in self.session.run(feeds).items():
-            out = torch.from_numpy(value)
-            buffers[self.addresses[name]][: out.numel()].copy_(out.flatten())
-            self.out_shapes[name] = tuple(out.shape)
-        return True
-
-    def get_tensor_shape(self, name):
-        return self.out_shapes[name]
-
-
-def _fake_tensorrt(session: OrtSession, sidecar: dict, contexts: list, aliases: dict[str, str] | None = None) -> types.ModuleType:
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "11.1.0"
-    aliases = aliases or {}
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            pass
-
-    class Engine:
-        def get_aliased_input_tensor(self, name):
-            return aliases.get(name)
-
-        def create_execution_context(self):
-            contexts.append(_FakeContext(session, sidecar, aliases))
-            return contexts[-1]
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, blob):
-            return Engine()
-
-    trt.Logger, trt.Runtime = Logger, Runtime
-    trt.init_libnvinfer_plugins = lambda logger, ns: True
-    trt.get_plugin_registry = lambda: types.SimpleNamespace(load_library=lambda path: object())
-    trt.TensorIOMode = types.SimpleNamespace(INPUT=0, OUTPUT=1)
-    return trt
 
 
 def _cpu_trt_model(monkeypatch, export_dir, tmp_path, graph="unified", aliases=None):
-    from hybridtrt.runtime import tensorrt as trt_runtime
-
-    sidecar = _sidecar(export_dir, graph=graph)
-    engine = tmp_path / f"{graph}.engine"
-    engine.write_bytes(b"fake engine")
-    write_sidecar(sidecar, engine)
-    contexts: list = []
-    session = OrtSession(export_dir / sidecar["source"]["onnx"])
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(session, sidecar, contexts, aliases))
-
-    class CpuTrtModel(trt_runtime.TrtModel):
-        def _select_device(self, index):
-            return torch.device("cpu")
-
-        def _new_stream(self):
-            return types.SimpleNamespace(cuda_stream=0, synchronize=lambda: None)
-
-        def _on_stream(self):
-            return contextlib.nullcontext()
-
-    model = CpuTrtModel(engine)
-    contexts[0].model = model
-    return model, contexts[0]
+    return cpu_trt_model(monkeypatch, export_dir, _sidecar(export_dir, graph=graph), tmp_path / f"{graph}.engine", aliases)
 
 
 def test_trt_model_bookkeeping_matches_onnxruntime(monkeypatch, export_dir, tmp_path):

@@ -131,3 +131,21 @@ def test_decode_graph_engine(exported, tmp_path):
     ids = torch.tensor([[5, 17, 99]])
     expected = load(exported[1]).generate(ids, max_new_tokens=5).tokens
     assert torch.equal(load(out).generate(ids, max_new_tokens=5).tokens, expected)  # prompt fed token by token
+
+
+def test_static_cache_engine_replays_cuda_graphs(make_export, tmp_path):
+    """A `--kv-cache static` engine (TensorRT >= 10.15: TensorScatter as IKVCacheUpdateLayer, aliased in place) runs
+    through `TrtModel.generate` with decode steps replayed as CUDA graphs, and generates what ONNX Runtime does."""
+    from hybridtrt.engine.build import build_engine
+    from hybridtrt.runtime import load
+
+    _, export = make_export("tiny-nemotron-h", ExportOptions(kv_cache="static", max_cache_len=64))
+    out = build_engine(export, tmp_path / "static.engine", plugins=_plugin_library(), **{**LIMITS, "max_cache_len": 64}).engine
+    model = load(out)
+    assert model.flavour.static and model.in_place == {s.past_name for s in model.plan.states if s.kind in ("key", "value")}
+    ids = torch.tensor([[5, 17, 99, 42, 7], [0, 0, 3, 4, 200]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    expected = load(export, use_decode_graph=False).generate(ids, mask, max_new_tokens=8).tokens
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=8).tokens, expected)
+    assert (model.decode_graphs.captures, model.decode_graphs.replays) == (2, 5)
+    assert torch.equal(load(out, cuda_graphs=False).generate(ids, mask, max_new_tokens=8).tokens, expected)

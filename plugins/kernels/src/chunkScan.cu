@@ -9,15 +9,17 @@
  *                         state s [P tile x N] stays in fp32 tensor-core accumulators for the whole sequence:
  *                           s = exp(a_end) * s + X^T . Bw,   Bw[l] = B[l] * dt[l] * exp(a_end - a[l])
  *                         (one GEMM per sub-tile, state passing fused). At the start of every chunk it writes
- *                         s, the chunk's start state, to the workspace once, in the activation dtype (the
- *                         dtype the output GEMM reads it in); at the end it writes final_state in the state
- *                         dtype. Per chunk and head the state moves P*N*sizeof(T) bytes out and the same in.
+ *                         s, the chunk's start state, to the workspace once (StartState<T>: fp32 for fp16
+ *                         activations, whose range |s| can pass, else the activation dtype); at the end it
+ *                         writes final_state in the state dtype. Per chunk and head the state moves
+ *                         P*N*sizeof(StartState<T>) bytes out and the same in.
  *   2. chunkOutputKernel  grid (B*H, chunks, P tiles), sequential over the chunk's 64-row tiles r:
  *                           y[l] = sum_{s<=l in chunk} (C[l].B[s]) exp(a[l]-a[s]) dt[s] x[s]
  *                                + exp(a[l]) C[l] . start[c] + D x[l]
  *                         per (r, s) sub-tile pair: C.B^T [64x64] (lower block triangle on the diagonal),
  *                         masked and weighted into M, Y += M.X; then Y += (C*exp(a)).start^T, all into one
- *                         accumulator. The start tile is read once per block. y is written in fp32
+ *                         accumulator. The start tile is read once per block (fp16: twice, fp32, to scale it
+ *                         into fp16 range by a power of two that the accumulator undoes). y is written in fp32
  *                         straight from that accumulator tile (+ D x), four columns per 16-byte store.
  *
  * Tensor cores: WMMA m16n16k16 with fp16/bf16 operands and fp32 accumulation. fp32 activations use the same
@@ -25,6 +27,9 @@
  *
  * The state kernel reads initial_state and writes final_state for the same tile of the same block, and the
  * output kernel reads start states from the workspace only: final_state may alias initial_state.
+ *
+ * Offsets into global tensors are int64 throughout (globalOffset, ssdCommon.cuh): x / y and the start states pass
+ * 2^31 elements at long context and large batch.
  */
 #include "ssdCommon.cuh"
 
@@ -73,7 +78,7 @@ struct ScanParams
     void const* initialState;
     float* y; //!< [B, L, H, P] fp32 whatever the activation dtype
     void* finalState;
-    void* startStates; //!< [B*H, nChunks, P, N] in the activation dtype: the state at each chunk's start
+    void* startStates; //!< [B*H, nChunks, P, N] StartState<T>: the state at each chunk's start
     int32_t seqLen;
     int32_t numHeads;
     int32_t headDim;
@@ -89,6 +94,28 @@ struct ScanParams
 
 template <typename T>
 constexpr bool kUseTensorCores = !std::is_same<T, float>::value;
+
+//! How the chunk start states are kept in the workspace: fp32 for fp16 activations (a state the fp32 recurrence
+//! holds can pass fp16's 65504, as y can), the activation dtype for fp32 and bf16 (bf16 has fp32's exponent range;
+//! the output GEMM rounds the state to bf16 anyway, so a fp32 copy would double the bytes for nothing).
+template <typename T>
+struct StartStateOf
+{
+    using Type = T;
+};
+template <>
+struct StartStateOf<__half>
+{
+    using Type = float;
+};
+template <typename T>
+using StartState = typename StartStateOf<T>::Type;
+
+//! Bytes per start-state element for an activation dtype (the workspace formula; mirrors StartState).
+inline size_t startStateSize(int32_t actDtype)
+{
+    return actDtype == kHYBRIDTRT_FLOAT16 ? 4 : dtypeSize(actDtype);
+}
 
 constexpr size_t align128(size_t v)
 {
@@ -285,7 +312,8 @@ __device__ __forceinline__ void loadDecayInputs(
 {
     for (int i = threadIdx.x; i < count; i += blockDim.x)
     {
-        float const dtv = i < len ? loadAny(p.dt, p.dtDtype, (b * p.seqLen + l0 + i) * p.numHeads + h) : 0.F;
+        float const dtv
+            = i < len ? loadAny(p.dt, p.dtDtype, globalOffset((b * p.seqLen + l0 + i) * p.numHeads + h)) : 0.F;
         sDt[i] = dtv;
         sAcum[i] = dtv * p.A[h];
     }
@@ -333,14 +361,20 @@ __device__ __forceinline__ void blockScan(float* sAcum, int count)
     __syncthreads();
 }
 
-//! Writes element i (of a [rows x kN] state tile) in the activation dtype: the chunk start states.
-template <typename TOut>
-struct StoreTyped
+//! Writes element i (of a [rows x kN] state tile) of a chunk start state, as StartState<T>.
+template <typename T>
+struct StoreStart
 {
-    TOut* dst;
+    StartState<T>* dst;
     __device__ __forceinline__ void operator()(int64_t i, float v) const
     {
-        dst[i] = fromFloat<TOut>(v);
+#if defined(HYBRIDTRT_CPU_EMULATION)
+        if (std::is_same<T, __half>::value && emulation::plantHalfStartStates())
+        {
+            v = __half2float(__float2half_rn(v)); // planted by a test: the fp16 storage of C ABI 3 (inf past 65504)
+        }
+#endif
+        dst[i] = fromFloat<StartState<T>>(v);
     }
 };
 
@@ -423,7 +457,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) chunkStateKernel(ScanPar
     int32_t const tp = min(p.tileP, p.headDim - p0);
     int const warp = threadIdx.x / 32;
     int const frags = (tp / 16) * kColFrags;
-    int64_t const stateBase = (bh * p.headDim + p0) * kN; // this tile in [B, H, P, N]
+    int64_t const stateBase = globalOffset((bh * p.headDim + p0) * kN); // this tile in [B, H, P, N]
 
     // The running state s [tp x N], fp32, in tensor-core accumulators for the whole sequence.
     WarpTile<T> s[L::kStateFrags];
@@ -450,22 +484,23 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) chunkStateKernel(ScanPar
 
     int32_t const subsPerChunk = p.chunk / kSub;
     int32_t const nSubs = (p.seqLen + kSub - 1) / kSub;
-    auto* starts = static_cast<T*>(p.startStates);
+    auto* starts = static_cast<StartState<T>*>(p.startStates);
     for (int32_t j = 0; j < nSubs; ++j)
     {
         if (j % subsPerChunk == 0) // the state entering chunk j / subsPerChunk, written once
         {
             int64_t const c = j / subsPerChunk;
-            StoreTyped<T> const store{starts + ((bh * p.nChunks + c) * p.headDim + p0) * kN};
+            StoreStart<T> const store{starts + globalOffset(((bh * p.nChunks + c) * p.headDim + p0) * kN)};
             publishState<T, kN>(s, tp, sStage, store);
         }
         int32_t const l0 = j * kSub;
         int32_t const len = min(kSub, p.seqLen - l0);
         int32_t const kEff = (len + 15) / 16 * 16;
         loadDecayInputs(p, b, h, l0, len, kSub, sDt, sAcum);
-        loadTile(sX, L::kLdX, static_cast<T const*>(p.x) + ((b * p.seqLen + l0) * p.numHeads + h) * p.headDim + p0,
+        loadTile(sX, L::kLdX,
+            static_cast<T const*>(p.x) + globalOffset(((b * p.seqLen + l0) * p.numHeads + h) * p.headDim + p0),
             int64_t(p.numHeads) * p.headDim, kEff, len, tp);
-        loadTile(sB, L::kLdN, static_cast<T const*>(p.B) + ((b * p.seqLen + l0) * p.numGroups + g) * kN,
+        loadTile(sB, L::kLdN, static_cast<T const*>(p.B) + globalOffset(((b * p.seqLen + l0) * p.numGroups + g) * kN),
             int64_t(p.numGroups) * kN, kEff, len, kN);
         __syncthreads();
         blockScan(sAcum, kSub);
@@ -499,6 +534,62 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) chunkStateKernel(ScanPar
     publishState<T, kN>(s, tp, sStage, StoreAny{p.finalState, p.stateDtype, stateBase});
 }
 
+//! Loads the chunk's start tile [tp x kN] into shared memory as the GEMM operand (T) and returns its scale: the
+//! start state is scale * tile. Start states in T (fp32, bf16) are copied as they are (scale 1). fp16 start states
+//! are fp32 in the workspace; the tile is their value times 2^-k, k >= 0 the smallest that brings max |state| below
+//! 2^15 (no fp16 overflow; the relative rounding is fp16's either way): a first pass finds the maximum, a second
+//! converts. `scratch` holds kWarps floats of shared memory not otherwise in use. Contains __syncthreads.
+template <typename T, int kN>
+__device__ __forceinline__ float loadStartTile(T* sS, StartState<T> const* src, int32_t tp, float* scratch)
+{
+    using L = ScanLayout<T, kN>;
+    if constexpr (std::is_same<StartState<T>, T>::value)
+    {
+        (void) scratch;
+        loadTile(sS, L::kLdN, src, kN, tp, tp, kN);
+        return 1.F;
+    }
+    else
+    {
+        int const quads = tp * kN / 4;
+        float peak = 0.F;
+        for (int i = threadIdx.x; i < quads; i += blockDim.x)
+        {
+            float4 const v = reinterpret_cast<float4 const*>(src)[i];
+            peak = fmaxf(peak, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+        }
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2)
+        {
+            peak = fmaxf(peak, __shfl_xor_sync(0xffffffffU, peak, offset));
+        }
+        if (threadIdx.x % 32 == 0)
+        {
+            scratch[threadIdx.x / 32] = peak;
+        }
+        __syncthreads();
+        peak = fmaxf(fmaxf(scratch[0], scratch[1]), fmaxf(scratch[2], scratch[3]));
+        static_assert(kWarps == 4, "the block maximum reads one value per warp");
+        int exponent = 0; // peak = m 2^exponent, m in [0.5, 1)
+        frexpf(peak, &exponent);
+        // Not finite (inf / NaN, which fmaxf drops unless all are NaN): no scaling, the value stays non-finite.
+        int const k = peak < INFINITY ? max(exponent - 15, 0) : 0;
+        float const inverse = ldexpf(1.F, -k);
+        for (int i = threadIdx.x; i < quads; i += blockDim.x)
+        {
+            int const row = (i * 4) / kN;
+            int const col = (i * 4) % kN;
+            float4 const v = reinterpret_cast<float4 const*>(src)[i];
+            T* dst = sS + row * L::kLdN + col;
+            dst[0] = fromFloat<T>(v.x * inverse);
+            dst[1] = fromFloat<T>(v.y * inverse);
+            dst[2] = fromFloat<T>(v.z * inverse);
+            dst[3] = fromFloat<T>(v.w * inverse);
+        }
+        return ldexpf(1.F, k);
+    }
+}
+
 template <typename T, int kN>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) chunkOutputKernel(ScanParams const p)
 {
@@ -528,8 +619,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) chunkOutputKernel(ScanPa
     int const warp = threadIdx.x / 32;
 
     loadDecayInputs(p, b, h, c0, len, count, sDt, sAcum);
-    loadTile(sS, L::kLdN, static_cast<T const*>(p.startStates) + ((bh * p.nChunks + c) * p.headDim + p0) * kN, kN,
-        tp, tp, kN);
+    // The start state = startScale * sS (startScale a power of two, 1 unless fp16 activations need it).
+    auto const* startTile
+        = static_cast<StartState<T> const*>(p.startStates) + globalOffset(((bh * p.nChunks + c) * p.headDim + p0) * kN);
+    float const startScale = loadStartTile<T, kN>(sS, startTile, tp, sCB);
     __syncthreads();
     blockScan(sAcum, count);
 
@@ -538,8 +631,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) chunkOutputKernel(ScanPa
     auto const* x = static_cast<T const*>(p.x);
     int64_t const bcStride = int64_t(p.numGroups) * kN;  // between tokens in B and C
     int64_t const xStride = int64_t(p.numHeads) * p.headDim; // between tokens in x and y
-    int64_t const bcToken0 = ((b * p.seqLen + c0) * p.numGroups + g) * kN;
-    int64_t const xToken0 = ((b * p.seqLen + c0) * p.numHeads + h) * p.headDim + p0;
+    int64_t const bcToken0 = globalOffset(((b * p.seqLen + c0) * p.numGroups + g) * kN);
+    int64_t const xToken0 = globalOffset(((b * p.seqLen + c0) * p.numHeads + h) * p.headDim + p0);
     float const skip = p.D != nullptr ? p.D[h] : 0.F;
 
     for (int32_t r = 0; r < count / kSub; ++r)
@@ -627,7 +720,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) chunkOutputKernel(ScanPa
             {
                 int const fr = f / colFrags;
                 int const fc = f % colFrags;
+                // Y += (C e^a).(startScale sS)^T = startScale ((Y / startScale) + (C e^a).sS^T): powers of two, exact.
+                if (startScale != 1.F)
+                {
+                    acc[i].scale(1.F / startScale);
+                }
                 acc[i].template mma<false, true>(sC + fr * 16 * L::kLdN, L::kLdN, sS + fc * 16 * L::kLdN, L::kLdN, kN);
+                if (startScale != 1.F)
+                {
+                    acc[i].scale(startScale);
+                }
                 acc[i].store(sOut + fr * 16 * L::kLdOut + fc * 16, L::kLdOut); // sCB is no longer read
             }
         }
@@ -741,12 +843,20 @@ int32_t prepareN(int64_t dState)
     return status;
 }
 
-//! Chunks of a sequence and the workspace bytes of their start states (activation dtype).
-inline size_t startStatesBytes(int64_t batch, int64_t seqLen, int64_t numHeads, int64_t headDim, int64_t dState,
-    int32_t chunk, int32_t actDtype)
+//! Workspace bytes of the chunk start states, align256(B*H*chunks*P*N*sizeof(StartState)), in size_t; false
+//! when that does not fit.
+inline bool startStatesBytes(int64_t batch, int64_t seqLen, int64_t numHeads, int64_t headDim, int64_t dState,
+    int32_t chunk, int32_t actDtype, size_t& bytes)
 {
     int64_t const nChunks = (seqLen + chunk - 1) / chunk;
-    return alignUp(static_cast<size_t>(batch * numHeads * nChunks * headDim * dState) * dtypeSize(actDtype), 256);
+    if (!checkedProduct({batch, numHeads, nChunks, headDim, dState, static_cast<int64_t>(startStateSize(actDtype))},
+            bytes))
+    {
+        bytes = 0;
+        return false;
+    }
+    bytes = alignUp(bytes, 256);
+    return true;
 }
 
 //! Shape checks of the scan on top of checkShapes: chunk_size >= 1 and at most 65535 chunks (grid.y).
@@ -853,8 +963,9 @@ extern "C" int32_t hybridtrtMamba2ChunkScanWorkspaceSize(int64_t batch, int64_t 
     {
         return status;
     }
-    *workspaceBytes = startStatesBytes(batch, seqLen, numHeads, headDim, dState, chunkLength(chunkSize), actDtype);
-    return kHYBRIDTRT_SUCCESS;
+    return startStatesBytes(batch, seqLen, numHeads, headDim, dState, chunkLength(chunkSize), actDtype, *workspaceBytes)
+        ? kHYBRIDTRT_SUCCESS
+        : kHYBRIDTRT_INVALID_SHAPE;
 }
 
 extern "C" int32_t hybridtrtMamba2ChunkScan(void const* x, void const* dt, float const* A, void const* B,
@@ -879,7 +990,12 @@ extern "C" int32_t hybridtrtMamba2ChunkScan(void const* x, void const* dt, float
         return kHYBRIDTRT_MISALIGNED_POINTER;
     }
     int32_t const chunk = chunkLength(chunkSize);
-    if (workspaceBytes < startStatesBytes(batch, seqLen, numHeads, headDim, dState, chunk, actDtype))
+    size_t needed = 0;
+    if (!startStatesBytes(batch, seqLen, numHeads, headDim, dState, chunk, actDtype, needed))
+    {
+        return kHYBRIDTRT_INVALID_SHAPE;
+    }
+    if (workspaceBytes < needed)
     {
         return kHYBRIDTRT_WORKSPACE_TOO_SMALL;
     }

@@ -15,6 +15,7 @@
 #endif
 
 #include <cstdint>
+#include <initializer_list>
 
 namespace hybridtrt
 {
@@ -56,6 +57,21 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 fromFloat<__nv_bfloat16>(float v)
 {
     return __float2bfloat16_rn(v);
+}
+
+//! Every element offset into a global tensor is an int64 product of int64 factors, where a 32-bit product would
+//! wrap silently (state-spaces/mamba#1015): x / y [B, L, H, P] and the [B*H, chunks, P, N] chunk start states pass
+//! 2^31 elements at long context and large batch (Nemotron-H 47B widths H = 256, P = 64: one 65,536-token sequence
+//! has 2^31 start-state elements with its N = 256; with N = 128 offsets pass 2^31 from batch 3 on), the [B, H, P, N]
+//! state at large batch. The tile base offsets of the kernels go through this identity; the CPU emulation can plant
+//! a 32-bit wrap here to prove that the tests catch one (tests/plugins/test_kernels_emulated.py).
+__device__ __forceinline__ int64_t globalOffset(int64_t offset)
+{
+#if defined(HYBRIDTRT_CPU_EMULATION)
+    return emulation::plantedOffset(offset);
+#else
+    return offset;
+#endif
 }
 
 //! Loads element `i` of a tensor whose dtype is only known at run time (dt: tiny, uniform branch).
@@ -208,6 +224,22 @@ inline bool isAligned16(void const* p)
 inline size_t alignUp(size_t v, size_t a)
 {
     return (v + a - 1) / a * a;
+}
+
+//! `product` = the product of `factors` (all >= 0) in size_t; false when it would not fit (a size that wrapped
+//! would make a too-small workspace look big enough).
+inline bool checkedProduct(std::initializer_list<int64_t> factors, size_t& product)
+{
+    product = 1;
+    for (int64_t const f : factors)
+    {
+        if (f < 0 || (f != 0 && product > (SIZE_MAX >> 8) / static_cast<size_t>(f)))
+        {
+            return false; // (SIZE_MAX >> 8: room for the caller's alignment)
+        }
+        product *= static_cast<size_t>(f);
+    }
+    return true;
 }
 
 //! Shape checks shared by both ops; returns kHYBRIDTRT_SUCCESS or the first violated rule.

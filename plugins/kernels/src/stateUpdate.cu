@@ -7,7 +7,8 @@
  * 32 / kLanesPerRow rows per pass; every thread issues all its kRowIters loads before it computes.
  * y[p] is a shuffle reduction over the lanes of its row of the fp32 new state (before it is rounded to the
  * state dtype), written in fp32. In place is safe: each thread reads its
- * words before it writes them, and no two threads touch the same word.
+ * words before it writes them, and no two threads touch the same word. Offsets are int64 (globalOffset): the
+ * [B, H, P, N] state passes 2^31 elements at large batch (2,048 at H = 256, P = 64, N = 128).
  */
 #include "ssdCommon.cuh"
 
@@ -82,8 +83,8 @@ __global__ void __launch_bounds__(128) mamba2StateUpdateKernel(StateUpdateParams
         int32_t const r = firstRow + i * Tiling::kRowsPerPass;
         if (r < p.headDim)
         {
-            s[i].loadStreaming(stateIn + (bh * p.headDim + r) * kN + n0);
-            xv[i] = toFloat(x[bh * p.headDim + r]);
+            s[i].loadStreaming(stateIn + globalOffset((bh * p.headDim + r) * kN + n0));
+            xv[i] = toFloat(x[globalOffset(bh * p.headDim + r)]);
         }
         else
         {
@@ -94,7 +95,7 @@ __global__ void __launch_bounds__(128) mamba2StateUpdateKernel(StateUpdateParams
     float const dtv = loadAny(p.dt, p.dtDtype, bh);
     float const decay = expf(dtv * p.A[h]);
     float const skip = p.D != nullptr ? p.D[h] : 0.F;
-    int64_t const bcOffset = (b * p.numGroups + g) * kN + n0;
+    int64_t const bcOffset = globalOffset((b * p.numGroups + g) * kN + n0);
     float bv[kVec];
     float cv[kVec];
 #pragma unroll
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(128) mamba2StateUpdateKernel(StateUpdateParams
                 acc += next * cv[j];
                 s[i].v[j] = fromFloat<TState>(next);
             }
-            s[i].storeStreaming(stateOut + (bh * p.headDim + r) * kN + n0);
+            s[i].storeStreaming(stateOut + globalOffset((bh * p.headDim + r) * kN + n0));
         }
 #pragma unroll
         for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2)
@@ -128,7 +129,7 @@ __global__ void __launch_bounds__(128) mamba2StateUpdateKernel(StateUpdateParams
         }
         if (laneInRow == 0 && r < p.headDim)
         {
-            p.y[bh * p.headDim + r] = acc + skip * xv[i];
+            p.y[globalOffset(bh * p.headDim + r)] = acc + skip * xv[i];
         }
     }
 }

@@ -14,7 +14,9 @@
  * refused launch runs nothing and makes launchStatus() report a CUDA error, like cudaGetLastError. Attribute
  * calls made while a stream is "being captured" (a test hook) are recorded as violations. Test hooks
  * (emulationHooks.cpp, C ABI): target architecture, validate-only mode (launches are checked and logged, not
- * run: huge shapes), capture flag, current device, launch log.
+ * run: huge shapes), capture flag, current device, launch log, block filters (a launch of the full grid runs
+ * only a box of its blocks: real-scale shapes on virtual memory, e.g. 65,536 tokens at Nemotron-H 47B widths)
+ * and planted faults that the tests must catch (32-bit global offsets, fp16 chunk start states).
  * tests/plugins/test_kernels_emulated.py builds it and compares it with the PyTorch references.
  */
 #pragma once
@@ -124,6 +126,22 @@ inline size_t maxDynamicSharedOptIn(int32_t sm)
     }
 }
 
+//! The blocks of one launch that run: [x0, x1) x [y0, y1) x [z0, z1), clipped to the grid (a test hook).
+struct BlockFilter
+{
+    int64_t x0, x1, y0, y1, z0, z1;
+};
+
+//! Deliberate faults the tests plant to show that they catch them (a test of the test); all off by default.
+struct Plants
+{
+    //! Every global element offset that goes through kernels::globalOffset wraps to a signed 32-bit value, as
+    //! the same product computed in int32 would (what mamba_ssm's Triton SSD did: state-spaces/mamba#1015).
+    bool int32Offsets{false};
+    //! The fp16 scan's chunk start states are rounded to fp16 before they are stored (the storage of C ABI 3).
+    bool halfStartStates{false};
+};
+
 //! One validated launch (the log the tests read).
 struct LaunchRecord
 {
@@ -142,6 +160,9 @@ struct State
     //! (device, kernel) -> opted-in dynamic shared memory (cudaFuncSetAttribute).
     std::map<std::pair<int32_t, void const*>, size_t> optIn;
     std::vector<LaunchRecord> launches;
+    //! filters[i] selects the blocks launch i runs (launches past the end run every block).
+    std::vector<BlockFilter> filters;
+    Plants plants;
     int64_t violations{0};
     bool pendingError{false};
     std::string lastError;
@@ -176,6 +197,18 @@ inline int32_t currentDevice()
 inline bool capturing()
 {
     return state().capturing;
+}
+
+//! kernels::globalOffset in the emulation: the offset itself, or its 32-bit wrap when that fault is planted.
+inline int64_t plantedOffset(int64_t offset)
+{
+    return state().plants.int32Offsets ? static_cast<int64_t>(static_cast<int32_t>(static_cast<uint32_t>(offset)))
+                                       : offset;
+}
+
+inline bool plantHalfStartStates()
+{
+    return state().plants.halfStartStates;
 }
 
 //! cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) on the current device.
@@ -222,13 +255,14 @@ inline std::string checkLaunch(void const* kernel, dim3 grid, dim3 block, size_t
     return {};
 }
 
-//! Runs kernel(params) for every block of the grid, blocks in turn, on one std::thread per CUDA thread
-//! (the same threads serve every block; shared memory is re-poisoned between blocks). The launch is
-//! validated first; a refused launch runs nothing (launchStatus() then reports it).
+//! Runs kernel(params) for every block of the grid (or of its block filter), blocks in turn, on one std::thread
+//! per CUDA thread (the same threads serve every block; shared memory is re-poisoned between blocks). The launch
+//! is validated first, with the full grid; a refused launch runs nothing (launchStatus() then reports it).
 template <typename Params>
 void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t sharedBytes, Params const& params)
 {
     std::string const problem = checkLaunch(reinterpret_cast<void const*>(kernel), grid, block, sharedBytes);
+    size_t const index = state().launches.size();
     state().launches.push_back({grid, block, sharedBytes, problem.empty()});
     if (!problem.empty())
     {
@@ -236,6 +270,17 @@ void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t sharedBytes, P
         return;
     }
     if (state().validateOnly)
+    {
+        return;
+    }
+    BlockFilter box{0, grid.x, 0, grid.y, 0, grid.z};
+    if (index < state().filters.size())
+    {
+        BlockFilter const& f = state().filters[index];
+        box = {std::max<int64_t>(f.x0, 0), std::min<int64_t>(f.x1, grid.x), std::max<int64_t>(f.y0, 0),
+            std::min<int64_t>(f.y1, grid.y), std::max<int64_t>(f.z0, 0), std::min<int64_t>(f.z1, grid.z)};
+    }
+    if (box.x0 >= box.x1 || box.y0 >= box.y1 || box.z0 >= box.z1)
     {
         return;
     }
@@ -252,13 +297,13 @@ void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t sharedBytes, P
             tBlockDim = block;
             tGridDim = grid;
             tBlock = &ctx;
-            for (uint32_t z = 0; z < grid.z; ++z)
+            for (int64_t z = box.z0; z < box.z1; ++z)
             {
-                for (uint32_t y = 0; y < grid.y; ++y)
+                for (int64_t y = box.y0; y < box.y1; ++y)
                 {
-                    for (uint32_t x = 0; x < grid.x; ++x)
+                    for (int64_t x = box.x0; x < box.x1; ++x)
                     {
-                        tBlockIdx = dim3(x, y, z);
+                        tBlockIdx = dim3(static_cast<uint32_t>(x), static_cast<uint32_t>(y), static_cast<uint32_t>(z));
                         kernel(params);
                         blockDone.arrive_and_wait();
                         if (t == 0)

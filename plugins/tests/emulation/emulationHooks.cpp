@@ -11,7 +11,7 @@ namespace emu = hybridtrt::emulation;
 
 #define HYBRIDTRT_EMULATION_API extern "C" __attribute__((visibility("default")))
 
-//! Forgets every opt-in, launch and error; targets compute capability `sm` (89, 90, ...); with
+//! Forgets every opt-in, launch, error, block filter and plant; targets compute capability `sm` (89, 90, ...); with
 //! `validateOnly` launches are validated and logged but not run (pointers are never dereferenced).
 HYBRIDTRT_EMULATION_API void hybridtrtEmulationReset(int32_t sm, int32_t validateOnly)
 {
@@ -31,6 +31,22 @@ HYBRIDTRT_EMULATION_API void hybridtrtEmulationSetCapturing(int32_t capturing)
 HYBRIDTRT_EMULATION_API void hybridtrtEmulationSetDevice(int32_t device)
 {
     emu::state().device = device;
+}
+
+//! Launch number `count of filters so far` (0 after a reset) runs only the blocks in [x0, x1) x [y0, y1) x [z0, z1)
+//! of its grid (validated with the full grid). With virtual (MAP_NORESERVE) tensors, a real-scale launch then touches
+//! only the memory of the blocks it runs.
+HYBRIDTRT_EMULATION_API void hybridtrtEmulationAddBlockFilter(
+    int64_t x0, int64_t x1, int64_t y0, int64_t y1, int64_t z0, int64_t z1)
+{
+    emu::state().filters.push_back({x0, x1, y0, y1, z0, z1});
+}
+
+//! Plants faults the tests must catch (emu::Plants): 32-bit global offsets, fp16 chunk start states. Reset clears.
+HYBRIDTRT_EMULATION_API void hybridtrtEmulationPlant(int32_t int32Offsets, int32_t halfStartStates)
+{
+    emu::state().plants.int32Offsets = int32Offsets != 0;
+    emu::state().plants.halfStartStates = halfStartStates != 0;
 }
 
 HYBRIDTRT_EMULATION_API int64_t hybridtrtEmulationLaunchCount(void)

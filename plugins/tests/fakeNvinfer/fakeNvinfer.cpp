@@ -6,7 +6,11 @@
  *   getPluginRegistry()               the process-wide registry
  *   IPluginRegistry::loadLibrary      dlopen + getCreators + registerCreator for each + setLoggerFinder, all
  *                                     with the registry lock held (the lock is held across dlopen, as a real
- *                                     registry may do)
+ *                                     registry may do). As TensorRT documents it (NvInferRuntimeCommon.h,
+ *                                     11.1 and 10.15): "The call will fail and return nullptr if any of the
+ *                                     plugins are already registered" — so a second load of the same library
+ *                                     fails; the fake then registers none of its creators (the header does not
+ *                                     say whether TensorRT registers the others; nothing here relies on it)
  *   registerCreator / getCreator / getAllCreators / deregisterCreator
  *
  * The lock does not deadlock the test process: a registry call from the thread that holds it (a plugin
@@ -62,6 +66,8 @@ public:
     std::vector<IPluginCreatorInterface*> mAll;
     std::vector<std::string> mReentrant; //!< registry calls made while this thread held the lock (in dlopen)
     int mDuplicates{0};
+    int mLoads{0};       //!< loadLibrary calls that succeeded
+    int mFailedLoads{0}; //!< loadLibrary calls refused because a creator was already registered
     int mLoggerFinderSet{0};
     FakeLoggerFinder mFinder;
 
@@ -118,10 +124,24 @@ public:
             int32_t n = 0;
             IPluginCreatorInterface* const* creators = getCreators(n);
             bool ok = true;
-            for (int32_t i = 0; i < n; ++i)
+            for (int32_t i = 0; i < n && ok; ++i) // any creator already registered: the whole load fails
             {
                 auto* c = static_cast<IPluginCreatorV3One*>(creators[i]);
-                ok = addLocked(*creators[i], c->getPluginNamespace()) && ok;
+                if (findLocked(c->getPluginName(), c->getPluginVersion(), c->getPluginNamespace()) != nullptr)
+                {
+                    ++mDuplicates;
+                    ++mFailedLoads;
+                    ok = false;
+                }
+            }
+            for (int32_t i = 0; i < n && ok; ++i)
+            {
+                auto* c = static_cast<IPluginCreatorV3One*>(creators[i]);
+                ok = addLocked(*creators[i], c->getPluginNamespace());
+            }
+            if (ok)
+            {
+                ++mLoads;
             }
             if (auto setFinder = reinterpret_cast<SetLoggerFinder>(dlsym(handle, "setLoggerFinder")))
             {
@@ -238,6 +258,18 @@ extern "C" __attribute__((visibility("default"))) IPluginRegistry* getPluginRegi
     return &registry();
 }
 
+//! C entry points for Python tests (ctypes cannot call a virtual method): loadLibrary and getCreator.
+extern "C" __attribute__((visibility("default"))) void* fakeNvinferLoadLibrary(char const* path) noexcept
+{
+    return registry().loadLibrary(path);
+}
+
+extern "C" __attribute__((visibility("default"))) int fakeNvinferHasCreator(
+    char const* name, char const* version, char const* ns) noexcept
+{
+    return registry().getCreator(name, version, ns) != nullptr ? 1 : 0;
+}
+
 //! One line per fact, parsed by tests/plugins/test_trt_registration.py.
 extern "C" __attribute__((visibility("default"))) void fakeNvinferReport()
 {
@@ -257,6 +289,8 @@ extern "C" __attribute__((visibility("default"))) void fakeNvinferReport()
             c->getPluginVersion(), c->getPluginNamespace(), e.ns.c_str(), info.kind, fields.empty() ? "-" : fields.c_str());
     }
     std::printf("duplicates %d\n", r.mDuplicates);
+    std::printf("loads %d\n", r.mLoads);
+    std::printf("failed-loads %d\n", r.mFailedLoads);
     std::printf("reentrant %zu\n", r.mReentrant.size());
     for (std::string const& call : r.mReentrant)
     {

@@ -10,10 +10,16 @@
  *                                                tensorrt Python module), as polygraphy --plugins' ctypes.CDLL
  *   registryHarness both FAKE LIB SHIM           loadLibrary(LIB), then dlopen(SHIM): still one registration each
  *   registryHarness dlopen-alone SHIM            dlopen(SHIM) with no libnvinfer in the process
+ *   registryHarness load-twice FAKE LIB          IPluginRegistry::loadLibrary(LIB) twice, as every build and every
+ *                                                model did before: the second call fails (creators registered)
+ *   registryHarness runner-rule FAKE LIB COPY OTHER  the C++ runner's PluginLibraries (examples/cpp/
+ *                                                plugin_libraries.h): LIB twice, a byte-identical COPY, then OTHER
+ *                                                (other bytes): one loadLibrary call, OTHER refused by name
  *
  * Built by tests/plugins/test_trt_registration.py. Exit code 0 unless the harness itself fails.
  */
 #include "NvInferRuntime.h"
+#include "plugin_libraries.h"
 
 #include <cstdio>
 #include <cstring>
@@ -77,6 +83,26 @@ int main(int argc, char** argv)
         loadLibrary(fake, argv[3]);
         plainDlopen(argv[4]);
     }
+    else if (mode == "load-twice" && argc == 4 && openFake(argv[2], RTLD_GLOBAL, fake))
+    {
+        loadLibrary(fake, argv[3]);
+        loadLibrary(fake, argv[3]);
+    }
+    else if (mode == "runner-rule" && argc == 6 && openFake(argv[2], RTLD_GLOBAL, fake))
+    {
+        auto& libraries = plugin_libraries::PluginLibraries::instance();
+        void* first = nullptr;
+        for (int i = 3; i < 6; ++i)
+        {
+            for (int repeat = 0; repeat < (i == 3 ? 2 : 1); ++repeat)
+            {
+                plugin_libraries::Loaded const got = libraries.load(*fake.getRegistry(), argv[i]);
+                first = first != nullptr ? first : got.handle;
+                std::printf("runner-load %s %s\n", got.error.empty() ? (got.handle == first ? "same-handle" : "other-handle") : "refused",
+                    got.error.empty() ? got.path.c_str() : got.error.c_str());
+            }
+        }
+    }
     else if (mode == "dlopen-alone" && argc == 3)
     {
         plainDlopen(argv[2]);
@@ -86,7 +112,7 @@ int main(int argc, char** argv)
     else
     {
         std::printf("usage: registryHarness (load-library FAKE LIB | dlopen FAKE SHIM global|local | both FAKE LIB SHIM "
-                    "| dlopen-alone SHIM)\n");
+                    "| dlopen-alone SHIM | load-twice FAKE LIB | runner-rule FAKE LIB COPY OTHER)\n");
         return 2;
     }
     fake.report();

@@ -26,6 +26,7 @@
  *     hybridtrtMamba2ChunkScanPrepare (or any uncaptured scan launch) on that device first.
  *     Scratch comes from `workspace`, whose size the matching `...WorkspaceSize` function returns.
  *   - Every function returns a HybridTrtStatus; 0 is success. `hybridtrtStatusString` names it.
+ *   - Offsets into tensors are 64-bit: any tensor may hold more than 2^31 elements (long context, large batch).
  */
 #ifndef HYBRIDTRT_SSD_KERNELS_H
 #define HYBRIDTRT_SSD_KERNELS_H
@@ -44,7 +45,7 @@ extern "C" {
 #endif
 
 /* Version of this C ABI; bumped whenever a signature or a meaning changes. */
-#define HYBRIDTRT_KERNELS_ABI_VERSION 3 /* 2: chunkSize arguments, Prepare, NOT_PREPARED; 3: y is float32 */
+#define HYBRIDTRT_KERNELS_ABI_VERSION 4 /* 2: chunkSize arguments, Prepare, NOT_PREPARED; 3: y is float32; 4: fp16 start states fp32 (workspace 2x) */
 
 /* Element types. */
 typedef enum HybridTrtDtype
@@ -90,8 +91,10 @@ HYBRIDTRT_API int32_t hybridtrtMamba2ChunkScanSharedMemory(
 
 /*
  * Scratch bytes needed by hybridtrtMamba2ChunkScan for these shapes (pure host code, no CUDA call): the
- * start state of every chunk in the activation dtype,
- *   Q = hybridtrtMamba2ChunkScanChunkLength(chunkSize);  bytes = align256(B*H*ceil(L/Q)*P*N*sizeof(act)).
+ * start state of every chunk, fp32 for fp32 and fp16 activations (a start state can pass fp16's 65504), bf16 for
+ * bf16 (fp32's exponent range),
+ *   Q = hybridtrtMamba2ChunkScanChunkLength(chunkSize);  bytes = align256(B*H*ceil(L/Q)*P*N*s),  s = 4, 4, 2,
+ * computed in size_t; INVALID_SHAPE (and 0 bytes) when it would not fit.
  */
 HYBRIDTRT_API int32_t hybridtrtMamba2ChunkScanWorkspaceSize(int64_t batch, int64_t seqLen, int64_t numHeads,
     int64_t headDim, int64_t numGroups, int64_t dState, int64_t chunkSize, int32_t actDtype, int32_t dtDtype,
