@@ -3,4 +3,4 @@
 __version__ = "0.1.0"
 
 #: Version of the artefact contract (DESIGN.md): graph I/O names, state layouts, op signatures.
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: hybridtrt.json records size and sha256 of every file (`files`)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from hybridtrt.cli.common import console, human_bytes, step, table
+from hybridtrt.cli.inspect import add_integrity_argument, check_integrity
 
 HELP = "build a TensorRT engine (two profiles: prefill, decode) from an export directory"
 
@@ -17,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from hybridtrt.engine.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_CACHE_LEN, DEFAULT_MAX_INPUT_LEN
 
     p.add_argument("export_dir", help="directory written by `hybridtrt export`")
+    add_integrity_argument(p)
     p.add_argument("-o", "--output", default=None, help="engine file to write (the sidecar goes to OUTPUT.json); required unless --check-tensorrt")
     g = p.add_argument_group("profiles")
     g.add_argument("--max-batch", type=int, default=None, help=f"largest batch (default {DEFAULT_MAX_BATCH})")
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.output is None and args.check_tensorrt is None:
         raise InputError("hybridtrt build needs -o/--output (or --check-tensorrt VERSION to only check)", fix="pass -o model.engine")
+    check_integrity(args, args.export_dir)
     plan = plan_build(
         args.export_dir,
         args.output or f"{args.export_dir}/model.engine",
@@ -76,7 +79,11 @@ def run(args: argparse.Namespace) -> int:
         allow_function_bodies=args.allow_function_bodies,
         attention=args.attention,
     )
-    console.print(table(f"optimization profiles of {plan.onnx_path.name}", ["profile", "input", "min", "opt", "max"], profile_rows(plan.profiles)))
+    by_profile: dict[str, list[list[str]]] = {}
+    for profile, *row in profile_rows(plan.profiles):  # one table per profile: fits 80 columns
+        by_profile.setdefault(profile, []).append(row)
+    for profile, rows in by_profile.items():
+        console.print(table(f"{plan.onnx_path.name}: optimization profile {profile}", ["input", "min", "opt", "max"], rows))
     if plan.plugin_library is not None:
         console.print(f"plugins: {plan.plugin_library}", markup=False)
     else:

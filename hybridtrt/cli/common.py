@@ -7,10 +7,12 @@ import contextlib
 import time
 from collections.abc import Iterator
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
+
+from hybridtrt.files import human_bytes  # noqa: F401  (the CLI's size format; re-exported)
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -30,26 +32,103 @@ def styled(text: object, style: str) -> Text:
     return Text(str(text), style=style)
 
 
-def table(title: str, columns: list[str], rows: list[list[object]], *, numeric: bool = True) -> Table:
-    """A rich table with the given columns. Cells are shown literally (a path or a shape such as
-    ``[batch, seq]`` is never parsed as markup); pass `styled` cells for colour. ``numeric``
-    right-aligns all but the first column; key/value tables pass False. The first column (the key:
-    an op, a tensor name) is never wrapped or cut; on a narrow terminal the others wrap, never end
-    in an ellipsis."""
-    t = Table(title=Text(title), title_justify="left", show_header=any(columns))
-    for i, c in enumerate(columns):
-        t.add_column(Text(c), justify="right" if numeric and i > 0 else "left", no_wrap=i == 0, overflow="fold")
-    for r in rows:
-        t.add_row(*[x if isinstance(x, Text) else Text(str(x)) for x in r])
-    return t
+#: A wrapped text cell never gets narrower than this (a longer word — a path — folds at this width).
+MIN_TEXT_WIDTH = 24
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+def _cell(x: object) -> Text:
+    return x if isinstance(x, Text) else Text(str(x))
+
+
+def _longest_line(t: Text) -> int:
+    return max((Text(line).cell_len for line in t.plain.split("\n")), default=0)
+
+
+def _longest_word(t: Text) -> int:
+    return max((Text(word).cell_len for word in t.plain.split()), default=0)
+
+
+class FittedTable:
+    """A table that fits the width it is printed at (a terminal's, or 80 in a pipe or a log).
+
+    Cells and headers wrap at spaces only: every column gets at least its longest word (a number,
+    a tensor name; at most `MIN_TEXT_WIDTH`: a longer word, such as a path, folds at that width),
+    and the widest columns give way first. When even that does not fit, the table is printed
+    vertically: one block per row, each column's header beside its value. Nothing is ever cut to an
+    ellipsis or folded into a stack of two-character fragments.
+    """
+
+    def __init__(self, title: str, columns: list[str], rows: list[list[object]], *, numeric: bool = True) -> None:
+        self.title = title
+        self.headers = [Text(c) for c in columns]
+        self.rows = [[_cell(x) for x in r] for r in rows]
+        self.numeric = numeric
+
+    def _widths(self, i: int) -> tuple[int, int]:
+        """``(minimum, natural)`` content width of column ``i``."""
+        cells = [self.headers[i], *(r[i] for r in self.rows if i < len(r))]
+        natural = max(map(_longest_line, cells))
+        words = max(map(_longest_word, cells))
+        return min(natural, max(min(words, MIN_TEXT_WIDTH), 1)), natural
+
+    def horizontal(self, width: int) -> Table | None:
+        """The table at ``width`` columns, or None when it cannot fit without breaking a cell."""
+        n = len(self.headers)
+        available = width - (3 * n + 1)  # borders (n + 1) and one space of padding each side
+        ranges = [self._widths(i) for i in range(n)]
+        if sum(lo for lo, _ in ranges) > available:
+            return None
+        widths = [hi for _, hi in ranges]
+        excess = sum(widths) - available
+        while excess > 0:  # narrow the widest wrappable column, never below its minimum
+            candidates = [i for i, (lo, _) in enumerate(ranges) if widths[i] > lo]
+            i = max(candidates, key=lambda k: widths[k])
+            widths[i] -= 1
+            excess -= 1
+        fixed = sum(hi for _, hi in ranges) > available
+        t = Table(title=Text(self.title), title_justify="left", show_header=any(h.plain for h in self.headers))
+        for i, (header, w) in enumerate(zip(self.headers, widths)):
+            right = self.numeric and i > 0
+            t.add_column(header, justify="right" if right else "left", overflow="fold", width=w if fixed else None)
+        for r in self.rows:
+            t.add_row(*r)
+        return t
+
+    def vertical(self) -> Group:
+        """One block per row: its first cell as a heading, then each other column's header and value."""
+        parts: list[object] = [Text(self.title)]
+        for r in self.rows:
+            head = Text.assemble(f"{self.headers[0].plain}: " if self.headers[0].plain else "", r[0])
+            head.stylize("bold")
+            parts.append(head)
+            grid = Table.grid(padding=(0, 2), pad_edge=True)
+            grid.add_column(no_wrap=True)
+            grid.add_column(overflow="fold")
+            for header, value in zip(self.headers[1:], r[1:]):
+                grid.add_row(header.copy(), value)
+            parts.append(grid)
+        return Group(*parts)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.horizontal(options.max_width) or self.vertical()
+
+
+def table(title: str, columns: list[str], rows: list[list[object]], *, numeric: bool = True) -> FittedTable:
+    """A rich table with the given columns that fits the console it is printed on (80 columns in a
+    pipe), see `FittedTable`. Cells are shown literally (a path or a shape such as ``[batch, seq]``
+    is never parsed as markup); pass `styled` cells for colour. ``numeric`` right-aligns all but
+    the first column; key/value tables pass False."""
+    return FittedTable(title, columns, rows, numeric=numeric)
+
+
+def print_command(command: str, comment: str | None = None, *, indent: str = "  ") -> None:
+    """A copy-paste block line: never wrapped (the terminal may soft-wrap it; pasting it runs the
+    command as printed), never parsed as markup. ``comment`` goes on its own ``#`` line above."""
+    if comment:
+        console.print(styled(f"{indent}# {comment}", "dim"), soft_wrap=True)
+    console.print(f"{indent}{command}", soft_wrap=True, markup=False, highlight=False)
+
+
 
 
 def add_dtype_args(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,8 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from hybridtrt.cli.common import console, step, styled, table
+from hybridtrt.cli.common import console, print_command, step, styled, table
+from hybridtrt.cli.inspect import add_integrity_argument, check_integrity
 
 HELP = "write polygraphy inputs + PyTorch reference RunResults, compare with polygraphy, print the `polygraphy run` commands"
 
@@ -25,9 +26,10 @@ COMMAND_TITLES = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("export_dir", help="directory written by `hybridtrt export`")
+    add_integrity_argument(p)
     p.add_argument("--checkpoint", default=None, help="source checkpoint (default: the one in hybridtrt.json; its sha256 is checked)")
     p.add_argument("--force", action="store_true", help="use a checkpoint other than the export's source (same graph I/O)")
-    p.add_argument("-o", "--output", default=None, metavar="DIR", help="where to write inputs.json / reference.json (default OUT_DIR/polygraphy)")
+    p.add_argument("-o", "--output", default=None, metavar="DIR", help="where to write inputs.json / reference.json, outside the export (default: OUT_DIR.polygraphy beside it)")
     p.add_argument("--out", dest="output", default=None, help=argparse.SUPPRESS)  # old spelling, kept working
     p.add_argument("--plugins", default=None, metavar="LIB", help="TensorRT plugin library for the --trt comparison and the printed commands")
     p.add_argument("--per-layer", action="store_true", help="printed save-outputs commands also record every layer output (--onnx-outputs)")
@@ -38,7 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hybridtrt.validation.preflight import check_output_dir
 
-    out = Path(args.output) if args.output else Path(args.export_dir) / "polygraphy"
+    check_integrity(args, args.export_dir)
+
+    out = Path(args.output) if args.output else default_output(args.export_dir)
+    refuse_inside_export(out, args.export_dir)
     check_output_dir(out, "-o/--output")
     from hybridtrt.validation.polygraphy_bridge import compare_with_polygraphy, write_polygraphy_data
 
@@ -50,12 +55,35 @@ def run(args: argparse.Namespace) -> int:
     have_trt = importlib.util.find_spec("tensorrt") is not None
     with step("polygraphy Comparator"):
         results = compare_with_polygraphy(files, trt=have_trt, plugins=args.plugins)
-    rows = [[name, f"atol {files.atol:g}, rtol {files.rtol:g}", styled("PASS", "green") if ok else styled("FAIL", "red")] for name, ok in results.items()]
+    tolerance = files.describe_tolerance()
+    rows = [[name, tolerance, styled("PASS", "green") if v.passed else styled(f"FAIL ({len(v.failures)} comparisons, below)", "red")] for name, v in results.items()]
     if not have_trt:
         rows.append(["trt", "", styled("skipped: TensorRT not installed", "yellow")])
-    console.print(table("polygraphy: runners vs pytorch-reference", ["runner", "tolerance", "result"], rows))
+    console.print(table("polygraphy: runners vs pytorch-reference", ["runner", "tolerance", "result"], rows, numeric=False))
+    for name, verdict in results.items():
+        for failure in verdict.failures:
+            console.print(styled(f"{name} FAIL {failure}", "red"), soft_wrap=True)
+    console.print(f"files: {out}", markup=False, soft_wrap=True)
     console.print("reproduce with:")
     for name, cmd in files.commands.items():
-        console.print(styled(f"  # {COMMAND_TITLES.get(name, name)}", "dim"))
-        console.print(f"  {cmd}", soft_wrap=True, markup=False, highlight=False)
-    return 0 if all(results.values()) else 1
+        print_command(cmd, COMMAND_TITLES.get(name, name))
+    return 0 if all(v.passed for v in results.values()) else 1
+
+
+def default_output(export_dir: str | Path) -> Path:
+    """``OUT_DIR.polygraphy`` beside the export: an export directory holds only the export's files
+    (a re-export into it refuses anything else)."""
+    export = Path(export_dir).resolve()
+    return export.parent / f"{export.name}.polygraphy"
+
+
+def refuse_inside_export(out: Path, export_dir: str | Path) -> None:
+    """``-o`` inside the export directory would make the next export into it refuse the directory."""
+    from hybridtrt.errors import InputError
+
+    export, target = Path(export_dir).resolve(), out.resolve()
+    if target == export or export in target.parents:
+        raise InputError(
+            f"-o/--output {out} is inside the export directory {export_dir}",
+            fix=f"write the polygraphy files beside it (the default, {default_output(export_dir)}) or anywhere outside it",
+        )

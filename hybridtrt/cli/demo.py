@@ -8,11 +8,13 @@ comparison, and prints one summary table and where the files are.
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from hybridtrt.cli.common import console, human_bytes, step, styled, table
+from hybridtrt.cli.common import console, human_bytes, print_command, step, styled, table
 
 HELP = "end to end on a tiny built-in model: checkpoint → export → validate (ORT) → polygraphy"
 
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from hybridtrt.models.presets import create_checkpoint
     from hybridtrt.validation.artefact import validate_artefact
     from hybridtrt.validation.polygraphy_bridge import compare_with_polygraphy, write_polygraphy_data
-    from hybridtrt.validation.report import write_report
+    from hybridtrt.validation.report import provenance, write_report
 
     torch.set_num_threads(1)  # a tiny model: threads only add OpenMP overhead
     start = time.perf_counter()
@@ -49,10 +51,11 @@ def run(args: argparse.Namespace) -> int:
     result = export(ckpt, out, ExportOptions(per_layer=True, verify=False), step=step)
     with step("validate: ONNX Runtime vs PyTorch reference, per layer"):
         report = validate_artefact(out, ckpt, random_n=4, steps=8, per_layer=True)
-        paths = write_report(report, work / "report")
+        paths = write_report(report, work / "report", provenance=provenance(out, ckpt))
     with step("polygraphy: Comparator with the ONNX Runtime runner"):
         files = write_polygraphy_data(out, ckpt, work / "polygraphy")
-        polygraphy_ok = compare_with_polygraphy(files)["onnxrt"]
+        polygraphy = compare_with_polygraphy(files)["onnxrt"]
+    polygraphy_ok = polygraphy.passed
 
     prefill = next(c for c in report.checks if c.phase == "prefill" and c.name == "logits").comparison
     states = [c.comparison for c in report.checks if c.phase == "prefill" and c.name != "logits"]
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         ["per layer", f"{len(layers)} tensors, {sum(not c.passed for c in layers)} over tolerance"],
         ["decode", f"{report.steps} steps, greedy token agreement {report.token_agreement:.3f}"],
         *([["MoE routing agreement", ", ".join(f"layer {i}: {a:.3f}" for i, a in report.routing_agreement.items())]] if report.routing_agreement else []),
-        ["polygraphy", "PASS" if polygraphy_ok else "FAIL"],
+        ["polygraphy", f"{'PASS' if polygraphy_ok else f'FAIL ({len(polygraphy.failures)} comparisons, below)'}: {files.describe_tolerance()}"],
         ["verdict", styled("PASS", "bold green") if ok else styled("FAIL", "bold red")],
         ["wall time", f"{time.perf_counter() - start:.1f} s"],
     ]
@@ -86,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
             numeric=False,
         )
     )
+    for failure in polygraphy.failures:
+        console.print(styled(f"polygraphy FAIL {failure}", "red"), soft_wrap=True)
     console.print("reproduce the polygraphy check:")
-    console.print(f"  {files.commands['onnxrt']}", soft_wrap=True, markup=False)
+    if shutil.which("polygraphy") is None:  # `make demo` runs .venv/bin/hybridtrt without activating the venv
+        bin_dir = Path(sys.executable).parent
+        print_command(f". {bin_dir / 'activate'}", "first put hybridtrt and polygraphy on your PATH (or call them as " + str(bin_dir) + "/…)")
+    print_command(files.commands["onnxrt"])
     return 0 if ok else 1

@@ -134,8 +134,12 @@ def run(args: argparse.Namespace) -> int:
     result = export(args.checkpoint, args.output, opts, step=step, progress=progress, quantize=quant)
     from rich.markup import escape
 
-    if result.removed_partials:
-        console.print(f"removed {len(result.removed_partials)} unfinished export(s) left by killed runs: {escape(', '.join(result.removed_partials))}")
+    for line in result.removed_partials:
+        console.print(f"removed an unfinished export left by a killed run: {escape(line)}")
+    for line in result.kept_partials:
+        console.print(f"[yellow]kept[/] an unfinished export that may not be this run's to remove: {escape(line)}")
+    if result.publish_note.startswith("in place:"):
+        console.print(f"[yellow]note:[/] replaced the previous export in place, not by one atomic swap ({escape(result.publish_note[len('in place: '):])})")
     m = result.manifest
     kinds = Counter(layer["kind"] for layer in m.layers)
     ops = Counter()

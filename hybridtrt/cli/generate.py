@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hybridtrt.cli.common import console
+from hybridtrt.cli.inspect import add_integrity_argument, check_integrity
 
 HELP = "generate text from an export dir, model.onnx, model.engine or checkpoint dir (streams tokens)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artefact", help="export directory, model.onnx, model.engine, or checkpoint directory")
+    add_integrity_argument(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", default=None, help="prompt text (needs a tokenizer)")
     src.add_argument("--ids", default=None, help='prompt token ids, e.g. "1 2 3" (no tokenizer needed)')
@@ -35,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plugins", default=None, help="TensorRT plugin library (default: the one recorded in the engine's sidecar)")
     lc = p.add_argument_group("long context (README: Long context)")
     lc.add_argument("--prefill-chunk", type=int, default=None, metavar="N", help="prefill long prompts in calls of at most N tokens (default 2048)")
-    lc.add_argument("--save-snapshot", default=None, metavar="FILE", help="prefill the prompt, write its state snapshot to FILE and stop")
-    lc.add_argument("--snapshot", default=None, metavar="FILE", help="continue after a snapshot written by --save-snapshot (the prompt is what follows it)")
+    lc.add_argument("--save-snapshot", default=None, metavar="FILE", help="prefill the prompt, write its state snapshot to FILE and stop (with --snapshot: the snapshot of the longer prefix)")
+    lc.add_argument("--snapshot", default=None, metavar="FILE", help="continue after a snapshot written by --save-snapshot (the prompt is what follows it); checked against this model first")
+    lc.add_argument("--force", action="store_true", help="let --save-snapshot replace an existing FILE")
 
 
 @dataclass
@@ -47,26 +50,78 @@ class Target:
     backend: str
     checkpoint: Path | None
     eos_token_id: int | None
+    #: What model this is, for snapshots (``checkpoint_sha256``; filled by `resolve(..., identity=True)`).
+    identity: dict[str, str] = field(default_factory=dict)
 
 
-def resolve(artefact: str | Path, *, plugins: str | None = None) -> Target:
+def reference_fits(checkpoint: Path, dtype: str = "fp32") -> None:
+    """Refuse, from the safetensors headers and config alone, a reference load the machine cannot hold:
+    every parameter in ``dtype``, the largest tensor once more as stored (it is read, then converted)
+    and a working margin, against `hybridtrt.memory.available_memory`.
+
+    Raises:
+        InputError: Not enough memory (needed vs available, and how to proceed).
+        ConfigError, CheckpointError: The checkpoint cannot be opened (see `open_checkpoint`).
+    """
+    from hybridtrt.memory import check_memory
+    from hybridtrt.models.loading import open_checkpoint
+
+    ckpt = open_checkpoint(checkpoint, dtype)
+    largest = max((t.nbytes for t in ckpt.index.tensors.values()), default=0)
+    needed = ckpt.parameter_bytes + largest + _WORKING_MARGIN
+    check_memory(
+        needed,
+        what=f"the PyTorch reference of {checkpoint} ({ckpt.num_parameters:,} parameters in {dtype})",
+        fix=f"export it (hybridtrt export {checkpoint} -o OUT streams the weights tensor by tensor) and generate from OUT, "
+        "or run on a machine with more memory",
+    )
+
+
+#: Memory beyond the weights a reference generation uses (activations, states, the interpreter's own).
+_WORKING_MARGIN = 256 * 2**20
+
+
+def _identity(export_dir: Path | None) -> dict[str, str]:
+    from hybridtrt.exporter.manifest import MANIFEST_FILE, read_manifest
+    from hybridtrt.runtime.snapshot import CHECKPOINT_SHA256
+
+    if export_dir is None or not (export_dir / MANIFEST_FILE).is_file():
+        return {}
+    sha = read_manifest(export_dir).source.get("sha256")
+    return {CHECKPOINT_SHA256: sha} if isinstance(sha, str) and sha else {}
+
+
+def resolve(artefact: str | Path, *, plugins: str | None = None, identity: bool = False) -> Target:
     """Load ``artefact`` with its backend and find its checkpoint (for the tokenizer).
+
+    Args:
+        identity: Also record what model it is (`Target.identity`, for snapshots): the checkpoint
+            sha256 an export's manifest records, or the hash of a checkpoint directory (reads it whole).
 
     Raises:
         ArtefactError: Not an export, ``.onnx``, ``.engine`` or checkpoint.
         MissingDependencyError: A ``.engine`` without TensorRT or a GPU.
+        InputError: A checkpoint whose reference does not fit in memory (`reference_fits`).
     """
     from hybridtrt.errors import ArtefactError
     from hybridtrt.exporter.manifest import MANIFEST_FILE, read_manifest
     from hybridtrt.runtime import load
 
     path = Path(artefact)
-    if path.is_dir() and not (path / MANIFEST_FILE).is_file() and (path / "config.json").is_file():
+    config = path / "config.json"  # a FIFO or /dev/zero in its place is refused by the config reader, by name
+    if path.is_dir() and not (path / MANIFEST_FILE).is_file() and (config.exists() or config.is_symlink()):
         from hybridtrt.models import load_model
         from hybridtrt.runtime.generation import TorchStepper
 
+        reference_fits(path)
         model = load_model(path)
-        return Target(TorchStepper(model), "pytorch", path, model.config.eos_token_id)
+        ident: dict[str, str] = {}
+        if identity:
+            from hybridtrt.exporter.manifest import checkpoint_hash
+            from hybridtrt.runtime.snapshot import CHECKPOINT_SHA256
+
+            ident = {CHECKPOINT_SHA256: checkpoint_hash(path)}
+        return Target(TorchStepper(model), "pytorch", path, model.config.eos_token_id, ident)
     if path.suffix == ".engine" and path.is_file():
         from hybridtrt.engine.sidecar import read_sidecar
 
@@ -76,14 +131,16 @@ def resolve(artefact: str | Path, *, plugins: str | None = None) -> Target:
         if (export_dir / MANIFEST_FILE).is_file():  # the export's manifest is the source of truth
             ckpt = read_manifest(export_dir).source.get("checkpoint") or ckpt
         model = load(path, **({"plugins": plugins} if plugins else {}))
-        return Target(model, "tensorrt", Path(ckpt) if ckpt else None, sidecar["model"].get("eos_token_id"))
+        ident = _identity(export_dir if sidecar["source"].get("export_dir") else None) if identity else {}
+        return Target(model, "tensorrt", Path(ckpt) if ckpt else None, sidecar["model"].get("eos_token_id"), ident)
     model = load(path)
     export_dir = path.parent if path.suffix == ".onnx" else path
     if not (export_dir / MANIFEST_FILE).is_file():
         raise ArtefactError(f"{export_dir} has no {MANIFEST_FILE}", fix="pass an export directory")
     manifest = read_manifest(export_dir)
     ckpt = manifest.source.get("checkpoint")
-    return Target(model, getattr(model, "backend", "onnxruntime"), Path(ckpt) if ckpt else None, manifest.model.get("eos_token_id"))
+    ident = _identity(export_dir) if identity else {}
+    return Target(model, getattr(model, "backend", "onnxruntime"), Path(ckpt) if ckpt else None, manifest.model.get("eos_token_id"), ident)
 
 
 class IncrementalText:
@@ -117,6 +174,8 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: Any) -> list[int]:
             ids = [int(x) for x in args.ids.replace(",", " ").split()]
         except ValueError:
             raise InputError(f"--ids must be integers separated by spaces, got {args.ids!r}", fix='e.g. --ids "1 2 3"') from None
+        if bad := next((i for i in ids if not 0 <= i < 2**63), None):  # an int64 tensor cannot hold it
+            raise InputError(f"token id {bad} is outside [0, 2^63) (--ids), let alone the vocabulary", fix="check the --ids you passed")
     else:
         if tokenizer is None:
             raise InputError("no tokenizer.json found for this artefact", fix="pass --tokenizer DIR (a directory with tokenizer.json) or --ids")
@@ -133,15 +192,36 @@ def run(args: argparse.Namespace) -> int:
     from hybridtrt.models.tokenizer import load_tokenizer
     from hybridtrt.runtime.generation import SamplingConfig, iter_generate
 
+    # Flags, the snapshot to continue and the file to write are checked before anything loads.
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+        raise InputError(f"--max-new-tokens {args.max_new_tokens} must be ≥ 1", fix="e.g. --max-new-tokens 32")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise InputError(f"--prefill-chunk {args.prefill_chunk} must be ≥ 1", fix="give the longest prefill call in tokens, e.g. --prefill-chunk 2048")
     sampling = SamplingConfig(
         temperature=args.temperature if args.temperature is not None else 0.0,
         top_k=args.top_k if args.top_k is not None else 0,
         top_p=args.top_p if args.top_p is not None else 1.0,
         seed=args.seed,
     )
-    target = resolve(args.artefact, plugins=args.plugins)
+    if args.ids is not None:
+        _prompt_ids(args, None)  # malformed or out-of-range ids, before anything loads
+    snapshot = None
+    if args.save_snapshot:
+        from hybridtrt.runtime.snapshot import check_writable
+
+        check_writable(args.save_snapshot, overwrite=args.force)
+    if args.snapshot:
+        from hybridtrt.runtime.snapshot import Snapshot
+
+        snapshot = Snapshot.load(args.snapshot)
+
+    check_integrity(args, args.artefact)
+
+    target = resolve(args.artefact, plugins=args.plugins, identity=bool(args.snapshot or args.save_snapshot))
+    if snapshot is not None:
+        from hybridtrt.runtime.snapshot import check_snapshot
+
+        check_snapshot(snapshot, target.stepper, target.identity, source=f"snapshot {args.snapshot}")
     tok_dir = Path(args.tokenizer) if args.tokenizer else target.checkpoint
     tokenizer = load_tokenizer(tok_dir) if tok_dir is not None and tok_dir.is_dir() else None
     if args.tokenizer and tokenizer is None:
@@ -149,18 +229,18 @@ def run(args: argparse.Namespace) -> int:
     ids = _prompt_ids(args, tokenizer)
     eos = None if args.ignore_eos else target.eos_token_id
     if args.save_snapshot:
+        import dataclasses
+
+        from rich.markup import escape
+
         from hybridtrt.runtime.snapshot import snapshot_prompt
 
         start = time.perf_counter()
-        snap = snapshot_prompt(target.stepper, torch.tensor([ids], dtype=torch.long), prefill_chunk=args.prefill_chunk)
-        path = snap.save(args.save_snapshot)
-        console.print(f"[dim]snapshot of {snap.past} positions written to {path} in {time.perf_counter() - start:.2f} s · backend {target.backend}[/]", soft_wrap=True)
+        snap = snapshot_prompt(target.stepper, torch.tensor([ids], dtype=torch.long), prefill_chunk=args.prefill_chunk, snapshot=snapshot)
+        path = dataclasses.replace(snap, identity=target.identity).save(args.save_snapshot, overwrite=args.force)
+        extended = f" ({snapshot.past} from {args.snapshot} + {len(ids)})" if snapshot is not None else ""
+        console.print(f"[dim]snapshot of {snap.past} positions{escape(extended)} written to {escape(str(path))} in {time.perf_counter() - start:.2f} s · backend {target.backend}[/]", soft_wrap=True)
         return 0
-    snapshot = None
-    if args.snapshot:
-        from hybridtrt.runtime.snapshot import Snapshot
-
-        snapshot = Snapshot.load(args.snapshot)
 
     text = IncrementalText(tokenizer) if tokenizer is not None and args.ids is None else None
     times: list[float] = []

@@ -13,14 +13,68 @@ HELP = "summarize a checkpoint (config, layers, states) or an export directory (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="checkpoint directory or export directory")
+    add_integrity_argument(p)
+
+
+def add_integrity_argument(p: argparse.ArgumentParser) -> None:
+    """``--check-integrity`` (inspect, generate, validate, compare, build)."""
+    p.add_argument(
+        "--check-integrity",
+        action="store_true",
+        help="hash every file of the export in full against its manifest (default: sizes, the graphs' sha256 and the "
+        "weights' sampled sha256 — README: Integrity)",
+    )
+
+
+def check_integrity(args: argparse.Namespace, path: str | Path) -> None:
+    """The full check when ``--check-integrity`` is given and ``path`` is an export (the sampled one runs anyway)."""
+    if not getattr(args, "check_integrity", False):
+        return
+    from hybridtrt.exporter.integrity import FULL
+    from hybridtrt.exporter.manifest import MANIFEST_FILE as manifest_file
+    from hybridtrt.exporter.manifest import read_manifest
+
+    if (Path(path) / manifest_file).is_file():
+        read_manifest(path, integrity=FULL)
+
+
+def _export_rows(path: Path, level: str) -> tuple[object, list[list[str]], list[list[str]]]:
+    """The manifest, one row per file (size, how it was checked) and one row per graph as its header reads."""
+    import onnx
+
+    from hybridtrt.cli.common import human_bytes
+    from hybridtrt.exporter.manifest import check_export, read_manifest
+
+    m = read_manifest(path, integrity=None)
+    report = check_export(path, m, level=level)
+    files = [[name, human_bytes(rec["bytes"]), "sha256 ok" if report.files[name] == "sha256" else "sampled sha256 ok"] for name, rec in sorted(m.files.items())]
+    graphs = []
+    for role, g in m.graphs.items():
+        proto = onnx.load(str(path / g.file), load_external_data=False)
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        custom = Counter(f"{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx"))
+        dtypes = Counter(onnx.TensorProto.DataType.Name(i.data_type).lower() for i in proto.graph.initializer)
+        found = ", ".join(f"{k}×{v}" for k, v in sorted(custom.items())) or "none"
+        if dict(custom) != dict(g.custom_ops) or opset != m.opset:
+            found += f" (manifest: {g.custom_ops}, opset {m.opset})"
+        graphs.append([f"{role} ({g.file})", f"opset {opset}", found, ", ".join(f"{k} {v}" for k, v in dtypes.most_common(3))])
+    return m, files, graphs
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybridtrt.exporter.manifest import MANIFEST_FILE, read_manifest
+    from hybridtrt.exporter.integrity import FULL, SAMPLED
+    from hybridtrt.exporter.manifest import MANIFEST_FILE
 
     path = Path(args.path)
     if (path / MANIFEST_FILE).is_file():
-        m = read_manifest(path)
+        m, files, graphs = _export_rows(path, FULL if args.check_integrity else SAMPLED)
+        console.print(table(f"export {path} ({m.dtype}, state {m.state_dtype}, kv {m.kv_cache})", ["file", "size", "check"], files, numeric=False))
+        console.print(table("graphs as their headers read", ["graph", "opset", "custom ops", "initializers"], graphs, numeric=False))
+        verification = m.verification or {}
+        worst = {f: g["worst"]["rel_l2"] for f, g in verification.get("graphs", {}).items()}
+        method = verification.get("method", "none")
+        console.print(f"verification: {method}" + (f" ({verification.get('reason')})" if verification.get("reason") else "")
+                      + "".join(f", {f} worst rel L2 {v:.2e}" for f, v in worst.items()), markup=False)  # fmt: skip
         for role, g in m.graphs.items():
             rows = [[v["name"], v["dtype"], "[" + ", ".join(map(str, v["shape"])) + "]"] for v in g.inputs + g.outputs]
             console.print(table(f"{role} graph {g.file} ({m.dtype}, state {m.state_dtype}, opset {m.opset})", ["tensor", "dtype", "shape"], rows))

@@ -10,12 +10,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from hybridtrt.cli.common import console, step, styled, table
+from hybridtrt.cli.inspect import add_integrity_argument, check_integrity
 
 HELP = "compare an export (ONNX Runtime, TensorRT, or recorded polygraphy outputs) with the PyTorch reference; exit 1 when a gate fails"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("export_dir", nargs="?", default=None, help="directory written by `hybridtrt export`")
+    add_integrity_argument(p)
     p.add_argument("--checkpoint", default=None, help="source checkpoint (default: the one in hybridtrt.json; its sha256 is checked)")
     p.add_argument("--force", action="store_true", help="compare with a checkpoint other than the export's source (same graph I/O)")
     p.add_argument("--backend", choices=["ort", "trt"], default=None, help="artefact runtime (default ort)")
@@ -47,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--json", default=None, metavar="FILE", help="write the JSON report here")
 
 
+def legend(report) -> str:
+    """Printed under the summary table: what its columns mean."""
+    ref = report.reference
+    yard = f"yardstick: {report.yardstick}'s rel L2 on that tensor" if report.yardstick else "yardstick: none ran, the floors are the gates"
+    return f"rel L2: ‖{report.backend} − {ref}‖ / ‖{ref}‖ of the worst tensor · {yard} · allowed: max(floor, ratio × yardstick), hybridtrt/judge/tolerances.json"
+
 #: How a phase is named in the summary table (default: its own name).
 PHASE_LABELS = {"layer": "per-layer"}
 
@@ -58,8 +66,8 @@ def _fmt(c) -> list[str]:
         "—" if yard is None else f"{yard.rel_l2:.2e}" if yard.finite else "non-finite",
         "—" if c.allowed is None else f"{c.allowed:.2e}",
         f"{cmp.cosine:.6f}" if cmp.finite else "—",
-        styled("ok", "green") if c.passed else styled("; ".join(c.failures), "red"),
-    ]
+        styled("ok", "green") if c.passed else styled(" ".join(["FAIL", *(f for f in c.failures if not f.startswith("rel L2"))]), "red"),
+    ]  # a rel L2 failure is the row's own numbers: rel L2 > allowed
 
 
 def worst(checks):
@@ -85,15 +93,17 @@ def summary_rows(report) -> list[list[str]]:
                 continue
             w = worst(group)
             name = PHASE_LABELS.get(phase, phase)
-            label = f"{name} {kind}" if len(group) == 1 else f"{name} {kind} (worst of {len(group)}: {w.name}{'' if w.step is None else f' @{w.step}'})"
+            label = f"{name} {kind}"
+            if len(group) > 1:  # second line of the cell: which tensor is the worst
+                label += f"\nworst of {len(group)}: {w.name}{'' if w.step is None else f' @{w.step}'}"
             rows.append([label, *_fmt(w)])
     return rows
 
 
 def print_report(report) -> None:
     title = f"{report.backend} vs {report.reference} ({report.precision}, batch {report.batch}, {report.steps} steps)"
-    yard = report.yardstick or "no yardstick"
-    console.print(table(title, ["", "rel L2", f"{yard} rel L2", "allowed", "cosine", "gate"], summary_rows(report)))
+    console.print(table(title, ["", "rel L2", "yardstick", "allowed", "cosine", "gate"], summary_rows(report)))
+    console.print(styled(legend(report), "dim"))
     if report.token_agreement is not None:
         line = f"greedy token agreement {report.token_agreement:.3f} · teacher-forced top-1 {report.teacher_forced_top1:.3f}"
         if report.yardstick_top1 is not None:
@@ -143,8 +153,39 @@ def print_sensitivity(s, *, shown: int = 20) -> None:
         console.print(f"  {s.command}", soft_wrap=True, markup=False, highlight=False)
 
 
+#: Largest --prompts file read (validation prompts are lines of text; a corpus belongs elsewhere).
+MAX_PROMPTS_BYTES = 16 * 2**20
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """The flags and files of `run` that `check_arguments` does not cover, refused before anything loads:
+    ``--seed``, ``--context``, ``--prefill-chunk``, and the ``--prompts`` file (a regular UTF-8 file of at
+    most `MAX_PROMPTS_BYTES` with a non-blank line; read again by the validation, now known to be safe).
+
+    Raises:
+        InputError: naming the flag and its value.
+    """
+    from hybridtrt.errors import InputError
+    from hybridtrt.reading import read_text
+
+    if not 0 <= args.seed < 2**63:
+        raise InputError(f"--seed {args.seed} must be in [0, 2^63)", fix="e.g. --seed 0")
+    if args.context is not None and args.context < 1:
+        raise InputError(f"--context {args.context} must be ≥ 1", fix="give the prompt length in tokens, e.g. --context 4096")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise InputError(f"--prefill-chunk {args.prefill_chunk} must be ≥ 1", fix="give the longest prefill call in tokens, e.g. --prefill-chunk 2048")
+    if args.prompts is not None:
+        fix = "give a UTF-8 text file with one prompt per line"
+        text = read_text(args.prompts, what="prompts file", error=InputError, fix=fix, limit=MAX_PROMPTS_BYTES)
+        if not text.strip():
+            raise InputError(f"prompts file {args.prompts} has no prompts", fix="write one prompt per line")
+
+
 def run(args: argparse.Namespace) -> int:
     from hybridtrt.validation.preflight import check_arguments, check_output_dir, check_output_file
+
+    if args.export_dir is not None:
+        check_integrity(args, args.export_dir)
 
     # Refuse bad values and unwritable outputs before importing torch or loading anything.
     check_arguments(
@@ -160,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.json, "--json")
     if args.report:
         check_output_dir(args.report, "--report")
+    check_inputs(args)
 
     if args.context is not None:
         from hybridtrt.validation.long_context import run_cli
@@ -175,13 +217,15 @@ def run(args: argparse.Namespace) -> int:
     print_report(report)
     if "sensitivity" in report.extras:
         print_sensitivity(report.extras["sensitivity"])
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, default=float) + "\n")
-    if args.report:
-        from hybridtrt.validation.report import write_report
+    if args.json or args.report:  # written whole or not at all; a full disk leaves the previous files
+        from hybridtrt.validation.report import provenance, publish, write_report
 
-        paths = write_report(report, args.report)
-        console.print(f"report: {paths['html']}", markup=False)
+        origin = provenance(args.export_dir, args.checkpoint)
+        if args.json:
+            publish({Path(args.json): (json.dumps({**report.to_dict(), "provenance": origin}, indent=2, default=float) + "\n").encode()})
+        if args.report:
+            paths = write_report(report, args.report, provenance=origin)
+            console.print(f"report: {paths['html']}", markup=False, soft_wrap=True)
     return 0 if report.passed else 1
 
 

@@ -35,6 +35,7 @@ from hybridtrt.engine.profiles import ProfileSpec
 from hybridtrt.errors import ArtefactError
 from hybridtrt.exporter.io import CACHE_POSITION, DYNAMIC, STATIC, CacheFlavour
 from hybridtrt.exporter.manifest import MANIFEST_FILE, Manifest
+from hybridtrt.reading import expect_object, read_json
 
 if TYPE_CHECKING:
     from hybridtrt.engine.network import NetworkPlugins
@@ -169,12 +170,11 @@ def read_sidecar(engine_path: str | Path) -> dict[str, Any]:
             f"{path} not found: every engine needs the sidecar `hybridtrt build` writes beside it",
             fix="rebuild the engine with `hybridtrt build EXPORT_DIR -o model.engine`",
         )
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtefactError(f"{path} is not valid JSON: {e}", fix="rebuild the engine") from None
-    if not isinstance(d, dict):
-        raise ArtefactError(f"{path} is not a JSON object", fix="rebuild the engine")
+    fix = "rebuild the engine with `hybridtrt build EXPORT_DIR -o model.engine`"
+    d = expect_object(
+        read_json(path, what="the engine sidecar", error=ArtefactError, fix=fix, limit=16 * 2**20),
+        source=str(path), error=ArtefactError, fix=fix,
+    )  # fmt: skip
     if d.get("sidecar_version") != SIDECAR_VERSION:
         raise ArtefactError(
             f"{path} has sidecar_version {d.get('sidecar_version')!r}, this hybridtrt reads {SIDECAR_VERSION}",

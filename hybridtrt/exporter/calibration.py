@@ -36,6 +36,7 @@ from hybridtrt.models.model import HybridLM
 from hybridtrt.models.moe import Experts
 from hybridtrt.ops.moe import group_by_expert, relu2
 from hybridtrt.ops.moe_onnx import MOE_EXPERTS
+from hybridtrt.reading import read_text
 from hybridtrt.runtime.generation import left_pad
 
 #: One calibration batch: ``ids [B, L] int64``, ``mask [B, L] int64`` (1 = token, 0 = left padding).
@@ -178,7 +179,8 @@ def check_calibration_source(calib_file: str | Path | None, calib_random: int | 
 
 def _read_prompts(calib_file: str | Path) -> list[str]:
     path = Path(calib_file)
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = read_text(path, what="calibration file", error=QuantizationError, fix="give --calib a UTF-8 text file with one prompt per line", limit=16 * 2**20)
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise QuantizationError(f"calibration file {path} has no prompts", fix="put one prompt per non-empty line")
     return prompts

@@ -2,13 +2,16 @@
 ``hybridtrt.json``, in memory bounded by the largest tensor, not the model.
 
 Steps: read the checkpoint's config and safetensors headers (every refusal happens here, before
-any work) → lock the output directory (`hybridtrt.exporter.target`) → trace each graph with fake
+any work) → check the memory the export will need against the machine's and its limits
+(`hybridtrt.exporter.preflight`) → lock the output directory, refuse a foreign one, and check the
+disk space the export will need (`hybridtrt.exporter.target`) → trace each graph with fake
 weights (`hybridtrt.exporter.streaming`: ``torch.onnx.export(dynamo=True)``, the exporter's own
 optimizer, custom ops become ``hybridtrt`` domain nodes) → graph passes (names, cleanup, function
 bodies, dims; FP8 Q/DQ with sequential calibration on the lazy reference) → stream every weight
 from the checkpoint into ``weights.data`` (one tensor in flight, NaN/Inf checked) → verify the
 written files with ONNX Runtime against the lazy reference (whole graph, or by decoder-layer
-windows) → ``hybridtrt.json`` (with the verification record) → publish atomically.
+windows) → ``hybridtrt.json`` (with the verification record) → publish atomically (the previous export or the
+new one at every instant).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import onnx
 import torch
 
 from hybridtrt.errors import ExportError
-from hybridtrt.exporter import io, trace_cache
+from hybridtrt.exporter import io, preflight, trace_cache
+from hybridtrt.exporter.integrity import record_files
 from hybridtrt.exporter.manifest import (
     MANIFEST_FILE,
     GraphEntry,
@@ -154,7 +158,9 @@ class ExportResult:
     parameters: int = 0
     parameter_bytes: int = 0
     verification: dict[str, float] = field(default_factory=dict)  # graph file -> worst rel L2
-    removed_partials: list[str] = field(default_factory=list)  # stale .partial-* dirs cleaned up
+    removed_partials: list[str] = field(default_factory=list)  # "NAME (whose, why)" of leftover .partial-* dirs removed
+    kept_partials: list[str] = field(default_factory=list)  # "NAME (whose, why)" of marked .partial-* dirs left alone
+    publish_note: str = ""  # `OutputDir.publish_note`: "swap", "in place", or "in place: <why not a swap>"
 
 
 @contextlib.contextmanager
@@ -361,10 +367,13 @@ def export(
             raise ExportError("--split needs at least one Mamba layer (the decode graph exists for Mamba2StateUpdate)")
         roles.append(("decode", DECODE_FILE, DECODE_WEIGHTS_FILE, True))
 
+    largest = max((p.nbytes for p in checkpoint.parameters.values()), default=0)
+    preflight.check_memory(preflight.memory_bytes(checkpoint.parameter_bytes, largest, config.num_layers, opts.verify_mode if opts.verify else None))
     from hybridtrt.models.lazy import lazy_model
 
     reference = lazy_model(checkpoint)
     with OutputDir(Path(out_dir), ARTEFACTS, MANIFEST_FILE, checkpoint.root, force=opts.force) as target:
+        target.check_space(preflight.disk_bytes(checkpoint.parameter_bytes, len(roles), opts.verify))
         table = DeferredTable(checkpoint)
         graphs: dict[str, GraphEntry] = {}
         written: list[str] = []
@@ -405,9 +414,9 @@ def export(
                 custom_ops=_custom_op_counts(proto),
             )
             total = planned_external_bytes(proto, rule, opts.size_threshold)
-            target.check_space(total)
+            target.check_space(total + proto.ByteSize())
             meter = progress if total else _no_progress
-            with target.writing(total), meter(f"stream weights → {data}", total, "B") as advance:
+            with target.writing(total + proto.ByteSize(), f"{data} and {fname}"), meter(f"stream weights → {data}", total, "B") as advance:
                 write_external_data(proto, target.partial, data, rule=rule, size_threshold=opts.size_threshold, chunks=table.chunks, progress=advance)
                 onnx.save_model(proto, str(target.partial / fname))
             del proto
@@ -442,14 +451,16 @@ def export(
         if opts.verify:
             with step(f"verify with ONNX Runtime against the fp32 reference ({opts.verify_mode})"):
                 truth = reference if checkpoint.dtype == torch.float32 else lazy_model(checkpoint.as_dtype(torch.float32))
-                with target.writing(temporary_bytes(checkpoint.parameter_bytes)):  # head slices (verify.py)
+                with target.writing(temporary_bytes(checkpoint.parameter_bytes), "verification's temporary files"):  # head slices (verify.py)
                     manifest.verification = verify_export(
                         target.partial, reference, manifest, truth=truth, mode=opts.verify_mode, parameter_bytes=checkpoint.parameter_bytes, progress=progress
                     )
                 del truth
         else:
             manifest.verification = {"method": "skipped", "reason": "--no-verify"}
-        with target.writing(0):
+        with step("record the size and sha256 of every file"):  # checked on every read (exporter/integrity.py)
+            manifest.files = record_files(target.partial, written)
+        with target.writing(len(manifest.to_json().encode()), MANIFEST_FILE):
             manifest.write(target.partial)
         written.append(MANIFEST_FILE)
         target.publish(written)
@@ -463,6 +474,8 @@ def export(
         parameter_bytes=checkpoint.parameter_bytes,
         verification={f: g["worst"]["rel_l2"] for f, g in manifest.verification.get("graphs", {}).items()},
         removed_partials=target.removed_partials,
+        kept_partials=target.kept_partials,
+        publish_note=target.publish_note,
     )
 
 

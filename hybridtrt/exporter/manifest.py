@@ -1,7 +1,10 @@
 """``hybridtrt.json``: what an export directory holds and how to feed it (DESIGN.md §6).
 
 Written last by the exporter, so its presence marks a complete export. Deterministic (sorted keys,
-no timestamps): the same checkpoint and flags give the same bytes.
+no timestamps): the same checkpoint and flags give the same bytes. It records the size and sha256 of every
+file it publishes (``files``), and `read_manifest` checks them on every read (`hybridtrt.exporter.integrity`):
+an export is what its manifest says, or it is refused. Every name it holds must stay inside the export
+directory, and a ``.partial-*`` directory (an export being written) is never read as an export.
 """
 
 from __future__ import annotations
@@ -16,8 +19,14 @@ from typing import Any
 
 from hybridtrt import CONTRACT_VERSION, __version__
 from hybridtrt.errors import ArtefactError
+from hybridtrt.exporter.integrity import SAMPLED, IntegrityReport, check_external_data, check_files
+from hybridtrt.reading import expect_object, inside, read_json
 
 MANIFEST_FILE = "hybridtrt.json"
+#: Largest manifest read (ours are kilobytes; a 9B model's is ~100 KiB).
+MAX_MANIFEST_BYTES = 16 * 2**20
+#: Name prefix of the directory an export is written into before it is published (`hybridtrt.exporter.target`).
+PARTIAL_DIR_PREFIX = ".partial-"
 
 _KIND_NAMES = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 
@@ -90,6 +99,8 @@ class Manifest:
     contract_version: int = CONTRACT_VERSION
     kv_cache: str = "dynamic"
     max_cache_len: int | None = None
+    #: ``{file name: {"bytes", "sha256", "sample_sha256"}}`` of every published file but the manifest itself.
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def cache_flavour(self):
@@ -116,6 +127,7 @@ class Manifest:
             "tools": self.tools,
             "kv_cache": self.kv_cache,
             "max_cache_len": self.max_cache_len,
+            "files": self.files,
         }
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
@@ -136,25 +148,70 @@ def layer_map(pattern: str) -> list[dict[str, Any]]:
     return [{"index": i, "kind": _KIND_NAMES[k]} for i, k in enumerate(pattern)]
 
 
-def read_manifest(export_dir: str | Path) -> Manifest:
-    """Load ``hybridtrt.json`` from an export directory, with a clear error when absent or stale."""
-    path = Path(export_dir) / MANIFEST_FILE
-    if not path.is_file():
+_FIX = "re-export the model (`hybridtrt export CHECKPOINT -o DIR`) and point at DIR"
+
+
+def read_manifest(export_dir: str | Path, *, integrity: str | None = SAMPLED) -> Manifest:
+    """Load ``hybridtrt.json`` from an export directory and check that the directory is what it says.
+
+    Args:
+        export_dir: The export directory.
+        integrity: `hybridtrt.exporter.integrity.SAMPLED` (default: sizes, the graphs' sha256, the weights'
+            sampled sha256), ``FULL`` (every byte; ``--check-integrity``) or None (the manifest alone: only for
+            code that checks the files itself).
+
+    Raises:
+        ArtefactError: No manifest (or a ``.partial-*`` directory), a manifest that is not a JSON object of this
+            contract version, a file name outside the directory, or files that are not the ones recorded.
+    """
+    root = Path(export_dir)
+    if root.name.startswith(PARTIAL_DIR_PREFIX):
         raise ArtefactError(
-            f"{export_dir} has no {MANIFEST_FILE}: not a (complete) hybridtrt export",
-            fix="run `hybridtrt export CHECKPOINT -o DIR` and point at DIR",
+            f"{root} is an export still being written (or left by an interrupted one), not an export",
+            fix="point at the export directory itself (the parent of this folder); re-export if it has no hybridtrt.json",
         )
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtefactError(f"{path} is not valid JSON: {e}") from None
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        raise ArtefactError(f"{export_dir} has no {MANIFEST_FILE}: not a (complete) hybridtrt export", fix="run `hybridtrt export CHECKPOINT -o DIR` and point at DIR")
+    d = expect_object(
+        read_json(path, what="the export manifest", error=ArtefactError, fix=_FIX, limit=MAX_MANIFEST_BYTES),
+        source=str(path), error=ArtefactError, fix=_FIX,
+    )  # fmt: skip
     version = d.get("contract_version")
     if version != CONTRACT_VERSION:
         raise ArtefactError(
-            f"{path} has contract_version {version}, this hybridtrt reads {CONTRACT_VERSION}",
+            f"{path} has contract_version {version!r}, this hybridtrt reads {CONTRACT_VERSION}"
+            + (" (version 2 records the size and sha256 of every file)" if version == 1 else ""),
             fix="re-export with this version of hybridtrt",
         )
     try:
-        return Manifest.from_dict(d)
-    except (KeyError, TypeError) as e:
-        raise ArtefactError(f"{path} is missing or has malformed fields ({e})", fix="re-export") from None
+        manifest = Manifest.from_dict(d)
+        graph_files = {name: (g.file, list(g.data)) for name, g in manifest.graphs.items()}
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ArtefactError(f"{path} is missing or has malformed fields ({e})", fix=_FIX) from None
+    for name, (file, data) in graph_files.items():
+        for entry in (file, *data):
+            inside(root, entry, what=f"{path} (graph {name!r})", error=ArtefactError, fix=_FIX)
+            if entry not in manifest.files:
+                raise ArtefactError(f"{path} names {entry!r} for graph {name!r} but records no size or sha256 for it", fix=_FIX)
+    if integrity is not None:
+        check_export(root, manifest, level=integrity)
+    return manifest
+
+
+def check_export(export_dir: str | Path, manifest: Manifest, *, level: str = SAMPLED) -> IntegrityReport:
+    """Check the export's files against ``manifest.files`` and its graphs' external-data entries.
+
+    Raises:
+        ArtefactError: See `hybridtrt.exporter.integrity.check_files` / ``check_external_data``.
+    """
+    import onnx
+
+    report = check_files(export_dir, manifest.files, level=level)
+    for entry in manifest.graphs.values():
+        try:
+            proto = onnx.load(str(Path(export_dir) / entry.file), load_external_data=False)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and onnx's own errors
+            raise ArtefactError(f"{Path(export_dir) / entry.file} is not an ONNX model ({type(e).__name__}: {e})", fix=_FIX) from None
+        check_external_data(export_dir, entry.file, proto, manifest.files)
+    return report

@@ -24,7 +24,6 @@ Nemotron-3 MoE fields (``E`` layers), against HF transformers' ``NemotronHMoE`` 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -478,20 +477,26 @@ def dt_clamp_bounds(cfg: dict[str, Any]) -> dict[str, tuple[float, float]]:
     }
 
 
+#: Largest config.json read (HF configs are a few KiB; the biggest carry a tokenizer-sized vocab list).
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
 def read_config_json(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """``checkpoint_dir/config.json`` as a dict, or a `ConfigError` naming what is wrong with it."""
+    """``checkpoint_dir/config.json`` as a dict, or a `ConfigError` naming what is wrong with it.
+
+    Read through `hybridtrt.reading.read_json`: a FIFO or ``/dev/zero`` in its place, a file over
+    `MAX_CONFIG_BYTES`, binary bytes, JSON nested deeper than the cap or a number Python will not parse
+    are refused before anything is allocated. Bare ``Infinity``/``NaN`` tokens are accepted (HF writes
+    them); the field parsers refuse a NaN where a number is needed.
+    """
+    from hybridtrt.reading import expect_object, read_json
+
     path = Path(checkpoint_dir) / "config.json"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ConfigError(f"no config.json in {checkpoint_dir}", fix="point at an HF checkpoint directory")
-    try:
-        cfg = json.loads(path.read_bytes().decode("utf-8"))  # bare Infinity/NaN tokens are accepted
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): not an HF config.json", fix="use the checkpoint's config.json") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}", fix="use the checkpoint's config.json") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path} does not hold a JSON object")
-    return cfg
+    fix = "use the config.json that came with the checkpoint"
+    cfg = read_json(path, what="config", error=ConfigError, fix=fix, limit=MAX_CONFIG_BYTES, allow_nonfinite=True)
+    return expect_object(cfg, source=str(path), error=ConfigError, fix=fix)
 
 
 def load_config(checkpoint_dir: str | Path) -> HybridConfig:

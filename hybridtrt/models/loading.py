@@ -13,7 +13,6 @@ are never opened and checkpoint code is never run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hybridtrt.errors import CheckpointError, InputError
+from hybridtrt.errors import CheckpointError, ConfigError, InputError
 from hybridtrt.models.config import HybridConfig, load_config
 from hybridtrt.models.model import Block, HybridLM
 from hybridtrt.models.moe import FP32_PARAMETERS
@@ -36,6 +35,8 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+#: Largest shard index read (a 1,000-layer MoE checkpoint's index is a few MiB).
+MAX_INDEX_BYTES = 64 * 2**20
 #: Elements per slice of the NaN/Inf scan (bounds its temporary to 16 MiB of bools).
 _FINITE_CHUNK = 1 << 24
 
@@ -94,8 +95,8 @@ def _shard_path(root: Path, name: object, index: Path) -> Path:
     resolve inside it too, or — the HF hub cache layout — into the ``blobs/`` of the same cache
     repo (``snapshots/<rev>/x.safetensors -> ../../blobs/<sha>``).
     """
-    if not isinstance(name, str) or not name.endswith(".safetensors"):
-        raise CheckpointError(f"{index} names shard {name!r}, not a .safetensors file")
+    if not isinstance(name, str) or not name.endswith(".safetensors") or "\x00" in name:
+        raise CheckpointError(f"{index} names shard {name!r}, not a .safetensors file name", fix="re-download the checkpoint's index file")
     real_root = root.resolve()
     base = Path(os.path.normpath(root.absolute()))
     lexical = Path(os.path.normpath(base / name))
@@ -123,11 +124,10 @@ def weight_files(root: Path) -> list[Path]:
             shards outside the checkpoint, only pickle files, or no weights at all.
     """
     index = root / INDEX_FILE
-    if index.is_file():
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index} is not valid JSON ({e})", fix="re-download the checkpoint's index file") from None
+    if index.exists() or index.is_symlink():  # a FIFO or a dangling link is refused by name, not skipped
+        from hybridtrt.reading import read_json
+
+        data = read_json(index, what="the shard index", error=CheckpointError, fix="re-download the checkpoint's index file", limit=MAX_INDEX_BYTES)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
             shown = type(weight_map).__name__ if not isinstance(weight_map, dict) else next(
@@ -256,9 +256,11 @@ def _layer_count_check(config: HybridConfig, names: list[str], prefix: str) -> N
 
 
 def _quantization_note(root: Path) -> str:
+    from hybridtrt.models.config import read_config_json
+
     try:
-        raw = json.loads((root / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = read_config_json(root)
+    except ConfigError:
         return ""
     q = raw.get("quantization_config") if isinstance(raw, dict) else None
     if isinstance(q, dict):

@@ -12,8 +12,8 @@ the tensors it is working on and nothing of the page cache counts against it.
 
 from __future__ import annotations
 
-import json
 import math
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hybridtrt.errors import CheckpointError
+from hybridtrt.errors import CheckpointError, HybridTrtError
 
 #: safetensors dtype code -> torch dtype (the codes safetensors defines that torch can hold).
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -42,6 +42,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 #: A header larger than this is not a safetensors header (the format itself caps it at 100 MB).
 _MAX_HEADER_BYTES = 100_000_000
+_FIX = "re-download or re-save the checkpoint (transformers' save_pretrained writes safetensors)"
 
 
 @dataclass(frozen=True)
@@ -73,50 +74,90 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse one safetensors file's header.
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_header_and_metadata(path: Path, *, error: type[HybridTrtError] = CheckpointError, fix: str = _FIX) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse one safetensors file's header: its tensors and its ``__metadata__`` (str -> str).
+
+    Nothing is trusted: the file must be a regular file; the header length must fit the file; the
+    header must be UTF-8 JSON (nesting capped, `hybridtrt.reading.parse_json`) holding an object;
+    every entry needs a known ``dtype`` string, a ``shape`` of non-negative integers and integer
+    ``data_offsets`` ``[begin, end]`` that match the shape and lie inside the file.
+
+    Args:
+        path: The file.
+        error: The typed error to raise (a snapshot reader passes `InputError`).
+        fix: The fix to print.
 
     Raises:
-        CheckpointError: The file is not a well-formed safetensors file (bad header length, bad
-            JSON, unknown dtype, offsets that disagree with the shape or run past the file).
+        error: The file is not a well-formed safetensors file (naming what is wrong).
     """
-    size = path.stat().st_size
+    from hybridtrt.reading import parse_json
 
-    def bad(why: str) -> CheckpointError:
-        return CheckpointError(
-            f"{path.name} is not a readable safetensors file: {why}",
-            fix="re-download or re-save the checkpoint (transformers' save_pretrained writes safetensors)",
-        )
+    def bad(why: str) -> HybridTrtError:
+        return error(f"{path.name} is not a readable safetensors file: {why}", fix=fix)
 
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise bad(f"{size} bytes, shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER_BYTES, size - 8):
-            raise bad(f"header length {n} does not fit the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad(f"header is not JSON ({e})") from None
+    try:
+        info = path.stat()
+    except OSError as e:
+        raise error(f"{path} cannot be read ({e.strerror or e})", fix=fix) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise bad("not a regular file")
+    size = info.st_size
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER_BYTES, size - 8):
+                raise bad(f"header length {n} does not fit the file ({size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise error(f"{path} cannot be read ({e.strerror or e})", fix=fix) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(f"header is not UTF-8 (byte {e.start})") from None
+    header = parse_json(text, source=f"{path.name} is not a readable safetensors file: its header", error=error, fix=fix)
     if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
+        raise bad(f"header must be a JSON object, it is a {type(header).__name__}")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise bad("__metadata__ must map strings to strings")
     data_start = 8 + n
     out: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise bad(f"entry {name!r} is malformed ({e})") from None
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(entry, dict):
+            raise bad(f"entry {name!r} is a {type(entry).__name__}, not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise bad(f"tensor {name!r} has dtype {dtype!r}, which this reader does not know")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise bad(f"tensor {name!r} has data_offsets {offsets!r}, not two integers [begin, end]")
+        begin, end = offsets
         itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
-        if any(d < 0 for d in shape) or end - begin != math.prod(shape) * itemsize or not 0 <= begin <= end <= size - data_start:
-            raise bad(f"tensor {name!r}: offsets [{begin}, {end}) disagree with {dtype} {list(shape)} or run past the file")
-        out[name] = TensorInfo(name, path, dtype, shape, data_start + begin, end - begin)
-    return out
+        if end - begin != math.prod(shape) * itemsize or not 0 <= begin <= end <= size - data_start:
+            raise bad(f"tensor {name!r}: data_offsets [{begin}, {end}) disagree with {dtype} {shape} or run past the file")
+        out[name] = TensorInfo(name, path, dtype, tuple(shape), data_start + begin, end - begin)
+    return out, dict(metadata)
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse one safetensors file's header (see `read_header_and_metadata`).
+
+    Raises:
+        CheckpointError: The file is not a well-formed safetensors file (not a regular file, bad
+            header length, bad JSON, unknown dtype, offsets that are not integers, disagree with the
+            shape or run past the file).
+    """
+    return read_header_and_metadata(path)[0]
 
 
 class WeightIndex:
@@ -137,6 +178,14 @@ class WeightIndex:
                 if name in self.tensors:
                     raise CheckpointError(f"tensor {name!r} appears in more than one shard ({self.tensors[name].file.name}, {path.name})")
                 self.tensors[name] = info
+
+    @classmethod
+    def from_headers(cls, tensors: dict[str, TensorInfo]) -> WeightIndex:
+        """An index of tensors whose headers were parsed already (e.g. by `read_header_and_metadata`)."""
+        index = cls([])
+        index.tensors = dict(tensors)
+        index.files = sorted({t.file for t in tensors.values()})
+        return index
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -185,4 +234,4 @@ class WeightIndex:
         return buf.view(SAFETENSORS_DTYPES[info.dtype])
 
 
-__all__ = ["FLOAT_CODES", "SAFETENSORS_DTYPES", "TensorInfo", "WeightIndex", "read_header"]
+__all__ = ["FLOAT_CODES", "SAFETENSORS_DTYPES", "TensorInfo", "WeightIndex", "read_header", "read_header_and_metadata"]

@@ -12,6 +12,7 @@ each carrying the states forward, so the activations of one call scale with the 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,11 @@ class TorchStepper:
         return iter_generate(self, input_ids, attention_mask, **kwargs)
 
 
+def _shown(x: object) -> str:
+    """A flag value as a user typed it (``-1``, ``nan``, ``1.5``)."""
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
 @dataclass
 class SamplingConfig:
     """Greedy when ``temperature == 0``; otherwise temperature, then top-k, then top-p."""
@@ -108,12 +114,15 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise InputError(f"temperature must be ≥ 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be ≥ 0, got {self.top_k}")
+        # NaN passes every comparison's negation: test for the accepted range, not the refused one.
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
+            raise InputError(f"--temperature {_shown(self.temperature)} (temperature) must be a finite number ≥ 0", fix="0 is greedy; sampling temperatures are usually 0.2 – 1.5")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise InputError(f"--top-p {_shown(self.top_p)} (top_p) must be in (0, 1]", fix="1 keeps every token; e.g. --top-p 0.9")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InputError(f"--top-k {self.top_k} (top_k) must be an integer ≥ 0", fix="0 keeps every token; e.g. --top-k 50")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise InputError(f"--seed {self.seed} (seed) must be an integer in [0, 2^63)", fix="e.g. --seed 0")
 
 
 def next_tokens(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> Tensor:
@@ -187,7 +196,7 @@ def chunk_bounds(length: int, chunk: int) -> list[tuple[int, int]]:
     chunked prefill differ from the whole one where that clamp is active.
     """
     if chunk < 1:
-        raise InputError(f"--prefill-chunk must be ≥ 1, got {chunk}")
+        raise InputError(f"--prefill-chunk {chunk} must be ≥ 1", fix="give the longest prefill call in tokens, e.g. --prefill-chunk 2048")
     n = -(-length // chunk)
     sizes = [length // n + (1 if i < length % n else 0) for i in range(n)]
     bounds, start = [], 0
@@ -254,7 +263,10 @@ def iter_generate(
             backend can hold (checked before anything runs).
     """
     sampling = sampling or SamplingConfig()
-    chunk = prefill_chunk or DEFAULT_PREFILL_CHUNK
+    chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk  # 0 is refused, not the default
+    chunk_bounds(1, chunk)
+    if max_new_tokens < 0:
+        raise InputError(f"--max-new-tokens {max_new_tokens} must be ≥ 0", fix="e.g. --max-new-tokens 32")
     input_ids, mask = check_prompt(stepper, input_ids, attention_mask)
     batch = input_ids.shape[0]
     if snapshot is not None:

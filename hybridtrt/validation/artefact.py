@@ -14,6 +14,7 @@ from hybridtrt.exporter.manifest import Manifest, read_manifest
 from hybridtrt.models.config import load_config
 from hybridtrt.models.loading import load_model, parse_dtype
 from hybridtrt.models.tokenizer import load_tokenizer
+from hybridtrt.reading import read_text
 from hybridtrt.validation.preflight import check_arguments
 from hybridtrt.validation.routing import routing_for
 from hybridtrt.validation.runner import Report, pad_left, random_prompts, validate
@@ -26,7 +27,8 @@ def load_prompts(path: str | Path, checkpoint: str | Path) -> tuple[torch.Tensor
     p = Path(path)
     if not p.is_file():
         raise InputError(f"prompts file {p} does not exist", fix="give a text file with one prompt per line")
-    lines = [line for line in p.read_text().splitlines() if line.strip()]
+    text = read_text(p, what="prompts file", error=InputError, fix="give a UTF-8 text file with one prompt per line", limit=16 * 2**20)
+    lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise InputError(f"prompts file {p} has no prompts", fix="write one prompt per line")
     tok = load_tokenizer(checkpoint)

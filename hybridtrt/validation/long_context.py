@@ -9,6 +9,7 @@ tens of thousands of tokens (measured, in the README).
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -90,7 +91,7 @@ def drift(backend: Subject, reference: Subject, input_ids: torch.Tensor, *, prec
     return report
 
 
-def plot_drift(report: DriftReport, path: str | Path) -> Path:
+def plot_drift(report: DriftReport, path: str | Path | io.BytesIO) -> Path | io.BytesIO:
     """Rel L2 of the logits and of each SSM state against position (log scale), gates dashed."""
     try:
         import matplotlib
@@ -120,18 +121,21 @@ def plot_drift(report: DriftReport, path: str | Path) -> Path:
     verdict = "PASS" if report.passed else "FAIL"
     ax.set_title(f"{report.backend} vs {report.reference}, {report.context} tokens, model {report.precision}, SSM state {report.state_dtype}: {verdict}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
-    return Path(path)
+    return path if isinstance(path, io.BytesIO) else Path(path)
 
 
 def write_drift_report(report: DriftReport, out_dir: str | Path) -> dict[str, Path]:
     """``long_context.json`` and ``drift.png`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from hybridtrt.validation.report import publish
+
     paths = {"json": out / "long_context.json", "png": out / "drift.png"}
-    paths["json"].write_text(json.dumps(report.to_dict(), indent=2, default=float) + "\n")
-    plot_drift(report, paths["png"])
+    png = io.BytesIO()
+    plot_drift(report, png)
+    publish({paths["json"]: (json.dumps(report.to_dict(), indent=2, default=float) + "\n").encode(), paths["png"]: png.getvalue()})  # all or nothing
     return paths
 
 
@@ -171,7 +175,7 @@ def validate_context(
 
 def run_cli(args: Any) -> int:
     """``hybridtrt validate EXPORT --context N``: table, optional report, exit 1 on a failed gate."""
-    from hybridtrt.cli.common import console, step, table
+    from hybridtrt.cli.common import console, step, styled, table
 
     if args.export_dir is None:
         raise InputError("--context needs an export directory")
@@ -182,14 +186,16 @@ def run_cli(args: Any) -> int:
     rows = []
     for p in report.points:
         name, worst = report.worst_state(p) if p.states else ("—", None)
-        rows.append([str(p.position), f"{p.logits.rel_l2:.2e}", f"{p.logits.cosine:.6f}", f"{worst.rel_l2:.2e} ({name.rsplit('.', 1)[-1]})" if worst else "—", "[green]ok[/]" if not p.failures else f"[red]{p.failures[0]}[/]"])
+        rows.append([str(p.position), f"{p.logits.rel_l2:.2e}", f"{p.logits.cosine:.6f}", f"{worst.rel_l2:.2e} ({name.rsplit('.', 1)[-1]})" if worst else "—", styled("ok", "green") if not p.failures else styled(p.failures[0], "red")])
     title = f"{report.backend} vs {report.reference}: {report.context} tokens in chunks of {report.prefill_chunk} (model {report.precision}, SSM state {report.state_dtype})"
     console.print(table(title, ["position", "logits rel L2", "logits cosine", "worst SSM state rel L2 (layer)", "gate"], rows))
     t = report.timings
     console.print(f"time: reference {t.get('reference_s', 0):.1f} s · {report.backend} {t.get('backend_s', 0):.1f} s")
     console.print("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]")
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, default=float) + "\n")
+        from hybridtrt.validation.report import publish
+
+        publish({Path(args.json): (json.dumps(report.to_dict(), indent=2, default=float) + "\n").encode()})
     if args.report:
         paths = write_drift_report(report, args.report)
         console.print(f"report: {paths['png']}")

@@ -14,6 +14,7 @@ compared per layer when asked, naming the first divergence in layer order.
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,65 @@ Outputs = dict[str, np.ndarray]
 
 
 def _existing(paths: Sequence[str | Path], flag: str) -> list[str]:
-    missing = [str(p) for p in paths if not Path(p).exists()]
-    if missing:
-        raise InputError(f"{flag} {missing[0]} does not exist", fix=f"give the file (or directory of per-iteration files) that polygraphy wrote")
+    """``paths`` as strings, each an existing regular file or a directory of them, small enough to
+    parse in the memory there is (polygraphy holds the JSON text and the decoded arrays: ~3× the file).
+
+    Raises:
+        InputError: A missing path, a FIFO or device (``/dev/zero``) where a file belongs, or files too
+            large for the memory available.
+    """
+    from hybridtrt.memory import check_memory
+
+    fix = "give the file (or directory of per-iteration files) that polygraphy wrote"
+    total = 0
+    for p in map(Path, paths):
+        if not p.exists() and not p.is_symlink():
+            raise InputError(f"{flag} {p} does not exist", fix=fix)
+        for f in sorted(p.iterdir()) if p.is_dir() else [p]:
+            try:
+                info = f.stat()
+            except OSError as e:
+                raise InputError(f"{flag} {f} cannot be read ({e.strerror or e})", fix=fix) from None
+            if not stat.S_ISREG(info.st_mode):
+                raise InputError(f"{flag} {f} is not a regular file", fix=fix)
+            total += info.st_size
+    check_memory(3 * total, what=f"reading {flag} {' '.join(map(str, paths))}", fix="validate fewer iterations at a time, or on a machine with more memory")
     return [str(p) for p in paths]
+
+
+def _integer(a: np.ndarray) -> bool:
+    return np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_
+
+
+def check_feeds(feeds: list[Feed], paths: Sequence[str | Path]) -> None:
+    """Each iteration's feeds are what a hybridtrt graph takes (before anything runs on them):
+    ``input_ids`` integer ``[B, L]`` with ids ≥ 0, ``attention_mask`` integer ``[B, past + L]`` of 0/1
+    with left padding only, every other feed (the states) floating point and finite.
+
+    Raises:
+        InputError: naming the iteration, the feed and what is wrong.
+    """
+    where = f"--load-inputs {' '.join(map(str, paths))}"
+    fix = "pass the inputs.json that `hybridtrt compare` wrote"
+    for k, feed in enumerate(feeds):
+        arrays = {name: np.asarray(value) for name, value in feed.items()}
+        ids, mask = arrays[INPUT_IDS], arrays[ATTENTION_MASK]
+        if not _integer(ids) or ids.ndim != 2 or 0 in ids.shape:
+            raise InputError(f"{where}: iteration {k}: {INPUT_IDS} is {ids.dtype} {list(ids.shape)}, not integer [batch, seq ≥ 1]", fix=fix)
+        if not _integer(mask) or mask.ndim != 2 or mask.shape[0] != ids.shape[0] or mask.shape[1] < ids.shape[1]:
+            raise InputError(f"{where}: iteration {k}: {ATTENTION_MASK} is {mask.dtype} {list(mask.shape)}, not integer [{ids.shape[0]}, past + {ids.shape[1]}]", fix=fix)
+        if not np.isin(mask, (0, 1)).all() or not (mask[:, -1] == 1).all() or (np.diff(mask.astype(np.int64), axis=1) < 0).any():
+            raise InputError(f"{where}: iteration {k}: {ATTENTION_MASK} is not 0/1 with left padding only", fix=fix)
+        if int(ids.min()) < 0:
+            raise InputError(f"{where}: iteration {k}: token id {int(ids.min())} in {INPUT_IDS} is negative", fix=fix)
+        for name, a in arrays.items():
+            if name in (INPUT_IDS, ATTENTION_MASK):
+                continue
+            if not np.issubdtype(a.dtype, np.floating):
+                raise InputError(f"{where}: iteration {k}: state {name} is {a.dtype}, not floating point", fix=fix)
+            bad = int(a.size - np.isfinite(a).sum())
+            if bad:
+                raise InputError(f"{where}: iteration {k}: state {name} has {bad} NaN/Inf value(s)", fix=fix)
 
 
 def load_feeds(paths: Sequence[str | Path]) -> list[Feed]:
@@ -46,10 +102,13 @@ def load_feeds(paths: Sequence[str | Path]) -> list[Feed]:
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
 
+    checked = _existing(paths, "--load-inputs")
     try:
         with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
-            feeds = list(StreamingDataLoader(_existing(paths, "--load-inputs")))
-    except (PolygraphyException, ValueError, TypeError, KeyError) as e:
+            feeds = list(StreamingDataLoader(checked))
+    except RecursionError:
+        raise InputError(f"--load-inputs {list(map(str, paths))} nests deeper than Python's JSON parser can follow", fix="pass the inputs.json that `hybridtrt compare` wrote") from None
+    except (PolygraphyException, ValueError, TypeError, KeyError, AttributeError) as e:
         raise InputError(f"--load-inputs {list(map(str, paths))} is not polygraphy input data ({e})", fix="pass the inputs.json that `hybridtrt compare` wrote") from None
     bad = [i for i, f in enumerate(feeds) if not isinstance(f, dict) or INPUT_IDS not in f or ATTENTION_MASK not in f]
     if not feeds or bad:
@@ -57,6 +116,7 @@ def load_feeds(paths: Sequence[str | Path]) -> list[Feed]:
             f"--load-inputs {list(map(str, paths))}: iteration {bad[0] if bad else 0} has no {INPUT_IDS}/{ATTENTION_MASK} feed",
             fix="pass the inputs.json that `hybridtrt compare` wrote",
         )
+    check_feeds(feeds, paths)
     return feeds
 
 
@@ -91,6 +151,8 @@ def _load_run(path: str | Path):
     try:
         with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
             return RunResults.concat(RunResults.load_streaming(str(path)))
+    except RecursionError:
+        raise InputError(f"--load-outputs {path} nests deeper than Python's JSON parser can follow", fix="pass what `polygraphy run … --save-outputs FILE` wrote") from None
     except (PolygraphyException, ValueError, TypeError, KeyError, AttributeError) as e:
         raise InputError(f"--load-outputs {path} is not a polygraphy RunResults JSON ({e})", fix="pass what `polygraphy run … --save-outputs FILE` wrote") from None
 
@@ -117,6 +179,7 @@ def reference_outputs(model: Any, manifest: Manifest, feeds: list[Feed]) -> list
 
     graph = GraphModule(model, manifest.logits, decode=False, per_layer=True).eval()
     specs = state_specs(model.config)
+    check_feed_shapes(feeds, model.config)
     names = output_names(model.config) + [f"layer_output.{i}" for i in range(model.config.num_layers)]
     out = []
     for feed in feeds:
@@ -130,6 +193,38 @@ def reference_outputs(model: Any, manifest: Manifest, feeds: list[Feed]) -> list
             result = graph(ids, mask, *states)
         out.append({name: t.detach().float().numpy() for name, t in zip(names, result)})
     return out
+
+
+def check_feed_shapes(feeds: list[Feed], config: Any) -> None:
+    """Every iteration's ids inside the vocabulary and every state of the shape the model's graph takes
+    (batch and past from the iteration's ids and mask), before the reference runs on them.
+
+    Raises:
+        InputError: naming the iteration, the feed, its shape and the expected one.
+    """
+    from hybridtrt.exporter.io import BATCH, PAST, state_specs
+
+    fix = "pass the inputs.json that `hybridtrt compare` wrote for this export"
+    for k, feed in enumerate(feeds):
+        ids, mask = np.asarray(feed[INPUT_IDS]), np.asarray(feed[ATTENTION_MASK])
+        if int(ids.max()) >= config.vocab_size:
+            raise InputError(f"iteration {k} of the inputs: token id {int(ids.max())} is outside the model's vocabulary [0, {config.vocab_size})", fix=fix)
+        batch, past = ids.shape[0], mask.shape[1] - ids.shape[1]
+        for s in state_specs(config):
+            if s.past_name not in feed:
+                continue  # named by reference_outputs
+            want = [batch if d == BATCH else past if d == PAST else int(d) for d in s.shape]
+            got = list(np.asarray(feed[s.past_name]).shape)
+            if got != want:
+                raise InputError(f"iteration {k} of the inputs: {s.past_name} is {got}, the model takes {want}", fix=fix)
+
+
+def _same_shape(k: int, name: str, got: np.ndarray, ref: np.ndarray) -> None:
+    if tuple(np.shape(got)) != tuple(np.shape(ref)):
+        raise InputError(
+            f"iteration {k} of the recorded results: {name} is {list(np.shape(got))}, the reference's is {list(np.shape(ref))}",
+            fix="pass the outputs recorded from these --load-inputs on this export",
+        )
 
 
 def check_matching(feeds: list[Feed], recorded: list[Outputs]) -> None:
@@ -179,6 +274,9 @@ def validate_recorded(
         if LOGITS not in got:
             raise InputError(f"iteration {k} of the recorded results has no {LOGITS!r} output (it has {sorted(got)[:6]})", fix="record the export's graph outputs (with --onnx-outputs, list them too)")
         phase, step = ("prefill", None) if k == 0 else ("decode", k)
+        for name in ref:
+            if name in got:
+                _same_shape(k, name, got[name], ref[name])
         top1.append(check(report, phase, LOGITS, got[LOGITS], ref[LOGITS], "call", step=step).comparison.top1 or 0.0)
         states = [n for n in ref if is_state(n)]
         lacking = [n for n in states if n not in got]

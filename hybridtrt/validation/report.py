@@ -1,18 +1,30 @@
 """Writing a validation report: ``report.json``, a per-layer error picture (PNG), the FP8
 sensitivity picture when there is one, and a small self-contained HTML page showing them with the
-tables."""
+tables, each tensor's bound and where the numbers come from (export, checkpoint sha256, versions,
+date).
+
+Reports are published whole or not at all (`publish`): every file is written and fsynced under a
+temporary name in its own directory, then all are renamed into place. A full disk (or any other
+write error) raises `ReportWriteError`, removes the temporary files and leaves the previous report
+as it was.
+"""
 
 from __future__ import annotations
 
 import base64
+import datetime
+import errno
 import html
+import io
 import json
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
-from hybridtrt.errors import MissingDependencyError
-from hybridtrt.validation.runner import Report
+from hybridtrt.errors import HybridTrtError, MissingDependencyError
+from hybridtrt.files import fsync_dir, human_bytes
 from hybridtrt.judge.tolerances import gate
+from hybridtrt.validation.runner import Report
 
 if TYPE_CHECKING:
     from hybridtrt.validation.sensitivity import Sensitivity
@@ -25,6 +37,80 @@ _KIND_OF = (
     (".value", "value"),
 )
 _FLOOR = 1e-16  # log-scale floor for exact zeros (fp64 resolution of 1 - cosine)
+
+
+class ReportWriteError(HybridTrtError):
+    """A report could not be written (a full disk, a read-only file system); nothing was replaced."""
+
+    stage = "report"
+
+
+def _write(path: Path, data: bytes) -> None:
+    """The one place report bytes reach the disk: write, flush, fsync."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+
+
+def publish(files: dict[Path, bytes]) -> None:
+    """Write ``{path: bytes}`` as one report: every file under a temporary name beside its final one
+    (same directory, so the rename is atomic and needs no space), then every rename. On an error
+    the temporary files are removed and the previous files stay as they were.
+
+    Raises:
+        ReportWriteError: A write failed (ENOSPC and EDQUOT say the disk is full and how much the
+            report needs).
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files.items():
+            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the suffix
+            staged.append((tmp, path))
+            _write(tmp, data)
+    except OSError as e:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        where = staged[-1][1] if staged else next(iter(files))
+        need = human_bytes(sum(len(d) for d in files.values()))
+        kept = "; the previous files there are unchanged"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ReportWriteError(
+                f"no space left on the device writing {where} (the report needs {need}){kept}",
+                fix=f"free space on {where.parent}'s file system, or write the report elsewhere (--report DIR / --json FILE)",
+            ) from None
+        raise ReportWriteError(f"cannot write {where}: {e.strerror or e}{kept}", fix="write the report somewhere you can write to") from None
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    for parent in {path.parent for path in files}:
+        fsync_dir(parent)
+
+
+def provenance(export_dir: str | Path | None, checkpoint: str | Path | None = None) -> dict[str, str]:
+    """Where a report's numbers come from: the export (and its graph's sha256), its source
+    checkpoint and sha256 as ``hybridtrt.json`` records them (validation refuses another checkpoint
+    unless forced, and then says so in the notes), the hybridtrt versions that exported and
+    validated, and the date (UTC)."""
+    import hybridtrt
+
+    out: dict[str, str] = {}
+    if export_dir is not None:
+        from hybridtrt.exporter.manifest import read_manifest
+
+        m = read_manifest(export_dir, integrity=None)  # the validation already checked the files
+        graph = m.graphs["unified"].file
+        sha = (getattr(m, "files", None) or {}).get(graph, {}).get("sha256")
+        out["export"] = str(Path(export_dir).resolve()) + (f" ({graph} sha256 {sha})" if sha else "")
+        out["checkpoint"] = str(checkpoint or m.source.get("checkpoint"))
+        out["checkpoint sha256"] = str(m.source.get("sha256", "not recorded"))
+        out["exported by"] = f"hybridtrt {m.tools.get('hybridtrt', '?')}"
+    elif checkpoint is not None:
+        out["checkpoint"] = str(checkpoint)
+    out["validated by"] = f"hybridtrt {hybridtrt.__version__}"
+    out["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return out
 
 
 def _kind(name: str) -> str:
@@ -45,7 +131,7 @@ def _pyplot():
     return plt
 
 
-def plot_report(report: Report, path: Path) -> Path:
+def plot_report(report: Report, path: Path | IO[bytes]) -> Path | IO[bytes]:
     """Per-layer (or, without per-layer data, per-phase) errors on log scales.
 
     Top: rel L2 per layer and state. Bottom: 1 − cosine. Gate lines dashed; failing points red;
@@ -112,7 +198,7 @@ def plot_report(report: Report, path: Path) -> Path:
         labels = [f"{i}\n{kinds.get(report.pattern[i], '')}" if i < len(report.pattern) else str(i) for i in ticks]
         ax2.set_xticks(ticks, labels)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -120,7 +206,7 @@ def plot_report(report: Report, path: Path) -> Path:
 _KIND_COLORS = {"mamba": "tab:blue", "attention": "tab:orange", "mlp": "tab:green", "moe": "tab:purple"}
 
 
-def plot_sensitivity(sens: Sensitivity, path: Path) -> Path:
+def plot_sensitivity(sens: Sensitivity, path: Path | IO[bytes]) -> Path | IO[bytes]:
     """FP8 sensitivity: 1 − cosine of the logits with only that layer quantized, one bar per
     quantized linear in layer order, coloured by kind (log scale). Bars of the layers the
     suggested ``--exclude`` flags keep unquantized are outlined red; the dashed line is the
@@ -150,7 +236,7 @@ def plot_sensitivity(sens: Sensitivity, path: Path) -> Path:
         title = f"FP8 sensitivity per linear layer — cosine {sens.target_cosine:g} is out of reach"
     ax.set_title(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -182,29 +268,52 @@ target {sens.target_cosine:g}: {html.escape(verdict)}.</p>
 def _rows_html(report: Report) -> str:
     rows = []
     for c in report.checks:
-        cmp = c.comparison
+        cmp, yard = c.comparison, c.yardstick
         cls = "ok" if c.passed else "bad"
         rows.append(
-            f"<tr class={cls}><td>{c.phase}</td><td>{'' if c.step is None else c.step}</td><td>{'' if c.layer is None else c.layer}</td>"
-            f"<td>{html.escape(c.name)}</td><td>{cmp.rel_l2:.2e}</td><td>{cmp.cosine:.8f}</td><td>{cmp.max_abs:.2e}</td>"
+            f"<tr class={cls}><td>{html.escape(c.phase)}</td><td>{'' if c.step is None else c.step}</td><td>{'' if c.layer is None else c.layer}</td>"
+            f"<td>{html.escape(c.name)}</td><td>{cmp.rel_l2:.2e}</td><td>{'—' if yard is None else f'{yard.rel_l2:.2e}'}</td>"
+            f"<td>{'—' if c.allowed is None else f'{c.allowed:.2e}'}</td><td>{cmp.cosine:.8f}</td><td>{cmp.max_abs:.2e}</td>"
             f"<td>{'' if cmp.top1 is None else f'{cmp.top1:.3f}'}</td><td>{html.escape('; '.join(c.failures)) or 'ok'}</td></tr>"
         )
     return "\n".join(rows)
 
 
-def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.json``, ``errors.png`` (+ ``sensitivity.png``) and ``report.html`` into ``out_dir``."""
+def _png(plot: Any, *args: Any) -> bytes:
+    buf = io.BytesIO()
+    plot(*args, buf)
+    return buf.getvalue()
+
+
+def write_report(report: Report, out_dir: str | Path, *, provenance: dict[str, str] | None = None) -> dict[str, Path]:
+    """Write ``report.json``, ``errors.png`` (+ ``sensitivity.png``) and ``report.html`` into
+    ``out_dir``, all or none (`publish`).
+
+    Args:
+        report: What the validation found.
+        out_dir: The report directory (created).
+        provenance: ``{what: value}`` shown at the top of the page and stored in the JSON
+            (`provenance`: export, checkpoint and its sha256, versions, date).
+
+    Raises:
+        ReportWriteError: The disk is full (or the directory not writable); the previous report is unchanged.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportWriteError(f"cannot create the report directory {out}: {e.strerror or e}", fix="write the report somewhere you can write to") from None
     paths = {"json": out / "report.json", "png": out / "errors.png", "html": out / "report.html"}
-    paths["json"].write_text(json.dumps(report.to_dict(), indent=2, default=float) + "\n")
-    plot_report(report, paths["png"])
-    img = base64.b64encode(paths["png"].read_bytes()).decode()
+    record = {**report.to_dict(), "provenance": dict(provenance or {})}
+    files = {paths["json"]: (json.dumps(record, indent=2, default=float) + "\n").encode(), paths["png"]: _png(plot_report, report)}
+    img = base64.b64encode(files[paths["png"]]).decode()
     extra = ""
     sens = report.extras.get("sensitivity")
     if sens is not None:
-        paths["sensitivity_png"] = plot_sensitivity(sens, out / "sensitivity.png")
-        extra = _sensitivity_html(sens, base64.b64encode(paths["sensitivity_png"].read_bytes()).decode())
+        paths["sensitivity_png"] = out / "sensitivity.png"
+        files[paths["sensitivity_png"]] = _png(plot_sensitivity, sens)
+        extra = _sensitivity_html(sens, base64.b64encode(files[paths["sensitivity_png"]]).decode())
+    origin = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in (provenance or {}).items())
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.notes)
     verdict = "PASS" if report.passed else "FAIL"
     summary = [
@@ -233,13 +342,17 @@ img {{ max-width: 100%; border: 1px solid #ddd; }}
 </style></head><body>
 <h1>hybridtrt validation: <span class="{verdict}">{verdict}</span></h1>
 <table>{summary_html}</table>
+{f"<h2>Provenance</h2><table>{origin}</table>" if origin else ""}
 {f"<ul>{notes}</ul>" if notes else ""}
 <img alt="per-layer errors" src="data:image/png;base64,{img}">
 {extra}
 <h2>All comparisons</h2>
-<table><tr><th>phase</th><th>step</th><th>layer</th><th>tensor</th><th>rel L2</th><th>cosine</th><th>max abs</th><th>top-1</th><th>gate</th></tr>
+<p>rel L2 = ‖backend − reference‖ / ‖reference‖; yardstick: {html.escape(report.yardstick or "none ran")}'s rel L2 on the same tensor;
+allowed: the tensor's bound, max(floor, ratio × yardstick) (hybridtrt/judge/tolerances.json).</p>
+<table><tr><th>phase</th><th>step</th><th>layer</th><th>tensor</th><th>rel L2</th><th>yardstick</th><th>allowed</th><th>cosine</th><th>max abs</th><th>top-1</th><th>gate</th></tr>
 {_rows_html(report)}
 </table></body></html>
 """
-    paths["html"].write_text(page)
+    files[paths["html"]] = page.encode()
+    publish(files)
     return paths

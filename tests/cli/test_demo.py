@@ -11,6 +11,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "-o", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "hybridtrt demo" in out and "PASS" in out and "polygraphy run" in out
+    assert "PASS: per output: mean |Δ| ≤ gate" in out  # the preset's gates, not a fixed elementwise 1e-3
+    report_page = (tmp_path / "report" / "report.html").read_text()
+    assert "<h2>Provenance</h2>" in report_page and "checkpoint sha256" in report_page
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["passed"] and report["token_agreement"] == 1.0
     assert (tmp_path / "export" / "model.onnx").is_file() and (tmp_path / "export" / "hybridtrt.json").is_file()

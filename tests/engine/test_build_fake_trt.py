@@ -299,12 +299,15 @@ def test_every_build_applies_the_parser_rules_before_parsing(attention_export, t
 
     from onnx import helper
 
+    from tests.validation.faults import reseal
+
     planted = shutil.copytree(attention_export, tmp_path / "old_export")
     model = onnx.load(str(planted / "model.onnx"), load_external_data=False)
     for node in model.graph.node:
         if node.op_type == "Attention":
             node.attribute.append(helper.make_attribute("softmax_precision", 1))
     onnx.save(model, str(planted / "model.onnx"))
+    reseal(planted)  # recorded: an export of the previous release as it was written
     trt = fake("11.1.0")
     out = tmp_path / "out"
     out.mkdir()

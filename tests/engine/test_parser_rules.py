@@ -23,6 +23,7 @@ from hybridtrt.errors import EngineError
 from hybridtrt.exporter.export import ExportOptions
 from hybridtrt.ops.moe_onnx import moe_experts_fp8_function
 from hybridtrt.runtime.onnxruntime import OrtModel
+from tests.validation.faults import reseal
 
 #: The option sets other test modules export with (shared through the trace cache); fp32 at the default opset is
 #: tests/engine/test_native_layers.py's.
@@ -182,6 +183,7 @@ def _plant_softmax_precision(export_dir) -> int:
                 node.attribute.append(helper.make_attribute("softmax_precision", int(onnx.TensorProto.FLOAT)))
                 planted += 1
         onnx.save(model, str(path))
+    reseal(export_dir)  # recorded: the export is as if written with the attribute
     return planted
 
 

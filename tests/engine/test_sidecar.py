@@ -143,6 +143,14 @@ def test_read_errors(tmp_path):
     sidecar_path(engine).write_text("{not json")
     with pytest.raises(ArtefactError, match="not valid JSON"):
         read_sidecar(engine)
+    for hostile, needle in [("[1, 2]", "must be a JSON object, it is a list"), ("[" * 50_000 + "]" * 50_000, "nests"),
+                            ('{"sidecar_version": NaN}', "NaN")]:  # fmt: skip
+        sidecar_path(engine).write_text(hostile)
+        with pytest.raises(ArtefactError, match=needle):
+            read_sidecar(engine)
+    sidecar_path(engine).write_bytes(b"\xff\xfe binary")
+    with pytest.raises(ArtefactError, match="not UTF-8"):
+        read_sidecar(engine)
     sidecar_path(engine).write_text(json.dumps({"sidecar_version": 999}))
     with pytest.raises(ArtefactError, match="sidecar_version"):
         read_sidecar(engine)

@@ -19,6 +19,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from hybridtrt.exporter.export import ExportOptions
+from hybridtrt.exporter.target import MARKER_FILE, read_marker
 
 PREVIOUS = ExportOptions(verify=False)
 
@@ -28,6 +29,15 @@ _PATCHES = {
         "import errno, hybridtrt.exporter.export as e\n"
         "def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')\n"
         "e.write_external_data = full\n"
+    ),
+    "rlimit-as": (  # a real address-space limit, set once torch is loaded: what `ulimit -v` does to an export
+        "import resource, hybridtrt.exporter.export\n"
+        "size = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:'))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (size + (128 << 20), resource.RLIM_INFINITY))\n"
+    ),
+    "kill-after-exchange": (
+        "import os, signal, hybridtrt.exporter.target as t\n"
+        "t._reached = lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == 'exchanged' else None\n"
     ),
     "kill-in-verify": (
         "import os, signal, hybridtrt.exporter.export as e\n"
@@ -87,7 +97,8 @@ CASES = {
     "malformed-index": (_bad_index, [], "absent", None, "[checkpoint]", "'weight_map' must map tensor names to shard file names (found list)"),
     "pattern-longer-than-weights": (_pattern_too_long, [], "absent", None, "[checkpoint]", "describes 100,008 decoder layers"),
     "nan-weight": (_nan_in_in_proj, ["--no-verify"], "previous", None, "[checkpoint]", "backbone.layers.1.mixer.in_proj.weight has 1 NaN/Inf"),
-    "disk-full": (None, ["--no-verify"], "previous", "enospc", "[export]", "disk full while writing the export into"),
+    "disk-full": (None, ["--no-verify"], "previous", "enospc", "[export]", "disk full while writing weights.data and model.onnx into"),
+    "memory-limit": (None, [], "previous", "rlimit-as", "[export]", "is available: RLIMIT_AS (ulimit -v)"),
 }
 
 
@@ -116,9 +127,9 @@ def test_bad_export_inputs(case, make_checkpoint, previous, tmp_path):
         assert _digests(out) == before
         assert not list(out.glob(".partial-*"))
     assert _digests(ckpt) == ckpt_before
-    if case == "disk-full":  # names the directory and the bytes needed
-        assert str(out) in proc.stderr and "it needs" in proc.stderr, proc.stderr
-    if case in ("fp8-without-calibration", "verify-and-no-verify", "malformed-index", "pattern-longer-than-weights"):
+    if case == "disk-full":  # names the directory and the bytes needed (never "0 B")
+        assert str(out) in proc.stderr and "for the whole export" in proc.stderr and " 0 B" not in proc.stderr, proc.stderr
+    if case in ("fp8-without-calibration", "verify-and-no-verify", "malformed-index", "pattern-longer-than-weights", "memory-limit"):
         assert elapsed < 30, f"refused after {elapsed:.1f} s: must be before any loading or tracing"
 
 
@@ -137,9 +148,10 @@ def test_concurrent_export_is_refused(make_checkpoint, previous, tmp_path):
     assert _digests(out) == before
 
 
-def test_kill_during_verification_leaves_nothing_that_looks_complete(make_checkpoint, previous, tmp_path):
-    """SIGKILL while verifying: the previous export is intact, the unfinished one has no manifest
-    that inspect/validate would accept, and the next export removes it and says so."""
+def test_kill_during_verification_and_publish(make_checkpoint, make_export, previous, tmp_path):
+    """SIGKILL while verifying: the previous export is intact and the unfinished one has no manifest that
+    inspect would accept. SIGKILL in publish, right after the swap: the new export is in place. The next export
+    removes what the killed ones left (in the directory and beside it) and says so, one line each."""
     ckpt = make_checkpoint("tiny-mamba2")
     out = tmp_path / "out"
     shutil.copytree(previous[1], out)
@@ -151,7 +163,44 @@ def test_kill_during_verification_leaves_nothing_that_looks_complete(make_checkp
     assert not (partial / "hybridtrt.json").exists() and (partial / "model.onnx").exists()
     inspect = subprocess.run([sys.executable, "-m", "hybridtrt.cli.main", "inspect", str(partial)], capture_output=True, text=True)
     assert inspect.returncode == 2 and "Traceback" not in inspect.stderr
+
+    proc = _cli([str(ckpt), "-o", str(out), "--no-verify", "--no-split"], "kill-after-exchange")
+    assert proc.returncode == -signal.SIGKILL
+    now = _digests(out)
+    assert now.pop(MARKER_FILE) and read_marker(out) is not None  # the new export still carries the swap's marker
+    assert now == _digests(make_export("tiny-mamba2", ExportOptions(verify=False, split=False))[1])  # the new export, whole
+    assert not partial.exists()  # the first run's, removed
+    (beside,) = tmp_path.glob(".partial-*")  # the previous export, swapped out, marked
+
     again = _cli([str(ckpt), "-o", str(out), "--no-verify"])
     assert again.returncode == 0, again.stderr
-    assert f"removed 1 unfinished export(s) left by killed runs: {partial.name}" in again.stdout
-    assert not list(out.glob(".partial-*"))
+    assert f"removed an unfinished export left by a killed run: {beside} (made by pid" in again.stdout, again.stdout
+    assert not list(out.glob(".partial-*")) and not list(tmp_path.glob(".partial-*")) and not (out / MARKER_FILE).exists()
+
+
+def test_partials_through_the_cli(make_checkpoint, previous, tmp_path):
+    """A user's own .partial-* folder: refused, untouched. Marked leftovers: a dead owner's removed, a live
+    one's kept, each on its own line; with a partial kept, the previous export is replaced in place and the
+    CLI says why."""
+    from tests.cli.batch import run_batch
+    from tests.exporter.test_export_files import _dead_pid, _plant
+
+    ckpt = make_checkpoint("tiny-mamba2")
+    user = tmp_path / "user"
+    shutil.copytree(previous[1], user)
+    (user / ".partial-thesis").mkdir()
+    (user / ".partial-thesis" / "chapter1.tex").write_text("mine")
+    user_before = _digests(user / ".partial-thesis") | _digests(user)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(previous[1], mixed)
+    dead = _plant(mixed / ".partial-dead", mixed, pid=_dead_pid())
+    live = _plant(mixed / ".partial-live", mixed)  # this test's process: running
+    refused, cleaned = run_batch([["export", ckpt, "-o", user, "--no-verify"], ["export", ckpt, "-o", mixed, "--no-verify"]])
+    assert refused.code == 2 and "Traceback" not in refused.output
+    assert "[export]" in refused.stderr and ".partial-thesis carries no hybridtrt marker" in refused.stderr and "fix:" in refused.stderr
+    assert _digests(user / ".partial-thesis") | _digests(user) == user_before
+    assert cleaned.code == 0, cleaned.output
+    assert "removed an unfinished export left by a killed run: .partial-dead (made by pid" in cleaned.stdout
+    assert "kept an unfinished export that may not be this run's to remove: .partial-live (made by pid" in cleaned.stdout
+    assert "replaced the previous export in place, not by one atomic swap" in cleaned.stdout and ".partial-live besides the export" in cleaned.stdout
+    assert not dead.exists() and live.exists()

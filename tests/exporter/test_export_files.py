@@ -162,16 +162,113 @@ def test_concurrent_export_is_refused(make_checkpoint, tmp_path):
     assert list(out.iterdir()) == []
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _plant(folder, output, files=("model.onnx",), **marker_fields):
+    """A partial directory with this tool's marker (fields overridden), as a killed export leaves it."""
+    import json
+
+    from hybridtrt.exporter.target import MARKER_FILE, marker
+
+    folder.mkdir(parents=True)
+    for name in files:
+        (folder / name).write_bytes(b"half written")
+    (folder / MARKER_FILE).write_text(json.dumps({**marker(output.resolve()), **marker_fields}))
+    return folder
+
+
 def test_stale_partials_are_removed_and_old_artefacts_replaced(make_checkpoint, tmp_path):
     ckpt = make_checkpoint("tiny-mamba2")
     out = tmp_path / "out"
     export(ckpt, out, ExportOptions(split=True, verify=False))
     assert (out / "decode.onnx").exists()
-    (out / ".partial-dead1234").mkdir()
-    (out / ".partial-dead1234" / "model.onnx").write_bytes(b"half written")
+    pid = _dead_pid()
+    _plant(out / ".partial-dead1234", out, pid=pid)
     result = export(ckpt, out, ExportOptions(split=False, verify=False))
-    assert result.removed_partials == [".partial-dead1234"]
+    assert result.removed_partials == [f".partial-dead1234 (made by pid {pid}, which is no longer running)"]
+    assert result.publish_note == "swap"
     assert sorted(p.name for p in out.iterdir()) == ["hybridtrt.json", "model.onnx", "weights.data"]
+    assert not list(tmp_path.glob(".partial-*"))  # the swap's sibling is gone too
+
+
+def test_only_marked_partials_of_dead_owners_are_removed(tmp_path):
+    """Each ownership case, planted: removed only when marked and the owner is provably gone."""
+    import os
+    import time
+
+    from hybridtrt.exporter.export import ARTEFACTS
+    from hybridtrt.exporter.target import MARKER_FILE, OutputDir
+
+    out = tmp_path / "out"
+    old = time.time() - 8 * 86400
+    gone = {
+        "dead": _plant(out / ".partial-dead", out, pid=_dead_pid()),
+        "reused": _plant(out / ".partial-reused", out, pid_start="1"),  # our pid, another start time
+        "rebooted": _plant(out / ".partial-rebooted", out, boot_id="another-boot"),
+        "far-old": _plant(out / ".partial-far-old", out, host="elsewhere.example", created=old),
+        "beside": _plant(tmp_path / ".partial-beside", out, pid=_dead_pid()),  # a swap's sibling, naming out
+    }
+    os.utime(gone["far-old"], (old, old))
+    os.utime(gone["far-old"] / "model.onnx", (old, old))
+    os.utime(gone["far-old"] / MARKER_FILE, (old, old))
+    kept = {
+        "live": _plant(out / ".partial-live", out),  # this process: running
+        "far-new": _plant(out / ".partial-far-new", out, host="elsewhere.example"),
+    }
+    untouched = [
+        _plant(tmp_path / ".partial-other-output", tmp_path / "other", pid=_dead_pid()),  # beside, but another output's
+        _plant(tmp_path / ".partial-mine", tmp_path / "x", files=("thesis.tex",), tool="not-hybridtrt"),
+    ]
+    (out / ".partial-empty").mkdir()  # killed between creating its partial and marking it: not in the way, not removed
+    kept["empty"] = out / ".partial-empty"
+    with OutputDir(out, ARTEFACTS, "hybridtrt.json") as t:
+        pass
+    removed, still = "\n".join(t.removed_partials), "\n".join(t.kept_partials)
+    assert all(not p.exists() for p in gone.values()), removed
+    assert all(p.exists() and (p / "model.onnx").exists() for n, p in kept.items() if n != "empty") and kept["empty"].is_dir()
+    assert all(p.exists() for p in untouched)
+    assert len(t.removed_partials) == len(gone) and len(t.kept_partials) == len(kept)
+    for text in ("no longer running", "the pid is another process's now", "before this machine restarted", "on host elsewhere.example, untouched for 8 days", str(gone["beside"])):
+        assert text in removed, (text, removed)
+    assert "which is still running" in still and "it may still be running there" in still and "empty and unmarked" in still, still
+
+
+@pytest.mark.parametrize(
+    "plant",
+    ["unmarked", "bad-json", "not-an-object", "other-tool", "symlink"],
+)
+def test_unmarked_partial_is_never_removed(plant, tmp_path):
+    """A .partial-* folder without a valid marker of ours (a user's own, a forged marker, a link to a marked
+    folder elsewhere) is refused as foreign without --force, and left untouched with it."""
+    import hashlib
+    import json
+
+    from hybridtrt.exporter.export import ARTEFACTS
+    from hybridtrt.exporter.target import MARKER_FILE, OutputDir
+
+    out = tmp_path / "out"
+    folder = out / ".partial-thesis"
+    if plant == "symlink":
+        real = _plant(tmp_path / "elsewhere", out, pid=_dead_pid())
+        out.mkdir()
+        folder.symlink_to(real, target_is_directory=True)
+    else:
+        folder.mkdir(parents=True)
+        (folder / "thesis.tex").write_text("chapter 1")
+        marker = {"bad-json": "{not json", "not-an-object": json.dumps([1, 2]), "other-tool": json.dumps({"tool": "other", "pid": 1, "host": "h", "created": 0})}
+        if plant in marker:
+            (folder / MARKER_FILE).write_text(marker[plant])
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.resolve().rglob("*") if p.is_file()}
+    with pytest.raises(ExportError, match="holds .partial-thesis\\); .partial-thesis carries no hybridtrt marker"):
+        OutputDir(out, ARTEFACTS, "hybridtrt.json").__enter__()
+    with OutputDir(out, ARTEFACTS, "hybridtrt.json", force=True) as t:
+        pass
+    assert t.removed_partials == [] and t.kept_partials == []
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.resolve().rglob("*") if p.is_file()} == before
 
 
 def test_foreign_or_checkpoint_directory_needs_force(make_checkpoint, tmp_path):
@@ -198,6 +295,7 @@ def test_disk_full_is_a_typed_error(make_checkpoint, tmp_path, monkeypatch):
     import shutil
 
     from hybridtrt.exporter import target
+    from hybridtrt.exporter.manifest import Manifest
 
     ckpt = make_checkpoint("tiny-mamba2")
     out = tmp_path / "out"
@@ -208,12 +306,38 @@ def test_disk_full_is_a_typed_error(make_checkpoint, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(export_mod, "write_external_data", enospc)
-    with pytest.raises(ExportError, match=f"disk full while writing the export into {out}: it needs 4[0-9.]+ KiB"):
+    with pytest.raises(ExportError, match=f"disk full while writing weights.data and model.onnx into {out}: it needs [0-9.]+ KiB for it, about 8.[0-9] MiB for the whole export"):
+        export(ckpt, out, FAST)
+    assert _digests(out) == before
+    monkeypatch.undo()
+    monkeypatch.setattr(Manifest, "write", enospc)  # the last write: its size, not "0 B"
+    size = len(read_manifest(out).to_json())
+    with pytest.raises(ExportError, match=f"disk full while writing hybridtrt.json into {out}: it needs {size / 1024:.1f} KiB for it"):
         export(ckpt, out, FAST)
     assert _digests(out) == before
     monkeypatch.undo()
     real = shutil.disk_usage
     monkeypatch.setattr(target.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-    with pytest.raises(ExportError, match="not enough disk space in .*: the export needs 4[0-9.]+ KiB, 1000 B are free"):
+    monkeypatch.setattr(export_mod, "trace_streamed", lambda *a, **k: pytest.fail("traced before the disk check"))
+    with pytest.raises(ExportError, match="not enough disk space in .*: the export needs 8.[0-9] MiB, 1000 B are free"):
         export(ckpt, out, FAST)
     assert _digests(out) == before
+
+
+def test_memory_is_checked_before_tracing(make_checkpoint, tmp_path, monkeypatch):
+    """A memory limit too small for the export is refused from the headers, before anything is traced or made."""
+    from hybridtrt.exporter import preflight
+
+    from hybridtrt.memory import Available
+
+    monkeypatch.setattr(preflight, "available_memory", lambda: Available(64 << 20, "the cgroup's memory.max less its usage"))
+    monkeypatch.setattr(export_mod, "trace_streamed", lambda *a, **k: pytest.fail("traced before the memory check"))
+    with pytest.raises(ExportError, match="needs at least 2[0-9.]+ MiB of memory for tracing .* 64.0 MiB is available: the cgroup's memory.max") as e:
+        export(make_checkpoint("tiny-mamba2"), tmp_path / "out", FAST)
+    assert "raise the limit" in str(e.value)
+    assert not (tmp_path / "out").exists()
+    # a whole-graph verification larger than what is left: the fix names the cheaper verifications
+    monkeypatch.setattr(preflight, "available_memory", lambda: Available(300 << 20, "MemAvailable"))
+    with pytest.raises(ExportError, match="for verification \\(whole graph\\)") as e:
+        preflight.check_memory(preflight.memory_bytes(1 << 30, 1 << 20, 4, "full"))
+    assert "--verify layers" in str(e.value) and "--no-verify" in str(e.value)

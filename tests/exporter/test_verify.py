@@ -14,6 +14,7 @@ from hybridtrt.exporter.manifest import read_manifest
 from hybridtrt.exporter.verify import verify_export, window_plan
 from hybridtrt.graphs.external_data import external_index
 from hybridtrt.models import load_model
+from tests.validation.faults import reseal
 
 SPLIT = ExportOptions(split=True)
 
@@ -64,6 +65,7 @@ def _plant_fault(out, tmp_path, tensor: str, factor: float = 1.5, dtype=np.float
         w = np.frombuffer(f.read(length), dtype=dtype) * dtype(factor)
         f.seek(offset)
         f.write(w.astype(dtype).tobytes())
+    reseal(bad)  # the planted weights are recorded: only verification can catch them
     return bad
 
 

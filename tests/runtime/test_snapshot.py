@@ -86,3 +86,53 @@ def test_bad_continuations_are_refused(reference):
         TorchStepper(reference).generate(tail, torch.tensor([[0, 1, 1, 1, 1]] * 2), snapshot=snap)
     with pytest.raises(InputError, match="snapshot has 2 rows"):
         TorchStepper(reference).generate(tail[:1].repeat(3, 1), snapshot=snap)
+
+
+# -- the record: identity, checksum, extension, no silent overwrite (issue 24) -------------------
+
+
+def test_extending_a_snapshot_equals_the_snapshot_of_the_longer_prefix(reference):
+    """``snapshot_prompt(..., snapshot=s)`` (``--snapshot A --save-snapshot B``) continues ``s``: its
+    states are those of prefilling the whole prefix at once."""
+    stepper = TorchStepper(reference)
+    ids = torch.randint(3, 256, (1, 19), generator=torch.Generator().manual_seed(35))
+    first = snapshot_prompt(stepper, ids[:, :11])
+    longer = snapshot_prompt(stepper, ids[:, 11:], snapshot=first)
+    whole = snapshot_prompt(stepper, ids)
+    assert longer.past == whole.past == 19 and set(longer.states) == set(whole.states)
+    assert max(rel_l2(longer.states[k], whole.states[k]) for k in whole.states) <= TOL
+
+
+def test_save_keeps_the_record_and_refuses_to_overwrite(reference, tmp_path):
+    import dataclasses
+
+    snap = dataclasses.replace(snapshot_prompt(TorchStepper(reference), torch.tensor([[5, 6, 7]])), identity={"checkpoint_sha256": "ab" * 32})
+    path = snap.save(tmp_path / "s.safetensors")
+    loaded = Snapshot.load(path)
+    assert loaded.identity == snap.identity and all(torch.equal(loaded.states[k], v) for k, v in snap.states.items())
+    with pytest.raises(InputError, match="exists"):
+        snap.save(path)
+    before = path.read_bytes()
+    dataclasses.replace(snap, identity={}).save(path, overwrite=True)
+    assert path.read_bytes() != before and Snapshot.load(path).identity == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]  # no temporary left behind
+
+
+def test_cli_extends_a_snapshot_and_force_replaces(make_checkpoint, tmp_path, capsys):
+    """``generate --snapshot A --save-snapshot B`` writes the longer prefix; continuing after B equals
+    the straight generation; ``--force`` is what lets B be replaced."""
+    from hybridtrt.cli.main import main
+
+    ckpt = str(make_checkpoint())
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert main(["generate", ckpt, "--ids", "5 6 7 8", "--save-snapshot", str(a)]) == 0
+    assert main(["generate", ckpt, "--ids", "9 10", "--snapshot", str(a), "--save-snapshot", str(b)]) == 0
+    assert Snapshot.load(b).past == 6 and Snapshot.load(b).identity == Snapshot.load(a).identity
+    capsys.readouterr()
+    assert main(["generate", ckpt, "--ids", "11", "--snapshot", str(b), "--max-new-tokens", "4", "--ignore-eos"]) == 0
+    resumed = capsys.readouterr().out.split("\n")[0]
+    assert main(["generate", ckpt, "--ids", "5 6 7 8 9 10 11", "--max-new-tokens", "4", "--ignore-eos"]) == 0
+    assert capsys.readouterr().out.split("\n")[0] == resumed
+    assert main(["generate", ckpt, "--ids", "5 6", "--save-snapshot", str(b)]) == 2
+    assert main(["generate", ckpt, "--ids", "5 6", "--save-snapshot", str(b), "--force"]) == 0
+    assert Snapshot.load(b).past == 2

@@ -1,13 +1,27 @@
-"""Planting faults in an exported graph, to prove that validation catches and locates them."""
+"""Planting faults in an exported graph, to prove that validation catches and locates them.
+
+Every planter re-records the manifest's file sizes and hashes afterwards (`reseal`), as an attacker who also
+rewrites ``hybridtrt.json`` would: the numerical gates must catch what the integrity check cannot.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx
 from onnx import helper, numpy_helper
 
+from hybridtrt.exporter.integrity import record_files
+from hybridtrt.exporter.manifest import MANIFEST_FILE
 
+
+def reseal(export_dir: Path) -> None:
+    """Re-record the size and sha256 of every file in ``hybridtrt.json`` (test-only: it blesses what is there)."""
+    path = Path(export_dir) / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest["files"] = record_files(export_dir, manifest["files"])
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 def _load(export_dir: Path) -> onnx.ModelProto:
     """``model.onnx`` without its weights (external initializers stay references to the data file)."""
@@ -17,6 +31,7 @@ def _load(export_dir: Path) -> onnx.ModelProto:
 def _save(model: onnx.ModelProto, export_dir: Path) -> None:
     """Write ``model.onnx`` only: the data file, which ``decode.onnx`` may share, is untouched."""
     onnx.save_model(model, str(export_dir / "model.onnx"))
+    reseal(export_dir)
 
 
 def scale_initializers(export_dir: Path, names: set[str], factor: float) -> None:
@@ -56,6 +71,7 @@ def scale_initializers(export_dir: Path, names: set[str], factor: float) -> None
         raise KeyError(sorted(names - found))
     if inline:
         onnx.save_model(model, str(path))
+    reseal(export_dir)
 
 
 def perturb_weight(export_dir: Path, initializer: str, scale: float = 1.5) -> None:
