@@ -1,6 +1,6 @@
-"""The emulated ONNX-parser dispatch on every export flavour (fp32, bf16, FP8, --split; fp16 has bf16's graph), per TensorRT release.
+"""The emulated ONNX-parser dispatch on the export flavours (fp32, FP8, --split; half precision at the default opset: test_parser_rules.py), per TensorRT release.
 
-What must hold for our graphs (fp32, bf16, FP8 at opset 22): with libhybridtrt_trt.so loaded, every ``hybridtrt`` node becomes our plugin on
+What must hold for our graphs (fp32, FP8 at opset 22): with libhybridtrt_trt.so loaded, every ``hybridtrt`` node becomes our plugin on
 every release that prefers plugins (10.7+); without it, every node is its local function; the releases that
 would lose the plugins (<= 10.6) or cannot parse opset 22 (10.0 / 10.1) are refused. Planted graphs show the
 other rules: a missing plugin_namespace on 10.15+, function-name aliasing before 10.8, a custom op type that is
@@ -30,9 +30,8 @@ def flavours(make_export, make_checkpoint, tmp_path_factory) -> dict[str, object
 
     out = {
         "fp32+split": make_export("tiny-nemotron-h", ExportOptions(split=True, opset=22))[1],
-        # The decode graph's op (Mamba2StateUpdate) is dispatched in "fp32+split"; the dtypes add no op (fp16 has
-        # bf16's graph; both at the default opset: tests/engine/test_parser_rules.py).
-        "bf16": make_export("tiny-nemotron-h", ExportOptions(dtype="bf16", opset=22, verify=False, split=False))[1],
+        # The decode graph's op (Mamba2StateUpdate) is dispatched in "fp32+split"; the half dtypes add no op (their
+        # graphs, with the type rules, at the default opset: tests/engine/test_parser_rules.py).
     }
     fp8 = tmp_path_factory.mktemp("fp8")
     export(make_checkpoint("tiny-nemotron-h", initializer_range=0.05), fp8, ExportOptions(verify=False, opset=22, split=False), quantize=QuantizeOptions(calib_random=4))
@@ -46,7 +45,7 @@ def graphs(export_dir):
         yield name, onnx.load(str(export_dir / entry.file), load_external_data=False), {f"hybridtrt::{op}": n for op, n in entry.custom_ops.items()}
 
 
-@pytest.mark.parametrize("flavour", ["fp32+split", "bf16", "fp8"])
+@pytest.mark.parametrize("flavour", ["fp32+split", "fp8"])
 def test_every_custom_node_becomes_our_plugin_from_10_7(flavours, flavour):
     seen = set()
     for name, model, custom in graphs(flavours[flavour]):
@@ -80,7 +79,7 @@ def test_the_default_opset_24_export_needs_tensorrt_10_15(make_export):
         assert any("Attention needs TensorRT >= 10.14" in p for p in old.problems)
 
 
-@pytest.mark.parametrize("flavour", ["fp32+split", "bf16", "fp8"])
+@pytest.mark.parametrize("flavour", ["fp32+split", "fp8"])
 def test_releases_that_lose_the_plugins_or_the_opset_are_refused(flavours, flavour):
     for _, model, custom in graphs(flavours[flavour]):
         report = emulate_dispatch(model, "10.6.0", plugins=HYBRIDTRT_CREATORS)

@@ -36,7 +36,6 @@ def _trace_for_real(monkeypatch):
 #: The session exports other tests use (so only the eager side costs a trace here).
 SHARED = {
     "nemotron-fp32-split": ("tiny-nemotron-h", ExportOptions(split=True)),
-    "nemotron-fp16": ("tiny-nemotron-h", ExportOptions(dtype="fp16")),
     "mamba2-logits-all-fp16-state": ("tiny-mamba2", ExportOptions(logits="all", state_dtype="fp16")),
 }
 

@@ -443,9 +443,10 @@ def head_reference(x, dt, A, B, C, D, s0, chunk):
 
 
 def test_long_context_offsets_are_64_bit(emu) -> None:
-    """65,536 tokens (512 chunks of 128) at Nemotron-H 47B widths, batch 4, fp16: the last head's offsets into x / y
-    (3 * 2^30 + ...) and into the [B*H, chunks, P, N] start states (1023 * 2^22 + ...) pass 2^31 elements, where a
-    32-bit product wraps. x, y and the 16 GiB workspace are virtual; the emulator validates the full grids and runs
+    """16,384 tokens (128 chunks of 128) at Nemotron-H 47B widths, batch 16, fp16 — the offsets of 65,536 tokens at
+    batch 4 (the same [B*L, H, P] and [B*H, chunks, P, N] extents, at a quarter of the emulated walk): the last
+    head's offsets into x / y (15 * 2^28 + ...) and into the start states (4095 * 2^20 + ...) pass 2^31 elements,
+    where a 32-bit product wraps. x, y and the 16 GiB workspace are virtual; the emulator validates the full grids and runs
     the blocks of the last (batch, head) only: the state kernel over the whole sequence, the output kernel on the
     last two chunks. Every start state, the final state and y of the last two chunks must land where the reference
     puts them, and nothing else in their rows of y or in other heads' states may change.
@@ -454,7 +455,7 @@ def test_long_context_offsets_are_64_bit(emu) -> None:
     state kernel's 65,536-token walk is skipped to save time; `test_large_batch_offsets_are_64_bit` plants the
     fault in all three kernels): its y goes to the wrapped offsets and the same y check fails."""
     n = NEMOTRON_H_47B
-    batch, length, heads, head_dim, groups, d_state, chunk = 4, 65536, n["heads"], n["head_dim"], n["groups"], n["d_state"], n["chunk_size"]  # fmt: skip
+    batch, length, heads, head_dim, groups, d_state, chunk = 16, 16384, n["heads"], n["head_dim"], n["groups"], n["d_state"], n["chunk_size"]  # fmt: skip
     b, h, g = batch - 1, heads - 1, groups - 1
     chunks = length // chunk
     row = b * heads + h
