@@ -31,6 +31,21 @@ MAX_JSON_DEPTH = 64
 
 
 
+def regular_file_size(path: str | Path, *, what: str, error: type[HybridTrtError], fix: str) -> int:
+    """The size of ``path``, refused unless it is a regular file (not ``/dev/zero``, a FIFO or a directory).
+
+    Raises:
+        error: It cannot be stat'ed or is not a regular file.
+    """
+    try:
+        info = Path(path).stat()
+    except OSError as e:
+        raise error(f"{what} {path} cannot be read ({e.strerror or e})", fix=fix) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{what} {path} is not a regular file", fix=fix)
+    return info.st_size
+
+
 def read_text(path: str | Path, *, what: str, error: type[HybridTrtError], fix: str, limit: int = MAX_TEXT_BYTES) -> str:
     """The UTF-8 text of ``path``, read whole.
 
@@ -45,14 +60,9 @@ def read_text(path: str | Path, *, what: str, error: type[HybridTrtError], fix: 
         error: Missing, not a regular file, larger than ``limit``, or not UTF-8.
     """
     path = Path(path)
-    try:
-        info = path.stat()
-    except OSError as e:
-        raise error(f"{what} {path} cannot be read ({e.strerror or e})", fix=fix) from None
-    if not stat.S_ISREG(info.st_mode):
-        raise error(f"{what} {path} is not a regular file", fix=fix)
-    if info.st_size > limit:
-        raise error(f"{what} {path} is {human_bytes(info.st_size)}, more than the {human_bytes(limit)} it may be", fix=fix)
+    size = regular_file_size(path, what=what, error=error, fix=fix)
+    if size > limit:
+        raise error(f"{what} {path} is {human_bytes(size)}, more than the {human_bytes(limit)} it may be", fix=fix)
     try:
         with open(path, "rb") as f:
             data = f.read(limit + 1)
@@ -140,4 +150,4 @@ def inside(root: str | Path, name: str, *, what: str, error: type[HybridTrtError
     return base / relative
 
 
-__all__ = ["MAX_JSON_DEPTH", "MAX_TEXT_BYTES", "expect_object", "inside", "parse_json", "read_json", "read_text"]
+__all__ = ["MAX_JSON_DEPTH", "MAX_TEXT_BYTES", "expect_object", "inside", "parse_json", "read_json", "read_text", "regular_file_size"]

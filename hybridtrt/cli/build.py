@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from hybridtrt.cli.common import console, human_bytes, step, table
-from hybridtrt.cli.inspect import add_integrity_argument, check_integrity
+from hybridtrt.cli.common import add_integrity_argument, check_integrity, console, human_bytes, step, table
 
 HELP = "build a TensorRT engine (two profiles: prefill, decode) from an export directory"
 

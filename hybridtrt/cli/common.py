@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.markup import escape
@@ -136,3 +137,25 @@ def add_dtype_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("precision")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="model dtype (default: the dtype the checkpoint declares in config.json, torch_dtype/dtype; fp32 when it declares none)")
     g.add_argument("--state-dtype", choices=["fp32", "fp16", "bf16"], default=None, help="SSM state dtype (default fp32)")
+
+
+def add_integrity_argument(p: argparse.ArgumentParser) -> None:
+    """``--check-integrity`` (inspect, generate, validate, compare, build)."""
+    p.add_argument(
+        "--check-integrity",
+        action="store_true",
+        help="hash every file of the export in full against its manifest (default: sizes, the graphs' sha256 and the "
+        "weights' sampled sha256 — README: Integrity)",
+    )
+
+
+def check_integrity(args: argparse.Namespace, path: str | Path) -> None:
+    """The full check when ``--check-integrity`` is given and ``path`` is an export (the sampled one runs anyway)."""
+    if not getattr(args, "check_integrity", False):
+        return
+    from hybridtrt.exporter.integrity import FULL
+    from hybridtrt.exporter.manifest import MANIFEST_FILE, read_manifest
+
+    if (Path(path) / MANIFEST_FILE).is_file():
+        read_manifest(path, integrity=FULL)
+

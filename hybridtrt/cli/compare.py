@@ -6,8 +6,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from hybridtrt.cli.common import console, print_command, step, styled, table
-from hybridtrt.cli.inspect import add_integrity_argument, check_integrity
+from hybridtrt.cli.common import add_integrity_argument, check_integrity, console, print_command, step, styled, table
 
 HELP = "write polygraphy inputs + PyTorch reference RunResults, compare with polygraphy, print the `polygraphy run` commands"
 

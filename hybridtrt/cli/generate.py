@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hybridtrt.cli.common import console
-from hybridtrt.cli.inspect import add_integrity_argument, check_integrity
+from hybridtrt.cli.common import add_integrity_argument, check_integrity, console
 
 HELP = "generate text from an export dir, model.onnx, model.engine or checkpoint dir (streams tokens)"
 

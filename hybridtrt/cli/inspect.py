@@ -6,7 +6,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from hybridtrt.cli.common import console, table
+from hybridtrt.cli.common import add_integrity_argument, console, table
 
 HELP = "summarize a checkpoint (config, layers, states) or an export directory (graphs, I/O)"
 
@@ -14,28 +14,6 @@ HELP = "summarize a checkpoint (config, layers, states) or an export directory (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="checkpoint directory or export directory")
     add_integrity_argument(p)
-
-
-def add_integrity_argument(p: argparse.ArgumentParser) -> None:
-    """``--check-integrity`` (inspect, generate, validate, compare, build)."""
-    p.add_argument(
-        "--check-integrity",
-        action="store_true",
-        help="hash every file of the export in full against its manifest (default: sizes, the graphs' sha256 and the "
-        "weights' sampled sha256 — README: Integrity)",
-    )
-
-
-def check_integrity(args: argparse.Namespace, path: str | Path) -> None:
-    """The full check when ``--check-integrity`` is given and ``path`` is an export (the sampled one runs anyway)."""
-    if not getattr(args, "check_integrity", False):
-        return
-    from hybridtrt.exporter.integrity import FULL
-    from hybridtrt.exporter.manifest import MANIFEST_FILE as manifest_file
-    from hybridtrt.exporter.manifest import read_manifest
-
-    if (Path(path) / manifest_file).is_file():
-        read_manifest(path, integrity=FULL)
 
 
 def _export_rows(path: Path, level: str) -> tuple[object, list[list[str]], list[list[str]]]:

@@ -9,8 +9,7 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from hybridtrt.cli.common import console, step, styled, table
-from hybridtrt.cli.inspect import add_integrity_argument, check_integrity
+from hybridtrt.cli.common import add_integrity_argument, check_integrity, console, step, styled, table
 
 HELP = "compare an export (ONNX Runtime, TensorRT, or recorded polygraphy outputs) with the PyTorch reference; exit 1 when a gate fails"
 

@@ -14,7 +14,6 @@ compared per layer when asked, naming the first divergence in layer order.
 
 from __future__ import annotations
 
-import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ def _existing(paths: Sequence[str | Path], flag: str) -> list[str]:
             large for the memory available.
     """
     from hybridtrt.memory import check_memory
+    from hybridtrt.reading import regular_file_size
 
     fix = "give the file (or directory of per-iteration files) that polygraphy wrote"
     total = 0
@@ -50,13 +50,7 @@ def _existing(paths: Sequence[str | Path], flag: str) -> list[str]:
         if not p.exists() and not p.is_symlink():
             raise InputError(f"{flag} {p} does not exist", fix=fix)
         for f in sorted(p.iterdir()) if p.is_dir() else [p]:
-            try:
-                info = f.stat()
-            except OSError as e:
-                raise InputError(f"{flag} {f} cannot be read ({e.strerror or e})", fix=fix) from None
-            if not stat.S_ISREG(info.st_mode):
-                raise InputError(f"{flag} {f} is not a regular file", fix=fix)
-            total += info.st_size
+            total += regular_file_size(f, what=flag, error=InputError, fix=fix)
     check_memory(3 * total, what=f"reading {flag} {' '.join(map(str, paths))}", fix="validate fewer iterations at a time, or on a machine with more memory")
     return [str(p) for p in paths]
 
