@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         polygraphy = compare_with_polygraphy(files)["onnxrt"]
     polygraphy_ok = polygraphy.passed
 
+    from hybridtrt.validation.report import routing_line as report_routing_line
+
     prefill = next(c for c in report.checks if c.phase == "prefill" and c.name == "logits").comparison
     states = [c.comparison for c in report.checks if c.phase == "prefill" and c.name != "logits"]
     layers = [c for c in report.checks if c.phase == "layer"]
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         ["states (worst of %d)" % len(states), f"rel L2 {max(s.rel_l2 for s in states):.1e}"],
         ["per layer", f"{len(layers)} tensors, {sum(not c.passed for c in layers)} over tolerance"],
         ["decode", f"{report.steps} steps, greedy token agreement {report.token_agreement:.3f}"],
-        *([["MoE routing agreement", ", ".join(f"layer {i}: {a:.3f}" for i, a in report.routing_agreement.items())]] if report.routing_agreement else []),
+        *([["MoE routing", report_routing_line(report)]] if report.routing else []),
         ["polygraphy", f"{'PASS' if polygraphy_ok else f'FAIL ({len(polygraphy.failures)} comparisons, below)'}: {files.describe_tolerance()}"],
         ["verdict", styled("PASS", "bold green") if ok else styled("FAIL", "bold red")],
         ["wall time", f"{time.perf_counter() - start:.1f} s"],

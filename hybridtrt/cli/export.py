@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
-from hybridtrt.cli.common import add_dtype_args, console, human_bytes, step, table
+from hybridtrt.cli.common import add_dtype_args, console, human_bytes, routing_summary, step, table
 
 HELP = "export a checkpoint to ONNX (custom Mamba-2 ops with function bodies) + hybridtrt.json"
 
@@ -169,6 +169,10 @@ def run(args: argparse.Namespace) -> int:
         how = "whole graph" if v.get("method") == "full-graph" else "by decoder-layer windows (" + "; ".join(f"{f}: {n}" for f, n in windows.items()) + ")"
         against = f"vs the {v.get('truth')}" + (f", the {v['yardstick']} as yardstick" if v.get("yardstick") else "")
         rows.append(["ORT vs reference", f"{how} on {escape(str(v.get('executor')))}, {against}; worst " + ", ".join(f"{k}: rel L2 {x:.1e}" for k, x in result.verification.items())])
+        routing = routing_summary(v)
+        if routing:
+            rows.append(["MoE routing", routing])
     console.print(table("export summary", ["", ""], rows, numeric=False))
     console.print(table("files written", ["file", "size"], [[escape(str(result.out_dir / n)), human_bytes(s)] for n, s in result.files.items()]))
     return 0
+

@@ -6,7 +6,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from hybridtrt.cli.common import add_integrity_argument, console, table
+from hybridtrt.cli.common import add_integrity_argument, console, routing_summary, table
 
 HELP = "summarize a checkpoint (config, layers, states) or an export directory (graphs, I/O)"
 
@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         method = verification.get("method", "none")
         console.print(f"verification: {method}" + (f" ({verification.get('reason')})" if verification.get("reason") else "")
                       + "".join(f", {f} worst rel L2 {v:.2e}" for f, v in worst.items()), markup=False)  # fmt: skip
+        if routing_summary(verification):
+            console.print(f"MoE routing: {routing_summary(verification)}", markup=False, soft_wrap=True)
         for role, g in m.graphs.items():
             rows = [[v["name"], v["dtype"], "[" + ", ".join(map(str, v["shape"])) + "]"] for v in g.inputs + g.outputs]
             console.print(table(f"{role} graph {g.file} ({m.dtype}, state {m.state_dtype}, opset {m.opset})", ["tensor", "dtype", "shape"], rows))

@@ -112,9 +112,12 @@ def print_report(report) -> None:
         console.print(line, markup=False)
     elif report.teacher_forced_top1 is not None:
         console.print(f"teacher-forced top-1 {report.teacher_forced_top1:.3f}")
-    if report.routing_agreement:
-        per_layer = ", ".join(f"{i}: {a:.3f}" for i, a in report.routing_agreement.items())
-        console.print(f"MoE routing agreement (top-k sets equal to the reference) per layer: {per_layer}")
+    if report.routing:
+        from hybridtrt.validation.report import routing_line
+
+        console.print(routing_line(report), markup=False, soft_wrap=True)
+    for why in report.routing_failures:
+        console.print(styled(f"routing gate: {why}", "bold red"), soft_wrap=True)
     for note in report.notes:
         console.print(styled(f"note {note}", "yellow"), soft_wrap=True)
     if report.first_divergence:

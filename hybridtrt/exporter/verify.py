@@ -46,10 +46,14 @@ from hybridtrt.exporter.manifest import Manifest
 from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs import layer_window
 from hybridtrt.graphs.external_data import external_info, tensor_nbytes
+from hybridtrt.graphs.held_routing import HELD_EXPERTS, HOLD_ROUTING, ROUTED_EXPERTS, hold_routing
 from hybridtrt.models.loading import parse_dtype
 from hybridtrt.judge.metrics import compare
+from hybridtrt.judge.routing import RoutingTally, flips, judge_tallies, routing_gate
 from hybridtrt.judge.tolerances import gate
+from hybridtrt.models.config import MOE
 from hybridtrt.models.model import HybridLM
+from hybridtrt.models.moe import RoutingHold, held_routing
 
 VERIFY_MODES = ("auto", "full", "layers")
 #: ``auto`` verifies the whole graph at once up to this many bytes of parameters, by windows above.
@@ -122,13 +126,21 @@ def _layer_bytes(model: onnx.ModelProto, num_layers: int) -> list[int]:
     return per_layer
 
 
-def _session(path: Path):
+_NO_COPY = {"session.disable_prepacking": "1"}
+
+
+def _session(path: Path, *, held: bool = False):
     """An ONNX Runtime CPU session that does not copy weights: external data stays memory-mapped
     (pages read as the graph runs, dropped with the session) and MatMul weights are not
-    pre-packed (pre-packing keeps a second copy of every weight)."""
+    pre-packed (pre-packing keeps a second copy of every weight). ``held``: the graph's held-routing
+    copy (`hybridtrt.graphs.held_routing`): routing held to the ``held_experts.{i}`` feeds, its own
+    choice exposed."""
     from hybridtrt.runtime.onnxruntime import OrtSession
 
-    return OrtSession(path, config={"session.disable_prepacking": "1"})
+    if not held:
+        return OrtSession(path, config=_NO_COPY)
+    graph = hold_routing(onnx.load(str(path), load_external_data=False)).model
+    return OrtSession.from_proto(graph, path.parent, config=_NO_COPY)
 
 
 def _kind(output: str) -> str:
@@ -147,6 +159,7 @@ class _Judge:
 
     def __init__(self, manifest: Manifest) -> None:
         self.fp8 = bool(manifest.quantization)
+        self.moe = any(entry.get("kind") == "moe" for entry in manifest.layers)
         self.precision = manifest.dtype
         self.yardstick = None if self.fp8 or manifest.dtype == "fp32" else f"{manifest.dtype} reference"
         # A half-precision SSM state is rounded on both sides (one fp16 ulp is 1e-3 relative): the
@@ -161,6 +174,9 @@ class _Judge:
         for kind in ("call", "layer", "state"):
             g = gate(self.precision, kind)
             out[kind] = {"max_rel_l2": g.max_rel_l2, **({"yardstick_ratio": g.yardstick_ratio} if self.yardstick else {})}
+        r = routing_gate(self.precision)
+        if self.moe:
+            out["routing"] = {"held": "the truth's expert choices", "max_flips": r.max_flips, "min_flips": r.min_flips, **({"yardstick_ratio": r.ratio} if self.yardstick else {})}
         if self.ssm_precision != self.precision:
             out["ssm_state"] = {"precision": self.ssm_precision, "max_rel_l2": gate(self.ssm_precision, "state").max_rel_l2}
         return out
@@ -169,6 +185,23 @@ class _Judge:
         if "ssm_state" in output and self.ssm_precision != self.precision:
             return gate(self.ssm_precision, "state")
         return gate(self.precision, _kind(output))
+
+    def check_routing(self, where: str, routed: dict[int, torch.Tensor], truth: dict[int, torch.Tensor], yard: RoutingHold | None) -> dict[str, Any]:
+        """Judge the artefact's own expert choices against the truth's, per MoE layer
+        (`hybridtrt.judge.routing`); raise `ExportError` on failure. Returns ``{layer: {"flipped",
+        "choices", "yardstick_flipped", "allowed"}}``."""
+        tallies = {}
+        for layer, ids in truth.items():
+            tallies[layer] = RoutingTally()
+            tallies[layer].add(flips(routed[layer], ids), flips(yard.ids(layer), ids) if yard is not None and self.yardstick else None)
+        records, failed = judge_tallies(routing_gate("fp8" if self.fp8 else self.precision), tallies)
+        out = {str(layer): {k: v for k, v in r.items() if k != "yardstick_choices"} for layer, r in records.items()}
+        if failed:
+            raise ExportError(
+                f"{where} routes tokens to other experts than the fp32 reference beyond the {'fp8' if self.fp8 else self.precision} routing gate: " + "; ".join(failed),
+                fix="this is a bug in hybridtrt (or a corrupt weights file, e.g. a router weight); please report it with the checkpoint's config.json",
+            )
+        return out
 
     def check(self, where: str, got: dict[str, Any], truth: dict[str, Any], yard: dict[str, Any] | None) -> dict[str, Any]:
         """Judge every output of ``truth``; raise `ExportError` on failure. Returns the worst: the
@@ -261,41 +294,74 @@ def verify_export(
     flavour = manifest.cache_flavour
     specs = state_specs(model.config, flavour)
     same = truth is model
+    moe = bool(model.config.layers_of(MOE))
     for role, entry in manifest.graphs.items():
         decode = role == "decode"
         inputs = _reference(partial(example_inputs, model, seq=1 if decode else 7, batch=3, past=4, state_dtype=state_dtype, seed=1, flavour=flavour), manifest.dtype)
-        ran = _reference(partial(GraphModule(model, manifest.logits, decode, True, flavour).eval(), *inputs), manifest.dtype)
-        _release(model)  # a lazy reference's last layer is not needed any more
-        mine = _outputs(ran, specs)
+        # The truth chooses the experts; the yardstick and the artefact are held to its choice
+        # (hybridtrt.judge.routing), so the gates judge the continuous math on equal routing.
+        truth_hold = RoutingHold()
         if same:
-            expected, yard = mine, None
+            with held_routing(model, truth_hold):
+                expected = mine = _outputs(_reference(partial(GraphModule(model, manifest.logits, decode, True, flavour).eval(), *inputs), manifest.dtype), specs)
+            _release(model)
+            yard, yard_hold = None, None
         else:
             wide = tuple(t.float() if t.is_floating_point() else t for t in inputs)
-            expected = _outputs(_reference(partial(GraphModule(truth, manifest.logits, decode, True, flavour).eval(), *wide), "fp32"), specs)
+            with held_routing(truth, truth_hold):
+                expected = _outputs(_reference(partial(GraphModule(truth, manifest.logits, decode, True, flavour).eval(), *wide), "fp32"), specs)
             _release(truth)
             del wide
+            yard_hold = RoutingHold(_truth_ids(truth_hold))
+            with held_routing(model, yard_hold):
+                mine = _outputs(_reference(partial(GraphModule(model, manifest.logits, decode, True, flavour).eval(), *inputs), manifest.dtype), specs)
+            _release(model)  # a lazy reference's last layer is not needed any more
             yard = mine if judge.yardstick else None
-        del ran
+        truth_ids = _truth_ids(truth_hold)
         feeds = dict(zip([v["name"] for v in entry.inputs], inputs))
+        feeds.update(_held_feeds(truth_ids))
+        tokens = tuple(inputs[0].shape)
         if chosen == "full":
             names = manifest.per_layer_outputs
             def flat(o):
                 return None if o is None else {LOGITS: o["logits"], **o["present"], **{n: o["hidden"][i] for i, n in enumerate(names)}}
-            session = _session(export_dir / entry.file)
+            session = _session(export_dir / entry.file, held=moe)
             got = session.run(feeds)
             if session.emulated_bf16:
                 record["executor"] = EXECUTOR_BF16
-            worst = judge.check(entry.file, got, flat(expected), flat(yard))
-            record["graphs"][entry.file] = {"worst": worst}
+            routing = judge.check_routing(entry.file, _routed(got, tokens), truth_ids, yard_hold) if moe else None  # names a router first
+            record["graphs"][entry.file] = {"worst": judge.check(entry.file, got, flat(expected), flat(yard))}
+            if routing is not None:
+                record["graphs"][entry.file]["routing"] = routing
             del session, got
             continue
         del inputs  # the windows drop what they have checked
-        record["graphs"][entry.file] = _verify_windows(
+        graph = _verify_windows(
             export_dir, entry.file, model.config.num_layers, specs, feeds, mine["hidden"], expected, yard, judge, parameter_bytes, progress, record
         )
+        if moe:
+            graph["routing"] = judge.check_routing(entry.file, _routed(graph.pop("routed"), tokens), truth_ids, yard_hold)
+        record["graphs"][entry.file] = graph
     worst = [(f, g["worst"]) for f, g in record["graphs"].items()]
     record["worst"] = max(({"graph": f, **w} for f, w in worst), key=lambda w: w.get("rel_l2", 0.0) / (w.get("bound") or 1.0), default=None)
     return record
+
+
+def _truth_ids(hold: RoutingHold) -> dict[int, torch.Tensor]:
+    """``{MoE layer: [B, L, K]}`` the truth chose in one call."""
+    return {layer: hold.ids(layer) for layer in hold.chosen}
+
+
+def _held_feeds(ids: dict[int, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The held graph's ``held_experts.{i}`` feeds ``[B·L, K]`` (`hybridtrt.graphs.held_routing`)."""
+    feeds = {HELD_EXPERTS.format(layer): t.reshape(-1, t.shape[-1]).numpy().astype(np.int64) for layer, t in ids.items()}
+    return {HOLD_ROUTING: np.array(True), **feeds} if feeds else {}
+
+
+def _routed(got: dict[str, Any], tokens: tuple[int, int]) -> dict[int, torch.Tensor]:
+    """``{MoE layer: [B, L, K]}`` the artefact's own routers chose (its ``routed_experts.{i}`` outputs)."""
+    prefix = ROUTED_EXPERTS.format("")
+    return {int(k[len(prefix):]): torch.from_numpy(np.asarray(v)).reshape(*tokens, -1) for k, v in got.items() if k.startswith(prefix)}
 
 
 METHODS = {"full": "full-graph", "layers": "layer-windows"}
@@ -339,6 +405,7 @@ def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, t
     hidden_type = _ONNX_TYPES[inputs_hidden[0].dtype]
     worst: dict[str, Any] = {}
     worst_score = -1.0
+    routed: dict[str, Any] = {}  # routed_experts.{i} of every window (held routing)
 
     def wanted(o: dict[str, Any] | None, first: int, last: int, mine: list) -> dict[str, Any] | None:
         if o is None:
@@ -349,7 +416,7 @@ def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, t
     with progress(f"verify {file} by layer windows", sum(member_bytes), "B") as advance:
         for first, last in windows:
             mine = [s for s in specs if first <= s.layer <= last]
-            sub = layer_window.window(full, stream, first, last, [s.present_name for s in mine], hidden_type)
+            sub = hold_routing(layer_window.window(full, stream, first, last, [s.present_name for s in mine], hidden_type)).model
             window_feeds = {k: v for k, v in feeds.items() if k in {i.name for i in sub.graph.input}}
             if first > 0:
                 window_feeds[layer_window.HIDDEN_IN] = inputs_hidden[first - 1]
@@ -362,6 +429,7 @@ def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, t
                 got, ranges = _run_window(export_dir, tag, sub, window_feeds, slice_bytes, record)
                 if ranges:
                     out.setdefault("expert_ranges", {}).update(ranges)
+            routed.update({k: v for k, v in got.items() if k.startswith(ROUTED_EXPERTS.format(""))})
             label = _label(first, last, num_layers)
             w = judge.check(f"{file} {label}", got, wanted(truth, first, last, mine), wanted(yard, first, last, mine))
             score = w.get("rel_l2", 0.0) / (w.get("bound") or 1.0)
@@ -375,7 +443,7 @@ def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, t
                 inputs_hidden.pop(k, None)
             del got
             advance(sum(member_bytes[first : last + 1]))
-    return {"worst": worst, **out}
+    return {"worst": worst, **out, "routed": routed}
 
 
 def _run(export_dir: Path, tag: str, sub: onnx.ModelProto, feeds: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
@@ -407,7 +475,8 @@ def _run_window(export_dir: Path, tag: str, sub: onnx.ModelProto, feeds: dict[st
     ranges: dict[str, int] = {}
     for k, node in enumerate(split):
         before = layer_window.before_experts(sub, node, types, cuts=[n.output[0] for n in split[:k]])
-        x, experts, weights = (_run(export_dir, f"{tag}-experts-{k}", before, feeds, record)[v] for v in node.input[:3])
+        ran = _run(export_dir, f"{tag}-experts-{k}", before, feeds, record)
+        x, experts, weights = (ran[v] if v in ran else feeds[v] for v in node.input[:3])  # held ids are a feed
         y, ranges[node.name] = _run_by_expert_ranges(export_dir, f"{tag}-experts-{k}", sub, node, types, x, experts, weights, max_bytes, record)
         feeds[node.output[0]] = y.astype(_NUMPY_TYPES[types[node.output[0]]])  # rounded once, as the node does
     return _run(export_dir, tag, layer_window.after_experts(sub, split, types), feeds, record), ranges

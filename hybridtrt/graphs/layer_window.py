@@ -331,8 +331,12 @@ def before_experts(model: onnx.ModelProto, node: onnx.NodeProto, types: dict[str
         node: One of its `expert_nodes`.
         types: Elem type of every value (`hybridtrt.graphs.bf16_emulation.value_types`).
         cuts: Outputs of earlier expert nodes, fed as inputs (they ran by ranges before this one).
+
+    Inputs of ``node`` that are graph inputs already (held routing's ``held_experts.{i}``,
+    `hybridtrt.graphs.held_routing`) are not outputs of the part: the caller has them.
     """
-    return extract(model, {y: typed(y, types[y]) for y in cuts}, {v: typed(v, types[v]) for v in node.input[:3]})
+    given = {i.name for i in model.graph.input}
+    return extract(model, {y: typed(y, types[y]) for y in cuts}, {v: typed(v, types[v]) for v in node.input[:3] if v not in given})
 
 
 def after_experts(model: onnx.ModelProto, nodes: Iterable[onnx.NodeProto], types: dict[str, int]) -> onnx.ModelProto:

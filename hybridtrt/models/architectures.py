@@ -1,7 +1,7 @@
 """The real architectures of the family, full size and scaled down, as HF ``config.json`` dicts.
 
 Full-size shapes are the public configs (Nemotron-H 4B/8B/47B/56B, Nemotron-Nano-9B-v2/12B-v2,
-Mamba-Codestral-7B, state-spaces Mamba-2 2.7B). ``scaled_config`` keeps every property that shapes
+Nemotron-3 Nano-30B-A3B and Super-120B-A12B, Mamba-Codestral-7B, state-spaces Mamba-2 2.7B). ``scaled_config`` keeps every property that shapes
 the numerics — Mamba head_dim, d_state, n_groups, conv kernel, chunk size, attention head_dim and GQA
 ratio, the layer pattern's order, residual dtype, tied embeddings — and shrinks the widths and the
 depth, so tests and benchmarks run the real structure on a CPU in seconds.
@@ -40,6 +40,13 @@ _NEMOTRON_H: dict[str, Any] = {
     "torch_dtype": "bfloat16",
 }
 
+#: Nemotron-3's MoE router and expert fields (NemotronHTopkRouter: sigmoid scores + correction bias,
+#: one group, normalised top-k, relu² experts, one shared expert).
+_NEMOTRON_3 = {
+    **_NEMOTRON_H, "n_group": 1, "topk_group": 1, "norm_topk_prob": True, "n_shared_experts": 1,
+    "num_key_value_heads": 2, "num_nextn_predict_layers": 0,
+}
+
 _NEMOTRON_H_52 = "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
 
 #: name -> full-size HF config (public shapes).
@@ -61,6 +68,24 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "nemotron-nano-12b-v2": {**_NEMOTRON_H, "hidden_size": 5120, "mamba_num_heads": 128, "mamba_head_dim": 80,
                              "num_attention_heads": 40, "intermediate_size": 20480,
                              "hybrid_override_pattern": "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"},
+    # Nemotron-3 (MoE): config.json of nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-* (52 layers, 128 experts,
+    # top-6, routed_scaling_factor 2.5; also Megatron-Bridge `Nemotron3NanoProvider`) and of
+    # nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-* (88 layers, 512 experts, top-22, latent MoE 1024,
+    # routed_scaling_factor 5.0). Super's MTP layer (num_nextn_predict_layers 1) is left out here:
+    # the main model's logits do not depend on it.
+    "nemotron-3-nano-30b-a3b": {**_NEMOTRON_3, "hidden_size": 2688, "mamba_num_heads": 64, "mamba_head_dim": 64,
+                                "num_attention_heads": 32, "intermediate_size": 1856, "n_routed_experts": 128,
+                                "num_experts_per_tok": 6, "moe_intermediate_size": 1856,
+                                "moe_shared_expert_intermediate_size": 3712, "moe_latent_size": None,
+                                "routed_scaling_factor": 2.5,
+                                "hybrid_override_pattern": "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"},
+    "nemotron-3-super-120b-a12b": {**_NEMOTRON_3, "hidden_size": 4096, "mamba_num_heads": 128, "mamba_head_dim": 64,
+                                   "num_attention_heads": 32, "intermediate_size": 2688, "n_routed_experts": 512,
+                                   "num_experts_per_tok": 22, "moe_intermediate_size": 2688,
+                                   "moe_shared_expert_intermediate_size": 5376, "moe_latent_size": 1024,
+                                   "routed_scaling_factor": 5.0,
+                                   "hybrid_override_pattern": "MEMEMEM*EMEMEMEM*EMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*"
+                                                              "EMEMEMEMEM*EMEMEMEM*EMEMEMEME"},
     "mamba-codestral-7b": {"model_type": "mamba2", "architectures": ["Mamba2ForCausalLM"], "vocab_size": 32768,
                            "hidden_size": 4096, "num_hidden_layers": 64, "num_heads": 128, "head_dim": 64, "expand": 2,
                            "state_size": 128, "n_groups": 8, "conv_kernel": 4, "chunk_size": 256, "use_bias": False,
@@ -87,8 +112,9 @@ def scaled_config(name: str, *, width: int = 8, layers: int = 16, vocab: int = 5
 
     Args:
         name: Key of `ARCHITECTURES`.
-        width: Divide hidden size, head counts and MLP width by this (head dims, d_state, n_groups,
-            chunk size and the GQA ratio are kept).
+        width: Divide hidden size, head counts and MLP/expert/latent widths by this (head dims,
+            d_state, n_groups, chunk size, the GQA ratio, the expert count and top-k are kept: routing
+            over 128 or 512 experts is a property of the numerics).
         layers: Keep the first ``layers`` blocks of the pattern (at least up to one attention block).
         vocab: Vocabulary size.
     """
@@ -107,6 +133,9 @@ def scaled_config(name: str, *, width: int = 8, layers: int = 16, vocab: int = 5
             intermediate_size=cfg["intermediate_size"] // width,
             hybrid_override_pattern=_pattern_prefix(cfg["hybrid_override_pattern"], layers),
         )
+        for key in ("moe_intermediate_size", "moe_shared_expert_intermediate_size", "moe_latent_size"):
+            if cfg.get(key):
+                cfg[key] = max(1, cfg[key] // width)
     else:
         hidden = cfg["hidden_size"] // width
         groups = cfg["n_groups"]

@@ -20,7 +20,9 @@ weight and the correction bias stay fp32 whatever the model dtype (HF's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -29,13 +31,16 @@ from hybridtrt.models.config import HybridConfig, MoeConfig
 from hybridtrt.models.layers import MLP
 from hybridtrt.ops.moe import ExpertWeights, moe_experts, moe_experts_grouped, moe_experts_ref
 
-__all__ = ["FP32_PARAMETERS", "Experts", "MoE", "TopkRouter", "moe_forward_ref", "route", "route_ref", "unstack_experts"]
+__all__ = [
+    "FP32_PARAMETERS", "Experts", "MoE", "RoutingHold", "TopkRouter", "held_routing", "moe_forward_ref", "route", "route_ref",
+    "unstack_experts",
+]
 
 #: Parameters kept in fp32 in every model dtype (regexes on parameter names), as HF does.
 FP32_PARAMETERS = (r"\.mixer\.gate\.weight$", r"\.mixer\.gate\.e_score_correction_bias$")
 
 
-def route(h: Tensor, weight: Tensor, bias: Tensor, moe: MoeConfig) -> tuple[Tensor, Tensor]:
+def route(h: Tensor, weight: Tensor, bias: Tensor, moe: MoeConfig, held: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Group-limited top-k routing of HF's ``NemotronHTopkRouter``, vectorised.
 
     Args:
@@ -43,10 +48,13 @@ def route(h: Tensor, weight: Tensor, bias: Tensor, moe: MoeConfig) -> tuple[Tens
         weight: ``[E, hidden]`` router weight.
         bias: ``[E]`` ``e_score_correction_bias`` (used to choose, not to weight).
         moe: The layer's `MoeConfig`.
+        held: ``[N, K]`` expert ids to use instead of the chosen ones (validation holds routing
+            equal across the runs it compares, `RoutingHold`); the weights are still this call's own
+            scores of those experts.
 
     Returns:
-        ``topk_weights [N, K]`` fp32 and ``topk_indices [N, K]`` int64, experts in descending
-        order of their biased score.
+        ``topk_weights [N, K]`` fp32 and ``topk_indices [N, K]`` int64 (the held ids when given),
+        experts in descending order of their biased score.
     """
     scores = torch.sigmoid(h.float() @ weight.float().t())  # [N, E]
     choice = scores + bias.float()
@@ -58,7 +66,7 @@ def route(h: Tensor, weight: Tensor, bias: Tensor, moe: MoeConfig) -> tuple[Tens
         group_mask = torch.zeros_like(group_scores).scatter(1, group_idx, 1.0)
         allowed = group_mask[:, :, None].expand(n, moe.n_group, experts // moe.n_group).reshape(n, experts)
         choice = choice.masked_fill(allowed == 0, float("-inf"))
-    indices = choice.topk(moe.top_k, dim=-1).indices
+    indices = choice.topk(moe.top_k, dim=-1).indices if held is None else held
     weights = scores.gather(1, indices)
     if moe.norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -97,9 +105,9 @@ class TopkRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(moe.num_experts, hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(moe.num_experts))
 
-    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, h: Tensor, held: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``h [N, hidden]`` -> ``topk_weights [N, K]`` fp32, ``topk_indices [N, K]`` int64."""
-        return route(h, self.weight, self.e_score_correction_bias, self.moe)
+        return route(h, self.weight, self.e_score_correction_bias, self.moe, held)
 
 
 class Experts(nn.Module):
@@ -129,8 +137,71 @@ class Experts(nn.Module):
         return moe_experts(x, topk_indices, topk_weights, self.up_proj, self.down_proj)
 
 
+class RoutingHold:
+    """Routing held to given expert ids, and the ids a model would have chosen (DESIGN.md §8).
+
+    A choice of ``K`` of ``E`` experts is discrete: two correct runs that round differently pick a
+    different expert for a token whose ``K``-th and ``K+1``-th scores are closer than their rounding,
+    and the layer's output then jumps. Validation therefore runs the truth with its own routing and
+    every other subject *held* to the truth's ids, so the continuous math is compared on equal
+    routing, and judges the choices separately (`hybridtrt.judge.routing`).
+
+    Attributes:
+        held: ``{MoE layer: [B, P, K]}`` ids to use, positions in call order (None: choose freely).
+        chosen: ``{MoE layer: [[B, L, K] per call]}`` the ids this model's own router chose.
+    """
+
+    def __init__(self, held: Mapping[int, Tensor] | None = None) -> None:
+        self.held = None if held is None else dict(held)
+        self.chosen: dict[int, list[Tensor]] = {}
+        self._cursor: dict[int, int] = {}
+
+    def take(self, layer: int, chosen: Tensor) -> Tensor | None:
+        """Record ``chosen [B, L, K]`` of ``layer`` and return the held ids for those positions."""
+        held = self.held_ids(layer, chosen.shape[0], chosen.shape[1])
+        self.record(layer, chosen)
+        return None if held is None else held.to(chosen.device)
+
+    def held_ids(self, layer: int, batch: int, length: int) -> Tensor | None:
+        """The held ids ``[B, L, K]`` of ``layer``'s next ``length`` positions (None: not held)."""
+        if self.held is None:
+            return None
+        if layer not in self.held:
+            raise KeyError(f"routing of MoE layer {layer} is held, but no ids were given for it")
+        start = self._cursor.get(layer, 0)
+        ids = self.held[layer]
+        if ids.shape[0] != batch or start + length > ids.shape[1]:
+            raise ValueError(f"held routing of layer {layer} is {tuple(ids.shape)}; the call needs rows {batch}, positions {start}:{start + length}")
+        self._cursor[layer] = start + length
+        return ids[:, start : start + length]
+
+    def record(self, layer: int, chosen: Tensor) -> None:
+        """Record the ids ``[B, L, K]`` that ``layer``'s own router chose in one call."""
+        self.chosen.setdefault(layer, []).append(torch.as_tensor(chosen).detach().cpu().long())
+
+    def ids(self, layer: int) -> Tensor:
+        """The chosen ids of ``layer`` over every call, ``[B, P, K]``."""
+        return torch.cat(self.chosen[layer], dim=1)
+
+
+@contextlib.contextmanager
+def held_routing(model: nn.Module, hold: RoutingHold) -> Iterator[RoutingHold]:
+    """Run ``model``'s MoE layers under ``hold`` for the duration (records and holds their routing)."""
+    mixers = [(i, layer.mixer) for i, layer in enumerate(model.layers) if isinstance(layer.mixer, MoE)]
+    for i, mixer in mixers:
+        mixer.hold = (i, hold)
+    try:
+        yield hold
+    finally:
+        for _, mixer in mixers:
+            mixer.hold = None
+
+
 class MoE(nn.Module):
     """Nemotron-3 MoE mixer: router, routed experts, optional shared expert and latent projections."""
+
+    #: ``(layer index, RoutingHold)`` while `held_routing` runs (never during export).
+    hold: tuple[int, RoutingHold] | None = None
 
     def __init__(self, config: HybridConfig) -> None:
         super().__init__()
@@ -156,6 +227,11 @@ class MoE(nn.Module):
         """``[B, L, hidden] -> [B, L, hidden]`` in h's dtype (tokens are independent)."""
         b, l, hidden = h.shape
         weights, indices = self.gate(h.reshape(b * l, hidden))
+        if self.hold is not None:
+            layer, hold = self.hold
+            held = hold.take(layer, indices.reshape(b, l, -1))
+            if held is not None:
+                weights, indices = self.gate(h.reshape(b * l, hidden), held.reshape(b * l, -1))
         # Linears on [B, L, *] (not on the flat tokens) so they export as MatMul like every other.
         x = h if self.fc1_latent_proj is None else self.fc1_latent_proj(h)
         y = self.experts(x.reshape(b * l, x.shape[-1]), indices, weights).reshape(b, l, x.shape[-1])

@@ -20,6 +20,8 @@ import torch
 from hybridtrt.errors import ArtefactError, InputError
 from hybridtrt.exporter.io import ATTENTION_MASK, CACHE_POSITION, INPUT_IDS, LOGITS, PADDING_LENGTH
 from hybridtrt.exporter.manifest import Manifest, read_manifest
+from hybridtrt.graphs.held_routing import HELD_EXPERTS, HOLD_ROUTING, ROUTED_EXPERTS, hold_routing
+from hybridtrt.models.moe import RoutingHold
 from hybridtrt.runtime.generation import GenerationResult, SamplingConfig, generate, iter_generate
 from hybridtrt.runtime.snapshot import Snapshot
 from hybridtrt.runtime.states import StatePlan, StaticState, physical_memory_bytes, static_positions
@@ -67,6 +69,22 @@ class OrtSession:
         graph = onnx.load(str(path), load_external_data=False)
         self._open(graph, Path(path).resolve().parent, threads=threads, config=config, path=Path(path))
 
+    @classmethod
+    def from_proto(cls, graph, folder: str | Path, *, threads: int | None = None, config: dict[str, str] | None = None) -> OrtSession:
+        """A session over an in-memory graph (no weights in it) whose external data is in ``folder``.
+
+        ONNX Runtime refuses external data outside the model's own directory (symlinks included), so
+        a modified copy of an export's graph is handed over as bytes with ``folder`` as the
+        external-data directory instead of being written elsewhere.
+        """
+        session = cls.__new__(cls)
+        session._open(graph, Path(folder), threads=threads, config=config)
+        return session
+
+    def variant(self, transform) -> OrtSession:
+        """A session over ``transform(graph)`` of this session's graph, same weights and options."""
+        return OrtSession.from_proto(transform(self.graph), self.folder, threads=self._threads, config=self._config)
+
     def _open(self, graph, folder: Path, *, threads: int | None, config: dict[str, str] | None, path: Path | None = None) -> None:
         """Create the session over ``graph`` (weights not loaded) whose external data is in
         ``folder``: from ``path`` when it is that file unchanged, else as bytes (bf16 graphs are
@@ -84,6 +102,7 @@ class OrtSession:
             opts.add_session_config_entry(key, value)
         if threads:
             opts.intra_op_num_threads = threads
+        self.graph, self.folder, self._threads, self._config = graph, folder, threads, config
         self.emulated_bf16 = graph_has_bf16(graph)
         if self.emulated_bf16 or path is None:  # bytes have no directory of their own
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
@@ -147,6 +166,9 @@ class OrtModel:
     """
 
     backend = "onnxruntime"
+    #: Set by validation (`hybridtrt.validation.subjects.ort_subject`) after `use_routing_graphs`:
+    #: every call records its MoE routing here and, when the hold has ids, is held to them.
+    routing: RoutingHold | None = None
 
     def __init__(
         self, export_dir: str | Path, *, use_decode_graph: bool = True, threads: int | None = None, attention_budget: int = DEFAULT_ATTENTION_BUDGET
@@ -162,6 +184,8 @@ class OrtModel:
         self.decode = None
         if use_decode_graph and "decode" in self.manifest.graphs:
             self.decode = OrtSession(self.export_dir / self.manifest.graphs["decode"].file, threads=threads)
+        self.moe_layers = [int(entry["index"]) for entry in self.manifest.layers if entry.get("kind") == "moe"]
+        self.routing_graphs = False
 
     @property
     def vocab_size(self) -> int:
@@ -270,15 +294,49 @@ class OrtModel:
         """
         session = session or self.unified
         ids = to_numpy(input_ids).astype(np.int64)
+        extra = self._routing_feeds(*ids.shape) if self.routing_graphs else {}
         if not self.flavour.static:
-            return session.run({INPUT_IDS: ids, ATTENTION_MASK: to_numpy(attention_mask).astype(np.int64), **state}, shrink_arena=shrink_arena)
-        arrays = state.arrays if isinstance(state, StaticState) else state
-        cache_position, padding = static_positions(torch.as_tensor(attention_mask), ids.shape[1], self.flavour.max_cache_len)
-        feeds = {INPUT_IDS: np.ascontiguousarray(ids), CACHE_POSITION: cache_position, PADDING_LENGTH: padding}
-        feeds.update({name: _contiguous(a) for name, a in arrays.items()})
-        out = session.run_in_place(feeds, {b.present_name: b.past_name for b in self.plan.buffers}, shrink_arena=shrink_arena)
-        out.update({b.present_name: feeds[b.past_name] for b in self.plan.buffers})
+            out = session.run({INPUT_IDS: ids, ATTENTION_MASK: to_numpy(attention_mask).astype(np.int64), **state, **extra}, shrink_arena=shrink_arena)
+        else:
+            arrays = state.arrays if isinstance(state, StaticState) else state
+            cache_position, padding = static_positions(torch.as_tensor(attention_mask), ids.shape[1], self.flavour.max_cache_len)
+            feeds = {INPUT_IDS: np.ascontiguousarray(ids), CACHE_POSITION: cache_position, PADDING_LENGTH: padding, **extra}
+            feeds.update({name: _contiguous(a) for name, a in arrays.items()})
+            out = session.run_in_place(feeds, {b.present_name: b.past_name for b in self.plan.buffers}, shrink_arena=shrink_arena)
+            out.update({b.present_name: feeds[b.past_name] for b in self.plan.buffers})
+        if self.routing_graphs:
+            for layer in self.moe_layers:
+                routed = out.pop(ROUTED_EXPERTS.format(layer), None)
+                if self.routing is not None and routed is not None:
+                    self.routing.record(layer, torch.from_numpy(routed.reshape(*ids.shape, -1)))
         return out
+
+    def use_routing_graphs(self) -> None:
+        """Run every graph as its held-routing copy (`hybridtrt.graphs.held_routing`), so that calls
+        can record and hold their MoE routing (`routing`); free when nothing is held. Validation
+        only: one session per graph still (the copies replace the sessions, weights are not doubled)."""
+        if not self.moe_layers or self.routing_graphs:
+            return
+        self.unified = self.routing_session(self.unified)
+        if self.decode is not None:
+            self.decode = self.routing_session(self.decode)
+        self.routing_graphs = True
+
+    def routing_session(self, session: OrtSession) -> OrtSession:
+        """``session``'s graph as its held-routing copy (the same session without MoE)."""
+        return session.variant(lambda graph: hold_routing(graph).model) if self.moe_layers else session
+
+    def _routing_feeds(self, batch: int, length: int) -> dict[str, np.ndarray]:
+        """``hold_routing`` and ``held_experts.{i}`` (``[B·L, K]``, or ``[1, K]`` zeros when free)."""
+        held = self.routing is not None and self.routing.held is not None
+        k = int(self.manifest.model["moe"]["top_k"])
+        feeds: dict[str, np.ndarray] = {HOLD_ROUTING: np.array(held)}
+        for layer in self.moe_layers:
+            ids = self.routing.held_ids(layer, batch, length) if held else None
+            feeds[HELD_EXPERTS.format(layer)] = (
+                np.zeros((1, k), np.int64) if ids is None else np.ascontiguousarray(to_numpy(ids).astype(np.int64).reshape(batch * length, -1))
+            )
+        return feeds
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> GenerationResult:
         """Same API as `TorchStepper.generate`."""

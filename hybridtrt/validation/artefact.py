@@ -16,7 +16,6 @@ from hybridtrt.models.loading import load_model, parse_dtype
 from hybridtrt.models.tokenizer import load_tokenizer
 from hybridtrt.reading import read_text
 from hybridtrt.validation.preflight import check_arguments
-from hybridtrt.validation.routing import routing_for
 from hybridtrt.validation.runner import Report, pad_left, random_prompts, validate
 from hybridtrt.validation.subjects import Subject, engine_subject, hf_subject, ort_subject, torch_subject
 from hybridtrt.judge.tolerances import gate, precision_of
@@ -131,7 +130,6 @@ def validate_artefact(
             precision=precision,
             steps=steps,
             per_layer=per_layer,
-            routing=routing_for(model, ids, mask),
             yardstick=yardstick_subject(checkpoint, precision, manifest.state_dtype) if yardstick else None,
         )
     report.pattern = model.config.pattern
@@ -214,14 +212,32 @@ def _recorded(export_dir, manifest: Manifest, checkpoint, load_outputs, load_inp
     """Recorded outputs against the reference: ``(report, reference model)``. The files are read
     and matched before the model is loaded."""
     from hybridtrt.validation.layers import layer_taps
-    from hybridtrt.validation.recorded import check_matching, load_feeds, load_results, reference_outputs, validate_recorded
+    from hybridtrt.validation.recorded import check_matching, load_feeds, load_results, recorded_routing, reference_outputs, validate_recorded
 
     inputs = list(load_inputs) if load_inputs else [default_inputs(export_dir, load_outputs)]
     feeds = load_feeds(inputs)
     name, iterations = load_results(load_outputs, runner)
     check_matching(feeds, iterations)
     model = load_model(checkpoint, "fp32")
-    expected = reference_outputs(model, manifest, feeds)
-    report = validate_recorded(feeds, name, iterations, expected, layer_taps(export_dir, manifest), precision=precision_of(manifest), per_layer=per_layer)
+    taps = layer_taps(export_dir, manifest)
+    routing = recorded_routing(iterations, router_outputs(taps.model_path), feeds)
+    expected, own = reference_outputs(model, manifest, feeds, routing)
+    report = validate_recorded(
+        feeds, name, iterations, expected, taps, precision=precision_of(manifest), per_layer=per_layer, routing=routing, reference_routing=own
+    )
     report.notes.append(f"recorded outputs: {', '.join(map(str, load_outputs))}; inputs: {', '.join(map(str, inputs))}")
+    if routing is None and any(entry.get("kind") == "moe" for entry in manifest.layers):
+        report.notes.append(
+            "MoE routing is not held: the recording has no router TopK outputs (record with the `--onnx-outputs` command "
+            "`hybridtrt compare` prints), so a choice that flips on a near-tie counts against the rel-L2 gates of every later tensor"
+        )
     return report, model
+
+
+def router_outputs(model_path: Path) -> dict[int, str]:
+    """``{MoE layer: its router's TopK indices tensor}`` in the ONNX file (weights not loaded)."""
+    import onnx
+
+    from hybridtrt.graphs.held_routing import router_topks
+
+    return {layer: node.output[1] for layer, node in router_topks(onnx.load(str(model_path), load_external_data=False)).items()}

@@ -47,8 +47,10 @@ class BridgeFiles:
     Attributes:
         argv: ``{name: argument list}``; ``commands`` holds the same lines quoted for a POSIX shell
             (``shlex.join``), so ``shlex.split(commands[k]) == argv[k]``.
-        onnx_outputs: Tensors the per-layer commands record (graph outputs, then layer outputs);
-            empty unless asked for.
+        onnx_outputs: Tensors the save-outputs commands record (graph outputs, then layer outputs
+            when ``per_layer``, then each MoE router's ``TopK`` indices): empty for a dense
+            export without ``per_layer``.
+        per_layer: The layer outputs are among them (``validate --load-outputs --per-layer``).
     """
 
     inputs: Path
@@ -60,6 +62,7 @@ class BridgeFiles:
     feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
     export_dir: Path | None = None
     onnx_outputs: list[str] = field(default_factory=list)
+    per_layer: bool = False
     argv: dict[str, list[str]] = field(default_factory=dict)
     commands: dict[str, str] = field(default_factory=dict)
     #: polygraphy's ``check_error_stat``: ``"mean"`` with gate-derived tolerances, ``"elemwise"`` otherwise.
@@ -185,11 +188,15 @@ def write_polygraphy_data(
     out.mkdir(parents=True, exist_ok=True)
     atol, rtol, stat = gate_tolerances(precision_of(manifest), outputs)
     files = BridgeFiles(out / INPUTS, out / REFERENCE, export_dir / manifest.graphs["unified"].file, atol, rtol, feeds, export_dir, check_error_stat=stat)
-    if per_layer:
-        from hybridtrt.validation.layers import layer_taps
+    from hybridtrt.validation.artefact import router_outputs
+    from hybridtrt.validation.layers import layer_taps
 
-        taps = layer_taps(export_dir, manifest)
-        files.onnx_outputs = taps.outputs + [t for t in taps.tensors.values() if t not in taps.outputs]
+    taps = layer_taps(export_dir, manifest)
+    routers = list(router_outputs(taps.model_path).values())  # MoE: the routing the recording makes
+    files.per_layer = per_layer
+    if per_layer or routers:
+        tensors = list(taps.tensors.values()) if per_layer else []
+        files.onnx_outputs = taps.outputs + [t for t in tensors + routers if t not in taps.outputs]
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
         save_json(feeds, str(files.inputs), description="hybridtrt inputs")
         for profile, path in files.profile_inputs.items():
@@ -231,7 +238,7 @@ def command_lines(files: BridgeFiles, plugins: str | Path | None = None) -> dict
     build = ["--trt", "--strongly-typed", *plugin_args, *_shape_args("--trt-min-shapes", lo), *_shape_args("--trt-opt-shapes", hi), *_shape_args("--trt-max-shapes", hi)]
     compare = ["--load-inputs", str(files.inputs), "--load-outputs", str(files.reference), *tol]
     record = ["--onnx-outputs", *files.onnx_outputs] if files.onnx_outputs else []
-    per_layer = ["--per-layer"] if files.onnx_outputs else []
+    per_layer = ["--per-layer"] if files.per_layer else []
     export_dir = str(files.export_dir or files.model.parent)
     trt_json = str(out / "trt.json")
     engine = str(files.model.parent / "model.engine")

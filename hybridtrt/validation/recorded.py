@@ -9,7 +9,11 @@ Every iteration of the inputs is one graph call whose past states are the *refer
 error is fed back: each iteration's logits get the single-call gate (``call``), its states the
 ``state`` gate. Iteration 0 is the prefill, later ones are decode steps. Layer outputs recorded with
 ``--onnx-outputs`` (the located tensors, or ``layer_output.{i}`` of a ``--per-layer`` export) are
-compared per layer when asked, naming the first divergence in layer order.
+compared per layer when asked, naming the first divergence in layer order. For MoE exports the
+commands `hybridtrt compare` prints also record each router's ``TopK`` indices: the reference is then
+held to the recording's expert choices, and those choices are judged against the ones the reference
+would have made (DESIGN.md §8, `hybridtrt.judge.routing`); a recording without them is judged with
+free routing, and the report says so.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from hybridtrt.errors import InputError
 from hybridtrt.exporter.io import ATTENTION_MASK, INPUT_IDS, LOGITS
 from hybridtrt.exporter.manifest import Manifest
 from hybridtrt.exporter.wrapper import GraphModule
+from hybridtrt.judge.routing import RoutingTally, flips, judge_tallies, routing_gate
+from hybridtrt.models.moe import RoutingHold, held_routing
 from hybridtrt.validation.layers import LayerTaps
 from hybridtrt.validation.polygraphy_bridge import REFERENCE_RUNNER
 from hybridtrt.validation.runner import Report, check, compare_layers, is_state
@@ -167,26 +173,47 @@ def _pick_runner(results, runner: str | None, path: str | Path) -> str:
     return candidates[0]
 
 
-def reference_outputs(model: Any, manifest: Manifest, feeds: list[Feed]) -> list[Outputs]:
-    """The PyTorch reference on each feed (fp32), with every layer's output: ``{name: array}``."""
+def recorded_routing(recorded: list[Outputs], routers: dict[int, str], feeds: list[Feed]) -> list[dict[int, torch.Tensor]] | None:
+    """Per iteration ``{MoE layer: [B, L, K]}`` the recording's own routers chose: the router ``TopK``
+    indices tensors (``routers``: layer -> tensor name, `hybridtrt.graphs.held_routing.router_topks`)
+    that `hybridtrt compare` has polygraphy record with ``--onnx-outputs``. None when the recording
+    lacks any of them (or the model has no MoE layer)."""
+    if not routers or not all(name in it for it in recorded for name in routers.values()):
+        return None
+    out = []
+    for it, feed in zip(recorded, feeds):
+        batch, length = np.asarray(feed[INPUT_IDS]).shape
+        out.append({layer: torch.from_numpy(np.asarray(it[name]).astype(np.int64)).reshape(batch, length, -1) for layer, name in routers.items()})
+    return out
+
+
+def reference_outputs(
+    model: Any, manifest: Manifest, feeds: list[Feed], routing: list[dict[int, torch.Tensor]] | None = None
+) -> tuple[list[Outputs], list[dict[int, torch.Tensor]]]:
+    """The PyTorch reference on each feed (fp32), with every layer's output: ``({name: array}`` per
+    iteration, the reference's own MoE choices per iteration ``{layer: [B, L, K]}``). With ``routing``
+    (the recording's choices per iteration) the reference is held to them (`RoutingHold`), so the
+    gates judge the continuous math on the routing the recording made."""
     from hybridtrt.exporter.io import output_names, state_specs
 
     graph = GraphModule(model, manifest.logits, decode=False, per_layer=True).eval()
     specs = state_specs(model.config)
     check_feed_shapes(feeds, model.config)
     names = output_names(model.config) + [f"layer_output.{i}" for i in range(model.config.num_layers)]
-    out = []
-    for feed in feeds:
+    out, chosen = [], []
+    for k, feed in enumerate(feeds):
         ids = torch.from_numpy(np.asarray(feed[INPUT_IDS], dtype=np.int64))
         mask = torch.from_numpy(np.asarray(feed[ATTENTION_MASK], dtype=np.int64))
         missing = [s.past_name for s in specs if s.past_name not in feed]
         if missing:
             raise InputError(f"the inputs have no {missing[:3]}", fix="pass the inputs.json that `hybridtrt compare` wrote for this export")
         states = [torch.from_numpy(np.asarray(feed[s.past_name], dtype=np.float32)) for s in specs]
-        with torch.no_grad():
+        hold = RoutingHold(None if routing is None else routing[k])
+        with torch.no_grad(), held_routing(model, hold):
             result = graph(ids, mask, *states)
         out.append({name: t.detach().float().numpy() for name, t in zip(names, result)})
-    return out
+        chosen.append({layer: hold.ids(layer) for layer in hold.chosen})
+    return out, chosen
 
 
 def check_feed_shapes(feeds: list[Feed], config: Any) -> None:
@@ -239,6 +266,8 @@ def validate_recorded(
     *,
     precision: str,
     per_layer: bool = False,
+    routing: list[dict[int, torch.Tensor]] | None = None,
+    reference_routing: list[dict[int, torch.Tensor]] | None = None,
 ) -> Report:
     """Compare recorded iterations with the reference's (see the module docstring).
 
@@ -250,6 +279,9 @@ def validate_recorded(
         taps: Where the export's layer outputs are (maps recorded tensor names to ``layer_output.{i}``).
         precision: Key of the tolerance table.
         per_layer: Compare each layer's states and (recorded) output; name the first divergence.
+        routing: The recording's own MoE choices per iteration (`recorded_routing`), to which the
+            reference was held; judged against ``reference_routing`` (the reference's own choices
+            in the same held runs) by the precision's routing gate (`hybridtrt.judge.routing`).
     """
     check_matching(feeds, recorded)
     mask0 = np.asarray(feeds[0][ATTENTION_MASK])
@@ -289,10 +321,25 @@ def validate_recorded(
                     "their states only — record them with the `--onnx-outputs` command `hybridtrt compare --per-layer` prints"
                 )
             compare_layers(report, [(n, got[n], ref[n]) for n in [*states, *layers] if n in got], step=k, mask=mask)
+    if routing is not None and reference_routing is not None:
+        _judge_routing(report, feeds, routing, reference_routing)
     report.notes.extend(f"{name}: {why}" for name, why in taps.missing.items() if per_layer)
     report.teacher_forced_top1 = float(np.mean(top1)) if top1 else None
     report.notes.append("greedy token agreement: not measured (recorded outputs cannot generate)")
     return report
 
 
-__all__ = ["check_matching", "load_feeds", "load_results", "reference_outputs", "validate_recorded"]
+def _judge_routing(report: Report, feeds: list[Feed], routing: list[dict[int, torch.Tensor]], truth: list[dict[int, torch.Tensor]]) -> None:
+    """Tally the recording's choices against the reference's own over real tokens, per MoE layer,
+    and gate them (no yardstick runs for recorded outputs: the precision's floors)."""
+    tallies: dict[int, RoutingTally] = {}
+    for feed, got, want in zip(feeds, routing, truth):
+        length = np.asarray(feed[INPUT_IDS]).shape[1]
+        real = torch.from_numpy(np.asarray(feed[ATTENTION_MASK])[:, -length:] != 0)
+        for layer, ids in want.items():
+            tallies.setdefault(layer, RoutingTally()).add(flips(got[layer], ids, real))
+    report.routing, report.routing_failures = judge_tallies(routing_gate(report.precision), tallies)
+    report.routing_agreement = {layer: 1.0 - tally.fraction for layer, tally in sorted(tallies.items())}
+
+
+__all__ = ["check_matching", "load_feeds", "load_results", "recorded_routing", "reference_outputs", "validate_recorded"]

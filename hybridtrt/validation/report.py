@@ -325,7 +325,8 @@ def write_report(report: Report, out_dir: str | Path, *, provenance: dict[str, s
         ("greedy token agreement", f"{report.token_agreement:.3f}" if report.token_agreement is not None else "—"),
         ("teacher-forced top-1", f"{report.teacher_forced_top1:.3f}" if report.teacher_forced_top1 is not None else "—"),
         ("first divergence", json.dumps(report.first_divergence) if report.first_divergence else "none"),
-        ("MoE routing agreement", ", ".join(f"layer {i}: {a:.3f}" for i, a in report.routing_agreement.items()) or "—"),
+        ("MoE routing", routing_line(report) if report.routing else "—"),
+        *(("routing gate", why) for why in report.routing_failures),
         ("time reference / backend", f"{report.timings.get('reference_s', 0):.2f} s / {report.timings.get('backend_s', 0):.2f} s"),
     ]
     summary_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary)
@@ -356,3 +357,18 @@ allowed: the tensor's bound, max(floor, ratio × yardstick) (hybridtrt/judge/tol
     files[paths["html"]] = page.encode()
     publish(files)
     return paths
+
+
+def routing_line(report) -> str:
+    """How MoE routing was judged: held to the reference's choices, and per layer the backend's own
+    choices that differ (the yardstick's in brackets) against the number allowed."""
+    yard = report.yardstick is not None and any(r.get("yardstick_flipped") is not None for r in report.routing.values())
+    per_layer = ", ".join(
+        f"{layer}: {r['flipped']}/{r['choices']}" + (f" ({r['yardstick_flipped']})" if yard else "") + f" ≤ {r['allowed']}"
+        for layer, r in report.routing.items()
+    )
+    return (
+        f"MoE routing held to the reference's expert choices for the gates above; the backend's own choices "
+        f"differing per layer{' (' + str(report.yardstick) + ')' if yard else ''}: {per_layer}"
+    )
+

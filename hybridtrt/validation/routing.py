@@ -1,5 +1,7 @@
-"""Routing agreement of MoE layers (DESIGN.md §8): the fraction of tokens whose top-k expert set is
-identical to the reference's.
+"""Free-routing agreement of MoE layers: the fraction of tokens whose top-k expert set is identical to
+the reference's, each subject having chosen its own experts all the way (used by
+``benchmarks/fp8_accuracy.py``). Validation itself holds routing to the truth's and gates each layer's
+own choices instead (DESIGN.md §8, `hybridtrt.judge.routing`).
 
 FP8 keeps the routers in high precision but changes the hidden states they see, and a small change
 can swap an expert. For every MoE layer ``i`` the reference model's fp32 router runs on the input of

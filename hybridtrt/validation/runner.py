@@ -15,9 +15,10 @@ of it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +28,8 @@ import torch
 from hybridtrt.errors import InputError
 from hybridtrt.runtime.generation import left_pad
 from hybridtrt.judge.metrics import Comparison, compare
+from hybridtrt.judge.routing import RoutingTally, flips, judge_tallies, routing_gate
+from hybridtrt.models.moe import RoutingHold
 from hybridtrt.validation.preflight import check_counts
 from hybridtrt.validation.subjects import Subject
 from hybridtrt.judge.tolerances import gate
@@ -81,8 +84,13 @@ class Report:
     token_agreement: float | None = None
     teacher_forced_top1: float | None = None
     first_divergence: dict[str, Any] | None = None
-    #: MoE layer -> fraction of tokens whose top-k expert set is the reference's (per-layer runs).
+    #: MoE layer -> fraction of the backend's own (token, k) expert choices that are the reference's,
+    #: with its routing held to the reference's (`hybridtrt.judge.routing`).
     routing_agreement: dict[int, float] = field(default_factory=dict)
+    #: MoE layer -> ``{"flipped", "choices", "yardstick_flipped", "yardstick_choices", "allowed"}``.
+    routing: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: Why an MoE layer's choices fail the routing gate, one line each.
+    routing_failures: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     pattern: str = ""  # layer kinds (M * -), for labels
@@ -113,7 +121,7 @@ class Report:
     def passed(self) -> bool:
         token_gate = self.token_gate
         tokens_ok = token_gate is None or self.token_agreement is None or self.token_agreement >= token_gate
-        return not self.failures and tokens_ok
+        return not self.failures and tokens_ok and not self.routing_failures
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -207,10 +215,13 @@ class Run:
     steps: int
     per_layer: bool
     report: Report
-    #: ``routing(reference layers, backend layers) -> {MoE layer: agreement}`` (per-layer runs).
-    routing: Callable[[dict[str, Any], dict[str, Any]], dict[int, float]] | None = None
     #: A second PyTorch run whose distance from the reference scales the gates (None: floors only).
     yardstick: Subject | None = None
+    #: Hold the backend's and the yardstick's MoE routing to the reference's (every subject can).
+    hold_routing: bool = False
+    #: The reference's expert choices of its last call, ``{MoE layer: [B, L, K]}``.
+    truth_routing: dict[int, torch.Tensor] = field(default_factory=dict)
+    tallies: dict[int, RoutingTally] = field(default_factory=dict)
     ref_logits: torch.Tensor | None = None
     got_logits: torch.Tensor | None = None
     yard_logits: torch.Tensor | None = None
@@ -224,9 +235,40 @@ class Run:
         return int(self.input_ids.shape[0])
 
     def call(self, who: str, *args: Any) -> Any:
-        """One timed ``step`` of ``"reference"``, ``"backend"`` or ``"yardstick"``."""
-        subject = {"reference": self.reference, "backend": self.backend, "yardstick": self.yardstick}[who]
-        return _timed(self.report.timings, f"{who}_s", subject.stepper.step, *args)
+        """One timed ``step`` of ``"reference"``, ``"backend"`` or ``"yardstick"``; with routing held,
+        the reference's own choices are recorded and the others are held to them and tallied."""
+        subject = self.subject(who)
+        with self.held(who) as hold:
+            out = _timed(self.report.timings, f"{who}_s", subject.stepper.step, *args)
+        if hold is not None and who != "reference":
+            ids, mask = args[0], args[1]
+            real = mask[:, -ids.shape[1] :].bool()
+            for layer, truth in self.truth_routing.items():
+                tally = self.tallies.setdefault(layer, RoutingTally())
+                counted = flips(hold.ids(layer), truth, real)
+                tally.add(counted) if who == "backend" else tally.add_yardstick(counted)
+        return out
+
+    def subject(self, who: str) -> Subject:
+        return {"reference": self.reference, "backend": self.backend, "yardstick": self.yardstick}[who]
+
+    @contextlib.contextmanager
+    def held(self, who: str) -> Iterator[RoutingHold | None]:
+        """Run ``who`` with its routing recorded (the reference) or held to the reference's last
+        choices (the others); nothing when routing is not held."""
+        if not self.hold_routing:
+            yield None
+            return
+        hold = RoutingHold() if who == "reference" else RoutingHold(self.truth_routing)
+        with self.subject(who).hold(hold):
+            yield hold
+        if who == "reference":
+            self.truth_routing = {layer: hold.ids(layer) for layer in hold.chosen}
+
+    def layers(self, who: str, *args: Any) -> dict[str, Any]:
+        """``who``'s per-layer outputs (timed), routing held like its calls."""
+        with self.held(who):
+            return _timed(self.report.timings, f"{who}_s", self.subject(who).layer_outputs, *args)
 
     def yard_named(self, state: Any) -> dict[str, Any]:
         """The yardstick's states by name (empty without a yardstick)."""
@@ -266,12 +308,10 @@ def per_layer_phase(run: Run) -> None:
     for subject in (run.backend, run.reference):
         r.notes.extend(f"{subject.name}: {note}" for note in subject.layer_notes)
     if run.backend.layer_outputs is not None and run.reference.layer_outputs is not None:
-        ref_layers = _timed(r.timings, "reference_s", run.reference.layer_outputs, run.input_ids, run.attention_mask)
-        got_layers = _timed(r.timings, "backend_s", run.backend.layer_outputs, run.input_ids, run.attention_mask)
+        ref_layers = run.layers("reference", run.input_ids, run.attention_mask)
+        got_layers = run.layers("backend", run.input_ids, run.attention_mask)
         if run.yardstick is not None and run.yardstick.layer_outputs is not None:
-            yard.update(_timed(r.timings, "yardstick_s", run.yardstick.layer_outputs, run.input_ids, run.attention_mask))
-        if run.routing is not None:
-            r.routing_agreement = run.routing(ref_layers, got_layers)
+            yard.update(run.layers("yardstick", run.input_ids, run.attention_mask))
         tensors.update({name: (got, ref) for name, got, ref in _named_pairs(got_layers, ref_layers)})
     else:
         lacking = run.backend if run.backend.layer_outputs is None else run.reference
@@ -324,8 +364,21 @@ def free_running_phase(run: Run) -> None:
     run.report.token_agreement = float((free.tokens == expected).float().mean())
 
 
+def routing_phase(run: Run) -> None:
+    """Judge the backend's own MoE expert choices (tallied over every held call) against the
+    reference's, per layer, with the yardstick's as the scale (`hybridtrt.judge.routing`)."""
+    if not run.tallies:
+        return
+    r = run.report
+    if run.yardstick is None:
+        for tally in run.tallies.values():
+            tally.yardstick_flipped = tally.yardstick_choices = None
+    r.routing, r.routing_failures = judge_tallies(routing_gate(r.precision), run.tallies)
+    r.routing_agreement = {layer: 1.0 - tally.fraction for layer, tally in sorted(run.tallies.items())}
+
+
 #: The phases of `validate`, in order.
-PHASES: list[Phase] = [prefill_phase, per_layer_phase, decode_phase, free_running_phase]
+PHASES: list[Phase] = [prefill_phase, per_layer_phase, decode_phase, free_running_phase, routing_phase]
 
 
 def validate(
@@ -338,7 +391,6 @@ def validate(
     steps: int = 8,
     per_layer: bool = False,
     phases: Sequence[Phase] | None = None,
-    routing: Callable[[dict[str, Any], dict[str, Any]], dict[int, float]] | None = None,
     yardstick: Subject | None = None,
 ) -> Report:
     """Run both subjects on the same left-padded batch and compare.
@@ -353,8 +405,6 @@ def validate(
         per_layer: Compare each decoder layer's states and output (its output where the subjects
             expose it).
         phases: The phases to run (default `PHASES`).
-        routing: With ``per_layer``, ``routing(reference layers, backend layers)`` gives the MoE
-            routing agreement per layer (`hybridtrt.validation.routing`).
         yardstick: A PyTorch run in the precision's yardstick dtype (`tolerances.yardstick_of`);
             the gates allow a multiple of its distance from ``reference`` on every tensor.
 
@@ -371,7 +421,16 @@ def validate(
         steps=steps,
         yardstick=None if yardstick is None else yardstick.name,
     )
-    run = Run(backend, reference, input_ids, attention_mask, steps, per_layer, report, routing, yardstick)
+    subjects = [backend, reference] + ([yardstick] if yardstick is not None else [])
+    moe = bool(getattr(reference, "moe_layers", None)) or bool(getattr(backend, "moe_layers", None))
+    hold = moe and all(s.hold is not None for s in subjects)
+    if moe and not hold:
+        lacking = ", ".join(s.name for s in subjects if s.hold is None)
+        report.notes.append(
+            f"MoE routing is not held ({lacking} cannot take held expert ids): each run chooses its own experts, so a "
+            "choice that flips on a near-tie counts against the rel-L2 gates of every later tensor"
+        )
+    run = Run(backend, reference, input_ids, attention_mask, steps, per_layer, report, yardstick, hold_routing=hold)
     for phase in PHASES if phases is None else phases:
         phase(run)
     return report

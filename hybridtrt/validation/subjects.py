@@ -3,11 +3,15 @@ per-layer outputs. One adapter per kind of model; all speak numpy/torch by our s
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
+from hybridtrt.models.config import MOE
+from hybridtrt.models.moe import RoutingHold, held_routing
 from hybridtrt.runtime.generation import Stepper, TorchStepper
 
 
@@ -22,6 +26,10 @@ class Subject:
         layer_outputs: ``(ids, mask) -> {"layer_output.{i}": [B, L, hidden]}`` from zero state, or
             None when the subject cannot expose them. May cover only some layers.
         layer_notes: Why some (or all) layer outputs are not exposed, one line each.
+        moe_layers: Indices of the MoE layers.
+        hold: ``hold(RoutingHold)`` -> a context under which every call and layer run records its
+            MoE routing in the hold and, when the hold has ids, is held to them (None: this subject
+            cannot take held expert ids).
     """
 
     name: str
@@ -29,6 +37,8 @@ class Subject:
     named_states: Callable[[Any], dict[str, Any]]
     layer_outputs: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]] | None = None
     layer_notes: list[str] = field(default_factory=list)
+    moe_layers: list[int] = field(default_factory=list)
+    hold: Callable[[RoutingHold], ContextManager[Any]] | None = None
 
 
 def torch_subject(model: Any, state_dtype: torch.dtype = torch.float32, name: str = "pytorch") -> Subject:
@@ -40,7 +50,10 @@ def torch_subject(model: Any, state_dtype: torch.dtype = torch.float32, name: st
         out = model(ids, mask, model.new_cache(ids.shape[0], state_dtype), logits="last", scan_mode="scan", output_hidden_states=True)
         return {f"layer_output.{i}": h for i, h in enumerate(out.hidden_states)}
 
-    return Subject(name, stepper, lambda cache: cache.named_states(), layers)
+    return Subject(
+        name, stepper, lambda cache: cache.named_states(), layers,
+        moe_layers=list(model.config.layers_of(MOE)), hold=lambda hold: held_routing(model, hold),
+    )
 
 
 def ort_subject(ort_model: Any) -> Subject:
@@ -50,14 +63,26 @@ def ort_subject(ort_model: Any) -> Subject:
 
     taps = layer_taps(ort_model.export_dir, ort_model.manifest)
     sessions: list[Any] = []  # built on first use: plain validation never pays for it
+    ort_model.use_routing_graphs()  # MoE: calls can record and hold their routing
 
     def layers(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
         if not sessions:
-            sessions.append(exposed_session(taps))
+            sessions.append(ort_model.routing_session(exposed_session(taps)))
         out = ort_model.run(ids, mask, ort_model.plan.zeros(ids.shape[0]), session=sessions[0])
         return {name: out[tensor] for name, tensor in taps.tensors.items()}
 
-    return Subject("onnxruntime", ort_model, ort_model.named_states, layers if taps.tensors else None, taps.notes())
+    @contextlib.contextmanager
+    def hold(routing: RoutingHold) -> Iterator[None]:
+        ort_model.routing = routing
+        try:
+            yield
+        finally:
+            ort_model.routing = None
+
+    return Subject(
+        "onnxruntime", ort_model, ort_model.named_states, layers if taps.tensors else None, taps.notes(),
+        moe_layers=list(ort_model.moe_layers), hold=hold,
+    )
 
 
 def engine_subject(trt_model: Any) -> Subject:

@@ -250,6 +250,7 @@ def test_verification_runs_large_experts_by_ranges_and_catches_a_fault_in_one_ex
     assert graph["windows"] == whole["windows"]
     assert graph["worst"]["output"] == whole["worst"]["output"]
     assert graph["worst"]["rel_l2"] == pytest.approx(whole["worst"]["rel_l2"], rel=1e-3)
+    assert sorted(graph["routing"]) == ["1", "3", "6"] and graph["routing"] == whole["routing"]  # held routing, by ranges too
     bad = _plant_fault(out, tmp_path, "model.layers.3.mixer.experts.up_proj", 1.5, np.float32 if dtype == "fp32" else ml_dtypes.bfloat16, part=(5, 16))
     with pytest.raises(ExportError, match=r"model.onnx layers 3..3 disagrees .*hidden_out"):
         verify_export(bad, model, read_manifest(bad), **kw)

@@ -127,7 +127,7 @@ def test_excluded_experts_stay_high_precision(traced, amax):
 
 def test_fp8_export_passes_the_gate_and_reports_routing(make_checkpoint, tmp_path):
     """``export --quantize fp8 --per-layer`` then ``validate --per-layer``: FP8 cosine gate passes,
-    every MoE layer gets a routing agreement, and the recipe records tokens per expert."""
+    every MoE layer's own choices (routing held) pass the routing gate, and the recipe records tokens per expert."""
     ckpt = make_checkpoint(PRESET, initializer_range=INIT_RANGE)
     out = tmp_path / "fp8"
     result = export(ckpt, out, ExportOptions(per_layer=True), quantize=QuantizeOptions(calib_random=16))
@@ -136,4 +136,5 @@ def test_fp8_export_passes_the_gate_and_reports_routing(make_checkpoint, tmp_pat
     report = validate_artefact(out, random_n=8, per_layer=True)
     assert report.passed, [c.failures for c in report.failures]
     assert sorted(report.routing_agreement) == [1, 3, 6]
-    assert all(0.5 < a < 1.0 for a in report.routing_agreement.values())  # FP8 flips some, not most
+    assert all(0.5 < a <= 1.0 for a in report.routing_agreement.values())  # own choices, routing held
+    assert sorted(report.routing) == [1, 3, 6] and all(r["flipped"] <= r["allowed"] for r in report.routing.values())

@@ -7,8 +7,10 @@ rewrites ``hybridtrt.json`` would: the numerical gates must catch what the integ
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
@@ -35,7 +37,12 @@ def _save(model: onnx.ModelProto, export_dir: Path) -> None:
 
 
 def scale_initializers(export_dir: Path, names: set[str], factor: float) -> None:
-    """Multiply each named initializer by ``factor`` (all must exist), in place.
+    """Multiply each named initializer by ``factor`` (all must exist), in place (`edit_initializers`)."""
+    edit_initializers(export_dir, {name: (lambda a: a * a.dtype.type(factor)) for name in names})
+
+
+def edit_initializers(export_dir: Path, edits: dict[str, Callable[[np.ndarray], np.ndarray]]) -> None:
+    """Replace each named initializer ``a`` by ``edits[name](a)`` (same shape and dtype), in place.
 
     External initializers are rewritten at their own offset in their data file, so every graph that
     shares the file (``decode.onnx`` shares ``weights.data``) sees the same fault, as it would see a
@@ -45,12 +52,12 @@ def scale_initializers(export_dir: Path, names: set[str], factor: float) -> None
     model = onnx.load(str(path), load_external_data=False)
     found, inline = set(), False
     for t in model.graph.initializer:
-        if t.name not in names:
+        if t.name not in edits:
             continue
         found.add(t.name)
+        edit = edits[t.name]
         if t.data_location != onnx.TensorProto.EXTERNAL:
-            array = numpy_helper.to_array(t)
-            t.CopyFrom(numpy_helper.from_array(array * array.dtype.type(factor), t.name))
+            t.CopyFrom(numpy_helper.from_array(edit(numpy_helper.to_array(t).copy()), t.name))
             inline = True
             continue
         info = {e.key: e.value for e in t.external_data}
@@ -62,13 +69,12 @@ def scale_initializers(export_dir: Path, names: set[str], factor: float) -> None
             del raw.external_data[:]
             raw.data_location = onnx.TensorProto.DEFAULT
             raw.raw_data = f.read(length)
-            array = numpy_helper.to_array(raw)
-            scaled = numpy_helper.from_array(array * array.dtype.type(factor), t.name).raw_data
-            assert len(scaled) == length, (t.name, len(scaled), length)
+            edited = numpy_helper.from_array(edit(numpy_helper.to_array(raw).copy()), t.name).raw_data
+            assert len(edited) == length, (t.name, len(edited), length)
             f.seek(offset)
-            f.write(scaled)
-    if found != names:
-        raise KeyError(sorted(names - found))
+            f.write(edited)
+    if found != set(edits):
+        raise KeyError(sorted(set(edits) - found))
     if inline:
         onnx.save_model(model, str(path))
     reseal(export_dir)

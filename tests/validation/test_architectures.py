@@ -22,9 +22,10 @@ from tests.validation.faults import perturb_weight
 
 pytest.importorskip("transformers")
 
-#: Scaled copies: Nemotron-H (M/*/- blocks, GQA), Nano-v2 (head_dim 80), Mamba-2 (residual in fp32).
+#: Scaled copies: Nemotron-H's structure (M/*/- blocks, GQA) as Nano-v2 has it (head_dim 80), Mamba-2
+#: (residual in fp32). Every published architecture × bf16/fp16/FP8 through export and validate:
+#: benchmarks/architectures.py (README "Architectures"); MoE: tests/validation/test_moe_routing.py.
 ARCHS = {
-    "nemotron-h-8b": dict(width=32, layers=5),
     "nemotron-nano-9b-v2": dict(width=32, layers=5),
     "mamba-codestral-7b": dict(width=8, layers=3),
 }
@@ -104,11 +105,5 @@ def test_cli_export_and_validate_bf16(checkpoints, tmp_path):
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_moe_half_precision_passes_against_the_fp32_truth(dtype, make_checkpoint, tmp_path):
-    """Nemotron-3 MoE (`E` layers: fp32 router, relu² experts) in half precision, same rule."""
-    out = tmp_path / "moe"
-    export(make_checkpoint("tiny-nemotron3-moe"), out, ExportOptions(dtype=dtype))
-    report = validate_artefact(out, random_n=3, steps=2)
-    assert report.yardstick == f"pytorch-{dtype}"
-    assert report.passed, [(c.phase, c.name, c.failures) for c in report.failures()]
+# MoE in half precision: tests/validation/test_moe_routing.py (the published Nemotron-3 configs with
+# their real expert counts, routing held to the truth's).

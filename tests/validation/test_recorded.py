@@ -150,3 +150,32 @@ def test_printed_commands_round_trip_through_shlex(recorded):
         assert shlex.split(line) == files.argv[name], name
     assert any(a.startswith("input_ids:[") for a in files.argv["trt"])  # the zsh/bash-hostile argument, quoted
     assert "'input_ids:[" in files.commands["trt"]
+
+
+def test_an_moe_recording_is_judged_with_routing_held(make_export, tmp_path):
+    """For MoE exports the printed save command records each router's TopK indices; the reference
+    is held to the recording's expert choices and the choices are gated: recorded choices moved to
+    other experts fail the routing gate at that layer."""
+    from polygraphy.comparator import RunResults
+
+    from hybridtrt.validation.artefact import router_outputs
+    from hybridtrt.validation.polygraphy_bridge import write_polygraphy_data
+
+    _, out = make_export("tiny-nemotron3-moe")
+    pg = tmp_path / "pg"
+    files = write_polygraphy_data(out, None, pg)
+    routers = router_outputs(out / "model.onnx")
+    assert sorted(routers) == [1, 3, 6] and set(routers.values()) <= set(files.onnx_outputs) and "--per-layer" not in files.argv["validate"]
+    _polygraphy(files.argv["onnxrt-save"])
+    code, report = _json_report(tmp_path, ["validate", str(out), "--load-outputs", str(pg / "onnxrt.json")])
+    assert code == 0 and report["passed"], report["notes"]
+    assert sorted(report["routing"]) == ["1", "3", "6"] and all(r["flipped"] == 0 for r in report["routing"].values())
+
+    results = RunResults.load(str(pg / "onnxrt.json"))
+    _, iterations = next(iter(results.items()))
+    iterations[0][routers[3]] = (iterations[0][routers[3]] + 1) % 16  # every choice of layer 3 moved
+    results.save(str(tmp_path / "bad.json"))
+    code, report = _json_report(tmp_path, ["validate", str(out), "--load-outputs", str(tmp_path / "bad.json"), "--load-inputs", str(pg / "inputs.json")])
+    assert code == 1 and not report["passed"]
+    failed = [why.split(":")[0] for why in report["routing_failures"]]
+    assert failed[0] == "MoE layer 3" and "MoE layer 1" not in failed, failed  # named from the first moved layer on

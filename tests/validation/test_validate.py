@@ -166,25 +166,3 @@ def test_prompts_file_uses_the_checkpoint_tokenizer(make_export, tmp_path):
 
     tok = load_tokenizer(ckpt)
     assert report.prompt_lengths == [len(tok.encode(p).ids) for p in ("The capital of France is", "Mamba layers carry state.", "hi")]
-
-
-def test_routing_hook_sees_both_subjects_layer_outputs(make_export):
-    """The MoE routing-agreement hook (`hybridtrt.validation.routing`) gets the reference's and the
-    backend's layer outputs of a per-layer run, located ones included."""
-    _, out = make_export("tiny-nemotron-h")
-    seen = {}
-
-    def routing(ref, got):
-        seen.update(ref=set(ref), got=set(got))
-        return {3: 1.0}
-
-    from hybridtrt.models.loading import load_model
-    from hybridtrt.runtime.onnxruntime import OrtModel
-    from hybridtrt.validation.runner import random_prompts, validate
-    from hybridtrt.validation.subjects import ort_subject, torch_subject
-
-    model = load_model(read_manifest(out).source["checkpoint"])
-    ids, mask = random_prompts(2, model.config.vocab_size)
-    report = validate(ort_subject(OrtModel(out)), torch_subject(model), ids, mask, precision="fp32", steps=0, per_layer=True, routing=routing)
-    assert seen["ref"] == seen["got"] == {f"layer_output.{i}" for i in range(8)}
-    assert report.routing_agreement == {3: 1.0} and report.to_dict()["routing_agreement"] == {3: 1.0}
