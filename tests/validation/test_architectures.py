@@ -30,6 +30,9 @@ ARCHS = {
     "mamba-codestral-7b": dict(width=8, layers=3),
 }
 DTYPES = ["fp16", "bf16"]  # the dtypes real checkpoints ship and serve in; fp32 exports: tests/validation/test_validate.py
+#: (architecture, dtype) pairs run here: Nemotron-H's structure in its default bf16 (fp16 on that
+#: structure: the Nemotron-3 copies in test_moe_routing.py), Mamba-2 in both.
+CASES = [("nemotron-nano-9b-v2", "bf16"), ("mamba-codestral-7b", "fp16"), ("mamba-codestral-7b", "bf16")]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +67,7 @@ def _mamba_layer(checkpoint) -> int:
     return max(i for i, k in enumerate(kinds) if k == MAMBA)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", list(ARCHS))
+@pytest.mark.parametrize(("name", "dtype"), CASES)
 def test_export_passes_against_the_fp32_truth(name, dtype, checkpoints, exports):
     out = exports(name, dtype)
     manifest = json.loads((out / "hybridtrt.json").read_text())
@@ -78,9 +80,8 @@ def test_export_passes_against_the_fp32_truth(name, dtype, checkpoints, exports)
     assert logits.yardstick is not None and logits.allowed is not None and logits.comparison.rel_l2 <= logits.allowed
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_a_planted_fault_fails_at_its_layer(dtype, checkpoints, exports, tmp_path):
-    name = "nemotron-nano-9b-v2"
+@pytest.mark.parametrize(("name", "dtype"), [("nemotron-nano-9b-v2", "bf16"), ("mamba-codestral-7b", "fp16")])
+def test_a_planted_fault_fails_at_its_layer(name, dtype, checkpoints, exports, tmp_path):
     layer = _mamba_layer(checkpoints[name])
     bad = shutil.copytree(exports(name, dtype), tmp_path / "bad")
     perturb_weight(bad, f"model.layers.{layer}.mixer.in_proj.weight_t", 1.1)
