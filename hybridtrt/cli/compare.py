@@ -65,7 +65,12 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"files: {out}", markup=False, soft_wrap=True)
     console.print("reproduce with:")
     for name, cmd in files.commands.items():
-        print_command(cmd, COMMAND_TITLES.get(name, name))
+        title = COMMAND_TITLES.get(name, name)
+        if name in ("onnxrt-save", "trt-save") and files.routers:
+            title += f" (with the MoE routers' expert ids {', '.join(files.routers)}: validate holds the reference to them)"
+        elif name == "engine-prefill" and files.routers:
+            title += " (an engine has no router outputs: judged with free MoE routing)"
+        print_command(cmd, title)
     return 0 if all(v.passed for v in results.values()) else 1
 
 

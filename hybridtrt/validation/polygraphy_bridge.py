@@ -63,6 +63,8 @@ class BridgeFiles:
     export_dir: Path | None = None
     onnx_outputs: list[str] = field(default_factory=list)
     per_layer: bool = False
+    #: The MoE routers' TopK indices tensors among ``onnx_outputs`` (`hybridtrt.graphs.held_routing`).
+    routers: list[str] = field(default_factory=list)
     argv: dict[str, list[str]] = field(default_factory=dict)
     commands: dict[str, str] = field(default_factory=dict)
     #: polygraphy's ``check_error_stat``: ``"mean"`` with gate-derived tolerances, ``"elemwise"`` otherwise.
@@ -193,7 +195,7 @@ def write_polygraphy_data(
 
     taps = layer_taps(export_dir, manifest)
     routers = list(router_outputs(taps.model_path).values())  # MoE: the routing the recording makes
-    files.per_layer = per_layer
+    files.per_layer, files.routers = per_layer, routers
     if per_layer or routers:
         tensors = list(taps.tensors.values()) if per_layer else []
         files.onnx_outputs = taps.outputs + [t for t in tensors + routers if t not in taps.outputs]

@@ -339,6 +339,7 @@ def _judge_routing(report: Report, feeds: list[Feed], routing: list[dict[int, to
         for layer, ids in want.items():
             tallies.setdefault(layer, RoutingTally()).add(flips(got[layer], ids, real))
     report.routing, report.routing_failures = judge_tallies(routing_gate(report.precision), tallies)
+    report.routing_held_to = "backend"
     report.routing_agreement = {layer: 1.0 - tally.fraction for layer, tally in sorted(tallies.items())}
 
 

@@ -367,8 +367,9 @@ def routing_line(report) -> str:
         f"{layer}: {r['flipped']}/{r['choices']}" + (f" ({r['yardstick_flipped']})" if yard else "") + f" ≤ {r['allowed']}"
         for layer, r in report.routing.items()
     )
+    if report.routing_held_to == "backend":
+        return f"MoE routing: the reference held to the recording's expert choices for the gates above; its choices differing from the reference's own per layer: {per_layer}"
     return (
         f"MoE routing held to the reference's expert choices for the gates above; the backend's own choices "
         f"differing per layer{' (' + str(report.yardstick) + ')' if yard else ''}: {per_layer}"
     )
-

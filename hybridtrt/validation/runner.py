@@ -91,6 +91,9 @@ class Report:
     routing: dict[int, dict[str, Any]] = field(default_factory=dict)
     #: Why an MoE layer's choices fail the routing gate, one line each.
     routing_failures: list[str] = field(default_factory=list)
+    #: Whose expert choices the other runs were held to: ``"reference"``, or ``"backend"`` for
+    #: outputs recorded elsewhere (the reference is held to the recording's).
+    routing_held_to: str = "reference"
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     pattern: str = ""  # layer kinds (M * -), for labels

@@ -165,11 +165,13 @@ def test_an_moe_recording_is_judged_with_routing_held(make_export, tmp_path):
     pg = tmp_path / "pg"
     files = write_polygraphy_data(out, None, pg)
     routers = router_outputs(out / "model.onnx")
-    assert sorted(routers) == [1, 3, 6] and set(routers.values()) <= set(files.onnx_outputs) and "--per-layer" not in files.argv["validate"]
+    assert sorted(routers) == [1, 3, 6] and files.routers == list(routers.values()) and set(routers.values()) <= set(files.onnx_outputs)
+    assert "--per-layer" not in files.argv["validate"]
     _polygraphy(files.argv["onnxrt-save"])
     code, report = _json_report(tmp_path, ["validate", str(out), "--load-outputs", str(pg / "onnxrt.json")])
     assert code == 0 and report["passed"], report["notes"]
     assert sorted(report["routing"]) == ["1", "3", "6"] and all(r["flipped"] == 0 for r in report["routing"].values())
+    assert report["routing_held_to"] == "backend"  # the reference follows the recording
 
     results = RunResults.load(str(pg / "onnxrt.json"))
     _, iterations = next(iter(results.items()))
