@@ -339,8 +339,9 @@ def verify_export(
         graph = _verify_windows(
             export_dir, entry.file, model.config.num_layers, specs, feeds, mine["hidden"], expected, yard, judge, parameter_bytes, progress, record
         )
+        routed = graph.pop("routed")
         if moe:
-            graph["routing"] = judge.check_routing(entry.file, _routed(graph.pop("routed"), tokens), truth_ids, yard_hold)
+            graph["routing"] = judge.check_routing(entry.file, _routed(routed, tokens), truth_ids, yard_hold)
         record["graphs"][entry.file] = graph
     worst = [(f, g["worst"]) for f, g in record["graphs"].items()]
     record["worst"] = max(({"graph": f, **w} for f, w in worst), key=lambda w: w.get("rel_l2", 0.0) / (w.get("bound") or 1.0), default=None)

@@ -41,6 +41,7 @@ def test_layer_windows_cover_every_layer_and_agree_with_the_whole_graph(exported
     n = model.config.num_layers
     for file, graph in layers["graphs"].items():
         assert graph["windows"] == [[i, i] for i in range(n + 1)]  # member n: the head alone
+        assert set(graph) == {"worst", "windows"}  # a dense model: no routing record
         # Both pass the fp32 floors; windows start from the reference's hidden state, so their
         # error is at most the whole graph's (which accumulates through every layer).
         assert 0 < graph["worst"]["rel_l2"] <= full["graphs"][file]["worst"]["rel_l2"] * 10
