@@ -80,7 +80,7 @@ def run(arch: str, dtype: str, width: int, layers: int, batch: int, length: int,
 
     t_hold = RoutingHold()
     t_logits, t_states = _torch_call(truth, ids, mask, t_hold, torch.float32)
-    truth_ids = {layer: t_hold.ids(layer) for layer in t_hold.chosen}
+    truth_ids = t_hold.all_ids()
     free_y, free_a = RoutingHold(), RoutingHold()
     y_logits, y_states = _torch_call(yard, ids, mask, free_y, state_dtype)
     a_logits, a_states = _ort_call(ort, ids, mask, free_a)

@@ -159,22 +159,20 @@ def check_integrity(args: argparse.Namespace, path: str | Path) -> None:
     if (Path(path) / MANIFEST_FILE).is_file():
         read_manifest(path, integrity=FULL)
 
+
 def routing_summary(verification: dict) -> str:
     """One line on how MoE routing was judged in ``verification`` ('' without MoE): the artefact
     held to the truth's expert choices, and per MoE layer its own choices that differ (all graphs)."""
-    totals: dict[str, list[int]] = {}
+    from hybridtrt.judge.routing import per_layer_text
+
+    totals: dict[str, dict[str, int]] = {}
     for graph in verification.get("graphs", {}).values():
         for layer, t in (graph.get("routing") or {}).items():
-            row = totals.setdefault(layer, [0, 0, 0, 0])
-            row[0] += t["flipped"]
-            row[1] += t["choices"]
-            row[2] += t.get("yardstick_flipped") or 0
-            row[3] += t["allowed"]
+            row = totals.setdefault(layer, dict.fromkeys(("flipped", "choices", "yardstick_flipped", "allowed"), 0))
+            for key in row:
+                row[key] += t.get(key) or 0
     if not totals:
         return ""
-    yard = " (yardstick)" if verification.get("yardstick") else ""
-    per_layer = ", ".join(
-        f"{layer}: {f}/{n}" + (f" ({y})" if yard else "") + f" ≤ {a}" for layer, (f, n, y, a) in sorted(totals.items(), key=lambda kv: int(kv[0]))
-    )
-    return f"rel L2 judged with routing held to the fp32 reference's expert choices; own choices differing per layer{yard} ≤ allowed: {per_layer}"
-
+    yard = bool(verification.get("yardstick"))
+    per_layer = per_layer_text(totals, yard)
+    return f"rel L2 judged with routing held to the fp32 reference's expert choices; own choices differing per layer{' (yardstick)' if yard else ''} ≤ allowed: {per_layer}"

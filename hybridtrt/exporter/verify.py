@@ -46,7 +46,7 @@ from hybridtrt.exporter.manifest import Manifest
 from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs import layer_window
 from hybridtrt.graphs.external_data import external_info, tensor_nbytes
-from hybridtrt.graphs.held_routing import HELD_EXPERTS, HOLD_ROUTING, ROUTED_EXPERTS, hold_routing
+from hybridtrt.graphs.held_routing import ROUTED_EXPERTS, held_feeds, hold_routing, routed_ids
 from hybridtrt.models.loading import parse_dtype
 from hybridtrt.judge.metrics import compare
 from hybridtrt.judge.routing import RoutingTally, flips, judge_tallies, routing_gate
@@ -174,8 +174,8 @@ class _Judge:
         for kind in ("call", "layer", "state"):
             g = gate(self.precision, kind)
             out[kind] = {"max_rel_l2": g.max_rel_l2, **({"yardstick_ratio": g.yardstick_ratio} if self.yardstick else {})}
-        r = routing_gate(self.precision)
         if self.moe:
+            r = routing_gate(self.precision)
             out["routing"] = {"held": "the truth's expert choices", "max_flips": r.max_flips, "min_flips": r.min_flips, **({"yardstick_ratio": r.ratio} if self.yardstick else {})}
         if self.ssm_precision != self.precision:
             out["ssm_state"] = {"precision": self.ssm_precision, "max_rel_l2": gate(self.ssm_precision, "state").max_rel_l2}
@@ -194,11 +194,12 @@ class _Judge:
         for layer, ids in truth.items():
             tallies[layer] = RoutingTally()
             tallies[layer].add(flips(routed[layer], ids), flips(yard.ids(layer), ids) if yard is not None and self.yardstick else None)
-        records, failed = judge_tallies(routing_gate("fp8" if self.fp8 else self.precision), tallies)
+        precision = "fp8" if self.fp8 else self.precision
+        records, failed = judge_tallies(routing_gate(precision), tallies)
         out = {str(layer): {k: v for k, v in r.items() if k != "yardstick_choices"} for layer, r in records.items()}
         if failed:
             raise ExportError(
-                f"{where} routes tokens to other experts than the fp32 reference beyond the {'fp8' if self.fp8 else self.precision} routing gate: " + "; ".join(failed),
+                f"{where} routes tokens to other experts than the fp32 reference beyond the {precision} routing gate: " + "; ".join(failed),
                 fix="this is a bug in hybridtrt (or a corrupt weights file, e.g. a router weight); please report it with the checkpoint's config.json",
             )
         return out
@@ -312,14 +313,15 @@ def verify_export(
                 expected = _outputs(_reference(partial(GraphModule(truth, manifest.logits, decode, True, flavour).eval(), *wide), "fp32"), specs)
             _release(truth)
             del wide
-            yard_hold = RoutingHold(_truth_ids(truth_hold))
+            yard_hold = RoutingHold(truth_hold.all_ids())
             with held_routing(model, yard_hold):
                 mine = _outputs(_reference(partial(GraphModule(model, manifest.logits, decode, True, flavour).eval(), *inputs), manifest.dtype), specs)
             _release(model)  # a lazy reference's last layer is not needed any more
             yard = mine if judge.yardstick else None
-        truth_ids = _truth_ids(truth_hold)
+        truth_ids = truth_hold.all_ids()
         feeds = dict(zip([v["name"] for v in entry.inputs], inputs))
-        feeds.update(_held_feeds(truth_ids))
+        if moe:
+            feeds.update(held_feeds(truth_ids.keys(), model.config.moe.top_k, truth_ids))
         tokens = tuple(inputs[0].shape)
         if chosen == "full":
             names = manifest.per_layer_outputs
@@ -348,21 +350,9 @@ def verify_export(
     return record
 
 
-def _truth_ids(hold: RoutingHold) -> dict[int, torch.Tensor]:
-    """``{MoE layer: [B, L, K]}`` the truth chose in one call."""
-    return {layer: hold.ids(layer) for layer in hold.chosen}
-
-
-def _held_feeds(ids: dict[int, torch.Tensor]) -> dict[str, np.ndarray]:
-    """The held graph's ``held_experts.{i}`` feeds ``[B·L, K]`` (`hybridtrt.graphs.held_routing`)."""
-    feeds = {HELD_EXPERTS.format(layer): t.reshape(-1, t.shape[-1]).numpy().astype(np.int64) for layer, t in ids.items()}
-    return {HOLD_ROUTING: np.array(True), **feeds} if feeds else {}
-
-
 def _routed(got: dict[str, Any], tokens: tuple[int, int]) -> dict[int, torch.Tensor]:
     """``{MoE layer: [B, L, K]}`` the artefact's own routers chose (its ``routed_experts.{i}`` outputs)."""
-    prefix = ROUTED_EXPERTS.format("")
-    return {int(k[len(prefix):]): torch.from_numpy(np.asarray(v)).reshape(*tokens, -1) for k, v in got.items() if k.startswith(prefix)}
+    return {layer: torch.from_numpy(ids) for layer, ids in routed_ids(got, *tokens).items()}
 
 
 METHODS = {"full": "full-graph", "layers": "layer-windows"}

@@ -25,8 +25,12 @@ is refused (`ArtefactError`), never guessed.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -110,4 +114,27 @@ def hold_routing(model: onnx.ModelProto) -> HeldGraph:
     return held
 
 
-__all__ = ["HELD_EXPERTS", "HOLD_ROUTING", "ROUTED_EXPERTS", "HeldGraph", "hold_routing", "router_topks"]
+def router_outputs(model_path: str | Path) -> dict[int, str]:
+    """``{MoE layer: its router's TopK indices tensor}`` in an ONNX file (weights not loaded): what a
+    recording must hold to be judged with routing held."""
+    return {layer: node.output[1] for layer, node in router_topks(onnx.load(str(model_path), load_external_data=False)).items()}
+
+
+def held_feeds(layers: Iterable[int], top_k: int, held: Mapping[int, Any] | None) -> dict[str, np.ndarray]:
+    """The copy's routing feeds for one call: ``hold_routing`` and ``held_experts.{i}`` ``[B·L, K]``
+    int64 from ``held`` (``{layer: [B, L, K]}`` ids, torch or numpy), or ``[1, K]`` zeros for every
+    layer when ``held`` is None (free)."""
+    feeds: dict[str, np.ndarray] = {HOLD_ROUTING: np.array(held is not None)}
+    for layer in layers:
+        ids = None if held is None else np.asarray(held[layer], dtype=np.int64)
+        feeds[HELD_EXPERTS.format(layer)] = np.zeros((1, top_k), np.int64) if ids is None else np.ascontiguousarray(ids.reshape(-1, ids.shape[-1]))
+    return feeds
+
+
+def routed_ids(outputs: Mapping[str, Any], batch: int, length: int) -> dict[int, np.ndarray]:
+    """``{MoE layer: [B, L, K]}`` from a run's ``routed_experts.{i}`` outputs (the layers it has)."""
+    prefix = ROUTED_EXPERTS.format("")
+    return {int(name[len(prefix) :]): np.asarray(v).reshape(batch, length, -1) for name, v in outputs.items() if name.startswith(prefix)}
+
+
+__all__ = ["HELD_EXPERTS", "HOLD_ROUTING", "ROUTED_EXPERTS", "HeldGraph", "held_feeds", "hold_routing", "routed_ids", "router_outputs", "router_topks"]

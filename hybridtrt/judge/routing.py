@@ -23,13 +23,16 @@ on their own:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from hybridtrt.judge.tolerances import _entry
 
-__all__ = ["RoutingGate", "RoutingTally", "flips", "judge_tallies", "routing_gate"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["RoutingGate", "RoutingTally", "flips", "judge_tallies", "per_layer_text", "routing_gate"]
 
 
 def flips(chosen: torch.Tensor, truth: torch.Tensor, real: torch.Tensor | None = None) -> tuple[int, int]:
@@ -120,3 +123,12 @@ def judge_tallies(gate: RoutingGate, tallies: dict[int, RoutingTally]) -> tuple[
         }
         failures += [f"MoE layer {layer}: {why}" for why in gate.failures(t)]
     return records, failures
+
+
+def per_layer_text(records: Mapping[Any, Mapping[str, Any]], yardstick: bool) -> str:
+    """``layer: flipped/choices (yardstick's flipped) ≤ allowed, …`` of per-layer routing records
+    (`judge_tallies`, or a verification record's), in layer order."""
+    return ", ".join(
+        f"{layer}: {r['flipped']}/{r['choices']}" + (f" ({r['yardstick_flipped']})" if yardstick else "") + f" ≤ {r['allowed']}"
+        for layer, r in sorted(records.items(), key=lambda kv: int(kv[0]))
+    )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,9 @@ __all__ = [
 FP32_PARAMETERS = (r"\.mixer\.gate\.weight$", r"\.mixer\.gate\.e_score_correction_bias$")
 
 
-def route(h: Tensor, weight: Tensor, bias: Tensor, moe: MoeConfig, held: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def route(
+    h: Tensor, weight: Tensor, bias: Tensor, moe: MoeConfig, held: Callable[[Tensor], Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """Group-limited top-k routing of HF's ``NemotronHTopkRouter``, vectorised.
 
     Args:
@@ -48,13 +50,13 @@ def route(h: Tensor, weight: Tensor, bias: Tensor, moe: MoeConfig, held: Tensor 
         weight: ``[E, hidden]`` router weight.
         bias: ``[E]`` ``e_score_correction_bias`` (used to choose, not to weight).
         moe: The layer's `MoeConfig`.
-        held: ``[N, K]`` expert ids to use instead of the chosen ones (validation holds routing
-            equal across the runs it compares, `RoutingHold`); the weights are still this call's own
+        held: Maps the chosen ids ``[N, K]`` to the ids to use (validation holds routing equal
+            across the runs it compares, `RoutingHold.take`); the weights are still this call's own
             scores of those experts.
 
     Returns:
-        ``topk_weights [N, K]`` fp32 and ``topk_indices [N, K]`` int64 (the held ids when given),
-        experts in descending order of their biased score.
+        ``topk_weights [N, K]`` fp32 and ``topk_indices [N, K]`` int64 (the ids ``held`` returned
+        when given), experts in descending order of their biased score.
     """
     scores = torch.sigmoid(h.float() @ weight.float().t())  # [N, E]
     choice = scores + bias.float()
@@ -66,7 +68,9 @@ def route(h: Tensor, weight: Tensor, bias: Tensor, moe: MoeConfig, held: Tensor 
         group_mask = torch.zeros_like(group_scores).scatter(1, group_idx, 1.0)
         allowed = group_mask[:, :, None].expand(n, moe.n_group, experts // moe.n_group).reshape(n, experts)
         choice = choice.masked_fill(allowed == 0, float("-inf"))
-    indices = choice.topk(moe.top_k, dim=-1).indices if held is None else held
+    indices = choice.topk(moe.top_k, dim=-1).indices
+    if held is not None:
+        indices = held(indices)
     weights = scores.gather(1, indices)
     if moe.norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -105,7 +109,7 @@ class TopkRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(moe.num_experts, hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(moe.num_experts))
 
-    def forward(self, h: Tensor, held: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, h: Tensor, held: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """``h [N, hidden]`` -> ``topk_weights [N, K]`` fp32, ``topk_indices [N, K]`` int64."""
         return route(h, self.weight, self.e_score_correction_bias, self.moe, held)
 
@@ -156,11 +160,12 @@ class RoutingHold:
         self.chosen: dict[int, list[Tensor]] = {}
         self._cursor: dict[int, int] = {}
 
-    def take(self, layer: int, chosen: Tensor) -> Tensor | None:
-        """Record ``chosen [B, L, K]`` of ``layer`` and return the held ids for those positions."""
+    def take(self, layer: int, chosen: Tensor) -> Tensor:
+        """Record ``chosen [B, L, K]`` of ``layer``; the ids to use for those positions (the held
+        ones, or ``chosen`` when nothing is held)."""
         held = self.held_ids(layer, chosen.shape[0], chosen.shape[1])
         self.record(layer, chosen)
-        return None if held is None else held.to(chosen.device)
+        return chosen if held is None else held.to(chosen.device)
 
     def held_ids(self, layer: int, batch: int, length: int) -> Tensor | None:
         """The held ids ``[B, L, K]`` of ``layer``'s next ``length`` positions (None: not held)."""
@@ -182,6 +187,10 @@ class RoutingHold:
     def ids(self, layer: int) -> Tensor:
         """The chosen ids of ``layer`` over every call, ``[B, P, K]``."""
         return torch.cat(self.chosen[layer], dim=1)
+
+    def all_ids(self) -> dict[int, Tensor]:
+        """``{MoE layer: ids(layer)}`` for every layer that recorded a choice."""
+        return {layer: self.ids(layer) for layer in self.chosen}
 
 
 @contextlib.contextmanager
@@ -223,15 +232,16 @@ class MoE(nn.Module):
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
 
+    def _held(self, b: int, l: int) -> Callable[[Tensor], Tensor]:
+        """The router's chosen ids ``[B·L, K]`` -> the ids to use under `hold` (validation only,
+        `held_routing`): one router pass, its choice recorded and swapped for the held ids."""
+        layer, hold = self.hold
+        return lambda chosen: hold.take(layer, chosen.reshape(b, l, -1)).reshape(b * l, -1)
+
     def forward(self, h: Tensor) -> Tensor:
         """``[B, L, hidden] -> [B, L, hidden]`` in h's dtype (tokens are independent)."""
         b, l, hidden = h.shape
-        weights, indices = self.gate(h.reshape(b * l, hidden))
-        if self.hold is not None:
-            layer, hold = self.hold
-            held = hold.take(layer, indices.reshape(b, l, -1))
-            if held is not None:
-                weights, indices = self.gate(h.reshape(b * l, hidden), held.reshape(b * l, -1))
+        weights, indices = self.gate(h.reshape(b * l, hidden), None if self.hold is None else self._held(b, l))
         # Linears on [B, L, *] (not on the flat tokens) so they export as MatMul like every other.
         x = h if self.fc1_latent_proj is None else self.fc1_latent_proj(h)
         y = self.experts(x.reshape(b * l, x.shape[-1]), indices, weights).reshape(b, l, x.shape[-1])

@@ -20,7 +20,7 @@ import torch
 from hybridtrt.errors import ArtefactError, InputError
 from hybridtrt.exporter.io import ATTENTION_MASK, CACHE_POSITION, INPUT_IDS, LOGITS, PADDING_LENGTH
 from hybridtrt.exporter.manifest import Manifest, read_manifest
-from hybridtrt.graphs.held_routing import HELD_EXPERTS, HOLD_ROUTING, ROUTED_EXPERTS, hold_routing
+from hybridtrt.graphs.held_routing import ROUTED_EXPERTS, held_feeds, hold_routing, routed_ids
 from hybridtrt.models.moe import RoutingHold
 from hybridtrt.runtime.generation import GenerationResult, SamplingConfig, generate, iter_generate
 from hybridtrt.runtime.snapshot import Snapshot
@@ -305,10 +305,10 @@ class OrtModel:
             out = session.run_in_place(feeds, {b.present_name: b.past_name for b in self.plan.buffers}, shrink_arena=shrink_arena)
             out.update({b.present_name: feeds[b.past_name] for b in self.plan.buffers})
         if self.routing_graphs:
-            for layer in self.moe_layers:
-                routed = out.pop(ROUTED_EXPERTS.format(layer), None)
-                if self.routing is not None and routed is not None:
-                    self.routing.record(layer, torch.from_numpy(routed.reshape(*ids.shape, -1)))
+            for layer, routed in routed_ids(out, *ids.shape).items():
+                del out[ROUTED_EXPERTS.format(layer)]
+                if self.routing is not None:
+                    self.routing.record(layer, torch.from_numpy(routed))
         return out
 
     def use_routing_graphs(self) -> None:
@@ -327,16 +327,11 @@ class OrtModel:
         return session.variant(lambda graph: hold_routing(graph).model) if self.moe_layers else session
 
     def _routing_feeds(self, batch: int, length: int) -> dict[str, np.ndarray]:
-        """``hold_routing`` and ``held_experts.{i}`` (``[B·L, K]``, or ``[1, K]`` zeros when free)."""
-        held = self.routing is not None and self.routing.held is not None
-        k = int(self.manifest.model["moe"]["top_k"])
-        feeds: dict[str, np.ndarray] = {HOLD_ROUTING: np.array(held)}
-        for layer in self.moe_layers:
-            ids = self.routing.held_ids(layer, batch, length) if held else None
-            feeds[HELD_EXPERTS.format(layer)] = (
-                np.zeros((1, k), np.int64) if ids is None else np.ascontiguousarray(to_numpy(ids).astype(np.int64).reshape(batch * length, -1))
-            )
-        return feeds
+        """The routing copy's feeds for one call: held to `routing`'s ids, or free (`held_feeds`)."""
+        held = None
+        if self.routing is not None and self.routing.held is not None:
+            held = {layer: self.routing.held_ids(layer, batch, length) for layer in self.moe_layers}
+        return held_feeds(self.moe_layers, int(self.manifest.model["moe"]["top_k"]), held)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> GenerationResult:
         """Same API as `TorchStepper.generate`."""

@@ -212,6 +212,7 @@ def _recorded(export_dir, manifest: Manifest, checkpoint, load_outputs, load_inp
     """Recorded outputs against the reference: ``(report, reference model)``. The files are read
     and matched before the model is loaded."""
     from hybridtrt.validation.layers import layer_taps
+    from hybridtrt.graphs.held_routing import router_outputs
     from hybridtrt.validation.recorded import check_matching, load_feeds, load_results, recorded_routing, reference_outputs, validate_recorded
 
     inputs = list(load_inputs) if load_inputs else [default_inputs(export_dir, load_outputs)]
@@ -233,11 +234,3 @@ def _recorded(export_dir, manifest: Manifest, checkpoint, load_outputs, load_inp
         )
     return report, model
 
-
-def router_outputs(model_path: Path) -> dict[int, str]:
-    """``{MoE layer: its router's TopK indices tensor}`` in the ONNX file (weights not loaded)."""
-    import onnx
-
-    from hybridtrt.graphs.held_routing import router_topks
-
-    return {layer: node.output[1] for layer, node in router_topks(onnx.load(str(model_path), load_external_data=False)).items()}

@@ -190,7 +190,7 @@ def write_polygraphy_data(
     out.mkdir(parents=True, exist_ok=True)
     atol, rtol, stat = gate_tolerances(precision_of(manifest), outputs)
     files = BridgeFiles(out / INPUTS, out / REFERENCE, export_dir / manifest.graphs["unified"].file, atol, rtol, feeds, export_dir, check_error_stat=stat)
-    from hybridtrt.validation.artefact import router_outputs
+    from hybridtrt.graphs.held_routing import router_outputs
     from hybridtrt.validation.layers import layer_taps
 
     taps = layer_taps(export_dir, manifest)

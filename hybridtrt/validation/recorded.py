@@ -29,7 +29,7 @@ from hybridtrt.errors import InputError
 from hybridtrt.exporter.io import ATTENTION_MASK, INPUT_IDS, LOGITS
 from hybridtrt.exporter.manifest import Manifest
 from hybridtrt.exporter.wrapper import GraphModule
-from hybridtrt.judge.routing import RoutingTally, flips, judge_tallies, routing_gate
+from hybridtrt.judge.routing import RoutingTally, flips
 from hybridtrt.models.moe import RoutingHold, held_routing
 from hybridtrt.validation.layers import LayerTaps
 from hybridtrt.validation.polygraphy_bridge import REFERENCE_RUNNER
@@ -212,7 +212,7 @@ def reference_outputs(
         with torch.no_grad(), held_routing(model, hold):
             result = graph(ids, mask, *states)
         out.append({name: t.detach().float().numpy() for name, t in zip(names, result)})
-        chosen.append({layer: hold.ids(layer) for layer in hold.chosen})
+        chosen.append(hold.all_ids())
     return out, chosen
 
 
@@ -338,9 +338,7 @@ def _judge_routing(report: Report, feeds: list[Feed], routing: list[dict[int, to
         real = torch.from_numpy(np.asarray(feed[ATTENTION_MASK])[:, -length:] != 0)
         for layer, ids in want.items():
             tallies.setdefault(layer, RoutingTally()).add(flips(got[layer], ids, real))
-    report.routing, report.routing_failures = judge_tallies(routing_gate(report.precision), tallies)
-    report.routing_held_to = "backend"
-    report.routing_agreement = {layer: 1.0 - tally.fraction for layer, tally in sorted(tallies.items())}
+    report.judge_routing(tallies, held_to="backend")
 
 
 __all__ = ["check_matching", "load_feeds", "load_results", "recorded_routing", "reference_outputs", "validate_recorded"]

@@ -23,6 +23,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from hybridtrt.errors import HybridTrtError, MissingDependencyError
 from hybridtrt.files import fsync_dir, human_bytes
+from hybridtrt.judge.routing import per_layer_text
 from hybridtrt.judge.tolerances import gate
 from hybridtrt.validation.runner import Report
 
@@ -363,10 +364,7 @@ def routing_line(report) -> str:
     """How MoE routing was judged: held to the reference's choices, and per layer the backend's own
     choices that differ (the yardstick's in brackets) against the number allowed."""
     yard = report.yardstick is not None and any(r.get("yardstick_flipped") is not None for r in report.routing.values())
-    per_layer = ", ".join(
-        f"{layer}: {r['flipped']}/{r['choices']}" + (f" ({r['yardstick_flipped']})" if yard else "") + f" ≤ {r['allowed']}"
-        for layer, r in report.routing.items()
-    )
+    per_layer = per_layer_text(report.routing, yard)
     if report.routing_held_to == "backend":
         return f"MoE routing: the reference held to the recording's expert choices for the gates above; its choices differing from the reference's own per layer: {per_layer}"
     return (

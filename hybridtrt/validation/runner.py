@@ -104,6 +104,13 @@ class Report:
     #: The yardstick's teacher-forced top-1 agreement with the reference's greedy tokens.
     yardstick_top1: float | None = None
 
+    def judge_routing(self, tallies: dict[int, RoutingTally], held_to: str = "reference") -> None:
+        """Gate the MoE layers' tallied expert choices (`hybridtrt.judge.routing`) into `routing`,
+        `routing_failures` and `routing_agreement`."""
+        self.routing, self.routing_failures = judge_tallies(routing_gate(self.precision), tallies)
+        self.routing_agreement = {layer: 1.0 - tally.fraction for layer, tally in sorted(tallies.items())}
+        self.routing_held_to = held_to
+
     @property
     def failures(self) -> list[Check]:
         return [c for c in self.checks if not c.passed]
@@ -249,7 +256,10 @@ class Run:
             for layer, truth in self.truth_routing.items():
                 tally = self.tallies.setdefault(layer, RoutingTally())
                 counted = flips(hold.ids(layer), truth, real)
-                tally.add(counted) if who == "backend" else tally.add_yardstick(counted)
+                if who == "backend":
+                    tally.add(counted)
+                else:
+                    tally.add_yardstick(counted)
         return out
 
     def subject(self, who: str) -> Subject:
@@ -266,7 +276,7 @@ class Run:
         with self.subject(who).hold(hold):
             yield hold
         if who == "reference":
-            self.truth_routing = {layer: hold.ids(layer) for layer in hold.chosen}
+            self.truth_routing = hold.all_ids()
 
     def layers(self, who: str, *args: Any) -> dict[str, Any]:
         """``who``'s per-layer outputs (timed), routing held like its calls."""
@@ -370,14 +380,8 @@ def free_running_phase(run: Run) -> None:
 def routing_phase(run: Run) -> None:
     """Judge the backend's own MoE expert choices (tallied over every held call) against the
     reference's, per layer, with the yardstick's as the scale (`hybridtrt.judge.routing`)."""
-    if not run.tallies:
-        return
-    r = run.report
-    if run.yardstick is None:
-        for tally in run.tallies.values():
-            tally.yardstick_flipped = tally.yardstick_choices = None
-    r.routing, r.routing_failures = judge_tallies(routing_gate(r.precision), run.tallies)
-    r.routing_agreement = {layer: 1.0 - tally.fraction for layer, tally in sorted(run.tallies.items())}
+    if run.tallies:
+        run.report.judge_routing(run.tallies)
 
 
 #: The phases of `validate`, in order.
@@ -425,7 +429,7 @@ def validate(
         yardstick=None if yardstick is None else yardstick.name,
     )
     subjects = [backend, reference] + ([yardstick] if yardstick is not None else [])
-    moe = bool(getattr(reference, "moe_layers", None)) or bool(getattr(backend, "moe_layers", None))
+    moe = bool(reference.moe_layers or backend.moe_layers)
     hold = moe and all(s.hold is not None for s in subjects)
     if moe and not hold:
         lacking = ", ".join(s.name for s in subjects if s.hold is None)

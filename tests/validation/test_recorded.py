@@ -158,7 +158,7 @@ def test_an_moe_recording_is_judged_with_routing_held(make_export, tmp_path):
     other experts fail the routing gate at that layer."""
     from polygraphy.comparator import RunResults
 
-    from hybridtrt.validation.artefact import router_outputs
+    from hybridtrt.graphs.held_routing import router_outputs
     from hybridtrt.validation.polygraphy_bridge import write_polygraphy_data
 
     _, out = make_export("tiny-nemotron3-moe")
