@@ -3,9 +3,12 @@ then validate against the fp32 truth — what a user with that checkpoint gets.
 
 Scaled copies of `hybridtrt.models.architectures.ARCHITECTURES` (their expert counts and top-k kept),
 written by HF's ``save_pretrained`` in bf16. bf16 and fp16 checkpoints use initializer_range 0.3
-(the Mamba branch matters); FP8 uses 0.05 (trained-like scale, as every FP8 accuracy test here).
-Prints per row: export verdict, validate verdict, the worst gated tensor as rel L2 / allowed, and
-for MoE the most flipped layer's own choices / allowed.
+(the Mamba branch matters); FP8 uses 0.05 (trained-like scale, as every FP8 accuracy test here)
+and the checkpoint's bf16 around the Q/DQ, as ``hybridtrt export --quantize fp8`` picks.
+Prints per row: export verdict, validate verdict, the worst gated tensor as rel L2 / allowed (FP8:
+against the FP8 reference), for MoE the most flipped layer's own choices / allowed, and for FP8 the
+recipe's cost: the FP8 reference's logits against the unquantized truth, rel L2 / allowed (2× the
+ideal-scale yardstick's) and cosine.
 
     python benchmarks/architectures.py [--arch NAME ...] [--dtype bf16 ...] [--width 32] [--layers 8]
 """
@@ -38,11 +41,11 @@ def row(name: str, dtype: str, width: int, layers: int, root: Path) -> list[str]
     start = time.perf_counter()
     try:
         if dtype == "fp8":
-            export(ckpt, out, ExportOptions(), quantize=QuantizeOptions(calib_random=8))
+            export(ckpt, out, ExportOptions(dtype="bf16"), quantize=QuantizeOptions(calib_random=8))
         else:
             export(ckpt, out, ExportOptions(dtype=dtype))
     except HybridTrtError as e:
-        return [name, dtype, "REFUSED", "—", e.message[:60], "—", f"{time.perf_counter() - start:.0f}"]
+        return [name, dtype, "REFUSED", "—", e.message[:60], "—", "—", f"{time.perf_counter() - start:.0f}"]
     report = validate_artefact(out, random_n=3, prompt_length=37, steps=2)
     gated = [c for c in report.checks if c.allowed]
     worst = max(gated, key=lambda c: c.comparison.rel_l2 / c.allowed, default=None)
@@ -55,7 +58,13 @@ def row(name: str, dtype: str, width: int, layers: int, root: Path) -> list[str]
     if report.routing:
         layer, r = max(report.routing.items(), key=lambda kv: kv[1]["flipped"] / max(kv[1]["allowed"], 1))
         routing = f"layer {layer}: {r['flipped']}/{r['choices']} ≤ {r['allowed']}"
-    return [name, dtype, "ok", "PASS" if report.passed else "FAIL", figure, routing, f"{time.perf_counter() - start:.0f}"]
+    recipe = "—"
+    if report.quality is not None:
+        q = report.quality
+        logits = max((c for c in q.checks if c.name == "logits"), key=lambda c: c.comparison.rel_l2 / c.allowed)
+        cosine = min(c.comparison.cosine for c in q.checks if c.name == "logits")
+        recipe = f"{'ok' if q.passed else 'FAIL'} {logits.comparison.rel_l2:.1e} / {logits.allowed:.1e}, cosine {cosine:.4f}"
+    return [name, dtype, "ok", "PASS" if report.passed else "FAIL", figure, routing, recipe, f"{time.perf_counter() - start:.0f}"]
 
 
 def main() -> None:
@@ -65,7 +74,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--layers", type=int, default=8)
     args = p.parse_args()
-    header = ["architecture", "dtype", "export", "validate", "worst gated (rel L2 / allowed)", "routing (worst layer)", "s"]
+    header = ["architecture", "dtype", "export", "validate", "worst gated (rel L2 / allowed)", "routing (worst layer)", "FP8 recipe (logits vs truth)", "s"]
     print(" | ".join(header))
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.arch or list(ARCHITECTURES):

@@ -99,6 +99,20 @@ def summary_rows(report) -> list[list[str]]:
     return rows
 
 
+def print_quality(q) -> None:
+    """The FP8 recipe's cost (``report.quality``): the FP8 reference against the unquantized truth."""
+    title = f"FP8 recipe: {q.backend} vs the unquantized {q.reference} ({q.precision}, the same prompts)"
+    console.print(table(title, ["", "rel L2", "yardstick", "allowed", "cosine", "gate"], summary_rows(q)))
+    yard = f"{q.yardstick}: the same layers at ideal per-call scales (nothing calibrated)" if q.yardstick else "no yardstick: the floors are the gates"
+    console.print(styled(f"yardstick: {yard} · a calibrated scale that clips fails here; the cosine is the quality figure", "dim"))
+    if q.teacher_forced_top1 is not None:
+        console.print(f"FP8 recipe: teacher-forced top-1 {q.teacher_forced_top1:.3f} against the unquantized truth", markup=False)
+    for why in q.routing_failures:
+        console.print(styled(f"FP8 recipe routing gate: {why}", "bold red"), soft_wrap=True)
+    verdict = "[green]within[/]" if q.passed else "[bold red]beyond[/]"
+    console.print(f"FP8 recipe: {verdict} its gates")
+
+
 def print_report(report) -> None:
     title = f"{report.backend} vs {report.reference} ({report.precision}, batch {report.batch}, {report.steps} steps)"
     console.print(table(title, ["", "rel L2", "yardstick", "allowed", "cosine", "gate"], summary_rows(report)))
@@ -124,6 +138,8 @@ def print_report(report) -> None:
         d = report.first_divergence
         at = "" if d.get("step") in (None, 0) else f" (iteration {d['step']})"
         console.print(styled(f"first divergence: layer {d['layer']} — {d['tensor']}{at} ({'; '.join(d['why'])})", "bold red"))
+    if report.quality is not None:
+        print_quality(report.quality)
     t = report.timings
     if t:
         line = f"time: reference {t.get('reference_s', 0):.2f} s · {report.backend} {t.get('backend_s', 0):.2f} s"

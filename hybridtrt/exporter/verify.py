@@ -7,8 +7,10 @@ have a **yardstick**: the same-dtype PyTorch reference on the same inputs, whose
 truth is the rounding that dtype causes anyway; each output may be at most
 ``max(floor, ratio × yardstick rel L2)`` from the truth (`hybridtrt.judge.tolerances.Gate`:
 ``call`` for logits, ``layer`` for decoder-layer outputs, ``state`` for present states). fp32
-exports are gated by the fp32 floors. FP8 exports get a sanity gate (logits cosine ≥ 0.5 against
-the truth: a broken scale gives ~0.1; `hybridtrt validate` measures accuracy).
+exports are gated by the fp32 floors. An FP8 export is judged the same way against the **FP8
+reference** (`hybridtrt.exporter.fp8_reference`: the reference computing the export's Q/DQ from the
+recipe, in fp32), its yardstick the FP8 reference in the export's dtype (none for fp32 exports), at
+the ``fp8`` gates; what the recipe costs against the unquantized model is `hybridtrt validate`'s.
 
 Two methods, with the same inputs and gates (the one used is recorded in ``hybridtrt.json``):
 
@@ -41,6 +43,7 @@ import onnx
 import torch
 
 from hybridtrt.errors import ExportError
+from hybridtrt.exporter.fp8_reference import FP32_DITHER, fp8_emulated, set_dither
 from hybridtrt.exporter.io import LOGITS, state_specs
 from hybridtrt.exporter.manifest import Manifest
 from hybridtrt.exporter.wrapper import GraphModule, example_inputs
@@ -154,22 +157,24 @@ def _kind(output: str) -> str:
 
 
 class _Judge:
-    """The pass/fail rule for one export: the artefact against the truth (fp32 reference), with the
-    same-dtype reference as the yardstick (fp16/bf16), or the FP8 cosine sanity gate."""
+    """The pass/fail rule for one export: the artefact against the truth (fp32 reference; the FP8
+    reference for an FP8 export), with the same-dtype run of the truth as the yardstick (fp16/bf16)."""
 
     def __init__(self, manifest: Manifest) -> None:
         self.fp8 = bool(manifest.quantization)
         self.moe = any(entry.get("kind") == "moe" for entry in manifest.layers)
-        self.precision = manifest.dtype
-        self.yardstick = None if self.fp8 or manifest.dtype == "fp32" else f"{manifest.dtype} reference"
+        self.precision = "fp8" if self.fp8 else manifest.dtype
+        self.truth = "FP8 reference (fp32)" if self.fp8 else "fp32 reference"
+        if manifest.dtype != "fp32":
+            self.yardstick: str | None = f"{'FP8 ' if self.fp8 else ''}{manifest.dtype} reference"
+        else:
+            self.yardstick = "FP8 fp32 reference, dithered (2^-16 before each quantizer)" if self.fp8 else None
         # A half-precision SSM state is rounded on both sides (one fp16 ulp is 1e-3 relative): the
         # SSM states are gated at the coarser of the model and the state dtype.
-        coarser = max((manifest.dtype, manifest.state_dtype), key=lambda p: gate(p, "state").max_rel_l2 or 0.0)
+        coarser = max((self.precision, manifest.state_dtype), key=lambda p: gate(p, "state").max_rel_l2 or 0.0)
         self.ssm_precision = coarser
 
     def describe(self) -> dict[str, Any]:
-        if self.fp8:
-            return {"rule": "FP8 logits cosine ≥ 0.5 against the truth"}
         out: dict[str, Any] = {"precision": self.precision}
         for kind in ("call", "layer", "state"):
             g = gate(self.precision, kind)
@@ -194,12 +199,12 @@ class _Judge:
         for layer, ids in truth.items():
             tallies[layer] = RoutingTally()
             tallies[layer].add(flips(routed[layer], ids), flips(yard.ids(layer), ids) if yard is not None and self.yardstick else None)
-        precision = "fp8" if self.fp8 else self.precision
+        precision = self.precision
         records, failed = judge_tallies(routing_gate(precision), tallies)
         out = {str(layer): {k: v for k, v in r.items() if k != "yardstick_choices"} for layer, r in records.items()}
         if failed:
             raise ExportError(
-                f"{where} routes tokens to other experts than the fp32 reference beyond the {precision} routing gate: " + "; ".join(failed),
+                f"{where} routes tokens to other experts than the {self.truth} beyond the {precision} routing gate: " + "; ".join(failed),
                 fix="this is a bug in hybridtrt (or a corrupt weights file, e.g. a router weight); please report it with the checkpoint's config.json",
             )
         return out
@@ -207,12 +212,6 @@ class _Judge:
     def check(self, where: str, got: dict[str, Any], truth: dict[str, Any], yard: dict[str, Any] | None) -> dict[str, Any]:
         """Judge every output of ``truth``; raise `ExportError` on failure. Returns the worst: the
         output closest to its bound (``{"output", "rel_l2", "bound", "yardstick_rel_l2"}``)."""
-        if self.fp8:
-            name = next(iter(truth))
-            c = compare(got[name], truth[name])
-            if not c.cosine >= 0.5:  # catastrophic only (a broken scale gives ~0.1)
-                raise ExportError(f"{where}: FP8 {name} has cosine {c.cosine:.4f} < 0.5 against the fp32 reference", fix="check the calibration set; try --weight-scale channel or --exclude")
-            return {"output": name, "rel_l2": c.rel_l2, "cosine": c.cosine}
         worst: dict[str, Any] = {}
         failed: dict[str, str] = {}
         for name, want in truth.items():
@@ -230,7 +229,7 @@ class _Judge:
         if failed:
             shown = ", ".join(f"{k} ({v})" for k, v in sorted(failed.items())[:8])
             raise ExportError(
-                f"{where} disagrees with the fp32 reference beyond the {self.precision} gate"
+                f"{where} disagrees with the {self.truth} beyond the {self.precision} gate"
                 + (f" (the {self.yardstick} is the yardstick)" if self.yardstick else "")
                 + f": {shown}",
                 fix="this is a bug in hybridtrt (or a corrupt weights file); please report it with the checkpoint's config.json",
@@ -281,11 +280,20 @@ def verify_export(
         truth = model
     if parameter_bytes is None:
         parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with contextlib.ExitStack() as emulated:
+        if manifest.quantization:  # judged against the FP8 reference (module docstring)
+            for reference in {id(model): model, id(truth): truth}.values():
+                emulated.enter_context(fp8_emulated(reference, manifest.quantization, parse_dtype(manifest.dtype)))
+        return _verify(export_dir, model, manifest, truth, mode, parameter_bytes, progress)
+
+
+def _verify(export_dir: Path, model: HybridLM, manifest: Manifest, truth: HybridLM, mode: str, parameter_bytes: int, progress: Progress) -> dict[str, Any]:
+    """`verify_export` once its references compute what the export computes."""
     chosen = mode if mode != "auto" else ("full" if parameter_bytes <= FULL_GRAPH_MAX_BYTES else "layers")
     judge = _Judge(manifest)
     record: dict[str, Any] = {
         "method": METHODS[chosen],
-        "truth": "fp32 reference",
+        "truth": judge.truth,
         "yardstick": judge.yardstick,
         "executor": EXECUTOR,
         "gate": judge.describe(),
@@ -307,6 +315,14 @@ def verify_export(
                 expected = mine = _outputs(_reference(partial(GraphModule(model, manifest.logits, decode, True, flavour).eval(), *inputs), manifest.dtype), specs)
             _release(model)
             yard, yard_hold = None, None
+            if judge.fp8:  # an fp32 FP8 export: the dithered run is the yardstick (fp8_reference.Dither)
+                yard_hold = RoutingHold(truth_hold.all_ids())
+                set_dither(model, FP32_DITHER)
+                with held_routing(model, yard_hold):
+                    mine = _outputs(_reference(partial(GraphModule(model, manifest.logits, decode, True, flavour).eval(), *inputs), manifest.dtype), specs)
+                set_dither(model, None)
+                _release(model)
+                yard = mine
         else:
             wide = tuple(t.float() if t.is_floating_point() else t for t in inputs)
             with held_routing(truth, truth_hold):

@@ -88,7 +88,8 @@ def gate(precision: str, kind: str) -> Gate:
 
 
 def yardstick_of(precision: str) -> str | None:
-    """The dtype of the yardstick run for ``precision`` (``"fp64" | "fp16" | "bf16"``), or None."""
+    """The yardstick run of ``precision``: a dtype (``"fp64" | "fp16" | "bf16"``), ``"export"`` (FP8:
+    the FP8 reference in the export's dtype), ``"fp8-dynamic"`` (the recipe's cost: ideal scales), or None."""
     return _entry(precision).get("yardstick", {}).get("subject")
 
 

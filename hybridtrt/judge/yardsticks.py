@@ -10,6 +10,12 @@ precision**.
   yardstick is the reference in fp64 (fp32 artefacts) or in the artefact's half dtype.
 - Our reference is judged against HF transformers (oracle #2): the yardstick is HF in fp64, whose
   distance from HF fp32 is HF's own fp32 rounding, independent of anything we wrote.
+- An FP8 artefact is judged against the FP8 reference (our reference with the export's Q/DQ, in
+  fp32): the yardstick is the FP8 reference in the export's dtype; for an fp32 export, the fp32 FP8
+  reference with a 2^-16 dither before every quantizer (`hybridtrt.exporter.fp8_reference.Dither`:
+  fp64 flips FP8 roundings almost never, another fp32 kernel now and then, each flip carried on). The
+  recipe's cost (``fp8-recipe``: the FP8 reference against the unquantized truth) has as yardstick
+  the same layers quantized with ideal per-call scales, which share no calibrated number.
 """
 
 from __future__ import annotations
@@ -34,15 +40,26 @@ class Yardstick:
 
     implementation: Literal["reference", "hf"]
     dtype: str
+    #: Which FP8 emulation the reference runs: ``"recipe"`` (the export's scales), ``"dithered"``
+    #: (the same with `hybridtrt.exporter.fp8_reference.Dither`), ``"dynamic"`` (ideal per-call
+    #: scales on the same layers), None (unquantized).
+    fp8: Literal["recipe", "dithered", "dynamic"] | None = None
 
     @property
     def name(self) -> str:
-        return f"{'pytorch' if self.implementation == 'reference' else 'hf'}-{self.dtype}"
+        fp8 = {"recipe": "fp8-", "dithered": "fp8-", "dynamic": "fp8-dynamic-"}.get(self.fp8 or "", "")
+        suffix = "-dithered" if self.fp8 == "dithered" else ""
+        return f"{'pytorch' if self.implementation == 'reference' else 'hf'}-{fp8}{self.dtype}{suffix}"
 
 
-def yardstick_for(judged: Judged, precision: str) -> Yardstick | None:
-    """The yardstick of judging ``judged`` at ``precision`` (None: the floors alone gate)."""
+def yardstick_for(judged: Judged, precision: str, export_dtype: str = "fp32") -> Yardstick | None:
+    """The yardstick of judging ``judged`` at ``precision`` (None: the floors alone gate);
+    ``export_dtype`` is the artefact's model dtype (FP8 artefacts compute in it around the Q/DQ)."""
     if judged == "reference":
         return Yardstick("hf", "fp64")
-    dtype = yardstick_of(precision)
-    return None if dtype is None else Yardstick("reference", dtype)
+    subject = yardstick_of(precision)
+    if subject == "export":  # an fp32 FP8 export: an fp32 run that flips FP8 roundings as another fp32 kernel would
+        return Yardstick("reference", export_dtype, fp8="dithered" if export_dtype == "fp32" else "recipe")
+    if subject == "fp8-dynamic":
+        return Yardstick("reference", "fp32", fp8="dynamic")
+    return None if subject is None else Yardstick("reference", subject)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from hybridtrt.errors import ArtefactError, InputError
+from hybridtrt.exporter.fp8_reference import as_exported
 from hybridtrt.exporter.manifest import Manifest, read_manifest
 from hybridtrt.models.config import load_config
 from hybridtrt.models.loading import load_model, parse_dtype
@@ -18,8 +19,12 @@ from hybridtrt.reading import read_text
 from hybridtrt.validation.preflight import check_arguments
 from hybridtrt.validation.runner import Report, pad_left, random_prompts, validate
 from hybridtrt.validation.subjects import Subject, engine_subject, hf_subject, ort_subject, torch_subject
-from hybridtrt.judge.tolerances import gate, precision_of
+from hybridtrt.judge.tolerances import precision_of
 from hybridtrt.judge.yardsticks import Judged, yardstick_for
+
+#: The logits cosine that `--sensitivity`'s ``--exclude`` flags aim for by default.
+TARGET_COSINE = 0.99
+
 
 def load_prompts(path: str | Path, checkpoint: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One prompt per non-empty line, tokenized with the checkpoint's tokenizer, left-padded."""
@@ -82,7 +87,7 @@ def validate_artefact(
         runner: Which runner of the results (default: the only non-reference one).
         sensitivity: FP8 exports: per-layer sensitivity and ``--exclude`` flags
             (``report.extras["sensitivity"]``, `hybridtrt.validation.sensitivity`).
-        target_cosine: Cosine the exclusions aim for (default: the FP8 logits gate).
+        target_cosine: Cosine the exclusions aim for (default `TARGET_COSINE`).
         progress: ``progress(done, total)`` during the sensitivity analysis.
         yardstick: Run the precision's yardstick beside the backend (fp64 for fp32 artefacts, the
             same-dtype reference for fp16/bf16; `hybridtrt.judge.tolerances`) so the gates scale
@@ -119,27 +124,32 @@ def validate_artefact(
     if load_outputs:
         report, model = _recorded(export_dir, manifest, checkpoint, load_outputs, load_inputs, runner, per_layer)
     else:
-        model = load_model(checkpoint, "fp32")
+        model = as_exported(load_model(checkpoint, "fp32"), manifest)  # an FP8 export: the FP8 reference
         ids, mask = _prompts(model, checkpoint, prompts, random_n, seed, prompt_length)
         precision = precision_of(manifest)
         report = validate(
             _backend_subject(export_dir, manifest, backend, engine),
-            torch_subject(model),
+            torch_subject(model, name=_reference_name(manifest)),
             ids,
             mask,
             precision=precision,
             steps=steps,
             per_layer=per_layer,
-            yardstick=yardstick_subject(checkpoint, precision, manifest.state_dtype) if yardstick else None,
+            yardstick=yardstick_subject(checkpoint, precision, manifest.state_dtype, manifest=manifest) if yardstick else None,
         )
+        if manifest.quantization and yardstick:
+            report.quality = recipe_quality(checkpoint, manifest, model, ids, mask, steps=steps)
+        elif manifest.quantization:
+            report.notes.append("--no-yardstick: the FP8 recipe's cost is not judged (its gate is relative to the ideal-scale run)")
     report.pattern = model.config.pattern
     report.notes[:0] = notes
     if sensitivity:
         from hybridtrt.validation.sensitivity import fp8_sensitivity
 
         ids, mask = _prompts(model, checkpoint, prompts, random_n, seed, prompt_length)
-        target = target_cosine if target_cosine is not None else gate(precision_of(manifest), "call").min_cosine or 0.99
-        report.extras["sensitivity"] = fp8_sensitivity(export_dir, manifest, model, checkpoint, ids, mask, target_cosine=target, progress=progress)
+        target = target_cosine if target_cosine is not None else TARGET_COSINE
+        truth = load_model(checkpoint, "fp32")  # unquantized: each layer's cost is against the truth
+        report.extras["sensitivity"] = fp8_sensitivity(export_dir, manifest, truth, checkpoint, ids, mask, target_cosine=target, progress=progress)
     return report
 
 
@@ -150,14 +160,17 @@ def _prompts(model, checkpoint, prompts, random_n, seed, prompt_length=None) -> 
     return random_prompts(random_n or 4, model.config.vocab_size, seed=seed, min_len=min(4, longest), max_len=longest)
 
 
-def yardstick_subject(checkpoint: str | Path, precision: str, state_dtype: str = "fp32", judged: Judged = "artefact") -> Subject | None:
+def yardstick_subject(
+    checkpoint: str | Path, precision: str, state_dtype: str = "fp32", judged: Judged = "artefact", manifest: Manifest | None = None
+) -> Subject | None:
     """The yardstick of `hybridtrt.judge.yardsticks.yardstick_for`, loaded, or None.
 
     For an artefact: our reference in fp64 (states too: what the fp32 reference itself rounds), or in
-    the artefact's model and state dtypes (its unavoidable rounding). For our reference judged
+    the artefact's model and state dtypes (its unavoidable rounding); for an FP8 artefact the FP8
+    reference in the export's dtype (``manifest`` gives the recipe). For our reference judged
     against HF: HF transformers in fp64.
     """
-    spec = yardstick_for(judged, precision)
+    spec = yardstick_for(judged, precision, manifest.dtype if manifest is not None else "fp32")
     if spec is None:
         return None
     if spec.implementation == "hf":
@@ -165,8 +178,39 @@ def yardstick_subject(checkpoint: str | Path, precision: str, state_dtype: str =
 
         return hf_subject(load_hf(checkpoint, torch.float64), load_config(checkpoint).pattern, name=spec.name, rowwise=True)
     if spec.dtype == "fp64":
-        return torch_subject(load_model(checkpoint, "fp32").double(), torch.float64, name=spec.name)
-    return torch_subject(load_model(checkpoint, spec.dtype), parse_dtype(state_dtype), name=spec.name)
+        model, states = load_model(checkpoint, "fp32").double(), torch.float64
+    else:
+        model, states = load_model(checkpoint, spec.dtype), parse_dtype(state_dtype)
+    if spec.fp8 is not None:
+        if manifest is None or not manifest.quantization:
+            raise ValueError(f"the {spec.name} yardstick needs the FP8 export's manifest")
+        from hybridtrt.exporter.fp8_reference import FP32_DITHER
+
+        model = as_exported(model, manifest, dynamic=spec.fp8 == "dynamic", dither=FP32_DITHER if spec.fp8 == "dithered" else None)
+    return torch_subject(model, states, name=spec.name)
+
+
+def _reference_name(manifest: Manifest) -> str:
+    return "pytorch-fp8" if manifest.quantization else "pytorch"
+
+
+def recipe_quality(checkpoint: str | Path, manifest: Manifest, fp8_reference, ids: torch.Tensor, mask: torch.Tensor, *, steps: int) -> Report:
+    """What an FP8 recipe costs (`hybridtrt.judge` ``fp8-recipe``, DESIGN.md §8): the FP8 reference
+    against the unquantized fp32 truth, on the same prompts, with the same layers quantized at ideal
+    per-call scales as the yardstick (nothing calibrated). The artefact computes the FP8 reference
+    within its own gates, so this is its quality too; a calibrated scale that clips fails here."""
+    from hybridtrt.validation.runner import decode_phase, prefill_phase, routing_phase
+
+    return validate(
+        torch_subject(fp8_reference, name="pytorch-fp8"),
+        torch_subject(load_model(checkpoint, "fp32")),
+        ids,
+        mask,
+        precision="fp8-recipe",
+        steps=steps,
+        phases=[prefill_phase, decode_phase, routing_phase],
+        yardstick=yardstick_subject(checkpoint, "fp8-recipe", manifest=manifest),
+    )
 
 
 def _against_hf(checkpoint, prompts, random_n, steps, per_layer, seed, yardstick: bool = True, prompt_length: int | None = None) -> Report:
@@ -219,7 +263,7 @@ def _recorded(export_dir, manifest: Manifest, checkpoint, load_outputs, load_inp
     feeds = load_feeds(inputs)
     name, iterations = load_results(load_outputs, runner)
     check_matching(feeds, iterations)
-    model = load_model(checkpoint, "fp32")
+    model = as_exported(load_model(checkpoint, "fp32"), manifest)  # an FP8 export: the FP8 reference
     taps = layer_taps(export_dir, manifest)
     routing = recorded_routing(iterations, router_outputs(taps.model_path), feeds)
     expected, own = reference_outputs(model, manifest, feeds, routing)

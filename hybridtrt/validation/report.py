@@ -328,6 +328,7 @@ def write_report(report: Report, out_dir: str | Path, *, provenance: dict[str, s
         ("first divergence", json.dumps(report.first_divergence) if report.first_divergence else "none"),
         ("MoE routing", routing_line(report) if report.routing else "—"),
         *(("routing gate", why) for why in report.routing_failures),
+        *_quality_summary(report.quality),
         ("time reference / backend", f"{report.timings.get('reference_s', 0):.2f} s / {report.timings.get('backend_s', 0):.2f} s"),
     ]
     summary_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary)
@@ -353,11 +354,35 @@ img {{ max-width: 100%; border: 1px solid #ddd; }}
 allowed: the tensor's bound, max(floor, ratio × yardstick) (hybridtrt/judge/tolerances.json).</p>
 <table><tr><th>phase</th><th>step</th><th>layer</th><th>tensor</th><th>rel L2</th><th>yardstick</th><th>allowed</th><th>cosine</th><th>max abs</th><th>top-1</th><th>gate</th></tr>
 {_rows_html(report)}
-</table></body></html>
+</table>{_quality_html(report.quality)}</body></html>
 """
     files[paths["html"]] = page.encode()
     publish(files)
     return paths
+
+
+def _quality_summary(quality) -> list[tuple[str, str]]:
+    """Summary rows of an FP8 recipe's cost (`Report.quality`), none for other precisions."""
+    if quality is None:
+        return []
+    logits = [c for c in quality.checks if c.name == "logits"]
+    cosine = min((c.comparison.cosine for c in logits), default=float("nan"))
+    return [
+        ("FP8 recipe vs the unquantized truth", f"{'within' if quality.passed else 'BEYOND'} its gates (yardstick {quality.yardstick or 'none'})"),
+        ("FP8 recipe: worst logits cosine", f"{cosine:.6f}"),
+    ]
+
+
+def _quality_html(quality) -> str:
+    if quality is None:
+        return ""
+    return f"""
+<h2>FP8 recipe: {html.escape(quality.backend)} vs the unquantized {html.escape(quality.reference)}</h2>
+<p>What the recipe costs, on the same prompts; yardstick: {html.escape(quality.yardstick or "none ran")} (the same layers
+quantized with ideal per-call scales, nothing calibrated). A calibrated scale that clips fails here.</p>
+<table><tr><th>phase</th><th>step</th><th>layer</th><th>tensor</th><th>rel L2</th><th>yardstick</th><th>allowed</th><th>cosine</th><th>max abs</th><th>top-1</th><th>gate</th></tr>
+{_rows_html(quality)}
+</table>"""
 
 
 def routing_line(report) -> str:

@@ -103,6 +103,9 @@ class Report:
     yardstick: str | None = None
     #: The yardstick's teacher-forced top-1 agreement with the reference's greedy tokens.
     yardstick_top1: float | None = None
+    #: FP8 artefacts: what the recipe costs, the FP8 reference against the unquantized truth
+    #: (precision ``fp8-recipe``); part of the verdict.
+    quality: Report | None = None
 
     def judge_routing(self, tallies: dict[int, RoutingTally], held_to: str = "reference") -> None:
         """Gate the MoE layers' tallied expert choices (`hybridtrt.judge.routing`) into `routing`,
@@ -131,7 +134,7 @@ class Report:
     def passed(self) -> bool:
         token_gate = self.token_gate
         tokens_ok = token_gate is None or self.token_agreement is None or self.token_agreement >= token_gate
-        return not self.failures and tokens_ok and not self.routing_failures
+        return not self.failures and tokens_ok and not self.routing_failures and (self.quality is None or self.quality.passed)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -146,6 +149,7 @@ class Report:
             for c in self.checks
         ]
         d["extras"] = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in self.extras.items()}
+        d["quality"] = None if self.quality is None else self.quality.to_dict()
         return d
 
 

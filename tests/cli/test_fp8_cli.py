@@ -31,9 +31,13 @@ def test_fp8_export_validates_and_bad_scale_fails(make_checkpoint, tmp_path, cap
 
     assert main(["validate", str(out), "--random", "8", "--steps", "4", "--json", str(tmp_path / "ok.json")]) == 0
     report = json.loads((tmp_path / "ok.json").read_text())
-    assert report["precision"] == "fp8" and report["passed"]
+    assert report["precision"] == "fp8" and report["passed"] and report["reference"] == "pytorch-fp8"
+    assert report["yardstick"] == "pytorch-fp8-fp32-dithered"  # an fp32 export (the preset's dtype)
+    assert all(c["rel_l2"] <= c["allowed"] for c in report["checks"])
     prefill = next(c for c in report["checks"] if c["phase"] == "prefill" and c["name"] == "logits")
-    assert prefill["cosine"] >= 0.99 and prefill["top1"] is not None
+    assert prefill["rel_l2"] < 1e-5 and prefill["top1"] is not None  # the FP8 reference, computed by ONNX Runtime
+    quality = next(c for c in report["quality"]["checks"] if c["phase"] == "prefill" and c["name"] == "logits")
+    assert quality["cosine"] >= 0.99 and report["quality"]["passed"]  # the recipe's cost at a trained-like scale
 
     bad = shutil.copytree(out, tmp_path / "bad")
     _scale_activation_quantizer(bad, 1e-3)

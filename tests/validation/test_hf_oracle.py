@@ -38,7 +38,10 @@ def test_the_yardstick_runs_the_truths_code():
     assert (spec.implementation, spec.dtype, spec.name) == ("hf", "fp64", "hf-fp64")
     assert yardstick_for("artefact", "fp32").implementation == "reference"
     assert yardstick_for("artefact", "bf16").dtype == "bf16"
-    assert yardstick_for("artefact", "fp8") is None
+    # FP8: the FP8 reference in the export's dtype; the recipe's cost: ideal scales, nothing calibrated.
+    assert yardstick_for("artefact", "fp8", "bf16").name == "pytorch-fp8-bf16"
+    assert yardstick_for("artefact", "fp8", "fp32").name == "pytorch-fp8-fp32-dithered"
+    assert yardstick_for("artefact", "fp8-recipe").name == "pytorch-fp8-dynamic-fp32"
 
 
 def test_an_exact_reference_passes(make_checkpoint):

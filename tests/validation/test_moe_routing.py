@@ -92,21 +92,28 @@ def test_default_export_and_validate_pass(name, cli_exports, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp8"])
 def test_nano_in_fp16_and_fp8(dtype, tmp_path):
-    """The other precisions of the same architecture; FP8 on trained-like weight scales
-    (initializer_range 0.05, as every FP8 accuracy test), its gates are cosine and routing floors,
-    per layer too, and the recipe records the real tokens each expert saw in calibration."""
+    """The other precisions of the same architecture. FP8: the default recipe (every linear and
+    expert quantized) in the checkpoint's bf16 on trained-like weight scales (initializer_range 0.05,
+    as every FP8 accuracy test), judged per layer against the FP8 reference with its bf16 run as
+    yardstick, routing held; the recipe's cost within 2× the ideal-scale yardstick's; the recipe
+    records the real tokens each expert saw in calibration."""
     kwargs = {"initializer_range": 0.05} if dtype == "fp8" else {}
     ckpt = _checkpoint(tmp_path, "nemotron-3-nano-30b-a3b", **kwargs)
     # One graph (validate's decode steps run on it too): the decode graph's routing is judged by the CLI test.
-    if dtype == "fp8":  # NVIDIA's Nano FP8/NVFP4 recipes keep the Mamba layer before each attention layer in bf16
-        result = export(ckpt, tmp_path / "out", ExportOptions(split=False, per_layer=True), quantize=QuantizeOptions(calib_random=8, exclude=[r"^/model/layers\.4/"]))
+    if dtype == "fp8":
+        result = export(ckpt, tmp_path / "out", ExportOptions(dtype="bf16", split=False, per_layer=True), quantize=QuantizeOptions(calib_random=8))
         experts = result.manifest.quantization["experts"]
         assert len(experts) == 2 and all(sum(e["tokens"]) == 8 * 64 * 6 for e in experts.values())  # MoE layers 1, 3; top-6
+        assert result.manifest.verification["yardstick"] == "FP8 bf16 reference"
     else:
         export(ckpt, tmp_path / "out", ExportOptions(dtype=dtype, split=False))
     report = validate_artefact(tmp_path / "out", per_layer=dtype == "fp8", **PROMPTS)
     assert report.passed, ([(c.phase, c.name, c.failures) for c in report.failures], report.routing_failures)
     assert sorted(report.routing) == [1, 3] and all(r["flipped"] <= r["allowed"] for r in report.routing.values())
+    if dtype == "fp8":
+        assert report.yardstick == "pytorch-fp8-bf16" and report.quality.passed
+        assert {c.phase for c in report.checks} >= {"prefill", "layer", "decode"}
+        assert all(r["yardstick_flipped"] is not None for r in report.quality.routing.values())
 
 
 @pytest.mark.parametrize("name", ["nemotron-3-super-120b-a12b"])

@@ -50,8 +50,10 @@ def test_every_quantized_layer_is_measured_and_ranked(measured):
     # The rebuild from the checkpoint and the recorded recipe is the export itself, bit for bit.
     assert sens["export_max_abs"] == 0.0
     assert sens["none"]["cosine"] > 0.999999 and sens["full"]["cosine"] < sens["none"]["cosine"]
-    prefill = next(c for c in report["checks"] if c["phase"] == "prefill" and c["name"] == "logits")
-    assert prefill["cosine"] == pytest.approx(sens["full"]["cosine"], abs=1e-9)  # same prompts, same graph
+    # Same prompts, same recipe: the FP8 reference's cost (validate's recipe judgement) is the
+    # rebuilt graph's, to fp32 rounding (the artefact computes the FP8 reference to ~1e-7).
+    prefill = next(c for c in report["quality"]["checks"] if c["phase"] == "prefill" and c["name"] == "logits")
+    assert prefill["cosine"] == pytest.approx(sens["full"]["cosine"], abs=1e-6)
 
 
 def test_exclusions_are_the_most_sensitive_and_reach_the_target(measured):
@@ -74,7 +76,7 @@ def test_printed_flags_reach_the_target_on_a_real_re_export(fp8_export, measured
     excluded = read_manifest(out).quantization["excluded"]
     assert all(excluded[node].startswith("matches --exclude") for node in sens["exclude"])
     again = validate_artefact(out, random_n=8, steps=0)
-    prefill = next(c for c in again.checks if c.phase == "prefill" and c.name == "logits").comparison
+    prefill = next(c for c in again.quality.checks if c.phase == "prefill" and c.name == "logits").comparison
     assert prefill.cosine == pytest.approx(sens["reached"]["cosine"], abs=1e-6) and prefill.cosine >= 0.999
 
 
