@@ -1,10 +1,10 @@
 """The streamed export (fake-weight tracing, weights written from the checkpoint) is byte-identical
 to the weight-loaded export (`hybridtrt.exporter.eager`, the code path before streaming), and its
-recipes are what the exporter's optimizer made of the parameters."""
+recipes are what the exporter's optimizer made of the parameters. FP8 and MoE streaming:
+tests/exporter/test_streaming_quantized.py (its own module, so the two halves run in parallel)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -19,19 +19,11 @@ from hybridtrt.errors import CheckpointError
 from hybridtrt.exporter.eager import write_graphs
 from hybridtrt.exporter.export import ExportOptions, export, trace_streamed
 from hybridtrt.exporter.manifest import MANIFEST_FILE, read_manifest
-from hybridtrt.exporter.quantize import QuantizeOptions
 from hybridtrt.exporter.streaming import FOLD_LIMIT, Deferred, DeferredTable
 from hybridtrt.graphs.external_data import is_deferred
 from hybridtrt.models.loading import open_checkpoint
+from tests.exporter.streaming_checks import assert_identical, trace_for_real  # noqa: F401 (autouse fixture)
 from tests.models.hf import save_hf_checkpoint
-
-@pytest.fixture(autouse=True)
-def _trace_for_real(monkeypatch):
-    """This module is about tracing itself (and patches its internals): no replayed traces."""
-    from hybridtrt.exporter import trace_cache
-
-    monkeypatch.delenv(trace_cache.ENV, raising=False)
-
 
 #: The session exports other tests use (so only the eager side costs a trace here).
 SHARED = {
@@ -40,25 +32,12 @@ SHARED = {
 }
 
 
-def _sha(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _assert_identical(streamed, eager, names):
-    assert names, "the eager path wrote nothing"
-    for name in names:
-        assert (streamed / name).is_file(), f"streamed export lacks {name}"
-        assert _sha(streamed / name) == _sha(eager / name), f"{name} differs"
-    ours = {p.name for p in streamed.iterdir()} - {MANIFEST_FILE}
-    assert ours == set(names)
-
-
 @pytest.mark.parametrize("case", list(SHARED))
 def test_streamed_export_is_byte_identical_to_loaded_export(case, make_export, tmp_path):
     preset, options = SHARED[case]
     ckpt, streamed = make_export(preset, options)
     names = write_graphs(ckpt, tmp_path / "eager", options)
-    _assert_identical(streamed, tmp_path / "eager", names)
+    assert_identical(streamed, tmp_path / "eager", names)
 
 
 def test_hf_saved_sharded_bf16_checkpoint(tmp_path):
@@ -68,26 +47,11 @@ def test_hf_saved_sharded_bf16_checkpoint(tmp_path):
     options = ExportOptions(dtype="bf16")
     result = export(ckpt, tmp_path / "streamed", options)
     names = write_graphs(ckpt, tmp_path / "eager", options)
-    _assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
+    assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
     # Verified on ONNX Runtime CPU through the bf16 emulation, against the fp32 reference.
     v = result.manifest.verification
     assert v["method"] == "full-graph" and v["truth"] == "fp32 reference" and v["yardstick"] == "bf16 reference"
     assert v["executor"].startswith("onnxruntime-cpu (bf16 emulated")
-
-
-@pytest.mark.parametrize(("weight_scale", "dtype", "split"), [("tensor", "fp32", True), ("channel", "fp16", False)])
-def test_fp8_streamed_export_is_byte_identical(make_checkpoint, tmp_path, weight_scale, dtype, split):
-    """FP8: scales from sequential calibration on the lazy reference, FP8 bytes streamed."""
-    ckpt = make_checkpoint("tiny-nemotron-h", initializer_range=0.05)
-    options = ExportOptions(dtype=dtype, split=split, verify=False)
-
-    def quant():
-        return QuantizeOptions(calib_random=6, batch=4, weight_scale=weight_scale)
-
-    result = export(ckpt, tmp_path / "streamed", options, quantize=quant())
-    names = write_graphs(ckpt, tmp_path / "eager", options, quantize=quant())
-    _assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
-    assert result.manifest.quantization["quantized"]
 
 
 def test_static_kv_cache_streamed_export_is_byte_identical(make_checkpoint, tmp_path):
@@ -97,42 +61,7 @@ def test_static_kv_cache_streamed_export_is_byte_identical(make_checkpoint, tmp_
     export(ckpt, tmp_path / "streamed", options)
     names = write_graphs(ckpt, tmp_path / "eager", options)
     assert "decode.onnx" in names
-    _assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
-
-
-def test_moe_hf_per_expert_checkpoint_streams_stacked_experts(tmp_path, monkeypatch):
-    """An MoE checkpoint as HF saves it (one tensor per expert): the stacked expert initializers are
-    streamed from the per-expert tensors one expert at a time (never the whole stack),
-    byte-identical to the loaded model's."""
-    from hybridtrt.models.loading import Checkpoint
-
-    whole: list[str] = []
-    read_stored = Checkpoint.read_stored
-    monkeypatch.setattr(Checkpoint, "read_stored", lambda self, name: whole.append(name) or read_stored(self, name))
-    ckpt = save_hf_checkpoint("tiny-nemotron3-moe", tmp_path / "hf", dtype=torch.bfloat16, initializer_range=0.05)
-    checkpoint = open_checkpoint(ckpt, "fp16")
-    stacked = [p for p in checkpoint.parameters.values() if p.parts]
-    assert stacked and all(len(p.parts) == p.shape[0] for p in stacked)
-    assert checkpoint.parameters["layers.1.mixer.gate.weight"].dtype == torch.float32  # router kept fp32
-    options = ExportOptions(dtype="fp16", verify=False)
-    export(ckpt, tmp_path / "streamed", options)
-    assert not {p.name for p in stacked} & set(whole)
-    names = write_graphs(ckpt, tmp_path / "eager", options)
-    _assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
-
-
-def test_moe_fp8_experts_streamed_export_is_byte_identical(make_checkpoint, tmp_path):
-    """FP8 expert weights (`MoeExpertsFp8`) are quantized while streaming, with the same bytes."""
-    ckpt = make_checkpoint("tiny-nemotron3-moe", initializer_range=0.05)
-    options = ExportOptions(split=False, verify=False)
-
-    def quant():
-        return QuantizeOptions(calib_random=6, batch=4)
-
-    result = export(ckpt, tmp_path / "streamed", options, quantize=quant())
-    names = write_graphs(ckpt, tmp_path / "eager", options, quantize=quant())
-    _assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
-    assert result.manifest.quantization["experts"]
+    assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
 
 
 def test_large_initializers_are_recipes_of_parameters(make_checkpoint):
@@ -193,7 +122,7 @@ def test_optimizer_reading_a_stand_in_gets_the_real_value(make_checkpoint, tmp_p
     assert attempts[0] == set() and len(attempts) > 1
     assert {f"layers.{i}.mixer.conv1d.bias" for i in range(4)} <= attempts[-1]
     names = write_graphs(ckpt, tmp_path / "eager", options)
-    _assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
+    assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
 
 
 def test_non_finite_weight_is_named_and_nothing_is_published(make_checkpoint, tmp_path):

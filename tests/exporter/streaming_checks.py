@@ -1,0 +1,31 @@
+"""What the streaming tests share: real tracing (no replayed traces) and the byte-identity check."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from hybridtrt.exporter.manifest import MANIFEST_FILE
+
+
+@pytest.fixture(autouse=True)
+def trace_for_real(monkeypatch):
+    """These modules are about tracing itself (and patch its internals): no replayed traces."""
+    from hybridtrt.exporter import trace_cache
+
+    monkeypatch.delenv(trace_cache.ENV, raising=False)
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_identical(streamed, eager, names):
+    """Every file the eager path wrote is in the streamed export, byte for byte, and nothing else."""
+    assert names, "the eager path wrote nothing"
+    for name in names:
+        assert (streamed / name).is_file(), f"streamed export lacks {name}"
+        assert sha(streamed / name) == sha(eager / name), f"{name} differs"
+    ours = {p.name for p in streamed.iterdir()} - {MANIFEST_FILE}
+    assert ours == set(names)
