@@ -54,16 +54,6 @@ def test_hf_saved_sharded_bf16_checkpoint(tmp_path):
     assert v["executor"].startswith("onnxruntime-cpu (bf16 emulated")
 
 
-def test_static_kv_cache_streamed_export_is_byte_identical(make_checkpoint, tmp_path):
-    """The static-cache flavour (cache_position/padding_length inputs, fixed-capacity KV)."""
-    ckpt = make_checkpoint("tiny-nemotron-h")
-    options = ExportOptions(kv_cache="static", max_cache_len=16, verify=False)
-    export(ckpt, tmp_path / "streamed", options)
-    names = write_graphs(ckpt, tmp_path / "eager", options)
-    assert "decode.onnx" in names
-    assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
-
-
 def test_large_initializers_are_recipes_of_parameters(make_checkpoint):
     checkpoint = open_checkpoint(make_checkpoint("tiny-nemotron-h"))
     table = DeferredTable(checkpoint)

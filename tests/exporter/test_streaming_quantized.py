@@ -14,19 +14,22 @@ from tests.exporter.streaming_checks import assert_identical, trace_for_real  # 
 from tests.models.hf import save_hf_checkpoint
 
 
-@pytest.mark.parametrize(("weight_scale", "dtype", "split"), [("tensor", "fp32", True), ("channel", "fp16", False)])
-def test_fp8_streamed_export_is_byte_identical(make_checkpoint, tmp_path, weight_scale, dtype, split):
-    """FP8: scales from sequential calibration on the lazy reference, FP8 bytes streamed."""
+@pytest.mark.parametrize(("weight_scale", "dtype", "split", "kv_cache"), [("tensor", "fp32", True, "static"), ("channel", "fp16", False, "dynamic")])
+def test_fp8_streamed_export_is_byte_identical(make_checkpoint, tmp_path, weight_scale, dtype, split, kv_cache):
+    """FP8: scales from sequential calibration on the lazy reference, FP8 bytes streamed; the first
+    case also in the static-cache flavour (cache_position/padding_length inputs, fixed-capacity KV)."""
     ckpt = make_checkpoint("tiny-nemotron-h", initializer_range=0.05)
-    options = ExportOptions(dtype=dtype, split=split, verify=False)
+    static = {"max_cache_len": 16} if kv_cache == "static" else {}
+    options = ExportOptions(dtype=dtype, split=split, verify=False, kv_cache=kv_cache, **static)
 
     def quant():
         return QuantizeOptions(calib_random=6, batch=4, weight_scale=weight_scale)
 
     result = export(ckpt, tmp_path / "streamed", options, quantize=quant())
     names = write_graphs(ckpt, tmp_path / "eager", options, quantize=quant())
+    assert ("decode.onnx" in names) == split
     assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
-    assert result.manifest.quantization["quantized"]
+    assert result.manifest.quantization["quantized"] and result.manifest.kv_cache == kv_cache
 
 
 def test_moe_hf_per_expert_checkpoint_streams_stacked_experts(tmp_path, monkeypatch):

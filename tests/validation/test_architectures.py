@@ -31,8 +31,9 @@ ARCHS = {
 }
 DTYPES = ["fp16", "bf16"]  # the dtypes real checkpoints ship and serve in; fp32 exports: tests/validation/test_validate.py
 #: (architecture, dtype) pairs run here: Nemotron-H's structure in its default bf16 (fp16 on that
-#: structure: the Nemotron-3 copies in test_moe_routing.py), Mamba-2 in both.
-CASES = [("nemotron-nano-9b-v2", "bf16"), ("mamba-codestral-7b", "fp16"), ("mamba-codestral-7b", "bf16")]
+#: structure: the Nemotron-3 copies in test_moe_routing.py), Mamba-2 in fp16 here and in bf16 through
+#: the CLI (`test_cli_export_and_validate_bf16`).
+CASES = [("nemotron-nano-9b-v2", "bf16"), ("mamba-codestral-7b", "fp16")]
 
 
 @pytest.fixture(scope="module")
