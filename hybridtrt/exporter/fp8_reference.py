@@ -110,7 +110,7 @@ class Dither:
 #: 2 ulps (2^-22, an honest reordering error) flip about once per model, as the artefact does, so
 #: a ratio of two such counts is chance (measured: the dithered run 0, the artefact one flip,
 #: logits 8.9e-3 after 5 layers; with 2^-16 the yardstick reads 3e-2 there, and 3e-7 artefacts
-#: stay 3e-7). benchmarks/architectures.py has the figures per architecture.
+#: stay 3e-7). Run by tests/cli/test_fp8_cli.py and tests/exporter/test_fp8_reference.py (fp32 exports).
 FP32_DITHER = 2.0**-16
 
 
