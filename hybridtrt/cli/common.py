@@ -175,4 +175,5 @@ def routing_summary(verification: dict) -> str:
         return ""
     yard = bool(verification.get("yardstick"))
     per_layer = per_layer_text(totals, yard)
-    return f"rel L2 judged with routing held to the fp32 reference's expert choices; own choices differing per layer{' (yardstick)' if yard else ''} ≤ allowed: {per_layer}"
+    truth = verification.get("truth") or "fp32 reference"
+    return f"rel L2 judged with routing held to the {truth}'s expert choices; own choices differing per layer{' (yardstick)' if yard else ''} ≤ allowed: {per_layer}"

@@ -449,7 +449,8 @@ def export(
             max_cache_len=flavour.max_cache_len,
         )
         if opts.verify:
-            with step(f"verify with ONNX Runtime against the fp32 reference ({opts.verify_mode})"):
+            against = "the FP8 reference (fp32)" if recipe else "the fp32 reference"
+            with step(f"verify with ONNX Runtime against {against} ({opts.verify_mode})"):
                 truth = reference if checkpoint.dtype == torch.float32 else lazy_model(checkpoint.as_dtype(torch.float32))
                 with target.writing(temporary_bytes(checkpoint.parameter_bytes), "verification's temporary files"):  # head slices (verify.py)
                     manifest.verification = verify_export(
