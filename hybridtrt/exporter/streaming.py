@@ -110,6 +110,18 @@ class Deferred:
             return
         yield from self._slices(self.view(checkpoint.read_stored(self.parameter)), source.tensor)
 
+    def is_whole_parameter(self, checkpoint: Checkpoint) -> bool:
+        """Is the view the parameter itself, as stored (no transpose, slice or offset)?"""
+        shape = tuple(checkpoint.parameters[self.parameter].shape)
+        contiguous = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+        return self.offset == 0 and self.shape == shape and self.strides == contiguous
+
+    def rows(self, checkpoint: Checkpoint) -> Iterator[Tensor]:
+        """A whole-parameter view one row at a time (``[1, …]``, model dtype, checked): one expert
+        of a stack at a time, never the whole stack (`Checkpoint.read_rows`)."""
+        for row in range(self.shape[0]):
+            yield checkpoint.read_rows(self.parameter, row, row + 1)
+
     def _per_expert(self, experts: int) -> bool:
         """Is expert ``e``'s part of the view the same view of expert ``e``'s own tensor?"""
         if len(self.shape) < 2 or self.shape[0] != experts:
@@ -152,8 +164,19 @@ class DeferredFP8:
         return hash(self._identity())
 
     def chunks(self, checkpoint: Checkpoint) -> Iterator[np.ndarray]:
+        """The FP8 bytes; a stack of experts ``[E, out, in]`` one expert at a time (each expert's
+        scales are its own, so quantizing expert by expert gives the same bytes)."""
+        if per_expert(self.weight, checkpoint):
+            for expert in self.weight.rows(checkpoint):
+                yield self.quantize(_numpy(expert))[0].view(np.uint8).reshape(-1)
+            return
         w_fp8, _ = self.quantize(_numpy(self.weight.tensor(checkpoint)))
         yield w_fp8.view(np.uint8)
+
+
+def per_expert(weight: Deferred, checkpoint: Checkpoint) -> bool:
+    """Is ``weight`` a stack of routed experts ``[E, out, in]`` as stored, quantized expert by expert?"""
+    return len(weight.shape) == 3 and weight.is_whole_parameter(checkpoint)
 
 
 def _numpy(t: Tensor) -> np.ndarray:
@@ -205,7 +228,8 @@ class DeferredTable:
 
     def quantizer(self):
         """`hybridtrt.graphs.fp8_qdq.WeightQuantizer` for placeholders: the scale is computed now
-        (one weight read), the FP8 bytes when the file is written (read again)."""
+        (one weight read), the FP8 bytes when the file is written (read again); a stack of routed
+        experts is read one expert at a time both times."""
         from hybridtrt.graphs.fp8_qdq import in_memory_quantizer
 
         in_memory = in_memory_quantizer()
@@ -216,7 +240,10 @@ class DeferredTable:
             recipe = self.recipe(w)
             if not isinstance(recipe, Deferred):
                 raise RuntimeError(f"{w.name} is already quantized ({recipe})")
-            _, scale = quantize(_numpy(recipe.tensor(self.checkpoint)))
+            if per_expert(recipe, self.checkpoint):  # one expert at a time, never the whole stack
+                scale = np.concatenate([quantize(_numpy(expert))[1] for expert in recipe.rows(self.checkpoint)])
+            else:
+                _, scale = quantize(_numpy(recipe.tensor(self.checkpoint)))
             key = self.key(DeferredFP8(recipe, quantize))
             return deferred_tensor(fp8_name, onnx.TensorProto.FLOAT8E4M3FN, w.dims, key), scale
 

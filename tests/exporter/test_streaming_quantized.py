@@ -3,11 +3,16 @@ rest of the streaming contract: tests/exporter/test_streaming.py)."""
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import torch
+from onnx import numpy_helper
 
 from hybridtrt.exporter.eager import write_graphs
 from hybridtrt.exporter.export import ExportOptions, export
+from hybridtrt.exporter import trace_cache
 from hybridtrt.exporter.quantize import QuantizeOptions
+from hybridtrt.graphs.fp8_qdq import quantize_expert_weights
 from hybridtrt.models.loading import open_checkpoint
 from tests.exporter.streaming_checks import assert_identical, trace_for_real  # noqa: F401 (autouse fixture)
 from tests.models.hf import save_hf_checkpoint
@@ -32,8 +37,8 @@ def test_fp8_streamed_export_is_byte_identical(make_checkpoint, tmp_path):
 
 def test_moe_hf_per_expert_checkpoint_streams_stacked_experts(tmp_path, monkeypatch):
     """An MoE checkpoint as HF saves it (one tensor per expert): the stacked expert initializers are
-    streamed from the per-expert tensors one expert at a time (never the whole stack),
-    byte-identical to the loaded model's."""
+    streamed from the per-expert tensors one expert at a time (never the whole stack), in fp16 and
+    with FP8 experts (scales and FP8 bytes expert by expert), byte-identical to the loaded model's."""
     from hybridtrt.models.loading import Checkpoint
 
     whole: list[str] = []
@@ -45,10 +50,23 @@ def test_moe_hf_per_expert_checkpoint_streams_stacked_experts(tmp_path, monkeypa
     assert stacked and all(len(p.parts) == p.shape[0] for p in stacked)
     assert checkpoint.parameters["layers.1.mixer.gate.weight"].dtype == torch.float32  # router kept fp32
     options = ExportOptions(dtype="fp16", verify=False)
+    monkeypatch.setenv(trace_cache.ENV, str(tmp_path / "traces"))  # empty: this export traces, the FP8 one below replays
     export(ckpt, tmp_path / "streamed", options)
     assert not {p.name for p in stacked} & set(whole)
     names = write_graphs(ckpt, tmp_path / "eager", options)
     assert_identical(tmp_path / "streamed", tmp_path / "eager", names)
+
+    # FP8 experts: scales and bytes expert by expert, equal to quantizing the whole stack (the full
+    # FP8 MoE export against the eager path: the next test). The trace is the one above's, replayed.
+    whole.clear()  # the eager path above reads whole stacks, as a loaded model does
+    export(ckpt, tmp_path / "fp8", options, quantize=QuantizeOptions(calib_random=4, batch=4))
+    assert not {p.name for p in stacked} & set(whole)
+    inits = {t.name: t for t in onnx.load(str(tmp_path / "fp8" / "model.onnx")).graph.initializer}
+    for p in stacked:
+        w_fp8, scale = quantize_expert_weights(checkpoint.read(p.name).numpy(), "tensor")
+        stem = "model." + p.name
+        assert inits[stem + "_fp8"].raw_data == w_fp8.tobytes(), p.name
+        np.testing.assert_array_equal(numpy_helper.to_array(inits[stem.removesuffix("_proj") + "_weight_scale"]), scale)
 
 
 def test_moe_fp8_experts_streamed_export_is_byte_identical(make_checkpoint, tmp_path):
