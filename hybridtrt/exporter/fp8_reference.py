@@ -40,14 +40,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridtrt.errors import QuantizationError
+from hybridtrt.graphs.fp8_qdq import FP8_E4M3_MAX as FP8_MAX  # the format's bound, not the exporter's arithmetic
 from hybridtrt.graphs.naming import scope_path
+from hybridtrt.models.loading import parse_dtype
 from hybridtrt.models.moe import Experts
 from hybridtrt.ops.moe import group_by_expert, relu2
 
 __all__ = ["FP32_DITHER", "FP8_MAX", "Dither", "as_exported", "set_dither", "dequantized_weight", "dynamic_scale", "emulate_fp8", "fake_quantize", "fp8_emulated"]
 
-#: Largest finite float8e4m3fn value (saturation bound).
-FP8_MAX = 448.0
 _MOE_NODES = ("MoeExperts", "MoeExpertsFp8")
 
 
@@ -253,9 +253,9 @@ def set_dither(model: nn.Module, amount: float | None, seed: int = 0) -> None:
 
 
 @contextmanager
-def fp8_emulated(model: nn.Module, recipe: Mapping[str, Any] | None, scale_dtype: torch.dtype, *, dynamic: bool = False) -> Iterator[nn.Module]:
+def fp8_emulated(model: nn.Module, recipe: Mapping[str, Any] | None, scale_dtype: torch.dtype) -> Iterator[nn.Module]:
     """`emulate_fp8` for the duration of a block (nothing when ``recipe`` is None)."""
-    restore = emulate_fp8(model, recipe, scale_dtype, dynamic=dynamic) if recipe else (lambda: None)
+    restore = emulate_fp8(model, recipe, scale_dtype) if recipe else (lambda: None)
     try:
         yield model
     finally:
@@ -267,8 +267,5 @@ def as_exported(model: nn.Module, manifest: Any, *, dynamic: bool = False, dithe
     export (`emulate_fp8`, scales rounded to the export's dtype), the model itself otherwise."""
     recipe = getattr(manifest, "quantization", None)
     if recipe:
-        emulate_fp8(model, recipe, _DTYPES[manifest.dtype], dynamic=dynamic, dither=dither)
+        emulate_fp8(model, recipe, parse_dtype(manifest.dtype), dynamic=dynamic, dither=dither)
     return model
-
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -199,12 +199,11 @@ class _Judge:
         for layer, ids in truth.items():
             tallies[layer] = RoutingTally()
             tallies[layer].add(flips(routed[layer], ids), flips(yard.ids(layer), ids) if yard is not None and self.yardstick else None)
-        precision = self.precision
-        records, failed = judge_tallies(routing_gate(precision), tallies)
+        records, failed = judge_tallies(routing_gate(self.precision), tallies)
         out = {str(layer): {k: v for k, v in r.items() if k != "yardstick_choices"} for layer, r in records.items()}
         if failed:
             raise ExportError(
-                f"{where} routes tokens to other experts than the {self.truth} beyond the {precision} routing gate: " + "; ".join(failed),
+                f"{where} routes tokens to other experts than the {self.truth} beyond the {self.precision} routing gate: " + "; ".join(failed),
                 fix="this is a bug in hybridtrt (or a corrupt weights file, e.g. a router weight); please report it with the checkpoint's config.json",
             )
         return out
@@ -304,6 +303,15 @@ def _verify(export_dir: Path, model: HybridLM, manifest: Manifest, truth: Hybrid
     specs = state_specs(model.config, flavour)
     same = truth is model
     moe = bool(model.config.layers_of(MOE))
+
+    def run(reference: HybridLM, hold: RoutingHold, args: tuple, dtype: str, decode: bool) -> dict[str, Any]:
+        """``reference``'s outputs with its routing recorded into, or held to, ``hold``; a lazy
+        reference's last layer is released afterwards."""
+        with held_routing(reference, hold):
+            out = _outputs(_reference(partial(GraphModule(reference, manifest.logits, decode, True, flavour).eval(), *args), dtype), specs)
+        _release(reference)
+        return out
+
     for role, entry in manifest.graphs.items():
         decode = role == "decode"
         inputs = _reference(partial(example_inputs, model, seq=1 if decode else 7, batch=3, past=4, state_dtype=state_dtype, seed=1, flavour=flavour), manifest.dtype)
@@ -311,28 +319,19 @@ def _verify(export_dir: Path, model: HybridLM, manifest: Manifest, truth: Hybrid
         # (hybridtrt.judge.routing), so the gates judge the continuous math on equal routing.
         truth_hold = RoutingHold()
         if same:
-            with held_routing(model, truth_hold):
-                expected = mine = _outputs(_reference(partial(GraphModule(model, manifest.logits, decode, True, flavour).eval(), *inputs), manifest.dtype), specs)
-            _release(model)
+            expected = mine = run(model, truth_hold, inputs, manifest.dtype, decode)
             yard, yard_hold = None, None
             if judge.fp8:  # an fp32 FP8 export: the dithered run is the yardstick (fp8_reference.Dither)
                 yard_hold = RoutingHold(truth_hold.all_ids())
                 set_dither(model, FP32_DITHER)
-                with held_routing(model, yard_hold):
-                    mine = _outputs(_reference(partial(GraphModule(model, manifest.logits, decode, True, flavour).eval(), *inputs), manifest.dtype), specs)
+                yard = mine = run(model, yard_hold, inputs, manifest.dtype, decode)
                 set_dither(model, None)
-                _release(model)
-                yard = mine
         else:
             wide = tuple(t.float() if t.is_floating_point() else t for t in inputs)
-            with held_routing(truth, truth_hold):
-                expected = _outputs(_reference(partial(GraphModule(truth, manifest.logits, decode, True, flavour).eval(), *wide), "fp32"), specs)
-            _release(truth)
+            expected = run(truth, truth_hold, wide, "fp32", decode)
             del wide
             yard_hold = RoutingHold(truth_hold.all_ids())
-            with held_routing(model, yard_hold):
-                mine = _outputs(_reference(partial(GraphModule(model, manifest.logits, decode, True, flavour).eval(), *inputs), manifest.dtype), specs)
-            _release(model)  # a lazy reference's last layer is not needed any more
+            mine = run(model, yard_hold, inputs, manifest.dtype, decode)
             yard = mine if judge.yardstick else None
         truth_ids = truth_hold.all_ids()
         feeds = dict(zip([v["name"] for v in entry.inputs], inputs))

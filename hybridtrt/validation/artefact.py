@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from hybridtrt.errors import ArtefactError, InputError
-from hybridtrt.exporter.fp8_reference import as_exported
+from hybridtrt.exporter.fp8_reference import FP32_DITHER, as_exported
 from hybridtrt.exporter.manifest import Manifest, read_manifest
 from hybridtrt.models.config import load_config
 from hybridtrt.models.loading import load_model, parse_dtype
@@ -184,8 +184,6 @@ def yardstick_subject(
     if spec.fp8 is not None:
         if manifest is None or not manifest.quantization:
             raise ValueError(f"the {spec.name} yardstick needs the FP8 export's manifest")
-        from hybridtrt.exporter.fp8_reference import FP32_DITHER
-
         model = as_exported(model, manifest, dynamic=spec.fp8 == "dynamic", dither=FP32_DITHER if spec.fp8 == "dithered" else None)
     return torch_subject(model, states, name=spec.name)
 
@@ -202,7 +200,7 @@ def recipe_quality(checkpoint: str | Path, manifest: Manifest, fp8_reference, id
     from hybridtrt.validation.runner import decode_phase, prefill_phase, routing_phase
 
     return validate(
-        torch_subject(fp8_reference, name="pytorch-fp8"),
+        torch_subject(fp8_reference, name=_reference_name(manifest)),
         torch_subject(load_model(checkpoint, "fp32")),
         ids,
         mask,

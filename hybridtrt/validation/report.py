@@ -352,13 +352,17 @@ img {{ max-width: 100%; border: 1px solid #ddd; }}
 <h2>All comparisons</h2>
 <p>rel L2 = ‖backend − reference‖ / ‖reference‖; yardstick: {html.escape(report.yardstick or "none ran")}'s rel L2 on the same tensor;
 allowed: the tensor's bound, max(floor, ratio × yardstick) (hybridtrt/judge/tolerances.json).</p>
-<table><tr><th>phase</th><th>step</th><th>layer</th><th>tensor</th><th>rel L2</th><th>yardstick</th><th>allowed</th><th>cosine</th><th>max abs</th><th>top-1</th><th>gate</th></tr>
+{_ROWS_HEAD}
 {_rows_html(report)}
 </table>{_quality_html(report.quality)}</body></html>
 """
     files[paths["html"]] = page.encode()
     publish(files)
     return paths
+
+
+#: Header row of a table of `_rows_html`.
+_ROWS_HEAD = "<table><tr>" + "".join(f"<th>{h}</th>" for h in ("phase", "step", "layer", "tensor", "rel L2", "yardstick", "allowed", "cosine", "max abs", "top-1", "gate")) + "</tr>"
 
 
 def _quality_summary(quality) -> list[tuple[str, str]]:
@@ -380,7 +384,7 @@ def _quality_html(quality) -> str:
 <h2>FP8 recipe: {html.escape(quality.backend)} vs the unquantized {html.escape(quality.reference)}</h2>
 <p>What the recipe costs, on the same prompts; yardstick: {html.escape(quality.yardstick or "none ran")} (the same layers
 quantized with ideal per-call scales, nothing calibrated). A calibrated scale that clips fails here.</p>
-<table><tr><th>phase</th><th>step</th><th>layer</th><th>tensor</th><th>rel L2</th><th>yardstick</th><th>allowed</th><th>cosine</th><th>max abs</th><th>top-1</th><th>gate</th></tr>
+{_ROWS_HEAD}
 {_rows_html(quality)}
 </table>"""
 
