@@ -56,16 +56,17 @@ def test_fake_quantize_rounds_as_onnx_runtime_quantize_linear():
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """``preset -> (checkpoint, FP8 export dir, the calibrated amax table)``: fp32 FP8 exports at a
-    trained-like weight scale (initializer_range 0.05, as every FP8 accuracy test)."""
-    from hybridtrt.models.presets import create_checkpoint
+    """``preset -> (checkpoint, FP8 export dir, the calibrated amax table)``: checkpoints as HF's
+    ``save_pretrained`` writes them (bf16, sharded) at a trained-like weight scale
+    (initializer_range 0.05, as every FP8 accuracy test), exported in fp32 around the Q/DQ."""
+    from tests.models.hf import save_hf_checkpoint
 
     made = {}
 
     def make(preset: str):
         if preset not in made:
             root = tmp_path_factory.mktemp(preset.replace("-", "_"))
-            create_checkpoint(preset, root / "ckpt", initializer_range=0.05)
+            save_hf_checkpoint(preset, root / "ckpt", dtype=torch.bfloat16, max_shard_size="200KB", initializer_range=0.05)
             options = QuantizeOptions(calib_random=8)
             export(root / "ckpt", root / "fp8", ExportOptions(split=False), quantize=options)
             made[preset] = (root / "ckpt", root / "fp8", options.act_amax)
