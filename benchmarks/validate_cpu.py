@@ -1,41 +1,85 @@
-"""`hybridtrt validate` wall time for a ~100M-parameter preset: 8 prompts × 32 decode steps,
-split between the PyTorch reference and the ONNX Runtime backend (issue: validation).
+"""How long `hybridtrt validate` makes a user wait, and what the fp64 yardstick costs (issue 29).
 
-    .venv/bin/python benchmarks/validate_cpu.py [--preset small-nemotron-h] [--prompts 8] [--steps 32]
+On one ~100 M-parameter preset, fp32 export, in one run:
+1. the in-process validation (prompts × decode steps, per layer): wall time split between the
+   PyTorch reference, ONNX Runtime and the fp64 yardstick, and the yardstick / reference ratio;
+2. the depthwise conv1d at validate's shapes (prefill L = 48, decode L = 1) in fp64, torch's
+   grouped ``conv1d`` beside the shifted multiply-adds the fp64 model runs;
+3. the CLI a user types, ``hybridtrt validate OUT --per-layer --report DIR``, start to exit, in a
+   fresh process (imports and the HTML report included).
+
+    .venv/bin/python benchmarks/validate_cpu.py [--preset small-nemotron-h] [--prompts 4] [--steps 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def conv_ms(fn, repeats: int = 20) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e3
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small-nemotron-h")
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=4, help="random prompts (validate's default 4)")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps (validate's default 8)")
     args = parser.parse_args()
 
     from hybridtrt.exporter.export import ExportOptions, export
     from hybridtrt.models import create_checkpoint
+    from hybridtrt.models.layers import depthwise_causal_conv
+    from hybridtrt.models.loading import load_model
     from hybridtrt.validation.artefact import validate_artefact
 
     work = Path(tempfile.mkdtemp(prefix="hybridtrt-bench-"))
     ckpt = create_checkpoint(args.preset, work / "ckpt")
     export(ckpt, work / "export", ExportOptions(verify=False))
+
     start = time.perf_counter()
-    report = validate_artefact(work / "export", ckpt, random_n=args.prompts, steps=args.steps)
+    report = validate_artefact(work / "export", ckpt, random_n=args.prompts, steps=args.steps, per_layer=True)
     wall = time.perf_counter() - start
-    ref, back = report.timings["reference_s"], report.timings["backend_s"]
-    print(f"validate_cpu benchmark — preset {args.preset}, {args.prompts} prompts × {args.steps} steps, verdict {'PASS' if report.passed else 'FAIL'}")
-    print(f"  wall time           {wall:.1f} s")
-    print(f"  PyTorch reference   {ref:.1f} s ({ref / wall:.0%})")
-    print(f"  ONNX Runtime        {back:.1f} s ({back / wall:.0%})")
-    print(f"  other (load, setup) {wall - ref - back:.1f} s")
-    print(f"  greedy token agreement {report.token_agreement:.3f}, teacher-forced top-1 {report.teacher_forced_top1:.3f}")
+    t = report.timings
+    ref, back, yard = t["reference_s"], t["backend_s"], t.get("yardstick_s", 0.0)
+
+    mixer = next(m for m in load_model(ckpt).modules() if hasattr(m, "conv1d"))
+    weight, bias = mixer.conv1d.weight.double(), mixer.conv1d.bias.double()
+    k, channels = weight.shape[-1], weight.shape[0]
+    rows = []
+    for length in (48, 1):
+        window = torch.randn(args.prompts, channels, k + length, dtype=torch.float64)
+        grouped = conv_ms(lambda: F.conv1d(window[:, :, 1:], weight, bias, groups=channels))
+        shifted = conv_ms(lambda: depthwise_causal_conv(window, weight, bias))
+        rows.append((length, grouped, shifted))
+
+    cli = [sys.executable, "-m", "hybridtrt.cli.main", "validate", str(work / "export"), "--per-layer", "--report", str(work / "report")]
+    start = time.perf_counter()
+    proc = subprocess.run(cli, capture_output=True, text=True)
+    cli_wall = time.perf_counter() - start
+
+    print(f"validate_cpu benchmark — preset {args.preset}, fp32 export, {args.prompts} prompts × {args.steps} steps, per layer")
+    print(f"  in-process validate   {wall:5.1f} s   verdict {'PASS' if report.passed else 'FAIL'}")
+    print(f"    PyTorch reference   {ref:5.1f} s")
+    print(f"    fp64 yardstick      {yard:5.1f} s   {yard / ref:.2f}x the reference")
+    print(f"    ONNX Runtime        {back:5.1f} s")
+    print(f"    other (load, setup) {wall - ref - back - yard:5.1f} s")
+    print(f"  fp64 depthwise conv1d, conv_dim {channels}, batch {args.prompts}:")
+    for length, grouped, shifted in rows:
+        print(f"    L = {length:<3d} grouped conv1d {grouped:6.2f} ms   shifted (used) {shifted:5.2f} ms   {grouped / shifted:5.1f}x")
+    print(f"  CLI `hybridtrt validate --per-layer --report`: {cli_wall:.1f} s, exit {proc.returncode}")
 
 
 if __name__ == "__main__":

@@ -88,16 +88,20 @@ def make_export(make_checkpoint, tmp_path_factory):
     return make
 
 
-#: The longest modules on 2 cores (``make test PYTEST_ARGS=--durations=30``, 2026-12-06), scheduled first: xdist's
+#: The longest modules on 2 cores (``make test PYTEST_ARGS=--durations=60``, 2026-12-06), scheduled first: xdist's
 #: loadscope hands out whole modules in collection order, and a long module handed out last leaves the other
-#: worker idle (60 s of the 12-minute run before this order). Other modules keep their order.
+#: worker idle (60 s of the 12-minute run before this order). Other modules keep their order. The trace-cache
+#: module comes late: its re-keying test replays the shared cache's tiny-mamba2 graphs, which others fill.
 LONGEST_FIRST = (
     "tests/exporter/test_streaming.py",
+    "tests/validation/test_moe_routing.py",
     "tests/validation/test_architectures.py",
-    "tests/plugins/test_kernels_emulated.py",
-    "tests/test_install.py",
-    "tests/exporter/test_trace_cache.py",
+    "tests/exporter/test_streaming_quantized.py",
     "tests/validation/test_validate.py",
+    "tests/test_install.py",
+    "tests/exporter/test_verify.py",
+    "tests/plugins/test_kernels_emulated.py",
+    "tests/validation/test_long_context.py",
     "tests/cli/test_hostile_inputs.py",
     "tests/exporter/test_export_cli.py",
     "tests/exporter/test_export_files.py",

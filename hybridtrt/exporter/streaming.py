@@ -59,7 +59,7 @@ from hybridtrt.graphs.external_data import (
 )
 from hybridtrt.graphs.fp8_qdq import Quantize
 from hybridtrt.models.loading import Checkpoint, check_finite
-from hybridtrt.models.model import HybridLM
+from hybridtrt.models.model import HybridLM, meta_modules
 
 #: Largest initializer (elements) the exporter's optimizer folds by value; larger ones are streamed.
 FOLD_LIMIT: int = inspect.signature(onnxscript.optimizer.optimize_ir).parameters["input_size_limit"].default
@@ -252,7 +252,7 @@ class DeferredTable:
 
 def fake_model(checkpoint: Checkpoint) -> HybridLM:
     """The reference module with fake parameters (shapes and dtypes, no storage)."""
-    with torch.device("meta"):
+    with meta_modules():
         model = HybridLM(checkpoint.config).to(checkpoint.dtype)
     with FakeTensorMode(allow_non_fake_inputs=True):
         fake = {name: torch.empty(p.shape, dtype=p.dtype) for name, p in checkpoint.parameters.items()}

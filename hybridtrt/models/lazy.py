@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 
 from hybridtrt.models.cache import HybridCache
 from hybridtrt.models.loading import Checkpoint
-from hybridtrt.models.model import HybridLM, head_projection
+from hybridtrt.models.model import HybridLM, head_projection, meta_modules
 from hybridtrt.models.moe import Experts
 
 T = TypeVar("T")
@@ -280,7 +280,7 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
 
 def lazy_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> LazyHybridLM:
     """A `LazyHybridLM` over ``checkpoint``: nothing is read until the forward pass needs it."""
-    with torch.device("meta"):
+    with meta_modules():
         model = LazyHybridLM(checkpoint.config).to(checkpoint.dtype)
     model.weights = LazyWeights(checkpoint, device)
     modules = dict(model.named_modules())

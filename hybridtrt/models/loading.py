@@ -25,7 +25,7 @@ from torch import Tensor
 
 from hybridtrt.errors import CheckpointError, ConfigError, InputError
 from hybridtrt.models.config import HybridConfig, load_config
-from hybridtrt.models.model import Block, HybridLM
+from hybridtrt.models.model import Block, HybridLM, meta_modules
 from hybridtrt.models.moe import FP32_PARAMETERS
 from hybridtrt.models.weights import FLOAT_CODES, WeightIndex
 
@@ -166,7 +166,7 @@ def to_checkpoint_name(name: str, prefix: str) -> str:
 def expected_parameters(config: HybridConfig) -> dict[str, tuple[int, ...]]:
     """``{parameter name: shape}`` of `HybridLM` ``(config)`` in module order, without building it:
     the top-level modules of a layerless model plus one meta `Block` per block kind."""
-    with torch.device("meta"):
+    with meta_modules():
         top = HybridLM(dataclasses.replace(config, layer_types=())).state_dict()
         blocks = {kind: Block(config, kind).state_dict() for kind in set(config.layer_types)}
     shapes = {k: tuple(v.shape) for k, v in top.items() if k.startswith("embeddings.")}
@@ -475,7 +475,7 @@ def load_model(
         from hybridtrt.models.lazy import lazy_model
 
         return lazy_model(checkpoint, device)
-    with torch.device("meta"):
+    with meta_modules():
         model = HybridLM(checkpoint.config)
     state = {name: checkpoint.read(name).to(device) for name in checkpoint.parameters}
     model.load_state_dict(state, strict=True, assign=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +21,26 @@ ScanMode = Literal["auto", "scan", "update"]
 
 #: Block letter -> mixer class (registry, not if/elif).
 MIXERS: dict[str, type[nn.Module]] = {MAMBA: Mamba2Mixer, ATTENTION: Attention, MLP: MLPMixer, MOE: MoE}
+
+
+#: The initializers torch's modules call in ``reset_parameters``.
+_INITS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextlib.contextmanager
+def meta_modules() -> Iterator[None]:
+    """Build modules on the meta device without running their initializers (as transformers'
+    ``no_init_weights``): their values are replaced before use, and torch's meta ``normal_`` (the
+    embedding's) imports ``torch._dynamo`` on first use, 1.9 s, a tenth of a small ``validate``."""
+    saved = {name: getattr(nn.init, name) for name in _INITS}
+    try:
+        for name in _INITS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 class Block(nn.Module):

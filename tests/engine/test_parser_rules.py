@@ -24,13 +24,14 @@ from hybridtrt.exporter.export import ExportOptions
 from hybridtrt.ops.moe_onnx import moe_experts_fp8_function
 from hybridtrt.runtime.onnxruntime import OrtModel
 from tests.validation.faults import reseal
+from tests.static_capacity import CAPACITY
 
 #: The option sets other test modules export with (shared through the trace cache); fp32 at the default opset is
 #: tests/engine/test_native_layers.py's.
 FLAVOURS = {
     "fp16": ("tiny-nemotron-h", ExportOptions(dtype="fp16", verify=False)),
     "bf16": ("tiny-nemotron-h", ExportOptions(dtype="bf16", verify=False)),
-    "static": ("tiny-nemotron-h", ExportOptions(kv_cache="static", max_cache_len=96, split=True)),
+    "static": ("tiny-nemotron-h", ExportOptions(kv_cache="static", max_cache_len=CAPACITY, split=True)),
     "moe-bf16": ("tiny-nemotron3-moe", ExportOptions(dtype="bf16", split=False, verify=False)),
 }
 

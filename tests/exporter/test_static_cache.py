@@ -17,9 +17,9 @@ from hybridtrt.models import load_model
 from hybridtrt.runtime.onnxruntime import OrtModel
 from hybridtrt.judge.metrics import rel_l2
 from tests.conftest import left_padded_batch
+from tests.static_capacity import CAPACITY
 
 TOL = 1e-5
-CAPACITY = 96
 STATIC = ExportOptions(kv_cache="static", max_cache_len=CAPACITY, split=True)
 
 
@@ -97,10 +97,11 @@ def test_chunked_prefill_equals_one_call(static):
 def test_capacity_is_refused_before_running(static):
     model, out = static
     ort = OrtModel(out)
-    ids, mask = left_padded_batch([80], model.config.vocab_size, seed=14)
-    with pytest.raises(InputError, match="--max-cache-len is 96"):
+    prompt = CAPACITY - 16
+    ids, mask = left_padded_batch([prompt], model.config.vocab_size, seed=14)
+    with pytest.raises(InputError, match=f"--max-cache-len is {CAPACITY}"):
         ort.generate(ids, mask, max_new_tokens=20)
-    ort.generate(ids, mask, max_new_tokens=17)  # 80 + 17 - 1 = 96 positions fit
+    ort.generate(ids, mask, max_new_tokens=17)  # prompt + 17 - 1 = CAPACITY positions fit
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
+import onnx
 import pytest
 
 import hybridtrt.exporter.export as export_mod
@@ -28,20 +29,19 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def test_a_hit_traces_nothing_and_writes_the_same_bytes(make_checkpoint, tmp_path, cache_dir, monkeypatch):
+    """The first export traces (and fills the cache); the second replays without tracing."""
     ckpt = make_checkpoint("tiny-mamba2")
-    export(ckpt, tmp_path / "first", ONE)
+    export(ckpt, tmp_path / "traced", ONE)
     assert len(list(cache_dir.iterdir())) == 1
     monkeypatch.setattr(export_mod, "fake_model", lambda *a: pytest.fail("traced although cached"))
-    export(ckpt, tmp_path / "second", ONE)
-    monkeypatch.undo()  # tracing back
-    monkeypatch.delenv(trace_cache.ENV)  # and no cache at all
-    export(ckpt, tmp_path / "traced", ONE)
-    assert _files(tmp_path / "second") == _files(tmp_path / "traced")
+    export(ckpt, tmp_path / "replayed", ONE)
+    assert _files(tmp_path / "replayed") == _files(tmp_path / "traced")
 
 
-def test_replayed_decode_graph_is_rekeyed_after_fp8_keys(make_checkpoint, tmp_path, cache_dir, monkeypatch):
+def test_replayed_decode_graph_is_rekeyed_after_fp8_keys(make_checkpoint, tmp_path, monkeypatch):
     """FP8 adds its recipes to the table between the two graphs, so the decode graph's placeholder
-    keys differ from those of the fp32 export that filled the cache: a replay must re-key them."""
+    keys differ from those of the fp32 export that filled the cache: a replay must re-key them.
+    The suite's own cache (tests/conftest.py) is used: other tests have usually filled it already."""
     ckpt = make_checkpoint("tiny-mamba2")
     export(ckpt, tmp_path / "fill", FAST)
     export(ckpt, tmp_path / "replayed", FAST, quantize=QuantizeOptions(calib_random=2, seq_len=16))
@@ -50,8 +50,20 @@ def test_replayed_decode_graph_is_rekeyed_after_fp8_keys(make_checkpoint, tmp_pa
     assert _files(tmp_path / "replayed") == _files(tmp_path / "traced")
 
 
-def test_another_checkpoint_or_spec_misses(make_checkpoint, tmp_path, cache_dir):
-    export(make_checkpoint("tiny-mamba2"), tmp_path / "a", ONE)
-    export(make_checkpoint("tiny-mamba2", seed=1), tmp_path / "b", ONE)
-    export(make_checkpoint("tiny-mamba2"), tmp_path / "c", ExportOptions(split=False, verify=False, logits="all"))
-    assert len(list(cache_dir.iterdir())) == 3
+def test_another_checkpoint_spec_or_limit_misses(make_checkpoint, tmp_path, cache_dir, monkeypatch):
+    """A graph stored for one checkpoint, spec and streaming limit is not replayed for another
+    checkpoint (same preset, other seed), another graph spec, or another folding limit."""
+    from hybridtrt.exporter import streaming
+    from hybridtrt.exporter.export import GraphSpec
+    from hybridtrt.exporter.streaming import DeferredTable
+    from hybridtrt.models.loading import open_checkpoint
+
+    first, other = open_checkpoint(make_checkpoint("tiny-mamba2")), open_checkpoint(make_checkpoint("tiny-mamba2", seed=1))
+    spec = GraphSpec()
+    proto = onnx.helper.make_model(onnx.helper.make_graph([], "stored", [], []))
+    trace_cache.store(first, spec, DeferredTable(first), proto)
+    assert trace_cache.load(first, spec, DeferredTable(first)) == proto
+    assert trace_cache.load(other, spec, DeferredTable(other)) is None
+    assert trace_cache.load(first, GraphSpec(logits="all"), DeferredTable(first)) is None
+    monkeypatch.setattr(streaming, "FOLD_LIMIT", streaming.FOLD_LIMIT // 2)
+    assert trace_cache.load(first, spec, DeferredTable(first)) is None

@@ -24,6 +24,41 @@ def test_shifted_conv_equals_grouped_conv(length, bias):
     torch.testing.assert_close(depthwise_causal_conv(window, w, b), F.conv1d(window[:, :, 1:], w, b, groups=24), rtol=1e-6, atol=1e-6)
 
 
+def test_fp64_mixer_takes_the_shifted_conv_with_the_grouped_conv_math(make_checkpoint, monkeypatch):
+    """The fp64 model (the fp32 gates' yardstick) runs the shifted form at every length (torch's fp64
+    grouped conv1d is 10-300x slower at validate's shapes); its mixer output is the grouped form's to
+    fp64 rounding."""
+    from hybridtrt.models import layers
+
+    mixer = load_model(make_checkpoint()).double().layers[0].mixer
+    h, mask = torch.randn(2, 37, 64, dtype=torch.float64), torch.ones(2, 37, dtype=torch.float64)
+    conv = torch.zeros(2, mixer.conv_dim, mixer.conv_kernel, dtype=torch.float64)
+    ssm = torch.zeros(2, mixer.num_heads, mixer.head_dim, mixer.d_state, dtype=torch.float64)
+    calls = []
+    monkeypatch.setattr(layers, "depthwise_causal_conv", lambda *a: calls.append(1) or depthwise_causal_conv(*a))
+    with torch.no_grad():
+        shifted = mixer(h, mask, conv, ssm, False)[0]
+        assert calls == [1]
+        grouped = mixer.float()(h.float(), mask.float(), conv.float(), ssm.float(), False)[0]  # fp32: the grouped Conv
+    assert calls == [1]
+    assert rel_l2(shifted, grouped.double()) < 1e-5
+
+
+def test_modules_built_on_meta_skip_their_initializers_and_restore_them():
+    from torch import nn
+
+    from hybridtrt.models.model import meta_modules
+
+    before = nn.init.normal_
+    with pytest.raises(RuntimeError, match="inside"):
+        with meta_modules():
+            emb = nn.Embedding(10, 4)
+            assert emb.weight.is_meta and nn.init.normal_ is not before
+            raise RuntimeError("inside")
+    assert nn.init.normal_ is before
+    assert nn.Embedding(10, 4).weight.std() > 0  # initialized again outside
+
+
 def test_gqa_attention_equals_repeated_heads(make_checkpoint):
     """The layer's SDPA(enable_gqa) against the textbook form with K/V repeated per head."""
     attn = load_model(make_checkpoint()).layers[1].mixer

@@ -16,8 +16,8 @@ from hybridtrt.runtime.generation import generate
 from hybridtrt.runtime.onnxruntime import OrtModel, OrtSession
 from hybridtrt.judge.metrics import rel_l2
 from tests.conftest import left_padded_batch
+from tests.static_capacity import CAPACITY
 
-CAPACITY = 64
 
 
 class FakeContext:

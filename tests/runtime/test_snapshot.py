@@ -14,9 +14,10 @@ from hybridtrt.runtime.onnxruntime import OrtModel
 from hybridtrt.runtime.snapshot import Snapshot, snapshot_prompt
 from hybridtrt.judge.metrics import rel_l2
 from tests.conftest import left_padded_batch
+from tests.static_capacity import CAPACITY
 
 TOL = 1e-5
-FLAVOURS = {"dynamic": ExportOptions(), "static": ExportOptions(kv_cache="static", max_cache_len=80)}
+FLAVOURS = {"dynamic": ExportOptions(), "static": ExportOptions(kv_cache="static", max_cache_len=CAPACITY)}
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from hybridtrt.exporter.manifest import read_manifest
 from hybridtrt.runtime.onnxruntime import OrtModel
 from tests.conftest import left_padded_batch
 from tests.runtime.fake_trt import STREAM, cpu_trt_model
+from tests.static_capacity import CAPACITY
 
-CAPACITY = 64  # the static export of tests/runtime/test_cuda_graphs.py (shared through make_export)
 B, L = 2, 16
 
 
@@ -98,7 +98,7 @@ def test_static_engine_refusals(monkeypatch, tmp_path, static_export):
     sidecar = _sidecar(static_export)
     model, ctx = cpu_trt_model(monkeypatch, static_export, sidecar, tmp_path / "model.engine", _kv_aliases(sidecar))
     with pytest.raises(InputError, match=f"--max-cache-len {CAPACITY + 1}"):  # before anything runs
-        model.generate(torch.randint(3, 256, (1, 60)), max_new_tokens=6)
+        model.generate(torch.randint(3, 256, (1, CAPACITY - 4)), max_new_tokens=6)  # one position past the capacity
     assert ctx.calls == []
     old = model.zero_state(1)
     model.zero_state(1)

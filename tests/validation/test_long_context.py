@@ -11,8 +11,9 @@ from hybridtrt.cli.main import main
 from hybridtrt.exporter.export import ExportOptions
 from hybridtrt.validation.long_context import validate_context
 from tests.validation.faults import perturb_weight
+from tests.static_capacity import CAPACITY
 
-STATIC = ExportOptions(kv_cache="static", max_cache_len=160)
+STATIC = ExportOptions(kv_cache="static", max_cache_len=CAPACITY)
 
 
 @pytest.mark.parametrize("options", [ExportOptions(), STATIC], ids=["dynamic", "static"])

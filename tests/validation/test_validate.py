@@ -13,7 +13,9 @@ from hybridtrt.exporter.manifest import read_manifest
 from hybridtrt.validation.artefact import validate_artefact
 from tests.validation.faults import nan_output, perturb_weight, rename_layer_nodes, scale_initializers, swap_outputs
 
-PER_LAYER = ExportOptions(per_layer=True, verify=False)
+#: Per-layer outputs in the unified graph; decode steps run on it too (decode.onnx is validated with the
+#: default exports: tests/validation/test_architectures.py, test_moe_routing.py), one trace instead of two.
+PER_LAYER = ExportOptions(per_layer=True, verify=False, split=False)
 
 
 @pytest.mark.parametrize(
