@@ -53,6 +53,82 @@ def to_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, copy=True))
 
 
+class SharedWeights:
+    """The external initializers of one export directory, memory-mapped once per process and handed
+    to every session over them.
+
+    ONNX Runtime loads (or maps) an external-data file for each session and, on CPU, pre-packs every
+    MatMul weight into a second buffer of its own; the unified and decode graphs of one export then
+    held the weights 1.7× over after load (small-nemotron-h: +569 MiB for 353 MiB of fp32 weights).
+    ``SessionOptions.add_initializer`` makes a session use the caller's buffer instead ("useful when
+    you want to share the same initializer across sessions": onnxruntime_c_api.h, ``AddInitializer``),
+    so both graphs read one read-only mapping of ``weights.data``, and pre-packing is off for such
+    sessions (it would copy them again). Measured on small-nemotron-h (``benchmarks/runtime_memory.py``,
+    README "Benchmarks (CPU)"): peak RSS 1.19× the weight file instead of 2.75×, prefill 1.1× slower.
+
+    Tensors are shared when they are plain files in the directory, aligned for their dtype, and of a
+    dtype numpy holds natively; anything else is left to ONNX Runtime (which refuses what is wrong).
+    """
+
+    _NUMPY: dict[int, Any] = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64}
+    _open: Any = None  # weakref.WeakValueDictionary[Path, SharedWeights], made on first use
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._maps: dict[tuple, np.ndarray] = {}
+        self._values: dict[tuple, Any] = {}
+
+    @classmethod
+    def of(cls, folder: str | Path) -> SharedWeights:
+        """The process's `SharedWeights` of ``folder`` (one while any session over it lives)."""
+        import weakref
+
+        if cls._open is None:
+            cls._open = weakref.WeakValueDictionary()
+        key = Path(folder).resolve()
+        shared = cls._open.get(key)
+        if shared is None:
+            shared = cls._open[key] = cls(key)
+        return shared
+
+    def values(self, graph) -> dict[str, Any]:
+        """``{initializer name: OrtValue}`` over the mapped files for ``graph``'s external tensors."""
+        import onnxruntime as ort
+        from onnx.external_data_helper import uses_external_data
+
+        from hybridtrt.graphs.external_data import external_info
+
+        out: dict[str, Any] = {}
+        for t in graph.graph.initializer:
+            dtype = self._NUMPY.get(t.data_type)
+            if dtype is None or not uses_external_data(t):
+                continue
+            location, offset, length = external_info(t)
+            file, mapped = self._map(location)
+            itemsize = np.dtype(dtype).itemsize
+            count = math.prod(t.dims)
+            if mapped is None or length not in (-1, count * itemsize) or offset % itemsize or offset + count * itemsize > mapped.size:
+                continue
+            key = (file, offset, t.data_type, tuple(t.dims))
+            if key not in self._values:
+                array = mapped[offset : offset + count * itemsize].view(dtype).reshape(tuple(t.dims))
+                self._values[key] = ort.OrtValue.ortvalue_from_numpy(array)
+            out[t.name] = self._values[key]
+        return out
+
+    def _map(self, location: str) -> tuple[tuple, np.ndarray | None]:
+        """``(file identity, read-only mapping)`` of ``location``; no mapping for anything but a
+        plain file of this directory (ONNX Runtime then decides)."""
+        path = self.folder / location
+        if Path(location).name != location or not path.is_file():
+            return (location,), None
+        stat = path.stat()
+        key = (location, stat.st_ino, stat.st_size, stat.st_mtime_ns)  # a republished file is another mapping
+        if key not in self._maps:
+            self._maps[key] = np.memmap(path, dtype=np.uint8, mode="r") if stat.st_size else np.zeros(0, np.uint8)
+        return key, self._maps[key]
+
+
 class OrtSession:
     """A CPU ``InferenceSession`` that takes and returns dicts by name.
 
@@ -61,16 +137,18 @@ class OrtSession:
     produced) and ``emulated_bf16`` is True. Feeds in bf16 are widened exactly.
     """
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, config: dict[str, str] | None = None) -> None:
+    def __init__(self, path: str | Path, *, threads: int | None = None, config: dict[str, str] | None = None, share_weights: bool = True) -> None:
         import onnx
 
         if not Path(path).is_file():
             raise ArtefactError(f"{path} does not exist", fix="export first with `hybridtrt export`")
         graph = onnx.load(str(path), load_external_data=False)
-        self._open(graph, Path(path).resolve().parent, threads=threads, config=config, path=Path(path))
+        self._open(graph, Path(path).resolve().parent, threads=threads, config=config, path=Path(path), share_weights=share_weights)
 
     @classmethod
-    def from_proto(cls, graph, folder: str | Path, *, threads: int | None = None, config: dict[str, str] | None = None) -> OrtSession:
+    def from_proto(
+        cls, graph, folder: str | Path, *, threads: int | None = None, config: dict[str, str] | None = None, share_weights: bool = True
+    ) -> OrtSession:
         """A session over an in-memory graph (no weights in it) whose external data is in ``folder``.
 
         ONNX Runtime refuses external data outside the model's own directory (symlinks included), so
@@ -78,17 +156,21 @@ class OrtSession:
         external-data directory instead of being written elsewhere.
         """
         session = cls.__new__(cls)
-        session._open(graph, Path(folder), threads=threads, config=config)
+        session._open(graph, Path(folder), threads=threads, config=config, share_weights=share_weights)
         return session
 
     def variant(self, transform) -> OrtSession:
         """A session over ``transform(graph)`` of this session's graph, same weights and options."""
-        return OrtSession.from_proto(transform(self.graph), self.folder, threads=self._threads, config=self._config)
+        return OrtSession.from_proto(transform(self.graph), self.folder, threads=self._threads, config=self._config, share_weights=self.weights is not None)
 
-    def _open(self, graph, folder: Path, *, threads: int | None, config: dict[str, str] | None, path: Path | None = None) -> None:
+    def _open(
+        self, graph, folder: Path, *, threads: int | None, config: dict[str, str] | None, path: Path | None = None, share_weights: bool = True
+    ) -> None:
         """Create the session over ``graph`` (weights not loaded) whose external data is in
         ``folder``: from ``path`` when it is that file unchanged, else as bytes (bf16 graphs are
-        rewritten by the emulation pass, which reads no weights)."""
+        rewritten by the emulation pass, which reads no weights). ``share_weights``: read the
+        external tensors from the process's one mapping of them (`SharedWeights`), not pre-packed,
+        unless ``config`` turns pre-packing back on (then ONNX Runtime packs its own copies)."""
         import onnxruntime as ort
 
         from hybridtrt.graphs.bf16_emulation import emulate_bf16, graph_has_bf16
@@ -104,6 +186,13 @@ class OrtSession:
             opts.intra_op_num_threads = threads
         self.graph, self.folder, self._threads, self._config = graph, folder, threads, config
         self.emulated_bf16 = graph_has_bf16(graph)
+        # bf16 graphs run through the emulation, whose Casts ONNX Runtime folds into fp32 copies: nothing to share.
+        self.weights = SharedWeights.of(folder) if share_weights and not self.emulated_bf16 else None
+        if self.weights is not None:
+            if "session.disable_prepacking" not in (config or {}):
+                opts.add_session_config_entry("session.disable_prepacking", "1")
+            for name, value in self.weights.values(graph).items():
+                opts.add_initializer(name, value)
         if self.emulated_bf16 or path is None:  # bytes have no directory of their own
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
             source: str | bytes = (emulate_bf16(graph) if self.emulated_bf16 else graph).SerializeToString()
@@ -160,6 +249,9 @@ class OrtModel:
         attention_budget: Bytes the attention scores of one prefill call may hold; longer calls are
             split (`max_prefill_tokens`), so a long prompt's peak memory is bounded by this, not by
             its length.
+        prepack: ONNX Runtime's own loading: each session reads the weights and pre-packs its
+            MatMul weights (prefill 1.1× faster, 2.3× the peak memory: README "Benchmarks (CPU)");
+            by default both graphs read one memory-mapped copy (`SharedWeights`).
 
     Raises:
         ArtefactError: Not an export. (bf16 exports run through `hybridtrt.graphs.bf16_emulation`.)
@@ -171,7 +263,13 @@ class OrtModel:
     routing: RoutingHold | None = None
 
     def __init__(
-        self, export_dir: str | Path, *, use_decode_graph: bool = True, threads: int | None = None, attention_budget: int = DEFAULT_ATTENTION_BUDGET
+        self,
+        export_dir: str | Path,
+        *,
+        use_decode_graph: bool = True,
+        threads: int | None = None,
+        attention_budget: int = DEFAULT_ATTENTION_BUDGET,
+        prepack: bool = False,
     ) -> None:
         self.export_dir = Path(export_dir)
         self.manifest: Manifest = read_manifest(self.export_dir)
@@ -180,10 +278,11 @@ class OrtModel:
         self.attention_budget = attention_budget
         has_attention = any(b.is_kv for b in self.plan.buffers)
         self._heads = int(self.manifest.model.get("num_attention_heads") or 0) if has_attention else 0
-        self.unified = OrtSession(self.export_dir / self.manifest.graphs["unified"].file, threads=threads)
+        share = not prepack  # pre-packing copies every weight anyway: then ONNX Runtime loads its own
+        self.unified = OrtSession(self.export_dir / self.manifest.graphs["unified"].file, threads=threads, share_weights=share)
         self.decode = None
         if use_decode_graph and "decode" in self.manifest.graphs:
-            self.decode = OrtSession(self.export_dir / self.manifest.graphs["decode"].file, threads=threads)
+            self.decode = OrtSession(self.export_dir / self.manifest.graphs["decode"].file, threads=threads, share_weights=share)
         self.moe_layers = [int(entry["index"]) for entry in self.manifest.layers if entry.get("kind") == "moe"]
         self.routing_graphs = False
 
