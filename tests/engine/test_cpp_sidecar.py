@@ -13,6 +13,7 @@ from hybridtrt.engine.sidecar import make_sidecar, write_sidecar
 from hybridtrt.exporter.export import ExportOptions
 from hybridtrt.exporter.manifest import read_manifest
 from hybridtrt.runtime.buffers import BufferPlan
+from tests.static_capacity import CAPACITY
 
 CPP_DIR = Path(__file__).resolve().parents[2] / "examples" / "cpp"
 
@@ -51,15 +52,15 @@ def test_cpp_reads_the_kv_cache_flavour_like_python(make_export, sidecar_check, 
     from hybridtrt.engine.sidecar import read_sidecar
     from hybridtrt.errors import ArtefactError
 
-    out = make_export("tiny-nemotron-h", ExportOptions(kv_cache="static", max_cache_len=96, split=True))[1]  # test_native_layers'
+    out = make_export("tiny-nemotron-h", ExportOptions(kv_cache="static", max_cache_len=CAPACITY, split=True))[1]  # test_native_layers'
     manifest = read_manifest(out)
     profiles = engine_profiles(manifest, max_batch=2, max_input_len=8, max_cache_len=64)
     sidecar = make_sidecar(manifest, out, profiles, tensorrt_version="11.1.0", gpu_name=None, compute_capability=None, plugin_library=None, build_flags={})
-    assert (sidecar["kv_cache"], sidecar["max_cache_len"]) == ("static", 96)
+    assert (sidecar["kv_cache"], sidecar["max_cache_len"]) == ("static", CAPACITY)
     path = write_sidecar(sidecar, tmp_path / "model.engine")
     lines = _run(sidecar_check, path).stdout.splitlines()
-    assert lines[-1] == "kv_cache static 96"
-    assert "state past_key_values.1.key present.1.key " + str(2 * 2 * 96 * 16 * 4) in lines  # fixed capacity, not profile-derived
+    assert lines[-1] == f"kv_cache static {CAPACITY}"
+    assert "state past_key_values.1.key present.1.key " + str(2 * 2 * CAPACITY * 16 * 4) in lines  # fixed capacity, not profile-derived
     del sidecar["kv_cache"], sidecar["max_cache_len"]
     write_sidecar(sidecar, tmp_path / "model.engine")
     proc = _run(sidecar_check, path)

@@ -12,8 +12,9 @@ from hybridtrt.engine.native_layers import IMPORTER_RULES
 from hybridtrt.engine.trt_rules import NATIVE_OPS
 from hybridtrt.errors import EngineError
 from hybridtrt.exporter.export import ExportOptions
+from tests.static_capacity import CAPACITY
 
-STATIC = ExportOptions(kv_cache="static", max_cache_len=96, split=True)
+STATIC = ExportOptions(kv_cache="static", max_cache_len=CAPACITY, split=True)
 
 
 def _graph(make_export, options):

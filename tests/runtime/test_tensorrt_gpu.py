@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hybridtrt.exporter.export import ExportOptions
+from tests.static_capacity import CAPACITY
 
 _missing = [
     what
@@ -139,8 +140,8 @@ def test_static_cache_engine_replays_cuda_graphs(make_export, tmp_path):
     from hybridtrt.engine.build import build_engine
     from hybridtrt.runtime import load
 
-    _, export = make_export("tiny-nemotron-h", ExportOptions(kv_cache="static", max_cache_len=64))
-    out = build_engine(export, tmp_path / "static.engine", plugins=_plugin_library(), **{**LIMITS, "max_cache_len": 64}).engine
+    _, export = make_export("tiny-nemotron-h", ExportOptions(kv_cache="static", max_cache_len=CAPACITY))
+    out = build_engine(export, tmp_path / "static.engine", plugins=_plugin_library(), **{**LIMITS, "max_cache_len": CAPACITY}).engine
     model = load(out)
     assert model.flavour.static and model.in_place == {s.past_name for s in model.plan.states if s.kind in ("key", "value")}
     ids = torch.tensor([[5, 17, 99, 42, 7], [0, 0, 3, 4, 200]])
