@@ -40,14 +40,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridtrt.errors import QuantizationError
-
-#: The E4M3 format's bound, from torch's own dtype (not the exporter's constant, nor its arithmetic);
-#: and importing the graph rewrite would load onnxscript into every `validate` (1.3 s).
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 from hybridtrt.graphs.naming import scope_path
 from hybridtrt.models.loading import parse_dtype
 from hybridtrt.models.moe import Experts
 from hybridtrt.ops.moe import group_by_expert, relu2
+
+#: The E4M3 format's bound, from torch's own dtype (not the exporter's constant, nor its arithmetic);
+#: and importing the graph rewrite would load onnxscript into every `validate` (1.3 s).
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 __all__ = ["FP32_DITHER", "FP8_MAX", "Dither", "as_exported", "set_dither", "dequantized_weight", "dynamic_scale", "emulate_fp8", "fake_quantize", "fp8_emulated"]
 

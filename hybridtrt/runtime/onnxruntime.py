@@ -59,18 +59,20 @@ class SharedWeights:
 
     ONNX Runtime loads (or maps) an external-data file for each session and, on CPU, pre-packs every
     MatMul weight into a second buffer of its own; the unified and decode graphs of one export then
-    held the weights 1.7× over after load (small-nemotron-h: +569 MiB for 353 MiB of fp32 weights).
+    held the weights 1.6× over after load (small-nemotron-h: +569 MiB for 353 MiB of fp32 weights).
     ``SessionOptions.add_initializer`` makes a session use the caller's buffer instead ("useful when
     you want to share the same initializer across sessions": onnxruntime_c_api.h, ``AddInitializer``),
     so both graphs read one read-only mapping of ``weights.data``, and pre-packing is off for such
     sessions (it would copy them again). Measured on small-nemotron-h (``benchmarks/runtime_memory.py``,
-    README "Benchmarks (CPU)"): peak RSS 1.19× the weight file instead of 2.75×, prefill 1.1× slower.
+    README "Benchmarks (CPU)"): peak RSS 1.19× the weight file instead of 1.97×, prefill 1.14× slower.
 
     Tensors are shared when they are plain files in the directory, aligned for their dtype, and of a
     dtype numpy holds natively; anything else is left to ONNX Runtime (which refuses what is wrong).
     """
 
-    _NUMPY: dict[int, Any] = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64}
+    #: ONNX element types numpy holds natively, by ``TensorProto`` name (bf16 and FP8 are ml_dtypes
+    #: types, which ``OrtValue.ortvalue_from_numpy`` does not take).
+    _NUMPY = {"FLOAT": np.float32, "FLOAT16": np.float16, "DOUBLE": np.float64, "INT64": np.int64, "INT32": np.int32, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
     _open: Any = None  # weakref.WeakValueDictionary[Path, SharedWeights], made on first use
 
     def __init__(self, folder: Path) -> None:
@@ -94,13 +96,14 @@ class SharedWeights:
     def values(self, graph) -> dict[str, Any]:
         """``{initializer name: OrtValue}`` over the mapped files for ``graph``'s external tensors."""
         import onnxruntime as ort
+        from onnx import TensorProto
         from onnx.external_data_helper import uses_external_data
 
         from hybridtrt.graphs.external_data import external_info
 
         out: dict[str, Any] = {}
         for t in graph.graph.initializer:
-            dtype = self._NUMPY.get(t.data_type)
+            dtype = self._NUMPY.get(TensorProto.DataType.Name(t.data_type))
             if dtype is None or not uses_external_data(t):
                 continue
             location, offset, length = external_info(t)
