@@ -22,14 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-
-def conv_ms(fn, repeats: int = 20) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats * 1e3
+from timing import interleaved_median_times  # benchmarks/timing.py (the script's directory is on sys.path)
 
 
 def main() -> None:
@@ -61,9 +54,11 @@ def main() -> None:
     rows = []
     for length in (48, 1):
         window = torch.randn(args.prompts, channels, k + length, dtype=torch.float64)
-        grouped = conv_ms(lambda: F.conv1d(window[:, :, 1:], weight, bias, groups=channels))
-        shifted = conv_ms(lambda: depthwise_causal_conv(window, weight, bias))
-        rows.append((length, grouped, shifted))
+        ms = interleaved_median_times(
+            {"grouped": lambda: F.conv1d(window[:, :, 1:], weight, bias, groups=channels), "shifted": lambda: depthwise_causal_conv(window, weight, bias)},
+            repeats=20,
+        )
+        rows.append((length, ms["grouped"] * 1e3, ms["shifted"] * 1e3))
 
     cli = [sys.executable, "-m", "hybridtrt.cli.main", "validate", str(work / "export"), "--per-layer", "--report", str(work / "report")]
     start = time.perf_counter()

@@ -10,6 +10,7 @@ state passed to `OrtModel.step` is consumed (take a `Snapshot` to keep one).
 from __future__ import annotations
 
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,8 @@ class SharedWeights:
     #: ONNX element types numpy holds natively, by ``TensorProto`` name (bf16 and FP8 are ml_dtypes
     #: types, which ``OrtValue.ortvalue_from_numpy`` does not take).
     _NUMPY = {"FLOAT": np.float32, "FLOAT16": np.float16, "DOUBLE": np.float64, "INT64": np.int64, "INT32": np.int32, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
-    _open: Any = None  # weakref.WeakValueDictionary[Path, SharedWeights], made on first use
+    #: ``{export directory: SharedWeights}`` while a session over it lives.
+    _open: weakref.WeakValueDictionary[Path, SharedWeights] = weakref.WeakValueDictionary()
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -83,10 +85,6 @@ class SharedWeights:
     @classmethod
     def of(cls, folder: str | Path) -> SharedWeights:
         """The process's `SharedWeights` of ``folder`` (one while any session over it lives)."""
-        import weakref
-
-        if cls._open is None:
-            cls._open = weakref.WeakValueDictionary()
         key = Path(folder).resolve()
         shared = cls._open.get(key)
         if shared is None:
@@ -253,7 +251,7 @@ class OrtModel:
             split (`max_prefill_tokens`), so a long prompt's peak memory is bounded by this, not by
             its length.
         prepack: ONNX Runtime's own loading: each session reads the weights and pre-packs its
-            MatMul weights (prefill 1.1× faster, 2.3× the peak memory: README "Benchmarks (CPU)");
+            MatMul weights (prefill 1.14× faster, 1.66× the peak memory: README "Benchmarks (CPU)");
             by default both graphs read one memory-mapped copy (`SharedWeights`).
 
     Raises:
