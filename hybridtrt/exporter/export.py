@@ -42,6 +42,7 @@ from hybridtrt.exporter.manifest import (
 from hybridtrt.exporter.quantize import QuantizeOptions, quantize_graph
 from hybridtrt.exporter.streaming import (
     DeferredTable,
+    FrozenTrace,
     defer_large_initializers,
     fake_model,
     trace_and_optimize,
@@ -238,9 +239,7 @@ def trace_streamed(checkpoint: Checkpoint, table: DeferredTable, spec: GraphSpec
     cached = trace_cache.load(checkpoint, spec, table)
     if cached is not None:
         return cached
-    model = fake_model(checkpoint)
-    inputs = trace_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour)
-    program, stand_ins, large = trace_and_optimize(lambda: export_program(model, inputs, spec, optimize=False), checkpoint, _optimize)
+    program, stand_ins, large = trace_and_optimize(lambda: _trace_unoptimized(checkpoint, spec), checkpoint, _optimize)
     defer_large_initializers(program, table, stand_ins, large)
     proto = program.model_proto
     del program, stand_ins
@@ -248,6 +247,18 @@ def trace_streamed(checkpoint: Checkpoint, table: DeferredTable, spec: GraphSpec
     proto = run_passes(proto, checkpoint.config, spec)
     trace_cache.store(checkpoint, spec, table, proto)
     return proto
+
+
+def _trace_unoptimized(checkpoint: Checkpoint, spec: GraphSpec) -> FrozenTrace:
+    """The unoptimized trace of ``spec`` on fake weights (replayed from the trace cache when it
+    holds one of a checkpoint of the same structure)."""
+    frozen = trace_cache.load_trace(checkpoint, spec)
+    if frozen is None:
+        model = fake_model(checkpoint)
+        inputs = trace_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour)
+        frozen = FrozenTrace(export_program(model, inputs, spec, optimize=False))
+        trace_cache.store_trace(checkpoint, spec, frozen)
+    return frozen
 
 
 def _forget_trace() -> None:

@@ -26,6 +26,10 @@ exporter itself produces, never from a hand-written per-layer table:
    bytes from the checkpoint (one parameter in memory, converted in slices, checked for NaN/Inf)
    when `write_external_data` writes it.
 
+Steps 1 and 2 depend on the checkpoint's structure only (config, dtype, parameter names, shapes
+and dtypes), never on its values: `FrozenTrace` keeps the traced program without values, and each
+attempt of step 3 starts from a thawed copy of it instead of tracing again.
+
 The result is byte-identical to tracing the loaded model (tests/exporter/test_streaming.py proves
 it against `hybridtrt.exporter.eager`, the former code path, for every dtype and flag).
 """
@@ -346,19 +350,57 @@ def attach_weights(program, checkpoint: Checkpoint, stand_ins: StandIns, real: s
     return large
 
 
-def trace_and_optimize(trace: Callable[[], Any], checkpoint: Checkpoint, optimize_fn: Callable[[Any], None]):
-    """``trace()`` an unoptimized program, attach values and run ``optimize_fn(program)``; if the
-    optimizer read a stand-in, trace again and give the parameters it read their real values,
-    until it reads none. (A fresh trace, not a copy: the optimizer names the constants it creates
-    from the traced graph's name counter, so a copy would name them differently.)
+class FrozenTrace:
+    """A traced, unoptimized program without its parameter values, to thaw as often as needed.
+
+    The graph is kept serialized, each initializer a shape-only placeholder (the fake tensors of
+    the trace have no values; `attach_weights` gives every one of them a value). With it are kept
+    the main graph's name counters and the names they have handed out, which the optimizer draws
+    the names of the constants it creates from: a thawed program is in the state the traced one
+    was, and optimizes to the same bytes (tests/exporter/test_trace_cache.py).
+    """
+
+    _UNBOUND = "hybridtrt-unbound-parameter"
+
+    def __init__(self, program: Any) -> None:
+        graph = program.model.graph
+        values = {name: v.const_value for name, v in graph.initializers.items()}
+        try:
+            for name, v in graph.initializers.items():
+                t = values[name]
+                v.const_value = ir.ExternalTensor(self._UNBOUND, None, None, dtype=t.dtype, shape=t.shape, name=name)
+            self.data = ir.serde.serialize_model(program.model).SerializeToString()
+        finally:
+            for name, v in graph.initializers.items():
+                v.const_value = values[name]
+        authority = graph._name_authority
+        self.names = (authority._value_counter, authority._node_counter, frozenset(authority._value_names), frozenset(authority._node_names))
+
+    def thaw(self) -> Any:
+        """A fresh ``ONNXProgram`` (no exported program behind it) equal to the traced one."""
+        from torch.onnx._internal.exporter._onnx_program import ONNXProgram
+
+        model = ir.serde.deserialize_model(onnx.ModelProto.FromString(self.data))
+        authority = model.graph._name_authority
+        authority._value_counter, authority._node_counter = self.names[0], self.names[1]
+        authority._value_names |= self.names[2]
+        authority._node_names |= self.names[3]
+        return ONNXProgram(model, None)
+
+
+def trace_and_optimize(trace: Callable[[], FrozenTrace], checkpoint: Checkpoint, optimize_fn: Callable[[Any], None]):
+    """``trace()`` an unoptimized program once, then attach values to a thawed copy and run
+    ``optimize_fn(program)``; if the optimizer read a stand-in, thaw another copy and give the
+    parameters it read their real values, until it reads none.
 
     Returns:
         ``(program, stand_ins, large)``: the optimized program, its stand-ins, and the initializer
         names that got them (for `defer_large_initializers`).
     """
+    frozen = trace()
     real: set[str] = set()
     while True:
-        program = trace()
+        program = frozen.thaw()
         stand_ins = StandIns()
         large = attach_weights(program, checkpoint, stand_ins, real)
         optimize_fn(program)
@@ -395,6 +437,7 @@ __all__ = [
     "Deferred",
     "DeferredFP8",
     "DeferredTable",
+    "FrozenTrace",
     "StandIns",
     "attach_weights",
     "defer_large_initializers",

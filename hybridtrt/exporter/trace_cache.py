@@ -1,12 +1,23 @@
-"""An opt-in cache of traced graphs, for test suites that export the same checkpoint many times.
+"""An opt-in cache of traced graphs, for test suites that export the same checkpoints many times.
 
 Tracing (``torch.export`` → ONNX → optimizer → graph passes) is 95 % of a small model's export time,
 and the test suite exports the same few checkpoints with the same flags in many tests and in each
-pytest-xdist worker. With ``HYBRIDTRT_TRACE_CACHE=<dir>`` set, `trace_streamed`'s result is kept
-there and replayed when everything it depends on is the same:
+pytest-xdist worker. With ``HYBRIDTRT_TRACE_CACHE=<dir>`` set, two things are kept there.
+
+The unoptimized trace (`load_trace`, `store_trace`; `hybridtrt.exporter.streaming.FrozenTrace`),
+90 % of the tracing time, is replayed for any checkpoint of the same structure, whatever its
+values: the trace runs on fake weights, so it depends only on
+
+- the config, the model dtype, and every parameter's name, shape and dtype;
+- the graph's spec (logits, decode, per-layer outputs, state dtype, opset, KV flavour);
+- every source file of the ``hybridtrt`` package and the versions of torch, onnx, onnxscript and
+  onnx-ir.
+
+The optimizer and the graph passes then run as for a fresh trace (byte-identical results). Their
+result, `trace_streamed`'s (`load`, `store`), is replayed when everything it depends on is the same:
 
 - the checkpoint's bytes (`checkpoint_hash`: config, weights, tokenizer) and the model dtype — the
-  trace inlines small parameters' real values;
+  optimizer folds small parameters' real values into the graph;
 - the graph's spec (logits, decode, per-layer outputs, state dtype, opset, KV flavour);
 - every source file of the ``hybridtrt`` package and the versions of torch, onnx, onnxscript and
   onnx-ir;
@@ -15,12 +26,14 @@ there and replayed when everything it depends on is the same:
 Placeholders (`hybridtrt.exporter.streaming.Deferred` recipes) are stored by recipe and re-keyed
 into the export's own `DeferredTable` on replay, so a replayed graph is byte-identical to a traced
 one in any position of an export. Writes are atomic (temporary name, then rename), so concurrent
-workers may share a directory. A test that monkeypatches tracing must unset the variable (the key
-cannot see a patched function). Users never need it: it is not set unless asked for.
+workers may share a directory. A test that monkeypatches tracing must unset the variable, and one
+that patches what follows the trace must not replay `load`'s graphs (the keys cannot see a patched
+function). Users never need it: it is not set unless asked for.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -82,6 +95,34 @@ def _key(checkpoint: Any, spec: Any) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
 
+def _trace_key(checkpoint: Any, spec: Any) -> str:
+    parts = [
+        "unoptimized trace",
+        dataclasses.asdict(checkpoint.config),
+        str(checkpoint.dtype),
+        [(name, list(p.shape), str(p.dtype)) for name, p in checkpoint.parameters.items()],
+        repr(spec),
+        _code_digest(),
+    ]
+    return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()
+
+
+def load_trace(checkpoint: Any, spec: Any) -> Any:
+    """The cached unoptimized trace of ``spec`` for a checkpoint of this structure, or None."""
+    where = directory()
+    path = where / f"trace-{_trace_key(checkpoint, spec)}.pkl" if where else None
+    if path is None or not path.is_file():
+        return None
+    return pickle.loads(path.read_bytes())
+
+
+def store_trace(checkpoint: Any, spec: Any, frozen: Any) -> None:
+    """Keep an unoptimized trace (`hybridtrt.exporter.streaming.FrozenTrace`) for later exports."""
+    where = directory()
+    if where is not None:
+        _write(where / f"trace-{_trace_key(checkpoint, spec)}.pkl", pickle.dumps(frozen))
+
+
 def load(checkpoint: Any, spec: Any, table: Any) -> onnx.ModelProto | None:
     """The cached graph of ``spec`` with its placeholders keyed into ``table``, or None."""
     where = directory()
@@ -103,7 +144,6 @@ def store(checkpoint: Any, spec: Any, table: Any, proto: onnx.ModelProto) -> Non
     where = directory()
     if where is None:
         return
-    where.mkdir(parents=True, exist_ok=True)
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     recipes = []
@@ -111,9 +151,14 @@ def store(checkpoint: Any, spec: Any, table: Any, proto: onnx.ModelProto) -> Non
         if is_deferred(t):
             recipes.append(table.recipe(t))
             _relocate(t, str(len(recipes) - 1))
-    path = where / f"{_key(checkpoint, spec)}.pkl"
+    _write(where / f"{_key(checkpoint, spec)}.pkl", pickle.dumps((copy.SerializeToString(), recipes)))
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Atomically: concurrent workers may share the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_bytes(pickle.dumps((copy.SerializeToString(), recipes)))
+    temporary.write_bytes(data)
     os.replace(temporary, path)
 
 

@@ -10,11 +10,15 @@ from hybridtrt.exporter.manifest import MANIFEST_FILE
 
 
 @pytest.fixture(autouse=True)
-def trace_for_real(monkeypatch):
-    """These modules are about tracing itself (and patch its internals): no replayed traces."""
+def optimize_for_real(monkeypatch):
+    """These modules are about what follows the trace (stand-ins, the optimizer, the graph passes,
+    streaming) and patch its internals: no replayed optimized graphs. The unoptimized trace, on fake
+    weights, may be replayed (`trace_cache.load_trace`): it holds no value, and the eager path
+    each test compares with traces for real."""
     from hybridtrt.exporter import trace_cache
 
-    monkeypatch.delenv(trace_cache.ENV, raising=False)
+    monkeypatch.setattr(trace_cache, "load", lambda *a: None)
+    monkeypatch.setattr(trace_cache, "store", lambda *a: None)
 
 
 def sha(path):

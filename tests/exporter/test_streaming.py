@@ -22,7 +22,7 @@ from hybridtrt.exporter.manifest import MANIFEST_FILE, read_manifest
 from hybridtrt.exporter.streaming import FOLD_LIMIT, Deferred, DeferredTable
 from hybridtrt.graphs.external_data import is_deferred
 from hybridtrt.models.loading import open_checkpoint
-from tests.exporter.streaming_checks import assert_identical, trace_for_real  # noqa: F401 (autouse fixture)
+from tests.exporter.streaming_checks import assert_identical, optimize_for_real  # noqa: F401 (autouse fixture)
 from tests.models.hf import save_hf_checkpoint
 
 #: Two session exports: both graphs of the default split export, and the unified graph with all logits

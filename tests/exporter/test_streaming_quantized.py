@@ -14,7 +14,7 @@ from hybridtrt.exporter import trace_cache
 from hybridtrt.exporter.quantize import QuantizeOptions
 from hybridtrt.graphs.fp8_qdq import quantize_expert_weights
 from hybridtrt.models.loading import open_checkpoint
-from tests.exporter.streaming_checks import assert_identical, trace_for_real  # noqa: F401 (autouse fixture)
+from tests.exporter.streaming_checks import assert_identical, optimize_for_real  # noqa: F401 (autouse fixture)
 from tests.models.hf import save_hf_checkpoint
 
 

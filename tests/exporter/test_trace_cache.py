@@ -29,13 +29,23 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def test_a_hit_traces_nothing_and_writes_the_same_bytes(make_checkpoint, tmp_path, cache_dir, monkeypatch):
-    """The first export traces (and fills the cache); the second replays without tracing."""
-    ckpt = make_checkpoint("tiny-mamba2")
+    """The first export traces (and keeps the unoptimized trace and the finished graph); the second
+    replays the graph; a checkpoint of the same structure with other values replays the trace and
+    gets its own values: the same bytes as a fresh trace of it (the small parameters the optimizer
+    folds, A = -exp(A_log), D, the conv biases, differ between the two checkpoints)."""
+    ckpt, other = make_checkpoint("tiny-mamba2"), make_checkpoint("tiny-mamba2", seed=1)
     export(ckpt, tmp_path / "traced", ONE)
-    assert len(list(cache_dir.iterdir())) == 1
+    assert sorted(p.name.startswith("trace-") for p in cache_dir.iterdir()) == [False, True]
+    real_fake_model = export_mod.fake_model
     monkeypatch.setattr(export_mod, "fake_model", lambda *a: pytest.fail("traced although cached"))
     export(ckpt, tmp_path / "replayed", ONE)
     assert _files(tmp_path / "replayed") == _files(tmp_path / "traced")
+    export(other, tmp_path / "other-replayed", ONE)
+    monkeypatch.setattr(export_mod, "fake_model", real_fake_model)
+    monkeypatch.delenv(trace_cache.ENV)
+    export(other, tmp_path / "other-traced", ONE)
+    assert _files(tmp_path / "other-replayed") == _files(tmp_path / "other-traced")
+    assert _files(tmp_path / "other-traced")["model.onnx"] != _files(tmp_path / "traced")["model.onnx"]
 
 
 def test_replayed_decode_graph_is_rekeyed_after_fp8_keys(make_checkpoint, tmp_path, monkeypatch):
@@ -67,3 +77,19 @@ def test_another_checkpoint_spec_or_limit_misses(make_checkpoint, tmp_path, cach
     assert trace_cache.load(first, GraphSpec(logits="all"), DeferredTable(first)) is None
     monkeypatch.setattr(streaming, "FOLD_LIMIT", streaming.FOLD_LIMIT // 2)
     assert trace_cache.load(first, spec, DeferredTable(first)) is None
+
+
+def test_an_unoptimized_trace_is_kept_per_structure(make_checkpoint, cache_dir):
+    """The unoptimized trace is replayed for another seed (values are not in it), and for nothing
+    of another structure: model dtype, config, graph spec."""
+    from hybridtrt.exporter.export import GraphSpec
+    from hybridtrt.models.loading import open_checkpoint
+
+    first = open_checkpoint(make_checkpoint("tiny-mamba2"))
+    spec = GraphSpec()
+    trace_cache.store_trace(first, spec, "stored")
+    assert trace_cache.load_trace(first, spec) == "stored"
+    assert trace_cache.load_trace(open_checkpoint(make_checkpoint("tiny-mamba2", seed=1)), spec) == "stored"
+    assert trace_cache.load_trace(open_checkpoint(make_checkpoint("tiny-mamba2"), "fp16"), spec) is None
+    assert trace_cache.load_trace(open_checkpoint(make_checkpoint("tiny-mamba2", num_hidden_layers=3)), spec) is None
+    assert trace_cache.load_trace(first, GraphSpec(decode=True)) is None
