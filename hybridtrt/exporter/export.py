@@ -252,13 +252,13 @@ def trace_streamed(checkpoint: Checkpoint, table: DeferredTable, spec: GraphSpec
 def _trace_unoptimized(checkpoint: Checkpoint, spec: GraphSpec) -> FrozenTrace:
     """The unoptimized trace of ``spec`` on fake weights (replayed from the trace cache when it
     holds one of a checkpoint of the same structure)."""
-    frozen = trace_cache.load_trace(checkpoint, spec)
-    if frozen is None:
+
+    def trace() -> FrozenTrace:
         model = fake_model(checkpoint)
         inputs = trace_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour)
-        frozen = FrozenTrace(export_program(model, inputs, spec, optimize=False))
-        trace_cache.store_trace(checkpoint, spec, frozen)
-    return frozen
+        return FrozenTrace(export_program(model, inputs, spec, optimize=False))
+
+    return trace_cache.traced(checkpoint, spec, trace)
 
 
 def _forget_trace() -> None:

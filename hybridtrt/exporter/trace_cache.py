@@ -4,7 +4,7 @@ Tracing (``torch.export`` → ONNX → optimizer → graph passes) is 95 % of a 
 and the test suite exports the same few checkpoints with the same flags in many tests and in each
 pytest-xdist worker. With ``HYBRIDTRT_TRACE_CACHE=<dir>`` set, two things are kept there.
 
-The unoptimized trace (`load_trace`, `store_trace`; `hybridtrt.exporter.streaming.FrozenTrace`),
+The unoptimized trace (`traced`; `hybridtrt.exporter.streaming.FrozenTrace`),
 90 % of the tracing time, is replayed for any checkpoint of the same structure, whatever its
 values: the trace runs on fake weights, so it depends only on
 
@@ -34,10 +34,12 @@ function). Users never need it: it is not set unless asked for.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import pickle
+from collections.abc import Callable
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -107,20 +109,23 @@ def _trace_key(checkpoint: Any, spec: Any) -> str:
     return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()
 
 
-def load_trace(checkpoint: Any, spec: Any) -> Any:
-    """The cached unoptimized trace of ``spec`` for a checkpoint of this structure, or None."""
+def traced(checkpoint: Any, spec: Any, trace: Callable[[], Any]) -> Any:
+    """The unoptimized trace of ``spec`` (`hybridtrt.exporter.streaming.FrozenTrace`): the cached
+    one of a checkpoint of this structure, else ``trace()``'s, kept for later exports. Workers that
+    miss the same key at once trace it once: the others wait for it (a lock file per key)."""
     where = directory()
-    path = where / f"trace-{_trace_key(checkpoint, spec)}.pkl" if where else None
-    if path is None or not path.is_file():
-        return None
+    if where is None:
+        return trace()
+    path = where / f"trace-{_trace_key(checkpoint, spec)}.pkl"
+    if not path.is_file():
+        where.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            if not path.is_file():
+                frozen = trace()
+                _write(path, pickle.dumps(frozen))
+                return frozen
     return pickle.loads(path.read_bytes())
-
-
-def store_trace(checkpoint: Any, spec: Any, frozen: Any) -> None:
-    """Keep an unoptimized trace (`hybridtrt.exporter.streaming.FrozenTrace`) for later exports."""
-    where = directory()
-    if where is not None:
-        _write(where / f"trace-{_trace_key(checkpoint, spec)}.pkl", pickle.dumps(frozen))
 
 
 def load(checkpoint: Any, spec: Any, table: Any) -> onnx.ModelProto | None:

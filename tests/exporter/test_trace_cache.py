@@ -87,9 +87,47 @@ def test_an_unoptimized_trace_is_kept_per_structure(make_checkpoint, cache_dir):
 
     first = open_checkpoint(make_checkpoint("tiny-mamba2"))
     spec = GraphSpec()
-    trace_cache.store_trace(first, spec, "stored")
-    assert trace_cache.load_trace(first, spec) == "stored"
-    assert trace_cache.load_trace(open_checkpoint(make_checkpoint("tiny-mamba2", seed=1)), spec) == "stored"
-    assert trace_cache.load_trace(open_checkpoint(make_checkpoint("tiny-mamba2"), "fp16"), spec) is None
-    assert trace_cache.load_trace(open_checkpoint(make_checkpoint("tiny-mamba2", num_hidden_layers=3)), spec) is None
-    assert trace_cache.load_trace(first, GraphSpec(decode=True)) is None
+    assert trace_cache.traced(first, spec, lambda: "traced") == "traced"
+    replayed = "replayed"
+    assert trace_cache.traced(first, spec, lambda: replayed) == "traced"
+    assert trace_cache.traced(open_checkpoint(make_checkpoint("tiny-mamba2", seed=1)), spec, lambda: replayed) == "traced"
+    assert trace_cache.traced(open_checkpoint(make_checkpoint("tiny-mamba2"), "fp16"), spec, lambda: replayed) == replayed
+    assert trace_cache.traced(open_checkpoint(make_checkpoint("tiny-mamba2", num_hidden_layers=3)), spec, lambda: replayed) == replayed
+    assert trace_cache.traced(first, GraphSpec(decode=True), lambda: replayed) == replayed
+
+
+def test_workers_missing_the_same_trace_trace_it_once(make_checkpoint, cache_dir):
+    """Two processes missing the same key at once: one traces, the other waits and replays."""
+    import multiprocessing
+
+    from hybridtrt.exporter.export import GraphSpec
+
+    ckpt = make_checkpoint("tiny-mamba2")
+    ctx = multiprocessing.get_context("fork")
+    calls = ctx.Queue()
+    barrier = ctx.Barrier(2)
+    workers = [ctx.Process(target=_trace_after, args=(ckpt, GraphSpec(), barrier, calls)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert sorted(calls.get(timeout=5) for _ in range(2)) == ["replayed", "traced"]
+
+
+def _trace_after(ckpt, spec, barrier, calls) -> None:
+    import time
+
+    from hybridtrt.models.loading import open_checkpoint
+
+    checkpoint = open_checkpoint(ckpt)
+    barrier.wait()
+    traced = []
+
+    def slow_trace():
+        traced.append(1)
+        time.sleep(1.0)  # the other worker misses too, and must wait
+        return "frozen"
+
+    assert trace_cache.traced(checkpoint, spec, slow_trace) == "frozen"
+    calls.put("traced" if traced else "replayed")
