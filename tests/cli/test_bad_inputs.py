@@ -1,4 +1,4 @@
-"""Every bad input a user can give, through the real CLI in a subprocess (DESIGN.md §10).
+"""Every bad input a user can give, through the real CLI in a fresh interpreter (DESIGN.md §10).
 
 Each case asserts: exit code 2, the error's stage and the offending value in the message, no
 ``Traceback``, and the state of the output directory afterwards — absent, or byte-for-byte what it
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.cli.batch import Outcome, run_batch
 
 #: What the output directory must look like after a refused command: absent (or an empty directory),
 #: or exactly as before.
@@ -159,20 +161,38 @@ def clean_checkpoint(tmp_path_factory):
     return create_checkpoint("tiny-nemotron-h", tmp_path_factory.mktemp("clean") / "ckpt")
 
 
+@dataclass
+class Ran:
+    """One case's workspace, the watched directory's state before the command, and its outcome."""
+
+    workspace: Workspace
+    before: dict[str, str] | None
+    outcome: Outcome
+
+
+@pytest.fixture(scope="module")
+def ran(clean_checkpoint, tmp_path_factory) -> dict[str, Ran]:
+    """Every case run through the CLI, in one fresh interpreter (`tests.cli.batch`: one start-up
+    instead of one per case), each in its own workspace."""
+    prepared = []
+    for case in CASES:
+        tmp = tmp_path_factory.mktemp(case.id)
+        ws = Workspace(tmp, clean_checkpoint)
+        ws.paths["out"] = tmp / "out"
+        ws.paths["tmp"] = tmp
+        case.setup(ws)
+        prepared.append((case, ws, tree_digest(ws.paths[case.output[0]])))
+    outcomes = run_batch([[a.format(**ws.paths) for a in case.args] for case, ws, _ in prepared])
+    return {case.id: Ran(ws, before, outcome) for (case, ws, before), outcome in zip(prepared, outcomes)}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_refused_cleanly(case: Case, clean_checkpoint, tmp_path):
-    ws = Workspace(tmp_path, clean_checkpoint)
-    ws.paths["out"] = tmp_path / "out"
-    ws.paths["tmp"] = tmp_path
-    case.setup(ws)
+def test_bad_input_is_refused_cleanly(case: Case, ran):
+    got = ran[case.id]
     watched_name, expected_state = case.output
-    watched = ws.paths[watched_name]
-    before = tree_digest(watched)
-
-    proc = run_cli(*(a.format(**ws.paths) for a in case.args))
-
-    message = proc.stderr + proc.stdout
-    assert proc.returncode == 2, message
+    watched = got.workspace.paths[watched_name]
+    message = got.outcome.output
+    assert got.outcome.code == 2, message
     assert "Traceback" not in message, message
     assert f"[{case.stage}]" in message, message
     assert case.needle in message, message
@@ -180,4 +200,4 @@ def test_bad_input_is_refused_cleanly(case: Case, clean_checkpoint, tmp_path):
     if expected_state == ABSENT:
         assert not tree_digest(watched), f"{watched} was written: {sorted(watched.rglob('*'))}"
     else:
-        assert tree_digest(watched) == before
+        assert tree_digest(watched) == got.before
