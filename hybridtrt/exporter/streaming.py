@@ -388,16 +388,15 @@ class FrozenTrace:
         return ONNXProgram(model, None)
 
 
-def trace_and_optimize(trace: Callable[[], FrozenTrace], checkpoint: Checkpoint, optimize_fn: Callable[[Any], None]):
-    """``trace()`` an unoptimized program once, then attach values to a thawed copy and run
-    ``optimize_fn(program)``; if the optimizer read a stand-in, thaw another copy and give the
-    parameters it read their real values, until it reads none.
+def trace_and_optimize(frozen: FrozenTrace, checkpoint: Checkpoint, optimize_fn: Callable[[Any], None]):
+    """Attach values to a thawed copy of the unoptimized trace and run ``optimize_fn(program)``; if
+    the optimizer read a stand-in, thaw another copy and give the parameters it read their real
+    values, until it reads none.
 
     Returns:
         ``(program, stand_ins, large)``: the optimized program, its stand-ins, and the initializer
         names that got them (for `defer_large_initializers`).
     """
-    frozen = trace()
     real: set[str] = set()
     while True:
         program = frozen.thaw()

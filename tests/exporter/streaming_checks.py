@@ -13,7 +13,7 @@ from hybridtrt.exporter.manifest import MANIFEST_FILE
 def optimize_for_real(monkeypatch):
     """These modules are about what follows the trace (stand-ins, the optimizer, the graph passes,
     streaming) and patch its internals: no replayed optimized graphs. The unoptimized trace, on fake
-    weights, may be replayed (`trace_cache.load_trace`): it holds no value, and the eager path
+    weights, may be replayed (`trace_cache.traced`): it holds no value, and the eager path
     each test compares with traces for real."""
     from hybridtrt.exporter import trace_cache
 
