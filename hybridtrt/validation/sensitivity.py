@@ -1,7 +1,7 @@
 """FP8 sensitivity per quantized linear layer, and the ``--exclude`` flags that reach a target cosine.
 
-For an FP8 export, the unquantized graph is re-traced from the checkpoint (in the export's dtype)
-and, for every linear layer the export's recipe quantized, a copy with Q/DQ on **that layer only**
+For an FP8 export, the unquantized graph is exported again from the checkpoint (in the export's
+dtype, weights streamed) and, for every linear layer the export's recipe quantized, a copy with Q/DQ on **that layer only**
 is built with the same graph pass the exporter uses (`hybridtrt.graphs.fp8_qdq.insert_fp8_qdq`),
 the recipe's recorded activation scales and weight-scale mode, then run with ONNX Runtime on the
 validation prompts. Each layer's score is its last-token logits against the fp32 PyTorch reference
@@ -250,9 +250,7 @@ def fp8_sensitivity(
     Raises:
         InputError: Not an FP8 export.
     """
-    from hybridtrt.exporter.eager import trace_to_file
-    from hybridtrt.exporter.export import GraphSpec
-    from hybridtrt.models.loading import load_model, parse_dtype
+    from hybridtrt.exporter.export import MODEL_FILE, ExportOptions, export
 
     nodes = check_recipe(manifest, export_dir)
     recipe = manifest.quantization
@@ -270,11 +268,14 @@ def fp8_sensitivity(
 
     with torch.no_grad():
         expected = reference_model(input_ids, attention_mask, logits="last").logits.float().numpy()
-    model = reference_model if manifest.dtype == "fp32" else load_model(checkpoint, manifest.dtype)
     feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(), **StatePlan.from_manifest(manifest).zeros(int(input_ids.shape[0]))}
     with tempfile.TemporaryDirectory(prefix="hybridtrt-sensitivity-") as tmp:
-        folder = Path(tmp)
-        base = trace_to_file(model, folder / "model.onnx", "weights.data", GraphSpec(logits=manifest.logits, state_dtype=parse_dtype(manifest.state_dtype), opset=manifest.opset))
+        # The unquantized graph, exported as the FP8 export was but without Q/DQ: weights streamed
+        # from the checkpoint (one tensor at a time, never the whole model in memory).
+        folder = Path(tmp) / "unquantized"
+        options = ExportOptions(dtype=manifest.dtype, logits=manifest.logits, state_dtype=manifest.state_dtype, opset=manifest.opset, split=False, verify=False)
+        export(checkpoint, folder, options)
+        base = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
         graphs = _Graphs(folder, base, recipe, feeds)
         exported = _last(OrtSession(Path(export_dir) / manifest.graphs["unified"].file).run(feeds, [LOGITS])[LOGITS])
         full_logits = graphs.logits(nodes)

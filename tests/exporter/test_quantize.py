@@ -1,8 +1,8 @@
 """FP8 calibration and the export-time quantization step (`quantize_graph`).
 
 Shares the session export of ``tiny-nemotron-h`` (``initializer_range=0.05``) with
-``tests/graphs/test_fp8_qdq.py``; the decode graph is traced in memory with `trace_graph`, as
-`export()` does, so the unified (loaded) and decode (traced) paths are both covered.
+``tests/graphs/test_fp8_qdq.py``; both of its graphs (unified and decode) are quantized in memory,
+loaded with their weights.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from torch import nn
 from hybridtrt.errors import QuantizationError
 from hybridtrt.exporter import quantize as quantize_mod
 from hybridtrt.exporter.calibration import calibrate, calibration_batches, calibration_hash, matmul_node_name
-from hybridtrt.exporter.eager import trace_graph
-from hybridtrt.exporter.export import GraphSpec
 from hybridtrt.exporter.quantize import QuantizeOptions, quantize_graph
 from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs.fp8_qdq import QUANTIZABLE_PROJECTIONS
@@ -150,8 +148,8 @@ def test_quantize_graph_end_to_end(exported, tmp_path, monkeypatch):
     monkeypatch.setattr(quantize_mod, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
     options = QuantizeOptions(calib_random=8, seq_len=32)
 
-    unified = onnx.load(str(out / "model.onnx"))  # what export() holds in memory after trace_graph
-    decode = trace_graph(model, GraphSpec(decode=True))
+    unified = onnx.load(str(out / "model.onnx"))  # the graphs with their weights in memory
+    decode = onnx.load(str(out / "decode.onnx"))
     recipes = [quantize_graph(unified, model, ckpt, options), quantize_graph(decode, model, ckpt, options)]
     assert len(calls) == 1  # calibrated once, scales reused by the decode graph
     assert recipes[0]["activation_scales"] == recipes[1]["activation_scales"]

@@ -16,6 +16,7 @@ from hybridtrt.graphs.fp8_qdq import quantize_expert_weights
 from hybridtrt.models.loading import open_checkpoint
 from tests.exporter.streaming_checks import assert_identical, optimize_for_real  # noqa: F401 (autouse fixture)
 from tests.models.hf import save_hf_checkpoint
+from tests.static_capacity import CAPACITY
 
 
 def test_fp8_streamed_export_is_byte_identical(make_checkpoint, tmp_path):
@@ -23,7 +24,7 @@ def test_fp8_streamed_export_is_byte_identical(make_checkpoint, tmp_path):
     graphs, in the static-cache flavour (cache_position/padding_length inputs, fixed-capacity KV).
     Per-channel scales in fp16: the MoE case below."""
     ckpt = make_checkpoint("tiny-nemotron-h", initializer_range=0.05)
-    options = ExportOptions(split=True, verify=False, kv_cache="static", max_cache_len=16)
+    options = ExportOptions(split=True, verify=False, kv_cache="static", max_cache_len=CAPACITY)  # the suite's one capacity: a replayed trace
 
     def quant():
         return QuantizeOptions(calib_random=6, batch=4)

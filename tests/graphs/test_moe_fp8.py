@@ -16,7 +16,7 @@ import torch
 from onnx import TensorProto
 
 from hybridtrt.exporter.calibration import calibrate, calibration_batches, moe_node_name
-from hybridtrt.exporter.eager import trace_graph
+from hybridtrt.exporter.export import ExportOptions
 from hybridtrt.graphs.fp8_qdq import EXPERT_FALLBACK, ExpertAmax, insert_fp8_qdq
 from hybridtrt.models import load_model
 from hybridtrt.ops.moe_onnx import MOE_EXPERTS, MOE_EXPERTS_FP8
@@ -33,8 +33,11 @@ def model(make_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def traced(model):
-    return trace_graph(model)
+def traced(make_export):
+    """The unified graph with its weights in memory, as the FP8 export rewrites it (the streamed
+    export's graph is the weight-loaded trace's, byte for byte: tests/exporter/test_streaming*.py)."""
+    _, out = make_export(PRESET, ExportOptions(split=False, verify=False), initializer_range=INIT_RANGE)
+    return onnx.load(str(out / "model.onnx"))
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,10 @@ ARCHS = {
     "nemotron-nano-9b-v2": dict(width=32, layers=5),
     "mamba-codestral-7b": dict(width=8, layers=3),
 }
+#: Nano-v2's pattern reaches its first attention block at layer 14 ("M-M-M-MM-M-M-M*"); its block
+#: kinds, in the order they first appear, in 4 layers (2.3x less tracing and validation here; the
+#: real patterns in full: benchmarks/architectures.py).
+PATTERNS = {"nemotron-nano-9b-v2": "M-M*"}
 DTYPES = ["fp16", "bf16"]  # the dtypes real checkpoints ship and serve in; fp32 exports: tests/validation/test_validate.py
 #: (architecture, dtype) pairs run here: Nemotron-H's structure in its default bf16 (fp16 on that
 #: structure: the Nemotron-3 copies in test_moe_routing.py), Mamba-2 in fp16 here and in bf16 through
@@ -43,6 +47,9 @@ def checkpoints(tmp_path_factory):
     for name, size in ARCHS.items():
         cfg = scaled_config(name, vocab=256, **size)
         cfg["chunk_size"] = 16  # 2 · chunk + 5 = 37 tokens: several chunks at CI cost
+        if name in PATTERNS:
+            assert set(PATTERNS[name]) == set(cfg["hybrid_override_pattern"]), cfg["hybrid_override_pattern"]
+            cfg["hybrid_override_pattern"] = PATTERNS[name]
         out[name] = write_hf_checkpoint(cfg, root / name, dtype="bfloat16")
     return out
 

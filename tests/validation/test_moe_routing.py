@@ -33,8 +33,11 @@ pytest.importorskip("transformers")
 
 ARCHS = {
     "nemotron-3-nano-30b-a3b": dict(width=32, layers=6),  # MEMEM*: 128 experts, top-6
-    "nemotron-3-super-120b-a12b": dict(width=64, layers=8),  # MEMEMEM*: 512 experts, top-22, latent
+    "nemotron-3-super-120b-a12b": dict(width=64, layers=8),  # 512 experts, top-22, latent; pattern below
 }
+#: Super's pattern reaches its first attention block at layer 8 ("MEMEMEM*"); its block kinds, in the
+#: order they first appear, in 4 layers (half the tracing and validation; Nano's copy has two MoE layers).
+PATTERNS = {"nemotron-3-super-120b-a12b": "MEM*"}
 #: validate's inputs in these tests: 3 left-padded prompts, the longest two chunks + 5.
 PROMPTS = dict(random_n=3, prompt_length=37, steps=2)
 
@@ -42,6 +45,9 @@ PROMPTS = dict(random_n=3, prompt_length=37, steps=2)
 def _checkpoint(root, name, **kwargs):
     cfg = scaled_config(name, vocab=256, **ARCHS[name])
     cfg["chunk_size"] = 16
+    if name in PATTERNS:
+        assert set(PATTERNS[name]) == set(cfg["hybrid_override_pattern"]), cfg["hybrid_override_pattern"]
+        cfg["hybrid_override_pattern"] = PATTERNS[name]
     return write_hf_checkpoint(cfg, root / name, dtype="bfloat16", **kwargs)
 
 
@@ -123,7 +129,7 @@ def test_super_in_bf16(name, checkpoints, tmp_path):
     export(checkpoints[name], tmp_path / "out", ExportOptions(dtype="bf16"))  # the checkpoint's dtype, as the CLI picks
     report = validate_artefact(tmp_path / "out", **PROMPTS)
     assert report.passed and report.yardstick == "pytorch-bf16", ([(c.phase, c.name, c.failures) for c in report.failures], report.routing_failures)
-    assert sorted(report.routing) == [1, 3, 5] and all(r["choices"] == 22 * (sum(report.prompt_lengths) + 3 * 2) for r in report.routing.values())
+    assert sorted(report.routing) == [1] and all(r["choices"] == 22 * (sum(report.prompt_lengths) + 3 * 2) for r in report.routing.values())
 
 
 @pytest.fixture(scope="module")
