@@ -34,6 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the checkpoint's)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
     p.add_argument("--plugins", default=None, help="TensorRT plugin library (default: the one recorded in the engine's sidecar)")
+    p.add_argument(
+        "--bf16",
+        choices=["fp32", "emulate"],
+        default="fp32",
+        help="a bf16 export on ONNX Runtime CPU (no bf16 kernels): compute in fp32 from its bf16 weights (default; as fast as an fp32 export) "
+        "or emulate bf16 rounding as TensorRT computes (1.2-1.4x slower; what validate judges)",
+    )
     lc = p.add_argument_group("long context (README: Long context)")
     lc.add_argument("--prefill-chunk", type=int, default=None, metavar="N", help="prefill long prompts in calls of at most N tokens (default 2048)")
     lc.add_argument("--save-snapshot", default=None, metavar="FILE", help="prefill the prompt, write its state snapshot to FILE and stop (with --snapshot: the snapshot of the longer prefix)")
@@ -90,10 +97,11 @@ def _identity(export_dir: Path | None) -> dict[str, str]:
     return {CHECKPOINT_SHA256: sha} if isinstance(sha, str) and sha else {}
 
 
-def resolve(artefact: str | Path, *, plugins: str | None = None, identity: bool = False) -> Target:
+def resolve(artefact: str | Path, *, plugins: str | None = None, identity: bool = False, bf16: str = "fp32") -> Target:
     """Load ``artefact`` with its backend and find its checkpoint (for the tokenizer).
 
     Args:
+        bf16: How ONNX Runtime runs a bf16 export (`hybridtrt.runtime.onnxruntime.BF16_MODES`).
         identity: Also record what model it is (`Target.identity`, for snapshots): the checkpoint
             sha256 an export's manifest records, or the hash of a checkpoint directory (reads it whole).
 
@@ -132,7 +140,7 @@ def resolve(artefact: str | Path, *, plugins: str | None = None, identity: bool 
         model = load(path, **({"plugins": plugins} if plugins else {}))
         ident = _identity(export_dir if sidecar["source"].get("export_dir") else None) if identity else {}
         return Target(model, "tensorrt", Path(ckpt) if ckpt else None, sidecar["model"].get("eos_token_id"), ident)
-    model = load(path)
+    model = load(path, bf16=bf16)
     export_dir = path.parent if path.suffix == ".onnx" else path
     if not (export_dir / MANIFEST_FILE).is_file():
         raise ArtefactError(f"{export_dir} has no {MANIFEST_FILE}", fix="pass an export directory")
@@ -216,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_integrity(args, args.artefact)
 
-    target = resolve(args.artefact, plugins=args.plugins, identity=bool(args.snapshot or args.save_snapshot))
+    target = resolve(args.artefact, plugins=args.plugins, identity=bool(args.snapshot or args.save_snapshot), bf16=args.bf16)
     if snapshot is not None:
         from hybridtrt.runtime.snapshot import check_snapshot
 

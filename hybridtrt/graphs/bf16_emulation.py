@@ -98,17 +98,47 @@ def _widen_attributes(node: onnx.NodeProto) -> None:
 WEIGHT_SUFFIX = "/bf16"
 
 
-def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
+def emulate_bf16(model: onnx.ModelProto, supplied: frozenset[str] | set[str] = frozenset()) -> onnx.ModelProto:
     """Return a copy of ``model`` whose bf16 values are fp32 with bf16 rounding at every producer.
 
     Args:
         model: A graph, with its weights loaded or (the usual case) external data not loaded: weights
             are neither read nor copied (external references are kept as they are).
+        supplied: bf16 weights (of `fp32_reads`) whose exact fp32 widening the caller hands to the
+            executor itself (``SessionOptions.add_initializer``): they are declared fp32 under their
+            own name, without a Cast, so that sessions can share one widened copy.
 
     Returns:
         The rewritten model; ``model`` is not modified. A graph without bf16 values is returned as
         an unchanged copy.
     """
+    return _rewrite(model, rounding=True, supplied=supplied)
+
+
+def fp32_reads(model: onnx.ModelProto) -> set[str]:
+    """The bf16 weights of ``model`` that the rewritten graph reads in fp32: all but those only an
+    embedding ``Gather`` reads (gathered in bf16, the rows widened)."""
+    weights = {t.name for t in model.graph.initializer if t.data_type == BF16}
+    read = {name for node in model.graph.node for j, name in enumerate(node.input) if name in weights and not (node.op_type == "Gather" and j == 0)}
+    return read | (_subgraph_reads(model.graph) & weights) | {v.name for v in model.graph.output if v.name in weights}
+
+
+def widen_bf16(model: onnx.ModelProto, supplied: frozenset[str] | set[str] = frozenset()) -> onnx.ModelProto:
+    """Return a copy of ``model`` that computes in fp32 from its bf16 weights: the same rewrite as
+    `emulate_bf16` (weights widened exactly, bf16 embedding rows gathered then widened) without the
+    rounding of the values the graph computes; a ``Cast(to=bf16)`` of the graph casts to fp32.
+
+    This is fp32 inference of the bf16 weights, not a bf16 execution: at least as precise as any
+    bf16 executor, and as fast on ONNX Runtime's CPU provider as the fp32 export (the rounding Casts
+    cost bf16 emulation 1.3-1.4x: README "Benchmarks (CPU)"). `hybridtrt.runtime.onnxruntime.OrtModel`
+    runs bf16 exports this way by default; validation and export verification judge a bf16
+    artefact as TensorRT runs it, through `emulate_bf16`. ``supplied``: as for `emulate_bf16`.
+    """
+    return _rewrite(model, rounding=False, supplied=supplied)
+
+
+def _rewrite(model: onnx.ModelProto, *, rounding: bool, supplied: frozenset[str] | set[str]) -> onnx.ModelProto:
+    """`emulate_bf16` (``rounding``) or `widen_bf16`."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -118,9 +148,14 @@ def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
         return out
 
     weights = {t.name for t in g.initializer if t.data_type == BF16}
+    if supplied - fp32_reads(model):
+        raise ValueError(f"not bf16 weights read in fp32: {sorted(supplied - fp32_reads(model))[:3]}")
     for t in g.initializer:
-        if t.name in weights:
+        if t.name in supplied:
+            t.data_type = F32  # its value comes from the caller, widened
+        elif t.name in weights:
             t.name += WEIGHT_SUFFIX
+    weights -= set(supplied)
     for v in (*g.input, *g.output, *g.value_info):
         if v.type.tensor_type.elem_type == BF16:
             v.type.tensor_type.elem_type = F32
@@ -128,11 +163,14 @@ def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
     # Widen each bf16 weight once, before any node (only those some node reads as fp32).
     nodes: list[onnx.NodeProto] = []
     gathers_bf16: set[int] = set()
+    gathers_widened: set[int] = set()  # rows of a supplied (widened) table: bf16 values already
     widened: set[str] = set()
     for k, node in enumerate(g.node):
         if node.op_type == "Gather" and node.input[0] in weights:
             node.input[0] += WEIGHT_SUFFIX  # rows gathered in bf16, widened below
             gathers_bf16.add(k)
+        elif node.op_type == "Gather" and node.input[0] in supplied:
+            gathers_widened.add(k)
         widened.update(name for name in node.input if name in weights)
     widened.update(_subgraph_reads(g) & weights)
     widened.update(v.name for v in g.output if v.name in weights)
@@ -144,10 +182,16 @@ def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
     for k, node in enumerate(g.node):
         _widen_attributes(node)
         casts: list[onnx.NodeProto] = []
+        if not rounding and node.op_type == "Cast":
+            for a in node.attribute:
+                if a.name == "to" and a.i == BF16:
+                    a.i = F32  # the graph's own rounding to bf16: fp32 inference keeps the value
         for j, name in enumerate(node.output):
-            if name not in bf16_values:
+            if name not in bf16_values or k in gathers_widened:
                 continue
             already_bf16 = k in gathers_bf16 or (node.op_type == "Cast" and any(a.name == "to" and a.i == BF16 for a in node.attribute))
+            if not rounding and not already_bf16:
+                continue  # computed in fp32, kept in fp32
             raw = name + RAW_SUFFIX
             node.output[j] = raw
             if already_bf16:  # bf16 values already: widen them
@@ -187,4 +231,4 @@ def graph_has_bf16(model: onnx.ModelProto) -> bool:
     return any(v.type.tensor_type.elem_type == bf16 for v in (*g.input, *g.output)) or any(t.data_type == bf16 for t in g.initializer)
 
 
-__all__ = ["emulate_bf16", "graph_has_bf16", "round_to_bf16", "value_types"]
+__all__ = ["emulate_bf16", "fp32_reads", "graph_has_bf16", "round_to_bf16", "value_types", "widen_bf16"]

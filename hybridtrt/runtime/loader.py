@@ -43,7 +43,7 @@ def load(path: str | Path, **kwargs: Any) -> Any:
 
     Args:
         path: An export directory, a ``.onnx`` file of one, or a ``.engine`` file.
-        **kwargs: Passed to the backend (`OrtModel`: ``use_decode_graph``, ``threads``;
+        **kwargs: Passed to the backend (`OrtModel`: ``use_decode_graph``, ``threads``, ``bf16``;
             `TrtModel`: ``plugins``, ``device``).
 
     Returns:

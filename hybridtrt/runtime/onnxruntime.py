@@ -10,6 +10,7 @@ state passed to `OrtModel.step` is consumed (take a `Snapshot` to keep one).
 from __future__ import annotations
 
 import math
+import mmap
 import weakref
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ class SharedWeights:
         self.folder = folder
         self._maps: dict[tuple, np.ndarray] = {}
         self._values: dict[tuple, Any] = {}
+        self._widened: dict[tuple, np.ndarray] = {}
 
     @classmethod
     def of(cls, folder: str | Path) -> SharedWeights:
@@ -91,8 +93,13 @@ class SharedWeights:
             shared = cls._open[key] = cls(key)
         return shared
 
-    def values(self, graph) -> dict[str, Any]:
-        """``{initializer name: OrtValue}`` over the mapped files for ``graph``'s external tensors."""
+    def values(self, graph, widen: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+        """``{initializer name: OrtValue}`` over the mapped files for ``graph``'s external tensors.
+
+        bf16 tensors named in ``widen`` are given as their exact fp32 widening, made once per
+        process (`hybridtrt.graphs.bf16_emulation.fp32_reads`: what the bf16 rewrites read in
+        fp32); other bf16 tensors as bf16 over the mapping (embedding tables, gathered in bf16).
+        """
         import onnxruntime as ort
         from onnx import TensorProto
         from onnx.external_data_helper import uses_external_data
@@ -100,8 +107,10 @@ class SharedWeights:
         from hybridtrt.graphs.external_data import external_info
 
         out: dict[str, Any] = {}
+        fresh: set[tuple] = set()
         for t in graph.graph.initializer:
-            dtype = self._NUMPY.get(TensorProto.DataType.Name(t.data_type))
+            bf16 = t.data_type == TensorProto.BFLOAT16
+            dtype = np.uint16 if bf16 else self._NUMPY.get(TensorProto.DataType.Name(t.data_type))
             if dtype is None or not uses_external_data(t):
                 continue
             location, offset, length = external_info(t)
@@ -110,11 +119,24 @@ class SharedWeights:
             count = math.prod(t.dims)
             if mapped is None or length not in (-1, count * itemsize) or offset % itemsize or offset + count * itemsize > mapped.size:
                 continue
-            key = (file, offset, t.data_type, tuple(t.dims))
+            widened = bf16 and t.name in widen
+            key = (file, offset, t.data_type, tuple(t.dims), widened)
             if key not in self._values:
                 array = mapped[offset : offset + count * itemsize].view(dtype).reshape(tuple(t.dims))
-                self._values[key] = ort.OrtValue.ortvalue_from_numpy(array)
+                if widened:  # bf16 is the top half of an fp32: exact
+                    array = self._widened[key] = (array.astype(np.uint32) << 16).view(np.float32)  # kept alive here
+                    self._values[key] = ort.OrtValue.ortvalue_from_numpy(array)
+                elif bf16:
+                    self._values[key] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, TensorProto.BFLOAT16)
+                else:
+                    self._values[key] = ort.OrtValue.ortvalue_from_numpy(array)
             out[t.name] = self._values[key]
+            if widened:
+                fresh.add(file)
+        for file in fresh:  # the widened tensors' bf16 pages are read: let the kernel drop them from this process
+            mapping = getattr(self._maps[file], "_mmap", None)
+            if mapping is not None:
+                mapping.madvise(mmap.MADV_DONTNEED)
         return out
 
     def _map(self, location: str) -> tuple[tuple, np.ndarray | None]:
@@ -130,25 +152,35 @@ class SharedWeights:
         return key, self._maps[key]
 
 
+#: How a CPU session runs a bf16 graph (ONNX Runtime's CPU provider has no bf16 kernels):
+#: ``emulate``: as a bf16 executor computes it, every bf16 tensor rounded where it is produced
+#: (`hybridtrt.graphs.bf16_emulation.emulate_bf16`; what validation and export verification judge);
+#: ``fp32``: fp32 inference of the bf16 weights (`widen_bf16`), as fast as an fp32 export.
+BF16_MODES = ("emulate", "fp32")
+
+
 class OrtSession:
     """A CPU ``InferenceSession`` that takes and returns dicts by name.
 
     ONNX Runtime's CPU provider has no bf16 kernels: a bf16 graph runs through
-    `hybridtrt.graphs.bf16_emulation` (fp32 compute, every bf16 tensor rounded to bf16 where it is
-    produced) and ``emulated_bf16`` is True. Feeds in bf16 are widened exactly.
+    `hybridtrt.graphs.bf16_emulation`, by default emulated (fp32 compute, every bf16 tensor rounded to
+    bf16 where it is produced; ``emulated_bf16`` is True), or with ``bf16="fp32"`` computed in fp32
+    from the bf16 weights (``widened_bf16``). Feeds in bf16 are widened exactly.
     """
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, config: dict[str, str] | None = None, share_weights: bool = True) -> None:
+    def __init__(
+        self, path: str | Path, *, threads: int | None = None, config: dict[str, str] | None = None, share_weights: bool = True, bf16: str = "emulate"
+    ) -> None:
         import onnx
 
         if not Path(path).is_file():
             raise ArtefactError(f"{path} does not exist", fix="export first with `hybridtrt export`")
         graph = onnx.load(str(path), load_external_data=False)
-        self._open(graph, Path(path).resolve().parent, threads=threads, config=config, path=Path(path), share_weights=share_weights)
+        self._open(graph, Path(path).resolve().parent, threads=threads, config=config, path=Path(path), share_weights=share_weights, bf16=bf16)
 
     @classmethod
     def from_proto(
-        cls, graph, folder: str | Path, *, threads: int | None = None, config: dict[str, str] | None = None, share_weights: bool = True
+        cls, graph, folder: str | Path, *, threads: int | None = None, config: dict[str, str] | None = None, share_weights: bool = True, bf16: str = "emulate"
     ) -> OrtSession:
         """A session over an in-memory graph (no weights in it) whose external data is in ``folder``.
 
@@ -157,15 +189,25 @@ class OrtSession:
         external-data directory instead of being written elsewhere.
         """
         session = cls.__new__(cls)
-        session._open(graph, Path(folder), threads=threads, config=config, share_weights=share_weights)
+        session._open(graph, Path(folder), threads=threads, config=config, share_weights=share_weights, bf16=bf16)
         return session
 
     def variant(self, transform) -> OrtSession:
         """A session over ``transform(graph)`` of this session's graph, same weights and options."""
-        return OrtSession.from_proto(transform(self.graph), self.folder, threads=self._threads, config=self._config, share_weights=self.weights is not None)
+        return OrtSession.from_proto(
+            transform(self.graph), self.folder, threads=self._threads, config=self._config, share_weights=self._share_weights, bf16=self._bf16
+        )
 
     def _open(
-        self, graph, folder: Path, *, threads: int | None, config: dict[str, str] | None, path: Path | None = None, share_weights: bool = True
+        self,
+        graph,
+        folder: Path,
+        *,
+        threads: int | None,
+        config: dict[str, str] | None,
+        path: Path | None = None,
+        share_weights: bool = True,
+        bf16: str = "emulate",
     ) -> None:
         """Create the session over ``graph`` (weights not loaded) whose external data is in
         ``folder``: from ``path`` when it is that file unchanged, else as bytes (bf16 graphs are
@@ -174,7 +216,10 @@ class OrtSession:
         unless ``config`` turns pre-packing back on (then ONNX Runtime packs its own copies)."""
         import onnxruntime as ort
 
-        from hybridtrt.graphs.bf16_emulation import emulate_bf16, graph_has_bf16
+        from hybridtrt.graphs.bf16_emulation import WEIGHT_SUFFIX, emulate_bf16, fp32_reads, graph_has_bf16, widen_bf16
+
+        if bf16 not in BF16_MODES:
+            raise InputError(f"bf16={bf16!r} is not a way to run bf16 graphs", fix=f"pass one of {', '.join(BF16_MODES)}")
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -185,18 +230,28 @@ class OrtSession:
             opts.add_session_config_entry(key, value)
         if threads:
             opts.intra_op_num_threads = threads
-        self.graph, self.folder, self._threads, self._config = graph, folder, threads, config
-        self.emulated_bf16 = graph_has_bf16(graph)
-        # bf16 graphs run through the emulation, whose Casts ONNX Runtime folds into fp32 copies: nothing to share.
-        self.weights = SharedWeights.of(folder) if share_weights and not self.emulated_bf16 else None
+        self.graph, self.folder, self._threads, self._config, self._share_weights, self._bf16 = graph, folder, threads, config, share_weights, bf16
+        has_bf16 = graph_has_bf16(graph)
+        self.emulated_bf16 = has_bf16 and bf16 == "emulate"
+        self.widened_bf16 = has_bf16 and bf16 == "fp32"
+        self.weights = SharedWeights.of(folder) if share_weights else None
+        supplied: set[str] = set()
         if self.weights is not None:
             if "session.disable_prepacking" not in (config or {}):
                 opts.add_session_config_entry("session.disable_prepacking", "1")
-            for name, value in self.weights.values(graph).items():
-                opts.add_initializer(name, value)
-        if self.emulated_bf16 or path is None:  # bytes have no directory of their own
+            # bf16 weights read in fp32 are shared widened (one fp32 copy for every session of the
+            # process); ONNX Runtime would otherwise fold each session's widening Casts into its own.
+            widen = fp32_reads(graph) if has_bf16 else set()
+            for name, value in self.weights.values(graph, widen).items():
+                bf16_kept = has_bf16 and value.data_type() == "tensor(bfloat16)"
+                if name in widen:
+                    supplied.add(name)
+                opts.add_initializer(name + WEIGHT_SUFFIX if bf16_kept else name, value)  # the rewrite renames kept bf16 weights
+        if has_bf16 or path is None:  # bytes have no directory of their own
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-            source: str | bytes = (emulate_bf16(graph) if self.emulated_bf16 else graph).SerializeToString()
+            if has_bf16:
+                graph = (emulate_bf16 if self.emulated_bf16 else widen_bf16)(graph, supplied)
+            source: str | bytes = graph.SerializeToString()
         else:
             source = str(path)
         self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
@@ -206,7 +261,7 @@ class OrtSession:
     def run(self, feeds: dict[str, Any], outputs: list[str] | None = None, *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
         """One run. ``shrink_arena``: hand the memory of this run back afterwards (see `_run_options`)."""
         arrays = {k: to_numpy(v) for k, v in feeds.items() if k in self.input_names}
-        if self.emulated_bf16:
+        if self.emulated_bf16 or self.widened_bf16:
             arrays = {k: a.astype(np.float32) if a.dtype == ml_dtypes.bfloat16 else a for k, a in arrays.items()}
         names = outputs or self.output_names
         return dict(zip(names, self.session.run(names, arrays, _run_options(shrink_arena))))
@@ -221,7 +276,7 @@ class OrtSession:
         Returns:
             ``{output_name: array}`` of the other outputs (the aliased ones are the input arrays).
         """
-        if self.emulated_bf16:  # the emulated graph holds fp32 where the caller's buffers are bf16
+        if self.emulated_bf16 or self.widened_bf16:  # the rewritten graph holds fp32 where the caller's buffers are bf16
             got = self.run(feeds, shrink_arena=shrink_arena)
             for out, inp in aliases.items():
                 feeds[inp][...] = got.pop(out).astype(feeds[inp].dtype)
@@ -253,9 +308,13 @@ class OrtModel:
         prepack: ONNX Runtime's own loading: each session reads the weights and pre-packs its
             MatMul weights (prefill 1.14× faster, 1.66× the peak memory: README "Benchmarks (CPU)");
             by default both graphs read one memory-mapped copy (`SharedWeights`).
+        bf16: How a bf16 export runs (`BF16_MODES`): ``"fp32"`` (default) computes in fp32 from its
+            bf16 weights, as fast as an fp32 export; ``"emulate"`` rounds every bf16 tensor as a
+            bf16 executor (TensorRT) does, 1.3-1.4× slower on CPU, which is what validation judges.
 
     Raises:
-        ArtefactError: Not an export. (bf16 exports run through `hybridtrt.graphs.bf16_emulation`.)
+        ArtefactError: Not an export.
+        InputError: ``bf16`` is not one of `BF16_MODES`.
     """
 
     backend = "onnxruntime"
@@ -271,6 +330,7 @@ class OrtModel:
         threads: int | None = None,
         attention_budget: int = DEFAULT_ATTENTION_BUDGET,
         prepack: bool = False,
+        bf16: str = "fp32",
     ) -> None:
         self.export_dir = Path(export_dir)
         self.manifest: Manifest = read_manifest(self.export_dir)
@@ -280,10 +340,10 @@ class OrtModel:
         has_attention = any(b.is_kv for b in self.plan.buffers)
         self._heads = int(self.manifest.model.get("num_attention_heads") or 0) if has_attention else 0
         share = not prepack  # pre-packing copies every weight anyway: then ONNX Runtime loads its own
-        self.unified = OrtSession(self.export_dir / self.manifest.graphs["unified"].file, threads=threads, share_weights=share)
+        self.unified = OrtSession(self.export_dir / self.manifest.graphs["unified"].file, threads=threads, share_weights=share, bf16=bf16)
         self.decode = None
         if use_decode_graph and "decode" in self.manifest.graphs:
-            self.decode = OrtSession(self.export_dir / self.manifest.graphs["decode"].file, threads=threads, share_weights=share)
+            self.decode = OrtSession(self.export_dir / self.manifest.graphs["decode"].file, threads=threads, share_weights=share, bf16=bf16)
         self.moe_layers = [int(entry["index"]) for entry in self.manifest.layers if entry.get("kind") == "moe"]
         self.routing_graphs = False
 
@@ -457,4 +517,4 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous and a.flags.writeable else np.array(a, order="C")
 
 
-__all__ = ["OrtModel", "OrtSession", "SamplingConfig"]
+__all__ = ["BF16_MODES", "OrtModel", "OrtSession", "SamplingConfig"]

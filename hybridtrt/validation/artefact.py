@@ -230,7 +230,7 @@ def _backend_subject(export_dir, manifest: Manifest, backend: str, engine):
     if backend == "ort":
         from hybridtrt.runtime.onnxruntime import OrtModel
 
-        return ort_subject(OrtModel(export_dir))  # bf16 graphs run through the bf16 emulation pass
+        return ort_subject(OrtModel(export_dir, bf16="emulate"))  # judged as a bf16 executor computes it
     from hybridtrt.runtime import load
 
     return engine_subject(load(engine or Path(export_dir) / "model.engine"))

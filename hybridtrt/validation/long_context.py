@@ -162,7 +162,7 @@ def validate_context(
     if backend == "ort":
         from hybridtrt.runtime.onnxruntime import OrtModel
 
-        subject = ort_subject(OrtModel(export_dir))
+        subject = ort_subject(OrtModel(export_dir, bf16="emulate"))  # judged as a bf16 executor computes it
     else:
         from hybridtrt.runtime import load
 
