@@ -141,13 +141,15 @@ def resolve(artefact: str | Path, *, plugins: str | None = None, identity: bool 
         ident = _identity(export_dir if sidecar["source"].get("export_dir") else None) if identity else {}
         return Target(model, "tensorrt", Path(ckpt) if ckpt else None, sidecar["model"].get("eos_token_id"), ident)
     model = load(path, bf16=bf16)
+    half = model.unified.emulated_bf16 or model.unified.widened_bf16
+    backend = "onnxruntime" + ({"fp32": " (bf16 weights, fp32 compute)", "emulate": " (bf16 emulated)"}[bf16] if half else "")
     export_dir = path.parent if path.suffix == ".onnx" else path
     if not (export_dir / MANIFEST_FILE).is_file():
         raise ArtefactError(f"{export_dir} has no {MANIFEST_FILE}", fix="pass an export directory")
     manifest = read_manifest(export_dir)
     ckpt = manifest.source.get("checkpoint")
     ident = _identity(export_dir) if identity else {}
-    return Target(model, getattr(model, "backend", "onnxruntime"), Path(ckpt) if ckpt else None, manifest.model.get("eos_token_id"), ident)
+    return Target(model, backend, Path(ckpt) if ckpt else None, manifest.model.get("eos_token_id"), ident)
 
 
 class IncrementalText:

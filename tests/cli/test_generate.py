@@ -105,3 +105,13 @@ def test_snapshot_files_continue_a_prompt(exported, tmp_path, capsys):
 def test_out_of_vocabulary_ids_exit_2(exported, capsys):
     rc, _, err = _run(capsys, exported[1], "--ids", "5 -3 7")
     assert rc == 2 and "token id -3 is outside" in err
+
+
+@pytest.mark.parametrize(("flag", "says"), [((), "(bf16 weights, fp32 compute)"), (("--bf16", "emulate"), "(bf16 emulated)")])
+def test_a_bf16_export_says_how_it_computes(make_export, capsys, flag, says):
+    """A bf16 export on ONNX Runtime CPU: fp32 compute from its bf16 weights by default, the
+    emulation of TensorRT's bf16 arithmetic on request; the summary line names which ran."""
+    _, out = make_export("tiny-nemotron-h", ExportOptions(dtype="bf16", verify=False))
+    rc, text, err = _run(capsys, out, "--ids", "5 6 7", "--max-new-tokens", "3", "--ignore-eos", *flag)
+    assert rc == 0, err
+    assert f"backend onnxruntime {says}" in text, text
