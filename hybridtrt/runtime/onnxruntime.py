@@ -276,7 +276,7 @@ class OrtSession:
         self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self._outputs = self.session.get_outputs()
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_names = [o.name for o in self._outputs]
 
     def run(self, feeds: dict[str, Any], outputs: list[str] | None = None, *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
         """One run. ``shrink_arena``: hand the memory of this run back afterwards (see `_run_options`)."""
@@ -322,10 +322,14 @@ class OrtSession:
         inputs = {name: np.ascontiguousarray(array) for name, array in arrays.items()}  # alive until the run ends
         for name, array in inputs.items():
             binding.bind_cpu_input(name, array)
-        got = {}
-        for name, (shape, dtype) in shapes.items():
-            got[name] = np.empty(shape, dtype)
-            binding.bind_output(name, "cpu", 0, dtype, list(shape), got[name].ctypes.data)
+        return self._run_bound(binding, shapes)
+
+    def _run_bound(self, binding, shapes: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, np.ndarray]:
+        """Run ``binding`` (inputs bound) with the ``shapes`` outputs written into new arrays of
+        their own, then hand the arena back; returns those arrays."""
+        got = {name: np.empty(shape, dtype) for name, (shape, dtype) in shapes.items()}
+        for name, array in got.items():
+            binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
         self.session.run_with_iobinding(binding, _run_options(True))
         return got
 
@@ -353,11 +357,7 @@ class OrtSession:
         others = [n for n in self.output_names if n not in aliases]
         shapes = self._output_shapes(feeds, others) if shrink_arena and self.arena else None
         if shapes is not None:  # outside the arena, so that the run can hand all of it back (`_run_into`)
-            got = {name: np.empty(shape, dtype) for name, (shape, dtype) in shapes.items()}
-            for name, array in got.items():
-                binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-            self.session.run_with_iobinding(binding, _run_options(True))
-            return got
+            return self._run_bound(binding, shapes)
         for name in others:
             binding.bind_output(name)
         self.session.run_with_iobinding(binding, _run_options(shrink_arena and self.arena))
