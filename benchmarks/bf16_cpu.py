@@ -22,30 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-CHILD = r"""
-import json, sys, time, numpy as np, torch
-export_dir, mode, length, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-def status(key):
-    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key))
-torch.manual_seed(0)
-ids = torch.randint(3, 250, (1, length)); mask = torch.ones_like(ids)
-from hybridtrt.runtime.onnxruntime import OrtModel
-import onnx, onnxruntime  # imported before the baseline
-base = status('VmRSS')
-model = OrtModel(export_dir, threads=threads, bf16=mode)
-loaded = status('VmRSS') - base
-model.step(ids[:, :8], mask[:, :8], model.zero_state(1), False)  # warm-up
-start = time.perf_counter(); logits, state = model.step(ids, mask, model.zero_state(1), False); prefill = time.perf_counter() - start
-np.save(sys.argv[6], logits.numpy())
-token = logits.argmax(-1)[:, None]
-start = time.perf_counter()
-for _ in range(steps):
-    mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1)
-    logits, state = model.step(token, mask, state, True)
-    token = logits.argmax(-1)[:, None]
-decode = (time.perf_counter() - start) / steps
-print(json.dumps({"loaded": loaded, "peak": status('VmHWM') - base, "prefill": prefill, "decode": decode}))
-"""
+from runtime_memory import CHILD  # benchmarks/runtime_memory.py (the script's directory is on sys.path)
 
 
 def main() -> None:
@@ -76,7 +53,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, (dtype, mode) in subjects.items():
             logits = work / f"{dtype}-{mode}.npy"
-            cmd = [sys.executable, "-c", CHILD, str(work / dtype), mode, str(args.length), str(args.steps), str(args.threads), str(logits)]
+            kwargs = {"threads": args.threads, "bf16": mode}
+            cmd = [sys.executable, "-c", CHILD, "ort", str(work / dtype), str(ckpt), str(args.length), str(args.steps), json.dumps(kwargs), str(logits)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
 

@@ -18,9 +18,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+#: One subject in a fresh process (also run by benchmarks/bf16_cpu.py): ``mode`` is ``hf`` or
+#: ``ort``; ``ort_kwargs`` (JSON) go to `OrtModel`; the prefill's logits are saved to ``logits``
+#: (a ``.npy`` path) unless it is empty. Prints one JSON line: loaded, peak, prefill, decode.
 CHILD = r"""
-import json, sys, time, torch
+import json, sys, time, numpy as np, torch
 mode, export_dir, ckpt, length, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+ort_kwargs, logits_path = json.loads(sys.argv[6]), sys.argv[7]
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key))
 torch.manual_seed(0)
@@ -41,10 +45,12 @@ else:
     from hybridtrt.runtime.onnxruntime import OrtModel
     import onnx, onnxruntime  # imported before the baseline
     base = status('VmRSS')
-    model = OrtModel(export_dir, prepack=mode == "ort-prepacked")
+    model = OrtModel(export_dir, **ort_kwargs)
     loaded = status('VmRSS') - base
     model.step(ids[:, :8], mask[:, :8], model.zero_state(1), False)  # warm-up
     start = time.perf_counter(); logits, state = model.step(ids, mask, model.zero_state(1), False); prefill = time.perf_counter() - start
+    if logits_path:
+        np.save(logits_path, logits.numpy())
     token = logits.argmax(-1)[:, None]
     start = time.perf_counter()
     for _ in range(steps):
@@ -76,7 +82,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(args.rounds):
         for mode in modes:
-            cmd = [sys.executable, "-c", CHILD, mode, str(work / "export"), str(ckpt), str(args.length), str(args.steps)]
+            kind, kwargs = ("hf", {}) if mode == "hf" else ("ort", {"prepack": mode == "ort-prepacked"})
+            cmd = [sys.executable, "-c", CHILD, kind, str(work / "export"), str(ckpt), str(args.length), str(args.steps), json.dumps(kwargs), ""]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
 
