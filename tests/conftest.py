@@ -88,24 +88,30 @@ def make_export(make_checkpoint, tmp_path_factory):
     return make
 
 
-#: The longest modules on 2 cores (``make test PYTEST_ARGS=--durations=60``, 2026-12-06), scheduled first: xdist's
-#: loadscope hands out whole modules in collection order, and a long module handed out last leaves the other
-#: worker idle (60 s of the 12-minute run before this order). Other modules keep their order. The trace-cache
-#: module comes late: its re-keying test replays the shared cache's tiny-mamba2 graphs, which others fill.
+#: The longest modules on 2 cores (``make test PYTEST_ARGS=--durations=0``, setup + calls summed per module,
+#: 2026-12-07), scheduled first: xdist's loadscope hands out whole modules in collection order, and a long
+#: module handed out last leaves the other worker idle. Other modules keep their order. The trace-cache module
+#: comes late: its replay tests use graphs the others put in the shared cache.
 LONGEST_FIRST = (
-    "tests/exporter/test_streaming.py",
     "tests/validation/test_moe_routing.py",
-    "tests/validation/test_architectures.py",
+    "tests/exporter/test_streaming.py",
     "tests/exporter/test_streaming_quantized.py",
-    "tests/validation/test_validate.py",
     "tests/test_install.py",
-    "tests/exporter/test_verify.py",
+    "tests/validation/test_architectures.py",
     "tests/plugins/test_kernels_emulated.py",
-    "tests/validation/test_long_context.py",
-    "tests/cli/test_hostile_inputs.py",
+    "tests/exporter/test_verify.py",
+    "tests/validation/test_validate.py",
+    "tests/exporter/test_moe_export.py",
     "tests/exporter/test_export_cli.py",
+    "tests/engine/test_parser_rules.py",
+    "tests/exporter/test_static_cache.py",
     "tests/exporter/test_export_files.py",
-    "tests/engine/test_dispatch.py",
+    "tests/exporter/test_export.py",
+    "tests/cli/test_hf_checkpoints.py",
+    "tests/cli/test_moe_demo.py",
+    "tests/cli/test_hostile_inputs.py",
+    "tests/engine/test_build_fake_trt.py",
+    "tests/exporter/test_modelopt_export.py",
 )
 
 

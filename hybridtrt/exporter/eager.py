@@ -1,7 +1,7 @@
 """The weight-loaded export (the code path before streaming), kept as the byte-identity oracle.
 
 `write_graphs` loads the whole model, traces it with its real weights (``torch.onnx.export(dynamo=True,
-optimize=True)``), runs the same graph passes, and writes the files the way the exporter did before
+optimize=True)``, in two steps: the unoptimized trace may be the trace cache's, see `_program`), runs the same graph passes, and writes the files the way the exporter did before
 weights were streamed: ``onnx_ir.save`` for plain graphs, ``onnx.save_model`` for FP8 graphs (Q/DQ
 inserted in memory), `share_external_data` for the decode graph. Its memory is the whole model
 several times over; tests compare its files byte for byte with `hybridtrt.exporter.export.export`'s.
@@ -24,35 +24,53 @@ from hybridtrt.exporter.export import (
     ExportOptions,
     GraphSpec,
     export_program,
+    optimize_program,
     run_passes,
 )
 from hybridtrt.exporter.quantize import QuantizeOptions, quantize_graph
 from hybridtrt.exporter.wrapper import example_inputs
 from hybridtrt.graphs.external_data import save_with_external_data, share_external_data
 from hybridtrt.models.config import MAMBA
-from hybridtrt.models.loading import load_model, parse_dtype
+from hybridtrt.exporter import trace_cache
+from hybridtrt.exporter.streaming import PARAM_PREFIX, FrozenTrace
+from hybridtrt.models.loading import Checkpoint, load_model, open_checkpoint, parse_dtype
 from hybridtrt.models.model import HybridLM
 
 
-def _program(model: HybridLM, spec: GraphSpec):
-    return export_program(model, example_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour), spec, optimize=True)
+def _program(model: HybridLM, spec: GraphSpec, checkpoint: Checkpoint | None):
+    """``torch.onnx.export(optimize=True)`` of the loaded model, or, given its ``checkpoint``, the same
+    in two steps: the unoptimized trace (`hybridtrt.exporter.trace_cache.traced`: replayed when the
+    cache holds one of this structure, the streamed export's trace of fake weights; a trace of the
+    loaded model and one of fake weights are the same bytes, tests/exporter/test_trace_cache.py), then
+    every parameter's real value and the optimizer, as ``torch.onnx.export`` runs it."""
+    inputs = example_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour)
+    if checkpoint is None:
+        return export_program(model, inputs, spec, optimize=True)
+    program = trace_cache.traced(checkpoint, spec, lambda: FrozenTrace(export_program(model, inputs, spec, optimize=False))).thaw()
+    state = model.state_dict()
+    program.apply_weights({name: state[name.removeprefix(PARAM_PREFIX)] for name in program.model.graph.initializers})
+    optimize_program(program)
+    return program
 
 
-def trace_graph(model: HybridLM, spec: GraphSpec | None = None) -> onnx.ModelProto:
+def trace_graph(model: HybridLM, spec: GraphSpec | None = None, checkpoint: Checkpoint | None = None) -> onnx.ModelProto:
     """Trace one graph of a loaded model and run the graph passes; the weights are in the returned
-    protobuf (for passes that rewrite weights in memory, and tests)."""
+    protobuf (for passes that rewrite weights in memory, and tests). With the model's ``checkpoint``
+    the unoptimized trace may be replayed (`_program`)."""
     spec = spec or GraphSpec()
-    return run_passes(_program(model, spec).model_proto, model.config, spec)
+    return run_passes(_program(model, spec, checkpoint).model_proto, model.config, spec)
 
 
-def trace_to_file(model: HybridLM, path: Path, data_name: str, spec: GraphSpec | None = None, size_threshold: int = 1024) -> onnx.ModelProto:
+def trace_to_file(
+    model: HybridLM, path: Path, data_name: str, spec: GraphSpec | None = None, size_threshold: int = 1024, checkpoint: Checkpoint | None = None
+) -> onnx.ModelProto:
     """Trace one graph of a loaded model and write it with its weights to ``data_name``
     (``onnx_ir.save``); returns the graph without its weights (initializers external)."""
     import onnx_ir as ir
 
     spec = spec or GraphSpec()
 
-    program = _program(model, spec)
+    program = _program(model, spec, checkpoint)
     ir.save(program.model, path, external_data=data_name, size_threshold_bytes=size_threshold)
     del program
     gc.collect()
@@ -73,6 +91,7 @@ def write_graphs(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = load_model(checkpoint_dir, opts.dtype)
+    checkpoint = open_checkpoint(checkpoint_dir, opts.dtype)
     state_dtype = parse_dtype(opts.state_dtype or "fp32")
     split = MAMBA in model.config.layer_types if opts.split is None else opts.split
     roles = [(MODEL_FILE, WEIGHTS_FILE, False)] + ([(DECODE_FILE, DECODE_WEIGHTS_FILE, True)] if split else [])
@@ -82,9 +101,9 @@ def write_graphs(
     for fname, data, decode in roles:
         spec = GraphSpec(opts.logits, decode, opts.per_layer, state_dtype, opset, flavour)
         if quantize is None:
-            trace_to_file(model, directory / fname, data, spec, opts.size_threshold)
+            trace_to_file(model, directory / fname, data, spec, opts.size_threshold, checkpoint)
         else:
-            proto = trace_graph(model, spec)
+            proto = trace_graph(model, spec, checkpoint)
             quantize_graph(proto, model, checkpoint_dir, quantize)
             save_with_external_data(proto, directory / fname, data, opts.size_threshold)
             del proto

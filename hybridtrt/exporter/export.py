@@ -223,7 +223,7 @@ def run_passes(proto: onnx.ModelProto, config: HybridConfig, spec: GraphSpec) ->
     return proto
 
 
-def _optimize(program) -> None:
+def optimize_program(program) -> None:
     """What ``torch.onnx.export(optimize=True)`` runs after tracing."""
     with _quiet_exporter():
         program.optimize()
@@ -239,7 +239,7 @@ def trace_streamed(checkpoint: Checkpoint, table: DeferredTable, spec: GraphSpec
     cached = trace_cache.load(checkpoint, spec, table)
     if cached is not None:
         return cached
-    program, stand_ins, large = trace_and_optimize(_trace_unoptimized(checkpoint, spec), checkpoint, _optimize)
+    program, stand_ins, large = trace_and_optimize(_trace_unoptimized(checkpoint, spec), checkpoint, optimize_program)
     defer_large_initializers(program, table, stand_ins, large)
     proto = program.model_proto
     del program, stand_ins

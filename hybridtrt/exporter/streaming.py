@@ -73,7 +73,7 @@ REAL_MAX_DIMS = 1
 #: Bytes converted at a time when a parameter is written (bounds the temporary copies).
 CHUNK_BYTES = 16 << 20
 #: Initializer names of parameters carry the wrapper's prefix (`GraphModule.model`).
-_PARAM_PREFIX = "model."
+PARAM_PREFIX = "model."
 _FOLDED_FROM = onnxscript.optimizer.FOLDED_FROM_KEY
 
 
@@ -337,8 +337,8 @@ def attach_weights(program, checkpoint: Checkpoint, stand_ins: StandIns, real: s
     values: dict[str, Tensor] = {}
     large: set[str] = set()
     for name in list(program.model.graph.initializers):
-        parameter = name.removeprefix(_PARAM_PREFIX)
-        if not name.startswith(_PARAM_PREFIX) or parameter not in checkpoint.parameters:
+        parameter = name.removeprefix(PARAM_PREFIX)
+        if not name.startswith(PARAM_PREFIX) or parameter not in checkpoint.parameters:
             raise RuntimeError(f"traced initializer {name!r} is not a parameter of the model")
         source = checkpoint.parameters[parameter]
         if source.numel <= FOLD_LIMIT or len(source.shape) <= REAL_MAX_DIMS or parameter in real:

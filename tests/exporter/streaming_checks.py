@@ -13,8 +13,9 @@ from hybridtrt.exporter.manifest import MANIFEST_FILE
 def optimize_for_real(monkeypatch):
     """These modules are about what follows the trace (stand-ins, the optimizer, the graph passes,
     streaming) and patch its internals: no replayed optimized graphs. The unoptimized trace, on fake
-    weights, may be replayed (`trace_cache.traced`): it holds no value, and the eager path
-    each test compares with traces for real."""
+    weights, may be replayed (`trace_cache.traced`), by both paths: it holds no value, and a trace of
+    the loaded model is the same program (tests/exporter/test_trace_cache.py); the eager path optimizes
+    it with every weight real, the streamed one with stand-ins."""
     from hybridtrt.exporter import trace_cache
 
     monkeypatch.setattr(trace_cache, "load", lambda *a: None)

@@ -131,3 +131,31 @@ def _trace_after(ckpt, spec, barrier, calls) -> None:
 
     assert trace_cache.traced(checkpoint, spec, slow_trace) == "frozen"
     calls.put("traced" if traced else "replayed")
+
+
+@pytest.mark.parametrize(("preset", "dtype"), [("tiny-nemotron-h", "bf16"), ("tiny-nemotron3-moe", "fp16")])
+def test_a_trace_of_the_loaded_model_is_the_trace_of_fake_weights(make_checkpoint, preset, dtype):
+    """What lets the eager oracle (`hybridtrt.exporter.eager`) replay the streamed export's trace: torch.export
+    of the loaded model on `example_inputs` and of fake weights on `trace_inputs` give the same unoptimized
+    program, bytes and name counters (a half dtype, where casts are inserted, and the MoE experts). Not
+    vacuous: the same checkpoint traced in fp32 differs."""
+    from hybridtrt.exporter.export import GraphSpec, export_program
+    from hybridtrt.exporter.streaming import FrozenTrace
+    from hybridtrt.exporter.wrapper import example_inputs
+    from hybridtrt.models.loading import load_model, open_checkpoint
+
+    ckpt, spec = make_checkpoint(preset), GraphSpec()
+    model = load_model(ckpt, dtype)
+    loaded = FrozenTrace(export_program(model, example_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour), spec, optimize=False))
+    fake = export_mod._trace_unoptimized(open_checkpoint(ckpt, dtype), spec)  # the suite's cache usually holds it
+    assert (_program_bytes(loaded), loaded.names) == (_program_bytes(fake), fake.names)
+    assert _program_bytes(export_mod._trace_unoptimized(open_checkpoint(ckpt, "fp32"), spec)) != _program_bytes(fake)
+
+
+def _program_bytes(frozen) -> bytes:
+    """The traced program without what the graph passes strip (`strip_metadata`: metadata and doc strings,
+    which record torch.export's bookkeeping, e.g. the range constraints of the symbols the example inputs
+    gave rise to and FX node names numbered by what the process traced before)."""
+    from hybridtrt.graphs.cleanup import strip_metadata
+
+    return strip_metadata(onnx.ModelProto.FromString(frozen.data)).SerializeToString()
