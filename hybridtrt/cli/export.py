@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _quant_summary(recipe: dict | None) -> str:
     if not recipe:
         return "none"
+    source = recipe.get("source", "calibration")
+    if source.startswith("checkpoint: "):  # a ModelOpt checkpoint's own scales, as read
+        return f"{recipe.get('scheme', 'fp8')} ({recipe.get('format', '')}), the checkpoint's own scales: {source.removeprefix('checkpoint: ')}"
     return (
         f"{recipe.get('scheme', 'fp8')} ({recipe.get('format', '')}): {len(recipe.get('quantized', []))} linear layers, "
         f"weights per-{recipe.get('weight_scale', 'tensor')}, {len(recipe.get('excluded', []))} excluded"

@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         verification = m.verification or {}
         worst = {f: g["worst"]["rel_l2"] for f, g in verification.get("graphs", {}).items()}
         method = verification.get("method", "none")
+        if m.quantization and str(m.quantization.get("source", "")).startswith("checkpoint: "):
+            console.print(f"quantization: the checkpoint's own scales, {m.quantization['source'].removeprefix('checkpoint: ')}", markup=False, soft_wrap=True)
         console.print(f"verification: {method}" + (f" ({verification.get('reason')})" if verification.get("reason") else "")
                       + "".join(f", {f} worst rel L2 {v:.2e}" for f, v in worst.items()), markup=False)  # fmt: skip
         if routing_summary(verification):
@@ -82,5 +84,8 @@ def run(args: argparse.Namespace) -> int:
         shared = f"shared {e.shared_intermediate_size}" if e.shared_intermediate_size else "no shared expert"
         latent = f", latent {e.latent_size}" if e.latent_size else ""
         rows.append(["moe", f"top-{e.top_k} of {e.num_experts} (I {e.intermediate_size}), {shared}{latent}, groups {e.topk_group}/{e.n_group}, scaling {e.routed_scaling_factor:g}, norm_topk_prob {e.norm_topk_prob}"])
+    if ckpt.quantization is not None:
+        q = ckpt.quantization
+        rows.append(["quantization", q.describe() + (f"; KV cache {q.kv_cache_algo} (not exported: the KV cache stays in the model dtype)" if q.kv_cache_algo else "")])
     console.print(table(f"checkpoint {path}", ["", ""], rows, numeric=False))
     return 0

@@ -340,6 +340,28 @@ def check_options(opts: ExportOptions, quantize: QuantizeOptions | None) -> int:
     return opset
 
 
+def _checkpoint_quantization(checkpoint: Checkpoint, quantize: QuantizeOptions | None) -> QuantizeOptions | None:
+    """A ModelOpt FP8 checkpoint is exported with its own scales (`hybridtrt.exporter.quantize.
+    from_checkpoint`); the formats only read for the reference are refused here."""
+    quantization = checkpoint.quantization
+    if quantization is None:
+        return quantize
+    if quantization.algo != "FP8":
+        raise ExportError(
+            f"{checkpoint.root} is a ModelOpt {quantization.algo} checkpoint: hybridtrt reads it (`inspect`, `generate` on "
+            f"the PyTorch reference) but exports ModelOpt FP8 checkpoints only",
+            fix="export the BF16 checkpoint NVIDIA publishes beside it (add --quantize fp8 for FP8)",
+        )
+    if quantize is not None:
+        raise ExportError(
+            f"{checkpoint.root} is quantized to FP8 by ModelOpt already; the export keeps its scales",
+            fix="drop --quantize fp8 and the calibration flags (--calib, --calib-random, --exclude, --weight-scale)",
+        )
+    from hybridtrt.exporter.quantize import from_checkpoint
+
+    return from_checkpoint(checkpoint)
+
+
 def export(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
@@ -370,6 +392,7 @@ def export(
     flavour = io.cache_flavour(opts.kv_cache, opts.max_cache_len, opset)
     with step("read checkpoint (config.json, safetensors headers)"):
         checkpoint = open_checkpoint(checkpoint_dir, opts.dtype)
+    quantize = _checkpoint_quantization(checkpoint, quantize)
     config = checkpoint.config
     roles = [("unified", MODEL_FILE, WEIGHTS_FILE, False)]
     split = MAMBA in config.layer_types if opts.split is None else opts.split
@@ -395,7 +418,7 @@ def export(
                 proto = trace_streamed(checkpoint, table, GraphSpec(opts.logits, decode, opts.per_layer, state_dtype, opset, flavour))
             rule = "onnx_ir"  # the writer the weight-loaded export used: onnx_ir.save
             if quantize is not None:
-                if recipe is None:
+                if recipe is None and quantize.fixed is None:
                     with progress("FP8 calibration (each layer read once)", len(reference.weights.groups), "layers") as advance:
                         quantize.progress = _counter(advance)
                         from hybridtrt.exporter.quantize import run_calibration

@@ -27,8 +27,9 @@ import weakref
 import onnx
 
 from hybridtrt.errors import QuantizationError
-from hybridtrt.exporter.calibration import calibrate, calibration_batches, calibration_hash
+from hybridtrt.exporter.calibration import calibrate, calibration_batches, calibration_hash, matmul_node_name
 from hybridtrt.graphs.fp8_qdq import WeightQuantizer, insert_fp8_qdq
+from hybridtrt.models.loading import Checkpoint
 from hybridtrt.models.model import HybridLM
 from hybridtrt.models.tokenizer import load_tokenizer
 
@@ -49,6 +50,9 @@ class QuantizeOptions:
         act_amax: Calibration result, filled by the first `quantize_graph` call and reused by the
             next ones (set it yourself to skip calibration).
         calibration: Record of the calibration set (hash, sequences, tokens), filled with ``act_amax``.
+        fixed: A quantized checkpoint's own scales, ``{MatMul node: (input_scale, weight_scale)}``
+            (`from_checkpoint`): no calibration, exactly these layers quantized.
+        source: What the scales come from (`hybridtrt.graphs.fp8_qdq.FP8Recipe.source`).
     """
 
     calib_file: str | None = None
@@ -61,7 +65,24 @@ class QuantizeOptions:
     progress: Callable[[int, int], None] | None = field(default=None, repr=False, compare=False)
     act_amax: dict[str, float] | None = field(default=None, repr=False, compare=False)
     calibration: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    fixed: dict[str, tuple[float, float]] | None = field(default=None, repr=False, compare=False)
+    source: str = "calibration"
     _calibrated_for: weakref.ReferenceType | None = field(default=None, init=False, repr=False, compare=False)
+
+
+def from_checkpoint(checkpoint: Checkpoint) -> QuantizeOptions:
+    """The FP8 recipe of a ModelOpt FP8 checkpoint, as written: its input and weight scales, its
+    quantized layers (`hybridtrt.models.modelopt`)."""
+    quantization = checkpoint.quantization
+    if quantization is None or quantization.algo != "FP8":
+        raise QuantizationError("the checkpoint has no FP8 scales of its own", fix="export with --quantize fp8 to calibrate")
+    ours = {source.tensor: name for name, source in checkpoint.parameters.items()}
+    inputs, weights = quantization.input_scales(checkpoint.index), quantization.weight_scales(checkpoint.index)
+    fixed = {}
+    for module, w in quantization.weights.items():
+        parameter = ours[w.weight]  # layers.0.mixer.in_proj.weight
+        fixed[matmul_node_name(parameter.removesuffix(".weight"))] = (inputs[module], weights[module])
+    return QuantizeOptions(fixed=fixed, source="checkpoint: " + quantization.describe())
 
 
 def run_calibration(model: HybridLM, checkpoint_dir: str | Path | None, options: QuantizeOptions) -> dict[str, float]:
@@ -121,6 +142,9 @@ def quantize_graph(
     Raises:
         QuantizationError: Bad calibration options, opset < 19, bad ``--exclude`` regex, ...
     """
+    if options.fixed is not None:
+        recipe = insert_fp8_qdq(proto, {}, quantizer=quantizer, fixed=options.fixed, source=options.source)
+        return recipe.to_dict()
     amax = run_calibration(model, checkpoint_dir, options)
     recipe = insert_fp8_qdq(proto, amax, exclude=options.exclude, weight_scale=options.weight_scale, quantizer=quantizer)
     if not recipe.quantized:
@@ -133,4 +157,4 @@ def quantize_graph(
     return recipe.to_dict()
 
 
-__all__ = ["QuantizeOptions", "quantize_graph", "run_calibration"]
+__all__ = ["QuantizeOptions", "from_checkpoint", "quantize_graph", "run_calibration"]

@@ -101,6 +101,8 @@ class FP8Recipe:
         experts: ``{MoeExperts node: {"tokens": [E], "fallback_experts": [...], "up_input_scale": [E],
             "down_input_scale": [E], "up_weight_scale"/"down_weight_scale": [E] (per tensor)}}``.
         expert_fallback: The rule for experts no calibration token reached.
+        source: ``"calibration"`` (our scales), or what the checkpoint's own scales were read from
+            (``"checkpoint: FP8 per-tensor from hf_quant_config.json (modelopt 0.47.0): ..."``).
     """
 
     scheme: str = "fp8"
@@ -116,6 +118,7 @@ class FP8Recipe:
     calibration: dict[str, Any] = field(default_factory=dict)
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)
     expert_fallback: str = EXPERT_FALLBACK
+    source: str = "calibration"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -252,6 +255,14 @@ def quantize_weight(w: np.ndarray, mode: WeightScale, elem_type: int) -> tuple[n
     return fp8_saturating_cast(w32 / scale.astype(np.float32)), scale
 
 
+def quantize_weight_with_scale(w: np.ndarray, scale: float, elem_type: int) -> tuple[np.ndarray, np.ndarray]:
+    """FP8 weight of a given per-tensor ``scale`` (a quantized checkpoint's own, rounded to the model
+    dtype as stored): ``saturate(round(w / scale))``. For a weight dequantized from FP8 with that
+    scale this gives back the FP8 values bit for bit (tests/exporter/test_modelopt_export.py)."""
+    stored = _round_scale(np.float32(scale), elem_type)
+    return fp8_saturating_cast(np.asarray(w, dtype=np.float32) / stored.astype(np.float32)), stored
+
+
 def in_memory_quantizer(base_dir: str | None = None) -> WeightQuantizer:
     """The default `WeightQuantizer`: reads the weight (inline, or external under ``base_dir``)."""
 
@@ -270,16 +281,23 @@ def insert_fp8_qdq(
     weight_scale: WeightScale = "tensor",
     base_dir: str | None = None,
     quantizer: WeightQuantizer | None = None,
+    fixed: Mapping[str, tuple[float, float]] | None = None,
+    source: str = "calibration",
 ) -> FP8Recipe:
     """Insert FP8 Q/DQ on the linear layers of ``model``, in place.
 
     Args:
         model: An exported hybridtrt graph (weights loaded, or external data under ``base_dir``).
-        act_amax: ``{MatMul node name: amax}`` of the activation input, from `calibrate`.
+        act_amax: ``{MatMul node name: amax}`` of the activation input, from `calibrate` (unused
+            with ``fixed``).
         exclude: Regexes; a MatMul whose name matches any (``re.search``) is left in high precision.
         weight_scale: ``"tensor"`` (default, DESIGN.md §7) or ``"channel"``.
         base_dir: Directory of the model file, for weights still in external data.
         quantizer: How weights become FP8 initializers (default `in_memory_quantizer`).
+        fixed: A quantized checkpoint's own scales, ``{MatMul node: (input_scale, weight_scale)}``
+            (per tensor): exactly these MatMuls are quantized, with these scales, and every other
+            one is left as the checkpoint left it; no default exclusion applies.
+        source: The recipe's `FP8Recipe.source`.
 
     Returns:
         The `FP8Recipe`.
@@ -305,7 +323,19 @@ def insert_fp8_qdq(
         )
     inits = {t.name: t for t in graph.initializer}
     quantize = quantizer or in_memory_quantizer(base_dir)
-    recipe = FP8Recipe(weight_scale=weight_scale, exclude_patterns=list(exclude))
+    recipe = FP8Recipe(weight_scale=weight_scale, exclude_patterns=list(exclude), source=source)
+    if fixed is not None:
+        if weight_scale != "tensor" or exclude:
+            raise QuantizationError("a quantized checkpoint's own scales are per tensor and its exclusions its own", fix="drop --weight-scale and --exclude")
+        recipe.default_exclusions = []
+        matmuls = {n.name for n in graph.node if n.op_type == "MatMul"}
+        absent = sorted(set(fixed) - matmuls)
+        if absent:
+            raise QuantizationError(
+                f"the checkpoint quantizes {len(absent)} linear layer(s) the graph has no MatMul for: {absent[:4]}",
+                fix="report this with the checkpoint's config.json (the layer was not traced as a MatMul)",
+            )
+        act_amax = {}
 
     plan: list[onnx.NodeProto] = []
     experts_plan: list[onnx.NodeProto] = []
@@ -319,20 +349,29 @@ def insert_fp8_qdq(
             continue
         if node.op_type != "MatMul":
             continue
+        if fixed is not None:
+            if node.name in fixed:
+                plan.append(node)
+            else:
+                recipe.excluded[node.name] = "not quantized in the checkpoint"
+            continue
         reason = _exclusion_reason(node, inits, patterns)
         if reason is None:
             plan.append(node)
         else:
             recipe.excluded[node.name] = reason
-    missing = [n.name for n in plan if n.name not in act_amax]
+    missing = [n.name for n in plan if n.name not in act_amax and fixed is None]
     missing += [n.name for n in experts_plan if not isinstance(act_amax.get(n.name), ExpertAmax)]
     if missing:
         raise QuantizationError(
             f"no calibration amax for {len(missing)} layer(s): {missing[:4]}{' …' if len(missing) > 4 else ''}",
             fix="calibrate the same model that was traced (calibrate(model, batches) keys by MatMul node name)",
         )
-    bad = {n.name: act_amax[n.name] for n in plan if not (np.isfinite(act_amax[n.name]) and act_amax[n.name] >= 0)}
+    given = {n.name: fixed[n.name] for n in plan} if fixed is not None else {n.name: (act_amax[n.name] / FP8_E4M3_MAX, None) for n in plan}
+    bad = {name: v for name, v in given.items() if not all(x is None or (np.isfinite(x) and x >= 0) for x in v)}
     if bad:
+        if fixed is not None:
+            raise QuantizationError(f"non-finite or negative scales in the checkpoint: {bad}", fix="re-download the checkpoint")
         raise QuantizationError(f"non-finite or negative calibration amax: {bad}", fix="re-run calibration in fp32")
 
     weight_users: dict[str, int] = {}
@@ -347,7 +386,7 @@ def insert_fp8_qdq(
         w_init = inits[node.input[1]]
         elem = w_init.data_type
         # Activation Q/DQ.
-        a_scale = float(_round_scale(np.float32(act_amax[node.name]) / FP8_E4M3_MAX, elem).astype(np.float32))
+        a_scale = float(_round_scale(np.float32(given[node.name][0]) if fixed is not None else np.float32(act_amax[node.name]) / FP8_E4M3_MAX, elem).astype(np.float32))
         s_name, zp_name = f"{dotted}.input_scale", f"{dotted}.input_zero_point"
         q_out, dq_out = f"{scope}/input_quantizer/QuantizeLinear_output_0", f"{scope}/input_quantizer/DequantizeLinear_output_0"
         graph.initializer.extend([_scalar(s_name, a_scale, elem), fp8_tensor(zp_name, np.zeros((), ml_dtypes.float8_e4m3fn))])
@@ -355,7 +394,11 @@ def insert_fp8_qdq(
         dq = helper.make_node("DequantizeLinear", [q_out, s_name, zp_name], [dq_out], name=f"{scope}/input_quantizer/DequantizeLinear")
         # Weight: FP8 initializer + DQ.
         fp8_name, ws_name, wzp_name = f"{dotted}.weight_t_fp8", f"{dotted}.weight_scale", f"{dotted}.weight_zero_point"
-        w_fp8, w_scale = quantize(w_init, fp8_name, partial(quantize_weight, mode=weight_scale, elem_type=elem))
+        if fixed is not None:
+            how = partial(quantize_weight_with_scale, scale=float(fixed[node.name][1]), elem_type=elem)
+        else:
+            how = partial(quantize_weight, mode=weight_scale, elem_type=elem)
+        w_fp8, w_scale = quantize(w_init, fp8_name, how)
         wdq_out = f"{scope}/weight_quantizer/DequantizeLinear_output_0"
         graph.initializer.extend(
             [w_fp8, float_tensor(ws_name, w_scale, elem), fp8_tensor(wzp_name, np.zeros(w_scale.shape, ml_dtypes.float8_e4m3fn))]

@@ -26,6 +26,7 @@ from torch import Tensor
 from hybridtrt.errors import CheckpointError, ConfigError, InputError
 from hybridtrt.models.config import HybridConfig, load_config
 from hybridtrt.models.model import Block, HybridLM, meta_modules
+from hybridtrt.models.modelopt import ModelOptQuantization, QuantizedWeight, read_quantization
 from hybridtrt.models.moe import FP32_PARAMETERS
 from hybridtrt.models.weights import FLOAT_CODES, WeightIndex
 
@@ -221,6 +222,8 @@ class ParameterSource:
         dtype: Its dtype in the model (fp32 for the family's ``keep_fp32`` parameters).
         parts: The per-expert tensors stacked along a new first axis into this parameter, in
             expert order; empty when ``tensor`` is stored as such.
+        quantized: How ``tensor`` is quantized in a ModelOpt checkpoint (read dequantized, as
+            ModelOpt's own ``dequantize`` computes it); None for a float tensor.
     """
 
     name: str
@@ -228,6 +231,7 @@ class ParameterSource:
     shape: tuple[int, ...]
     dtype: torch.dtype
     parts: tuple[str, ...] = ()
+    quantized: QuantizedWeight | None = None
 
     @property
     def numel(self) -> int:
@@ -268,7 +272,13 @@ def _quantization_note(root: Path) -> str:
     return ""
 
 
-def match_parameters(config: HybridConfig, index: WeightIndex, dtype: torch.dtype, root: Path | None = None) -> dict[str, ParameterSource]:
+def match_parameters(
+    config: HybridConfig,
+    index: WeightIndex,
+    dtype: torch.dtype,
+    root: Path | None = None,
+    quantization: ModelOptQuantization | None = None,
+) -> dict[str, ParameterSource]:
     """Match the checkpoint's tensors (headers only) to the model's parameters, strictly.
 
     Args:
@@ -276,6 +286,8 @@ def match_parameters(config: HybridConfig, index: WeightIndex, dtype: torch.dtyp
         index: The checkpoint's tensors.
         dtype: The model dtype every parameter is converted to.
         root: Checkpoint directory (to name a declared quantization format in the error).
+        quantization: The checkpoint's ModelOpt quantization: its quantized weights match in their
+            dequantized shape, their scale tensors are theirs (not unexpected).
 
     Returns:
         ``{parameter name: ParameterSource}`` in module order.
@@ -286,15 +298,24 @@ def match_parameters(config: HybridConfig, index: WeightIndex, dtype: torch.dtyp
             expects floats.
     """
     naming = WEIGHT_NAMES[config.family]
-    names = list(index.tensors)
+    quantized = {w.weight: w for w in quantization.weights.values()} if quantization is not None else {}
+    companions = quantization.companions if quantization is not None else set()
+    names = [n for n in index.tensors if n not in companions]
     prefix = backbone_prefix(config, names)
     _layer_count_check(config, names, prefix)
     expected = expected_parameters(config)
     stacks = per_expert_groups(names)
     in_stack = {part for parts in stacks.values() for part in parts}
     # What each name the model can use holds: a stored tensor, or a stack of per-expert ones.
-    shapes = {c: index[c].shape for c in names if c not in in_stack}
+    shapes = {c: tuple(quantized[c].shape) if c in quantized else index[c].shape for c in names if c not in in_stack}
     codes = {c: index[c].dtype for c in names if c not in in_stack}
+    per_expert_quantized = sorted(q for parts in stacks.values() for q in parts if q in quantized)
+    if per_expert_quantized:
+        raise CheckpointError(
+            f"{len(per_expert_quantized)} per-expert MoE weight(s) are quantized ({per_expert_quantized[0]} …); hybridtrt reads "
+            "ModelOpt-quantized dense layers, not quantized routed experts yet",
+            fix="export from the BF16 checkpoint (hybridtrt export --quantize fp8 calibrates the experts itself)",
+        )
     for c, parts in stacks.items():
         part_shapes = {index[q].shape for q in parts}
         shapes[c] = (len(parts), *next(iter(part_shapes))) if len(part_shapes) == 1 else ("per-expert shapes differ: " + ", ".join(map(str, sorted(part_shapes))),)
@@ -321,7 +342,7 @@ def match_parameters(config: HybridConfig, index: WeightIndex, dtype: torch.dtyp
             "checkpoint does not match the config: " + "; ".join(lines),
             fix="check that config.json belongs to these weights (layer pattern, sizes, tie_word_embeddings)",
         )
-    not_float = [f"{c} ({codes[c]})" for c in ours_to_ckpt.values() if codes[c] not in FLOAT_CODES]
+    not_float = [f"{c} ({codes[c]})" for c in ours_to_ckpt.values() if codes[c] not in FLOAT_CODES and c not in quantized]
     if not_float:
         shown = ", ".join(not_float[:8]) + (f" … (+{len(not_float) - 8} more)" if len(not_float) > 8 else "")
         raise CheckpointError(
@@ -331,7 +352,7 @@ def match_parameters(config: HybridConfig, index: WeightIndex, dtype: torch.dtyp
         )
     fp32 = [re.compile(p) for p in naming.keep_fp32]
     return {
-        k: ParameterSource(k, c, expected[k], torch.float32 if any(p.search("." + k) for p in fp32) else dtype, stacks.get(c, ()))
+        k: ParameterSource(k, c, expected[k], torch.float32 if any(p.search("." + k) for p in fp32) else dtype, stacks.get(c, ()), quantized.get(c))
         for k, c in ours_to_ckpt.items()
     }
 
@@ -382,6 +403,7 @@ class Checkpoint:
         index: Its tensors (safetensors headers).
         dtype: Model dtype.
         parameters: ``{parameter name: ParameterSource}`` in module order.
+        quantization: What a ModelOpt-quantized checkpoint declares and holds (None otherwise).
     """
 
     root: Path
@@ -389,6 +411,7 @@ class Checkpoint:
     index: WeightIndex
     dtype: torch.dtype
     parameters: dict[str, ParameterSource]
+    quantization: ModelOptQuantization | None = None
 
     @cached_property
     def num_parameters(self) -> int:
@@ -402,12 +425,16 @@ class Checkpoint:
     def as_dtype(self, dtype: str | torch.dtype) -> Checkpoint:
         """The same checkpoint read in another model dtype (headers are not parsed again)."""
         torch_dtype = parse_dtype(dtype)
-        return Checkpoint(self.root, self.config, self.index, torch_dtype, match_parameters(self.config, self.index, torch_dtype, self.root))
+        parameters = match_parameters(self.config, self.index, torch_dtype, self.root, self.quantization)
+        return Checkpoint(self.root, self.config, self.index, torch_dtype, parameters, self.quantization)
 
     def read_stored(self, name: str) -> Tensor:
         """Parameter ``name`` as stored in the checkpoint (its stored dtype; per-expert tensors
-        stacked, expert ``e`` as row ``e``)."""
+        stacked, expert ``e`` as row ``e``); a ModelOpt-quantized weight dequantized to the model
+        dtype, as ModelOpt computes it."""
         source = self.parameters[name]
+        if source.quantized is not None:
+            return source.quantized.dequantize(self.index.read, source.dtype)
         if source.parts:
             return torch.stack([self.index.read(q) for q in source.parts])
         return self.index.read(source.tensor)
@@ -426,6 +453,8 @@ class Checkpoint:
         values `read` gives for those rows, without reading the rest (experts ``start:stop`` of a
         stack of per-expert tensors)."""
         source = self.parameters[name]
+        if source.quantized is not None:
+            return _converted(self.read_stored(name)[start:stop], source.dtype, f"{source.tensor} (rows {start}:{stop})")
         if source.parts:
             parts = source.parts[start:stop]
             return torch.stack([_converted(self.index.read(q), source.dtype, q) for q in parts])
@@ -451,7 +480,8 @@ def open_checkpoint(path: str | Path, dtype: str | torch.dtype = "fp32") -> Chec
     torch_dtype = parse_dtype(dtype)
     config = load_config(root)
     index = WeightIndex(weight_files(root))
-    return Checkpoint(root, config, index, torch_dtype, match_parameters(config, index, torch_dtype, root))
+    quantization = read_quantization(root, index)
+    return Checkpoint(root, config, index, torch_dtype, match_parameters(config, index, torch_dtype, root, quantization), quantization)
 
 
 def load_model(

@@ -118,6 +118,17 @@ def _interval(bounds: tuple[float, float]) -> str:
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
     """HF's own ``*ForCausalLM`` for the checkpoint: eager attention, the eager per-expert loop for
     MoE (the grouped-GEMM default takes no fp64), EOS disabled."""
+    from hybridtrt.errors import CheckpointError
+    from hybridtrt.models.modelopt import read_recipe
+
+    declared = read_recipe(Path(path))
+    if declared is not None:
+        raise CheckpointError(
+            f"{path} is a ModelOpt {declared[0].get('quant_algo')} checkpoint ({declared[1]}): HF transformers loads those only "
+            "through nvidia-modelopt, which hybridtrt does not install, so it cannot be the oracle here",
+            fix="compare the BF16 release of the model with --reference hf (our reading of the quantized weights is checked "
+            "against ModelOpt's own dequantization)",
+        )
     transformers = import_transformers()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, attn_implementation="eager", experts_implementation="eager", dtype=dtype
