@@ -84,3 +84,15 @@ def test_validate_and_inspect_say_what_was_read(exported, tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(exported)]) == 0
     assert "quantization: the checkpoint's own scales, FP8 per-tensor from hf_quant_config.json (modelopt 0.47.0): 8 linear layers quantized" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_export_passes_the_parser_rules_of_11_1(exported):
+    """Both graphs would parse on TensorRT 11.1, with and without the plugins (the same FP8 Q/DQ form as
+    `--quantize fp8`'s: float8e4m3fn weights, bf16 scales, zero points)."""
+    from hybridtrt.engine.dispatch import emulate_dispatch
+    from hybridtrt.engine.trt_rules import HYBRIDTRT_CREATORS
+
+    for graph in ("model.onnx", "decode.onnx"):
+        for plugins in (HYBRIDTRT_CREATORS, frozenset()):
+            report = emulate_dispatch(exported / graph, "11.1.0", plugins=plugins)
+            assert report.ok, (graph, report.problems)
