@@ -27,8 +27,8 @@ import weakref
 import onnx
 
 from hybridtrt.errors import QuantizationError
-from hybridtrt.exporter.calibration import calibrate, calibration_batches, calibration_hash, matmul_node_name
-from hybridtrt.graphs.fp8_qdq import WeightQuantizer, insert_fp8_qdq
+from hybridtrt.exporter.calibration import calibrate, calibration_batches, calibration_hash, matmul_node_name, moe_node_name
+from hybridtrt.graphs.fp8_qdq import ExpertScales, WeightQuantizer, insert_fp8_qdq
 from hybridtrt.models.loading import Checkpoint
 from hybridtrt.models.model import HybridLM
 from hybridtrt.models.tokenizer import load_tokenizer
@@ -65,23 +65,34 @@ class QuantizeOptions:
     progress: Callable[[int, int], None] | None = field(default=None, repr=False, compare=False)
     act_amax: dict[str, float] | None = field(default=None, repr=False, compare=False)
     calibration: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    fixed: dict[str, tuple[float, float]] | None = field(default=None, repr=False, compare=False)
+    fixed: dict[str, tuple[float, float] | ExpertScales] | None = field(default=None, repr=False, compare=False)
     source: str = "calibration"
     _calibrated_for: weakref.ReferenceType | None = field(default=None, init=False, repr=False, compare=False)
 
 
 def from_checkpoint(checkpoint: Checkpoint) -> QuantizeOptions:
     """The FP8 recipe of a ModelOpt FP8 checkpoint, as written: its input and weight scales, its
-    quantized layers (`hybridtrt.models.modelopt`)."""
+    quantized layers and routed experts (`hybridtrt.models.modelopt`)."""
     quantization = checkpoint.quantization
     if quantization is None or quantization.algo != "FP8":
         raise QuantizationError("the checkpoint has no FP8 scales of its own", fix="export with --quantize fp8 to calibrate")
-    ours = {source.tensor: name for name, source in checkpoint.parameters.items()}
-    inputs, weights = quantization.input_scales(checkpoint.index), quantization.weight_scales(checkpoint.index)
-    fixed = {}
-    for module, w in quantization.weights.items():
-        parameter = ours[w.weight]  # layers.0.mixer.in_proj.weight
-        fixed[matmul_node_name(parameter.removesuffix(".weight"))] = (inputs[module], weights[module])
+    index = checkpoint.index
+
+    def scales(tensor: str) -> tuple[float, float]:
+        w = quantization.weights[tensor.removesuffix(".weight")]
+        return float(index.read(w.input_scale).float()), float(index.read(w.weight_scale).float())
+
+    fixed: dict[str, tuple[float, float] | ExpertScales] = {}
+    experts: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for name, source in checkpoint.parameters.items():
+        if source.quantized is not None:  # layers.0.mixer.in_proj.weight
+            fixed[matmul_node_name(name.removesuffix(".weight"))] = scales(source.tensor)
+        elif source.parts and all(p.removesuffix(".weight") in quantization.weights for p in source.parts):
+            module, proj = name.rsplit(".", 1)  # layers.1.mixer.experts, up_proj
+            experts.setdefault(module, {})[proj.removesuffix("_proj")] = [scales(p) for p in source.parts]
+    for module, by_proj in experts.items():
+        up, down = by_proj["up"], by_proj["down"]
+        fixed[moe_node_name(module)] = ExpertScales(*(tuple(s[i] for s in pair) for pair, i in ((up, 0), (down, 0), (up, 1), (down, 1))))
     return QuantizeOptions(fixed=fixed, source="checkpoint: " + quantization.describe())
 
 

@@ -108,7 +108,7 @@ class Deferred:
         source = checkpoint.parameters[self.parameter]
         if source.parts and self._per_expert(len(source.parts)):
             for part in source.parts:
-                stored = checkpoint.index.read(part)
+                stored = checkpoint.read_tensor(part, source.dtype)
                 yield from self._slices(stored.reshape(-1).as_strided(self.shape[1:], self.strides[1:], self.offset), part)
                 del stored
             return
@@ -171,8 +171,8 @@ class DeferredFP8:
         """The FP8 bytes; a stack of experts ``[E, out, in]`` one expert at a time (each expert's
         scales are its own, so quantizing expert by expert gives the same bytes)."""
         if per_expert(self.weight, checkpoint):
-            for expert in self.weight.rows(checkpoint):
-                yield self.quantize(_numpy(expert))[0].view(np.uint8).reshape(-1)
+            for e, expert in enumerate(self.weight.rows(checkpoint)):
+                yield self.quantize(_numpy(expert), first=e)[0].view(np.uint8).reshape(-1)
             return
         w_fp8, _ = self.quantize(_numpy(self.weight.tensor(checkpoint)))
         yield w_fp8.view(np.uint8)
@@ -245,7 +245,7 @@ class DeferredTable:
             if not isinstance(recipe, Deferred):
                 raise RuntimeError(f"{w.name} is already quantized ({recipe})")
             if per_expert(recipe, self.checkpoint):  # one expert at a time, never the whole stack
-                scale = np.concatenate([quantize(_numpy(expert))[1] for expert in recipe.rows(self.checkpoint)])
+                scale = np.concatenate([quantize(_numpy(expert), first=e)[1] for e, expert in enumerate(recipe.rows(self.checkpoint))])
             else:
                 _, scale = quantize(_numpy(recipe.tensor(self.checkpoint)))
             key = self.key(DeferredFP8(recipe, quantize))

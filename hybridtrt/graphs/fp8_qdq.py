@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -148,6 +148,21 @@ class ExpertAmax:
 
     def finite(self) -> bool:
         return all(math.isfinite(v) for v in self.up_input + self.down_input)
+
+
+@dataclass(frozen=True)
+class ExpertScales:
+    """A quantized checkpoint's own scales of one MoE layer's routed experts, one per expert (fp32).
+
+    Attributes:
+        up_input / down_input: Activation scales of each expert's up and down inputs.
+        up_weight / down_weight: Per-tensor weight scales of each expert's up and down matrices.
+    """
+
+    up_input: tuple[float, ...]
+    down_input: tuple[float, ...]
+    up_weight: tuple[float, ...]
+    down_weight: tuple[float, ...]
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -281,7 +296,7 @@ def insert_fp8_qdq(
     weight_scale: WeightScale = "tensor",
     base_dir: str | None = None,
     quantizer: WeightQuantizer | None = None,
-    fixed: Mapping[str, tuple[float, float]] | None = None,
+    fixed: Mapping[str, tuple[float, float] | ExpertScales] | None = None,
     source: str = "calibration",
 ) -> FP8Recipe:
     """Insert FP8 Q/DQ on the linear layers of ``model``, in place.
@@ -295,8 +310,9 @@ def insert_fp8_qdq(
         base_dir: Directory of the model file, for weights still in external data.
         quantizer: How weights become FP8 initializers (default `in_memory_quantizer`).
         fixed: A quantized checkpoint's own scales, ``{MatMul node: (input_scale, weight_scale)}``
-            (per tensor): exactly these MatMuls are quantized, with these scales, and every other
-            one is left as the checkpoint left it; no default exclusion applies.
+            (per tensor) and ``{MoeExperts node: ExpertScales}``: exactly these nodes are quantized,
+            with these scales, and every other one is left as the checkpoint left it; no default
+            exclusion applies.
         source: The recipe's `FP8Recipe.source`.
 
     Returns:
@@ -329,7 +345,8 @@ def insert_fp8_qdq(
             raise QuantizationError("a quantized checkpoint's own scales are per tensor and its exclusions its own", fix="drop --weight-scale and --exclude")
         recipe.default_exclusions = []
         matmuls = {n.name for n in graph.node if n.op_type == "MatMul"}
-        absent = sorted(set(fixed) - matmuls)
+        moe = {n.name for n in graph.node if n.domain == DOMAIN and n.op_type == MOE_EXPERTS}
+        absent = sorted(set(fixed) - matmuls - moe)
         if absent:
             raise QuantizationError(
                 f"the checkpoint quantizes {len(absent)} linear layer(s) the graph has no MatMul for: {absent[:4]}",
@@ -340,6 +357,12 @@ def insert_fp8_qdq(
     plan: list[onnx.NodeProto] = []
     experts_plan: list[onnx.NodeProto] = []
     for node in graph.node:
+        if node.domain == DOMAIN and node.op_type == MOE_EXPERTS and fixed is not None:
+            if node.name in fixed:
+                experts_plan.append(node)
+            else:
+                recipe.excluded[node.name] = "not quantized in the checkpoint"
+            continue
         if node.domain == DOMAIN and node.op_type == MOE_EXPERTS:
             matched = next((text for text, rx in patterns if rx.search(node.name)), None)
             if matched is None:
@@ -361,13 +384,15 @@ def insert_fp8_qdq(
         else:
             recipe.excluded[node.name] = reason
     missing = [n.name for n in plan if n.name not in act_amax and fixed is None]
-    missing += [n.name for n in experts_plan if not isinstance(act_amax.get(n.name), ExpertAmax)]
+    missing += [n.name for n in experts_plan if not isinstance(act_amax.get(n.name), ExpertAmax) and fixed is None]
     if missing:
         raise QuantizationError(
             f"no calibration amax for {len(missing)} layer(s): {missing[:4]}{' …' if len(missing) > 4 else ''}",
             fix="calibrate the same model that was traced (calibrate(model, batches) keys by MatMul node name)",
         )
     given = {n.name: fixed[n.name] for n in plan} if fixed is not None else {n.name: (act_amax[n.name] / FP8_E4M3_MAX, None) for n in plan}
+    if fixed is not None:
+        given.update({n.name: tuple(x for scales in astuple(fixed[n.name]) for x in scales) for n in experts_plan})
     bad = {name: v for name, v in given.items() if not all(x is None or (np.isfinite(x) and x >= 0) for x in v)}
     if bad:
         if fixed is not None:
@@ -416,7 +441,8 @@ def insert_fp8_qdq(
             recipe.weight_scales[node.name] = float(w_scale.astype(np.float32))
     for node in experts_plan:
         old_weights = list(node.input[3:])  # replaced by FP8 copies
-        recipe.experts[node.name] = _quantize_experts(graph, node, act_amax[node.name], inits, weight_scale, quantize)
+        stats = fixed[node.name] if fixed is not None else act_amax[node.name]
+        recipe.experts[node.name] = _quantize_experts(graph, node, stats, inits, weight_scale, quantize)
         for name in old_weights:
             weight_users[name] -= 1
             if weight_users[name] == 0:
@@ -455,31 +481,46 @@ def expert_input_scales(amax: list[float], tokens: list[int]) -> tuple[np.ndarra
     return _round_scale(values / FP8_E4M3_MAX, TensorProto.FLOAT), fell_back
 
 
-def quantize_expert_weights(w: np.ndarray, mode: WeightScale) -> tuple[np.ndarray, np.ndarray]:
+def quantize_expert_weights(w: np.ndarray, mode: WeightScale, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """FP8 expert weights ``[E, out, in]`` and their fp32 scale: ``[E, 1]`` per expert (``"tensor"``,
-    each expert's matrix is one tensor) or ``[E, out]`` per expert and output channel."""
+    each expert's matrix is one tensor) or ``[E, out]`` per expert and output channel. (``first``, the
+    index of ``w``'s first expert in its layer, is what streaming expert by expert passes; unused.)"""
     w32 = np.asarray(w, dtype=np.float32)
     amax = np.abs(w32).max(axis=2) if mode == "channel" else np.abs(w32).max(axis=(1, 2))[:, None]
     scale = _round_scale(amax / FP8_E4M3_MAX, TensorProto.FLOAT)
     return fp8_saturating_cast(w32 / scale[:, :, None]), scale
 
 
+def quantize_expert_weights_with_scales(w: np.ndarray, scales: tuple[float, ...], first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """FP8 expert weights ``[E', out, in]`` with a checkpoint's own per-expert scales (``scales`` for
+    the whole layer; ``w`` holds experts ``first`` … ``first + E' - 1``), as `quantize_expert_weights`'s."""
+    scale = np.asarray(scales[first : first + w.shape[0]], dtype=np.float32)[:, None]
+    return fp8_saturating_cast(np.asarray(w, dtype=np.float32) / scale[:, :, None]), scale
+
+
 def _quantize_experts(
     graph: onnx.GraphProto,
     node: onnx.NodeProto,
-    stats: ExpertAmax,
+    stats: ExpertAmax | ExpertScales,
     inits: Mapping[str, TensorProto],
     weight_scale: WeightScale,
     quantizer: WeightQuantizer,
 ) -> dict[str, Any]:
-    """Turn one ``MoeExperts`` node into ``MoeExpertsFp8`` in place; returns its recipe entry."""
+    """Turn one ``MoeExperts`` node into ``MoeExpertsFp8`` in place; returns its recipe entry. With a
+    checkpoint's `ExpertScales`, its scales as they are (no token counts: nothing was calibrated)."""
     _, dotted = _prefixes(node.name)  # model.layers.{i}.mixer.experts
-    entry: dict[str, Any] = {"tokens": list(stats.tokens)}
+    given = isinstance(stats, ExpertScales)
+    entry: dict[str, Any] = {"tokens": [] if given else list(stats.tokens)}
     inputs = list(node.input[:3])
-    for proj, w_name, amax in (("up", node.input[3], stats.up_input), ("down", node.input[4], stats.down_input)):
+    for proj, w_name in (("up", node.input[3]), ("down", node.input[4])):
         names = (f"{dotted}.{proj}_proj_fp8", f"{dotted}.{proj}_weight_scale", f"{dotted}.{proj}_input_scale")
-        w_fp8, w_scale = quantizer(inits[w_name], names[0], partial(quantize_expert_weights, mode=weight_scale))
-        in_scale, fell_back = expert_input_scales(amax, stats.tokens)
+        if given:
+            how = partial(quantize_expert_weights_with_scales, scales=tuple(getattr(stats, f"{proj}_weight")))
+            in_scale, fell_back = np.asarray(getattr(stats, f"{proj}_input"), dtype=np.float32), []
+        else:
+            how = partial(quantize_expert_weights, mode=weight_scale)
+            in_scale, fell_back = expert_input_scales(getattr(stats, f"{proj}_input"), stats.tokens)
+        w_fp8, w_scale = quantizer(inits[w_name], names[0], how)
         graph.initializer.extend([w_fp8, numpy_helper.from_array(w_scale, names[1]), numpy_helper.from_array(in_scale, names[2])])
         inputs += names
         entry[f"{proj}_input_scale"] = in_scale.tolist()

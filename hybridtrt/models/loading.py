@@ -309,13 +309,15 @@ def match_parameters(
     # What each name the model can use holds: a stored tensor, or a stack of per-expert ones.
     shapes = {c: tuple(quantized[c].shape) if c in quantized else index[c].shape for c in names if c not in in_stack}
     codes = {c: index[c].dtype for c in names if c not in in_stack}
-    per_expert_quantized = sorted(q for parts in stacks.values() for q in parts if q in quantized)
-    if per_expert_quantized:
+    per_expert_nvfp4 = sorted(q for parts in stacks.values() for q in parts if q in quantized and quantized[q].algo != "FP8")
+    if per_expert_nvfp4:
         raise CheckpointError(
-            f"{len(per_expert_quantized)} per-expert MoE weight(s) are quantized ({per_expert_quantized[0]} …); hybridtrt reads "
-            "ModelOpt-quantized dense layers, not quantized routed experts yet",
-            fix="export from the BF16 checkpoint (hybridtrt export --quantize fp8 calibrates the experts itself)",
+            f"{len(per_expert_nvfp4)} routed-expert weight(s) are NVFP4 ({per_expert_nvfp4[0]} …); hybridtrt reads NVFP4 "
+            "dense layers and FP8 experts, not NVFP4 experts yet",
+            fix="export the BF16 checkpoint NVIDIA publishes beside it (add --quantize fp8 for FP8)",
         )
+    # A stack of per-expert tensors is quantized when all its parts are (FP8, one scale per expert).
+    quantized_stacks = {c for c, parts in stacks.items() if parts and all(q in quantized for q in parts)}
     for c, parts in stacks.items():
         part_shapes = {index[q].shape for q in parts}
         shapes[c] = (len(parts), *next(iter(part_shapes))) if len(part_shapes) == 1 else ("per-expert shapes differ: " + ", ".join(map(str, sorted(part_shapes))),)
@@ -342,7 +344,7 @@ def match_parameters(
             "checkpoint does not match the config: " + "; ".join(lines),
             fix="check that config.json belongs to these weights (layer pattern, sizes, tie_word_embeddings)",
         )
-    not_float = [f"{c} ({codes[c]})" for c in ours_to_ckpt.values() if codes[c] not in FLOAT_CODES and c not in quantized]
+    not_float = [f"{c} ({codes[c]})" for c in ours_to_ckpt.values() if codes[c] not in FLOAT_CODES and c not in quantized and c not in quantized_stacks]
     if not_float:
         shown = ", ".join(not_float[:8]) + (f" … (+{len(not_float) - 8} more)" if len(not_float) > 8 else "")
         raise CheckpointError(
@@ -433,11 +435,17 @@ class Checkpoint:
         stacked, expert ``e`` as row ``e``); a ModelOpt-quantized weight dequantized to the model
         dtype, as ModelOpt computes it."""
         source = self.parameters[name]
-        if source.quantized is not None:
-            return source.quantized.dequantize(self.index.read, source.dtype)
         if source.parts:
-            return torch.stack([self.index.read(q) for q in source.parts])
-        return self.index.read(source.tensor)
+            return torch.stack([self.read_tensor(q, source.dtype) for q in source.parts])
+        return self.read_tensor(source.tensor, source.dtype)
+
+    def read_tensor(self, tensor: str, dtype: torch.dtype) -> Tensor:
+        """One checkpoint tensor as stored; a weight quantized by ModelOpt dequantized to ``dtype``, as
+        ModelOpt's own ``dequantize(dtype)`` computes it (`hybridtrt.models.modelopt`)."""
+        quantized = self.quantization.weights.get(tensor.removesuffix(".weight")) if self.quantization is not None else None
+        if quantized is not None and quantized.weight == tensor:
+            return quantized.dequantize(self.index.read, dtype)
+        return self.index.read(tensor)
 
     def read(self, name: str) -> Tensor:
         """Parameter ``name`` in the model dtype, checked for NaN/Inf.
@@ -457,7 +465,7 @@ class Checkpoint:
             return _converted(self.read_stored(name)[start:stop], source.dtype, f"{source.tensor} (rows {start}:{stop})")
         if source.parts:
             parts = source.parts[start:stop]
-            return torch.stack([_converted(self.index.read(q), source.dtype, q) for q in parts])
+            return torch.stack([_converted(self.read_tensor(q, source.dtype), source.dtype, q) for q in parts])
         return _converted(self.index.read_rows(source.tensor, start, stop), source.dtype, f"{source.tensor} (rows {start}:{stop})")
 
 

@@ -23,8 +23,10 @@ readers, nvidia-modelopt 0.47.0:
 
 `dequantize` reproduces both bit for bit (tests/fixtures/modelopt holds checkpoints written by
 ModelOpt itself and the hashes of ModelOpt's own dequantization). What this module does not read is
-refused by name: other algorithms (``W4A16_AWQ``, ``MIXED_PRECISION``, ...), per-expert quantized
-MoE weights, a quantized weight without its scales.
+refused by name: other algorithms (``W4A16_AWQ``, ``MIXED_PRECISION``, ...), NVFP4 routed experts, a
+quantized weight without its scales. Routed experts are stored one tensor per expert
+(``...mixer.experts.{e}.up_proj.weight`` with its own ``weight_scale`` and ``input_scale``); the loader
+stacks them as it stacks float experts, each dequantized on its own.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ READ_ALGOS = ("FP8", "NVFP4")
 #: E2M1 values of the 16 codes, as ``NVFP4QTensor``'s ``e2m1_values`` lists them (sign bit 3, then 2
 #: exponent bits and 1 mantissa bit); code 8, E2M1's -0, is +0 there, and so here (bit-equal results).
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_EXPERT = re.compile(r"\.experts\.\d+\.(up|down)_proj$")
 _FIX_ALGO = "export from the BF16 checkpoint NVIDIA publishes beside it (hybridtrt export --quantize fp8 calibrates its own FP8)"
 
 
@@ -133,7 +136,10 @@ class ModelOptQuantization:
         """One line for the export summary and ``inspect``."""
         what = {"FP8": "FP8 per-tensor", "NVFP4": f"NVFP4 (blocks of {self._group_size()})"}.get(self.algo, self.algo)
         shown = _describe_exclusions(self.exclude_modules)
-        return f"{what} from {self.source} ({self.producer}): {len(self.weights)} linear layers quantized; {shown}"
+        routed = [m for m in self.weights if _EXPERT.search(m)]
+        layers = {_EXPERT.sub("", m) for m in routed}
+        counted = f"{len(self.weights) - len(routed)} linear layers" + (f" and the routed experts of {len(layers)} MoE layers" if routed else "")
+        return f"{what} from {self.source} ({self.producer}): {counted} quantized; {shown}"
 
     def _group_size(self) -> int:
         return next((w.group_size for w in self.weights.values() if w.group_size), 16)

@@ -18,14 +18,18 @@ from hybridtrt.exporter.export import ExportOptions, export
 from hybridtrt.graphs.fp8_qdq import LM_HEAD_NODE, quantize_weight, quantize_weight_with_scale
 from hybridtrt.models.weights import WeightIndex
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "modelopt" / "fp8"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "modelopt"
+FIXTURE = FIXTURES / "fp8"
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("modelopt") / "fp8"
-    export(FIXTURE, out, ExportOptions(dtype="bf16"))  # the checkpoint's dtype, as the CLI chooses
-    return out
+@pytest.fixture(scope="module", params=["fp8", "fp8-moe"])
+def exported(request, tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, export) of the dense FP8 fixture and of the MoE one (Nemotron-3's routed and shared
+    experts FP8, the router not, as Nemotron-3-Nano-30B-A3B-FP8)."""
+    checkpoint = FIXTURES / request.param
+    out = tmp_path_factory.mktemp("modelopt") / request.param
+    export(checkpoint, out, ExportOptions(dtype="bf16"))  # the checkpoint's dtype, as the CLI chooses
+    return checkpoint, out
 
 
 def _checkpoint_fp8(index: WeightIndex, module: str) -> np.ndarray:
@@ -33,30 +37,53 @@ def _checkpoint_fp8(index: WeightIndex, module: str) -> np.ndarray:
     return index.read(f"backbone.{module}.weight").view(torch.uint8).numpy().T
 
 
+def _node(module: str) -> str:
+    return "/model/" + module.replace(".", "/").replace("layers/", "layers.") + "/MatMul"
+
+
 def test_weights_scales_and_layers_are_the_checkpoints(exported):
-    """Every FP8 initializer is the checkpoint's FP8 weight byte for byte (transposed to [in, out]); each
-    scale is the checkpoint's, as ModelOpt's bf16 dequantization rounds it; the quantized layers are the
-    checkpoint's and nothing else (lm_head and conv1d stay bf16); both graphs carry the same recipe."""
-    manifest = json.loads((exported / "hybridtrt.json").read_text())
+    """Every FP8 initializer is the checkpoint's FP8 weight byte for byte (a linear's transposed to
+    [in, out]; the routed experts' stacked [E, out, in] as stored, expert by expert); each scale is the
+    checkpoint's (a linear's as ModelOpt's bf16 dequantization rounds it, the experts' fp32 as written);
+    the quantized layers are the checkpoint's and nothing else (lm_head, conv1d and the router stay
+    bf16); both graphs carry the same recipe, and verification judged them against the FP8 reference."""
+    checkpoint, out = exported
+    manifest = json.loads((out / "hybridtrt.json").read_text())
     recipe = manifest["quantization"]
     assert recipe["source"].startswith("checkpoint: FP8 per-tensor from hf_quant_config.json (modelopt 0.47.0)")
     assert not recipe["calibration"] and recipe["default_exclusions"] == []
-    index = WeightIndex([FIXTURE / "model.safetensors"])
-    modules = sorted(n.removeprefix("backbone.").removesuffix(".weight_scale") for n in index.tensors if n.endswith(".weight_scale"))
-    assert sorted(recipe["quantized"]) == sorted(f"/model/{m.replace('.', '/').replace('layers/', 'layers.')}/MatMul" for m in modules)
-    assert recipe["excluded"] == {LM_HEAD_NODE: "not quantized in the checkpoint"}
+    index = WeightIndex([checkpoint / "model.safetensors"])
+    quantized = sorted(n.removeprefix("backbone.").removesuffix(".weight_scale") for n in index.tensors if n.endswith(".weight_scale"))
+    routed = [m for m in quantized if ".experts." in m]
+    dense = [m for m in quantized if m not in routed]
+    moe_layers = sorted({m.split(".experts.")[0] for m in routed})
+    assert sorted(recipe["quantized"]) == sorted([_node(m) for m in dense] + [f"/model/{m.replace('.', '/').replace('layers/', 'layers.')}/experts/MoeExpertsFp8" for m in moe_layers])
+    assert set(recipe["excluded"]) == {LM_HEAD_NODE} | {_node(f"{m}.gate") for m in moe_layers}
+    assert all(reason == "not quantized in the checkpoint" for reason in recipe["excluded"].values())
+
+    def scale(name: str) -> float:
+        return float(index.read(f"backbone.{name}").float())
+
     for graph in ("model.onnx", "decode.onnx"):
-        proto = onnx.load(str(exported / graph))
+        proto = onnx.load(str(out / graph))
         types = {t.name: t.data_type for t in proto.graph.initializer}
         inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-        for module in modules:
-            node = f"/model/{module.replace('.', '/').replace('layers/', 'layers.')}/MatMul"
+        for module in dense:
             assert np.array_equal(inits[f"model.{module}.weight_t_fp8"].view(np.uint8), _checkpoint_fp8(index, module)), (graph, module)
-            for ours, theirs in (("weight_scale", "weight_scale"), ("input_scale", "input_scale")):
-                name = f"model.{module}.{ours}"
+            for which in ("weight_scale", "input_scale"):
+                name = f"model.{module}.{which}"
                 assert types[name] == onnx.TensorProto.BFLOAT16
-                assert float(inits[name]) == float(index.read(f"backbone.{module}.{theirs}").to(torch.bfloat16).float())
-            assert recipe["activation_scales"][node] == float(index.read(f"backbone.{module}.input_scale").to(torch.bfloat16).float())
+                assert float(inits[name]) == float(index.read(f"backbone.{module}.{which}").to(torch.bfloat16).float())
+            assert recipe["activation_scales"][_node(module)] == float(index.read(f"backbone.{module}.input_scale").to(torch.bfloat16).float())
+        for layer in moe_layers:
+            node = f"/model/{layer.replace('.', '/').replace('layers/', 'layers.')}/experts/MoeExpertsFp8"
+            experts = sorted({int(m.split(".experts.")[1].split(".")[0]) for m in routed if m.startswith(layer + ".")})
+            for proj in ("up", "down"):
+                stacked = np.stack([index.read(f"backbone.{layer}.experts.{e}.{proj}_proj.weight").view(torch.uint8).numpy() for e in experts])
+                assert np.array_equal(inits[f"model.{layer}.experts.{proj}_proj_fp8"].view(np.uint8), stacked), (graph, layer, proj)
+                for which, ours in (("weight_scale", f"{proj}_weight_scale"), ("input_scale", f"{proj}_input_scale")):
+                    theirs = [scale(f"{layer}.experts.{e}.{proj}_proj.{which}") for e in experts]
+                    assert inits[f"model.{layer}.experts.{ours}"].reshape(-1).tolist() == theirs and recipe["experts"][node][ours] == theirs
     # Published only when verification passed: against our model with the checkpoint's recipe applied.
     assert manifest["verification"]["truth"] == "FP8 reference (fp32)" and manifest["verification"]["method"] == "full-graph"
 
@@ -79,20 +106,27 @@ def test_byte_identity_can_fail():
 def test_validate_and_inspect_say_what_was_read(exported, tmp_path, capsys):
     """`hybridtrt validate` passes against the FP8 reference built from the checkpoint's own recipe, and
     `inspect` names where the scales came from."""
+    _, exported = exported
     assert main(["validate", str(exported), "--random", "2", "--steps", "2", "--json", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["passed"]
     capsys.readouterr()
     assert main(["inspect", str(exported)]) == 0
-    assert "quantization: the checkpoint's own scales, FP8 per-tensor from hf_quant_config.json (modelopt 0.47.0): 8 linear layers quantized" in " ".join(capsys.readouterr().out.split())
+    assert "quantization: the checkpoint's own scales, FP8 per-tensor from hf_quant_config.json (modelopt 0.47.0): " in " ".join(capsys.readouterr().out.split())
 
 
-def test_the_export_passes_the_parser_rules_of_11_1(exported):
-    """Both graphs would parse on TensorRT 11.1, with and without the plugins (the same FP8 Q/DQ form as
-    `--quantize fp8`'s: float8e4m3fn weights, bf16 scales, zero points)."""
+def test_the_parser_rules_of_11_1(exported):
+    """The dense export would parse on TensorRT 11.1, with and without the plugins (the same FP8 Q/DQ
+    form as `--quantize fp8`'s: float8e4m3fn weights, bf16 scales, zero points). FP8 routed experts are
+    refused as `--quantize fp8`'s are, by name and with the fix: their function body casts to FP8, which
+    TensorRT does not build (a grouped FP8 GEMM plugin is what would)."""
     from hybridtrt.engine.dispatch import emulate_dispatch
     from hybridtrt.engine.trt_rules import HYBRIDTRT_CREATORS
 
+    checkpoint, exported = exported
     for graph in ("model.onnx", "decode.onnx"):
         for plugins in (HYBRIDTRT_CREATORS, frozenset()):
             report = emulate_dispatch(exported / graph, "11.1.0", plugins=plugins)
-            assert report.ok, (graph, report.problems)
+            if checkpoint.name == "fp8-moe":
+                assert not report.ok and all("MoeExpertsFp8" in p for p in report.problems), report.problems
+            else:
+                assert report.ok, (graph, report.problems)
