@@ -86,6 +86,6 @@ def run(args: argparse.Namespace) -> int:
         rows.append(["moe", f"top-{e.top_k} of {e.num_experts} (I {e.intermediate_size}), {shared}{latent}, groups {e.topk_group}/{e.n_group}, scaling {e.routed_scaling_factor:g}, norm_topk_prob {e.norm_topk_prob}"])
     if ckpt.quantization is not None:
         q = ckpt.quantization
-        rows.append(["quantization", q.describe() + (f"; KV cache {q.kv_cache_algo} (not exported: the KV cache stays in the model dtype)" if q.kv_cache_algo else "")])
+        rows.append(["quantization", q.describe()])
     console.print(table(f"checkpoint {path}", ["", ""], rows, numeric=False))
     return 0

@@ -110,6 +110,9 @@ class ModelOptQuantization:
         exclude_modules: The declared exclusions (patterns of module names), cleaned of ModelOpt's
             name-mapper sentinels (``"lm_head.\\x00backbone.pt_name_sentinel"`` reads ``"lm_head"``).
         weights: ``{checkpoint module name: QuantizedWeight}`` of every quantized linear found.
+        kv_scales: The KV-cache scales written with ``kv_cache_quant_algo`` (``...k_proj.k_scale``,
+            ``...v_proj.v_scale``, F32 scalars; ``quant_utils.py``'s ``k_bmm_quantizer._amax`` ->
+            ``k_proj.k_scale``). Read, not used: the export's KV cache stays in the model dtype.
     """
 
     algo: str
@@ -118,11 +121,12 @@ class ModelOptQuantization:
     kv_cache_algo: str | None
     exclude_modules: tuple[str, ...]
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    kv_scales: tuple[str, ...] = ()
 
     @property
     def companions(self) -> set[str]:
-        """Every scale tensor the weights consume (not model parameters)."""
-        return {name for w in self.weights.values() for name in w.companions}
+        """Every scale tensor of the recipe (not model parameters): the weights' and the KV cache's."""
+        return {name for w in self.weights.values() for name in w.companions} | set(self.kv_scales)
 
     def input_scales(self, index: WeightIndex) -> dict[str, float]:
         """``{module: input_scale}`` (the activation scale of each quantized linear, fp32)."""
@@ -139,7 +143,10 @@ class ModelOptQuantization:
         routed = [m for m in self.weights if _EXPERT.search(m)]
         layers = {_EXPERT.sub("", m) for m in routed}
         counted = f"{len(self.weights) - len(routed)} linear layers" + (f" and the routed experts of {len(layers)} MoE layers" if routed else "")
-        return f"{what} from {self.source} ({self.producer}): {counted} quantized; {shown}"
+        kv = ""
+        if self.kv_cache_algo:
+            kv = f"; KV cache {self.kv_cache_algo} in the checkpoint ({len(self.kv_scales)} scales), not used: the KV cache stays in the model dtype"
+        return f"{what} from {self.source} ({self.producer}): {counted} quantized; {shown}{kv}"
 
     def _group_size(self) -> int:
         return next((w.group_size for w in self.weights.values() if w.group_size), 16)
@@ -241,6 +248,10 @@ def read_quantization(root: str | Path, index: WeightIndex) -> ModelOptQuantizat
             elif got.dtype != dtype or tuple(got.shape) != shape:
                 problems.append(f"{companion} is {got.dtype} {list(got.shape)}, ModelOpt writes {dtype} {list(shape)}")
         weights[module] = q
+    kv_scales: tuple[str, ...] = ()
+    if quant.get("kv_cache_quant_algo"):
+        kv_scales = tuple(sorted(n for n in index.tensors if n.endswith((".k_proj.k_scale", ".v_proj.v_scale"))))
+        problems += [f"{n} is {index.tensors[n].dtype} {list(index.tensors[n].shape)}, ModelOpt writes F32 []" for n in kv_scales if (index.tensors[n].dtype, tuple(index.tensors[n].shape)) != ("F32", ())]
     stray = sorted(n for n, i in index.tensors.items() if i.dtype in ("F8_E4M3", "U8") and n.endswith(".weight") and n.removesuffix(".weight") not in weights)
     problems += [f"{n} is {index.tensors[n].dtype} without a weight_scale" for n in stray]
     if problems:
@@ -253,6 +264,7 @@ def read_quantization(root: str | Path, index: WeightIndex) -> ModelOptQuantizat
         kv_cache_algo=quant.get("kv_cache_quant_algo"),
         exclude_modules=tuple(_clean_module_pattern(str(p)) for p in quant.get("exclude_modules") or ()),
         weights=weights,
+        kv_scales=kv_scales,
     )
 
 

@@ -134,8 +134,13 @@ def test_what_is_not_read_is_refused_by_name(tmp_path):
     tensors = load_file(bad_shape / "model.safetensors")
     tensors["backbone.layers.0.mixer.out_proj.weight_scale"] = tensors["backbone.layers.0.mixer.out_proj.weight_scale"][:, :4].contiguous()
     save_file(tensors, bad_shape / "model.safetensors")
+    bad_kv = _copy("fp8", tmp_path, "bad_kv")
+    tensors = load_file(bad_kv / "model.safetensors")
+    tensors["backbone.layers.1.mixer.k_proj.k_scale"] = tensors["backbone.layers.1.mixer.k_proj.k_scale"].repeat(2)
+    save_file(tensors, bad_kv / "model.safetensors")
     cases = {
         "awq": (["inspect", awq], "'W4A16_AWQ'"),
+        "bad_kv": (["inspect", bad_kv], "backbone.layers.1.mixer.k_proj.k_scale is F32 [2], ModelOpt writes F32 []"),
         "no_scale": (["inspect", no_scale], "backbone.layers.2.mixer.up_proj.input_scale is missing"),
         "bad_shape": (["inspect", bad_shape], "out_proj.weight_scale is F8_E4M3 [64, 4], ModelOpt writes F8_E4M3 [64, 8]"),
         "nvfp4_export": (["export", FIXTURES / "nvfp4", "-o", tmp_path / "o1"], "ModelOpt NVFP4 checkpoint"),
@@ -172,3 +177,13 @@ def test_nvfp4_routed_experts_are_refused_by_name():
     as_nvfp4 = {m: dataclasses.replace(w, algo="NVFP4") if ".experts." in m else w for m, w in quantization.weights.items()}
     with pytest.raises(CheckpointError, match=r"routed-expert weight\(s\) are NVFP4 \(backbone\.layers\.1\.mixer\.experts\.0\."):
         match_parameters(load_config(root), index, torch.bfloat16, root, dataclasses.replace(quantization, weights=as_nvfp4))
+
+
+def test_kv_cache_scales_are_read_and_said_unused():
+    """The FP8 fixture's KV-cache scales (``mtq.FP8_KV_CFG``) are the recipe's, not unexpected tensors, and
+    what is read says they are not used (the export keeps the KV cache in the model dtype)."""
+    checkpoint = open_checkpoint(FIXTURES / "fp8", "bf16")
+    quantization = checkpoint.quantization
+    assert quantization.kv_cache_algo == "FP8"
+    assert quantization.kv_scales == ("backbone.layers.1.mixer.k_proj.k_scale", "backbone.layers.1.mixer.v_proj.v_scale")
+    assert quantization.describe().endswith("KV cache FP8 in the checkpoint (2 scales), not used: the KV cache stays in the model dtype")
