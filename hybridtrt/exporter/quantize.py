@@ -28,7 +28,7 @@ import onnx
 
 from hybridtrt.errors import QuantizationError
 from hybridtrt.exporter.calibration import calibrate, calibration_batches, calibration_hash, matmul_node_name, moe_node_name
-from hybridtrt.graphs.fp8_qdq import ExpertScales, WeightQuantizer, insert_fp8_qdq
+from hybridtrt.graphs.fp8_qdq import LM_HEAD_NODE, ExpertScales, WeightQuantizer, insert_fp8_qdq
 from hybridtrt.models.loading import Checkpoint
 from hybridtrt.models.model import HybridLM
 from hybridtrt.models.tokenizer import load_tokenizer
@@ -53,6 +53,8 @@ class QuantizeOptions:
         fixed: A quantized checkpoint's own scales, ``{MatMul node: (input_scale, weight_scale)}``
             (`from_checkpoint`): no calibration, exactly these layers quantized.
         source: What the scales come from (`hybridtrt.graphs.fp8_qdq.FP8Recipe.source`).
+        kept: With ``fixed``, ``{MatMul node: why}`` of layers the checkpoint quantizes and the export
+            keeps in high precision (their dequantized weights).
     """
 
     calib_file: str | None = None
@@ -67,6 +69,7 @@ class QuantizeOptions:
     calibration: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     fixed: dict[str, tuple[float, float] | ExpertScales] | None = field(default=None, repr=False, compare=False)
     source: str = "calibration"
+    kept: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     _calibrated_for: weakref.ReferenceType | None = field(default=None, init=False, repr=False, compare=False)
 
 
@@ -83,9 +86,13 @@ def from_checkpoint(checkpoint: Checkpoint) -> QuantizeOptions:
         return float(index.read(w.input_scale).float()), float(index.read(w.weight_scale).float())
 
     fixed: dict[str, tuple[float, float] | ExpertScales] = {}
+    kept: dict[str, str] = {}
     experts: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for name, source in checkpoint.parameters.items():
-        if source.quantized is not None:  # layers.0.mixer.in_proj.weight
+        if source.quantized is not None and name == "lm_head.weight":
+            # The LM head stays in high precision (DESIGN.md §7): the FP8 reference has no FP8 LM head.
+            kept[LM_HEAD_NODE] = "lm_head: FP8 in the checkpoint, kept in the model dtype (its dequantized weights)"
+        elif source.quantized is not None:  # layers.0.mixer.in_proj.weight
             fixed[matmul_node_name(name.removesuffix(".weight"))] = scales(source.tensor)
         elif source.parts and all(p.removesuffix(".weight") in quantization.weights for p in source.parts):
             module, proj = name.rsplit(".", 1)  # layers.1.mixer.experts, up_proj
@@ -93,7 +100,7 @@ def from_checkpoint(checkpoint: Checkpoint) -> QuantizeOptions:
     for module, by_proj in experts.items():
         up, down = by_proj["up"], by_proj["down"]
         fixed[moe_node_name(module)] = ExpertScales(*(tuple(s[i] for s in pair) for pair, i in ((up, 0), (down, 0), (up, 1), (down, 1))))
-    return QuantizeOptions(fixed=fixed, source="checkpoint: " + quantization.describe())
+    return QuantizeOptions(fixed=fixed, source="checkpoint: " + quantization.describe(), kept=kept)
 
 
 def run_calibration(model: HybridLM, checkpoint_dir: str | Path | None, options: QuantizeOptions) -> dict[str, float]:
@@ -155,6 +162,7 @@ def quantize_graph(
     """
     if options.fixed is not None:
         recipe = insert_fp8_qdq(proto, {}, quantizer=quantizer, fixed=options.fixed, source=options.source)
+        recipe.excluded.update({node: why for node, why in options.kept.items() if node in recipe.excluded})
         return recipe.to_dict()
     amax = run_calibration(model, checkpoint_dir, options)
     recipe = insert_fp8_qdq(proto, amax, exclude=options.exclude, weight_scale=options.weight_scale, quantizer=quantizer)

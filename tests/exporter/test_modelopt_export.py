@@ -130,3 +130,27 @@ def test_the_parser_rules_of_11_1(exported):
                 assert not report.ok and all("MoeExpertsFp8" in p for p in report.problems), report.problems
             else:
                 assert report.ok, (graph, report.problems)
+
+
+def test_a_quantized_lm_head_is_kept_in_high_precision(tmp_path):
+    """A recipe that quantizes lm_head too (not ModelOpt's default): the export keeps the LM head in bf16
+    from its dequantized FP8 weights, says so in the recipe, and quantizes every other layer as written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = shutil.copytree(FIXTURE, tmp_path / "ckpt")
+    tensors = load_file(checkpoint / "model.safetensors")
+    w = tensors["lm_head.weight"].float()
+    scale = w.abs().max() / 448  # ModelOpt's per-tensor max rule
+    tensors["lm_head.weight"] = (w / scale).to(torch.float8_e4m3fn)
+    tensors["lm_head.weight_scale"], tensors["lm_head.input_scale"] = scale.reshape(()), torch.tensor(0.01)
+    save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    recipe = json.loads((checkpoint / "hf_quant_config.json").read_text())
+    recipe["quantization"]["exclude_modules"] = [m for m in recipe["quantization"]["exclude_modules"] if not m.startswith("lm_head")]
+    (checkpoint / "hf_quant_config.json").write_text(json.dumps(recipe))
+    out = tmp_path / "out"
+    export(checkpoint, out, ExportOptions(dtype="bf16", split=False))
+    written = json.loads((out / "hybridtrt.json").read_text())["quantization"]
+    assert written["excluded"] == {LM_HEAD_NODE: "lm_head: FP8 in the checkpoint, kept in the model dtype (its dequantized weights)"}
+    assert len(written["quantized"]) == 8 and "9 linear layers quantized" in written["source"]
