@@ -50,6 +50,7 @@ READ_ALGOS = ("FP8", "NVFP4")
 #: exponent bits and 1 mantissa bit); code 8, E2M1's -0, is +0 there, and so here (bit-equal results).
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 _EXPERT = re.compile(r"\.experts\.\d+\.(up|down)_proj$")
+_FIX_FILE = "re-download the checkpoint (hf_quant_config.json is written by ModelOpt's export_hf_checkpoint)"
 _FIX_ALGO = "export from the BF16 checkpoint NVIDIA publishes beside it (hybridtrt export --quantize fp8 calibrates its own FP8)"
 
 
@@ -218,7 +219,12 @@ def read_quantization(root: str | Path, index: WeightIndex) -> ModelOptQuantizat
             fix=_FIX_ALGO,
         )
     producer = quant["_producer"]
-    group_size = int(quant.get("group_size") or 16)
+    group_size = quant.get("group_size") or 16
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise CheckpointError(f"{source} declares group_size {group_size!r}; NVFP4 blocks are a positive number of inputs (16)", fix=_FIX_FILE)
+    excluded = quant.get("exclude_modules") or []
+    if not isinstance(excluded, list):
+        raise CheckpointError(f"{source} declares exclude_modules {excluded!r}, not a list of module names", fix=_FIX_FILE)
     weights: dict[str, QuantizedWeight] = {}
     problems: list[str] = []
     for name, info in index.tensors.items():
@@ -232,7 +238,7 @@ def read_quantization(root: str | Path, index: WeightIndex) -> ModelOptQuantizat
         if w.dtype == "F8_E4M3":
             q = QuantizedWeight(module, "FP8", tuple(w.shape))
             want = {q.weight_scale: ("F32", ()), q.input_scale: ("F32", ())}
-        elif w.dtype == "U8" and len(w.shape) == 2:
+        elif w.dtype == "U8" and len(w.shape) == 2 and (w.shape[1] * 2) % group_size == 0:
             q = QuantizedWeight(module, "NVFP4", (w.shape[0], w.shape[1] * 2), group_size)
             blocks = (w.shape[0], w.shape[1] * 2 // group_size)
             want = {q.weight_scale: ("F8_E4M3", blocks), q.weight_scale_2: ("F32", ()), q.input_scale: ("F32", ())}
@@ -262,7 +268,7 @@ def read_quantization(root: str | Path, index: WeightIndex) -> ModelOptQuantizat
         source=source,
         producer=f"{producer.get('name', 'unknown')} {producer.get('version', '')}".strip(),
         kv_cache_algo=quant.get("kv_cache_quant_algo"),
-        exclude_modules=tuple(_clean_module_pattern(str(p)) for p in quant.get("exclude_modules") or ()),
+        exclude_modules=tuple(_clean_module_pattern(str(p)) for p in excluded),
         weights=weights,
         kv_scales=kv_scales,
     )

@@ -138,8 +138,13 @@ def test_what_is_not_read_is_refused_by_name(tmp_path):
     tensors = load_file(bad_kv / "model.safetensors")
     tensors["backbone.layers.1.mixer.k_proj.k_scale"] = tensors["backbone.layers.1.mixer.k_proj.k_scale"].repeat(2)
     save_file(tensors, bad_kv / "model.safetensors")
+    bad_group = _copy("nvfp4", tmp_path, "bad_group")
+    recipe = json.loads((bad_group / "hf_quant_config.json").read_text())
+    recipe["quantization"]["group_size"] = "16"
+    (bad_group / "hf_quant_config.json").write_text(json.dumps(recipe))
     cases = {
         "awq": (["inspect", awq], "'W4A16_AWQ'"),
+        "bad_group": (["inspect", bad_group], "group_size '16'"),
         "bad_kv": (["inspect", bad_kv], "backbone.layers.1.mixer.k_proj.k_scale is F32 [2], ModelOpt writes F32 []"),
         "no_scale": (["inspect", no_scale], "backbone.layers.2.mixer.up_proj.input_scale is missing"),
         "bad_shape": (["inspect", bad_shape], "out_proj.weight_scale is F8_E4M3 [64, 4], ModelOpt writes F8_E4M3 [64, 8]"),
