@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the written graphs")
     p.add_argument("--force", action="store_true", help="export into a non-empty directory that is not a hybridtrt export, or into the checkpoint directory")
+    p.add_argument("--dequantize", action="store_true", help="a quantized (ModelOpt FP8/NVFP4) checkpoint: export its weights dequantized to --dtype, no Q/DQ")
     q = p.add_argument_group("FP8 (README: FP8)")
     q.add_argument("--quantize", choices=["fp8"], default=None, help="FP8 Q/DQ on the linear layers")
     q.add_argument("--calib", default=None, metavar="FILE", help="calibration prompts, one per line (checkpoint tokenizer)")
@@ -123,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         kv_cache=args.kv_cache or "dynamic",
         max_cache_len=args.max_cache_len,
+        dequantize=args.dequantize,
     )
     quant = None
     if args.quantize:
@@ -156,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
         ["state dtype", m.state_dtype],
         ["quantization", _quant_summary(m.quantization)],
     ]
+    if m.source.get("dequantized"):
+        rows.append(["weights", f"dequantized to {m.dtype} from the checkpoint's {escape(m.source['dequantized'])}"])
     v = m.verification or {}
     if v.get("method") == "skipped":
         rows.append(["verification", f"skipped: {escape(str(v.get('reason')))}"])

@@ -104,6 +104,9 @@ class ExportOptions:
         kv_cache: ``"dynamic"`` (growing KV, ``attention_mask``) or ``"static"`` (fixed-capacity
             KV written in place; `hybridtrt.exporter.io.CacheFlavour`).
         max_cache_len: KV capacity of the static cache.
+        dequantize: Export a quantized (ModelOpt) checkpoint's weights dequantized to ``dtype``, as
+            ModelOpt dequantizes them, with no Q/DQ: the way to deploy an NVFP4 checkpoint today, at
+            ``dtype``'s size.
     """
 
     dtype: str = "fp32"
@@ -118,6 +121,7 @@ class ExportOptions:
     force: bool = False
     kv_cache: str = "dynamic"
     max_cache_len: int | None = None
+    dequantize: bool = False
 
 
 @dataclass(frozen=True)
@@ -340,17 +344,23 @@ def check_options(opts: ExportOptions, quantize: QuantizeOptions | None) -> int:
     return opset
 
 
-def _checkpoint_quantization(checkpoint: Checkpoint, quantize: QuantizeOptions | None) -> QuantizeOptions | None:
+def _checkpoint_quantization(checkpoint: Checkpoint, quantize: QuantizeOptions | None, dequantize: bool) -> QuantizeOptions | None:
     """A ModelOpt FP8 checkpoint is exported with its own scales (`hybridtrt.exporter.quantize.
-    from_checkpoint`); the formats only read for the reference are refused here."""
+    from_checkpoint`), or, with ``dequantize``, any ModelOpt checkpoint with its weights dequantized
+    (and ``quantize``, our own FP8, if asked for); the formats only read for the reference are refused
+    here."""
     quantization = checkpoint.quantization
     if quantization is None:
+        if dequantize:
+            raise ExportError(f"--dequantize: {checkpoint.root} is not a quantized checkpoint", fix="drop --dequantize")
+        return quantize
+    if dequantize:
         return quantize
     if quantization.algo != "FP8":
         raise ExportError(
-            f"{checkpoint.root} is a ModelOpt {quantization.algo} checkpoint: hybridtrt reads it (`inspect`, `generate` on "
-            f"the PyTorch reference) but exports ModelOpt FP8 checkpoints only",
-            fix="export the BF16 checkpoint NVIDIA publishes beside it (add --quantize fp8 for FP8)",
+            f"{checkpoint.root} is a ModelOpt {quantization.algo} checkpoint: hybridtrt exports ModelOpt FP8 checkpoints as "
+            f"they are, not {quantization.algo} yet",
+            fix=f"add --dequantize to export its weights dequantized to --dtype (exactly as ModelOpt dequantizes them; {quantization.algo}'s size saving is lost)",
         )
     if quantize is not None:
         raise ExportError(
@@ -392,7 +402,7 @@ def export(
     flavour = io.cache_flavour(opts.kv_cache, opts.max_cache_len, opset)
     with step("read checkpoint (config.json, safetensors headers)"):
         checkpoint = open_checkpoint(checkpoint_dir, opts.dtype)
-    quantize = _checkpoint_quantization(checkpoint, quantize)
+    quantize = _checkpoint_quantization(checkpoint, quantize, opts.dequantize)
     config = checkpoint.config
     roles = [("unified", MODEL_FILE, WEIGHTS_FILE, False)]
     split = MAMBA in config.layer_types if opts.split is None else opts.split
@@ -468,7 +478,12 @@ def export(
                 ) from e
             written.append(fname)
         manifest = Manifest(
-            source={"checkpoint": str(checkpoint.root.resolve()), "sha256": checkpoint_hash(checkpoint.root), "family": config.family},
+            source={
+                "checkpoint": str(checkpoint.root.resolve()),
+                "sha256": checkpoint_hash(checkpoint.root),
+                "family": config.family,
+                **({"dequantized": checkpoint.quantization.describe()} if opts.dequantize else {}),
+            },
             model=config.to_dict(),
             layers=layer_map(config.pattern),
             dtype=dtype_name(checkpoint.dtype),

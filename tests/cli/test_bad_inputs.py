@@ -141,6 +141,7 @@ CASES = [
          _non_empty_dir, ("out", UNCHANGED)),
     # -- flags ----------------------------------------------------------------------------------
     Case("export-opset-out-of-range", ("export", "{ckpt}", "-o", "{out}", "--opset", "5"), "export", "--opset 5"),
+    Case("export-dequantize-unquantized", ("export", "{ckpt}", "-o", "{out}", "--dequantize"), "export", "--dequantize: "),
     Case("preset-shard-size-zero", ("preset", "tiny-nemotron-h", "-o", "{out}", "--max-shard-mb", "0"), "input", "--max-shard-mb 0",
          lambda ws: None),
     Case("fp8-flags-without-quantize", ("export", "{ckpt}", "-o", "{out}", "--calib-random", "4"), "input", "--quantize fp8"),

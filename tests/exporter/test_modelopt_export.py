@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -154,3 +155,25 @@ def test_a_quantized_lm_head_is_kept_in_high_precision(tmp_path):
     written = json.loads((out / "hybridtrt.json").read_text())["quantization"]
     assert written["excluded"] == {LM_HEAD_NODE: "lm_head: FP8 in the checkpoint, kept in the model dtype (its dequantized weights)"}
     assert len(written["quantized"]) == 8 and "9 linear layers quantized" in written["source"]
+
+
+def test_dequantize_exports_modelopts_own_dequantized_weights(tmp_path):
+    """`--dequantize`: an NVFP4 checkpoint (not exported as 4-bit yet) exports in bf16 with no Q/DQ, each
+    quantized linear's weight exactly ModelOpt's own bf16 dequantization (its hash in the fixture), and
+    the manifest and summary say where the weights came from."""
+    import hashlib
+
+    checkpoint, out = FIXTURES / "nvfp4", tmp_path / "out"
+    # No verification here: the weights are checked bit for bit below, and the graph is the plain bf16 one.
+    export(checkpoint, out, ExportOptions(dtype="bf16", split=False, verify=False, dequantize=True))
+    manifest = json.loads((out / "hybridtrt.json").read_text())
+    assert manifest["quantization"] is None and manifest["source"]["dequantized"].startswith("NVFP4 (blocks of 16) from hf_quant_config.json")
+    proto = onnx.load(str(out / "model.onnx"))
+    assert not [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    weights = {t.name: t for t in proto.graph.initializer}
+    theirs = json.loads((checkpoint / "dequantized.json").read_text())["sha256"]
+    for name, digests in theirs.items():  # backbone.layers.0.mixer.in_proj.weight
+        t = weights["model." + name.removeprefix("backbone.") + "_t"]
+        assert t.data_type == onnx.TensorProto.BFLOAT16
+        stored = np.frombuffer(numpy_helper.to_array(t).astype(np.float32).astype(ml_dtypes.bfloat16).tobytes(), np.uint16).reshape(t.dims)
+        assert hashlib.sha256(np.ascontiguousarray(stored.T).tobytes()).hexdigest() == digests["bfloat16"], name
