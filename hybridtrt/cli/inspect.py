@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         verification = m.verification or {}
         worst = {f: g["worst"]["rel_l2"] for f, g in verification.get("graphs", {}).items()}
         method = verification.get("method", "none")
+        if m.source.get("dequantized"):
+            console.print(f"weights: dequantized to {m.dtype} from the checkpoint's {m.source['dequantized']}", markup=False, soft_wrap=True)
         if m.quantization and str(m.quantization.get("source", "")).startswith("checkpoint: "):
             console.print(f"quantization: the checkpoint's own scales, {m.quantization['source'].removeprefix('checkpoint: ')}", markup=False, soft_wrap=True)
         console.print(f"verification: {method}" + (f" ({verification.get('reason')})" if verification.get("reason") else "")

@@ -157,7 +157,7 @@ def test_a_quantized_lm_head_is_kept_in_high_precision(tmp_path):
     assert len(written["quantized"]) == 8 and "9 linear layers quantized" in written["source"]
 
 
-def test_dequantize_exports_modelopts_own_dequantized_weights(tmp_path):
+def test_dequantize_exports_modelopts_own_dequantized_weights(tmp_path, capsys):
     """`--dequantize`: an NVFP4 checkpoint (not exported as 4-bit yet) exports in bf16 with no Q/DQ, each
     quantized linear's weight exactly ModelOpt's own bf16 dequantization (its hash in the fixture), and
     the manifest and summary say where the weights came from."""
@@ -177,3 +177,6 @@ def test_dequantize_exports_modelopts_own_dequantized_weights(tmp_path):
         assert t.data_type == onnx.TensorProto.BFLOAT16
         stored = np.frombuffer(numpy_helper.to_array(t).astype(np.float32).astype(ml_dtypes.bfloat16).tobytes(), np.uint16).reshape(t.dims)
         assert hashlib.sha256(np.ascontiguousarray(stored.T).tobytes()).hexdigest() == digests["bfloat16"], name
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "weights: dequantized to bf16 from the checkpoint's NVFP4 (blocks of 16)" in " ".join(capsys.readouterr().out.split())
