@@ -192,3 +192,20 @@ def test_kv_cache_scales_are_read_and_said_unused():
     assert quantization.kv_cache_algo == "FP8"
     assert quantization.kv_scales == ("backbone.layers.1.mixer.k_proj.k_scale", "backbone.layers.1.mixer.v_proj.v_scale")
     assert quantization.describe().endswith("KV cache FP8 in the checkpoint (2 scales), not used: the KV cache stays in the model dtype")
+
+
+def test_a_sharded_checkpoint_reads_the_same(tmp_path):
+    """NVIDIA's checkpoints are sharded: a weight in one shard and its scales in another read the same."""
+    sharded = _copy("fp8-moe", tmp_path, "sharded")
+    tensors = load_file(sharded / "model.safetensors")
+    (sharded / "model.safetensors").unlink()
+    names = sorted(tensors)  # alphabetical: each weight lands away from some of its scales
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in halves.items():
+        save_file({n: tensors[n] for n in part}, sharded / file, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {n: file for file, part in halves.items() for n in part}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    one, two = open_checkpoint(FIXTURES / "fp8-moe", "bf16"), open_checkpoint(sharded, "bf16")
+    assert len(two.index.files) == 2 and two.quantization.weights == one.quantization.weights
+    for name in one.parameters:
+        assert torch.equal(one.read(name), two.read(name)), name
