@@ -97,9 +97,14 @@ def from_checkpoint(checkpoint: Checkpoint) -> QuantizeOptions:
         elif source.parts and all(p.removesuffix(".weight") in quantization.weights for p in source.parts):
             module, proj = name.rsplit(".", 1)  # layers.1.mixer.experts, up_proj
             experts.setdefault(module, {})[proj.removesuffix("_proj")] = [scales(p) for p in source.parts]
-    for module, by_proj in experts.items():
+    for module, by_proj in experts.items():  # (input_scale, weight_scale) per expert
         up, down = by_proj["up"], by_proj["down"]
-        fixed[moe_node_name(module)] = ExpertScales(*(tuple(s[i] for s in pair) for pair, i in ((up, 0), (down, 0), (up, 1), (down, 1))))
+        fixed[moe_node_name(module)] = ExpertScales(
+            up_input=tuple(x for x, _ in up),
+            down_input=tuple(x for x, _ in down),
+            up_weight=tuple(w for _, w in up),
+            down_weight=tuple(w for _, w in down),
+        )
     return QuantizeOptions(fixed=fixed, source="checkpoint: " + quantization.describe(), kept=kept)
 
 
