@@ -87,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
         latent = f", latent {e.latent_size}" if e.latent_size else ""
         rows.append(["moe", f"top-{e.top_k} of {e.num_experts} (I {e.intermediate_size}), {shared}{latent}, groups {e.topk_group}/{e.n_group}, scaling {e.routed_scaling_factor:g}, norm_topk_prob {e.norm_topk_prob}"])
     if ckpt.quantization is not None:
-        q = ckpt.quantization
-        rows.append(["quantization", q.describe()])
+        rows.append(["quantization", ckpt.quantization.describe()])
     console.print(table(f"checkpoint {path}", ["", ""], rows, numeric=False))
     return 0

@@ -1,8 +1,8 @@
 """The weight-loaded export (the code path before streaming), kept as the byte-identity oracle.
 
 `write_graphs` loads the whole model, traces it with its real weights (``torch.onnx.export(dynamo=True,
-optimize=True)``, in two steps: the unoptimized trace may be the trace cache's, see `_program`), runs the same graph passes, and writes the files the way the exporter did before
-weights were streamed: ``onnx_ir.save`` for plain graphs, ``onnx.save_model`` for FP8 graphs (Q/DQ
+optimize=True)``, in two steps: the unoptimized trace may be the trace cache's, see `_program`), runs the
+same graph passes, and writes the files the way the exporter did before weights were streamed: ``onnx_ir.save`` for plain graphs, ``onnx.save_model`` for FP8 graphs (Q/DQ
 inserted in memory), `share_external_data` for the decode graph. Its memory is the whole model
 several times over; tests compare its files byte for byte with `hybridtrt.exporter.export.export`'s.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from hybridtrt.exporter import io
+from hybridtrt.exporter import io, trace_cache
 from hybridtrt.exporter.export import (
     DECODE_FILE,
     DECODE_WEIGHTS_FILE,
@@ -28,11 +28,10 @@ from hybridtrt.exporter.export import (
     run_passes,
 )
 from hybridtrt.exporter.quantize import QuantizeOptions, quantize_graph
+from hybridtrt.exporter.streaming import PARAM_PREFIX, FrozenTrace
 from hybridtrt.exporter.wrapper import example_inputs
 from hybridtrt.graphs.external_data import save_with_external_data, share_external_data
 from hybridtrt.models.config import MAMBA
-from hybridtrt.exporter import trace_cache
-from hybridtrt.exporter.streaming import PARAM_PREFIX, FrozenTrace
 from hybridtrt.models.loading import Checkpoint, load_model, open_checkpoint, parse_dtype
 from hybridtrt.models.model import HybridLM
 

@@ -461,8 +461,9 @@ class Checkpoint:
         values `read` gives for those rows, without reading the rest (experts ``start:stop`` of a
         stack of per-expert tensors)."""
         source = self.parameters[name]
-        if source.quantized is not None:
-            return _converted(self.read_stored(name)[start:stop], source.dtype, f"{source.tensor} (rows {start}:{stop})")
+        if source.quantized is not None:  # dequantization is row by row: read those rows of the weight and its block scales
+            rows = lambda tensor: self.index.read_rows(tensor, start, stop) if self.index[tensor].shape else self.index.read(tensor)  # noqa: E731
+            return _converted(source.quantized.dequantize(rows, source.dtype), source.dtype, f"{source.tensor} (rows {start}:{stop})")
         if source.parts:
             parts = source.parts[start:stop]
             return torch.stack([_converted(self.read_tensor(q, source.dtype), source.dtype, q) for q in parts])

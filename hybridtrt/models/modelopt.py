@@ -129,14 +129,6 @@ class ModelOptQuantization:
         """Every scale tensor of the recipe (not model parameters): the weights' and the KV cache's."""
         return {name for w in self.weights.values() for name in w.companions} | set(self.kv_scales)
 
-    def input_scales(self, index: WeightIndex) -> dict[str, float]:
-        """``{module: input_scale}`` (the activation scale of each quantized linear, fp32)."""
-        return {m: float(index.read(w.input_scale).float()) for m, w in self.weights.items()}
-
-    def weight_scales(self, index: WeightIndex) -> dict[str, float]:
-        """``{module: weight_scale}`` of the FP8 (per-tensor) weights, fp32."""
-        return {m: float(index.read(w.weight_scale).float()) for m, w in self.weights.items() if w.algo == "FP8"}
-
     def describe(self) -> str:
         """One line for the export summary and ``inspect``."""
         what = {"FP8": "FP8 per-tensor", "NVFP4": f"NVFP4 (blocks of {self._group_size()})"}.get(self.algo, self.algo)

@@ -209,3 +209,17 @@ def test_a_sharded_checkpoint_reads_the_same(tmp_path):
     assert len(two.index.files) == 2 and two.quantization.weights == one.quantization.weights
     for name in one.parameters:
         assert torch.equal(one.read(name), two.read(name)), name
+
+
+@pytest.mark.parametrize("recipe", ["fp8", "nvfp4"])
+def test_rows_of_a_quantized_weight_are_read_alone(recipe, monkeypatch):
+    """`read_rows` (the lazy model's LM head and embedding slices) of a quantized weight reads those rows of
+    the weight and of its block scales, never the whole tensor, and gives exactly the rows of `read`."""
+    checkpoint = open_checkpoint(FIXTURES / recipe, "bf16")
+    name = "layers.0.mixer.in_proj.weight"
+    whole = checkpoint.read(name)
+    read = []
+    monkeypatch.setattr(checkpoint.index, "read", lambda tensor: read.append(tensor) or WeightIndex.read(checkpoint.index, tensor))
+    rows = checkpoint.read_rows(name, 5, 21)
+    assert torch.equal(rows, whole[5:21])
+    assert read and all(checkpoint.index[t].shape == () for t in read)  # only scalar scales read whole
