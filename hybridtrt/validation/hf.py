@@ -121,11 +121,13 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
     from hybridtrt.errors import CheckpointError
     from hybridtrt.models.modelopt import read_recipe
 
+    # transformers 5.25 has no quantizer for quant_method "modelopt" (transformers/quantizers/auto.py): it would
+    # take the FP8 / packed NVFP4 tensors for the weights (NVFP4: a size-mismatch error inside from_pretrained).
     declared = read_recipe(Path(path))
     if declared is not None:
         raise CheckpointError(
-            f"{path} is a ModelOpt {declared[0].get('quant_algo')} checkpoint ({declared[1]}): HF transformers loads those only "
-            "through nvidia-modelopt, which hybridtrt does not install, so it cannot be the oracle here",
+            f"{path} is a ModelOpt {declared[0].get('quant_algo')} checkpoint ({declared[1]}): HF transformers has no loader for "
+            "ModelOpt's quantized weights (no 'modelopt' quantizer), so it cannot be the oracle here",
             fix="compare the BF16 release of the model with --reference hf (our reading of the quantized weights is checked "
             "against ModelOpt's own dequantization)",
         )

@@ -120,8 +120,8 @@ def _copy(recipe: str, tmp_path: Path, name: str) -> Path:
 
 def test_what_is_not_read_is_refused_by_name(tmp_path):
     """Through the CLI: another algorithm, a weight without its scale, a scale of the wrong shape, an
-    NVFP4 export, --quantize on an FP8 checkpoint and the HF oracle on a quantized checkpoint (HF needs
-    ModelOpt to load one) exit 2 with the offending value and a fix."""
+    NVFP4 export, --quantize on an FP8 checkpoint and the HF oracle on a quantized checkpoint (transformers
+    has no loader for one) exit 2 with the offending value and a fix."""
     awq = _copy("fp8", tmp_path, "awq")
     recipe = json.loads((awq / "hf_quant_config.json").read_text())
     recipe["quantization"]["quant_algo"] = "W4A16_AWQ"
@@ -150,7 +150,7 @@ def test_what_is_not_read_is_refused_by_name(tmp_path):
         "bad_shape": (["inspect", bad_shape], "out_proj.weight_scale is F8_E4M3 [64, 4], ModelOpt writes F8_E4M3 [64, 8]"),
         "nvfp4_export": (["export", FIXTURES / "nvfp4", "-o", tmp_path / "o1"], "ModelOpt NVFP4 checkpoint"),
         "double_quantize": (["export", FIXTURES / "fp8", "-o", tmp_path / "o2", "--quantize", "fp8", "--calib-random", "2"], "quantized to FP8 by ModelOpt already"),
-        "hf_oracle": (["validate", "--checkpoint", FIXTURES / "fp8", "--reference", "hf", "--random", "2"], "HF transformers loads those only through nvidia-modelopt"),
+        "hf_oracle": (["validate", "--checkpoint", FIXTURES / "fp8", "--reference", "hf", "--random", "2"], "HF transformers has no loader for ModelOpt's quantized weights"),
     }
     outcomes = run_batch([[str(a) for a in argv] for argv, _ in cases.values()], cwd=tmp_path)
     for (name, (_, needle)), outcome in zip(cases.items(), outcomes):
