@@ -33,8 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the written graphs")
     p.add_argument("--force", action="store_true", help="export into a non-empty directory that is not a hybridtrt export, or into the checkpoint directory")
     p.add_argument("--dequantize", action="store_true", help="a quantized (ModelOpt FP8/NVFP4) checkpoint: export its weights dequantized to --dtype, no Q/DQ")
-    q = p.add_argument_group("FP8 (README: FP8)")
-    q.add_argument("--quantize", choices=["fp8"], default=None, help="FP8 Q/DQ on the linear layers")
+    q = p.add_argument_group("quantization (README: FP8, 4-bit weights)")
+    q.add_argument(
+        "--quantize", choices=["fp8", "int4"], default=None, help="fp8: FP8 Q/DQ on the linear layers; int4: 4-bit weights (W4A16), activations in --dtype"
+    )
+    q.add_argument(
+        "--block-size", type=int, choices=[32, 64, 128], default=None, help="int4: inputs per weight scale (default 128; TensorRT documents 64 and 128)"
+    )
     q.add_argument("--calib", default=None, metavar="FILE", help="calibration prompts, one per line (checkpoint tokenizer)")
     q.add_argument("--calib-random", type=int, default=None, metavar="N", help="N random calibration sequences")
     q.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="keep matching nodes (regex on node name) unquantized; repeatable")
@@ -51,6 +56,17 @@ def _quant_summary(recipe: dict | None) -> str:
         f"{recipe.get('scheme', 'fp8')} ({recipe.get('format', '')}): {len(recipe.get('quantized', []))} linear layers, "
         f"weights per-{recipe.get('weight_scale', 'tensor')}, {len(recipe.get('excluded', []))} excluded"
     )
+
+
+def _weight_only_summary(recipe: dict) -> str:
+    """``int4 W4A16, blocks of 128 (1 layer 64): 18 linear layers, 3 excluded``."""
+    n, excluded = len(recipe.get("quantized", [])), len(recipe.get("excluded", {}))
+    source = recipe.get("source", "")
+    if source.startswith("checkpoint: "):
+        return f"{recipe['scheme']} W4A16 ({recipe['format']}), the checkpoint's own scales: {source.removeprefix('checkpoint: ')}"
+    other = recipe.get("blocks", {})
+    blocks = f"blocks of {recipe['block_size']}" + (f" ({len(other)} layer(s) smaller: {', '.join(sorted({str(b) for b in other.values()}))})" if other else "")
+    return f"{recipe['scheme']} W4A16, {blocks}: {n} linear layers, {excluded} excluded"
 
 
 @contextlib.contextmanager
@@ -73,7 +89,15 @@ def _check_flags(args: argparse.Namespace) -> None:
     """Flag combinations, refused before anything is imported or read."""
     from hybridtrt.errors import InputError, QuantizationError
 
-    if args.quantize:
+    if args.block_size is not None and args.quantize != "int4":
+        raise InputError(f"--block-size {args.block_size} only applies to --quantize int4", fix="add --quantize int4, or drop --block-size")
+    if args.quantize == "int4":
+        if args.calib or args.calib_random or args.weight_scale:
+            raise InputError(
+                "--quantize int4 scales each block of weights from the weights (round to nearest); it takes no calibration or --weight-scale",
+                fix="drop --calib/--calib-random/--weight-scale",
+            )
+    elif args.quantize:
         if (args.calib is None) == (args.calib_random is None):
             raise QuantizationError(
                 "--quantize fp8 needs exactly one calibration source" + (" (got both --calib and --calib-random)" if args.calib else ""),
@@ -81,8 +105,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             )
     elif args.calib or args.calib_random or args.exclude or args.weight_scale:
         raise InputError(
-            "--calib/--calib-random/--exclude/--weight-scale only apply to FP8 exports",
-            fix="add --quantize fp8, or drop those flags",
+            "--calib/--calib-random/--exclude/--weight-scale only apply to quantized exports",
+            fix="add --quantize fp8 (or --quantize int4 with --exclude), or drop those flags",
         )
     if args.no_verify and args.verify:
         raise InputError(f"--verify {args.verify} and --no-verify contradict each other", fix="pass one of them")
@@ -126,8 +150,12 @@ def run(args: argparse.Namespace) -> int:
         max_cache_len=args.max_cache_len,
         dequantize=args.dequantize,
     )
-    quant = None
-    if args.quantize:
+    quant = weights = None
+    if args.quantize == "int4":
+        from hybridtrt.exporter.quantize import WeightOnlyOptions
+
+        weights = WeightOnlyOptions("int4", block_size=args.block_size or 128, exclude=list(args.exclude))
+    elif args.quantize:
         from hybridtrt.exporter.quantize import QuantizeOptions
 
         quant = QuantizeOptions(
@@ -136,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
             exclude=list(args.exclude),
             weight_scale=args.weight_scale or "tensor",
         )
-    result = export(args.checkpoint, args.output, opts, step=step, progress=progress, quantize=quant)
+    result = export(args.checkpoint, args.output, opts, step=step, progress=progress, quantize=quant, weight_only=weights)
     from rich.markup import escape
 
     for line in result.removed_partials:
@@ -156,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         ["dtype", f"{m.dtype} ({dtype_source})"],
         ["parameters", f"{result.parameters:,} ({human_bytes(result.parameter_bytes)} in {m.dtype})"],
         ["state dtype", m.state_dtype],
-        ["quantization", _quant_summary(m.quantization)],
+        ["quantization", _quant_summary(m.quantization) if m.quantization or not m.weight_only else _weight_only_summary(m.weight_only)],
     ]
     if m.source.get("dequantized"):
         rows.append(["weights", f"dequantized to {m.dtype} from the checkpoint's {escape(m.source['dequantized'])}"])

@@ -31,17 +31,20 @@ prediction with the plugin layers the network really holds (`hybridtrt.engine.ne
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 from onnx import helper
 
 from hybridtrt.engine.native_layers import IMPORTER_RULES, GraphFacts
 from hybridtrt.engine.trt_rules import (
     BODY_FIXES,
+    DEQUANTIZE_RULES,
     LOCAL_FUNCTION_ALWAYS,
     NATIVE_OPS,
     NONZERO,
@@ -161,6 +164,17 @@ def _graph_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def _all_zeros(t: onnx.TensorProto) -> bool:
+    """An inline initializer of zeros (False for anything that cannot be read without its weights)."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return False
+    try:
+        raw = onnx.numpy_helper.to_array(t)
+    except Exception:  # noqa: BLE001 - types numpy cannot hold
+        return bool(t.raw_data) and not any(t.raw_data)
+    return not raw.astype("float64").any() if raw.size else True
+
+
 def _type_name(elem_type: int) -> str:
     name = onnx.TensorProto.DataType.Name(elem_type)
     return TRT_TYPE_NAMES.get(name, name)
@@ -230,6 +244,8 @@ class _Emulator:
         self.report = DispatchReport(version, self.release, default_opset(model), plugins, plugin_override)
         self._collisions_reported: set[str] = set()
         self.graph_scope, inferred, self.inference_error = _graph_scope(model)
+        self.shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+        self.zeros = {t.name: _all_zeros(t) for t in model.graph.initializer}
         self.graph_scope.opsets = {o.domain: o.version for o in model.opset_import}
         self.facts = GraphFacts.of(model, inferred) if inferred is not None else None
         self._refusals: dict[tuple[str, str], list[str]] = {}  # (scope, refusal) -> node names
@@ -352,10 +368,49 @@ class _Emulator:
             if kind not in rule.types:
                 self.refuse(values.name, name, f"{rule.op_type} to {kind} is not supported: TensorRT's {rule.op_type} takes "
                             f"{', '.join(rule.types)} (operators.md){self._quantized_note(kind)}")  # fmt: skip
+        if rule.op_type == "DequantizeLinear":
+            self.check_dequantize(node, name, attrs, values)
         for i in rule.constant_inputs:
             if i < len(node.input) and node.input[i] and node.input[i] not in values.constants:
                 self.refuse(values.name, name, f"{rule.op_type}'s input {i} must be a build-time constant (an initializer "
                             "or a Constant node; operators.md), it is computed in the graph")  # fmt: skip
+
+    def check_dequantize(self, node: onnx.NodeProto, name: str, attrs: dict[str, object], values: _Scope) -> None:
+        """`DEQUANTIZE_RULES`: a DequantizeLinear of 4-bit weights, by TensorRT version."""
+        kind = _type_name(values.types.get(node.input[0], 0)) if values.types.get(node.input[0], 0) else ""
+        rule = DEQUANTIZE_RULES.get(kind)
+        if rule is None:
+            return
+        v = fmt(self.version)
+        where = values.name
+        if self.version < rule.since:
+            self.refuse(where, name, f"DequantizeLinear of {kind} needs TensorRT >= {fmt(rule.since)} ({rule.sources[0]}); this is {v}")
+            return
+        block = int(attrs.get("block_size", 0) or 0)
+        data, scale = self.shapes.get(node.input[0]), self.shapes.get(node.input[1]) if len(node.input) > 1 else None
+        if rule.constant_until is not None and self.version < rule.constant_until and node.input[0] not in values.constants:
+            self.refuse(where, name, f"TensorRT {v} dequantizes {kind} only from weights (an initializer), not a computed tensor ({rule.sources[1]})")
+        if data is not None and math.prod(data) % 2:
+            self.refuse(where, name, f"a {kind} tensor of {math.prod(data)} elements: TensorRT's parser needs an even count of 4-bit elements")
+        if len(node.input) > 2 and node.input[2] and not self.zeros.get(node.input[2], False):
+            self.refuse(where, name, "a non-zero (or unknown) zero point: TensorRT quantizes symmetrically only (NvInfer.h: \"zeroPt must only contain zero-valued coefficients\")")
+        if not block:
+            return
+        if self.version < rule.blocked_since:
+            self.refuse(where, name, f"blocked DequantizeLinear of {kind} needs TensorRT >= {fmt(rule.blocked_since)} ({rule.sources[1]}); this is {v}")
+        if rule.block_sizes and block not in rule.block_sizes:
+            self.refuse(where, name, f"{kind} blocks of {block}: TensorRT documents {kind} blocks of {' or '.join(map(str, rule.block_sizes))} ({rule.sources[-1]})",
+                        fix="re-export with --block-size 128 (or 64)" if kind == "INT4" else "")  # fmt: skip
+        if data is None or scale is None:
+            return
+        axis = int(attrs.get("axis", 1)) % len(data) if data else 0  # type: ignore[arg-type]
+        if len(scale) != len(data) or len(scale) > 2:
+            self.refuse(where, name, f"a blocked scale of rank {len(scale)} for a rank-{len(data)} input: TensorRT takes a scale of the input's rank, at most 2 (NvInfer.h, IDequantizeLayer)")
+        elif axis < len(data) - 2:
+            self.refuse(where, name, f"blocking on axis {axis} of a rank-{len(data)} input: TensorRT blocks one of the last two dimensions (NvInfer.h, IDequantizeLayer)")
+        elif data[axis] % max(scale[axis], 1) or data[axis] // max(scale[axis], 1) != block:
+            self.refuse(where, name, f"{data[axis]} values in {scale[axis]} blocks of {block}: TensorRT's parser infers the block from the shapes and refuses a partial one "
+                        "(onnxOpImporters.cpp: \"Inferred block size is not an integer.\")", fix="re-export with a block size that divides the dimension")  # fmt: skip
 
     @staticmethod
     def _refuses(rule: AttributeRule, value: object) -> bool:

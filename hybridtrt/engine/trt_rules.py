@@ -239,6 +239,60 @@ OP_RULES: dict[str, OpRule] = {
     )
 }  # fmt: skip
 
+@dataclass(frozen=True)
+class DequantizeRule:
+    """What TensorRT builds of a ``DequantizeLinear`` whose input is one quantized type (weights).
+
+    Attributes:
+        kind: The input type (TensorRT name: ``"INT4"``, ``"FP4"``).
+        since: First TensorRT whose parser takes the type.
+        blocked_since: First TensorRT that builds a blocked (``block_size``) DequantizeLinear of it.
+        block_sizes: The documented block sizes (empty: any that divides the blocked dimension).
+        constant_until: Before this TensorRT the input must be a build-time constant (weights).
+        hardware: What GPUs TensorRT documents it for, and what is not verified.
+        sources: Where each fact is read.
+    """
+
+    kind: str
+    since: Version
+    blocked_since: Version
+    block_sizes: tuple[int, ...]
+    constant_until: Version | None
+    hardware: str
+    sources: tuple[str, ...]
+
+
+#: 4-bit weights (`hybridtrt.graphs.weight_only`). Rules shared by every blocked DequantizeLinear,
+#: checked by the emulator (`hybridtrt.engine.dispatch`): the scale has the input's rank, at most 2
+#: (NvInfer.h, IDequantizeLayer: "rank lower or equal to 2"); blocking on one of the last two
+#: dimensions ("except for one dimension (the last or second to last dimension) in which blocking
+#: occurs"); the parser infers the block from the shapes and refuses a partial last block
+#: (onnxOpImporters.cpp ``QuantDequantLinearHelper``: "Inferred block size is not an integer."); the zero
+#: point absent or zeros (NvInfer.h: "zeroPt must only contain zero-valued coefficients, because only
+#: symmetric quantization is supported"); a 4-bit tensor has an even number of elements
+#: (onnxOpImporters.cpp: "4-bit quantization requies an even number of elements").
+DEQUANTIZE_RULES: dict[str, DequantizeRule] = {
+    r.kind: r
+    for r in (
+        DequantizeRule(
+            "INT4", (10, 0), (10, 0), (64, 128), (10, 13),
+            "weight-only on every GPU TensorRT 10 supports (docs: \"INT4 (signed 4-bit integer, weight-only quantization)\")",
+            ("CHANGELOG.md 10.0: \"Added support for INT4 quantization\"",
+             "NvInfer.h 10.0 IDequantizeLayer: \"Block dequantization is supported only for 2-D input tensors with DataType::kINT4 that are rooted at an IConstantLayer\"; 10.13: no longer \"rooted at an IConstantLayer\"",
+             "docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-schemes.html: \"The supported block sizes are {64, 128}\""),
+        ),
+        DequantizeRule(
+            "FP4", (10, 8), (10, 13), (16,), None,
+            "Blackwell (SM100+) per ModelOpt (examples/torch_onnx/README.md: \"NVFP4 requires a Blackwell GPU (SM100+) and "
+            "TensorRT 10.11 or later\"); FP4 weights with bf16/fp16 GEMMs on Hopper are not verified (TensorRT's "
+            "demo/Diffusion/README.md: FP4 pipelines \"supported on Hopper/Ada/Blackwell devices\")",
+            ("CHANGELOG.md 10.8: \"Added support for FLOAT4E2M1 types for quantized networks\"",
+             "NvInfer.h 10.13 IDequantizeLayer: \"Block dequantization is supported for input types DataType::kFP4, DataType::kFP8 and DataType::kINT4\"",
+             "NVFP4: 16 values per FP8 scale (ModelOpt's nvfp4_exporter.py writes block_size=16 only)"),
+        ),
+    )
+}  # fmt: skip
+
 #: Custom ops without a TensorRT plugin whose function body holds what TensorRT refuses: the fix to print.
 BODY_FIXES: dict[str, str] = {
     "MoeExpertsFp8": "FP8 MoE experts have no TensorRT plugin yet and their function body casts to/from float8, which "

@@ -39,7 +39,7 @@ from hybridtrt.exporter.manifest import (
     checkpoint_hash,
     layer_map,
 )
-from hybridtrt.exporter.quantize import QuantizeOptions, quantize_graph
+from hybridtrt.exporter.quantize import QuantizeOptions, WeightOnlyOptions, quantize_graph, quantize_weights
 from hybridtrt.exporter.streaming import (
     DeferredTable,
     FrozenTrace,
@@ -344,32 +344,31 @@ def check_options(opts: ExportOptions, quantize: QuantizeOptions | None) -> int:
     return opset
 
 
-def _checkpoint_quantization(checkpoint: Checkpoint, quantize: QuantizeOptions | None, dequantize: bool) -> QuantizeOptions | None:
+def _checkpoint_quantization(
+    checkpoint: Checkpoint, quantize: QuantizeOptions | None, weight_only: WeightOnlyOptions | None, dequantize: bool
+) -> tuple[QuantizeOptions | None, WeightOnlyOptions | None]:
     """A ModelOpt FP8 checkpoint is exported with its own scales (`hybridtrt.exporter.quantize.
-    from_checkpoint`), or, with ``dequantize``, any ModelOpt checkpoint with its weights dequantized
-    (and ``quantize``, our own FP8, if asked for); the formats only read for the reference are refused
-    here."""
+    from_checkpoint`), an NVFP4 one as 4-bit weights with its own scales (`nvfp4_from_checkpoint`),
+    or, with ``dequantize``, any ModelOpt checkpoint with its weights dequantized (and ``quantize`` /
+    ``weight_only``, our own, if asked for)."""
     quantization = checkpoint.quantization
     if quantization is None:
         if dequantize:
             raise ExportError(f"--dequantize: {checkpoint.root} is not a quantized checkpoint", fix="drop --dequantize")
-        return quantize
+        return quantize, weight_only
     if dequantize:
-        return quantize
-    if quantization.algo != "FP8":
+        return quantize, weight_only
+    if quantize is not None or weight_only is not None:
         raise ExportError(
-            f"{checkpoint.root} is a ModelOpt {quantization.algo} checkpoint: hybridtrt exports ModelOpt FP8 checkpoints as "
-            f"they are, not {quantization.algo} yet",
-            fix=f"add --dequantize to export its weights dequantized to --dtype (exactly as ModelOpt dequantizes them; {quantization.algo}'s size saving is lost)",
+            f"{checkpoint.root} is quantized to {quantization.algo} by ModelOpt already; the export keeps its scales",
+            fix="drop --quantize and its flags (--calib, --calib-random, --exclude, --weight-scale, --block-size), "
+            "or add --dequantize to quantize its dequantized weights again",
         )
-    if quantize is not None:
-        raise ExportError(
-            f"{checkpoint.root} is quantized to FP8 by ModelOpt already; the export keeps its scales",
-            fix="drop --quantize fp8 and the calibration flags (--calib, --calib-random, --exclude, --weight-scale)",
-        )
-    from hybridtrt.exporter.quantize import from_checkpoint
+    from hybridtrt.exporter.quantize import from_checkpoint, nvfp4_from_checkpoint
 
-    return from_checkpoint(checkpoint)
+    if quantization.algo == "NVFP4":
+        return None, nvfp4_from_checkpoint(checkpoint)
+    return from_checkpoint(checkpoint), None
 
 
 def export(
@@ -380,6 +379,7 @@ def export(
     step: Step = _no_step,
     progress: Progress = _no_progress,
     quantize: QuantizeOptions | None = None,
+    weight_only: WeightOnlyOptions | None = None,
 ) -> ExportResult:
     """Export a checkpoint directory to ONNX.
 
@@ -392,6 +392,7 @@ def export(
             long stages (weight streaming in bytes, calibration in layers, verification).
         quantize: FP8 Q/DQ on the linear layers (DESIGN.md §7): calibrate on the reference, then
             the same scales in every graph of the export.
+        weight_only: 4-bit weights on the linear layers (W4A16, `hybridtrt.graphs.weight_only`).
 
     Returns:
         `ExportResult`.
@@ -402,7 +403,9 @@ def export(
     flavour = io.cache_flavour(opts.kv_cache, opts.max_cache_len, opset)
     with step("read checkpoint (config.json, safetensors headers)"):
         checkpoint = open_checkpoint(checkpoint_dir, opts.dtype)
-    quantize = _checkpoint_quantization(checkpoint, quantize, opts.dequantize)
+    if quantize is not None and weight_only is not None:
+        raise ExportError("FP8 Q/DQ and 4-bit weights are two different recipes", fix="pass one --quantize")
+    quantize, weight_only = _checkpoint_quantization(checkpoint, quantize, weight_only, opts.dequantize)
     config = checkpoint.config
     roles = [("unified", MODEL_FILE, WEIGHTS_FILE, False)]
     split = MAMBA in config.layer_types if opts.split is None else opts.split
@@ -421,7 +424,7 @@ def export(
         table = DeferredTable(checkpoint)
         graphs: dict[str, GraphEntry] = {}
         written: list[str] = []
-        recipe = None
+        recipe = weights_recipe = None
         unified_keys: dict[str, str] = {}
         for role, fname, data, decode in roles:
             with step(f"trace {role} graph (torch.export → ONNX, weights not loaded)"):
@@ -437,6 +440,10 @@ def export(
                 with step(f"FP8: insert Q/DQ ({role})"):
                     recipe = quantize_graph(proto, reference, checkpoint.root, quantize, quantizer=table.quantizer())
                 rule = "onnx"  # FP8 graphs were saved from memory with onnx.save_model
+            if weight_only is not None:
+                with step(f"{weight_only.scheme}: 4-bit weights ({role})"):
+                    weights_recipe = quantize_weights(proto, weight_only, quantizer=table.quantizer())
+                rule = "onnx"
             shared = 0
             if graphs:  # later graphs reuse the unified graph's weights.data where identical
                 shared = share_before_write(
@@ -494,11 +501,12 @@ def export(
             states=[s.to_dict() for s in io.state_specs(config, flavour)],
             per_layer_outputs=[f"layer_output.{i}" for i in range(config.num_layers)] if opts.per_layer else [],
             quantization=recipe,
+            weight_only=weights_recipe,
             kv_cache=flavour.kind,
             max_cache_len=flavour.max_cache_len,
         )
         if opts.verify:
-            against = "the FP8 reference (fp32)" if recipe else "the fp32 reference"
+            against = "the FP8 reference (fp32)" if recipe else "the 4-bit weights' reference (fp32)" if weights_recipe else "the fp32 reference"
             with step(f"verify with ONNX Runtime against {against} ({opts.verify_mode})"):
                 truth = reference if checkpoint.dtype == torch.float32 else lazy_model(checkpoint.as_dtype(torch.float32))
                 with target.writing(temporary_bytes(checkpoint.parameter_bytes), "verification's temporary files"):  # head slices (verify.py)

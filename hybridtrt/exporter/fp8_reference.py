@@ -267,8 +267,14 @@ def fp8_emulated(model: nn.Module, recipe: Mapping[str, Any] | None, scale_dtype
 
 def as_exported(model: nn.Module, manifest: Any, *, dynamic: bool = False, dither: float | None = None) -> nn.Module:
     """``model`` computing what the export of ``manifest`` computes: the FP8 reference of an FP8
-    export (`emulate_fp8`, scales rounded to the export's dtype), the model itself otherwise."""
+    export (`emulate_fp8`, scales rounded to the export's dtype), the 4-bit weights' reference of a
+    W4A16 export (`hybridtrt.exporter.weight_only_reference`), the model itself otherwise."""
     recipe = getattr(manifest, "quantization", None)
     if recipe:
         emulate_fp8(model, recipe, parse_dtype(manifest.dtype), dynamic=dynamic, dither=dither)
+    weights = getattr(manifest, "weight_only", None)
+    if weights:  # the 4-bit weights' reference
+        from hybridtrt.exporter.weight_only_reference import emulate_weight_only
+
+        emulate_weight_only(model, weights, parse_dtype(manifest.dtype))
     return model

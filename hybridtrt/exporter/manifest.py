@@ -92,6 +92,8 @@ class Manifest:
     states: list[dict[str, Any]]
     per_layer_outputs: list[str] = field(default_factory=list)
     quantization: dict[str, Any] | None = None
+    #: 4-bit weights, activations in ``dtype`` (`hybridtrt.graphs.weight_only.WeightOnlyRecipe`).
+    weight_only: dict[str, Any] | None = None
     #: How the export was checked before publishing (`hybridtrt.exporter.verify`): mode
     #: ``full`` / ``layers`` (windows) / ``skipped`` (with the reason), gate, worst error per graph.
     verification: dict[str, Any] | None = None
@@ -123,6 +125,7 @@ class Manifest:
             "states": self.states,
             "per_layer_outputs": self.per_layer_outputs,
             "quantization": self.quantization,
+            "weight_only": self.weight_only,
             "verification": self.verification,
             "tools": self.tools,
             "kv_cache": self.kv_cache,

@@ -24,11 +24,14 @@ from typing import Any, Literal
 
 import weakref
 
+import numpy as np
 import onnx
+import torch
 
 from hybridtrt.errors import QuantizationError
 from hybridtrt.exporter.calibration import calibrate, calibration_batches, calibration_hash, matmul_node_name, moe_node_name
 from hybridtrt.graphs.fp8_qdq import LM_HEAD_NODE, ExpertScales, WeightQuantizer, insert_fp8_qdq
+from hybridtrt.graphs.weight_only import DEFAULT_BLOCK, NVFP4_BLOCK, NVFP4Scales, insert_weight_only
 from hybridtrt.models.loading import Checkpoint
 from hybridtrt.models.model import HybridLM
 from hybridtrt.models.tokenizer import load_tokenizer
@@ -108,6 +111,63 @@ def from_checkpoint(checkpoint: Checkpoint) -> QuantizeOptions:
     return QuantizeOptions(fixed=fixed, source="checkpoint: " + quantization.describe(), kept=kept)
 
 
+@dataclass
+class WeightOnlyOptions:
+    """4-bit weight flags of ``hybridtrt export`` (`hybridtrt.graphs.weight_only`).
+
+    Attributes:
+        scheme: ``"int4"`` (``--quantize int4``: our own scales) or ``"nvfp4"`` (an NVFP4 checkpoint's).
+        block_size: INT4 inputs per scale (``--block-size``).
+        exclude: Regexes on MatMul node names to keep in the model dtype.
+        fixed: NVFP4: ``{MatMul node: NVFP4Scales}`` read from the checkpoint (`nvfp4_from_checkpoint`).
+        source: What the scales come from (`hybridtrt.graphs.weight_only.WeightOnlyRecipe.source`).
+        kept: ``{MatMul node: why}`` of layers the checkpoint quantizes and the export keeps in the
+            model dtype (their dequantized weights).
+    """
+
+    scheme: str = "int4"
+    block_size: int = DEFAULT_BLOCK
+    exclude: list[str] = field(default_factory=list)
+    fixed: dict[str, NVFP4Scales] | None = field(default=None, repr=False, compare=False)
+    source: str | None = None
+    kept: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+
+def nvfp4_from_checkpoint(checkpoint: Checkpoint) -> WeightOnlyOptions:
+    """The W4A16 recipe of a ModelOpt NVFP4 checkpoint, as written: its layers, block scales (read
+    when each weight is written) and global scales (`hybridtrt.models.modelopt`)."""
+    quantization = checkpoint.quantization
+    if quantization is None or quantization.algo != "NVFP4":
+        raise QuantizationError("the checkpoint has no NVFP4 scales of its own", fix="export with --quantize int4")
+    index = checkpoint.index
+
+    def read_stored(tensor: str) -> np.ndarray:
+        """A tensor's bytes as stored (U8 codes, F8_E4M3 scales)."""
+        return index.read(tensor).view(torch.uint8).numpy()
+
+    fixed: dict[str, NVFP4Scales] = {}
+    kept: dict[str, str] = {}
+    for name, source in checkpoint.parameters.items():
+        if source.quantized is None:
+            continue
+        if name == "lm_head.weight":
+            kept[LM_HEAD_NODE] = "lm_head: NVFP4 in the checkpoint, kept in the model dtype (its dequantized weights)"
+            continue
+        w = quantization.weights[source.tensor.removesuffix(".weight")]
+        fixed[matmul_node_name(name.removesuffix(".weight"))] = NVFP4Scales(w.weight_scale, float(index.read(w.weight_scale_2).float()), read_stored, w.weight)
+    return WeightOnlyOptions(scheme="nvfp4", block_size=NVFP4_BLOCK, fixed=fixed, source="checkpoint: " + quantization.describe(), kept=kept)
+
+
+def quantize_weights(proto: onnx.ModelProto, options: WeightOnlyOptions, quantizer: WeightQuantizer | None = None) -> dict[str, Any]:
+    """4-bit weights into ``proto`` in place (`hybridtrt.graphs.weight_only.insert_weight_only`).
+    Returns the recipe dict for ``hybridtrt.json``'s ``"weight_only"``."""
+    recipe = insert_weight_only(
+        proto, options.scheme, block_size=options.block_size, exclude=options.exclude, quantizer=quantizer, fixed=options.fixed, source=options.source
+    )
+    recipe.excluded.update({node: why for node, why in options.kept.items() if node in recipe.excluded})
+    return recipe.to_dict()
+
+
 def run_calibration(model: HybridLM, checkpoint_dir: str | Path | None, options: QuantizeOptions) -> dict[str, float]:
     """Calibrate (once per model) and cache the result on ``options``. Returns ``{MatMul node: amax}``.
 
@@ -181,4 +241,4 @@ def quantize_graph(
     return recipe.to_dict()
 
 
-__all__ = ["QuantizeOptions", "from_checkpoint", "quantize_graph", "run_calibration"]
+__all__ = ["QuantizeOptions", "WeightOnlyOptions", "from_checkpoint", "nvfp4_from_checkpoint", "quantize_graph", "quantize_weights", "run_calibration"]

@@ -62,6 +62,7 @@ from hybridtrt.graphs.external_data import (
     same_as_file,
 )
 from hybridtrt.graphs.fp8_qdq import Quantize
+from hybridtrt.graphs.quantized_types import onnx_type, packed_bytes
 from hybridtrt.models.loading import Checkpoint, check_finite
 from hybridtrt.models.model import HybridLM, meta_modules
 
@@ -148,8 +149,8 @@ class Deferred:
 
 @dataclass(frozen=True, eq=False)
 class DeferredFP8:
-    """The FP8 initializer of a quantized weight: ``quantize`` (`hybridtrt.graphs.fp8_qdq.Quantize`)
-    of a `Deferred` weight's values. Equal when the weight and the quantization (function and bound
+    """The quantized initializer of a weight (FP8, or 4-bit packed two a byte: `hybridtrt.graphs.
+    weight_only`): ``quantize`` (`hybridtrt.graphs.fp8_qdq.Quantize`) of a `Deferred` weight's values. Equal when the weight and the quantization (function and bound
     arguments of the ``functools.partial``) are."""
 
     weight: Deferred
@@ -174,8 +175,8 @@ class DeferredFP8:
             for e, expert in enumerate(self.weight.rows(checkpoint)):
                 yield self.quantize(_numpy(expert), first=e)[0].view(np.uint8).reshape(-1)
             return
-        w_fp8, _ = self.quantize(_numpy(self.weight.tensor(checkpoint)))
-        yield w_fp8.view(np.uint8)
+        w_q, _ = self.quantize(_numpy(self.weight.tensor(checkpoint)))
+        yield packed_bytes(w_q)
 
 
 def per_expert(weight: Deferred, checkpoint: Checkpoint) -> bool:
@@ -246,10 +247,13 @@ class DeferredTable:
                 raise RuntimeError(f"{w.name} is already quantized ({recipe})")
             if per_expert(recipe, self.checkpoint):  # one expert at a time, never the whole stack
                 scale = np.concatenate([quantize(_numpy(expert), first=e)[1] for e, expert in enumerate(recipe.rows(self.checkpoint))])
+                elem_type = onnx.TensorProto.FLOAT8E4M3FN
             else:
-                _, scale = quantize(_numpy(recipe.tensor(self.checkpoint)))
+                w_q, scale = quantize(_numpy(recipe.tensor(self.checkpoint)))
+                elem_type = onnx_type(w_q.dtype)
+                del w_q
             key = self.key(DeferredFP8(recipe, quantize))
-            return deferred_tensor(fp8_name, onnx.TensorProto.FLOAT8E4M3FN, w.dims, key), scale
+            return deferred_tensor(fp8_name, elem_type, w.dims, key), scale
 
         return quantizer
 

@@ -158,15 +158,16 @@ def _kind(output: str) -> str:
 
 class _Judge:
     """The pass/fail rule for one export: the artefact against the truth (fp32 reference; the FP8
-    reference for an FP8 export), with the same-dtype run of the truth as the yardstick (fp16/bf16)."""
+    reference for an FP8 export; the 4-bit weights' reference for a W4A16 export), with the same-dtype run of the truth as the yardstick (fp16/bf16)."""
 
     def __init__(self, manifest: Manifest) -> None:
         self.fp8 = bool(manifest.quantization)
         self.moe = any(entry.get("kind") == "moe" for entry in manifest.layers)
         self.precision = "fp8" if self.fp8 else manifest.dtype
-        self.truth = "FP8 reference (fp32)" if self.fp8 else "fp32 reference"
+        four_bit = f"{manifest.weight_only['scheme']} weights' " if manifest.weight_only else ""
+        self.truth = "FP8 reference (fp32)" if self.fp8 else f"{four_bit}fp32 reference"
         if manifest.dtype != "fp32":
-            self.yardstick: str | None = f"{'FP8 ' if self.fp8 else ''}{manifest.dtype} reference"
+            self.yardstick: str | None = f"{'FP8 ' if self.fp8 else four_bit}{manifest.dtype} reference"
         else:
             self.yardstick = "FP8 fp32 reference, dithered (2^-16 before each quantizer)" if self.fp8 else None
         # A half-precision SSM state is rounded on both sides (one fp16 ulp is 1e-3 relative): the
@@ -283,6 +284,11 @@ def verify_export(
         if manifest.quantization:  # judged against the FP8 reference (module docstring)
             for reference in {id(model): model, id(truth): truth}.values():
                 emulated.enter_context(fp8_emulated(reference, manifest.quantization, parse_dtype(manifest.dtype)))
+        if manifest.weight_only:  # judged against the 4-bit weights' reference
+            from hybridtrt.exporter.weight_only_reference import emulate_weight_only
+
+            for reference in {id(model): model, id(truth): truth}.values():
+                emulated.callback(emulate_weight_only(reference, manifest.weight_only, parse_dtype(manifest.dtype)))
         return _verify(export_dir, model, manifest, truth, mode, parameter_bytes, progress)
 
 

@@ -67,10 +67,9 @@ def tensor_nbytes(t: onnx.TensorProto) -> int:
     """Bytes of a tensor's data from its dims and type (inline or not)."""
     if t.HasField("raw_data"):
         return len(t.raw_data)
-    n = 1
-    for d in t.dims:
-        n *= d
-    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    from hybridtrt.graphs.quantized_types import stored_nbytes
+
+    return stored_nbytes(t.data_type, t.dims)
 
 
 def _stored(t: onnx.TensorProto) -> bool:

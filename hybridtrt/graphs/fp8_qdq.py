@@ -48,6 +48,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from hybridtrt.errors import QuantizationError
+from hybridtrt.graphs.quantized_types import quantized_tensor
 from hybridtrt.ops.moe_onnx import MOE_EXPERTS, MOE_EXPERTS_FP8
 from hybridtrt.ops.onnx_functions import DOMAIN, attach_functions
 
@@ -282,8 +283,8 @@ def in_memory_quantizer(base_dir: str | None = None) -> WeightQuantizer:
     """The default `WeightQuantizer`: reads the weight (inline, or external under ``base_dir``)."""
 
     def quantizer(w: TensorProto, fp8_name: str, quantize: Quantize) -> tuple[TensorProto, np.ndarray]:
-        w_fp8, scale = quantize(_load_array(w, base_dir))
-        return fp8_tensor(fp8_name, w_fp8), scale
+        w_q, scale = quantize(_load_array(w, base_dir))
+        return quantized_tensor(fp8_name, w_q), scale
 
     return quantizer
 

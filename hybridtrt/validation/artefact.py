@@ -185,10 +185,14 @@ def yardstick_subject(
         if manifest is None or not manifest.quantization:
             raise ValueError(f"the {spec.name} yardstick needs the FP8 export's manifest")
         model = as_exported(model, manifest, dynamic=spec.fp8 == "dynamic", dither=FP32_DITHER if spec.fp8 == "dithered" else None)
+    elif manifest is not None and manifest.weight_only and judged == "artefact":
+        model = as_exported(model, manifest)  # the 4-bit weights' reference in the yardstick's dtype
     return torch_subject(model, states, name=spec.name)
 
 
 def _reference_name(manifest: Manifest) -> str:
+    if manifest.weight_only:
+        return f"pytorch-{manifest.weight_only['scheme']}-weights"
     return "pytorch-fp8" if manifest.quantization else "pytorch"
 
 

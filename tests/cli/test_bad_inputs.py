@@ -145,6 +145,8 @@ CASES = [
     Case("preset-shard-size-zero", ("preset", "tiny-nemotron-h", "-o", "{out}", "--max-shard-mb", "0"), "input", "--max-shard-mb 0",
          lambda ws: None),
     Case("fp8-flags-without-quantize", ("export", "{ckpt}", "-o", "{out}", "--calib-random", "4"), "input", "--quantize fp8"),
+    Case("block-size-without-int4", ("export", "{ckpt}", "-o", "{out}", "--block-size", "64"), "input", "--block-size 64 only applies to --quantize int4"),
+    Case("int4-with-calibration", ("export", "{ckpt}", "-o", "{out}", "--quantize", "int4", "--calib-random", "4"), "input", "takes no calibration"),
     # -- validate / generate: refused before anything loads -------------------------------------
     Case("validate-steps-negative", ("validate", "{ckpt}", "--steps", "-1"), "input", "--steps must be ≥ 0, got -1"),
     Case("validate-random-zero", ("validate", "{ckpt}", "--random", "0"), "input", "got 0"),

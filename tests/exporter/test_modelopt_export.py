@@ -158,7 +158,7 @@ def test_a_quantized_lm_head_is_kept_in_high_precision(tmp_path):
 
 
 def test_dequantize_exports_modelopts_own_dequantized_weights(tmp_path, capsys):
-    """`--dequantize`: an NVFP4 checkpoint (not exported as 4-bit yet) exports in bf16 with no Q/DQ, each
+    """`--dequantize`: an NVFP4 checkpoint exports in bf16 with no Q/DQ (not as 4-bit weights), each
     quantized linear's weight exactly ModelOpt's own bf16 dequantization (its hash in the fixture), and
     the manifest and summary say where the weights came from."""
     import hashlib

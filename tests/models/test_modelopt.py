@@ -148,7 +148,7 @@ def test_what_is_not_read_is_refused_by_name(tmp_path):
         "bad_kv": (["inspect", bad_kv], "backbone.layers.1.mixer.k_proj.k_scale is F32 [2], ModelOpt writes F32 []"),
         "no_scale": (["inspect", no_scale], "backbone.layers.2.mixer.up_proj.input_scale is missing"),
         "bad_shape": (["inspect", bad_shape], "out_proj.weight_scale is F8_E4M3 [64, 4], ModelOpt writes F8_E4M3 [64, 8]"),
-        "nvfp4_export": (["export", FIXTURES / "nvfp4", "-o", tmp_path / "o1"], "ModelOpt NVFP4 checkpoint"),
+        "nvfp4_quantize_again": (["export", FIXTURES / "nvfp4", "-o", tmp_path / "o1", "--quantize", "int4"], "quantized to NVFP4 by ModelOpt already"),
         "double_quantize": (["export", FIXTURES / "fp8", "-o", tmp_path / "o2", "--quantize", "fp8", "--calib-random", "2"], "quantized to FP8 by ModelOpt already"),
         "hf_oracle": (["validate", "--checkpoint", FIXTURES / "fp8", "--reference", "hf", "--random", "2"], "HF transformers has no loader for ModelOpt's quantized weights"),
     }
