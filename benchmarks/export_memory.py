@@ -16,6 +16,7 @@ written per second.
     .venv/bin/python benchmarks/export_memory.py                       # the five default sizes
     .venv/bin/python benchmarks/export_memory.py --sizes nano-9b-v2 --export-dtype bf16
     .venv/bin/python benchmarks/export_memory.py --sizes 1b --eager-up-to 8e9 --keep
+    .venv/bin/python benchmarks/export_memory.py --sizes nano-9b-v2 --eager-up-to 0 --export-args "--quantize int4 --calib-random 8"
 
 Needs about 2× the largest checkpoint of free disk under ``--workdir`` (default: a temp dir,
 removed at the end unless ``--keep``).
@@ -27,6 +28,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -100,14 +102,14 @@ _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 _CHILD = r"""
 import contextlib, importlib, io, json, sys, time
 sys.path.insert(0, {root!r})
-mode, ckpt, out, dtype, verify, modules = sys.argv[1:7]
+mode, ckpt, out, dtype, verify, modules, extra = sys.argv[1:8]
 # What an export imports before it touches a tensor.
 import onnx, onnxruntime, onnxscript, torch, torch.export, torch.onnx._internal.exporter._core
 import hybridtrt.cli.main, hybridtrt.exporter.export
 imported = set(sys.modules)
 t = time.perf_counter()
 if mode == "stream":  # exactly what a user runs
-    args = ["export", ckpt, "-o", out, "--dtype", dtype] + ([] if verify == "1" else ["--no-verify"])
+    args = ["export", ckpt, "-o", out, "--dtype", dtype] + ([] if verify == "1" else ["--no-verify"]) + json.loads(extra)
     with contextlib.redirect_stdout(io.StringIO()):
         code = hybridtrt.cli.main.main(args)
     if code:
@@ -196,12 +198,12 @@ def write_checkpoint(config: dict, dtype: str, out: Path, *, shard_bytes: int = 
     return total, time.perf_counter() - start
 
 
-def child(mode: str, ckpt: Path, out: Path, dtype: str, verify: bool, modules: Path | None = None) -> dict:
+def child(mode: str, ckpt: Path, out: Path, dtype: str, verify: bool, modules: Path | None = None, extra: list[str] | None = None) -> dict:
     """Run ``mode`` (``stream``, ``eager`` or ``baseline``) in a fresh interpreter; returns its wall
     time and peak RSS. ``modules``: where an export writes the modules it imported beyond the
     top-level ones, and from where a baseline imports them."""
     code = _CHILD.format(root=str(ROOT))
-    argv = [mode, str(ckpt), str(out), dtype, "1" if verify else "0", str(modules) if modules else "-"]
+    argv = [mode, str(ckpt), str(out), dtype, "1" if verify else "0", str(modules) if modules else "-", json.dumps(extra or [])]
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} export of {ckpt} failed:\n{proc.stderr[-3000:]}")
@@ -216,6 +218,7 @@ def main() -> None:
     parser.add_argument("--eager-up-to", type=float, default=2e9, help="also run the weight-loaded path up to this many parameter bytes")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and exports")
+    parser.add_argument("--export-args", default="", help="more `hybridtrt export` flags for the streamed path, e.g. '--quantize int4 --calib-random 8'")
     args = parser.parse_args()
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="hybridtrt-export-memory-"))
@@ -238,7 +241,7 @@ def main() -> None:
                 runs += [("eager", export_dtype, False, param_bytes)] if param_bytes <= args.eager_up_to else []
             for mode, export_dtype, verify, param_bytes in runs:
                 modules = work / "modules.json"
-                r = child(mode, ckpt, out, export_dtype, verify, modules)
+                r = child(mode, ckpt, out, export_dtype, verify, modules, shlex.split(args.export_args) if mode == "stream" else None)
                 base = child("baseline", work, work / "none", "fp32", False, modules)["maxrss_kib"] * 1024
                 written = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
                 verification = "-"
@@ -253,7 +256,7 @@ def main() -> None:
                         f"{n_params / 1e9:.2f} B",
                         f"{largest:.1%}",
                         f"{ckpt_dtype} → {export_dtype}",
-                        "streamed" if mode == "stream" else "weight-loaded",
+                        ("streamed" + (f" {args.export_args}" if args.export_args else "")) if mode == "stream" else "weight-loaded",
                         verification,
                         f"{peak / 2**30:.2f} GiB",
                         f"{base / 2**30:.2f} GiB",

@@ -35,7 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dequantize", action="store_true", help="a quantized (ModelOpt FP8/NVFP4) checkpoint: export its weights dequantized to --dtype, no Q/DQ")
     q = p.add_argument_group("quantization (README: FP8, 4-bit weights)")
     q.add_argument(
-        "--quantize", choices=["fp8", "int4"], default=None, help="fp8: FP8 Q/DQ on the linear layers; int4: 4-bit weights (W4A16), activations in --dtype"
+        "--quantize",
+        choices=["fp8", "int4"],
+        default=None,
+        help="fp8: FP8 Q/DQ on the linear layers; int4: 4-bit weights (W4A16), activations in --dtype: AWQ with --calib/--calib-random, round to nearest without",
     )
     q.add_argument(
         "--block-size", type=int, choices=[32, 64, 128], default=None, help="int4: inputs per weight scale (default 128; TensorRT documents 64 and 128)"
@@ -62,11 +65,14 @@ def _weight_only_summary(recipe: dict) -> str:
     """``int4 W4A16, blocks of 128 (1 layer 64): 18 linear layers, 3 excluded``."""
     n, excluded = len(recipe.get("quantized", [])), len(recipe.get("excluded", {}))
     source = recipe.get("source", "")
+    experts = sum(node.endswith("/MoeExperts") for node in recipe.get("excluded", {}))
+    kept = f"; the routed experts of {experts} MoE layers stay unquantized (dequantized)" if experts else ""
     if source.startswith("checkpoint: "):
-        return f"{recipe['scheme']} W4A16 ({recipe['format']}), the checkpoint's own scales: {source.removeprefix('checkpoint: ')}"
+        return f"{recipe['scheme']} W4A16 ({recipe['format']}), the checkpoint's own scales: {source.removeprefix('checkpoint: ')}{kept}"
     other = recipe.get("blocks", {})
     blocks = f"blocks of {recipe['block_size']}" + (f" ({len(other)} layer(s) smaller: {', '.join(sorted({str(b) for b in other.values()}))})" if other else "")
-    return f"{recipe['scheme']} W4A16, {blocks}: {n} linear layers, {excluded} excluded"
+    how = "AWQ" if recipe.get("awq") else "round to nearest"
+    return f"{recipe['scheme']} W4A16 ({how}), {blocks}: {n} linear layers, {excluded} excluded"
 
 
 @contextlib.contextmanager
@@ -92,11 +98,10 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.block_size is not None and args.quantize != "int4":
         raise InputError(f"--block-size {args.block_size} only applies to --quantize int4", fix="add --quantize int4, or drop --block-size")
     if args.quantize == "int4":
-        if args.calib or args.calib_random or args.weight_scale:
-            raise InputError(
-                "--quantize int4 scales each block of weights from the weights (round to nearest); it takes no calibration or --weight-scale",
-                fix="drop --calib/--calib-random/--weight-scale",
-            )
+        if args.weight_scale:
+            raise InputError("--weight-scale is FP8's; INT4 scales each block of --block-size inputs", fix="drop --weight-scale")
+        if args.calib and args.calib_random is not None:
+            raise QuantizationError("--quantize int4 takes one calibration source (got both --calib and --calib-random)", fix="pass one of them")
     elif args.quantize:
         if (args.calib is None) == (args.calib_random is None):
             raise QuantizationError(
@@ -154,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quantize == "int4":
         from hybridtrt.exporter.quantize import WeightOnlyOptions
 
-        weights = WeightOnlyOptions("int4", block_size=args.block_size or 128, exclude=list(args.exclude))
+        weights = WeightOnlyOptions("int4", block_size=args.block_size or 128, exclude=list(args.exclude), calib_file=args.calib, calib_random=args.calib_random)
     elif args.quantize:
         from hybridtrt.exporter.quantize import QuantizeOptions
 
@@ -184,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         ["dtype", f"{m.dtype} ({dtype_source})"],
         ["parameters", f"{result.parameters:,} ({human_bytes(result.parameter_bytes)} in {m.dtype})"],
         ["state dtype", m.state_dtype],
-        ["quantization", _quant_summary(m.quantization) if m.quantization or not m.weight_only else _weight_only_summary(m.weight_only)],
+        ["quantization", _quant_summary(m.quantization) if m.quantization or not m.weight_only else escape(_weight_only_summary(m.weight_only))],
     ]
     if m.source.get("dequantized"):
         rows.append(["weights", f"dequantized to {m.dtype} from the checkpoint's {escape(m.source['dequantized'])}"])

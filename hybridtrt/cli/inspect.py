@@ -55,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"weights: dequantized to {m.dtype} from the checkpoint's {m.source['dequantized']}", markup=False, soft_wrap=True)
         if m.quantization and str(m.quantization.get("source", "")).startswith("checkpoint: "):
             console.print(f"quantization: the checkpoint's own scales, {m.quantization['source'].removeprefix('checkpoint: ')}", markup=False, soft_wrap=True)
+        if m.weight_only:
+            from hybridtrt.cli.export import _weight_only_summary
+
+            console.print(f"4-bit weights: {_weight_only_summary(m.weight_only)}", markup=False, soft_wrap=True)
         console.print(f"verification: {method}" + (f" ({verification.get('reason')})" if verification.get("reason") else "")
                       + "".join(f", {f} worst rel L2 {v:.2e}" for f, v in worst.items()), markup=False)  # fmt: skip
         if routing_summary(verification):

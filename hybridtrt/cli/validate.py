@@ -99,18 +99,28 @@ def summary_rows(report) -> list[list[str]]:
     return rows
 
 
+#: What each recipe-cost yardstick is, and what fails against it.
+_QUALITY_YARDSTICK = {
+    "fp8-recipe": ("FP8 recipe", "the same layers at ideal per-call scales (nothing calibrated)", "a calibrated scale that clips fails here"),
+    "int4-recipe": ("INT4 recipe", "the same layers rounded to nearest (no AWQ scales)", "AWQ scales that cost more than plain rounding fail here"),
+}
+
+
 def print_quality(q) -> None:
-    """The FP8 recipe's cost (``report.quality``): the FP8 reference against the unquantized truth."""
-    title = f"FP8 recipe: {q.backend} vs the unquantized {q.reference} ({q.precision}, the same prompts)"
+    """A recipe's cost (``report.quality``): the quantized reference against the unquantized truth."""
+    what, yardstick, fails = _QUALITY_YARDSTICK.get(q.precision, _QUALITY_YARDSTICK["fp8-recipe"])
+    title = f"{what}: {q.backend} vs the unquantized {q.reference} ({q.precision}, the same prompts)"
     console.print(table(title, ["", "rel L2", "yardstick", "allowed", "cosine", "gate"], summary_rows(q)))
-    yard = f"{q.yardstick}: the same layers at ideal per-call scales (nothing calibrated)" if q.yardstick else "no yardstick: the floors are the gates"
-    console.print(styled(f"yardstick: {yard} · a calibrated scale that clips fails here; the cosine is the quality figure", "dim"))
+    yard = f"{q.yardstick}: {yardstick}" if q.yardstick else "no yardstick: the floors are the gates"
+    console.print(styled(f"yardstick: {yard} · {fails}; the cosine is the quality figure", "dim"))
+    if q.token_agreement is not None:
+        console.print(f"{what}: greedy token agreement {q.token_agreement:.3f} against the unquantized truth", markup=False)
     if q.teacher_forced_top1 is not None:
-        console.print(f"FP8 recipe: teacher-forced top-1 {q.teacher_forced_top1:.3f} against the unquantized truth", markup=False)
+        console.print(f"{what}: teacher-forced top-1 {q.teacher_forced_top1:.3f} against the unquantized truth", markup=False)
     for why in q.routing_failures:
-        console.print(styled(f"FP8 recipe routing gate: {why}", "bold red"), soft_wrap=True)
+        console.print(styled(f"{what} routing gate: {why}", "bold red"), soft_wrap=True)
     verdict = "[green]within[/]" if q.passed else "[bold red]beyond[/]"
-    console.print(f"FP8 recipe: {verdict} its gates")
+    console.print(f"{what}: {verdict} its gates")
 
 
 def print_report(report) -> None:

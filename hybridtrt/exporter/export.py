@@ -441,6 +441,12 @@ def export(
                     recipe = quantize_graph(proto, reference, checkpoint.root, quantize, quantizer=table.quantizer())
                 rule = "onnx"  # FP8 graphs were saved from memory with onnx.save_model
             if weight_only is not None:
+                if weight_only.calibrated and weight_only.awq is None:
+                    with progress("AWQ search (each layer read once)", len(reference.weights.groups), "layers") as advance:
+                        weight_only.progress = _counter(advance)
+                        from hybridtrt.exporter.quantize import run_awq
+
+                        run_awq(reference, checkpoint.root, weight_only)
                 with step(f"{weight_only.scheme}: 4-bit weights ({role})"):
                     weights_recipe = quantize_weights(proto, weight_only, quantizer=table.quantizer())
                 rule = "onnx"

@@ -123,6 +123,11 @@ class WeightOnlyOptions:
         source: What the scales come from (`hybridtrt.graphs.weight_only.WeightOnlyRecipe.source`).
         kept: ``{MatMul node: why}`` of layers the checkpoint quantizes and the export keeps in the
             model dtype (their dequantized weights).
+        calib_file / calib_random / seq_len / batch / seed: INT4 calibration set (as `QuantizeOptions`):
+            given, the scales are activation-aware (AWQ, `hybridtrt.exporter.awq`); absent, round to nearest.
+        progress: ``progress(done, total)`` during the AWQ search.
+        awq: The AWQ search's results (`run_awq`), reused by every graph of the export.
+        calibration: Record of the calibration set, filled with ``awq``.
     """
 
     scheme: str = "int4"
@@ -131,6 +136,19 @@ class WeightOnlyOptions:
     fixed: dict[str, NVFP4Scales] | None = field(default=None, repr=False, compare=False)
     source: str | None = None
     kept: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    calib_file: str | None = None
+    calib_random: int | None = None
+    seq_len: int = 64
+    batch: int = 4
+    seed: int = 0
+    progress: Callable[[int, int], None] | None = field(default=None, repr=False, compare=False)
+    awq: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    calibration: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def calibrated(self) -> bool:
+        """AWQ (a calibration source given) rather than plain round to nearest."""
+        return self.calib_file is not None or self.calib_random is not None
 
 
 def nvfp4_from_checkpoint(checkpoint: Checkpoint) -> WeightOnlyOptions:
@@ -148,6 +166,12 @@ def nvfp4_from_checkpoint(checkpoint: Checkpoint) -> WeightOnlyOptions:
     fixed: dict[str, NVFP4Scales] = {}
     kept: dict[str, str] = {}
     for name, source in checkpoint.parameters.items():
+        if source.parts and all(p.removesuffix(".weight") in quantization.weights for p in source.parts):
+            module = name.rsplit(".", 1)[0]  # layers.1.mixer.experts
+            kept[moe_node_name(module)] = (
+                "routed experts: NVFP4 in the checkpoint, kept in the model dtype (each expert dequantized as ModelOpt does); "
+                "4-bit routed experts need the MoE plugin (issue 26)"
+            )
         if source.quantized is None:
             continue
         if name == "lm_head.weight":
@@ -158,14 +182,84 @@ def nvfp4_from_checkpoint(checkpoint: Checkpoint) -> WeightOnlyOptions:
     return WeightOnlyOptions(scheme="nvfp4", block_size=NVFP4_BLOCK, fixed=fixed, source="checkpoint: " + quantization.describe(), kept=kept)
 
 
-def quantize_weights(proto: onnx.ModelProto, options: WeightOnlyOptions, quantizer: WeightQuantizer | None = None) -> dict[str, Any]:
-    """4-bit weights into ``proto`` in place (`hybridtrt.graphs.weight_only.insert_weight_only`).
-    Returns the recipe dict for ``hybridtrt.json``'s ``"weight_only"``."""
-    recipe = insert_weight_only(
-        proto, options.scheme, block_size=options.block_size, exclude=options.exclude, quantizer=quantizer, fixed=options.fixed, source=options.source
+def eligible_blocks(model: HybridLM, options: WeightOnlyOptions) -> dict[str, int]:
+    """``{MatMul node: block}`` of the linears ``--quantize int4`` gives 4-bit weights (the pass's own
+    rules: `hybridtrt.graphs.weight_only`), for the AWQ search."""
+    from hybridtrt.graphs.fp8_qdq import _QUANTIZABLE, _compile
+    from hybridtrt.graphs.weight_only import layer_block
+
+    patterns = _compile(options.exclude)
+    out: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        node = matmul_node_name(name)
+        block = layer_block(module.in_features, options.block_size)
+        if _QUANTIZABLE.match(node) and block is not None and not any(rx.search(node) for _, rx in patterns):
+            out[node] = block
+    return out
+
+
+def run_awq(model: HybridLM, checkpoint_dir: str | Path | None, options: WeightOnlyOptions) -> dict[str, Any]:
+    """The AWQ search (once per export; `hybridtrt.exporter.awq`), cached on ``options``."""
+    from hybridtrt.exporter.awq import awq_search, describe
+
+    if options.awq is not None:
+        return options.awq
+    tokenizer = load_tokenizer(checkpoint_dir) if (options.calib_file is not None and checkpoint_dir is not None) else None
+    config = model.config
+    batches = calibration_batches(
+        tokenizer,
+        calib_file=options.calib_file,
+        calib_random=options.calib_random,
+        vocab_size=config.vocab_size,
+        seq_len=options.seq_len,
+        batch=options.batch,
+        seed=options.seed,
+        pad_id=config.pad_token_id if config.pad_token_id is not None else 0,
     )
-    recipe.excluded.update({node: why for node, why in options.kept.items() if node in recipe.excluded})
-    return recipe.to_dict()
+    options.awq = describe(awq_search(model, batches, eligible_blocks(model, options), seed=options.seed, progress=options.progress))
+    options.calibration = {
+        "source": f"file:{Path(options.calib_file).name}" if options.calib_file is not None else f"random:{options.calib_random}",
+        "hash": calibration_hash(batches),
+        "sequences": sum(int(ids.shape[0]) for ids, _ in batches),
+        "tokens": sum(int(mask.sum()) for _, mask in batches),
+        "seq_len": options.seq_len,
+        "model_dtype": str(model.dtype).removeprefix("torch."),
+    }
+    return options.awq
+
+
+def quantize_weights(proto: onnx.ModelProto, options: WeightOnlyOptions, quantizer: WeightQuantizer | None = None) -> dict[str, Any]:
+    """4-bit weights into ``proto`` in place (`hybridtrt.graphs.weight_only.insert_weight_only`),
+    with the AWQ scales of `run_awq` when calibrated. Returns the recipe dict for ``hybridtrt.json``'s
+    ``"weight_only"``."""
+    pre_scales = None
+    source = options.source
+    if options.calibrated:
+        if options.awq is None:
+            raise QuantizationError("the AWQ search has not run", fix="call run_awq(model, checkpoint_dir, options) first")
+        from hybridtrt.exporter.awq import decode_scale
+
+        pre_scales = {node: decode_scale(text) for node, text in options.awq["pre_quant_scales"].items()}
+        source = "AWQ (activation-aware pre-quant scales, hybridtrt.exporter.awq), scale = block amax / 7"
+    recipe = insert_weight_only(
+        proto,
+        options.scheme,
+        block_size=options.block_size,
+        exclude=options.exclude,
+        quantizer=quantizer,
+        fixed=options.fixed,
+        source=source,
+        pre_scales=pre_scales,
+    )
+    recipe.excluded.update(options.kept)  # the checkpoint's 4-bit layers the export keeps in the model dtype
+    out = recipe.to_dict()
+    if pre_scales is not None:
+        used = set(recipe.quantized)
+        out["awq"] = {k: ({n: v for n, v in val.items() if n in used} if isinstance(val, dict) else val) for k, val in options.awq.items()}
+        out["calibration"] = dict(options.calibration)
+    return out
 
 
 def run_calibration(model: HybridLM, checkpoint_dir: str | Path | None, options: QuantizeOptions) -> dict[str, float]:
@@ -241,4 +335,14 @@ def quantize_graph(
     return recipe.to_dict()
 
 
-__all__ = ["QuantizeOptions", "WeightOnlyOptions", "from_checkpoint", "nvfp4_from_checkpoint", "quantize_graph", "quantize_weights", "run_calibration"]
+__all__ = [
+    "QuantizeOptions",
+    "WeightOnlyOptions",
+    "eligible_blocks",
+    "from_checkpoint",
+    "nvfp4_from_checkpoint",
+    "quantize_graph",
+    "quantize_weights",
+    "run_awq",
+    "run_calibration",
+]

@@ -11,6 +11,8 @@ never from the export's files, after the standards the export is written in:
   scale's type (the DequantizeLinear output type, "which also determines the precision of the
   multiplication": onnx/docs/Operators.md). torch's ``round`` (half to even) and arithmetic are the
   implementation: independent of the exporter's (numpy, ``ml_dtypes``) and of ONNX Runtime's.
+- AWQ (``"awq"`` in the recipe): the input times ``pre_quant_scale`` ``p`` (decoded from the recipe;
+  in x's dtype, as the graph's ``Mul``), the weight ``w / p`` (fp32) through the same INT4.
 - NVFP4 from a checkpoint: the loader's weights are ModelOpt's own dequantization already
   (`hybridtrt.models.modelopt`, checked against ModelOpt's hashes), which the export's chained
   ``DequantizeLinear`` computes step for step; nothing changes.
@@ -18,10 +20,12 @@ never from the export's files, after the standards the export is written in:
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Mapping
 from types import MethodType
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,12 +37,16 @@ from hybridtrt.graphs.naming import scope_path
 INT4_BOUND = 7.0
 
 
-def int4_dequantized(w: Tensor, block: int, dtype: torch.dtype) -> Tensor:
-    """``w [out, in]`` through blocked symmetric INT4 (blocks of ``block`` inputs), in ``dtype``."""
+def int4_dequantized(w: Tensor, block: int, dtype: torch.dtype, pre_scale: Tensor | None = None) -> Tensor:
+    """``w [out, in]`` through blocked symmetric INT4 (blocks of ``block`` inputs), in ``dtype``;
+    with an AWQ ``pre_scale [in]`` (model-dtype values), of ``w / pre_scale`` (divided in fp32)."""
     out, k = w.shape
     if k % block:
         raise QuantizationError(f"a weight with {k} inputs cannot take blocks of {block}", fix="re-export (the recipe does not match the checkpoint)")
-    blocks = w.to(dtype).to(torch.float32).reshape(out, k // block, block)
+    w32 = w.to(dtype).to(torch.float32)
+    if pre_scale is not None:
+        w32 = w32 / pre_scale.to(torch.float32)
+    blocks = w32.reshape(out, k // block, block)
     tiny = torch.finfo(torch.float16 if dtype == torch.float16 else torch.float32).tiny
     scale = torch.clamp(blocks.abs().amax(dim=-1, keepdim=True) / INT4_BOUND, min=tiny).to(dtype)
     q = torch.round(blocks / scale.to(torch.float32)).clamp(-8, 7)
@@ -46,8 +54,10 @@ def int4_dequantized(w: Tensor, block: int, dtype: torch.dtype) -> Tensor:
 
 
 def _int4_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
-    block, dtype = self._int4  # type: ignore[attr-defined]
-    return F.linear(x, int4_dequantized(self.weight, block, dtype).to(x.dtype), self.bias)
+    block, dtype, pre_scale = self._int4  # type: ignore[attr-defined]
+    if pre_scale is not None:  # the graph's pre_quant_scale Mul, in x's dtype
+        x = x * pre_scale.to(x.dtype)
+    return F.linear(x, int4_dequantized(self.weight, block, dtype, pre_scale).to(x.dtype), self.bias)
 
 
 def emulate_weight_only(model: nn.Module, recipe: Mapping[str, Any], dtype: torch.dtype) -> Callable[[], None]:
@@ -74,7 +84,11 @@ def emulate_weight_only(model: nn.Module, recipe: Mapping[str, Any], dtype: torc
         if module is None:
             raise QuantizationError(f"the 4-bit recipe quantizes {node}, which this model does not have", fix="validate with the checkpoint the export was made from")
         if scheme == "int4":
-            module._int4 = (int(recipe.get("blocks", {}).get(node, recipe["block_size"])), dtype)
+            encoded = (recipe.get("awq") or {}).get("pre_quant_scales", {}).get(node)
+            pre_scale = torch.from_numpy(np.frombuffer(base64.b64decode(encoded), dtype="<f4").astype(np.float32)) if encoded else None
+            if pre_scale is not None and pre_scale.numel() != module.in_features:
+                raise QuantizationError(f"the AWQ scale of {node} has {pre_scale.numel()} values for {module.in_features} inputs", fix="re-export")
+            module._int4 = (int(recipe.get("blocks", {}).get(node, recipe["block_size"])), dtype, pre_scale)
             module.forward = MethodType(_int4_linear_forward, module)
             patched.append(module)
 

@@ -10,6 +10,11 @@ Rewrite, INT4 (``--quantize int4``; ONNX ``DequantizeLinear`` since opset 21, bl
     p.weight_t_int4 [in, out] : int4 ─ P/weight_quantizer/DequantizeLinear (axis 0, block_size B) ─ P/MatMul
     p.weight_scale [in/B, out] : model dtype ┘   (no zero point: symmetric)
 
+With AWQ's per-input ``pre_quant_scale`` ``p`` (`hybridtrt.exporter.awq`), the weight quantized is
+``W / p`` (per input row, fp32) and the MatMul's input is multiplied by ``p`` first::
+
+    x ─ P/pre_quant_scale/Mul (p.pre_quant_scale [in] : model dtype) ─ P/MatMul
+
 Rewrite, NVFP4 (a ModelOpt NVFP4 checkpoint as it is; ``DequantizeLinear`` since opset 23, float4e2m1;
 the two-level scale as a chained DQ)::
 
@@ -78,6 +83,7 @@ NVFP4_BLOCK = 16
 #: Opsets that brought the formats to ``DequantizeLinear`` (onnx/docs/Changelog.md: int4 and
 #: blocked quantization in DequantizeLinear-21, float4e2m1 in DequantizeLinear-23).
 MIN_OPSET = {"int4": 21, "nvfp4": 23}
+_NUMPY = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}
 #: The symmetric INT4 bound (ModelOpt's ``_get_quant_maxbound(4)``).
 INT4_MAX = 7
 SCHEMES = ("int4", "nvfp4")
@@ -152,18 +158,35 @@ def layer_block(k: int, block: int) -> int | None:
     return None
 
 
-def quantize_int4(w: np.ndarray, block: int, elem_type: int) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True, eq=False)
+class PreScale:
+    """An AWQ ``pre_quant_scale`` ``[in]`` (float32 holding model-dtype values), hashable by value
+    (it is bound into the quantize function that names a deferred initializer)."""
+
+    values: np.ndarray
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PreScale) and self.values.tobytes() == other.values.tobytes()
+
+    def __hash__(self) -> int:
+        return hash(self.values.tobytes())
+
+
+def quantize_int4(w: np.ndarray, block: int, elem_type: int, pre_scale: PreScale | None = None) -> tuple[np.ndarray, np.ndarray]:
     """INT4 weight and its scale (module docstring).
 
     Args:
         w: ``[in, out]`` weight (any float dtype); ``in`` a multiple of ``block``.
         block: Inputs per scale.
         elem_type: ONNX type of the scale (the model dtype).
+        pre_scale: AWQ's ``p``: the weight quantized is ``w / p`` (per input row, in fp32).
 
     Returns:
-        ``(q [in, out] ml_dtypes.int4, scale [in / block, out])`` with ``w ≈ q * scale``.
+        ``(q [in, out] ml_dtypes.int4, scale [in / block, out])`` with ``w / p ≈ q * scale``.
     """
     w32 = np.asarray(w, dtype=np.float32)
+    if pre_scale is not None:
+        w32 = w32 / pre_scale.values.astype(np.float32)[:, None]
     k, n = w32.shape
     blocks = w32.reshape(k // block, block, n)
     scale = _round_scale(np.abs(blocks).max(axis=1) / INT4_MAX, elem_type)
@@ -213,6 +236,7 @@ def insert_weight_only(
     quantizer: WeightQuantizer | None = None,
     fixed: Mapping[str, NVFP4Scales] | None = None,
     source: str | None = None,
+    pre_scales: Mapping[str, np.ndarray] | None = None,
 ) -> WeightOnlyRecipe:
     """Give the linear layers of ``model`` 4-bit weights, in place.
 
@@ -225,6 +249,8 @@ def insert_weight_only(
         quantizer: How weights become their 4-bit initializers (default: read in memory).
         fixed: NVFP4: ``{MatMul node: NVFP4Scales}``, exactly these layers, as the checkpoint has them.
         source: The recipe's `WeightOnlyRecipe.source`.
+        pre_scales: INT4 with AWQ: ``{MatMul node: p [in]}`` (`hybridtrt.exporter.awq`): a ``Mul`` by
+            ``p`` (model dtype) on the MatMul's input, the weight quantized as ``w / p``.
 
     Returns:
         The `WeightOnlyRecipe`.
@@ -304,10 +330,19 @@ def insert_weight_only(
         dq_name, dq_out = f"{scope}/weight_quantizer/DequantizeLinear", f"{scope}/weight_quantizer/DequantizeLinear_output_0"
         if scheme == "int4":
             q_name, s_name = f"{dotted}.weight_t_int4", f"{dotted}.weight_scale"
-            w_q, scale = quantize(w_init, q_name, partial(quantize_int4, block=block, elem_type=elem))
+            p = (pre_scales or {}).get(node.name)
+            pre = None if p is None else PreScale(np.asarray(p, dtype=np.float32))
+            if pre is not None and pre.values.shape != (w_init.dims[0],):
+                raise QuantizationError(f"the AWQ scale of {node.name} has shape {pre.values.shape}, the weight {list(w_init.dims)}", fix="re-run the export")
+            w_q, scale = quantize(w_init, q_name, partial(quantize_int4, block=block, elem_type=elem, pre_scale=pre))
             graph.initializer.extend([w_q, float_tensor(s_name, scale, elem)])
             nodes = [helper.make_node("DequantizeLinear", [q_name, s_name], [dq_out], name=dq_name, axis=0, block_size=block)]
             out = dq_out
+            if pre is not None:  # x · p before the MatMul
+                p_name, x_out = f"{dotted}.pre_quant_scale", f"{scope}/pre_quant_scale/Mul_output_0"
+                graph.initializer.append(float_tensor(p_name, pre.values.astype(_NUMPY[elem]), elem))
+                nodes.append(helper.make_node("Mul", [node.input[0], p_name], [x_out], name=f"{scope}/pre_quant_scale/Mul"))
+                node.input[0] = x_out
         else:
             scales = fixed[node.name]
             q_name, bs_name, gs_name = f"{dotted}.weight_t_fp4", f"{dotted}.weight_block_scale", f"{dotted}.weight_scale_2"
@@ -359,6 +394,7 @@ __all__ = [
     "MIN_BLOCK",
     "NVFP4_BLOCK",
     "NVFP4Scales",
+    "PreScale",
     "SCHEMES",
     "WeightOnlyRecipe",
     "insert_weight_only",

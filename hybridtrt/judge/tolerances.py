@@ -89,7 +89,8 @@ def gate(precision: str, kind: str) -> Gate:
 
 def yardstick_of(precision: str) -> str | None:
     """The yardstick run of ``precision``: a dtype (``"fp64" | "fp16" | "bf16"``), ``"export"`` (FP8:
-    the FP8 reference in the export's dtype), ``"fp8-dynamic"`` (the recipe's cost: ideal scales), or None."""
+    the FP8 reference in the export's dtype), ``"fp8-dynamic"`` (the recipe's cost: ideal scales),
+    ``"int4-rtn"`` (an INT4 recipe's cost: round to nearest), or None."""
     return _entry(precision).get("yardstick", {}).get("subject")
 
 

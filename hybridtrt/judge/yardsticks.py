@@ -16,6 +16,9 @@ precision**.
   fp64 flips FP8 roundings almost never, another fp32 kernel now and then, each flip carried on). The
   recipe's cost (``fp8-recipe``: the FP8 reference against the unquantized truth) has as yardstick
   the same layers quantized with ideal per-call scales, which share no calibrated number.
+- A 4-bit INT4 recipe's cost (``int4-recipe``: the 4-bit weights' reference against the unquantized
+  truth) has as yardstick the same layers rounded to nearest at the same blocks, without AWQ's
+  calibrated pre-quant scales.
 """
 
 from __future__ import annotations
@@ -44,10 +47,13 @@ class Yardstick:
     #: (the same with `hybridtrt.exporter.fp8_reference.Dither`), ``"dynamic"`` (ideal per-call
     #: scales on the same layers), None (unquantized).
     fp8: Literal["recipe", "dithered", "dynamic"] | None = None
+    #: ``"rtn"``: the export's 4-bit layers rounded to nearest at the same blocks (no AWQ scales).
+    weights: Literal["rtn"] | None = None
 
     @property
     def name(self) -> str:
         fp8 = {"recipe": "fp8-", "dithered": "fp8-", "dynamic": "fp8-dynamic-"}.get(self.fp8 or "", "")
+        fp8 += "int4-rtn-" if self.weights == "rtn" else ""
         suffix = "-dithered" if self.fp8 == "dithered" else ""
         return f"{'pytorch' if self.implementation == 'reference' else 'hf'}-{fp8}{self.dtype}{suffix}"
 
@@ -62,4 +68,6 @@ def yardstick_for(judged: Judged, precision: str, export_dtype: str = "fp32") ->
         return Yardstick("reference", export_dtype, fp8="dithered" if export_dtype == "fp32" else "recipe")
     if subject == "fp8-dynamic":
         return Yardstick("reference", "fp32", fp8="dynamic")
+    if subject == "int4-rtn":
+        return Yardstick("reference", "fp32", weights="rtn")
     return None if subject is None else Yardstick("reference", subject)

@@ -309,17 +309,10 @@ def match_parameters(
     # What each name the model can use holds: a stored tensor, or a stack of per-expert ones.
     shapes = {c: tuple(quantized[c].shape) if c in quantized else index[c].shape for c in names if c not in in_stack}
     codes = {c: index[c].dtype for c in names if c not in in_stack}
-    per_expert_nvfp4 = sorted(q for parts in stacks.values() for q in parts if q in quantized and quantized[q].algo != "FP8")
-    if per_expert_nvfp4:
-        raise CheckpointError(
-            f"{len(per_expert_nvfp4)} routed-expert weight(s) are NVFP4 ({per_expert_nvfp4[0]} …); hybridtrt reads NVFP4 "
-            "dense layers and FP8 experts, not NVFP4 experts yet",
-            fix="export the BF16 checkpoint NVIDIA publishes beside it (add --quantize fp8 for FP8)",
-        )
-    # A stack of per-expert tensors is quantized when all its parts are (FP8, one scale per expert).
+    # A stack of per-expert tensors is quantized when all its parts are (FP8 or NVFP4, each expert its own scales).
     quantized_stacks = {c for c, parts in stacks.items() if parts and all(q in quantized for q in parts)}
     for c, parts in stacks.items():
-        part_shapes = {index[q].shape for q in parts}
+        part_shapes = {tuple(quantized[q].shape) if q in quantized else index[q].shape for q in parts}
         shapes[c] = (len(parts), *next(iter(part_shapes))) if len(part_shapes) == 1 else ("per-expert shapes differ: " + ", ".join(map(str, sorted(part_shapes))),)
         codes[c] = next((index[q].dtype for q in parts if not index[q].is_float), index[parts[0]].dtype)
     ours_to_ckpt = {k: to_checkpoint_name(k, prefix) for k in expected}

@@ -282,6 +282,9 @@ class OrtSession:
             # bf16 weights read in fp32 are shared widened (one fp32 copy for every session of the
             # process); ONNX Runtime would otherwise fold each session's widening Casts into its own.
             widen = fp32_reads(graph) if has_bf16 else set()
+            # A DequantizeLinear's bf16 scale stays a Cast of the stored tensor: ONNX Runtime folds
+            # constant DequantizeLinear nodes from the graph's own initializers, not supplied values.
+            widen -= {name for node in graph.graph.node if node.op_type == "DequantizeLinear" for name in node.input[1:]}
             for name, value in self.weights.values(graph, widen).items():
                 bf16_kept = has_bf16 and value.data_type() == "tensor(bfloat16)"
                 if name in widen:

@@ -4,6 +4,8 @@ FP8 sensitivity analysis. Used by ``hybridtrt validate`` and ``hybridtrt demo``.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -137,10 +139,16 @@ def validate_artefact(
             per_layer=per_layer,
             yardstick=yardstick_subject(checkpoint, precision, manifest.state_dtype, manifest=manifest) if yardstick else None,
         )
-        if manifest.quantization and yardstick:
+        int4 = bool(manifest.weight_only) and manifest.weight_only.get("scheme") == "int4"
+        if (manifest.quantization or int4) and yardstick:
             report.quality = recipe_quality(checkpoint, manifest, model, ids, mask, steps=steps)
-        elif manifest.quantization:
-            report.notes.append("--no-yardstick: the FP8 recipe's cost is not judged (its gate is relative to the ideal-scale run)")
+        elif manifest.quantization or int4:
+            report.notes.append("--no-yardstick: the recipe's cost is not judged (its gate is relative to the yardstick run)")
+        elif manifest.weight_only:
+            report.notes.append(
+                "4-bit weights from the checkpoint itself (NVFP4): its cost against unquantized weights is not judged here "
+                "(the BF16 original is not at hand; benchmarks/modelopt_formats.py measures it on scaled copies)"
+            )
     report.pattern = model.config.pattern
     report.notes[:0] = notes
     if sensitivity:
@@ -185,6 +193,11 @@ def yardstick_subject(
         if manifest is None or not manifest.quantization:
             raise ValueError(f"the {spec.name} yardstick needs the FP8 export's manifest")
         model = as_exported(model, manifest, dynamic=spec.fp8 == "dynamic", dither=FP32_DITHER if spec.fp8 == "dithered" else None)
+    elif spec.weights == "rtn":  # the same 4-bit layers rounded to nearest: the recipe without its AWQ scales
+        if manifest is None or not manifest.weight_only:
+            raise ValueError(f"the {spec.name} yardstick needs the 4-bit export's manifest")
+        plain = {k: v for k, v in manifest.weight_only.items() if k != "awq"}
+        model = as_exported(model, dataclasses.replace(manifest, weight_only=plain))
     elif manifest is not None and manifest.weight_only and judged == "artefact":
         model = as_exported(model, manifest)  # the 4-bit weights' reference in the yardstick's dtype
     return torch_subject(model, states, name=spec.name)
@@ -196,22 +209,25 @@ def _reference_name(manifest: Manifest) -> str:
     return "pytorch-fp8" if manifest.quantization else "pytorch"
 
 
-def recipe_quality(checkpoint: str | Path, manifest: Manifest, fp8_reference, ids: torch.Tensor, mask: torch.Tensor, *, steps: int) -> Report:
-    """What an FP8 recipe costs (`hybridtrt.judge` ``fp8-recipe``, DESIGN.md §8): the FP8 reference
-    against the unquantized fp32 truth, on the same prompts, with the same layers quantized at ideal
-    per-call scales as the yardstick (nothing calibrated). The artefact computes the FP8 reference
-    within its own gates, so this is its quality too; a calibrated scale that clips fails here."""
+def recipe_quality(checkpoint: str | Path, manifest: Manifest, quantized_reference, ids: torch.Tensor, mask: torch.Tensor, *, steps: int) -> Report:
+    """What a recipe costs (DESIGN.md §8): the quantized reference against the unquantized fp32 truth,
+    on the same prompts. FP8 (`hybridtrt.judge` ``fp8-recipe``): the yardstick is the same layers
+    quantized at ideal per-call scales (nothing calibrated), so a calibrated scale that clips fails.
+    INT4 (``int4-recipe``): the yardstick is the same layers rounded to nearest, so AWQ scales that cost
+    more than plain rounding fail. The artefact computes the quantized reference within its own
+    gates, so this is its quality too."""
     from hybridtrt.validation.runner import decode_phase, prefill_phase, routing_phase
 
+    precision = "fp8-recipe" if manifest.quantization else "int4-recipe"
     return validate(
-        torch_subject(fp8_reference, name=_reference_name(manifest)),
+        torch_subject(quantized_reference, name=_reference_name(manifest)),
         torch_subject(load_model(checkpoint, "fp32")),
         ids,
         mask,
-        precision="fp8-recipe",
+        precision=precision,
         steps=steps,
         phases=[prefill_phase, decode_phase, routing_phase],
-        yardstick=yardstick_subject(checkpoint, "fp8-recipe", manifest=manifest),
+        yardstick=yardstick_subject(checkpoint, precision, manifest=manifest),
     )
 
 

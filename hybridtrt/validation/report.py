@@ -371,9 +371,10 @@ def _quality_summary(quality) -> list[tuple[str, str]]:
         return []
     logits = [c for c in quality.checks if c.name == "logits"]
     cosine = min((c.comparison.cosine for c in logits), default=float("nan"))
+    what = "INT4 recipe" if quality.precision == "int4-recipe" else "FP8 recipe"
     return [
-        ("FP8 recipe vs the unquantized truth", f"{'within' if quality.passed else 'BEYOND'} its gates (yardstick {quality.yardstick or 'none'})"),
-        ("FP8 recipe: worst logits cosine", f"{cosine:.6f}"),
+        (f"{what} vs the unquantized truth", f"{'within' if quality.passed else 'BEYOND'} its gates (yardstick {quality.yardstick or 'none'})"),
+        (f"{what}: worst logits cosine", f"{cosine:.6f}"),
     ]
 
 
@@ -381,9 +382,10 @@ def _quality_html(quality) -> str:
     if quality is None:
         return ""
     return f"""
-<h2>FP8 recipe: {html.escape(quality.backend)} vs the unquantized {html.escape(quality.reference)}</h2>
-<p>What the recipe costs, on the same prompts; yardstick: {html.escape(quality.yardstick or "none ran")} (the same layers
-quantized with ideal per-call scales, nothing calibrated). A calibrated scale that clips fails here.</p>
+<h2>{"INT4" if quality.precision == "int4-recipe" else "FP8"} recipe: {html.escape(quality.backend)} vs the unquantized {html.escape(quality.reference)}</h2>
+<p>What the recipe costs, on the same prompts; yardstick: {html.escape(quality.yardstick or "none ran")} ({
+"the same layers rounded to nearest, no AWQ scales; AWQ scales that cost more than plain rounding fail here" if quality.precision == "int4-recipe"
+else "the same layers quantized with ideal per-call scales, nothing calibrated; a calibrated scale that clips fails here"}).</p>
 {_ROWS_HEAD}
 {_rows_html(quality)}
 </table>"""

@@ -146,7 +146,7 @@ CASES = [
          lambda ws: None),
     Case("fp8-flags-without-quantize", ("export", "{ckpt}", "-o", "{out}", "--calib-random", "4"), "input", "--quantize fp8"),
     Case("block-size-without-int4", ("export", "{ckpt}", "-o", "{out}", "--block-size", "64"), "input", "--block-size 64 only applies to --quantize int4"),
-    Case("int4-with-calibration", ("export", "{ckpt}", "-o", "{out}", "--quantize", "int4", "--calib-random", "4"), "input", "takes no calibration"),
+    Case("int4-weight-scale", ("export", "{ckpt}", "-o", "{out}", "--quantize", "int4", "--weight-scale", "channel"), "input", "--weight-scale is FP8's"),
     # -- validate / generate: refused before anything loads -------------------------------------
     Case("validate-steps-negative", ("validate", "{ckpt}", "--steps", "-1"), "input", "--steps must be ≥ 0, got -1"),
     Case("validate-random-zero", ("validate", "{ckpt}", "--random", "0"), "input", "got 0"),

@@ -103,3 +103,90 @@ def test_a_wrong_int4_scale_fails_verification(make_checkpoint, tmp_path, monkey
     with pytest.raises(ExportError, match="beyond"):
         export(make_checkpoint("tiny-nemotron-h"), tmp_path / "out", ExportOptions(dtype="fp32", split=False), weight_only=WeightOnlyOptions("int4", block_size=32))
     assert not (tmp_path / "out" / "hybridtrt.json").exists()
+
+
+@pytest.fixture(scope="module")
+def awq_export(make_checkpoint, tmp_path_factory):
+    # Weights of a trained model's scale (0.05): at the suite's usual 0.3, eight INT4 layers leave the
+    # logits uncorrelated with the truth (rel L2 ≈ 0.8), where comparing two recipes' costs is chance.
+    checkpoint = make_checkpoint("tiny-nemotron-h", initializer_range=0.05)
+    out = tmp_path_factory.mktemp("awq") / "out"
+    assert main(["export", str(checkpoint), "-o", str(out), "--quantize", "int4", "--calib-random", "4", "--block-size", "32", "--dtype", "bf16"]) == 0
+    return checkpoint, out
+
+
+def test_awq_export_in_bf16_is_verified_and_validated(awq_export, capsys):
+    """``--quantize int4 --calib-random 4 --block-size 32``: AWQ's pre-quant scales as a Mul before
+    every 4-bit linear, the recipe records α, the errors and the scales; bf16 with scales large enough
+    to live in weights.data runs on ONNX Runtime, passes verification and `validate`, and `validate`
+    reports the recipe's cost against the unquantized truth (the INT4 recipe gate)."""
+    checkpoint, out = awq_export
+    recipe = json.loads((out / "hybridtrt.json").read_text())["weight_only"]
+    awq = recipe["awq"]
+    assert set(awq["pre_quant_scales"]) == set(recipe["quantized"]) and recipe["calibration"]["source"] == "random:4"
+    assert all(e["awq"] <= e["rtn"] for e in awq["error"].values())
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert sum(n.name.endswith("/pre_quant_scale/Mul") for n in graph.graph.node) == len(recipe["quantized"])
+    capsys.readouterr()
+    assert main(["validate", str(out), "--random", "2", "--steps", "2"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "PASS" in printed and "INT4 recipe: within its gates" in printed and "pytorch-int4-rtn-fp32" in printed
+
+
+def test_bad_awq_scales_fail_the_recipe_gate(awq_export):
+    """Planted error: the recipe's pre-quant scales scrambled (each channel ×/÷ up to e³): the INT4
+    reference then costs far more than plain rounding at the same blocks, and the recipe gate fails;
+    the recipe as exported passes it."""
+    import dataclasses
+
+    from hybridtrt.exporter.awq import decode_scale, encode_scale
+    from hybridtrt.exporter.fp8_reference import as_exported
+    from hybridtrt.exporter.manifest import read_manifest
+    from hybridtrt.models.loading import load_model
+    from hybridtrt.validation.artefact import recipe_quality
+    from hybridtrt.validation.runner import random_prompts
+
+    checkpoint, out = awq_export
+    manifest = read_manifest(out)
+    ids, mask = random_prompts(2, 256, seed=0, min_len=8, max_len=16)
+    good = recipe_quality(checkpoint, manifest, as_exported(load_model(checkpoint, "fp32"), manifest), ids, mask, steps=1)
+    assert good.passed and good.precision == "int4-recipe"
+    rng = np.random.default_rng(0)
+    awq = dict(manifest.weight_only["awq"])
+    awq["pre_quant_scales"] = {n: encode_scale(decode_scale(t) * np.exp(rng.uniform(-3, 3, decode_scale(t).size)).astype(np.float32)) for n, t in awq["pre_quant_scales"].items()}
+    bad = dataclasses.replace(manifest, weight_only={**manifest.weight_only, "awq": awq})
+    assert not recipe_quality(checkpoint, bad, as_exported(load_model(checkpoint, "fp32"), bad), ids, mask, steps=1).passed
+
+
+def test_a_pre_scale_applied_the_wrong_way_fails_verification(make_checkpoint, tmp_path, monkeypatch):
+    """Planted error: the exporter quantizing ``W · p`` instead of ``W / p`` — verification against the
+    reference (which applies the recipe's ``p`` on its own) refuses to publish."""
+    wrong = weight_only.quantize_int4
+
+    def times_p(w, block, elem_type, pre_scale=None):
+        if pre_scale is not None:
+            w = np.asarray(w, np.float32) * pre_scale.values[:, None] ** 2  # (w · p²) / p = w · p
+        return wrong(w, block, elem_type, pre_scale)
+
+    monkeypatch.setattr(weight_only, "quantize_int4", times_p)
+    options = WeightOnlyOptions("int4", block_size=32, calib_random=4)
+    with pytest.raises(ExportError, match="beyond"):
+        export(make_checkpoint("tiny-nemotron-h"), tmp_path / "out", ExportOptions(dtype="fp32", split=False), weight_only=options)
+
+
+def test_nano_9b_v2s_blocks_at_full_size():
+    """The README's claim, on the real Nemotron-Nano-9B-v2 shapes (a meta-device model): at
+    --block-size 128 every 4-bit linear takes blocks of 128 except the MLP's down_proj (K = 15,680 =
+    245 × 64), which takes 64; at 32 all take 32."""
+    from hybridtrt.exporter.quantize import eligible_blocks
+    from hybridtrt.models.architectures import ARCHITECTURES
+    from hybridtrt.models.config import config_from_dict
+    from hybridtrt.models.model import HybridLM, meta_modules
+
+    with meta_modules():
+        model = HybridLM(config_from_dict(ARCHITECTURES["nemotron-nano-9b-v2"]))
+    blocks = eligible_blocks(model, WeightOnlyOptions("int4", block_size=128))
+    down = {n for n in blocks if n.endswith("/down_proj/MatMul")}
+    assert down and {blocks[n] for n in down} == {64}
+    assert {b for n, b in blocks.items() if n not in down} == {128}
+    assert set(eligible_blocks(model, WeightOnlyOptions("int4", block_size=32)).values()) == {32}

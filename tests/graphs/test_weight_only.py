@@ -42,7 +42,8 @@ def _dequantized_weight(model: onnx.ModelProto) -> np.ndarray:
     g = model.graph
     matmul = next(n for n in g.node if n.op_type == "MatMul")
     out = helper.make_tensor_value_info(matmul.input[1], 0, None)
-    probe = helper.make_model(helper.make_graph([n for n in g.node if n.op_type != "MatMul"], "w", [], [out], list(g.initializer)), opset_imports=model.opset_import)
+    weight_nodes = [n for n in g.node if n.op_type in ("DequantizeLinear", "Cast")]
+    probe = helper.make_model(helper.make_graph(weight_nodes, "w", [], [out], list(g.initializer)), opset_imports=model.opset_import)
     return ReferenceEvaluator(probe).run(None, {})[0]
 
 
@@ -225,3 +226,44 @@ def test_tensorrt_rules_for_4bit_weights():
     fp4 = _dq_graph(TensorProto.FLOAT4E2M1, 64, 8, 16, 4)
     assert emulate_dispatch(fp4, "11.1.0").problems == []
     assert any("blocked DequantizeLinear of FP4 needs TensorRT >= 10.13" in p for p in emulate_dispatch(fp4, "10.12.0").problems)
+
+
+def test_awq_pre_scale_is_a_mul_and_the_weight_divided_by_it():
+    """AWQ's pre_quant_scale ``p``: the graph multiplies the MatMul's input by ``p`` and quantizes
+    ``W / p``; ONNX's reference evaluator running the graph gives the torch reference's
+    ``(x · p) · INT4(W / p)^T`` (fp32: to fp32 rounding)."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((128, 16)).astype(np.float32)
+    p = rng.uniform(0.25, 4.0, 128).astype(np.float32)
+    model = _linear_graph(w, TensorProto.FLOAT)
+    insert_weight_only(model, "int4", block_size=32, pre_scales={NODE: p})
+    muls = [n for n in model.graph.node if n.op_type == "Mul"]
+    assert [n.name for n in muls] == ["/model/layers.0/mixer/up_proj/pre_quant_scale/Mul"]
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    ours = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    deq = int4_dequantized(torch.from_numpy(w.T.copy()), 32, torch.float32, pre_scale=torch.from_numpy(p))
+    theirs = (torch.from_numpy(x) * torch.from_numpy(p)) @ deq.t()
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-5, atol=1e-5)
+    plain = _dequantized_weight(_quantized_plain(w))
+    assert not np.allclose(_dequantized_weight(model), plain)  # p changed what was quantized
+
+
+def _quantized_plain(w: np.ndarray) -> onnx.ModelProto:
+    model = _linear_graph(w, TensorProto.FLOAT)
+    insert_weight_only(model, "int4", block_size=32)
+    return model
+
+
+def test_awq_search_finds_the_outlier_channels():
+    """On activations with a few large input channels (what trained LLMs have), AWQ's search cuts the
+    output error of round to nearest; α = 0 is in its grid, so it is never worse."""
+    from hybridtrt.exporter.awq import search
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=gen)
+    x = torch.randn(512, 256, generator=gen)
+    x[:, :8] *= 30.0  # outlier channels
+    result = search(w, x, x.abs().mean(dim=0), 128, torch.float32)
+    assert result.alpha > 0 and result.awq_error < 0.8 * result.rtn_error
+    flat = search(w, torch.randn(512, 256, generator=gen), torch.ones(256), 128, torch.float32)
+    assert flat.awq_error <= flat.rtn_error

@@ -42,7 +42,7 @@ def _hashes(recipe: str, dequantize=None) -> tuple[dict, dict]:
     return ours, json.loads((root / "dequantized.json").read_text())["sha256"]
 
 
-@pytest.mark.parametrize(("recipe", "weights"), [("fp8", 8), ("nvfp4", 8), ("fp8-moe", 42)])
+@pytest.mark.parametrize(("recipe", "weights"), [("fp8", 8), ("nvfp4", 8), ("fp8-moe", 42), ("nvfp4-moe", 42)])
 def test_dequantization_is_modelopts_own_bit_for_bit(recipe, weights):
     """Every quantized weight (the MoE fixture's routed experts one by one), in bf16 and fp32,
     dequantizes to exactly what ModelOpt's dequantize gives."""
@@ -88,7 +88,7 @@ def test_e2m1_values_follow_the_bit_layout():
     assert decoded == list(E2M1_VALUES)
 
 
-@pytest.mark.parametrize("recipe", ["fp8", "nvfp4", "fp8-moe"])
+@pytest.mark.parametrize("recipe", ["fp8", "nvfp4", "fp8-moe", "nvfp4-moe"])
 def test_reference_model_is_hf_with_modelopts_weights(recipe):
     """Our model of a ModelOpt checkpoint computes what HF transformers' NemotronH computes with the
     dequantized weights (loaded by name into the HF model: the quantized weights land where they belong)."""
@@ -168,20 +168,6 @@ def test_fp8_weights_without_a_recipe_are_refused(tmp_path):
     (bare / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="not floating point|unexpected"):
         open_checkpoint(bare)
-
-
-def test_nvfp4_routed_experts_are_refused_by_name():
-    """Routed experts in NVFP4 (Ultra-NVFP4's recipe) are not read yet: refused, naming an expert."""
-    import dataclasses
-
-    from hybridtrt.models.loading import load_config, match_parameters
-
-    root = FIXTURES / "fp8-moe"
-    index = WeightIndex([root / "model.safetensors"])
-    quantization = read_quantization(root, index)
-    as_nvfp4 = {m: dataclasses.replace(w, algo="NVFP4") if ".experts." in m else w for m, w in quantization.weights.items()}
-    with pytest.raises(CheckpointError, match=r"routed-expert weight\(s\) are NVFP4 \(backbone\.layers\.1\.mixer\.experts\.0\."):
-        match_parameters(load_config(root), index, torch.bfloat16, root, dataclasses.replace(quantization, weights=as_nvfp4))
 
 
 def test_kv_cache_scales_are_read_and_said_unused():
