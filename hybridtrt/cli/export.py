@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--block-size", type=int, choices=[32, 64, 128], default=None, help="int4: inputs per weight scale (default 128; TensorRT documents 64 and 128)"
     )
+    q.add_argument(
+        "--recipe", default=None, metavar="NAME|FILE", help="a quantization recipe (scheme and the layers kept in --dtype): nemotron-3-nano-nvfp4-layout, nemotron-nano-9b-v2-fp8, or a JSON file"
+    )
     q.add_argument("--calib", default=None, metavar="FILE", help="calibration prompts, one per line (checkpoint tokenizer)")
     q.add_argument("--calib-random", type=int, default=None, metavar="N", help="N random calibration sequences")
     q.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="keep matching nodes (regex on node name) unquantized; repeatable")
@@ -91,6 +94,23 @@ def progress(label: str, total: int, unit: str = "B") -> Iterator[Callable[[int]
     console.print(f"[green]✓[/] {escape(label)} [dim]({amount}{seconds:.1f} s)[/]")
 
 
+def _apply_recipe(args: argparse.Namespace) -> dict | None:
+    """``--recipe``: its scheme becomes ``--quantize`` (a different explicit one is refused), its block
+    size the default ``--block-size``; its kept layers are resolved in `run` (they need the config)."""
+    if args.recipe is None:
+        return None
+    from hybridtrt.errors import InputError
+    from hybridtrt.exporter.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.quantize and args.quantize != recipe["scheme"]:
+        raise InputError(f"--quantize {args.quantize} contradicts --recipe {recipe['name']} ({recipe['scheme']})", fix="drop --quantize (the recipe sets it)")
+    args.quantize = recipe["scheme"]
+    if args.block_size is None and recipe["scheme"] == "int4":
+        args.block_size = recipe.get("block_size")
+    return recipe
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     """Flag combinations, refused before anything is imported or read."""
     from hybridtrt.errors import InputError, QuantizationError
@@ -136,6 +156,7 @@ def _export_dtype(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    recipe = _apply_recipe(args)
     _check_flags(args)
     from hybridtrt.exporter.export import ExportOptions, export, return_freed_memory_promptly
 
@@ -156,10 +177,20 @@ def run(args: argparse.Namespace) -> int:
         dequantize=args.dequantize,
     )
     quant = weights = None
+    recorded = None
+    if recipe is not None:  # the recipe's kept layers, as --exclude patterns for this model
+        from hybridtrt.exporter.recipes import describe, exclusions
+        from hybridtrt.models.config import load_config
+
+        pattern = load_config(args.checkpoint).pattern
+        args.exclude = [*args.exclude, *exclusions(recipe, pattern)]
+        recorded = describe(recipe, pattern)
     if args.quantize == "int4":
         from hybridtrt.exporter.quantize import WeightOnlyOptions
 
-        weights = WeightOnlyOptions("int4", block_size=args.block_size or 128, exclude=list(args.exclude), calib_file=args.calib, calib_random=args.calib_random)
+        weights = WeightOnlyOptions(
+            "int4", block_size=args.block_size or 128, exclude=list(args.exclude), calib_file=args.calib, calib_random=args.calib_random, recipe=recorded
+        )
     elif args.quantize:
         from hybridtrt.exporter.quantize import QuantizeOptions
 
@@ -168,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
             calib_random=args.calib_random,
             exclude=list(args.exclude),
             weight_scale=args.weight_scale or "tensor",
+            recipe=recorded,
         )
     result = export(args.checkpoint, args.output, opts, step=step, progress=progress, quantize=quant, weight_only=weights)
     from rich.markup import escape

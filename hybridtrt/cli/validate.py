@@ -1,5 +1,5 @@
 """``hybridtrt validate OUT_DIR``: an export (ONNX Runtime or TensorRT), or outputs recorded on
-another machine, against the PyTorch reference; per layer, and FP8 sensitivity per layer."""
+another machine, against the PyTorch reference; per layer, and FP8 / INT4 sensitivity per layer."""
 
 from __future__ import annotations
 
@@ -38,9 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rec.add_argument("--load-outputs", nargs="+", default=None, metavar="PATH", help="polygraphy RunResults JSON file(s) or directories (polygraphy run … --save-outputs)")
     rec.add_argument("--load-inputs", nargs="+", default=None, metavar="PATH", help="the inputs they were recorded from (default: inputs.json beside them, else OUT_DIR/polygraphy)")
     rec.add_argument("--runner", default=None, help="runner name in the results (default: the only one that is not the reference)")
-    fp8 = p.add_argument_group("FP8 sensitivity")
-    fp8.add_argument("--sensitivity", action="store_true", help="FP8 exports: logits error with only each linear layer quantized, ranked, and the --exclude flags that reach --target-cosine")
+    fp8 = p.add_argument_group("quantization sensitivity")
+    fp8.add_argument("--sensitivity", action="store_true", help="FP8 and INT4 exports: logits error with only each linear layer quantized, ranked, and the --exclude flags that reach --target-cosine")
     fp8.add_argument("--target-cosine", type=float, default=None, metavar="C", help="logits cosine the --exclude flags aim for (default: the FP8 gate)")
+    fp8.add_argument(
+        "--recipe", default=None, metavar="NAME|FILE", help="with --sensitivity: measure this recipe's layer table (e.g. nemotron-3-nano-nvfp4-layout) beside the search's"
+    )
     p.add_argument("--context", type=int, default=None, metavar="N", help="long-context drift: one N-token prompt, prefilled in chunks, compared after every chunk")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N", help="chunk length of --context (default 2048)")
     out = p.add_argument_group("output")
@@ -165,7 +168,7 @@ def print_sensitivity(s, *, shown: int = 20) -> None:
         for i, x in enumerate(s.layers[:shown])
     ]
     more = f" ({len(s.layers) - shown} more in the report)" if len(s.layers) > shown else ""
-    console.print(table(f"FP8 sensitivity: logits with only this layer quantized, vs the fp32 reference{more}", ["#", "layer", "kind", "1 − cosine", "rel L2", "top-1", ""], rows))
+    console.print(table(f"{s.scheme.upper()} sensitivity: logits with only this layer quantized, vs the fp32 reference{more}", ["#", "layer", "kind", "1 − cosine", "rel L2", "top-1", ""], rows))
     kinds = [[r["kind"], r["projection"], str(r["count"]), f"{r['worst']:.2e}", f"{r['median']:.2e}"] for r in s.by_kind()]
     console.print(table("by kind", ["kind", "projection", "layers", "worst 1 − cos", "median 1 − cos"], kinds))
     console.print(
@@ -179,6 +182,17 @@ def print_sensitivity(s, *, shown: int = 20) -> None:
     else:
         console.print(f"excluding the {len(s.exclude)} most sensitive layer(s) reaches cosine {s.reached.cosine:.6f} ≥ {s.target_cosine:g}; re-export with:")
         console.print(f"  {s.command}", soft_wrap=True, markup=False, highlight=False)
+    if s.recipe is not None:
+        r = s.recipe
+        share = r.kept_weights / r.quantized_weights if r.quantized_weights else 0.0
+        ours = sum(x.node in s.exclude for x in s.layers)
+        console.print(
+            f"recipe {r.name}: keeps {len(r.kept)} of these {len(s.layers)} layers ({share:.1%} of their weights) → cosine {r.reached.cosine:.6f}"
+            f" ({'≥' if r.reached.cosine >= s.target_cosine else '<'} {s.target_cosine:g}); the search's {ours} exclusion(s) for the target:"
+            f" {len(r.overlap)} of them in the recipe's table",
+            markup=False, soft_wrap=True,
+        )  # fmt: skip
+        console.print(styled(f"recipe source: {r.source}", "dim"), soft_wrap=True)
 
 
 #: Largest --prompts file read (validation prompts are lines of text; a corpus belongs elsewhere).
@@ -196,6 +210,12 @@ def check_inputs(args: argparse.Namespace) -> None:
     from hybridtrt.errors import InputError
     from hybridtrt.reading import read_text
 
+    if args.recipe is not None:
+        if not args.sensitivity:
+            raise InputError(f"--recipe {args.recipe} is measured by the sensitivity search", fix="add --sensitivity")
+        from hybridtrt.exporter.recipes import load_recipe
+
+        load_recipe(args.recipe)  # an unknown name or a bad file is refused before anything loads
     if not 0 <= args.seed < 2**63:
         raise InputError(f"--seed {args.seed} must be in [0, 2^63)", fix="e.g. --seed 0")
     if args.context is not None and args.context < 1:
@@ -237,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         return run_cli(args)
 
     if args.sensitivity:  # one live display at a time: the bar replaces the spinner
-        with _progress_bar("validate, then FP8 sensitivity") as progress:
+        with _progress_bar("validate, then sensitivity per quantized layer") as progress:
             report = _validate(args, progress)
     else:
         with step("validate: reference and backend"):
@@ -278,6 +298,7 @@ def _validate(args: argparse.Namespace, progress):
         runner=args.runner,
         sensitivity=args.sensitivity,
         target_cosine=args.target_cosine,
+        recipe=args.recipe,
         progress=progress,
         yardstick=not args.no_yardstick,
     )

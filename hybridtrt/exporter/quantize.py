@@ -58,6 +58,8 @@ class QuantizeOptions:
         source: What the scales come from (`hybridtrt.graphs.fp8_qdq.FP8Recipe.source`).
         kept: With ``fixed``, ``{MatMul node: why}`` of layers the checkpoint quantizes and the export
             keeps in high precision (their dequantized weights).
+        recipe: The ``--recipe`` the exclusions came from (`hybridtrt.exporter.recipes.describe`),
+            recorded in the recipe dict.
     """
 
     calib_file: str | None = None
@@ -73,6 +75,7 @@ class QuantizeOptions:
     fixed: dict[str, tuple[float, float] | ExpertScales] | None = field(default=None, repr=False, compare=False)
     source: str = "calibration"
     kept: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    recipe: dict[str, Any] | None = None
     _calibrated_for: weakref.ReferenceType | None = field(default=None, init=False, repr=False, compare=False)
 
 
@@ -128,6 +131,7 @@ class WeightOnlyOptions:
         progress: ``progress(done, total)`` during the AWQ search.
         awq: The AWQ search's results (`run_awq`), reused by every graph of the export.
         calibration: Record of the calibration set, filled with ``awq``.
+        recipe: The ``--recipe`` the exclusions came from, recorded in the recipe dict.
     """
 
     scheme: str = "int4"
@@ -144,6 +148,7 @@ class WeightOnlyOptions:
     progress: Callable[[int, int], None] | None = field(default=None, repr=False, compare=False)
     awq: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     calibration: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    recipe: dict[str, Any] | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -259,6 +264,8 @@ def quantize_weights(proto: onnx.ModelProto, options: WeightOnlyOptions, quantiz
         used = set(recipe.quantized)
         out["awq"] = {k: ({n: v for n, v in val.items() if n in used} if isinstance(val, dict) else val) for k, val in options.awq.items()}
         out["calibration"] = dict(options.calibration)
+    if options.recipe is not None:
+        out["recipe"] = options.recipe
     return out
 
 
@@ -332,7 +339,10 @@ def quantize_graph(
             fix="loosen --exclude, or export without FP8",
         )
     recipe.calibration = dict(options.calibration)
-    return recipe.to_dict()
+    out = recipe.to_dict()
+    if options.recipe is not None:
+        out["recipe"] = options.recipe
+    return out
 
 
 __all__ = [

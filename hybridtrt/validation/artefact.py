@@ -1,6 +1,6 @@
 """Validate an artefact end to end: check the checkpoint is the export's, pick the reference and the
 backend (or outputs recorded elsewhere), build the inputs, run the comparison, and optionally the
-FP8 sensitivity analysis. Used by ``hybridtrt validate`` and ``hybridtrt demo``."""
+FP8 / INT4 sensitivity analysis. Used by ``hybridtrt validate`` and ``hybridtrt demo``."""
 
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def validate_artefact(
     runner: str | None = None,
     sensitivity: bool = False,
     target_cosine: float | None = None,
+    recipe: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     yardstick: bool = True,
     prompt_length: int | None = None,
@@ -87,9 +88,11 @@ def validate_artefact(
         load_inputs: The inputs they were recorded with (default: ``inputs.json`` beside the
             first results file, else ``export_dir/polygraphy/inputs.json``).
         runner: Which runner of the results (default: the only non-reference one).
-        sensitivity: FP8 exports: per-layer sensitivity and ``--exclude`` flags
+        sensitivity: FP8 and INT4 exports: per-layer sensitivity and ``--exclude`` flags
             (``report.extras["sensitivity"]``, `hybridtrt.validation.sensitivity`).
         target_cosine: Cosine the exclusions aim for (default `TARGET_COSINE`).
+        recipe: With ``sensitivity``, a recipe (name or file, `hybridtrt.exporter.recipes`) whose
+            layer table is measured beside the search's.
         progress: ``progress(done, total)`` during the sensitivity analysis.
         yardstick: Run the precision's yardstick beside the backend (fp64 for fp32 artefacts, the
             same-dtype reference for fp16/bf16; `hybridtrt.judge.tolerances`) so the gates scale
@@ -105,7 +108,7 @@ def validate_artefact(
         from hybridtrt.validation.sensitivity import check_recipe
 
         if manifest is None:
-            raise InputError("--sensitivity needs an FP8 export directory", fix="pass the export made with --quantize fp8")
+            raise InputError("--sensitivity needs an FP8 or INT4 export directory", fix="pass the export made with --quantize fp8 (or int4)")
         check_recipe(manifest, export_dir)
     if checkpoint is None:
         if manifest is None:
@@ -152,12 +155,19 @@ def validate_artefact(
     report.pattern = model.config.pattern
     report.notes[:0] = notes
     if sensitivity:
-        from hybridtrt.validation.sensitivity import fp8_sensitivity
+        from hybridtrt.validation.sensitivity import layer_sensitivity
 
         ids, mask = _prompts(model, checkpoint, prompts, random_n, seed, prompt_length)
         target = target_cosine if target_cosine is not None else TARGET_COSINE
         truth = load_model(checkpoint, "fp32")  # unquantized: each layer's cost is against the truth
-        report.extras["sensitivity"] = fp8_sensitivity(export_dir, manifest, truth, checkpoint, ids, mask, target_cosine=target, progress=progress)
+        compared = None
+        if recipe is not None:
+            from hybridtrt.exporter.recipes import load_recipe
+
+            compared = load_recipe(recipe)
+        report.extras["sensitivity"] = layer_sensitivity(
+            export_dir, manifest, truth, checkpoint, ids, mask, target_cosine=target, progress=progress, recipe=compared
+        )
     return report
 
 

@@ -208,7 +208,7 @@ _KIND_COLORS = {"mamba": "tab:blue", "attention": "tab:orange", "mlp": "tab:gree
 
 
 def plot_sensitivity(sens: Sensitivity, path: Path | IO[bytes]) -> Path | IO[bytes]:
-    """FP8 sensitivity: 1 − cosine of the logits with only that layer quantized, one bar per
+    """Quantization sensitivity: 1 − cosine of the logits with only that layer quantized, one bar per
     quantized linear in layer order, coloured by kind (log scale). Bars of the layers the
     suggested ``--exclude`` flags keep unquantized are outlined red; the dashed line is the
     whole-model target, the dotted one the all-quantized error."""
@@ -232,9 +232,9 @@ def plot_sensitivity(sens: Sensitivity, path: Path | IO[bytes]) -> Path | IO[byt
     ax.set_xticks(x, [s.label for s in layers], rotation=60, ha="right", fontsize=8)
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(handles=handles, fontsize=8, loc="upper right")
-    title = f"FP8 sensitivity per linear layer — {len(sens.exclude)} excluded (red) reach cosine ≥ {sens.target_cosine:g}"
+    title = f"{sens.scheme.upper()} sensitivity per linear layer — {len(sens.exclude)} excluded (red) reach cosine ≥ {sens.target_cosine:g}"
     if sens.reached is None:
-        title = f"FP8 sensitivity per linear layer — cosine {sens.target_cosine:g} is out of reach"
+        title = f"{sens.scheme.upper()} sensitivity per linear layer — cosine {sens.target_cosine:g} is out of reach"
     ax.set_title(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
@@ -256,11 +256,11 @@ def _sensitivity_html(sens: Sensitivity, img: str) -> str:
         f"out of reach (nothing quantized: cosine {sens.none.cosine:.6f})" if sens.reached is None
         else f"cosine {sens.reached.cosine:.6f} with {len(sens.exclude)} layer(s) excluded"
     )
-    return f"""<h2>FP8 sensitivity</h2>
+    return f"""<h2>{sens.scheme.upper()} sensitivity</h2>
 <p>Logits with only one linear layer quantized, against the fp32 reference. All quantized: cosine {sens.full.cosine:.6f};
 target {sens.target_cosine:g}: {html.escape(verdict)}.</p>
 <pre>{html.escape(sens.command)}</pre>
-<img alt="FP8 sensitivity" src="data:image/png;base64,{img}">
+<img alt="{sens.scheme.upper()} sensitivity" src="data:image/png;base64,{img}">
 <table><tr><th>kind</th><th>projection</th><th>layers</th><th>worst 1 − cos</th><th>median 1 − cos</th></tr>{kinds}</table>
 <table><tr><th>#</th><th>layer</th><th>kind</th><th>1 − cos</th><th>rel L2</th><th>top-1</th></tr>{rows}</table>
 """

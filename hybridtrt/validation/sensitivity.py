@@ -1,10 +1,12 @@
-"""FP8 sensitivity per quantized linear layer, and the ``--exclude`` flags that reach a target cosine.
+"""Quantization sensitivity per quantized linear layer (FP8 or INT4), and the ``--exclude`` flags that
+reach a target cosine.
 
-For an FP8 export, the unquantized graph is exported again from the checkpoint (in the export's
-dtype, weights streamed) and, for every linear layer the export's recipe quantized, a copy with Q/DQ on **that layer only**
-is built with the same graph pass the exporter uses (`hybridtrt.graphs.fp8_qdq.insert_fp8_qdq`),
-the recipe's recorded activation scales and weight-scale mode, then run with ONNX Runtime on the
-validation prompts. Each layer's score is its last-token logits against the fp32 PyTorch reference
+For an FP8 or INT4 export, the unquantized graph is exported again from the checkpoint (in the export's
+dtype, weights streamed) and, for every linear layer the export's recipe quantized, a copy quantized on
+**that layer only** is built with the same graph pass the exporter uses — FP8 Q/DQ
+(`hybridtrt.graphs.fp8_qdq.insert_fp8_qdq`) with the recipe's recorded activation scales and
+weight-scale mode, or 4-bit weights (`hybridtrt.graphs.weight_only.insert_weight_only`) with the
+recipe's blocks and AWQ scales — then run with ONNX Runtime on the validation prompts. Each layer's score is its last-token logits against the fp32 PyTorch reference
 (1 − cosine, rel L2, top-1). Layers are ranked, most sensitive first.
 
 The exclusion search then measures — never estimates — the graph with everything quantized except
@@ -73,10 +75,33 @@ class LayerSensitivity:
 
 
 @dataclass
-class Sensitivity:
-    """Per-layer FP8 sensitivity of one export and the exclusions that reach ``target_cosine``.
+class RecipeComparison:
+    """A recipe's layer table (``--recipe``: e.g. NVIDIA's) measured beside the search's own.
 
     Attributes:
+        name / source: The recipe's.
+        kept: The export's quantized nodes the recipe keeps in the model dtype.
+        kept_weights: Their weight elements, and ``quantized_weights`` all quantized nodes' (the
+            recipe's bytes cost is ``kept_weights`` × (dtype bytes − 4-bit bytes)).
+        reached: Everything quantized but ``kept``, vs the reference.
+        overlap: Of the search's ``exclude``, those the recipe keeps too.
+    """
+
+    name: str
+    source: str
+    kept: list[str]
+    kept_weights: int
+    quantized_weights: int
+    reached: Comparison
+    overlap: list[str]
+
+
+@dataclass
+class Sensitivity:
+    """Per-layer quantization sensitivity of one export and the exclusions that reach ``target_cosine``.
+
+    Attributes:
+        scheme: ``"fp8"`` or ``"int4"``.
         target_cosine: Whole-model logits cosine to reach.
         layers: Ranked, most sensitive first.
         none: Nothing quantized (the export dtype alone) vs the reference: the floor.
@@ -97,6 +122,8 @@ class Sensitivity:
     reached: Comparison | None = None
     flags: list[str] = field(default_factory=list)
     command: str = ""
+    scheme: str = "fp8"
+    recipe: RecipeComparison | None = None
 
     def by_kind(self) -> list[dict[str, Any]]:
         """One row per (kind, projection): count, worst and median 1 − cosine, in worst-first order."""
@@ -164,11 +191,27 @@ class _Graphs:
         proto.CopyFrom(self.base)
         if not nodes:
             return proto
+        if self.recipe.get("scheme") == "int4":  # the same 4-bit weights, AWQ's scales as recorded
+            from hybridtrt.exporter.awq import decode_scale
+            from hybridtrt.graphs.fp8_qdq import in_memory_quantizer
+            from hybridtrt.graphs.weight_only import insert_weight_only
+
+            awq = (self.recipe.get("awq") or {}).get("pre_quant_scales", {})
+            insert_weight_only(
+                proto, "int4", block_size=int(self.recipe["block_size"]), exclude=[*self.recipe.get("exclude_patterns", []), *_only(nodes)],
+                quantizer=in_memory_quantizer(str(self.folder)), pre_scales={n: decode_scale(awq[n]) for n in nodes if n in awq},
+            )  # fmt: skip
+            return proto
         scales = self.recipe["activation_scales"]
         amax = {n: float(scales[n]) * FP8_E4M3_MAX for n in nodes}
         insert_fp8_qdq(proto, amax, exclude=_only(nodes), weight_scale=self.recipe.get("weight_scale", "tensor"), base_dir=str(self.folder))
         _set_recorded_scales(proto, {n: scales[n] for n in nodes})
         return proto
+
+    def weight_dims(self, node: onnx.NodeProto) -> list[int]:
+        """The dims of a MatMul's weight initializer."""
+        inits = {t.name: t for t in self.base.graph.initializer}
+        return list(inits[node.input[1]].dims) if node.input[1] in inits else [0]
 
     def logits(self, nodes: Sequence[str]) -> np.ndarray:
         out = ProtoSession(self.quantized(nodes), self.folder).run(self.feeds, [LOGITS])[LOGITS]
@@ -196,21 +239,53 @@ def _export_flags(recipe: dict[str, Any], exclude: Sequence[str], checkpoint: st
         flags += ["--exclude", pattern]
     source = str(recipe.get("calibration", {}).get("source", ""))
     calib = ["--calib-random", source.split(":", 1)[1]] if source.startswith("random:") else ["--calib", source.split(":", 1)[-1] or "PROMPTS.txt"]
-    scale = ["--weight-scale", "channel"] if recipe.get("weight_scale") == "channel" else []
-    command = shlex.join(["hybridtrt", "export", str(checkpoint), "-o", str(out), "--quantize", "fp8", *calib, *scale, *flags])
+    if recipe.get("scheme") == "int4":
+        scheme = ["int4", "--block-size", str(recipe["block_size"]), *(calib if recipe.get("awq") else [])]
+    else:
+        scheme = ["fp8", *calib, *(["--weight-scale", "channel"] if recipe.get("weight_scale") == "channel" else [])]
+    command = shlex.join(["hybridtrt", "export", str(checkpoint), "-o", str(out), "--quantize", *scheme, *flags])
     return flags, command
 
 
+def _compare_recipe(recipe: dict[str, Any], manifest: Manifest, nodes: Sequence[str], graphs: _Graphs, expected: np.ndarray, exclude: Sequence[str]) -> RecipeComparison:
+    """Measure ``recipe``'s layer table on the export's quantized nodes (`RecipeComparison`)."""
+    from hybridtrt.exporter.recipes import exclusions
+
+    pattern = "".join({"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}[entry["kind"]] for entry in manifest.layers)
+    rules = [re.compile(p) for p in exclusions(recipe, pattern)]
+    kept = [n for n in nodes if any(rx.search(n) for rx in rules)]
+    sizes = {n.name: int(np.prod(graphs.weight_dims(n))) for n in graphs.base.graph.node if n.name in nodes}
+    reached = compare(graphs.logits([n for n in nodes if n not in kept]), expected, top1=True)
+    return RecipeComparison(
+        recipe["name"], recipe.get("source", ""), kept, sum(sizes[n] for n in kept), sum(sizes.values()), reached, [n for n in exclude if n in kept]
+    )
+
+
+def recipe_of(manifest: Manifest) -> dict[str, Any] | None:
+    """The export's FP8 recipe, or its INT4 one (`hybridtrt.graphs.weight_only`); None otherwise."""
+    if manifest.quantization:
+        return manifest.quantization
+    if manifest.weight_only and manifest.weight_only.get("scheme") == "int4":
+        return manifest.weight_only
+    return None
+
+
 def check_recipe(manifest: Manifest, export_dir: str | Path) -> list[str]:
-    """The quantized nodes `fp8_sensitivity` can rebuild: those with a recorded activation scale.
+    """The quantized nodes `layer_sensitivity` can rebuild: an INT4 export's, an FP8 export's with a
+    recorded activation scale.
 
     Raises:
-        InputError: Not an FP8 export, or quantized nodes without a recorded activation scale
-            (MoE routed experts keep per-expert scales under ``"experts"``; not measured yet).
+        InputError: Not an FP8 or INT4 export (an NVFP4 checkpoint's 4-bit weights are its own, not a
+            recipe to tune), or quantized nodes without a recorded activation scale (MoE routed
+            experts keep per-expert scales under ``"experts"``; not measured yet).
     """
-    recipe = manifest.quantization
+    recipe = recipe_of(manifest)
     if not recipe or not recipe.get("quantized"):
-        raise InputError(f"--sensitivity needs an FP8 export; {export_dir} is not quantized", fix="export with `hybridtrt export CKPT -o OUT --quantize fp8 …`")
+        raise InputError(
+            f"--sensitivity needs an FP8 or INT4 export; {export_dir} is not one", fix="export with `hybridtrt export CKPT -o OUT --quantize fp8 …` (or int4)"
+        )
+    if recipe.get("scheme") == "int4":
+        return list(recipe["quantized"])
     scales = recipe.get("activation_scales", {})
     other = [n for n in recipe["quantized"] if n not in scales]
     if other:
@@ -222,7 +297,7 @@ def check_recipe(manifest: Manifest, export_dir: str | Path) -> list[str]:
     return list(recipe["quantized"])
 
 
-def fp8_sensitivity(
+def layer_sensitivity(
     export_dir: str | Path,
     manifest: Manifest,
     reference_model: Any,
@@ -232,28 +307,32 @@ def fp8_sensitivity(
     *,
     target_cosine: float,
     progress: Callable[[int, int], None] | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> Sensitivity:
-    """Measure the sensitivity of every quantized linear layer of an FP8 export.
+    """Measure the sensitivity of every quantized linear layer of an FP8 or INT4 export.
 
     Args:
-        export_dir: The FP8 export.
-        manifest: Its ``hybridtrt.json`` (the recipe: quantized nodes, activation scales, weight-scale mode).
+        export_dir: The FP8 or INT4 export.
+        manifest: Its ``hybridtrt.json`` (the recipe: quantized nodes, and the activation scales and
+            weight-scale mode, or the blocks and AWQ scales).
         reference_model: The fp32 PyTorch reference (loaded from ``checkpoint``).
         checkpoint: The source checkpoint (already checked against the export's sha256).
         input_ids / attention_mask: ``[B, L]`` left-padded prompts; the prefill's last-token logits are scored.
         target_cosine: Whole-model logits cosine the exclusion search aims for.
         progress: ``progress(done, total)`` after each measured graph.
+        recipe: A recipe (`hybridtrt.exporter.recipes.load_recipe`) whose layer table is measured
+            beside the search's (`RecipeComparison`).
 
     Returns:
         The `Sensitivity`.
 
     Raises:
-        InputError: Not an FP8 export.
+        InputError: Not an FP8 or INT4 export.
     """
     from hybridtrt.exporter.export import MODEL_FILE, ExportOptions, export
 
     nodes = check_recipe(manifest, export_dir)
-    recipe = manifest.quantization
+    compared, recipe = recipe, recipe_of(manifest)
     if not 0 < target_cosine <= 1:
         raise InputError(f"--target-cosine must be in (0, 1], got {target_cosine}", fix="e.g. --target-cosine 0.99")
     kinds = [entry["kind"] for entry in manifest.layers]
@@ -270,7 +349,7 @@ def fp8_sensitivity(
         expected = reference_model(input_ids, attention_mask, logits="last").logits.float().numpy()
     feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(), **StatePlan.from_manifest(manifest).zeros(int(input_ids.shape[0]))}
     with tempfile.TemporaryDirectory(prefix="hybridtrt-sensitivity-") as tmp:
-        # The unquantized graph, exported as the FP8 export was but without Q/DQ: weights streamed
+        # The unquantized graph, exported as the quantized export was but without it: weights streamed
         # from the checkpoint (one tensor at a time, never the whole model in memory).
         folder = Path(tmp) / "unquantized"
         options = ExportOptions(dtype=manifest.dtype, logits=manifest.logits, state_dtype=manifest.state_dtype, opset=manifest.opset, split=False, verify=False)
@@ -290,7 +369,7 @@ def fp8_sensitivity(
         layers.sort(key=lambda s: -s.error)
         ranked = [s.node for s in layers]
         full = compare(full_logits, expected, top1=True)
-        result = Sensitivity(target_cosine, layers, none, full, float(np.abs(full_logits - exported).max()))
+        result = Sensitivity(target_cosine, layers, none, full, float(np.abs(full_logits - exported).max()), scheme=str(recipe.get("scheme", "fp8")))
 
         # k = 0 is `full`, k = n is `none`; everything in between is measured when the search asks.
         measured: dict[int, Comparison] = {0: full, len(ranked): none}
@@ -306,9 +385,14 @@ def fp8_sensitivity(
             result.exclude, result.reached = ranked[:k], at(k)
         out = Path(export_dir).with_name(Path(export_dir).name + "-exclude")
         result.flags, result.command = _export_flags(recipe, result.exclude, checkpoint, out)
+        if compared is not None:
+            result.recipe = _compare_recipe(compared, manifest, nodes, graphs, expected, result.exclude)
         if progress is not None:
             progress(total, total)
     return result
 
 
-__all__ = ["LayerSensitivity", "Sensitivity", "check_recipe", "describe_node", "exclude_pattern", "fp8_sensitivity", "smallest_exclusion"]
+#: The former name (FP8 only).
+fp8_sensitivity = layer_sensitivity
+
+__all__ = ["LayerSensitivity", "RecipeComparison", "Sensitivity", "check_recipe", "describe_node", "exclude_pattern", "fp8_sensitivity", "layer_sensitivity", "recipe_of", "smallest_exclusion"]

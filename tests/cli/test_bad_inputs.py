@@ -146,6 +146,8 @@ CASES = [
          lambda ws: None),
     Case("fp8-flags-without-quantize", ("export", "{ckpt}", "-o", "{out}", "--calib-random", "4"), "input", "--quantize fp8"),
     Case("block-size-without-int4", ("export", "{ckpt}", "-o", "{out}", "--block-size", "64"), "input", "--block-size 64 only applies to --quantize int4"),
+    Case("export-unknown-recipe", ("export", "{ckpt}", "-o", "{out}", "--recipe", "no-such-recipe"), "input", "--recipe 'no-such-recipe' is neither"),
+    Case("validate-recipe-without-sensitivity", ("validate", "{ckpt}", "--recipe", "nemotron-3-nano-nvfp4-layout"), "input", "measured by the sensitivity search"),
     Case("int4-weight-scale", ("export", "{ckpt}", "-o", "{out}", "--quantize", "int4", "--weight-scale", "channel"), "input", "--weight-scale is FP8's"),
     # -- validate / generate: refused before anything loads -------------------------------------
     Case("validate-steps-negative", ("validate", "{ckpt}", "--steps", "-1"), "input", "--steps must be ≥ 0, got -1"),

@@ -190,3 +190,29 @@ def test_nano_9b_v2s_blocks_at_full_size():
     assert down and {blocks[n] for n in down} == {64}
     assert {b for n, b in blocks.items() if n not in down} == {128}
     assert set(eligible_blocks(model, WeightOnlyOptions("int4", block_size=32)).values()) == {32}
+
+
+def test_int4_sensitivity_rebuilds_the_export_and_proposes_exclusions(awq_export):
+    """`validate --sensitivity` on an INT4 export: each linear quantized alone with the export's own
+    blocks and AWQ scales; everything quantized rebuilds the export file exactly (max |Δ| 0), and the
+    proposed re-export line keeps the recipe (int4, its block size, its calibration)."""
+    from hybridtrt.exporter.manifest import read_manifest
+    from hybridtrt.models.loading import load_model
+    from hybridtrt.validation.runner import random_prompts
+    from hybridtrt.validation.sensitivity import layer_sensitivity
+
+    checkpoint, out = awq_export
+    manifest = read_manifest(out)
+    ids, mask = random_prompts(2, 256, seed=0, min_len=8, max_len=16)
+    from hybridtrt.exporter.recipes import load_recipe
+
+    recipe = load_recipe("nemotron-3-nano-nvfp4-layout")
+    result = layer_sensitivity(out, manifest, load_model(checkpoint, "fp32"), checkpoint, ids, mask, target_cosine=0.9999, recipe=recipe)
+    assert result.scheme == "int4" and result.export_max_abs == 0.0
+    assert len(result.layers) == len(manifest.weight_only["quantized"]) and result.layers[0].error >= result.layers[-1].error
+    assert "--quantize int4 --block-size 32 --calib-random 4" in result.command
+    # NVIDIA's layout measured beside it: its kept layers are the attention ones and the Mamba ones before them.
+    compared = result.recipe
+    assert compared.name == "nemotron-3-nano-nvfp4-layout" and 0 < compared.kept_weights < compared.quantized_weights
+    assert {n.split("/")[2] for n in compared.kept} == {"layers.0", "layers.1", "layers.4", "layers.5"}  # tiny-nemotron-h: M*M-M*-M
+    assert result.full.cosine <= compared.reached.cosine <= result.none.cosine + 1e-6
