@@ -90,10 +90,15 @@ def run(args: argparse.Namespace) -> int:
     if args.check_tensorrt is not None:
         report = check_dispatch(plan, args.check_tensorrt)  # raises EngineError (exit 2) listing every problem
         console.print(_dispatch_table(report, plan.plugin_library is not None))
+        for note in report.notes:
+            console.print(f"note: {note}", markup=False, soft_wrap=True)
         console.print(f"TensorRT {args.check_tensorrt} would build {plan.onnx_path.name} as asked")
         return 0
     trt = import_tensorrt()  # fails here, after the table and before anything is written
-    console.print(_dispatch_table(check_dispatch(plan, str(trt.__version__)), plan.plugin_library is not None))
+    report = check_dispatch(plan, str(trt.__version__))
+    console.print(_dispatch_table(report, plan.plugin_library is not None))
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
     with step("building TensorRT engine"):
         result = build_engine(args.export_dir, args.output, plan=plan)
     rows = [

@@ -111,6 +111,8 @@ class DispatchReport:
     nodes: list[NodeImport] = field(default_factory=list)
     builtin: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
+    #: What holds on some GPUs only, or is not verified (4-bit weights: `DEQUANTIZE_RULES` ``hardware``).
+    notes: list[str] = field(default_factory=list)
 
     def custom_nodes(self) -> Counter[str]:
         """Custom nodes of the model itself (not inside function bodies), by op: what the network must hold."""
@@ -383,6 +385,9 @@ class _Emulator:
             return
         v = fmt(self.version)
         where = values.name
+        note = f"{kind} weights: {rule.hardware}"
+        if note not in self.report.notes:
+            self.report.notes.append(note)
         if self.version < rule.since:
             self.refuse(where, name, f"DequantizeLinear of {kind} needs TensorRT >= {fmt(rule.since)} ({rule.sources[0]}); this is {v}")
             return

@@ -1,5 +1,8 @@
-"""FP8 quantization step of ``hybridtrt export`` (DESIGN.md §7): calibrate once on the reference
-model, then insert Q/DQ into each traced graph with the same scales.
+"""Quantization steps of ``hybridtrt export`` (DESIGN.md §7): FP8 — calibrate once on the reference
+model, then insert Q/DQ into each traced graph with the same scales (`QuantizeOptions`,
+`quantize_graph`); 4-bit weights — INT4 (round to nearest, or AWQ searched once on the reference:
+`run_awq`) or a ModelOpt NVFP4 checkpoint's own (`nvfp4_from_checkpoint`), written into each graph
+by `hybridtrt.graphs.weight_only` (`WeightOnlyOptions`, `quantize_weights`).
 
 Usage inside `hybridtrt.exporter.export.export`, for every traced graph (unified, then decode)::
 

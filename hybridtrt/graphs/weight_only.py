@@ -48,7 +48,6 @@ Refusals (`QuantizationError`): opset below the format's, a graph with Q/DQ alre
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -381,11 +380,6 @@ def insert_weight_only(
     return recipe
 
 
-def recipe_block(recipe: Mapping[str, Any], node: str) -> int:
-    """The block of ``node`` in a recipe read from ``hybridtrt.json``."""
-    return int(recipe.get("blocks", {}).get(node, recipe["block_size"]))
-
-
 __all__ = [
     "BLOCK_SIZES",
     "DEFAULT_BLOCK",
@@ -401,5 +395,4 @@ __all__ = [
     "layer_block",
     "quantize_int4",
     "quantize_nvfp4_with_scales",
-    "recipe_block",
 ]

@@ -18,7 +18,7 @@ from hybridtrt.engine.dispatch import emulate_dispatch
 from hybridtrt.errors import QuantizationError
 from hybridtrt.exporter.weight_only_reference import int4_dequantized
 from hybridtrt.graphs.fp4_emulation import emulate_fp4
-from hybridtrt.graphs.fp8_qdq import float_tensor, fp8_tensor
+from hybridtrt.graphs.fp8_qdq import float_tensor
 from hybridtrt.graphs.quantized_types import packed_bytes, quantized_tensor
 from hybridtrt.graphs.weight_only import NVFP4Scales, insert_weight_only, layer_block
 from hybridtrt.runtime.onnxruntime import QDQ_FUSION, OrtSession
@@ -224,7 +224,8 @@ def test_tensorrt_rules_for_4bit_weights():
     asymmetric = emulate_dispatch(_dq_graph(TensorProto.INT4, 256, 8, 128, 2, zero_point=True), "11.1.0")
     assert any("zero point" in p for p in asymmetric.problems)
     fp4 = _dq_graph(TensorProto.FLOAT4E2M1, 64, 8, 16, 4)
-    assert emulate_dispatch(fp4, "11.1.0").problems == []
+    report = emulate_dispatch(fp4, "11.1.0")
+    assert report.problems == [] and any(n.startswith("FP4 weights: Blackwell (SM100+)") and "not verified" in n for n in report.notes)
     assert any("blocked DequantizeLinear of FP4 needs TensorRT >= 10.13" in p for p in emulate_dispatch(fp4, "10.12.0").problems)
 
 
