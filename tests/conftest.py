@@ -100,6 +100,7 @@ LONGEST_FIRST = (
     "tests/validation/test_architectures.py",
     "tests/plugins/test_kernels_emulated.py",
     "tests/exporter/test_verify.py",
+    "tests/exporter/test_weight_only_export.py",
     "tests/validation/test_validate.py",
     "tests/exporter/test_moe_export.py",
     "tests/exporter/test_export_cli.py",

@@ -45,6 +45,8 @@ from hybridtrt.models.model import HybridLM
 ALPHAS = tuple(i / 20 for i in range(21))
 #: Calibration rows per linear the error is measured on (a seeded sample of the real tokens).
 SAMPLE_ROWS = 512
+#: Weight elements dequantized at a time during the search (16 MiB of fp32).
+ROWS_ELEMENTS = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,13 @@ def decode_scale(text: str) -> np.ndarray:
 
 def search(w: Tensor, x: Tensor, mean_abs: Tensor, block: int, dtype: torch.dtype) -> AwqScale:
     """The best α for ``w [out, in]`` (model dtype) on the sample ``x [R, in]``, given the mean
-    ``|x|`` per input over all calibration tokens (module docstring)."""
+    ``|x|`` per input over all calibration tokens (module docstring). The weight is dequantized a
+    slice of output rows at a time (blocks run along ``in``, so rows are independent): temporaries
+    stay near `ROWS_ELEMENTS` whatever the layer's size."""
     x32 = x.to(torch.float32)
-    w32 = w.to(dtype).to(torch.float32)
-    y = x32 @ w32.t()
+    out_rows = w.shape[0]
+    step = max(1, ROWS_ELEMENTS // max(1, w.shape[1]))
+    y = torch.cat([x32 @ w[r : r + step].to(dtype).to(torch.float32).t() for r in range(0, out_rows, step)], dim=1)
     norm = float(torch.linalg.vector_norm(y)) or 1.0
     mean = mean_abs.to(torch.float32).clamp(min=1e-8)
     best: tuple[float, float, Tensor] | None = None
@@ -88,8 +93,12 @@ def search(w: Tensor, x: Tensor, mean_abs: Tensor, block: int, dtype: torch.dtyp
         p = (1.0 / s).to(dtype)
         if not bool(torch.isfinite(p).all()) or bool((p == 0).any()):
             continue
-        deq = int4_dequantized(w, block, dtype, pre_scale=p).to(torch.float32)
-        err = float(torch.linalg.vector_norm((x32 * p.to(torch.float32)) @ deq.t() - y)) / norm
+        xp = x32 * p.to(torch.float32)
+        squared = 0.0
+        for r in range(0, out_rows, step):
+            deq = int4_dequantized(w[r : r + step], block, dtype, pre_scale=p).to(torch.float32)
+            squared += float(torch.sum((xp @ deq.t() - y[:, r : r + step]) ** 2))
+        err = squared**0.5 / norm
         if alpha == 0.0:
             rtn = err
         if best is None or err < best[1]:

@@ -82,6 +82,8 @@ NVFP4_BLOCK = 16
 #: Opsets that brought the formats to ``DequantizeLinear`` (onnx/docs/Changelog.md: int4 and
 #: blocked quantization in DequantizeLinear-21, float4e2m1 in DequantizeLinear-23).
 MIN_OPSET = {"int4": 21, "nvfp4": 23}
+#: Elements converted at a time (16 MiB of fp32): a weight's temporaries stay bounded whatever its size.
+CHUNK_ELEMENTS = 4 << 20
 _NUMPY = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}
 #: The symmetric INT4 bound (ModelOpt's ``_get_quant_maxbound(4)``).
 INT4_MAX = 7
@@ -183,14 +185,22 @@ def quantize_int4(w: np.ndarray, block: int, elem_type: int, pre_scale: PreScale
     Returns:
         ``(q [in, out] ml_dtypes.int4, scale [in / block, out])`` with ``w / p ≈ q * scale``.
     """
-    w32 = np.asarray(w, dtype=np.float32)
-    if pre_scale is not None:
-        w32 = w32 / pre_scale.values.astype(np.float32)[:, None]
-    k, n = w32.shape
-    blocks = w32.reshape(k // block, block, n)
-    scale = _round_scale(np.abs(blocks).max(axis=1) / INT4_MAX, elem_type)
-    q = np.clip(np.rint(blocks / scale.astype(np.float32)[:, None, :]), -8, 7)
-    return q.reshape(k, n).astype(ml_dtypes.int4), scale
+    k, n = w.shape
+    q = np.empty((k, n), dtype=ml_dtypes.int4)
+    scale = np.empty((k // block, n), dtype=_NUMPY[elem_type])
+    per_chunk = max(1, CHUNK_ELEMENTS // (block * n))  # blocks of rows per chunk: bounded temporaries
+    for b0 in range(0, k // block, per_chunk):
+        rows = slice(b0 * block, min(k, (b0 + per_chunk) * block))
+        chunk = np.array(w[rows], dtype=np.float32)  # a copy, worked on in place
+        if pre_scale is not None:
+            chunk /= pre_scale.values[rows].astype(np.float32)[:, None]
+        blocks = chunk.reshape(-1, block, n)
+        s = _round_scale(np.abs(blocks).max(axis=1) / INT4_MAX, elem_type)
+        np.divide(blocks, s.astype(np.float32)[:, None, :], out=blocks)
+        np.clip(np.rint(blocks, out=blocks), -8, 7, out=blocks)
+        q[rows] = chunk.astype(ml_dtypes.int4)
+        scale[b0 : b0 + s.shape[0]] = s
+    return q, scale
 
 
 def quantize_nvfp4_with_scales(w: np.ndarray, scales: NVFP4Scales) -> tuple[np.ndarray, np.ndarray]:
@@ -208,22 +218,28 @@ def quantize_nvfp4_with_scales(w: np.ndarray, scales: NVFP4Scales) -> tuple[np.n
     block_scale = scales.block_scale()
     scale = block_scale.astype(np.float32) * np.float32(scales.global_scale)
     k, n = w.shape
-    w32 = np.asarray(w, dtype=np.float32).reshape(k // NVFP4_BLOCK, NVFP4_BLOCK, n)
-    if scales.weight:
-        codes = scales.codes().reshape(k // NVFP4_BLOCK, NVFP4_BLOCK, n)
-    else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(scale[:, None, :] > 0, w32 / scale[:, None, :], 0.0)
-        codes = np.clip(ratio, -6.0, 6.0).astype(ml_dtypes.float4_e2m1fn)
-    back = (codes.astype(np.float32) * scale[:, None, :]).astype(np.asarray(w).dtype).astype(np.float32)
-    wrong = np.flatnonzero(back.reshape(-1) != w32.reshape(-1))
-    if wrong.size:
-        raise QuantizationError(
-            f"{scales.tensor.removesuffix('.weight_scale')}: {wrong.size} weight(s) are not the E2M1 values of the checkpoint's NVFP4 "
-            f"codes and scales (first at flat index {int(wrong[0])}); the weights do not match their scales",
-            fix="export in fp32 or bf16 (fp16 can flush the smallest dequantized weights to zero), or re-download the checkpoint",
-        )
-    return codes.reshape(k, n), block_scale
+    stored = scales.codes() if scales.weight else None
+    codes = np.empty((k, n), dtype=ml_dtypes.float4_e2m1fn)
+    per_chunk = max(1, CHUNK_ELEMENTS // (NVFP4_BLOCK * n))
+    for b0 in range(0, k // NVFP4_BLOCK, per_chunk):
+        rows = slice(b0 * NVFP4_BLOCK, min(k, (b0 + per_chunk) * NVFP4_BLOCK))
+        s = scale[b0 : b0 + per_chunk][:, None, :]
+        w32 = np.asarray(w[rows], dtype=np.float32).reshape(-1, NVFP4_BLOCK, n)
+        if stored is not None:
+            c = stored[rows].reshape(-1, NVFP4_BLOCK, n)
+        else:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                c = np.clip(np.where(s > 0, w32 / s, 0.0), -6.0, 6.0).astype(ml_dtypes.float4_e2m1fn)
+        back = (c.astype(np.float32) * s).astype(np.asarray(w).dtype).astype(np.float32)
+        wrong = np.flatnonzero(back.reshape(-1) != w32.reshape(-1))
+        if wrong.size:
+            raise QuantizationError(
+                f"{scales.tensor.removesuffix('.weight_scale')}: {wrong.size} weight(s) are not the E2M1 values of the checkpoint's NVFP4 "
+                f"codes and scales (first at flat index {rows.start * n + int(wrong[0])}); the weights do not match their scales",
+                fix="export in fp32 or bf16 (fp16 can flush the smallest dequantized weights to zero), or re-download the checkpoint",
+            )
+        codes[rows] = c.reshape(-1, n)
+    return codes, block_scale
 
 
 def insert_weight_only(

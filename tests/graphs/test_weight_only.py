@@ -268,3 +268,35 @@ def test_awq_search_finds_the_outlier_channels():
     assert result.alpha > 0 and result.awq_error < 0.8 * result.rtn_error
     flat = search(w, torch.randn(512, 256, generator=gen), torch.ones(256), 128, torch.float32)
     assert flat.awq_error <= flat.rtn_error
+
+
+def test_weights_are_quantized_in_bounded_chunks_with_the_same_bits(monkeypatch):
+    """The quantizers work through a weight a few block rows at a time (bounded temporaries, whatever
+    the weight's size): forced to chunks of one block row, they give the bits of one pass."""
+    from hybridtrt.graphs.weight_only import PreScale, quantize_int4, quantize_nvfp4_with_scales
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((256, 24)).astype(np.float32)
+    p = PreScale(rng.uniform(0.5, 2.0, 256).astype(np.float32))
+    codes, stored, global_scale, w4 = _nvfp4_case(k=64, n=24)
+    scales = NVFP4Scales("m.weight_scale", float(global_scale), lambda name: stored)
+    whole = (quantize_int4(w, 32, TensorProto.BFLOAT16, p), quantize_nvfp4_with_scales(w4, scales))
+    monkeypatch.setattr(weight_only, "CHUNK_ELEMENTS", 1)
+    chunked = (quantize_int4(w, 32, TensorProto.BFLOAT16, p), quantize_nvfp4_with_scales(w4, scales))
+    for (a_q, a_s), (b_q, b_s) in zip(whole, chunked):
+        assert a_q.tobytes() == b_q.tobytes() and a_s.tobytes() == b_s.tobytes()
+    assert whole[1][0].tobytes() == codes.tobytes()
+
+
+def test_awq_search_in_row_slices_finds_the_same(monkeypatch):
+    """The AWQ search dequantizes a few output rows at a time: forced to one row, same α and errors."""
+    import hybridtrt.exporter.awq as awq
+
+    gen = torch.Generator().manual_seed(1)
+    w, x = torch.randn(32, 128, generator=gen), torch.randn(64, 128, generator=gen)
+    x[:, :4] *= 20.0
+    whole = awq.search(w, x, x.abs().mean(dim=0), 64, torch.float32)
+    monkeypatch.setattr(awq, "ROWS_ELEMENTS", 1)
+    sliced = awq.search(w, x, x.abs().mean(dim=0), 64, torch.float32)
+    assert sliced.alpha == whole.alpha and np.array_equal(sliced.pre_quant_scale, whole.pre_quant_scale)
+    assert sliced.awq_error == pytest.approx(whole.awq_error, rel=1e-5) and sliced.rtn_error == pytest.approx(whole.rtn_error, rel=1e-5)
