@@ -111,10 +111,20 @@ def window_plan(layer_bytes: list[int], budget: int) -> list[tuple[int, int]]:
     return windows
 
 
+def _resident_bytes(t: onnx.TensorProto) -> int:
+    """What ONNX Runtime holds of an initializer: its bytes, and for 4-bit weights also their fp32
+    dequantization (the sessions fold constant DequantizeLinear nodes: `hybridtrt.runtime.
+    onnxruntime.QDQ_FUSION`), so a window of 4-bit layers holds as much as one of fp32 layers."""
+    from hybridtrt.graphs.quantized_types import FOUR_BIT
+
+    extra = 4 * math.prod(t.dims) if t.data_type in FOUR_BIT else 0
+    return tensor_nbytes(t) + extra
+
+
 def _layer_bytes(model: onnx.ModelProto, num_layers: int) -> list[int]:
-    """Initializer bytes each window member reads: decoder layer ``i``'s nodes (the embedding
-    counted in layer 0), and as member ``L`` everything else (final norm, head)."""
-    sizes = {t.name: tensor_nbytes(t) for t in model.graph.initializer}
+    """Bytes each window member holds in ONNX Runtime (`_resident_bytes`): decoder layer ``i``'s
+    nodes (the embedding counted in layer 0), and as member ``L`` everything else (final norm, head)."""
+    sizes = {t.name: _resident_bytes(t) for t in model.graph.initializer}
     per_layer = [0] * (num_layers + 1)
     seen: set[str] = set()
     for node in model.graph.node:

@@ -216,3 +216,18 @@ def test_int4_sensitivity_rebuilds_the_export_and_proposes_exclusions(awq_export
     assert compared.name == "nemotron-3-nano-nvfp4-layout" and 0 < compared.kept_weights < compared.quantized_weights
     assert {n.split("/")[2] for n in compared.kept} == {"layers.0", "layers.1", "layers.4", "layers.5"}  # tiny-nemotron-h: M*M-M*-M
     assert result.full.cosine <= compared.reached.cosine <= result.none.cosine + 1e-6
+
+
+def test_verification_windows_count_4bit_weights_as_onnx_runtime_holds_them(int4_export):
+    """ONNX Runtime folds a 4-bit weight's DequantizeLinear into fp32 at load: verification's layer
+    windows count that (elements × 4 beside the packed bytes), so a window of 4-bit layers holds what
+    a window of fp32 layers does, not 8× more (a 1B INT4 export planned 12 windows, not 56, and
+    peaked 0.7 GiB above the fp32 export)."""
+    from hybridtrt.exporter.verify import _layer_bytes
+
+    _, out = int4_export
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    packed = {t.name: t for t in graph.graph.initializer if t.data_type == TensorProto.INT4}
+    layer0 = {n.input[0] for n in graph.graph.node if n.name.startswith("/model/layers.0/") and n.op_type == "DequantizeLinear"} & set(packed)
+    counted = _layer_bytes(graph, 8)[0]
+    assert layer0 and counted >= sum(4 * int(np.prod(packed[n].dims)) + len(packed[n].raw_data or b"") for n in layer0)
