@@ -101,6 +101,12 @@ class Deferred:
         """The whole initializer (contiguous, model dtype)."""
         return self.view(checkpoint.read(self.parameter)).contiguous()
 
+    def strided(self, checkpoint: Checkpoint) -> Tensor:
+        """The initializer's values as a view of the parameter read once (model dtype), not made
+        contiguous: a transposed weight costs one copy of the parameter, not two. The 4-bit
+        quantizers copy it a few rows at a time (`hybridtrt.graphs.weight_only.CHUNK_ELEMENTS`)."""
+        return self.view(checkpoint.read(self.parameter))
+
     def chunks(self, checkpoint: Checkpoint) -> Iterator[np.ndarray]:
         """The initializer's bytes in slices along its first dim: the parameter is read once (as
         stored), each slice is converted, checked for NaN/Inf and made contiguous on its own. A
@@ -175,7 +181,7 @@ class DeferredFP8:
             for e, expert in enumerate(self.weight.rows(checkpoint)):
                 yield self.quantize(_numpy(expert), first=e)[0].view(np.uint8).reshape(-1)
             return
-        w_q, _ = self.quantize(_numpy(self.weight.tensor(checkpoint)))
+        w_q, _ = self.quantize(_numpy(self.weight.strided(checkpoint)))
         yield packed_bytes(w_q)
 
 
@@ -249,7 +255,7 @@ class DeferredTable:
                 scale = np.concatenate([quantize(_numpy(expert), first=e)[1] for e, expert in enumerate(recipe.rows(self.checkpoint))])
                 elem_type = onnx.TensorProto.FLOAT8E4M3FN
             else:
-                w_q, scale = quantize(_numpy(recipe.tensor(self.checkpoint)))
+                w_q, scale = quantize(_numpy(recipe.strided(self.checkpoint)))
                 elem_type = onnx_type(w_q.dtype)
                 del w_q
             key = self.key(DeferredFP8(recipe, quantize))

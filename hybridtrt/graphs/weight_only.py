@@ -191,7 +191,7 @@ def quantize_int4(w: np.ndarray, block: int, elem_type: int, pre_scale: PreScale
     per_chunk = max(1, CHUNK_ELEMENTS // (block * n))  # blocks of rows per chunk: bounded temporaries
     for b0 in range(0, k // block, per_chunk):
         rows = slice(b0 * block, min(k, (b0 + per_chunk) * block))
-        chunk = np.array(w[rows], dtype=np.float32)  # a copy, worked on in place
+        chunk = np.array(w[rows], dtype=np.float32, order="C")  # a copy, worked on in place
         if pre_scale is not None:
             chunk /= pre_scale.values[rows].astype(np.float32)[:, None]
         blocks = chunk.reshape(-1, block, n)

@@ -300,3 +300,17 @@ def test_awq_search_in_row_slices_finds_the_same(monkeypatch):
     sliced = awq.search(w, x, x.abs().mean(dim=0), 64, torch.float32)
     assert sliced.alpha == whole.alpha and np.array_equal(sliced.pre_quant_scale, whole.pre_quant_scale)
     assert sliced.awq_error == pytest.approx(whole.awq_error, rel=1e-5) and sliced.rtn_error == pytest.approx(whole.rtn_error, rel=1e-5)
+
+
+def test_a_transposed_view_quantizes_like_its_copy():
+    """The streaming exporter hands the quantizers a transposed view of the parameter it read (no
+    contiguous copy): the same bits as the contiguous weight."""
+    from hybridtrt.graphs.weight_only import PreScale, quantize_int4
+
+    rng = np.random.default_rng(6)
+    stored = rng.standard_normal((24, 128)).astype(np.float32)  # [out, in] as a checkpoint holds it
+    p = PreScale(rng.uniform(0.5, 2.0, 128).astype(np.float32))
+    for pre in (None, p):
+        a_q, a_s = quantize_int4(stored.T, 32, TensorProto.FLOAT, pre)
+        b_q, b_s = quantize_int4(np.ascontiguousarray(stored.T), 32, TensorProto.FLOAT, pre)
+        assert a_q.tobytes() == b_q.tobytes() and a_s.tobytes() == b_s.tobytes()
