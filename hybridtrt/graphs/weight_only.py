@@ -42,6 +42,10 @@ such layer with its block. Smaller blocks only add scales (1/B of the layer's by
 the error. A layer no such block divides stays in the model dtype, with the reason. No padding: a
 padded K would change the GEMM's shape and the graph's meaning.
 
+The quantizers work through a weight `CHUNK_ELEMENTS` at a time (bounded temporaries whatever its
+size; the same bits as one pass) and take strided views (the streaming exporter's transposed
+parameters) as they are.
+
 Refusals (`QuantizationError`): opset below the format's, a graph with Q/DQ already, a bad
 ``--exclude`` regex, an unknown scheme or block size.
 """
