@@ -121,6 +121,8 @@ def run(args: argparse.Namespace, work: Path, drift: dict[tuple[str, str], dict[
                 long_prompts[length] = (long_ids, truth(long_ids, torch.ones_like(long_ids), logits="last").logits)
         checkpoints: dict[str, tuple[Path, dict, WeightOnlyOptions | None]] = {"BF16": (bf16, {}, None)}
         for fmt in formats:
+            if args.formats and not any(f in fmt or fmt in f for f in args.formats):
+                continue
             recipe, out = RECIPES[fmt], work / name / fmt
             done = subprocess.run([args.modelopt_python, "-c", QUANTIZE, str(bf16), str(out), recipe, str(args.vocab)], capture_output=True, text=True)
             if done.returncode:
@@ -133,6 +135,8 @@ def run(args: argparse.Namespace, work: Path, drift: dict[tuple[str, str], dict[
         for label, (block, calibrated) in INT4.items():
             checkpoints[label] = (bf16, {}, WeightOnlyOptions("int4", block_size=block, calib_random=8 if calibrated else None))
         for fmt, (ckpt, extra, weights) in checkpoints.items():
+            if args.formats and not any(f in fmt for f in args.formats):
+                continue
             out = work / name / f"export-{len(rows)}"
             try:
                 export(ckpt, out, ExportOptions(dtype="bf16", split=False, verify=False, **extra), weight_only=weights)
@@ -164,6 +168,7 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--init-range", type=float, default=0.02, help="weights' initializer_range (0.02: trained-like)")
     p.add_argument("--long", type=lambda v: [int(n) for n in v.split(",") if n], default=[64, 512, 2048], help="prompt lengths of the drift table ('' for none)")
+    p.add_argument("--formats", nargs="*", default=[], help="only the rows whose format contains one of these (e.g. AWQ); all by default")
     args = p.parse_args()
     drift: dict[tuple[str, str], dict[int, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,10 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rec.add_argument("--load-outputs", nargs="+", default=None, metavar="PATH", help="polygraphy RunResults JSON file(s) or directories (polygraphy run … --save-outputs)")
     rec.add_argument("--load-inputs", nargs="+", default=None, metavar="PATH", help="the inputs they were recorded from (default: inputs.json beside them, else OUT_DIR/polygraphy)")
     rec.add_argument("--runner", default=None, help="runner name in the results (default: the only one that is not the reference)")
-    fp8 = p.add_argument_group("quantization sensitivity")
-    fp8.add_argument("--sensitivity", action="store_true", help="FP8 and INT4 exports: logits error with only each linear layer quantized, ranked, and the --exclude flags that reach --target-cosine")
-    fp8.add_argument("--target-cosine", type=float, default=None, metavar="C", help="logits cosine the --exclude flags aim for (default: the FP8 gate)")
-    fp8.add_argument(
+    sens = p.add_argument_group("quantization sensitivity")
+    sens.add_argument("--sensitivity", action="store_true", help="FP8 and INT4 exports: logits error with only each linear layer quantized, ranked, and the --exclude flags that reach --target-cosine")
+    sens.add_argument("--target-cosine", type=float, default=None, metavar="C", help="logits cosine the --exclude flags aim for (default: the FP8 gate)")
+    sens.add_argument(
         "--recipe", default=None, metavar="NAME|FILE", help="with --sensitivity: measure this recipe's layer table (e.g. nemotron-3-nano-nvfp4-layout) beside the search's"
     )
     p.add_argument("--context", type=int, default=None, metavar="N", help="long-context drift: one N-token prompt, prefilled in chunks, compared after every chunk")

@@ -46,17 +46,20 @@ def test_malformed_recipes_are_refused(tmp_path):
 
 
 def test_export_with_a_recipe_keeps_its_layers_and_records_it(make_checkpoint, tmp_path, capsys):
-    """``--recipe nemotron-3-nano-nvfp4-layout`` on a Nemotron-H checkpoint: INT4 (the recipe's
-    scheme and block size), its attention layers and the Mamba layers before them in the model dtype,
-    the recipe (name, source, kept layers) in hybridtrt.json; a contradicting --quantize is refused."""
+    """``--recipe nemotron-3-nano-nvfp4-layout`` on a Nemotron-H checkpoint: INT4 round to nearest
+    (the recipe's scheme and block size; verified), its attention layers and the Mamba layers before
+    them in the model dtype, the recipe (name, source, kept layers) in hybridtrt.json; a
+    contradicting --quantize is refused."""
     checkpoint = make_checkpoint("tiny-nemotron-h")
     out = tmp_path / "out"
-    assert main(["export", str(checkpoint), "-o", str(out), "--recipe", "nemotron-3-nano-nvfp4-layout", "--no-verify"]) == 0
+    # Verified: round to nearest (no calibration) against the 4-bit weights' reference.
+    assert main(["export", str(checkpoint), "-o", str(out), "--recipe", "nemotron-3-nano-nvfp4-layout", "--no-split"]) == 0
     recipe = json.loads((out / "hybridtrt.json").read_text())["weight_only"]
     pattern = config_from_dict(json.loads((checkpoint / "config.json").read_text())).pattern
     kept = [i for i, k in enumerate(pattern) if k == "*" or (k == "M" and i + 1 < len(pattern) and pattern[i + 1] == "*")]
     assert recipe["recipe"]["name"] == "nemotron-3-nano-nvfp4-layout" and recipe["recipe"]["kept_layers"] == kept
-    assert recipe["scheme"] == "int4" and recipe["block_size"] == 128
+    assert recipe["scheme"] == "int4" and recipe["block_size"] == 128 and "awq" not in recipe
+    assert json.loads((out / "hybridtrt.json").read_text())["verification"]["truth"] == "int4 weights' fp32 reference"
     layers = {int(re.search(r"layers\.(\d+)/", n).group(1)) for n in recipe["quantized"]}
     assert layers and not layers & set(kept)
     capsys.readouterr()

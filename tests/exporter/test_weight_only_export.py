@@ -68,34 +68,6 @@ def test_an_nvfp4_checkpoint_exports_as_its_own_4bit_weights(tmp_path, capsys):
     assert "PASS" in capsys.readouterr().out
 
 
-@pytest.fixture(scope="module")
-def int4_export(make_checkpoint, tmp_path_factory):
-    checkpoint = make_checkpoint("tiny-nemotron-h")
-    out = tmp_path_factory.mktemp("int4") / "out"
-    assert main(["export", str(checkpoint), "-o", str(out), "--quantize", "int4", "--block-size", "64", "--dtype", "bf16"]) == 0
-    return checkpoint, out
-
-
-def test_int4_export_is_verified_and_validated(int4_export, capsys):
-    """``--quantize int4``: the linear layers' weights are int4 in blocks of 64 along K (bf16 scales),
-    the LM head stays bf16; the weights file is smaller than the bf16 one by the 4-bit share; the graph
-    passes verification and `validate` against the INT4 weights' reference."""
-    checkpoint, out = int4_export
-    manifest = json.loads((out / "hybridtrt.json").read_text())
-    recipe = manifest["weight_only"]
-    assert recipe["scheme"] == "int4" and recipe["block_size"] == 64 and recipe["blocks"] == {}
-    assert LM_HEAD_NODE in recipe["excluded"] and len(recipe["quantized"]) == 20
-    inits = _initializers(out / "model.onnx")
-    for node in recipe["quantized"]:
-        dotted = node.removesuffix("/MatMul").lstrip("/").replace("/", ".")
-        q, scale = inits[f"{dotted}.weight_t_int4"], inits[f"{dotted}.weight_scale"]
-        assert q.data_type == TensorProto.INT4 and scale.data_type == TensorProto.BFLOAT16
-        assert scale.dims[0] * 64 == q.dims[0] and scale.dims[1] == q.dims[1]
-    capsys.readouterr()
-    assert main(["validate", str(out), "--random", "2", "--steps", "2"]) == 0
-    assert "PASS" in capsys.readouterr().out
-
-
 def test_a_wrong_int4_scale_fails_verification(make_checkpoint, tmp_path, monkeypatch):
     """Planted error: the exporter's scales from amax / 8 (a wrong bound) — export-time verification
     against the reference (which computes amax / 7 on its own) refuses to publish."""
@@ -122,6 +94,14 @@ def test_awq_export_in_bf16_is_verified_and_validated(awq_export, capsys):
     reports the recipe's cost against the unquantized truth (the INT4 recipe gate)."""
     checkpoint, out = awq_export
     recipe = json.loads((out / "hybridtrt.json").read_text())["weight_only"]
+    assert recipe["scheme"] == "int4" and recipe["block_size"] == 32 and recipe["blocks"] == {}
+    assert LM_HEAD_NODE in recipe["excluded"] and len(recipe["quantized"]) == 20
+    inits = _initializers(out / "model.onnx")
+    for node in recipe["quantized"]:  # int4 in blocks of 32 along K, bf16 scales
+        dotted = node.removesuffix("/MatMul").lstrip("/").replace("/", ".")
+        q, scale = inits[f"{dotted}.weight_t_int4"], inits[f"{dotted}.weight_scale"]
+        assert q.data_type == TensorProto.INT4 and scale.data_type == TensorProto.BFLOAT16
+        assert scale.dims[0] * 32 == q.dims[0] and scale.dims[1] == q.dims[1]
     awq = recipe["awq"]
     assert set(awq["pre_quant_scales"]) == set(recipe["quantized"]) and recipe["calibration"]["source"] == "random:4"
     assert all(e["awq"] <= e["rtn"] for e in awq["error"].values())
@@ -218,14 +198,14 @@ def test_int4_sensitivity_rebuilds_the_export_and_proposes_exclusions(awq_export
     assert result.full.cosine <= compared.reached.cosine <= result.none.cosine + 1e-6
 
 
-def test_verification_windows_count_4bit_weights_as_onnx_runtime_holds_them(int4_export):
+def test_verification_windows_count_4bit_weights_as_onnx_runtime_holds_them(awq_export):
     """ONNX Runtime folds a 4-bit weight's DequantizeLinear into fp32 at load: verification's layer
     windows count that (elements × 4 beside the packed bytes), so a window of 4-bit layers holds what
     a window of fp32 layers does, not 8× more (a 1B INT4 export planned 12 windows, not 56, and
     peaked 0.7 GiB above the fp32 export)."""
     from hybridtrt.exporter.verify import _layer_bytes
 
-    _, out = int4_export
+    _, out = awq_export
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     packed = {t.name: t for t in graph.graph.initializer if t.data_type == TensorProto.INT4}
     layer0 = {n.input[0] for n in graph.graph.node if n.name.startswith("/model/layers.0/") and n.op_type == "DequantizeLinear"} & set(packed)

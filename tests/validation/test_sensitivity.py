@@ -126,9 +126,9 @@ def test_exclusion_search_is_the_smallest_measured_prefix():
     assert smallest_exclusion(20, reaches(21)) is None  # out of reach even with nothing quantized
 
 
-def test_needs_an_fp8_export_and_says_so_before_loading(make_export, capsys):
+def test_needs_a_quantized_export_and_says_so_before_loading(make_export, capsys):
     _, out = make_export("tiny-nemotron-h")
-    with pytest.raises(InputError, match="needs an FP8 export"):
+    with pytest.raises(InputError, match="needs an FP8 or INT4 export"):
         validate_artefact(out, sensitivity=True)
     assert main(["validate", str(out), "--sensitivity"]) == 2
     assert "--quantize fp8" in capsys.readouterr().err
