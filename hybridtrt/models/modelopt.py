@@ -23,10 +23,10 @@ readers, nvidia-modelopt 0.47.0:
 
 `dequantize` reproduces both bit for bit (tests/fixtures/modelopt holds checkpoints written by
 ModelOpt itself and the hashes of ModelOpt's own dequantization). What this module does not read is
-refused by name: other algorithms (``W4A16_AWQ``, ``MIXED_PRECISION``, ...), NVFP4 routed experts, a
-quantized weight without its scales. Routed experts are stored one tensor per expert
-(``...mixer.experts.{e}.up_proj.weight`` with its own ``weight_scale`` and ``input_scale``); the loader
-stacks them as it stacks float experts, each dequantized on its own.
+refused by name: other algorithms (``W4A16_AWQ``, ``MIXED_PRECISION``, ...), a quantized weight
+without its scales. Routed experts (FP8 or NVFP4) are stored one tensor per expert
+(``...mixer.experts.{e}.up_proj.weight`` with its own scales); the loader stacks them as it stacks
+float experts, each dequantized on its own.
 """
 
 from __future__ import annotations
