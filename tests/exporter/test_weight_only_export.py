@@ -80,7 +80,7 @@ def test_a_wrong_int4_scale_fails_verification(make_checkpoint, tmp_path, monkey
 @pytest.fixture(scope="module")
 def awq_export(make_checkpoint, tmp_path_factory):
     # Weights of a trained model's scale (0.05): at the suite's usual 0.3, eight INT4 layers leave the
-    # logits uncorrelated with the truth (rel L2 ≈ 0.8), where comparing two recipes' costs is chance.
+    # logits far from the truth (rel L2 0.78, cosine 0.70), where comparing two recipes' costs is chance.
     checkpoint = make_checkpoint("tiny-nemotron-h", initializer_range=0.05)
     out = tmp_path_factory.mktemp("awq") / "out"
     assert main(["export", str(checkpoint), "-o", str(out), "--quantize", "int4", "--calib-random", "4", "--block-size", "32", "--dtype", "bf16"]) == 0
