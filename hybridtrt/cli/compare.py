@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else default_output(args.export_dir)
     refuse_inside_export(out, args.export_dir)
     check_output_dir(out, "-o/--output")
-    from hybridtrt.validation.polygraphy_bridge import compare_with_polygraphy, write_polygraphy_data
+    from hybridtrt.validation.polygraphy_bridge import compare_with_polygraphy, onnxrt_cannot_run, write_polygraphy_data
 
     with step("write polygraphy inputs and reference RunResults"):
         files = write_polygraphy_data(
@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         results = compare_with_polygraphy(files, trt=have_trt, plugins=args.plugins)
     tolerance = files.describe_tolerance()
     rows = [[name, tolerance, styled("PASS", "green") if v.passed else styled(f"FAIL ({len(v.failures)} comparisons, below)", "red")] for name, v in results.items()]
+    why = onnxrt_cannot_run(files.model)
+    if why:  # the graph as it is; `hybridtrt validate` runs it emulated
+        rows.insert(0, ["onnxrt", "", styled(f"skipped: {why}; `hybridtrt validate` runs it emulated", "yellow")])
     if not have_trt:
         rows.append(["trt", "", styled("skipped: TensorRT not installed", "yellow")])
     console.print(table("polygraphy: runners vs pytorch-reference", ["runner", "tolerance", "result"], rows, numeric=False))

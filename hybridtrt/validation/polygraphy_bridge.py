@@ -306,7 +306,7 @@ def compare_with_polygraphy(files: BridgeFiles, *, trt: bool = False, plugins: s
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator
 
-    runners = [OnnxrtRunner(SessionFromOnnx(str(files.model), providers=["CPUExecutionProvider"]), name="onnxrt")]
+    runners = [] if onnxrt_cannot_run(files.model) else [OnnxrtRunner(SessionFromOnnx(str(files.model), providers=["CPUExecutionProvider"]), name="onnxrt")]
     if trt:
         from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
 
@@ -324,9 +324,25 @@ def compare_with_polygraphy(files: BridgeFiles, *, trt: bool = False, plugins: s
         runners.append(TrtRunner(EngineFromNetwork(network, config=CreateConfig(profiles=[profile])), name="trt"))
     from polygraphy.logger import G_LOGGER
 
+    if not runners:
+        return {}
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         run = Comparator.run(runners, data_loader=files.feeds)
     return judge(files, run)
+
+
+def onnxrt_cannot_run(model_path: str | Path) -> str | None:
+    """Why stock ONNX Runtime's CPU provider, as ``polygraphy --onnxrt`` runs the file, cannot run
+    the graph (None when it can): it has no bf16 kernels (``Where(16)`` is the first it meets) and no
+    float4e2m1 DequantizeLinear. `hybridtrt validate` runs both, emulated (`hybridtrt.runtime.onnxruntime`)."""
+    import onnx
+
+    from hybridtrt.graphs.bf16_emulation import graph_has_bf16
+    from hybridtrt.graphs.fp4_emulation import graph_has_fp4
+
+    graph = onnx.load(str(model_path), load_external_data=False)
+    missing = [what for what, has in (("bf16", graph_has_bf16(graph)), ("float4e2m1 DequantizeLinear", graph_has_fp4(graph))) if has]
+    return f"ONNX Runtime's CPU provider has no {' or '.join(missing)} kernels" if missing else None
 
 
 def judge(files: BridgeFiles, run) -> dict[str, PolygraphyVerdict]:  # noqa: ANN001 - polygraphy RunResults

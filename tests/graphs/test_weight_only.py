@@ -314,3 +314,18 @@ def test_a_transposed_view_quantizes_like_its_copy():
         a_q, a_s = quantize_int4(stored.T, 32, TensorProto.FLOAT, pre)
         b_q, b_s = quantize_int4(np.ascontiguousarray(stored.T), 32, TensorProto.FLOAT, pre)
         assert a_q.tobytes() == b_q.tobytes() and a_s.tobytes() == b_s.tobytes()
+
+
+def test_polygraphy_onnxrt_is_skipped_with_the_reason_on_graphs_it_cannot_run(tmp_path):
+    """`hybridtrt compare` hands polygraphy's ONNX Runtime runner the file as it is: a float4e2m1
+    DequantizeLinear (or a bf16 graph) is said to be out of its reach, not run into a traceback."""
+    from hybridtrt.validation.polygraphy_bridge import onnxrt_cannot_run
+
+    fp4, plain = tmp_path / "fp4.onnx", tmp_path / "plain.onnx"
+    onnx.save(_dq_graph(TensorProto.FLOAT4E2M1, 64, 8, 16, 4), str(fp4))
+    onnx.save(_linear_graph(np.ones((64, 4), np.float32), TensorProto.FLOAT), str(plain))
+    assert "float4e2m1 DequantizeLinear" in onnxrt_cannot_run(fp4) and onnxrt_cannot_run(plain) is None
+    with pytest.raises(Exception, match="DequantizeLinear"):  # what polygraphy's runner would meet
+        import onnxruntime as ort
+
+        ort.InferenceSession(str(fp4), providers=["CPUExecutionProvider"])
