@@ -214,27 +214,8 @@ def run_awq(model: HybridLM, checkpoint_dir: str | Path | None, options: WeightO
 
     if options.awq is not None:
         return options.awq
-    tokenizer = load_tokenizer(checkpoint_dir) if (options.calib_file is not None and checkpoint_dir is not None) else None
-    config = model.config
-    batches = calibration_batches(
-        tokenizer,
-        calib_file=options.calib_file,
-        calib_random=options.calib_random,
-        vocab_size=config.vocab_size,
-        seq_len=options.seq_len,
-        batch=options.batch,
-        seed=options.seed,
-        pad_id=config.pad_token_id if config.pad_token_id is not None else 0,
-    )
+    batches, options.calibration = calibration_set(model, checkpoint_dir, options)
     options.awq = describe(awq_search(model, batches, eligible_blocks(model, options), seed=options.seed, progress=options.progress))
-    options.calibration = {
-        "source": f"file:{Path(options.calib_file).name}" if options.calib_file is not None else f"random:{options.calib_random}",
-        "hash": calibration_hash(batches),
-        "sequences": sum(int(ids.shape[0]) for ids, _ in batches),
-        "tokens": sum(int(mask.sum()) for _, mask in batches),
-        "seq_len": options.seq_len,
-        "model_dtype": str(model.dtype).removeprefix("torch."),
-    }
     return options.awq
 
 
@@ -272,15 +253,9 @@ def quantize_weights(proto: onnx.ModelProto, options: WeightOnlyOptions, quantiz
     return out
 
 
-def run_calibration(model: HybridLM, checkpoint_dir: str | Path | None, options: QuantizeOptions) -> dict[str, float]:
-    """Calibrate (once per model) and cache the result on ``options``. Returns ``{MatMul node: amax}``.
-
-    A table set by hand (``options.act_amax`` given, never calibrated here) is used as is.
-    """
-    if options.act_amax is not None and (options._calibrated_for is None or options._calibrated_for() is model):
-        return options.act_amax
-    if options.weight_scale not in ("tensor", "channel"):
-        raise QuantizationError(f"--weight-scale {options.weight_scale!r} is unknown", fix="use tensor or channel")
+def calibration_set(model: HybridLM, checkpoint_dir: str | Path | None, options: QuantizeOptions | WeightOnlyOptions) -> tuple[list, dict[str, Any]]:
+    """The calibration batches of ``options`` (``calib_file`` tokenized with the checkpoint's
+    tokenizer, or ``calib_random`` sequences) and their record for the recipe (source, hash, counts)."""
     tokenizer = load_tokenizer(checkpoint_dir) if (options.calib_file is not None and checkpoint_dir is not None) else None
     config = model.config
     batches = calibration_batches(
@@ -293,9 +268,7 @@ def run_calibration(model: HybridLM, checkpoint_dir: str | Path | None, options:
         seed=options.seed,
         pad_id=config.pad_token_id if config.pad_token_id is not None else 0,
     )
-    options.act_amax = calibrate(model, batches, progress=options.progress)
-    options._calibrated_for = weakref.ref(model)
-    options.calibration = {
+    record = {
         "source": f"file:{Path(options.calib_file).name}" if options.calib_file is not None else f"random:{options.calib_random}",
         "hash": calibration_hash(batches),
         "sequences": sum(int(ids.shape[0]) for ids, _ in batches),
@@ -303,6 +276,22 @@ def run_calibration(model: HybridLM, checkpoint_dir: str | Path | None, options:
         "seq_len": options.seq_len,
         "model_dtype": str(model.dtype).removeprefix("torch."),
     }
+    return batches, record
+
+
+def run_calibration(model: HybridLM, checkpoint_dir: str | Path | None, options: QuantizeOptions) -> dict[str, float]:
+    """Calibrate (once per model) and cache the result on ``options``. Returns ``{MatMul node: amax}``.
+
+    A table set by hand (``options.act_amax`` given, never calibrated here) is used as is.
+    """
+    if options.act_amax is not None and (options._calibrated_for is None or options._calibrated_for() is model):
+        return options.act_amax
+    if options.weight_scale not in ("tensor", "channel"):
+        raise QuantizationError(f"--weight-scale {options.weight_scale!r} is unknown", fix="use tensor or channel")
+    batches, calibration = calibration_set(model, checkpoint_dir, options)
+    options.act_amax = calibrate(model, batches, progress=options.progress)
+    options._calibrated_for = weakref.ref(model)
+    options.calibration = calibration
     return options.act_amax
 
 
@@ -351,6 +340,7 @@ def quantize_graph(
 __all__ = [
     "QuantizeOptions",
     "WeightOnlyOptions",
+    "calibration_set",
     "eligible_blocks",
     "from_checkpoint",
     "nvfp4_from_checkpoint",

@@ -450,7 +450,15 @@ def insert_fp8_qdq(
                 dropped.add(name)
         recipe.quantized.append(node.name)
 
-    # Rebuild the node list with each Q/DQ group right before its MatMul (keeps topological order).
+    splice_before_matmuls(graph, new_nodes, dropped)
+    if experts_plan:
+        _attach_used_functions(model)
+    return recipe
+
+
+def splice_before_matmuls(graph: onnx.GraphProto, new_nodes: Mapping[str, Sequence[onnx.NodeProto]], dropped: set[str]) -> None:
+    """Put each MatMul's new nodes right before it (keeps topological order) and remove the
+    initializers (and their value_info) in ``dropped``: the last step of the quantization passes."""
     ordered: list[onnx.NodeProto] = []
     for node in graph.node:
         ordered.extend(new_nodes.get(node.name, []) if node.op_type == "MatMul" else [])
@@ -464,9 +472,6 @@ def insert_fp8_qdq(
         kept_vi = [v for v in graph.value_info if v.name not in dropped]
         del graph.value_info[:]
         graph.value_info.extend(kept_vi)
-    if experts_plan:
-        _attach_used_functions(model)
-    return recipe
 
 
 def expert_input_scales(amax: list[float], tokens: list[int]) -> tuple[np.ndarray, list[int]]:

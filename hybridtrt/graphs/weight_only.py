@@ -74,6 +74,7 @@ from hybridtrt.graphs.fp8_qdq import (
     float_tensor,
     fp8_tensor,
     in_memory_quantizer,
+    splice_before_matmuls,
 )
 
 #: ``--quantize int4`` block sizes (inputs per scale); ModelOpt's INT4_AWQ uses 128.
@@ -384,19 +385,7 @@ def insert_weight_only(
         node.input[1] = out
         recipe.quantized.append(node.name)
 
-    ordered: list[onnx.NodeProto] = []
-    for node in graph.node:
-        ordered.extend(new_nodes.get(node.name, []) if node.op_type == "MatMul" else [])
-        ordered.append(node)
-    del graph.node[:]
-    graph.node.extend(ordered)
-    if dropped:
-        kept = [t for t in graph.initializer if t.name not in dropped]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-        kept_vi = [v for v in graph.value_info if v.name not in dropped]
-        del graph.value_info[:]
-        graph.value_info.extend(kept_vi)
+    splice_before_matmuls(graph, new_nodes, dropped)
     return recipe
 
 
