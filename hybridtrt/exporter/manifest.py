@@ -151,6 +151,12 @@ def layer_map(pattern: str) -> list[dict[str, Any]]:
     return [{"index": i, "kind": _KIND_NAMES[k]} for i, k in enumerate(pattern)]
 
 
+def pattern_of(layers: list[dict[str, Any]]) -> str:
+    """The block letters (``M*-E``) of a `layer_map`: its inverse."""
+    letters = {kind: letter for letter, kind in _KIND_NAMES.items()}
+    return "".join(letters[entry["kind"]] for entry in layers)
+
+
 _FIX = "re-export the model (`hybridtrt export CHECKPOINT -o DIR`) and point at DIR"
 
 

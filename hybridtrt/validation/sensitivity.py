@@ -36,7 +36,7 @@ import torch
 
 from hybridtrt.errors import InputError
 from hybridtrt.exporter.io import LOGITS
-from hybridtrt.exporter.manifest import Manifest
+from hybridtrt.exporter.manifest import Manifest, pattern_of
 from hybridtrt.graphs.fp8_qdq import FP8_E4M3_MAX, float_tensor, insert_fp8_qdq
 from hybridtrt.runtime.onnxruntime import OrtSession
 from hybridtrt.runtime.states import StatePlan
@@ -251,7 +251,7 @@ def _compare_recipe(recipe: dict[str, Any], manifest: Manifest, nodes: Sequence[
     """Measure ``recipe``'s layer table on the export's quantized nodes (`RecipeComparison`)."""
     from hybridtrt.exporter.recipes import exclusions
 
-    pattern = "".join({"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}[entry["kind"]] for entry in manifest.layers)
+    pattern = pattern_of(manifest.layers)
     rules = [re.compile(p) for p in exclusions(recipe, pattern)]
     kept = [n for n in nodes if any(rx.search(n) for rx in rules)]
     sizes = {n.name: int(np.prod(graphs.weight_dims(n))) for n in graphs.base.graph.node if n.name in nodes}
