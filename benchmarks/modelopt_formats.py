@@ -7,8 +7,9 @@ CPU (``mtq.FP8_DEFAULT_CFG`` / ``mtq.NVFP4_DEFAULT_CFG``, max calibration on ran
 
 - the BF16 checkpoint;
 - the FP8 checkpoint as it is (its layers, scales and FP8 bytes);
-- the NVFP4 checkpoint as it is (4-bit weights, W4A16) and with ``--dequantize`` (bf16 weights, exactly
-  ModelOpt's dequantization);
+- the NVFP4 checkpoint as it is (4-bit weights, W4A16), with ``--fp4-activations`` (W4A4: its activations
+  quantized per call with its input scales, as TensorRT would on Blackwell) and with ``--dequantize`` (bf16
+  weights, exactly ModelOpt's dequantization);
 - the BF16 checkpoint with our own 4-bit weights: ``--quantize int4`` round to nearest (blocks of 128) and
   AWQ (``--calib-random 8``, blocks of 128 and 32).
 
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace, work: Path, drift: dict[tuple[str, str], dict[
             checkpoints[f"{fmt} as it is"] = (out, {}, None)
             if fmt == "NVFP4":
                 checkpoints["NVFP4 `--dequantize`"] = (out, {"dequantize": True}, None)
+                checkpoints["NVFP4 W4A4 `--fp4-activations`"] = (out, {"fp4_activations": True}, None)
         for label, (block, calibrated) in INT4.items():
             checkpoints[label] = (bf16, {}, WeightOnlyOptions("int4", block_size=block, calib_random=8 if calibrated else None))
         for fmt, (ckpt, extra, weights) in checkpoints.items():

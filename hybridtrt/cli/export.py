@@ -33,6 +33,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the written graphs")
     p.add_argument("--force", action="store_true", help="export into a non-empty directory that is not a hybridtrt export, or into the checkpoint directory")
     p.add_argument("--dequantize", action="store_true", help="a quantized (ModelOpt FP8/NVFP4) checkpoint: export its weights dequantized to --dtype, no Q/DQ")
+    p.add_argument(
+        "--dequantize-experts",
+        action="store_true",
+        help="an NVFP4 MoE checkpoint: routed experts in --dtype (TensorRT builds them without a MoE plugin; default: 4-bit MoeExpertsNvfp4)",
+    )
+    p.add_argument(
+        "--fp4-activations",
+        action="store_true",
+        help="an NVFP4 checkpoint: FP4 activations too (W4A4, TRT_FP4DynamicQuantize with its input scales); Blackwell GPUs only (default: W4A16, any GPU)",
+    )
     q = p.add_argument_group("quantization (README: FP8, 4-bit weights)")
     q.add_argument(
         "--quantize",
@@ -70,8 +80,11 @@ def _weight_only_summary(recipe: dict) -> str:
     source = recipe.get("source", "")
     experts = sum(node.endswith("/MoeExperts") for node in recipe.get("excluded", {}))
     kept = f"; the routed experts of {experts} MoE layers stay unquantized (dequantized)" if experts else ""
+    four_bit = sum(node.endswith("/MoeExpertsNvfp4") for node in recipe.get("quantized", []))
+    kept += f"; the routed experts of {four_bit} MoE layers as 4-bit MoeExpertsNvfp4 (TensorRT: needs a MoE plugin)" if four_bit else ""
     if source.startswith("checkpoint: "):
-        return f"{recipe['scheme']} W4A16 ({recipe['format']}), the checkpoint's own scales: {source.removeprefix('checkpoint: ')}{kept}"
+        form = "W4A4 (FP4 activations: Blackwell only)" if recipe.get("activations") else "W4A16"
+        return f"{recipe['scheme']} {form} ({recipe['format']}), the checkpoint's own scales: {source.removeprefix('checkpoint: ')}{kept}"
     other = recipe.get("blocks", {})
     blocks = f"blocks of {recipe['block_size']}" + (f" ({len(other)} layer(s) smaller: {', '.join(sorted({str(b) for b in other.values()}))})" if other else "")
     how = "AWQ" if recipe.get("awq") else "round to nearest"
@@ -175,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
         kv_cache=args.kv_cache or "dynamic",
         max_cache_len=args.max_cache_len,
         dequantize=args.dequantize,
+        fp4_activations=args.fp4_activations,
+        dequantize_experts=args.dequantize_experts,
     )
     quant = weights = None
     recorded = None

@@ -22,6 +22,7 @@ def _export_rows(path: Path, level: str) -> tuple[object, list[list[str]], list[
 
     from hybridtrt.cli.common import human_bytes
     from hybridtrt.exporter.manifest import check_export, read_manifest
+    from hybridtrt.ops.onnx_functions import DOMAIN
 
     m = read_manifest(path, integrity=None)
     report = check_export(path, m, level=level)
@@ -31,9 +32,10 @@ def _export_rows(path: Path, level: str) -> tuple[object, list[list[str]], list[
         proto = onnx.load(str(path / g.file), load_external_data=False)
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
         custom = Counter(f"{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx"))
+        ours = Counter(n.op_type for n in proto.graph.node if n.domain == DOMAIN)  # the manifest counts hybridtrt's (not TensorRT's trt ops)
         dtypes = Counter(onnx.TensorProto.DataType.Name(i.data_type).lower() for i in proto.graph.initializer)
         found = ", ".join(f"{k}×{v}" for k, v in sorted(custom.items())) or "none"
-        if dict(custom) != dict(g.custom_ops) or opset != m.opset:
+        if dict(ours) != dict(g.custom_ops) or opset != m.opset:
             found += f" (manifest: {g.custom_ops}, opset {m.opset})"
         graphs.append([f"{role} ({g.file})", f"opset {opset}", found, ", ".join(f"{k} {v}" for k, v in dtypes.most_common(3))])
     return m, files, graphs

@@ -52,6 +52,7 @@ from hybridtrt.engine.trt_rules import (
     PLUGIN_NAMESPACE_WINS,
     PRESENT,
     REGISTERED_PLUGIN_WINS,
+    TENSORRT_OPS,
     TRT_TYPE_NAMES,
     AttributeRule,
     NativeOp,
@@ -250,6 +251,9 @@ class _Emulator:
         self.zeros = {t.name: _all_zeros(t) for t in model.graph.initializer}
         self.graph_scope.opsets = {o.domain: o.version for o in model.opset_import}
         self.facts = GraphFacts.of(model, inferred) if inferred is not None else None
+        #: The graph inputs' symbolic dims (batch, sequence, past): dynamic at build time. Other symbols in
+        #: inferred shapes are where ONNX shape inference gave up, not dims TensorRT would find dynamic.
+        self.dynamic_dims = {d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
         self._refusals: dict[tuple[str, str], list[str]] = {}  # (scope, refusal) -> node names
         self._fixes: dict[tuple[str, str], str] = {}
 
@@ -272,6 +276,11 @@ class _Emulator:
             return PLUGIN, plugin_detail
         if builtin:
             return BUILTIN, ""
+        trt_op = TENSORRT_OPS.get(node.op_type)  # TensorRT's own ops: a builtin importer, before any local function
+        if trt_op is not None:
+            if self.version < trt_op.since:
+                return UNSUPPORTED, f"{trt_op.op_type} needs TensorRT >= {fmt(trt_op.since)} ({trt_op.sources[0]})"
+            return NATIVE, trt_op.layer
         if has_function:
             if rule == REGISTERED_PLUGIN_WINS and in_registry:
                 return PLUGIN, plugin_detail
@@ -314,6 +323,8 @@ class _Emulator:
                 return
             if native is not None and importer == BUILTIN:
                 importer, detail = self.native(native, node, name)
+        elif importer == NATIVE:  # one of TensorRT's own ops (TENSORRT_OPS)
+            self.check_tensorrt_op(node, name, values)
         elif importer == BUILTIN:
             report.problems.append(
                 f"node {name!r} ({op}): its op_type {node.op_type!r} is also a standard ONNX op, and TensorRT's parser "
@@ -416,6 +427,42 @@ class _Emulator:
         elif data[axis] % max(scale[axis], 1) or data[axis] // max(scale[axis], 1) != block:
             self.refuse(where, name, f"{data[axis]} values in {scale[axis]} blocks of {block}: TensorRT's parser infers the block from the shapes and refuses a partial one "
                         "(onnxOpImporters.cpp: \"Inferred block size is not an integer.\")", fix="re-export with a block size that divides the dimension")  # fmt: skip
+
+    def check_tensorrt_op(self, node: onnx.NodeProto, name: str, values: _Scope) -> None:
+        """`TENSORRT_OPS`: the importer's and the layer's refusals of one of TensorRT's own ops."""
+        rule = TENSORRT_OPS[node.op_type]
+        attrs = _attrs(node)
+        where = values.name
+        note = f"{rule.op_type}: {rule.hardware}"
+        if note not in self.report.notes:
+            self.report.notes.append(note)
+        block = attrs.get("block_size")
+        if block not in rule.block_sizes:
+            self.refuse(where, name, f"{rule.op_type} with block_size {block!r}: its importer takes {' or '.join(map(str, rule.block_sizes))} ({rule.sources[1]})")
+        scale_type = _type_name(int(attrs["scale_type"])) if "scale_type" in attrs else None  # type: ignore[arg-type]
+        if scale_type is not None and not any(TRT_TYPE_NAMES.get(t, t) == scale_type for t in rule.scale_types):
+            self.refuse(where, name, f"{rule.op_type} with scale_type {scale_type}: its importer takes {', '.join(rule.scale_types)} ({rule.sources[1]})")
+        scale = node.input[1] if len(node.input) > 1 else ""
+        if not scale or scale not in values.constants:
+            self.refuse(where, name, f"{rule.op_type}'s scale (input 1) must be an initializer ({rule.sources[1]}: \"Scale input must be an initializer.\")")
+        elif scale in self.shapes and math.prod(self.shapes[scale]) != 1:
+            self.refuse(where, name, f"{rule.op_type}'s scale has shape {list(self.shapes[scale])}: its importer takes one value (\"Scale input must be a scalar.\")")
+        kind = _type_name(values.types.get(node.input[0], 0)) if values.types.get(node.input[0], 0) else ""
+        if kind and kind not in rule.input_types:
+            self.refuse(where, name, f"{rule.op_type} on {kind}: the layer takes {', '.join(rule.input_types)} ({rule.sources[2]})")
+        shape = self.facts.shapes.get(node.input[0]) if self.facts is not None and where == "graph" else None
+        if shape is None:
+            return
+        if len(shape) not in rule.ranks:
+            self.refuse(where, name, f"{rule.op_type} on a rank-{len(shape)} input: the layer takes rank {' or '.join(map(str, rule.ranks))} ({rule.sources[2]})")
+            return
+        axis = int(attrs.get("axis", 1)) % len(shape)  # type: ignore[arg-type]
+        if axis < len(shape) - 2:
+            self.refuse(where, name, f"{rule.op_type} blocking axis {axis} of a rank-{len(shape)} input: the layer blocks the last or second to last ({rule.sources[2]})")
+        elif shape[axis] in self.dynamic_dims:
+            self.refuse(where, name, f"{rule.op_type} blocking a dynamic axis ({shape[axis]!r}): the layer needs its extent at build time ({rule.sources[2]})")
+        elif isinstance(shape[axis], int) and isinstance(block, int) and block > 0 and shape[axis] % block:
+            self.refuse(where, name, f"{rule.op_type} blocking {shape[axis]} values in blocks of {block}: the extent must be a multiple of the block ({rule.sources[2]})")
 
     @staticmethod
     def _refuses(rule: AttributeRule, value: object) -> bool:

@@ -48,6 +48,8 @@ Sources, checked for this table (onnx/onnx-tensorrt and NVIDIA/TensorRT, both pu
   precision" — ``Cast`` lists FP32, FP16, BF16, INT32, INT64, UINT8, BOOL, so a float8 Cast is refused (the
   importer: "Ignore "saturate" attribute as TRT will reject casts to FP8"); FP8 goes through Q/DQ only. The
   rows are applied to every release (the newest published data).
+- TensorRT's own ops (``TENSORRT_OPS``, domain ``trt`` as ModelOpt writes them): ``onnxOpImporters.cpp``
+  (``DEFINE_BUILTIN_OP_IMPORTER(TRT_FP4DynamicQuantize)``), NvInfer.h ``addDynamicQuantize`` (TensorRT 11.1).
 - Attention: operators.md (10.15) and changelog 10.14 "Added support for the Attention operator";
   TensorScatter: changelog 10.15, operators.md "past_cache and update must be 4D, axis must be -2"; the
   layers: ``INetworkDefinition::addAttention`` / ``addKVCacheUpdate`` (NvInfer.h, TensorRT 11.1), the latter
@@ -293,8 +295,64 @@ DEQUANTIZE_RULES: dict[str, DequantizeRule] = {
     )
 }  # fmt: skip
 
+@dataclass(frozen=True)
+class TensorRTOp:
+    """One of TensorRT's own ONNX ops (ModelOpt writes them in domain ``trt``), which the parser builds
+    with a builtin importer (keyed by op_type, whatever the domain), never from a function body.
+
+    Attributes:
+        op_type: The node's op_type.
+        layer: The TensorRT layer it becomes.
+        since: First TensorRT this table lets build it.
+        block_sizes: The ``block_size`` attribute values the importer takes.
+        scale_types: The ``scale_type`` attribute values (ONNX element type names) it takes.
+        input_types: The element types of input 0 the layer takes (TensorRT names).
+        ranks: The ranks of input 0 the layer takes; the blocked axis is one of the last two.
+        hardware: What GPUs run what it feeds.
+        sources: Where each fact is read.
+    """
+
+    op_type: str
+    layer: str
+    since: Version
+    block_sizes: tuple[int, ...]
+    scale_types: tuple[str, ...]
+    input_types: tuple[str, ...]
+    ranks: tuple[int, ...]
+    hardware: str
+    sources: tuple[str, ...]
+
+
+#: FP4 activations (`hybridtrt.graphs.fp4_activations`). The importer (onnx-tensorrt ``onnxOpImporters.cpp``,
+#: ``DEFINE_BUILTIN_OP_IMPORTER(TRT_FP4DynamicQuantize)``): ``block_size`` must be 16 ("Only block_size == 16
+#: is supported for now."), ``scale_type`` must be FP8 ("scale_type must be FP8."), input 1 must be an
+#: initializer ("Scale input must be an initializer.") holding one value ("Scale input must be a scalar.");
+#: ``axis`` defaults to 1. The layer (NvInfer.h ``addDynamicQuantize``, TensorRT 11.1): input FLOAT, HALF or
+#: BF16, "Currently only 2D and 3D inputs are supported", the axis "must be the last or second to last
+#: dimension", its extent constant and a multiple of the block. Its outputs feed the blocked FP4
+#: ``DequantizeLinear`` of `DEQUANTIZE_RULES` (whose scale then has the input's rank, 3 for ``[B, T, K]``:
+#: what ModelOpt exports for LLM activations, so the "rank lower or equal to 2" of IDequantizeLayer is
+#: read as the constant-weights case).
+TENSORRT_OPS: dict[str, TensorRTOp] = {
+    op.op_type: op
+    for op in (
+        TensorRTOp(
+            "TRT_FP4DynamicQuantize", "IDynamicQuantizeLayer", (10, 11), (16,), ("FLOAT8E4M3FN",), ("FP32", "FP16", "BF16"), (2, 3),
+            "Blackwell (SM100+) only: FP4 activations feed FP4 tensor-core GEMMs (ModelOpt examples/torch_onnx/README.md: "
+            "\"NVFP4 requires a Blackwell GPU (SM100+) and TensorRT 10.11 or later\"); an engine with them is not built for Hopper",
+            ("ModelOpt examples/torch_onnx/README.md: \"TensorRT 10.11 or later is required to evaluate the MXFP8 or NVFP4 ONNX models\" "
+             "(CHANGELOG.md 10.8 brought FLOAT4E2M1 to the parser)",
+             "onnxOpImporters.cpp DEFINE_BUILTIN_OP_IMPORTER(TRT_FP4DynamicQuantize)",
+             "NvInfer.h addDynamicQuantize: 2D and 3D inputs of FLOAT/HALF/BF16, blocked on the last or second to last axis"),
+        ),
+    )
+}  # fmt: skip
+
 #: Custom ops without a TensorRT plugin whose function body holds what TensorRT refuses: the fix to print.
 BODY_FIXES: dict[str, str] = {
+    "MoeExpertsNvfp4": "NVFP4 routed experts have no TensorRT plugin yet (issue 26) and their function body casts FP8 block "
+    "scales and unpacks 4-bit codes, which TensorRT does not build: re-export with --dequantize-experts (routed experts in "
+    "--dtype, the rest 4-bit) to build it with TensorRT; the 4-bit experts run on ONNX Runtime today",
     "MoeExpertsFp8": "FP8 MoE experts have no TensorRT plugin yet and their function body casts to/from float8, which "
     "TensorRT takes only through Q/DQ: export the MoE checkpoint without --quantize fp8 (bf16 experts) to build it "
     "with TensorRT; FP8 MoE runs on ONNX Runtime today",

@@ -169,7 +169,7 @@ def awq_search(
     try:
         def run(index: int, ids: Tensor, mask: Tensor) -> None:
             local.index, local.mask = index, mask.reshape(-1) != 0
-            model(ids, mask, logits="last")
+            model(ids, mask, logits="last", keep_states=False)
 
         weights = getattr(model, "weights", None)
         if isinstance(weights, LazyWeights):

@@ -137,7 +137,7 @@ def calibrate(
 
         def run(ids: Tensor, mask: Tensor) -> None:
             real.mask = mask.reshape(-1) != 0
-            model(ids, mask, logits="last")
+            model(ids, mask, logits="last", keep_states=False)  # activations only: no layer's states outlive it
 
         if isinstance(weights, LazyWeights):
             weights.lockstep([lambda ids=ids, mask=mask: run(ids, mask) for ids, mask in batches], progress)

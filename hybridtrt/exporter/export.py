@@ -107,6 +107,11 @@ class ExportOptions:
         dequantize: Export a quantized (ModelOpt) checkpoint's weights dequantized to ``dtype``, as
             ModelOpt dequantizes them, with no Q/DQ: the way to deploy an NVFP4 checkpoint today, at
             ``dtype``'s size.
+        fp4_activations: An NVFP4 checkpoint's linear layers with FP4 activations too (W4A4, a
+            Blackwell target: `hybridtrt.graphs.fp4_activations`), quantized per call with the
+            checkpoint's ``input_scale``.
+        dequantize_experts: An NVFP4 checkpoint's routed experts in ``dtype`` (dequantized as ModelOpt
+            does) instead of 4-bit ``MoeExpertsNvfp4``: what TensorRT builds without a MoE plugin.
     """
 
     dtype: str = "fp32"
@@ -122,6 +127,8 @@ class ExportOptions:
     kv_cache: str = "dynamic"
     max_cache_len: int | None = None
     dequantize: bool = False
+    fp4_activations: bool = False
+    dequantize_experts: bool = False
 
 
 @dataclass(frozen=True)
@@ -345,13 +352,32 @@ def check_options(opts: ExportOptions, quantize: QuantizeOptions | None) -> int:
 
 
 def _checkpoint_quantization(
-    checkpoint: Checkpoint, quantize: QuantizeOptions | None, weight_only: WeightOnlyOptions | None, dequantize: bool
+    checkpoint: Checkpoint,
+    quantize: QuantizeOptions | None,
+    weight_only: WeightOnlyOptions | None,
+    dequantize: bool,
+    fp4_activations: bool = False,
+    dequantize_experts: bool = False,
 ) -> tuple[QuantizeOptions | None, WeightOnlyOptions | None]:
     """A ModelOpt FP8 checkpoint is exported with its own scales (`hybridtrt.exporter.quantize.
-    from_checkpoint`), an NVFP4 one as 4-bit weights with its own scales (`nvfp4_from_checkpoint`),
-    or, with ``dequantize``, any ModelOpt checkpoint with its weights dequantized (and ``quantize`` /
-    ``weight_only``, our own, if asked for)."""
+    from_checkpoint`), an NVFP4 one as 4-bit weights with its own scales (`nvfp4_from_checkpoint`;
+    with ``fp4_activations``, FP4 activations too), or, with ``dequantize``, any ModelOpt checkpoint
+    with its weights dequantized (and ``quantize`` / ``weight_only``, our own, if asked for)."""
     quantization = checkpoint.quantization
+    if dequantize_experts and (quantization is None or quantization.algo != "NVFP4" or dequantize):
+        raise ExportError(
+            "--dequantize-experts keeps an NVFP4 checkpoint's routed experts in --dtype; "
+            + ("--dequantize dequantizes every weight already" if dequantize and quantization is not None else
+               f"{checkpoint.root} is " + (f"a ModelOpt {quantization.algo} checkpoint" if quantization is not None else "not quantized")),
+            fix="drop --dequantize-experts",
+        )  # fmt: skip
+    if fp4_activations and (quantization is None or quantization.algo != "NVFP4" or dequantize):
+        what = "--dequantize exports no 4-bit weights" if dequantize and quantization is not None else (
+            f"{checkpoint.root} is " + (f"a ModelOpt {quantization.algo} checkpoint" if quantization is not None else "not quantized"))
+        raise ExportError(
+            f"--fp4-activations pairs FP4 activations with an NVFP4 checkpoint's own FP4 weights and input scales; {what}",
+            fix="export a ModelOpt NVFP4 checkpoint (without --dequantize), or drop --fp4-activations",
+        )
     if quantization is None:
         if dequantize:
             raise ExportError(f"--dequantize: {checkpoint.root} is not a quantized checkpoint", fix="drop --dequantize")
@@ -367,7 +393,7 @@ def _checkpoint_quantization(
     from hybridtrt.exporter.quantize import from_checkpoint, nvfp4_from_checkpoint
 
     if quantization.algo == "NVFP4":
-        return None, nvfp4_from_checkpoint(checkpoint)
+        return None, nvfp4_from_checkpoint(checkpoint, fp4_activations=fp4_activations, dequantize_experts=dequantize_experts)
     return from_checkpoint(checkpoint), None
 
 
@@ -405,7 +431,7 @@ def export(
         checkpoint = open_checkpoint(checkpoint_dir, opts.dtype)
     if quantize is not None and weight_only is not None:
         raise ExportError("FP8 Q/DQ and 4-bit weights are two different recipes", fix="pass one --quantize")
-    quantize, weight_only = _checkpoint_quantization(checkpoint, quantize, weight_only, opts.dequantize)
+    quantize, weight_only = _checkpoint_quantization(checkpoint, quantize, weight_only, opts.dequantize, opts.fp4_activations, opts.dequantize_experts)
     config = checkpoint.config
     roles = [("unified", MODEL_FILE, WEIGHTS_FILE, False)]
     split = MAMBA in config.layer_types if opts.split is None else opts.split

@@ -251,7 +251,7 @@ def set_dither(model: nn.Module, amount: float | None, seed: int = 0) -> None:
     """Dither the activations of an emulated model's quantizers by ``amount`` (None: exact), one
     seeded generator for the whole model."""
     dither = None if amount is None else Dither(amount, seed)
-    for module in getattr(model, "_fp8_patched", []):
+    for module in [*getattr(model, "_fp8_patched", []), *getattr(model, "_fp4_activation_patched", [])]:
         module._fp8_dither = dither
 
 
@@ -273,8 +273,8 @@ def as_exported(model: nn.Module, manifest: Any, *, dynamic: bool = False, dithe
     if recipe:
         emulate_fp8(model, recipe, parse_dtype(manifest.dtype), dynamic=dynamic, dither=dither)
     weights = getattr(manifest, "weight_only", None)
-    if weights:  # the 4-bit weights' reference
+    if weights:  # the 4-bit weights' reference (and FP4 activations, dithered like FP8's)
         from hybridtrt.exporter.weight_only_reference import emulate_weight_only
 
-        emulate_weight_only(model, weights, parse_dtype(manifest.dtype))
+        emulate_weight_only(model, weights, parse_dtype(manifest.dtype), dither=dither)
     return model

@@ -34,7 +34,7 @@ import torch
 from hybridtrt.errors import QuantizationError
 from hybridtrt.exporter.calibration import calibrate, calibration_batches, calibration_hash, matmul_node_name, moe_node_name
 from hybridtrt.graphs.fp8_qdq import LM_HEAD_NODE, ExpertScales, WeightQuantizer, insert_fp8_qdq
-from hybridtrt.graphs.weight_only import DEFAULT_BLOCK, NVFP4_BLOCK, NVFP4Scales, insert_weight_only
+from hybridtrt.graphs.weight_only import DEFAULT_BLOCK, NVFP4_BLOCK, NVFP4ExpertScales, NVFP4Scales, insert_weight_only
 from hybridtrt.models.loading import Checkpoint
 from hybridtrt.models.model import HybridLM
 from hybridtrt.models.tokenizer import load_tokenizer
@@ -125,7 +125,8 @@ class WeightOnlyOptions:
         scheme: ``"int4"`` (``--quantize int4``: our own scales) or ``"nvfp4"`` (an NVFP4 checkpoint's).
         block_size: INT4 inputs per scale (``--block-size``).
         exclude: Regexes on MatMul node names to keep in the model dtype.
-        fixed: NVFP4: ``{MatMul node: NVFP4Scales}`` read from the checkpoint (`nvfp4_from_checkpoint`).
+        fixed: NVFP4: ``{MatMul node: NVFP4Scales}`` and ``{MoeExperts node: NVFP4ExpertScales}`` read from
+            the checkpoint (`nvfp4_from_checkpoint`).
         source: What the scales come from (`hybridtrt.graphs.weight_only.WeightOnlyRecipe.source`).
         kept: ``{MatMul node: why}`` of layers the checkpoint quantizes and the export keeps in the
             model dtype (their dequantized weights).
@@ -135,12 +136,14 @@ class WeightOnlyOptions:
         awq: The AWQ search's results (`run_awq`), reused by every graph of the export.
         calibration: Record of the calibration set, filled with ``awq``.
         recipe: The ``--recipe`` the exclusions came from, recorded in the recipe dict.
+        fp4_activations: NVFP4: FP4 activations too (W4A4, `hybridtrt.graphs.fp4_activations`).
+        input_scales: NVFP4: ``{MatMul node: the checkpoint's input_scale}`` (amax / (6 · 448)).
     """
 
     scheme: str = "int4"
     block_size: int = DEFAULT_BLOCK
     exclude: list[str] = field(default_factory=list)
-    fixed: dict[str, NVFP4Scales] | None = field(default=None, repr=False, compare=False)
+    fixed: dict[str, NVFP4Scales | NVFP4ExpertScales] | None = field(default=None, repr=False, compare=False)
     source: str | None = None
     kept: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     calib_file: str | None = None
@@ -152,6 +155,8 @@ class WeightOnlyOptions:
     awq: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     calibration: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     recipe: dict[str, Any] | None = None
+    fp4_activations: bool = False
+    input_scales: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def calibrated(self) -> bool:
@@ -159,9 +164,12 @@ class WeightOnlyOptions:
         return self.calib_file is not None or self.calib_random is not None
 
 
-def nvfp4_from_checkpoint(checkpoint: Checkpoint) -> WeightOnlyOptions:
-    """The W4A16 recipe of a ModelOpt NVFP4 checkpoint, as written: its layers, block scales (read
-    when each weight is written) and global scales (`hybridtrt.models.modelopt`)."""
+def nvfp4_from_checkpoint(checkpoint: Checkpoint, *, fp4_activations: bool = False, dequantize_experts: bool = False) -> WeightOnlyOptions:
+    """The W4A16 recipe of a ModelOpt NVFP4 checkpoint, as written: its layers and routed experts,
+    block scales (read when each weight is written), global scales and input scales
+    (`hybridtrt.models.modelopt`); with ``fp4_activations``, W4A4 (the input scales quantize the
+    activations); with ``dequantize_experts``, the routed experts in the model dtype (each dequantized
+    as ModelOpt does), which TensorRT builds without a MoE plugin."""
     quantization = checkpoint.quantization
     if quantization is None or quantization.algo != "NVFP4":
         raise QuantizationError("the checkpoint has no NVFP4 scales of its own", fix="export with --quantize int4")
@@ -171,23 +179,44 @@ def nvfp4_from_checkpoint(checkpoint: Checkpoint) -> WeightOnlyOptions:
         """A tensor's bytes as stored (U8 codes, F8_E4M3 scales)."""
         return index.read(tensor).view(torch.uint8).numpy()
 
-    fixed: dict[str, NVFP4Scales] = {}
+    def scales(tensor: str) -> NVFP4Scales:
+        w = quantization.weights[tensor.removesuffix(".weight")]
+        return NVFP4Scales(w.weight_scale, float(index.read(w.weight_scale_2).float()), read_stored, w.weight)
+
+    fixed: dict[str, NVFP4Scales | NVFP4ExpertScales] = {}
+    input_scales: dict[str, float] = {}
     kept: dict[str, str] = {}
+    experts: dict[str, dict[str, tuple[NVFP4Scales, ...]]] = {}
     for name, source in checkpoint.parameters.items():
         if source.parts and all(p.removesuffix(".weight") in quantization.weights for p in source.parts):
-            module = name.rsplit(".", 1)[0]  # layers.1.mixer.experts
-            kept[moe_node_name(module)] = (
-                "routed experts: NVFP4 in the checkpoint, kept in the model dtype (each expert dequantized as ModelOpt does); "
-                "4-bit routed experts need the MoE plugin (issue 26)"
-            )
+            module, proj = name.rsplit(".", 1)  # layers.1.mixer.experts, up_proj
+            if dequantize_experts:
+                kept[moe_node_name(module)] = (
+                    "routed experts: NVFP4 in the checkpoint, kept in the model dtype by --dequantize-experts (each expert "
+                    "dequantized as ModelOpt does): TensorRT builds them without a MoE plugin"
+                )
+            else:
+                experts.setdefault(module, {})[proj.removesuffix("_proj")] = tuple(scales(p) for p in source.parts)
         if source.quantized is None:
             continue
         if name == "lm_head.weight":
             kept[LM_HEAD_NODE] = "lm_head: NVFP4 in the checkpoint, kept in the model dtype (its dequantized weights)"
             continue
         w = quantization.weights[source.tensor.removesuffix(".weight")]
-        fixed[matmul_node_name(name.removesuffix(".weight"))] = NVFP4Scales(w.weight_scale, float(index.read(w.weight_scale_2).float()), read_stored, w.weight)
-    return WeightOnlyOptions(scheme="nvfp4", block_size=NVFP4_BLOCK, fixed=fixed, source="checkpoint: " + quantization.describe(), kept=kept)
+        node = matmul_node_name(name.removesuffix(".weight"))
+        fixed[node] = scales(source.tensor)
+        input_scales[node] = float(index.read(w.input_scale).float())
+    for module, by_proj in experts.items():  # the routed experts as they are (MoeExpertsNvfp4)
+        fixed[moe_node_name(module)] = NVFP4ExpertScales(up=by_proj["up"], down=by_proj["down"])
+    return WeightOnlyOptions(
+        scheme="nvfp4",
+        block_size=NVFP4_BLOCK,
+        fixed=fixed,
+        source="checkpoint: " + quantization.describe(),
+        kept=kept,
+        fp4_activations=fp4_activations,
+        input_scales=input_scales,
+    )
 
 
 def eligible_blocks(model: HybridLM, options: WeightOnlyOptions) -> dict[str, int]:
@@ -243,6 +272,12 @@ def quantize_weights(proto: onnx.ModelProto, options: WeightOnlyOptions, quantiz
         pre_scales=pre_scales,
     )
     recipe.excluded.update(options.kept)  # the checkpoint's 4-bit layers the export keeps in the model dtype
+    if options.fp4_activations:
+        from hybridtrt.graphs.fp4_activations import activations_recipe, insert_fp4_activations
+
+        scales = {node: options.input_scales[node] for node in recipe.quantized if node in options.input_scales}  # linears; routed experts stay W4A16
+        insert_fp4_activations(proto, scales)
+        recipe.activations = activations_recipe(scales)
     out = recipe.to_dict()
     if pre_scales is not None:
         used = set(recipe.quantized)

@@ -251,15 +251,22 @@ class DeferredTable:
             recipe = self.recipe(w)
             if not isinstance(recipe, Deferred):
                 raise RuntimeError(f"{w.name} is already quantized ({recipe})")
+            dims = list(w.dims)
             if per_expert(recipe, self.checkpoint):  # one expert at a time, never the whole stack
-                scale = np.concatenate([quantize(_numpy(expert), first=e)[1] for e, expert in enumerate(recipe.rows(self.checkpoint))])
-                elem_type = onnx.TensorProto.FLOAT8E4M3FN
+                scales = []
+                for e, expert in enumerate(recipe.rows(self.checkpoint)):
+                    w_q, s = quantize(_numpy(expert), first=e)
+                    scales.append(s)
+                    elem_type, dims = onnx_type(w_q.dtype), [len(scales), *w_q.shape[1:]]  # FP8 [E, out, in]; NVFP4 codes [E, out, in/2]
+                    del w_q
+                dims[0] = len(scales)
+                scale = np.concatenate(scales)
             else:
                 w_q, scale = quantize(_numpy(recipe.strided(self.checkpoint)))
                 elem_type = onnx_type(w_q.dtype)
                 del w_q
             key = self.key(DeferredFP8(recipe, quantize))
-            return deferred_tensor(fp8_name, elem_type, w.dims, key), scale
+            return deferred_tensor(fp8_name, elem_type, dims, key), scale
 
         return quantizer
 

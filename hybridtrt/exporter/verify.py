@@ -53,7 +53,7 @@ from hybridtrt.graphs.held_routing import ROUTED_EXPERTS, held_feeds, hold_routi
 from hybridtrt.models.loading import parse_dtype
 from hybridtrt.judge.metrics import compare
 from hybridtrt.judge.routing import RoutingTally, flips, judge_tallies, routing_gate
-from hybridtrt.judge.tolerances import gate
+from hybridtrt.judge.tolerances import gate, precision_of
 from hybridtrt.models.config import MOE
 from hybridtrt.models.model import HybridLM
 from hybridtrt.models.moe import RoutingHold, held_routing
@@ -172,14 +172,17 @@ class _Judge:
 
     def __init__(self, manifest: Manifest) -> None:
         self.fp8 = bool(manifest.quantization)
+        fp4_activations = bool((manifest.weight_only or {}).get("activations"))
+        #: Quantized activations (FP8, or FP4 for W4A4): an fp32 export's yardstick is the dithered run.
+        self.dithered = self.fp8 or fp4_activations
         self.moe = any(entry.get("kind") == "moe" for entry in manifest.layers)
-        self.precision = "fp8" if self.fp8 else manifest.dtype
-        four_bit = f"{manifest.weight_only['scheme']} weights' " if manifest.weight_only else ""
+        self.precision = precision_of(manifest)
+        four_bit = (f"{manifest.weight_only['scheme']} W4A4 " if fp4_activations else f"{manifest.weight_only['scheme']} weights' ") if manifest.weight_only else ""
         self.truth = "FP8 reference (fp32)" if self.fp8 else f"{four_bit}fp32 reference"
         if manifest.dtype != "fp32":
             self.yardstick: str | None = f"{'FP8 ' if self.fp8 else four_bit}{manifest.dtype} reference"
         else:
-            self.yardstick = "FP8 fp32 reference, dithered (2^-16 before each quantizer)" if self.fp8 else None
+            self.yardstick = f"{'FP8 ' if self.fp8 else four_bit}fp32 reference, dithered (2^-16 before each quantizer)" if self.dithered else None
         # A half-precision SSM state is rounded on both sides (one fp16 ulp is 1e-3 relative): the
         # SSM states are gated at the coarser of the model and the state dtype.
         coarser = max((self.precision, manifest.state_dtype), key=lambda p: gate(p, "state").max_rel_l2 or 0.0)
@@ -337,7 +340,7 @@ def _verify(export_dir: Path, model: HybridLM, manifest: Manifest, truth: Hybrid
         if same:
             expected = mine = run(model, truth_hold, inputs, manifest.dtype, decode)
             yard, yard_hold = None, None
-            if judge.fp8:  # an fp32 FP8 export: the dithered run is the yardstick (fp8_reference.Dither)
+            if judge.dithered:  # an fp32 FP8 / W4A4 export: the dithered run is the yardstick (fp8_reference.Dither)
                 yard_hold = RoutingHold(truth_hold.all_ids())
                 set_dither(model, FP32_DITHER)
                 yard = mine = run(model, yard_hold, inputs, manifest.dtype, decode)

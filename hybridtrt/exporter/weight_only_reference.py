@@ -15,7 +15,14 @@ never from the export's files, after the standards the export is written in:
   in x's dtype, as the graph's ``Mul``), the weight ``w / p`` (fp32) through the same INT4.
 - NVFP4 from a checkpoint: the loader's weights are ModelOpt's own dequantization already
   (`hybridtrt.models.modelopt`, checked against ModelOpt's hashes), which the export's chained
-  ``DequantizeLinear`` computes step for step; nothing changes.
+  ``DequantizeLinear`` (and ``MoeExpertsNvfp4``'s body, for routed experts) computes step for step;
+  nothing changes.
+- NVFP4 with FP4 activations (``"activations"`` in the recipe, `hybridtrt.graphs.fp4_activations`):
+  each such linear's input goes through `fp4_activation` with the recorded ``input_scale``, then back
+  to x's dtype, as the graph's ``Cast``. `fp4_activation` is written from ModelOpt's fake quantization
+  (``nvfp4_quant.py``: the block scale through float8e4m3fn, E2M1 by its decision thresholds), not
+  from the graph's ``QuantizeLinear`` or the ONNX Runtime emulation's ``Round`` arithmetic; the three
+  agree bit for bit (tests/graphs/test_fp4_activations.py).
 """
 
 from __future__ import annotations
@@ -53,6 +60,37 @@ def int4_dequantized(w: Tensor, block: int, dtype: torch.dtype, pre_scale: Tenso
     return (q * scale.to(torch.float32)).to(dtype).reshape(out, k)
 
 
+#: E2M1 by decision thresholds (ModelOpt's ``fp4_round_magnitude``): ``|v|`` up to each bound (``<=``
+#: where the tie goes down to the even code, ``<`` where it goes up) takes the value beside it; above
+#: the last, 6 (saturation).
+E2M1_THRESHOLDS = ((0.25, True, 0.0), (0.75, False, 0.5), (1.25, True, 1.0), (1.75, False, 1.5), (2.5, True, 2.0), (3.5, False, 3.0), (5.0, True, 4.0))
+#: NVFP4 activation block (values per float8e4m3fn scale) and the two formats' largest magnitudes.
+FP4_BLOCK, E2M1_LARGEST, E4M3_LARGEST = 16, 6.0, 448.0
+
+
+def fp4_activation(x: Tensor, scale: float) -> Tensor:
+    """``x`` through NVFP4 dynamic quantization and back, in fp32: per block of 16 on the last axis,
+    ``b = float8e4m3fn(min(amax / (6 · scale), 448))``, ``d = b · scale``, each value rounded to E2M1
+    times ``d`` in units of ``d`` (``d`` = 0: the block is 0)."""
+    xf = x.to(torch.float32)
+    blocks = xf.reshape(*xf.shape[:-1], xf.shape[-1] // FP4_BLOCK, FP4_BLOCK)
+    s = torch.tensor(scale, dtype=torch.float32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    d = (amax / (E2M1_LARGEST * s)).clamp(max=E4M3_LARGEST).to(torch.float8_e4m3fn).to(torch.float32) * s
+    v = blocks / torch.where(d == 0, torch.ones_like(d), d)
+    a = v.abs()
+    q = torch.full_like(a, E2M1_LARGEST)
+    for bound, inclusive, value in reversed(E2M1_THRESHOLDS):
+        q = torch.where(a <= bound if inclusive else a < bound, torch.tensor(value), q)
+    return (torch.sign(v) * q * d).reshape(xf.shape)
+
+
+def _fp4_activation_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    from hybridtrt.exporter.fp8_reference import _dithered  # the fp32 yardstick's dither, as FP8's
+
+    return F.linear(fp4_activation(_dithered(self, x), self._fp4_input_scale).to(x.dtype), self.weight, self.bias)  # type: ignore[attr-defined]
+
+
 def _int4_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
     block, dtype, pre_scale = self._int4  # type: ignore[attr-defined]
     if pre_scale is not None:  # the graph's pre_quant_scale Mul, in x's dtype
@@ -60,13 +98,16 @@ def _int4_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
     return F.linear(x, int4_dequantized(self.weight, block, dtype, pre_scale).to(x.dtype), self.bias)
 
 
-def emulate_weight_only(model: nn.Module, recipe: Mapping[str, Any], dtype: torch.dtype) -> Callable[[], None]:
-    """Make ``model`` compute with the weights the W4A16 export of ``recipe`` dequantizes, in place.
+def emulate_weight_only(model: nn.Module, recipe: Mapping[str, Any], dtype: torch.dtype, *, dither: float | None = None) -> Callable[[], None]:
+    """Make ``model`` compute with the weights the W4A16 export of ``recipe`` dequantizes (and its FP4
+    activations, W4A4), in place.
 
     Args:
         model: A `HybridLM` (eager or lazy) in any dtype.
         recipe: ``hybridtrt.json``'s ``"weight_only"`` (`hybridtrt.graphs.weight_only.WeightOnlyRecipe`).
         dtype: The export's dtype (INT4 scales and dequantized weights are in it).
+        dither: W4A4: dither each activation before its quantizer by this relative amount (the fp32
+            yardstick, `hybridtrt.exporter.fp8_reference.set_dither`).
 
     Returns:
         A function that restores the model's own forward passes.
@@ -80,6 +121,8 @@ def emulate_weight_only(model: nn.Module, recipe: Mapping[str, Any], dtype: torc
     linears = {scope_path(n, wrapper_prefix="") + "/MatMul": m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     patched: list[nn.Module] = []
     for node in recipe.get("quantized", []):
+        if node.endswith("/MoeExpertsNvfp4"):  # routed experts as the checkpoint has them: the loader's weights are the definition
+            continue
         module = linears.get(node)
         if module is None:
             raise QuantizationError(f"the 4-bit recipe quantizes {node}, which this model does not have", fix="validate with the checkpoint the export was made from")
@@ -91,12 +134,28 @@ def emulate_weight_only(model: nn.Module, recipe: Mapping[str, Any], dtype: torc
             module._int4 = (int(recipe.get("blocks", {}).get(node, recipe["block_size"])), dtype, pre_scale)
             module.forward = MethodType(_int4_linear_forward, module)
             patched.append(module)
+        elif node in (recipe.get("activations") or {}).get("input_scales", {}):
+            module._fp4_input_scale = float(recipe["activations"]["input_scales"][node])
+            module.forward = MethodType(_fp4_activation_forward, module)
+            patched.append(module)
+
+    fp4_patched = [m for m in patched if hasattr(m, "_fp4_input_scale")]
+    if fp4_patched:
+        from hybridtrt.exporter.fp8_reference import set_dither
+
+        model._fp4_activation_patched = fp4_patched
+        set_dither(model, dither)
 
     def restore() -> None:
         for module in patched:
-            del module.forward, module._int4
+            del module.forward
+            for attr in ("_int4", "_fp4_input_scale", "_fp8_dither"):
+                if hasattr(module, attr):
+                    delattr(module, attr)
+        if fp4_patched:
+            del model._fp4_activation_patched
 
     return restore
 
 
-__all__ = ["INT4_BOUND", "emulate_weight_only", "int4_dequantized"]
+__all__ = ["INT4_BOUND", "emulate_weight_only", "fp4_activation", "int4_dequantized"]

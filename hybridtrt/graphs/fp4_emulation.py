@@ -19,6 +19,23 @@ values are exact in it, and ``Mul`` is that one multiplication, so the result is
 bit for bit (tests/graphs/test_fp4_emulation.py checks it against ONNX's reference evaluator). The
 initializer keeps its bytes and its external-data location (the pass reads no weights); ONNX
 Runtime folds the subgraph once at session creation, into one float copy of those weights.
+
+Pattern 2: FP4 activations (`hybridtrt.graphs.fp4_activations`): ``trt::TRT_FP4DynamicQuantize(x, s)
+-> (x_fp4, x_block_scale)`` and the blocked ``DequantizeLinear(x_fp4, d)`` that reads its codes
+(``d`` = the block scale's own DequantizeLinear, which ONNX Runtime runs: float8e4m3fn is supported).
+
+Rewrite: the block scale as the definition computes it (standard ops: ``ReduceMax``, ``Cast`` to
+float8e4m3fn with saturation), and the codes never materialised: the DequantizeLinear's output is
+``sign(v) · e2m1(|v|) · d`` with ``v = x / d`` (``d`` 0 → 1) per block, where ``e2m1`` rounds to
+nearest even on E2M1's grid with ``Round`` (half to even) at the grid's three spacings::
+
+    e2m1(a) = Round(2a) / 2        a < 2    (0, 0.5, 1, 1.5)
+              Round(a)             a < 4    (2, 3)
+              min(2 Round(a/2), 6) else     (4, 6; saturating)
+
+Each spacing's even multiples are E2M1's even codes, so the ties go where float4e2m1's round to
+nearest even sends them; the products are exact in fp32. Bit for bit the chain the function body
+defines under ONNX's reference evaluator (tests/graphs/test_fp4_activations.py).
 """
 
 from __future__ import annotations
@@ -27,6 +44,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from hybridtrt.graphs.fp4_activations import BLOCK, E2M1_MAX, FP4_DYNAMIC_QUANTIZE, TRT_DOMAIN
+
 #: E2M1 value of each code (sign bit 3, 2 exponent bits, 1 mantissa bit; subnormal 0.5), from the
 #: ONNX spec's float4e2m1 table (onnx/docs/docs/technical/float4.md); code 8 is -0.
 E2M1_TABLE = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32)
@@ -34,7 +53,9 @@ PACKED_SUFFIX = "/fp4_packed"
 
 
 def graph_has_fp4(model: onnx.ModelProto) -> bool:
-    return any(t.data_type == TensorProto.FLOAT4E2M1 for t in model.graph.initializer)
+    return any(t.data_type == TensorProto.FLOAT4E2M1 for t in model.graph.initializer) or any(
+        n.domain == TRT_DOMAIN and n.op_type == FP4_DYNAMIC_QUANTIZE for n in model.graph.node
+    )
 
 
 def _as_packed(t: TensorProto) -> TensorProto:
@@ -56,7 +77,7 @@ def emulate_fp4(model: onnx.ModelProto) -> onnx.ModelProto:
     out.CopyFrom(model)
     g = out.graph
     fp4 = {t.name: t for t in g.initializer if t.data_type == TensorProto.FLOAT4E2M1}
-    if not fp4:
+    if not graph_has_fp4(out):
         return out
     inits = {t.name: t for t in g.initializer}
     c = "/fp4_emulation"  # the shared constants
@@ -67,9 +88,25 @@ def emulate_fp4(model: onnx.ModelProto) -> onnx.ModelProto:
         numpy_helper.from_array(np.array(4, np.uint8), f"{c}/shift"),
         numpy_helper.from_array(np.array([-1], np.int64), f"{c}/flat"),
         numpy_helper.from_array(np.array([-1], np.int64), f"{c}/last_axis"),
-    ]
+    ] if fp4 else []  # fmt: skip
     nodes: list[onnx.NodeProto] = []
+    dynamic = {n.output[0]: n for n in g.node if n.domain == TRT_DOMAIN and n.op_type == FP4_DYNAMIC_QUANTIZE}
+    if dynamic:
+        consts += [
+            numpy_helper.from_array(np.array([-1, BLOCK], np.int64), f"{c}/blocked_tail"),
+            numpy_helper.from_array(np.array([-1], np.int64), f"{c}/last"),
+            *(numpy_helper.from_array(np.array(v, np.float32), f"{c}/{k}") for k, v in
+              (("zero", 0.0), ("one", 1.0), ("two", 2.0), ("half", 0.5), ("four", 4.0), ("six", E2M1_MAX))),
+        ]  # fmt: skip
     for node in g.node:
+        if node.domain == TRT_DOMAIN and node.op_type == FP4_DYNAMIC_QUANTIZE:
+            nodes += _dynamic_block_scale(node, c)
+            continue
+        if node.op_type == "DequantizeLinear" and node.input[0] in dynamic:
+            nodes += _dynamic_dequantize(node, dynamic[node.input[0]], c)
+            continue
+        if any(i in dynamic for i in node.input):
+            raise ValueError(f"{node.name}: the codes of an FP4 dynamic quantizer read by a {node.op_type}, not a DequantizeLinear")
         if not (node.op_type == "DequantizeLinear" and node.input[0] in fp4):
             if any(i in fp4 for i in node.input):
                 raise ValueError(f"{node.name}: float4e2m1 initializer read by a {node.op_type}, not a DequantizeLinear")
@@ -141,9 +178,69 @@ def emulate_fp4(model: onnx.ModelProto) -> onnx.ModelProto:
     g.initializer.extend(kept + [_as_packed(t) for t in fp4.values()] + consts)
     del g.node[:]
     g.node.extend(nodes)
+    if dynamic:  # the trt op's body (float4e2m1 QuantizeLinear) is no longer called
+        functions = [f for f in out.functions if not (f.domain == TRT_DOMAIN and f.name == FP4_DYNAMIC_QUANTIZE)]
+        del out.functions[:]
+        out.functions.extend(functions)
+        opsets = [o for o in out.opset_import if o.domain != TRT_DOMAIN]
+        del out.opset_import[:]
+        out.opset_import.extend(opsets)
     if not any(i.domain in ("", "ai.onnx") and i.version >= 18 for i in out.opset_import):
         raise ValueError("the fp4 emulation needs default-domain opset ≥ 18 (BitwiseAnd)")
     return out
+
+
+def _dynamic_block_scale(node: onnx.NodeProto, c: str) -> list[onnx.NodeProto]:
+    """The trt op's ``x_block_scale`` (float8e4m3fn ``[..., K/16]``) and ``{p}/blocks`` (x in fp32,
+    ``[..., K/16, 16]``) for its DequantizeLinear; its codes are not computed."""
+    p = f"{node.name or node.output[0]}/fp4_emulation"
+    return [
+        helper.make_node("Cast", [node.input[0]], [f"{p}/xf"], to=TensorProto.FLOAT),
+        helper.make_node("Shape", [f"{p}/xf"], [f"{p}/lead"], end=-1),
+        helper.make_node("Concat", [f"{p}/lead", f"{c}/blocked_tail"], [f"{p}/blocked_shape"], axis=0),
+        helper.make_node("Reshape", [f"{p}/xf", f"{p}/blocked_shape"], [f"{p}/blocks"]),
+        helper.make_node("Abs", [f"{p}/blocks"], [f"{p}/magnitudes"]),
+        helper.make_node("ReduceMax", [f"{p}/magnitudes", f"{c}/last"], [f"{p}/amax"], keepdims=0),
+        helper.make_node("Mul", [f"{c}/six", node.input[1]], [f"{p}/six_scale"]),
+        helper.make_node("Div", [f"{p}/amax", f"{p}/six_scale"], [f"{p}/block_scale_f"]),
+        helper.make_node("Cast", [f"{p}/block_scale_f"], [node.output[1]], name=node.name, to=TensorProto.FLOAT8E4M3FN, saturate=1),
+    ]
+
+
+def _dynamic_dequantize(dq: onnx.NodeProto, quantizer: onnx.NodeProto, c: str) -> list[onnx.NodeProto]:
+    """``dq`` (DequantizeLinear of the trt op's codes by ``d``) as ``sign(v) · e2m1(|v|) · d``."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    if attrs.get("block_size") != BLOCK or attrs.get("axis", 1) != -1 or (len(dq.input) > 2 and dq.input[2]):
+        raise ValueError(f"{dq.name}: the FP4 dynamic quantizer's codes dequantized other than along the last axis in blocks of {BLOCK} without a zero point")
+    q = f"{quantizer.name or quantizer.output[0]}/fp4_emulation"
+    p = f"{dq.name or dq.output[0]}/fp4_emulation"
+    return [
+        helper.make_node("Unsqueeze", [dq.input[1], f"{c}/last"], [f"{p}/d"]),
+        helper.make_node("Equal", [f"{p}/d", f"{c}/zero"], [f"{p}/underflow"]),
+        helper.make_node("Where", [f"{p}/underflow", f"{c}/one", f"{p}/d"], [f"{p}/divisor"]),
+        helper.make_node("Div", [f"{q}/blocks", f"{p}/divisor"], [f"{p}/v"]),
+        helper.make_node("Abs", [f"{p}/v"], [f"{p}/a"]),
+        helper.make_node("Sign", [f"{p}/v"], [f"{p}/sign"]),
+        # spacing 0.5 below 2
+        helper.make_node("Mul", [f"{p}/a", f"{c}/two"], [f"{p}/a2"]),
+        helper.make_node("Round", [f"{p}/a2"], [f"{p}/r2"]),
+        helper.make_node("Mul", [f"{p}/r2", f"{c}/half"], [f"{p}/fine"]),
+        # spacing 1 below 4
+        helper.make_node("Round", [f"{p}/a"], [f"{p}/mid"]),
+        # spacing 2 from 4, saturating at 6
+        helper.make_node("Mul", [f"{p}/a", f"{c}/half"], [f"{p}/a_half"]),
+        helper.make_node("Round", [f"{p}/a_half"], [f"{p}/r_half"]),
+        helper.make_node("Mul", [f"{p}/r_half", f"{c}/two"], [f"{p}/coarse_unsat"]),
+        helper.make_node("Min", [f"{p}/coarse_unsat", f"{c}/six"], [f"{p}/coarse"]),
+        helper.make_node("Less", [f"{p}/a", f"{c}/two"], [f"{p}/is_fine"]),
+        helper.make_node("Less", [f"{p}/a", f"{c}/four"], [f"{p}/is_mid"]),
+        helper.make_node("Where", [f"{p}/is_mid", f"{p}/mid", f"{p}/coarse"], [f"{p}/upper"]),
+        helper.make_node("Where", [f"{p}/is_fine", f"{p}/fine", f"{p}/upper"], [f"{p}/magnitude"]),
+        helper.make_node("Mul", [f"{p}/sign", f"{p}/magnitude"], [f"{p}/code_value"]),
+        helper.make_node("Mul", [f"{p}/code_value", f"{p}/d"], [f"{p}/product"]),
+        helper.make_node("Shape", [f"{q}/xf"], [f"{p}/shape"]),
+        helper.make_node("Reshape", [f"{p}/product", f"{p}/shape"], [dq.output[0]], name=dq.name),
+    ]
 
 
 __all__ = ["E2M1_TABLE", "emulate_fp4", "graph_has_fp4"]

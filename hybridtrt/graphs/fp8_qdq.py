@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, astuple, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -54,6 +54,9 @@ from hybridtrt.ops.onnx_functions import DOMAIN, attach_functions
 
 #: Largest finite float8e4m3fn value.
 FP8_E4M3_MAX = 448.0
+#: Elements a quantizer converts at a time (16 MiB of fp32): a weight's temporaries stay bounded
+#: whatever its size, with the same bits as one pass (the FP8 and the 4-bit quantizers).
+CHUNK_ELEMENTS = 4 << 20
 #: Oldest default-domain opset with float8 types in QuantizeLinear/DequantizeLinear.
 MIN_FP8_OPSET = 19
 #: The projections that get Q/DQ (DESIGN.md §7); MoE shared-expert up/down and latent projections too.
@@ -248,6 +251,36 @@ def fp8_saturating_cast(x: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(x, dtype=np.float32), -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
 
 
+def _row_chunks(w: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+    """``w`` (any float dtype, any strides) as fp32 copies of `CHUNK_ELEMENTS` along its first axis."""
+    rows = max(1, CHUNK_ELEMENTS // max(1, math.prod(w.shape[1:])))
+    for r in range(0, w.shape[0], rows):
+        yield slice(r, r + rows), np.array(w[r : r + rows], dtype=np.float32, order="C")
+
+
+def _abs_max(w: np.ndarray, axis: int | tuple[int, ...] | None) -> np.ndarray:
+    """``max |w|`` over ``axis`` (None: all; 0 or (1, 2): the axes kept are the later / the first),
+    a chunk of rows at a time."""
+    if axis is None or axis == 0:
+        parts = [np.abs(c).max(axis=axis) for _, c in _row_chunks(w)]
+        return np.max(np.stack(parts), axis=0)
+    return np.concatenate([np.abs(c).max(axis=axis) for _, c in _row_chunks(w)])
+
+
+def fp8_divided(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``float8e4m3fn(w / scale)`` with saturation (`fp8_saturating_cast`), a chunk of rows at a time so
+    the fp32 temporaries stay bounded whatever ``w``'s size; ``scale`` broadcasts against ``w`` (fp32)
+    and may vary along the first axis (then it has that axis' full length)."""
+    out = np.empty(w.shape, dtype=ml_dtypes.float8_e4m3fn)
+    s = np.asarray(scale, dtype=np.float32)
+    per_row = s.ndim == w.ndim and s.shape[0] == w.shape[0] and w.shape[0] > 1
+    for rows, chunk in _row_chunks(w):
+        np.divide(chunk, s[rows] if per_row else s, out=chunk)
+        np.clip(chunk, -FP8_E4M3_MAX, FP8_E4M3_MAX, out=chunk)
+        out[rows] = chunk.astype(ml_dtypes.float8_e4m3fn)
+    return out
+
+
 def _round_scale(scale: np.ndarray, elem_type: int) -> np.ndarray:
     """Scales as stored (model dtype), floored so no scale rounds to zero."""
     tiny = np.finfo(np.float16).tiny if elem_type == TensorProto.FLOAT16 else np.finfo(np.float32).tiny
@@ -265,10 +298,9 @@ def quantize_weight(w: np.ndarray, mode: WeightScale, elem_type: int) -> tuple[n
     Returns:
         ``(w_fp8 [in, out] float8_e4m3fn, scale)`` with ``w ≈ w_fp8 * scale``.
     """
-    w32 = np.asarray(w, dtype=np.float32)
-    amax = np.abs(w32).max(axis=0) if mode == "channel" else np.abs(w32).max()
+    amax = _abs_max(w, 0 if mode == "channel" else None)
     scale = _round_scale(amax / FP8_E4M3_MAX, elem_type)
-    return fp8_saturating_cast(w32 / scale.astype(np.float32)), scale
+    return fp8_divided(w, scale.astype(np.float32)), scale
 
 
 def quantize_weight_with_scale(w: np.ndarray, scale: float, elem_type: int) -> tuple[np.ndarray, np.ndarray]:
@@ -276,7 +308,7 @@ def quantize_weight_with_scale(w: np.ndarray, scale: float, elem_type: int) -> t
     dtype as stored): ``saturate(round(w / scale))``. For a weight dequantized from FP8 with that
     scale this gives back the FP8 values bit for bit (tests/exporter/test_modelopt_export.py)."""
     stored = _round_scale(np.float32(scale), elem_type)
-    return fp8_saturating_cast(np.asarray(w, dtype=np.float32) / stored.astype(np.float32)), stored
+    return fp8_divided(w, stored.astype(np.float32)), stored
 
 
 def in_memory_quantizer(base_dir: str | None = None) -> WeightQuantizer:
@@ -452,7 +484,7 @@ def insert_fp8_qdq(
 
     splice_before_matmuls(graph, new_nodes, dropped)
     if experts_plan:
-        _attach_used_functions(model)
+        attach_used_functions(model)
     return recipe
 
 
@@ -491,17 +523,16 @@ def quantize_expert_weights(w: np.ndarray, mode: WeightScale, first: int = 0) ->
     """FP8 expert weights ``[E, out, in]`` and their fp32 scale: ``[E, 1]`` per expert (``"tensor"``,
     each expert's matrix is one tensor) or ``[E, out]`` per expert and output channel. (``first``, the
     index of ``w``'s first expert in its layer, is what streaming expert by expert passes; unused.)"""
-    w32 = np.asarray(w, dtype=np.float32)
-    amax = np.abs(w32).max(axis=2) if mode == "channel" else np.abs(w32).max(axis=(1, 2))[:, None]
+    amax = _abs_max(w, 2) if mode == "channel" else _abs_max(w, (1, 2))[:, None]
     scale = _round_scale(amax / FP8_E4M3_MAX, TensorProto.FLOAT)
-    return fp8_saturating_cast(w32 / scale[:, :, None]), scale
+    return fp8_divided(w, scale[:, :, None]), scale
 
 
 def quantize_expert_weights_with_scales(w: np.ndarray, scales: tuple[float, ...], first: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """FP8 expert weights ``[E', out, in]`` with a checkpoint's own per-expert scales (``scales`` for
     the whole layer; ``w`` holds experts ``first`` … ``first + E' - 1``), as `quantize_expert_weights`'s."""
     scale = np.asarray(scales[first : first + w.shape[0]], dtype=np.float32)[:, None]
-    return fp8_saturating_cast(np.asarray(w, dtype=np.float32) / scale[:, :, None]), scale
+    return fp8_divided(w, scale[:, :, None]), scale
 
 
 def _quantize_experts(
@@ -540,7 +571,7 @@ def _quantize_experts(
     return entry
 
 
-def _attach_used_functions(model: onnx.ModelProto) -> None:
+def attach_used_functions(model: onnx.ModelProto) -> None:
     """Attach the bodies of the hybridtrt ops now in the graph and drop those no node uses."""
     attach_functions(model)
     used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
@@ -569,6 +600,9 @@ def quantized_weight_bytes(model: onnx.ModelProto, base_dir: str | Path | None =
 
 
 __all__ = [
+    "CHUNK_ELEMENTS",
+    "attach_used_functions",
+    "fp8_divided",
     "DEFAULT_EXCLUSIONS",
     "EXPERT_FALLBACK",
     "ExpertAmax",

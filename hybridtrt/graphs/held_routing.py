@@ -7,7 +7,7 @@ its choice. This pass gives an exported graph the same two hooks the reference h
 Find: every MoE router's ``TopK`` node, by our deterministic node name
 ``/model/layers.{i}/mixer/gate/TopK`` (the names survive `onnx.save`, the FP8 pass, layer windows
 and the bf16 emulation). Its indices output (``[N, K]`` int64, ``N = B·L`` tokens) feeds the gather
-of the routing weights and the ``MoeExperts`` / ``MoeExpertsFp8`` node.
+of the routing weights and the ``MoeExperts`` / ``MoeExpertsFp8`` / ``MoeExpertsNvfp4`` node.
 
 Rewrite (a copy; the input model is not modified, initializers keep pointing at the same external
 data): every reader of the indices reads ``Where(hold_routing, held_experts.{i}, indices)`` instead,

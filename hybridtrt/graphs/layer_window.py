@@ -51,7 +51,7 @@ from onnx import helper, numpy_helper
 
 from hybridtrt.errors import ExportError
 from hybridtrt.graphs.external_data import external_info, point_at, tensor_nbytes
-from hybridtrt.ops.moe_onnx import MOE_EXPERTS, MOE_EXPERTS_FP8
+from hybridtrt.ops.moe_onnx import MOE_EXPERTS, MOE_EXPERTS_FP8, MOE_EXPERTS_NVFP4
 from hybridtrt.ops.onnx_functions import DOMAIN
 
 HIDDEN_IN, HIDDEN_OUT = "hidden_in", "hidden_out"
@@ -295,7 +295,7 @@ def vocab_slice(model: onnx.ModelProto, weight: str, start: int, stop: int, loca
 
 #: Routed-experts ops (`hybridtrt.ops.moe_onnx`): inputs 0–2 are ``x [T, D]``, ``topk_indices
 #: [T, K]``, ``topk_weights [T, K]``; every later input is per expert, ``[E, …]``.
-EXPERT_OPS = (MOE_EXPERTS, MOE_EXPERTS_FP8)
+EXPERT_OPS = (MOE_EXPERTS, MOE_EXPERTS_FP8, MOE_EXPERTS_NVFP4)
 #: Domain of the pairs function `expert_range` runs (verification only, never in an export).
 PAIRS_DOMAIN = "hybridtrt.verify"
 #: Inputs and output of an `expert_range` model.

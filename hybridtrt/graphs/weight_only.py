@@ -2,8 +2,13 @@
 
 Pattern: the FP8 pass's linear layers (`hybridtrt.graphs.fp8_qdq`): a ``MatMul`` named
 ``/model/layers.{i}/mixer/(shared_experts/)?{in,out,q,k,v,o,up,down,...}_proj/MatMul`` whose input[1]
-is a 2-D initializer ``W [in, out]``. The LM head and the MoE router stay in the model dtype;
-routed experts (``MoeExperts``) are left alone (their 4-bit form needs the MoE plugin, issue 26).
+is a 2-D initializer ``W [in, out]``. The LM head and the MoE router stay in the model dtype.
+Routed experts (``MoeExperts``) get 4-bit weights only from an NVFP4 checkpoint, as it stores them:
+the node becomes ``MoeExpertsNvfp4`` (`hybridtrt.ops.moe_onnx`) with each layer's packed codes
+``[E, out, in/2]`` uint8, FP8 block scales ``[E, out, in/16]`` and fp32 global scales ``[E]``
+(`nvfp4_expert_codes`, checked expert by expert against the loader's weights); TensorRT builds it only
+with a grouped NVFP4 MoE plugin (issue 26), so ``export --dequantize-experts`` keeps them in the model
+dtype instead.
 
 Rewrite, INT4 (``--quantize int4``; ONNX ``DequantizeLinear`` since opset 21, blocked int4)::
 
@@ -67,15 +72,18 @@ from hybridtrt.graphs.fp8_qdq import (
     LM_HEAD_NODE,
     WeightQuantizer,
     _compile,
+    attach_used_functions,
     _exclusion_reason,
     _opset,
     _prefixes,
     _round_scale,
+    CHUNK_ELEMENTS,
     float_tensor,
     fp8_tensor,
     in_memory_quantizer,
     splice_before_matmuls,
 )
+from hybridtrt.ops.moe_onnx import MOE_EXPERTS, MOE_EXPERTS_NVFP4
 
 #: ``--quantize int4`` block sizes (inputs per scale); ModelOpt's INT4_AWQ uses 128.
 BLOCK_SIZES = (32, 64, 128)
@@ -87,8 +95,6 @@ NVFP4_BLOCK = 16
 #: Opsets that brought the formats to ``DequantizeLinear`` (onnx/docs/Changelog.md: int4 and
 #: blocked quantization in DequantizeLinear-21, float4e2m1 in DequantizeLinear-23).
 MIN_OPSET = {"int4": 21, "nvfp4": 23}
-#: Elements converted at a time (16 MiB of fp32): a weight's temporaries stay bounded whatever its size.
-CHUNK_ELEMENTS = 4 << 20
 _NUMPY = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}
 #: The symmetric INT4 bound (ModelOpt's ``_get_quant_maxbound(4)``).
 INT4_MAX = 7
@@ -111,6 +117,9 @@ class WeightOnlyRecipe:
         global_scales: ``{MatMul node: weight_scale_2}`` (NVFP4).
         source: ``"round to nearest, scale = block amax / 7"`` or what a checkpoint's own scales were
             read from (``"checkpoint: NVFP4 (blocks of 16) from hf_quant_config.json …"``).
+        activations: Empty for W4A16; NVFP4 with FP4 activations (W4A4): what
+            `hybridtrt.graphs.fp4_activations.activations_recipe` records (format, target, the
+            per-tensor ``input_scales``).
     """
 
     scheme: str
@@ -123,6 +132,7 @@ class WeightOnlyRecipe:
     exclude_patterns: list[str] = field(default_factory=list)
     global_scales: dict[str, float] = field(default_factory=dict)
     source: str = "round to nearest, scale = block amax / 7"
+    activations: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,6 +161,40 @@ class NVFP4Scales:
         packed = np.asarray(self.read(self.weight)).view(np.uint8)
         unpacked = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
         return np.ascontiguousarray(unpacked.T).view(ml_dtypes.float4_e2m1fn)
+
+
+@dataclass(frozen=True)
+class NVFP4ExpertScales:
+    """A checkpoint's NVFP4 routed experts of one MoE layer: each expert's `NVFP4Scales`, per projection."""
+
+    up: tuple[NVFP4Scales, ...]
+    down: tuple[NVFP4Scales, ...]
+
+
+def nvfp4_expert_codes(w: np.ndarray, scales: tuple[NVFP4Scales, ...], first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Routed experts ``first`` … ``first + E' - 1`` of a layer's NVFP4 stack as the checkpoint stores
+    them — ``(codes [E', out, in/2] uint8, block_scale [E', out, in/16] float8e4m3fn)``, the bytes
+    as they are — each checked against ``w [E', out, in]`` (the loader's dequantized weights in the model
+    dtype): the codes times ``block_scale · global`` in fp32, rounded to the model dtype, must be ``w``."""
+    codes, blocks = [], []
+    for i in range(w.shape[0]):
+        s = scales[first + i]
+        packed = np.ascontiguousarray(np.asarray(s.read(s.weight)).view(np.uint8))  # [out, in/2]
+        block = np.ascontiguousarray(np.asarray(s.read(s.tensor)).view(ml_dtypes.float8_e4m3fn))  # [out, in/16]
+        nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+        values = nibbles.view(ml_dtypes.float4_e2m1fn).astype(np.float32)  # code 8 is -0 here, +0 in ModelOpt: equal under !=
+        scale = block.astype(np.float32) * np.float32(s.global_scale)
+        back = (values.reshape(*block.shape, NVFP4_BLOCK) * scale[..., None]).astype(np.asarray(w).dtype).astype(np.float32)
+        wrong = np.flatnonzero(back.reshape(-1) != np.asarray(w[i], dtype=np.float32).reshape(-1))
+        if wrong.size:
+            raise QuantizationError(
+                f"{s.tensor.removesuffix('.weight_scale')}: {wrong.size} weight(s) are not the E2M1 values of the checkpoint's NVFP4 codes and "
+                f"scales (first at flat index {int(wrong[0])}); the weights do not match their scales",
+                fix="export in fp32 or bf16 (fp16 can flush the smallest dequantized weights to zero), or re-download the checkpoint",
+            )
+        codes.append(packed)
+        blocks.append(block)
+    return np.stack(codes), np.stack(blocks)
 
 
 def layer_block(k: int, block: int) -> int | None:
@@ -254,7 +298,7 @@ def insert_weight_only(
     block_size: int = DEFAULT_BLOCK,
     exclude: Sequence[str] = (),
     quantizer: WeightQuantizer | None = None,
-    fixed: Mapping[str, NVFP4Scales] | None = None,
+    fixed: Mapping[str, NVFP4Scales | NVFP4ExpertScales] | None = None,
     source: str | None = None,
     pre_scales: Mapping[str, np.ndarray] | None = None,
 ) -> WeightOnlyRecipe:
@@ -267,7 +311,8 @@ def insert_weight_only(
         block_size: INT4 inputs per scale (`BLOCK_SIZES`).
         exclude: Regexes; a MatMul whose name matches any (``re.search``) keeps its weight.
         quantizer: How weights become their 4-bit initializers (default: read in memory).
-        fixed: NVFP4: ``{MatMul node: NVFP4Scales}``, exactly these layers, as the checkpoint has them.
+        fixed: NVFP4: ``{MatMul node: NVFP4Scales}`` and ``{MoeExperts node: NVFP4ExpertScales}``, exactly
+            these layers, as the checkpoint has them.
         source: The recipe's `WeightOnlyRecipe.source`.
         pre_scales: INT4 with AWQ: ``{MatMul node: p [in]}`` (`hybridtrt.exporter.awq`): a ``Mul`` by
             ``p`` (model dtype) on the MatMul's input, the weight quantized as ``w / p``.
@@ -301,7 +346,7 @@ def insert_weight_only(
         recipe = WeightOnlyRecipe("int4", "int4", block_size, "model dtype per block", exclude_patterns=list(exclude), source=source or WeightOnlyRecipe.source)
     else:
         recipe = WeightOnlyRecipe("nvfp4", "float4e2m1", NVFP4_BLOCK, "float8e4m3fn per block × float32 per tensor", source=source or "checkpoint")
-        matmuls = {n.name for n in graph.node if n.op_type == "MatMul"}
+        matmuls = {n.name for n in graph.node if n.op_type in ("MatMul", MOE_EXPERTS)}
         absent = sorted(set(fixed) - matmuls)
         if absent:
             raise QuantizationError(
@@ -310,6 +355,7 @@ def insert_weight_only(
             )
 
     plan: list[tuple[onnx.NodeProto, int]] = []
+    experts = [n for n in graph.node if n.op_type == MOE_EXPERTS and fixed is not None and isinstance(fixed.get(n.name), NVFP4ExpertScales)]
     for node in graph.node:
         if node.op_type != "MatMul":
             continue
@@ -331,7 +377,7 @@ def insert_weight_only(
             plan.append((node, block))
         else:
             recipe.excluded[node.name] = reason
-    if not plan:
+    if not plan and not experts:
         raise QuantizationError(
             f"{scheme} was requested but no linear layer is left to quantize" + (f" (--exclude {list(exclude)} matches all of them)" if exclude else ""),
             fix="loosen --exclude, or export without --quantize",
@@ -385,8 +431,43 @@ def insert_weight_only(
         node.input[1] = out
         recipe.quantized.append(node.name)
 
+    for node in experts:  # routed experts as they are: MoeExpertsNvfp4 (hybridtrt.ops.moe_onnx)
+        recipe.quantized.append(_nvfp4_experts(graph, node, fixed[node.name], inits, quantize, users, dropped))
     splice_before_matmuls(graph, new_nodes, dropped)
+    if experts:
+        attach_used_functions(model)
     return recipe
+
+
+def _nvfp4_experts(
+    graph: onnx.GraphProto,
+    node: onnx.NodeProto,
+    scales: NVFP4ExpertScales,
+    inits: Mapping[str, TensorProto],
+    quantize: WeightQuantizer,
+    users: dict[str, int],
+    dropped: set[str],
+) -> str:
+    """Turn one ``MoeExperts`` node into ``MoeExpertsNvfp4`` with the checkpoint's packed codes, block
+    scales and global scales, in place; returns its new name."""
+    _, dotted = _prefixes(node.name)  # model.layers.{i}.mixer.experts
+    inputs = list(node.input[:3])
+    for proj, w_name, per_expert in (("up", node.input[3], scales.up), ("down", node.input[4], scales.down)):
+        names = (f"{dotted}.{proj}_codes", f"{dotted}.{proj}_block_scale", f"{dotted}.{proj}_global_scale")
+        if len(per_expert) != inits[w_name].dims[0]:
+            raise QuantizationError(f"{node.name}: the checkpoint has {len(per_expert)} NVFP4 {proj} experts, the graph {inits[w_name].dims[0]}", fix="report this with the checkpoint's config.json")
+        codes, block_scale = quantize(inits[w_name], names[0], partial(nvfp4_expert_codes, scales=per_expert))
+        global_scale = np.asarray([s.global_scale for s in per_expert], np.float32)
+        graph.initializer.extend([codes, fp8_tensor(names[1], block_scale), float_tensor(names[2], global_scale, TensorProto.FLOAT)])
+        inputs += names
+        users[w_name] -= 1
+        if users[w_name] == 0:
+            dropped.add(w_name)
+    node.op_type = MOE_EXPERTS_NVFP4
+    node.name = node.name.rsplit("/", 1)[0] + "/" + MOE_EXPERTS_NVFP4
+    del node.input[:]
+    node.input.extend(inputs)
+    return node.name
 
 
 __all__ = [
@@ -396,12 +477,14 @@ __all__ = [
     "LM_HEAD_NODE",
     "MIN_BLOCK",
     "NVFP4_BLOCK",
+    "NVFP4ExpertScales",
     "NVFP4Scales",
     "PreScale",
     "SCHEMES",
     "WeightOnlyRecipe",
     "insert_weight_only",
     "layer_block",
+    "nvfp4_expert_codes",
     "quantize_int4",
     "quantize_nvfp4_with_scales",
 ]

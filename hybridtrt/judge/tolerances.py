@@ -101,7 +101,10 @@ def polygraphy_tolerance(precision: str) -> tuple[float, float]:
 
 
 def precision_of(manifest) -> str:
-    """``fp8`` for a quantized artefact, else its dtype."""
+    """``fp8`` for an FP8 artefact, ``nvfp4-w4a4`` for one with FP4 activations, else its dtype
+    (4-bit weights alone compute in the model dtype)."""
     if manifest.quantization:
         return str(manifest.quantization.get("scheme", "fp8"))
+    if (getattr(manifest, "weight_only", None) or {}).get("activations"):
+        return "nvfp4-w4a4"
     return manifest.dtype

@@ -16,6 +16,9 @@ precision**.
   fp64 flips FP8 roundings almost never, another fp32 kernel now and then, each flip carried on). The
   recipe's cost (``fp8-recipe``: the FP8 reference against the unquantized truth) has as yardstick
   the same layers quantized with ideal per-call scales, which share no calibrated number.
+- An NVFP4 artefact with FP4 activations (``nvfp4-w4a4``) is judged like an FP8 one: against the 4-bit
+  reference with its activations quantized per call, the yardstick that reference in the export's dtype
+  (fp32 exports: dithered by 2^-16 before every quantizer).
 - A 4-bit INT4 recipe's cost (``int4-recipe``: the 4-bit weights' reference against the unquantized
   truth) has as yardstick the same layers rounded to nearest at the same blocks, without AWQ's
   calibrated pre-quant scales.
@@ -49,10 +52,13 @@ class Yardstick:
     fp8: Literal["recipe", "dithered", "dynamic"] | None = None
     #: ``"rtn"``: the export's 4-bit layers rounded to nearest at the same blocks (no AWQ scales).
     weights: Literal["rtn"] | None = None
+    #: The quantized activations' format in the name (``fp8``; ``nvfp4-w4a4`` for FP4 activations).
+    activations: str = "fp8"
 
     @property
     def name(self) -> str:
-        fp8 = {"recipe": "fp8-", "dithered": "fp8-", "dynamic": "fp8-dynamic-"}.get(self.fp8 or "", "")
+        a = self.activations
+        fp8 = {"recipe": f"{a}-", "dithered": f"{a}-", "dynamic": f"{a}-dynamic-"}.get(self.fp8 or "", "")
         fp8 += "int4-rtn-" if self.weights == "rtn" else ""
         suffix = "-dithered" if self.fp8 == "dithered" else ""
         return f"{'pytorch' if self.implementation == 'reference' else 'hf'}-{fp8}{self.dtype}{suffix}"
@@ -64,8 +70,9 @@ def yardstick_for(judged: Judged, precision: str, export_dtype: str = "fp32") ->
     if judged == "reference":
         return Yardstick("hf", "fp64")
     subject = yardstick_of(precision)
-    if subject == "export":  # an fp32 FP8 export: an fp32 run that flips FP8 roundings as another fp32 kernel would
-        return Yardstick("reference", export_dtype, fp8="dithered" if export_dtype == "fp32" else "recipe")
+    if subject == "export":  # an fp32 FP8 (or FP4-activation) export: an fp32 run that flips roundings as another fp32 kernel would
+        activations = "nvfp4-w4a4" if precision == "nvfp4-w4a4" else "fp8"
+        return Yardstick("reference", export_dtype, fp8="dithered" if export_dtype == "fp32" else "recipe", activations=activations)
     if subject == "fp8-dynamic":
         return Yardstick("reference", "fp32", fp8="dynamic")
     if subject == "int4-rtn":

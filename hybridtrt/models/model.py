@@ -120,6 +120,7 @@ class HybridLM(nn.Module):
         logits: Literal["all", "last"] = "all",
         scan_mode: ScanMode = "auto",
         output_hidden_states: bool = False,
+        keep_states: bool = True,
     ) -> CausalLMOutput:
         """Run ``L`` new tokens on top of ``cache``.
 
@@ -131,6 +132,9 @@ class HybridLM(nn.Module):
             scan_mode: ``"auto"`` uses the one-token state update when ``L == 1`` and the chunked
                 scan otherwise; ``"scan"``/``"update"`` force one (``"update"`` needs ``L == 1``).
             output_hidden_states: Also return each decoder layer's output.
+            keep_states: False: return an empty cache, each layer's new states dropped as soon as it
+                is done (calibration reads activations only: a model's states held to the end of
+                the call are one layer's states times the layer count).
 
         Returns:
             `CausalLMOutput` with fp32 logits and the new cache.
@@ -146,7 +150,7 @@ class HybridLM(nn.Module):
         use_update = scan_mode == "update" or (scan_mode == "auto" and l == 1)
         if use_update and l != 1:
             raise InputError(f"scan_mode='update' needs exactly one new token, got L={l}")
-        return self._forward(input_ids, attention_mask, cache, logits, use_update, output_hidden_states)
+        return self._forward(input_ids, attention_mask, cache, logits, use_update, output_hidden_states, keep_states)
 
     def _forward(
         self,
@@ -156,9 +160,11 @@ class HybridLM(nn.Module):
         logits_mode: str,
         use_update: bool,
         output_hidden_states: bool,
+        keep_states: bool = True,
     ) -> CausalLMOutput:
         """Growing-cache pass: ``attention_mask [B, past + L]`` (DESIGN.md §6, unified graph)."""
-        return self._run(input_ids, growing_positions(attention_mask, input_ids.shape[1], self.dtype), cache, logits_mode, use_update, output_hidden_states)
+        positions = growing_positions(attention_mask, input_ids.shape[1], self.dtype)
+        return self._run(input_ids, positions, cache, logits_mode, use_update, output_hidden_states, keep_states)
 
     def forward_static(
         self,
@@ -195,6 +201,7 @@ class HybridLM(nn.Module):
         logits_mode: str,
         use_update: bool,
         output_hidden_states: bool,
+        keep_states: bool = True,
     ) -> CausalLMOutput:
         # Left-padding rows are held at exactly zero through every block (DESIGN.md §4): otherwise a
         # padded query's garbage grows layer by layer (it differs between fp16/fp32/backends, and can
@@ -217,6 +224,8 @@ class HybridLM(nn.Module):
             else:
                 out = block.mixer(x)
             h = torch.where(row, residual + out, 0.0)
+            if not keep_states:
+                new = HybridCache()
             if output_hidden_states:
                 hidden.append(h)
         h = self.norm_f(h)

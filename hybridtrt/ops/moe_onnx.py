@@ -25,6 +25,24 @@ it as is::
     float8 tensor, so its body casts all E experts' weights before picking the chosen ones: the
     matmul work scales with the selected experts, that elementwise cast with E.
 
+**MoeExpertsNvfp4** — the same op with a ModelOpt NVFP4 checkpoint's routed experts as they are
+(4-bit weights, activations in x's dtype: W4A16; `hybridtrt.graphs.weight_only`). The packed codes
+and scales go into the op unchanged, so a grouped NVFP4 GEMM plugin can take them as they are::
+
+    in:  0 x [T, D]   1 topk_indices [T, K]   2 topk_weights [T, K]
+         3 up_codes [E, I, D/2] uint8     4 up_block_scale [E, I, D/16] float8e4m3fn     5 up_global_scale [E] fp32
+         6 down_codes [E, D, I/2] uint8   7 down_block_scale [E, D, I/16] float8e4m3fn   8 down_global_scale [E] fp32
+    out: 0 y [T, D] (x's dtype)
+    attrs: as MoeExperts
+
+    codes: the checkpoint's bytes, two E2M1 values a byte along the GEMM's K, the first in the low nibble
+    weight of expert e: E2M1(code) · (float(block_scale[e, o, k / 16]) · global_scale[e]) in fp32, then x's dtype
+
+which is ModelOpt's ``NVFP4QTensor.dequantize`` (codes 0–7 and 8–15 are ±0, ±0.5, …, ±6; code 8,
+"-0", dequantizes to +0 there and here), then `MoeExperts` on those weights. The codes stay ``uint8``
+so the body can ``Gather`` the chosen experts before unpacking them (ONNX ``Gather`` takes no 4- or
+8-bit float); the block scales are cast for all ``E`` experts first, 1/16 of the weights' count.
+
 **Cost scales with the selected experts** (the body that is attached): pairs ``(token, k)`` are
 grouped by expert with a one-hot cumulative sum; only the ``A`` experts that some token chose run,
 busiest first, each on a zero-padded block of ``C = max tokens per expert`` rows::
@@ -64,10 +82,13 @@ __all__ = [
     "MOE_EXPERTS_FP8",
     "MOE_EXPERTS_FP8_INPUTS",
     "MOE_EXPERTS_INPUTS",
+    "MOE_EXPERTS_NVFP4",
+    "MOE_EXPERTS_NVFP4_INPUTS",
     "MOE_EXPERTS_OUTPUTS",
     "moe_experts_dense_function",
     "moe_experts_fp8_function",
     "moe_experts_function",
+    "moe_experts_nvfp4_function",
 ]
 
 MOE_EXPERTS = "MoeExperts"
@@ -83,6 +104,18 @@ MOE_EXPERTS_FP8_INPUTS = (
     "down_proj",
     "down_weight_scale",
     "down_input_scale",
+)
+MOE_EXPERTS_NVFP4 = "MoeExpertsNvfp4"
+MOE_EXPERTS_NVFP4_INPUTS = (
+    "x",
+    "topk_indices",
+    "topk_weights",
+    "up_codes",
+    "up_block_scale",
+    "up_global_scale",
+    "down_codes",
+    "down_block_scale",
+    "down_global_scale",
 )
 MOE_EXPERTS_OUTPUTS = ("y",)
 MOE_EXPERTS_ATTRS = ("activation", "plugin_namespace", "plugin_version")
@@ -205,7 +238,36 @@ def MoeExpertsFp8(x, topk_indices, topk_weights, up_proj, up_weight_scale, up_in
     return y
 
 
-_HELPERS = (_Dispatch, _Combine, _FakeQuant, _Dequantize)
+@script(_local, default_opset=op19)
+def _DequantizeNvfp4(codes, block_scale, global_scale, chosen):
+    """Experts ``chosen`` of NVFP4 weights ``[E, O, N]`` (``codes [E, O, N/2]`` uint8, ``block_scale
+    [E, O, N/16]`` float8e4m3fn, ``global_scale [E]``) -> ``[A, O, N]`` fp32, as ModelOpt dequantizes."""
+    packed = op19.Gather(codes, chosen, axis=0)  # [A, O, N/2]
+    low = op19.BitwiseAnd(packed, op19.CastLike(15, packed))
+    high = op19.BitShift(packed, op19.CastLike(4, packed), direction="RIGHT")
+    pairs = op19.Concat(op19.Unsqueeze(low, [3]), op19.Unsqueeze(high, [3]), axis=3)  # [A, O, N/2, 2]: element 2j, 2j+1
+    # each E2M1 code's value as ModelOpt dequantizes it (code 8 is +0 there, not the ONNX table's -0)
+    table = op19.Constant(value_floats=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    values = op19.Gather(table, op19.Cast(pairs, to=INT64.dtype), axis=0)
+    lead = op19.Shape(packed, start=0, end=2)  # [A, O]
+    blocked = op19.Reshape(values, op19.Concat(lead, [-1, 16], axis=0))  # [A, O, N/16, 16]: NVFP4's blocks of 16
+    per_expert = op19.Reshape(op19.Gather(global_scale, chosen, axis=0), [-1, 1, 1])
+    scale = op19.Mul(op19.Gather(op19.Cast(block_scale, to=FLOAT.dtype), chosen, axis=0), per_expert)  # [A, O, N/16]
+    return op19.Reshape(op19.Mul(blocked, op19.Unsqueeze(scale, [3])), op19.Concat(lead, [-1], axis=0))
+
+
+@script(_hybridtrt, default_opset=op19)
+def MoeExpertsNvfp4(x, topk_indices, topk_weights, up_codes, up_block_scale, up_global_scale, down_codes, down_block_scale, down_global_scale):
+    blocks, slot, chosen = _Dispatch(x, topk_indices, up_global_scale)
+    up = op19.CastLike(_DequantizeNvfp4(up_codes, up_block_scale, up_global_scale, chosen), x)  # [A, I, D]
+    down = op19.CastLike(_DequantizeNvfp4(down_codes, down_block_scale, down_global_scale, chosen), x)  # [A, D, I]
+    h = op19.Relu(op19.MatMul(up, op19.Transpose(blocks, perm=[0, 2, 1])))  # [A, I, C]
+    out_t = op19.MatMul(down, op19.Mul(h, h))  # [A, D, C]
+    y = _Combine(out_t, slot, topk_weights, x)
+    return y
+
+
+_HELPERS = (_Dispatch, _Combine, _FakeQuant, _Dequantize, _DequantizeNvfp4)
 
 
 def _build(body, name: str, inputs: tuple[str, ...], opset: int, min_opset: int, doc: str) -> FunctionProto:
@@ -260,6 +322,15 @@ def moe_experts_fp8_function(opset: int = 19) -> FunctionProto:
     return _build(MoeExpertsFp8, MOE_EXPERTS_FP8, MOE_EXPERTS_FP8_INPUTS, opset, 19, "MoE routed experts (relu²) with FP8 weights and per-expert FP8 activation scales, in standard ONNX (hybridtrt v1). See hybridtrt/ops/moe_onnx.py.")
 
 
+def moe_experts_nvfp4_function(opset: int = 19) -> FunctionProto:
+    """Body of ``hybridtrt::MoeExpertsNvfp4`` (float8e4m3fn block scales need opset ≥ 19)."""
+    return _build(MoeExpertsNvfp4, MOE_EXPERTS_NVFP4, MOE_EXPERTS_NVFP4_INPUTS, opset, 19, "MoE routed experts (relu²) with NVFP4 weights (ModelOpt's packed codes, FP8 block scales, fp32 global scales), activations in x's dtype, in standard ONNX (hybridtrt v1). See hybridtrt/ops/moe_onnx.py.")
+
+
 #: Registered with `hybridtrt.ops.onnx_functions.attach_functions` (op_type -> body builder).
-BUILDERS: dict[str, Callable[[int], FunctionProto]] = {MOE_EXPERTS: moe_experts_function, MOE_EXPERTS_FP8: moe_experts_fp8_function}
+BUILDERS: dict[str, Callable[[int], FunctionProto]] = {
+    MOE_EXPERTS: moe_experts_function,
+    MOE_EXPERTS_FP8: moe_experts_fp8_function,
+    MOE_EXPERTS_NVFP4: moe_experts_nvfp4_function,
+}
 FUNCTION_BUILDERS.update(BUILDERS)

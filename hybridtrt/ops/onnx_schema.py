@@ -126,17 +126,26 @@ _MOE_TYPE_OF = {
     "up_input_scale": "F",
     "down_weight_scale": "F",
     "down_input_scale": "F",
+    "up_codes": "C",
+    "down_codes": "C",
+    "up_block_scale": "S",
+    "down_block_scale": "S",
+    "up_global_scale": "F",
+    "down_global_scale": "F",
 }
 
 
 def _moe_schemas() -> list[OpSchema]:
-    """Schemas of ``MoeExperts`` (weights in x's dtype) and ``MoeExpertsFp8`` (float8e4m3fn weights)."""
+    """Schemas of ``MoeExperts`` (weights in x's dtype), ``MoeExpertsFp8`` (float8e4m3fn weights) and
+    ``MoeExpertsNvfp4`` (packed E2M1 codes, float8e4m3fn block scales)."""
     from hybridtrt.ops.moe_onnx import (
         MOE_EXPERTS,
         MOE_EXPERTS_ATTRS,
         MOE_EXPERTS_FP8,
         MOE_EXPERTS_FP8_INPUTS,
         MOE_EXPERTS_INPUTS,
+        MOE_EXPERTS_NVFP4,
+        MOE_EXPERTS_NVFP4_INPUTS,
         MOE_EXPERTS_OUTPUTS,
     )
 
@@ -151,4 +160,7 @@ def _moe_schemas() -> list[OpSchema]:
             (MOE_EXPERTS, MOE_EXPERTS_INPUTS, _FLOATS, "MoE routed relu² experts (Nemotron-3)."),
             (MOE_EXPERTS_FP8, MOE_EXPERTS_FP8_INPUTS, ["tensor(float8e4m3fn)"], "MoE routed relu² experts, FP8 weights."),
         )
-    ]
+    ] + [
+        _schema(MOE_EXPERTS_NVFP4, MOE_EXPERTS_NVFP4_INPUTS, MOE_EXPERTS_OUTPUTS, MOE_EXPERTS_ATTRS, "MoE routed relu² experts, NVFP4 weights (W4A16).", _MOE_TYPE_OF,
+                [*constraints, ("C", ["tensor(uint8)"], "packed E2M1 codes"), ("S", ["tensor(float8e4m3fn)"], "NVFP4 block scales")]),
+    ]  # fmt: skip

@@ -200,8 +200,8 @@ def yardstick_subject(
     else:
         model, states = load_model(checkpoint, spec.dtype), parse_dtype(state_dtype)
     if spec.fp8 is not None:
-        if manifest is None or not manifest.quantization:
-            raise ValueError(f"the {spec.name} yardstick needs the FP8 export's manifest")
+        if manifest is None or not (manifest.quantization or (manifest.weight_only or {}).get("activations")):
+            raise ValueError(f"the {spec.name} yardstick needs the manifest of an export with quantized activations")
         model = as_exported(model, manifest, dynamic=spec.fp8 == "dynamic", dither=FP32_DITHER if spec.fp8 == "dithered" else None)
     elif spec.weights == "rtn":  # the same 4-bit layers rounded to nearest: the recipe without its AWQ scales
         if manifest is None or not manifest.weight_only:
@@ -214,6 +214,8 @@ def yardstick_subject(
 
 
 def _reference_name(manifest: Manifest) -> str:
+    if (manifest.weight_only or {}).get("activations"):
+        return f"pytorch-{manifest.weight_only['scheme']}-w4a4"
     if manifest.weight_only:
         return f"pytorch-{manifest.weight_only['scheme']}-weights"
     return "pytorch-fp8" if manifest.quantization else "pytorch"

@@ -142,6 +142,8 @@ CASES = [
     # -- flags ----------------------------------------------------------------------------------
     Case("export-opset-out-of-range", ("export", "{ckpt}", "-o", "{out}", "--opset", "5"), "export", "--opset 5"),
     Case("export-dequantize-unquantized", ("export", "{ckpt}", "-o", "{out}", "--dequantize"), "export", "--dequantize: "),
+    Case("export-fp4-activations-unquantized", ("export", "{ckpt}", "-o", "{out}", "--fp4-activations"), "export", "--fp4-activations pairs FP4 activations"),
+    Case("export-dequantize-experts-unquantized", ("export", "{ckpt}", "-o", "{out}", "--dequantize-experts"), "export", "--dequantize-experts keeps an NVFP4"),
     Case("preset-shard-size-zero", ("preset", "tiny-nemotron-h", "-o", "{out}", "--max-shard-mb", "0"), "input", "--max-shard-mb 0",
          lambda ws: None),
     Case("fp8-flags-without-quantize", ("export", "{ckpt}", "-o", "{out}", "--calib-random", "4"), "input", "--quantize fp8"),

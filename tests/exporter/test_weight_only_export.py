@@ -68,6 +68,102 @@ def test_an_nvfp4_checkpoint_exports_as_its_own_4bit_weights(tmp_path, capsys):
     assert "PASS" in capsys.readouterr().out
 
 
+def test_nvfp4_routed_experts_export_as_the_checkpoints_own_bytes(tmp_path, capsys):
+    """An NVFP4 MoE checkpoint (written by ModelOpt 0.47.0): each MoE layer's routed experts become one
+    ``MoeExpertsNvfp4`` whose codes, block scales and global scales are the checkpoint's, expert by expert
+    (with ``--fp4-activations``, which gives the linears FP4 activations and leaves the experts' alone);
+    verified and validated on ONNX Runtime; `build --check-tensorrt` refuses the op without a plugin and
+    names ``--dequantize-experts``, whose export (routed experts in bf16) it would build."""
+    moe = FIXTURE.parent / "nvfp4-moe"
+    out = tmp_path / "out"
+    assert main(["export", str(moe), "-o", str(out), "--fp4-activations"]) == 0  # the linears W4A4; the routed experts stay W4A16
+    recipe = json.loads((out / "hybridtrt.json").read_text())["weight_only"]
+    layers = [1, 3]
+    assert [n for n in recipe["quantized"] if "/experts/" in n] == [f"/model/layers.{i}/mixer/experts/MoeExpertsNvfp4" for i in layers]
+    assert sorted(recipe["activations"]["input_scales"]) == sorted(n for n in recipe["quantized"] if n.endswith("/MatMul"))
+    index = WeightIndex([moe / "model.safetensors"])
+    inits = _initializers(out / "model.onnx")
+    for i in layers:
+        experts = sorted({int(n.split(".")[5]) for n in index.tensors if n.startswith(f"backbone.layers.{i}.mixer.experts.")})
+        for proj in ("up", "down"):
+            stored = [f"backbone.layers.{i}.mixer.experts.{e}.{proj}_proj" for e in experts]
+            codes, block, glob = (inits[f"model.layers.{i}.mixer.experts.{proj}_{k}"] for k in ("codes", "block_scale", "global_scale"))
+            assert codes.data_type == TensorProto.UINT8 and block.data_type == TensorProto.FLOAT8E4M3FN
+            assert codes.raw_data == b"".join(index.read(f"{m}.weight").numpy().tobytes() for m in stored)
+            assert block.raw_data == b"".join(index.read(f"{m}.weight_scale").view(torch.uint8).numpy().tobytes() for m in stored)
+            assert onnx.numpy_helper.to_array(glob).tolist() == [index.read(f"{m}.weight_scale_2").item() for m in stored]
+    capsys.readouterr()
+    assert main(["validate", str(out), "--random", "2", "--steps", "2"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert main(["build", str(out), "--check-tensorrt", "11.1"]) == 2
+    assert "--dequantize-experts" in capsys.readouterr().err.replace("\n", " ")
+    kept = tmp_path / "kept"
+    assert main(["export", str(moe), "-o", str(kept), "--dequantize-experts", "--no-verify"]) == 0
+    graph = onnx.load(str(kept / "model.onnx"), load_external_data=False)
+    assert sorted(n.op_type for n in graph.graph.node if n.domain == "hybridtrt" and "Moe" in n.op_type) == ["MoeExperts", "MoeExperts"]
+    assert (kept / "weights.data").stat().st_size > 1.5 * (out / "weights.data").stat().st_size
+    assert main(["build", str(kept), "--check-tensorrt", "11.1"]) == 0
+
+
+def test_fp4_activations_export_the_checkpoints_input_scales_and_pass_every_gate(tmp_path, capsys):
+    """``--fp4-activations`` (W4A4, Blackwell): one ``trt::TRT_FP4DynamicQuantize`` per 4-bit linear
+    with the checkpoint's own ``input_scale``, verified in fp32 against the W4A4 reference (its
+    dithered run the yardstick), validated through the CLI, and what TensorRT 11.1 would build."""
+    out = tmp_path / "out"
+    assert main(["export", str(FIXTURE), "-o", str(out), "--dtype", "fp32", "--fp4-activations"]) == 0
+    manifest = json.loads((out / "hybridtrt.json").read_text())
+    recipe = manifest["weight_only"]
+    index = WeightIndex([FIXTURE / "model.safetensors"])
+    want = {_node(n.removeprefix("backbone.").removesuffix(".input_scale")): index.read(n).item()
+            for n in index.tensors if n.endswith(".input_scale") and not n.startswith("lm_head")}  # fmt: skip
+    assert recipe["activations"]["input_scales"] == want and sorted(want) == sorted(recipe["quantized"])
+    assert manifest["verification"]["truth"] == "nvfp4 W4A4 fp32 reference" and "dithered" in manifest["verification"]["yardstick"]
+    for graph in ("model.onnx", "decode.onnx"):
+        proto = onnx.load(str(out / graph), load_external_data=False)
+        scales = {t.name: onnx.numpy_helper.to_array(t).item() for t in proto.graph.initializer if t.name.endswith(".input_scale")}
+        quantizers = [n for n in proto.graph.node if n.op_type == "TRT_FP4DynamicQuantize"]
+        assert len(quantizers) == len(want) and all(n.domain == "trt" for n in quantizers)
+        assert {n.name.removesuffix("/input_quantizer/TRT_FP4DynamicQuantize") + "/MatMul": scales[n.input[1]] for n in quantizers} == pytest.approx(want, rel=0)
+    capsys.readouterr()
+    assert main(["validate", str(out), "--random", "2", "--steps", "2"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "PASS" in printed and "pytorch-nvfp4-w4a4" in printed
+    assert main(["build", str(out), "--check-tensorrt", "11.1"]) == 0
+    assert "IDynamicQuantizeLayer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("plant", ["reference-without-activations", "emulation-truncates"])
+def test_fp4_activation_errors_fail_verification(tmp_path, monkeypatch, plant):
+    """Planted errors, each on one side of the judgement: the reference forgetting the activations'
+    quantization, and ONNX Runtime's emulation rounding E2M1 toward zero (Floor for Round)."""
+    import hybridtrt.exporter.weight_only_reference as reference
+    import hybridtrt.graphs.fp4_emulation as emulation
+
+    if plant == "reference-without-activations":
+        monkeypatch.setattr(reference, "_fp4_activation_forward", lambda self, x: torch.nn.functional.linear(x, self.weight, self.bias))
+    else:
+        right = emulation._dynamic_dequantize
+
+        def truncating(dq, quantizer, c):
+            nodes = right(dq, quantizer, c)
+            for node in nodes:
+                node.op_type = "Floor" if node.op_type == "Round" else node.op_type
+            return nodes
+
+        monkeypatch.setattr(emulation, "_dynamic_dequantize", truncating)
+    with pytest.raises(ExportError, match="beyond"):
+        export(FIXTURE, tmp_path / "out", ExportOptions(dtype="fp32", split=False, fp4_activations=True))
+    assert not (tmp_path / "out" / "hybridtrt.json").exists()
+
+
+def test_fp4_activations_need_an_nvfp4_checkpoint(tmp_path):
+    fp8 = FIXTURE.parent / "fp8"
+    with pytest.raises(ExportError, match="a ModelOpt FP8 checkpoint"):
+        export(fp8, tmp_path / "a", ExportOptions(dtype="fp32", fp4_activations=True))
+    with pytest.raises(ExportError, match="--dequantize exports no 4-bit weights"):
+        export(FIXTURE, tmp_path / "b", ExportOptions(dtype="fp32", fp4_activations=True, dequantize=True))
+
+
 def test_a_wrong_int4_scale_fails_verification(make_checkpoint, tmp_path, monkeypatch):
     """Planted error: the exporter's scales from amax / 8 (a wrong bound) — export-time verification
     against the reference (which computes amax / 7 on its own) refuses to publish."""

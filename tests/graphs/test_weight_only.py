@@ -288,6 +288,38 @@ def test_weights_are_quantized_in_bounded_chunks_with_the_same_bits(monkeypatch)
     assert whole[1][0].tobytes() == codes.tobytes()
 
 
+def test_fp8_weights_are_quantized_in_bounded_chunks_with_the_same_bits(monkeypatch):
+    """The FP8 quantizers (linears per tensor and per channel, a checkpoint's own scale, expert stacks)
+    work a chunk of rows at a time: forced to one row a chunk, the bits of the one-pass formula
+    ``saturate(float8(w / scale))`` (saturation exercised by a checkpoint scale too small)."""
+    import hybridtrt.graphs.fp8_qdq as fp8_qdq
+
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal((64, 24)) * 3).astype(ml_dtypes.bfloat16)
+    experts = rng.standard_normal((5, 8, 16)).astype(np.float32)
+    per_expert = tuple(float(s) for s in rng.uniform(1e-3, 1e-2, 5))
+
+    def every():
+        return (
+            fp8_qdq.quantize_weight(w, "tensor", TensorProto.FLOAT),
+            fp8_qdq.quantize_weight(w, "channel", TensorProto.BFLOAT16),
+            fp8_qdq.quantize_weight_with_scale(w, 0.002, TensorProto.FLOAT),
+            fp8_qdq.quantize_expert_weights(experts, "tensor"),
+            fp8_qdq.quantize_expert_weights(experts, "channel"),
+            fp8_qdq.quantize_expert_weights_with_scales(experts, per_expert),
+        )
+
+    whole = every()
+    monkeypatch.setattr(fp8_qdq, "CHUNK_ELEMENTS", 1)
+    for (a_q, a_s), (b_q, b_s) in zip(whole, every()):
+        assert a_q.tobytes() == b_q.tobytes() and a_s.tobytes() == b_s.tobytes()
+    for (q, scale), source in zip(whole, (w, w, w, experts, experts, experts)):
+        s32 = np.asarray(scale, np.float32)
+        s32 = s32[:, :, None] if source.ndim == 3 else s32
+        assert q.tobytes() == fp8_qdq.fp8_saturating_cast(np.asarray(source, np.float32) / s32).tobytes()
+    assert (np.abs(whole[2][0].astype(np.float32)) == 448).any()  # saturated, not NaN
+
+
 def test_awq_search_in_row_slices_finds_the_same(monkeypatch):
     """The AWQ search dequantizes a few output rows at a time: forced to one row, same α and errors."""
     import hybridtrt.exporter.awq as awq

@@ -150,3 +150,13 @@ def test_routed_experts_are_read_one_expert_at_a_time(tmp_path, monkeypatch, dty
         down = [(s, e) for n, s, e in experts if n == f"{name}.down_proj"]
         assert up == down and all(e == s + 1 for s, e in up), "one expert per read"
         assert 0 < len(up) == len(set(up)) <= num_experts  # each chosen expert once per pass
+
+
+def test_calibration_passes_keep_no_states(make_checkpoint):
+    """``keep_states=False`` (calibration, AWQ): the same logits, and no layer's states outlive the call."""
+    model = load_model(make_checkpoint("tiny-nemotron-h"), "fp32", lazy=True)
+    ids, mask = left_padded_batch([9, 5], model.config.vocab_size, seed=4)
+    with torch.no_grad():
+        kept, dropped = model(ids, mask, logits="last"), model(ids, mask, logits="last", keep_states=False)
+    assert torch.equal(kept.logits, dropped.logits)
+    assert kept.cache.named_states() and not dropped.cache.named_states()

@@ -1,6 +1,7 @@
 """The MoE function bodies on ONNX Runtime vs the eager op and its `_ref` twin: the grouped (attached)
-body, the dense fallback, the FP8 body; and that the attached body never touches an expert nobody
-chose (its work scales with the selected experts)."""
+body, the dense fallback, the FP8 body, the NVFP4 body (against ModelOpt's dequantization as the
+loader writes it); and that the attached bodies never touch an expert nobody chose (their work scales
+with the selected experts)."""
 
 from __future__ import annotations
 
@@ -19,15 +20,17 @@ from hybridtrt.ops.moe_onnx import (
     MOE_EXPERTS_FP8,
     MOE_EXPERTS_FP8_INPUTS,
     MOE_EXPERTS_INPUTS,
+    MOE_EXPERTS_NVFP4_INPUTS,
     moe_experts_dense_function,
     moe_experts_fp8_function,
     moe_experts_function,
+    moe_experts_nvfp4_function,
 )
 from hybridtrt.ops.onnx_functions import DOMAIN, MAX_OPSET, attach_functions
 from hybridtrt.judge.metrics import rel_l2
 from tests.ops.test_moe_op import _inputs
 
-_TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.int64: TensorProto.INT64}
+_TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.int64: TensorProto.INT64, np.uint8: TensorProto.UINT8}
 
 
 def _session(function: onnx.FunctionProto, inputs: dict[str, np.ndarray], opset: int) -> ort.InferenceSession:
@@ -98,6 +101,46 @@ def test_grouped_body_never_reads_unselected_experts():
     after = _run(moe_experts_function(18), (x, idx, w, up, down))
     assert np.array_equal(before, after)
     assert np.isnan(_run(moe_experts_dense_function(18), (x, idx, w, up, down))).all()
+
+
+def _nvfp4(e: int, o: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random NVFP4 experts as ModelOpt stores them: codes [E, O, K/2] uint8, block scales [E, O, K/16]
+    float8e4m3fn (positive), global scales [E] fp32."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, size=(e, o, k // 2), dtype=np.uint8)
+    block = (rng.uniform(0.05, 2.0, size=(e, o, k // 16)).astype(np.float32)).astype(ml_dtypes.float8_e4m3fn)
+    return codes, block, rng.uniform(0.01, 0.1, size=e).astype(np.float32)
+
+
+def test_nvfp4_body_is_moe_experts_on_modelopts_dequantized_weights():
+    """MoeExpertsNvfp4 (the checkpoint's codes and scales) = MoeExperts on the weights ModelOpt's
+    dequantization gives (`hybridtrt.models.modelopt.dequantize_nvfp4`, the loader's, in x's dtype):
+    bit for bit on ONNX Runtime in fp32 (the same MatMuls on the same weights), and the torch `_ref`
+    twin within fp32 rounding; an expert nobody chose is never read (NaN block scales change nothing)."""
+    from hybridtrt.models.modelopt import dequantize_nvfp4
+
+    x, idx, w, _, _ = _inputs(5, 2, 16, dim=32, inter=48)
+    experts, inner, dim = 16, 48, 32
+    up = _nvfp4(experts, inner, dim, 1)
+    down = _nvfp4(experts, dim, inner, 2)
+
+    def weights(codes, block, glob):
+        return torch.stack([dequantize_nvfp4(torch.from_numpy(codes[i]), torch.from_numpy(block[i].view(np.uint8)).view(torch.float8_e4m3fn),
+                                             torch.tensor(glob[i]), 16, torch.float32) for i in range(experts)])  # fmt: skip
+
+    up_w, down_w = weights(*up), weights(*down)
+    feeds = dict(zip(MOE_EXPERTS_NVFP4_INPUTS, (x.numpy(), idx.numpy(), w.numpy(), *up, *down)))
+    got = _session(moe_experts_nvfp4_function(19), feeds, 19).run(None, {k: v for k, v in feeds.items() if v.dtype != ml_dtypes.float8_e4m3fn})[0]
+    plain = _run(moe_experts_function(19), (x, idx, w, up_w, down_w), 19)
+    assert np.array_equal(got, plain)
+    assert rel_l2(got, moe_experts_ref(x, idx, w, up_w, down_w)) <= 1e-6
+    unused = sorted(set(range(experts)) - set(idx.flatten().tolist()))
+    assert unused
+    poisoned = {k: v.copy() for k, v in feeds.items()}
+    for name in ("up_block_scale", "down_block_scale"):
+        poisoned[name].view(np.uint8)[unused] = 0x7F  # float8e4m3fn NaN
+    again = _session(moe_experts_nvfp4_function(19), poisoned, 19).run(None, {k: v for k, v in poisoned.items() if v.dtype != ml_dtypes.float8_e4m3fn})[0]
+    assert np.array_equal(again, got)
 
 
 def _fake_quant(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
