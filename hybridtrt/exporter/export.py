@@ -452,27 +452,30 @@ def export(
         written: list[str] = []
         recipe = weights_recipe = None
         unified_keys: dict[str, str] = {}
+        # Calibration and the AWQ search run before anything is traced: their working set (a layer's
+        # weights and the batches' activations) is gone before tracing's residue builds up, so the
+        # export peaks at the larger of the two, not at their sum.
+        if quantize is not None and quantize.fixed is None:
+            with progress("FP8 calibration (each layer read once)", len(reference.weights.groups), "layers") as advance:
+                quantize.progress = _counter(advance)
+                from hybridtrt.exporter.quantize import run_calibration
+
+                run_calibration(reference, checkpoint.root, quantize)
+        if weight_only is not None and weight_only.calibrated and weight_only.awq is None:
+            with progress("AWQ search (each layer read once)", len(reference.weights.groups), "layers") as advance:
+                weight_only.progress = _counter(advance)
+                from hybridtrt.exporter.quantize import run_awq
+
+                run_awq(reference, checkpoint.root, weight_only)
         for role, fname, data, decode in roles:
             with step(f"trace {role} graph (torch.export → ONNX, weights not loaded)"):
                 proto = trace_streamed(checkpoint, table, GraphSpec(opts.logits, decode, opts.per_layer, state_dtype, opset, flavour))
             rule = "onnx_ir"  # the writer the weight-loaded export used: onnx_ir.save
             if quantize is not None:
-                if recipe is None and quantize.fixed is None:
-                    with progress("FP8 calibration (each layer read once)", len(reference.weights.groups), "layers") as advance:
-                        quantize.progress = _counter(advance)
-                        from hybridtrt.exporter.quantize import run_calibration
-
-                        run_calibration(reference, checkpoint.root, quantize)
                 with step(f"FP8: insert Q/DQ ({role})"):
                     recipe = quantize_graph(proto, reference, checkpoint.root, quantize, quantizer=table.quantizer())
                 rule = "onnx"  # FP8 graphs were saved from memory with onnx.save_model
             if weight_only is not None:
-                if weight_only.calibrated and weight_only.awq is None:
-                    with progress("AWQ search (each layer read once)", len(reference.weights.groups), "layers") as advance:
-                        weight_only.progress = _counter(advance)
-                        from hybridtrt.exporter.quantize import run_awq
-
-                        run_awq(reference, checkpoint.root, weight_only)
                 with step(f"{weight_only.scheme}: 4-bit weights ({role})"):
                     weights_recipe = quantize_weights(proto, weight_only, quantizer=table.quantizer())
                 rule = "onnx"

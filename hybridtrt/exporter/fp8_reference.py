@@ -63,8 +63,10 @@ def fake_quantize(x: Tensor, scale: Tensor | float, dtype: torch.dtype | None = 
     in the wider of fp32 and x's dtype; the result in ``dtype`` (default x's)."""
     wide = _wide(x.dtype)
     s = torch.as_tensor(scale, dtype=wide, device=x.device)
-    q = (x.to(wide) / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return (q.to(wide) * s).to(dtype or x.dtype)
+    y = x.to(dtype=wide, copy=True)  # one working copy, every step in place: a weight's fake
+    y.div_(s).clamp_(-FP8_MAX, FP8_MAX)  # quantization holds 1.25× it, not 3× (verification's peak)
+    y.copy_(y.to(torch.float8_e4m3fn))
+    return y.mul_(s).to(dtype or x.dtype)
 
 
 def _channel_scale(w: Tensor, dim: int, scale_dtype: torch.dtype) -> Tensor:

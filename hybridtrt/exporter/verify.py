@@ -112,12 +112,14 @@ def window_plan(layer_bytes: list[int], budget: int) -> list[tuple[int, int]]:
 
 
 def _resident_bytes(t: onnx.TensorProto) -> int:
-    """What ONNX Runtime holds of an initializer: its bytes, and for 4-bit weights also their fp32
-    dequantization (the sessions fold constant DequantizeLinear nodes: `hybridtrt.runtime.
-    onnxruntime.QDQ_FUSION`), so a window of 4-bit layers holds as much as one of fp32 layers."""
+    """What ONNX Runtime holds of an initializer: its bytes, and for 4-bit and FP8 weights also their
+    fp32 dequantization (the sessions fold constant DequantizeLinear nodes, and the Casts of the FP8
+    experts' function body: a [4096, 4096] float8 weight behind a DequantizeLinear adds 73–89 MiB to a
+    session, measured), so a window of quantized layers holds as much as one of fp32 layers."""
     from hybridtrt.graphs.quantized_types import FOUR_BIT
 
-    extra = 4 * math.prod(t.dims) if t.data_type in FOUR_BIT else 0
+    folded = (*FOUR_BIT, onnx.TensorProto.FLOAT8E4M3FN)
+    extra = 4 * math.prod(t.dims) if t.data_type in folded else 0
     return tensor_nbytes(t) + extra
 
 

@@ -50,14 +50,15 @@ def int4_dequantized(w: Tensor, block: int, dtype: torch.dtype, pre_scale: Tenso
     out, k = w.shape
     if k % block:
         raise QuantizationError(f"a weight with {k} inputs cannot take blocks of {block}", fix="re-export (the recipe does not match the checkpoint)")
-    w32 = w.to(dtype).to(torch.float32)
+    w32 = w.to(dtype).to(torch.float32, copy=True).contiguous()  # one working copy, every step in place (verification's peak)
     if pre_scale is not None:
-        w32 = w32 / pre_scale.to(torch.float32)
-    blocks = w32.reshape(out, k // block, block)
+        w32.div_(pre_scale.to(torch.float32))
+    blocks = w32.view(out, k // block, block)
     tiny = torch.finfo(torch.float16 if dtype == torch.float16 else torch.float32).tiny
-    scale = torch.clamp(blocks.abs().amax(dim=-1, keepdim=True) / INT4_BOUND, min=tiny).to(dtype)
-    q = torch.round(blocks / scale.to(torch.float32)).clamp(-8, 7)
-    return (q * scale.to(torch.float32)).to(dtype).reshape(out, k)
+    amax = torch.maximum(blocks.amax(dim=-1, keepdim=True), blocks.amin(dim=-1, keepdim=True).neg_())  # |w|'s max, no |w| copy
+    scale = torch.clamp(amax / INT4_BOUND, min=tiny).to(dtype).to(torch.float32)
+    blocks.div_(scale).round_().clamp_(-8, 7).mul_(scale)
+    return w32.to(dtype)
 
 
 #: E2M1 by decision thresholds (ModelOpt's ``fp4_round_magnitude``): ``|v|`` up to each bound (``<=``

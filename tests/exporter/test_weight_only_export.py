@@ -307,3 +307,17 @@ def test_verification_windows_count_4bit_weights_as_onnx_runtime_holds_them(awq_
     layer0 = {n.input[0] for n in graph.graph.node if n.name.startswith("/model/layers.0/") and n.op_type == "DequantizeLinear"} & set(packed)
     counted = _layer_bytes(graph, 8)[0]
     assert layer0 and counted >= sum(4 * int(np.prod(packed[n].dims)) + len(packed[n].raw_data or b"") for n in layer0)
+
+
+def test_verification_windows_count_fp8_weights_as_onnx_runtime_holds_them():
+    """An FP8 weight is folded to fp32 by ONNX Runtime like a 4-bit one (a [4096, 4096] float8 weight
+    behind a DequantizeLinear adds 73–89 MiB to a session): windows count its bytes and 4 per element
+    (a 1B FP8 export planned 20 windows of 4× its budget before); packed codes (uint8, gathered at run
+    time) count as stored."""
+    from onnx import helper
+
+    from hybridtrt.exporter.verify import _resident_bytes
+
+    fp8 = helper.make_tensor("w", TensorProto.FLOAT8E4M3FN, [64, 32], bytes(64 * 32), raw=True)
+    codes = helper.make_tensor("c", TensorProto.UINT8, [64, 16], bytes(64 * 16), raw=True)
+    assert _resident_bytes(fp8) == 64 * 32 * 5 and _resident_bytes(codes) == 64 * 16
