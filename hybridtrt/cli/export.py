@@ -240,6 +240,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     if m.source.get("dequantized"):
         rows.append(["weights", f"dequantized to {m.dtype} from the checkpoint's {escape(m.source['dequantized'])}"])
+    if m.source.get("mtp"):
+        rows.append(["MTP head", escape(m.source["mtp"])])
     v = m.verification or {}
     if v.get("method") == "skipped":
         rows.append(["verification", f"skipped: {escape(str(v.get('reason')))}"])

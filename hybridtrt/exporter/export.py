@@ -351,6 +351,13 @@ def check_options(opts: ExportOptions, quantize: QuantizeOptions | None) -> int:
     return opset
 
 
+def mtp_note(config) -> str:
+    """What the export says of a checkpoint's multi-token-prediction layers (not exported yet)."""
+    pattern = f" (pattern {config.mtp_pattern!r})" if config.mtp_pattern else ""
+    return (f"{config.mtp_layers} MTP layer(s){pattern} in the checkpoint (mtp.*), not exported: the main model's logits do not "
+            "depend on them; an MTP graph for speculative decoding is issue 28")  # fmt: skip
+
+
 def _checkpoint_quantization(
     checkpoint: Checkpoint,
     quantize: QuantizeOptions | None,
@@ -525,6 +532,7 @@ def export(
                 "sha256": checkpoint_hash(checkpoint.root),
                 "family": config.family,
                 **({"dequantized": checkpoint.quantization.describe()} if opts.dequantize else {}),
+                **({"mtp": mtp_note(config)} if config.mtp_layers else {}),
             },
             model=config.to_dict(),
             layers=layer_map(config.pattern),

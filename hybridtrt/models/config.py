@@ -10,8 +10,11 @@ Nemotron-3 MoE fields (``E`` layers), against HF transformers' ``NemotronHMoE`` 
   ``n_group``, ``topk_group``, ``norm_topk_prob``, ``routed_scaling_factor``, ``moe_latent_size``
   (latent MoE: ``fc1_latent_proj`` / ``fc2_latent_proj`` around the routed experts), ``mlp_bias``
   and ``mlp_hidden_act`` (``relu2``) for the experts as for the MLP;
-* refused (`ConfigError` naming the field): ``num_nextn_predict_layers > 0`` (multi-token
-  prediction: HF transformers has no MTP module and drops the ``mtp.*`` weights), ``n_shared_experts
+* recorded, not part of the main model: ``num_nextn_predict_layers`` and ``mtp_hybrid_override_pattern``
+  (multi-token prediction, Nemotron-3 Super/Ultra: `HybridConfig.mtp_layers` / ``mtp_pattern``; the
+  ``mtp.*`` tensors are not read — HF transformers has no MTP module and drops them, and the main
+  model's logits do not depend on them — and the export says so; the MTP graph is issue 28);
+* refused (`ConfigError` naming the field): ``n_shared_experts
   > 1`` (HF builds one shared MLP of ``moe_shared_expert_intermediate_size`` whatever the count,
   vLLM one of ``count × size``: ambiguous), sizes and groupings that make the router ill-defined;
 * ignored, because they do not change the computation (as in HF): ``rope_theta`` /
@@ -117,6 +120,11 @@ class HybridConfig:
     #: The dtype the checkpoint declares (``dtype``/``torch_dtype`` in config.json) as
     #: ``fp32 | fp16 | bf16``; None when it declares none we know. The export's default dtype.
     checkpoint_dtype: str | None = None
+    #: Multi-token-prediction layers the checkpoint carries (``num_nextn_predict_layers``, tensors
+    #: ``mtp.*``) and their block pattern (``mtp_hybrid_override_pattern``): not part of the main model,
+    #: not read; 0 and "" without them.
+    mtp_layers: int = 0
+    mtp_pattern: str = ""
 
     @property
     def num_layers(self) -> int:
@@ -269,14 +277,6 @@ def _parse_pattern(cfg: dict[str, Any]) -> tuple[str, ...]:
 
 def _parse_moe(cfg: dict[str, Any]) -> MoeConfig:
     """The MoE fields of a Nemotron-3 config (see the module docstring for what is refused)."""
-    mtp = _int(cfg, "num_nextn_predict_layers", default=0, minimum=0)
-    if mtp:
-        raise ConfigError(
-            f"num_nextn_predict_layers={mtp}: multi-token prediction (MTP) layers are not supported — HF "
-            "transformers, whose math hybridtrt copies, has no MTP module and drops the mtp.* weights",
-            fix="set num_nextn_predict_layers to 0 in config.json to export the main model without its MTP "
-            "head (the main model's logits do not depend on it; the mtp.* tensors are then ignored)",
-        )
     shared = _int(cfg, "n_shared_experts", default=1, minimum=0)
     if shared not in (0, 1):
         raise ConfigError(
@@ -374,7 +374,19 @@ def _parse_nemotron_h(cfg: dict[str, Any]) -> HybridConfig:
         eos_token_id=_single_token(cfg.get("eos_token_id")),
         pad_token_id=_single_token(cfg.get("pad_token_id")),
         moe=_parse_moe(cfg) if MOE in layer_types else None,
+        **_parse_mtp(cfg),
     )
+
+
+def _parse_mtp(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``mtp_layers`` / ``mtp_pattern`` of a Nemotron-H config (0 and "" without MTP layers)."""
+    layers = _int(cfg, "num_nextn_predict_layers", default=0, minimum=0)
+    if not layers:
+        return {}
+    pattern = cfg.get("mtp_hybrid_override_pattern") or ""
+    if not isinstance(pattern, str) or any(letter not in SUPPORTED_BLOCKS for letter in pattern):
+        raise ConfigError(f"mtp_hybrid_override_pattern={pattern!r} is not a block pattern", fix="letters are M, *, - and E (vLLM's NemotronH-MTP builds * and E)")
+    return {"mtp_layers": layers, "mtp_pattern": pattern}
 
 
 def _parse_mamba2(cfg: dict[str, Any]) -> HybridConfig:

@@ -31,7 +31,7 @@ def test_preset_parses_as_nemotron3():
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
-        ({"num_nextn_predict_layers": 1}, "num_nextn_predict_layers=1: multi-token prediction"),
+        ({"num_nextn_predict_layers": 1, "mtp_hybrid_override_pattern": "*X"}, "mtp_hybrid_override_pattern='*X'"),
         ({"n_shared_experts": 2}, "n_shared_experts=2 is not supported"),
         ({"n_group": 3}, "n_routed_experts=16 is not divisible by n_group=3"),
         ({"n_group": 16}, "leaves 1 expert per group"),
@@ -46,6 +46,17 @@ def test_preset_parses_as_nemotron3():
 def test_refused_fields_are_named(patch, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("*", r"\*")):
         config_from_dict(preset_config(PRESET, **patch))
+
+
+def test_mtp_layers_are_recorded_and_leave_the_main_model_alone():
+    """Nemotron-3 Super's config (``num_nextn_predict_layers`` 1, pattern ``*E``): accepted, recorded,
+    and the main model's config is the one without them."""
+    import dataclasses
+
+    base = config_from_dict(preset_config(PRESET))
+    mtp = config_from_dict(preset_config(PRESET, num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E"))
+    assert (mtp.mtp_layers, mtp.mtp_pattern) == (1, "*E")
+    assert dataclasses.replace(mtp, mtp_layers=0, mtp_pattern="") == base
 
 
 def test_ignored_fields_do_not_change_the_model():
@@ -148,3 +159,42 @@ def test_group_limit_is_respected(make_checkpoint):
         _, idx = mixer.gate(torch.randn(500, model.config.hidden_size))
     groups_used = (idx // 4).sort(-1).values
     assert ((groups_used[:, 1:] != groups_used[:, :-1]).sum(-1) <= 1).all()  # ≤ 2 distinct groups per token
+
+
+def test_a_checkpoint_with_mtp_layers_exports_its_main_model(tmp_path, capsys):
+    """Nemotron-3 Super's layout: ``num_nextn_predict_layers`` 1, ``mtp_hybrid_override_pattern`` ``*E`` and
+    ``mtp.layers.*`` tensors (names as vLLM's NemotronH-MTP loads them: ``enorm``, ``hnorm``, ``eh_proj``,
+    the layers' mixers, ``final_layernorm``). Through the CLI: exit 0, the same main-model graph and weights
+    byte for byte as the checkpoint without them, and the summary says what was left out."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hybridtrt.cli.main import main
+
+    plain = save_hf_moe(tmp_path / "plain")
+    mtp = tmp_path / "mtp"
+    shutil.copytree(plain, mtp)
+    config = json.loads((mtp / "config.json").read_text())
+    config.update(num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E")
+    (mtp / "config.json").write_text(json.dumps(config))
+    hidden = config["hidden_size"]
+    tensors = load_file(mtp / "model.safetensors")
+    tensors.update({
+        "mtp.layers.0.enorm.weight": torch.ones(hidden), "mtp.layers.0.hnorm.weight": torch.ones(hidden),
+        "mtp.layers.0.eh_proj.weight": torch.randn(hidden, 2 * hidden), "mtp.layers.0.norm.weight": torch.ones(hidden),
+        "mtp.layers.0.mixer.q_proj.weight": torch.randn(hidden, hidden), "mtp.layers.1.norm.weight": torch.ones(hidden),
+        "mtp.layers.1.mixer.experts.0.up_proj.weight": torch.randn(8, hidden), "mtp.layers.1.final_layernorm.weight": torch.ones(hidden),
+    })  # fmt: skip
+    save_file(tensors, mtp / "model.safetensors", metadata={"format": "pt"})
+    outs = {}
+    for name, ckpt in (("plain", plain), ("mtp", mtp)):
+        outs[name] = tmp_path / f"out-{name}"
+        assert main(["export", str(ckpt), "-o", str(outs[name]), "--no-verify", "--no-split"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "MTP head" in printed and "1 MTP layer(s) (pattern '*E')" in printed
+    for file in ("model.onnx", "weights.data"):
+        assert (outs["mtp"] / file).read_bytes() == (outs["plain"] / file).read_bytes(), file
+    manifest = json.loads((outs["mtp"] / "hybridtrt.json").read_text())
+    assert "not exported" in manifest["source"]["mtp"] and manifest["model"]["mtp_layers"] == 1
