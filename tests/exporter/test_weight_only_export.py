@@ -321,3 +321,17 @@ def test_verification_windows_count_fp8_weights_as_onnx_runtime_holds_them():
     fp8 = helper.make_tensor("w", TensorProto.FLOAT8E4M3FN, [64, 32], bytes(64 * 32), raw=True)
     codes = helper.make_tensor("c", TensorProto.UINT8, [64, 16], bytes(64 * 16), raw=True)
     assert _resident_bytes(fp8) == 64 * 32 * 5 and _resident_bytes(codes) == 64 * 16
+
+
+def test_nvfp4_routed_experts_verify_by_expert_ranges(tmp_path, monkeypatch):
+    """A 4-bit routed-experts node too large for a verification window runs by ranges of experts (how a
+    real Nemotron-3-NVFP4 layer is verified): each range is a slice of the packed codes, block and global
+    scales, and the export is still within the fp32 gates."""
+    import hybridtrt.exporter.verify as verify
+
+    monkeypatch.setattr(verify, "SLICE_MIN_BYTES", 1024)
+    monkeypatch.setattr(verify, "WINDOW_FRACTION", 1 / 4096)
+    out = tmp_path / "out"
+    export(FIXTURE.parent / "nvfp4-moe", out, ExportOptions(dtype="fp32", split=False, verify_mode="layers"))
+    entry = json.loads((out / "hybridtrt.json").read_text())["verification"]["graphs"]["model.onnx"]
+    assert entry["expert_ranges"] == {f"/model/layers.{i}/mixer/experts/MoeExpertsNvfp4": 8 for i in (1, 3)}
