@@ -361,3 +361,27 @@ def test_polygraphy_onnxrt_is_skipped_with_the_reason_on_graphs_it_cannot_run(tm
         import onnxruntime as ort
 
         ort.InferenceSession(str(fp4), providers=["CPUExecutionProvider"])
+
+
+def test_nvfp4_expert_codes_are_the_checkpoints_bytes_and_a_stray_weight_is_refused():
+    """Routed experts (`nvfp4_expert_codes`): the stored packed codes and block scales come back as they
+    are, expert by expert from any first expert, when the loader's weights are their dequantization;
+    planted: one expert weight off its E2M1 grid point is refused, naming the expert."""
+    from hybridtrt.graphs.weight_only import nvfp4_expert_codes
+
+    experts = []
+    for e in range(3):
+        codes, stored, global_scale, w = _nvfp4_case(k=32, n=8, seed=e)
+        flat = codes.view(np.uint8).T.reshape(-1)  # [out, in] as ModelOpt stores it, packed along in
+        packed = (flat[0::2] | (flat[1::2] << 4)).reshape(8, 16)
+        experts.append((packed, stored, global_scale, w.T.copy()))
+    tables = {f"e{e}.{kind}": arr for e, (packed, stored, _, _) in enumerate(experts) for kind, arr in (("weight", packed), ("weight_scale", stored))}
+    scales = tuple(NVFP4Scales(f"e{e}.weight_scale", float(g), tables.__getitem__, f"e{e}.weight") for e, (_, _, g, _) in enumerate(experts))
+    stack = np.stack([w for *_, w in experts])
+    got_codes, got_blocks = nvfp4_expert_codes(stack[1:], scales, first=1)
+    assert got_codes.tobytes() == b"".join(p.tobytes() for p, *_ in experts[1:])
+    assert got_blocks.view(np.uint8).tobytes() == b"".join(s.view(np.uint8).tobytes() for _, s, *_ in experts[1:])
+    stray = stack.copy()
+    stray[2].reshape(-1)[np.flatnonzero(stray[2])[0]] *= 1.01  # a non-zero weight (a zero stays on the grid)
+    with pytest.raises(QuantizationError, match="e2: 1 weight"):
+        nvfp4_expert_codes(stray, scales)
