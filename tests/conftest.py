@@ -56,6 +56,18 @@ def _deterministic():
     torch.manual_seed(0)
 
 
+def load_script(name: str, path: Path):
+    """A script outside the package (benchmarks/) imported as module ``name``."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0, pad_id: int = 0):
     """Random prompts of the given lengths, left-padded to the longest: ``(ids, mask)``."""
     from hybridtrt.runtime.generation import left_pad

@@ -257,9 +257,8 @@ class DeferredTable:
                 for e, expert in enumerate(recipe.rows(self.checkpoint)):
                     w_q, s = quantize(_numpy(expert), first=e)
                     scales.append(s)
-                    elem_type, dims = onnx_type(w_q.dtype), [len(scales), *w_q.shape[1:]]  # FP8 [E, out, in]; NVFP4 codes [E, out, in/2]
+                    elem_type, dims = onnx_type(w_q.dtype), [w.dims[0], *w_q.shape[1:]]  # FP8 [E, out, in]; NVFP4 codes [E, out, in/2]
                     del w_q
-                dims[0] = len(scales)
                 scale = np.concatenate(scales)
             else:
                 w_q, scale = quantize(_numpy(recipe.strided(self.checkpoint)))

@@ -67,9 +67,8 @@ TRT_DOMAIN = "trt"
 FP4_DYNAMIC_QUANTIZE = "TRT_FP4DynamicQuantize"
 #: NVFP4: 16 values per FP8 block scale (the importer: "Only block_size == 16 is supported for now.").
 BLOCK = 16
-#: E2M1's largest magnitude and float8e4m3fn's (ModelOpt's E2M1_MAX, E4M3_MAX).
+#: E2M1's largest magnitude (ModelOpt's E2M1_MAX); float8e4m3fn's 448 is the saturating Cast's.
 E2M1_MAX = 6.0
-E4M3_MAX = 448.0
 #: float4e2m1 first appears in QuantizeLinear/DequantizeLinear-23 (onnx/docs/Changelog.md).
 MIN_OPSET = 23
 
@@ -78,23 +77,10 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     """``trt::TRT_FP4DynamicQuantize(x, scale) -> (x_fp4, x_block_scale)``: the module docstring's
     definition, along the last axis in blocks of 16 (the only form the pass writes; the attributes are
     TensorRT's and are not read by the body)."""
-    f = TensorProto.FLOAT
     nodes = [
-        helper.make_node("Cast", ["x"], ["xf"], to=f),
-        helper.make_node("Shape", ["xf"], ["lead"], end=-1),
-        helper.make_node("Constant", [], ["blocked_tail"], value=numpy_helper.from_array(np.array([-1, BLOCK], np.int64))),
-        helper.make_node("Concat", ["lead", "blocked_tail"], ["blocked_shape"], axis=0),
-        helper.make_node("Reshape", ["xf", "blocked_shape"], ["blocks"]),
-        helper.make_node("Abs", ["blocks"], ["magnitudes"]),
-        helper.make_node("Constant", [], ["last"], value=numpy_helper.from_array(np.array([-1], np.int64))),
-        helper.make_node("ReduceMax", ["magnitudes", "last"], ["amax"], keepdims=0),
-        helper.make_node("Constant", [], ["six"], value=numpy_helper.from_array(np.array(E2M1_MAX, np.float32))),
-        helper.make_node("Mul", ["six", "scale"], ["six_scale"]),
-        helper.make_node("Div", ["amax", "six_scale"], ["block_scale_f"]),
-        helper.make_node("Cast", ["block_scale_f"], ["x_block_scale"], to=TensorProto.FLOAT8E4M3FN, saturate=1),
+        *(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value)) for name, value in constants().items() if name in _BODY_CONSTANTS),
+        *block_scale_nodes("x", "scale", "x_block_scale"),
         helper.make_node("DequantizeLinear", ["x_block_scale", "scale"], ["d"]),
-        helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float32))),
-        helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.array(1.0, np.float32))),
         helper.make_node("Equal", ["d", "zero"], ["underflow"]),
         helper.make_node("Where", ["underflow", "one", "d"], ["divisor"]),
         helper.make_node("QuantizeLinear", ["xf", "divisor"], ["x_fp4"], axis=-1, block_size=BLOCK, output_dtype=TensorProto.FLOAT4E2M1),
@@ -108,6 +94,39 @@ def function_proto(opset: int) -> onnx.FunctionProto:
         [helper.make_opsetid("", opset)],
         attributes=["axis", "block_size", "scale_type"],
     )
+
+
+#: The constants the body reads (the emulation's E2M1 rounding reads the others too).
+_BODY_CONSTANTS = ("blocked_tail", "last", "six", "zero", "one")
+
+
+def constants(prefix: str = "") -> dict[str, np.ndarray]:
+    """The constants the definition (and its ONNX Runtime emulation) reads, by name."""
+    return {
+        f"{prefix}blocked_tail": np.array([-1, BLOCK], np.int64),
+        f"{prefix}last": np.array([-1], np.int64),
+        **{f"{prefix}{name}": np.array(value, np.float32) for name, value in
+           (("zero", 0.0), ("one", 1.0), ("two", 2.0), ("half", 0.5), ("four", 4.0), ("six", E2M1_MAX))},
+    }  # fmt: skip
+
+
+def block_scale_nodes(x: str, scale: str, block_scale: str, *, prefix: str = "", constant: str = "", name: str = "") -> list[onnx.NodeProto]:
+    """The definition's block scale: ``{prefix}xf`` (``x`` in fp32), ``{prefix}blocks`` (``[..., K/16,
+    16]``) and ``block_scale = float8e4m3fn(amax(|blocks|) / (6 · scale))`` with saturation; the
+    constants are `constants` under the ``constant`` prefix; the last node is named ``name``. Shared by
+    the function body and the ONNX Runtime emulation (`hybridtrt.graphs.fp4_emulation`)."""
+    p, c = prefix, constant
+    return [
+        helper.make_node("Cast", [x], [f"{p}xf"], to=TensorProto.FLOAT),
+        helper.make_node("Shape", [f"{p}xf"], [f"{p}lead"], end=-1),
+        helper.make_node("Concat", [f"{p}lead", f"{c}blocked_tail"], [f"{p}blocked_shape"], axis=0),
+        helper.make_node("Reshape", [f"{p}xf", f"{p}blocked_shape"], [f"{p}blocks"]),
+        helper.make_node("Abs", [f"{p}blocks"], [f"{p}magnitudes"]),
+        helper.make_node("ReduceMax", [f"{p}magnitudes", f"{c}last"], [f"{p}amax"], keepdims=0),
+        helper.make_node("Mul", [f"{c}six", scale], [f"{p}six_scale"]),
+        helper.make_node("Div", [f"{p}amax", f"{p}six_scale"], [f"{p}block_scale_f"]),
+        helper.make_node("Cast", [f"{p}block_scale_f"], [block_scale], name=name, to=TensorProto.FLOAT8E4M3FN, saturate=1),
+    ]
 
 
 def insert_fp4_activations(model: onnx.ModelProto, input_scales: Mapping[str, float]) -> list[str]:
@@ -189,4 +208,4 @@ def _matmul_dtype(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto],
     return to
 
 
-__all__ = ["BLOCK", "FP4_DYNAMIC_QUANTIZE", "MIN_OPSET", "TRT_DOMAIN", "activations_recipe", "function_proto", "insert_fp4_activations"]
+__all__ = ["BLOCK", "FP4_DYNAMIC_QUANTIZE", "MIN_OPSET", "TRT_DOMAIN", "activations_recipe", "block_scale_nodes", "constants", "function_proto", "insert_fp4_activations"]

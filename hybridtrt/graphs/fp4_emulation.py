@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from hybridtrt.graphs.fp4_activations import BLOCK, E2M1_MAX, FP4_DYNAMIC_QUANTIZE, TRT_DOMAIN
+from hybridtrt.graphs.fp4_activations import BLOCK, FP4_DYNAMIC_QUANTIZE, TRT_DOMAIN, block_scale_nodes, constants
 
 #: E2M1 value of each code (sign bit 3, 2 exponent bits, 1 mantissa bit; subnormal 0.5), from the
 #: ONNX spec's float4e2m1 table (onnx/docs/docs/technical/float4.md); code 8 is -0.
@@ -92,12 +92,7 @@ def emulate_fp4(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes: list[onnx.NodeProto] = []
     dynamic = {n.output[0]: n for n in g.node if n.domain == TRT_DOMAIN and n.op_type == FP4_DYNAMIC_QUANTIZE}
     if dynamic:
-        consts += [
-            numpy_helper.from_array(np.array([-1, BLOCK], np.int64), f"{c}/blocked_tail"),
-            numpy_helper.from_array(np.array([-1], np.int64), f"{c}/last"),
-            *(numpy_helper.from_array(np.array(v, np.float32), f"{c}/{k}") for k, v in
-              (("zero", 0.0), ("one", 1.0), ("two", 2.0), ("half", 0.5), ("four", 4.0), ("six", E2M1_MAX))),
-        ]  # fmt: skip
+        consts += [numpy_helper.from_array(value, name) for name, value in constants(f"{c}/").items()]
     for node in g.node:
         if node.domain == TRT_DOMAIN and node.op_type == FP4_DYNAMIC_QUANTIZE:
             nodes += _dynamic_block_scale(node, c)
@@ -192,19 +187,9 @@ def emulate_fp4(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _dynamic_block_scale(node: onnx.NodeProto, c: str) -> list[onnx.NodeProto]:
     """The trt op's ``x_block_scale`` (float8e4m3fn ``[..., K/16]``) and ``{p}/blocks`` (x in fp32,
-    ``[..., K/16, 16]``) for its DequantizeLinear; its codes are not computed."""
-    p = f"{node.name or node.output[0]}/fp4_emulation"
-    return [
-        helper.make_node("Cast", [node.input[0]], [f"{p}/xf"], to=TensorProto.FLOAT),
-        helper.make_node("Shape", [f"{p}/xf"], [f"{p}/lead"], end=-1),
-        helper.make_node("Concat", [f"{p}/lead", f"{c}/blocked_tail"], [f"{p}/blocked_shape"], axis=0),
-        helper.make_node("Reshape", [f"{p}/xf", f"{p}/blocked_shape"], [f"{p}/blocks"]),
-        helper.make_node("Abs", [f"{p}/blocks"], [f"{p}/magnitudes"]),
-        helper.make_node("ReduceMax", [f"{p}/magnitudes", f"{c}/last"], [f"{p}/amax"], keepdims=0),
-        helper.make_node("Mul", [f"{c}/six", node.input[1]], [f"{p}/six_scale"]),
-        helper.make_node("Div", [f"{p}/amax", f"{p}/six_scale"], [f"{p}/block_scale_f"]),
-        helper.make_node("Cast", [f"{p}/block_scale_f"], [node.output[1]], name=node.name, to=TensorProto.FLOAT8E4M3FN, saturate=1),
-    ]
+    ``[..., K/16, 16]``) for its DequantizeLinear, as the definition computes them; its codes are not."""
+    p = f"{node.name or node.output[0]}/fp4_emulation/"
+    return block_scale_nodes(node.input[0], node.input[1], node.output[1], prefix=p, constant=f"{c}/", name=node.name)
 
 
 def _dynamic_dequantize(dq: onnx.NodeProto, quantizer: onnx.NodeProto, c: str) -> list[onnx.NodeProto]:

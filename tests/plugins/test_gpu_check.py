@@ -18,21 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_script
+
 GPU_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu"
 STEPS = ["build", "pytest", "engines", "double_load", "static", "timing"]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def check():
-    return _load("hybridtrt_gpu_check", GPU_DIR / "check.py")
+    return load_script("hybridtrt_gpu_check", GPU_DIR / "check.py")
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -3,11 +3,11 @@ against simulated routing, and its shapes against the architectures' configs (no
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_script
 import torch
 
 from hybridtrt.models.architectures import ARCHITECTURES
@@ -17,11 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "moe_traff
 
 @pytest.fixture(scope="module")
 def model():
-    spec = importlib.util.spec_from_file_location("moe_traffic", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["moe_traffic"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("moe_traffic", SCRIPT)
 
 
 def _simulate(e: int, k: int, t: int, trials: int) -> tuple[float, float]:

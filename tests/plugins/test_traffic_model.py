@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "traffic.py"
 
 
 @pytest.fixture(scope="module")
 def traffic():
-    spec = importlib.util.spec_from_file_location("traffic", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["traffic"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("traffic", SCRIPT)
 
 
 def nano(traffic, chunk=128, length=2048):
