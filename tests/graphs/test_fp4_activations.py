@@ -189,8 +189,9 @@ def test_tensorrt_builds_the_op_with_its_own_importer_from_10_11():
         (lambda m: _set_attr(m, "scale_type", TensorProto.FLOAT), "scale_type FP32"),
         (lambda m: _scale_from_graph(m), "must be an initializer"),
         (lambda m: _rank4(m), "rank-4 input"),
+        (lambda m: _dynamic_hidden(m), "blocking a dynamic axis ('batch')"),
     ],
-    ids=["block-32", "scale-type-float", "computed-scale", "rank-4"],
+    ids=["block-32", "scale-type-float", "computed-scale", "rank-4", "dynamic-blocked-axis"],
 )
 def test_planted_importer_refusals(plant, refusal):
     model = _nvfp4_linear()
@@ -222,3 +223,10 @@ def _rank4(model: onnx.ModelProto) -> None:
     x.dim.insert(0, onnx.TensorShapeProto.Dimension(dim_value=1))
     y = model.graph.output[0].type.tensor_type.shape
     y.dim.insert(0, onnx.TensorShapeProto.Dimension(dim_value=1))
+
+
+def _dynamic_hidden(model: onnx.ModelProto) -> None:
+    """The blocked (last) axis of the quantizer's input made a graph input's symbolic dim."""
+    dim = model.graph.input[0].type.tensor_type.shape.dim[-1]
+    dim.Clear()
+    dim.dim_param = "batch"
