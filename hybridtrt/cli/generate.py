@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a bf16 export on ONNX Runtime CPU (no bf16 kernels): compute in fp32 from its bf16 weights (default; as fast as an fp32 export) "
         "or emulate bf16 rounding as TensorRT computes (1.2-1.4x slower; what validate judges)",
     )
+    sp = p.add_argument_group("speculative decoding (README: Speculative decoding; greedy only, same tokens as without)")
+    sp.add_argument("--speculative", choices=["ngram", "mtp"], default=None, help="draft with an n-gram lookup in the text so far, or with the checkpoint's MTP head (reference backend)")
+    sp.add_argument("--draft-len", type=int, default=None, metavar="K", help="tokens drafted per verify call (default 3)")
     lc = p.add_argument_group("long context (README: Long context)")
     lc.add_argument("--prefill-chunk", type=int, default=None, metavar="N", help="prefill long prompts in calls of at most N tokens (default 2048)")
     lc.add_argument("--save-snapshot", default=None, metavar="FILE", help="prefill the prompt, write its state snapshot to FILE and stop (with --snapshot: the snapshot of the longer prefix)")
@@ -214,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.ids is not None:
         _prompt_ids(args, None)  # malformed or out-of-range ids, before anything loads
+    _check_speculative(args, sampling)
     snapshot = None
     if args.save_snapshot:
         from hybridtrt.runtime.snapshot import check_writable
@@ -254,16 +258,26 @@ def run(args: argparse.Namespace) -> int:
     text = IncrementalText(tokenizer) if tokenizer is not None and args.ids is None else None
     times: list[float] = []
     count = 0
+    stats = None
+    if args.speculative:
+        from hybridtrt.runtime.speculative import SpeculationStats, iter_speculative
+
+        stats = SpeculationStats()
+        drafter = _drafter(args.speculative, target)
+        k = args.draft_len if args.draft_len is not None else 3
+        stream = iter_speculative(target.stepper, drafter, torch.tensor([ids], dtype=torch.long), max_new_tokens=args.max_new_tokens or 32, draft_len=k, eos_token_id=eos, prefill_chunk=args.prefill_chunk, stats=stats)
+    else:
+        stream = iter_generate(
+            target.stepper,
+            torch.tensor([ids], dtype=torch.long),
+            max_new_tokens=args.max_new_tokens or 32,
+            sampling=sampling,
+            eos_token_id=eos,
+            prefill_chunk=args.prefill_chunk,
+            snapshot=snapshot,
+        )
     start = time.perf_counter()
-    for tokens in iter_generate(
-        target.stepper,
-        torch.tensor([ids], dtype=torch.long),
-        max_new_tokens=args.max_new_tokens or 32,
-        sampling=sampling,
-        eos_token_id=eos,
-        prefill_chunk=args.prefill_chunk,
-        snapshot=snapshot,
-    ):
+    for tokens in stream:
         times.append(time.perf_counter())
         token = int(tokens[0])
         if eos is not None and token == eos:
@@ -279,4 +293,46 @@ def run(args: argparse.Namespace) -> int:
     rate = f"{(len(times) - 1) / decode_s:.1f} tokens/s" if decode_s > 0 else "n/a"
     console.out("")
     console.print(f"[dim]prefill {prefill_ms:.1f} ms · decode {rate} · {count} new tokens · backend {target.backend}[/]", soft_wrap=True)
+    if stats is not None:
+        acceptance = f"{100 * stats.acceptance:.1f} %" if stats.drafted else "n/a (nothing drafted)"
+        console.print(
+            f"[dim]speculative {args.speculative}, draft length {k} · acceptance {acceptance} · {stats.tokens_per_verify:.2f} tokens per verify call · "
+            f"{stats.tokens_per_main_call:.2f} per main-model call ({stats.verify_calls} verify, {stats.replay_calls} rollback)[/]",
+            soft_wrap=True,
+        )
     return 0
+
+
+def _check_speculative(args: argparse.Namespace, sampling: Any) -> None:
+    """Refuse speculative flags that cannot go together, before anything loads."""
+    from hybridtrt.errors import InputError
+    from hybridtrt.runtime.speculative import MAX_DRAFT_LEN
+
+    if args.speculative is None:
+        if args.draft_len is not None:
+            raise InputError(f"--draft-len {args.draft_len} needs --speculative", fix="add --speculative ngram or --speculative mtp, or drop --draft-len")
+        return
+    if args.draft_len is not None and not 1 <= args.draft_len <= MAX_DRAFT_LEN:
+        raise InputError(f"--draft-len {args.draft_len} must be in 1..{MAX_DRAFT_LEN}", fix="NVIDIA's Nemotron-3 recipes draft 3")
+    if sampling.temperature != 0 or sampling.top_k or sampling.top_p != 1:
+        raise InputError("--speculative decodes greedily (its tokens are exactly greedy decoding's); sampling flags were given", fix="drop --temperature/--top-k/--top-p, or drop --speculative")
+    if args.snapshot or args.save_snapshot:
+        raise InputError("--speculative does not continue or save snapshots yet", fix="drop --snapshot/--save-snapshot, or drop --speculative")
+
+
+def _drafter(kind: str, target: Target) -> Any:
+    """The drafter of ``--speculative kind`` for ``target``."""
+    from hybridtrt.errors import InputError
+    from hybridtrt.runtime.speculative import MtpDrafter, NgramDrafter
+
+    if kind == "ngram":
+        return NgramDrafter()
+    if target.backend != "pytorch":
+        raise InputError(
+            f"the MTP draft head runs on the PyTorch reference for now; {target.backend} has no MTP graph",
+            fix="use --speculative ngram here, or generate from the checkpoint directory",
+        )
+    from hybridtrt.models.mtp import load_mtp
+
+    model = target.stepper.model
+    return MtpDrafter(model, load_mtp(target.checkpoint, model))

@@ -9,7 +9,7 @@ from hybridtrt.cli.common import console
 HELP = "create a built-in tiny random checkpoint (config.json + safetensors + tokenizer.json)"
 
 #: Built-in presets (kept here, not imported from hybridtrt.models, so `--help` does not import torch).
-PRESET_NAMES = ("small-nemotron-h", "tiny-mamba2", "tiny-nemotron-h", "tiny-nemotron3-moe")
+PRESET_NAMES = ("small-nemotron-h", "tiny-mamba2", "tiny-nemotron-h", "tiny-nemotron3-moe", "tiny-nemotron3-super")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -355,7 +355,7 @@ def mtp_note(config) -> str:
     """What the export says of a checkpoint's multi-token-prediction layers (not exported yet)."""
     pattern = f" (pattern {config.mtp_pattern!r})" if config.mtp_pattern else ""
     return (f"{config.mtp_layers} MTP layer(s){pattern} in the checkpoint (mtp.*), not exported: the main model's logits do not "
-            "depend on them; an MTP graph for speculative decoding is issue 28")  # fmt: skip
+            "depend on them; they draft on the reference (`hybridtrt generate CHECKPOINT --speculative mtp`)")  # fmt: skip
 
 
 def _checkpoint_quantization(

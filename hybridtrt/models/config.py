@@ -10,10 +10,11 @@ Nemotron-3 MoE fields (``E`` layers), against HF transformers' ``NemotronHMoE`` 
   ``n_group``, ``topk_group``, ``norm_topk_prob``, ``routed_scaling_factor``, ``moe_latent_size``
   (latent MoE: ``fc1_latent_proj`` / ``fc2_latent_proj`` around the routed experts), ``mlp_bias``
   and ``mlp_hidden_act`` (``relu2``) for the experts as for the MLP;
-* recorded, not part of the main model: ``num_nextn_predict_layers`` and ``mtp_hybrid_override_pattern``
-  (multi-token prediction, Nemotron-3 Super/Ultra: `HybridConfig.mtp_layers` / ``mtp_pattern``; the
-  ``mtp.*`` tensors are not read — HF transformers has no MTP module and drops them, and the main
-  model's logits do not depend on them — and the export says so; the MTP graph is issue 28);
+* the multi-token-prediction head, not part of the main model: ``num_nextn_predict_layers`` and
+  ``mtp_layers_block_type`` / ``mtp_hybrid_override_pattern`` (Nemotron-3 Super/Ultra:
+  `HybridConfig.mtp_layers` / ``mtp_pattern``). The main model never reads the ``mtp.*`` tensors
+  (HF transformers has no MTP module and drops them; the main model's logits do not depend on
+  them); `hybridtrt.models.mtp` loads them as the draft head of speculative decoding;
 * refused (`ConfigError` naming the field): ``n_shared_experts
   > 1`` (HF builds one shared MLP of ``moe_shared_expert_intermediate_size`` whatever the count,
   vLLM one of ``count × size``: ambiguous), sizes and groupings that make the router ill-defined;
@@ -379,14 +380,27 @@ def _parse_nemotron_h(cfg: dict[str, Any]) -> HybridConfig:
 
 
 def _parse_mtp(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``mtp_layers`` / ``mtp_pattern`` of a Nemotron-H config (0 and "" without MTP layers)."""
+    """``mtp_layers`` / ``mtp_pattern`` of a Nemotron-H config (0 and "" without MTP layers).
+
+    The pattern follows HF transformers' ``NemotronHConfig`` (configuration_nemotron_h.py,
+    ``__post_init__``): ``mtp_layers_block_type`` (a list of block names); the legacy
+    ``mtp_hybrid_override_pattern`` string when the list is absent or HF's default; HF's default
+    ``["full_attention", "moe"]`` (``*E``) when neither is given.
+    """
     layers = _int(cfg, "num_nextn_predict_layers", default=0, minimum=0)
     if not layers:
         return {}
-    pattern = cfg.get("mtp_hybrid_override_pattern") or ""
-    if not isinstance(pattern, str) or any(letter not in SUPPORTED_BLOCKS for letter in pattern):
-        raise ConfigError(f"mtp_hybrid_override_pattern={pattern!r} is not a block pattern", fix="letters are M, *, - and E (vLLM's NemotronH-MTP builds * and E)")
-    return {"mtp_layers": layers, "mtp_pattern": pattern}
+    names = cfg.get("mtp_layers_block_type")
+    legacy = cfg.get("mtp_hybrid_override_pattern")
+    default = ["full_attention", "moe"]
+    if legacy is not None and (names is None or names == default):
+        if not isinstance(legacy, str) or not legacy or any(letter not in SUPPORTED_BLOCKS for letter in legacy):
+            raise ConfigError(f"mtp_hybrid_override_pattern={legacy!r} is not a block pattern", fix="letters are M, *, - and E (vLLM's NemotronH-MTP builds * and E)")
+        return {"mtp_layers": layers, "mtp_pattern": legacy}
+    names = default if names is None else names
+    if not isinstance(names, list) or not names or any(n not in _BLOCK_NAMES for n in names):
+        raise ConfigError(f"mtp_layers_block_type={names!r} is not a list of block types", fix=f"use a non-empty list of {sorted(_BLOCK_NAMES)}")
+    return {"mtp_layers": layers, "mtp_pattern": "".join(_BLOCK_NAMES[n] for n in names)}
 
 
 def _parse_mamba2(cfg: dict[str, Any]) -> HybridConfig:

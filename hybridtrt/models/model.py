@@ -66,11 +66,15 @@ class CausalLMOutput:
         logits: ``[B, L, V]`` (``logits="all"``) or ``[B, V]`` (``"last"``), fp32.
         cache: The states after this call (a new object).
         hidden_states: Per-layer outputs ``[B, L, hidden]`` when requested, else empty.
+        last_hidden: The final hidden states after ``norm_f``, every position ``[B, L, hidden]``:
+            what the LM head reads, and the main model's input to an MTP draft head
+            (`hybridtrt.models.mtp`).
     """
 
     logits: Tensor
     cache: HybridCache
     hidden_states: list[Tensor] = field(default_factory=list)
+    last_hidden: Tensor | None = None
 
 
 def head_projection(h: Tensor, weight: Tensor) -> Tensor:
@@ -209,29 +213,46 @@ class HybridLM(nn.Module):
         # not a multiply, so that not even a NaN survives on a padding row; real rows pass unchanged.
         row = positions.mask[:, :, None] != 0  # [B, L, 1]
         h = torch.where(row, self.embed(input_ids), 0.0)
-        new = HybridCache()
-        hidden: list[Tensor] = []
-        for i, block in enumerate(self.layers):
-            x, residual = block.normed(h)
-            if block.kind == MAMBA:
-                out, new.conv[i], new.ssm[i] = block.mixer(
-                    x, positions.mask, cache.conv[i], cache.ssm[i], use_update
-                )
-            elif block.kind == ATTENTION:
-                out, new.key[i], new.value[i] = block.mixer(
-                    x, positions.allowed, cache.key[i], cache.value[i], positions.write_index
-                )
-            else:
-                out = block.mixer(x)
-            h = torch.where(row, residual + out, 0.0)
-            if not keep_states:
-                new = HybridCache()
-            if output_hidden_states:
-                hidden.append(h)
+        h, new, hidden = run_blocks(self.layers, h, positions, cache, use_update, output_hidden_states, keep_states)
         h = self.norm_f(h)
+        last_hidden = h
         if logits_mode == "last":
             h = h[:, -1]
-        return CausalLMOutput(self.head_logits(h), new, hidden)
+        return CausalLMOutput(self.head_logits(h), new, hidden, last_hidden)
+
+
+def run_blocks(
+    blocks: nn.ModuleList,
+    h: Tensor,
+    positions: Positions,
+    cache: HybridCache,
+    use_update: bool = False,
+    output_hidden_states: bool = False,
+    keep_states: bool = True,
+) -> tuple[Tensor, HybridCache, list[Tensor]]:
+    """``h [B, L, hidden]`` through decoder ``blocks`` (a `Block` per layer, states keyed by the
+    block's index in ``blocks``); padding rows (``positions.mask`` 0) held at exactly zero.
+
+    Returns:
+        The last block's output, the new states, and each block's output when asked for.
+    """
+    row = positions.mask[:, :, None] != 0  # [B, L, 1]
+    new = HybridCache()
+    hidden: list[Tensor] = []
+    for i, block in enumerate(blocks):
+        x, residual = block.normed(h)
+        if block.kind == MAMBA:
+            out, new.conv[i], new.ssm[i] = block.mixer(x, positions.mask, cache.conv[i], cache.ssm[i], use_update)
+        elif block.kind == ATTENTION:
+            out, new.key[i], new.value[i] = block.mixer(x, positions.allowed, cache.key[i], cache.value[i], positions.write_index)
+        else:
+            out = block.mixer(x)
+        h = torch.where(row, residual + out, 0.0)
+        if not keep_states:
+            new = HybridCache()
+        if output_hidden_states:
+            hidden.append(h)
+    return h, new, hidden
 
 
 @dataclass

@@ -111,6 +111,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rope_theta": 10000,
         "partial_rotary_factor": 1.0,
     },
+    # Nemotron-3-Super-120B-A12B's structure scaled down (architectures.py "nemotron-3-super-120b-a12b"):
+    # latent MoE, top-k of many experts, routed_scaling_factor 5.0, and its multi-token-prediction head
+    # as NVIDIA's config.json declares it (num_nextn_predict_layers 1, mtp_hybrid_override_pattern "*E";
+    # tensors mtp.layers.{0,1}.*, written per expert: `create_checkpoint`).
+    "tiny-nemotron3-super": {
+        **_NEMOTRON_BASE,
+        **_TINY_NEMOTRON_SIZES,
+        "hybrid_override_pattern": "MEMEM*EME",
+        "intermediate_size": 32,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": 32,
+        "moe_shared_expert_intermediate_size": 64,
+        "n_shared_experts": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 5.0,
+        "moe_latent_size": 32,
+        "num_nextn_predict_layers": 1,
+        "mtp_hybrid_override_pattern": "*E",
+    },
     # Nemotron-Nano-9B-v2-like ratios at ~110M parameters: head_dim 80, d_state 128, G = 8.
     "small-nemotron-h": {
         **_NEMOTRON_BASE,
@@ -146,12 +168,17 @@ def random_model(hf_config: dict[str, Any], *, seed: int = 0, initializer_range:
     """
     config = config_from_dict(hf_config)
     gen = torch.Generator().manual_seed(seed)
-    model = HybridLM(config)
+    return randomize(HybridLM(config), gen, initializer_range).eval()
+
+
+@torch.no_grad()
+def randomize(module: torch.nn.Module, gen: torch.Generator, initializer_range: float = 0.3) -> torch.nn.Module:
+    """Fill ``module``'s parameters as `random_model` describes (norms by name: ``…norm…``)."""
 
     def normal(t: torch.Tensor, mean: float, std: float) -> None:
         t.copy_(torch.randn(t.shape, generator=gen) * std + mean)
 
-    for name, p in model.named_parameters():
+    for name, p in module.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "A_log":
             p.copy_(torch.log(1 + 15 * torch.rand(p.shape, generator=gen)))
@@ -160,11 +187,20 @@ def random_model(hf_config: dict[str, Any], *, seed: int = 0, initializer_range:
             p.copy_(dt + torch.log(-torch.expm1(-dt)))
         elif leaf == "D":
             normal(p, 1.0, 0.3)
-        elif ".norm" in name or name.startswith("norm_f"):
+        elif "norm" in name.rsplit(".", 2)[-2] or name.startswith("norm_f"):
             normal(p, 1.0, 0.1)
         else:
             normal(p, 0.0, initializer_range)
-    return model.eval()
+    return module
+
+
+@torch.no_grad()
+def random_mtp_tensors(config, *, seed: int = 0, initializer_range: float = 0.3) -> dict[str, torch.Tensor]:
+    """A random MTP head of ``config`` as the checkpoint's ``mtp.*`` tensors (experts per expert)."""
+    from hybridtrt.models.mtp import PREFIX, MTPHead
+
+    head = randomize(MTPHead(config), torch.Generator().manual_seed(seed + 1_000_003), initializer_range)
+    return unstack_experts({PREFIX + k: v.detach().contiguous() for k, v in head.state_dict().items()})
 
 
 def _is_checkpoint_file(path: Path) -> bool:
@@ -200,15 +236,22 @@ def prepare_checkpoint_dir(out_dir: str | Path, *, force: bool = False) -> Path:
 
 
 def save_checkpoint(
-    model: HybridLM, hf_config: dict[str, Any], out_dir: str | Path, *, max_shard_bytes: int | None = None
+    model: HybridLM,
+    hf_config: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    max_shard_bytes: int | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``config.json`` and HF-named safetensors (sharded with an index when
     ``max_shard_bytes`` is given) into an existing directory. MoE experts are written per expert, as
-    the hub checkpoints and HF's ``save_pretrained`` store them."""
+    the hub checkpoints and HF's ``save_pretrained`` store them. ``extra``: more checkpoint tensors by
+    their checkpoint name (an MTP head's ``mtp.*``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefix = WEIGHT_NAMES[model.config.family].prefixes[0]
     tensors = unstack_experts({to_checkpoint_name(k, prefix): v.detach().contiguous() for k, v in model.state_dict().items()})
+    tensors.update(extra or {})
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if max_shard_bytes is None:
         save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})
@@ -252,7 +295,8 @@ def create_checkpoint(
     hf_config = preset_config(name, **overrides)
     prepare_checkpoint_dir(out_dir, force=force)
     model = random_model(hf_config, seed=seed, initializer_range=initializer_range)
-    out = save_checkpoint(model, hf_config, out_dir, max_shard_bytes=max_shard_bytes)
+    mtp = random_mtp_tensors(model.config, seed=seed, initializer_range=initializer_range) if model.config.mtp_layers else None
+    out = save_checkpoint(model, hf_config, out_dir, max_shard_bytes=max_shard_bytes, extra=mtp)
     if with_tokenizer:
         from hybridtrt.models.tokenizer import write_byte_tokenizer
 

@@ -77,6 +77,20 @@ class TorchStepper:
         out = self.model(input_ids.to(device), attention_mask.to(device), state, logits="last")
         return out.logits.cpu(), out.cache
 
+    @torch.no_grad()
+    def verify(self, input_ids: Tensor, attention_mask: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
+        """Every position's logits ``[B, L, V]`` and final hidden states ``[B, L, hidden]``, and
+        the new state (`hybridtrt.runtime.speculative.Verifier`)."""
+        device = self.model.device
+        out = self.model(input_ids.to(device), attention_mask.to(device), state, logits="all")
+        return out.logits.cpu(), out.last_hidden, out.cache
+
+    def select_rows(self, state: Any, rows: list[int]) -> Any:
+        return state.select(rows)
+
+    def state_arrays(self, state: Any) -> dict[str, Tensor]:
+        return state.named_states()
+
     def snapshot(self, state: Any, attention_mask: Tensor) -> Any:
         from hybridtrt.runtime.snapshot import Snapshot
 

@@ -461,6 +461,30 @@ class OrtModel:
             return logits, StaticState(self.plan.feed_back(out), int(attention_mask.shape[1]))
         return logits, self.plan.feed_back(out)
 
+    # -- speculation (`hybridtrt.runtime.speculative.Verifier`) ------------------------------------
+    def cannot_verify(self) -> str | None:
+        """Why this export cannot verify drafts (None when it can)."""
+        if self.flavour.static:
+            return "speculation runs on the dynamic KV cache for now (a static cache writes every row at one position; DESIGN.md §11)"
+        if self.manifest.logits != "all":
+            return f"its unified graph returns the logits of the last position only (logits={self.manifest.logits!r}); a verify call needs every position's"
+        return None
+
+    def verify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any) -> tuple[torch.Tensor, None, dict[str, np.ndarray]]:
+        """Every position's logits ``[B, L, V]`` (no hidden states: the graph has none) and the new
+        state, on the unified graph; ``state`` is left as it was."""
+        why = self.cannot_verify()
+        if why is not None:
+            raise InputError(f"{self.export_dir}: {why}", fix="re-export with `hybridtrt export … --logits all` (dynamic KV cache) to speculate on ONNX Runtime")
+        out = self.run(input_ids, attention_mask, state, session=self.unified, shrink_arena=input_ids.shape[1] > 1)
+        return torch.from_numpy(np.asarray(out[LOGITS], dtype=np.float32)), None, self.plan.feed_back(out)
+
+    def select_rows(self, state: dict[str, np.ndarray], rows: list[int]) -> dict[str, np.ndarray]:
+        return {name: np.ascontiguousarray(a[rows]) for name, a in state.items()}
+
+    def state_arrays(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return state
+
     def named_states(self, state: Any) -> dict[str, np.ndarray]:
         """``{present_name: array}`` of a state returned by `step` (static KV trimmed to the
         positions written; copies, so later in-place steps do not change them)."""

@@ -115,3 +115,46 @@ def test_a_bf16_export_says_how_it_computes(make_export, capsys, flag, says):
     rc, text, err = _run(capsys, out, "--ids", "5 6 7", "--max-new-tokens", "3", "--ignore-eos", *flag)
     assert rc == 0, err
     assert f"backend onnxruntime {says}" in text, text
+
+
+def test_speculative_generation_through_the_cli(make_checkpoint, make_export):
+    """``generate --speculative`` in a fresh interpreter: the tokens of plain greedy generation and
+    a statistics line on the reference (n-gram and the MTP head of a Super-shaped checkpoint) and on
+    ONNX Runtime (an export with every position's logits); refusals exit 2 with the value and a fix."""
+    from tests.cli.batch import run_batch
+
+    super_ckpt = make_checkpoint("tiny-nemotron3-super")
+    plain_ckpt, last = make_export()
+    _, every = make_export(options=ExportOptions(logits="all"))  # test_speculative's
+    ids = ("--ids", "5 6 7 8 5 6 7", "--max-new-tokens", "24", "--ignore-eos")
+    cases = [
+        ["generate", super_ckpt, *ids],
+        ["generate", super_ckpt, *ids, "--speculative", "mtp"],
+        ["generate", super_ckpt, *ids, "--speculative", "ngram", "--draft-len", "5"],
+        ["generate", every, *ids],
+        ["generate", every, *ids, "--speculative", "ngram"],
+        ["generate", last, *ids, "--speculative", "ngram"],
+        ["generate", every, *ids, "--speculative", "mtp"],
+        ["generate", plain_ckpt, *ids, "--speculative", "mtp"],
+        ["generate", super_ckpt, *ids, "--speculative", "ngram", "--temperature", "0.7"],
+        ["generate", super_ckpt, *ids, "--draft-len", "2"],
+        ["generate", super_ckpt, *ids, "--speculative", "ngram", "--draft-len", "0"],
+    ]
+    out = run_batch(cases)
+    for o in out[:5]:
+        assert o.code == 0, o.output
+    tokens = lambda o: o.stdout.splitlines()[0]  # noqa: E731
+    assert tokens(out[0]) == tokens(out[1]) == tokens(out[2]) and tokens(out[3]) == tokens(out[4])
+    assert "speculative mtp, draft length 3 · acceptance" in out[1].stdout and "tokens per verify call" in out[1].stdout
+    assert "speculative ngram, draft length 5" in out[2].stdout and "backend onnxruntime" in out[4].stdout
+    refusals = {
+        5: ("last position only", "--logits all"),
+        6: ("MTP draft head runs on the PyTorch reference", "--speculative ngram"),
+        7: ("no MTP layers", "--speculative ngram"),
+        8: ("decodes greedily", "drop --temperature"),
+        9: ("--draft-len 2 needs --speculative", "add --speculative"),
+        10: ("--draft-len 0 must be in 1..16", "draft 3"),
+    }
+    for i, (what, fix) in refusals.items():
+        o = out[i]
+        assert o.code == 2 and what in o.output and "fix:" in o.output and fix in o.output and "Traceback" not in o.output, (cases[i], o.output)
