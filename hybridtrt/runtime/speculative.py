@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -134,11 +134,12 @@ class Drafter(Protocol):
 class NgramDrafter:
     """Prompt-lookup drafting (vLLM's ``ngram`` method): find the row's last ``n`` tokens earlier
     in the row, longest ``n`` first from ``max_n`` down to ``min_n``, and propose the ``k`` tokens
-    that followed their most recent earlier occurrence. No model, no state."""
+    that followed their most recent earlier occurrence. No model, no state. ``min_n`` 2 by default:
+    a one-token match is weak evidence, and every wrong draft costs a rollback call."""
 
     needs_hidden = False
 
-    def __init__(self, min_n: int = 1, max_n: int = 4) -> None:
+    def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
         if not 1 <= min_n <= max_n:
             raise InputError(f"n-gram sizes {min_n}..{max_n} must satisfy 1 ≤ min ≤ max", fix="e.g. min 1, max 4")
         self.min_n, self.max_n = min_n, max_n
@@ -436,12 +437,3 @@ def generate_speculative(
     prefill = times[0] - start if times else 0.0
     decode = times[-1] - times[0] if len(times) > 1 else 0.0
     return GenerationResult(out, logits, prefill, decode)
-
-
-@dataclass
-class SpeculativeConfig:
-    """``generate --speculative``: the drafter and the draft length."""
-
-    drafter: str = "ngram"
-    draft_len: int = DEFAULT_DRAFT_LEN
-    ngram: tuple[int, int] = field(default=(1, 4))
