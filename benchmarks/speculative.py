@@ -1,6 +1,6 @@
 """Speculative decoding against plain greedy decoding, side by side in one run (README "Speculative decoding").
 
-For each runtime (the PyTorch reference, ONNX Runtime on an export with every position's logits) and
+For each runtime (the PyTorch reference, ONNX Runtime on an ``export --speculative``) and
 each draft source (n-gram lookup, the checkpoint's MTP head, and scripted drafters that force an
 acceptance pattern), generate the same tokens speculatively and greedily and print: whether the
 tokens are identical, the acceptance, the tokens per verify call and per main-model call (replays
@@ -42,10 +42,11 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="hybridtrt-speculative-"))
     ckpt = create_checkpoint("tiny-nemotron3-super", work / "ckpt")
-    export(ckpt, work / "export", ExportOptions(logits="all"))
+    export(ckpt, work / "export", ExportOptions(speculative=True))
     model = load_model(ckpt)
     head = load_mtp(ckpt, model)
-    runtimes = {"reference": TorchStepper(model), "onnxruntime": OrtModel(work / "export", threads=args.threads)}
+    ort = OrtModel(work / "export", threads=args.threads)
+    runtimes = {"reference": TorchStepper(model), "onnxruntime": ort}
     gen = torch.Generator().manual_seed(0)
     lengths = [9, 4, 13, 6][: args.batch]
     rows = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in lengths]
@@ -61,9 +62,7 @@ def main() -> None:
         plain = time.perf_counter() - start
         print(f"{name:<12} {'(greedy)':<10} {'-':>2} {'-':>5} {'-':>7} {1:>10.2f} {1:>8.2f} {1:>5.2f}x")
         for k in args.draft_len:
-            drafters = {"ngram": NgramDrafter()}
-            if name == "reference":
-                drafters["mtp"] = MtpDrafter(model, head)
+            drafters = {"ngram": NgramDrafter(), "mtp": MtpDrafter(model, head) if name == "reference" else MtpDrafter(ort.mtp_head())}
             for pattern in ("accept", "random", "reject"):
                 drafters[pattern] = ScriptedDrafter(greedy, pattern, lengths, 256, seed=1)
             for source, drafter in drafters.items():

@@ -106,6 +106,7 @@ def make_export(make_checkpoint, tmp_path_factory):
 #: comes late: its replay tests use graphs the others put in the shared cache.
 LONGEST_FIRST = (
     "tests/validation/test_moe_routing.py",
+    "tests/runtime/test_speculative.py",
     "tests/exporter/test_streaming.py",
     "tests/exporter/test_streaming_quantized.py",
     "tests/test_install.py",
@@ -120,6 +121,7 @@ LONGEST_FIRST = (
     "tests/exporter/test_static_cache.py",
     "tests/exporter/test_export_files.py",
     "tests/exporter/test_export.py",
+    "tests/exporter/test_speculative_export.py",
     "tests/cli/test_hf_checkpoints.py",
     "tests/cli/test_moe_demo.py",
     "tests/cli/test_hostile_inputs.py",

@@ -24,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cache-len", type=int, default=None, metavar="N", help="KV capacity of --kv-cache static (prompt + padding + new tokens)")
     p.add_argument("--per-layer", action="store_true", help="expose every decoder layer's output (for validate --per-layer)")
     p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="graphs for generate --speculative: every position's logits and the final hidden states, and the MTP head as mtp.onnx when the checkpoint has one (README: Speculative decoding)",
+    )
+    p.add_argument(
         "--verify",
         choices=["auto", "full", "layers"],
         default=None,
@@ -128,6 +133,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     """Flag combinations, refused before anything is imported or read."""
     from hybridtrt.errors import InputError, QuantizationError
 
+    if args.speculative and args.logits == "last":
+        raise InputError("--speculative exports every position's logits (a verify call reads them all); --logits last contradicts it", fix="drop --logits last")
     if args.block_size is not None and args.quantize != "int4":
         raise InputError(f"--block-size {args.block_size} only applies to --quantize int4", fix="add --quantize int4, or drop --block-size")
     if args.quantize == "int4":
@@ -190,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         dequantize=args.dequantize,
         fp4_activations=args.fp4_activations,
         dequantize_experts=args.dequantize_experts,
+        speculative=args.speculative,
     )
     quant = weights = None
     recorded = None

@@ -327,12 +327,11 @@ def _drafter(kind: str, target: Target) -> Any:
 
     if kind == "ngram":
         return NgramDrafter()
-    if target.backend != "pytorch":
-        raise InputError(
-            f"the MTP draft head runs on the PyTorch reference for now; {target.backend} has no MTP graph",
-            fix="use --speculative ngram here, or generate from the checkpoint directory",
-        )
-    from hybridtrt.models.mtp import load_mtp
+    if target.backend == "pytorch":
+        from hybridtrt.models.mtp import load_mtp
 
-    model = target.stepper.model
-    return MtpDrafter(model, load_mtp(target.checkpoint, model))
+        model = target.stepper.model
+        return MtpDrafter(model, load_mtp(target.checkpoint, model))
+    if not hasattr(target.stepper, "mtp_head"):
+        raise InputError(f"the MTP draft head runs on the reference and ONNX Runtime; {target.backend} has none yet", fix="use --speculative ngram, or an export directory")
+    return MtpDrafter(target.stepper.mtp_head())

@@ -32,6 +32,7 @@ import torch
 from hybridtrt.errors import ExportError
 from hybridtrt.exporter import io, preflight, trace_cache
 from hybridtrt.exporter.integrity import record_files
+from hybridtrt.exporter.mtp_graph import MTP_FILE, MTP_WEIGHTS_FILE, mtp_graph_bytes, verify_mtp_graph, write_mtp_graph
 from hybridtrt.exporter.manifest import (
     MANIFEST_FILE,
     GraphEntry,
@@ -77,7 +78,7 @@ DECODE_FILE = "decode.onnx"
 WEIGHTS_FILE = "weights.data"
 DECODE_WEIGHTS_FILE = "decode.weights.data"
 DEFAULT_OPSET = 24
-ARTEFACTS = {MODEL_FILE, DECODE_FILE, WEIGHTS_FILE, DECODE_WEIGHTS_FILE}
+ARTEFACTS = {MODEL_FILE, DECODE_FILE, WEIGHTS_FILE, DECODE_WEIGHTS_FILE, MTP_FILE, MTP_WEIGHTS_FILE}
 
 Step = Callable[[str], contextlib.AbstractContextManager]
 
@@ -112,6 +113,9 @@ class ExportOptions:
             checkpoint's ``input_scale``.
         dequantize_experts: An NVFP4 checkpoint's routed experts in ``dtype`` (dequantized as ModelOpt
             does) instead of 4-bit ``MoeExpertsNvfp4``: what TensorRT builds without a MoE plugin.
+        speculative: Graphs for speculative decoding (DESIGN.md §11): every position's logits and the
+            final hidden states ``last_hidden_state`` from the unified and decode graphs, and the
+            checkpoint's MTP head as ``mtp.onnx`` when it has one (`hybridtrt.exporter.mtp_graph`).
     """
 
     dtype: str = "fp32"
@@ -129,6 +133,7 @@ class ExportOptions:
     dequantize: bool = False
     fp4_activations: bool = False
     dequantize_experts: bool = False
+    speculative: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,9 +155,10 @@ class GraphSpec:
     state_dtype: torch.dtype = torch.float32
     opset: int = DEFAULT_OPSET
     flavour: io.CacheFlavour = io.DYNAMIC_CACHE
+    hidden: bool = False
 
     def module(self, model: HybridLM) -> GraphModule:
-        return GraphModule(model, self.logits, self.decode, self.per_layer, self.flavour).eval()  # type: ignore[arg-type]
+        return GraphModule(model, self.logits, self.decode, self.per_layer, self.flavour, self.hidden).eval()  # type: ignore[arg-type]
 
     @property
     def seq(self) -> int:
@@ -211,7 +217,7 @@ def export_program(model: HybridLM, inputs: tuple[torch.Tensor, ...], spec: Grap
             inputs,
             dynamo=True,
             input_names=io.input_names(model.config, spec.flavour),
-            output_names=io.output_names(model.config, spec.per_layer),
+            output_names=io.output_names(model.config, spec.per_layer, spec.hidden),
             dynamic_shapes=graph.dynamic_shapes(),
             custom_translation_table=translation_table(spec.opset),
             opset_version=spec.opset,
@@ -228,7 +234,7 @@ def run_passes(proto: onnx.ModelProto, config: HybridConfig, spec: GraphSpec) ->
     name_matmul_weights(proto)
     strip_metadata(proto)
     attach_functions(proto)
-    name_io_dims(proto, io.io_shapes(config, spec.logits, spec.decode, spec.per_layer, spec.flavour))
+    name_io_dims(proto, io.io_shapes(config, spec.logits, spec.decode, spec.per_layer, spec.flavour, spec.hidden))
     proto.producer_name = "hybridtrt"
     proto.producer_version = __version__
     return proto
@@ -348,14 +354,18 @@ def check_options(opts: ExportOptions, quantize: QuantizeOptions | None) -> int:
         raise ExportError(f"verification mode {opts.verify_mode!r} is unknown", fix=f"use one of {', '.join(VERIFY_MODES)}")
     if quantize is not None:
         check_calibration_source(quantize.calib_file, quantize.calib_random)
+    if opts.speculative and opts.kv_cache != "dynamic":
+        raise ExportError("--speculative needs the dynamic KV cache for now (a static cache writes every row at one position)", fix="drop --kv-cache static, or drop --speculative")
     return opset
 
 
-def mtp_note(config) -> str:
-    """What the export says of a checkpoint's multi-token-prediction layers (not exported yet)."""
+def mtp_note(config, exported: bool = False) -> str:
+    """What the export says of a checkpoint's multi-token-prediction layers."""
     pattern = f" (pattern {config.mtp_pattern!r})" if config.mtp_pattern else ""
+    if exported:
+        return f"{config.mtp_layers} MTP layer(s){pattern} in the checkpoint (mtp.*), exported as {MTP_FILE}: the draft head of `generate --speculative mtp`"
     return (f"{config.mtp_layers} MTP layer(s){pattern} in the checkpoint (mtp.*), not exported: the main model's logits do not "
-            "depend on them; they draft on the reference (`hybridtrt generate CHECKPOINT --speculative mtp`)")  # fmt: skip
+            "depend on them; `export --speculative` writes them as mtp.onnx")  # fmt: skip
 
 
 def _checkpoint_quantization(
@@ -440,6 +450,11 @@ def export(
         raise ExportError("FP8 Q/DQ and 4-bit weights are two different recipes", fix="pass one --quantize")
     quantize, weight_only = _checkpoint_quantization(checkpoint, quantize, weight_only, opts.dequantize, opts.fp4_activations, opts.dequantize_experts)
     config = checkpoint.config
+    if opts.speculative and config.mtp_layers:
+        from hybridtrt.models.mtp import check_mtp_config
+
+        check_mtp_config(config)  # before anything is traced
+    logits = "all" if opts.speculative else opts.logits
     roles = [("unified", MODEL_FILE, WEIGHTS_FILE, False)]
     split = MAMBA in config.layer_types if opts.split is None else opts.split
     if split:
@@ -476,7 +491,7 @@ def export(
                 run_awq(reference, checkpoint.root, weight_only)
         for role, fname, data, decode in roles:
             with step(f"trace {role} graph (torch.export → ONNX, weights not loaded)"):
-                proto = trace_streamed(checkpoint, table, GraphSpec(opts.logits, decode, opts.per_layer, state_dtype, opset, flavour))
+                proto = trace_streamed(checkpoint, table, GraphSpec(logits, decode, opts.per_layer, state_dtype, opset, flavour, opts.speculative))
             rule = "onnx_ir"  # the writer the weight-loaded export used: onnx_ir.save
             if quantize is not None:
                 with step(f"FP8: insert Q/DQ ({role})"):
@@ -526,23 +541,35 @@ def export(
                     fix=f"bf16 needs opset ≥ 22; otherwise report this with the checkpoint's config.json (opset {opset})",
                 ) from e
             written.append(fname)
+        mtp = bool(opts.speculative and config.mtp_layers)
+        if mtp:
+            target.check_space(mtp_graph_bytes(checkpoint))
+            with step(f"trace the MTP head → {MTP_FILE} (its weights, the embedding and the LM head in {MTP_WEIGHTS_FILE})"):
+                proto = write_mtp_graph(checkpoint, target.partial, opset)
+            graphs["mtp"] = GraphEntry(
+                file=MTP_FILE, data=[MTP_WEIGHTS_FILE], role="mtp", inputs=_value_entries(proto.graph.input), outputs=_value_entries(proto.graph.output), custom_ops=_custom_op_counts(proto)
+            )
+            _fix_permissions(target.partial, [MTP_FILE, MTP_WEIGHTS_FILE])
+            onnx.checker.check_model(str(target.partial / MTP_FILE), full_check=True)
+            written += [MTP_FILE, MTP_WEIGHTS_FILE]
         manifest = Manifest(
             source={
                 "checkpoint": str(checkpoint.root.resolve()),
                 "sha256": checkpoint_hash(checkpoint.root),
                 "family": config.family,
                 **({"dequantized": checkpoint.quantization.describe()} if opts.dequantize else {}),
-                **({"mtp": mtp_note(config)} if config.mtp_layers else {}),
+                **({"mtp": mtp_note(config, mtp)} if config.mtp_layers else {}),
             },
             model=config.to_dict(),
             layers=layer_map(config.pattern),
             dtype=dtype_name(checkpoint.dtype),
             state_dtype=dtype_name(state_dtype),
-            logits=opts.logits,
+            logits=logits,
             opset=opset,
             graphs=graphs,
             states=[s.to_dict() for s in io.state_specs(config, flavour)],
             per_layer_outputs=[f"layer_output.{i}" for i in range(config.num_layers)] if opts.per_layer else [],
+            hidden_states=opts.speculative,
             quantization=recipe,
             weight_only=weights_recipe,
             kv_cache=flavour.kind,
@@ -557,6 +584,9 @@ def export(
                         target.partial, reference, manifest, truth=truth, mode=opts.verify_mode, parameter_bytes=checkpoint.parameter_bytes, progress=progress
                     )
                 del truth
+            if mtp:
+                with step(f"verify {MTP_FILE} with ONNX Runtime against the reference MTP head"):
+                    manifest.verification["graphs"][MTP_FILE] = verify_mtp_graph(target.partial, checkpoint, manifest)
         else:
             manifest.verification = {"method": "skipped", "reason": "--no-verify"}
         with step("record the size and sha256 of every file"):  # checked on every read (exporter/integrity.py)

@@ -28,6 +28,9 @@ ATTENTION_MASK = "attention_mask"
 CACHE_POSITION = "cache_position"
 PADDING_LENGTH = "padding_length"
 LOGITS = "logits"
+#: The final hidden states after ``norm_f`` (what the LM head reads; the MTP head's input), an
+#: output of speculative exports (`export --speculative`).
+HIDDEN_STATES = "last_hidden_state"
 
 # Symbolic dimension names.
 BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past", "past+seq"
@@ -115,9 +118,9 @@ def input_names(config: HybridConfig, flavour: CacheFlavour = DYNAMIC_CACHE) -> 
     return [INPUT_IDS, *flavour.position_inputs()] + [s.past_name for s in state_specs(config, flavour)]
 
 
-def output_names(config: HybridConfig, per_layer: bool = False) -> list[str]:
+def output_names(config: HybridConfig, per_layer: bool = False, hidden: bool = False) -> list[str]:
     layers = [f"layer_output.{i}" for i in range(config.num_layers)] if per_layer else []
-    return [LOGITS] + [s.present_name for s in state_specs(config)] + layers
+    return [LOGITS] + [s.present_name for s in state_specs(config)] + layers + ([HIDDEN_STATES] if hidden else [])
 
 
 def present_shape(spec: StateSpec) -> tuple[int | str, ...]:
@@ -126,7 +129,7 @@ def present_shape(spec: StateSpec) -> tuple[int | str, ...]:
 
 
 def io_shapes(
-    config: HybridConfig, logits: str, decode: bool, per_layer: bool, flavour: CacheFlavour = DYNAMIC_CACHE
+    config: HybridConfig, logits: str, decode: bool, per_layer: bool, flavour: CacheFlavour = DYNAMIC_CACHE, hidden: bool = False
 ) -> dict[str, tuple[int | str, ...]]:
     """Every graph input/output name -> its shape with symbolic dims (DESIGN.md §6)."""
     c = config
@@ -143,6 +146,8 @@ def io_shapes(
     if per_layer:
         for i in range(c.num_layers):
             shapes[f"layer_output.{i}"] = (BATCH, seq, c.hidden_size)
+    if hidden:
+        shapes[HIDDEN_STATES] = (BATCH, seq, c.hidden_size)
     return shapes
 
 

@@ -91,6 +91,8 @@ class Manifest:
     graphs: dict[str, GraphEntry]
     states: list[dict[str, Any]]
     per_layer_outputs: list[str] = field(default_factory=list)
+    #: The unified and decode graphs also output ``last_hidden_state`` (`export --speculative`).
+    hidden_states: bool = False
     quantization: dict[str, Any] | None = None
     #: 4-bit weights, activations in ``dtype`` (`hybridtrt.graphs.weight_only.WeightOnlyRecipe`).
     weight_only: dict[str, Any] | None = None
@@ -124,6 +126,7 @@ class Manifest:
             "graphs": {k: vars(v) for k, v in self.graphs.items()},
             "states": self.states,
             "per_layer_outputs": self.per_layer_outputs,
+            "hidden_states": self.hidden_states,
             "quantization": self.quantization,
             "weight_only": self.weight_only,
             "verification": self.verification,

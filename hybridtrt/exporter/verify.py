@@ -44,7 +44,7 @@ import torch
 
 from hybridtrt.errors import ExportError
 from hybridtrt.exporter.fp8_reference import FP32_DITHER, fp8_emulated, set_dither
-from hybridtrt.exporter.io import LOGITS, state_specs
+from hybridtrt.exporter.io import HIDDEN_STATES, LOGITS, state_specs
 from hybridtrt.exporter.manifest import Manifest
 from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs import layer_window
@@ -163,7 +163,7 @@ def _kind(output: str) -> str:
     the rest are states."""
     if output == LOGITS:
         return "call"
-    if output.startswith("layer_output.") or output == layer_window.HIDDEN_OUT:
+    if output.startswith("layer_output.") or output in (layer_window.HIDDEN_OUT, HIDDEN_STATES):
         return "layer"
     return "state"
 
@@ -324,16 +324,19 @@ def _verify(export_dir: Path, model: HybridLM, manifest: Manifest, truth: Hybrid
     specs = state_specs(model.config, flavour)
     same = truth is model
     moe = bool(model.config.layers_of(MOE))
+    hidden = manifest.hidden_states
 
     def run(reference: HybridLM, hold: RoutingHold, args: tuple, dtype: str, decode: bool) -> dict[str, Any]:
         """``reference``'s outputs with its routing recorded into, or held to, ``hold``; a lazy
         reference's last layer is released afterwards."""
         with held_routing(reference, hold):
-            out = _outputs(_reference(partial(GraphModule(reference, manifest.logits, decode, True, flavour).eval(), *args), dtype), specs)
+            out = _outputs(_reference(partial(GraphModule(reference, manifest.logits, decode, True, flavour, hidden).eval(), *args), dtype), specs, hidden)
         _release(reference)
         return out
 
     for role, entry in manifest.graphs.items():
+        if role not in ("unified", "decode"):  # the MTP graph has a verification of its own (exporter/mtp_graph.py)
+            continue
         decode = role == "decode"
         inputs = _reference(partial(example_inputs, model, seq=1 if decode else 7, batch=3, past=4, state_dtype=state_dtype, seed=1, flavour=flavour), manifest.dtype)
         # The truth chooses the experts; the yardstick and the artefact are held to its choice
@@ -362,7 +365,7 @@ def _verify(export_dir: Path, model: HybridLM, manifest: Manifest, truth: Hybrid
         if chosen == "full":
             names = manifest.per_layer_outputs
             def flat(o):
-                return None if o is None else {LOGITS: o["logits"], **o["present"], **{n: o["hidden"][i] for i, n in enumerate(names)}}
+                return None if o is None else {LOGITS: o["logits"], **o["present"], **{n: o["hidden"][i] for i, n in enumerate(names)}, **o["final"]}
             session = _session(export_dir / entry.file, held=moe)
             got = session.run(feeds)
             if session.emulated_bf16:
@@ -375,7 +378,7 @@ def _verify(export_dir: Path, model: HybridLM, manifest: Manifest, truth: Hybrid
             continue
         del inputs  # the windows drop what they have checked
         graph = _verify_windows(
-            export_dir, entry.file, model.config.num_layers, specs, feeds, mine["hidden"], expected, yard, judge, parameter_bytes, progress, record
+            export_dir, entry.file, model.config.num_layers, specs, feeds, mine["hidden"], expected, yard, judge, parameter_bytes, progress, record, hidden
         )
         routed = graph.pop("routed")
         if moe:
@@ -402,10 +405,13 @@ def _release(model: HybridLM) -> None:
         weights.release()
 
 
-def _outputs(ran: tuple, specs) -> dict[str, Any]:
-    """A `GraphModule` (per_layer) run as ``{"logits", "present": {name: t}, "hidden": {layer: t}}``."""
+def _outputs(ran: tuple, specs, hidden: bool = False) -> dict[str, Any]:
+    """A `GraphModule` (per_layer) run as ``{"logits", "present": {name: t}, "hidden": {layer: t},
+    "final": {"last_hidden_state": t} or {}}``."""
     n = len(specs)
-    return {"logits": ran[0], "present": {s.present_name: t for s, t in zip(specs, ran[1 : 1 + n])}, "hidden": dict(enumerate(ran[1 + n :]))}
+    layers = ran[1 + n : len(ran) - 1] if hidden else ran[1 + n :]
+    final = {HIDDEN_STATES: ran[-1]} if hidden else {}
+    return {"logits": ran[0], "present": {s.present_name: t for s, t in zip(specs, ran[1 : 1 + n])}, "hidden": dict(enumerate(layers)), "final": final}
 
 
 def _label(first: int, last: int, num_layers: int) -> str:
@@ -415,7 +421,7 @@ def _label(first: int, last: int, num_layers: int) -> str:
     return f"layers {first}..{min(last, num_layers - 1)}" + (" + head" if last == num_layers else "")
 
 
-def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, truth, yard, judge, parameter_bytes, progress, record) -> dict[str, Any]:
+def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, truth, yard, judge, parameter_bytes, progress, record, hidden=False) -> dict[str, Any]:
     """``layers`` method for one graph. Each window is fed ``inputs_hidden`` (the export-dtype
     reference's hidden state) at its start. The head is the last window (member ``L``), on its own
     when it is large: by then the expected outputs of the layers already verified have been dropped
@@ -437,13 +443,14 @@ def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, t
     def wanted(o: dict[str, Any] | None, first: int, last: int, mine: list) -> dict[str, Any] | None:
         if o is None:
             return None
-        head = {LOGITS: o["logits"]} if last == num_layers else {layer_window.HIDDEN_OUT: o["hidden"][last]}
+        head = {LOGITS: o["logits"], **o["final"]} if last == num_layers else {layer_window.HIDDEN_OUT: o["hidden"][last]}
         return {**head, **{s.present_name: o["present"].pop(s.present_name) for s in mine}}
 
     with progress(f"verify {file} by layer windows", sum(member_bytes), "B") as advance:
         for first, last in windows:
             mine = [s for s in specs if first <= s.layer <= last]
-            sub = hold_routing(layer_window.window(full, stream, first, last, [s.present_name for s in mine], hidden_type)).model
+            finals = (LOGITS, HIDDEN_STATES) if hidden else (LOGITS,)
+            sub = hold_routing(layer_window.window(full, stream, first, last, [s.present_name for s in mine], hidden_type, finals)).model
             window_feeds = {k: v for k, v in feeds.items() if k in {i.name for i in sub.graph.input}}
             if first > 0:
                 window_feeds[layer_window.HIDDEN_IN] = inputs_hidden[first - 1]
@@ -566,9 +573,10 @@ def _run_head_by_slices(export_dir, tag, sub, weight, max_bytes, feeds, record) 
         finally:
             (export_dir / data).unlink(missing_ok=True)
         parts.append(got.pop(LOGITS))
+        final = got.pop(HIDDEN_STATES, None)  # the head's input: every slice computes it whole
         if got:
             raise AssertionError(f"a head slice has outputs besides logits: {sorted(got)}")
-    return {LOGITS: np.concatenate(parts, axis=-1)}, count
+    return {LOGITS: np.concatenate(parts, axis=-1), **({HIDDEN_STATES: final} if final is not None else {})}, count
 
 
 def _even_parts(total: int, count: int) -> list[tuple[int, int]]:

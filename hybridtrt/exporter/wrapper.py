@@ -33,7 +33,7 @@ class GraphModule(nn.Module):
 
     Dynamic flavour: ``forward(input_ids, attention_mask, *past_states)``; static flavour:
     ``forward(input_ids, cache_position, padding_length, *past_states)``. Both return
-    ``(logits, *present_states[, *layer_outputs])``.
+    ``(logits, *present_states[, *layer_outputs][, last_hidden_state])``.
 
     Args:
         model: The reference model (its parameters become the graph's initializers, named
@@ -43,6 +43,8 @@ class GraphModule(nn.Module):
             unified one (``mamba2_chunk_scan`` for every L).
         per_layer: Also output each decoder layer's hidden states ``layer_output.{i} [B, L, hidden]``.
         flavour: KV-cache flavour (`hybridtrt.exporter.io.CacheFlavour`).
+        hidden: Also output the final hidden states after ``norm_f`` ``[B, L, hidden]`` (speculative
+            exports: the MTP head's input).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class GraphModule(nn.Module):
         decode: bool = False,
         per_layer: bool = False,
         flavour: CacheFlavour = DYNAMIC_CACHE,
+        hidden: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -59,6 +62,7 @@ class GraphModule(nn.Module):
         self.decode = decode
         self.per_layer = per_layer
         self.flavour = flavour
+        self.hidden = hidden
         self.specs = state_specs(model.config, flavour)
 
     def forward(self, input_ids: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
@@ -72,7 +76,7 @@ class GraphModule(nn.Module):
             attention_mask, *states = inputs
             cache = cache_from_flat(self.specs, states)
             out = self.model._forward(input_ids, attention_mask, cache, self.logits, self.decode, self.per_layer)
-        return (out.logits, *flat_from_cache(self.specs, out.cache), *out.hidden_states)
+        return (out.logits, *flat_from_cache(self.specs, out.cache), *out.hidden_states, *([out.last_hidden] if self.hidden else []))
 
     def dynamic_shapes(self) -> tuple:
         """``dynamic_shapes`` for ``torch.export`` matching `forward`'s inputs: batch always,

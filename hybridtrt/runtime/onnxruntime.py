@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from hybridtrt.errors import ArtefactError, InputError
-from hybridtrt.exporter.io import ATTENTION_MASK, CACHE_POSITION, INPUT_IDS, LOGITS, PADDING_LENGTH
+from hybridtrt.exporter.io import ATTENTION_MASK, CACHE_POSITION, HIDDEN_STATES, INPUT_IDS, LOGITS, PADDING_LENGTH
 from hybridtrt.exporter.manifest import Manifest, read_manifest
 from hybridtrt.graphs.held_routing import ROUTED_EXPERTS, held_feeds, hold_routing, routed_ids
 from hybridtrt.models.moe import RoutingHold
@@ -427,6 +427,7 @@ class OrtModel:
         bf16: str = "fp32",
     ) -> None:
         self.export_dir = Path(export_dir)
+        self._threads, self._bf16 = threads, bf16
         self.manifest: Manifest = read_manifest(self.export_dir)
         self.flavour = self.manifest.cache_flavour
         self.plan = StatePlan.from_manifest(self.manifest)
@@ -470,14 +471,31 @@ class OrtModel:
             return f"its unified graph returns the logits of the last position only (logits={self.manifest.logits!r}); a verify call needs every position's"
         return None
 
-    def verify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any) -> tuple[torch.Tensor, None, dict[str, np.ndarray]]:
-        """Every position's logits ``[B, L, V]`` (no hidden states: the graph has none) and the new
-        state, on the unified graph; ``state`` is left as it was."""
+    def verify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, np.ndarray]]:
+        """Every position's logits ``[B, L, V]``, the final hidden states ``[B, L, hidden]`` (None
+        unless the export has them: ``--speculative``) and the new state, on the unified graph;
+        ``state`` is left as it was."""
         why = self.cannot_verify()
         if why is not None:
-            raise InputError(f"{self.export_dir}: {why}", fix="re-export with `hybridtrt export … --logits all` (dynamic KV cache) to speculate on ONNX Runtime")
+            raise InputError(f"{self.export_dir}: {why}", fix="re-export with `hybridtrt export … --speculative` (or --logits all; dynamic KV cache) to speculate on ONNX Runtime")
         out = self.run(input_ids, attention_mask, state, session=self.unified, shrink_arena=input_ids.shape[1] > 1)
-        return torch.from_numpy(np.asarray(out[LOGITS], dtype=np.float32)), None, self.plan.feed_back(out)
+        hidden = to_torch(out[HIDDEN_STATES]) if HIDDEN_STATES in out else None
+        return torch.from_numpy(np.asarray(out[LOGITS], dtype=np.float32)), hidden, self.plan.feed_back(out)
+
+    def mtp_head(self) -> OrtMtpHead:
+        """The export's MTP head (``mtp.onnx``) as a `hybridtrt.runtime.speculative.MtpHead`.
+
+        Raises:
+            InputError: The export has no MTP graph (or no hidden-state output to feed it).
+        """
+        entry = self.manifest.graphs.get("mtp")
+        if entry is None or not self.manifest.hidden_states:
+            has = self.manifest.model.get("mtp_layers")
+            raise InputError(
+                f"{self.export_dir} has no MTP graph" + (" (the checkpoint has an MTP head: re-export it)" if has else " (its checkpoint has no MTP head)"),
+                fix="export with `hybridtrt export CHECKPOINT --speculative` from a checkpoint with MTP layers, or use --speculative ngram",
+            )
+        return OrtMtpHead(OrtSession(self.export_dir / entry.file, threads=self._threads, bf16=self._bf16), entry)
 
     def select_rows(self, state: dict[str, np.ndarray], rows: list[int]) -> dict[str, np.ndarray]:
         return {name: np.ascontiguousarray(a[rows]) for name, a in state.items()}
@@ -618,6 +636,29 @@ class OrtModel:
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         """Yield ``[B]`` tokens step by step."""
         return iter_generate(self, input_ids, attention_mask, **kwargs)
+
+
+class OrtMtpHead:
+    """``mtp.onnx`` as a `hybridtrt.runtime.speculative.MtpHead`: states ``{past_name: array}``."""
+
+    def __init__(self, session: OrtSession, entry: Any) -> None:
+        self.session = session
+        self.kv = [(i["name"], i) for i in entry.inputs if i["name"].startswith("past_key_values.")]
+        self.hidden_dtype = next(_np_dtype(i["dtype"]) for i in entry.inputs if i["name"] == HIDDEN_STATES)
+
+    def zero_state(self, batch: int) -> dict[str, np.ndarray]:
+        return {name: np.zeros([batch if d == "batch" else 0 if d == "past" else int(d) for d in i["shape"]], dtype=_np_dtype(i["dtype"])) for name, i in self.kv}
+
+    def __call__(self, hidden: torch.Tensor, next_ids: torch.Tensor, attention_mask: torch.Tensor, state: dict[str, np.ndarray]):
+        feeds = {HIDDEN_STATES: to_numpy(hidden).astype(self.hidden_dtype), INPUT_IDS: to_numpy(next_ids).astype(np.int64), ATTENTION_MASK: to_numpy(attention_mask).astype(np.int64), **state}
+        out = self.session.run(feeds)
+        new = {name: out[name.replace("past_key_values.", "present.")] for name, _ in self.kv}
+        return torch.from_numpy(np.asarray(out[LOGITS], dtype=np.float32)), to_torch(out["mtp_hidden_state"]), new
+
+
+def _np_dtype(name: str) -> np.dtype:
+    """A manifest's dtype name (``float32``, ``bfloat16`` …) as a numpy dtype."""
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 #: numpy dtypes of the ONNX Runtime output types a prefill's outputs can be bound to.

@@ -207,20 +207,50 @@ class ScriptedDrafter:
         return out
 
 
+class MtpHead(Protocol):
+    """The MTP head on some runtime: zero states and one call (`hybridtrt.models.mtp.MTPHead.forward`)."""
+
+    def zero_state(self, batch: int) -> Any:
+        """The head's KV states before any position."""
+
+    def __call__(self, hidden: Tensor, next_ids: Tensor, attention_mask: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
+        """``(logits [B, L, V] fp32, out [B, L, hidden], new state)``; ``state`` is left as it was."""
+
+
+class TorchMtpHead:
+    """`MtpHead` on the PyTorch reference: ``head`` (`hybridtrt.models.mtp.MTPHead`) borrowing
+    ``main``'s embedding table and LM head."""
+
+    def __init__(self, main: Any, head: Any) -> None:
+        self.main, self.head = main, head
+
+    def zero_state(self, batch: int) -> Any:
+        return self.head.new_cache(batch, self.main.dtype, self.main.device)
+
+    @torch.no_grad()
+    def __call__(self, hidden: Tensor, next_ids: Tensor, attention_mask: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
+        device = self.main.device
+        return self.head(self.main, hidden.to(device), next_ids.to(device), attention_mask.to(device), state)
+
+
 class MtpDrafter:
-    """Drafts with the checkpoint's MTP head (`hybridtrt.models.mtp`) on the PyTorch reference.
+    """Drafts with the checkpoint's MTP head (`hybridtrt.models.mtp`), on the reference
+    (`TorchMtpHead`) or ONNX Runtime (``mtp.onnx``: `hybridtrt.runtime.onnxruntime.OrtMtpHead`).
 
     The head keeps a KV cache over the main model's positions (head position ``t`` pairs the main
     model's ``h_t`` with token ``t + 1``, the same mask, holes included). `observe` runs the head on
     the committed positions; `draft` chains it ``k - 1`` more steps from the last real position of
     each row, on a copy of its cache that is then dropped (those positions are speculative; the next
     `observe` writes them from the verified hidden states).
+
+    Args:
+        head: An `MtpHead`; or, for the reference, the main model followed by its `MTPHead`.
     """
 
     needs_hidden = True
 
-    def __init__(self, main: Any, head: Any) -> None:
-        self.main, self.head = main, head
+    def __init__(self, head: Any, mtp: Any = None) -> None:
+        self.head: MtpHead = TorchMtpHead(head, mtp) if mtp is not None else head
         self.cache = None
         self.mask: Tensor | None = None
         self.out: Tensor | None = None  # [B, hidden]: the head's output at each row's last real position
@@ -230,11 +260,14 @@ class MtpDrafter:
     @torch.no_grad()
     def observe(self, hidden: Tensor | None, next_ids: Tensor, attention_mask: Tensor) -> None:
         if hidden is None:
-            raise InputError("the MTP drafter needs the main model's hidden states, which this backend does not return", fix="use --speculative ngram")
+            raise InputError(
+                "the MTP drafter needs the main model's hidden states, which this backend does not return",
+                fix="export with `hybridtrt export CHECKPOINT --speculative`, or use --speculative ngram",
+            )
         b = next_ids.shape[0]
         if self.cache is None:
-            self.cache = self.head.new_cache(b, self.main.dtype, self.main.device)
-        logits, out, self.cache = self.head(self.main, hidden, next_ids.to(self.main.device), attention_mask.to(self.main.device), self.cache)
+            self.cache = self.head.zero_state(b)
+        logits, out, self.cache = self.head(hidden, next_ids, attention_mask, self.cache)
         self.calls += 1
         self.mask = attention_mask.long().cpu()
         new = attention_mask[:, -next_ids.shape[1] :].long().cpu()
@@ -250,7 +283,7 @@ class MtpDrafter:
         cache, mask, out = self.cache, self.mask, self.out
         for _ in range(k - 1):
             mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], dim=1)
-            logits, hidden, cache = self.head(self.main, out[:, None], tokens[-1][:, None].to(self.main.device), mask.to(self.main.device), cache)
+            logits, hidden, cache = self.head(out[:, None], tokens[-1][:, None], mask, cache)
             self.calls += 1
             out = hidden[:, 0]
             tokens.append(logits[:, 0].argmax(-1).cpu())

@@ -124,7 +124,7 @@ def gate_tolerances(precision: str, outputs: list[dict[str, np.ndarray]]) -> tup
 
 def _feeds_and_reference(model, manifest: Manifest, batch: int, seed: int):
     specs = state_specs(model.config)
-    graph = GraphModule(model, manifest.logits, decode=False, per_layer=bool(manifest.per_layer_outputs)).eval()
+    graph = GraphModule(model, manifest.logits, decode=False, per_layer=bool(manifest.per_layer_outputs), hidden=manifest.hidden_states).eval()
     out_names = [o["name"] for o in manifest.graphs["unified"].outputs]
     in_dtypes = {i["name"]: np.dtype(i["dtype"]) for i in manifest.graphs["unified"].inputs}
     ids, mask = random_prompts(batch, model.config.vocab_size, seed=seed, max_len=24)

@@ -196,7 +196,7 @@ def reference_outputs(
     gates judge the continuous math on the routing the recording made."""
     from hybridtrt.exporter.io import output_names, state_specs
 
-    graph = GraphModule(model, manifest.logits, decode=False, per_layer=True).eval()
+    graph = GraphModule(model, manifest.logits, decode=False, per_layer=True, hidden=manifest.hidden_states).eval()
     specs = state_specs(model.config)
     check_feed_shapes(feeds, model.config)
     names = output_names(model.config) + [f"layer_output.{i}" for i in range(model.config.num_layers)]

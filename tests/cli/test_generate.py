@@ -120,12 +120,14 @@ def test_a_bf16_export_says_how_it_computes(make_export, capsys, flag, says):
 def test_speculative_generation_through_the_cli(make_checkpoint, make_export):
     """``generate --speculative`` in a fresh interpreter: the tokens of plain greedy generation and
     a statistics line on the reference (n-gram and the MTP head of a Super-shaped checkpoint) and on
-    ONNX Runtime (an export with every position's logits); refusals exit 2 with the value and a fix."""
+    ONNX Runtime (an export with every position's logits; a speculative export with mtp.onnx);
+    refusals exit 2 with the value and a fix."""
     from tests.cli.batch import run_batch
 
     super_ckpt = make_checkpoint("tiny-nemotron3-super")
     plain_ckpt, last = make_export()
     _, every = make_export(options=ExportOptions(logits="all"))  # test_speculative's
+    _, super_export = make_export("tiny-nemotron3-super", ExportOptions(speculative=True))  # test_speculative_export's
     ids = ("--ids", "5 6 7 8 5 6 7", "--max-new-tokens", "24", "--ignore-eos")
     cases = [
         ["generate", super_ckpt, *ids],
@@ -139,6 +141,8 @@ def test_speculative_generation_through_the_cli(make_checkpoint, make_export):
         ["generate", super_ckpt, *ids, "--speculative", "ngram", "--temperature", "0.7"],
         ["generate", super_ckpt, *ids, "--draft-len", "2"],
         ["generate", super_ckpt, *ids, "--speculative", "ngram", "--draft-len", "0"],
+        ["generate", super_export, *ids, "--speculative", "mtp"],
+        ["export", super_ckpt, "-o", super_ckpt.parent / "never", "--speculative", "--logits", "last"],
     ]
     out = run_batch(cases)
     for o in out[:5]:
@@ -147,13 +151,16 @@ def test_speculative_generation_through_the_cli(make_checkpoint, make_export):
     assert tokens(out[0]) == tokens(out[1]) == tokens(out[2]) and tokens(out[3]) == tokens(out[4])
     assert "speculative mtp, draft length 3 · acceptance" in out[1].stdout and "tokens per verify call" in out[1].stdout
     assert "speculative ngram, draft length 5" in out[2].stdout and "backend onnxruntime" in out[4].stdout
+    assert out[11].code == 0 and tokens(out[11]) == tokens(out[0]) and "speculative mtp" in out[11].stdout, out[11].output
+    assert not (super_ckpt.parent / "never").exists()
     refusals = {
         5: ("last position only", "--logits all"),
-        6: ("MTP draft head runs on the PyTorch reference", "--speculative ngram"),
+        6: ("has no MTP graph (its checkpoint has no MTP head)", "--speculative"),
         7: ("no MTP layers", "--speculative ngram"),
         8: ("decodes greedily", "drop --temperature"),
         9: ("--draft-len 2 needs --speculative", "add --speculative"),
         10: ("--draft-len 0 must be in 1..16", "draft 3"),
+        12: ("--logits last contradicts it", "drop --logits last"),
     }
     for i, (what, fix) in refusals.items():
         o = out[i]

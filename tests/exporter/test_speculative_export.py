@@ -1,0 +1,116 @@
+"""``export --speculative``: every position's logits, ``last_hidden_state``, and the MTP head as
+``mtp.onnx`` (`hybridtrt.exporter.mtp_graph`), verified against the reference head; MTP drafting on
+ONNX Runtime emits the greedy tokens."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from hybridtrt.errors import ExportError
+from hybridtrt.exporter import wrapper
+from hybridtrt.exporter.export import ExportOptions, export
+from hybridtrt.exporter.manifest import read_manifest
+from hybridtrt.exporter.mtp_graph import MTP_FILE, verify_mtp_graph
+from hybridtrt.exporter.verify import verify_export
+from hybridtrt.graphs.external_data import external_index
+from hybridtrt.models import load_model
+from hybridtrt.models.loading import open_checkpoint
+from hybridtrt.models.mtp import load_mtp
+from hybridtrt.runtime.generation import TorchStepper
+from hybridtrt.runtime.onnxruntime import OrtModel
+from hybridtrt.runtime.speculative import MtpDrafter, SpeculationStats, generate_speculative
+from tests.conftest import left_padded_batch
+
+SUPER = "tiny-nemotron3-super"
+SPECULATIVE = ExportOptions(speculative=True)
+
+
+@pytest.fixture(scope="module")
+def exported(make_export):
+    return make_export(SUPER, SPECULATIVE)
+
+
+def test_the_export_has_the_mtp_graph_and_every_position(exported):
+    _, out = exported
+    m = read_manifest(out)
+    assert m.logits == "all" and m.hidden_states
+    assert m.graphs["mtp"].file == MTP_FILE and m.graphs["mtp"].data == ["mtp.data"]
+    assert [o["name"] for o in m.graphs["unified"].outputs][-1] == "last_hidden_state"
+    assert [i["name"] for i in m.graphs["mtp"].inputs][:3] == ["last_hidden_state", "input_ids", "attention_mask"]
+    worst = m.verification["graphs"][MTP_FILE]["worst"]
+    assert worst["rel_l2"] < 1e-5 and worst["bound"] > 0
+    assert "exported as mtp.onnx" in m.source["mtp"]
+    assert {"mtp.onnx", "mtp.data"} <= set(m.files)
+
+
+def test_onnxruntime_mtp_drafts_are_the_references_and_the_tokens_greedys(exported):
+    ckpt, out = exported
+    model = load_model(ckpt)
+    ort = OrtModel(out, threads=1)
+    ids, mask = left_padded_batch([5, 9, 1], 256, seed=1)
+    drafts = {}
+    for name, backend, drafter in (("reference", TorchStepper(model), MtpDrafter(model, load_mtp(ckpt, model))), ("onnxruntime", ort, MtpDrafter(ort.mtp_head()))):
+        logits, hidden, _ = backend.verify(ids, mask, backend.zero_state(3))
+        assert hidden is not None and hidden.shape == (3, ids.shape[1], 64)
+        drafter.observe(hidden, torch.cat([ids[:, 1:], logits[:, -1].argmax(-1, keepdim=True)], 1), mask)
+        drafts[name] = drafter.draft([], 5)
+        greedy = backend.generate(ids, mask, max_new_tokens=300).tokens
+        stats = SpeculationStats()
+        spec = generate_speculative(backend, drafter.__class__(drafter.head), ids, mask, max_new_tokens=300, stats=stats)
+        assert torch.equal(spec.tokens, greedy), name
+        assert stats.drafted > 0
+    assert drafts["reference"] == drafts["onnxruntime"]
+
+
+@pytest.mark.parametrize("mode", ["full", "layers"])
+def test_the_hidden_state_output_is_judged(exported, monkeypatch, mode):
+    """Planted: the reference's ``last_hidden_state`` 1 % off; verification names that output in
+    both modes (whole graph, and the head window of the layer windows)."""
+    ckpt, out = exported
+    forward = wrapper.GraphModule.forward
+
+    def off(self, *args):
+        outs = forward(self, *args)
+        return (*outs[:-1], outs[-1] * 1.01) if self.hidden else outs
+
+    monkeypatch.setattr(wrapper.GraphModule, "forward", off)
+    with pytest.raises(ExportError, match="last_hidden_state"):
+        verify_export(out, load_model(ckpt, lazy=True), read_manifest(out), mode=mode, parameter_bytes=1)
+
+
+def test_a_fault_in_the_mtp_weights_is_caught(exported, tmp_path):
+    _, out = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    index = external_index(bad / MTP_FILE)
+    name = next(n for n in index if "eh_proj" in n)
+    location, offset, length = index[name]
+    with open(bad / location, "r+b") as f:
+        f.seek(offset)
+        w = np.frombuffer(f.read(length), dtype=np.float32) * np.float32(1.05)
+        f.seek(offset)
+        f.write(w.tobytes())
+    ckpt = read_manifest(out).source["checkpoint"]
+    with pytest.raises(ExportError, match=r"mtp.onnx disagrees with the reference MTP head .*logits"):
+        verify_mtp_graph(bad, open_checkpoint(ckpt), read_manifest(out, integrity=None))
+
+
+def test_refusals_before_anything_is_traced(make_checkpoint, tmp_path):
+    with pytest.raises(ExportError, match="--speculative needs the dynamic KV cache"):
+        export(make_checkpoint(), tmp_path / "a", ExportOptions(speculative=True, kv_cache="static", max_cache_len=64))
+    from hybridtrt.errors import ConfigError
+
+    import json
+
+    mamba = tmp_path / "mamba-mtp"
+    shutil.copytree(make_checkpoint(SUPER), mamba)
+    config = json.loads((mamba / "config.json").read_text())
+    (mamba / "config.json").write_text(json.dumps({**config, "mtp_hybrid_override_pattern": "ME"}))
+    with pytest.raises(ConfigError, match="Mamba block"):
+        export(mamba, tmp_path / "b", SPECULATIVE)
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert not out.exists() or not any(out.iterdir())
