@@ -23,7 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, default=None, help=f"largest batch (default {DEFAULT_MAX_BATCH})")
     g.add_argument("--max-input-len", type=int, default=None, help=f"longest prompt in one prefill (default {DEFAULT_MAX_INPUT_LEN})")
     g.add_argument("--max-cache-len", type=int, default=None, help=f"most KV positions, prompt + new tokens (default {DEFAULT_MAX_CACHE_LEN})")
-    g.add_argument("--graph", choices=["unified", "decode"], default=None, help="graph to build: unified (default; prefill + decode profiles) or decode (decode.onnx)")
+    g.add_argument(
+        "--graph",
+        choices=["unified", "decode", "mtp"],
+        default=None,
+        help="graph to build: unified (default; prefill + decode profiles), decode (decode.onnx), or mtp (mtp.onnx of a --speculative export: --check-tensorrt only for now)",
+    )
     b = p.add_argument_group("build")
     b.add_argument("--plugins", default=None, help="plugin library (default: the built libhybridtrt_trt.so if any, else the ONNX function bodies)")
     b.add_argument(
@@ -64,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.output is None and args.check_tensorrt is None:
         raise InputError("hybridtrt build needs -o/--output (or --check-tensorrt VERSION to only check)", fix="pass -o model.engine")
+    if args.graph == "mtp" and args.check_tensorrt is None:
+        raise InputError("--graph mtp: no TensorRT runtime drafts with an MTP engine yet (DESIGN.md §11); the graph can be checked", fix="add --check-tensorrt VERSION, or draft on ONNX Runtime (generate EXPORT --speculative mtp)")
     check_integrity(args, args.export_dir)
     plan = plan_build(
         args.export_dir,

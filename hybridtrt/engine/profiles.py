@@ -33,6 +33,8 @@ from hybridtrt.exporter.io import BATCH, PAST, SEQ, TOTAL
 from hybridtrt.exporter.manifest import Manifest
 
 PREFILL, DECODE = "prefill", "decode"
+#: The MTP head's graph of a ``--speculative`` export (DESIGN.md §11).
+MTP = "mtp"
 
 Shape = tuple[int, ...]
 
@@ -138,7 +140,7 @@ def _profile(name: str, inputs: list[dict[str, Any]], dims: dict[str, DimRange])
 
 def _graph_inputs(manifest: Manifest, graph: str) -> list[dict[str, Any]]:
     if graph not in manifest.graphs:
-        fix = "re-export with `hybridtrt export --split`" if graph == DECODE else "re-export the model"
+        fix = {DECODE: "re-export with `hybridtrt export --split`", MTP: "export with `hybridtrt export --speculative` from a checkpoint with an MTP head"}.get(graph, "re-export the model")
         raise EngineError(f"the export has no {graph!r} graph (it has {sorted(manifest.graphs)})", fix=fix)
     return manifest.graphs[graph].inputs
 
@@ -169,7 +171,9 @@ def engine_profiles(
     max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
     opt_batch: int = 1,
 ) -> list[ProfileSpec]:
-    """The optimization profiles of ``graph`` (``"unified"``: prefill then decode; ``"decode"``: decode).
+    """The optimization profiles of ``graph`` (``"unified"``: prefill then decode; ``"decode"``: decode;
+    ``"mtp"``, the MTP head of a ``--speculative`` export: prefill (the prompt's positions, then a
+    verify call's K + 1) then decode (a chained draft), over the same dims).
 
     Args:
         manifest: The export's ``hybridtrt.json``.
@@ -186,7 +190,7 @@ def engine_profiles(
         EngineError: Bad limits, an unknown graph, or a graph whose fixed ``seq`` contradicts its role.
     """
     validate_limits(max_batch, max_input_len, max_cache_len)
-    if graph not in ("unified", DECODE):
+    if graph not in ("unified", DECODE, MTP):
         raise EngineError(f"unknown graph {graph!r}", fix="use --graph unified or --graph decode")
     inputs = _graph_inputs(manifest, graph)
     decode = _profile(DECODE, inputs, decode_dims(max_batch, max_cache_len, opt_batch=opt_batch))

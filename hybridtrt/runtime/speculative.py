@@ -364,7 +364,10 @@ def iter_speculative(
         raise InputError(f"--max-new-tokens {max_new_tokens} must be ≥ 0", fix="e.g. --max-new-tokens 32")
     why = getattr(backend, "cannot_verify", lambda: None)()
     if why is not None or not hasattr(backend, "verify"):
-        raise InputError(f"{type(backend).__name__} cannot run speculative decoding: {why or 'it has no verify call'}", fix="use the reference (a checkpoint directory) or an ONNX Runtime export with --logits all")
+        raise InputError(
+            f"{type(backend).__name__} cannot run speculative decoding: {why or 'it has no verify call'}",
+            fix="use the reference (a checkpoint directory) or ONNX Runtime on an export made with `hybridtrt export CHECKPOINT --speculative`",
+        )
     stats = stats if stats is not None else SpeculationStats()
     chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
     chunk_bounds(1, chunk)

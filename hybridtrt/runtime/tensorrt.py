@@ -306,6 +306,10 @@ class TrtModel:
         self._pp.swap(seq)
         return logits, TrtState(self._generation, self._pp.steps, batch, self._pp.past)
 
+    def cannot_verify(self) -> str:
+        """Why `hybridtrt.runtime.speculative` cannot run here: designed, not built (DESIGN.md §11)."""
+        return "a TensorRT model keeps one live state on the device, and the speculative rollback (per-row states, or a per-row static cache position) is not built for it yet"
+
     # -- internals ------------------------------------------------------------------------------
     def _check_state(self, state: TrtState) -> None:
         if not isinstance(state, TrtState) or state.generation != self._generation or state.steps != self._pp.steps:

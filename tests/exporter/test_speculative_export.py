@@ -114,3 +114,24 @@ def test_refusals_before_anything_is_traced(make_checkpoint, tmp_path):
         export(mamba, tmp_path / "b", SPECULATIVE)
     for out in (tmp_path / "a", tmp_path / "b"):
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_mtp_graph_passes_tensorrts_rules(exported, make_export, tmp_path):
+    """``build --graph mtp --check-tensorrt``: the parser emulator on ``mtp.onnx`` with its own
+    profiles (prefill and decode over the same dims); a full build, and an export without the
+    graph, are refused with the fix."""
+    from tests.cli.batch import run_batch
+
+    _, plain = make_export()
+    out = run_batch(
+        [
+            ["build", exported[1], "--graph", "mtp", "--check-tensorrt", "11.1"],
+            ["build", exported[1], "--graph", "mtp", "-o", tmp_path / "mtp.engine"],
+            ["build", plain, "--graph", "mtp", "--check-tensorrt", "11.1"],
+        ]
+    )
+    assert out[0].code == 0 and "TensorRT 11.1 would build mtp.onnx as asked" in out[0].stdout, out[0].output
+    assert "last_hidden_state" in out[0].stdout and "IAttention" in out[0].stdout
+    assert out[1].code == 2 and "no TensorRT runtime drafts with an MTP engine yet" in out[1].output and "fix:" in out[1].output
+    assert out[2].code == 2 and "the export has no 'mtp' graph" in out[2].output and "--speculative" in out[2].output
+    assert not (tmp_path / "mtp.engine").exists()
