@@ -354,8 +354,6 @@ def check_options(opts: ExportOptions, quantize: QuantizeOptions | None) -> int:
         raise ExportError(f"verification mode {opts.verify_mode!r} is unknown", fix=f"use one of {', '.join(VERIFY_MODES)}")
     if quantize is not None:
         check_calibration_source(quantize.calib_file, quantize.calib_random)
-    if opts.speculative and opts.kv_cache != "dynamic":
-        raise ExportError("--speculative needs the dynamic KV cache for now (a static cache writes every row at one position)", fix="drop --kv-cache static, or drop --speculative")
     return opset
 
 

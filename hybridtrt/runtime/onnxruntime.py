@@ -25,6 +25,7 @@ from hybridtrt.exporter.manifest import Manifest, read_manifest
 from hybridtrt.graphs.held_routing import ROUTED_EXPERTS, held_feeds, hold_routing, routed_ids
 from hybridtrt.models.moe import RoutingHold
 from hybridtrt.runtime.generation import GenerationResult, SamplingConfig, generate, iter_generate
+from hybridtrt.runtime.speculative import merge_rows
 from hybridtrt.runtime.snapshot import Snapshot
 from hybridtrt.runtime.states import StatePlan, StaticState, physical_memory_bytes, static_positions
 
@@ -465,8 +466,6 @@ class OrtModel:
     # -- speculation (`hybridtrt.runtime.speculative.Verifier`) ------------------------------------
     def cannot_verify(self) -> str | None:
         """Why this export cannot verify drafts (None when it can)."""
-        if self.flavour.static:
-            return "speculation runs on the dynamic KV cache for now (a static cache writes every row at one position; DESIGN.md §11)"
         if self.manifest.logits != "all":
             return f"its unified graph returns the logits of the last position only (logits={self.manifest.logits!r}); a verify call needs every position's"
         return None
@@ -478,9 +477,18 @@ class OrtModel:
         why = self.cannot_verify()
         if why is not None:
             raise InputError(f"{self.export_dir}: {why}", fix="re-export with `hybridtrt export … --speculative` (or --logits all; dynamic KV cache) to speculate on ONNX Runtime")
+        if self.flavour.static:
+            # The call writes in place: give it copies of the conv/SSM states (O(1) in the context) so
+            # that ``state`` stays what it was; both share the KV buffers, where the call writes only
+            # past each row's position (no query of ``state`` reads there: DESIGN.md §11).
+            fresh = {b.past_name: state.arrays[b.past_name] if b.is_kv else state.arrays[b.past_name].copy() for b in self.plan.buffers}
+            state = StaticState(fresh, state.past)
         out = self.run(input_ids, attention_mask, state, session=self.unified, shrink_arena=input_ids.shape[1] > 1)
         hidden = to_torch(out[HIDDEN_STATES]) if HIDDEN_STATES in out else None
-        return torch.from_numpy(np.asarray(out[LOGITS], dtype=np.float32)), hidden, self.plan.feed_back(out)
+        logits = torch.from_numpy(np.asarray(out[LOGITS], dtype=np.float32))
+        if self.flavour.static:
+            return logits, hidden, StaticState(self.plan.feed_back(out), int(attention_mask.shape[1]))
+        return logits, hidden, self.plan.feed_back(out)
 
     def mtp_head(self) -> OrtMtpHead:
         """The export's MTP head (``mtp.onnx``) as a `hybridtrt.runtime.speculative.MtpHead`.
@@ -497,11 +505,31 @@ class OrtModel:
             )
         return OrtMtpHead(OrtSession(self.export_dir / entry.file, threads=self._threads, bf16=self._bf16), entry)
 
-    def select_rows(self, state: dict[str, np.ndarray], rows: list[int]) -> dict[str, np.ndarray]:
+    def select_rows(self, state: Any, rows: list[int]) -> Any:
+        if isinstance(state, StaticState):
+            return StaticState({name: np.ascontiguousarray(a[rows]) for name, a in state.arrays.items()}, state.past)
         return {name: np.ascontiguousarray(a[rows]) for name, a in state.items()}
 
-    def state_arrays(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return state
+    def state_arrays(self, state: Any) -> dict[str, np.ndarray]:
+        return state.arrays if isinstance(state, StaticState) else state
+
+    def merge_rows(self, target: Any, rows: list[int], replayed: Any, past: int, count: int) -> None:
+        """Rows ``rows`` of ``target`` from ``replayed`` (`hybridtrt.runtime.speculative.rollback`): a
+        static cache copies the rows whole (each row's replayed positions are where its own position
+        was; the rest of the row is the state both came from)."""
+        if not self.flavour.static:
+            return merge_rows(self, target, rows, replayed, past, count)
+        arrays = self.state_arrays(target)
+        for name, value in self.state_arrays(replayed).items():
+            arrays[name][rows] = value
+
+    def speculation_positions(self, prompt: int, new_tokens: int, draft_len: int) -> int:
+        """Cache positions a speculative generation may reach: a static cache's rows advance by their
+        own counts (no holes), plus one verify call's drafts past the end; a dynamic cache keeps up to
+        ``draft_len + 1`` positions per token."""
+        if self.flavour.static:
+            return prompt + new_tokens + draft_len
+        return prompt + max(new_tokens - 1, 0) * (draft_len + 1)
 
     def named_states(self, state: Any) -> dict[str, np.ndarray]:
         """``{present_name: array}`` of a state returned by `step` (static KV trimmed to the

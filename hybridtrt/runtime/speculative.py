@@ -294,6 +294,18 @@ def _is_kv(name: str) -> bool:
     return name.endswith(".key") or name.endswith(".value")
 
 
+def merge_rows(backend: Verifier, target: Any, rows: list[int], replayed: Any, past: int, count: int) -> None:
+    """Rows ``rows`` of state ``target`` (a verify call's) from ``replayed`` (their replay): every
+    conv/SSM state, and the KV of the ``count`` replayed positions after ``past``. A backend whose
+    layout differs (a static cache) has a ``merge_rows`` method of its own."""
+    arrays = backend.state_arrays(target)
+    for name, value in backend.state_arrays(replayed).items():
+        if _is_kv(name):
+            arrays[name][rows, :, past : past + count] = value[:, :, past : past + count]
+        else:
+            arrays[name][rows] = value
+
+
 def rollback(backend: Verifier, before: Any, after: Any, ids: Tensor, mask: Tensor, accepted: Tensor, hidden: Tensor | None, stats: SpeculationStats) -> Any:
     """``after`` (the verify call's state) with every row that rejected a draft set to its state
     before the call plus its accepted positions replayed (see the module docstring).
@@ -308,17 +320,16 @@ def rollback(backend: Verifier, before: Any, after: Any, ids: Tensor, mask: Tens
     """
     k = ids.shape[1] - 1
     past = mask.shape[1]
-    target = backend.state_arrays(after)
+    merge = getattr(backend, "merge_rows", None)
     for a in sorted({int(x) for x in accepted.tolist() if x < k}):
         rows = [b for b, x in enumerate(accepted.tolist()) if x == a]
         sub_mask = torch.cat([mask[rows], torch.ones(len(rows), a + 1, dtype=mask.dtype)], dim=1)
         _, replay_hidden, replayed = backend.verify(ids[rows, : a + 1], sub_mask, backend.select_rows(before, rows))
         stats.replay_calls += 1
-        for name, value in backend.state_arrays(replayed).items():
-            if _is_kv(name):
-                target[name][rows, :, past : past + a + 1] = value[:, :, past : past + a + 1]
-            else:
-                target[name][rows] = value
+        if merge is not None:
+            merge(after, rows, replayed, past, a + 1)
+        else:
+            merge_rows(backend, after, rows, replayed, past, a + 1)
         if hidden is not None and replay_hidden is not None:
             hidden[rows, : a + 1] = replay_hidden.to(hidden.dtype)
     return after
@@ -374,8 +385,11 @@ def iter_speculative(
     ids, mask = check_prompt(backend, input_ids, attention_mask)
     batch = ids.shape[0]
     check = getattr(backend, "check_request", None)
-    if check is not None:  # rejected drafts leave holes: at most K + 1 positions per emitted token
-        check(batch, mask.shape[1] + max(max_new_tokens - 1, 0) * (draft_len + 1), chunk)
+    if check is not None:
+        positions = getattr(backend, "speculation_positions", None)
+        # Rejected drafts leave holes in a growing cache: at most K + 1 positions per emitted token.
+        need = positions(mask.shape[1], max_new_tokens, draft_len) if positions is not None else mask.shape[1] + max(max_new_tokens - 1, 0) * (draft_len + 1)
+        check(batch, need, chunk)
     if max_new_tokens == 0:
         return
     stats.rows = batch

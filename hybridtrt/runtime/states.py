@@ -92,29 +92,40 @@ class StaticState:
 def static_positions(attention_mask: torch.Tensor, length: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     """``cache_position [B]`` and ``padding_length [B]`` of a call, from the generation loop's mask.
 
+    A row's leading zeros are its left padding, which occupies cache positions. Zeros after a real
+    token in the earlier positions are **holes**, the positions a speculative verify call wrote and
+    the row rejected (`hybridtrt.runtime.speculative`): they occupy no cache position (the row's
+    next call writes over what the verify call left there, which no query reads: a query attends
+    to positions at or before its own), so rows advance by their own counts.
+
     Args:
-        attention_mask: ``[B, past + L]``: zeros (left padding) then ones, per row.
-        length: ``L``, the new tokens of this call.
+        attention_mask: ``[B, past + L]``: left padding, then ones, with holes before the new tokens.
+        length: ``L``, the new tokens of this call (zeros among them only as left padding).
         capacity: The graph's ``max_cache_len``.
 
     Raises:
-        InputError: Padding that is not on the left, or more positions than the cache holds.
+        InputError: Padding after a real token among the new tokens, or more positions than the
+            cache holds.
     """
     mask = attention_mask.long().cpu()
     total = mask.shape[1]
-    if total > capacity:
-        raise InputError(
-            f"{total} cache positions (prompt, padding and generated tokens so far) exceed this export's "
-            f"--max-cache-len {capacity}",
-            fix=f"re-export with `--kv-cache static --max-cache-len {total}` or more, or generate fewer tokens",
-        )
-    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+    started = mask.cummax(dim=1).values  # 1 from each row's first real token on
+    if bool(((started[:, total - length :] == 1) & (mask[:, total - length :] == 0)).any()):
         raise InputError(
             "attention_mask has padding after a real token; a static-cache export takes left padding only",
             fix="left-pad the batch (zeros first, then ones in every row)",
         )
-    padding = (mask == 0).sum(1).numpy().astype(np.int64)
-    return np.full(mask.shape[0], total - length, dtype=np.int64), padding
+    padding = (started == 0).sum(1)
+    before = started[:, : total - length]
+    cache_position = (before == 0).sum(1) + mask[:, : total - length].sum(1)  # padding + real tokens, holes skipped
+    need = int((cache_position + length).max()) if mask.shape[0] else 0
+    if need > capacity:
+        raise InputError(
+            f"{need} cache positions (prompt, padding and generated tokens so far) exceed this export's "
+            f"--max-cache-len {capacity}",
+            fix=f"re-export with `--kv-cache static --max-cache-len {need}` or more, or generate fewer tokens",
+        )
+    return cache_position.numpy().astype(np.int64), padding.numpy().astype(np.int64)
 
 
 def physical_memory_bytes() -> int | None:

@@ -154,7 +154,7 @@ def test_speculative_generation_through_the_cli(make_checkpoint, make_export):
     assert out[11].code == 0 and tokens(out[11]) == tokens(out[0]) and "speculative mtp" in out[11].stdout, out[11].output
     assert not (super_ckpt.parent / "never").exists()
     refusals = {
-        5: ("last position only", "--logits all"),
+        5: ("last position only", "export CHECKPOINT --speculative"),
         6: ("has no MTP graph (its checkpoint has no MTP head)", "--speculative"),
         7: ("no MTP layers", "--speculative ngram"),
         8: ("decodes greedily", "drop --temperature"),

@@ -8,6 +8,7 @@ tests break the rollback the way peers broke theirs and see the tokens diverge.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from hybridtrt.runtime import speculative
 from hybridtrt.runtime.generation import TorchStepper
 from hybridtrt.runtime.onnxruntime import OrtModel
 from hybridtrt.runtime.speculative import NgramDrafter, ScriptedDrafter, SpeculationStats, generate_speculative
+from hybridtrt.runtime.states import StaticState
 from tests.conftest import left_padded_batch
 from tests.static_capacity import CAPACITY
 
@@ -168,14 +170,63 @@ def test_restore_then_replay_is_the_direct_run_bit_for_bit(runtime, reference, o
 
 
 def test_onnxruntime_exports_that_cannot_verify_are_refused_with_the_fix(make_export):
-    _, last = make_export()
     ids, mask = _prompt()
-    with pytest.raises(InputError, match="last position only") as e:
-        generate_speculative(OrtModel(last), NgramDrafter(), ids, mask, max_new_tokens=4)
-    assert "--logits all" in e.value.fix
-    _, static = make_export(options=ExportOptions(kv_cache="static", max_cache_len=CAPACITY))  # test_snapshot's
-    with pytest.raises(InputError, match="dynamic KV cache"):
-        generate_speculative(OrtModel(static), NgramDrafter(), ids, mask, max_new_tokens=4)
+    for options in (ExportOptions(), ExportOptions(kv_cache="static", max_cache_len=CAPACITY)):  # shared with test_snapshot
+        _, last = make_export(options=options)
+        with pytest.raises(InputError, match="last position only") as e:
+            generate_speculative(OrtModel(last), NgramDrafter(), ids, mask, max_new_tokens=4)
+        assert "--speculative" in e.value.fix
+
+
+STATIC_TOKENS = CAPACITY - max(LENGTHS) - K - 8  # rows advance by their own counts: no holes in a static cache
+
+
+@pytest.fixture(scope="module")
+def static(make_export):
+    _, export_dir = make_export(options=ExportOptions(kv_cache="static", max_cache_len=CAPACITY, speculative=True))
+    model = OrtModel(export_dir, threads=1)
+    return (model, *_greedy(model, STATIC_TOKENS))
+
+
+@pytest.mark.parametrize("pattern", ScriptedDrafter.PATTERNS)
+def test_static_cache_speculation_emits_the_greedy_tokens(static, pattern):
+    """The static-cache flavour (the CUDA-graph one): each row writes at its own cache position and
+    advances by its own accepted count; the verify call writes the KV in place past each row's
+    position and copies only the conv/SSM states."""
+    model, greedy, logits = static
+    _check_equal(model, greedy, logits, pattern, tokens=STATIC_TOKENS)
+
+
+def test_planted_in_place_verify_on_a_static_cache_changes_the_tokens(static, monkeypatch):
+    """Planted: the static verify call without its conv/SSM copies (the states it was given are
+    overwritten in place, as a CUDA-graph replay would): the rollback restores clobbered states."""
+    model, greedy, _ = static
+
+    def in_place(self, input_ids, attention_mask, state):
+        out = self.run(input_ids, attention_mask, state, session=self.unified)
+        return torch.from_numpy(np.asarray(out["logits"], dtype=np.float32)), None, StaticState(self.plan.feed_back(out), int(attention_mask.shape[1]))
+
+    monkeypatch.setattr(OrtModel, "verify", in_place)
+    ids, mask = _prompt()
+    got = generate_speculative(model, ScriptedDrafter(greedy, "random", LENGTHS, 256, seed=3), ids, mask, max_new_tokens=STATIC_TOKENS).tokens
+    assert not torch.equal(got, greedy)
+
+
+def test_static_positions_skip_holes():
+    """Zeros after a real token before the new tokens are rejected positions: they take no cache
+    position; zeros after a real token among the new tokens are refused; the capacity counts
+    positions, not mask columns."""
+    from hybridtrt.runtime.states import static_positions
+
+    mask = torch.tensor([[0, 0, 1, 1, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 1, 1]])
+    position, padding = static_positions(mask, 2, 9)
+    assert position.tolist() == [5, 7, 7] and padding.tolist() == [2, 0, 7]  # row 0: 2 padding + 3 real, 2 holes skipped
+    with pytest.raises(InputError, match="padding after a real token"):
+        static_positions(torch.tensor([[1, 1, 0, 1]]), 2, 8)
+    holes = torch.tensor([[1, 0, 0, 1, 1, 1, 1, 1, 1]])  # 9 columns, 7 positions
+    assert static_positions(holes, 2, 7)[0].tolist() == [5]
+    with pytest.raises(InputError, match="7 cache positions .* --max-cache-len 6"):
+        static_positions(holes, 2, 6)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"draft_len": -1}, "--draft-len -1"), ({"draft_len": 99}, "--draft-len 99"), ({"max_new_tokens": -1}, "--max-new-tokens -1")])
