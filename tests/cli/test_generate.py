@@ -126,7 +126,7 @@ def test_speculative_generation_through_the_cli(make_checkpoint, make_export):
 
     super_ckpt = make_checkpoint("tiny-nemotron3-super")
     plain_ckpt, last = make_export()
-    _, every = make_export(options=ExportOptions(logits="all"))  # test_speculative's
+    _, every = make_export(options=ExportOptions(speculative=True))  # test_speculative's: no MTP head
     _, super_export = make_export("tiny-nemotron3-super", ExportOptions(speculative=True))  # test_speculative_export's
     ids = ("--ids", "5 6 7 8 5 6 7", "--max-new-tokens", "24", "--ignore-eos")
     cases = [

@@ -129,3 +129,18 @@ def test_hf_config_forms_of_the_mtp_pattern():
     assert pattern(mtp_layers_block_type=["full_attention", "moe"], mtp_hybrid_override_pattern="*-") == "*-"
     with pytest.raises(ConfigError, match="mtp_layers_block_type"):
         pattern(mtp_layers_block_type=["mamba2"])
+
+
+def test_a_sharded_checkpoint_loads_the_same_head(super_model, tmp_path):
+    """The hub's sharded layout (an index, ``mtp.*`` tensors spread over shards, experts per expert)
+    loads the head tensor for tensor as the single file does."""
+    from hybridtrt.models import create_checkpoint
+    from hybridtrt.models.loading import INDEX_FILE
+
+    _, main, head = super_model
+    sharded = create_checkpoint(PRESET, tmp_path / "sharded", max_shard_bytes=64 << 10)
+    index = json.loads((sharded / INDEX_FILE).read_text())["weight_map"]
+    assert len({f for k, f in index.items() if k.startswith("mtp.")}) > 1 and "mtp.layers.1.mixer.experts.15.up_proj.weight" in index
+    again = load_mtp(sharded, main)
+    for (name, a), (_, b) in zip(head.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
