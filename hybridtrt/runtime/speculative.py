@@ -80,7 +80,7 @@ class SpeculationStats:
     Attributes:
         verify_calls: Main-model calls over drafts (one per iteration).
         replay_calls: Main-model calls that rolled rows back.
-        draft_calls: Draft-model calls (0 for n-gram).
+        draft_calls: Draft-model calls (0 for n-gram): the drafter's ``model_calls``.
         drafted: Draft tokens proposed (rows × tokens, fillers excluded).
         accepted: Draft tokens accepted.
         rows: Batch rows.
@@ -183,19 +183,19 @@ class ScriptedDrafter:
         self.greedy = greedy.tolist()
         self.pattern, self.prompt_lengths, self.vocab = pattern, list(prompt_lengths), vocab
         self.gen = torch.Generator().manual_seed(seed)
-        self.calls = 0
+        self.iterations = 0
 
     def observe(self, hidden: Tensor | None, next_ids: Tensor, attention_mask: Tensor) -> None:
         pass
 
     def draft(self, history: list[list[int]], k: int) -> list[list[int]]:
-        self.calls += 1
+        self.iterations += 1
         out = []
         for b, row in enumerate(history):
             done = len(row) - self.prompt_lengths[b]
             truth = self.greedy[b][done : done + k]
             right = len(truth)
-            pattern = self.pattern if self.pattern != "alternate" else ("accept" if self.calls % 2 else "reject")
+            pattern = self.pattern if self.pattern != "alternate" else ("accept" if self.iterations % 2 else "reject")
             if pattern == "reject":
                 right = 0
             elif pattern in ("random", "partial"):
@@ -255,7 +255,7 @@ class MtpDrafter:
         self.mask: Tensor | None = None
         self.out: Tensor | None = None  # [B, hidden]: the head's output at each row's last real position
         self.logits: Tensor | None = None  # [B, V]: its draft logits there
-        self.calls = 0
+        self.model_calls = 0
 
     @torch.no_grad()
     def observe(self, hidden: Tensor | None, next_ids: Tensor, attention_mask: Tensor) -> None:
@@ -268,7 +268,7 @@ class MtpDrafter:
         if self.cache is None:
             self.cache = self.head.zero_state(b)
         logits, out, self.cache = self.head(hidden, next_ids, attention_mask, self.cache)
-        self.calls += 1
+        self.model_calls += 1
         self.mask = attention_mask.long().cpu()
         new = attention_mask[:, -next_ids.shape[1] :].long().cpu()
         last = (new * torch.arange(new.shape[1])).argmax(1)  # each row's last real new position
@@ -284,7 +284,7 @@ class MtpDrafter:
         for _ in range(k - 1):
             mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], dim=1)
             logits, hidden, cache = self.head(out[:, None], tokens[-1][:, None], mask, cache)
-            self.calls += 1
+            self.model_calls += 1
             out = hidden[:, 0]
             tokens.append(logits[:, 0].argmax(-1).cpu())
         return torch.stack(tokens, 1).tolist()
@@ -447,6 +447,7 @@ def iter_speculative(
         rows = torch.arange(batch)
         pending = greedy[rows, accepted]
         drafter.observe(hidden, greedy, mask)
+        stats.draft_calls = getattr(drafter, "model_calls", 0)
         stats.drafted += int(lengths.sum())
         stats.accepted += int(accepted.sum())
         for b in range(batch):

@@ -62,7 +62,7 @@ def test_onnxruntime_mtp_drafts_are_the_references_and_the_tokens_greedys(export
         stats = SpeculationStats()
         spec = generate_speculative(backend, drafter.__class__(drafter.head), ids, mask, max_new_tokens=300, stats=stats)
         assert torch.equal(spec.tokens, greedy), name
-        assert stats.drafted > 0
+        assert stats.drafted > 0 and stats.draft_calls >= stats.verify_calls  # observe + chained drafts per iteration
     assert drafts["reference"] == drafts["onnxruntime"]
 
 
