@@ -30,7 +30,7 @@ from hybridtrt.errors import ExportError
 from hybridtrt.exporter import io
 from hybridtrt.models.cache import HybridCache
 from hybridtrt.models.loading import Checkpoint
-from hybridtrt.models.model import head_projection
+from hybridtrt.models.model import TokenEnds
 from hybridtrt.models.mtp import MTPHead, load_mtp
 
 MTP_FILE = "mtp.onnx"
@@ -38,7 +38,7 @@ MTP_WEIGHTS_FILE = "mtp.data"
 MTP_HIDDEN_OUT = "mtp_hidden_state"
 
 
-class MainParts(nn.Module):
+class MainParts(TokenEnds):
     """The main model's embedding table and LM head, all the MTP head borrows from it."""
 
     def __init__(self, checkpoint: Checkpoint) -> None:
@@ -49,20 +49,6 @@ class MainParts(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head.weight = nn.Parameter(checkpoint.read("lm_head.weight"), requires_grad=False)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embeddings.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embeddings.weight.device
-
-    def embed(self, input_ids: Tensor) -> Tensor:
-        return self.embeddings(input_ids)
-
-    def head_logits(self, h: Tensor) -> Tensor:
-        return head_projection(h, self.embeddings.weight if self.lm_head is None else self.lm_head.weight)
 
 
 def mtp_state_specs(head: MTPHead) -> list[io.StateSpec]:

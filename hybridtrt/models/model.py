@@ -84,7 +84,31 @@ def head_projection(h: Tensor, weight: Tensor) -> Tensor:
     return wide(torch.matmul(h.to(weight.dtype), weight.t()))
 
 
-class HybridLM(nn.Module):
+class TokenEnds(nn.Module):
+    """The two ends of an LM, ``embeddings`` (``nn.Embedding``) and ``lm_head`` (``nn.Linear``, or
+    None when tied): what `HybridLM` and the MTP head's graph (`hybridtrt.exporter.mtp_graph`) share."""
+
+    embeddings: nn.Embedding
+    lm_head: nn.Linear | None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.weight.device
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """``[B, L]`` token ids -> ``[B, L, hidden]`` embeddings."""
+        return self.embeddings(input_ids)
+
+    def head_logits(self, h: Tensor) -> Tensor:
+        """The LM head: ``[..., hidden]`` (after ``norm_f``) -> ``[..., vocab]`` logits (`wide`)."""
+        return head_projection(h, self.embeddings.weight if self.lm_head is None else self.lm_head.weight)
+
+
+class HybridLM(TokenEnds):
     """Nemotron-H / Mamba-2 causal LM whose Mamba layers call the ``hybridtrt::`` custom ops."""
 
     def __init__(self, config: HybridConfig) -> None:
@@ -95,25 +119,9 @@ class HybridLM(nn.Module):
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, config.norm_weight_in_fp32)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embeddings.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embeddings.weight.device
-
     def new_cache(self, batch: int, state_dtype: torch.dtype = torch.float32) -> HybridCache:
         """Zero states for ``batch`` rows on the model's device and dtype."""
         return HybridCache.empty(self.config, batch, dtype=self.dtype, state_dtype=state_dtype, device=self.device)
-
-    def embed(self, input_ids: Tensor) -> Tensor:
-        """``[B, L]`` token ids -> ``[B, L, hidden]`` embeddings."""
-        return self.embeddings(input_ids)
-
-    def head_logits(self, h: Tensor) -> Tensor:
-        """The LM head: ``[..., hidden]`` (after ``norm_f``) -> ``[..., vocab]`` logits (`wide`)."""
-        return head_projection(h, self.embeddings.weight if self.lm_head is None else self.lm_head.weight)
 
     def forward(
         self,

@@ -55,6 +55,18 @@ _TINY_NEMOTRON_SIZES: dict[str, Any] = {
     "head_dim": 16,
 }
 
+#: The MoE fields the tiny Nemotron-3 presets share (16 routed experts with a shared expert 2× their width).
+_TINY_MOE: dict[str, Any] = {
+    "intermediate_size": 32,
+    "n_routed_experts": 16,
+    "moe_intermediate_size": 32,
+    "moe_shared_expert_intermediate_size": 64,
+    "n_shared_experts": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": True,
+}
+
 #: name -> HF config.json contents. Sizes are deliberately odd-shaped where it tests something.
 PRESETS: dict[str, dict[str, Any]] = {
     # The demo / test default: every block kind, GQA, n_groups > 1.
@@ -95,16 +107,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-nemotron3-moe": {
         **_NEMOTRON_BASE,
         **_TINY_NEMOTRON_SIZES,
+        **_TINY_MOE,
         "layers_block_type": ["mamba", "moe", "mamba", "moe", "mamba", "attention", "moe"],
-        "intermediate_size": 32,
-        "n_routed_experts": 16,
         "num_experts_per_tok": 6,
-        "moe_intermediate_size": 32,
-        "moe_shared_expert_intermediate_size": 64,
-        "n_shared_experts": 1,
-        "n_group": 1,
-        "topk_group": 1,
-        "norm_topk_prob": True,
         "routed_scaling_factor": 2.5,
         "moe_latent_size": None,
         "num_nextn_predict_layers": 0,
@@ -118,16 +123,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-nemotron3-super": {
         **_NEMOTRON_BASE,
         **_TINY_NEMOTRON_SIZES,
+        **_TINY_MOE,
         "hybrid_override_pattern": "MEMEM*EME",
-        "intermediate_size": 32,
-        "n_routed_experts": 16,
         "num_experts_per_tok": 4,
-        "moe_intermediate_size": 32,
-        "moe_shared_expert_intermediate_size": 64,
-        "n_shared_experts": 1,
-        "n_group": 1,
-        "topk_group": 1,
-        "norm_topk_prob": True,
         "routed_scaling_factor": 5.0,
         "moe_latent_size": 32,
         "num_nextn_predict_layers": 1,
