@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import onnx
 import torch
+from onnx.external_data_helper import uses_external_data
 
 from hybridtrt.errors import ExportError
 from hybridtrt.exporter import io, preflight, trace_cache
@@ -57,6 +58,7 @@ from hybridtrt.graphs.cleanup import strip_metadata
 from hybridtrt.graphs.dims import name_io_dims
 from hybridtrt.graphs.external_data import (
     deferred_key,
+    external_info,
     is_deferred,
     planned_external_bytes,
     share_before_write,
@@ -542,14 +544,15 @@ def export(
         mtp = bool(opts.speculative and config.mtp_layers)
         if mtp:
             target.check_space(mtp_graph_bytes(checkpoint))
-            with step(f"trace the MTP head → {MTP_FILE} (its weights, the embedding and the LM head in {MTP_WEIGHTS_FILE})"):
-                proto = write_mtp_graph(checkpoint, target.partial, opset)
+            with step(f"trace the MTP head → {MTP_FILE} (its weights in {MTP_WEIGHTS_FILE}; the embedding and LM head shared with {WEIGHTS_FILE})"):
+                proto = write_mtp_graph(checkpoint, target.partial, opset, target.partial / MODEL_FILE)
+            data = sorted({external_info(t)[0] for t in proto.graph.initializer if uses_external_data(t)})
             graphs["mtp"] = GraphEntry(
-                file=MTP_FILE, data=[MTP_WEIGHTS_FILE], role="mtp", inputs=_value_entries(proto.graph.input), outputs=_value_entries(proto.graph.output), custom_ops=_custom_op_counts(proto)
+                file=MTP_FILE, data=data, role="mtp", inputs=_value_entries(proto.graph.input), outputs=_value_entries(proto.graph.output), custom_ops=_custom_op_counts(proto)
             )
-            _fix_permissions(target.partial, [MTP_FILE, MTP_WEIGHTS_FILE])
+            _fix_permissions(target.partial, [MTP_FILE, *data])
             onnx.checker.check_model(str(target.partial / MTP_FILE), full_check=True)
-            written += [MTP_FILE, MTP_WEIGHTS_FILE]
+            written += [MTP_FILE, *[d for d in data if d not in written]]
         manifest = Manifest(
             source={
                 "checkpoint": str(checkpoint.root.resolve()),

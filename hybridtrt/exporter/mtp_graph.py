@@ -7,11 +7,12 @@ states of the head's attention layers ``past_key_values.{i}.key|value`` (``i`` t
 Outputs: ``logits [B, L, V]`` (fp32, predicting token ``t + 2``), ``mtp_hidden_state [B, L, hidden]``
 (what a chained draft reads in place of the main model's hidden state) and ``present.{i}.key|value``.
 
-The graph holds the head (``mtp.layers.*``), the main model's embedding table and LM head, read
-from the checkpoint (``mtp.data``; the embedding and head are a second copy of the main graph's —
-2 × vocab × hidden, 1 GiB in bf16 for Nemotron-3 Super, against its 240 GB). It is traced with its
-weights loaded (the head is two decoder blocks) and verified against the reference head
-(`hybridtrt.models.mtp.MTPHead`) before the export is published, like every other graph.
+The graph holds the head (``mtp.layers.*``, in ``mtp.data``) and the main model's embedding table
+and LM head, read from the checkpoint; where their bytes equal the main graph's (an unquantized
+table), they point into ``weights.data`` instead of being written twice (2 × vocab × hidden: 2 GiB in
+bf16 for Nemotron-3 Super). It is traced with its weights loaded (the head is two decoder blocks)
+and verified against the reference head (`hybridtrt.models.mtp.MTPHead`) before the export is
+published, like every other graph.
 """
 
 from __future__ import annotations
@@ -122,8 +123,9 @@ class MtpGraphModule(nn.Module):
 
 
 def mtp_graph_bytes(checkpoint: Checkpoint) -> int:
-    """Bytes ``mtp.data`` takes, from the headers: the ``mtp.*`` tensors and the embedding table and
-    LM head, in the export dtype."""
+    """Bytes ``mtp.data`` may take, from the headers: the ``mtp.*`` tensors and the embedding table and
+    LM head, in the export dtype (an upper bound: the two tables are shared with ``weights.data``
+    when their bytes are the main graph's)."""
     itemsize = torch.empty((), dtype=checkpoint.dtype).element_size()
     head = sum(t.numel for name, t in checkpoint.index.tensors.items() if name.removeprefix("language_model.").startswith("mtp."))
     borrowed = sum(p.numel for name, p in checkpoint.parameters.items() if name in ("embeddings.weight", "lm_head.weight"))
@@ -136,12 +138,15 @@ def mtp_module(checkpoint: Checkpoint) -> MtpGraphModule:
     return MtpGraphModule(parts, load_mtp(checkpoint.root, parts)).eval()
 
 
-def write_mtp_graph(checkpoint: Checkpoint, directory: Path, opset: int) -> onnx.ModelProto:
+def write_mtp_graph(checkpoint: Checkpoint, directory: Path, opset: int, main_graph: Path | None = None) -> onnx.ModelProto:
     """Trace ``mtp.onnx`` with its weights, run the graph passes, write it and ``mtp.data`` into
-    ``directory``; returns the graph (initializers external)."""
+    ``directory``; with ``main_graph`` (the export's ``model.onnx``), tensors identical to its
+    weights (the embedding table, the LM head) point into its data file instead; returns the graph
+    (initializers external)."""
     import onnx_ir as ir
 
     from hybridtrt.exporter.export import _quiet_exporter
+    from hybridtrt.graphs.external_data import share_external_data
     from hybridtrt.exporter.translation import translation_table
     from hybridtrt.graphs.cleanup import strip_metadata
     from hybridtrt.graphs.dims import name_io_dims
@@ -177,6 +182,9 @@ def write_mtp_graph(checkpoint: Checkpoint, directory: Path, opset: int) -> onnx
 
     proto.producer_name, proto.producer_version = "hybridtrt", __version__
     onnx.save_model(proto, str(path))
+    if main_graph is not None:  # the embedding table and LM head: where the main graph keeps them
+        share_external_data(path, main_graph, by_content=True)
+        proto = onnx.load(str(path), load_external_data=False)
     return proto
 
 

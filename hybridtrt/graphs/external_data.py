@@ -198,9 +198,11 @@ def save_with_external_data(model: onnx.ModelProto, path: str | Path, data_name:
     )
 
 
-def share_external_data(model_path: str | Path, reference_path: str | Path, size_threshold: int = 1024) -> int:
+def share_external_data(model_path: str | Path, reference_path: str | Path, size_threshold: int = 1024, *, by_content: bool = False) -> int:
     """Rewrite ``model_path`` so that initializers identical to ``reference_path``'s (same name,
-    same bytes) point into the reference's data file. Both models live in one directory.
+    same bytes; with ``by_content``, any reference tensor of the same type, shape and bytes: the
+    two graphs were traced from different modules) point into the reference's data file. Both
+    models live in one directory.
 
     The model's own data file is rewritten with only the tensors that differ (deleted when none
     do).
@@ -212,6 +214,23 @@ def share_external_data(model_path: str | Path, reference_path: str | Path, size
     root = model_path.parent
     index = external_index(reference_path)
     model = onnx.load(str(model_path), load_external_data=False)
+    if by_content:  # each of the model's tensors is looked up under the name of its same-shaped twin
+        reference = onnx.load(str(reference_path), load_external_data=False)
+        shapes: dict[tuple, list[str]] = {}
+        for r in reference.graph.initializer:
+            if uses_external_data(r):
+                shapes.setdefault((r.data_type, tuple(r.dims)), []).append(r.name)
+        by_name = {}
+        for t in model.graph.initializer:
+            if not uses_external_data(t):
+                continue
+            location, offset, length = external_info(t)
+            for name in shapes.get((t.data_type, tuple(t.dims)), []):
+                ref = index[name]
+                if ref[2] == length and _same_bytes(root / location, offset, root / ref[0], ref[1], length):
+                    by_name[t.name] = ref
+                    break
+        index = by_name
     reference_files = {loc for loc, _, _ in index.values()}
     own_files = {external_info(t)[0] for t in model.graph.initializer if uses_external_data(t)} - reference_files
     kept: set[str] = set()

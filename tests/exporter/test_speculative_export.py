@@ -38,7 +38,12 @@ def test_the_export_has_the_mtp_graph_and_every_position(exported):
     _, out = exported
     m = read_manifest(out)
     assert m.logits == "all" and m.hidden_states
-    assert m.graphs["mtp"].file == MTP_FILE and m.graphs["mtp"].data == ["mtp.data"]
+    assert m.graphs["mtp"].file == MTP_FILE and m.graphs["mtp"].data == ["mtp.data", "weights.data"]
+    # The embedding table and the LM head are the main graph's bytes in weights.data, not a second copy.
+    mtp, main = external_index(out / MTP_FILE), external_index(out / "model.onnx")
+    shared = {k: v for k, v in mtp.items() if v[0] == "weights.data"}
+    assert sorted(shared.values()) == sorted([main["model.embeddings.weight"], main["model.lm_head.weight_t"]])
+    assert all(v[0] == "mtp.data" for k, v in mtp.items() if k.startswith("model.layers."))
     assert [o["name"] for o in m.graphs["unified"].outputs][-1] == "last_hidden_state"
     assert [i["name"] for i in m.graphs["mtp"].inputs][:3] == ["last_hidden_state", "input_ids", "attention_mask"]
     worst = m.verification["graphs"][MTP_FILE]["worst"]
@@ -132,3 +137,32 @@ def test_the_mtp_graph_passes_tensorrts_rules(exported, make_export, tmp_path):
     assert out[1].code == 2 and "no TensorRT runtime drafts with an MTP engine yet" in out[1].output and "fix:" in out[1].output
     assert out[2].code == 2 and "the export has no 'mtp' graph" in out[2].output and "--speculative" in out[2].output
     assert not (tmp_path / "mtp.engine").exists()
+
+
+def test_sharing_by_content_shares_equal_bytes_only(tmp_path):
+    """`share_external_data(by_content=True)`: a tensor of another name but the same type, shape and
+    bytes points into the reference's file; one that differs in a single value stays in the model's."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hybridtrt.graphs.external_data import save_with_external_data, share_external_data
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((64, 32)).astype(np.float32)
+    other = table.copy()
+    other[5, 7] += 1e-3
+
+    def graph(names_values, path, data):
+        inits = [numpy_helper.from_array(v, n) for n, v in names_values]
+        nodes = [helper.make_node("Identity", [n], [f"out_{n}"]) for n, _ in names_values]
+        outs = [helper.make_tensor_value_info(f"out_{n}", TensorProto.FLOAT, list(v.shape)) for n, v in names_values]
+        save_with_external_data(helper.make_model(helper.make_graph(nodes, "g", [], outs, inits)), path, data)
+
+    graph([("model.embeddings.weight", table)], tmp_path / "model.onnx", "weights.data")
+    graph([("parts.embeddings.weight", table), ("parts.other", other)], tmp_path / "mtp.onnx", "mtp.data")
+    assert share_external_data(tmp_path / "mtp.onnx", tmp_path / "model.onnx", by_content=True) == table.nbytes
+    index = external_index(tmp_path / "mtp.onnx")
+    assert index["parts.embeddings.weight"][0] == "weights.data" and index["parts.other"][0] == "mtp.data"
+    loaded = onnx.load(str(tmp_path / "mtp.onnx"))
+    values = {t.name: numpy_helper.to_array(t) for t in loaded.graph.initializer}
+    assert np.array_equal(values["parts.embeddings.weight"], table) and np.array_equal(values["parts.other"], other)
