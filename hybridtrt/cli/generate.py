@@ -41,8 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a bf16 export on ONNX Runtime CPU (no bf16 kernels): compute in fp32 from its bf16 weights (default; as fast as an fp32 export) "
         "or emulate bf16 rounding as TensorRT computes (1.2-1.4x slower; what validate judges)",
     )
-    sp = p.add_argument_group("speculative decoding (README: Speculative decoding; greedy only, same tokens as without)")
-    sp.add_argument("--speculative", choices=["ngram", "mtp"], default=None, help="draft with an n-gram lookup in the text so far, or with the checkpoint's MTP head (reference backend)")
+    sp = p.add_argument_group("speculative decoding (greedy's tokens; README)")
+    sp.add_argument(
+        "--speculative",
+        choices=["ngram", "mtp"],
+        default=None,
+        help="draft with an n-gram lookup in the text so far, or with the checkpoint's MTP head (a checkpoint dir, or an export made with --speculative)",
+    )
     sp.add_argument("--draft-len", type=int, default=None, metavar="K", help="tokens drafted per verify call (default 3)")
     lc = p.add_argument_group("long context (README: Long context)")
     lc.add_argument("--prefill-chunk", type=int, default=None, metavar="N", help="prefill long prompts in calls of at most N tokens (default 2048)")
