@@ -265,11 +265,11 @@ def run(args: argparse.Namespace) -> int:
     count = 0
     stats = None
     if args.speculative:
-        from hybridtrt.runtime.speculative import SpeculationStats, iter_speculative
+        from hybridtrt.runtime.speculative import DEFAULT_DRAFT_LEN, SpeculationStats, iter_speculative
 
         stats = SpeculationStats()
         drafter = _drafter(args.speculative, target)
-        k = args.draft_len if args.draft_len is not None else 3
+        k = args.draft_len if args.draft_len is not None else DEFAULT_DRAFT_LEN
         stream = iter_speculative(target.stepper, drafter, torch.tensor([ids], dtype=torch.long), max_new_tokens=args.max_new_tokens or 32, draft_len=k, eos_token_id=eos, prefill_chunk=args.prefill_chunk, stats=stats)
     else:
         stream = iter_generate(

@@ -31,6 +31,8 @@ LOGITS = "logits"
 #: The final hidden states after ``norm_f`` (what the LM head reads; the MTP head's input), an
 #: output of speculative exports (`export --speculative`).
 HIDDEN_STATES = "last_hidden_state"
+#: The MTP graph's own output hidden state (``mtp.onnx``: what a chained draft reads).
+MTP_HIDDEN_OUT = "mtp_hidden_state"
 
 # Symbolic dimension names.
 BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past", "past+seq"

@@ -36,7 +36,6 @@ from hybridtrt.models.mtp import MTPHead, load_mtp
 
 MTP_FILE = "mtp.onnx"
 MTP_WEIGHTS_FILE = "mtp.data"
-MTP_HIDDEN_OUT = "mtp_hidden_state"
 
 
 class MainParts(TokenEnds):
@@ -83,7 +82,7 @@ class MtpGraphModule(nn.Module):
 
     def names(self) -> tuple[list[str], list[str]]:
         inputs = [io.HIDDEN_STATES, io.INPUT_IDS, io.ATTENTION_MASK, *[s.past_name for s in self.specs]]
-        return inputs, [io.LOGITS, MTP_HIDDEN_OUT, *[s.present_name for s in self.specs]]
+        return inputs, [io.LOGITS, io.MTP_HIDDEN_OUT, *[s.present_name for s in self.specs]]
 
     def shapes(self) -> dict[str, tuple[int | str, ...]]:
         c = self.model.config
@@ -92,7 +91,7 @@ class MtpGraphModule(nn.Module):
             io.INPUT_IDS: (io.BATCH, io.SEQ),
             io.ATTENTION_MASK: (io.BATCH, io.TOTAL),
             io.LOGITS: (io.BATCH, io.SEQ, c.vocab_size),
-            MTP_HIDDEN_OUT: (io.BATCH, io.SEQ, c.hidden_size),
+            io.MTP_HIDDEN_OUT: (io.BATCH, io.SEQ, c.hidden_size),
         }
         for s in self.specs:
             out[s.past_name] = s.shape
@@ -155,6 +154,7 @@ def write_mtp_graph(checkpoint: Checkpoint, directory: Path, opset: int, main_gr
 
     module = mtp_module(checkpoint)
     inputs, outputs = module.names()
+    shapes = module.shapes()
     with _quiet_exporter():
         program = torch.onnx.export(
             module,
@@ -177,7 +177,7 @@ def write_mtp_graph(checkpoint: Checkpoint, directory: Path, opset: int, main_gr
     name_matmul_weights(proto)
     strip_metadata(proto)
     attach_functions(proto)
-    name_io_dims(proto, mtp_module_shapes(checkpoint))
+    name_io_dims(proto, shapes)
     from hybridtrt import __version__
 
     proto.producer_name, proto.producer_version = "hybridtrt", __version__
@@ -186,23 +186,6 @@ def write_mtp_graph(checkpoint: Checkpoint, directory: Path, opset: int, main_gr
         share_external_data(path, main_graph, by_content=True)
         proto = onnx.load(str(path), load_external_data=False)
     return proto
-
-
-def mtp_module_shapes(checkpoint: Checkpoint) -> dict[str, tuple[int | str, ...]]:
-    """`MtpGraphModule.shapes` from the config alone (no weights read)."""
-    from hybridtrt.models.model import meta_modules
-
-    with meta_modules():
-        head = MTPHead(checkpoint.config)
-    return MtpGraphModule.shapes(_Shaped(head))
-
-
-class _Shaped:
-    """Just enough of an `MtpGraphModule` for `MtpGraphModule.shapes`."""
-
-    def __init__(self, head: MTPHead) -> None:
-        self.model = head
-        self.specs = mtp_state_specs(head)
 
 
 def verify_mtp_graph(directory: Path, checkpoint: Checkpoint, manifest: Any) -> dict[str, Any]:
@@ -241,7 +224,7 @@ def verify_mtp_graph(directory: Path, checkpoint: Checkpoint, manifest: Any) -> 
     worst: dict[str, Any] = {}
     failed = []
     for i, name in enumerate(outputs):
-        kind = "call" if name == io.LOGITS else "layer" if name == MTP_HIDDEN_OUT else "state"
+        kind = "call" if name == io.LOGITS else "layer" if name == io.MTP_HIDDEN_OUT else "state"
         g = gate(precision, kind)
         c = compare(torch.from_numpy(np.asarray(got[name], dtype=np.float32)), want[i].float())
         y = compare(yard[i].float(), want[i].float()) if yard is not None else None

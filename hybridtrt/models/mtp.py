@@ -128,16 +128,18 @@ class MTPHead(nn.Module):
         return main.head_logits(out), out, new
 
 
-def _checkpoint_names(names: list[str]) -> dict[str, str]:
-    """``{our name: checkpoint name}`` of the checkpoint's ``mtp.*`` tensors, per-expert tensors
-    under their stacked name (``layers.1.mixer.experts.up_proj``)."""
+def _checkpoint_sources(names: list[str]) -> dict[str, tuple[str, tuple[str, ...] | None]]:
+    """``{our name: (checkpoint name, per-expert tensors)}`` of the checkpoint's ``mtp.*`` tensors,
+    as the checkpoint spells them (with its ``language_model.`` prefix, if any): a tensor stored
+    whole has no per-expert tensors (None); a stack of per-expert ones is named by its stacked name
+    (``mtp.layers.1.mixer.experts.up_proj``) and lists them in expert order."""
     from hybridtrt.models.loading import per_expert_groups
 
     mtp = {n.removeprefix(_MULTIMODAL): n for n in names if n.removeprefix(_MULTIMODAL).startswith(PREFIX)}
     stacks = per_expert_groups(mtp)
     parts = {p for group in stacks.values() for p in group}
-    out = {k.removeprefix(PREFIX): mtp[k] for k in mtp if k not in parts}
-    out.update({k.removeprefix(PREFIX): k for k in stacks})
+    out: dict[str, tuple[str, tuple[str, ...] | None]] = {k.removeprefix(PREFIX): (mtp[k], None) for k in mtp if k not in parts}
+    out.update({k.removeprefix(PREFIX): (k, tuple(mtp[p] for p in group)) for k, group in stacks.items()})
     return out
 
 
@@ -149,7 +151,7 @@ def load_mtp(path: str | Path, main: HybridLM) -> MTPHead:
         CheckpointError: ``mtp.*`` tensors missing, unexpected, of the wrong shape, not floating
             point (a quantized head: ModelOpt's Nemotron recipes leave it unquantized), or NaN/Inf.
     """
-    from hybridtrt.models.loading import FLOAT_CODES, check_finite, open_checkpoint, per_expert_groups
+    from hybridtrt.models.loading import FLOAT_CODES, check_finite, open_checkpoint
     from hybridtrt.models.moe import FP32_PARAMETERS
 
     checkpoint = open_checkpoint(path)  # headers only; tensors are converted to main's dtype below
@@ -158,23 +160,21 @@ def load_mtp(path: str | Path, main: HybridLM) -> MTPHead:
     with meta_modules():
         head = MTPHead(config)
     expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    names = _checkpoint_names(list(checkpoint.index.tensors))
-    stacks = per_expert_groups([n.removeprefix(_MULTIMODAL) for n in checkpoint.index.tensors])
-    missing = sorted(k for k in expected if k not in names)
-    unexpected = sorted(names[k] for k in names if k not in expected)
+    sources = _checkpoint_sources(list(checkpoint.index.tensors))
+    missing = sorted(k for k in expected if k not in sources)
+    unexpected = sorted(sources[k][0] for k in sources if k not in expected)
     if missing or unexpected:
         parts = [f"{title} ({len(items)}): {', '.join(items[:12])}{' …' if len(items) > 12 else ''}" for title, items in (("missing", [PREFIX + m for m in missing]), ("unexpected", unexpected)) if items]
         raise CheckpointError(f"the checkpoint's MTP head does not match its config (pattern {config.mtp_pattern!r}): " + "; ".join(parts), fix="check num_nextn_predict_layers and mtp_layers_block_type against the mtp.* tensors")
     fp32 = [re.compile(p) for p in FP32_PARAMETERS]
     state = {}
     for k, shape in expected.items():
-        stored = names[k]
-        group = stacks.get(stored.removeprefix(_MULTIMODAL))
-        tensors = [_find(checkpoint, q) for q in group] if group else [stored]
+        stored, group = sources[k]
+        tensors = list(group) if group is not None else [stored]
         bad = [t for t in tensors if checkpoint.index[t].dtype not in FLOAT_CODES]
         if bad:
             raise CheckpointError(f"MTP tensor {bad[0]} is {checkpoint.index[bad[0]].dtype}, not floating point", fix="export the MTP head from an unquantized checkpoint; ModelOpt's recipes leave it unquantized")
-        value = torch.stack([checkpoint.index.read(t) for t in tensors]) if group else checkpoint.index.read(stored)
+        value = torch.stack([checkpoint.index.read(t) for t in tensors]) if group is not None else checkpoint.index.read(stored)
         if tuple(value.shape) != shape:
             raise CheckpointError(f"MTP tensor {stored}: checkpoint {tuple(value.shape)} vs head {shape}", fix="check that config.json belongs to these weights")
         dtype = torch.float32 if any(p.search("." + k) for p in fp32) else main.dtype
@@ -183,8 +183,3 @@ def load_mtp(path: str | Path, main: HybridLM) -> MTPHead:
         state[k] = converted.to(main.device)
     head.load_state_dict(state, strict=True, assign=True)
     return head.requires_grad_(False).eval()
-
-
-def _find(checkpoint, name: str) -> str:
-    """The checkpoint's own spelling of ``name`` (with its ``language_model.`` prefix, if any)."""
-    return name if name in checkpoint.index.tensors else _MULTIMODAL + name

@@ -220,17 +220,27 @@ def chunk_bounds(length: int, chunk: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def prefill(stepper: Stepper, input_ids: Tensor, attention_mask: Tensor, state: Any, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> tuple[Tensor, Any]:
+def prefill(
+    stepper: Stepper,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    state: Any,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    call: Callable[[Tensor, Tensor, Any], tuple[Tensor, Any]] | None = None,
+) -> tuple[Tensor, Any]:
     """Run ``input_ids [B, L]`` on ``state`` in calls of at most ``prefill_chunk`` tokens.
 
     Args:
         input_ids: The new tokens: the last ``L`` columns of ``attention_mask``.
         attention_mask: ``[B, past + L]``.
         state: States after ``past`` positions.
+        call: One call ``(ids, mask, state) -> (last logits, state)``; the stepper's prefill
+            `Stepper.step` by default (speculation passes its verify call, to keep the hidden states).
 
     Returns:
         Last-position logits ``[B, V]`` and the state after all ``L`` tokens.
     """
+    call = call or (lambda ids, mask, state: stepper.step(ids, mask, state, decode=False))
     past = attention_mask.shape[1] - input_ids.shape[1]
     limit = getattr(stepper, "max_prefill_tokens", None)
     logits, done, length = None, 0, input_ids.shape[1]
@@ -238,7 +248,7 @@ def prefill(stepper: Stepper, input_ids: Tensor, attention_mask: Tensor, state: 
         # The backend may cap a call by memory (ONNX Runtime: attention scores grow with the cache).
         cap = prefill_chunk if limit is None else max(3, min(prefill_chunk, limit(input_ids.shape[0], past + done)))
         a, b = chunk_bounds(length - done, cap)[0]
-        logits, state = stepper.step(input_ids[:, done + a : done + b], attention_mask[:, : past + done + b], state, decode=False)
+        logits, state = call(input_ids[:, done + a : done + b], attention_mask[:, : past + done + b], state)
         done += b
     return logits, state
 
@@ -331,6 +341,28 @@ def generate(
     snapshot: Any = None,
 ) -> GenerationResult:
     """Generate ``max_new_tokens`` for a left-padded batch. See `iter_generate`."""
+
+    def stream(on_step: Callable[[Tensor, Tensor], None]) -> Iterator[Tensor]:
+        return iter_generate(
+            stepper,
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            on_step=on_step,
+            prefill_chunk=prefill_chunk,
+            snapshot=snapshot,
+        )
+
+    return collect(stream, input_ids.shape[0], keep_logits)
+
+
+def collect(stream: Callable[[Callable[[Tensor, Tensor], None]], Iterator[Tensor]], batch: int, keep_logits: bool = False) -> GenerationResult:
+    """Run a token stream to its end (`iter_generate`, or `hybridtrt.runtime.speculative.iter_speculative`,
+    given the ``on_step`` callback here): ``[B, n]`` tokens, the ``[B, V]`` logits that chose each
+    column when ``keep_logits``, and the wall time to the first token (prefill) and after it (decode)."""
     logits: list[Tensor] = []
     times: list[float] = []
 
@@ -340,21 +372,8 @@ def generate(
             logits.append(step_logits)
 
     start = time.perf_counter()
-    tokens = list(
-        iter_generate(
-            stepper,
-            input_ids,
-            attention_mask,
-            max_new_tokens=max_new_tokens,
-            sampling=sampling,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            on_step=record,
-            prefill_chunk=prefill_chunk,
-            snapshot=snapshot,
-        )
-    )
-    out = torch.stack(tokens, dim=1) if tokens else torch.zeros(input_ids.shape[0], 0, dtype=torch.long)
+    tokens = list(stream(record))
+    out = torch.stack(tokens, dim=1) if tokens else torch.zeros(batch, 0, dtype=torch.long)
     prefill = times[0] - start if times else 0.0
     decode = times[-1] - times[0] if len(times) > 1 else 0.0
     return GenerationResult(out, logits, prefill, decode)

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 from hybridtrt.errors import ArtefactError, InputError
-from hybridtrt.exporter.io import ATTENTION_MASK, CACHE_POSITION, HIDDEN_STATES, INPUT_IDS, LOGITS, PADDING_LENGTH
+from hybridtrt.exporter.io import ATTENTION_MASK, CACHE_POSITION, HIDDEN_STATES, INPUT_IDS, LOGITS, MTP_HIDDEN_OUT, PADDING_LENGTH
 from hybridtrt.exporter.manifest import Manifest, read_manifest
 from hybridtrt.graphs.held_routing import ROUTED_EXPERTS, held_feeds, hold_routing, routed_ids
 from hybridtrt.models.moe import RoutingHold
 from hybridtrt.runtime.generation import GenerationResult, SamplingConfig, generate, iter_generate
-from hybridtrt.runtime.speculative import merge_rows
+from hybridtrt.runtime.speculative import growing_cache_positions, merge_rows
 from hybridtrt.runtime.snapshot import Snapshot
-from hybridtrt.runtime.states import StatePlan, StaticState, physical_memory_bytes, static_positions
+from hybridtrt.runtime.states import StateBuffer, StatePlan, StaticState, physical_memory_bytes, static_positions
 
 #: Bytes a prefill call holds per attention score: ONNX Runtime 1.32's CPU ``Attention`` kernel
 #: materializes the ``[B, H, L, T]`` fp32 scores and a second buffer of the same size (measured:
@@ -529,7 +529,7 @@ class OrtModel:
         ``draft_len + 1`` positions per token."""
         if self.flavour.static:
             return prompt + new_tokens + draft_len
-        return prompt + max(new_tokens - 1, 0) * (draft_len + 1)
+        return growing_cache_positions(prompt, new_tokens, draft_len)
 
     def named_states(self, state: Any) -> dict[str, np.ndarray]:
         """``{present_name: array}`` of a state returned by `step` (static KV trimmed to the
@@ -667,21 +667,24 @@ class OrtModel:
 
 
 class OrtMtpHead:
-    """``mtp.onnx`` as a `hybridtrt.runtime.speculative.MtpHead`: states ``{past_name: array}``."""
+    """``mtp.onnx`` as a `hybridtrt.runtime.speculative.MtpHead`: states ``{past_name: array}`` of
+    its KV inputs, zeroed and fed back as the main graphs' (`StatePlan`)."""
 
     def __init__(self, session: OrtSession, entry: Any) -> None:
         self.session = session
-        self.kv = [(i["name"], i) for i in entry.inputs if i["name"].startswith("past_key_values.")]
+        kv = [i for i in entry.inputs if i["name"].startswith("past_key_values.")]
+        self.plan = StatePlan(
+            tuple(StateBuffer(i["name"], i["name"].replace("past_key_values.", "present."), tuple(i["shape"]), _np_dtype(i["dtype"]), i["name"].rsplit(".", 1)[1]) for i in kv)
+        )
         self.hidden_dtype = next(_np_dtype(i["dtype"]) for i in entry.inputs if i["name"] == HIDDEN_STATES)
 
     def zero_state(self, batch: int) -> dict[str, np.ndarray]:
-        return {name: np.zeros([batch if d == "batch" else 0 if d == "past" else int(d) for d in i["shape"]], dtype=_np_dtype(i["dtype"])) for name, i in self.kv}
+        return self.plan.zeros(batch)
 
     def __call__(self, hidden: torch.Tensor, next_ids: torch.Tensor, attention_mask: torch.Tensor, state: dict[str, np.ndarray]):
         feeds = {HIDDEN_STATES: to_numpy(hidden).astype(self.hidden_dtype), INPUT_IDS: to_numpy(next_ids).astype(np.int64), ATTENTION_MASK: to_numpy(attention_mask).astype(np.int64), **state}
         out = self.session.run(feeds)
-        new = {name: out[name.replace("past_key_values.", "present.")] for name, _ in self.kv}
-        return torch.from_numpy(np.asarray(out[LOGITS], dtype=np.float32)), to_torch(out["mtp_hidden_state"]), new
+        return torch.from_numpy(np.asarray(out[LOGITS], dtype=np.float32)), to_torch(out[MTP_HIDDEN_OUT]), self.plan.feed_back(out)
 
 
 def _np_dtype(name: str) -> np.dtype:

@@ -37,16 +37,16 @@ margins along their trajectories to show none is that close.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from hybridtrt.errors import InputError
-from hybridtrt.runtime.generation import DEFAULT_PREFILL_CHUNK, GenerationResult, check_prompt, chunk_bounds, prefill
+from hybridtrt.runtime.generation import DEFAULT_PREFILL_CHUNK, GenerationResult, check_prompt, chunk_bounds, collect, prefill
 
 #: ``generate --speculative`` choices.
 DRAFTERS = ("ngram", "mtp")
@@ -306,6 +306,12 @@ def merge_rows(backend: Verifier, target: Any, rows: list[int], replayed: Any, p
             arrays[name][rows] = value
 
 
+def growing_cache_positions(prompt: int, new_tokens: int, draft_len: int) -> int:
+    """Cache positions a speculative generation may reach on a growing KV cache: rejected drafts
+    stay as holes, up to ``draft_len + 1`` positions per emitted token."""
+    return prompt + max(new_tokens - 1, 0) * (draft_len + 1)
+
+
 def rollback(backend: Verifier, before: Any, after: Any, ids: Tensor, mask: Tensor, accepted: Tensor, hidden: Tensor | None, stats: SpeculationStats) -> Any:
     """``after`` (the verify call's state) with every row that rejected a draft set to its state
     before the call plus its accepted positions replayed (see the module docstring).
@@ -320,29 +326,31 @@ def rollback(backend: Verifier, before: Any, after: Any, ids: Tensor, mask: Tens
     """
     k = ids.shape[1] - 1
     past = mask.shape[1]
-    merge = getattr(backend, "merge_rows", None)
-    for a in sorted({int(x) for x in accepted.tolist() if x < k}):
-        rows = [b for b, x in enumerate(accepted.tolist()) if x == a]
+    merge = getattr(backend, "merge_rows", None) or partial(merge_rows, backend)
+    counts = accepted.tolist()
+    for a in sorted({x for x in counts if x < k}):
+        rows = [b for b, x in enumerate(counts) if x == a]
         sub_mask = torch.cat([mask[rows], torch.ones(len(rows), a + 1, dtype=mask.dtype)], dim=1)
         _, replay_hidden, replayed = backend.verify(ids[rows, : a + 1], sub_mask, backend.select_rows(before, rows))
         stats.replay_calls += 1
-        if merge is not None:
-            merge(after, rows, replayed, past, a + 1)
-        else:
-            merge_rows(backend, after, rows, replayed, past, a + 1)
+        merge(after, rows, replayed, past, a + 1)
         if hidden is not None and replay_hidden is not None:
             hidden[rows, : a + 1] = replay_hidden.to(hidden.dtype)
     return after
 
 
 def _prefill_verify(backend: Any, ids: Tensor, mask: Tensor, state: Any, chunk: int) -> tuple[Tensor, Tensor | None, Any]:
-    """The prompt through `Verifier.verify` in balanced chunks (the hidden state of every position
-    is kept, for an MTP drafter): last-position logits ``[B, V]``, hidden ``[B, L, D]``, state."""
-    hiddens, logits = [], None
-    for a, b in chunk_bounds(ids.shape[1], chunk):
-        all_logits, hidden, state = backend.verify(ids[:, a:b], mask[:, :b], state)
-        logits = all_logits[:, -1]
+    """The prompt prefilled as `hybridtrt.runtime.generation.prefill` does (its chunks and the
+    backend's memory cap), through `Verifier.verify` so that every position's hidden state is kept
+    for an MTP drafter: last-position logits ``[B, V]``, hidden ``[B, L, D]`` (or None), state."""
+    hiddens = []
+
+    def call(chunk_ids: Tensor, chunk_mask: Tensor, chunk_state: Any) -> tuple[Tensor, Any]:
+        all_logits, hidden, new = backend.verify(chunk_ids, chunk_mask, chunk_state)
         hiddens.append(hidden)
+        return all_logits[:, -1], new
+
+    logits, state = prefill(backend, ids, mask, state, chunk, call)
     hidden = torch.cat(hiddens, dim=1) if all(h is not None for h in hiddens) else None
     return logits, hidden, state
 
@@ -388,7 +396,7 @@ def iter_speculative(
     if check is not None:
         positions = getattr(backend, "speculation_positions", None)
         # Rejected drafts leave holes in a growing cache: at most K + 1 positions per emitted token.
-        need = positions(mask.shape[1], max_new_tokens, draft_len) if positions is not None else mask.shape[1] + max(max_new_tokens - 1, 0) * (draft_len + 1)
+        need = (positions or growing_cache_positions)(mask.shape[1], max_new_tokens, draft_len)
         check(batch, need, chunk)
     if max_new_tokens == 0:
         return
@@ -400,15 +408,16 @@ def iter_speculative(
         (logits, state), hidden = prefill(backend, ids, mask, state, chunk), None
     pending = logits.argmax(-1)  # [B]: emitted, not yet fed to the main model
     drafter.observe(hidden, torch.cat([ids[:, 1:], pending[:, None]], dim=1), mask)
+    # Each row's real tokens: its prompt, then from ``starts[b]`` on, what it emitted.
     history = [[int(t) for t, m in zip(row, row_mask) if m] + [int(p)] for row, row_mask, p in zip(ids.tolist(), mask.tolist(), pending.tolist())]
-    emitted = [[int(p)] for p in pending.tolist()]
+    starts = [len(row) - 1 for row in history]
     chose = [[row] for row in logits] if on_step is not None else None  # the logits behind each emitted token
     finished = torch.zeros(batch, dtype=torch.bool)
     yielded = 0
     while True:
         # Yield every column every row has produced; rows past their EOS give pad_token_id.
-        while yielded < max_new_tokens and all(len(row) > yielded for row in emitted):
-            column = torch.tensor([row[yielded] for row in emitted])
+        while yielded < max_new_tokens and all(len(row) > start + yielded for row, start in zip(history, starts)):
+            column = torch.tensor([row[start + yielded] for row, start in zip(history, starts)])
             column = torch.where(finished, torch.full_like(column, pad_token_id), column)
             if on_step is not None:
                 on_step(column, torch.stack([row[yielded] for row in chose]))
@@ -420,7 +429,7 @@ def iter_speculative(
                 return
         if yielded >= max_new_tokens:
             return
-        need = max_new_tokens - min(len(row) for row in emitted)
+        need = max_new_tokens - min(len(row) - start for row, start in zip(history, starts))
         k = min(draft_len, need - 1) if need > 1 else 0
         drafts = drafter.draft(history, k) if k else [[] for _ in range(batch)]
         drafts = [d[:k] for d in drafts]
@@ -453,7 +462,6 @@ def iter_speculative(
         for b in range(batch):
             new = greedy[b, : int(accepted[b]) + 1].tolist()
             history[b].extend(new)
-            emitted[b].extend(new)
             if chose is not None:
                 chose[b].extend(all_logits[b, : len(new)])
 
@@ -472,19 +480,8 @@ def generate_speculative(
     """`iter_speculative` collected like `hybridtrt.runtime.generation.generate` (greedy only;
     ``keep_logits``: the logits that chose each token, as `generate` keeps them)."""
     stats = stats if stats is not None else SpeculationStats()
-    times: list[float] = []
-    logits: list[Tensor] = []
-    start = time.perf_counter()
-    tokens = []
 
-    def record(column: Tensor, chose: Tensor) -> None:
-        if keep_logits:
-            logits.append(chose)
+    def stream(on_step: Callable[[Tensor, Tensor], None]) -> Iterator[Tensor]:
+        return iter_speculative(backend, drafter, input_ids, attention_mask, max_new_tokens=max_new_tokens, stats=stats, on_step=on_step, **kwargs)
 
-    for column in iter_speculative(backend, drafter, input_ids, attention_mask, max_new_tokens=max_new_tokens, stats=stats, on_step=record, **kwargs):
-        tokens.append(column)
-        times.append(time.perf_counter())
-    out = torch.stack(tokens, dim=1) if tokens else torch.zeros(input_ids.shape[0], 0, dtype=torch.long)
-    prefill = times[0] - start if times else 0.0
-    decode = times[-1] - times[0] if len(times) > 1 else 0.0
-    return GenerationResult(out, logits, prefill, decode)
+    return collect(stream, input_ids.shape[0], keep_logits)
