@@ -382,8 +382,8 @@ def _parse_nemotron_h(cfg: dict[str, Any]) -> HybridConfig:
 def _parse_mtp(cfg: dict[str, Any]) -> dict[str, Any]:
     """``mtp_layers`` / ``mtp_pattern`` of a Nemotron-H config (0 and "" without MTP layers).
 
-    The pattern follows HF transformers' ``NemotronHConfig`` (configuration_nemotron_h.py,
-    ``__post_init__``): ``mtp_layers_block_type`` (a list of block names); the legacy
+    The pattern follows HF transformers' ``NemotronHConfig`` (transformers 5.25.0,
+    models/nemotron_h/configuration_nemotron_h.py, ``__post_init__``): ``mtp_layers_block_type`` (a list of block names); the legacy
     ``mtp_hybrid_override_pattern`` string when the list is absent or HF's default; HF's default
     ``["full_attention", "moe"]`` (``*E``) when neither is given.
     """

@@ -1,8 +1,8 @@
 """The multi-token-prediction (MTP) head of Nemotron-3 Super/Ultra, the draft model of speculative
 decoding (DESIGN.md §11).
 
-NVIDIA's definition, as vLLM runs it (``vllm/model_executor/models/nemotron_h_mtp.py``,
-``NemotronHMultiTokenPredictor``; HF transformers has no MTP module and drops the tensors): the
+NVIDIA's definition, as vLLM runs it (``vllm/model_executor/models/nemotron_h_mtp.py`` at
+vllm-project/vllm 01ca27739feb, ``NemotronHMultiTokenPredictor``; HF transformers has no MTP module and drops the tensors): the
 ``num_nextn_predict_layers × len(mtp pattern)`` layers ``mtp.layers.{i}`` are ordinary Nemotron-H
 decoder blocks (``norm`` + ``mixer``: ``*`` attention with a KV cache of its own, ``E`` MoE), the
 first of a step also holding ``enorm``, ``hnorm`` and ``eh_proj [hidden, 2·hidden]`` (no bias), the
