@@ -109,6 +109,7 @@ LONGEST_FIRST = (
     "tests/runtime/test_speculative.py",
     "tests/exporter/test_streaming.py",
     "tests/exporter/test_streaming_quantized.py",
+    "tests/exporter/test_stitch.py",
     "tests/test_install.py",
     "tests/validation/test_architectures.py",
     "tests/plugins/test_kernels_emulated.py",

@@ -23,6 +23,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +32,7 @@ import torch
 from onnx.external_data_helper import uses_external_data
 
 from hybridtrt.errors import ExportError
-from hybridtrt.exporter import io, preflight, trace_cache
+from hybridtrt.exporter import io, preflight, stitch, trace_cache
 from hybridtrt.exporter.integrity import record_files
 from hybridtrt.exporter.mtp_graph import MTP_FILE, MTP_WEIGHTS_FILE, mtp_graph_bytes, verify_mtp_graph, write_mtp_graph
 from hybridtrt.exporter.manifest import (
@@ -55,7 +56,7 @@ from hybridtrt.exporter.translation import translation_table
 from hybridtrt.exporter.verify import VERIFY_MODES, Progress, temporary_bytes, verify_export
 from hybridtrt.exporter.wrapper import GraphModule
 from hybridtrt.graphs.cleanup import strip_metadata
-from hybridtrt.graphs.dims import name_io_dims
+from hybridtrt.graphs.dims import name_io_dims, read_dims_off_first_input
 from hybridtrt.graphs.external_data import (
     deferred_key,
     external_info,
@@ -64,7 +65,7 @@ from hybridtrt.graphs.external_data import (
     share_before_write,
     write_external_data,
 )
-from hybridtrt.graphs.naming import assign_node_names, name_matmul_weights
+from hybridtrt.graphs.naming import assign_node_names, name_matmul_weights, name_values
 from hybridtrt.models.config import MAMBA, HybridConfig
 from hybridtrt.models.loading import (
     Checkpoint,
@@ -232,8 +233,10 @@ def run_passes(proto: onnx.ModelProto, config: HybridConfig, spec: GraphSpec) ->
     """The graph passes every export gets: names, cleanup, function bodies, I/O dims."""
     from hybridtrt import __version__
 
+    read_dims_off_first_input(proto)
     assign_node_names(proto)
     name_matmul_weights(proto)
+    name_values(proto)
     strip_metadata(proto)
     attach_functions(proto)
     name_io_dims(proto, io.io_shapes(config, spec.logits, spec.decode, spec.per_layer, spec.flavour, spec.hidden))
@@ -268,16 +271,30 @@ def trace_streamed(checkpoint: Checkpoint, table: DeferredTable, spec: GraphSpec
     return proto
 
 
+#: Trace a prototype of one layer per kind and copy it out (`hybridtrt.exporter.stitch`); False
+#: traces every layer (the witness the stitch tests compare against).
+STITCH = True
+
+
 def _trace_unoptimized(checkpoint: Checkpoint, spec: GraphSpec) -> FrozenTrace:
-    """The unoptimized trace of ``spec`` on fake weights (replayed from the trace cache when it
-    holds one of a checkpoint of the same structure)."""
+    """The unoptimized trace of ``spec`` on fake weights: of a prototype with one layer per kind,
+    copied out to every layer (`hybridtrt.exporter.stitch`), or of the whole model when the
+    prototype's graph cannot be copied. Replayed from the trace cache when it holds one of a
+    checkpoint of the same structure."""
+    proto = stitch.prototype(checkpoint.config) if STITCH else None
+    if proto is not None:
+        try:
+            shallow = stitch.prototype_structure(checkpoint, proto)
+            return trace_cache.traced(shallow, spec, partial(_trace, shallow, spec)).stitched(proto, checkpoint.config, spec)
+        except stitch.CannotStitch as e:
+            logging.getLogger(__name__).warning("tracing every layer: %s", e)
+    return trace_cache.traced(checkpoint, spec, partial(_trace, checkpoint, spec))
 
-    def trace() -> FrozenTrace:
-        model = fake_model(checkpoint)
-        inputs = trace_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour)
-        return FrozenTrace(export_program(model, inputs, spec, optimize=False))
 
-    return trace_cache.traced(checkpoint, spec, trace)
+def _trace(checkpoint: Checkpoint | stitch.Structure, spec: GraphSpec) -> FrozenTrace:
+    model = fake_model(checkpoint)
+    inputs = trace_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour)
+    return FrozenTrace(export_program(model, inputs, spec, optimize=False))
 
 
 def _forget_trace() -> None:

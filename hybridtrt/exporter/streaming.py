@@ -392,6 +392,25 @@ class FrozenTrace:
         authority = graph._name_authority
         self.names = (authority._value_counter, authority._node_counter, frozenset(authority._value_names), frozenset(authority._node_names))
 
+    def stitched(self, proto: Any, target: Any, spec: Any) -> FrozenTrace:
+        """This trace of a prototype (`hybridtrt.exporter.stitch`) copied out to the whole model
+        ``target``: the graph of `hybridtrt.exporter.stitch.stitch`, the name counters of this
+        trace, and every name the copies use.
+
+        Raises:
+            hybridtrt.exporter.stitch.CannotStitch: The prototype's graph cannot be copied.
+        """
+        from hybridtrt.exporter.stitch import stitch
+
+        model = stitch(onnx.ModelProto.FromString(self.data), proto, target, spec)
+        g = model.graph
+        values = {v.name for v in (*g.input, *g.output, *g.value_info)} | {t.name for t in g.initializer}
+        values |= {o for node in g.node for o in node.output if o}
+        out = object.__new__(FrozenTrace)
+        out.data = model.SerializeToString()
+        out.names = (self.names[0], self.names[1], frozenset(values), frozenset(node.name for node in g.node))
+        return out
+
     def thaw(self) -> Any:
         """A fresh ``ONNXProgram`` (no exported program behind it) equal to the traced one."""
         from torch.onnx._internal.exporter._onnx_program import ONNXProgram

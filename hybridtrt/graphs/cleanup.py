@@ -9,7 +9,10 @@ import onnx
 
 
 def strip_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Remove per-node metadata/doc strings and the graph's intermediate value_info, in place."""
+    """Remove per-node and per-input/output metadata, doc strings and the graph's intermediate
+    value_info, in place."""
+    for value in (*model.graph.input, *model.graph.output, *model.graph.initializer):
+        del value.metadata_props[:]
     for node in model.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""

@@ -90,3 +90,36 @@ def assign_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
         node.name = base if counts[base] == 0 else f"{base}_{counts[base]}"
         counts[base] += 1
     return model
+
+
+def name_values(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Name every main-graph value from the nodes, in place: a node's outputs
+    ``<node name>_output_<k>``, a constant that is not a parameter (``model.…``) after its first
+    reader, ``<node name>_input_<k>``. Graph inputs and outputs keep their names.
+
+    Run after `assign_node_names` and `name_matmul_weights`. The names then depend on the graph's
+    nodes alone, not on the counters of the trace that made it, so a stitched trace
+    (`hybridtrt.exporter.stitch`) and a whole-model trace give the same bytes.
+    """
+    g = model.graph
+    io_names = {v.name for v in (*g.input, *g.output)}
+    renames: dict[str, str] = {}
+    for node in g.node:
+        for k, out in enumerate(node.output):
+            if out and out not in io_names:
+                renames[out] = f"{node.name}_output_{k}"
+    constants = {t.name for t in g.initializer if not t.name.startswith("model.") and t.name not in io_names}
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            if name in constants and name not in renames:
+                renames[name] = f"{node.name}_input_{k}"
+    for node in g.node:
+        for field in (node.input, node.output):
+            for k, name in enumerate(field):
+                if name in renames:
+                    field[k] = renames[name]
+    for t in g.initializer:
+        t.name = renames.get(t.name, t.name)
+    for v in g.value_info:
+        v.name = renames.get(v.name, v.name)
+    return model

@@ -134,11 +134,13 @@ def _trace_after(ckpt, spec, barrier, calls) -> None:
 
 
 @pytest.mark.parametrize(("preset", "dtype"), [("tiny-nemotron-h", "bf16"), ("tiny-nemotron3-moe", "fp16")])
-def test_a_trace_of_the_loaded_model_is_the_trace_of_fake_weights(make_checkpoint, preset, dtype):
+def test_a_trace_of_the_loaded_model_is_the_trace_of_fake_weights(make_checkpoint, preset, dtype, monkeypatch):
     """What lets the eager oracle (`hybridtrt.exporter.eager`) replay the streamed export's trace: torch.export
     of the loaded model on `example_inputs` and of fake weights on `trace_inputs` give the same unoptimized
     program, bytes and name counters (a half dtype, where casts are inserted, and the MoE experts). Not
-    vacuous: the same checkpoint traced in fp32 differs."""
+    vacuous: the same checkpoint traced in fp32 differs. Whole-model traces: a stitched one is another
+    program that optimizes to the same graphs (tests/exporter/test_stitch.py)."""
+    monkeypatch.setattr(export_mod, "STITCH", False)
     from hybridtrt.exporter.export import GraphSpec, export_program
     from hybridtrt.exporter.streaming import FrozenTrace
     from hybridtrt.exporter.wrapper import example_inputs
