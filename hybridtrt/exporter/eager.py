@@ -14,7 +14,8 @@ from pathlib import Path
 
 import onnx
 
-from hybridtrt.exporter import io, trace_cache
+import hybridtrt.exporter.export as export_mod
+from hybridtrt.exporter import io, stitch, trace_cache
 from hybridtrt.exporter.export import (
     DECODE_FILE,
     DECODE_WEIGHTS_FILE,
@@ -40,12 +41,18 @@ def _program(model: HybridLM, spec: GraphSpec, checkpoint: Checkpoint | None):
     """``torch.onnx.export(optimize=True)`` of the loaded model, or, given its ``checkpoint``, the same
     in two steps: the unoptimized trace (`hybridtrt.exporter.trace_cache.traced`: replayed when the
     cache holds one of this structure, the streamed export's trace of fake weights; a trace of the
-    loaded model and one of fake weights are the same bytes, tests/exporter/test_trace_cache.py), then
-    every parameter's real value and the optimizer, as ``torch.onnx.export`` runs it."""
+    loaded model and one of fake weights are the same bytes, tests/exporter/test_trace_cache.py; a
+    model deeper than its prototype gets the streamed export's stitched trace, which is the
+    whole-model trace's program, tests/exporter/test_stitch.py), then every parameter's real value
+    and the optimizer, as ``torch.onnx.export`` runs it. What this oracle witnesses is the streaming:
+    stand-ins in the optimizer, recipes, the files written from the checkpoint."""
     inputs = example_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour)
     if checkpoint is None:
         return export_program(model, inputs, spec, optimize=True)
-    program = trace_cache.traced(checkpoint, spec, lambda: FrozenTrace(export_program(model, inputs, spec, optimize=False))).thaw()
+    if export_mod.STITCH and stitch.prototype(checkpoint.config) is not None:
+        program = export_mod._trace_unoptimized(checkpoint, spec).thaw()  # the streamed export's, stitched
+    else:
+        program = trace_cache.traced(checkpoint, spec, lambda: FrozenTrace(export_program(model, inputs, spec, optimize=False))).thaw()
     state = model.state_dict()
     program.apply_weights({name: state[name.removeprefix(PARAM_PREFIX)] for name in program.model.graph.initializers})
     optimize_program(program)

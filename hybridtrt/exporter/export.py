@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -271,6 +273,66 @@ def trace_streamed(checkpoint: Checkpoint, table: DeferredTable, spec: GraphSpec
     return proto
 
 
+class TracedBeside:
+    """`trace_streamed` of one graph in a forked process, while this one traces and streams the
+    graphs before it: on two CPUs the unified and the decode graph are traced at once.
+
+    The child returns the graph and its placeholders' recipes (`trace_cache.portable`), keyed into
+    the export's own table on arrival (`trace_cache.adopt`), so the files are the same bytes as a
+    trace in this process. A child that fails for any reason returns nothing, and the graph is
+    traced here instead, where any error is raised as usual. Forked before anything is traced or
+    streamed; the child runs torch on one thread (a fork inherits no OpenMP pool it may use).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, spec: GraphSpec) -> None:
+        self.checkpoint, self.spec = checkpoint, spec
+        read, write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: nothing of it returns to the caller
+            code = 1
+            try:
+                os.close(read)
+                torch.set_num_threads(1)
+                table = DeferredTable(checkpoint)
+                blob = trace_cache.portable(trace_streamed(checkpoint, table, spec), table)
+                with os.fdopen(write, "wb") as f:
+                    f.write(blob)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        self.read: int | None = read
+
+    @classmethod
+    def worthwhile(cls, graphs: int) -> bool:
+        """Fork only where it helps and is safe: Linux, two or more CPUs, more than one graph."""
+        return graphs > 1 and sys.platform == "linux" and len(os.sched_getaffinity(0)) >= 2 and os.environ.get(BESIDE_ENV) != "0"
+
+    def result(self, table: DeferredTable) -> onnx.ModelProto:
+        """The child's graph keyed into ``table``, or the graph traced here if the child failed."""
+        with os.fdopen(self.read, "rb") as f:
+            blob = f.read()
+        self.read = None
+        _, status = os.waitpid(self.pid, 0)
+        if status == 0 and blob:
+            return trace_cache.adopt(blob, table)
+        logging.getLogger(__name__).warning("the %s graph's tracing process failed; tracing it here", "decode" if self.spec.decode else "unified")
+        return trace_streamed(self.checkpoint, table, self.spec)
+
+    def close(self) -> None:
+        """Stop and reap a child whose graph was never asked for (the export failed before)."""
+        if self.read is not None:
+            os.close(self.read)
+            self.read = None
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+
+
+#: ``HYBRIDTRT_TRACE_BESIDE=0`` traces every graph in the exporting process (`TracedBeside`).
+BESIDE_ENV = "HYBRIDTRT_TRACE_BESIDE"
+
+
 #: Trace a prototype of one layer per kind and copy it out (`hybridtrt.exporter.stitch`); False
 #: traces every layer (the witness the stitch tests compare against).
 STITCH = True
@@ -484,7 +546,7 @@ def export(
     from hybridtrt.models.lazy import lazy_model
 
     reference = lazy_model(checkpoint)
-    with OutputDir(Path(out_dir), ARTEFACTS, MANIFEST_FILE, checkpoint.root, force=opts.force) as target:
+    with OutputDir(Path(out_dir), ARTEFACTS, MANIFEST_FILE, checkpoint.root, force=opts.force) as target, contextlib.ExitStack() as stack:
         target.check_space(preflight.disk_bytes(checkpoint.parameter_bytes, len(roles), opts.verify))
         table = DeferredTable(checkpoint)
         graphs: dict[str, GraphEntry] = {}
@@ -506,9 +568,17 @@ def export(
                 from hybridtrt.exporter.quantize import run_awq
 
                 run_awq(reference, checkpoint.root, weight_only)
+        specs = {role: GraphSpec(logits, decode, opts.per_layer, state_dtype, opset, flavour, opts.speculative) for role, _, _, decode in roles}
+        beside = {role: TracedBeside(checkpoint, specs[role]) for role, *_ in roles[1:]} if TracedBeside.worthwhile(len(roles)) else {}
+        for b in beside.values():
+            stack.callback(b.close)
         for role, fname, data, decode in roles:
-            with step(f"trace {role} graph (torch.export → ONNX, weights not loaded)"):
-                proto = trace_streamed(checkpoint, table, GraphSpec(logits, decode, opts.per_layer, state_dtype, opset, flavour, opts.speculative))
+            if role in beside:
+                with step(f"trace {role} graph (torch.export → ONNX, weights not loaded; traced in a second process)"):
+                    proto = beside.pop(role).result(table)
+            else:
+                with step(f"trace {role} graph (torch.export → ONNX, weights not loaded)"):
+                    proto = trace_streamed(checkpoint, table, specs[role])
             rule = "onnx_ir"  # the writer the weight-loaded export used: onnx_ir.save
             if quantize is not None:
                 with step(f"FP8: insert Q/DQ ({role})"):

@@ -136,12 +136,7 @@ def load(checkpoint: Any, spec: Any, table: Any) -> onnx.ModelProto | None:
     path = where / f"{_key(checkpoint, spec)}.pkl"
     if not path.is_file():
         return None
-    data, recipes = pickle.loads(path.read_bytes())
-    proto = onnx.ModelProto.FromString(data)
-    for t in proto.graph.initializer:
-        if is_deferred(t):
-            _relocate(t, table.key(recipes[int(deferred_key(t))]))
-    return proto
+    return adopt(path.read_bytes(), table)
 
 
 def store(checkpoint: Any, spec: Any, table: Any, proto: onnx.ModelProto) -> None:
@@ -149,6 +144,11 @@ def store(checkpoint: Any, spec: Any, table: Any, proto: onnx.ModelProto) -> Non
     where = directory()
     if where is None:
         return
+    _write(where / f"{_key(checkpoint, spec)}.pkl", portable(proto, table))
+
+
+def portable(proto: onnx.ModelProto, table: Any) -> bytes:
+    """``proto`` with its placeholders' recipes, independent of ``table``'s keys (for `adopt`)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     recipes = []
@@ -156,7 +156,17 @@ def store(checkpoint: Any, spec: Any, table: Any, proto: onnx.ModelProto) -> Non
         if is_deferred(t):
             recipes.append(table.recipe(t))
             _relocate(t, str(len(recipes) - 1))
-    _write(where / f"{_key(checkpoint, spec)}.pkl", pickle.dumps((copy.SerializeToString(), recipes)))
+    return pickle.dumps((copy.SerializeToString(), recipes))
+
+
+def adopt(blob: bytes, table: Any) -> onnx.ModelProto:
+    """The graph of `portable`'s ``blob`` with its placeholders keyed into ``table``."""
+    data, recipes = pickle.loads(blob)
+    proto = onnx.ModelProto.FromString(data)
+    for t in proto.graph.initializer:
+        if is_deferred(t):
+            _relocate(t, table.key(recipes[int(deferred_key(t))]))
+    return proto
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -56,24 +56,24 @@ def test_prototype_is_one_layer_per_kind_after_the_first():
 @pytest.mark.parametrize(
     ("preset", "options"),
     [
-        ("tiny-nemotron-h", ExportOptions(split=True, verify=False, kv_cache="static", max_cache_len=160, per_layer=True)),
-        ("tiny-nemotron3-super", ExportOptions(split=False, verify=False, dtype="bf16", speculative=True)),
+        ("tiny-nemotron-h", ExportOptions(split=True, verify=False, per_layer=True)),
+        ("tiny-nemotron3-super", ExportOptions(split=False, verify=False, dtype="bf16", speculative=True, kv_cache="static", max_cache_len=160)),
     ],
-    ids=["dense-static-per-layer", "moe-mtp-bf16"],
+    ids=["dense-both-graphs-per-layer", "moe-static-mtp-bf16"],
 )
 def test_stitched_export_is_the_whole_model_export(make_checkpoint, tmp_path, preset, options, monkeypatch, no_finished_graphs):
-    """Every file (both graphs, weights.data, mtp.onnx) byte-identical to tracing every layer. The
-    streamed-vs-eager tests compare stitched exports with whole-model traces of the loaded model
-    too (tests/exporter/test_streaming*.py: dynamic cache, fp16 states, logits all, HF bf16, FP8 MoE)."""
+    """Every file (both graphs, weights.data, mtp.onnx) byte-identical to tracing every layer: dense
+    and MoE, dynamic and static KV cache, the unified and the decode graph, per-layer outputs, the
+    speculative graph's hidden-state output, fp32 and bf16 (its casts)."""
     stitched, whole = _stitched_and_whole(make_checkpoint(preset), tmp_path, options, monkeypatch)
     assert stitched == whole and "model.onnx" in stitched
 
 
 def test_a_planted_fault_in_the_copies_is_caught(make_checkpoint, tmp_path, monkeypatch, no_finished_graphs):
     """The comparison above is not vacuous: copies that keep the prototype layer's module scope
-    (their node names then say ``layers.1`` for layer 4) differ from the whole trace."""
+    (their node names then say ``layers.1`` for layers 2 and 3) differ from the whole trace."""
     monkeypatch.setattr(stitch, "_rename_layer", lambda text, old, new: text)
-    stitched, whole = _stitched_and_whole(make_checkpoint("tiny-nemotron-h"), tmp_path, ExportOptions(split=False, verify=False), monkeypatch)
+    stitched, whole = _stitched_and_whole(make_checkpoint("tiny-mamba2"), tmp_path, ExportOptions(split=False, verify=False), monkeypatch)
     assert stitched["model.onnx"] != whole["model.onnx"]
 
 
@@ -136,7 +136,7 @@ def test_the_export_traces_every_layer_when_the_prototype_cannot_be_stitched(mak
         raise stitch.CannotStitch("planted")
 
     monkeypatch.setattr(stitch, "stitch", refuse)
-    ckpt = make_checkpoint("tiny-nemotron-h")
+    ckpt = make_checkpoint("tiny-mamba2")
     export(ckpt, tmp_path / "fallback", ExportOptions(split=False, verify=False))
     monkeypatch.setattr(export_mod, "STITCH", False)
     export(ckpt, tmp_path / "whole", ExportOptions(split=False, verify=False))
