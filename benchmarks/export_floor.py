@@ -8,14 +8,14 @@ layers, Nano-9B-v2's ratios; ``--checkpoint`` for your own), then, in one run on
 - ``hybridtrt export`` as users run it (the checkpoint's dtype, verification on, each export in a
   fresh process), in three modes, in alternating rounds: the default (layers traced from a
   prototype of one layer per kind, `hybridtrt.exporter.stitch`, and the decode graph traced in a
-  forked process beside the unified one, `TracedBeside`); every layer traced (``export.STITCH =
+  second process beside the unified one, `TracedBeside`); every layer traced (``export.STITCH =
   False``), beside; and every layer in one process (``HYBRIDTRT_TRACE_BESIDE=0``: the exporter
   before both).
 
 Prints each stage's median seconds, and per mode: export / floor, the ratio to the last mode,
-tracing's fixed cost (the two "trace" stages; the decode graph's is the wait for the forked
+tracing's fixed cost (the two "trace" stages; the decode graph's is the wait for the second
 process), the streaming rate against the disk's, and the peak RSS of the exporting process and of
-the forked tracer.
+the tracing process.
 
     .venv/bin/python benchmarks/export_floor.py [--rounds 2] [--checkpoint DIR] [--workdir DIR]
 """
@@ -63,7 +63,7 @@ export_mod.export(ckpt, out, export_mod.ExportOptions(dtype=dtype), step=step, p
 stages["export (total)"] = time.perf_counter() - t
 import resource
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-peaks = {{"export process": hwm / 2**20, "forked tracer": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}}
+peaks = {{"export process": hwm / 2**20, "tracing process": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}}
 print(json.dumps({{"stages": stages, "peak_gib": peaks}}))
 """
 
@@ -85,7 +85,7 @@ def child(ckpt: Path, out: Path, stitched: bool, beside: bool) -> dict[str, floa
     return result["stages"]
 
 
-#: Peak RSS (GiB) of each export: the exporting process and the forked tracer (`TracedBeside`).
+#: Peak RSS (GiB) of each export: the exporting process and the tracing process (`TracedBeside`).
 PEAKS: list[dict[str, float]] = []
 
 
@@ -164,7 +164,7 @@ def report(ckpt: Path, runs: dict[str, list[dict[str, float]]], floors: list[tup
         print(f"  {m}: export {total:.1f} s = {total / floor_s:.1f}x the floor, {total / med[base]['export (total)']:.2f}x {base}")
         print(f"    tracing (fixed cost) {trace:.1f} s; streaming {out_bytes / stream / 2**20:.0f} MiB/s = {write_s / stream:.2f}x the disk's rate")
     print(f"  peak RSS: exporting process {max(p['export process'] for p in PEAKS):.2f} GiB,")
-    print(f"    forked tracer {max(p['forked tracer'] for p in PEAKS):.2f} GiB")
+    print(f"    tracing process {max(p['tracing process'] for p in PEAKS):.2f} GiB")
 
 
 if __name__ == "__main__":

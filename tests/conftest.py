@@ -36,6 +36,9 @@ def make_checkpoint(tmp_path_factory):
 # graph spec, source and library versions; a fresh directory per run, so nothing is ever stale).
 from hybridtrt.exporter import trace_cache  # noqa: E402
 
+# Exports trace the decode graph in this process: a second process per export (`TracedBeside`)
+# imports torch again, and the workers already use every CPU (tests/exporter/test_traced_beside.py).
+os.environ.setdefault("HYBRIDTRT_TRACE_BESIDE", "0")
 _OWN_TRACE_CACHE = None if os.environ.get(trace_cache.ENV) else tempfile.mkdtemp(prefix="hybridtrt-trace-cache-")
 if _OWN_TRACE_CACHE:
     os.environ[trace_cache.ENV] = _OWN_TRACE_CACHE

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sys
 import warnings
 from collections import Counter
@@ -274,59 +273,82 @@ def trace_streamed(checkpoint: Checkpoint, table: DeferredTable, spec: GraphSpec
 
 
 class TracedBeside:
-    """`trace_streamed` of one graph in a forked process, while this one traces and streams the
-    graphs before it: on two CPUs the unified and the decode graph are traced at once.
+    """`trace_streamed` of one graph in a second Python process, while this one traces and streams
+    the graphs before it: on two CPUs the unified and the decode graph are traced at once.
 
-    The child returns the graph and its placeholders' recipes (`trace_cache.portable`), keyed into
-    the export's own table on arrival (`trace_cache.adopt`), so the files are the same bytes as a
-    trace in this process. A child that fails for any reason returns nothing, and the graph is
-    traced here instead, where any error is raised as usual. Forked before anything is traced or
-    streamed; the child runs torch on one thread (a fork inherits no OpenMP pool it may use).
+    The child is a fresh interpreter, not a fork: a fork copies only the forking thread, and a lock
+    another thread held (a live ONNX Runtime session's pool, a test runner's I/O thread) hangs the
+    child the first time it needs it (seen: a forked child freeing an inherited session, waiting on
+    its pool forever). The child gets the checkpoint's structure and the graph's spec (pickled, in
+    a temporary file), imports the exporter in the time this process traces, and returns the graph
+    with its placeholders' recipes on stdout (`trace_cache.portable`), keyed into the export's own
+    table on arrival (`trace_cache.adopt`): the files are the same bytes as a trace here. A child
+    that fails for any reason returns nothing and the graph is traced here, where any error is
+    raised as usual; an export that fails first kills and reaps it (`close`).
     """
 
     def __init__(self, checkpoint: Checkpoint, spec: GraphSpec) -> None:
+        import pickle
+        import subprocess
+        import tempfile
+
+        import hybridtrt
+
         self.checkpoint, self.spec = checkpoint, spec
-        read, write = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:  # the child: nothing of it returns to the caller
-            code = 1
-            try:
-                os.close(read)
-                torch.set_num_threads(1)
-                table = DeferredTable(checkpoint)
-                blob = trace_cache.portable(trace_streamed(checkpoint, table, spec), table)
-                with os.fdopen(write, "wb") as f:
-                    f.write(blob)
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write)
-        self.read: int | None = read
+        self.request = tempfile.NamedTemporaryFile(prefix="hybridtrt-trace-", suffix=".pkl")
+        self.request.write(pickle.dumps((checkpoint, spec)))
+        self.request.flush()
+        self.stderr = tempfile.TemporaryFile()
+        package_parent = str(Path(hybridtrt.__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
+        self.process: Any = subprocess.Popen(
+            [*self.command(), self.request.name], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.stderr, env=env
+        )
+
+    @staticmethod
+    def command() -> list[str]:
+        """The child's command line, before the request file's path."""
+        return [sys.executable, "-c", "import sys; from hybridtrt.exporter.export import trace_beside_child; trace_beside_child(sys.argv[1])"]
 
     @classmethod
     def worthwhile(cls, graphs: int) -> bool:
-        """Fork only where it helps and is safe: Linux, two or more CPUs, more than one graph."""
-        return graphs > 1 and sys.platform == "linux" and len(os.sched_getaffinity(0)) >= 2 and os.environ.get(BESIDE_ENV) != "0"
+        """Trace beside only where it helps: two or more CPUs, more than one graph, not turned off."""
+        return graphs > 1 and len(os.sched_getaffinity(0)) >= 2 and os.environ.get(BESIDE_ENV) != "0"
 
     def result(self, table: DeferredTable) -> onnx.ModelProto:
         """The child's graph keyed into ``table``, or the graph traced here if the child failed."""
-        with os.fdopen(self.read, "rb") as f:
-            blob = f.read()
-        self.read = None
-        _, status = os.waitpid(self.pid, 0)
-        if status == 0 and blob:
+        blob, _ = self.process.communicate()
+        code = self.process.returncode
+        self.stderr.seek(0)
+        why = self.stderr.read().decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {code}"]
+        self.close()
+        if code == 0 and blob:
             return trace_cache.adopt(blob, table)
-        logging.getLogger(__name__).warning("the %s graph's tracing process failed; tracing it here", "decode" if self.spec.decode else "unified")
+        logging.getLogger(__name__).warning("the %s graph's tracing process failed (%s); tracing it here", "decode" if self.spec.decode else "unified", why[0])
         return trace_streamed(self.checkpoint, table, self.spec)
 
     def close(self) -> None:
-        """Stop and reap a child whose graph was never asked for (the export failed before)."""
-        if self.read is not None:
-            os.close(self.read)
-            self.read = None
-            with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
+        """Stop and reap the child if it still runs (the export failed before asking for its graph)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self.request.close()
+        self.stderr.close()
+
+
+def trace_beside_child(request: str) -> None:
+    """The child of `TracedBeside`: trace the requested graph, write it to stdout."""
+    import pickle
+
+    torch.set_num_threads(1)  # tracing is Python; the exporting process uses the other CPU
+    with open(request, "rb") as f:
+        checkpoint, spec = pickle.load(f)
+    table = DeferredTable(checkpoint)
+    blob = trace_cache.portable(trace_streamed(checkpoint, table, spec), table)
+    sys.stdout.buffer.write(blob)
+    sys.stdout.buffer.flush()
 
 
 #: ``HYBRIDTRT_TRACE_BESIDE=0`` traces every graph in the exporting process (`TracedBeside`).
@@ -574,7 +596,7 @@ def export(
             stack.callback(b.close)
         for role, fname, data, decode in roles:
             if role in beside:
-                with step(f"trace {role} graph (torch.export → ONNX, weights not loaded; traced in a second process)"):
+                with step(f"trace {role} graph (in a second process, beside the {roles[0][0]} graph)"):
                     proto = beside.pop(role).result(table)
             else:
                 with step(f"trace {role} graph (torch.export → ONNX, weights not loaded)"):

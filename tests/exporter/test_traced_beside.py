@@ -1,21 +1,26 @@
-"""The decode graph traced in a forked process beside the unified graph (`TracedBeside`): the same
+"""The decode graph traced in a second process beside the unified graph (`TracedBeside`): the same
 files as tracing both here, a failed child traced here instead, no child left behind by a failed
-export."""
+export. The suite turns it off elsewhere (tests/conftest.py: each child imports torch)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 
 import pytest
 
 import hybridtrt.exporter.export as export_mod
-from hybridtrt.exporter import trace_cache
 from hybridtrt.exporter.export import BESIDE_ENV, ExportOptions, export
 
 FAST = ExportOptions(split=True, verify=False)
 
-pytestmark = pytest.mark.skipif(not export_mod.TracedBeside.worthwhile(2), reason="needs Linux and two CPUs (the exporter traces in one process otherwise)")
+pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs (the exporter traces in one process otherwise)")
+
+
+@pytest.fixture(autouse=True)
+def beside(monkeypatch):
+    monkeypatch.setenv(BESIDE_ENV, "1")
 
 
 def _files(out) -> dict[str, str]:
@@ -24,17 +29,14 @@ def _files(out) -> dict[str, str]:
 
 @pytest.fixture
 def traced_here(monkeypatch):
-    """The roles of the graphs `trace_streamed` traced in this process (a forked child's calls stay
-    in the child)."""
+    """The roles of the graphs `trace_streamed` traced in this process."""
     calls: list[str] = []
     real = export_mod.trace_streamed
 
     def trace_streamed(checkpoint, table, spec=None):
-        if os.getpid() == parent:
-            calls.append("decode" if spec.decode else "unified")
+        calls.append("decode" if spec.decode else "unified")
         return real(checkpoint, table, spec)
 
-    parent = os.getpid()
     monkeypatch.setattr(export_mod, "trace_streamed", trace_streamed)
     return calls
 
@@ -52,15 +54,12 @@ def test_the_decode_graph_traced_beside_is_the_one_traced_here(make_checkpoint, 
 def test_a_failed_child_is_traced_here(make_checkpoint, tmp_path, monkeypatch, traced_here, caplog):
     ckpt = make_checkpoint("tiny-nemotron-h")
     export(ckpt, tmp_path / "here", FAST)
-
-    def broken(*a):
-        raise RuntimeError("planted")
-
-    monkeypatch.setattr(trace_cache, "portable", broken)  # the child inherits it and exits 1
+    planted = [sys.executable, "-c", "import sys; sys.exit('planted: the tracer died')"]
+    monkeypatch.setattr(export_mod.TracedBeside, "command", staticmethod(lambda: planted))
     traced_here.clear()
     export(ckpt, tmp_path / "fallback", FAST)
     assert traced_here == ["unified", "decode"]
-    assert "tracing process failed; tracing it here" in caplog.text
+    assert "tracing process failed (planted: the tracer died); tracing it here" in caplog.text
     assert _files(tmp_path / "fallback") == _files(tmp_path / "here")
 
 
@@ -70,7 +69,7 @@ def test_a_failed_export_leaves_no_child(make_checkpoint, tmp_path, monkeypatch)
 
     def init(self, *a):
         real_init(self, *a)
-        children.append(self.pid)
+        children.append(self.process.pid)
 
     def fail(*a, **k):
         raise OSError("planted: disk gone")
