@@ -146,6 +146,135 @@ def _rename_layer(text: str, old: int, new: int) -> str:
     return re.sub(rf"\blayers\.{old}\b", f"layers.{new}", text)
 
 
+@dataclass
+class _Layout:
+    """Which decoder layer each node and value of a prototype trace belongs to (`_GLOBAL`: none).
+
+    Attributes:
+        node_layer: Per node, in graph order.
+        value_layer: Per value name (initializers, graph inputs, node outputs).
+        constants: Indices of ``Constant`` nodes (no layer: the exporter shares them).
+    """
+
+    node_layer: list[int]
+    value_layer: dict[str, int]
+    constants: set[int]
+
+
+def _layout(graph: onnx.GraphProto, proto_io: dict[str, tuple[int, str]]) -> _Layout:
+    value_layer: dict[str, int] = {}
+    for t in graph.initializer:
+        match = _LAYER_PARAMETER.match(t.name)
+        value_layer[t.name] = int(match.group(1)) if match else _GLOBAL
+    for v in graph.input:
+        value_layer[v.name] = proto_io.get(v.name, (_GLOBAL, ""))[0]
+    node_layer: list[int] = []
+    constants: set[int] = set()
+    for k, node in enumerate(graph.node):
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise CannotStitch(f"node {node.name} ({node.op_type}) has a subgraph")
+        scope = _scope_layer(node)
+        standard = node.domain in ("", "ai.onnx")
+        if node.op_type == "Constant" and standard and not node.input:
+            layer = _GLOBAL
+            constants.add(k)
+        elif isinstance(scope, int):
+            layer = scope
+        elif node.op_type == "Shape" and standard and node.input[0] in proto_io:
+            layer = _GLOBAL  # torch.export reads a dim shared by every layer off one layer's state
+        elif scope == "global":
+            layer = _GLOBAL
+        else:  # outside any module: the residual Add and padding Where between blocks
+            layer = max((value_layer[i] for i in node.input if i), default=_GLOBAL)
+        node_layer.append(layer)
+        for o in node.output:
+            if o:
+                value_layer[o] = layer
+    return _Layout(node_layer, value_layer, constants)
+
+
+def _residual_stream(graph: onnx.GraphProto, layout: _Layout, n_layers: int) -> tuple[dict[int, str], dict[int, str]]:
+    """Each layer's residual input (layers ≥ 1) and output, checking the rules of the module
+    docstring: the only computed values that cross layers are the residual stream's."""
+    inputs = {v.name for v in graph.input}
+    crossing: dict[int, set[str]] = {p: set() for p in range(_GLOBAL, n_layers)}
+    for node, layer in zip(graph.node, layout.node_layer):
+        for i in node.input:
+            owner = layout.value_layer[i] if i else _GLOBAL
+            if owner != _GLOBAL and owner != layer and i not in inputs:
+                crossing[layer].add(i)
+    residual_in: dict[int, str] = {}
+    for p in range(n_layers):
+        reads = crossing[p]
+        if p == 0 and reads:
+            raise CannotStitch(f"layer 0 reads {sorted(reads)} of other layers")
+        if p and (len(reads) != 1 or layout.value_layer[next(iter(reads))] != p - 1):
+            raise CannotStitch(f"layer {p} reads {sorted(reads)} of other layers; a copy needs exactly one value of layer {p - 1}")
+        if p:
+            residual_in[p] = next(iter(reads))
+    last = crossing[_GLOBAL]
+    if len(last) != 1 or layout.value_layer[next(iter(last))] != n_layers - 1:
+        raise CannotStitch(f"nodes outside the layers read {sorted(last)}; a copy needs exactly one value of the last layer")
+    return residual_in, {p - 1: v for p, v in residual_in.items()} | {n_layers - 1: next(iter(last))}
+
+
+def _check_ownership(graph: onnx.GraphProto, layout: _Layout, proto_io: dict[str, tuple[int, str]]) -> None:
+    """A layer's parameters and state inputs are read by that layer alone (save ``Shape`` reads of a
+    shared dim), and a layer's graph outputs are its own states."""
+    inputs = {v.name for v in graph.input}
+    for node, layer in zip(graph.node, layout.node_layer):
+        for i in node.input:
+            if i in inputs and i in proto_io and proto_io[i][0] != layer and not (layer == _GLOBAL and node.op_type == "Shape"):
+                raise CannotStitch(f"{i} is read by {node.name} outside layer {proto_io[i][0]}")
+            match = _LAYER_PARAMETER.match(i)
+            if match and int(match.group(1)) != layer:
+                raise CannotStitch(f"{i} is read by {node.name} outside its layer")
+    for v in graph.output:
+        owner = layout.value_layer.get(v.name, _GLOBAL)
+        if owner != _GLOBAL and proto_io.get(v.name, (None,))[0] != owner:
+            raise CannotStitch(f"graph output {v.name} is computed by layer {owner} but is not one of its states")
+
+
+def _order(graph: onnx.GraphProto, layout: _Layout, proto: Prototype) -> tuple[list[int], dict[tuple[int, int], list[int]], list[int]]:
+    """Where the prototype's nodes go in the stitched graph: the nodes before the layers, each
+    copy's nodes keyed ``(copy, prototype layer)``, and the nodes after the layers, each list in
+    the prototype's order.
+
+    Nodes outside the layers go before them when a layer reads them (directly or not) or the
+    prototype has them there, else after them. A constant goes, once however many copies read it,
+    where its first reader is in the stitched graph, at its place in the prototype's order: where
+    the whole model's trace creates it.
+    """
+    node_layer, constants = layout.node_layer, layout.constants
+    layer_nodes = [[k for k, layer in enumerate(node_layer) if layer == p and k not in constants] for p in range(proto.config.num_layers)]
+    producer = {o: k for k, node in enumerate(graph.node) for o in node.output if o}
+    needed: set[int] = set()
+    stack = [producer[i] for nodes in layer_nodes for k in nodes for i in graph.node[k].input if i in producer]
+    while stack:
+        k = stack.pop()
+        if node_layer[k] == _GLOBAL and k not in needed:
+            needed.add(k)
+            stack.extend(producer[i] for i in graph.node[k].input if i in producer)
+    first_layer = min(k for nodes in layer_nodes for k in nodes)
+    outside = [k for k, layer in enumerate(node_layer) if layer == _GLOBAL and k not in constants]
+    pre = [k for k in outside if k < first_layer or k in needed]
+    post = [k for k in outside if not (k < first_layer or k in needed)]
+    before, after = (_GLOBAL, _GLOBAL), (len(proto.copies), _GLOBAL)
+    region = {k: before for k in pre} | {k: after for k in post}
+    for p, nodes in enumerate(layer_nodes):
+        region.update({k: (proto.copies.index(p), p) for k in nodes})
+    readers: dict[str, list[int]] = {}
+    for k, node in enumerate(graph.node):
+        for i in node.input:
+            readers.setdefault(i, []).append(k)
+    placed: dict[tuple[int, int], list[int]] = {}
+    for k in sorted(constants):
+        where = min((region[r] for o in graph.node[k].output for r in readers.get(o, ()) if r in region), default=before)
+        placed.setdefault(where, []).append(k)
+    copies = {(i, p): sorted(layer_nodes[p] + placed.get((i, p), [])) for i, p in enumerate(proto.copies)}
+    return sorted(pre + placed.get(before, [])), copies, sorted(post + placed.get(after, []))
+
+
 def stitch(model: onnx.ModelProto, proto: Prototype, target: HybridConfig, spec: Any) -> onnx.ModelProto:
     """The unoptimized trace of ``target`` from the trace of ``proto.config`` (same ``spec``).
 
@@ -156,66 +285,11 @@ def stitch(model: onnx.ModelProto, proto: Prototype, target: HybridConfig, spec:
     n_proto = proto.config.num_layers
     proto_io, _ = _per_layer_io(proto.config, spec)
     _, target_io = _per_layer_io(target, spec)
-
-    # Where each value comes from: a layer, or _GLOBAL (inputs, constants, other modules).
-    layer_of_value: dict[str, int] = {}
-    for t in graph.initializer:
-        match = _LAYER_PARAMETER.match(t.name)
-        layer_of_value[t.name] = int(match.group(1)) if match else _GLOBAL
-    for v in graph.input:
-        layer_of_value[v.name] = proto_io.get(v.name, (_GLOBAL, ""))[0]
-    node_layer: list[int] = []
-    constants: list[int] = []
-    for k, node in enumerate(graph.node):
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            raise CannotStitch(f"node {node.name} ({node.op_type}) has a subgraph")
-        scope = _scope_layer(node)
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and not node.input:
-            layer, _ = _GLOBAL, constants.append(k)
-        elif isinstance(scope, int):
-            layer = scope
-        elif node.op_type == "Shape" and node.domain in ("", "ai.onnx") and node.input[0] in proto_io:
-            layer = _GLOBAL  # torch.export reads a dim shared by every layer off one layer's state
-        elif scope == "global":
-            layer = _GLOBAL
-        else:
-            layer = max((layer_of_value[i] for i in node.input if i), default=_GLOBAL)
-        node_layer.append(layer)
-        for o in node.output:
-            if o:
-                layer_of_value[o] = layer
-
-    # The rules: which computed values cross layers (module docstring).
+    layout = _layout(graph, proto_io)
+    residual_in, residual_out = _residual_stream(graph, layout, n_proto)
+    _check_ownership(graph, layout, proto_io)
+    layer_of_value = layout.value_layer
     inputs = {v.name: v for v in graph.input}
-    crossing: dict[int, set[str]] = {p: set() for p in range(_GLOBAL, n_proto)}
-    for node, layer in zip(graph.node, node_layer):
-        for i in node.input:
-            if i and layer_of_value[i] != _GLOBAL and layer_of_value[i] != layer and i not in inputs:
-                crossing[layer].add(i)
-    residual_in: dict[int, str] = {}
-    for p in range(n_proto):
-        reads = crossing[p]
-        if p == 0 and reads:
-            raise CannotStitch(f"layer 0 reads {sorted(reads)} of other layers")
-        if p and (len(reads) != 1 or layer_of_value[next(iter(reads))] != p - 1):
-            raise CannotStitch(f"layer {p} reads {sorted(reads)} of other layers; a copy needs exactly one value of layer {p - 1}")
-        if p:
-            residual_in[p] = next(iter(reads))
-    last = crossing[_GLOBAL]
-    if len(last) != 1 or layer_of_value[next(iter(last))] != n_proto - 1:
-        raise CannotStitch(f"nodes outside the layers read {sorted(last)}; a copy needs exactly one value of the last layer")
-    residual_out = {p - 1: v for p, v in residual_in.items()} | {n_proto - 1: next(iter(last))}
-    for node, layer in zip(graph.node, node_layer):
-        for i in node.input:
-            if i in inputs and i in proto_io and proto_io[i][0] != layer and not (layer == _GLOBAL and node.op_type == "Shape"):
-                raise CannotStitch(f"{i} is read by {node.name} outside layer {proto_io[i][0]}")
-            match = _LAYER_PARAMETER.match(i)
-            if match and int(match.group(1)) != layer:
-                raise CannotStitch(f"{i} is read by {node.name} outside its layer")
-    for v in graph.output:
-        owner = layer_of_value.get(v.name, _GLOBAL)
-        if owner != _GLOBAL and proto_io.get(v.name, (None,))[0] != owner:
-            raise CannotStitch(f"graph output {v.name} is computed by layer {owner} but is not one of its states")
 
     # The copies.
     out = onnx.ModelProto()
@@ -247,36 +321,7 @@ def stitch(model: onnx.ModelProto, proto: Prototype, target: HybridConfig, spec:
         if name in inputs:
             final[name] = target_io[(proto.copies.index(p), role)]
 
-    layer_nodes = [[k for k, layer in enumerate(node_layer) if layer == p and k not in constants] for p in range(n_proto)]
-    # Nodes outside the layers go before them when a layer reads them (directly or not) or the
-    # prototype has them there, else after them, in the prototype's order.
-    producer = {o: k for k, node in enumerate(graph.node) for o in node.output if o}
-    needed: set[int] = set()
-    stack = [producer[i] for p in range(n_proto) for k in layer_nodes[p] for i in graph.node[k].input if i in producer]
-    while stack:
-        k = stack.pop()
-        if node_layer[k] == _GLOBAL and k not in needed:
-            needed.add(k)
-            stack.extend(producer[i] for i in graph.node[k].input if i in producer)
-    first_layer = min(k for nodes in layer_nodes for k in nodes)
-    globals_ = [k for k, layer in enumerate(node_layer) if layer == _GLOBAL and k not in constants]
-    pre = [k for k in globals_ if k < first_layer or k in needed]
-    post = [k for k in globals_ if not (k < first_layer or k in needed)]
-    # A constant goes where its first reader is in the stitched graph (once, however many copies
-    # read it), at its place in the prototype's order: where the whole model's trace creates it.
-    region = {k: (_GLOBAL, _GLOBAL) for k in pre} | {k: (len(proto.copies), _GLOBAL) for k in post}
-    for p in range(n_proto):
-        region.update({k: (proto.copies.index(p), p) for k in layer_nodes[p]})
-    readers: dict[str, list[int]] = {}
-    for k, node in enumerate(graph.node):
-        for i in node.input:
-            readers.setdefault(i, []).append(k)
-    placed: dict[tuple[int, int], list[int]] = {}
-    for k in constants:
-        where = min((region[r] for o in graph.node[k].output for r in readers.get(o, ()) if r in region), default=(_GLOBAL, _GLOBAL))
-        placed.setdefault(where, []).append(k)
-    pre = sorted(pre + placed.pop((_GLOBAL, _GLOBAL), []))
-    post = sorted(post + placed.pop((len(proto.copies), _GLOBAL), []))
+    pre, copies, post = _order(graph, layout, proto)
 
     def copy_node(k: int, names: dict[str, str], layer: tuple[int, int] | None) -> None:
         node = g.node.add()
@@ -299,7 +344,7 @@ def stitch(model: onnx.ModelProto, proto: Prototype, target: HybridConfig, spec:
     for k in pre:
         copy_node(k, final, None)
     for i, p in enumerate(proto.copies):
-        for k in sorted(layer_nodes[p] + placed.get((i, p), [])):
+        for k in copies[(i, p)]:
             copy_node(k, names_of[i], (p, i))
     for k in post:
         copy_node(k, final, None)
