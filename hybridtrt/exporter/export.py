@@ -305,6 +305,18 @@ class TracedBeside:
             [*self.command(), self.request.name], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.stderr, env=env
         )
 
+    @classmethod
+    def start(cls, checkpoint: Checkpoint, spec: GraphSpec) -> TracedBeside | None:
+        """A child tracing ``spec``, or None (logged) when none could be started: the graph is then
+        traced here, as without a second process."""
+        import pickle
+
+        try:
+            return cls(checkpoint, spec)
+        except (OSError, pickle.PicklingError, TypeError, AttributeError) as e:
+            logging.getLogger(__name__).warning("no second tracing process (%s: %s); tracing every graph here", type(e).__name__, e)
+            return None
+
     @staticmethod
     def command() -> list[str]:
         """The child's command line, before the request file's path."""
@@ -591,7 +603,8 @@ def export(
 
                 run_awq(reference, checkpoint.root, weight_only)
         specs = {role: GraphSpec(logits, decode, opts.per_layer, state_dtype, opset, flavour, opts.speculative) for role, _, _, decode in roles}
-        beside = {role: TracedBeside(checkpoint, specs[role]) for role, *_ in roles[1:]} if TracedBeside.worthwhile(len(roles)) else {}
+        started = {role: TracedBeside.start(checkpoint, specs[role]) for role, *_ in roles[1:]} if TracedBeside.worthwhile(len(roles)) else {}
+        beside = {role: b for role, b in started.items() if b is not None}
         for b in beside.values():
             stack.callback(b.close)
         for role, fname, data, decode in roles:

@@ -138,15 +138,21 @@ def test_a_trace_of_the_loaded_model_is_the_trace_of_fake_weights(make_checkpoin
     """What lets the eager oracle (`hybridtrt.exporter.eager`) replay the streamed export's trace: torch.export
     of the loaded model on `example_inputs` and of fake weights on `trace_inputs` give the same unoptimized
     program, bytes and name counters (a half dtype, where casts are inserted, and the MoE experts). Not
-    vacuous: the same checkpoint traced in fp32 differs. Whole-model traces: a stitched one is another
-    program that optimizes to the same graphs (tests/exporter/test_stitch.py)."""
+    vacuous: the same checkpoint traced in fp32 differs. The checkpoint is the preset cut to its
+    prototype (`hybridtrt.exporter.stitch`: one layer per kind), so the fake trace is the one the
+    suite's exports of the preset replay; a stitched trace is another program that optimizes to the
+    same graphs (tests/exporter/test_stitch.py)."""
+    from hybridtrt.exporter import stitch
+    from hybridtrt.models.config import load_config
+
+    pattern = stitch.prototype(load_config(make_checkpoint(preset))).config.pattern
     monkeypatch.setattr(export_mod, "STITCH", False)
     from hybridtrt.exporter.export import GraphSpec, export_program
     from hybridtrt.exporter.streaming import FrozenTrace
     from hybridtrt.exporter.wrapper import example_inputs
     from hybridtrt.models.loading import load_model, open_checkpoint
 
-    ckpt, spec = make_checkpoint(preset), GraphSpec()
+    ckpt, spec = make_checkpoint(preset, hybrid_override_pattern=pattern, num_hidden_layers=len(pattern)), GraphSpec()
     model = load_model(ckpt, dtype)
     loaded = FrozenTrace(export_program(model, example_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour), spec, optimize=False))
     fake = export_mod._trace_unoptimized(open_checkpoint(ckpt, dtype), spec)  # the suite's cache usually holds it

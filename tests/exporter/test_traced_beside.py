@@ -63,6 +63,16 @@ def test_a_failed_child_is_traced_here(make_checkpoint, tmp_path, monkeypatch, t
     assert _files(tmp_path / "fallback") == _files(tmp_path / "here")
 
 
+def test_a_child_that_cannot_start_is_traced_here(make_checkpoint, tmp_path, monkeypatch, traced_here, caplog):
+    def no_python():
+        raise FileNotFoundError("planted: no interpreter")
+
+    monkeypatch.setattr(export_mod.TracedBeside, "command", staticmethod(no_python))
+    export(make_checkpoint("tiny-nemotron-h"), tmp_path / "out", FAST)
+    assert traced_here == ["unified", "decode"]
+    assert "no second tracing process (FileNotFoundError: planted: no interpreter)" in caplog.text
+
+
 def test_a_failed_export_leaves_no_child(make_checkpoint, tmp_path, monkeypatch):
     children: list[int] = []
     real_init = export_mod.TracedBeside.__init__
