@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 
 import hybridtrt.exporter.export as export_mod
-from hybridtrt.exporter import io, stitch, trace_cache
+from hybridtrt.exporter import io
 from hybridtrt.exporter.export import (
     DECODE_FILE,
     DECODE_WEIGHTS_FILE,
@@ -49,10 +49,7 @@ def _program(model: HybridLM, spec: GraphSpec, checkpoint: Checkpoint | None):
     inputs = example_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour)
     if checkpoint is None:
         return export_program(model, inputs, spec, optimize=True)
-    if export_mod.STITCH and stitch.prototype(checkpoint.config) is not None:
-        program = export_mod._trace_unoptimized(checkpoint, spec).thaw()  # the streamed export's, stitched
-    else:
-        program = trace_cache.traced(checkpoint, spec, lambda: FrozenTrace(export_program(model, inputs, spec, optimize=False))).thaw()
+    program = export_mod._trace_unoptimized(checkpoint, spec, whole=lambda: FrozenTrace(export_program(model, inputs, spec, optimize=False))).thaw()
     state = model.state_dict()
     program.apply_weights({name: state[name.removeprefix(PARAM_PREFIX)] for name in program.model.graph.initializers})
     optimize_program(program)

@@ -372,11 +372,11 @@ BESIDE_ENV = "HYBRIDTRT_TRACE_BESIDE"
 STITCH = True
 
 
-def _trace_unoptimized(checkpoint: Checkpoint, spec: GraphSpec) -> FrozenTrace:
+def _trace_unoptimized(checkpoint: Checkpoint, spec: GraphSpec, whole: Callable[[], FrozenTrace] | None = None) -> FrozenTrace:
     """The unoptimized trace of ``spec`` on fake weights: of a prototype with one layer per kind,
     copied out to every layer (`hybridtrt.exporter.stitch`), or of the whole model when the
-    prototype's graph cannot be copied. Replayed from the trace cache when it holds one of a
-    checkpoint of the same structure."""
+    prototype's graph cannot be copied (``whole()``, by default a trace of fake weights). Replayed
+    from the trace cache when it holds one of a checkpoint of the same structure."""
     proto = stitch.prototype(checkpoint.config) if STITCH else None
     if proto is not None:
         try:
@@ -384,7 +384,7 @@ def _trace_unoptimized(checkpoint: Checkpoint, spec: GraphSpec) -> FrozenTrace:
             return trace_cache.traced(shallow, spec, partial(_trace, shallow, spec)).stitched(proto, checkpoint.config, spec)
         except stitch.CannotStitch as e:
             logging.getLogger(__name__).warning("tracing every layer: %s", e)
-    return trace_cache.traced(checkpoint, spec, partial(_trace, checkpoint, spec))
+    return trace_cache.traced(checkpoint, spec, whole or partial(_trace, checkpoint, spec))
 
 
 def _trace(checkpoint: Checkpoint | stitch.Structure, spec: GraphSpec) -> FrozenTrace:

@@ -262,7 +262,7 @@ def _order(graph: onnx.GraphProto, layout: _Layout, proto: Prototype) -> tuple[l
     before, after = (_GLOBAL, _GLOBAL), (len(proto.copies), _GLOBAL)
     region = {k: before for k in pre} | {k: after for k in post}
     for p, nodes in enumerate(layer_nodes):
-        region.update({k: (proto.copies.index(p), p) for k in nodes})
+        region.update({k: (proto.source[p], p) for k in nodes})  # its first copy
     readers: dict[str, list[int]] = {}
     for k, node in enumerate(graph.node):
         for i in node.input:
@@ -283,8 +283,8 @@ def stitch(model: onnx.ModelProto, proto: Prototype, target: HybridConfig, spec:
     """
     graph = model.graph
     n_proto = proto.config.num_layers
-    proto_io, _ = _per_layer_io(proto.config, spec)
-    _, target_io = _per_layer_io(target, spec)
+    proto_io, proto_by_role = _per_layer_io(proto.config, spec)
+    target_by_name, target_io = _per_layer_io(target, spec)
     layout = _layout(graph, proto_io)
     residual_in, residual_out = _residual_stream(graph, layout, n_proto)
     _check_ownership(graph, layout, proto_io)
@@ -319,7 +319,7 @@ def stitch(model: onnx.ModelProto, proto: Prototype, target: HybridConfig, spec:
     final = {residual_out[n_proto - 1]: names_of[-1][residual_out[proto.copies[-1]]]}
     for name, (p, role) in proto_io.items():  # a dim read off prototype layer p's state: off its first copy's
         if name in inputs:
-            final[name] = target_io[(proto.copies.index(p), role)]
+            final[name] = target_io[(proto.source[p], role)]
 
     pre, copies, post = _order(graph, layout, proto)
 
@@ -355,13 +355,18 @@ def stitch(model: onnx.ModelProto, proto: Prototype, target: HybridConfig, spec:
     for i, p in enumerate(proto.copies):
         copy_info([v for v in graph.value_info if layer_of_value.get(v.name) == p], g.value_info, names_of[i])
 
+    def source(name: str) -> str:
+        """The prototype's graph input/output that target input/output ``name`` is a copy of."""
+        if name not in target_by_name:
+            return name
+        layer, role = target_by_name[name]
+        return proto_by_role[(proto.copies[layer], role)]
+
     for name in io.input_names(target, spec.flavour):
-        source = _source_name(name, target_io, proto_io, proto.copies)
-        copy_info([inputs[source]], g.input, {source: name})
+        copy_info([inputs[source(name)]], g.input, {source(name): name})
     outputs = {v.name: v for v in graph.output}
     for name in io.output_names(target, spec.per_layer, spec.hidden):
-        source = _source_name(name, target_io, proto_io, proto.copies)
-        copy_info([outputs[source]], g.output, {source: name})
+        copy_info([outputs[source(name)]], g.output, {source(name): name})
 
     params = list(graph.initializer)
     layered = [t for t in params if _LAYER_PARAMETER.match(t.name)]
@@ -378,14 +383,6 @@ def stitch(model: onnx.ModelProto, proto: Prototype, target: HybridConfig, spec:
         if not _LAYER_PARAMETER.match(t.name):
             g.initializer.add().CopyFrom(t)
     return out
-
-
-def _source_name(name: str, target_io: dict, proto_io: dict, copies: tuple[int, ...]) -> str:
-    """The prototype's graph input/output that target input/output ``name`` is a copy of."""
-    for (layer, role), target_name in target_io.items():
-        if target_name == name:
-            return {v: k for k, v in proto_io.items()}[(copies[layer], role)]
-    return name
 
 
 __all__ = ["CannotStitch", "Prototype", "Structure", "prototype", "prototype_structure", "stitch"]

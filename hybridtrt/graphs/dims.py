@@ -68,6 +68,8 @@ def read_dims_off_first_input(model: onnx.ModelProto) -> onnx.ModelProto:
         del node.attribute[:]
         node.attribute.extend([onnx.helper.make_attribute("end", source[1] + 1), onnx.helper.make_attribute("start", source[1])])
         reads[source] = node
+    if not reads:
+        return model
     hoisted = [reads[k] for k in sorted(reads, key=lambda k: (position[k[0]], k[1]))]
     nodes = [onnx.NodeProto() for _ in range(len(hoisted) + len(rest))]
     for new, node in zip(nodes, hoisted + rest):
