@@ -108,8 +108,8 @@ class Deferred:
         return self.view(checkpoint.read(self.parameter))
 
     def chunks(self, checkpoint: Checkpoint) -> Iterator[np.ndarray]:
-        """The initializer's bytes in slices along its first dim: the parameter is read once (as
-        stored), each slice is converted, checked for NaN/Inf and made contiguous on its own. A
+        """The initializer's bytes in slices along its first dim: the parameter is read once, each
+        slice is converted, checked for NaN/Inf and made contiguous on its own. A
         stack of per-expert tensors whose view keeps the expert axis first is read one expert at a
         time (one layer's experts are several GB in the largest MoE models)."""
         source = checkpoint.parameters[self.parameter]
@@ -119,7 +119,10 @@ class Deferred:
                 yield from self._slices(stored.reshape(-1).as_strided(self.shape[1:], self.strides[1:], self.offset), part)
                 del stored
             return
-        yield from self._slices(self.view(checkpoint.read_stored(self.parameter)), source.tensor)
+        # Read once: converted as it is read when that makes it smaller (`Checkpoint.read`), else as
+        # stored and converted slice by slice (a bf16 checkpoint exported in fp32).
+        narrows = checkpoint.narrows(self.parameter)
+        yield from self._slices(self.view(checkpoint.read(self.parameter) if narrows else checkpoint.read_stored(self.parameter)), source.tensor)
 
     def is_whole_parameter(self, checkpoint: Checkpoint) -> bool:
         """Is the view the parameter itself, as stored (no transpose, slice or offset)?"""

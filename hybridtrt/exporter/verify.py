@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections import ChainMap
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,14 +45,14 @@ import torch
 
 from hybridtrt.errors import ExportError
 from hybridtrt.exporter.fp8_reference import FP32_DITHER, fp8_emulated, set_dither
-from hybridtrt.exporter.io import HIDDEN_STATES, LOGITS, state_specs
+from hybridtrt.exporter.io import BATCH, DYNAMIC_CACHE, HIDDEN_STATES, LOGITS, CacheFlavour, state_specs
 from hybridtrt.exporter.manifest import Manifest
 from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs import layer_window
 from hybridtrt.graphs.external_data import external_info, tensor_nbytes
 from hybridtrt.graphs.held_routing import ROUTED_EXPERTS, held_feeds, hold_routing, routed_ids
 from hybridtrt.models.loading import parse_dtype
-from hybridtrt.judge.metrics import compare
+from hybridtrt.judge.metrics import Comparison, compare
 from hybridtrt.judge.routing import RoutingTally, flips, judge_tallies, routing_gate
 from hybridtrt.judge.tolerances import gate, precision_of
 from hybridtrt.models.config import MOE
@@ -68,6 +69,8 @@ WINDOW_FRACTION = 1 / 32
 #: (`hybridtrt.graphs.layer_window.vocab_slice`), expert ranges of the experts
 #: (`~hybridtrt.graphs.layer_window.expert_range`); smaller ones run whole.
 SLICE_MIN_BYTES = 16 << 20
+#: The example inputs every graph is verified on: batch, new tokens (the unified graph's), past tokens.
+VERIFY_BATCH, VERIFY_SEQ, VERIFY_PAST = 3, 7, 4
 _ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16, torch.bfloat16: onnx.TensorProto.BFLOAT16}
 _NUMPY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.BFLOAT16: ml_dtypes.bfloat16}
 
@@ -92,9 +95,18 @@ def _reference(fn: Callable[[], Any], dtype: str) -> Any:
         ) from None
 
 
-def temporary_bytes(parameter_bytes: int) -> int:
-    """The most disk space verification uses beside the export at a time (a head slice's weight)."""
-    return max(int(parameter_bytes * WINDOW_FRACTION), SLICE_MIN_BYTES)
+def temporary_bytes(parameter_bytes: int, held_bytes: int = 0) -> int:
+    """The most disk space verification uses beside the export at a time: a head slice's weight,
+    and by layer windows the states it holds on disk (``held_bytes``: `held_state_bytes`)."""
+    return max(int(parameter_bytes * WINDOW_FRACTION), SLICE_MIN_BYTES) + held_bytes
+
+
+def held_state_bytes(config, flavour: CacheFlavour = DYNAMIC_CACHE) -> int:
+    """What the layer-windows method keeps on disk for one graph (`_OnDisk`): every state it feeds
+    and every present state of the truth, at most fp32, KV caches at most ``past + seq`` long."""
+    dims = {BATCH: VERIFY_BATCH}
+    one = sum(math.prod(dims.get(d, VERIFY_PAST + VERIFY_SEQ) if isinstance(d, str) else d for d in s.shape) for s in state_specs(config, flavour))
+    return 2 * 4 * one
 
 
 def window_plan(layer_bytes: list[int], budget: int) -> list[tuple[int, int]]:
@@ -224,15 +236,16 @@ class _Judge:
             )
         return out
 
-    def check(self, where: str, got: dict[str, Any], truth: dict[str, Any], yard: dict[str, Any] | None) -> dict[str, Any]:
-        """Judge every output of ``truth``; raise `ExportError` on failure. Returns the worst: the
-        output closest to its bound (``{"output", "rel_l2", "bound", "yardstick_rel_l2"}``)."""
+    def check(self, where: str, got: dict[str, Any], truth: dict[str, Any], yard: dict[str, Comparison] | None) -> dict[str, Any]:
+        """Judge every output of ``truth``; raise `ExportError` on failure. ``yard``: the yardstick's
+        distance from the truth per output (`_yardstick`). Returns the worst: the output closest to
+        its bound (``{"output", "rel_l2", "bound", "yardstick_rel_l2"}``)."""
         worst: dict[str, Any] = {}
         failed: dict[str, str] = {}
         for name, want in truth.items():
             g = self.gate_of(name)
             c = compare(got[name], want)
-            y = compare(yard[name], want) if yard is not None else None
+            y = yard[name] if yard is not None else None
             why = g.failures(c, y)
             if why:
                 failed[name] = "; ".join(why)
@@ -326,42 +339,73 @@ def _verify(export_dir: Path, model: HybridLM, manifest: Manifest, truth: Hybrid
     moe = bool(model.config.layers_of(MOE))
     hidden = manifest.hidden_states
 
-    def run(reference: HybridLM, hold: RoutingHold, args: tuple, dtype: str, decode: bool) -> dict[str, Any]:
+    def run(reference: HybridLM, hold: RoutingHold, args: tuple, dtype: str, decode: bool, held: _HeldStates | None = None, out=None, wide: bool = False) -> dict[str, Any]:
         """``reference``'s outputs with its routing recorded into, or held to, ``hold``; a lazy
-        reference's last layer is released afterwards."""
-        with held_routing(reference, hold):
-            out = _outputs(_reference(partial(GraphModule(reference, manifest.logits, decode, True, flavour, hidden).eval(), *args), dtype), specs, hidden)
+        reference's last layer is released afterwards. ``held``: the past states are read off disk
+        as their layers need them (widened to fp32 when ``wide``), and each present state is
+        handed to ``out(name, tensor)`` as its layer computes it, not kept (`_HeldStates`)."""
+        hooks = held.hooks(reference, out, wide) if held is not None else contextlib.nullcontext()
+        with held_routing(reference, hold), hooks:
+            result = _outputs(_reference(partial(GraphModule(reference, manifest.logits, decode, True, flavour, hidden).eval(), *args), dtype), specs, hidden)
         _release(reference)
-        return out
+        return result
 
-    for role, entry in manifest.graphs.items():
-        if role not in ("unified", "decode"):  # the MTP graph has a verification of its own (exporter/mtp_graph.py)
-            continue
-        decode = role == "decode"
-        inputs = _reference(partial(example_inputs, model, seq=1 if decode else 7, batch=3, past=4, state_dtype=state_dtype, seed=1, flavour=flavour), manifest.dtype)
+    def verify_graph(entry, decode: bool) -> dict[str, Any]:
+        """One graph's record (its references' tensors are dropped on return, the files of what it
+        held on disk removed)."""
+        with contextlib.ExitStack() as stack:
+            return verify_graph_holding(entry, decode, stack)
+
+    def verify_graph_holding(entry, decode: bool, stack: contextlib.ExitStack) -> dict[str, Any]:
+        inputs = _reference(partial(example_inputs, model, seq=1 if decode else VERIFY_SEQ, batch=VERIFY_BATCH, past=VERIFY_PAST, state_dtype=state_dtype, seed=1, flavour=flavour), manifest.dtype)
+        names = [v["name"] for v in entry.inputs]
+        # By layer windows no reference holds every layer's states (`_HeldStates`): the example's
+        # past states and the truth's present states are on disk, each read back when a layer or
+        # a window needs it; the yardstick's present states are measured against the truth's as
+        # they come (the gates need no more of them).
+        held = stack.enter_context(_HeldStates(export_dir, Path(entry.file).stem, specs)) if chosen == "layers" else None
+        if held is not None:
+            inputs = held.take_past(names, inputs)
+        yard_states: dict[str, Comparison] = {}
+
+        def measured(name: str, t: torch.Tensor) -> None:
+            if judge.yardstick:
+                yard_states[name] = compare(t, held.truth[name])
+
         # The truth chooses the experts; the yardstick and the artefact are held to its choice
         # (hybridtrt.judge.routing), so the gates judge the continuous math on equal routing.
         truth_hold = RoutingHold()
+        keep = held.truth.put if held is not None else None
         if same:
-            expected = mine = run(model, truth_hold, inputs, manifest.dtype, decode)
+            expected = mine = run(model, truth_hold, inputs, manifest.dtype, decode, held, keep)
             yard, yard_hold = None, None
             if judge.dithered:  # an fp32 FP8 / W4A4 export: the dithered run is the yardstick (fp8_reference.Dither)
                 yard_hold = RoutingHold(truth_hold.all_ids())
                 set_dither(model, FP32_DITHER)
-                yard = mine = run(model, yard_hold, inputs, manifest.dtype, decode)
+                yard = mine = run(model, yard_hold, inputs, manifest.dtype, decode, held, measured)
                 set_dither(model, None)
         else:
-            wide = tuple(t.float() if t.is_floating_point() else t for t in inputs)
-            expected = run(truth, truth_hold, wide, "fp32", decode)
+            wide = tuple(_fp32(t) for t in inputs)
+            expected = run(truth, truth_hold, wide, "fp32", decode, held, keep, wide=True)
             del wide
             yard_hold = RoutingHold(truth_hold.all_ids())
-            mine = run(model, yard_hold, inputs, manifest.dtype, decode)
+            mine = run(model, yard_hold, inputs, manifest.dtype, decode, held, measured)
             yard = mine if judge.yardstick else None
+        if held is not None:
+            expected["present"] = held.truth
+        # What the gates need of the yardstick is its distance from the truth: measured now, so
+        # its tensors are not held while the artefact runs.
+        yard = _yardstick(yard, expected, yard_states)
+        if mine is not expected:  # the windows still feed its hidden states
+            mine = {"hidden": mine["hidden"]}
         truth_ids = truth_hold.all_ids()
-        feeds = dict(zip([v["name"] for v in entry.inputs], inputs))
+        feeds: Mapping[str, Any] = dict(zip(names, inputs))
+        if held is not None:
+            feeds = ChainMap({k: v for k, v in feeds.items() if k not in held.past}, held.past)
         if moe:
-            feeds.update(held_feeds(truth_ids.keys(), model.config.moe.top_k, truth_ids))
+            feeds = ChainMap(held_feeds(truth_ids.keys(), model.config.moe.top_k, truth_ids), feeds)
         tokens = tuple(inputs[0].shape)
+        del inputs
         if chosen == "full":
             names = manifest.per_layer_outputs
             def flat(o):
@@ -371,22 +415,150 @@ def _verify(export_dir: Path, model: HybridLM, manifest: Manifest, truth: Hybrid
             if session.emulated_bf16:
                 record["executor"] = EXECUTOR_BF16
             routing = judge.check_routing(entry.file, _routed(got, tokens), truth_ids, yard_hold) if moe else None  # names a router first
-            record["graphs"][entry.file] = {"worst": judge.check(entry.file, got, flat(expected), flat(yard))}
+            out = {"worst": judge.check(entry.file, got, flat(expected), flat(yard))}
             if routing is not None:
-                record["graphs"][entry.file]["routing"] = routing
-            del session, got
-            continue
-        del inputs  # the windows drop what they have checked
+                out["routing"] = routing
+            return out
         graph = _verify_windows(
             export_dir, entry.file, model.config.num_layers, specs, feeds, mine["hidden"], expected, yard, judge, parameter_bytes, progress, record, hidden
         )
         routed = graph.pop("routed")
         if moe:
             graph["routing"] = judge.check_routing(entry.file, _routed(routed, tokens), truth_ids, yard_hold)
-        record["graphs"][entry.file] = graph
+        return graph
+
+    for role, entry in manifest.graphs.items():
+        if role in ("unified", "decode"):  # the MTP graph has a verification of its own (exporter/mtp_graph.py)
+            record["graphs"][entry.file] = verify_graph(entry, role == "decode")
     worst = [(f, g["worst"]) for f, g in record["graphs"].items()]
     record["worst"] = max(({"graph": f, **w} for f, w in worst), key=lambda w: w.get("rel_l2", 0.0) / (w.get("bound") or 1.0), default=None)
     return record
+
+
+class _OnDisk(Mapping):
+    """Tensors saved beside the export and read back one at a time when asked for (`pop` also
+    removes the file)."""
+
+    def __init__(self, folder: Path, tag: str) -> None:
+        self._folder, self._tag = folder, tag
+        self._paths: dict[str, Path] = {}
+
+    def put(self, name: str, value: torch.Tensor) -> None:
+        path = self._paths[name] = self._folder / f"{self._tag}-{len(self._paths)}.pt"
+        torch.save(value.clone(memory_format=torch.contiguous_format), path)  # its own bytes, not a view's whole storage
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return torch.load(self._paths[name], weights_only=True)
+
+    def __contains__(self, name: object) -> bool:  # not Mapping's, which reads the tensor
+        return name in self._paths
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def pop(self, name: str) -> torch.Tensor:
+        value = self[name]
+        self._paths.pop(name).unlink()
+        return value
+
+    def close(self) -> None:
+        for path in self._paths.values():
+            path.unlink(missing_ok=True)
+        self._paths.clear()
+
+
+class _HeldStates:
+    """The states of one graph's layer-windows verification, on disk beside the export: the
+    example's past states (``past``: read by each reference as its layers need them, and by the
+    windows) and the truth's present states (``truth``: written as its layers compute them, read
+    by the window that checks them). No reference then holds every layer's states: they are as
+    large as the weights in a small model with many heads (a 0.95 B bf16 export held 0.29 GiB of
+    them at once, 0.16x its parameter bytes; `held_state_bytes` is the disk they take)."""
+
+    def __init__(self, folder: Path, stem: str, specs) -> None:
+        self.past = _OnDisk(folder, f".verify-{stem}-past")
+        self.truth = _OnDisk(folder, f".verify-{stem}-truth")
+        self._specs = specs
+
+    def take_past(self, names: list[str], inputs: tuple) -> tuple:
+        """``inputs`` with each past state saved here and replaced by a stand-in of its shape that
+        holds no memory (a stride-0 view of one zero: what a forward reads off the cache before
+        the layers is shapes)."""
+        pasts = {s.past_name for s in self._specs}
+        out = []
+        for name, t in zip(names, inputs, strict=True):
+            if name in pasts:
+                self.past.put(name, t)
+                t = t.new_zeros(()).expand(t.shape)
+            out.append(t)
+        return tuple(out)
+
+    @contextlib.contextmanager
+    def hooks(self, model: HybridLM, sink: Callable[[str, torch.Tensor], None] | None, wide: bool) -> Iterator[None]:
+        """While active, each Mamba and attention mixer of ``model`` reads its past states from
+        here (fp32 when ``wide``), and hands its present states to ``sink(present name, tensor)``
+        (if given), returning empty stand-ins in their place."""
+        by_layer: dict[int, list] = {}
+        for spec in self._specs:
+            by_layer.setdefault(spec.layer, []).append(spec)
+
+        def hooks_of(layer: int):
+            specs = by_layer[layer]
+
+            def read_past(module, args):
+                x, where, *states, rest = args
+                pasts = [self.past[s.past_name] for s in specs]
+                return (x, where, *(t.float() if wide and t.is_floating_point() else t for t in pasts), rest)
+
+            def hand_on(module, args, output):
+                out, *states = output
+                if sink is None:
+                    return None
+                for spec, t in zip(specs, states, strict=True):
+                    sink(spec.present_name, t)
+                return (out, *(t.new_empty(0) for t in states))
+
+            return read_past, hand_on
+
+        handles = []
+        try:
+            for layer in by_layer:
+                mixer = model.layers[layer].mixer
+                read_past, hand_on = hooks_of(layer)
+                handles += [mixer.register_forward_pre_hook(read_past), mixer.register_forward_hook(hand_on)]
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def __enter__(self) -> _HeldStates:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.past.close()
+        self.truth.close()
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` for the fp32 truth: floating tensors widened, a stand-in (`_HeldStates.take_past`) as
+    a stand-in."""
+    if not t.is_floating_point():
+        return t
+    if t.dim() and not any(t.stride()):
+        return t.new_zeros((), dtype=torch.float32).expand(t.shape)
+    return t.float()
+
+
+def _yardstick(yard: dict[str, Any] | None, truth: dict[str, Any], states: dict[str, Comparison]) -> dict[str, Any] | None:
+    """``yard``'s distance from ``truth``, output by output, in `_outputs`' layout; ``states``: the
+    present states' when they were measured as they came (`_HeldStates.hooks`)."""
+    if yard is None:
+        return None
+    parts = ("hidden", "final") if states else ("present", "hidden", "final")
+    return {"logits": compare(yard["logits"], truth["logits"]), "present": states, **{part: {k: compare(v, truth[part][k]) for k, v in yard[part].items()} for part in parts}}
 
 
 def _routed(got: dict[str, Any], tokens: tuple[int, int]) -> dict[int, torch.Tensor]:
@@ -451,7 +623,7 @@ def _verify_windows(export_dir, file, num_layers, specs, feeds, inputs_hidden, t
             mine = [s for s in specs if first <= s.layer <= last]
             finals = (LOGITS, HIDDEN_STATES) if hidden else (LOGITS,)
             sub = hold_routing(layer_window.window(full, stream, first, last, [s.present_name for s in mine], hidden_type, finals)).model
-            window_feeds = {k: v for k, v in feeds.items() if k in {i.name for i in sub.graph.input}}
+            window_feeds = {i.name: feeds[i.name] for i in sub.graph.input if i.name in feeds}  # read off disk (`_OnDisk`)
             if first > 0:
                 window_feeds[layer_window.HIDDEN_IN] = inputs_hidden[first - 1]
             tag = f".verify-{Path(file).stem}-{first}-{last}"

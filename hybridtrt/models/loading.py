@@ -28,7 +28,7 @@ from hybridtrt.models.config import HybridConfig, load_config
 from hybridtrt.models.model import Block, HybridLM, meta_modules
 from hybridtrt.models.modelopt import ModelOptQuantization, QuantizedWeight, read_quantization
 from hybridtrt.models.moe import FP32_PARAMETERS
-from hybridtrt.models.weights import FLOAT_CODES, WeightIndex
+from hybridtrt.models.weights import FLOAT_CODES, SAFETENSORS_DTYPES, WeightIndex
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -441,13 +441,31 @@ class Checkpoint:
         return self.index.read(tensor)
 
     def read(self, name: str) -> Tensor:
-        """Parameter ``name`` in the model dtype, checked for NaN/Inf.
+        """Parameter ``name`` in the model dtype, checked for NaN/Inf. A parameter stored in a wider
+        dtype (an fp32 checkpoint read in bf16) is read and converted a block of rows at a time
+        into the result: memory for the result, not for the stored tensor beside it.
 
         Raises:
             CheckpointError: NaN/Inf in the tensor, or values that overflow the model dtype.
         """
         source = self.parameters[name]
+        if self.narrows(name):
+            out = torch.empty(source.shape, dtype=source.dtype)
+            rows = source.shape[0]
+            step = max(1, NARROW_BLOCK_BYTES // (self.index[source.tensor].nbytes // rows or 1))
+            for start in range(0, rows, step):
+                out[start : start + step] = self.index.read_rows(source.tensor, start, min(start + step, rows))
+            if not count_non_finite(out):
+                return out
+            del out  # read again whole: the error tells a corrupt tensor from one the dtype overflows
         return _converted(self.read_stored(name), source.dtype, source.tensor)
+
+    def narrows(self, name: str) -> bool:
+        """Is parameter ``name`` a plain tensor stored in a wider dtype than the model's (with rows)?"""
+        source = self.parameters[name]
+        if source.parts or source.quantized is not None or not source.shape:
+            return False
+        return SAFETENSORS_DTYPES[self.index[source.tensor].dtype].itemsize > source.dtype.itemsize
 
     def read_rows(self, name: str, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of parameter ``name`` in the model dtype, checked for NaN/Inf: the
@@ -461,6 +479,10 @@ class Checkpoint:
             parts = source.parts[start:stop]
             return torch.stack([_converted(self.read_tensor(q, source.dtype), source.dtype, q) for q in parts])
         return _converted(self.index.read_rows(source.tensor, start, stop), source.dtype, f"{source.tensor} (rows {start}:{stop})")
+
+
+#: Stored bytes `Checkpoint.read` converts at a time when it narrows a parameter's dtype.
+NARROW_BLOCK_BYTES = 16 << 20
 
 
 def _converted(stored: Tensor, dtype: torch.dtype, tensor: str) -> Tensor:

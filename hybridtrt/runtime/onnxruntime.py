@@ -108,7 +108,6 @@ class SharedWeights:
         from hybridtrt.graphs.external_data import external_info
 
         out: dict[str, Any] = {}
-        fresh: set[tuple] = set()
         for t in graph.graph.initializer:
             bf16 = t.data_type == TensorProto.BFLOAT16
             dtype = np.uint16 if bf16 else self._NUMPY.get(TensorProto.DataType.Name(t.data_type))
@@ -127,18 +126,22 @@ class SharedWeights:
                 if widened:  # bf16 is the top half of an fp32: exact
                     array = self._widened[key] = (array.astype(np.uint32) << 16).view(np.float32)  # kept alive here
                     self._values[key] = ort.OrtValue.ortvalue_from_numpy(array)
+                    self._drop_pages(file, offset, count * itemsize)  # read once: not beside its widening
                 elif bf16:
                     self._values[key] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, TensorProto.BFLOAT16)
                 else:
                     self._values[key] = ort.OrtValue.ortvalue_from_numpy(array)
             out[t.name] = self._values[key]
-            if widened:
-                fresh.add(file)
-        for file in fresh:  # the widened tensors' bf16 pages are read: let the kernel drop them from this process
-            mapping = getattr(self._maps[file], "_mmap", None)
-            if mapping is not None:
-                mapping.madvise(mmap.MADV_DONTNEED)
         return out
+
+    def _drop_pages(self, file: tuple, offset: int, nbytes: int) -> None:
+        """Let the kernel drop bytes ``offset:offset + nbytes`` of a mapping from this process (a
+        read-only file mapping: pages read again from the page cache if touched again)."""
+        mapping = getattr(self._maps[file], "_mmap", None)
+        if mapping is None or not nbytes:
+            return
+        start = offset - offset % mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, start, min(offset + nbytes, len(mapping)) - start)
 
     def _map(self, location: str) -> tuple[tuple, np.ndarray | None]:
         """``(file identity, read-only mapping)`` of ``location``; no mapping for anything but a

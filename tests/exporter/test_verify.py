@@ -10,6 +10,7 @@ import pytest
 
 from hybridtrt.errors import ExportError
 from hybridtrt.exporter.export import ExportOptions
+from hybridtrt.exporter.io import DYNAMIC_CACHE, CacheFlavour
 from hybridtrt.exporter.manifest import read_manifest
 from hybridtrt.exporter.verify import verify_export, window_plan
 from hybridtrt.graphs.external_data import external_index
@@ -78,6 +79,40 @@ def test_planted_weight_fault_is_caught(make_export, tmp_path, mode):
     with pytest.raises(ExportError, match="layers 4..4" if mode == "layers" else "disagrees with the fp32 reference") as e:
         verify_export(bad, model, read_manifest(bad), mode=mode, parameter_bytes=1)
     assert "present_ssm_state.4" in str(e.value)
+    assert not [p.name for p in bad.iterdir() if p.name.startswith(".verify")]  # what windows held on disk is gone
+
+
+@pytest.mark.parametrize("flavour", [DYNAMIC_CACHE, CacheFlavour("static", 16)])
+@pytest.mark.parametrize("decode", [False, True])
+def test_held_states_feed_and_take_the_same_numbers(make_checkpoint, tmp_path, flavour, decode):
+    """By layer windows the references read their past states off disk layer by layer and hand on
+    their present states as they come (`_HeldStates`): the same numbers, bit for bit, as the
+    reference with every state in memory; the forward itself returns no state (nothing held)."""
+    import torch
+
+    from hybridtrt.exporter.io import state_specs
+    from hybridtrt.exporter.verify import _fp32, _HeldStates, _outputs
+    from hybridtrt.exporter.wrapper import GraphModule, example_inputs
+
+    model = load_model(make_checkpoint("tiny-nemotron-h"))
+    specs = state_specs(model.config, flavour)
+    inputs = example_inputs(model, batch=3, seq=1 if decode else 7, past=4, seed=1, flavour=flavour)
+    names = [f"in{k}" for k in range(len(inputs) - len(specs))] + [s.past_name for s in specs]
+    module = GraphModule(model, "all", decode, True, flavour).eval()
+    with torch.no_grad():
+        want = _outputs(module(*inputs), specs)
+        with _HeldStates(tmp_path, "g", specs) as held:
+            stand_ins = held.take_past(names, inputs)
+            assert all(t.untyped_storage().nbytes() <= 8 for n, t in zip(names, stand_ins) if n in held.past)
+            got: dict = {}
+            with held.hooks(model, got.__setitem__, wide=False):
+                ran = _outputs(module(*stand_ins), specs)
+            wide = tuple(_fp32(t) for t in stand_ins)
+            assert all(t.dtype == torch.float32 and not any(t.stride()) for n, t in zip(names, wide) if n in held.past)
+        assert not list(tmp_path.iterdir())
+    assert torch.equal(ran["logits"], want["logits"]) and all(torch.equal(ran["hidden"][i], h) for i, h in want["hidden"].items())
+    assert got.keys() == want["present"].keys() and all(torch.equal(got[k], t) for k, t in want["present"].items())
+    assert all(t.numel() == 0 for t in ran["present"].values())
 
 
 @pytest.mark.parametrize("mode", ["full", "layers"])

@@ -228,6 +228,34 @@ def test_overflow_to_fp16_is_named(make_checkpoint, tmp_path):
         load_model(ckpt, "fp16")
 
 
+def test_narrowing_read_converts_by_blocks_to_the_same_values(make_checkpoint, monkeypatch):
+    """An fp32 checkpoint read in bf16 is converted a block of rows at a time (no fp32 copy of the
+    whole tensor): the same bits as converting the stored tensor, and a NaN in a late block is
+    still named with the tensor."""
+    from hybridtrt.models import loading
+    from hybridtrt.models.loading import open_checkpoint
+
+    monkeypatch.setattr(loading, "NARROW_BLOCK_BYTES", 4096)  # several blocks per weight
+    ckpt = open_checkpoint(make_checkpoint(), "bf16")
+    names = [n for n in ckpt.parameters if ckpt.narrows(n)]
+    assert "layers.0.mixer.in_proj.weight" in names and not ckpt.as_dtype("fp32").narrows("layers.0.mixer.in_proj.weight")
+    blocks = []
+    read_rows = type(ckpt.index).read_rows
+    monkeypatch.setattr(type(ckpt.index), "read_rows", lambda self, n, a, b: blocks.append((n, a, b)) or read_rows(self, n, a, b))
+    for name in names:
+        got, want = ckpt.read(name), ckpt.read_stored(name).to(torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and torch.equal(got.view(torch.int16), want.view(torch.int16)), name
+    in_proj = [b for b in blocks if b[0] == "model.layers.0.mixer.in_proj.weight"]
+    assert len(in_proj) > 1 and all((b - a) * ckpt.index[n].nbytes // ckpt.index[n].shape[0] <= 4096 for n, a, b in in_proj)
+    rows = ckpt.parameters["layers.0.mixer.in_proj.weight"].shape[0]
+    stored = ckpt.read_stored("layers.0.mixer.in_proj.weight")
+    stored[rows - 1, 0] = float("nan")
+    monkeypatch.setattr(type(ckpt.index), "read_rows", lambda self, n, a, b: stored[a:b].clone())
+    monkeypatch.setattr(type(ckpt), "read_stored", lambda self, n: stored)
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.0\.mixer\.in_proj\.weight has 1 NaN/Inf value\(s\)"):
+        ckpt.read("layers.0.mixer.in_proj.weight")
+
+
 def test_layer_pattern_longer_than_the_weights_is_refused_fast(make_checkpoint, tmp_path):
     """Before building a module: 100,008 layers against 8 in the weights took 105 s and 3 GiB."""
     import time
