@@ -54,7 +54,7 @@ from hybridtrt.exporter.streaming import (
 )
 from hybridtrt.exporter.target import OutputDir
 from hybridtrt.exporter.translation import translation_table
-from hybridtrt.exporter.verify import VERIFY_MODES, Progress, temporary_bytes, verify_export
+from hybridtrt.exporter.verify import VERIFY_MODES, Progress, held_state_bytes, temporary_bytes, verify_export
 from hybridtrt.exporter.wrapper import GraphModule
 from hybridtrt.graphs.cleanup import strip_metadata
 from hybridtrt.graphs.dims import name_io_dims, read_dims_off_first_input
@@ -581,7 +581,7 @@ def export(
 
     reference = lazy_model(checkpoint)
     with OutputDir(Path(out_dir), ARTEFACTS, MANIFEST_FILE, checkpoint.root, force=opts.force) as target, contextlib.ExitStack() as stack:
-        target.check_space(preflight.disk_bytes(checkpoint.parameter_bytes, len(roles), opts.verify))
+        target.check_space(preflight.disk_bytes(checkpoint.parameter_bytes, len(roles), opts.verify, held_state_bytes(config, flavour)))
         table = DeferredTable(checkpoint)
         graphs: dict[str, GraphEntry] = {}
         written: list[str] = []
@@ -702,7 +702,8 @@ def export(
             against = "the FP8 reference (fp32)" if recipe else "the 4-bit weights' reference (fp32)" if weights_recipe else "the fp32 reference"
             with step(f"verify with ONNX Runtime against {against} ({opts.verify_mode})"):
                 truth = reference if checkpoint.dtype == torch.float32 else lazy_model(checkpoint.as_dtype(torch.float32))
-                with target.writing(temporary_bytes(checkpoint.parameter_bytes), "verification's temporary files"):  # head slices (verify.py)
+                held = held_state_bytes(config, flavour)  # by layer windows: the states held on disk
+                with target.writing(temporary_bytes(checkpoint.parameter_bytes, held), "verification's temporary files"):  # head slices (verify.py)
                     manifest.verification = verify_export(
                         target.partial, reference, manifest, truth=truth, mode=opts.verify_mode, parameter_bytes=checkpoint.parameter_bytes, progress=progress
                     )

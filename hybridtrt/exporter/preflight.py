@@ -28,11 +28,12 @@ GRAPH_FILE_BYTES = 4 << 20
 
 
 
-def disk_bytes(parameter_bytes: int, graphs: int, verify: bool) -> int:
-    """Bytes an export writes at most at once: weights + graph files + verification's temporary files."""
+def disk_bytes(parameter_bytes: int, graphs: int, verify: bool, held_bytes: int = 0) -> int:
+    """Bytes an export writes at most at once: weights + graph files + verification's temporary
+    files (``held_bytes``: the states verification by layer windows holds on disk)."""
     from hybridtrt.exporter.verify import temporary_bytes
 
-    return parameter_bytes + graphs * GRAPH_FILE_BYTES + (temporary_bytes(parameter_bytes) if verify else 0)
+    return parameter_bytes + graphs * GRAPH_FILE_BYTES + (temporary_bytes(parameter_bytes, held_bytes) if verify else 0)
 
 
 def memory_bytes(parameter_bytes: int, largest_tensor: int, num_layers: int, verify_mode: str | None) -> dict[str, int]:

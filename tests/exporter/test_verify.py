@@ -290,3 +290,23 @@ def test_verification_runs_large_experts_by_ranges_and_catches_a_fault_in_one_ex
     bad = _plant_fault(out, tmp_path, "model.layers.3.mixer.experts.up_proj", 1.5, np.float32 if dtype == "fp32" else ml_dtypes.bfloat16, part=(5, 16))
     with pytest.raises(ExportError, match=r"model.onnx layers 3..3 disagrees .*hidden_out"):
         verify_export(bad, model, read_manifest(bad), **kw)
+
+
+def test_held_state_bytes_bounds_what_windows_hold_on_disk(make_export, monkeypatch):
+    """The disk the preflight reserves for verification's held states (`held_state_bytes`) covers
+    what a layer-windows verification holds there at most, and is not a gross overestimate."""
+    from hybridtrt.exporter import verify
+
+    ckpt, out = make_export("tiny-nemotron-h", SPLIT)
+    most = [0]
+    put = verify._OnDisk.put
+
+    def counted_put(self, name, value):
+        put(self, name, value)
+        most[0] = max(most[0], sum(p.stat().st_size for p in out.iterdir() if p.name.startswith(".verify-") and p.suffix == ".pt"))
+
+    monkeypatch.setattr(verify._OnDisk, "put", counted_put)
+    model = load_model(ckpt, lazy=True)
+    verify_export(out, model, read_manifest(out), mode="layers", parameter_bytes=1)
+    bound = verify.held_state_bytes(model.config)
+    assert 0.5 * bound <= most[0] <= bound, (most[0], bound)
