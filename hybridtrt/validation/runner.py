@@ -243,6 +243,8 @@ class Run:
     got_state: Any = None
     yard_state: Any = None
     ref_tokens: list[torch.Tensor] = field(default_factory=list)
+    #: Per-layer outputs a subject's prefill gave in the same pass (`Subject.prefill_with_layers`).
+    prefill_layers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -250,10 +252,18 @@ class Run:
 
     def call(self, who: str, *args: Any) -> Any:
         """One timed ``step`` of ``"reference"``, ``"backend"`` or ``"yardstick"``; with routing held,
-        the reference's own choices are recorded and the others are held to them and tallied."""
+        the reference's own choices are recorded and the others are held to them and tallied. The
+        prefill of the run's prompts keeps its per-layer outputs when they will be compared and
+        the subject gives them from the same pass (`layers` then runs nothing)."""
         subject = self.subject(who)
+        ids, mask, state, decode = args
+        fused = self.per_layer and not decode and ids is self.input_ids and ids.shape[1] > 1 and subject.prefill_with_layers is not None
         with self.held(who) as hold:
-            out = _timed(self.report.timings, f"{who}_s", subject.stepper.step, *args)
+            if fused:
+                *out, self.prefill_layers[who] = _timed(self.report.timings, f"{who}_s", subject.prefill_with_layers, ids, mask, state)
+                out = tuple(out)
+            else:
+                out = _timed(self.report.timings, f"{who}_s", subject.stepper.step, *args)
         if hold is not None and who != "reference":
             ids, mask = args[0], args[1]
             real = mask[:, -ids.shape[1] :].bool()
@@ -282,10 +292,13 @@ class Run:
         if who == "reference":
             self.truth_routing = hold.all_ids()
 
-    def layers(self, who: str, *args: Any) -> dict[str, Any]:
-        """``who``'s per-layer outputs (timed), routing held like its calls."""
+    def layers(self, who: str, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+        """``who``'s per-layer outputs of the prompts (timed), routing held like its calls; those
+        its prefill gave when it had them."""
+        if who in self.prefill_layers and ids is self.input_ids:
+            return self.prefill_layers.pop(who)
         with self.held(who):
-            return _timed(self.report.timings, f"{who}_s", self.subject(who).layer_outputs, *args)
+            return _timed(self.report.timings, f"{who}_s", self.subject(who).layer_outputs, ids, mask)
 
     def yard_named(self, state: Any) -> dict[str, Any]:
         """The yardstick's states by name (empty without a yardstick)."""

@@ -30,6 +30,9 @@ class Subject:
         hold: ``hold(RoutingHold)`` -> a context under which every call and layer run records its
             MoE routing in the hold and, when the hold has ids, is held to them (None: this subject
             cannot take held expert ids).
+        prefill_with_layers: ``(ids, mask, zero state) -> (logits, state, layer outputs)``: a
+            prefill's `Stepper.step` and its `layer_outputs` from one pass, the same numbers
+            (None: a subject that cannot, or whose layers come from another session).
     """
 
     name: str
@@ -39,6 +42,7 @@ class Subject:
     layer_notes: list[str] = field(default_factory=list)
     moe_layers: list[int] = field(default_factory=list)
     hold: Callable[[RoutingHold], ContextManager[Any]] | None = None
+    prefill_with_layers: Callable[[torch.Tensor, torch.Tensor, Any], tuple[Any, Any, dict[str, Any]]] | None = None
 
 
 def torch_subject(model: Any, state_dtype: torch.dtype = torch.float32, name: str = "pytorch") -> Subject:
@@ -46,13 +50,17 @@ def torch_subject(model: Any, state_dtype: torch.dtype = torch.float32, name: st
     stepper = TorchStepper(model, state_dtype)
 
     @torch.no_grad()
+    def prefill_with_layers(ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any, dict[str, Any]]:
+        device = model.device
+        out = model(ids.to(device), mask.to(device), cache, logits="last", scan_mode="scan", output_hidden_states=True)
+        return out.logits.cpu(), out.cache, {f"layer_output.{i}": h for i, h in enumerate(out.hidden_states)}
+
     def layers(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
-        out = model(ids, mask, model.new_cache(ids.shape[0], state_dtype), logits="last", scan_mode="scan", output_hidden_states=True)
-        return {f"layer_output.{i}": h for i, h in enumerate(out.hidden_states)}
+        return prefill_with_layers(ids, mask, model.new_cache(ids.shape[0], state_dtype))[2]
 
     return Subject(
         name, stepper, lambda cache: cache.named_states(), layers,
-        moe_layers=list(model.config.layers_of(MOE)), hold=lambda hold: held_routing(model, hold),
+        moe_layers=list(model.config.layers_of(MOE)), hold=lambda hold: held_routing(model, hold), prefill_with_layers=prefill_with_layers,
     )
 
 

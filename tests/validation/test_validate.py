@@ -163,3 +163,31 @@ def test_prompts_file_uses_the_checkpoint_tokenizer(make_export, tmp_path):
 
     tok = load_tokenizer(ckpt)
     assert report.prompt_lengths == [len(tok.encode(p).ids) for p in ("The capital of France is", "Mamba layers carry state.", "hi")]
+
+
+@pytest.mark.parametrize("preset", ["tiny-nemotron-h", "tiny-nemotron3-moe"])
+def test_prefill_with_layers_is_the_prefill_and_the_layer_run(make_checkpoint, preset):
+    """A PyTorch subject gives its per-layer outputs from the prefill's own pass (one prefill, not
+    two, per subject in `validate --per-layer`): the same logits, states and layer outputs, bit for
+    bit, as the plain prefill and the separate layer run; routing recorded alike."""
+    import torch
+
+    from hybridtrt.models import load_model
+    from hybridtrt.models.moe import RoutingHold
+    from hybridtrt.validation.runner import random_prompts
+    from hybridtrt.validation.subjects import torch_subject
+
+    model = load_model(make_checkpoint(preset))
+    subject = torch_subject(model)
+    ids, mask = random_prompts(3, model.config.vocab_size, seed=2, min_len=4, max_len=9)
+    holds = [RoutingHold(), RoutingHold()]
+    with subject.hold(holds[0]):
+        logits, state, layers = subject.prefill_with_layers(ids, mask, subject.stepper.zero_state(3))
+    with subject.hold(holds[1]):
+        want_logits, want_state = subject.stepper.step(ids, mask, subject.stepper.zero_state(3), False)
+    want_layers = subject.layer_outputs(ids, mask)
+    assert torch.equal(logits, want_logits) and layers.keys() == want_layers.keys()
+    assert all(torch.equal(layers[k], v) for k, v in want_layers.items())
+    named, want_named = subject.named_states(state), subject.named_states(want_state)
+    assert all(torch.equal(named[k], v) for k, v in want_named.items())
+    assert holds[0].all_ids().keys() == holds[1].all_ids().keys() and all(torch.equal(holds[0].all_ids()[k], v) for k, v in holds[1].all_ids().items())
