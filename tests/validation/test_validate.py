@@ -9,7 +9,6 @@ import pytest
 
 from hybridtrt.cli.main import main
 from hybridtrt.exporter.export import ExportOptions
-from hybridtrt.exporter.manifest import read_manifest
 from hybridtrt.validation.artefact import validate_artefact
 from tests.validation.faults import nan_output, perturb_weight, rename_layer_nodes, scale_initializers, swap_outputs
 
