@@ -343,12 +343,15 @@ def _verify(export_dir: Path, model: HybridLM, manifest: Manifest, truth: Hybrid
     moe = bool(model.config.layers_of(MOE))
     hidden = manifest.hidden_states
 
-    def run(reference: HybridLM, hold: RoutingHold, args: tuple, dtype: str, decode: bool, held: _HeldStates | None = None, out=None, wide: bool = False) -> dict[str, Any]:
+    def run(
+        reference: HybridLM, hold: RoutingHold, args: tuple, dtype: str, decode: bool,
+        held: _HeldStates | None = None, presents: Callable[[str, torch.Tensor], None] | None = None, wide: bool = False,
+    ) -> dict[str, Any]:  # fmt: skip
         """``reference``'s outputs with its routing recorded into, or held to, ``hold``; a lazy
         reference's last layer is released afterwards. ``held``: the past states are read off disk
         as their layers need them (widened to fp32 when ``wide``), and each present state is
-        handed to ``out(name, tensor)`` as its layer computes it, not kept (`_HeldStates`)."""
-        hooks = held.hooks(reference, out, wide) if held is not None else contextlib.nullcontext()
+        handed to ``presents(name, tensor)`` as its layer computes it, not kept (`_HeldStates`)."""
+        hooks = held.hooks(reference, presents, wide) if held is not None else contextlib.nullcontext()
         with held_routing(reference, hold), hooks:
             result = _outputs(_reference(partial(GraphModule(reference, manifest.logits, decode, True, flavour, hidden).eval(), *args), dtype), specs, hidden)
         _release(reference)
@@ -512,9 +515,11 @@ class _HeldStates:
         def hooks_of(layer: int):
             specs = by_layer[layer]
 
-            def read_past(module, args):
-                x, where, *states, rest = args
+            def read_past(module, args):  # mixer(x, mask or allowed, *this layer's states, last argument)
+                x, where, *stand_ins, rest = args
                 pasts = [self.past[s.past_name] for s in specs]
+                if len(stand_ins) != len(pasts):
+                    raise AssertionError(f"layer {layer}'s mixer takes {len(stand_ins)} states, its specs name {len(pasts)}")
                 return (x, where, *(t.float() if wide and t.is_floating_point() else t for t in pasts), rest)
 
             def hand_on(module, args, output):

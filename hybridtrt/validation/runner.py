@@ -276,6 +276,13 @@ class Run:
                     tally.add_yardstick(counted)
         return out
 
+    def call_at_once(self, who: str, tokens: torch.Tensor, mask: torch.Tensor, state: Any) -> Any:
+        """``who``'s teacher-forced decode steps ``tokens [B, n]`` in one timed call
+        (`Subject.decode_at_once`: subjects without MoE layers, so no routing to hold)."""
+        if self.hold_routing:
+            raise AssertionError(f"{who}: decode steps at once need a subject without MoE layers (routing is held call by call)")
+        return _timed(self.report.timings, f"{who}_s", self.subject(who).decode_at_once, tokens, mask, state)
+
     def subject(self, who: str) -> Subject:
         return {"reference": self.reference, "backend": self.backend, "yardstick": self.yardstick}[who]
 
@@ -362,19 +369,29 @@ def decode_phase(run: Run) -> None:
     yard_agree = [] if run.yard_logits is None else [float((run.yard_logits.argmax(-1) == run.ref_tokens[0]).float().mean())]
     mask = run.attention_mask
     ref_state, got_state, yard_state = run.ref_state, run.got_state, run.yard_state
-    for k in range(run.steps):
+    # An exact yardstick (fp64) runs the steps in one call once the reference has chosen every
+    # token: the same numbers to ~1e-15, at the cost of about one step instead of `steps`.
+    at_once = run.yardstick is not None and run.yardstick.decode_at_once is not None and run.steps > 0
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+    for _ in range(run.steps):
         token = run.ref_tokens[-1][:, None]
         mask = torch.cat([mask, torch.ones(run.batch, 1, dtype=mask.dtype)], dim=1)
         ref_logits, ref_state = run.call("reference", token, mask, ref_state, True)
         got_logits, got_state = run.call("backend", token, mask, got_state, True)
         yard_logits = None
-        if run.yardstick is not None:
+        if run.yardstick is not None and not at_once:
             yard_logits, yard_state = run.call("yardstick", token, mask, yard_state, True)
-        check(r, "decode", "logits", got_logits, ref_logits, "steps", yard=yard_logits, step=k + 1)
+        steps.append((ref_logits, got_logits, yard_logits))
         run.ref_tokens.append(ref_logits.argmax(-1))
-        agree.append(float((got_logits.argmax(-1) == run.ref_tokens[-1]).float().mean()))
+    if at_once:
+        tokens = torch.stack(run.ref_tokens[: run.steps], dim=1)  # [B, steps]: the tokens the steps fed
+        yard_all, yard_state = run.call_at_once("yardstick", tokens, mask, yard_state)
+        steps = [(ref_logits, got_logits, yard_all[:, k]) for k, (ref_logits, got_logits, _) in enumerate(steps)]
+    for k, (ref_logits, got_logits, yard_logits) in enumerate(steps):
+        check(r, "decode", "logits", got_logits, ref_logits, "steps", yard=yard_logits, step=k + 1)
+        agree.append(float((got_logits.argmax(-1) == run.ref_tokens[k + 1]).float().mean()))
         if yard_logits is not None:
-            yard_agree.append(float((yard_logits.argmax(-1) == run.ref_tokens[-1]).float().mean()))
+            yard_agree.append(float((yard_logits.argmax(-1) == run.ref_tokens[k + 1]).float().mean()))
     if run.steps:
         ref_named, got_named = run.reference.named_states(ref_state), run.backend.named_states(got_state)
         yard_named = run.yard_named(yard_state)

@@ -33,6 +33,11 @@ class Subject:
         prefill_with_layers: ``(ids, mask, zero state) -> (logits, state, layer outputs)``: a
             prefill's `Stepper.step` and its `layer_outputs` from one pass, the same numbers
             (None: a subject that cannot, or whose layers come from another session).
+        decode_at_once: ``(tokens [B, n], mask, state) -> (logits [B, n, V], state)``: ``n``
+            teacher-forced decode steps in one call. Only for a subject whose numbers do not depend
+            on the path (an fp64 run of a model without MoE layers: the chunked scan and the
+            one-token update agree to ~1e-15, far below the fp32 rounding it measures); None: step
+            by step.
     """
 
     name: str
@@ -43,11 +48,24 @@ class Subject:
     moe_layers: list[int] = field(default_factory=list)
     hold: Callable[[RoutingHold], ContextManager[Any]] | None = None
     prefill_with_layers: Callable[[torch.Tensor, torch.Tensor, Any], tuple[Any, Any, dict[str, Any]]] | None = None
+    decode_at_once: Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]] | None = None
 
 
 def torch_subject(model: Any, state_dtype: torch.dtype = torch.float32, name: str = "pytorch") -> Subject:
-    """The PyTorch reference (oracle #1), in the model's dtype with ``state_dtype`` SSM states."""
+    """The PyTorch reference (oracle #1), in the model's dtype with ``state_dtype`` SSM states; an
+    fp64 one of a dense model (a yardstick) runs teacher-forced decode steps in one call
+    (`Subject.decode_at_once`)."""
     stepper = TorchStepper(model, state_dtype)
+    # fp64 throughout, so the path does not change its numbers; not with MoE layers, whose router
+    # scores in fp32 (as HF's does: hybridtrt/models/moe.py), which the path does change (measured:
+    # a yardstick distance 6.61e-7 step by step, 6.72e-7 at once, tiny-nemotron3-moe).
+    exact = model.dtype == torch.float64 and state_dtype == torch.float64 and not model.config.layers_of(MOE)
+
+    @torch.no_grad()
+    def decode_at_once(tokens: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        device = model.device
+        out = model(tokens.to(device), mask.to(device), cache, logits="all", scan_mode="scan")
+        return out.logits.cpu(), out.cache
 
     @torch.no_grad()
     def prefill_with_layers(ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any, dict[str, Any]]:
@@ -61,6 +79,7 @@ def torch_subject(model: Any, state_dtype: torch.dtype = torch.float32, name: st
     return Subject(
         name, stepper, lambda cache: cache.named_states(), layers,
         moe_layers=list(model.config.layers_of(MOE)), hold=lambda hold: held_routing(model, hold), prefill_with_layers=prefill_with_layers,
+        decode_at_once=decode_at_once if exact else None,
     )
 
 

@@ -190,3 +190,43 @@ def test_prefill_with_layers_is_the_prefill_and_the_layer_run(make_checkpoint, p
     named, want_named = subject.named_states(state), subject.named_states(want_state)
     assert all(torch.equal(named[k], v) for k, v in want_named.items())
     assert holds[0].all_ids().keys() == holds[1].all_ids().keys() and all(torch.equal(holds[0].all_ids()[k], v) for k, v in holds[1].all_ids().items())
+
+
+@pytest.mark.parametrize("preset", ["tiny-nemotron-h", "tiny-mamba2"])
+def test_fp64_yardstick_decodes_at_once_with_the_same_numbers(make_export, preset, monkeypatch):
+    """The fp64 yardstick runs the teacher-forced decode steps in one call (`decode_at_once`): its
+    distance from the reference on every checked tensor is the one it has step by step (to 1e-6 of
+    itself: fp64 paths differ by ~1e-15, the fp32 rounding it measures is ~1e-7), and the verdicts,
+    bounds and routing tallies are the same. A planted fault is still caught: the fault tests above
+    run with it."""
+    from hybridtrt.validation import subjects
+
+    ckpt, out = make_export(preset, ExportOptions(split=True))
+    at_once = validate_artefact(out, ckpt, random_n=3, steps=5, per_layer=True)
+    plain = subjects.torch_subject
+
+    def stepwise(*args, **kwargs):
+        subject = plain(*args, **kwargs)
+        subject.decode_at_once = None
+        return subject
+
+    monkeypatch.setattr(subjects, "torch_subject", stepwise)
+    monkeypatch.setattr("hybridtrt.validation.artefact.torch_subject", stepwise)
+    step_by_step = validate_artefact(out, ckpt, random_n=3, steps=5, per_layer=True)
+    assert at_once.yardstick == step_by_step.yardstick == "pytorch-fp64"
+    assert [(c.phase, c.name, c.step, c.passed) for c in at_once.checks] == [(c.phase, c.name, c.step, c.passed) for c in step_by_step.checks]
+    for a, b in zip(at_once.checks, step_by_step.checks):
+        assert a.yardstick is not None and a.yardstick.rel_l2 == pytest.approx(b.yardstick.rel_l2, rel=1e-6, abs=1e-12), (a.phase, a.name, a.step)
+    assert at_once.yardstick_top1 == step_by_step.yardstick_top1
+
+
+def test_an_moe_yardstick_decodes_step_by_step(make_checkpoint):
+    """Not at once with MoE layers: their router scores in fp32, which the path changes."""
+    import torch
+
+    from hybridtrt.models import load_model
+    from hybridtrt.validation.subjects import torch_subject
+
+    assert torch_subject(load_model(make_checkpoint("tiny-nemotron3-moe")).double(), torch.float64).decode_at_once is None
+    assert torch_subject(load_model(make_checkpoint("tiny-nemotron-h")).double(), torch.float64).decode_at_once is not None
+    assert torch_subject(load_model(make_checkpoint("tiny-nemotron-h"))).decode_at_once is None  # fp32: the path rounds
