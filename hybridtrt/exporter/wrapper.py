@@ -106,10 +106,10 @@ def example_inputs(
     vocab = model.config.vocab_size
     with torch.no_grad():
         cache = model.new_cache(batch, state_dtype)
-        # The prefill only reads the zero SSM states: stride-0 views of one zero hold no memory
-        # while it builds the new ones (a verification by layer windows holds no more than that).
-        cache.ssm = {i: t.new_zeros(()).expand(t.shape) for i, t in cache.ssm.items()}
         if past:
+            # The prefill only reads the zero SSM states: stride-0 views of one zero hold no memory
+            # while it builds the new ones (a verification by layer windows holds no more than that).
+            cache.ssm = {i: t.new_zeros(()).expand(t.shape) for i, t in cache.ssm.items()}
             cache = model(torch.randint(0, vocab, (batch, past), generator=gen), cache=cache, logits="last").cache
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     if not flavour.static:
