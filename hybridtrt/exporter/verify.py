@@ -45,7 +45,7 @@ import torch
 
 from hybridtrt.errors import ExportError
 from hybridtrt.exporter.fp8_reference import FP32_DITHER, fp8_emulated, set_dither
-from hybridtrt.exporter.io import BATCH, DYNAMIC_CACHE, HIDDEN_STATES, LOGITS, CacheFlavour, state_specs
+from hybridtrt.exporter.io import BATCH, DYNAMIC_CACHE, HIDDEN_STATES, LOGITS, PAST, SEQ, CacheFlavour, present_shape, state_specs
 from hybridtrt.exporter.manifest import Manifest
 from hybridtrt.exporter.wrapper import GraphModule, example_inputs
 from hybridtrt.graphs import layer_window
@@ -102,11 +102,13 @@ def temporary_bytes(parameter_bytes: int, held_bytes: int = 0) -> int:
 
 
 def held_state_bytes(config, flavour: CacheFlavour = DYNAMIC_CACHE) -> int:
-    """What the layer-windows method keeps on disk for one graph (`_OnDisk`): every state it feeds
-    and every present state of the truth, at most fp32, KV caches at most ``past + seq`` long."""
-    dims = {BATCH: VERIFY_BATCH}
-    one = sum(4 * math.prod(dims.get(d, VERIFY_PAST + VERIFY_SEQ) if isinstance(d, str) else d for d in s.shape) + _SAVED_OVERHEAD for s in state_specs(config, flavour))
-    return 2 * one
+    """What the layer-windows method keeps on disk for one graph (`_HeldStates`): every past state
+    it feeds and every present state of the truth, at most fp32, at the example's dims."""
+    from hybridtrt.engine.profiles import resolve_shape
+
+    dims = {BATCH: VERIFY_BATCH, SEQ: VERIFY_SEQ, PAST: VERIFY_PAST}
+    shapes = [resolve_shape(shape, dims) for s in state_specs(config, flavour) for shape in (s.shape, present_shape(s))]
+    return sum(4 * math.prod(shape) + _SAVED_OVERHEAD for shape in shapes)
 
 
 #: Bytes ``torch.save`` adds to a tensor's own (its zip container: 1.3-1.4 KB measured, torch 2.13).
@@ -357,13 +359,9 @@ def _verify(export_dir: Path, model: HybridLM, manifest: Manifest, truth: Hybrid
         _release(reference)
         return result
 
-    def verify_graph(entry, decode: bool) -> dict[str, Any]:
-        """One graph's record (its references' tensors are dropped on return, the files of what it
-        held on disk removed)."""
-        with contextlib.ExitStack() as stack:
-            return verify_graph_holding(entry, decode, stack)
-
-    def verify_graph_holding(entry, decode: bool, stack: contextlib.ExitStack) -> dict[str, Any]:
+    def verify_graph(entry, decode: bool, stack: contextlib.ExitStack) -> dict[str, Any]:
+        """One graph's record (its references' tensors are dropped on return; ``stack`` removes the
+        files of what it held on disk)."""
         inputs = _reference(partial(example_inputs, model, seq=1 if decode else VERIFY_SEQ, batch=VERIFY_BATCH, past=VERIFY_PAST, state_dtype=state_dtype, seed=1, flavour=flavour), manifest.dtype)
         names = [v["name"] for v in entry.inputs]
         # By layer windows no reference holds every layer's states (`_HeldStates`): the example's
@@ -436,7 +434,8 @@ def _verify(export_dir: Path, model: HybridLM, manifest: Manifest, truth: Hybrid
 
     for role, entry in manifest.graphs.items():
         if role in ("unified", "decode"):  # the MTP graph has a verification of its own (exporter/mtp_graph.py)
-            record["graphs"][entry.file] = verify_graph(entry, role == "decode")
+            with contextlib.ExitStack() as stack:
+                record["graphs"][entry.file] = verify_graph(entry, role == "decode", stack)
     worst = [(f, g["worst"]) for f, g in record["graphs"].items()]
     record["worst"] = max(({"graph": f, **w} for f, w in worst), key=lambda w: w.get("rel_l2", 0.0) / (w.get("bound") or 1.0), default=None)
     return record

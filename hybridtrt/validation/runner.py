@@ -265,7 +265,6 @@ class Run:
             else:
                 out = _timed(self.report.timings, f"{who}_s", subject.stepper.step, *args)
         if hold is not None and who != "reference":
-            ids, mask = args[0], args[1]
             real = mask[:, -ids.shape[1] :].bool()
             for layer, truth in self.truth_routing.items():
                 tally = self.tallies.setdefault(layer, RoutingTally())
