@@ -133,18 +133,19 @@ def _trace_after(ckpt, spec, barrier, calls) -> None:
     calls.put("traced" if traced else "replayed")
 
 
-@pytest.mark.parametrize(("preset", "dtype"), [("tiny-nemotron-h", "bf16"), ("tiny-nemotron3-moe", "fp16")])
-def test_a_trace_of_the_loaded_model_is_the_trace_of_fake_weights(make_checkpoint, preset, dtype, monkeypatch):
-    """What lets the eager oracle (`hybridtrt.exporter.eager`) replay the streamed export's trace: torch.export
-    of the loaded model on `example_inputs` and of fake weights on `trace_inputs` give the same unoptimized
-    program, bytes and name counters (a half dtype, where casts are inserted, and the MoE experts). Not
-    vacuous: the same checkpoint traced in fp32 differs. The checkpoint is the preset cut to its
-    prototype (`hybridtrt.exporter.stitch`: one layer per kind), so the fake trace is the one the
-    suite's exports of the preset replay; a stitched trace is another program that optimizes to the
+def test_a_trace_of_the_loaded_model_is_the_trace_of_fake_weights(make_checkpoint, monkeypatch):
+    """What lets the eager oracle (`hybridtrt.exporter.eager`) replay the streamed export's trace:
+    torch.export of the loaded model on `example_inputs` and of fake weights on `trace_inputs` give the
+    same unoptimized program, bytes and name counters, on Mamba, attention and MoE layers (routed
+    experts and the shared MLP) in a half dtype, where casts are inserted. Not vacuous: the same
+    checkpoint traced in fp32 differs. The checkpoint is the preset cut to its prototype
+    (`hybridtrt.exporter.stitch`: one layer per kind), so the fake trace is the one the suite's
+    exports of the preset replay; a stitched trace is another program that optimizes to the
     same graphs (tests/exporter/test_stitch.py)."""
     from hybridtrt.exporter import stitch
     from hybridtrt.models.config import load_config
 
+    preset, dtype = "tiny-nemotron3-moe", "fp16"
     pattern = stitch.prototype(load_config(make_checkpoint(preset))).config.pattern
     monkeypatch.setattr(export_mod, "STITCH", False)
     from hybridtrt.exporter.export import GraphSpec, export_program
