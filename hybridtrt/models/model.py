@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -46,12 +46,12 @@ def meta_modules() -> Iterator[None]:
 class Block(nn.Module):
     """``h = h + mixer(RMSNorm(h))`` (optionally with an fp32 residual)."""
 
-    def __init__(self, config: HybridConfig, kind: str) -> None:
+    def __init__(self, config: HybridConfig, kind: str, mixers: dict[str, type[nn.Module]] = MIXERS) -> None:
         super().__init__()
         self.kind = kind
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, config.norm_weight_in_fp32)
-        self.mixer = MIXERS[kind](config)
+        self.mixer = mixers[kind](config)
 
     def normed(self, h: Tensor) -> tuple[Tensor, Tensor]:
         residual = wide(h) if self.residual_in_fp32 else h
@@ -111,11 +111,14 @@ class TokenEnds(nn.Module):
 class HybridLM(TokenEnds):
     """Nemotron-H / Mamba-2 causal LM whose Mamba layers call the ``hybridtrt::`` custom ops."""
 
+    #: Block letter -> mixer class (a tensor-parallel rank's model swaps some: `hybridtrt.models.tensor_parallel`).
+    mixers: ClassVar[dict[str, type[nn.Module]]] = MIXERS
+
     def __init__(self, config: HybridConfig) -> None:
         super().__init__()
         self.config = config
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([Block(config, kind) for kind in config.layer_types])
+        self.layers = nn.ModuleList([Block(config, kind, self.mixers) for kind in config.layer_types])
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, config.norm_weight_in_fp32)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 

@@ -1,0 +1,401 @@
+"""Tensor parallelism that follows the architecture: what each of N ranks holds (DESIGN.md §12).
+
+`TensorParallelPlan` says, for one config and world size N, which rows and columns of every weight a
+rank holds (`TensorParallelPlan.shard`), the rank's own config (`rank_config`: the same architecture at
+its local widths, so the ordinary modules, exporter and states serve it), and which slice of every
+state it keeps (`state_slice`). `RankLM` is the reference model of one rank: the ordinary `HybridLM` at
+the rank's config, with the collectives where the ranks meet (a `Communicator`,
+`hybridtrt.models.collectives`). Run every rank's `RankLM` (`emulate_ranks`) and the logits are the
+unsharded model's, up to the order of the sums.
+
+The rules, per block (reasons in DESIGN.md §12):
+
+* Mamba-2, by heads. ``in_proj``'s rows are ``z | x | B | C | dt`` and each segment is sliced on its
+  own: z, x and dt by the rank's heads, B and C by its groups; the conv's channels (``x | B | C``)
+  follow; ``A_log``, ``D``, ``dt_bias`` and the gated norm's weight by heads. A rank holds whole groups
+  when ``N ≤ n_groups`` (``n_groups % N == 0``), and then the gated RMSNorm (per group of
+  ``d_inner / n_groups`` channels) is local. When ``N > n_groups`` (``N % n_groups == 0``) each group is
+  replicated on the ``N / n_groups`` ranks that hold its heads, and the norm's sum of squares is summed
+  over those ranks (an all-reduce in that group of ranks). ``out_proj`` by columns, then an all-reduce.
+* Attention: query heads split; KV heads split when ``n_kv % N == 0``, each replicated on the
+  ``N / n_kv`` ranks whose query heads read it when ``N % n_kv == 0``; ``o_proj`` by columns + all-reduce.
+* MLP: ``up_proj`` by rows, ``down_proj`` by columns, all-reduce (any N: uneven splits allowed).
+* MoE, tensor parallel inside each expert: every rank routes (the router is replicated and sees the
+  same all-reduced hidden state, so every rank makes the same choices), holds every expert's rows
+  ``I_r`` of ``up_proj [E, I, D]`` and the same columns of ``down_proj [E, D, I]``; the shared expert is
+  an MLP split the same way; the latent projections are replicated (``fc2`` is linear, so it runs on
+  the partial sums); one all-reduce per MoE layer, after everything.
+* Biases of a row-parallel linear are added once, after the all-reduce.
+* Embedding and LM head by vocabulary rows (``vocab="parallel"``: a rank looks up the ids in its rows,
+  zeros elsewhere, all-reduce; the head's logits all-gathered), or both replicated (``vocab="replicated"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from hybridtrt.errors import ConfigError
+from hybridtrt.models.collectives import Communicator
+from hybridtrt.models.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
+from hybridtrt.models.layers import GatedRMSNorm, wide
+from hybridtrt.models.model import HybridLM, meta_modules
+from hybridtrt.models.moe import MoE
+
+Vocab = Literal["parallel", "replicated"]
+
+#: World sizes the plan is written for (one process per GPU on one node).
+WORLDS = (2, 4, 8)
+
+
+def split_range(n: int, world: int, rank: int) -> range:
+    """Rank ``rank``'s contiguous block of ``n`` items over ``world`` ranks, the first ``n % world``
+    ranks one longer (``numpy.array_split``'s rule)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def _divides_or_multiple(count: int, world: int) -> bool:
+    return count % world == 0 or world % count == 0
+
+
+def _problem(c: HybridConfig, n: int) -> str | None:
+    """Why the rules cannot split ``c`` over ``n`` ranks, or None."""
+    if c.layers_of(MAMBA):
+        if c.mamba_num_heads % n:
+            return f"a rank holds whole Mamba heads, and {n} does not divide mamba_num_heads={c.mamba_num_heads}"
+        if not _divides_or_multiple(c.n_groups, n):
+            return (f"a rank holds whole Mamba groups (n_groups % tp == 0) or one group shared with tp / n_groups "
+                    f"ranks (tp % n_groups == 0); n_groups={c.n_groups} is neither")
+    if c.layers_of(ATTENTION):
+        if c.num_attention_heads % n:
+            return f"a rank holds whole query heads, and {n} does not divide num_attention_heads={c.num_attention_heads}"
+        if not _divides_or_multiple(c.num_key_value_heads, n):
+            return (f"KV heads are split (n_kv % tp == 0) or replicated (tp % n_kv == 0); "
+                    f"num_key_value_heads={c.num_key_value_heads} is neither")
+    widths = {"vocab_size": c.vocab_size}
+    if c.layers_of(MLP):
+        widths["intermediate_size"] = c.intermediate_size
+    if c.moe is not None:
+        widths["moe_intermediate_size"] = c.moe.intermediate_size
+        if c.moe.shared_intermediate_size:
+            widths["moe_shared_expert_intermediate_size"] = c.moe.shared_intermediate_size
+    for name, width in widths.items():
+        if width < n:
+            return f"every rank needs a share of {name}={width}"
+    return None
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """How one config is split over ``world`` ranks.
+
+    Args:
+        config: The unsharded model's config.
+        world: Number of ranks (GPUs), ≥ 2.
+        vocab: ``"parallel"``: the embedding and the LM head by vocabulary rows (a rank looks up the
+            ids in its rows, zeros elsewhere, then an all-reduce; the head's logits are all-gathered),
+            or ``"replicated"`` on every rank.
+
+    Raises:
+        ConfigError: an architecture the rules cannot split over ``world`` (the field, its value, a fix).
+    """
+
+    config: HybridConfig
+    world: int
+    vocab: Vocab = "parallel"
+
+    def __post_init__(self) -> None:
+        if self.world < 2:
+            raise ConfigError(f"tensor parallel needs at least 2 ranks, got --tp {self.world}", fix="--tp 2, 4 or 8 (or no --tp: one device)")
+        problem = _problem(self.config, self.world)
+        if problem is not None:
+            fits = [str(n) for n in WORLDS if _problem(self.config, n) is None]
+            raise ConfigError(
+                f"--tp {self.world}: {problem}",
+                fix=f"use --tp {' or '.join(fits)}" if fits else f"this model cannot be split over {', '.join(map(str, WORLDS))} ranks",
+            )
+
+    # ---------------------------------------------------------------------------------------------
+    # What a rank holds
+
+    def mamba_heads(self, rank: int) -> range:
+        return split_range(self.config.mamba_num_heads, self.world, rank)
+
+    def mamba_groups(self, rank: int) -> range:
+        """The groups rank ``rank`` holds: its share of them, or the one its heads read (replicated)."""
+        g, n = self.config.n_groups, self.world
+        if g % n == 0:
+            return split_range(g, n, rank)
+        first = rank // (n // g)
+        return range(first, first + 1)
+
+    def norm_group(self, rank: int) -> tuple[int, ...] | None:
+        """The ranks that share rank ``rank``'s Mamba group (its gated norm sums over them); None
+        when every rank holds whole groups."""
+        g, n = self.config.n_groups, self.world
+        if g % n == 0:
+            return None
+        per = n // g
+        first = rank // per * per
+        return tuple(range(first, first + per))
+
+    def q_heads(self, rank: int) -> range:
+        return split_range(self.config.num_attention_heads, self.world, rank)
+
+    def kv_heads(self, rank: int) -> range:
+        kv, n = self.config.num_key_value_heads, self.world
+        if kv % n == 0:
+            return split_range(kv, n, rank)
+        first = rank // (n // kv)
+        return range(first, first + 1)
+
+    def mlp_rows(self, rank: int) -> range:
+        return split_range(self.config.intermediate_size, self.world, rank)
+
+    def expert_rows(self, rank: int) -> range:
+        return split_range(self.config.moe.intermediate_size, self.world, rank)
+
+    def shared_rows(self, rank: int) -> range:
+        return split_range(self.config.moe.shared_intermediate_size, self.world, rank)
+
+    def vocab_rows(self, rank: int) -> range:
+        if self.vocab == "replicated":
+            return range(self.config.vocab_size)
+        return split_range(self.config.vocab_size, self.world, rank)
+
+    def rank_config(self, rank: int) -> HybridConfig:
+        """The architecture at rank ``rank``'s widths (its modules, states and graphs are these)."""
+        c = self.config
+        fields: dict = {
+            "mamba_num_heads": len(self.mamba_heads(rank)),
+            "n_groups": len(self.mamba_groups(rank)),
+        }
+        if c.layers_of(ATTENTION):
+            fields |= {"num_attention_heads": len(self.q_heads(rank)), "num_key_value_heads": len(self.kv_heads(rank))}
+        if c.layers_of(MLP):
+            fields["intermediate_size"] = len(self.mlp_rows(rank))
+        if c.moe is not None:
+            shared = len(self.shared_rows(rank)) if c.moe.shared_intermediate_size else 0
+            fields["moe"] = dataclasses.replace(c.moe, intermediate_size=len(self.expert_rows(rank)), shared_intermediate_size=shared)
+        return dataclasses.replace(c, **fields)
+
+    # ---------------------------------------------------------------------------------------------
+    # Slicing
+
+    def _xbc_channels(self, rank: int) -> list[int]:
+        """Rank ``rank``'s channels of the conv's ``x | B | C`` (and of in_proj's xBC segment)."""
+        c = self.config
+        p, s, d_inner, gn = c.mamba_head_dim, c.ssm_state_size, c.d_inner, c.n_groups * c.ssm_state_size
+        heads, groups = self.mamba_heads(rank), self.mamba_groups(rank)
+        x = range(heads.start * p, heads.stop * p)
+        b = range(d_inner + groups.start * s, d_inner + groups.stop * s)
+        return [*x, *b, *(i + gn for i in b)]
+
+    def _in_proj_rows(self, rank: int) -> list[int]:
+        """``z | x | B | C | dt``, each segment sliced on its own."""
+        c = self.config
+        heads, p = self.mamba_heads(rank), c.mamba_head_dim
+        z = range(heads.start * p, heads.stop * p)
+        xbc = [c.d_inner + i for i in self._xbc_channels(rank)]
+        dt = range(c.d_inner + c.conv_dim + heads.start, c.d_inner + c.conv_dim + heads.stop)
+        return [*z, *xbc, *dt]
+
+    def _rows(self, name: str, rank: int) -> tuple[int, list[int] | range] | None:
+        """``(dim, indices)`` of rank ``rank``'s part of the parameter ``name`` (our module names), or
+        None for a replicated one."""
+        c = self.config
+        parts = name.split(".")
+        if parts[0] in ("lm_head", "embeddings"):
+            return (0, self.vocab_rows(rank)) if self.vocab == "parallel" else None
+        if parts[0] != "layers" or parts[2] != "mixer":
+            return None  # norms, norm_f
+        kind, rest = c.layer_types[int(parts[1])], ".".join(parts[3:])
+        if kind == MAMBA:
+            heads, p = self.mamba_heads(rank), c.mamba_head_dim
+            inner = range(heads.start * p, heads.stop * p)
+            return {
+                "in_proj.weight": (0, self._in_proj_rows(rank)),
+                "in_proj.bias": (0, self._in_proj_rows(rank)),
+                "conv1d.weight": (0, self._xbc_channels(rank)),
+                "conv1d.bias": (0, self._xbc_channels(rank)),
+                "dt_bias": (0, heads),
+                "A_log": (0, heads),
+                "D": (0, heads),
+                "norm.weight": (0, inner),
+                "out_proj.weight": (1, inner),
+            }.get(rest)
+        if kind == ATTENTION:
+            hd = c.attention_head_dim
+            q, kv = self.q_heads(rank), self.kv_heads(rank)
+            return {
+                "q_proj.weight": (0, range(q.start * hd, q.stop * hd)),
+                "k_proj.weight": (0, range(kv.start * hd, kv.stop * hd)),
+                "v_proj.weight": (0, range(kv.start * hd, kv.stop * hd)),
+                "o_proj.weight": (1, range(q.start * hd, q.stop * hd)),
+            }.get(rest)
+        if kind == MLP:
+            rows = self.mlp_rows(rank)
+            return {"up_proj.weight": (0, rows), "up_proj.bias": (0, rows), "down_proj.weight": (1, rows)}.get(rest)
+        if kind == MOE:
+            rows = self.expert_rows(rank)
+            shared = self.shared_rows(rank) if c.moe.shared_intermediate_size else range(0)
+            return {
+                "experts.up_proj": (1, rows),
+                "experts.down_proj": (2, rows),
+                "shared_experts.up_proj.weight": (0, shared),
+                "shared_experts.up_proj.bias": (0, shared),
+                "shared_experts.down_proj.weight": (1, shared),
+            }.get(rest)
+        return None
+
+    def shard(self, name: str, tensor: Tensor, rank: int) -> Tensor:
+        """Rank ``rank``'s part of the parameter ``name`` (a view when contiguous, else a copy)."""
+        where = self._rows(name, rank)
+        if where is None:
+            return tensor
+        dim, idx = where
+        if isinstance(idx, range):
+            return tensor.narrow(dim, idx.start, len(idx))
+        return tensor.index_select(dim, torch.tensor(idx, dtype=torch.int64))
+
+    def state_slice(self, name: str, tensor: Tensor, rank: int) -> Tensor:
+        """Rank ``rank``'s part of the unsharded state ``name`` (``present_conv_state.i`` channels,
+        ``present_ssm_state.i`` heads, ``present.i.key|value`` KV heads; batch first)."""
+        if name.startswith("present_conv_state."):
+            return tensor.index_select(1, torch.tensor(self._xbc_channels(rank), dtype=torch.int64))
+        if name.startswith("present_ssm_state."):
+            heads = self.mamba_heads(rank)
+        elif name.startswith("present."):
+            heads = self.kv_heads(rank)
+        else:
+            raise ValueError(f"not a state: {name}")
+        return tensor.narrow(1, heads.start, len(heads))
+
+
+# -------------------------------------------------------------------------------------------------
+# A rank's model
+
+
+class RowParallelLinear(nn.Module):
+    """``all_reduce(x @ W_rᵀ) + b``: a linear whose input features are split over the ranks."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, comm: Communicator) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.comm = comm
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.comm.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class RowParallelMoE(MoE):
+    """An MoE layer whose experts (and shared expert) hold a share of their intermediate width: its
+    output is a sum of per-rank parts, all-reduced once; the biases taken out of ``fc2_latent_proj``
+    and the shared ``down_proj`` are added after it. `rank_model` sets ``comm``."""
+
+    comm: Communicator | None = None
+
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__(config)
+        self.out_biases: list[Tensor] = []
+
+    def forward(self, h: Tensor) -> Tensor:
+        y = self.comm.all_reduce(super().forward(h))
+        for b in self.out_biases:
+            y = y + b
+        return y
+
+
+class GroupShardedGatedRMSNorm(GatedRMSNorm):
+    """`GatedRMSNorm` when a group's channels span several ranks (``N > n_groups``): the sum of
+    squares of the rank's channels is all-reduced over the ranks of the group, divided by the
+    whole group's width."""
+
+    def __init__(self, norm: GatedRMSNorm, group_width: int, ranks: tuple[int, ...], comm: Communicator) -> None:
+        super().__init__(norm.weight.shape[0], norm.weight.shape[0], norm.eps)
+        self.weight = norm.weight
+        self.group_width = group_width
+        self.ranks = ranks
+        self.comm = comm
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        dtype = y.dtype
+        h = wide(y) * F.silu(wide(z))
+        squares = self.comm.all_reduce(h.pow(2).sum(-1, keepdim=True), group=self.ranks)
+        h = h * torch.rsqrt(squares / self.group_width + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class RankLM(HybridLM):
+    """One rank's reference model: `HybridLM` at `TensorParallelPlan.rank_config`, meeting the other
+    ranks at the row-parallel linears, the MoE layers' outputs, the gated norms of shared groups and
+    the vocabulary-parallel head. ``forward`` / ``new_cache`` are `HybridLM`'s: its states are the
+    rank's slices (`TensorParallelPlan.state_slice`)."""
+
+    mixers = {**HybridLM.mixers, MOE: RowParallelMoE}
+
+    def __init__(self, plan: TensorParallelPlan, rank: int, comm: Communicator) -> None:
+        super().__init__(plan.rank_config(rank))
+        self.plan, self.rank, self.comm = plan, rank, comm
+        if plan.vocab == "parallel":
+            rows = len(plan.vocab_rows(rank))
+            self.embeddings = nn.Embedding(rows, self.config.hidden_size)
+            if self.lm_head is not None:
+                self.lm_head = nn.Linear(self.config.hidden_size, rows, bias=False)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        if self.plan.vocab == "replicated":
+            return super().embed(input_ids)
+        rows = self.plan.vocab_rows(self.rank)
+        local = input_ids - rows.start
+        inside = (local >= 0) & (local < len(rows))
+        found = self.embeddings(local.clamp(0, len(rows) - 1)) * inside[..., None].to(self.dtype)
+        return self.comm.all_reduce(found)  # one rank's row and zeros: exact
+
+    def head_logits(self, h: Tensor) -> Tensor:
+        logits = super().head_logits(h)  # the rank's rows of the head (or of the tied embedding)
+        return logits if self.plan.vocab == "replicated" else self.comm.all_gather(logits, dim=-1)
+
+
+def rank_model(model: HybridLM, plan: TensorParallelPlan, rank: int, comm: Communicator) -> RankLM:
+    """Rank ``rank``'s `RankLM`, its parameters sliced from ``model``'s (`TensorParallelPlan.shard`).
+
+    Args:
+        model: The unsharded reference (eager weights).
+        plan: The split; ``plan.config`` is ``model.config``.
+        rank: 0 … world − 1.
+        comm: This rank's `Communicator`.
+    """
+    with meta_modules():
+        ranked = RankLM(plan, rank, comm)
+    state = {name: plan.shard(name, t.detach(), rank) for name, t in model.state_dict().items()}
+    ranked.load_state_dict(state, assign=True, strict=True)
+    c = plan.config
+    for i, block in enumerate(ranked.layers):
+        mixer = block.mixer
+        if c.layer_types[i] == MAMBA:
+            mixer.out_proj = RowParallelLinear(mixer.out_proj.weight, mixer.out_proj.bias, comm)
+            group = plan.norm_group(rank)
+            if group is not None:
+                mixer.norm = GroupShardedGatedRMSNorm(mixer.norm, c.d_inner // c.n_groups, group, comm)
+        elif c.layer_types[i] == ATTENTION:
+            mixer.o_proj = RowParallelLinear(mixer.o_proj.weight, mixer.o_proj.bias, comm)
+        elif c.layer_types[i] == MLP:
+            mixer.down_proj = RowParallelLinear(mixer.down_proj.weight, mixer.down_proj.bias, comm)
+        elif c.layer_types[i] == MOE:
+            mixer.comm = comm
+            shared = mixer.shared_experts
+            for linear in (mixer.fc2_latent_proj, None if shared is None else shared.down_proj):
+                if linear is not None and linear.bias is not None:
+                    mixer.out_biases.append(linear.bias.detach())
+                    linear.bias = None
+    return ranked.eval()
