@@ -15,7 +15,7 @@ from typing import Any
 import onnxscript
 import torch
 
-from hybridtrt.ops import library, moe  # noqa: F401  (registers torch.ops.hybridtrt.*)
+from hybridtrt.ops import collectives, library, moe  # noqa: F401  (registers torch.ops.hybridtrt.*)
 from hybridtrt.ops.moe_onnx import MOE_EXPERTS, RELU2
 from hybridtrt.ops.onnx_functions import CHUNK_SCAN, DOMAIN, DOMAIN_VERSION, STATE_UPDATE
 from hybridtrt.ops.onnx_schema import register_schemas
@@ -63,6 +63,20 @@ def _moe_experts(x, topk_indices, topk_weights, up_proj, down_proj):
     )
 
 
+def _dist_collective(x, operation: str, ranks: list[int]):
+    collectives.register_schema()
+    trt = onnxscript.values.Opset(collectives.TRT_DOMAIN, 1)
+    return getattr(trt, collectives.DIST_COLLECTIVE)(x, **collectives.node_attributes(operation, ranks))
+
+
+def _all_reduce(x, ranks: list[int]):
+    return _dist_collective(x, collectives.ALL_REDUCE, list(ranks))
+
+
+def _all_gather(x, world: int):
+    return _dist_collective(x, collectives.ALL_GATHER, list(range(world)))
+
+
 def translation_table(opset: int) -> dict[Any, Any]:
     """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)`` at ``opset``."""
     from hybridtrt.exporter.attention import attention_translations
@@ -72,5 +86,7 @@ def translation_table(opset: int) -> dict[Any, Any]:
         torch.ops.hybridtrt.mamba2_chunk_scan.default: _chunk_scan,
         torch.ops.hybridtrt.mamba2_state_update.default: _state_update,
         torch.ops.hybridtrt.moe_experts.default: _moe_experts,
+        torch.ops.hybridtrt.all_reduce.default: _all_reduce,
+        torch.ops.hybridtrt.all_gather.default: _all_gather,
         **attention_translations(opset),
     }

@@ -33,6 +33,7 @@ The rules, per block (reasons in DESIGN.md §12):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,6 +47,7 @@ from hybridtrt.models.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
 from hybridtrt.models.layers import GatedRMSNorm, wide
 from hybridtrt.models.model import HybridLM, meta_modules
 from hybridtrt.models.moe import MoE
+from hybridtrt.ops import collectives  # noqa: F401  (registers torch.ops.hybridtrt.all_reduce / all_gather)
 
 Vocab = Literal["parallel", "replicated"]
 
@@ -115,6 +117,13 @@ class TensorParallelPlan:
         if self.world < 2:
             raise ConfigError(f"tensor parallel needs at least 2 ranks, got --tp {self.world}", fix="--tp 2, 4 or 8 (or no --tp: one device)")
         problem = _problem(self.config, self.world)
+        if problem is None and self.vocab == "parallel" and self.config.vocab_size % self.world:
+            # NCCL's all-gather takes the same count from every rank (ncclAllGather's sendcount).
+            raise ConfigError(
+                f"--tp {self.world}: the LM head's logits are all-gathered in equal parts, and {self.world} does not "
+                f"divide vocab_size={self.config.vocab_size}",
+                fix="keep the embedding and the LM head whole on every rank (vocab=\"replicated\")",
+            )
         if problem is not None:
             fits = [str(n) for n in WORLDS if _problem(self.config, n) is None]
             raise ConfigError(
@@ -266,17 +275,34 @@ class TensorParallelPlan:
         return tensor.index_select(dim, torch.tensor(idx, dtype=torch.int64))
 
     def state_slice(self, name: str, tensor: Tensor, rank: int) -> Tensor:
-        """Rank ``rank``'s part of the unsharded state ``name`` (``present_conv_state.i`` channels,
-        ``present_ssm_state.i`` heads, ``present.i.key|value`` KV heads; batch first)."""
-        if name.startswith("present_conv_state."):
+        """Rank ``rank``'s part of the unsharded state ``name`` (``present_conv_state.i`` /
+        ``past_conv_state.i`` channels, ``…_ssm_state.i`` heads, ``present.i.key|value`` /
+        ``past_key_values.i.key|value`` KV heads; batch first)."""
+        if name.startswith(("present_conv_state.", "past_conv_state.")):
             return tensor.index_select(1, torch.tensor(self._xbc_channels(rank), dtype=torch.int64))
-        if name.startswith("present_ssm_state."):
+        if name.startswith(("present_ssm_state.", "past_ssm_state.")):
             heads = self.mamba_heads(rank)
-        elif name.startswith("present."):
+        elif name.startswith(("present.", "past_key_values.")):
             heads = self.kv_heads(rank)
         else:
             raise ValueError(f"not a state: {name}")
         return tensor.narrow(1, heads.start, len(heads))
+
+
+class TracingCommunicator:
+    """The `Communicator` of a rank's model being traced: each collective is a ``hybridtrt::`` op
+    (`hybridtrt.ops.collectives`), exported as one ``trt::DistCollective`` node. All-gather is along
+    axis 0 there (TensorRT's), so another axis is moved to the front and back."""
+
+    def __init__(self, plan: TensorParallelPlan, rank: int) -> None:
+        self.rank, self.world = rank, plan.world
+
+    def all_reduce(self, t: Tensor, group: Sequence[int] | None = None) -> Tensor:
+        return torch.ops.hybridtrt.all_reduce(t, list(range(self.world)) if group is None else list(group))
+
+    def all_gather(self, t: Tensor, dim: int) -> Tensor:
+        front = t.movedim(dim, 0).contiguous()
+        return torch.ops.hybridtrt.all_gather(front, self.world).movedim(0, dim)
 
 
 # -------------------------------------------------------------------------------------------------

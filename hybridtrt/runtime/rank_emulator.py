@@ -1,0 +1,167 @@
+"""N tensor-parallel ranks' ONNX graphs run on one CPU (DESIGN.md §12): each graph is cut at its
+``trt::DistCollective`` nodes into stages that ONNX Runtime runs, and the collectives between stages
+are done in NumPy.
+
+A value's *level* is the number of collectives on the longest path from the graph's inputs to it;
+stage L runs every other node of level L (in graph order, so a stage is itself a valid graph), and the
+collectives whose input has level L join the ranks between stage L and stage L + 1. Every rank's graph
+has the same collectives in the same order (they are one architecture at the same widths), which the
+emulator checks: the k-th collective of every rank's stage is one operation. All-reduce sums over the
+node's ``groups`` in rank order (the same bits on every rank, as `hybridtrt.models.collectives` does);
+all-gather concatenates every rank's tensor along axis 0 (TensorRT's all-gather).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from hybridtrt.ops.collectives import ALL_GATHER, ALL_REDUCE, DIST_COLLECTIVE, TRT_DOMAIN, register_schema
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One ``DistCollective`` node: its operation, the ranks taking part, its input and output."""
+
+    operation: str
+    groups: tuple[int, ...]
+    source: str
+    target: str
+    name: str
+
+
+@dataclass
+class _Stage:
+    session: object
+    inputs: list[str]
+    outputs: list[str]
+
+
+def _is_collective(node: onnx.NodeProto) -> bool:
+    return node.op_type == DIST_COLLECTIVE and node.domain == TRT_DOMAIN
+
+
+def _collective(node: onnx.NodeProto) -> Collective:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    operation = attrs["collective_operation"].decode()
+    if operation not in (ALL_REDUCE, ALL_GATHER):
+        raise ValueError(f"{node.name}: the emulator runs all_reduce and all_gather, not {operation!r}")
+    return Collective(operation, tuple(int(r) for r in attrs.get("groups", [])), node.input[0], node.output[0], node.name)
+
+
+def _value_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    register_schema()
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
+    for init in proto.graph.initializer:
+        types.setdefault(init.name, helper.make_tensor_type_proto(init.data_type, list(init.dims)))
+    return types
+
+
+class RankGraph:
+    """One rank's graph, cut into stages at its collectives.
+
+    Args:
+        proto: The rank's graph (weights inline).
+        threads: ONNX Runtime intra-op threads per session.
+    """
+
+    def __init__(self, proto: onnx.ModelProto, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        graph = proto.graph
+        initializers = {i.name: i for i in graph.initializer}
+        level: dict[str, int] = {name: 0 for name in (*initializers, *(i.name for i in graph.input))}
+        staged: dict[int, list[onnx.NodeProto]] = {}
+        self.collectives: dict[int, list[Collective]] = {}
+        for node in graph.node:
+            at = max((level.get(i, 0) for i in node.input if i), default=0)
+            if _is_collective(node):
+                self.collectives.setdefault(at, []).append(_collective(node))
+                level[node.output[0]] = at + 1
+            else:
+                staged.setdefault(at, []).append(node)
+                level.update({o: at for o in node.output if o})
+        self.levels = max([*staged, *(k + 1 for k in self.collectives)], default=0) + 1
+        types = _value_types(proto)
+        # A stage hands on what a graph output is or another stage, or a collective, reads.
+        stage_of = {o: level[o] for n in graph.node if not _is_collective(n) for o in n.output if o}
+        handed = {o.name for o in graph.output}
+        for node in graph.node:
+            reader = None if _is_collective(node) else level[node.output[0]]
+            handed.update(i for i in node.input if i in stage_of and stage_of[i] != reader)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.stages: dict[int, _Stage] = {}
+        for at, nodes in sorted(staged.items()):
+            made = {o for n in nodes for o in n.output if o}
+            needed = [i for n in nodes for i in n.input if i and i not in made]
+            ins = list(dict.fromkeys(i for i in needed if i not in initializers))
+            inits = [initializers[i] for i in dict.fromkeys(needed) if i in initializers]
+            outs = [o for n in nodes for o in n.output if o in handed]
+            sub = helper.make_graph(
+                nodes, f"stage{at}", [helper.make_value_info(i, types[i]) for i in ins], [helper.make_value_info(o, types[o]) for o in outs], inits
+            )
+            model = helper.make_model(sub, opset_imports=list(proto.opset_import), functions=list(proto.functions), ir_version=proto.ir_version)
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            self.stages[at] = _Stage(session, ins, outs)
+        self.output_names = [o.name for o in graph.output]
+
+    def run_stage(self, at: int, values: dict[str, np.ndarray]) -> None:
+        """Run stage ``at`` on ``values`` (graph inputs and earlier results), adding its results."""
+        stage = self.stages.get(at)
+        if stage is None:
+            return
+        got = stage.session.run(stage.outputs, {name: values[name] for name in stage.inputs})
+        values.update(zip(stage.outputs, got, strict=True))
+
+
+class RankEmulator:
+    """Every rank's graph, run in lock step (`RankGraph` stages, collectives in NumPy).
+
+    Args:
+        protos: Rank 0 … N − 1's graphs, one architecture at the same widths.
+        threads: ONNX Runtime intra-op threads per session.
+    """
+
+    def __init__(self, protos: Sequence[onnx.ModelProto], threads: int = 1) -> None:
+        self.ranks = [RankGraph(p, threads) for p in protos]
+        first = self.ranks[0]
+        for r, graph in enumerate(self.ranks[1:], 1):
+            ops = {k: [c.operation for c in v] for k, v in graph.collectives.items()}
+            if ops != {k: [c.operation for c in v] for k, v in first.collectives.items()}:
+                raise ValueError(f"rank {r}'s graph has other collectives than rank 0's: its graphs are not one tensor-parallel model")
+
+    @property
+    def world(self) -> int:
+        return len(self.ranks)
+
+    def run(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Each rank's graph outputs for its ``feeds`` (``feeds[r]``: rank r's inputs)."""
+        values = [dict(f) for f in feeds]
+        levels = max(g.levels for g in self.ranks)
+        for at in range(levels):
+            for graph, vals in zip(self.ranks, values, strict=True):
+                graph.run_stage(at, vals)
+            for k, first in enumerate(self.ranks[0].collectives.get(at, [])):
+                parts = [vals[graph.collectives[at][k].source] for graph, vals in zip(self.ranks, values, strict=True)]
+                for r, (graph, vals) in enumerate(zip(self.ranks, values, strict=True)):
+                    node = graph.collectives[at][k]
+                    vals[node.target] = self._combine(node, parts, r)
+        return [{name: vals[name] for name in graph.output_names} for graph, vals in zip(self.ranks, values, strict=True)]
+
+    def _combine(self, node: Collective, parts: list[np.ndarray], rank: int) -> np.ndarray:
+        if node.operation == ALL_GATHER:
+            return np.concatenate(parts, axis=0)
+        group = node.groups or tuple(range(self.world))
+        if rank not in group:
+            raise ValueError(f"{node.name}: rank {rank} runs an all-reduce over {group}, which it is not part of")
+        out = parts[group[0]].copy()
+        for member in group[1:]:
+            out += parts[member]
+        return out
