@@ -436,6 +436,16 @@ class _Emulator:
         note = f"{rule.op_type}: {rule.hardware}"
         if note not in self.report.notes:
             self.report.notes.append(note)
+        for attribute, allowed in rule.attributes.items():
+            value = attrs.get(attribute)
+            value = value.decode() if isinstance(value, bytes) else value
+            if value not in allowed:
+                self.refuse(where, name, f"{rule.op_type} with {attribute}={value!r}: TensorRT maps {', '.join(allowed)} ({rule.sources[2]})")
+        kind = _type_name(values.types.get(node.input[0], 0)) if values.types.get(node.input[0], 0) else ""
+        if not rule.block_sizes:  # no blocked quantization: the attributes and the input type are the rules
+            if kind and kind not in rule.input_types:
+                self.refuse(where, name, f"{rule.op_type} on {kind}: the layer takes {', '.join(rule.input_types)} ({rule.sources[2]})")
+            return
         block = attrs.get("block_size")
         if block not in rule.block_sizes:
             self.refuse(where, name, f"{rule.op_type} with block_size {block!r}: its importer takes {' or '.join(map(str, rule.block_sizes))} ({rule.sources[1]})")
@@ -447,7 +457,6 @@ class _Emulator:
             self.refuse(where, name, f"{rule.op_type}'s scale (input 1) must be an initializer ({rule.sources[1]}: \"Scale input must be an initializer.\")")
         elif scale in self.shapes and math.prod(self.shapes[scale]) != 1:
             self.refuse(where, name, f"{rule.op_type}'s scale has shape {list(self.shapes[scale])}: its importer takes one value (\"Scale input must be a scalar.\")")
-        kind = _type_name(values.types.get(node.input[0], 0)) if values.types.get(node.input[0], 0) else ""
         if kind and kind not in rule.input_types:
             self.refuse(where, name, f"{rule.op_type} on {kind}: the layer takes {', '.join(rule.input_types)} ({rule.sources[2]})")
         shape = self.facts.shapes.get(node.input[0]) if self.facts is not None and where == "graph" else None

@@ -59,7 +59,7 @@ Sources, checked for this table (onnx/onnx-tensorrt and NVIDIA/TensorRT, both pu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 Version = tuple[int, int]
 
@@ -310,6 +310,7 @@ class TensorRTOp:
         ranks: The ranks of input 0 the layer takes; the blocked axis is one of the last two.
         hardware: What GPUs run what it feeds.
         sources: Where each fact is read.
+        attributes: STRING attributes and the values its importer maps to the layer's enums.
     """
 
     op_type: str
@@ -321,6 +322,8 @@ class TensorRTOp:
     ranks: tuple[int, ...]
     hardware: str
     sources: tuple[str, ...]
+    #: STRING attributes and the values the importer maps (an op without block sizes checks these).
+    attributes: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 #: FP4 activations (`hybridtrt.graphs.fp4_activations`). The importer (onnx-tensorrt ``onnxOpImporters.cpp``,
@@ -344,6 +347,19 @@ TENSORRT_OPS: dict[str, TensorRTOp] = {
              "(CHANGELOG.md 10.8 brought FLOAT4E2M1 to the parser)",
              "onnxOpImporters.cpp DEFINE_BUILTIN_OP_IMPORTER(TRT_FP4DynamicQuantize)",
              "NvInfer.h addDynamicQuantize: 2D and 3D inputs of FLOAT/HALF/BF16, blocked on the last or second to last axis"),
+        ),
+        TensorRTOp(
+            "DistCollective", "IDistCollectiveLayer", (10, 16), (), (), ("FP32", "FP16", "BF16"), (),
+            "multi-device: one engine and one process per GPU, an NCCL communicator set on each execution context "
+            "(IExecutionContext::setCommunicator; NCCL >= 2.19, < 3.0: samples/sampleDistCollective/README.md)",
+            ("CHANGELOG.md 10.16: \"Added DistCollective operator support for multi-device execution in TensorRT\"",
+             "tools/Polygraphy/polygraphy/tools/multi_device/subtool/shard.py: collective_operation, reduce_op (STRING), root, "
+             "group_size (INT), groups (INTS)",
+             "NvInfer.h CollectiveOperation and ReduceOperation; addDistCollective(input, op, reduceOp, root, groups, groupSize)"),
+            attributes={
+                "collective_operation": ("all_reduce", "all_gather", "broadcast", "reduce", "reduce_scatter", "all_to_all", "gather", "scatter"),
+                "reduce_op": ("sum", "prod", "max", "min", "avg", "none"),
+            },
         ),
     )
 }  # fmt: skip

@@ -63,18 +63,18 @@ def _moe_experts(x, topk_indices, topk_weights, up_proj, down_proj):
     )
 
 
-def _dist_collective(x, operation: str, ranks: list[int]):
+def _dist_collective(x, operation: str, ranks: list[int], world: int):
     collectives.register_schema()
     trt = onnxscript.values.Opset(collectives.TRT_DOMAIN, 1)
-    return getattr(trt, collectives.DIST_COLLECTIVE)(x, **collectives.node_attributes(operation, ranks))
+    return getattr(trt, collectives.DIST_COLLECTIVE)(x, **collectives.node_attributes(operation, ranks, world))
 
 
-def _all_reduce(x, ranks: list[int]):
-    return _dist_collective(x, collectives.ALL_REDUCE, list(ranks))
+def _all_reduce(x, ranks: list[int], world: int):
+    return _dist_collective(x, collectives.ALL_REDUCE, list(ranks), world)
 
 
 def _all_gather(x, world: int):
-    return _dist_collective(x, collectives.ALL_GATHER, list(range(world)))
+    return _dist_collective(x, collectives.ALL_GATHER, [], world)
 
 
 def translation_table(opset: int) -> dict[Any, Any]:

@@ -298,7 +298,7 @@ class TracingCommunicator:
         self.rank, self.world = rank, plan.world
 
     def all_reduce(self, t: Tensor, group: Sequence[int] | None = None) -> Tensor:
-        return torch.ops.hybridtrt.all_reduce(t, list(range(self.world)) if group is None else list(group))
+        return torch.ops.hybridtrt.all_reduce(t, [] if group is None else list(group), self.world)
 
     def all_gather(self, t: Tensor, dim: int) -> Tensor:
         front = t.movedim(dim, 0).contiguous()

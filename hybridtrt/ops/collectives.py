@@ -1,7 +1,7 @@
 """The collectives of a tensor-parallel rank as torch ops, and their ONNX node (DESIGN.md §12).
 
-``hybridtrt::all_reduce(x, ranks)`` sums ``x`` over ``ranks``; ``hybridtrt::all_gather(x, world)``
-concatenates every rank's ``x`` along axis 0. They exist to be traced: a rank's model calls them
+``hybridtrt::all_reduce(x, ranks, world)`` sums ``x`` over ``ranks`` (``[]``: every rank of the
+``world``); ``hybridtrt::all_gather(x, world)`` concatenates every rank's ``x`` along axis 0. They exist to be traced: a rank's model calls them
 through `hybridtrt.models.tensor_parallel.TracingCommunicator`, and the export writes each as one
 ``trt::DistCollective`` node, the form Polygraphy's ``multi-device shard`` writes for TensorRT's parser
 (tools/Polygraphy/polygraphy/tools/multi_device/subtool/shard.py: op ``DistCollective``, STRING
@@ -42,13 +42,14 @@ def _needs_ranks(name: str) -> RuntimeError:
 
 
 @torch.library.custom_op("hybridtrt::all_reduce", mutates_args=())
-def all_reduce(x: Tensor, ranks: list[int]) -> Tensor:
-    """The sum of ``x`` over ``ranks`` (every rank of the group gets it). Same shape and dtype."""
+def all_reduce(x: Tensor, ranks: list[int], world: int) -> Tensor:
+    """The sum of ``x`` over ``ranks`` of the ``world`` (every rank of the group gets it; ``[]``:
+    all of them). Same shape and dtype."""
     raise _needs_ranks(ALL_REDUCE)
 
 
 @all_reduce.register_fake
-def _all_reduce_fake(x: Tensor, ranks: list[int]) -> Tensor:
+def _all_reduce_fake(x: Tensor, ranks: list[int], world: int) -> Tensor:
     return torch.empty_like(x)
 
 
@@ -63,10 +64,11 @@ def _all_gather_fake(x: Tensor, world: int) -> Tensor:
     return x.new_empty((x.shape[0] * world, *x.shape[1:]))
 
 
-def node_attributes(operation: str, ranks: list[int]) -> dict:
-    """The ``DistCollective`` attributes of ``operation`` over ``ranks`` (sum for a reduction, none
-    for a gather, which Polygraphy writes as ``"sum"`` too; no root)."""
-    return {"collective_operation": operation, "reduce_op": "sum", "root": -1, "group_size": len(ranks), "groups": list(ranks)}
+def node_attributes(operation: str, ranks: list[int], world: int) -> dict:
+    """The ``DistCollective`` attributes of ``operation`` over ``ranks`` of ``world`` as Polygraphy
+    writes them: ``group_size`` the number of GPUs (``IDistCollectiveLayer::setNbRanks``), ``groups``
+    the participating ranks or ``[]`` for all of them, ``reduce_op`` ``"sum"`` (a gather's too), no root."""
+    return {"collective_operation": operation, "reduce_op": "sum", "root": -1, "group_size": world, "groups": list(ranks)}
 
 
 def register_schema() -> None:

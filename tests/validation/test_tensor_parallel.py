@@ -58,7 +58,7 @@ def test_rank_graphs_carry_the_collectives_in_the_parsers_form(ranks):
         assert [(f.domain, f.name) for f in proto.functions if f.domain == TRT_DOMAIN] == [(TRT_DOMAIN, DIST_COLLECTIVE)]
         got = {name: (op, groups) for name, op, groups in _collectives(proto)}
         pair = [rank // 2 * 2, rank // 2 * 2 + 1]
-        every = list(range(WORLD))
+        every = []  # Polygraphy's form: no groups, every rank
         assert got == {
             "/model/DistCollective": ("all_reduce", every),  # the vocabulary-parallel embedding
             "/model/layers.0/mixer/down_proj/DistCollective": ("all_reduce", every),
@@ -69,7 +69,8 @@ def test_rank_graphs_carry_the_collectives_in_the_parsers_form(ranks):
             "/model/DistCollective_1": ("all_gather", every),  # the head's logits
         }, got
         node = next(n for n in proto.graph.node if n.op_type == DIST_COLLECTIVE)
-        assert node.domain == TRT_DOMAIN and sorted(a.name for a in node.attribute) == ["collective_operation", "group_size", "groups", "reduce_op", "root"]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert node.domain == TRT_DOMAIN and attrs == {"collective_operation": b"all_reduce", "reduce_op": b"sum", "root": -1, "group_size": WORLD, "groups": []}
 
 
 def test_emulated_ranks_pass_the_one_device_gates(ranks):
@@ -111,4 +112,26 @@ def test_the_emulator_refuses_ranks_whose_collectives_differ(ranks):
 
 def test_collectives_have_no_value_in_one_process():
     with pytest.raises(RuntimeError, match="combines the tensors of several ranks"):
-        torch.ops.hybridtrt.all_reduce(torch.ones(2), [0, 1])
+        torch.ops.hybridtrt.all_reduce(torch.ones(2), [0, 1], 4)
+
+
+def test_the_parser_emulator_builds_the_collectives_from_10_16_and_refuses_them_before(ranks):
+    """`build --check-tensorrt`'s rules (`hybridtrt.engine.trt_rules`): DistCollective is TensorRT's
+    own op (IDistCollectiveLayer) from 10.16, refused by name before; an operation TensorRT does not
+    map is refused (planted)."""
+    from hybridtrt.engine.dispatch import NATIVE, UNSUPPORTED, emulate_dispatch
+
+    _, _, protos, _, _ = ranks
+    report = emulate_dispatch(protos[1], "11.1.0")
+    collectives = [n for n in report.nodes if n.op == f"{TRT_DOMAIN}::{DIST_COLLECTIVE}"]
+    assert len(collectives) == 7 and {n.importer for n in collectives} == {NATIVE}
+    assert not [p for p in report.problems if DIST_COLLECTIVE in p], report.problems
+    assert any("setCommunicator" in note for note in report.notes)
+    old = emulate_dispatch(protos[1], "10.15")
+    assert {n.importer for n in old.nodes if n.op.endswith(DIST_COLLECTIVE)} == {UNSUPPORTED}
+    assert any("DistCollective needs TensorRT >= 10.16" in p for p in old.problems)
+    planted = onnx.ModelProto()
+    planted.CopyFrom(protos[1])
+    node = next(n for n in planted.graph.node if n.op_type == DIST_COLLECTIVE)
+    next(a for a in node.attribute if a.name == "collective_operation").s = b"all_sum"
+    assert any("collective_operation='all_sum'" in p for p in emulate_dispatch(planted, "11.1.0").problems)
