@@ -1,4 +1,5 @@
-"""ctypes binding of ``libhybridtrt_kernels.so`` (the C ABI in ``plugins/kernels/include/hybridtrt/ssdKernels.h``).
+"""ctypes binding of ``libhybridtrt_kernels.so`` (the C ABI in ``plugins/kernels/include/hybridtrt/ssdKernels.h`` and
+``moeKernels.h``).
 
 Host-only queries (ABI version, workspace sizes, shared memory) work on any machine; the launchers
 take torch CUDA tensors and enqueue on the current torch stream. The launchers themselves never
@@ -9,8 +10,14 @@ Shapes (DESIGN.md §5):
                   -> y [B,L,H,P] float32, final_state [B,H,P,N] (state dtype)
     state_update: x [B,H,P], dt [B,H], A, B/C [B,G,N], D, state [B,H,P,N]
                   -> y [B,H,P] float32, new_state [B,H,P,N] (``new_state=state`` updates in place)
+    moe_experts:  x [T,D], topk_indices [T,K] int64|int32, topk_weights [T,K] fp32, up_proj [E,I,D],
+                  down_proj [E,D,I] (x's dtype)  ->  y [T,D] in x's dtype
+    moe_experts_fp8: the same with float8_e4m3fn up/down_proj, up_weight_scale [E,1|I], up_input_scale [E],
+                  down_weight_scale [E,1|D], down_input_scale [E] (fp32)  ->  y [T,D] in x's dtype
 
-y is float32 whatever x's dtype (C ABI version 3): it feeds a gated RMSNorm that normalises in fp32.
+y of the SSD ops is float32 whatever x's dtype (C ABI version 3): it feeds a gated RMSNorm that normalises in fp32.
+The MoE experts' y is in x's dtype (DESIGN.md §5, HF's rule). The MoE part of the ABI has its own version
+(`MOE_ABI_VERSION`): a library without it still loads, and the MoE methods say how to rebuild.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ __all__ = [
     "ABI_VERSION",
     "DTYPE_CODES",
     "MAX_CHUNK",
+    "MOE_ABI_VERSION",
+    "MOE_DTYPE_CODES",
+    "MOE_TACTICS",
+    "MOE_WORKSPACE_SECTIONS",
     "STATUS_NAMES",
     "START_STATE_ITEMSIZE",
     "SUB_TILE",
@@ -58,7 +69,20 @@ STATUS_NAMES: dict[int, str] = {
     7: "WORKSPACE_TOO_SMALL",
     8: "CUDA_ERROR",
     9: "NOT_PREPARED",
+    10: "INVALID_TACTIC",
 }
+
+#: HYBRIDTRT_MOE_KERNELS_ABI_VERSION this binding is written for (moeKernels.h).
+MOE_ABI_VERSION = 1
+#: Dtype codes of the MoE kernels beyond `DTYPE_CODES` (HybridTrtMoeDtype): the index dtypes, the FP8 weights.
+MOE_DTYPE_CODES: dict[str, int] = {"int32": 3, "int64": 4, "float8_e4m3fn": 5}
+#: HybridTrtMoeTactic: "auto" is `KernelLibrary.moe_tactic`'s rule (decode while T·K <= 16·E).
+MOE_TACTICS: dict[str, int] = {"auto": 0, "prefill": 1, "decode": 2}
+#: HybridTrtMoeWorkspaceSection, in order (`KernelLibrary.moe_workspace_layout`).
+MOE_WORKSPACE_SECTIONS = (
+    "header", "tile_counts", "expert_offsets", "work_expert", "work_row", "active_experts", "row_pair", "pair_row",
+    "x_quant", "h", "out",
+)  # fmt: skip
 
 #: Tokens per sub-tile of the scan kernels (GEMM depth, rows of an output tile); chunks are multiples of it.
 SUB_TILE = 64
@@ -152,6 +176,20 @@ class KernelLibrary:
         )
         lib.hybridtrtMamba2StateUpdate.restype = _i32
         lib.hybridtrtMamba2StateUpdate.argtypes = [_ptr] * 9 + [_i64] * 5 + [_i32] * 3 + [_ptr]
+        self.has_moe = hasattr(lib, "hybridtrtMoeKernelsAbiVersion")
+        if self.has_moe:
+            lib.hybridtrtMoeKernelsAbiVersion.restype = _i32
+            lib.hybridtrtMoeKernelsAbiVersion.argtypes = []
+            lib.hybridtrtMoeExpertsTactic.restype = _i32
+            lib.hybridtrtMoeExpertsTactic.argtypes = [_i64] * 3
+            lib.hybridtrtMoeExpertsWorkspaceSize.restype = _i32
+            lib.hybridtrtMoeExpertsWorkspaceSize.argtypes = [_i64] * 5 + [_i32] * 2 + [ctypes.POINTER(_size)]
+            lib.hybridtrtMoeExpertsWorkspaceLayout.restype = _i32
+            lib.hybridtrtMoeExpertsWorkspaceLayout.argtypes = [_i64] * 5 + [_i32] * 2 + [ctypes.POINTER(_size)]
+            lib.hybridtrtMoeExperts.restype = _i32
+            lib.hybridtrtMoeExperts.argtypes = [_ptr] * 6 + [_i64] * 5 + [_i32] * 3 + [_ptr, _size, _ptr]
+            lib.hybridtrtMoeExpertsFp8.restype = _i32
+            lib.hybridtrtMoeExpertsFp8.argtypes = [_ptr] * 10 + [_i64] * 7 + [_i32] * 3 + [_ptr, _size, _ptr]
         self._lib = lib
 
     # ---- host-only queries -------------------------------------------------------------------------
@@ -369,3 +407,208 @@ class KernelLibrary:
         )  # fmt: skip
         self._check("hybridtrtMamba2StateUpdate", status)
         return y, new_state
+
+
+    # ---- MoE experts (moeKernels.h) -------------------------------------------------------------------------------
+
+    def _moe(self) -> ctypes.CDLL:
+        """The library, once it is known to have the MoE kernels of this binding's `MOE_ABI_VERSION`."""
+        version = int(self._lib.hybridtrtMoeKernelsAbiVersion()) if self.has_moe else None
+        if version != MOE_ABI_VERSION:
+            raise PluginBuildError(
+                f"{self.path} has " + (f"MoE kernels C ABI version {version}" if version is not None else "no MoE kernels")
+                + f", this hybridtrt needs version {MOE_ABI_VERSION}",
+                fix="rebuild the kernels from this checkout with `hybridtrt plugins build` "
+                "(or point $HYBRIDTRT_PLUGIN_DIR at a build of it)",
+            )
+        return self._lib
+
+    def moe_abi_version(self) -> int:
+        """HYBRIDTRT_MOE_KERNELS_ABI_VERSION of the loaded library."""
+        return int(self._moe().hybridtrtMoeKernelsAbiVersion())
+
+    def moe_tactic(self, tokens: int, top_k: int, experts: int) -> str:
+        """The path the ``"auto"`` tactic takes for T tokens: ``"decode"`` while T·K <= 16·E, else ``"prefill"``."""
+        code = int(self._moe().hybridtrtMoeExpertsTactic(tokens, top_k, experts))
+        names = {v: k for k, v in MOE_TACTICS.items()}
+        if code not in names:
+            raise InputError(f"no MoE tactic for T={tokens}, K={top_k}, E={experts}", fix="pass T >= 0, K >= 1, E >= 1")
+        return names[code]
+
+    @staticmethod
+    def _moe_codes(act_dtype: str, weight_dtype: str | None) -> tuple[int, int]:
+        act = DTYPE_CODES.get(act_dtype, 99)
+        weight = act if weight_dtype in (None, act_dtype) else {**DTYPE_CODES, **MOE_DTYPE_CODES}.get(weight_dtype, 99)
+        return act, weight
+
+    def moe_workspace_status(
+        self, max_tokens: int, top_k: int, experts: int, hidden: int, inter: int, act_dtype: str = "bfloat16",
+        weight_dtype: str | None = None,
+    ) -> tuple[int, int]:  # fmt: skip
+        """Raw ``(status, bytes)`` of hybridtrtMoeExpertsWorkspaceSize; ``weight_dtype`` None means x's dtype
+        (MoeExperts), ``"float8_e4m3fn"`` MoeExpertsFp8."""
+        out = _size()
+        status = self._moe().hybridtrtMoeExpertsWorkspaceSize(
+            max_tokens, top_k, experts, hidden, inter, *self._moe_codes(act_dtype, weight_dtype), out
+        )
+        return int(status), out.value
+
+    def moe_workspace_size(self, *args: Any, **kwargs: Any) -> int:
+        """Workspace bytes of the MoE experts for up to ``max_tokens`` tokens (arguments of
+        `moe_workspace_status`); raises on error."""
+        status, size = self.moe_workspace_status(*args, **kwargs)
+        self._check("hybridtrtMoeExpertsWorkspaceSize", status)
+        return size
+
+    def moe_workspace_layout(
+        self, tokens: int, top_k: int, experts: int, hidden: int, inter: int, act_dtype: str = "bfloat16",
+        weight_dtype: str | None = None,
+    ) -> dict[str, int]:  # fmt: skip
+        """Byte offset of every workspace section (`MOE_WORKSPACE_SECTIONS`) of a call with ``tokens`` tokens, and
+        ``"end"``: the bytes that call uses. For tests and debugging (reading the routing back)."""
+        offsets = (_size * (len(MOE_WORKSPACE_SECTIONS) + 1))()
+        status = self._moe().hybridtrtMoeExpertsWorkspaceLayout(
+            tokens, top_k, experts, hidden, inter, *self._moe_codes(act_dtype, weight_dtype), offsets
+        )
+        self._check("hybridtrtMoeExpertsWorkspaceLayout", status)
+        return dict(zip((*MOE_WORKSPACE_SECTIONS, "end"), (int(v) for v in offsets), strict=True))
+
+    @staticmethod
+    def _moe_shapes(x: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor, up_proj: torch.Tensor,
+                    down_proj: torch.Tensor) -> tuple[int, int, int, int, int]:  # fmt: skip
+        """``(T, K, E, D, I)`` after checking the shapes and the index / routing-weight dtypes against the contract."""
+        import torch
+
+        tokens, hidden = x.shape
+        experts, inter = up_proj.shape[0], up_proj.shape[1]
+        top_k = topk_indices.shape[1]
+        want = {
+            "topk_indices": (tuple(topk_indices.shape), (tokens, top_k)),
+            "topk_weights": (tuple(topk_weights.shape), (tokens, top_k)),
+            "up_proj": (tuple(up_proj.shape), (experts, inter, hidden)),
+            "down_proj": (tuple(down_proj.shape), (experts, hidden, inter)),
+        }
+        for name, (got, shape) in want.items():
+            if got != shape:
+                raise InputError(f"{name} is {got}, the MoE contract needs {shape} for x {tuple(x.shape)}",
+                                 fix="pass the tensors of DESIGN.md §5 MoeExperts: up_proj [E,I,D], down_proj [E,D,I]")  # fmt: skip
+        if topk_indices.dtype not in (torch.int64, torch.int32) or topk_weights.dtype != torch.float32:
+            raise InputError(
+                f"topk_indices is {topk_indices.dtype} and topk_weights {topk_weights.dtype}",
+                fix="pass int64 (or int32) topk_indices and float32 topk_weights",
+            )
+        return tokens, top_k, experts, hidden, inter
+
+    def _moe_outputs(
+        self, x: torch.Tensor, shapes: tuple[int, int, int, int, int], weight_dtype: str | None, tactic: str,
+        y: torch.Tensor | None, workspace: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``(y, workspace)``: the preallocated ones checked (y must be ``[T, D]`` in x's dtype: the kernels write raw
+        bytes), or allocated; the workspace sized for this T."""
+        import torch
+
+        tokens, top_k, experts, hidden, inter = shapes
+        if tactic not in MOE_TACTICS:
+            raise InputError(f"unknown MoE tactic {tactic!r}", fix=f"use one of {sorted(MOE_TACTICS)}")
+        _dtype_code(x.dtype)
+        if y is None:
+            y = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+        self._check_output("y", y, (tokens, hidden), x.dtype)
+        act = str(x.dtype).removeprefix("torch.")
+        size = self.moe_workspace_size(tokens, top_k, experts, hidden, inter, act, weight_dtype)
+        if workspace is None:
+            workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=x.device)
+        return y, workspace
+
+    def moe_experts(
+        self,
+        x: torch.Tensor,
+        topk_indices: torch.Tensor,
+        topk_weights: torch.Tensor,
+        up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        *,
+        tactic: str = "auto",
+        y: torch.Tensor | None = None,
+        workspace: torch.Tensor | None = None,
+        stream: Any = None,
+    ) -> torch.Tensor:
+        """Enqueue hybridtrtMoeExperts (MoeExperts, DESIGN.md §5).
+
+        Args:
+            x: ``[T, D]`` fp32 / fp16 / bf16. topk_indices ``[T, K]`` int64 or int32; topk_weights ``[T, K]`` fp32.
+            up_proj: ``[E, I, D]``; down_proj ``[E, D, I]``, both in x's dtype.
+            tactic: ``"auto"``, ``"prefill"`` (grouped GEMM) or ``"decode"`` (GEMV-like).
+            y, workspace: Preallocated ``[T, D]`` output in x's dtype / uint8 scratch (allocated when None; the
+                workspace 256-byte aligned, as torch allocations are).
+            stream: torch.cuda.Stream; None means the current stream.
+
+        Returns:
+            ``y [T, D]`` in x's dtype.
+        """
+        shapes = self._moe_shapes(x, topk_indices, topk_weights, up_proj, down_proj)
+        if up_proj.dtype != x.dtype or down_proj.dtype != x.dtype:
+            raise InputError(f"x is {x.dtype} but the experts are {up_proj.dtype} / {down_proj.dtype}",
+                             fix="cast the expert stacks to x's dtype (FP8 experts: moe_experts_fp8)")  # fmt: skip
+        y, workspace = self._moe_outputs(x, shapes, None, tactic, y, workspace)
+        status = self._moe().hybridtrtMoeExperts(
+            self._ptr(x), self._ptr(topk_indices), self._ptr(topk_weights), self._ptr(up_proj), self._ptr(down_proj),
+            self._ptr(y), *shapes, _dtype_code(x.dtype), MOE_DTYPE_CODES[str(topk_indices.dtype).removeprefix("torch.")],
+            MOE_TACTICS[tactic], self._ptr(workspace), workspace.numel(), self._stream(stream),
+        )  # fmt: skip
+        self._check("hybridtrtMoeExperts", status)
+        return y
+
+    def moe_experts_fp8(
+        self,
+        x: torch.Tensor,
+        topk_indices: torch.Tensor,
+        topk_weights: torch.Tensor,
+        up_proj: torch.Tensor,
+        up_weight_scale: torch.Tensor,
+        up_input_scale: torch.Tensor,
+        down_proj: torch.Tensor,
+        down_weight_scale: torch.Tensor,
+        down_input_scale: torch.Tensor,
+        *,
+        tactic: str = "auto",
+        y: torch.Tensor | None = None,
+        workspace: torch.Tensor | None = None,
+        stream: Any = None,
+    ) -> torch.Tensor:
+        """Enqueue hybridtrtMoeExpertsFp8 (MoeExpertsFp8, DESIGN.md §5).
+
+        Args:
+            x, topk_indices, topk_weights: As `moe_experts`.
+            up_proj: ``[E, I, D]`` float8_e4m3fn; up_weight_scale ``[E, 1]`` or ``[E, I]``; up_input_scale ``[E]``.
+            down_proj: ``[E, D, I]`` float8_e4m3fn; down_weight_scale ``[E, 1]`` or ``[E, D]``; down_input_scale
+                ``[E]``. Scales fp32.
+            tactic, y, workspace, stream: As `moe_experts`.
+
+        Returns:
+            ``y [T, D]`` in x's dtype.
+        """
+        import torch
+
+        shapes = self._moe_shapes(x, topk_indices, topk_weights, up_proj, down_proj)
+        _, _, experts, hidden, inter = shapes
+        scales = {"up_weight_scale": (up_weight_scale, inter), "up_input_scale": (up_input_scale, None),
+                  "down_weight_scale": (down_weight_scale, hidden), "down_input_scale": (down_input_scale, None)}  # fmt: skip
+        for name, (scale, channels) in scales.items():
+            ok = [(experts,)] if channels is None else [(experts, 1), (experts, channels)]
+            if tuple(scale.shape) not in ok or scale.dtype != torch.float32:
+                raise InputError(f"{name} is {tuple(scale.shape)} {scale.dtype}, the contract needs one of {ok} float32",
+                                 fix="pass the scales of DESIGN.md §5 MoeExpertsFp8 as float32")  # fmt: skip
+        if up_proj.dtype != torch.float8_e4m3fn or down_proj.dtype != torch.float8_e4m3fn:
+            raise InputError(f"the FP8 experts are {up_proj.dtype} / {down_proj.dtype}",
+                             fix="pass float8_e4m3fn up_proj / down_proj (experts in x's dtype: moe_experts)")  # fmt: skip
+        y, workspace = self._moe_outputs(x, shapes, "float8_e4m3fn", tactic, y, workspace)
+        status = self._moe().hybridtrtMoeExpertsFp8(
+            self._ptr(x), self._ptr(topk_indices), self._ptr(topk_weights), self._ptr(up_proj),
+            self._ptr(up_weight_scale), self._ptr(up_input_scale), self._ptr(down_proj), self._ptr(down_weight_scale),
+            self._ptr(down_input_scale), self._ptr(y), *shapes, up_weight_scale.shape[1], down_weight_scale.shape[1],
+            _dtype_code(x.dtype), MOE_DTYPE_CODES[str(topk_indices.dtype).removeprefix("torch.")],
+            MOE_TACTICS[tactic], self._ptr(workspace), workspace.numel(), self._stream(stream),
+        )  # fmt: skip
+        self._check("hybridtrtMoeExpertsFp8", status)
+        return y

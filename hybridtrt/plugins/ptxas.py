@@ -21,6 +21,13 @@ HOT_KERNELS: tuple[str, ...] = (
     "mamba2StateUpdateKernel",
     "chunkStateKernel",
     "chunkOutputKernel",
+    "moeRouteCountKernel",
+    "moeRouteScanKernel",
+    "moeRoutePermuteKernel",
+    "moeQuantizeInputKernel",
+    "moeGemmKernel",
+    "moeDecodeKernel",
+    "moeCombineKernel",
 )
 
 _ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\w+)'")

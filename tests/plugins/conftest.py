@@ -63,6 +63,7 @@ def emulated_kernels(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-DHYBRIDTRT_CPU_EMULATION",
         f"-I{PLUGINS / 'kernels' / 'include'}", f"-I{PLUGINS / 'tests' / 'emulation'}", f"-I{include}",
         "-x", "c++", str(PLUGINS / "kernels" / "src" / "chunkScan.cu"), str(PLUGINS / "kernels" / "src" / "stateUpdate.cu"),
+        str(PLUGINS / "kernels" / "src" / "moeExperts.cu"),
         "-x", "none", str(PLUGINS / "kernels" / "src" / "abi.cpp"), str(PLUGINS / "tests" / "emulation" / "emulationHooks.cpp"),
         "-o", str(out),
     ]  # fmt: skip

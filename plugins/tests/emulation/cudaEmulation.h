@@ -16,7 +16,8 @@
  * (emulationHooks.cpp, C ABI): target architecture, validate-only mode (launches are checked and logged, not
  * run: huge shapes), capture flag, current device, launch log, block filters (a launch of the full grid runs
  * only a box of its blocks: real-scale shapes on virtual memory, e.g. 65,536 tokens at Nemotron-H 47B widths)
- * and planted faults that the tests must catch (32-bit global offsets, fp16 chunk start states).
+ * and planted faults that the tests must catch (32-bit global offsets, fp16 chunk start states, MoE faults).
+ * Besides the SSD kernels' needs it has int atomicAdd (the MoE routing histogram) and __fmul_rn / __fadd_rn.
  * tests/plugins/test_kernels_emulated.py builds it and compares it with the PyTorch references.
  */
 #pragma once
@@ -27,6 +28,7 @@
 #include <vector_types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -140,6 +142,10 @@ struct Plants
     bool int32Offsets{false};
     //! The fp16 scan's chunk start states are rounded to fp16 before they are stored (the storage of C ABI 3).
     bool halfStartStates{false};
+    //! One fault of the MoE expert kernels (moeExperts.cu, MoeFault): 0 none, 1 the weighted sum pairs w[t,k] with
+    //! the output of pair (t, k+1 mod K), 2 the routing drops pair 0, 3 the FP8 up input is quantized without its
+    //! scale, 4 the up GEMM reads the weights of expert e+1 mod E instead of e.
+    int32_t moeFault{0};
 };
 
 //! One validated launch (the log the tests read).
@@ -209,6 +215,11 @@ inline int64_t plantedOffset(int64_t offset)
 inline bool plantHalfStartStates()
 {
     return state().plants.halfStartStates;
+}
+
+inline int32_t plantedMoeFault()
+{
+    return state().plants.moeFault;
 }
 
 //! cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) on the current device.
@@ -410,6 +421,22 @@ inline float __shfl_up_sync(unsigned, float v, unsigned delta)
     int const lane = static_cast<int>(threadIdx.x % 32);
     int const src = lane - static_cast<int>(delta);
     return ::hybridtrt::emulation::shuffle(v, src < 0 ? lane : src, src < 0);
+}
+
+//! Integer atomics (the MoE routing histogram in shared memory): the result does not depend on the order.
+inline int atomicAdd(int* address, int value)
+{
+    return std::atomic_ref<int>(*address).fetch_add(value);
+}
+
+//! fp32 multiply / add rounded to nearest, never contracted into an fma (x86-64 without -mfma has none).
+inline float __fmul_rn(float a, float b)
+{
+    return a * b;
+}
+inline float __fadd_rn(float a, float b)
+{
+    return a + b;
 }
 
 template <typename V>

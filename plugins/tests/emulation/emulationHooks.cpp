@@ -49,6 +49,12 @@ HYBRIDTRT_EMULATION_API void hybridtrtEmulationPlant(int32_t int32Offsets, int32
     emu::state().plants.halfStartStates = halfStartStates != 0;
 }
 
+//! Plants one fault of the MoE expert kernels (emu::Plants::moeFault; 0 = none). Reset clears it.
+HYBRIDTRT_EMULATION_API void hybridtrtEmulationPlantMoe(int32_t fault)
+{
+    emu::state().plants.moeFault = fault;
+}
+
 HYBRIDTRT_EMULATION_API int64_t hybridtrtEmulationLaunchCount(void)
 {
     return static_cast<int64_t>(emu::state().launches.size());
