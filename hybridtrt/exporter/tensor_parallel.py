@@ -10,11 +10,14 @@ from the checkpoint into ``rank{r}/`` directories is the next step of issue 27.
 from __future__ import annotations
 
 import onnx
+import onnx_ir as ir
 import torch
 
 from hybridtrt.exporter import io
-from hybridtrt.exporter.export import GraphSpec, export_program, run_passes
+from hybridtrt.exporter.export import GraphSpec, export_program, optimize_program, run_passes
+from hybridtrt.exporter.streaming import PARAM_PREFIX, FrozenTrace
 from hybridtrt.exporter.wrapper import example_inputs
+from hybridtrt.models.config import HybridConfig
 from hybridtrt.models.model import HybridLM
 from hybridtrt.models.tensor_parallel import TensorParallelPlan, TracingCommunicator, rank_model
 from hybridtrt.ops.collectives import DIST_COLLECTIVE, TRT_DOMAIN, dist_collective_function
@@ -34,6 +37,37 @@ def rank_graph(model: HybridLM, plan: TensorParallelPlan, rank: int, spec: Graph
     proto = export_program(ranked, inputs, spec, optimize=True).model_proto
     run_passes(proto, ranked.config, spec)
     return attach_dist_collective(proto, spec.opset)
+
+
+def rank_graphs(model: HybridLM, plan: TensorParallelPlan, spec: GraphSpec = GraphSpec()) -> list[onnx.ModelProto]:
+    """Every rank's `rank_graph`, tracing once per distinct rank config (with even splits: once).
+
+    A rank's unoptimized trace does not depend on its weights (a trace of fake weights is the trace of
+    the loaded model: tests/exporter/test_trace_cache.py) nor on its rank but for the ``groups`` of the
+    collectives that join only some ranks (a shared Mamba group's norm). So each rank thaws the trace
+    of its config (`FrozenTrace`), gets its own groups and its own weights, and is optimized: the bytes
+    of tracing it alone (tests/validation/test_tensor_parallel.py).
+    """
+    traces: dict[HybridConfig, FrozenTrace] = {}
+    graphs = []
+    unsharded = example_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour)
+    for rank in range(plan.world):
+        ranked = rank_model(model, plan, rank, TracingCommunicator(plan, rank))
+        if ranked.config not in traces:
+            inputs = rank_inputs(model, plan, rank, unsharded, spec.flavour)
+            traces[ranked.config] = FrozenTrace(export_program(ranked, inputs, spec, optimize=False))
+        program = traces[ranked.config].thaw()
+        group = plan.norm_group(rank)
+        for node in program.model.graph:
+            if node.op_type == DIST_COLLECTIVE and group is not None and list(node.attributes["groups"].as_ints()):
+                node.attributes["groups"] = ir.AttrInt64s("groups", list(group))  # the one collective over part of the ranks
+        state = {**ranked.state_dict(), **dict(ranked.named_buffers())}
+        program.apply_weights({name: state[name.removeprefix(PARAM_PREFIX)] for name in program.model.graph.initializers})
+        optimize_program(program)
+        proto = program.model_proto
+        run_passes(proto, ranked.config, spec)
+        graphs.append(attach_dist_collective(proto, spec.opset))
+    return graphs
 
 
 def attach_dist_collective(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:

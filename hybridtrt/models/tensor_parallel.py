@@ -381,10 +381,10 @@ class RankLM(HybridLM):
     def embed(self, input_ids: Tensor) -> Tensor:
         if self.plan.vocab == "replicated":
             return super().embed(input_ids)
-        rows = self.plan.vocab_rows(self.rank)
-        local = input_ids - rows.start
-        inside = (local >= 0) & (local < len(rows))
-        found = self.embeddings(local.clamp(0, len(rows) - 1)) * inside[..., None].to(self.dtype)
+        rows = len(self.plan.vocab_rows(self.rank))  # the same on every rank (an even split)
+        local = input_ids - self.vocab_start  # a buffer, not a constant: every rank's graph is one trace
+        inside = (local >= 0) & (local < rows)
+        found = self.embeddings(local.clamp(0, rows - 1)) * inside[..., None].to(self.dtype)
         return self.comm.all_reduce(found)  # one rank's row and zeros: exact
 
     def head_logits(self, h: Tensor) -> Tensor:
@@ -405,6 +405,8 @@ def rank_model(model: HybridLM, plan: TensorParallelPlan, rank: int, comm: Commu
         ranked = RankLM(plan, rank, comm)
     state = {name: plan.shard(name, t.detach(), rank) for name, t in model.state_dict().items()}
     ranked.load_state_dict(state, assign=True, strict=True)
+    #: The rank's first vocabulary row (its embedding's ids are ``input_ids - vocab_start``).
+    ranked.register_buffer("vocab_start", torch.tensor(plan.vocab_rows(rank).start, dtype=torch.int64), persistent=False)
     c = plan.config
     for i, block in enumerate(ranked.layers):
         mixer = block.mixer

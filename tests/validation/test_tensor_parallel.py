@@ -17,7 +17,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from hybridtrt.exporter.export import GraphSpec
-from hybridtrt.exporter.tensor_parallel import rank_graph
+from hybridtrt.exporter.tensor_parallel import rank_graph, rank_graphs
 from hybridtrt.models.loading import load_model
 from hybridtrt.models.tensor_parallel import TensorParallelPlan
 from hybridtrt.ops.collectives import DIST_COLLECTIVE, TRT_DOMAIN
@@ -34,7 +34,7 @@ MAMBA_LAYER = 3
 def ranks(make_checkpoint):
     model = load_model(make_checkpoint("tiny-nemotron3-moe", num_attention_heads=8, layers_block_type=PATTERN))
     plan = TensorParallelPlan(model.config, WORLD)
-    protos = [rank_graph(model, plan, r, GraphSpec(per_layer=True)) for r in range(WORLD)]
+    protos = rank_graphs(model, plan, GraphSpec(per_layer=True))  # one trace, every rank thawed from it
     ids, mask = random_prompts(3, model.config.vocab_size, max_len=37, seed=2)
     return model, plan, protos, ids, mask
 
@@ -71,6 +71,14 @@ def test_rank_graphs_carry_the_collectives_in_the_parsers_form(ranks):
         node = next(n for n in proto.graph.node if n.op_type == DIST_COLLECTIVE)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         assert node.domain == TRT_DOMAIN and attrs == {"collective_operation": b"all_reduce", "reduce_op": b"sum", "root": -1, "group_size": WORLD, "groups": []}
+
+
+def test_a_rank_thawed_from_the_shared_trace_is_the_rank_traced_alone(ranks):
+    """`rank_graphs` traces once and gives each rank its weights and groups: rank 3 (other weights,
+    other vocabulary rows, the other pair of ranks in its norm's group) is the bytes of tracing it."""
+    model, plan, protos, _, _ = ranks
+    alone = rank_graph(model, plan, 3, GraphSpec(per_layer=True))
+    assert alone.SerializeToString() == protos[3].SerializeToString()
 
 
 def test_emulated_ranks_pass_the_one_device_gates(ranks):
