@@ -1,4 +1,4 @@
-"""Byte and FLOP model of one routed-experts (MoE) layer call: the grouped-GEMM plugin issue 26 plans, the
+"""Byte and FLOP model of one routed-experts (MoE) layer call: the grouped-GEMM kernels of issue 26 (plugins/kernels/src/moeExperts.cu), the
 function bodies TensorRT and ONNX Runtime run today, and the ideal, for Nemotron-3-Nano-30B-A3B and
 Nemotron-3-Super-120B-A12B.
 

@@ -1,6 +1,6 @@
-"""GPU benchmark and correctness sweep of the hybridtrt SSD kernels, in one call.
+"""GPU benchmark and correctness sweep of the hybridtrt SSD and MoE kernels, in one call.
 
-    python benchmarks/gpu/run.py [--build-dir DIR] [--skip-build] [--quick] [--no-write] [--dry-run]
+    python benchmarks/gpu/run.py [--build-dir DIR] [--skip-build] [--quick] [--only ssd|moe] [--no-write] [--dry-run]
 
 1. Builds plugins/ for this GPU's architecture (``hybridtrt.plugins.build``).
 2. Checks the kernels against the PyTorch ``_ref`` ops in fp32 math on the same rounded inputs (y is float32
@@ -14,7 +14,11 @@
    - chunked scan: tokens/s against the PyTorch chunked reference (``mamba2_chunk_scan_eager``) on the
      same GPU, and against mamba_ssm's Triton ``mamba_chunk_scan_combined`` / ``selective_state_update``
      when mamba_ssm is installed (the anchors to beat).
-4. Prints tables and appends them, with date and device, to benchmarks/RESULTS.md.
+4. The MoE experts (moe_bench.py, issue 26): MoeExperts / MoeExpertsFp8 at Nemotron-3-Nano-30B-A3B and Super
+   shapes checked against expected_moe_experts(_fp8) (bf16 and FP8 experts, tactics auto / prefill / decode,
+   T in {1, 8, 64, 2048}, y and unchosen experts NaN-poisoned), one decode call captured in a CUDA graph, and
+   timed (decode batch 1 / 8 / 64, 2,048-token prefill) beside moe_traffic.py's modelled bytes and a copy of them.
+5. Prints tables and appends them, with date and device, to benchmarks/RESULTS.md.
 
 Exit code: 0 when every check passes, 1 when a correctness check fails (timings are still written).
 """
@@ -43,6 +47,7 @@ from hybridtrt.plugins.ptxas import format_table, hot_kernels, parse_ptxas  # no
 from hybridtrt.plugins.tolerances import expected_chunk_scan, expected_state_update, kernel_gate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import moe_bench  # noqa: E402  (benchmarks/gpu/moe_bench.py: the MoE section)
 import traffic  # noqa: E402  (benchmarks/gpu/traffic.py: the byte-traffic model of the scan)
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
@@ -56,6 +61,8 @@ UPDATE_BATCHES = [1, 8, 32, 64, 128, 256]
 SCAN_SHAPES = [(1, 2048), (4, 2048), (1, 16384)]
 UPDATE_CHECK_BATCH = 33  # odd on purpose: no batch-size assumption
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: Sections of the run (--only picks one): the SSD kernels, the MoE experts (moe_bench.py).
+SECTIONS = ("ssd", "moe")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -104,9 +111,12 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_cuda(fn, *, warmup: int = 3, iters: int = 20) -> float:
-    """Median seconds per call, CUDA events (wall clock under --dry-run)."""
+def time_cuda(fn, *, warmup: int = 3, iters: int = 20, before=None) -> float:
+    """Median seconds per call, CUDA events (wall clock under --dry-run); ``before()`` (say an L2 flush) is
+    enqueued ahead of every call, outside the timed span."""
     if DEVICE != "cuda":
+        if before is not None:
+            before()
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
@@ -116,6 +126,8 @@ def time_cuda(fn, *, warmup: int = 3, iters: int = 20) -> float:
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if before is not None:
+            before()
         start.record()
         fn()
         end.record()
@@ -358,12 +370,12 @@ def bench_chunk_scan(lib: KernelLibrary, report: Report, quick: bool) -> None:
     )
 
 
-class EagerStandIn:
-    """--dry-run: the PyTorch eager ops behind the `KernelLibrary` interface, on CPU.
+class EagerStandIn(moe_bench.MoeEagerStandIn):
+    """--dry-run: the PyTorch eager ops behind the `KernelLibrary` interface, on CPU (the MoE methods inherited).
 
     Exercises every line of this script without a GPU (for CI of the script); its numbers measure
-    nothing and are never written to RESULTS.md. Like the kernels (C ABI 3) it returns y in float32: the eager
-    ops run in fp32 math on the (rounded) inputs.
+    nothing and are never written to RESULTS.md. Like the kernels (C ABI 3) it returns the SSD ops' y in float32:
+    the eager ops run in fp32 math on the (rounded) inputs. The MoE experts' y is in x's dtype, as the kernels'.
     """
 
     def chunk_scan_workspace_size(self, batch, seq_len, heads, head_dim, groups, d_state, chunk_size, act, *dtypes) -> int:
@@ -422,7 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build-dir", default=None, help="CMake build dir (default: plugins/build)")
     parser.add_argument("--skip-build", action="store_true", help="use the library found by library_path()")
-    parser.add_argument("--quick", action="store_true", help="drop L=16384 checks and the largest timings")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="drop L=16384 checks and the largest timings; MoE: no T=2048 checks, no timing of the other path",
+    )
+    parser.add_argument("--only", choices=SECTIONS, default=None, help="run one section (default: all of them)")
     parser.add_argument("--no-write", action="store_true", help=f"do not append to {RESULTS.name}")
     parser.add_argument(
         "--dry-run",
@@ -431,8 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         "shapes (tests the script, measures nothing, writes nothing)",
     )
     args = parser.parse_args(argv)
+    sections = SECTIONS if args.only is None else (args.only,)
     if args.dry_run:
-        return dry_run()
+        return dry_run(sections)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
@@ -452,12 +470,15 @@ def main(argv: list[str] | None = None) -> int:
             "```\n" + format_table(hot_kernels(parse_ptxas(result.ptxas_log.read_text()))) + "\n```",
         )
         lib = KernelLibrary(result.kernels_library)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    check_state_update(lib, report)
-    check_chunk_scan(lib, report, args.quick)
-    check_graph_capture(lib, report)
-    bench_state_update(lib, report, args.quick)
-    bench_chunk_scan(lib, report, args.quick)
+    torch.backends.cuda.matmul.allow_tf32 = False  # the references' fp32 matmuls in fp32
+    if "ssd" in sections:
+        check_state_update(lib, report)
+        check_chunk_scan(lib, report, args.quick)
+        check_graph_capture(lib, report)
+        bench_state_update(lib, report, args.quick)
+        bench_chunk_scan(lib, report, args.quick)
+    if "moe" in sections:
+        moe_bench.run_section(lib, moe_harness(report), moe_bench.Sweep.full(args.quick))
     if report.failures:
         print("\nFAILED checks (index order in brackets):\n  " + "\n  ".join(report.failures))
     if not args.no_write:
@@ -465,19 +486,28 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if report.failures else 0
 
 
-def dry_run() -> int:
+def moe_harness(report: Report) -> moe_bench.Harness:
+    """This script's device, timer, comparisons and report, lent to the MoE section."""
+    return moe_bench.Harness(DEVICE, time_cuda, rel_l2, diagnose, report)
+
+
+def dry_run(sections: tuple[str, ...] = SECTIONS) -> int:
     """--dry-run: every check and timing path on CPU with tiny shapes."""
     global DEVICE, CHECK_LENGTHS, UPDATE_BATCHES, SCAN_SHAPES, UPDATE_CHECK_BATCH
     DEVICE = "cpu"
+    torch.set_num_threads(1)  # tiny shapes: OpenMP's wake-ups cost more than they save (a busy 2-core box: 15 s -> 4 s)
     UPDATE_CHECK_BATCH = 3
     CHECK_LENGTHS, UPDATE_BATCHES, SCAN_SHAPES = [1, 65], [1, 4], [(1, 128)]
     NANO.update(heads=16, groups=2)
     report = Report(sections=[], failures=[])
     lib = EagerStandIn()
-    check_state_update(lib, report)  # type: ignore[arg-type]
-    check_chunk_scan(lib, report, quick=False)  # type: ignore[arg-type]
-    bench_state_update(lib, report, quick=False)  # type: ignore[arg-type]
-    bench_chunk_scan(lib, report, quick=False)  # type: ignore[arg-type]
+    if "ssd" in sections:
+        check_state_update(lib, report)  # type: ignore[arg-type]
+        check_chunk_scan(lib, report, quick=False)  # type: ignore[arg-type]
+        bench_state_update(lib, report, quick=False)  # type: ignore[arg-type]
+        bench_chunk_scan(lib, report, quick=False)  # type: ignore[arg-type]
+    if "moe" in sections:
+        moe_bench.run_section(lib, moe_harness(report), moe_bench.Sweep.dry())  # type: ignore[arg-type]
     print("\ndry run finished: " + ("FAILED " + "; ".join(report.failures) if report.failures else "all checks passed"))
     return 1 if report.failures else 0
 
