@@ -125,7 +125,7 @@ class DispatchReport:
 
     def plugin_ops(self) -> set[str]:
         """The custom ops (``domain::op``) a registered creator serves: what must become plugin layers. Custom
-        ops nobody ships a plugin for (e.g. ``MoeExperts`` today) are built from their function bodies by design."""
+        ops nobody ships a plugin for (e.g. ``MoeExpertsNvfp4`` today) are built from their function bodies by design."""
         names = {name for name, _, _ in self.plugins}
         return {n.op for n in self.nodes if n.custom and n.op.split("::", 1)[1] in names}
 
@@ -518,9 +518,23 @@ class _Emulator:
                 bodies.append(scope)
         for scope in bodies:
             op = scope.removeprefix("function ")
-            fix = BODY_FIXES.get(op.rsplit("::", 1)[-1], "build the plugin for it, or re-export without it")
-            problems.append(f"{op} cannot be built from its function body by TensorRT {fmt(self.version)} — fix: {fix}")
+            problems.append(f"{op} cannot be built from its function body by TensorRT {fmt(self.version)} — fix: {self.body_fix(op)}")
         return problems
+
+    def body_fix(self, op: str) -> str:
+        """The fix for a refused function body of ``op`` (``domain::op_type``): `BODY_FIXES` when no registered creator
+        serves the op; when one is registered the parser still chose the body, which its release or the node decides."""
+        name = op.rsplit("::", 1)[-1]
+        served = sorted(f"{ns}::{n} v{v}" for n, v, ns in self.report.plugins if n == name)
+        if not served:
+            return BODY_FIXES.get(name, "build the plugin for it, or re-export without it")
+        if self.release.dispatch == LOCAL_FUNCTION_ALWAYS:
+            return (f"{', '.join(served)} is registered, but TensorRT {fmt(self.version)}'s parser always builds a node's "
+                    f"local function (NVIDIA/TensorRT#4113): install TensorRT >= {fmt(MIN_PLUGIN_DISPATCH)} (>= 10.15 or 11 "
+                    "recommended)")  # fmt: skip
+        return (f"{', '.join(served)} is registered, but the node does not ask for it (no plugin_namespace attribute, or "
+                "another plugin_version / plugin_namespace): re-export with this hybridtrt, whose nodes carry "
+                "plugin_namespace=\"hybridtrt\", plugin_version=\"1\"")  # fmt: skip
 
     def check_function_scope(self, function: onnx.FunctionProto, name: str, op: str, outer: set[str]) -> None:
         """Before 10.8 a local function whose value names alias an outer-scope tensor is imported wrongly."""

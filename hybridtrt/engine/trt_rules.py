@@ -364,17 +364,36 @@ TENSORRT_OPS: dict[str, TensorRTOp] = {
     )
 }  # fmt: skip
 
-#: Custom ops without a TensorRT plugin whose function body holds what TensorRT refuses: the fix to print.
+#: Custom ops whose function body holds what TensorRT refuses: the fix to print when no registered creator serves
+#: the node (`hybridtrt.engine.dispatch` says something else when a creator is registered but the parser would still
+#: build the body: an old release, a node without ``plugin_namespace``).
 BODY_FIXES: dict[str, str] = {
     "MoeExpertsNvfp4": "NVFP4 routed experts have no TensorRT plugin yet (issue 26) and their function body casts FP8 block "
     "scales and unpacks 4-bit codes, which TensorRT does not build: re-export with --dequantize-experts (routed experts in "
     "--dtype, the rest 4-bit) to build it with TensorRT; the 4-bit experts run on ONNX Runtime today",
-    "MoeExpertsFp8": "FP8 MoE experts have no TensorRT plugin yet and their function body casts to/from float8, which "
-    "TensorRT takes only through Q/DQ: export the MoE checkpoint without --quantize fp8 (bf16 experts) to build it "
-    "with TensorRT; FP8 MoE runs on ONNX Runtime today",
+    "MoeExpertsFp8": "FP8 MoE experts build in TensorRT only as the MoeExpertsFp8 plugin (their function body casts to/from "
+    "float8, which TensorRT takes only through Q/DQ): load libhybridtrt_trt.so — build the plugins with `hybridtrt plugins "
+    "build --tensorrt-root DIR` (the build then finds plugins/build/libhybridtrt_trt.so) or pass --plugins PATH — or export "
+    "the MoE checkpoint without --quantize fp8 (bf16 experts)",
 }
 
-#: The plugin creators libhybridtrt_trt.so registers: (name, version, namespace) (DESIGN.md §5).
+#: Custom ops whose function body has data-dependent shapes: the grouped MoE bodies size their blocks by the routing
+#: (``A`` chosen experts, ``C`` = max tokens per expert: `hybridtrt.ops.moe_onnx`, TensorRT's "implicitly
+#: data-dependent shapes"), which TensorRT resolves by synchronising with the host inside a step (issue 26: "a
+#: device→host sync per MoE layer, no CUDA-graph capture"; GPU-unverified here), and stream capture forbids host
+#: synchronisation (CUDA Programming Guide, stream capture; TensorRT-RTX 1.2 release notes: "stream
+#: capture is not possible for all models, especially when using data-dependent dynamic shapes"; Torch-TensorRT's CUDA
+#: graphs: "Not compatible with models that have data-dependent shapes"). An engine that builds one of them from its
+#: body runs its decode steps eagerly (`hybridtrt.runtime.cuda_graphs.capture_blocker`); as our plugin (static output
+#: shape, routing on the device, no host sync: plugins/README.md) it is captured like the SSD plugins.
+DATA_DEPENDENT_BODIES: frozenset[str] = frozenset({"MoeExperts", "MoeExpertsFp8", "MoeExpertsNvfp4"})
+
+#: The plugin creators libhybridtrt_trt.so registers: (name, version, namespace) (DESIGN.md §5; plugins/README.md).
 HYBRIDTRT_CREATORS: frozenset[tuple[str, str, str]] = frozenset(
-    {("Mamba2ChunkScan", "1", "hybridtrt"), ("Mamba2StateUpdate", "1", "hybridtrt")}
+    {
+        ("Mamba2ChunkScan", "1", "hybridtrt"),
+        ("Mamba2StateUpdate", "1", "hybridtrt"),
+        ("MoeExperts", "1", "hybridtrt"),
+        ("MoeExpertsFp8", "1", "hybridtrt"),
+    }
 )

@@ -23,6 +23,14 @@ to it, on the model's own non-default CUDA stream, with `TorchCudaGraphs`. Which
 follows the engine (``ICudaEngine.get_aliased_input_tensor``), not an assumption: an engine that did not
 alias a KV output would get that KV state ping-ponged too. Tested on the CPU with a fake TensorRT and a
 fake graph API; the capture on a GPU is unverified here.
+
+**Which engines are captured** (`capture_blocker`, from the sidecar's proof of what the parsed network holds): every
+static-cache engine whose custom nodes are plugin layers — the SSD plugins and the MoE plugins (``MoeExperts``,
+``MoeExpertsFp8``: a static output shape, routing on the device, no host synchronisation) alike. An engine that builds
+MoE experts from their ONNX function bodies (no plugin library at build time, or NVFP4 experts, which have no plugin)
+cannot be: those bodies have data-dependent shapes (`hybridtrt.engine.trt_rules.DATA_DEPENDENT_BODIES`), which
+TensorRT resolves with a host synchronisation inside the step — so its decode steps run eagerly, and `TrtModel` says
+why.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import Any, Protocol
 
 import torch
 
+from hybridtrt.engine.trt_rules import DATA_DEPENDENT_BODIES
 from hybridtrt.errors import ArtefactError, EngineError, InputError
 from hybridtrt.exporter.io import CACHE_POSITION, INPUT_IDS, LOGITS, PADDING_LENGTH, SEQ
 from hybridtrt.runtime.buffers import choose_profile
@@ -70,6 +79,36 @@ class TorchCudaGraphs:
 
     def replay(self, graph: Any) -> None:
         graph.replay()
+
+
+def capture_blocker(plugins: dict[str, Any]) -> str | None:
+    """Why the decode steps of an engine cannot be captured as CUDA graphs; None when they can.
+
+    Args:
+        plugins: The sidecar's ``plugins`` record: ``custom_nodes`` and plugin ``layers`` by ``domain::op``
+            (`hybridtrt.engine.network.NetworkPlugins.to_sidecar`). A sidecar made without a network names no
+            custom node and blocks nothing.
+
+    Returns:
+        A sentence naming the custom nodes built from function bodies with data-dependent shapes
+        (`DATA_DEPENDENT_BODIES`) and the fix, or None.
+    """
+    custom = plugins.get("custom_nodes") or {}
+    layers = plugins.get("layers") or {}
+    bodies = {
+        op: int(n) - int(layers.get(op, 0))
+        for op, n in custom.items()
+        if op.rsplit("::", 1)[-1] in DATA_DEPENDENT_BODIES and int(n) > int(layers.get(op, 0))
+    }
+    if not bodies:
+        return None
+    listing = ", ".join(f"{n}x {op}" for op, n in sorted(bodies.items()))
+    return (
+        f"{listing} run as ONNX function bodies, whose data-dependent shapes make TensorRT synchronise with the host "
+        "inside a step, which a CUDA-graph capture forbids: the decode steps run eagerly — rebuild the engine with the "
+        "plugin library (`hybridtrt plugins build --tensorrt-root DIR`, then `hybridtrt build`) so that MoeExperts / "
+        "MoeExpertsFp8 are plugins (NVFP4 experts have no plugin yet: re-export with --dequantize-experts)"
+    )
 
 
 @dataclass

@@ -31,13 +31,17 @@ Design choices:
   TensorRT's KV-cache update writes in place — and a ping-pong pair for conv/SSM), which captures the
   first decode step of each ``(batch, buffer parity)`` as a CUDA graph and replays it afterwards
   (``cuda_graphs=False``: every call eager). All work of a model, graph capture included, runs on its
-  one non-default stream.
+  one non-default stream. Plugin layers are captured like any layer — the SSD plugins and the MoE plugins
+  (``MoeExperts`` / ``MoeExpertsFp8``) alike; an engine that holds MoE experts as ONNX function bodies
+  (data-dependent shapes: a host synchronisation inside the step) runs its decode steps eagerly, and
+  ``capture_blocker`` says why (`hybridtrt.runtime.cuda_graphs.capture_blocker`, from the sidecar).
 - **One live generation per model**: the states live in the model's buffers, so `zero_state`
   invalidates earlier states; stepping a stale state is refused with an `InputError`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 from collections.abc import Iterator
@@ -53,7 +57,14 @@ from hybridtrt.engine.sidecar import check_plugin_library, read_sidecar, sidecar
 from hybridtrt.errors import ArtefactError, EngineError, InputError, MissingDependencyError
 from hybridtrt.exporter.io import ATTENTION_MASK, INPUT_IDS, LOGITS, SEQ
 from hybridtrt.runtime.buffers import BufferPlan, PingPong, StateSlot
-from hybridtrt.runtime.cuda_graphs import GraphApi, StaticEngineSession, StaticEngineStepper, StaticLayout, TorchCudaGraphs
+from hybridtrt.runtime.cuda_graphs import (
+    GraphApi,
+    StaticEngineSession,
+    StaticEngineStepper,
+    StaticLayout,
+    TorchCudaGraphs,
+    capture_blocker,
+)
 from hybridtrt.runtime.generation import GenerationResult, generate, iter_generate
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -97,7 +108,8 @@ class TrtModel:
         plugins: Plugin library to load instead of the sidecar's path (its sha256 must match).
         device: CUDA device index.
         cuda_graphs: Replay the decode steps of a static-cache engine as CUDA graphs (no effect on a
-            dynamic-cache engine, whose decode shapes change every step).
+            dynamic-cache engine, whose decode shapes change every step, nor on an engine whose MoE experts are
+            function bodies: `capture_blocker`).
 
     Raises:
         MissingDependencyError: No TensorRT bindings or no CUDA GPU.
@@ -133,6 +145,8 @@ class TrtModel:
         self._pp = PingPong(batch=0)
         self._generation = 0
         self._static: StaticEngineStepper | None = None
+        #: Why a static-cache engine's decode steps run eagerly although CUDA graphs were asked for (None: they don't).
+        self.capture_blocker: str | None = None
         if self.flavour.static:
             self._static = self._static_stepper(cuda_graphs)
         else:
@@ -233,7 +247,10 @@ class TrtModel:
             )
         max_seq = max(p.dims[SEQ].max for p in self.plan.profiles)
         layout = StaticLayout.from_sidecar(self.sidecar, shared=self.in_place, max_batch=self.plan.max_batch, max_seq=max_seq)
-        graphs = self._graph_api() if cuda_graphs else None
+        self.capture_blocker = capture_blocker(self.sidecar["plugins"]) if cuda_graphs else None
+        if self.capture_blocker is not None:
+            logging.getLogger(__name__).warning("%s: %s", self.engine_path, self.capture_blocker)
+        graphs = self._graph_api() if cuda_graphs and self.capture_blocker is None else None
         session = StaticEngineSession(self.context, layout, self._empty, graphs, stream=self.cuda_stream.cuda_stream, profiles=self.plan.profiles)
         return StaticEngineStepper(session, layout.capacity)
 

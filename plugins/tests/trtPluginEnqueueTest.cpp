@@ -1,5 +1,5 @@
 /*
- * enqueue() of both TensorRT plugins against direct C ABI calls, on the CPU: built by
+ * enqueue() of the TensorRT plugins against direct C ABI calls, on the CPU: built by
  * tests/plugins/test_trt_plugins.py together with the CPU emulation of the kernels
  * (-DHYBRIDTRT_CPU_EMULATION), against the stub headers (and TensorRT's own with TENSORRT_ROOT), so it
  * runs without a GPU or libnvinfer. The emulation is deterministic,
@@ -7,10 +7,14 @@
  * (dims -> shapes, TensorRT dtypes -> kernel dtypes, the chunk_size attribute), the L == 1 dispatch of
  * Mamba2ChunkScan to the update kernel, the workspace alignment inside enqueue, onShapeChange's layout
  * check, and Mamba2StateUpdate with new_state == state (the kernel is in-place safe); fp32 / fp16 / bf16
- * activations and states, y float32 (poisoned before, every element written).
+ * activations and states, y float32 (poisoned before, every element written). MoeExperts / MoeExpertsFp8: the I/O
+ * plumbing (dims -> T, K, E, D, I; TensorRT dtypes -> kernel dtypes, int64 / int32 indices; the FP8 scales and their
+ * per-expert / per-channel widths), y in x's dtype, AUTO on both paths (decode at T = 3, prefill at T = 70), a
+ * workspace sized for the profile's max T and misaligned by 16 bytes, a skipped out-of-range index.
  * Exit code = number of failed checks.
  */
 #include "NvInferRuntime.h"
+#include "hybridtrt/moeKernels.h"
 #include "hybridtrt/ssdKernels.h"
 
 #include <cuda_bf16.h>
@@ -119,10 +123,17 @@ Tensor poisoned(size_t n, DataType type)
 
 bool allFinite(Tensor const& y)
 {
-    auto const* v = reinterpret_cast<float const*>(y.bytes.data());
-    for (size_t i = 0; i < y.bytes.size() / 4; ++i)
+    size_t const n = y.bytes.size() / (y.type == DataType::kFLOAT ? 4 : 2);
+    for (size_t i = 0; i < n; ++i)
     {
-        if (!std::isfinite(v[i]))
+        float v = 0.F;
+        switch (y.type)
+        {
+        case DataType::kHALF: v = __half2float(reinterpret_cast<__half const*>(y.bytes.data())[i]); break;
+        case DataType::kBF16: v = __bfloat162float(reinterpret_cast<__nv_bfloat16 const*>(y.bytes.data())[i]); break;
+        default: v = reinterpret_cast<float const*>(y.bytes.data())[i]; break;
+        }
+        if (!std::isfinite(v))
         {
             return false;
         }
@@ -253,10 +264,146 @@ void testStateUpdateInPlace(DataType act = DataType::kFLOAT, DataType state = Da
     check(stateBuf == stateOut, label("in-place state == direct call", 1, 0, act, state));
     delete plugin;
 }
+//! Raw bytes of a host tensor of another kind (indices, FP8 codes).
+template <typename T>
+std::vector<unsigned char> rawBytes(std::vector<T> const& v)
+{
+    std::vector<unsigned char> out(v.size() * sizeof(T));
+    std::memcpy(out.data(), v.data(), out.size());
+    return out;
+}
+
+//! FP8 e4m3 codes of magnitude 2^-3 .. 1.875 * 2^1 with random signs (never NaN, never saturated).
+std::vector<unsigned char> fp8Codes(size_t n, uint32_t seed)
+{
+    auto const u = values(n, seed, 0.F, 1.F);
+    std::vector<unsigned char> codes(n);
+    for (size_t i = 0; i < n; ++i)
+    {
+        auto const r = static_cast<uint32_t>(u[i] * 16777216.F);
+        codes[i] = static_cast<unsigned char>(((r & 1U) << 7) | ((4U + (r >> 1) % 5U) << 3) | ((r >> 4) & 7U));
+    }
+    return codes;
+}
+
+char const* typeName(DataType t)
+{
+    switch (t)
+    {
+    case DataType::kHALF: return "fp16";
+    case DataType::kBF16: return "bf16";
+    case DataType::kINT32: return "int32";
+    case DataType::kINT64: return "int64";
+    default: return "fp32";
+    }
+}
+
+//! MoeExperts / MoeExpertsFp8 enqueue against the direct C ABI call with tactic AUTO, y in x's dtype. Token t's k-th
+//! expert is (7t + k) mod E (distinct within a token); the last pair's index is -1 (skipped). `scaleCols`: the FP8
+//! weight scales per expert (false) or per expert and output channel (true).
+void testMoe(bool fp8, int64_t T, DataType act, DataType index, bool scaleCols = false)
+{
+    int64_t const E = 8, K = 2, D = 32, I = 48, maxT = 128;
+    char const* name = fp8 ? "MoeExpertsFp8" : "MoeExperts";
+    int32_t const tactic = hybridtrtMoeExpertsTactic(T, K, E);
+    std::string const what = std::string(name) + " (T=" + std::to_string(T) + ", " + typeName(act) + " x, "
+        + typeName(index) + " indices" + (fp8 ? scaleCols ? ", per-channel scales" : ", per-expert scales" : "")
+        + ", AUTO = " + (tactic == kHYBRIDTRT_MOE_TACTIC_DECODE ? "decode" : "prefill") + ")";
+    Tensor x(values(T * D, 21, -1.F, 1.F), act);
+    std::vector<int64_t> experts(T * K);
+    for (int64_t t = 0; t < T; ++t)
+    {
+        for (int64_t k = 0; k < K; ++k)
+        {
+            experts[t * K + k] = (7 * t + k) % E;
+        }
+    }
+    experts.back() = -1; // skipped: adds nothing, reads no expert
+    std::vector<unsigned char> indices = index == DataType::kINT64
+        ? rawBytes(experts)
+        : rawBytes(std::vector<int32_t>(experts.begin(), experts.end()));
+    auto weights = values(T * K, 22, 0.1F, 1.F);
+    Tensor upHalf(values(E * I * D, 23, -0.2F, 0.2F), act);
+    Tensor downHalf(values(E * D * I, 24, -0.2F, 0.2F), act);
+    std::vector<unsigned char> upCodes = fp8Codes(E * I * D, 25), downCodes = fp8Codes(E * D * I, 26);
+    int64_t const upCols = scaleCols ? I : 1, downCols = scaleCols ? D : 1;
+    auto upWeightScale = values(E * upCols, 27, 0.01F, 0.03F), downWeightScale = values(E * downCols, 28, 0.01F, 0.03F);
+    auto upInputScale = values(E, 29, 0.01F, 0.02F), downInputScale = values(E, 30, 0.002F, 0.01F);
+    void const* up = fp8 ? static_cast<void const*>(upCodes.data()) : upHalf.data();
+    void const* down = fp8 ? static_cast<void const*>(downCodes.data()) : downHalf.data();
+    Tensor y = poisoned(T * D, act), yRef = y;
+
+    DataType const stack = fp8 ? DataType::kFP8 : act;
+    std::vector<PluginTensorDesc> in{desc({T, D}, act), desc({T, K}, index), desc({T, K}), desc({E, I, D}, stack)};
+    std::vector<void const*> inputs{x.data(), indices.data(), weights.data(), up};
+    if (fp8)
+    {
+        in.insert(in.end(), {desc({E, upCols}), desc({E})});
+        inputs.insert(inputs.end(), {upWeightScale.data(), upInputScale.data()});
+    }
+    in.push_back(desc({E, D, I}, stack));
+    inputs.push_back(down);
+    if (fp8)
+    {
+        in.insert(in.end(), {desc({E, downCols}), desc({E})});
+        inputs.insert(inputs.end(), {downWeightScale.data(), downInputScale.data()});
+    }
+    auto const nbIn = static_cast<int32_t>(in.size());
+    std::vector<PluginTensorDesc> out{desc({T, D}, act)};
+
+    IPluginV3* plugin = create(name, 0);
+    auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    std::vector<DynamicPluginTensorDesc> dyn(nbIn);
+    for (int32_t i = 0; i < nbIn; ++i)
+    {
+        dyn[i].desc = in[i];
+        dyn[i].min = dyn[i].opt = dyn[i].max = in[i].dims;
+    }
+    for (int32_t i : {0, 1, 2})
+    {
+        dyn[i].max.d[0] = maxT; // the workspace is sized for the profile's max T, this call has fewer tokens
+    }
+    size_t const wsBytes = build->getWorkspaceSize(dyn.data(), nbIn, nullptr, 1);
+    std::vector<unsigned char> ws(wsBytes + 512, 0xFF);
+    unsigned char* base = ws.data() + (256 - reinterpret_cast<uintptr_t>(ws.data()) % 256) % 256;
+    check(wsBytes > 256 && runtime->setTactic(0) == 0, what + ": workspace and the default tactic");
+    check(runtime->onShapeChange(in.data(), nbIn, out.data(), 1) == 0, what + ": onShapeChange");
+    void* outputs[1] = {y.data()};
+    check(runtime->enqueue(in.data(), out.data(), inputs.data(), outputs, base + 16, nullptr) == 0, what + ": enqueue");
+
+    int32_t const a = kernelDtype(act);
+    int32_t const idx = index == DataType::kINT64 ? kHYBRIDTRT_INT64 : kHYBRIDTRT_INT32;
+    size_t bytes = 0;
+    hybridtrtMoeExpertsWorkspaceSize(T, K, E, D, I, a, fp8 ? static_cast<int32_t>(kHYBRIDTRT_FLOAT8_E4M3) : a, &bytes);
+    std::vector<unsigned char> ref(bytes + 256, 0xFF);
+    void* aligned = ref.data() + (256 - reinterpret_cast<uintptr_t>(ref.data()) % 256) % 256;
+    int32_t const status = fp8
+        ? hybridtrtMoeExpertsFp8(x.data(), indices.data(), weights.data(), up, upWeightScale.data(),
+            upInputScale.data(), down, downWeightScale.data(), downInputScale.data(), yRef.data(), T, K, E, D, I, upCols,
+            downCols, a, idx, kHYBRIDTRT_MOE_TACTIC_AUTO, aligned, bytes, nullptr)
+        : hybridtrtMoeExperts(x.data(), indices.data(), weights.data(), up, down, yRef.data(), T, K, E, D, I, a, idx,
+            kHYBRIDTRT_MOE_TACTIC_AUTO, aligned, bytes, nullptr);
+    check(status == 0, what + ": direct C ABI call");
+    check(allFinite(y), what + ": y in x's dtype, every element written");
+    check(y == yRef, what + ": y == direct call");
+    // The workspace header's first int32 counts the skipped pairs: the plugin passed its own 256-byte aligned pointer.
+    int32_t skipped = -1;
+    std::memcpy(&skipped, base + 256, sizeof(skipped));
+    check(skipped == 1, what + ": workspace aligned inside enqueue (header: 1 skipped pair)");
+    delete plugin;
+}
 } // namespace
 
 int main()
 {
+    testMoe(false, 3, DataType::kBF16, DataType::kINT64);
+    testMoe(false, 70, DataType::kBF16, DataType::kINT32);
+    testMoe(false, 70, DataType::kHALF, DataType::kINT64);
+    testMoe(false, 3, DataType::kFLOAT, DataType::kINT32);
+    testMoe(true, 3, DataType::kBF16, DataType::kINT64);
+    testMoe(true, 70, DataType::kHALF, DataType::kINT32, /*scaleCols=*/true);
+    testMoe(true, 70, DataType::kFLOAT, DataType::kINT64);
     testChunkScan(1, 128);
     testChunkScan(70, 128);
     testChunkScan(300, 128); // three chunks of 128, the last partial

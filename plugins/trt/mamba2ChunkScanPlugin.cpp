@@ -18,9 +18,6 @@ namespace
 {
 constexpr char const* kATTR_CHUNK_SIZE = "chunk_size";
 constexpr int32_t kDEFAULT_CHUNK_SIZE = 256;
-//! The kernels want a 256-byte aligned workspace; TensorRT's alignment is not promised, so ask for
-//! this much more and align inside enqueue.
-constexpr size_t kWORKSPACE_ALIGNMENT = 256;
 } // namespace
 
 Mamba2ChunkScanPlugin::Mamba2ChunkScanPlugin(int32_t chunkSize)
@@ -97,9 +94,7 @@ int32_t Mamba2ChunkScanPlugin::enqueue(PluginTensorDesc const* inputDesc, Plugin
     {
         return reportStatus(kNAME, status);
     }
-    auto const address = reinterpret_cast<uintptr_t>(workspace);
-    void* aligned = reinterpret_cast<void*>((address + kWORKSPACE_ALIGNMENT - 1) / kWORKSPACE_ALIGNMENT
-        * kWORKSPACE_ALIGNMENT);
+    void* aligned = alignWorkspace(workspace);
     status = hybridtrtMamba2ChunkScan(inputs[kIN_X], inputs[kIN_DT], A, inputs[kIN_B], inputs[kIN_C], D,
         inputs[kIN_INITIAL_STATE], y, outputs[kOUT_STATE], batch, seqLen, x.d[2], x.d[3], b.d[2],
         b.d[3], mChunkSize, actDtype, dtDtype, stateDtype, aligned, bytes, stream);

@@ -78,7 +78,7 @@ private:
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
-class Mamba2ChunkScanPluginCreator : public SsdPluginCreatorBase<Mamba2ChunkScanPlugin>
+class Mamba2ChunkScanPluginCreator : public PluginCreatorBase<Mamba2ChunkScanPlugin>
 {
 public:
     Mamba2ChunkScanPluginCreator();

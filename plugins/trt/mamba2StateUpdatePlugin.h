@@ -75,7 +75,7 @@ private:
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
-class Mamba2StateUpdatePluginCreator : public SsdPluginCreatorBase<Mamba2StateUpdatePlugin>
+class Mamba2StateUpdatePluginCreator : public PluginCreatorBase<Mamba2StateUpdatePlugin>
 {
 public:
     Mamba2StateUpdatePluginCreator() = default;

@@ -9,7 +9,6 @@
 
 #include <cstdint>
 #include <string>
-#include <type_traits>
 
 namespace hybridtrt
 {
@@ -45,7 +44,8 @@ inline bool isActivationType(nvinfer1::DataType type) noexcept
     return toKernelDtype(type) >= 0;
 }
 
-//! Output 0 (y) of both plugins: float32 whatever the activation dtype (DESIGN.md §5; C ABI version 3).
+//! Output 0 (y) of both SSD plugins: float32 whatever the activation dtype (DESIGN.md §5; C ABI version 3). The MoE
+//! plugins write y in x's dtype.
 constexpr nvinfer1::DataType kY_TYPE = nvinfer1::DataType::kFLOAT;
 
 inline char const* dataTypeName(nvinfer1::DataType type) noexcept
@@ -55,8 +55,49 @@ inline char const* dataTypeName(nvinfer1::DataType type) noexcept
     case nvinfer1::DataType::kFLOAT: return "float32";
     case nvinfer1::DataType::kHALF: return "float16";
     case nvinfer1::DataType::kBF16: return "bfloat16";
+    case nvinfer1::DataType::kFP8: return "float8e4m3fn";
+    case nvinfer1::DataType::kINT32: return "int32";
+    case nvinfer1::DataType::kINT64: return "int64";
     default: return "a dtype the kernels do not take";
     }
+}
+
+//! The kernels want a 256-byte aligned workspace; TensorRT's alignment is not promised, so every plugin with a
+//! workspace asks for this much more (getWorkspaceSize) and aligns the pointer inside enqueue (alignWorkspace).
+constexpr size_t kWORKSPACE_ALIGNMENT = 256;
+
+//! `workspace` rounded up to the next multiple of kWORKSPACE_ALIGNMENT.
+inline void* alignWorkspace(void* workspace) noexcept
+{
+    auto const address = reinterpret_cast<uintptr_t>(workspace);
+    return reinterpret_cast<void*>((address + kWORKSPACE_ALIGNMENT - 1) / kWORKSPACE_ALIGNMENT * kWORKSPACE_ALIGNMENT);
+}
+
+//! The tensor description of a build-time (configurePlugin) or run-time (onShapeChange) descriptor, so that one
+//! check serves both.
+inline nvinfer1::PluginTensorDesc const& tensorDesc(nvinfer1::DynamicPluginTensorDesc const& desc) noexcept
+{
+    return desc.desc;
+}
+inline nvinfer1::PluginTensorDesc const& tensorDesc(nvinfer1::PluginTensorDesc const& desc) noexcept
+{
+    return desc;
+}
+
+//! Reads a string plugin field: the ONNX parser hands STRING attributes over as kCHAR with the terminating NUL
+//! counted in `length` (onnx-tensorrt loadFields / copyField); trailing NULs are dropped either way.
+inline bool readStringField(nvinfer1::PluginField const& field, std::string& value)
+{
+    if (field.data == nullptr || field.length < 0 || field.type != nvinfer1::PluginFieldType::kCHAR)
+    {
+        return false;
+    }
+    value.assign(static_cast<char const*>(field.data), static_cast<size_t>(field.length));
+    while (!value.empty() && value.back() == '\0')
+    {
+        value.pop_back();
+    }
+    return true;
 }
 
 //! Reads an integer plugin field (the ONNX parser may hand INT attributes over as int32 or int64).
@@ -92,7 +133,7 @@ inline std::string dimsToString(nvinfer1::Dims const& dims)
     return text + "]";
 }
 
-//! Input order both plugins share (DESIGN.md §5); each plugin's kIN_* constants are static_asserted equal.
+//! Input order both SSD plugins share (DESIGN.md §5); each plugin's kIN_* constants are static_asserted equal.
 enum SsdInput : int32_t
 {
     kSSD_X = 0,
@@ -105,7 +146,7 @@ enum SsdInput : int32_t
     kSSD_NB_INPUTS = 7
 };
 
-//! Output order both plugins share; each plugin's kOUT_* constants are static_asserted equal.
+//! Output order both SSD plugins share; each plugin's kOUT_* constants are static_asserted equal.
 enum SsdOutput : int32_t
 {
     kSSD_Y = 0,
@@ -113,7 +154,7 @@ enum SsdOutput : int32_t
     kSSD_NB_OUTPUTS = 2
 };
 
-//! Checks the I/O layout both plugins share, with the sequence axis L (Mamba2ChunkScan) or without it
+//! Checks the I/O layout both SSD plugins share, with the sequence axis L (Mamba2ChunkScan) or without it
 //! (Mamba2StateUpdate):  x [B,(L),H,P], dt [B,(L),H], A [H], B [B,(L),G,N], C [B,(L),G,N], D [H],
 //! state [B,H,P,N] -> y [B,(L),H,P] (x's shape), state out [B,H,P,N] (the state's shape); batch and L agree
 //! across x, dt, B, C (and batch with the state); P a multiple of 16, N in {16, 64, 128}, H % G == 0.
@@ -185,7 +226,7 @@ inline std::string checkSsdLayout(nvinfer1::Dims const* in, nvinfer1::Dims const
     return {};
 }
 
-//! The output dtypes both plugins promise (getOutputDataTypes): y float32, the state output in the state's dtype.
+//! The output dtypes both SSD plugins promise (getOutputDataTypes): y float32, the state output in the state's dtype.
 //! An engine whose y has x's half dtype was built with a plugin library older than C ABI version 3; the kernels
 //! would write 4-byte elements into its 2-byte buffer.
 inline std::string checkSsdOutputTypes(
@@ -210,16 +251,7 @@ inline std::string checkSsdOutputTypes(
 template <typename Desc>
 std::string checkSsdLayout(Desc const* in, Desc const* out, bool hasSeq)
 {
-    auto const tensor = [](Desc const& d) -> nvinfer1::PluginTensorDesc const& {
-        if constexpr (std::is_same_v<Desc, nvinfer1::DynamicPluginTensorDesc>)
-        {
-            return d.desc;
-        }
-        else
-        {
-            return d;
-        }
-    };
+    auto const tensor = [](Desc const& d) -> nvinfer1::PluginTensorDesc const& { return tensorDesc(d); };
     nvinfer1::Dims inDims[kSSD_NB_INPUTS];
     nvinfer1::Dims outDims[kSSD_NB_OUTPUTS];
     for (int32_t i = 0; i < kSSD_NB_INPUTS; ++i)

@@ -1,7 +1,8 @@
 /*
  * How TensorRT finds the plugins of libhybridtrt_trt.so: through its exported entry points only.
  *
- *   getCreators      both creators (hybridtrt::Mamba2ChunkScan v1, hybridtrt::Mamba2StateUpdate v1), always;
+ *   getCreators      all four creators (hybridtrt::Mamba2ChunkScan v1, hybridtrt::Mamba2StateUpdate v1,
+ *                    hybridtrt::MoeExperts v1, hybridtrt::MoeExpertsFp8 v1), always;
  *   setLoggerFinder  TensorRT hands over its logger.
  *
  * That is what IPluginRegistry::loadLibrary (our `hybridtrt build`, TrtModel, the C++ runner) and
@@ -16,6 +17,7 @@
  */
 #include "mamba2ChunkScanPlugin.h"
 #include "mamba2StateUpdatePlugin.h"
+#include "moeExpertsPlugin.h"
 
 #include <atomic>
 #include <cstdio>
@@ -32,7 +34,10 @@ std::atomic<ILoggerFinder*> gLoggerFinder{nullptr};
 
 Mamba2ChunkScanPluginCreator gChunkScanCreator;
 Mamba2StateUpdatePluginCreator gStateUpdateCreator;
-IPluginCreatorInterface* const gCreators[] = {&gChunkScanCreator, &gStateUpdateCreator};
+MoeExpertsPluginCreator gMoeExpertsCreator;
+MoeExpertsFp8PluginCreator gMoeExpertsFp8Creator;
+IPluginCreatorInterface* const gCreators[]
+    = {&gChunkScanCreator, &gStateUpdateCreator, &gMoeExpertsCreator, &gMoeExpertsFp8Creator};
 constexpr int32_t kNB_CREATORS = static_cast<int32_t>(sizeof(gCreators) / sizeof(gCreators[0]));
 } // namespace
 

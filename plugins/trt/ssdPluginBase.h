@@ -1,12 +1,13 @@
 /*
  * What the two SSD plugins share (STYLE 10: twins share their common part). Mamba2ChunkScan and Mamba2StateUpdate
  * have the same inputs and outputs but for the sequence axis L (DESIGN.md §5; the layout in pluginCommon.h), so
- * the IPluginV3 plumbing, names, output types and shapes, format support and the layout checks of configurePlugin /
- * onShapeChange live here once. Each plugin adds its attributes, workspace, enqueue and context set-up.
+ * their output types and shapes, format support and the layout checks of configurePlugin / onShapeChange live here
+ * once, on top of the IPluginV3 plumbing and names every plugin shares (pluginBase.h). Each plugin adds its
+ * attributes, workspace, enqueue and context set-up.
  */
 #pragma once
 
-#include "pluginCommon.h"
+#include "pluginBase.h"
 
 namespace hybridtrt
 {
@@ -15,40 +16,12 @@ namespace plugin
 
 //! CRTP base of the SSD plugins: `Derived::kNAME` is the plugin (= ONNX op) name; `kHasSeq` says whether the
 //! activations carry the sequence axis (x [B,L,H,P], Mamba2ChunkScan) or not (x [B,H,P], Mamba2StateUpdate).
+//! Capabilities and names: PluginBase (shared with every plugin).
 template <typename Derived, bool kHasSeq>
-class SsdPluginBase : public nvinfer1::IPluginV3,
-                      public nvinfer1::IPluginV3OneCore,
-                      public nvinfer1::IPluginV3OneBuild,
-                      public nvinfer1::IPluginV3OneRuntime
+class SsdPluginBase : public PluginBase<Derived>
 {
 public:
     ~SsdPluginBase() override = default;
-
-    // IPluginV3
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override
-    {
-        switch (type)
-        {
-        case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
-        case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
-        case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
-        }
-        return nullptr;
-    }
-
-    // IPluginV3OneCore
-    char const* getPluginName() const noexcept override
-    {
-        return Derived::kNAME;
-    }
-    char const* getPluginVersion() const noexcept override
-    {
-        return kPLUGIN_VERSION;
-    }
-    char const* getPluginNamespace() const noexcept override
-    {
-        return kPLUGIN_NAMESPACE;
-    }
 
     // IPluginV3OneBuild
     int32_t getNbOutputs() const noexcept override
@@ -132,27 +105,6 @@ protected:
             return 1;
         }
         return reportLayout(Derived::kNAME, checkSsdLayout(in, out, kHasSeq));
-    }
-};
-
-//! The creator part both plugins share: name, version, namespace of `Plugin`.
-template <typename Plugin>
-class SsdPluginCreatorBase : public nvinfer1::IPluginCreatorV3One
-{
-public:
-    ~SsdPluginCreatorBase() override = default;
-
-    char const* getPluginName() const noexcept override
-    {
-        return Plugin::kNAME;
-    }
-    char const* getPluginVersion() const noexcept override
-    {
-        return kPLUGIN_VERSION;
-    }
-    char const* getPluginNamespace() const noexcept override
-    {
-        return kPLUGIN_NAMESPACE;
     }
 };
 

@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from hybridtrt.cli.main import main
 from hybridtrt.engine.dispatch import LOCAL_FUNCTION, NATIVE, PLUGIN, UNSUPPORTED, emulate_dispatch, require_dispatch
 from hybridtrt.engine.trt_rules import HYBRIDTRT_CREATORS
 from hybridtrt.errors import EngineError
@@ -180,28 +181,30 @@ def test_attention_and_tensorscatter_need_their_release():
 
 
 def test_every_hybridtrt_node_is_checked_not_only_the_scan_ops():
-    """A custom op no plugin serves (the MoE helper's MoeExperts today) is its function body by design: reported,
-    not refused. Once a creator for it is registered it must become that plugin — without a plugin_namespace
-    attribute on 10.15+ it would not, and that is refused. A custom node with neither a function nor a creator
-    cannot be imported at all; a custom op type that is also a standard op ignores its domain."""
-    body = helper.make_function("hybridtrt", "MoeExperts", ["x"], ["y"], [helper.make_node("Relu", ["x"], ["y"])],
+    """A custom op no plugin serves (MoeExpertsNvfp4 today) is its function body by design: reported, not refused.
+    Once a creator for it is registered it must become that plugin — without a plugin_namespace attribute on 10.15+
+    it would not, and that is refused. A custom node with neither a function nor a creator cannot be imported at all;
+    a custom op type that is also a standard op ignores its domain."""
+    op = "hybridtrt::MoeExpertsNvfp4"
+    assert not {name for name, _, _ in HYBRIDTRT_CREATORS} & {"MoeExpertsNvfp4"}
+    body = helper.make_function("hybridtrt", "MoeExpertsNvfp4", ["x"], ["y"], [helper.make_node("Relu", ["x"], ["y"])],
                                 [helper.make_opsetid("", 22)])  # fmt: skip
 
     def moe(**attrs):
-        node = helper.make_node("MoeExperts", ["x"], ["y"], domain="hybridtrt", name="moe", **attrs)
+        node = helper.make_node("MoeExpertsNvfp4", ["x"], ["y"], domain="hybridtrt", name="moe", **attrs)
         return _model([node], [_t("x")], [_t("y")], 22, [body])
 
     tagged = moe(plugin_namespace="hybridtrt", plugin_version="1")
     report = emulate_dispatch(tagged, "11.1.0", plugins=HYBRIDTRT_CREATORS)
-    assert report.imported_as(LOCAL_FUNCTION) == {"hybridtrt::MoeExperts": 1} and report.rows()
+    assert report.imported_as(LOCAL_FUNCTION) == {op: 1} and report.rows()
     assert not report.expected_plugin_layers()
     require_dispatch(report, plugins_loaded=True, allow_function_bodies=False)  # no plugin for it: not refused
 
-    with_moe_plugin = HYBRIDTRT_CREATORS | {("MoeExperts", "1", "hybridtrt")}
-    assert emulate_dispatch(tagged, "11.1.0", plugins=with_moe_plugin).imported_as(PLUGIN) == {"hybridtrt::MoeExperts": 1}
+    with_moe_plugin = HYBRIDTRT_CREATORS | {("MoeExpertsNvfp4", "1", "hybridtrt")}
+    assert emulate_dispatch(tagged, "11.1.0", plugins=with_moe_plugin).imported_as(PLUGIN) == {op: 1}
     untagged = emulate_dispatch(moe(), "11.1.0", plugins=with_moe_plugin)
-    assert untagged.expected_plugin_layers() == {"hybridtrt::MoeExperts": 1}
-    with pytest.raises(EngineError, match="MoeExperts would be built from local functions"):
+    assert untagged.expected_plugin_layers() == {op: 1}
+    with pytest.raises(EngineError, match="MoeExpertsNvfp4 would be built from local functions"):
         require_dispatch(untagged, plugins_loaded=True, allow_function_bodies=False)
 
     orphan = _model([helper.make_node("Unknown", ["x"], ["y"], domain="hybridtrt", name="orphan")], [_t("x")], [_t("y")], 22)
@@ -211,9 +214,11 @@ def test_every_hybridtrt_node_is_checked_not_only_the_scan_ops():
     assert any("also a standard ONNX op" in p for p in emulate_dispatch(clash, "11.1.0", plugins=HYBRIDTRT_CREATORS).problems)
 
 
-def test_moe_export_scan_nodes_become_plugins_and_experts_build_their_body(make_export):
-    """The MoE preset: our two scan ops have creators, MoeExperts has none yet (DESIGN §5) and is
-    built from its standard-ONNX body on every release — allowed, not a silent fallback."""
+def test_moe_export_every_custom_node_becomes_a_plugin_with_the_library(make_export, tmp_path, capsys):
+    """The MoE preset: with libhybridtrt_trt.so loaded the scan ops and the routed experts (MoeExperts, issue 26) are
+    our plugins on every release that prefers plugins — none is left to a function body, and `build --check-tensorrt`
+    says so; without the library the experts build from their standard-ONNX body (allowed: a bf16 body TensorRT can
+    build)."""
     _, out = make_export("tiny-nemotron3-moe", ExportOptions(opset=22))  # opset 22: parsable from 10.2
     for name, model, custom in graphs(out):
         scan = "hybridtrt::Mamba2StateUpdate" if name == "decode" else "hybridtrt::Mamba2ChunkScan"
@@ -221,7 +226,16 @@ def test_moe_export_scan_nodes_become_plugins_and_experts_build_their_body(make_
         for version in PLUGIN_RELEASES:
             report = emulate_dispatch(model, version, plugins=HYBRIDTRT_CREATORS)
             assert report.ok, report.problems
-            plugins = report.imported_as(PLUGIN)
-            assert plugins == {k: v for k, v in custom.items() if k != "hybridtrt::MoeExperts"}
-            assert report.imported_as(LOCAL_FUNCTION) == {"hybridtrt::MoeExperts": custom["hybridtrt::MoeExperts"]}
+            assert report.imported_as(PLUGIN) == custom == report.expected_plugin_layers()
+            assert not report.imported_as(LOCAL_FUNCTION)
+            assert {r[1] for r in report.rows() if r[0] == "hybridtrt::MoeExperts"} == {PLUGIN}
             require_dispatch(report, plugins_loaded=True, allow_function_bodies=False)
+        bare = emulate_dispatch(model, "11.1.0")
+        assert bare.ok, bare.problems
+        assert bare.imported_as(LOCAL_FUNCTION) == custom
+    lib = tmp_path / "libhybridtrt_trt.so"
+    lib.write_bytes(b"plugin")  # --check-tensorrt never loads it
+    capsys.readouterr()
+    assert main(["build", str(out), "--plugins", str(lib), "--check-tensorrt", "11.1"]) == 0
+    rows = [line.split("│") for line in capsys.readouterr().out.splitlines() if "hybridtrt::MoeExperts" in line]
+    assert rows and all(row[2].strip() == PLUGIN for row in rows), rows

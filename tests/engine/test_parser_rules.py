@@ -17,7 +17,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from hybridtrt.engine.dispatch import emulate_dispatch, require_dispatch
+from hybridtrt.engine.dispatch import PLUGIN, emulate_dispatch, require_dispatch
 from hybridtrt.engine.trt_rules import HYBRIDTRT_CREATORS, OP_RULES
 from hybridtrt.errors import EngineError
 from hybridtrt.exporter.export import ExportOptions
@@ -149,24 +149,50 @@ def test_a_type_outside_the_row_is_refused():
     assert "Not on BF16 (input 0) is not supported: TensorRT's Not takes BOOL" in problem
 
 
-def test_fp8_moe_experts_are_refused_with_the_fix():
-    """MoeExpertsFp8 has no plugin and its body casts to/from float8: the build is refused naming the fix."""
+def _fp8_moe_model(**attrs) -> onnx.ModelProto:
+    """One MoeExpertsFp8 node with its function body (which casts to/from float8) and the node's ``attrs``."""
     function = moe_experts_fp8_function(opset=24)
     f32, f8, i64 = TensorProto.FLOAT, TensorProto.FLOAT8E4M3FN, TensorProto.INT64
     types = {"x": (f32, [6, 8]), "topk_indices": (i64, [6, 2]), "topk_weights": (f32, [6, 2]), "up_proj": (f8, [4, 16, 8]),
              "up_weight_scale": (f32, [4, 1]), "up_input_scale": (f32, [4]), "down_proj": (f8, [4, 8, 16]),
              "down_weight_scale": (f32, [4, 1]), "down_input_scale": (f32, [4])}  # fmt: skip
     inputs = [helper.make_tensor_value_info(name, *types[name]) for name in function.input]
-    call = helper.make_node(function.name, list(function.input), ["y"], name="experts", domain=function.domain)
+    call = helper.make_node(function.name, list(function.input), ["y"], name="experts", domain=function.domain, **attrs)
     graph = helper.make_graph([call], "g", inputs, [helper.make_tensor_value_info("y", f32, [6, 8])])
     opsets = [helper.make_opsetid("", 24), helper.make_opsetid(function.domain, 1)]
-    model = helper.make_model(graph, opset_imports=opsets, functions=[function])
-    report = emulate_dispatch(model, "11.1.0", plugins=HYBRIDTRT_CREATORS)
+    return helper.make_model(graph, opset_imports=opsets, functions=[function])
+
+
+def test_fp8_moe_experts_are_refused_without_the_plugin_library_with_the_fix():
+    """MoeExpertsFp8's body casts to/from float8, which TensorRT does not build: without libhybridtrt_trt.so the build
+    is refused naming the fix (load the plugin library, or bf16 experts)."""
+    report = emulate_dispatch(_fp8_moe_model(plugin_namespace="hybridtrt", plugin_version="1"), "11.1.0")
     text = "\n".join(report.problems)
     assert "in the body of hybridtrt::MoeExpertsFp8" in text and "Cast to FP8 is not supported" in text
+    assert "load libhybridtrt_trt.so" in text and "hybridtrt plugins build" in text
     assert "export the MoE checkpoint without --quantize fp8" in text
     with pytest.raises(EngineError, match="MoeExpertsFp8"):
-        require_dispatch(report, plugins_loaded=True, allow_function_bodies=True)  # a body, knowingly: still refused
+        require_dispatch(report, plugins_loaded=False, allow_function_bodies=True)  # a body, knowingly: still refused
+
+
+def test_fp8_moe_experts_are_our_plugin_with_the_library():
+    """With the library's creators registered the node is the MoeExpertsFp8 plugin, so its body is never built and
+    nothing is refused (issue 26). Where the parser would still build the body — a node without plugin_namespace on
+    10.15+, or TensorRT <= 10.6 — the refusal says that, not "load the library"."""
+    tagged = _fp8_moe_model(plugin_namespace="hybridtrt", plugin_version="1")
+    report = emulate_dispatch(tagged, "11.1.0", plugins=HYBRIDTRT_CREATORS)
+    assert report.ok, report.problems
+    assert report.imported_as(PLUGIN) == {"hybridtrt::MoeExpertsFp8": 1} == report.expected_plugin_layers()
+    require_dispatch(report, plugins_loaded=True, allow_function_bodies=False)
+
+    untagged = emulate_dispatch(_fp8_moe_model(), "11.1.0", plugins=HYBRIDTRT_CREATORS)
+    text = "\n".join(untagged.problems)
+    assert "Cast to FP8 is not supported" in text and "load libhybridtrt_trt.so" not in text
+    assert 'hybridtrt::MoeExpertsFp8 v1 is registered, but the node does not ask for it' in text
+    assert 'plugin_namespace="hybridtrt"' in text
+
+    old = emulate_dispatch(tagged, "10.6.0", plugins=HYBRIDTRT_CREATORS)
+    assert any("always builds a node's local function" in p and "MoeExpertsFp8" in p for p in old.problems), old.problems
 
 
 def test_every_rule_names_its_types_in_tensorrt_terms():

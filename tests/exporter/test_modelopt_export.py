@@ -117,20 +117,24 @@ def test_validate_and_inspect_say_what_was_read(exported, tmp_path, capsys):
 
 def test_the_parser_rules_of_11_1(exported):
     """The dense export would parse on TensorRT 11.1, with and without the plugins (the same FP8 Q/DQ
-    form as `--quantize fp8`'s: float8e4m3fn weights, bf16 scales, zero points). FP8 routed experts are
-    refused as `--quantize fp8`'s are, by name and with the fix: their function body casts to FP8, which
-    TensorRT does not build (a grouped FP8 GEMM plugin is what would)."""
-    from hybridtrt.engine.dispatch import emulate_dispatch
+    form as `--quantize fp8`'s: float8e4m3fn weights, bf16 scales, zero points). FP8 routed experts
+    parse into the `MoeExpertsFp8` plugin when libhybridtrt_trt.so is loaded; without it they are
+    refused as `--quantize fp8`'s are, by name and with the fix (their function body casts to FP8,
+    which TensorRT does not build)."""
+    from hybridtrt.engine.dispatch import PLUGIN, emulate_dispatch
     from hybridtrt.engine.trt_rules import HYBRIDTRT_CREATORS
 
     checkpoint, exported = exported
     for graph in ("model.onnx", "decode.onnx"):
         for plugins in (HYBRIDTRT_CREATORS, frozenset()):
             report = emulate_dispatch(exported / graph, "11.1.0", plugins=plugins)
-            if checkpoint.name == "fp8-moe":
+            if checkpoint.name == "fp8-moe" and not plugins:
                 assert not report.ok and all("MoeExpertsFp8" in p for p in report.problems), report.problems
+                assert any("libhybridtrt_trt.so" in p for p in report.problems), report.problems
             else:
                 assert report.ok, (graph, report.problems)
+            if checkpoint.name == "fp8-moe" and plugins:
+                assert {n.importer for n in report.nodes if n.op.endswith("::MoeExpertsFp8")} == {PLUGIN}
 
 
 def test_a_quantized_lm_head_is_kept_in_high_precision(tmp_path):

@@ -72,6 +72,9 @@ def emulated_kernels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+#: The sources of libhybridtrt_trt.so (plugins/CMakeLists.txt's hybridtrt_trt target).
+TRT_SOURCES = ("mamba2ChunkScanPlugin.cpp", "mamba2StateUpdatePlugin.cpp", "moeExpertsPlugin.cpp", "pluginRegistration.cpp")
+
 #: Header sets the TensorRT plugin sources compile against in the tests: the stub of the plugin ABI written for
 #: these tests (always; CI has no TensorRT) and TensorRT's own include/ when $TENSORRT_ROOT is set.
 HEADER_SETS = ["stub"] + (["tensorrt"] if os.environ.get("TENSORRT_ROOT") else [])
@@ -124,7 +127,7 @@ def trt_test_build(request, emulated_kernels: Path, tmp_path_factory: pytest.Tem
     kernels = (f"-L{kernels_dir}", f"-l:{emulated_kernels.name}", f"-Wl,-rpath,{kernels_dir}")
     trt = out / "libhybridtrt_trt.so"
     _compile([cxx, *flags, "-shared", "-fvisibility=hidden",
-              *(str(PLUGINS / "trt" / f) for f in ("mamba2ChunkScanPlugin.cpp", "mamba2StateUpdatePlugin.cpp", "pluginRegistration.cpp")),
+              *(str(PLUGINS / "trt" / f) for f in TRT_SOURCES),
               *kernels, "-o", str(trt)])  # fmt: skip
     autoreg = out / "libhybridtrt_trt_autoreg.so"
     _compile([cxx, *flags, "-shared", "-fvisibility=hidden", str(PLUGINS / "trt" / "autoRegister.cpp"),
@@ -135,4 +138,4 @@ def trt_test_build(request, emulated_kernels: Path, tmp_path_factory: pytest.Tem
     harness = out / "registryHarness"
     runner_dir = PLUGINS.parent / "examples" / "cpp"  # plugin_libraries.h: the C++ runner's one-load rule
     _compile([cxx, *flags, f"-I{runner_dir}", str(PLUGINS / "tests" / "fakeNvinfer" / "registryHarness.cpp"), "-ldl", "-o", str(harness)])
-    return TrtTestBuild(headers, include, trt, autoreg, fake, harness, (*flags, *kernels, f"-L{out}", "-l:libhybridtrt_trt.so", f"-Wl,-rpath,{out}"))
+    return TrtTestBuild(headers, include, trt, autoreg, fake, harness, (*flags, *kernels, f"-L{out}", "-l:libhybridtrt_trt.so", f"-Wl,-rpath,{out}", "-ldl"))

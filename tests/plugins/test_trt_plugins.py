@@ -5,8 +5,10 @@ TensorRT's own include/ when $TENSORRT_ROOT is set; the kernels run in CPU emula
 
 - plugins/tests/trtPluginSelfTest.cpp: getCreators, creators and the build/runtime interfaces (names,
   fields as the ONNX parser passes them, serialization, dtypes, formats, shape checks incl. batch / L
-  agreement, workspace, no aliasing);
-- plugins/tests/trtPluginEnqueueTest.cpp: enqueue() of both plugins against direct C ABI calls.
+  agreement, workspace, no aliasing) of the SSD plugins and of MoeExperts / MoeExpertsFp8 (activation attribute,
+  y in x's dtype, int64 / int32 indices, FP8 stacks and scales, T / K / E / D / I agreement and the kernels' limits,
+  the workspace at the profile's max T, no custom tactic, the MoE kernels' C ABI version refused at creation);
+- plugins/tests/trtPluginEnqueueTest.cpp: enqueue() of the four plugins against direct C ABI calls.
 
 With $TENSORRT_ROOT the CMake build (nvcc) is checked too: exported entry points of both libraries and its
 own build of the self test. Registration through the loaders: test_trt_registration.py.
@@ -44,10 +46,13 @@ def test_trt_plugin_self_test(trt_test_build: TrtTestBuild, tmp_path: Path) -> N
 
 
 def test_trt_plugin_enqueue_on_emulated_kernels(trt_test_build: TrtTestBuild, tmp_path: Path) -> None:
-    """enqueue() of both plugins == direct C ABI calls, with the kernels in CPU emulation (no GPU, no
-    libnvinfer): argument plumbing, chunk_size, the L == 1 dispatch, workspace alignment, onShapeChange."""
+    """enqueue() of the SSD and MoE plugins == direct C ABI calls, with the kernels in CPU emulation (no GPU, no
+    libnvinfer): argument plumbing, chunk_size, the L == 1 dispatch, workspace alignment, onShapeChange; MoE: y in
+    x's dtype, int64 / int32 indices, FP8 scales, AUTO on the decode (T = 3) and prefill (T = 70) paths."""
     out = _build_and_run(trt_test_build, "trtPluginEnqueueTest.cpp", tmp_path / "enqueue")
     assert "enqueue test: 0 failures" in out
+    moe = [line for line in out.splitlines() if line.startswith("ok: MoeExperts") and line.endswith(": y == direct call")]
+    assert len(moe) == 7 and sum("AUTO = decode" in line for line in moe) == 3, moe
 
 
 needs_tensorrt = pytest.mark.skipif(

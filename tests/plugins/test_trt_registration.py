@@ -6,7 +6,8 @@ getCreator, getAllCreators); registryHarness.cpp loads our libraries the ways to
 (plugins/README.md "Loading the plugins"):
 
 - ``libhybridtrt_trt.so`` for IPluginRegistry::loadLibrary / trtexec --dynamicPlugins: getCreators returns
-  both creators, nothing touches the registry during dlopen, each creator registered once;
+  all four creators (the SSD and MoE plugins), nothing touches the registry during dlopen, each creator registered
+  once;
 - ``libhybridtrt_trt_autoreg.so`` for a plain dlopen (polygraphy --plugins, trtexec --staticPlugins):
   registers the same creators at load, with libnvinfer loaded globally or RTLD_LOCAL (the tensorrt module).
 """
@@ -36,20 +37,33 @@ def facts(stdout: str) -> dict[str, list[str]]:
     return out
 
 
+#: What the registry holds once libhybridtrt_trt.so is registered: the four creators of `HYBRIDTRT_CREATORS`, each with
+#: the fields its getFieldNames lists (what the ONNX parser passes: chunk_size as INT32, activation as CHAR).
+REGISTERED = [
+    "Mamba2ChunkScan 1 hybridtrt registered-as hybridtrt kind PLUGIN CREATOR_V3ONE fields chunk_size:INT32",
+    "Mamba2StateUpdate 1 hybridtrt registered-as hybridtrt kind PLUGIN CREATOR_V3ONE fields -",
+    "MoeExperts 1 hybridtrt registered-as hybridtrt kind PLUGIN CREATOR_V3ONE fields activation:CHAR",
+    "MoeExpertsFp8 1 hybridtrt registered-as hybridtrt kind PLUGIN CREATOR_V3ONE fields activation:CHAR",
+]
+
+
+def test_the_registered_creators_are_the_rule_tables():
+    """The creators the harness expects are `HYBRIDTRT_CREATORS` (what the dispatch emulator and the loaders assume)."""
+    from hybridtrt.engine.trt_rules import HYBRIDTRT_CREATORS
+
+    assert {tuple(line.split()[:3]) for line in REGISTERED} == {(n, v, ns) for n, v, ns in HYBRIDTRT_CREATORS}
+
+
 def assert_registered_once(report: dict[str, list[str]]) -> None:
-    assert report["creators"] == ["2"], report
-    creators = sorted(report["creator"])
-    assert creators == [
-        "Mamba2ChunkScan 1 hybridtrt registered-as hybridtrt kind PLUGIN CREATOR_V3ONE fields chunk_size:INT32",
-        "Mamba2StateUpdate 1 hybridtrt registered-as hybridtrt kind PLUGIN CREATOR_V3ONE fields -",
-    ]
+    assert report["creators"] == [str(len(REGISTERED))], report
+    assert sorted(report["creator"]) == REGISTERED
     assert report["duplicates"] == ["0"]
     assert report["reentrant"] == ["0"], report.get("reentrant-call")
 
 
-def test_load_library_registers_both_creators_once(trt_test_build: TrtTestBuild) -> None:
+def test_load_library_registers_every_creator_once(trt_test_build: TrtTestBuild) -> None:
     """IPluginRegistry::loadLibrary (our build, TrtModel, the C++ runner, trtexec --dynamicPlugins): the registry
-    holds its lock across dlopen; the library calls nothing back, getCreators hands over both creators."""
+    holds its lock across dlopen; the library calls nothing back, getCreators hands over all four creators."""
     proc = harness(trt_test_build, "load-library", str(trt_test_build.fake_nvinfer), str(trt_test_build.trt_library))
     report = facts(proc.stdout)
     assert report["load-library"] == ["ok"]
@@ -60,7 +74,7 @@ def test_load_library_registers_both_creators_once(trt_test_build: TrtTestBuild)
 @pytest.mark.parametrize("nvinfer_scope", ["global", "local"])
 def test_plain_dlopen_of_the_shim_registers(trt_test_build: TrtTestBuild, nvinfer_scope: str) -> None:
     """dlopen of libhybridtrt_trt_autoreg.so (ctypes.CDLL, trtexec --staticPlugins) with libnvinfer in the
-    process globally (linked) or RTLD_LOCAL (the tensorrt Python module): both creators registered, once."""
+    process globally (linked) or RTLD_LOCAL (the tensorrt Python module): every creator registered, once."""
     proc = harness(
         trt_test_build, "dlopen", str(trt_test_build.fake_nvinfer), str(trt_test_build.autoreg_library), nvinfer_scope
     )
@@ -99,7 +113,7 @@ def test_harness_catches_registration_during_dlopen(trt_test_build: TrtTestBuild
 
 def test_polygraphy_load_plugins_registers_through_the_shim(trt_test_build: TrtTestBuild) -> None:
     """polygraphy's own LoadPlugins (``--plugins``: ctypes.CDLL) on the shim, with the fake libnvinfer loaded
-    RTLD_LOCAL first as ``import tensorrt`` does: both creators end up in the registry."""
+    RTLD_LOCAL first as ``import tensorrt`` does: every creator ends up in the registry."""
     code = (
         "import ctypes, sys\n"
         "fake = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_LOCAL)\n"
@@ -125,7 +139,7 @@ def test_a_second_load_library_fails(trt_test_build: TrtTestBuild) -> None:
     report = facts(proc.stdout)
     assert report["load-library"] == ["ok", "failed"]
     assert report["loads"] == ["1"] and report["failed-loads"] == ["1"]
-    assert report["creators"] == ["2"]  # the failed load registered nothing
+    assert report["creators"] == [str(len(REGISTERED))]  # the failed load registered nothing
 
 
 def test_cpp_runner_loads_each_library_once(trt_test_build: TrtTestBuild, tmp_path) -> None:
@@ -190,7 +204,7 @@ def _python_loader(build: TrtTestBuild, *libs: str) -> dict[str, list[str]]:
 
 def test_python_loader_loads_once_against_the_fake_libnvinfer(trt_test_build: TrtTestBuild) -> None:
     """hybridtrt.engine.plugin_registry against the fake libnvinfer's real registry calls: a build then a model load,
-    twice over, in one process — one loadLibrary, both creators registered once."""
+    twice over, in one process — one loadLibrary, every creator registered once."""
     lib = str(trt_test_build.trt_library)
     report = _python_loader(trt_test_build, lib, lib)
     assert report["build-load"] == ["ok", "ok"] and report["model-load"] == ["ok", "ok"]

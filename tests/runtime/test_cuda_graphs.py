@@ -11,7 +11,7 @@ import torch
 from hybridtrt.exporter.export import ExportOptions
 from hybridtrt.exporter.io import LOGITS
 from hybridtrt.exporter.manifest import read_manifest
-from hybridtrt.runtime.cuda_graphs import StaticEngineSession, StaticEngineStepper, StaticLayout
+from hybridtrt.runtime.cuda_graphs import StaticEngineSession, StaticEngineStepper, StaticLayout, capture_blocker
 from hybridtrt.runtime.generation import generate
 from hybridtrt.runtime.onnxruntime import OrtModel, OrtSession
 from hybridtrt.judge.metrics import rel_l2
@@ -129,3 +129,16 @@ def test_eager_session_matches_and_decode_shapes_are_constant(export_dir):
     decode = seen[1:]
     assert len({shapes for shapes, _ in decode}) == 1  # every decode step: identical shapes
     assert len({addresses for _, addresses in decode}) == 2  # two address sets (conv/SSM parity)
+
+
+def test_capture_blocker_names_moe_function_bodies_only():
+    """Plugin layers never block a capture (SSD or MoE); MoE experts built from their data-dependent bodies do, by op
+    and count (a partial proof counts the difference); SSD function bodies have static shapes and do not; a sidecar
+    made without a network names nothing."""
+    ssd, moe, fp8, nvfp4 = (f"hybridtrt::{op}" for op in ("Mamba2ChunkScan", "MoeExperts", "MoeExpertsFp8", "MoeExpertsNvfp4"))
+    assert capture_blocker({"custom_nodes": {ssd: 4, moe: 3, fp8: 2}, "layers": {ssd: 4, moe: 3, fp8: 2}}) is None
+    assert capture_blocker({"custom_nodes": {ssd: 4}, "layers": {ssd: 0}, "function_bodies": True}) is None
+    assert capture_blocker({"path": None, "sha256": None, "custom_nodes": {}, "layers": {}, "function_bodies": True}) is None
+    blocked = capture_blocker({"custom_nodes": {ssd: 4, fp8: 3, nvfp4: 2}, "layers": {ssd: 4, fp8: 1}})
+    assert blocked is not None and blocked.startswith(f"2x {fp8}, 2x {nvfp4} run as ONNX function bodies")
+    assert "--dequantize-experts" in blocked

@@ -41,6 +41,15 @@ def dynamic_export(make_export):
     return make_export("tiny-nemotron-h", ExportOptions(split=True))[1]
 
 
+def _generates_as_onnxruntime(model, export, ids, mask, **kwargs):
+    """``model.generate`` == ONNX Runtime's on the same export: the same tokens, bit-equal logits."""
+    got = model.generate(ids, mask, **kwargs)
+    ref = OrtModel(export, use_decode_graph=False).generate(ids, mask, **kwargs)
+    assert torch.equal(got.tokens, ref.tokens)
+    for a, b in zip(got.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _kv_aliases(sidecar):
     """What TensorRT's IKVCacheUpdateLayer reports: every KV output aliased to its input."""
     return {s["present_name"]: s["past_name"] for s in sidecar["states"] if s["kind"] in ("key", "value")}
@@ -56,12 +65,7 @@ def test_generate_equals_onnxruntime_on_both_flavours(monkeypatch, tmp_path, sta
     aliases = _kv_aliases(sidecar) if flavour == "static" else None
     model, ctx = cpu_trt_model(monkeypatch, export, sidecar, tmp_path / "model.engine", aliases)
     ids, mask = left_padded_batch([27, 9], vocab=256, seed=41)
-    kwargs = {"max_new_tokens": 8, "keep_logits": True, "prefill_chunk": L}
-    got = model.generate(ids, mask, **kwargs)
-    ref = OrtModel(export, use_decode_graph=False).generate(ids, mask, **kwargs)
-    assert torch.equal(got.tokens, ref.tokens)
-    for a, b in zip(got.logits, ref.logits):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _generates_as_onnxruntime(model, export, ids, mask, max_new_tokens=8, keep_logits=True, prefill_chunk=L)
     assert model.flavour.static == (flavour == "static")
     assert ctx.calls == [(0, (2, 14)), (0, (2, 13))] + [(1, (2, 1))] * 7  # prefill profile (two chunks), then decode
     assert ctx.streams == {STREAM}
@@ -116,6 +120,41 @@ def test_static_engine_without_aliasing_ping_pongs_kv(monkeypatch, tmp_path, sta
     assert model.in_place == frozenset() and model.decode_graphs is None
     ids = torch.randint(3, 256, (2, 7))
     assert torch.equal(model.generate(ids, max_new_tokens=5).tokens, OrtModel(static_export).generate(ids, max_new_tokens=5).tokens)
+
+
+# -- MoE engines: CUDA graphs with the MoE plugins, eager with their function bodies ----------------------------
+
+
+@pytest.fixture(scope="module")
+def moe_static_export(make_export):
+    """Nemotron-3 MoE (three MoeExperts layers) with a static cache; the fake engine runs the experts' ONNX body in ONNX
+    Runtime, standing in for the plugin the real engine holds."""
+    return make_export("tiny-nemotron3-moe", ExportOptions(kv_cache="static", max_cache_len=CAPACITY, split=False, verify=False))[1]
+
+
+@pytest.mark.parametrize("experts", ["plugins", "function bodies"])
+def test_moe_static_engine_decode_steps_are_graphs_with_the_moe_plugins(monkeypatch, tmp_path, moe_static_export, experts):
+    """What the build proved the network holds (the sidecar's ``plugins``) decides the capture: with libhybridtrt_trt.so
+    every custom node — the Mamba scans and the MoeExperts nodes — is a plugin layer and the decode steps are CUDA
+    graphs (one capture per buffer parity, then replays, as for the SSD-only engines); MoE experts built from their
+    function bodies have data-dependent shapes (a host sync inside the step), so those decode steps run eagerly and
+    the model says why. Tokens and logits equal ONNX Runtime's either way."""
+    sidecar = _sidecar(moe_static_export)
+    custom = {f"hybridtrt::{op}": n for op, n in read_manifest(moe_static_export).graphs["unified"].custom_ops.items()}
+    assert custom.get("hybridtrt::MoeExperts") == 3, custom
+    layers = custom if experts == "plugins" else {**custom, "hybridtrt::MoeExperts": 0}
+    sidecar["plugins"].update(custom_nodes=custom, layers=layers, function_bodies=experts != "plugins")
+    model, ctx = cpu_trt_model(monkeypatch, moe_static_export, sidecar, tmp_path / "model.engine", _kv_aliases(sidecar))
+    ids, mask = left_padded_batch([9, 5], vocab=256, seed=43)
+    _generates_as_onnxruntime(model, moe_static_export, ids, mask, max_new_tokens=4, keep_logits=True, prefill_chunk=L)
+    assert ctx.calls == [(0, (2, 9))] + [(1, (2, 1))] * 3 and ctx.streams == {STREAM}
+    if experts == "plugins":
+        assert model.capture_blocker is None
+        assert (model.decode_graphs.captures, model.decode_graphs.replays) == (2, 1)
+    else:
+        assert model.decode_graphs is None
+        assert "3x hybridtrt::MoeExperts run as ONNX function bodies" in model.capture_blocker
+        assert "hybridtrt plugins build" in model.capture_blocker
 
 
 def test_old_sidecar_reads_as_dynamic_and_an_old_static_one_is_refused(monkeypatch, tmp_path, static_export, dynamic_export):
