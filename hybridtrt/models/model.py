@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -27,20 +28,28 @@ MIXERS: dict[str, type[nn.Module]] = {MAMBA: Mamba2Mixer, ATTENTION: Attention, 
 _INITS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_", "constant_")
 
 
+#: `meta_modules` swaps process-wide functions: one thread at a time (tensor-parallel ranks are built
+#: in threads, `hybridtrt.models.collectives.emulate_ranks`; interleaved, one thread would save another's
+#: stand-ins as the originals and leave ``nn.init`` a no-op for the rest of the process).
+_META_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def meta_modules() -> Iterator[None]:
     """Build modules on the meta device without running their initializers (as transformers'
     ``no_init_weights``): their values are replaced before use, and torch's meta ``normal_`` (the
-    embedding's) imports ``torch._dynamo`` on first use, 1.9 s, a tenth of a small ``validate``."""
-    saved = {name: getattr(nn.init, name) for name in _INITS}
-    try:
-        for name in _INITS:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        with torch.device("meta"):
-            yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
+    embedding's) imports ``torch._dynamo`` on first use, 1.9 s, a tenth of a small ``validate``.
+    One thread at a time (`_META_LOCK`)."""
+    with _META_LOCK:
+        saved = {name: getattr(nn.init, name) for name in _INITS}
+        try:
+            for name in _INITS:
+                setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+            with torch.device("meta"):
+                yield
+        finally:
+            for name, fn in saved.items():
+                setattr(nn.init, name, fn)
 
 
 class Block(nn.Module):

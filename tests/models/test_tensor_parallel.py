@@ -274,3 +274,17 @@ def test_bf16_ranks_are_as_close_to_the_fp32_truth_as_one_device(make_checkpoint
         for name, ref in states.items():
             want = plan.state_slice(name, ref, r)
             assert _rel(rank[1][name].float(), want) <= 2 * max(_rel(plan.state_slice(name, one_states[name], r).float(), want), 1e-3), (r, name)
+
+
+def test_ranks_built_in_threads_leave_torchs_initializers_intact(reference):
+    """`meta_modules` swaps ``torch.nn.init``'s functions for the process: 8 ranks building their models at
+    once must leave the originals (once, unlocked, a thread saved another's no-op stand-ins as the
+    originals, and every model made later in the process, HF's included, kept uninitialised memory)."""
+    originals = {name: getattr(torch.nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")}
+    model, *_ = reference("dense")
+    plan = TensorParallelPlan(model.config, 8)
+    for _ in range(3):
+        emulate_ranks(8, lambda rank, comm: rank_model(model, plan, rank, comm) and None)
+    assert {name: getattr(torch.nn.init, name) for name in originals} == originals
+    torch.manual_seed(0)
+    assert torch.nn.Embedding(64, 8).weight.std() > 0.5  # normal_ ran: N(0, 1), not zeros or garbage
