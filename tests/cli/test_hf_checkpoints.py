@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from tests.cli.test_bad_inputs import run_cli
 
 transformers = pytest.importorskip("transformers", reason="HF transformers writes the checkpoints")
 
@@ -33,13 +32,17 @@ def test_hf_saved_mamba2_exports_and_validates(hf_mamba2_sharded_bf16, tmp_path)
     raw = json.loads((ckpt / "config.json").read_text())
     assert raw["time_step_limit"][1] == {"__float__": "Infinity"}
 
-    export = run_cli("export", ckpt, "-o", tmp_path / "out")
-    assert export.returncode == 0, export.stderr + export.stdout
+    from tests.cli.batch import run_batch
+
+    export, validate, parity = run_batch(  # the three commands a user types, in one fresh interpreter
+        [
+            ["export", ckpt, "-o", tmp_path / "out"],
+            ["validate", tmp_path / "out", "--random", "2", "--steps", "4"],
+            ["validate", "--checkpoint", ckpt, "--reference", "hf", "--random", "2", "--steps", "4"],
+        ]
+    )
+    assert export.code == 0, export.output
     assert "ORT vs reference" in export.stdout
-
-    validate = run_cli("validate", tmp_path / "out", "--random", "2", "--steps", "4")
-    assert validate.returncode == 0, validate.stderr + validate.stdout
+    assert validate.code == 0, validate.output
     assert "PASS" in validate.stdout
-
-    parity = run_cli("validate", "--checkpoint", ckpt, "--reference", "hf", "--random", "2", "--steps", "4")
-    assert parity.returncode == 0, parity.stderr + parity.stdout
+    assert parity.code == 0, parity.output
