@@ -54,18 +54,19 @@ def test_prototype_is_one_layer_per_kind_after_the_first():
 
 
 @pytest.mark.parametrize(
-    ("preset", "options"),
+    ("preset", "overrides", "options"),
     [
-        ("tiny-nemotron-h", ExportOptions(split=True, verify=False, per_layer=True)),
-        ("tiny-nemotron3-super", ExportOptions(split=False, verify=False, dtype="bf16", speculative=True, kv_cache="static", max_cache_len=160)),
+        # M*M-M-: prototype M*M-, layers 4 and 5 copies of 2 and 3 (the whole trace is 6 layers, not the preset's 8).
+        ("tiny-nemotron-h", {"hybrid_override_pattern": "M*M-M-", "num_hidden_layers": 6}, ExportOptions(split=True, verify=False, per_layer=True)),
+        ("tiny-nemotron3-super", {}, ExportOptions(split=False, verify=False, dtype="bf16", speculative=True, kv_cache="static", max_cache_len=160)),
     ],
     ids=["dense-both-graphs-per-layer", "moe-static-mtp-bf16"],
 )
-def test_stitched_export_is_the_whole_model_export(make_checkpoint, tmp_path, preset, options, monkeypatch, no_finished_graphs):
+def test_stitched_export_is_the_whole_model_export(make_checkpoint, tmp_path, preset, overrides, options, monkeypatch, no_finished_graphs):
     """Every file (both graphs, weights.data, mtp.onnx) byte-identical to tracing every layer: dense
     and MoE, dynamic and static KV cache, the unified and the decode graph, per-layer outputs, the
     speculative graph's hidden-state output, fp32 and bf16 (its casts)."""
-    stitched, whole = _stitched_and_whole(make_checkpoint(preset), tmp_path, options, monkeypatch)
+    stitched, whole = _stitched_and_whole(make_checkpoint(preset, **overrides), tmp_path, options, monkeypatch)
     assert stitched == whole and "model.onnx" in stitched
 
 
