@@ -55,12 +55,25 @@ Vocab = Literal["parallel", "replicated"]
 WORLDS = (2, 4, 8)
 
 
-def split_range(n: int, world: int, rank: int) -> range:
-    """Rank ``rank``'s contiguous block of ``n`` items over ``world`` ranks, the first ``n % world``
-    ranks one longer (``numpy.array_split``'s rule)."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
+def split_range(n: int, world: int, rank: int, unit: int = 1) -> range:
+    """Rank ``rank``'s contiguous block of ``n`` items over ``world`` ranks in whole ``unit``s (``n`` a
+    multiple of ``unit``), the first ranks one unit longer (``numpy.array_split``'s rule on the units)."""
+    base, extra = divmod(n // unit, world)
+    start = (rank * base + min(rank, extra)) * unit
+    return range(start, start + (base + (rank < extra)) * unit)
+
+
+#: The MoE kernels' width granularity (plugins/kernels/include/hybridtrt/moeKernels.h: D and I "positive
+#: multiples of 16"): an expert's intermediate width splits in blocks of 16 rows where it can, so that every
+#: rank's experts are shapes the kernels take (Nemotron-3-Nano-30B's 1,856 over 8 ranks: 240 or 224 rows,
+#: not 232).
+KERNEL_ROWS = 16
+
+
+def _unit(width: int, world: int) -> int:
+    """`KERNEL_ROWS` when ``width`` splits into whole blocks of it, one per rank at least; else 1 (a width
+    too small for that, e.g. a test model's, splits row by row)."""
+    return KERNEL_ROWS if width % KERNEL_ROWS == 0 and width // KERNEL_ROWS >= world else 1
 
 
 def _divides_or_multiple(count: int, world: int) -> bool:
@@ -169,9 +182,12 @@ class TensorParallelPlan:
         return split_range(self.config.intermediate_size, self.world, rank)
 
     def expert_rows(self, rank: int) -> range:
-        return split_range(self.config.moe.intermediate_size, self.world, rank)
+        """Rank ``rank``'s rows of every expert's intermediate width (blocks of `KERNEL_ROWS` where they divide it)."""
+        width = self.config.moe.intermediate_size
+        return split_range(width, self.world, rank, _unit(width, self.world))
 
     def shared_rows(self, rank: int) -> range:
+        """The shared expert's rows (a plain MLP: MatMuls, no kernel granularity)."""
         return split_range(self.config.moe.shared_intermediate_size, self.world, rank)
 
     def vocab_rows(self, rank: int) -> range:
