@@ -15,8 +15,8 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
+
+from workdir import exported_preset  # benchmarks/workdir.py (the script's directory is on sys.path)
 
 #: One subject in a fresh process (also run by benchmarks/bf16_cpu.py): ``mode`` is ``hf`` or
 #: ``ort``; ``ort_kwargs`` (JSON) go to `OrtModel`; the prefill's logits are saved to ``logits``
@@ -70,12 +70,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    from hybridtrt.exporter.export import ExportOptions, export
-    from hybridtrt.models import create_checkpoint
-
-    work = Path(tempfile.mkdtemp(prefix="hybridtrt-bench-"))
-    ckpt = create_checkpoint(args.preset, work / "ckpt")
-    export(ckpt, work / "export", ExportOptions(dtype="fp32", verify=False))
+    work, ckpt, _ = exported_preset(args.preset, "fp32")
     weights = sum(p.stat().st_size for p in (work / "export").glob("*.data"))
 
     modes = ["ort-shared", "ort-prepacked", "hf"]

@@ -16,8 +16,8 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
+
+from workdir import exported_preset  # benchmarks/workdir.py (the script's directory is on sys.path)
 
 CHILD = r"""
 import json, sys, time, torch
@@ -76,12 +76,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    from hybridtrt.exporter.export import ExportOptions, export
-    from hybridtrt.models import create_checkpoint
-
-    work = Path(tempfile.mkdtemp(prefix="hybridtrt-bench-"))
-    ckpt = create_checkpoint(args.preset, work / "ckpt")
-    export(ckpt, work / "export", ExportOptions(dtype="fp32", verify=False))
+    work, ckpt, _ = exported_preset(args.preset, "fp32")
     rows = []
     for threads in args.threads:
         cmd = [sys.executable, "-c", CHILD, str(work / "export"), str(ckpt), str(threads), json.dumps(args.lengths), str(args.steps), str(args.rounds)]

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from timing import interleaved_median_times  # benchmarks/timing.py (the script's directory is on sys.path)
+from workdir import exported_preset  # benchmarks/workdir.py
 
 
 def main() -> None:
@@ -34,15 +33,11 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=2, help="in-process runs after the first; the last is reported (the first beside it)")
     args = parser.parse_args()
 
-    from hybridtrt.exporter.export import ExportOptions, export
-    from hybridtrt.models import create_checkpoint
     from hybridtrt.models.layers import depthwise_causal_conv
     from hybridtrt.models.loading import load_model
     from hybridtrt.validation.artefact import validate_artefact
 
-    work = Path(tempfile.mkdtemp(prefix="hybridtrt-bench-"))
-    ckpt = create_checkpoint(args.preset, work / "ckpt")
-    export(ckpt, work / "export", ExportOptions(verify=False))
+    work, ckpt, _ = exported_preset(args.preset)
 
     runs = []  # the first in this process pays one-time costs (the reference's first call most)
     for _ in range(1 + args.warm):

@@ -63,6 +63,16 @@ def split_range(n: int, world: int, rank: int, unit: int = 1) -> range:
     return range(start, start + (base + (rank < extra)) * unit)
 
 
+def split_or_shared(count: int, world: int, rank: int) -> range:
+    """Rank ``rank``'s block of ``count`` items that other items read in order (Mamba groups read by heads,
+    KV heads by query heads): its share when ``count % world == 0``, else (``world % count == 0``) the one
+    item its block of readers reads, held by the ``world / count`` ranks that share it."""
+    if count % world == 0:
+        return split_range(count, world, rank)
+    first = rank // (world // count)
+    return range(first, first + 1)
+
+
 #: The MoE kernels' width granularity (plugins/kernels/include/hybridtrt/moeKernels.h: D and I "positive
 #: multiples of 16"): an expert's intermediate width splits in blocks of 16 rows where it can, so that every
 #: rank's experts are shapes the kernels take (Nemotron-3-Nano-30B's 1,856 over 8 ranks: 240 or 224 rows,
@@ -152,11 +162,7 @@ class TensorParallelPlan:
 
     def mamba_groups(self, rank: int) -> range:
         """The groups rank ``rank`` holds: its share of them, or the one its heads read (replicated)."""
-        g, n = self.config.n_groups, self.world
-        if g % n == 0:
-            return split_range(g, n, rank)
-        first = rank // (n // g)
-        return range(first, first + 1)
+        return split_or_shared(self.config.n_groups, self.world, rank)
 
     def norm_group(self, rank: int) -> tuple[int, ...] | None:
         """The ranks that share rank ``rank``'s Mamba group (its gated norm sums over them); None
@@ -172,11 +178,8 @@ class TensorParallelPlan:
         return split_range(self.config.num_attention_heads, self.world, rank)
 
     def kv_heads(self, rank: int) -> range:
-        kv, n = self.config.num_key_value_heads, self.world
-        if kv % n == 0:
-            return split_range(kv, n, rank)
-        first = rank // (n // kv)
-        return range(first, first + 1)
+        """The KV heads rank ``rank`` holds: its share of them, or the one its query heads read (replicated)."""
+        return split_or_shared(self.config.num_key_value_heads, self.world, rank)
 
     def mlp_rows(self, rank: int) -> range:
         return split_range(self.config.intermediate_size, self.world, rank)

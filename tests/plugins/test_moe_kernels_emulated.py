@@ -25,6 +25,7 @@ import torch
 from hybridtrt.ops.moe import group_by_expert, moe_experts_grouped, moe_experts_ref
 from hybridtrt.plugins.kernels import MOE_DTYPE_CODES, MOE_TACTICS, STATUS_NAMES, KernelLibrary
 from hybridtrt.plugins.tolerances import expected_moe_experts, expected_moe_experts_fp8, kernel_gate
+from tests.plugins.test_kernels_emulated import launches, rel_l2  # the SSD emulation tests' helpers
 
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -57,20 +58,6 @@ def emu(kernels: KernelLibrary) -> ctypes.CDLL:
     """The raw library, reset: an sm_89 that runs its launches, no opt-in, error, filter or planted fault."""
     kernels._lib.hybridtrtEmulationReset(89, 0)
     return kernels._lib
-
-
-def launches(emu) -> list[dict]:
-    out = []
-    for i in range(emu.hybridtrtEmulationLaunchCount()):
-        v = (ctypes.c_int64 * 8)()
-        assert emu.hybridtrtEmulationLaunch(i, v) == 0
-        out.append({"grid": tuple(v[0:3]), "block": tuple(v[3:6]), "smem": v[6], "ok": bool(v[7])})
-    return out
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def check(name: str, got: torch.Tensor, want: torch.Tensor, gate: float) -> None:
