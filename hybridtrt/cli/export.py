@@ -37,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the written graphs")
     p.add_argument("--force", action="store_true", help="export into a non-empty directory that is not a hybridtrt export, or into the checkpoint directory")
+    tp = p.add_argument_group("tensor parallelism (README: Tensor parallelism)")
+    tp.add_argument("--tp", type=int, default=None, metavar="N", help="split over N GPUs (2, 4, 8): rank0/ … rankN-1/, one export per rank, verified together")
+    tp.add_argument(
+        "--tp-vocab", choices=["parallel", "replicated"], default=None, help="--tp: embedding and LM head split by vocabulary rows (parallel, default) or whole on every rank"
+    )
     p.add_argument("--dequantize", action="store_true", help="a quantized (ModelOpt FP8/NVFP4) checkpoint: export its weights dequantized to --dtype, no Q/DQ")
     p.add_argument(
         "--dequantize-experts",
@@ -155,6 +160,15 @@ def _check_flags(args: argparse.Namespace) -> None:
         )
     if args.no_verify and args.verify:
         raise InputError(f"--verify {args.verify} and --no-verify contradict each other", fix="pass one of them")
+    if args.tp_vocab and args.tp is None:
+        raise InputError(f"--tp-vocab {args.tp_vocab} only applies to --tp exports", fix="add --tp N, or drop --tp-vocab")
+    if args.tp is not None:
+        if args.tp < 2:
+            raise InputError(f"--tp {args.tp}: tensor parallel needs at least 2 ranks", fix="--tp 2, 4 or 8 (or no --tp: one device)")
+        if args.quantize:
+            raise InputError(f"--quantize {args.quantize} with --tp is not built yet (issue 27)", fix="drop --quantize, or export on one device without --tp")
+        if args.verify:
+            raise InputError(f"--verify {args.verify}: a --tp export is verified by the rank emulator, whole graphs", fix="drop --verify (or --no-verify to skip it)")
 
 
 def _export_dtype(args: argparse.Namespace) -> tuple[str, str]:
@@ -224,6 +238,8 @@ def run(args: argparse.Namespace) -> int:
             weight_scale=args.weight_scale or "tensor",
             recipe=recorded,
         )
+    if args.tp is not None:
+        return _run_tp(args, opts, dtype_source)
     result = export(args.checkpoint, args.output, opts, step=step, progress=progress, quantize=quant, weight_only=weights)
     from rich.markup import escape
 
@@ -273,3 +289,37 @@ def run(args: argparse.Namespace) -> int:
     console.print(table("files written", ["file", "size"], [[escape(str(result.out_dir / n)), human_bytes(s)] for n, s in result.files.items()]))
     return 0
 
+
+
+def _run_tp(args: argparse.Namespace, opts, dtype_source: str) -> int:
+    """``export --tp N``: the rank directories, then a table of what each rank holds."""
+    from rich.markup import escape
+
+    from hybridtrt.exporter.tensor_parallel import TP_MANIFEST, export_tp
+
+    result = export_tp(args.checkpoint, args.output, args.tp, opts, vocab=args.tp_vocab or "parallel", step=step, progress=progress)
+    for line in result.removed_partials:
+        console.print(f"removed an unfinished export left by a killed run: {escape(line)}")
+    plan, first = result.plan, result.ranks[0]
+    v = result.verification
+    rows = [
+        ["ranks", f"{plan.world} ({plan.vocab} vocabulary)"],
+        ["dtype", f"{first.manifest.dtype} ({dtype_source})"],
+        ["parameters", f"{sum(r.parameters for r in result.ranks):,} over the ranks ({sum(r.parameters for r in result.ranks) / result.parameters:.3f}× the model's {result.parameters:,})"],
+    ]
+    if v.get("method") == "skipped":
+        rows.append(["verification", f"skipped: {escape(str(v.get('reason')))}"])
+    else:
+        w = v["worst"]
+        yard = f", the {v['yardstick']} as yardstick" if v.get("yardstick") else ""
+        rows.append(["ORT vs reference", f"{plan.world} ranks emulated (collectives in NumPy) vs the {v['truth']}{yard}; {v['checks']} tensors, "
+                     f"closest to its bound: {escape(w['output'])} rel L2 {w['rel_l2']:.1e} ≤ {w['bound']:.1e}"])  # fmt: skip
+    console.print(table("export summary", ["", ""], rows, numeric=False))
+    holds = []
+    for r, res in enumerate(result.ranks):
+        h = res.manifest.tensor_parallel["holds"]
+        spans = ", ".join(f"{k.replace('_', ' ')} {a}" + (f"–{b - 1}" if b - a > 1 else "") for k, (a, b) in h.items() if k != "vocab_rows" or plan.vocab == "parallel")
+        holds.append([f"rank{r}/", f"{res.parameters:,}", human_bytes(sum(res.files.values())), escape(spans)])
+    console.print(table("ranks", ["dir", "params", "files", "holds"], holds, numeric=False))
+    console.print(f"wrote {escape(str(result.out_dir / TP_MANIFEST))}", markup=True, soft_wrap=True)
+    return 0

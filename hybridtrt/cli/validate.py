@@ -232,7 +232,10 @@ def check_inputs(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from hybridtrt.validation.preflight import check_arguments, check_output_dir, check_output_file
 
-    if args.export_dir is not None:
+    tensor_parallel = args.export_dir is not None and _is_tp_export(args.export_dir)
+    if tensor_parallel:
+        _refuse_for_tp(args)
+    elif args.export_dir is not None:
         check_integrity(args, args.export_dir)
 
     # Refuse bad values and unwritable outputs before importing torch or loading anything.
@@ -256,7 +259,10 @@ def run(args: argparse.Namespace) -> int:
 
         return run_cli(args)
 
-    if args.sensitivity:  # one live display at a time: the bar replaces the spinner
+    if tensor_parallel:
+        with step("validate: every rank's graphs (collectives emulated) and the reference"):
+            report = _validate_tp(args)
+    elif args.sensitivity:  # one live display at a time: the bar replaces the spinner
         with _progress_bar("validate, then sensitivity per quantized layer") as progress:
             report = _validate(args, progress)
     else:
@@ -275,6 +281,47 @@ def run(args: argparse.Namespace) -> int:
             paths = write_report(report, args.report, provenance=origin)
             console.print(f"report: {paths['html']}", markup=False, soft_wrap=True)
     return 0 if report.passed else 1
+
+
+def _is_tp_export(path: str) -> bool:
+    from hybridtrt.exporter.manifest import MANIFEST_FILE
+    from hybridtrt.exporter.tensor_parallel import TP_MANIFEST
+
+    return (Path(path) / TP_MANIFEST).is_file() and not (Path(path) / MANIFEST_FILE).exists()
+
+
+def _refuse_for_tp(args: argparse.Namespace) -> None:
+    """The flags a tensor-parallel export's validation (the rank emulator on ONNX Runtime) does not take."""
+    from hybridtrt.errors import InputError
+
+    flags = {
+        "--backend trt": args.backend == "trt", "--engine": args.engine is not None, "--reference hf": args.reference == "hf",
+        "--prompts": args.prompts is not None, "--load-outputs": args.load_outputs is not None, "--sensitivity": args.sensitivity,
+        "--context": args.context is not None, "--report": args.report is not None,
+    }  # fmt: skip
+    for flag, given in flags.items():
+        if given:
+            raise InputError(
+                f"{flag} is not built for a tensor-parallel export yet ({args.export_dir} holds rank0/ … and hybridtrt-tp.json)",
+                fix=f"drop {flag}: `hybridtrt validate {args.export_dir}` runs every rank's graphs in the rank emulator",
+            )
+
+
+def _validate_tp(args: argparse.Namespace):
+    from hybridtrt.exporter.integrity import FULL, SAMPLED
+    from hybridtrt.validation.tensor_parallel import validate_export
+
+    return validate_export(
+        args.export_dir,
+        args.checkpoint,
+        random_n=4 if args.random is None else args.random,
+        prompt_length=48 if args.prompt_length is None else args.prompt_length,
+        steps=8 if args.steps is None else args.steps,
+        seed=args.seed,
+        yardstick=not args.no_yardstick,
+        force=args.force,
+        integrity=FULL if args.check_integrity else SAMPLED,
+    )
 
 
 def _validate(args: argparse.Namespace, progress):

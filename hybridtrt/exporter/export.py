@@ -198,7 +198,7 @@ def _no_progress(label: str, total: int, unit: str = "B") -> Iterator[Callable[[
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Silence torch.onnx's chatter (it prints progress and warns about torchvision)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -536,6 +536,7 @@ def export(
     progress: Progress = _no_progress,
     quantize: QuantizeOptions | None = None,
     weight_only: WeightOnlyOptions | None = None,
+    rank: Any = None,
 ) -> ExportResult:
     """Export a checkpoint directory to ONNX.
 
@@ -549,6 +550,9 @@ def export(
         quantize: FP8 Q/DQ on the linear layers (DESIGN.md §7): calibrate on the reference, then
             the same scales in every graph of the export.
         weight_only: 4-bit weights on the linear layers (W4A16, `hybridtrt.graphs.weight_only`).
+        rank: One rank of a tensor-parallel export (`hybridtrt.exporter.tensor_parallel.RankExport`,
+            from `export_tp`): the checkpoint is read as the rank's slices, the rank's graphs traced
+            with their collectives, nothing verified alone (the ranks are verified together).
 
     Returns:
         `ExportResult`.
@@ -559,6 +563,8 @@ def export(
     flavour = io.cache_flavour(opts.kv_cache, opts.max_cache_len, opset)
     with step("read checkpoint (config.json, safetensors headers)"):
         checkpoint = open_checkpoint(checkpoint_dir, opts.dtype)
+    if rank is not None:
+        checkpoint = rank.view(checkpoint)
     if quantize is not None and weight_only is not None:
         raise ExportError("FP8 Q/DQ and 4-bit weights are two different recipes", fix="pass one --quantize")
     quantize, weight_only = _checkpoint_quantization(checkpoint, quantize, weight_only, opts.dequantize, opts.fp4_activations, opts.dequantize_experts)
@@ -579,7 +585,7 @@ def export(
     preflight.check_memory(preflight.memory_bytes(checkpoint.parameter_bytes, largest, config.num_layers, opts.verify_mode if opts.verify else None))
     from hybridtrt.models.lazy import lazy_model
 
-    reference = lazy_model(checkpoint)
+    reference = lazy_model(checkpoint) if rank is None else None  # a rank's graph means nothing alone
     with OutputDir(Path(out_dir), ARTEFACTS, MANIFEST_FILE, checkpoint.root, force=opts.force) as target, contextlib.ExitStack() as stack:
         target.check_space(preflight.disk_bytes(checkpoint.parameter_bytes, len(roles), opts.verify, held_state_bytes(config, flavour)))
         table = DeferredTable(checkpoint)
@@ -603,7 +609,8 @@ def export(
 
                 run_awq(reference, checkpoint.root, weight_only)
         specs = {role: GraphSpec(logits, decode, opts.per_layer, state_dtype, opset, flavour, opts.speculative) for role, _, _, decode in roles}
-        started = {role: TracedBeside.start(checkpoint, specs[role]) for role, *_ in roles[1:]} if TracedBeside.worthwhile(len(roles)) else {}
+        beside_ok = rank is None and TracedBeside.worthwhile(len(roles))
+        started = {role: TracedBeside.start(checkpoint, specs[role]) for role, *_ in roles[1:]} if beside_ok else {}
         beside = {role: b for role, b in started.items() if b is not None}
         for b in beside.values():
             stack.callback(b.close)
@@ -611,6 +618,9 @@ def export(
             if role in beside:
                 with step(f"trace {role} graph (in a second process, beside the {roles[0][0]} graph)"):
                     proto = beside.pop(role).result(table)
+            elif rank is not None:
+                with step(f"trace {role} graph (rank {rank.rank}'s slices, collectives as DistCollective)"):
+                    proto = rank.trace(checkpoint, table, specs[role])
             else:
                 with step(f"trace {role} graph (torch.export → ONNX, weights not loaded)"):
                     proto = trace_streamed(checkpoint, table, specs[role])
@@ -676,7 +686,7 @@ def export(
             onnx.checker.check_model(str(target.partial / MTP_FILE), full_check=True)
             written += [MTP_FILE, *[d for d in data if d not in written]]
         manifest = Manifest(
-            source={
+            source=dict(rank.source) if rank is not None else {
                 "checkpoint": str(checkpoint.root.resolve()),
                 "sha256": checkpoint_hash(checkpoint.root),
                 "family": config.family,
@@ -697,8 +707,11 @@ def export(
             weight_only=weights_recipe,
             kv_cache=flavour.kind,
             max_cache_len=flavour.max_cache_len,
+            tensor_parallel=rank.describe() if rank is not None else None,
         )
-        if opts.verify:
+        if rank is not None:
+            manifest.verification = {"method": "tensor-parallel", "reason": "a rank's graph is verified with the others' by the rank emulator: ../hybridtrt-tp.json"}
+        elif opts.verify:
             against = "the FP8 reference (fp32)" if recipe else "the 4-bit weights' reference (fp32)" if weights_recipe else "the fp32 reference"
             with step(f"verify with ONNX Runtime against {against} ({opts.verify_mode})"):
                 truth = reference if checkpoint.dtype == torch.float32 else lazy_model(checkpoint.as_dtype(torch.float32))

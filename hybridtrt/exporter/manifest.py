@@ -23,6 +23,8 @@ from hybridtrt.exporter.integrity import SAMPLED, IntegrityReport, check_externa
 from hybridtrt.reading import expect_object, inside, read_json
 
 MANIFEST_FILE = "hybridtrt.json"
+#: The top-level manifest of a tensor-parallel export (`hybridtrt.exporter.tensor_parallel`).
+TP_MANIFEST = "hybridtrt-tp.json"
 #: Largest manifest read (ours are kilobytes; a 9B model's is ~100 KiB).
 MAX_MANIFEST_BYTES = 16 * 2**20
 #: Name prefix of the directory an export is written into before it is published (`hybridtrt.exporter.target`).
@@ -105,6 +107,10 @@ class Manifest:
     max_cache_len: int | None = None
     #: ``{file name: {"bytes", "sha256", "sample_sha256"}}`` of every published file but the manifest itself.
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: One rank of a tensor-parallel export (`hybridtrt.exporter.tensor_parallel`): ``rank``, ``world``,
+    #: ``vocab``, what it ``holds``, its ``norm_group`` and the unsharded ``model``; ``model`` above is the
+    #: rank's (its graphs and states). None for a one-device export (and then not written).
+    tensor_parallel: dict[str, Any] | None = None
 
     @property
     def cache_flavour(self):
@@ -135,6 +141,8 @@ class Manifest:
             "max_cache_len": self.max_cache_len,
             "files": self.files,
         }
+        if self.tensor_parallel is not None:
+            d["tensor_parallel"] = self.tensor_parallel
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -183,6 +191,11 @@ def read_manifest(export_dir: str | Path, *, integrity: str | None = SAMPLED) ->
             fix="point at the export directory itself (the parent of this folder); re-export if it has no hybridtrt.json",
         )
     path = root / MANIFEST_FILE
+    if not path.is_file() and (root / TP_MANIFEST).is_file():
+        raise ArtefactError(
+            f"{export_dir} is a tensor-parallel export (rank0/ … and {TP_MANIFEST}): its ranks' graphs compute together",
+            fix=f"`hybridtrt validate {export_dir}` runs them together (the rank emulator); build each rank: `hybridtrt build {root / 'rank0'}`",
+        )
     if not path.is_file():
         raise ArtefactError(f"{export_dir} has no {MANIFEST_FILE}: not a (complete) hybridtrt export", fix="run `hybridtrt export CHECKPOINT -o DIR` and point at DIR")
     d = expect_object(
@@ -227,3 +240,19 @@ def check_export(export_dir: str | Path, manifest: Manifest, *, level: str = SAM
             raise ArtefactError(f"{Path(export_dir) / entry.file} is not an ONNX model ({type(e).__name__}: {e})", fix=_FIX) from None
         check_external_data(export_dir, entry.file, proto, manifest.files)
     return report
+
+
+def refuse_alone(export_dir: str | Path, manifest: Manifest) -> None:
+    """Refuse to run one rank of a tensor-parallel export by itself (its collectives need the others).
+
+    Raises:
+        ArtefactError: ``manifest`` is a rank's, naming its rank and world, with the fix.
+    """
+    tp = manifest.tensor_parallel
+    if tp is None:
+        return
+    parent = Path(export_dir).resolve().parent
+    raise ArtefactError(
+        f"{export_dir} is rank {tp.get('rank')} of a {tp.get('world')}-rank tensor-parallel export: its graph computes only with the other ranks'",
+        fix=f"`hybridtrt validate {parent}` runs every rank together (the rank emulator); TensorRT: one engine per rank on {tp.get('world')} GPUs",
+    )

@@ -176,6 +176,14 @@ def _remove_marked(folder: Path) -> None:
 # --- renameat2 ---------------------------------------------------------------------------------
 
 
+def _remove(path: Path) -> None:
+    """Remove an artefact: a file, or a directory of files (a tensor-parallel export's ``rank{r}/``)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 def _renameat2(source: Path, dest: Path, flags: int) -> None:
     """``renameat2(2)``; OSError(ENOSYS) where the C library has no such call."""
     if not sys.platform.startswith("linux"):
@@ -385,10 +393,12 @@ class OutputDir:
             _reached("previous manifest removed")
         for name in sorted(self.artefacts - set(names)):
             with contextlib.suppress(FileNotFoundError):
-                (self.path / name).unlink()
+                _remove(self.path / name)
                 _reached(f"removed {name}")
         for name in names:
             if name != self.manifest:
+                if (self.path / name).is_dir() and not (self.path / name).is_symlink():
+                    shutil.rmtree(self.path / name)  # an artefact directory (a tensor-parallel export's rank{r}/) left without a manifest
                 os.replace(self.partial / name, self.path / name)
                 _reached(f"moved {name}")
         fsync_dir(self.path)
@@ -468,7 +478,7 @@ class OutputDir:
         """Delete the previous export (now in ``sibling``); move anything else in it back."""
         for child in sibling.iterdir():
             if child.name in self.artefacts:
-                child.unlink()
+                _remove(child)
             elif child.name != MARKER_FILE:  # not ours: put there while publishing
                 with contextlib.suppress(OSError):  # a name taken meanwhile: reported below
                     _renameat2(child, self.path / child.name, _RENAME_NOREPLACE)

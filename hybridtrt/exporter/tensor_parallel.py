@@ -2,24 +2,46 @@
 collectives as ``trt::DistCollective`` nodes (`hybridtrt.ops.collectives`), through the same graph
 passes as a one-device export.
 
-This is the in-memory form (the weights inline, sliced from a loaded model), what the rank emulator
-(`hybridtrt.runtime.rank_emulator`) and its tests run; ``export --tp N`` streaming each rank's slices
-from the checkpoint into ``rank{r}/`` directories is the next step of issue 27.
+`rank_graphs` is the in-memory form (the weights inline, sliced from a loaded model), what the rank
+emulator's tests run. `export_tp` (``hybridtrt export --tp N``) writes ``rank{r}/`` export directories,
+each streamed from the checkpoint as the rank's slices (`hybridtrt.models.tensor_parallel.RankCheckpoint`)
+by the one-device exporter, and verifies the ranks together in the rank emulator before publishing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
 import onnx
 import onnx_ir as ir
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from hybridtrt.exporter import io
+from hybridtrt import CONTRACT_VERSION
+from hybridtrt.exporter import io, trace_cache
 from hybridtrt.exporter.export import GraphSpec, export_program, optimize_program, run_passes
-from hybridtrt.exporter.streaming import PARAM_PREFIX, FrozenTrace
+from hybridtrt.exporter.integrity import SAMPLED
+from hybridtrt.exporter.manifest import TP_MANIFEST  # beside rank0/ … rank{N-1}/, each a normal export directory
+from hybridtrt.exporter.streaming import PARAM_PREFIX, DeferredTable, FrozenTrace, defer_large_initializers, trace_and_optimize, trace_inputs
 from hybridtrt.exporter.wrapper import example_inputs
 from hybridtrt.models.config import HybridConfig
-from hybridtrt.models.model import HybridLM
-from hybridtrt.models.tensor_parallel import TensorParallelPlan, TracingCommunicator, rank_model
+from hybridtrt.models.loading import Checkpoint, open_checkpoint
+from hybridtrt.models.model import HybridLM, meta_modules
+from hybridtrt.models.tensor_parallel import (
+    VOCAB_START,
+    RankCheckpoint,
+    RankLM,
+    TensorParallelPlan,
+    TracingCommunicator,
+    Vocab,
+    rank_checkpoint,
+    rank_model,
+    wire_rank,
+)
 from hybridtrt.ops.collectives import DIST_COLLECTIVE, TRT_DOMAIN, dist_collective_function
 
 
@@ -81,3 +103,282 @@ def attach_dist_collective(proto: onnx.ModelProto, opset: int) -> onnx.ModelProt
     if not any(e.domain == TRT_DOMAIN for e in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(TRT_DOMAIN, 1))
     return proto
+
+
+# -------------------------------------------------------------------------------------------------
+# export --tp N: rank directories streamed from the checkpoint
+
+#: Prompts the rank emulator verifies an export on: batch, longest prompt, one-token steps.
+VERIFY_BATCH, VERIFY_LENGTH, VERIFY_STEPS = 2, 11, 2
+
+
+def rank_dir(rank: int) -> str:
+    return f"rank{rank}"
+
+
+@dataclass
+class RankExport:
+    """What `hybridtrt.exporter.export.export` needs to write rank ``rank``'s directory: the plan, the
+    traces the ranks share (one per distinct rank config and graph), and the manifest's ``source`` (the
+    checkpoint is hashed once, not once per rank)."""
+
+    plan: TensorParallelPlan
+    rank: int
+    source: dict
+    traces: dict = field(default_factory=dict)
+
+    def view(self, checkpoint: Checkpoint) -> RankCheckpoint:
+        return rank_checkpoint(checkpoint, self.plan, self.rank)
+
+    def describe(self) -> dict:
+        """The rank's ``tensor_parallel`` entry of its manifest."""
+        plan = self.plan
+        return {
+            "rank": self.rank,
+            "world": plan.world,
+            "vocab": plan.vocab,
+            "holds": plan.holds(self.rank),
+            "norm_group": list(plan.norm_group(self.rank) or []),
+            "model": plan.config.to_dict(),
+            "manifest": f"../{TP_MANIFEST}",
+        }
+
+    def trace(self, view: RankCheckpoint, table: DeferredTable, spec: GraphSpec) -> onnx.ModelProto:
+        """The rank's graph of ``spec`` with its large initializers as placeholders (`trace_streamed` for a
+        rank): the unoptimized trace of its config (traced once, on fake weights, for every rank of that
+        config), its groups patched in, its own weights attached, optimized, the passes run."""
+        key = (view.config, spec)
+        if key not in self.traces:
+            self.traces[key] = trace_cache.traced(view, spec, partial(_trace_rank, view, spec))
+        frozen = _with_groups(self.traces[key], self.plan.norm_group(self.rank))
+        program, stand_ins, large = trace_and_optimize(frozen, view, optimize_program)
+        defer_large_initializers(program, table, stand_ins, large)
+        proto = program.model_proto
+        del program, stand_ins
+        run_passes(proto, view.config, spec)
+        return attach_dist_collective(proto, spec.opset)
+
+
+def fake_rank_model(view: RankCheckpoint) -> RankLM:
+    """Rank ``view.rank``'s `RankLM` with fake parameters (shapes and dtypes, no storage), wired for tracing."""
+    plan, rank = view.plan, view.rank
+    comm = TracingCommunicator(plan, rank)
+    with meta_modules():
+        model = RankLM(plan, rank, comm).to(view.dtype)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = {name: torch.empty(p.shape, dtype=p.dtype) for name, p in view.parameters.items() if name != VOCAB_START}
+    model.load_state_dict(fake, strict=True, assign=True)
+    return wire_rank(model, plan, rank, comm).requires_grad_(False).eval()
+
+
+def _trace_rank(view: RankCheckpoint, spec: GraphSpec) -> FrozenTrace:
+    model = fake_rank_model(view)
+    inputs = trace_inputs(model, seq=spec.seq, state_dtype=spec.state_dtype, flavour=spec.flavour)
+    return FrozenTrace(export_program(model, inputs, spec, optimize=False))
+
+
+def _with_groups(frozen: FrozenTrace, group: tuple[int, ...] | None) -> FrozenTrace:
+    """``frozen`` with its partial collectives (a shared group's norm) over ``group``."""
+    if group is None:
+        return frozen
+    program = frozen.thaw()
+    for node in program.model.graph:
+        if node.op_type == DIST_COLLECTIVE and list(node.attributes["groups"].as_ints()):
+            node.attributes["groups"] = ir.AttrInt64s("groups", list(group))
+    return FrozenTrace(program)
+
+
+@dataclass
+class TensorParallelResult:
+    """What `export_tp` wrote and found."""
+
+    out_dir: Path
+    plan: TensorParallelPlan
+    ranks: list  # `hybridtrt.exporter.export.ExportResult` per rank
+    verification: dict
+    parameters: int  # the unsharded model's
+    removed_partials: list[str] = field(default_factory=list)
+
+
+def export_tp(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    world: int,
+    options=None,
+    *,
+    vocab: Vocab = "parallel",
+    step=None,
+    progress=None,
+) -> TensorParallelResult:
+    """``hybridtrt export --tp N``: one export directory per rank (``rank{r}/``, each streamed from the
+    checkpoint as the rank's slices: `RankCheckpoint`), verified together by the rank emulator against the
+    unsharded fp32 reference before anything is published, and a top-level manifest (`TP_MANIFEST`).
+
+    Args:
+        checkpoint_dir: HF checkpoint.
+        out_dir: Output directory (created; holds ``rank0/`` … and ``hybridtrt-tp.json``).
+        world: N, the ranks (GPUs).
+        options: `hybridtrt.exporter.export.ExportOptions` (float dtypes, dynamic KV cache).
+        vocab: ``"parallel"`` or ``"replicated"`` embedding and LM head (`TensorParallelPlan`).
+        step, progress: As `hybridtrt.exporter.export.export`'s.
+
+    Raises:
+        ConfigError: A model the plan cannot split over ``world`` (the field, the worlds that fit).
+        ExportError: Options not built for tensor parallelism yet; a verification failure (naming the
+            rank and layer; nothing published).
+    """
+    from hybridtrt.exporter.export import DECODE_FILE, MODEL_FILE, ExportOptions, _no_progress, _no_step, export
+    from hybridtrt.exporter.manifest import checkpoint_hash, tool_versions
+    from hybridtrt.exporter.target import OutputDir
+
+    opts = options or ExportOptions()
+    step, progress = step or _no_step, progress or _no_progress
+    _refuse_options(opts)
+    with step("read checkpoint (config.json, safetensors headers)"):
+        checkpoint = open_checkpoint(checkpoint_dir, opts.dtype)
+    plan = TensorParallelPlan(checkpoint.config, world, vocab)
+    rank_checkpoint(checkpoint, plan, 0)  # refuses what the rank view cannot split, before anything is written
+    names = [rank_dir(r) for r in range(world)]
+    with OutputDir(Path(out_dir), set(names), TP_MANIFEST, checkpoint.root, force=opts.force) as target:
+        with step("hash the checkpoint (config, weights, tokenizer)"):
+            source = {"checkpoint": str(checkpoint.root.resolve()), "sha256": checkpoint_hash(checkpoint.root), "family": checkpoint.config.family}
+        shared: dict = {}
+        results = []
+        for r in range(world):
+            rank = RankExport(plan, r, source, shared)
+            results.append(export(
+                checkpoint_dir, target.partial / rank_dir(r), dataclasses.replace(opts, verify=False, force=False),
+                step=lambda what, r=r: step(f"rank {r}/{world}: {what}"), progress=progress, rank=rank,
+            ))  # fmt: skip
+        verification: dict = {"method": "skipped", "reason": "--no-verify"}
+        if opts.verify:
+            with step(f"verify: {world} ranks' graphs in ONNX Runtime, collectives emulated, against the fp32 reference"):
+                verification = _verify(checkpoint, plan, target.partial, MODEL_FILE, DECODE_FILE, results[0].manifest.dtype)
+        manifest = {
+            "contract_version": CONTRACT_VERSION,
+            "tensor_parallel": {"world": world, "vocab": vocab, "ranks": names},
+            "source": source,
+            "model": checkpoint.config.to_dict(),
+            "dtype": results[0].manifest.dtype,
+            "rank_manifests": {name: _sha256(target.partial / name / "hybridtrt.json") for name in names},
+            "verification": verification,
+            "tools": tool_versions(),
+        }
+        (target.partial / TP_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        target.publish([*names, TP_MANIFEST])
+    return TensorParallelResult(Path(out_dir), plan, results, verification, checkpoint.num_parameters, target.removed_partials)
+
+
+def _refuse_options(opts) -> None:
+    """What ``--tp`` does not build yet, refused before anything is read."""
+    from hybridtrt.errors import ExportError
+
+    refused = {
+        "--speculative": opts.speculative,
+        "--kv-cache static": opts.kv_cache == "static",
+        "--dequantize": opts.dequantize,
+        "--fp4-activations": opts.fp4_activations,
+        "--dequantize-experts": opts.dequantize_experts,
+    }
+    for flag, given in refused.items():
+        if given:
+            raise ExportError(f"{flag} with --tp is not built yet (issue 27)", fix=f"drop {flag}, or export on one device without --tp")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verify(checkpoint: Checkpoint, plan: TensorParallelPlan, root: Path, model_file: str, decode_file: str, dtype: str) -> dict:
+    """The ranks' graphs run by the rank emulator against the unsharded fp32 reference (`validate_ranks`).
+
+    Raises:
+        ExportError: A failing tensor, named with its rank and layer.
+    """
+    from hybridtrt.errors import ExportError
+    from hybridtrt.models.lazy import lazy_model
+    from hybridtrt.runtime.rank_emulator import RankEmulator
+    from hybridtrt.validation.runner import random_prompts
+    from hybridtrt.validation.tensor_parallel import validate_ranks
+
+    def graphs(name: str) -> RankEmulator | None:
+        paths = [root / rank_dir(r) / name for r in range(plan.world)]
+        return RankEmulator([onnx.load(str(p)) for p in paths]) if paths[0].is_file() else None
+
+    ids, mask = random_prompts(VERIFY_BATCH, plan.config.vocab_size, seed=0, min_len=3, max_len=VERIFY_LENGTH)
+    truth = lazy_model(checkpoint.as_dtype(torch.float32))
+    yardstick = None if dtype == "fp32" else lazy_model(checkpoint)  # the one-device model in the graphs' dtype
+    report = validate_ranks(
+        truth, plan, graphs(model_file), ids, mask, steps=VERIFY_STEPS, precision=dtype, decode=graphs(decode_file), yardstick=yardstick
+    )
+    gated = [c for c in report.checks if c.allowed]
+    closest = max(gated, key=lambda c: c.comparison.rel_l2 / c.allowed)  # the tensor nearest its bound
+    if not report.passed:
+        first = report.first_divergence or {}
+        failed = report.failures[0]
+        where = f"rank {first['rank']}, layer {first['layer']} ({first['tensor']})" if first else f"{failed.phase} {failed.name}"
+        raise ExportError(
+            f"the rank graphs disagree with the fp32 reference at {where}: {'; '.join(failed.failures)[:300]}",
+            fix="nothing was published; report this with the checkpoint's config.json and the --tp value",
+        )
+    return {
+        "method": "rank-emulator",
+        "executor": f"onnxruntime × {plan.world} ranks, collectives in NumPy",
+        "truth": "fp32 reference (one device)",
+        "yardstick": report.yardstick,
+        "precision": dtype,
+        "prompts": report.prompt_lengths,
+        "steps": VERIFY_STEPS,
+        "checks": len(report.checks),
+        "worst": {
+            "output": f"{closest.phase} {closest.name}",
+            "rel_l2": closest.comparison.rel_l2,
+            "bound": closest.allowed,
+            "yardstick_rel_l2": None if closest.yardstick is None else closest.yardstick.rel_l2,
+        },
+    }
+
+
+def read_tp_manifest(export_dir: str | Path, *, integrity: str | None = SAMPLED) -> tuple[dict, list]:
+    """A tensor-parallel export's top-level manifest and its ranks' manifests, checked to be one export:
+    every ``rank{r}/hybridtrt.json`` has the sha256 the top-level manifest recorded, and says it is rank
+    ``r`` of that world (a rank directory moved or swapped is refused).
+
+    Args:
+        export_dir: The directory ``export --tp`` wrote (holding `TP_MANIFEST`).
+        integrity: The ranks' file check (`hybridtrt.exporter.manifest.read_manifest`: sampled, full, or None).
+
+    Raises:
+        ArtefactError: What is missing or not what the manifest recorded, with a fix.
+    """
+    from hybridtrt.errors import ArtefactError
+    from hybridtrt.exporter.manifest import MANIFEST_FILE, read_manifest
+    from hybridtrt.reading import expect_object, read_json
+
+    root = Path(export_dir)
+    fix = f"re-export it: hybridtrt export CHECKPOINT -o {root} --tp N"
+    top = expect_object(read_json(root / TP_MANIFEST, what="the tensor-parallel manifest", error=ArtefactError, fix=fix, limit=1 << 20),
+                        source=str(root / TP_MANIFEST), error=ArtefactError, fix=fix)  # fmt: skip
+    if top.get("contract_version") != CONTRACT_VERSION:
+        raise ArtefactError(f"{root / TP_MANIFEST} has contract_version {top.get('contract_version')!r}, this hybridtrt reads {CONTRACT_VERSION}", fix=fix)
+    try:
+        world, names, recorded = int(top["tensor_parallel"]["world"]), list(top["tensor_parallel"]["ranks"]), dict(top["rank_manifests"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtefactError(f"{root / TP_MANIFEST} is missing or has malformed fields ({e})", fix=fix) from None
+    if names != [rank_dir(r) for r in range(world)]:
+        raise ArtefactError(f"{root / TP_MANIFEST} lists ranks {names}, not rank0 … rank{world - 1}", fix=fix)
+    manifests = []
+    for r, name in enumerate(names):
+        path = root / name / MANIFEST_FILE
+        if not path.is_file():
+            raise ArtefactError(f"{root / name} has no {MANIFEST_FILE}: rank {r} of the {world}-rank export is missing", fix=fix)
+        if _sha256(path) != recorded.get(name):
+            raise ArtefactError(f"{path} is not the manifest the tensor-parallel export recorded for rank {r} (sha256 differs)", fix=fix)
+        m = read_manifest(root / name, integrity=integrity)
+        tp = m.tensor_parallel or {}
+        if tp.get("rank") != r or tp.get("world") != world:
+            raise ArtefactError(f"{root / name} holds rank {tp.get('rank')} of {tp.get('world')}, not rank {r} of {world}", fix=fix)
+        manifests.append(m)
+    return top, manifests

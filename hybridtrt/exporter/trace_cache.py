@@ -8,7 +8,8 @@ The unoptimized trace (`traced`; `hybridtrt.exporter.streaming.FrozenTrace`),
 90 % of the tracing time, is replayed for any checkpoint of the same structure, whatever its
 values: the trace runs on fake weights, so it depends only on
 
-- the config, the model dtype, and every parameter's name, shape and dtype;
+- the config, the model dtype, and every parameter's name, shape and dtype (and, for one rank of a
+  tensor-parallel export, the world and vocabulary split: `RankCheckpoint.trace_tag`);
 - the graph's spec (logits, decode, per-layer outputs, state dtype, opset, KV flavour);
 - every source file of the ``hybridtrt`` package and the versions of torch, onnx, onnxscript and
   onnx-ir.
@@ -105,6 +106,7 @@ def _trace_key(checkpoint: Any, spec: Any) -> str:
         [(name, list(p.shape), str(p.dtype)) for name, p in checkpoint.parameters.items()],
         repr(spec),
         _code_digest(),
+        getattr(checkpoint, "trace_tag", None),  # what else the traced module depends on (a tensor-parallel rank's world)
     ]
     return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()
 

@@ -45,6 +45,7 @@ from hybridtrt.errors import ConfigError
 from hybridtrt.models.collectives import Communicator
 from hybridtrt.models.config import ATTENTION, MAMBA, MLP, MOE, HybridConfig
 from hybridtrt.models.layers import GatedRMSNorm, wide
+from hybridtrt.models.loading import Checkpoint, ParameterSource
 from hybridtrt.models.model import HybridLM, meta_modules
 from hybridtrt.models.moe import MoE
 from hybridtrt.ops import collectives  # noqa: F401  (registers torch.ops.hybridtrt.all_reduce / all_gather)
@@ -283,6 +284,38 @@ class TensorParallelPlan:
             }.get(rest)
         return None
 
+    def part(self, name: str, rank: int) -> tuple[int, list[int] | range] | None:
+        """``(dim, indices)`` of rank ``rank``'s part of the parameter ``name`` along ``dim``, or None when
+        every rank holds it whole."""
+        return self._rows(name, rank)
+
+    def shard_shape(self, name: str, shape: Sequence[int], rank: int) -> tuple[int, ...]:
+        """The shape of rank ``rank``'s part of a parameter of shape ``shape``."""
+        where = self._rows(name, rank)
+        if where is None:
+            return tuple(shape)
+        dim, idx = where
+        return (*shape[:dim], len(idx), *shape[dim + 1 :])
+
+    def holds(self, rank: int) -> dict[str, list[int]]:
+        """What rank ``rank`` holds, as ``[start, stop)`` of each split (recorded in its export's manifest)."""
+        c = self.config
+        out: dict[str, list[int]] = {}
+        spans = {"vocab_rows": self.vocab_rows(rank)}
+        if c.layers_of(MAMBA):
+            spans |= {"mamba_heads": self.mamba_heads(rank), "mamba_groups": self.mamba_groups(rank)}
+        if c.layers_of(ATTENTION):
+            spans |= {"q_heads": self.q_heads(rank), "kv_heads": self.kv_heads(rank)}
+        if c.layers_of(MLP):
+            spans["mlp_rows"] = self.mlp_rows(rank)
+        if c.moe is not None:
+            spans["expert_rows"] = self.expert_rows(rank)
+            if c.moe.shared_intermediate_size:
+                spans["shared_expert_rows"] = self.shared_rows(rank)
+        for name, r in spans.items():
+            out[name] = [r.start, r.stop]
+        return out
+
     def shard(self, name: str, tensor: Tensor, rank: int) -> Tensor:
         """Rank ``rank``'s part of the parameter ``name`` (a view when contiguous, else a copy)."""
         where = self._rows(name, rank)
@@ -380,6 +413,10 @@ class GroupShardedGatedRMSNorm(GatedRMSNorm):
         return self.weight * h.to(dtype)
 
 
+#: `RankLM`'s buffer holding the rank's first vocabulary row (an initializer of its graph).
+VOCAB_START = "vocab_start"
+
+
 class RankLM(HybridLM):
     """One rank's reference model: `HybridLM` at `TensorParallelPlan.rank_config`, meeting the other
     ranks at the row-parallel linears, the MoE layers' outputs, the gated norms of shared groups and
@@ -424,8 +461,14 @@ def rank_model(model: HybridLM, plan: TensorParallelPlan, rank: int, comm: Commu
         ranked = RankLM(plan, rank, comm)
     state = {name: plan.shard(name, t.detach(), rank) for name, t in model.state_dict().items()}
     ranked.load_state_dict(state, assign=True, strict=True)
+    return wire_rank(ranked, plan, rank, comm)
+
+
+def wire_rank(ranked: RankLM, plan: TensorParallelPlan, rank: int, comm: Communicator) -> RankLM:
+    """Give a `RankLM` whose parameters are loaded (real or fake) its collectives: the row-parallel
+    linears, the shared groups' norms, the MoE layers' all-reduce, and its vocabulary offset."""
     #: The rank's first vocabulary row (its embedding's ids are ``input_ids - vocab_start``).
-    ranked.register_buffer("vocab_start", torch.tensor(plan.vocab_rows(rank).start, dtype=torch.int64), persistent=False)
+    ranked.register_buffer(VOCAB_START, torch.tensor(plan.vocab_rows(rank).start, dtype=torch.int64), persistent=False)
     c = plan.config
     for i, block in enumerate(ranked.layers):
         mixer = block.mixer
@@ -446,3 +489,124 @@ def rank_model(model: HybridLM, plan: TensorParallelPlan, rank: int, comm: Commu
                     mixer.out_biases.append(linear.bias.detach())
                     linear.bias = None
     return ranked.eval()
+
+
+# -------------------------------------------------------------------------------------------------
+# A rank's view of a checkpoint
+
+#: Stored bytes read at a time when a rank's part of a parameter is a slice along a later dim
+#: (its columns): the block's rows are read, sliced, and dropped.
+BLOCK_BYTES = 16 << 20
+
+
+def _runs(idx: list[int] | range) -> list[range]:
+    """``idx`` as contiguous runs (``[0, 1, 2, 7, 8]`` → ``range(0, 3), range(7, 9)``)."""
+    if isinstance(idx, range):
+        return [idx] if len(idx) else []
+    out: list[range] = []
+    for i in idx:
+        if out and out[-1].stop == i:
+            out[-1] = range(out[-1].start, i + 1)
+        else:
+            out.append(range(i, i + 1))
+    return out
+
+
+@dataclass
+class RankCheckpoint(Checkpoint):
+    """Rank ``rank``'s view of an opened checkpoint (`hybridtrt.models.loading.Checkpoint`): its config is
+    the rank's (`TensorParallelPlan.rank_config`), its parameters the rank's parts, read from the
+    checkpoint's files in blocks (the rows of a row slice, one block of rows at a time for a column slice,
+    one expert at a time for a stack of experts), so a rank's export streams ~1/N of the weights and never
+    holds a whole sharded tensor. The streaming exporter reads it as any checkpoint.
+
+    ``vocab_start`` (`VOCAB_START`) is one more parameter: `RankLM`'s vocabulary offset, an initializer
+    of the rank's graph.
+    """
+
+    full: Checkpoint | None = None
+    plan: TensorParallelPlan | None = None
+    rank: int = 0
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel for name, p in self.parameters.items() if name != VOCAB_START)
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(p.nbytes for name, p in self.parameters.items() if name != VOCAB_START)
+
+    @property
+    def trace_tag(self) -> str:
+        """What the traced `RankLM` depends on beyond the config and parameter shapes: its collectives'
+        world (`hybridtrt.exporter.trace_cache`; the shared groups are patched per rank after the trace)."""
+        return f"tensor parallel: world {self.plan.world}, vocab {self.plan.vocab}"
+
+    def as_dtype(self, dtype) -> RankCheckpoint:
+        return rank_checkpoint(self.full.as_dtype(dtype), self.plan, self.rank)
+
+    def read(self, name: str) -> Tensor:
+        """Rank ``rank``'s part of parameter ``name`` in the model dtype, checked for NaN/Inf."""
+        if name == VOCAB_START:
+            return torch.tensor(self.plan.vocab_rows(self.rank).start, dtype=torch.int64)
+        where = self.plan.part(name, self.rank)
+        if where is None:
+            return self.full.read(name)
+        dim, idx = where
+        if dim == 0:
+            return torch.cat([self.full.read_rows(name, r.start, r.stop) for r in _runs(idx)])
+        source = self.full.parameters[name]
+        rows = source.shape[0]
+        step = max(1, BLOCK_BYTES // max(1, source.nbytes // rows))
+        out = torch.empty(self.parameters[name].shape, dtype=source.dtype)
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            out[start:stop] = self._cut(self.full.read_rows(name, start, stop), dim, idx)
+        return out
+
+    def read_stored(self, name: str) -> Tensor:
+        return self.read(name)
+
+    def narrows(self, name: str) -> bool:
+        return False  # `read` converts block by block already
+
+    def read_rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of the rank's part (experts ``start:stop`` of a stack of experts)."""
+        where = self.plan.part(name, self.rank)
+        if where is None:
+            return self.full.read_rows(name, start, stop)
+        dim, idx = where
+        if dim == 0:
+            return torch.cat([self.full.read_rows(name, r.start, r.stop) for r in _runs(list(idx)[start:stop])])
+        return self._cut(self.full.read_rows(name, start, stop), dim, idx)
+
+    def read_tensor(self, tensor: str, dtype: torch.dtype) -> Tensor:
+        raise RuntimeError(f"{tensor}: a rank's view reads parameters (read, read_rows), not checkpoint tensors")
+
+    @staticmethod
+    def _cut(block: Tensor, dim: int, idx: list[int] | range) -> Tensor:
+        if isinstance(idx, range):
+            return block.narrow(dim, idx.start, len(idx))
+        return block.index_select(dim, torch.tensor(idx, dtype=torch.int64))
+
+
+def rank_checkpoint(checkpoint: Checkpoint, plan: TensorParallelPlan, rank: int) -> RankCheckpoint:
+    """Rank ``rank``'s `RankCheckpoint` of ``checkpoint`` (nothing is read).
+
+    Raises:
+        ConfigError: What the rank exporter does not split yet: a ModelOpt-quantized checkpoint (its
+            scales would have to be sharded with the weights), biases on an MoE layer's outputs.
+    """
+    if checkpoint.quantization is not None:
+        raise ConfigError(
+            f"--tp of a ModelOpt {checkpoint.quantization.algo} checkpoint is not built yet (its scales must be sharded with its weights; issue 27)",
+            fix="export it on one device, or save it dequantized (bf16) and export that with --tp",
+        )
+    if plan.config.moe is not None and plan.config.mlp_bias:
+        raise ConfigError("--tp of an MoE model with mlp_bias is not built yet (the biases are added after the all-reduce)", fix="export it on one device")
+    parameters = {
+        name: ParameterSource(name, source.tensor, plan.shard_shape(name, source.shape, rank), source.dtype)
+        for name, source in checkpoint.parameters.items()
+    }
+    parameters[VOCAB_START] = ParameterSource(VOCAB_START, f"(rank {rank}'s first vocabulary row)", (), torch.int64)
+    return RankCheckpoint(checkpoint.root, plan.rank_config(rank), checkpoint.index, checkpoint.dtype, parameters, None, full=checkpoint, plan=plan, rank=rank)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridtrt.errors import ArtefactError
-from hybridtrt.exporter.manifest import MANIFEST_FILE
+from hybridtrt.exporter.manifest import MANIFEST_FILE, TP_MANIFEST, read_manifest
 
 
 def _ort(path: Path, **kwargs: Any) -> Any:
@@ -59,6 +59,8 @@ def load(path: str | Path, **kwargs: Any) -> Any:
     if p.is_dir():
         if (p / MANIFEST_FILE).is_file():
             return _ort(p, **kwargs)
+        if (p / TP_MANIFEST).is_file():
+            read_manifest(p)  # says what a tensor-parallel export is and what runs it
         hint = "a checkpoint: export it first (`hybridtrt export DIR -o OUT`)" if (p / "config.json").is_file() else "not an export"
         raise ArtefactError(f"{p} has no {MANIFEST_FILE} ({hint})", fix="pass the directory written by `hybridtrt export`")
     if p.suffix in SUFFIXES:

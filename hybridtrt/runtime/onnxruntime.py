@@ -21,7 +21,7 @@ import torch
 
 from hybridtrt.errors import ArtefactError, InputError
 from hybridtrt.exporter.io import ATTENTION_MASK, CACHE_POSITION, HIDDEN_STATES, INPUT_IDS, LOGITS, MTP_HIDDEN_OUT, PADDING_LENGTH
-from hybridtrt.exporter.manifest import Manifest, read_manifest
+from hybridtrt.exporter.manifest import Manifest, read_manifest, refuse_alone
 from hybridtrt.graphs.held_routing import ROUTED_EXPERTS, held_feeds, hold_routing, routed_ids
 from hybridtrt.models.moe import RoutingHold
 from hybridtrt.runtime.generation import GenerationResult, SamplingConfig, generate, iter_generate
@@ -433,6 +433,7 @@ class OrtModel:
         self.export_dir = Path(export_dir)
         self._threads, self._bf16 = threads, bf16
         self.manifest: Manifest = read_manifest(self.export_dir)
+        refuse_alone(self.export_dir, self.manifest)
         self.flavour = self.manifest.cache_flavour
         self.plan = StatePlan.from_manifest(self.manifest)
         self.attention_budget = attention_budget

@@ -73,6 +73,14 @@ class RankGraph:
     def __init__(self, proto: onnx.ModelProto, threads: int = 1) -> None:
         import onnxruntime as ort
 
+        from hybridtrt.graphs.bf16_emulation import emulate_bf16
+
+        #: The graph inputs' element types as exported (bf16 inputs take fp32 arrays of bf16 values below).
+        self.input_types = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
+        if any(t == onnx.TensorProto.BFLOAT16 for t in self.input_types.values()) or any(
+            i.data_type == onnx.TensorProto.BFLOAT16 for i in proto.graph.initializer
+        ):
+            proto = emulate_bf16(proto)  # ONNX Runtime's CPU provider has no bf16 kernels: fp32, rounded to bf16 where produced
         graph = proto.graph
         initializers = {i.name: i for i in graph.initializer}
         level: dict[str, int] = {name: 0 for name in (*initializers, *(i.name for i in graph.input))}
@@ -140,6 +148,16 @@ class RankEmulator:
     @property
     def world(self) -> int:
         return len(self.ranks)
+
+    def feed(self, name: str, value: np.ndarray) -> np.ndarray:
+        """``value`` as the graphs' input ``name`` takes it: in its element type, a bf16 input as fp32
+        holding bf16 values (the bf16 emulation's form)."""
+        elem = self.ranks[0].input_types[name]
+        if elem == onnx.TensorProto.BFLOAT16:
+            import ml_dtypes
+
+            return value.astype(ml_dtypes.bfloat16).astype(np.float32)
+        return value.astype(helper.tensor_dtype_to_np_dtype(elem), copy=False)
 
     def run(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Each rank's graph outputs for its ``feeds`` (``feeds[r]``: rank r's inputs)."""

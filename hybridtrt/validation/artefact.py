@@ -13,7 +13,7 @@ import torch
 
 from hybridtrt.errors import ArtefactError, InputError
 from hybridtrt.exporter.fp8_reference import FP32_DITHER, as_exported
-from hybridtrt.exporter.manifest import Manifest, read_manifest
+from hybridtrt.exporter.manifest import Manifest, read_manifest, refuse_alone
 from hybridtrt.models.config import load_config
 from hybridtrt.models.loading import load_model, parse_dtype
 from hybridtrt.models.tokenizer import load_tokenizer
@@ -104,6 +104,8 @@ def validate_artefact(
         backend=backend, reference=reference, steps=steps, random_n=random_n, load_outputs=load_outputs, target_cosine=target_cosine, prompt_length=prompt_length
     )
     manifest = read_manifest(export_dir) if export_dir is not None else None
+    if manifest is not None:
+        refuse_alone(export_dir, manifest)
     if sensitivity:
         from hybridtrt.validation.sensitivity import check_recipe
 

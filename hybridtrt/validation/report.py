@@ -97,7 +97,15 @@ def provenance(export_dir: str | Path | None, checkpoint: str | Path | None = No
     import hybridtrt
 
     out: dict[str, str] = {}
-    if export_dir is not None:
+    if export_dir is not None and (Path(export_dir) / "hybridtrt-tp.json").is_file() and not (Path(export_dir) / "hybridtrt.json").exists():
+        from hybridtrt.exporter.tensor_parallel import read_tp_manifest
+
+        top, _ = read_tp_manifest(export_dir, integrity=None)
+        out["export"] = f"{Path(export_dir).resolve()} ({top['tensor_parallel']['world']} ranks, hybridtrt-tp.json)"
+        out["checkpoint"] = str(checkpoint or top["source"].get("checkpoint"))
+        out["checkpoint sha256"] = str(top["source"].get("sha256", "not recorded"))
+        out["exported by"] = f"hybridtrt {top['tools'].get('hybridtrt', '?')}"
+    elif export_dir is not None:
         from hybridtrt.exporter.manifest import read_manifest
 
         m = read_manifest(export_dir, integrity=None)  # the validation already checked the files

@@ -19,7 +19,9 @@ import torch
 
 from hybridtrt.exporter import io
 from hybridtrt.exporter.tensor_parallel import rank_inputs
+from hybridtrt.exporter.integrity import SAMPLED
 from hybridtrt.exporter.wrapper import flat_from_cache
+from hybridtrt.models.cache import HybridCache
 from hybridtrt.models.model import HybridLM
 from hybridtrt.models.tensor_parallel import TensorParallelPlan
 from hybridtrt.runtime.rank_emulator import RankEmulator
@@ -35,6 +37,8 @@ def validate_ranks(
     *,
     steps: int = 2,
     precision: str = "fp32",
+    decode: Sequence[onnx.ModelProto] | RankEmulator | None = None,
+    yardstick: HybridLM | None = None,
 ) -> Report:
     """Run every rank's unified graph (dynamic cache; per layer by the states, and by the layer outputs
     when the graphs have them) and judge it.
@@ -46,8 +50,13 @@ def validate_ranks(
         input_ids, attention_mask: ``[B, L]`` left-padded prompts.
         steps: Teacher-forced one-token calls after the prefill.
         precision: The gates' key (the graphs' dtype).
+        decode: The ranks' decode graphs (one token), which then run the steps; else the unified ones do.
+        yardstick: The one-device model in the graphs' half dtype, run on the same inputs (the truth's
+            states cast to its dtype): each gate scales with its distance from the truth, as a one-device
+            export's verification does (`hybridtrt.exporter.verify`). None for fp32 graphs.
     """
     emulator = protos if isinstance(protos, RankEmulator) else RankEmulator(protos)
+    stepper = emulator if decode is None else decode if isinstance(decode, RankEmulator) else RankEmulator(decode)
     names = io.input_names(model.config, io.DYNAMIC_CACHE)
     report = Report(
         backend=f"onnxruntime × {plan.world} ranks (emulated collectives)",
@@ -58,39 +67,115 @@ def validate_ranks(
         steps=steps,
     )
 
-    def call(ids: torch.Tensor, mask: torch.Tensor, cache) -> tuple[object, list[dict[str, np.ndarray]]]:
+    if yardstick is not None:
+        report.yardstick = f"pytorch-{precision}"
+
+    def call(ids: torch.Tensor, mask: torch.Tensor, cache, ranks: RankEmulator) -> tuple[object, object, list[dict[str, np.ndarray]]]:
         with torch.no_grad():
             ref = model(ids, mask, cache, logits="last", output_hidden_states=True)
+            yard = None if yardstick is None else yardstick(ids, mask, _cast(cache, yardstick.dtype), logits="last", output_hidden_states=True)
         full = (ids, mask, *flat_from_cache(io.state_specs(model.config), cache))
-        feeds = [{n: t.numpy() for n, t in zip(names, rank_inputs(model, plan, r, full), strict=True)} for r in range(plan.world)]
-        return ref, emulator.run(feeds)
+        feeds = [{n: ranks.feed(n, t.numpy()) for n, t in zip(names, rank_inputs(model, plan, r, full), strict=True)} for r in range(plan.world)]
+        return ref, yard, ranks.run(feeds)
 
-    ref, got = call(input_ids, attention_mask, model.new_cache(report.batch))
-    check(report, "prefill", "logits", torch.from_numpy(got[0]["logits"]), ref.logits, "call")
-    _layers(report, plan, ref, got, attention_mask)
+    ref, yard, got = call(input_ids, attention_mask, model.new_cache(report.batch), emulator)
+    check(report, "prefill", "logits", torch.from_numpy(got[0]["logits"]), ref.logits, "call", yard=None if yard is None else yard.logits)
+    _layers(report, plan, ref, got, attention_mask, yard)
     token, mask, cache = ref.logits.argmax(-1), attention_mask, ref.cache
     for step in range(1, steps + 1):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        ref, got = call(token[:, None], mask, cache)
+        ref, yard, got = call(token[:, None], mask, cache, stepper)
         for r, out in enumerate(got):
-            check(report, "decode", f"logits (rank {r})", torch.from_numpy(out["logits"]), ref.logits, "steps", step=step)
+            check(report, "decode", f"logits (rank {r})", torch.from_numpy(out["logits"]), ref.logits, "steps", yard=None if yard is None else yard.logits, step=step)
         token, cache = ref.logits.argmax(-1), ref.cache
     return report
 
 
-def _layers(report: Report, plan: TensorParallelPlan, ref, got: list[dict[str, np.ndarray]], mask: torch.Tensor) -> None:
+def _cast(cache: HybridCache, dtype: torch.dtype) -> HybridCache:
+    """The truth's states as a model in ``dtype`` holds them (SSM states keep their own dtype)."""
+    return HybridCache(
+        conv={i: t.to(dtype) for i, t in cache.conv.items()},
+        ssm=dict(cache.ssm),
+        key={i: t.to(dtype) for i, t in cache.key.items()},
+        value={i: t.to(dtype) for i, t in cache.value.items()},
+    )
+
+
+def _layers(report: Report, plan: TensorParallelPlan, ref, got: list[dict[str, np.ndarray]], mask: torch.Tensor, yard=None) -> None:
     """Layer by layer: every rank's states, then its copy of the layer's output; the first failure
     becomes ``report.first_divergence`` with its rank."""
     states = ref.cache.named_states()
-    tensors = [(name, r, plan.state_slice(name, t, r)) for name, t in states.items() for r in range(plan.world)]
+    yard_states = {} if yard is None else yard.cache.named_states()
+    tensors = [(name, r, plan.state_slice(name, t, r), _slice(plan, name, yard_states.get(name), r)) for name, t in states.items() for r in range(plan.world)]
     if "layer_output.0" in got[0]:  # graphs exported with per-layer outputs (GraphSpec(per_layer=True))
-        tensors += [(f"layer_output.{i}", r, h) for i, h in enumerate(ref.hidden_states) for r in range(plan.world)]
+        tensors += [(f"layer_output.{i}", r, h, None if yard is None else yard.hidden_states[i]) for i, h in enumerate(ref.hidden_states) for r in range(plan.world)]
     else:
         report.notes.append("per-layer: the ranks' graphs have no layer outputs, so layers are compared by their states only")
-    for name, rank, want in sorted(tensors, key=lambda t: (layer_of(t[0]), not is_state(t[0]), t[1])):
-        mine = torch.from_numpy(got[rank][name])
+    for name, rank, want, y in sorted(tensors, key=lambda t: (layer_of(t[0]), not is_state(t[0]), t[1])):
+        mine = torch.from_numpy(got[rank][name]).float()
         if mask is not None:  # KV at real positions only (the runner's rule, applied before the rank joins the name)
             mine, want = real_positions(name, mine, mask), real_positions(name, want, mask)
-        result = check(report, "layer", f"{name} (rank {rank})", mine, want, "layer", layer=layer_of(name))
+            y = None if y is None else real_positions(name, y.float(), mask)
+        result = check(report, "layer", f"{name} (rank {rank})", mine, want, "layer", yard=y, layer=layer_of(name))
         if not result.passed and report.first_divergence is None:
             report.first_divergence = {"layer": layer_of(name), "rank": rank, "tensor": name, "why": result.failures, "step": None}
+
+
+def _slice(plan: TensorParallelPlan, name: str, t: torch.Tensor | None, rank: int) -> torch.Tensor | None:
+    return None if t is None else plan.state_slice(name, t, rank)
+
+
+def validate_export(
+    export_dir,
+    checkpoint=None,
+    *,
+    random_n: int = 4,
+    prompt_length: int = 48,
+    steps: int = 8,
+    seed: int = 0,
+    yardstick: bool = True,
+    force: bool = False,
+    integrity: str | None = SAMPLED,
+) -> Report:
+    """``hybridtrt validate DIR`` of a tensor-parallel export (``export --tp N``): every rank's graphs run
+    by the rank emulator (unified for the prompt, decode for the steps) against the unsharded reference
+    of the source checkpoint, with the one-device gates; a fault is named with its rank and layer.
+
+    Raises:
+        ArtefactError: The ranks are not one export (`read_tp_manifest`), or the checkpoint is not the
+            source (its sha256; ``force`` skips that check).
+    """
+    from pathlib import Path
+
+    from hybridtrt.errors import ArtefactError
+    from hybridtrt.exporter.export import DECODE_FILE, MODEL_FILE
+    from hybridtrt.exporter.manifest import checkpoint_hash
+    from hybridtrt.exporter.tensor_parallel import rank_dir, read_tp_manifest
+    from hybridtrt.models.lazy import lazy_model
+    from hybridtrt.models.loading import open_checkpoint
+    from hybridtrt.validation.runner import random_prompts
+
+    root = Path(export_dir)
+    top, manifests = read_tp_manifest(root, integrity=integrity)
+    source = top.get("source", {})
+    ckpt = Path(checkpoint or source.get("checkpoint", ""))
+    if not force and checkpoint_hash(ckpt) != source.get("sha256"):
+        raise ArtefactError(
+            f"checkpoint {ckpt} is not the one {root} was exported from (sha256 differs)",
+            fix="pass --checkpoint with the export's source, or --force to compare anyway",
+        )
+    world, vocab, dtype = int(top["tensor_parallel"]["world"]), top["tensor_parallel"]["vocab"], top["dtype"]
+    opened = open_checkpoint(ckpt, dtype)
+    plan = TensorParallelPlan(opened.config, world, vocab)
+    for r, m in enumerate(manifests):
+        if m.tensor_parallel.get("holds") != plan.holds(r):
+            raise ArtefactError(f"{root / rank_dir(r)} holds {m.tensor_parallel.get('holds')}, not what this version splits: {plan.holds(r)}", fix="re-export with this hybridtrt")
+
+    def graphs(name: str) -> RankEmulator | None:
+        paths = [root / rank_dir(r) / name for r in range(world)]
+        return RankEmulator([onnx.load(str(p)) for p in paths]) if paths[0].is_file() else None
+
+    ids, mask = random_prompts(random_n, plan.config.vocab_size, seed=seed, max_len=prompt_length)
+    truth = lazy_model(opened.as_dtype(torch.float32))
+    yard = lazy_model(opened) if yardstick and dtype != "fp32" else None
+    return validate_ranks(truth, plan, graphs(MODEL_FILE), ids, mask, steps=steps, precision=dtype, decode=graphs(DECODE_FILE), yardstick=yard)

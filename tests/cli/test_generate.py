@@ -128,7 +128,7 @@ def test_speculative_generation_through_the_cli(make_checkpoint, make_export):
     plain_ckpt, last = make_export()
     _, every = make_export(options=ExportOptions(speculative=True))  # test_speculative's: no MTP head
     _, super_export = make_export("tiny-nemotron3-super", ExportOptions(speculative=True))  # test_speculative_export's
-    ids = ("--ids", "5 6 7 8 5 6 7", "--max-new-tokens", "24", "--ignore-eos")
+    ids = ("--ids", "5 6 7 8 5 6 7", "--max-new-tokens", "12", "--ignore-eos")
     cases = [
         ["generate", super_ckpt, *ids],
         ["generate", super_ckpt, *ids, "--speculative", "mtp"],

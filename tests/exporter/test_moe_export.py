@@ -18,7 +18,7 @@ from hybridtrt.models import load_model
 from hybridtrt.ops.moe_onnx import MOE_EXPERTS
 from hybridtrt.ops.onnx_functions import DOMAIN
 from hybridtrt.runtime.onnxruntime import OrtModel
-from hybridtrt.judge.metrics import compare, rel_l2
+from hybridtrt.judge.metrics import rel_l2
 from tests.conftest import left_padded_batch
 from tests.exporter.test_export import _compare_call
 
@@ -105,16 +105,6 @@ def test_group_routing_latent_moe_export(make_export):
         _compare_call(model, ort, ids, mask)
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert any(n.name.endswith("/mixer/fc1_latent_proj/MatMul") for n in proto.graph.node)
-
-
-def test_fp16_export_runs_on_ort(make_export):
-    ckpt, out = make_export(PRESET, ExportOptions(dtype="fp16", verify=False))  # compared below
-    model = load_model(ckpt, "fp16")
-    assert model.layers[1].mixer.gate.weight.dtype == torch.float32  # the router stays fp32
-    ids, mask = left_padded_batch([21, 9], 256, seed=5)
-    ref = TorchStepper(model).generate(ids, mask, max_new_tokens=8, keep_logits=True)
-    got = OrtModel(out).generate(ids, mask, max_new_tokens=8, keep_logits=True)
-    assert compare(got.logits[0], ref.logits[0]).cosine >= 0.999
 
 
 def test_reexport_is_byte_identical(make_export, tmp_path):

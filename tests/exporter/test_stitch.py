@@ -58,7 +58,9 @@ def test_prototype_is_one_layer_per_kind_after_the_first():
     [
         # M*M-M-: prototype M*M-, layers 4 and 5 copies of 2 and 3 (the whole trace is 6 layers, not the preset's 8).
         ("tiny-nemotron-h", {"hybrid_override_pattern": "M*M-M-", "num_hidden_layers": 6}, ExportOptions(split=True, verify=False, per_layer=True)),
-        ("tiny-nemotron3-super", {}, ExportOptions(split=False, verify=False, dtype="bf16", speculative=True, kv_cache="static", max_cache_len=160)),
+        # MEM*EM: prototype MEM*, layers 4 and 5 copies of 1 and 2 (the preset's 9 layers cut to 6 for the witness's trace).
+        ("tiny-nemotron3-super", {"hybrid_override_pattern": "MEM*EM", "num_hidden_layers": 6},
+         ExportOptions(split=False, verify=False, dtype="bf16", speculative=True, kv_cache="static", max_cache_len=160)),
     ],
     ids=["dense-both-graphs-per-layer", "moe-static-mtp-bf16"],
 )

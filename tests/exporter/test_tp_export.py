@@ -1,0 +1,168 @@
+"""``hybridtrt export --tp N`` (DESIGN.md §12): one export directory per rank, each streamed from the
+checkpoint as the rank's slices (`hybridtrt.models.tensor_parallel.RankCheckpoint`), verified together by
+the rank emulator against the unsharded fp32 reference before anything is published; ``hybridtrt
+validate`` on the result; a fault in one rank's stream named with its rank and layer, nothing published.
+
+The model is tests/validation/test_tensor_parallel.py's: every block kind in four layers (MLP, attention,
+MoE, Mamba), so at 4 ranks its 2 Mamba groups are shared by 2 ranks each and its 2 KV heads replicated."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from hybridtrt.errors import ExportError
+from hybridtrt.exporter.export import ExportOptions
+from hybridtrt.exporter.manifest import MANIFEST_FILE, TP_MANIFEST
+from hybridtrt.exporter.tensor_parallel import export_tp
+from hybridtrt.models.loading import open_checkpoint
+from hybridtrt.models.tensor_parallel import BLOCK_BYTES, RankCheckpoint, TensorParallelPlan, rank_checkpoint
+from tests.cli.batch import run_batch
+
+PATTERN = ["mlp", "attention", "moe", "mamba"]
+MAMBA_LAYER = 3
+
+
+@pytest.fixture(scope="module")
+def checkpoint(make_checkpoint):
+    return make_checkpoint("tiny-nemotron3-moe", num_attention_heads=8, layers_block_type=PATTERN)
+
+
+def _initializers(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+
+@pytest.mark.parametrize("stored", ["fp32", "bf16"])
+def test_a_rank_reads_its_slices_in_blocks(make_checkpoint, stored, monkeypatch):
+    """Every parameter of every rank (4 ranks; MoE experts split inside, uneven splits, a checkpoint
+    stored in bf16 read in fp32) is `TensorParallelPlan.shard` of the whole tensor, read without the whole
+    tensor: rows by runs, columns a block of rows at a time, experts one at a time."""
+    ckpt = make_checkpoint("tiny-nemotron3-moe", num_attention_heads=8, layers_block_type=PATTERN, **({"torch_dtype": "bfloat16"} if stored == "bf16" else {}))
+    full = open_checkpoint(ckpt, "fp32")
+    plan = TensorParallelPlan(full.config, 4)
+    whole = {name: full.read(name) for name in full.parameters}
+    widest = []
+    original = type(full).read_rows
+    monkeypatch.setattr(type(full), "read_rows", lambda self, name, a, b: widest.append((name, b - a)) or original(self, name, a, b))
+    for rank in range(4):
+        view = rank_checkpoint(full, plan, rank)
+        assert isinstance(view, RankCheckpoint) and view.config == plan.rank_config(rank)
+        for name, source in full.parameters.items():
+            got = view.read(name)
+            want = plan.shard(name, whole[name], rank)
+            assert got.shape == view.parameters[name].shape and torch.equal(got, want), (rank, name)
+            if len(source.shape) == 3:  # a stack of experts: row by row (expert by expert) too
+                assert torch.equal(view.read_rows(name, 1, 3), want[1:3]), name
+        assert int(view.read("vocab_start")) == plan.vocab_rows(rank).start
+        assert view.num_parameters == sum(view.parameters[n].numel for n in full.parameters)
+    for name, rows in widest:  # never a whole sharded tensor at once but for small ones
+        source = full.parameters[name]
+        assert rows * source.nbytes // source.shape[0] <= max(BLOCK_BYTES, source.nbytes // 2), (name, rows)
+    assert {n for n, _ in widest} >= {f"layers.{MAMBA_LAYER}.mixer.out_proj.weight", "layers.2.mixer.experts.down_proj"}
+
+
+def test_export_tp_through_the_cli(checkpoint, tmp_path):
+    """``export --tp 4`` writes rank0/ … rank3/ and hybridtrt-tp.json after the rank emulator passed;
+    each rank's graph and weights are the in-memory rank graph's (`rank_graphs`, sliced from the loaded
+    model) exactly; ``validate`` runs the ranks together and passes per layer; a rank alone and the top
+    directory are refused by the one-device runtimes, with the fix; swapped rank directories are refused;
+    flag refusals exit 2 with the value and a fix."""
+    from hybridtrt.exporter.export import GraphSpec
+    from hybridtrt.exporter.tensor_parallel import rank_graphs
+    from hybridtrt.models.loading import load_model
+
+    out = tmp_path / "tp4"
+    cases = [
+        ["export", checkpoint, "-o", out, "--tp", 4, "--per-layer", "--no-split"],
+        ["validate", out, "--random", 2, "--prompt-length", 21, "--steps", 1, "--json", tmp_path / "r.json"],
+        ["validate", out / "rank1"],
+        ["generate", out, "--ids", "1 2", "--max-new-tokens", 2],
+        ["export", checkpoint, "-o", tmp_path / "never", "--tp", 3],
+        ["export", checkpoint, "-o", tmp_path / "never", "--tp", 2, "--quantize", "fp8", "--calib-random", 2],
+        ["export", checkpoint, "-o", tmp_path / "never", "--tp-vocab", "replicated"],
+        ["export", checkpoint, "-o", tmp_path / "never", "--tp", 2, "--kv-cache", "static", "--max-cache-len", 64],
+    ]
+    got = run_batch(cases, columns=80)
+    assert got[0].code == 0, got[0].output
+    text = " ".join(re.sub(r"[│┃]", " ", got[0].stdout).split())  # the tables' cells, unwrapped
+    assert "4 ranks emulated (collectives in NumPy) vs the fp32 reference" in text and "rank3/" in text, text
+    assert all(len(line) <= 80 for line in got[0].stdout.splitlines() if str(tmp_path) not in line)  # paths are never wrapped
+    assert got[1].code == 0 and "PASS" in got[1].stdout, got[1].output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] and report["backend"].startswith("onnxruntime × 4 ranks")
+    assert any(c["name"] == f"layer_output.{MAMBA_LAYER} (rank 3)" for c in report["checks"])  # per layer, every rank
+    for i, (what, fix) in {
+        2: ("is rank 1 of a 4-rank tensor-parallel export", f"hybridtrt validate {out}"),
+        3: ("is a tensor-parallel export", f"hybridtrt build {out / 'rank0'}"),
+        4: ("--tp 3: a rank holds whole Mamba heads", "--tp 2 or 4 or 8"),
+        5: ("--quantize fp8 with --tp is not built yet", "drop --quantize"),
+        6: ("--tp-vocab replicated only applies to --tp exports", "add --tp N"),
+        7: ("--kv-cache static with --tp is not built yet", "drop --kv-cache static"),
+    }.items():
+        o = got[i]
+        assert o.code == 2 and what in " ".join(o.output.split()) and "fix:" in o.output and fix in " ".join(o.output.split()), (cases[i], o.output)
+        assert "Traceback" not in o.output
+    assert not (tmp_path / "never").exists() or not any((tmp_path / "never").iterdir())
+
+    top = json.loads((out / TP_MANIFEST).read_text())
+    assert top["tensor_parallel"] == {"world": 4, "vocab": "parallel", "ranks": ["rank0", "rank1", "rank2", "rank3"]}
+    assert top["verification"]["method"] == "rank-emulator" and top["verification"]["worst"]["rel_l2"] <= top["verification"]["worst"]["bound"]
+    model = load_model(checkpoint)
+    plan = TensorParallelPlan(model.config, 4)
+    memory = rank_graphs(model, plan, GraphSpec(per_layer=True))
+    for rank in range(4):
+        manifest = json.loads((out / f"rank{rank}" / MANIFEST_FILE).read_text())
+        assert manifest["tensor_parallel"]["rank"] == rank and manifest["tensor_parallel"]["holds"] == plan.holds(rank)
+        assert manifest["model"] == plan.rank_config(rank).to_dict()
+        streamed = onnx.load(str(out / f"rank{rank}" / "model.onnx"))
+        assert [(n.op_type, n.name, list(n.input), list(n.output)) for n in streamed.graph.node] == [
+            (n.op_type, n.name, list(n.input), list(n.output)) for n in memory[rank].graph.node
+        ]
+        a, b = _initializers(streamed), _initializers(memory[rank])
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), rank
+
+    swapped = shutil.copytree(out, tmp_path / "swapped")
+    (swapped / "rank1").rename(swapped / "tmp")
+    (swapped / "rank2").rename(swapped / "rank1")
+    (swapped / "tmp").rename(swapped / "rank2")
+    o = run_batch([["validate", swapped]])[0]
+    assert o.code == 2 and "is not the manifest the tensor-parallel export recorded for rank 1" in " ".join(o.output.split()), o.output
+
+
+def test_a_fault_in_one_ranks_stream_fails_the_export_at_its_rank_and_layer(checkpoint, tmp_path, monkeypatch):
+    """The verification is a gate: rank 2's in_proj of the Mamba layer read 10 % too large fails it,
+    named with that rank and layer; nothing is published."""
+    original = RankCheckpoint.read
+
+    def faulty(self, name):
+        t = original(self, name)
+        return t * 1.1 if self.rank == 2 and name == f"layers.{MAMBA_LAYER}.mixer.in_proj.weight" else t
+
+    monkeypatch.setattr(RankCheckpoint, "read", faulty)
+    out = tmp_path / "bad"
+    with pytest.raises(ExportError, match=f"rank 2, layer {MAMBA_LAYER} "):
+        export_tp(checkpoint, out, 4, ExportOptions(per_layer=True, split=False))
+    assert not (out / TP_MANIFEST).exists() and not any(p.name.startswith("rank") for p in out.iterdir())
+
+
+def test_a_bf16_export_is_judged_with_the_bf16_yardstick(checkpoint, tmp_path, monkeypatch):
+    """bf16 ranks (2, with the decode graph running the steps) against the fp32 truth, each gate scaled by
+    the one-device bf16 model's error as a one-device export's verification is; a 5 % fault in rank 1's
+    Mamba in_proj fails it there (a layer without states, MoE, is judged by its output only in graphs
+    exported with --per-layer: the first failure is then the next layer's states, on every rank)."""
+    result = export_tp(checkpoint, tmp_path / "bf16", 2, ExportOptions(dtype="bf16"))
+    v = result.verification
+    assert v["yardstick"] == "pytorch-bf16" and v["precision"] == "bf16" and v["worst"]["rel_l2"] <= v["worst"]["bound"], v
+    assert {p.name for p in (tmp_path / "bf16" / "rank1").iterdir()} >= {"model.onnx", "decode.onnx", "weights.data", MANIFEST_FILE}
+    original = RankCheckpoint.read
+    planted = f"layers.{MAMBA_LAYER}.mixer.in_proj.weight"
+    monkeypatch.setattr(RankCheckpoint, "read", lambda self, name: original(self, name) * (1.05 if self.rank == 1 and name == planted else 1))
+    with pytest.raises(ExportError, match=f"rank 1, layer {MAMBA_LAYER} "):
+        export_tp(checkpoint, tmp_path / "bad", 2, ExportOptions(dtype="bf16"))
