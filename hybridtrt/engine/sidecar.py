@@ -17,7 +17,9 @@ again, and everything needed to refuse a mismatch up front:
   input, KV grows; ``max_cache_len`` null) or ``"static"`` (``cache_position`` / ``padding_length`` inputs, KV at
   ``max_cache_len`` positions written in place). Sidecars written before the field existed read as dynamic; one
   of them whose inputs are a static export's is refused (`read_sidecar`);
-- ``build``: the build flags (limits, strongly typed, timing cache).
+- ``build``: the build flags (limits, strongly typed, timing cache);
+- ``tensor_parallel``: ``{rank, world, vocab}`` when the export is one rank of ``export --tp N`` (absent otherwise):
+  such an engine runs only as that rank of N processes, and a one-process runtime refuses it.
 
 Deterministic JSON (sorted keys). Pure functions, no TensorRT.
 """
@@ -132,6 +134,8 @@ def make_sidecar(
         "max_cache_len": manifest.max_cache_len,
         "model": {k: manifest.model.get(k) for k in ("vocab_size", "eos_token_id", "bos_token_id", "pad_token_id", "layer_types", "family")},
         "build": build_flags,
+        # One rank of a tensor-parallel export (omitted for one device): the runtime must be that rank of that world.
+        **({"tensor_parallel": {k: manifest.tensor_parallel[k] for k in ("rank", "world", "vocab")}} if manifest.tensor_parallel else {}),
     }
 
 

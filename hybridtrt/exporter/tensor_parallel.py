@@ -238,6 +238,8 @@ def export_tp(
         checkpoint = open_checkpoint(checkpoint_dir, opts.dtype)
     plan = TensorParallelPlan(checkpoint.config, world, vocab)
     rank_checkpoint(checkpoint, plan, 0)  # refuses what the rank view cannot split, before anything is written
+    if opts.verify:
+        _check_verification_memory(checkpoint)
     names = [rank_dir(r) for r in range(world)]
     with OutputDir(Path(out_dir), set(names), TP_MANIFEST, checkpoint.root, force=opts.force) as target:
         with step("hash the checkpoint (config, weights, tokenizer)"):
@@ -283,6 +285,24 @@ def _refuse_options(opts) -> None:
     for flag, given in refused.items():
         if given:
             raise ExportError(f"{flag} with --tp is not built yet (issue 27)", fix=f"drop {flag}, or export on one device without --tp")
+
+
+def _check_verification_memory(checkpoint: Checkpoint) -> None:
+    """Refuse up front when the rank emulator cannot fit: it loads every rank's graph whole (the model's
+    weights in the export dtype), ONNX Runtime holds a second copy, a bf16 graph's weights are widened to
+    fp32 for its CPU kernels (`hybridtrt.graphs.bf16_emulation`): 2× the parameter bytes, 4× in bf16."""
+    from hybridtrt.errors import ExportError
+    from hybridtrt.files import human_bytes
+    from hybridtrt.memory import available_memory
+
+    needed = checkpoint.parameter_bytes * (4 if checkpoint.dtype == torch.bfloat16 else 2)
+    room = available_memory()
+    if room.nbytes is not None and needed > room.nbytes:
+        raise ExportError(
+            f"verifying a --tp export runs every rank's whole graph at once (about {human_bytes(needed)} for this model), "
+            f"and {human_bytes(room.nbytes)} is available: {room.source}",
+            fix="export with --no-verify, then `hybridtrt validate DIR` on a machine with that memory (verification by layer windows per rank is not built yet)",
+        )
 
 
 def _sha256(path: Path) -> str:

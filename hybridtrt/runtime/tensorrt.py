@@ -127,6 +127,13 @@ class TrtModel:
         if not self.engine_path.is_file():
             raise ArtefactError(f"engine {self.engine_path} does not exist", fix="build it with `hybridtrt build EXPORT_DIR -o model.engine`")
         self.sidecar = read_sidecar(self.engine_path)
+        tp = self.sidecar.get("tensor_parallel")
+        if tp:  # its DistCollective layers need the other ranks' processes and an NCCL communicator
+            raise ArtefactError(
+                f"engine {self.engine_path} is rank {tp.get('rank')} of a {tp.get('world')}-rank tensor-parallel model: it runs only as one of "
+                f"{tp.get('world')} processes (one per GPU) joined by NCCL, and this process is one rank alone",
+                fix="the N-process runtime is not built yet (issue 27); check the export with `hybridtrt validate DIR` (the rank emulator)",
+            )
         self.flavour = sidecar_flavour(self.sidecar)
         self.plan = BufferPlan.from_sidecar(self.sidecar)
         self._check_compatible(trt)

@@ -156,13 +156,52 @@ def test_a_bf16_export_is_judged_with_the_bf16_yardstick(checkpoint, tmp_path, m
     """bf16 ranks (2, with the decode graph running the steps) against the fp32 truth, each gate scaled by
     the one-device bf16 model's error as a one-device export's verification is; a 5 % fault in rank 1's
     Mamba in_proj fails it there (a layer without states, MoE, is judged by its output only in graphs
-    exported with --per-layer: the first failure is then the next layer's states, on every rank)."""
+    exported with --per-layer: the first failure is then the next layer's states, on every rank). An
+    engine of one rank is refused by the one-process runtime."""
     result = export_tp(checkpoint, tmp_path / "bf16", 2, ExportOptions(dtype="bf16"))
     v = result.verification
     assert v["yardstick"] == "pytorch-bf16" and v["precision"] == "bf16" and v["worst"]["rel_l2"] <= v["worst"]["bound"], v
     assert {p.name for p in (tmp_path / "bf16" / "rank1").iterdir()} >= {"model.onnx", "decode.onnx", "weights.data", MANIFEST_FILE}
+    _a_rank_engine_is_refused_by_a_one_process_runtime(tmp_path / "bf16" / "rank1", tmp_path, monkeypatch)
     original = RankCheckpoint.read
     planted = f"layers.{MAMBA_LAYER}.mixer.in_proj.weight"
     monkeypatch.setattr(RankCheckpoint, "read", lambda self, name: original(self, name) * (1.05 if self.rank == 1 and name == planted else 1))
     with pytest.raises(ExportError, match=f"rank 1, layer {MAMBA_LAYER} "):
         export_tp(checkpoint, tmp_path / "bad", 2, ExportOptions(dtype="bf16"))
+
+
+def _a_rank_engine_is_refused_by_a_one_process_runtime(rank_dir, tmp_path, monkeypatch) -> None:
+    """An engine built from a rank directory records the rank and world in its sidecar; `TrtModel` (one
+    process, TensorRT faked) refuses it with the reason and the fix instead of running rank 1 alone."""
+    import sys
+
+    from hybridtrt.engine.profiles import engine_profiles
+    from hybridtrt.engine.sidecar import make_sidecar, write_sidecar
+    from hybridtrt.errors import ArtefactError
+    from hybridtrt.exporter.manifest import read_manifest
+    from hybridtrt.runtime import tensorrt as trt_runtime
+    from tests.runtime.fake_trt import fake_tensorrt
+
+    manifest = read_manifest(rank_dir)
+    profiles = engine_profiles(manifest, max_batch=2, max_input_len=8, max_cache_len=16)
+    sidecar = make_sidecar(manifest, rank_dir, profiles, tensorrt_version="11.1.0", gpu_name=None, compute_capability=None, plugin_library=None, build_flags={})
+    assert sidecar["tensor_parallel"] == {"rank": 1, "world": 2, "vocab": "parallel"}
+    engine = tmp_path / "rank1.engine"
+    engine.write_bytes(b"fake")
+    write_sidecar(sidecar, engine)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(None, sidecar, []))
+    monkeypatch.setattr(trt_runtime.TrtModel, "_select_device", lambda self, index: torch.device("cpu"))
+    with pytest.raises(ArtefactError, match="is rank 1 of a 2-rank tensor-parallel model") as e:
+        trt_runtime.TrtModel(engine)
+    assert "hybridtrt validate" in e.value.fix
+
+
+def test_verification_that_cannot_fit_is_refused_before_anything_is_written(checkpoint, tmp_path, monkeypatch):
+    """The rank emulator holds every rank's whole graph: with less memory than that (here: a limit of
+    1 KiB), the export is refused up front naming the need and the fix, and writes nothing."""
+    from hybridtrt import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda: memory.Available(1024, "a test's limit"))
+    with pytest.raises(ExportError, match="runs every rank's whole graph at once") as e:
+        export_tp(checkpoint, tmp_path / "out", 2, ExportOptions())
+    assert "--no-verify" in e.value.fix and not (tmp_path / "out").exists()
