@@ -89,6 +89,8 @@ class Structure:
     config: HybridConfig
     dtype: Any
     parameters: dict[str, Any]
+    #: What else the traced module depends on (a tensor-parallel rank's world: `RankCheckpoint.trace_tag`).
+    trace_tag: str | None = None
 
 
 def prototype_structure(checkpoint: Any, proto: Prototype) -> Structure:
@@ -113,7 +115,7 @@ def prototype_structure(checkpoint: Any, proto: Prototype) -> Structure:
         for name, source in checkpoint.parameters.items():
             if name.startswith(f"layers.{t}."):
                 parameters[f"layers.{p}." + name.removeprefix(f"layers.{t}.")] = source
-    return Structure(proto.config, checkpoint.dtype, parameters)
+    return Structure(proto.config, checkpoint.dtype, parameters, getattr(checkpoint, "trace_tag", None))
 
 
 def _scope_layer(node: onnx.NodeProto) -> int | None | str:

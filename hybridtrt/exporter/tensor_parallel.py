@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -149,7 +150,7 @@ class RankExport:
         config), its groups patched in, its own weights attached, optimized, the passes run."""
         key = (view.config, spec)
         if key not in self.traces:
-            self.traces[key] = trace_cache.traced(view, spec, partial(_trace_rank, view, spec))
+            self.traces[key] = self._unoptimized(view, spec)
         frozen = _with_groups(self.traces[key], self.plan.norm_group(self.rank))
         program, stand_ins, large = trace_and_optimize(frozen, view, optimize_program)
         defer_large_initializers(program, table, stand_ins, large)
@@ -157,6 +158,37 @@ class RankExport:
         del program, stand_ins
         run_passes(proto, view.config, spec)
         return attach_dist_collective(proto, spec.opset)
+
+
+    def _unoptimized(self, view: RankCheckpoint, spec: GraphSpec) -> FrozenTrace:
+        """The rank's unoptimized trace: as a one-device export's (`hybridtrt.exporter.export`), of a
+        prototype with one layer per kind, copied out to every layer (`hybridtrt.exporter.stitch`; the
+        prototype is the rank of the plan of the unsharded prototype), or of the whole rank model when
+        the prototype cannot be copied."""
+        from hybridtrt.exporter import export as export_mod
+        from hybridtrt.exporter import stitch
+
+        proto = stitch.prototype(view.config) if export_mod.STITCH else None
+        if proto is not None:
+            try:
+                shallow = stitch.prototype_structure(view, proto)
+                plan = TensorParallelPlan(stitch.prototype(self.plan.config).config, self.plan.world, self.plan.vocab)
+                assert plan.rank_config(self.rank) == proto.config
+                traced = _Shallow(plan, self.rank, shallow.dtype, shallow.parameters)
+                return trace_cache.traced(shallow, spec, partial(_trace_rank, traced, spec)).stitched(proto, view.config, spec)
+            except stitch.CannotStitch as e:
+                logging.getLogger(__name__).warning("tracing every layer of rank %d: %s", self.rank, e)
+        return trace_cache.traced(view, spec, partial(_trace_rank, view, spec))
+
+
+@dataclass(frozen=True)
+class _Shallow:
+    """What `fake_rank_model` reads of a rank's view: the plan, the rank, the dtype, the parameters' shapes."""
+
+    plan: TensorParallelPlan
+    rank: int
+    dtype: torch.dtype
+    parameters: dict
 
 
 def fake_rank_model(view: RankCheckpoint) -> RankLM:

@@ -3,8 +3,9 @@ checkpoint as the rank's slices (`hybridtrt.models.tensor_parallel.RankCheckpoin
 the rank emulator against the unsharded fp32 reference before anything is published; ``hybridtrt
 validate`` on the result; a fault in one rank's stream named with its rank and layer, nothing published.
 
-The model is tests/validation/test_tensor_parallel.py's: every block kind in four layers (MLP, attention,
-MoE, Mamba), so at 4 ranks its 2 Mamba groups are shared by 2 ranks each and its 2 KV heads replicated."""
+The model has every block kind (MLP, attention, MoE, Mamba) and repeats two of them, so at 4 ranks its 2
+Mamba groups are shared by 2 ranks each, its 2 KV heads replicated, and a rank's graph is traced as a
+prototype of 4 layers copied out to 6 (`hybridtrt.exporter.stitch`)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from hybridtrt.models.loading import open_checkpoint
 from hybridtrt.models.tensor_parallel import BLOCK_BYTES, RankCheckpoint, TensorParallelPlan, rank_checkpoint
 from tests.cli.batch import run_batch
 
-PATTERN = ["mlp", "attention", "moe", "mamba"]
+PATTERN = ["mlp", "attention", "moe", "mamba", "moe", "mamba"]
 MAMBA_LAYER = 3
 
 
@@ -70,8 +71,8 @@ def test_a_rank_reads_its_slices_in_blocks(make_checkpoint, stored, monkeypatch)
 
 def test_export_tp_through_the_cli(checkpoint, tmp_path):
     """``export --tp 4`` writes rank0/ … rank3/ and hybridtrt-tp.json after the rank emulator passed;
-    each rank's graph and weights are the in-memory rank graph's (`rank_graphs`, sliced from the loaded
-    model) exactly; ``validate`` runs the ranks together and passes per layer; a rank alone and the top
+    each rank's graph (a stitched trace) and weights are the in-memory rank graph's (`rank_graphs`: the
+    whole rank model traced, its weights sliced from the loaded model) exactly; ``validate`` runs the ranks together and passes per layer; a rank alone and the top
     directory are refused by the one-device runtimes, with the fix; swapped rank directories are refused;
     flag refusals exit 2 with the value and a fix."""
     from hybridtrt.exporter.export import GraphSpec
@@ -90,7 +91,7 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
         ["export", checkpoint, "-o", tmp_path / "never", "--tp", 2, "--kv-cache", "static", "--max-cache-len", 64],
     ]
     got = run_batch(cases, columns=80)
-    assert got[0].code == 0, got[0].output
+    assert got[0].code == 0 and "tracing every layer" not in got[0].output, got[0].output
     text = " ".join(re.sub(r"[│┃]", " ", got[0].stdout).split())  # the tables' cells, unwrapped
     assert "4 ranks emulated (collectives in NumPy) vs the fp32 reference" in text and "rank3/" in text, text
     assert all(len(line) <= 80 for line in got[0].stdout.splitlines() if str(tmp_path) not in line)  # paths are never wrapped
@@ -122,9 +123,7 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
         assert manifest["tensor_parallel"]["rank"] == rank and manifest["tensor_parallel"]["holds"] == plan.holds(rank)
         assert manifest["model"] == plan.rank_config(rank).to_dict()
         streamed = onnx.load(str(out / f"rank{rank}" / "model.onnx"))
-        assert [(n.op_type, n.name, list(n.input), list(n.output)) for n in streamed.graph.node] == [
-            (n.op_type, n.name, list(n.input), list(n.output)) for n in memory[rank].graph.node
-        ]
+        assert [n.SerializeToString() for n in streamed.graph.node] == [n.SerializeToString() for n in memory[rank].graph.node]  # attributes (groups) too
         a, b = _initializers(streamed), _initializers(memory[rank])
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), rank
 
