@@ -59,6 +59,7 @@ def test_a_rank_reads_its_slices_in_blocks(make_checkpoint, stored, monkeypatch)
             got = view.read(name)
             want = plan.shard(name, whole[name], rank)
             assert got.shape == view.parameters[name].shape and torch.equal(got, want), (rank, name)
+            assert torch.equal(view.read_stored(name).to(want.dtype), want), (rank, name)  # as stored: what the streaming exporter converts
             if len(source.shape) == 3:  # a stack of experts: row by row (expert by expert) too
                 assert torch.equal(view.read_rows(name, 1, 3), want[1:3]), name
         assert int(view.read("vocab_start")) == plan.vocab_rows(rank).start
@@ -135,16 +136,23 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
     assert o.code == 2 and "is not the manifest the tensor-parallel export recorded for rank 1" in " ".join(o.output.split()), o.output
 
 
+def _plant(monkeypatch, *, rank: int, name: str, scale: float) -> None:
+    """Rank ``rank`` reads parameter ``name`` ``scale`` times too large, by every path the exporter reads
+    a rank's part (in the model dtype for the optimizer's values, as stored for the streamed bytes)."""
+    for method in ("read", "read_stored"):
+        original = getattr(RankCheckpoint, method)
+
+        def faulty(self, parameter, original=original):
+            t = original(self, parameter)
+            return (t.float() * scale).to(t.dtype) if self.rank == rank and parameter == name else t
+
+        monkeypatch.setattr(RankCheckpoint, method, faulty)
+
+
 def test_a_fault_in_one_ranks_stream_fails_the_export_at_its_rank_and_layer(checkpoint, tmp_path, monkeypatch):
     """The verification is a gate: rank 2's in_proj of the Mamba layer read 10 % too large fails it,
     named with that rank and layer; nothing is published."""
-    original = RankCheckpoint.read
-
-    def faulty(self, name):
-        t = original(self, name)
-        return t * 1.1 if self.rank == 2 and name == f"layers.{MAMBA_LAYER}.mixer.in_proj.weight" else t
-
-    monkeypatch.setattr(RankCheckpoint, "read", faulty)
+    _plant(monkeypatch, rank=2, name=f"layers.{MAMBA_LAYER}.mixer.in_proj.weight", scale=1.1)
     out = tmp_path / "bad"
     with pytest.raises(ExportError, match=f"rank 2, layer {MAMBA_LAYER} "):
         export_tp(checkpoint, out, 4, ExportOptions(per_layer=True, split=False))
@@ -162,9 +170,7 @@ def test_a_bf16_export_is_judged_with_the_bf16_yardstick(checkpoint, tmp_path, m
     assert v["yardstick"] == "pytorch-bf16" and v["precision"] == "bf16" and v["worst"]["rel_l2"] <= v["worst"]["bound"], v
     assert {p.name for p in (tmp_path / "bf16" / "rank1").iterdir()} >= {"model.onnx", "decode.onnx", "weights.data", MANIFEST_FILE}
     _a_rank_engine_is_refused_by_a_one_process_runtime(tmp_path / "bf16" / "rank1", tmp_path, monkeypatch)
-    original = RankCheckpoint.read
-    planted = f"layers.{MAMBA_LAYER}.mixer.in_proj.weight"
-    monkeypatch.setattr(RankCheckpoint, "read", lambda self, name: original(self, name) * (1.05 if self.rank == 1 and name == planted else 1))
+    _plant(monkeypatch, rank=1, name=f"layers.{MAMBA_LAYER}.mixer.in_proj.weight", scale=1.05)
     with pytest.raises(ExportError, match=f"rank 1, layer {MAMBA_LAYER} "):
         export_tp(checkpoint, tmp_path / "bad", 2, ExportOptions(dtype="bf16"))
 
