@@ -29,7 +29,7 @@ from hybridtrt.exporter.integrity import SAMPLED
 from hybridtrt.exporter.manifest import TP_MANIFEST  # beside rank0/ … rank{N-1}/, each a normal export directory
 from hybridtrt.exporter.streaming import PARAM_PREFIX, DeferredTable, FrozenTrace, defer_large_initializers, trace_and_optimize, trace_inputs
 from hybridtrt.exporter.wrapper import example_inputs
-from hybridtrt.models.config import HybridConfig
+from hybridtrt.models.config import MOE, HybridConfig
 from hybridtrt.models.loading import Checkpoint, open_checkpoint
 from hybridtrt.models.model import HybridLM, meta_modules
 from hybridtrt.models.tensor_parallel import (
@@ -109,8 +109,9 @@ def attach_dist_collective(proto: onnx.ModelProto, opset: int) -> onnx.ModelProt
 # -------------------------------------------------------------------------------------------------
 # export --tp N: rank directories streamed from the checkpoint
 
-#: Prompts the rank emulator verifies an export on: batch, longest prompt, one-token steps.
-VERIFY_BATCH, VERIFY_LENGTH, VERIFY_STEPS = 2, 11, 2
+#: One-token steps the rank emulator verifies after the prompt (the prompt is a one-device export's
+#: verification inputs: `hybridtrt.exporter.verify.VERIFY_BATCH` rows of VERIFY_PAST + VERIFY_SEQ tokens).
+VERIFY_STEPS = 2
 
 
 def rank_dir(rank: int) -> str:
@@ -287,7 +288,7 @@ def export_tp(
         verification: dict = {"method": "skipped", "reason": "--no-verify"}
         if opts.verify:
             with step(f"verify: {world} ranks' graphs in ONNX Runtime, collectives emulated, against the fp32 reference"):
-                verification = _verify(checkpoint, plan, target.partial, MODEL_FILE, DECODE_FILE, results[0].manifest.dtype)
+                verification = _verify(checkpoint, plan, target.partial, MODEL_FILE, DECODE_FILE, results[0].manifest)
         manifest = {
             "contract_version": CONTRACT_VERSION,
             "tensor_parallel": {"world": world, "vocab": vocab, "ranks": names},
@@ -343,53 +344,124 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _verify(checkpoint: Checkpoint, plan: TensorParallelPlan, root: Path, model_file: str, decode_file: str, dtype: str) -> dict:
-    """The ranks' graphs run by the rank emulator against the unsharded fp32 reference (`validate_ranks`).
+def _verify(checkpoint: Checkpoint, plan: TensorParallelPlan, root: Path, model_file: str, decode_file: str, manifest) -> dict:
+    """The written ranks' graphs (`judge_ranks`), read back from ``root``."""
+
+    def graphs(name: str) -> list[onnx.ModelProto] | None:
+        paths = [root / rank_dir(r) / name for r in range(plan.world)]
+        return [onnx.load(str(p)) for p in paths] if paths[0].is_file() else None
+
+    return judge_ranks(checkpoint, plan, graphs(model_file), graphs(decode_file), manifest)
+
+
+def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list, decode: list | None, manifest) -> dict:
+    """Export-time verification of N ranks (the exporter's own judge, as `hybridtrt.exporter.verify` is
+    for one device; ``hybridtrt validate`` judges with `hybridtrt.validation.tensor_parallel`).
+
+    ``unified`` (then ``decode``, when given: every rank's graph) run in a `RankEmulator` on the one-device verification's inputs
+    (``example_inputs``: past states from a real prefill, no padding), then `VERIFY_STEPS` one-token
+    calls on the reference's greedy tokens and states; every output of every rank (logits, and the
+    rank's slice of each present state) is judged against the unsharded fp32 reference with the gates
+    of ``manifest``'s precision, scaled by the one-device model in that dtype run on the same inputs
+    (fp16/bf16), in layer order. MoE routing is held to the truth's expert choices in every rank's
+    graph and in the yardstick (`hybridtrt.graphs.held_routing`), and the ranks' own choices are judged
+    by the routing gate, as a one-device export's are: a near-tie that routes otherwise is not a fault.
 
     Raises:
-        ExportError: A failing tensor, named with its rank and layer.
+        ExportError: The first failing tensor in layer order, named with its rank and layer.
     """
     from hybridtrt.errors import ExportError
+    from hybridtrt.exporter.verify import VERIFY_BATCH, VERIFY_PAST, VERIFY_SEQ, _Judge
+    from hybridtrt.exporter.wrapper import cache_from_flat, flat_from_cache
+    from hybridtrt.judge.metrics import compare
+    from hybridtrt.models.cache import HybridCache
     from hybridtrt.models.lazy import lazy_model
+
+    from hybridtrt.graphs.held_routing import held_feeds, hold_routing, routed_ids
+    from hybridtrt.models.moe import RoutingHold, held_routing
     from hybridtrt.runtime.rank_emulator import RankEmulator
-    from hybridtrt.validation.runner import random_prompts
-    from hybridtrt.validation.tensor_parallel import validate_ranks
 
-    def graphs(name: str) -> RankEmulator | None:
-        paths = [root / rank_dir(r) / name for r in range(plan.world)]
-        return RankEmulator([onnx.load(str(p)) for p in paths]) if paths[0].is_file() else None
+    moe = bool(plan.config.layers_of(MOE))
 
-    ids, mask = random_prompts(VERIFY_BATCH, plan.config.vocab_size, seed=0, min_len=3, max_len=VERIFY_LENGTH)
+    def emulator(protos: list | None) -> RankEmulator | None:
+        return None if protos is None else RankEmulator([hold_routing(p).model if moe else p for p in protos])
+
+    unified_ranks, decode_ranks = emulator(unified), emulator(decode)
+    judge = _Judge(manifest)
     truth = lazy_model(checkpoint.as_dtype(torch.float32))
-    yardstick = None if dtype == "fp32" else lazy_model(checkpoint)  # the one-device model in the graphs' dtype
-    report = validate_ranks(
-        truth, plan, graphs(model_file), ids, mask, steps=VERIFY_STEPS, precision=dtype, decode=graphs(decode_file), yardstick=yardstick
-    )
-    gated = [c for c in report.checks if c.allowed]
-    closest = max(gated, key=lambda c: c.comparison.rel_l2 / c.allowed)  # the tensor nearest its bound
-    if not report.passed:
-        first = report.first_divergence or {}
-        failed = report.failures[0]
-        where = f"rank {first['rank']}, layer {first['layer']} ({first['tensor']})" if first else f"{failed.phase} {failed.name}"
-        raise ExportError(
-            f"the rank graphs disagree with the fp32 reference at {where}: {'; '.join(failed.failures)[:300]}",
-            fix="nothing was published; report this with the checkpoint's config.json and the --tp value",
-        )
+    yardstick = lazy_model(checkpoint) if judge.yardstick else None  # the one-device model in the graphs' dtype
+    specs = io.state_specs(truth.config)
+    names = io.input_names(truth.config, io.DYNAMIC_CACHE)
+    inputs = example_inputs(truth, seq=VERIFY_SEQ, batch=VERIFY_BATCH, past=VERIFY_PAST, seed=1)
+    ids, mask, cache = inputs[0], inputs[1], cache_from_flat(specs, inputs[2:])
+
+    def cast(c: HybridCache, dtype: torch.dtype) -> HybridCache:  # SSM states keep their own dtype
+        return HybridCache({i: t.to(dtype) for i, t in c.conv.items()}, dict(c.ssm), {i: t.to(dtype) for i, t in c.key.items()}, {i: t.to(dtype) for i, t in c.value.items()})
+
+    worst: dict = {}
+    checked = 0
+
+    def layer(name: str) -> int:
+        return int(name.split(".")[1]) if name != "logits" else len(truth.config.layer_types)
+
+    routing: dict = {}
+
+    def call(phase: str, ids: torch.Tensor, mask: torch.Tensor, cache: HybridCache, ranks) -> object:
+        nonlocal worst, checked
+        truth_hold = RoutingHold()
+        with torch.no_grad(), held_routing(truth, truth_hold):
+            ref = truth(ids, mask, cache, logits="last")
+        yard_hold = RoutingHold(truth_hold.all_ids())  # the truth chooses; the others are held to it
+        if yardstick is not None:
+            with torch.no_grad(), held_routing(yardstick, yard_hold):
+                yard = yardstick(ids, mask, cast(cache, yardstick.dtype), logits="last")
+        else:
+            yard = None
+        full = (ids, mask, *flat_from_cache(specs, cache))
+        hold = held_feeds(truth_hold.all_ids().keys(), plan.config.moe.top_k, truth_hold.all_ids()) if moe else {}
+        feeds = [{**{n: ranks.feed(n, t.numpy()) for n, t in zip(names, rank_inputs(truth, plan, r, full), strict=True)}, **hold} for r in range(plan.world)]
+        got = ranks.run(feeds)
+        if moe:
+            for r in range(plan.world):  # the ranks' own choices (every rank routes the same all-reduced hidden state)
+                own = {layer: torch.from_numpy(v) for layer, v in routed_ids(got[r], *ids.shape).items()}
+                routing[f"{phase}, rank {r}"] = judge.check_routing(f"rank {r}'s graph ({phase})", own, truth_hold.all_ids(), yard_hold)
+        want = {"logits": ref.logits, **ref.cache.named_states()}
+        ours = {"logits": None if yard is None else yard.logits, **({} if yard is None else yard.cache.named_states())}
+        for name in sorted(want, key=layer):
+            for r in range(plan.world):
+                w = want[name] if name == "logits" else plan.state_slice(name, want[name], r)
+                y = ours.get(name)
+                y = None if y is None else compare(y if name == "logits" else plan.state_slice(name, y, r), w)
+                c = compare(torch.from_numpy(got[r][name]).float(), w)
+                g = judge.gate_of(name)
+                why = g.failures(c, y)
+                checked += 1
+                if why:
+                    where = f"rank {r}, layer {layer(name)} ({name})" if name != "logits" else f"rank {r}, the logits"
+                    raise ExportError(
+                        f"the rank graphs disagree with the fp32 reference at {where}, {phase}: {'; '.join(why)}",
+                        fix="nothing was published; report this with the checkpoint's config.json and the --tp value",
+                    )
+                bound = g.bound(y)
+                if bound and (not worst or c.rel_l2 / bound > worst["rel_l2"] / worst["bound"]):
+                    worst = {"output": f"{phase} {name} (rank {r})", "rel_l2": c.rel_l2, "bound": bound, "yardstick_rel_l2": None if y is None else y.rel_l2}
+        return ref
+
+    ref = call("prompt", ids, mask, cache, unified_ranks)
+    for step in range(1, VERIFY_STEPS + 1):
+        token = ref.logits.argmax(-1)[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        ref = call(f"step {step}", token, mask, ref.cache, decode_ranks or unified_ranks)
     return {
         "method": "rank-emulator",
         "executor": f"onnxruntime × {plan.world} ranks, collectives in NumPy",
         "truth": "fp32 reference (one device)",
-        "yardstick": report.yardstick,
-        "precision": dtype,
-        "prompts": report.prompt_lengths,
-        "steps": VERIFY_STEPS,
-        "checks": len(report.checks),
-        "worst": {
-            "output": f"{closest.phase} {closest.name}",
-            "rel_l2": closest.comparison.rel_l2,
-            "bound": closest.allowed,
-            "yardstick_rel_l2": None if closest.yardstick is None else closest.yardstick.rel_l2,
-        },
+        "yardstick": None if yardstick is None else f"pytorch-{manifest.dtype}",
+        "precision": manifest.dtype,
+        "inputs": {"batch": VERIFY_BATCH, "past": VERIFY_PAST, "seq": VERIFY_SEQ, "steps": VERIFY_STEPS},
+        "checks": checked,
+        "worst": worst,
+        **({"routing": routing} if moe else {}),
     }
 
 
