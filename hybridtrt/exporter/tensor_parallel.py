@@ -43,7 +43,7 @@ from hybridtrt.models.tensor_parallel import (
     rank_model,
     wire_rank,
 )
-from hybridtrt.ops.collectives import DIST_COLLECTIVE, TRT_DOMAIN, dist_collective_function
+from hybridtrt.ops.collectives import DIST_COLLECTIVE, TRT_DOMAIN, dist_collective_function, register_schema
 
 
 def rank_inputs(model: HybridLM, plan: TensorParallelPlan, rank: int, inputs: tuple[torch.Tensor, ...], flavour=io.DYNAMIC_CACHE) -> tuple[torch.Tensor, ...]:
@@ -95,9 +95,12 @@ def rank_graphs(model: HybridLM, plan: TensorParallelPlan, spec: GraphSpec = Gra
 
 def attach_dist_collective(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """Give a graph with ``trt::DistCollective`` nodes the op's single-rank body and its domain import
-    (in place; idempotent)."""
+    (in place; idempotent), and register the op's schema in this process: onnx's checker infers its
+    output shape from the schema (an all-gather's first dim × N), not from the single-rank body (a
+    process that replayed a cached trace has traced nothing that registered it)."""
     if not any(n.op_type == DIST_COLLECTIVE and n.domain == TRT_DOMAIN for n in proto.graph.node):
         return proto
+    register_schema()
     kept = [f for f in proto.functions if not (f.domain == TRT_DOMAIN and f.name == DIST_COLLECTIVE)]
     del proto.functions[:]
     proto.functions.extend([*kept, dist_collective_function(opset)])

@@ -11,6 +11,7 @@ and rank (`Report.first_divergence`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,7 +22,11 @@ from hybridtrt.exporter import io
 from hybridtrt.exporter.tensor_parallel import rank_inputs
 from hybridtrt.exporter.integrity import SAMPLED
 from hybridtrt.exporter.wrapper import flat_from_cache
+from hybridtrt.graphs.held_routing import HOLD_ROUTING, held_feeds, hold_routing, routed_ids
+from hybridtrt.judge.routing import RoutingTally, flips
 from hybridtrt.models.cache import HybridCache
+from hybridtrt.models.config import MOE
+from hybridtrt.models.moe import RoutingHold, held_routing
 from hybridtrt.models.model import HybridLM
 from hybridtrt.models.tensor_parallel import TensorParallelPlan
 from hybridtrt.runtime.rank_emulator import RankEmulator
@@ -46,7 +51,10 @@ def validate_ranks(
     Args:
         model: The unsharded reference.
         plan: How the ranks split it.
-        protos: Rank 0 … N − 1's graphs (or their emulator).
+        protos: Rank 0 … N − 1's graphs (or their emulator). An MoE model's graphs get the held-routing
+            pass (`hybridtrt.graphs.held_routing`): the reference chooses the experts, the graphs and the
+            yardstick are held to its choice, and the graphs' own choices are judged by the routing gate,
+            as a one-device validation does.
         input_ids, attention_mask: ``[B, L]`` left-padded prompts.
         steps: Teacher-forced one-token calls after the prefill.
         precision: The gates' key (the graphs' dtype).
@@ -55,8 +63,17 @@ def validate_ranks(
             states cast to its dtype): each gate scales with its distance from the truth, as a one-device
             export's verification does (`hybridtrt.exporter.verify`). None for fp32 graphs.
     """
-    emulator = protos if isinstance(protos, RankEmulator) else RankEmulator(protos)
-    stepper = emulator if decode is None else decode if isinstance(decode, RankEmulator) else RankEmulator(decode)
+    moe = bool(model.config.layers_of(MOE))
+
+    def ranks_of(graphs):
+        if graphs is None or isinstance(graphs, RankEmulator):
+            return graphs
+        return RankEmulator([hold_routing(g).model if moe else g for g in graphs])  # MoE: routing held to the reference's choices
+
+    emulator = ranks_of(protos)
+    stepper = ranks_of(decode) or emulator
+    held = moe and any(HOLD_ROUTING in r.input_types for r in emulator.ranks)
+    tallies: dict[int, RoutingTally] = {}
     names = io.input_names(model.config, io.DYNAMIC_CACHE)
     report = Report(
         backend=f"onnxruntime × {plan.world} ranks (emulated collectives)",
@@ -71,12 +88,25 @@ def validate_ranks(
         report.yardstick = f"pytorch-{precision}"
 
     def call(ids: torch.Tensor, mask: torch.Tensor, cache, ranks: RankEmulator) -> tuple[object, object, list[dict[str, np.ndarray]]]:
-        with torch.no_grad():
+        truth_hold = RoutingHold()
+        with torch.no_grad(), held_routing(model, truth_hold):
             ref = model(ids, mask, cache, logits="last", output_hidden_states=True)
+        yard_hold = RoutingHold(truth_hold.all_ids()) if held else RoutingHold()
+        with torch.no_grad(), held_routing(yardstick, yard_hold) if yardstick is not None else contextlib.nullcontext():
             yard = None if yardstick is None else yardstick(ids, mask, _cast(cache, yardstick.dtype), logits="last", output_hidden_states=True)
         full = (ids, mask, *flat_from_cache(io.state_specs(model.config), cache))
-        feeds = [{n: ranks.feed(n, t.numpy()) for n, t in zip(names, rank_inputs(model, plan, r, full), strict=True)} for r in range(plan.world)]
-        return ref, yard, ranks.run(feeds)
+        hold = held_feeds(truth_hold.all_ids().keys(), model.config.moe.top_k, truth_hold.all_ids()) if held else {}
+        feeds = [{**{n: ranks.feed(n, t.numpy()) for n, t in zip(names, rank_inputs(model, plan, r, full), strict=True)}, **hold} for r in range(plan.world)]
+        got = ranks.run(feeds)
+        if held:  # every rank's own choices (the same all-reduced hidden state on every rank) against the reference's
+            real = mask[:, -ids.shape[1] :].bool()
+            for r in range(plan.world):
+                for layer, own in routed_ids(got[r], *ids.shape).items():
+                    tally = tallies.setdefault(layer, RoutingTally())
+                    tally.add(flips(torch.from_numpy(own), truth_hold.ids(layer), real))
+                    if yardstick is not None:
+                        tally.add_yardstick(flips(yard_hold.ids(layer), truth_hold.ids(layer), real))
+        return ref, yard, got
 
     ref, yard, got = call(input_ids, attention_mask, model.new_cache(report.batch), emulator)
     check(report, "prefill", "logits", torch.from_numpy(got[0]["logits"]), ref.logits, "call", yard=None if yard is None else yard.logits)
@@ -88,6 +118,8 @@ def validate_ranks(
         for r, out in enumerate(got):
             check(report, "decode", f"logits (rank {r})", torch.from_numpy(out["logits"]), ref.logits, "steps", yard=None if yard is None else yard.logits, step=step)
         token, cache = ref.logits.argmax(-1), ref.cache
+    if held:
+        report.judge_routing(tallies)
     return report
 
 
@@ -171,9 +203,9 @@ def validate_export(
         if m.tensor_parallel.get("holds") != plan.holds(r):
             raise ArtefactError(f"{root / rank_dir(r)} holds {m.tensor_parallel.get('holds')}, not what this version splits: {plan.holds(r)}", fix="re-export with this hybridtrt")
 
-    def graphs(name: str) -> RankEmulator | None:
+    def graphs(name: str) -> list[onnx.ModelProto] | None:
         paths = [root / rank_dir(r) / name for r in range(world)]
-        return RankEmulator([onnx.load(str(p)) for p in paths]) if paths[0].is_file() else None
+        return [onnx.load(str(p)) for p in paths] if paths[0].is_file() else None
 
     ids, mask = random_prompts(random_n, plan.config.vocab_size, seed=seed, max_len=prompt_length)
     truth = lazy_model(opened.as_dtype(torch.float32))

@@ -98,6 +98,7 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
     assert got[1].code == 0 and "PASS" in got[1].stdout, got[1].output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] and report["backend"].startswith("onnxruntime × 4 ranks")
+    assert sorted(report["routing"]) == ["2", "4"] and not report["routing_failures"]  # routing held to the reference's, the ranks' own choices judged
     assert any(c["name"] == f"layer_output.{MAMBA_LAYER} (rank 3)" for c in report["checks"])  # per layer, every rank
     for i, (what, fix) in {
         2: ("is rank 1 of a 4-rank tensor-parallel export", f"hybridtrt validate {out}"),
@@ -220,3 +221,29 @@ def test_verification_that_cannot_fit_is_refused_before_anything_is_written(chec
     with pytest.raises(ExportError, match="runs every rank's whole graph at once") as e:
         export_tp(checkpoint, tmp_path / "out", 2, ExportOptions())
     assert "--no-verify" in e.value.fix and not (tmp_path / "out").exists()
+
+
+def test_a_process_that_traced_nothing_checks_the_collectives_by_their_schema():
+    """A process that replays a cached trace has traced nothing that registered ``trt::DistCollective``:
+    `attach_dist_collective` registers it, so onnx's checker infers an all-gather's output (first dim × N)
+    from the schema, not from the single-rank body (identity), which disagreed with the recorded shape
+    (a fresh interpreter: the schema registry is per process)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import onnx
+        from onnx import TensorProto, helper
+        from hybridtrt.exporter.tensor_parallel import attach_dist_collective
+        from hybridtrt.ops.collectives import node_attributes
+        assert not onnx.defs.has("DistCollective", "trt")
+        node = helper.make_node("DistCollective", ["x"], ["y"], domain="trt", **node_attributes("all_gather", [0, 1, 2, 3], 4))
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 2])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 2])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)])
+        onnx.checker.check_model(attach_dist_collective(model, 24), full_check=True)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
