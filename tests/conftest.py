@@ -50,7 +50,10 @@ def pytest_unconfigure(config):
 
 
 # Test models are tiny: one intra-op thread avoids OpenMP contention on a 2-core CI machine
-# (a 64-wide linear took 32 ms with 2 contended threads vs 0.4 ms with 1).
+# (a 64-wide linear took 32 ms with 2 contended threads vs 0.4 ms with 1). The CLI tests' child
+# interpreters (subprocesses, `tests/cli/batch.py`) inherit the same through the environment: each
+# xdist worker already keeps one CPU busy.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
