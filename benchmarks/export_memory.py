@@ -278,6 +278,11 @@ def main() -> None:
         "\nexport_memory — `hybridtrt export` in a child process; baseline = a child that imports every module that export imported"
         f" (the top-level imports alone: {top['maxrss_kib'] / 2**20:.2f} GiB)"
     )
+    print_markdown(header, rows)
+
+
+def print_markdown(header: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table, columns padded to their widest cell (pasted into the README as it is)."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

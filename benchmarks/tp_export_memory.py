@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from export_memory import SIZES, write_checkpoint  # noqa: E402
+from export_memory import SIZES, print_markdown, write_checkpoint  # noqa: E402
 
 _CHILD = r"""
 import contextlib, io, json, sys, time
@@ -98,11 +98,7 @@ def main() -> None:
     header = ["export", "peak RSS", "peak − baseline", "÷ 1 device", "1/N", "largest rank on disk", "÷ 1 device", "wall"]
     print(f"\ntp_export_memory — {args.size} ({n_params / 1e9:.2f} B, {param_bytes / 2**30:.2f} GiB in {dtype}); baseline (imports) {base / 2**30:.2f} GiB;"
           f" verification {'on' if args.verify else 'off (--no-verify)'}")  # fmt: skip
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+    print_markdown(header, rows)
 
 
 if __name__ == "__main__":
