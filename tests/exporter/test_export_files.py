@@ -135,7 +135,7 @@ def _perturbed_chunks(monkeypatch, parameter: str, factor: float = 2.0, dtype: s
     monkeypatch.setattr(Deferred, "chunks", chunks)
 
 
-@pytest.mark.parametrize(("mode", "dtype"), [("full", "fp32"), ("layers", "fp32"), ("full", "fp16"), ("layers", "fp16")])
+@pytest.mark.parametrize(("mode", "dtype"), [("full", "fp32"), ("full", "fp16"), ("layers", "fp16")])  # layer windows: one dtype
 def test_verification_runs_before_publishing(make_checkpoint, tmp_path, monkeypatch, mode, dtype):
     """A wrong graph never gets hybridtrt.json, and a previous export stays as it was: fp32 with
     one weight doubled, fp16 with one weight 10% off (judged against the fp32 reference, the
