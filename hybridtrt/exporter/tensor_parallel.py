@@ -79,11 +79,7 @@ def rank_graphs(model: HybridLM, plan: TensorParallelPlan, spec: GraphSpec = Gra
         if ranked.config not in traces:
             inputs = rank_inputs(model, plan, rank, unsharded, spec.flavour)
             traces[ranked.config] = FrozenTrace(export_program(ranked, inputs, spec, optimize=False))
-        program = traces[ranked.config].thaw()
-        group = plan.norm_group(rank)
-        for node in program.model.graph:
-            if node.op_type == DIST_COLLECTIVE and group is not None and list(node.attributes["groups"].as_ints()):
-                node.attributes["groups"] = ir.AttrInt64s("groups", list(group))  # the one collective over part of the ranks
+        program = _with_groups(traces[ranked.config], plan.norm_group(rank)).thaw()
         state = {**ranked.state_dict(), **dict(ranked.named_buffers())}
         program.apply_weights({name: state[name.removeprefix(PARAM_PREFIX)] for name in program.model.graph.initializers})
         optimize_program(program)
@@ -357,6 +353,14 @@ def _verify(checkpoint: Checkpoint, plan: TensorParallelPlan, root: Path, model_
     return judge_ranks(checkpoint, plan, graphs(model_file), graphs(decode_file), manifest)
 
 
+def cast_cache(cache, dtype: torch.dtype):
+    """The fp32 truth's states as a model in ``dtype`` holds them (SSM states keep their own dtype)."""
+    from hybridtrt.models.cache import HybridCache
+
+    to = lambda states: {i: t.to(dtype) for i, t in states.items()}  # noqa: E731
+    return HybridCache(to(cache.conv), dict(cache.ssm), to(cache.key), to(cache.value))
+
+
 def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list, decode: list | None, manifest) -> dict:
     """Export-time verification of N ranks (the exporter's own judge, as `hybridtrt.exporter.verify` is
     for one device; ``hybridtrt validate`` judges with `hybridtrt.validation.tensor_parallel`).
@@ -377,7 +381,6 @@ def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list,
     from hybridtrt.exporter.verify import VERIFY_BATCH, VERIFY_PAST, VERIFY_SEQ, _Judge
     from hybridtrt.exporter.wrapper import cache_from_flat, flat_from_cache
     from hybridtrt.judge.metrics import compare
-    from hybridtrt.models.cache import HybridCache
     from hybridtrt.models.lazy import lazy_model
 
     from hybridtrt.graphs.held_routing import held_feeds, hold_routing, routed_ids
@@ -398,9 +401,6 @@ def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list,
     inputs = example_inputs(truth, seq=VERIFY_SEQ, batch=VERIFY_BATCH, past=VERIFY_PAST, seed=1)
     ids, mask, cache = inputs[0], inputs[1], cache_from_flat(specs, inputs[2:])
 
-    def cast(c: HybridCache, dtype: torch.dtype) -> HybridCache:  # SSM states keep their own dtype
-        return HybridCache({i: t.to(dtype) for i, t in c.conv.items()}, dict(c.ssm), {i: t.to(dtype) for i, t in c.key.items()}, {i: t.to(dtype) for i, t in c.value.items()})
-
     worst: dict = {}
     checked = 0
 
@@ -409,7 +409,7 @@ def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list,
 
     routing: dict = {}
 
-    def call(phase: str, ids: torch.Tensor, mask: torch.Tensor, cache: HybridCache, ranks) -> object:
+    def call(phase: str, ids: torch.Tensor, mask: torch.Tensor, cache, ranks) -> object:
         nonlocal worst, checked
         truth_hold = RoutingHold()
         with torch.no_grad(), held_routing(truth, truth_hold):
@@ -417,7 +417,7 @@ def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list,
         yard_hold = RoutingHold(truth_hold.all_ids())  # the truth chooses; the others are held to it
         if yardstick is not None:
             with torch.no_grad(), held_routing(yardstick, yard_hold):
-                yard = yardstick(ids, mask, cast(cache, yardstick.dtype), logits="last")
+                yard = yardstick(ids, mask, cast_cache(cache, yardstick.dtype), logits="last")
         else:
             yard = None
         full = (ids, mask, *flat_from_cache(specs, cache))

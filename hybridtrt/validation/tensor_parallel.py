@@ -19,12 +19,11 @@ import onnx
 import torch
 
 from hybridtrt.exporter import io
-from hybridtrt.exporter.tensor_parallel import rank_inputs
+from hybridtrt.exporter.tensor_parallel import cast_cache, rank_inputs
 from hybridtrt.exporter.integrity import SAMPLED
 from hybridtrt.exporter.wrapper import flat_from_cache
 from hybridtrt.graphs.held_routing import HOLD_ROUTING, held_feeds, hold_routing, routed_ids
 from hybridtrt.judge.routing import RoutingTally, flips
-from hybridtrt.models.cache import HybridCache
 from hybridtrt.models.config import MOE
 from hybridtrt.models.moe import RoutingHold, held_routing
 from hybridtrt.models.model import HybridLM
@@ -93,7 +92,7 @@ def validate_ranks(
             ref = model(ids, mask, cache, logits="last", output_hidden_states=True)
         yard_hold = RoutingHold(truth_hold.all_ids()) if held else RoutingHold()
         with torch.no_grad(), held_routing(yardstick, yard_hold) if yardstick is not None else contextlib.nullcontext():
-            yard = None if yardstick is None else yardstick(ids, mask, _cast(cache, yardstick.dtype), logits="last", output_hidden_states=True)
+            yard = None if yardstick is None else yardstick(ids, mask, cast_cache(cache, yardstick.dtype), logits="last", output_hidden_states=True)
         full = (ids, mask, *flat_from_cache(io.state_specs(model.config), cache))
         hold = held_feeds(truth_hold.all_ids().keys(), model.config.moe.top_k, truth_hold.all_ids()) if held else {}
         feeds = [{**{n: ranks.feed(n, t.numpy()) for n, t in zip(names, rank_inputs(model, plan, r, full), strict=True)}, **hold} for r in range(plan.world)]
@@ -121,16 +120,6 @@ def validate_ranks(
     if held:
         report.judge_routing(tallies)
     return report
-
-
-def _cast(cache: HybridCache, dtype: torch.dtype) -> HybridCache:
-    """The truth's states as a model in ``dtype`` holds them (SSM states keep their own dtype)."""
-    return HybridCache(
-        conv={i: t.to(dtype) for i, t in cache.conv.items()},
-        ssm=dict(cache.ssm),
-        key={i: t.to(dtype) for i, t in cache.key.items()},
-        value={i: t.to(dtype) for i, t in cache.value.items()},
-    )
 
 
 def _layers(report: Report, plan: TensorParallelPlan, ref, got: list[dict[str, np.ndarray]], mask: torch.Tensor, yard=None) -> None:
