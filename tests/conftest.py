@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -14,18 +17,46 @@ import torch
 from hybridtrt.models import create_checkpoint
 
 
+# Checkpoints and exports made by `make_checkpoint` / `make_export` are shared by the xdist workers through one
+# directory per run (the controller makes it, the workers inherit its path): a worker that needs one another
+# worker is making waits for it (a file lock per key) instead of making it again. With tests of one module
+# spread over both workers (`--dist worksteal`), every common export was made twice.
+_SHARED_ENV = "HYBRIDTRT_TEST_SHARED"
+_OWN_SHARED = None if os.environ.get(_SHARED_ENV) else tempfile.mkdtemp(prefix="hybridtrt-test-shared-")
+if _OWN_SHARED:
+    os.environ[_SHARED_ENV] = _OWN_SHARED
+
+
+@contextlib.contextmanager
+def _made_once(kind: str, key: str):
+    """``(folder, done)`` for ``key``, this process holding its lock: ``done`` when a process made it already;
+    else make it in ``folder`` and it is marked done when the block ends without an error."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    folder = Path(os.environ[_SHARED_ENV]) / f"{kind}-{digest}"
+    with open(folder.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            done = (folder / ".done").is_file()
+            if not done:
+                shutil.rmtree(folder, ignore_errors=True)  # a failed attempt's leftovers
+                folder.mkdir()
+            yield folder, done
+            (folder / ".done").touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
-def make_checkpoint(tmp_path_factory):
-    """``make_checkpoint(preset="tiny-nemotron-h", seed=0, **config_overrides) -> Path``."""
-    made: dict[str, Path] = {}
+def make_checkpoint():
+    """``make_checkpoint(preset="tiny-nemotron-h", seed=0, **config_overrides) -> Path``, made once per run."""
 
     def make(preset: str = "tiny-nemotron-h", seed: int = 0, **overrides) -> Path:
         key = json.dumps([preset, seed, overrides], sort_keys=True)
-        if key not in made:
-            out = tmp_path_factory.mktemp(preset.replace("-", "_"))
-            create_checkpoint(preset, out, seed=seed, **overrides)
-            made[key] = out
-        return made[key]
+        with _made_once("ckpt", key) as (folder, done):
+            out = folder / preset.replace("-", "_")
+            if not done:
+                create_checkpoint(preset, out, seed=seed, **overrides)
+        return out
 
     return make
 
@@ -45,8 +76,9 @@ if _OWN_TRACE_CACHE:
 
 
 def pytest_unconfigure(config):
-    if _OWN_TRACE_CACHE:  # the process that made it (the xdist controller) removes it
-        shutil.rmtree(_OWN_TRACE_CACHE, ignore_errors=True)
+    for own in (_OWN_TRACE_CACHE, _OWN_SHARED):  # the process that made it (the xdist controller) removes it
+        if own:
+            shutil.rmtree(own, ignore_errors=True)
 
 
 # Test models are tiny: one intra-op thread avoids OpenMP contention on a 2-core CI machine
@@ -84,24 +116,22 @@ def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0, pad_id: int
 
 
 @pytest.fixture(scope="session")
-def make_export(make_checkpoint, tmp_path_factory):
+def make_export(make_checkpoint):
     """``make_export(preset, options=ExportOptions(...), **overrides) -> (checkpoint, export_dir)``,
-    exported once per session per (preset, options, overrides)."""
+    exported once per run per (preset, options, overrides)."""
     from hybridtrt.exporter.export import ExportOptions, export
-
-    made: dict[str, tuple[Path, Path]] = {}
 
     def make(preset: str = "tiny-nemotron-h", options: ExportOptions | None = None, **overrides):
         options = options or ExportOptions()
         # split=None means "decode.onnx when the model has a Mamba layer", which every preset has:
         # share one export with split=True.
         key = json.dumps([preset, {**vars(options), "split": options.split is not False}, overrides], sort_keys=True, default=str)
-        if key not in made:
-            ckpt = make_checkpoint(preset, **overrides)
-            out = tmp_path_factory.mktemp("export")
-            export(ckpt, out, options)
-            made[key] = (ckpt, out)
-        return made[key]
+        ckpt = make_checkpoint(preset, **overrides)
+        with _made_once("export", key) as (folder, done):
+            out = folder / "export"
+            if not done:
+                export(ckpt, out, options)
+        return ckpt, out
 
     return make
 

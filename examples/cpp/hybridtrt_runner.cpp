@@ -3,6 +3,15 @@
  *
  *   hybridtrt_runner model.engine --ids "1 2 3" [--max-new-tokens N] [--plugins libhybridtrt_trt.so]
  *   hybridtrt_runner model.engine --ids-file prompt.txt [--no-cuda-graphs]
+ *   TRT_NCCL_ID_FILE=/shared/nccl.id mpirun -np 4 hybridtrt_runner OUT/rank0/model.engine --ids "1 2 3"
+ *
+ * Tensor parallel (`hybridtrt export --tp N`, `hybridtrt build OUT`): one process per rank, started by a launcher
+ * (mpirun, srun, or anything that sets TRT_MY_RANK / TRT_WORLD_SIZE as TensorRT's sampleDistCollective reads them;
+ * sidecar_checks.h launchFromEnvironment). Rank r runs OUT/rank<r>/ENGINE (the engine named on the command line,
+ * in its own rank directory) on GPU r of the node, refused unless its sidecar says rank r of that world; its NCCL
+ * communicator (nccl_communicator.h: the unique id through TRT_NCCL_ID_FILE, as the sample) is set on the
+ * execution context (IExecutionContext::setCommunicator). Every rank runs the same steps (the logits are
+ * all-gathered inside the engines, so every rank picks the same token); rank 0 prints.
  *
  * Everything it needs comes from the engine's sidecar `model.engine.json` (the contract shared
  * with the Python side; no code is shared):
@@ -33,6 +42,7 @@
  */
 
 #include "json_lite.h"
+#include "nccl_communicator.h"
 #include "plugin_libraries.h"
 #include "sidecar_checks.h"
 
@@ -271,7 +281,9 @@ struct StateSlot
 class Runner
 {
 public:
-    Runner(std::string const& enginePath, std::string const& pluginOverride, bool cudaGraphs)
+    //! `launch`: this process's rank and world; `communicator`: its ncclComm_t when the world is more than one.
+    Runner(std::string const& enginePath, std::string const& pluginOverride, bool cudaGraphs,
+        sidecar_checks::Launch const& launch = {}, void* communicator = nullptr)
         : mCudaGraphs(cudaGraphs)
     {
         mSidecar = json_lite::parse(readFile(enginePath + ".json"));
@@ -279,6 +291,11 @@ public:
         if (!versionError.empty())
         {
             throw std::runtime_error(enginePath + ": " + versionError);
+        }
+        std::string const rankError = sidecar_checks::checkTensorParallel(mSidecar, launch.rank, launch.world);
+        if (!rankError.empty())
+        {
+            throw std::runtime_error(enginePath + ": " + rankError);
         }
         mFlavour = sidecar_checks::cacheFlavour(mSidecar);
         if (!mFlavour.error.empty())
@@ -295,6 +312,10 @@ public:
             throw std::runtime_error("could not deserialize " + enginePath + " (TensorRT version, GPU or plugins differ?)");
         }
         mContext.reset(mEngine->createExecutionContext());
+        if (communicator != nullptr && !mContext->setCommunicator(communicator))
+        {
+            throw std::runtime_error(enginePath + ": TensorRT refused rank " + std::to_string(launch.rank) + "'s NCCL communicator");
+        }
         CHECK_CUDA(cudaStreamCreateWithFlags(&mStream, cudaStreamNonBlocking));
         readProfiles();
         allocate();
@@ -715,9 +736,35 @@ int main(int argc, char** argv)
         std::cerr << "error: no prompt ids (pass --ids or --ids-file)\n";
         return 2;
     }
+    sidecar_checks::Launch const launch = sidecar_checks::launchFromEnvironment([](char const* name) { return std::getenv(name); });
+    if (!launch.error.empty())
+    {
+        std::cerr << "error: " << launch.error << "\n";
+        return 2;
+    }
+    std::unique_ptr<nccl_communicator::Communicator> communicator;
+    if (launch.world > 1)
+    {
+        std::string const own = sidecar_checks::rankEnginePath(enginePath, launch.rank);
+        char const* idFile = std::getenv("TRT_NCCL_ID_FILE");
+        if (own.empty() || idFile == nullptr)
+        {
+            std::cerr << "error: launched as rank " << launch.rank << " of " << launch.world << ": "
+                      << (own.empty() ? enginePath + " is not in a rank directory (OUT/rank0/ENGINE) of a tensor-parallel export"
+                                      : "TRT_NCCL_ID_FILE must name a path every rank sees, absent before the launch")
+                      << "\n";
+            return 2;
+        }
+        enginePath = own;
+    }
     try
     {
-        Runner runner(enginePath, plugins, cudaGraphs);
+        if (launch.world > 1)
+        {
+            CHECK_CUDA(cudaSetDevice(launch.rank)); // one node: rank r on GPU r (CUDA_VISIBLE_DEVICES orders them)
+            communicator = std::make_unique<nccl_communicator::Communicator>(launch.rank, launch.world, std::getenv("TRT_NCCL_ID_FILE"));
+        }
+        Runner runner(enginePath, plugins, cudaGraphs, launch, communicator ? communicator->get() : nullptr);
         using Clock = std::chrono::steady_clock;
         auto const t0 = Clock::now();
         int64_t token = runner.prefill(prompt);
@@ -730,6 +777,10 @@ int main(int argc, char** argv)
             generated.push_back(token);
         }
         auto const t2 = Clock::now();
+        if (launch.rank != 0)
+        {
+            return 0; // every rank computed the same tokens; rank 0 prints them
+        }
         std::cout << "ids:";
         for (auto id : generated)
         {

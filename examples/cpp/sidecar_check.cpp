@@ -6,6 +6,9 @@
  *                                                         the runner's checks against TensorRT V (getInferLibVersion
  *                                                         form, e.g. 110100) and the plugin library
  *   sidecar_check --sha256 FILE                           the runner's sha256 of a file
+ *   sidecar_check ENGINE --launch                         the runner's tensor-parallel checks as the process the
+ *                                                         launcher's environment says (TRT_MY_RANK/TRT_WORLD_SIZE,
+ *                                                         OMPI_COMM_WORLD_*, PMI_*, SLURM_*) on ENGINE's sidecar
  *
  * Output, one fact per line (parsed by tests/engine/test_cpp_sidecar.py):
  *   profile <index> <name> batch <max> seq <max> past <max>
@@ -13,12 +16,14 @@
  *   plugins <path or none>
  *   kv_cache dynamic | kv_cache static <max_cache_len>   |  error: <message> (exit code 1)
  *   check ok <plugin path or none>  |  error: <message> (exit code 1)
+ *   launch <rank> <world> <this rank's engine path>  |  error: <message> (exit code 1)
  */
 
 #include "json_lite.h"
 #include "sidecar_checks.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -45,6 +50,35 @@ int main(int argc, char** argv)
     {
         std::cerr << "usage: sidecar_check MODEL.engine.json [--runtime-version V [--plugins PATH]] | --sha256 FILE\n";
         return 2;
+    }
+    if (argc == 3 && std::string(argv[2]) == "--launch")
+    {
+        sidecar_checks::Launch const launch = sidecar_checks::launchFromEnvironment([](char const* name) { return std::getenv(name); });
+        std::string error = launch.error;
+        std::string engine = argv[1];
+        if (error.empty() && launch.world > 1)
+        {
+            engine = sidecar_checks::rankEnginePath(engine, launch.rank);
+            if (engine.empty())
+            {
+                error = std::string(argv[1]) + " is not in a rank directory (OUT/rank0/ENGINE) of a tensor-parallel export";
+            }
+        }
+        if (error.empty())
+        {
+            std::ifstream f(engine + ".json");
+            std::ostringstream ss;
+            ss << f.rdbuf();
+            error = f ? sidecar_checks::checkTensorParallel(json_lite::parse(ss.str()), launch.rank, launch.world)
+                      : "cannot read " + engine + ".json";
+        }
+        if (!error.empty())
+        {
+            std::cout << "error: " << error << "\n";
+            return 1;
+        }
+        std::cout << "launch " << launch.rank << " " << launch.world << " " << engine << "\n";
+        return 0;
     }
     try
     {

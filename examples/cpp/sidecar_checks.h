@@ -244,4 +244,95 @@ inline CacheFlavour cacheFlavour(json_lite::JsonValue const& sidecar)
     return {"", 0, "the sidecar has kv_cache '" + kind + "' without a usable max_cache_len: rebuild the engine with this hybridtrt"};
 }
 
+//! This process's place among the processes a launcher started: rank and world from the launcher's environment
+//! (TensorRT's sampleDistCollective reads TRT_MY_RANK / TRT_WORLD_SIZE; Open MPI sets OMPI_COMM_WORLD_RANK/_SIZE,
+//! MPICH and Intel MPI PMI_RANK/PMI_SIZE, SLURM's srun SLURM_PROCID/SLURM_NTASKS). One process alone: rank 0 of 1.
+struct Launch
+{
+    int rank{0};
+    int world{1};
+    std::string error;
+};
+
+template <typename GetEnv>
+Launch launchFromEnvironment(GetEnv getEnv)
+{
+    char const* const pairs[][2] = {{"TRT_MY_RANK", "TRT_WORLD_SIZE"}, {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"},
+        {"PMI_RANK", "PMI_SIZE"}, {"SLURM_PROCID", "SLURM_NTASKS"}};
+    for (auto const& pair : pairs)
+    {
+        char const* rank = getEnv(pair[0]);
+        char const* world = getEnv(pair[1]);
+        if (rank == nullptr || world == nullptr)
+        {
+            continue;
+        }
+        try
+        {
+            Launch launch{std::stoi(rank), std::stoi(world), ""};
+            if (launch.world < 1 || launch.rank < 0 || launch.rank >= launch.world)
+            {
+                return {0, 1, std::string(pair[0]) + "=" + rank + " is not a rank of " + pair[1] + "=" + world};
+            }
+            return launch;
+        }
+        catch (std::exception const&)
+        {
+            return {0, 1, std::string(pair[0]) + "=" + rank + " / " + pair[1] + "=" + world + " are not integers"};
+        }
+    }
+    return {};
+}
+
+//! Same rules as hybridtrt.exporter.manifest.check_rank and TrtModel: a rank's engine (sidecar "tensor_parallel":
+//! {rank, world}) runs only as that rank of that world, and a one-device engine only alone. Empty when it may run.
+inline std::string checkTensorParallel(json_lite::JsonValue const& sidecar, int rank, int world)
+{
+    if (!sidecar.has("tensor_parallel") || sidecar["tensor_parallel"].isNull())
+    {
+        if (world > 1)
+        {
+            return "the engine is a one-device engine, launched as rank " + std::to_string(rank) + " of " + std::to_string(world)
+                + " processes: run it alone, or export with --tp N and build every rank (hybridtrt build OUT)";
+        }
+        return {};
+    }
+    int64_t const theirRank = sidecar["tensor_parallel"]["rank"].asInt();
+    int64_t const theirWorld = sidecar["tensor_parallel"]["world"].asInt();
+    std::string const what = "the engine is rank " + std::to_string(theirRank) + " of a " + std::to_string(theirWorld)
+        + "-rank tensor-parallel model";
+    if (world == 1)
+    {
+        return what + ": it runs only as one of " + std::to_string(theirWorld) + " processes, one per GPU: mpirun -np "
+            + std::to_string(theirWorld) + " hybridtrt_runner OUT/rank0/ENGINE ... (each rank loads its own rank directory's)";
+    }
+    if (theirRank != rank || theirWorld != world)
+    {
+        return what + ", loaded as rank " + std::to_string(rank) + " of " + std::to_string(world)
+            + ": load rank" + std::to_string(rank) + "'s engine in rank " + std::to_string(rank) + "'s process, with "
+            + std::to_string(theirWorld) + " processes";
+    }
+    return {};
+}
+
+//! Rank `rank`'s engine beside a rank's engine: OUT/rank<k>/ENGINE -> OUT/rank<rank>/ENGINE (as
+//! hybridtrt.runtime.tensor_parallel.tensor_parallel_spec finds them). Empty when `path` is not in a rank directory.
+inline std::string rankEnginePath(std::string const& path, int rank)
+{
+    size_t const slash = path.rfind('/');
+    if (slash == std::string::npos)
+    {
+        return {};
+    }
+    std::string const folder = path.substr(0, slash);
+    size_t const start = folder.rfind('/') == std::string::npos ? 0 : folder.rfind('/') + 1;
+    std::string const name = folder.substr(start);
+    if (name.size() < 5 || name.compare(0, 4, "rank") != 0
+        || name.find_first_not_of("0123456789", 4) != std::string::npos)
+    {
+        return {};
+    }
+    return folder.substr(0, start) + "rank" + std::to_string(rank) + path.substr(slash);
+}
+
 } // namespace sidecar_checks

@@ -2,6 +2,10 @@
 
 ``--check-tensorrt VERSION`` runs the version gates and the emulated parser dispatch for that TensorRT
 release without TensorRT (exit 0 when the graph would build as asked, 2 otherwise).
+
+On a tensor-parallel export (``export --tp N``: ``rank0/ …`` and ``hybridtrt-tp.json``) it builds every
+rank's engine, ``rank{r}/OUTPUT`` (``-o`` is then the engine's file name, default ``model.engine``), each
+sidecar recording its rank and world; ``generate OUT/rank0/model.engine`` runs them on N GPUs.
 """
 
 from __future__ import annotations
@@ -62,38 +66,18 @@ def _dispatch_table(report, plugins: bool):  # noqa: ANN001, ANN202 - rich table
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybridtrt.engine.build import build_engine, check_dispatch, import_tensorrt, plan_build
-    from hybridtrt.engine.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_CACHE_LEN, DEFAULT_MAX_INPUT_LEN
-    from hybridtrt.engine.profiles import profile_rows
+    from hybridtrt.engine.build import build_engine, check_dispatch, import_tensorrt
     from hybridtrt.errors import InputError
 
+    if _is_tp_export(args.export_dir):
+        return _run_tp(args)
     if args.output is None and args.check_tensorrt is None:
         raise InputError("hybridtrt build needs -o/--output (or --check-tensorrt VERSION to only check)", fix="pass -o model.engine")
     if args.graph == "mtp" and args.check_tensorrt is None:
         raise InputError("--graph mtp: no TensorRT runtime drafts with an MTP engine yet (DESIGN.md §11); the graph can be checked", fix="add --check-tensorrt VERSION, or draft on ONNX Runtime (generate EXPORT --speculative mtp)")
     check_integrity(args, args.export_dir)
-    plan = plan_build(
-        args.export_dir,
-        args.output or f"{args.export_dir}/model.engine",
-        max_batch=args.max_batch if args.max_batch is not None else DEFAULT_MAX_BATCH,
-        max_input_len=args.max_input_len if args.max_input_len is not None else DEFAULT_MAX_INPUT_LEN,
-        max_cache_len=args.max_cache_len if args.max_cache_len is not None else DEFAULT_MAX_CACHE_LEN,
-        plugins=args.plugins,
-        timing_cache=args.timing_cache,
-        graph=args.graph or "unified",
-        builder_optimization_level=args.opt_level,
-        allow_function_bodies=args.allow_function_bodies,
-        attention=args.attention,
-    )
-    by_profile: dict[str, list[list[str]]] = {}
-    for profile, *row in profile_rows(plan.profiles):  # one table per profile: fits 80 columns
-        by_profile.setdefault(profile, []).append(row)
-    for profile, rows in by_profile.items():
-        console.print(table(f"{plan.onnx_path.name}: optimization profile {profile}", ["input", "min", "opt", "max"], rows))
-    if plan.plugin_library is not None:
-        console.print(f"plugins: {plan.plugin_library}", markup=False)
-    else:
-        console.print("plugins: none built — the custom ops build from their ONNX function bodies (slower; `hybridtrt plugins build` for the plugins)")
+    plan = _plan(args, args.export_dir, args.output or f"{args.export_dir}/model.engine")
+    _print_plan(plan)
     if args.check_tensorrt is not None:
         report = check_dispatch(plan, args.check_tensorrt)  # raises EngineError (exit 2) listing every problem
         console.print(_dispatch_table(report, plan.plugin_library is not None))
@@ -120,4 +104,89 @@ def run(args: argparse.Namespace) -> int:
     if plan.timing_cache is not None:
         rows.append(["timing cache", str(plan.timing_cache)])
     console.print(table("build summary", ["", ""], rows))
+    return 0
+
+
+def _plan(args: argparse.Namespace, export_dir, output):  # noqa: ANN001, ANN202 - a BuildPlan
+    from hybridtrt.engine.build import plan_build
+    from hybridtrt.engine.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_CACHE_LEN, DEFAULT_MAX_INPUT_LEN
+
+    return plan_build(
+        export_dir,
+        output,
+        max_batch=args.max_batch if args.max_batch is not None else DEFAULT_MAX_BATCH,
+        max_input_len=args.max_input_len if args.max_input_len is not None else DEFAULT_MAX_INPUT_LEN,
+        max_cache_len=args.max_cache_len if args.max_cache_len is not None else DEFAULT_MAX_CACHE_LEN,
+        plugins=args.plugins,
+        timing_cache=args.timing_cache,
+        graph=args.graph or "unified",
+        builder_optimization_level=args.opt_level,
+        allow_function_bodies=args.allow_function_bodies,
+        attention=args.attention,
+    )
+
+
+def _print_plan(plan) -> None:  # noqa: ANN001 - a BuildPlan
+    from hybridtrt.engine.profiles import profile_rows
+
+    by_profile: dict[str, list[list[str]]] = {}
+    for profile, *row in profile_rows(plan.profiles):  # one table per profile: fits 80 columns
+        by_profile.setdefault(profile, []).append(row)
+    for profile, rows in by_profile.items():
+        console.print(table(f"{plan.onnx_path.name}: optimization profile {profile}", ["input", "min", "opt", "max"], rows))
+    if plan.plugin_library is not None:
+        console.print(f"plugins: {plan.plugin_library}", markup=False)
+    else:
+        console.print("plugins: none built — the custom ops build from their ONNX function bodies (slower; `hybridtrt plugins build` for the plugins)")
+
+
+def _is_tp_export(path: str) -> bool:
+    from pathlib import Path
+
+    from hybridtrt.exporter.manifest import MANIFEST_FILE, TP_MANIFEST
+
+    return (Path(path) / TP_MANIFEST).is_file() and not (Path(path) / MANIFEST_FILE).exists()
+
+
+def _run_tp(args: argparse.Namespace) -> int:
+    """Every rank's engine of a tensor-parallel export (or, with --check-tensorrt, every rank's graph checked)."""
+    from pathlib import Path
+
+    from hybridtrt.engine.build import build_engine, check_dispatch, import_tensorrt
+    from hybridtrt.errors import InputError
+    from hybridtrt.exporter.tensor_parallel import rank_dir, read_tp_manifest
+
+    name = args.output or "model.engine"
+    if Path(name).name != name or name in (".", ".."):
+        raise InputError(
+            f"-o {name}: for a tensor-parallel export -o names the engine file each rank's directory gets (rank0/{Path(name).name or 'model.engine'}, …)",
+            fix="pass a file name, e.g. -o model.engine",
+        )
+    if args.graph == "mtp":
+        raise InputError("--graph mtp: a tensor-parallel export has no MTP graph", fix="drop --graph mtp")
+    check_integrity(args, args.export_dir)
+    top, _ = read_tp_manifest(args.export_dir)
+    world = int(top["tensor_parallel"]["world"])
+    root = Path(args.export_dir)
+    plans = [_plan(args, root / rank_dir(r), root / rank_dir(r) / name) for r in range(world)]
+    _print_plan(plans[0])  # every rank has the same inputs and profiles (one architecture at its widths)
+    version = args.check_tensorrt
+    if version is None:
+        version = str(import_tensorrt().__version__)  # fails here, before anything is written
+    reports = [check_dispatch(plan, version) for plan in plans]  # raises EngineError (exit 2) naming the problems
+    console.print(_dispatch_table(reports[0], plans[0].plugin_library is not None))
+    for note in reports[0].notes:
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
+    if args.check_tensorrt is not None:
+        rows = [[rank_dir(r), str(plan.onnx_path.name), "would build"] for r, plan in enumerate(plans)]
+        console.print(table(f"TensorRT {version}: {world} ranks", ["rank", "graph", "parser"], rows, numeric=False))
+        console.print(f"TensorRT {version} would build every rank's {plans[0].onnx_path.name} as asked")
+        return 0
+    rows = []
+    for r, plan in enumerate(plans):
+        with step(f"building rank {r}'s engine ({r + 1}/{world})"):
+            result = build_engine(root / rank_dir(r), root / rank_dir(r) / name, plan=plan)
+        rows.append([rank_dir(r), f"{human_bytes(result.engine_bytes)}", f"{result.seconds:.1f} s"])
+    console.print(table(f"{world} rank engines ({name} in each rank directory)", ["rank", "engine", "build time"], rows))
+    console.print(f"run them on {world} GPUs: hybridtrt generate {root / rank_dir(0) / name} --prompt …", markup=False, soft_wrap=True)
     return 0

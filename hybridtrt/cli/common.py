@@ -158,6 +158,13 @@ def check_integrity(args: argparse.Namespace, path: str | Path) -> None:
 
     if (Path(path) / MANIFEST_FILE).is_file():
         read_manifest(path, integrity=FULL)
+    else:
+        from hybridtrt.exporter.manifest import TP_MANIFEST
+
+        if (Path(path) / TP_MANIFEST).is_file():  # every rank's files
+            from hybridtrt.exporter.tensor_parallel import read_tp_manifest
+
+            read_tp_manifest(path, integrity=FULL)
 
 
 def routing_summary(verification: dict) -> str:

@@ -1,7 +1,10 @@
 """``hybridtrt generate ARTEFACT --prompt "..."``: stream text from any backend.
 
 ARTEFACT is an export directory or its ``model.onnx`` (ONNX Runtime), a ``.engine`` (TensorRT) or a
-checkpoint directory (the PyTorch reference, handy for comparisons). The tokenizer is the
+checkpoint directory (the PyTorch reference, handy for comparisons). A tensor-parallel export (``export
+--tp N``) runs as N processes: its top directory on ONNX Runtime (CPU), one of its rank engines
+(``OUT/rank0/model.engine``) with every rank's engine on its own GPU
+(`hybridtrt.runtime.tensor_parallel`). The tokenizer is the
 checkpoint's ``tokenizer.json``, found through the export's manifest (and an engine's sidecar);
 ``--tokenizer DIR`` overrides it, and ``--ids`` runs without one.
 """
@@ -123,6 +126,8 @@ def resolve(artefact: str | Path, *, plugins: str | None = None, identity: bool 
     from hybridtrt.runtime import load
 
     path = Path(artefact)
+    if is_tensor_parallel(path):
+        return _resolve_tensor_parallel(path, plugins=plugins, bf16=bf16)
     config = path / "config.json"  # a FIFO or /dev/zero in its place is refused by the config reader, by name
     if path.is_dir() and not (path / MANIFEST_FILE).is_file() and (config.exists() or config.is_symlink()):
         from hybridtrt.models import load_model
@@ -158,6 +163,33 @@ def resolve(artefact: str | Path, *, plugins: str | None = None, identity: bool 
     ckpt = manifest.source.get("checkpoint")
     ident = _identity(export_dir) if identity else {}
     return Target(model, backend, Path(ckpt) if ckpt else None, manifest.model.get("eos_token_id"), ident)
+
+
+def is_tensor_parallel(path: str | Path) -> bool:
+    """``path`` is the top directory of ``export --tp N`` or one of its ranks' engines."""
+    from hybridtrt.exporter.manifest import MANIFEST_FILE, TP_MANIFEST
+
+    path = Path(path)
+    if path.is_dir():
+        return (path / TP_MANIFEST).is_file() and not (path / MANIFEST_FILE).exists()
+    if path.suffix == ".engine" and path.is_file():
+        from hybridtrt.engine.sidecar import read_sidecar, sidecar_path
+
+        return sidecar_path(path).is_file() and bool(read_sidecar(path).get("tensor_parallel"))
+    return False
+
+
+def _resolve_tensor_parallel(path: Path, *, plugins: str | None, bf16: str) -> Target:
+    """A tensor-parallel model's N processes (`TensorParallelModel`), its checkpoint and EOS from rank 0's manifest."""
+    from hybridtrt.exporter.manifest import read_manifest
+    from hybridtrt.runtime.tensor_parallel import TensorParallelModel, tensor_parallel_spec
+
+    options: dict[str, Any] = {"bf16": bf16, "threads": 1} if path.is_dir() else ({"plugins": plugins} if plugins else {})
+    spec = tensor_parallel_spec(path, **options)
+    rank0 = read_manifest(Path(spec.artefacts[0]) if path.is_dir() else Path(spec.artefacts[0]).parent, integrity=None)
+    model = TensorParallelModel(spec)
+    ckpt = rank0.source.get("checkpoint")
+    return Target(model, model.backend, Path(ckpt) if ckpt else None, rank0.model.get("eos_token_id"))
 
 
 class IncrementalText:
@@ -203,11 +235,8 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: Any) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from hybridtrt.errors import InputError
-    from hybridtrt.models.tokenizer import load_tokenizer
-    from hybridtrt.runtime.generation import SamplingConfig, iter_generate
+    from hybridtrt.runtime.generation import SamplingConfig
 
     # Flags, the snapshot to continue and the file to write are checked before anything loads.
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -234,8 +263,30 @@ def run(args: argparse.Namespace) -> int:
         snapshot = Snapshot.load(args.snapshot)
 
     check_integrity(args, args.artefact)
+    if is_tensor_parallel(args.artefact):
+        for flag, given in (("--speculative", args.speculative), ("--snapshot", args.snapshot), ("--save-snapshot", args.save_snapshot)):
+            if given:
+                raise InputError(
+                    f"{flag} with a tensor-parallel model is not built yet ({args.artefact} runs as N rank processes)",
+                    fix=f"drop {flag}, or use a one-device export",
+                )
 
     target = resolve(args.artefact, plugins=args.plugins, identity=bool(args.snapshot or args.save_snapshot), bf16=args.bf16)
+    try:
+        return _generate(args, target, sampling, snapshot)
+    finally:
+        close = getattr(target.stepper, "close", None)  # a tensor-parallel model's rank processes
+        if close is not None:
+            close()
+
+
+def _generate(args: argparse.Namespace, target: Target, sampling: Any, snapshot: Any) -> int:
+    import torch
+
+    from hybridtrt.errors import InputError
+    from hybridtrt.models.tokenizer import load_tokenizer
+    from hybridtrt.runtime.generation import iter_generate
+
     if snapshot is not None:
         from hybridtrt.runtime.snapshot import check_snapshot
 

@@ -194,7 +194,8 @@ def read_manifest(export_dir: str | Path, *, integrity: str | None = SAMPLED) ->
     if not path.is_file() and (root / TP_MANIFEST).is_file():
         raise ArtefactError(
             f"{export_dir} is a tensor-parallel export (rank0/ … and {TP_MANIFEST}): its ranks' graphs compute together",
-            fix=f"`hybridtrt validate {export_dir}` runs them together (the rank emulator); build each rank: `hybridtrt build {root / 'rank0'}`",
+            fix=f"`hybridtrt generate {export_dir}` runs its ranks as N processes (Python: hybridtrt.runtime.tensor_parallel.TensorParallelModel), "
+            f"`hybridtrt validate {export_dir}` checks them, `hybridtrt build {export_dir}` builds every rank's engine",
         )
     if not path.is_file():
         raise ArtefactError(f"{export_dir} has no {MANIFEST_FILE}: not a (complete) hybridtrt export", fix="run `hybridtrt export CHECKPOINT -o DIR` and point at DIR")
@@ -254,5 +255,26 @@ def refuse_alone(export_dir: str | Path, manifest: Manifest) -> None:
     parent = Path(export_dir).resolve().parent
     raise ArtefactError(
         f"{export_dir} is rank {tp.get('rank')} of a {tp.get('world')}-rank tensor-parallel export: its graph computes only with the other ranks'",
-        fix=f"`hybridtrt validate {parent}` runs every rank together (the rank emulator); TensorRT: one engine per rank on {tp.get('world')} GPUs",
+        fix=f"`hybridtrt generate {parent}` runs every rank together ({tp.get('world')} processes), `hybridtrt validate {parent}` checks them, "
+        f"`hybridtrt build {parent}` builds one engine per rank for {tp.get('world')} GPUs",
     )
+
+
+def check_rank(artefact: str | Path, tp: dict | None, rank: int, world: int) -> None:
+    """Refuse to load ``artefact`` (a rank's export or engine, ``tp`` its ``tensor_parallel`` record) as rank
+    ``rank`` of ``world`` processes unless it is that rank of that world: a rank's graph holds only its
+    slices, and the wrong rank's would compute a wrong model, not fail.
+
+    Raises:
+        ArtefactError: Not a rank's artefact, or another rank's or world's.
+    """
+    if tp is None:
+        raise ArtefactError(
+            f"{artefact} is a one-device artefact, loaded as rank {rank} of {world} tensor-parallel processes",
+            fix="export with `hybridtrt export CKPT -o OUT --tp N` and run OUT's ranks",
+        )
+    if (int(tp.get("rank", -1)), int(tp.get("world", -1))) != (rank, world):
+        raise ArtefactError(
+            f"{artefact} is rank {tp.get('rank')} of a {tp.get('world')}-rank tensor-parallel model, loaded as rank {rank} of {world}",
+            fix=f"load rank{rank}'s artefact in rank {rank}'s process, with a world of {tp.get('world')}",
+        )

@@ -21,7 +21,7 @@ import torch
 
 from hybridtrt.errors import ArtefactError, InputError
 from hybridtrt.exporter.io import ATTENTION_MASK, CACHE_POSITION, HIDDEN_STATES, INPUT_IDS, LOGITS, MTP_HIDDEN_OUT, PADDING_LENGTH
-from hybridtrt.exporter.manifest import Manifest, read_manifest, refuse_alone
+from hybridtrt.exporter.manifest import Manifest, check_rank, read_manifest, refuse_alone
 from hybridtrt.graphs.held_routing import ROUTED_EXPERTS, held_feeds, hold_routing, routed_ids
 from hybridtrt.models.moe import RoutingHold
 from hybridtrt.runtime.generation import GenerationResult, SamplingConfig, generate, iter_generate
@@ -409,9 +409,15 @@ class OrtModel:
         bf16: How a bf16 export runs (`BF16_MODES`): ``"fp32"`` (default) computes in fp32 from its
             bf16 weights, as fast as an fp32 export; ``"emulate"`` rounds every bf16 tensor as a
             bf16 executor (TensorRT) does, 1.3-1.4× slower on CPU, which is what validation judges.
+        communicator: This process's end of the collectives when ``export_dir`` is one rank of an
+            ``export --tp N`` (`hybridtrt.runtime.communicators.GlooCommunicator`; the N processes are
+            started by `hybridtrt.runtime.tensor_parallel.TensorParallelModel`): its graphs then run cut at
+            their collectives (`hybridtrt.runtime.rank_emulator.CollectiveSession`). Without one, a rank
+            directory is refused.
 
     Raises:
-        ArtefactError: Not an export.
+        ArtefactError: Not an export; a rank directory without a communicator, or with another rank's or
+            world's.
         InputError: ``bf16`` is not one of `BF16_MODES`.
     """
 
@@ -429,21 +435,33 @@ class OrtModel:
         attention_budget: int = DEFAULT_ATTENTION_BUDGET,
         prepack: bool = False,
         bf16: str = "fp32",
+        communicator: Any = None,
     ) -> None:
         self.export_dir = Path(export_dir)
         self._threads, self._bf16 = threads, bf16
         self.manifest: Manifest = read_manifest(self.export_dir)
-        refuse_alone(self.export_dir, self.manifest)
+        if communicator is None:
+            refuse_alone(self.export_dir, self.manifest)
+        else:
+            check_rank(self.export_dir, self.manifest.tensor_parallel, communicator.rank, communicator.world)
         self.flavour = self.manifest.cache_flavour
         self.plan = StatePlan.from_manifest(self.manifest)
         self.attention_budget = attention_budget
         has_attention = any(b.is_kv for b in self.plan.buffers)
         self._heads = int(self.manifest.model.get("num_attention_heads") or 0) if has_attention else 0
         share = not prepack  # pre-packing copies every weight anyway: then ONNX Runtime loads its own
-        self.unified = OrtSession(self.export_dir / self.manifest.graphs["unified"].file, threads=threads, share_weights=share, bf16=bf16)
-        self.decode = None
-        if use_decode_graph and "decode" in self.manifest.graphs:
-            self.decode = OrtSession(self.export_dir / self.manifest.graphs["decode"].file, threads=threads, share_weights=share, bf16=bf16)
+        if communicator is not None:
+            from hybridtrt.runtime.rank_emulator import CollectiveSession
+
+            def session(name: str) -> Any:
+                return CollectiveSession(self.export_dir / self.manifest.graphs[name].file, communicator, threads=threads, bf16=bf16)
+        else:
+
+            def session(name: str) -> Any:
+                return OrtSession(self.export_dir / self.manifest.graphs[name].file, threads=threads, share_weights=share, bf16=bf16)
+
+        self.unified = session("unified")
+        self.decode = session("decode") if use_decode_graph and "decode" in self.manifest.graphs else None
         self.moe_layers = [int(entry["index"]) for entry in self.manifest.layers if entry.get("kind") == "moe"]
         self.routing_graphs = False
 

@@ -68,19 +68,22 @@ class RankGraph:
     Args:
         proto: The rank's graph (weights inline).
         threads: ONNX Runtime intra-op threads per session.
+        bf16: How a bf16 graph runs (ONNX Runtime's CPU provider has no bf16 kernels): ``"emulate"``
+            (default: rounded to bf16 where produced, what validation judges) or ``"fp32"`` (fp32
+            compute from the bf16 weights, `hybridtrt.graphs.bf16_emulation.widen_bf16`).
     """
 
-    def __init__(self, proto: onnx.ModelProto, threads: int = 1) -> None:
+    def __init__(self, proto: onnx.ModelProto, threads: int = 1, bf16: str = "emulate") -> None:
         import onnxruntime as ort
 
-        from hybridtrt.graphs.bf16_emulation import emulate_bf16
+        from hybridtrt.graphs.bf16_emulation import emulate_bf16, widen_bf16
 
         #: The graph inputs' element types as exported (bf16 inputs take fp32 arrays of bf16 values below).
         self.input_types = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
         if any(t == onnx.TensorProto.BFLOAT16 for t in self.input_types.values()) or any(
             i.data_type == onnx.TensorProto.BFLOAT16 for i in proto.graph.initializer
         ):
-            proto = emulate_bf16(proto)  # ONNX Runtime's CPU provider has no bf16 kernels: fp32, rounded to bf16 where produced
+            proto = (emulate_bf16 if bf16 == "emulate" else widen_bf16)(proto)
         graph = proto.graph
         initializers = {i.name: i for i in graph.initializer}
         level: dict[str, int] = {name: 0 for name in (*initializers, *(i.name for i in graph.input))}
@@ -127,6 +130,18 @@ class RankGraph:
             return
         got = stage.session.run(stage.outputs, {name: values[name] for name in stage.inputs})
         values.update(zip(stage.outputs, got, strict=True))
+
+
+    def run(self, feeds: Mapping[str, np.ndarray], communicator) -> dict[str, np.ndarray]:  # noqa: ANN001 - a GlooCommunicator or alike
+        """The graph's outputs for ``feeds``, its collectives made through ``communicator`` (this
+        process is one of the ranks: `hybridtrt.runtime.communicators.GlooCommunicator`)."""
+        values = dict(feeds)
+        for at in range(self.levels):
+            self.run_stage(at, values)
+            for node in self.collectives.get(at, []):
+                part = values[node.source]
+                values[node.target] = communicator.all_gather(part) if node.operation == ALL_GATHER else communicator.all_reduce(part, node.groups)
+        return {name: values[name] for name in self.output_names}
 
 
 class RankEmulator:
@@ -183,3 +198,39 @@ class RankEmulator:
         for member in group[1:]:
             out += parts[member]
         return out
+
+
+class CollectiveSession:
+    """One rank's graph file run by this process as one of N (`RankGraph` stages on ONNX Runtime, its
+    collectives through ``communicator``), with `hybridtrt.runtime.onnxruntime.OrtSession`'s ``run``.
+
+    Args:
+        path: The rank's ``model.onnx`` / ``decode.onnx`` (its weights are loaded with it).
+        communicator: This rank's end of the collectives (``all_reduce``, ``all_gather``).
+        threads: ONNX Runtime intra-op threads per stage.
+        bf16: As `RankGraph`.
+    """
+
+    def __init__(self, path, communicator, threads: int | None = None, bf16: str = "fp32") -> None:  # noqa: ANN001
+        proto = onnx.load(str(path))
+        has_bf16 = any(i.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for i in proto.graph.input) or any(
+            i.data_type == onnx.TensorProto.BFLOAT16 for i in proto.graph.initializer
+        )
+        self.graph = RankGraph(proto, threads or 1, bf16)
+        del proto
+        self.communicator = communicator
+        self.emulated_bf16 = has_bf16 and bf16 == "emulate"
+        self.widened_bf16 = has_bf16 and bf16 != "emulate"
+        self.input_names = list(self.graph.input_types)
+        self.output_names = list(self.graph.output_names)
+
+    def run(self, feeds: Mapping[str, object], outputs: list[str] | None = None, *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
+        """One call (``shrink_arena`` is accepted and ignored: each stage has its own small session)."""
+        import ml_dtypes
+
+        from hybridtrt.runtime.onnxruntime import to_numpy
+
+        arrays = {k: to_numpy(v) for k, v in feeds.items() if k in self.input_names}
+        arrays = {k: a.astype(np.float32) if a.dtype == ml_dtypes.bfloat16 else a for k, a in arrays.items()}
+        out = self.graph.run(arrays, self.communicator)
+        return {name: out[name] for name in (outputs or self.output_names)}

@@ -56,6 +56,7 @@ from hybridtrt.engine.plugin_registry import load_plugin_library
 from hybridtrt.engine.sidecar import check_plugin_library, read_sidecar, sidecar_flavour
 from hybridtrt.errors import ArtefactError, EngineError, InputError, MissingDependencyError
 from hybridtrt.exporter.io import ATTENTION_MASK, INPUT_IDS, LOGITS, SEQ
+from hybridtrt.exporter.manifest import check_rank
 from hybridtrt.runtime.buffers import BufferPlan, PingPong, StateSlot
 from hybridtrt.runtime.cuda_graphs import (
     GraphApi,
@@ -110,17 +111,25 @@ class TrtModel:
         cuda_graphs: Replay the decode steps of a static-cache engine as CUDA graphs (no effect on a
             dynamic-cache engine, whose decode shapes change every step, nor on an engine whose MoE experts are
             function bodies: `capture_blocker`).
+        communicator: This process's NCCL communicator when the engine is one rank of an ``export --tp N``
+            (`hybridtrt.runtime.communicators.NcclCommunicator`, made on ``device``; the N processes are started
+            by `hybridtrt.runtime.tensor_parallel.TensorParallelModel`): it is set on the execution context
+            (``IExecutionContext::setCommunicator``). Without one, a rank's engine is refused; with one, an
+            engine of another rank or world is.
 
     Raises:
         MissingDependencyError: No TensorRT bindings or no CUDA GPU.
         ArtefactError: Missing engine/sidecar, or a plugin library missing or with another hash.
         EngineError: TensorRT version or GPU differs from the build's, the plugin library could not be loaded (or
-            another library with the same creators is loaded in this process), or deserialization failed.
+            another library with the same creators is loaded in this process), deserialization failed, or
+            TensorRT refused the communicator.
     """
 
     backend = "tensorrt"
 
-    def __init__(self, engine_path: str | Path, *, plugins: str | Path | None = None, device: int = 0, cuda_graphs: bool = True) -> None:
+    def __init__(
+        self, engine_path: str | Path, *, plugins: str | Path | None = None, device: int = 0, cuda_graphs: bool = True, communicator: Any = None
+    ) -> None:
         self.engine_path = Path(engine_path)
         trt = import_tensorrt()
         self.device = self._select_device(device)
@@ -128,12 +137,15 @@ class TrtModel:
             raise ArtefactError(f"engine {self.engine_path} does not exist", fix="build it with `hybridtrt build EXPORT_DIR -o model.engine`")
         self.sidecar = read_sidecar(self.engine_path)
         tp = self.sidecar.get("tensor_parallel")
-        if tp:  # its DistCollective layers need the other ranks' processes and an NCCL communicator
+        if tp and communicator is None:  # its DistCollective layers need the other ranks' processes and an NCCL communicator
             raise ArtefactError(
                 f"engine {self.engine_path} is rank {tp.get('rank')} of a {tp.get('world')}-rank tensor-parallel model: it runs only as one of "
                 f"{tp.get('world')} processes (one per GPU) joined by NCCL, and this process is one rank alone",
-                fix="the N-process runtime is not built yet (issue 27); check the export with `hybridtrt validate DIR` (the rank emulator)",
+                fix=f"`hybridtrt generate {self.engine_path} …` starts all {tp.get('world')} ranks (Python: hybridtrt.runtime.tensor_parallel.TensorParallelModel)",
             )
+        if communicator is not None:
+            check_rank(self.engine_path, tp, communicator.rank, communicator.world)
+        self.communicator = communicator
         self.flavour = sidecar_flavour(self.sidecar)
         self.plan = BufferPlan.from_sidecar(self.sidecar)
         self._check_compatible(trt)
@@ -147,6 +159,11 @@ class TrtModel:
             raise EngineError(f"TensorRT could not deserialize {self.engine_path}", fix="rebuild the engine with this TensorRT on this GPU")
         self.in_place = self._aliased_states()
         self.context = self.engine.create_execution_context()
+        if communicator is not None and not self.context.set_communicator(communicator.capsule()):
+            raise EngineError(
+                f"TensorRT refused rank {communicator.rank}'s NCCL communicator for {self.engine_path}",
+                fix="one process per GPU, every rank's communicator made from one unique id (TensorParallelModel does both); NCCL_DEBUG=INFO says more",
+            )
         self.cuda_stream = self._new_stream()
         self._profile: int | None = None
         self._pp = PingPong(batch=0)

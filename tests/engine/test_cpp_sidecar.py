@@ -145,3 +145,63 @@ def test_cpp_refuses_plugins_for_an_engine_without_plugin_layers(sidecar_check, 
     assert _run(sidecar_check, path, "--runtime-version", 110100).stdout.strip() == "check ok none"
     proc = _run(sidecar_check, path, "--runtime-version", 110100, "--plugins", tmp_path / "x.so")
     assert proc.returncode == 1 and "holds no plugin layer" in proc.stdout
+
+
+# -- tensor parallel: the runner as one of N launched processes (mpirun / srun / TensorRT's sample's variables) --
+def test_cpp_runs_a_rank_engine_only_as_its_rank_like_python(make_export, sidecar_check, tmp_path):
+    """Every (engine rank/world, launched rank/world) pair: the C++ runner accepts exactly where Python's
+    `check_rank` (and `TrtModel`'s refusal of a rank alone) does, reads rank r's engine from ``rank{r}/``
+    beside the one it was given, and takes the launchers' variables (Open MPI's, TensorRT's sample's)."""
+    import os
+
+    from hybridtrt.errors import ArtefactError
+    from hybridtrt.exporter.manifest import check_rank
+
+    out = make_export("tiny-nemotron-h", ExportOptions(split=True))[1]
+    manifest = read_manifest(out)
+    profiles = engine_profiles(manifest, max_batch=1, max_input_len=8, max_cache_len=20)
+    base = make_sidecar(manifest, out, profiles, tensorrt_version="11.1.0", gpu_name=None, compute_capability=None, plugin_library=None, build_flags={})
+    for folder in ("tp/rank0", "tp/rank1", "one"):
+        (tmp_path / folder).mkdir(parents=True)
+    for rank in range(2):
+        write_sidecar({**base, "tensor_parallel": {"rank": rank, "world": 2, "vocab": "parallel"}}, tmp_path / "tp" / f"rank{rank}" / "model.engine")
+    write_sidecar(base, tmp_path / "one" / "model.engine")
+
+    def launch(engine, env):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("TRT_", "OMPI_", "PMI_", "SLURM_"))}
+        proc = subprocess.run([str(sidecar_check), str(engine), "--launch"], capture_output=True, text=True, timeout=60, env={**clean, **env})
+        return proc.returncode, proc.stdout.strip()
+
+    def python(tp, rank, world):
+        if tp is None and world == 1:
+            return True
+        if tp is not None and world == 1:
+            return False  # TrtModel without a communicator refuses a rank's engine
+        try:
+            check_rank("engine", tp, rank, world)
+            return True
+        except ArtefactError:
+            return False
+
+    given = tmp_path / "tp" / "rank0" / "model.engine"
+    for rank, world in [(0, 1), (0, 2), (1, 2), (1, 4), (3, 4)]:
+        env = {"OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": str(world)} if world > 1 else {}
+        code, text = launch(given, env)
+        engine = tmp_path / "tp" / f"rank{rank}" / "model.engine"
+        tp = {"rank": rank, "world": 2} if engine.with_suffix(".engine.json").is_file() else None
+        expected = python(tp, rank, world) if tp is not None else False
+        assert (code == 0) == expected, (rank, world, text)
+        if code == 0:
+            assert text == f"launch {rank} {world} {engine}"
+        else:
+            assert text.startswith("error: "), text
+    code, text = launch(given, {})
+    assert code == 1 and "runs only as one of 2 processes" in text and "mpirun -np 2" in text
+    code, text = launch(given, {"TRT_MY_RANK": "1", "TRT_WORLD_SIZE": "2"})  # TensorRT's sampleDistCollective's variables
+    assert code == 0 and text.endswith(str(tmp_path / "tp" / "rank1" / "model.engine")), text
+    code, text = launch(tmp_path / "one" / "model.engine", {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
+    assert code == 1 and "not in a rank directory" in text, text
+    code, text = launch(tmp_path / "one" / "model.engine", {})
+    assert code == 0 and python(None, 0, 1), text
+    code, text = launch(given, {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "2"})
+    assert code == 1 and "is not a rank of" in text, text

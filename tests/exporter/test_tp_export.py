@@ -84,7 +84,7 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
         ["export", checkpoint, "-o", out, "--tp", 4, "--per-layer", "--no-split"],
         ["validate", out, "--random", 2, "--prompt-length", 13, "--steps", 1, "--json", tmp_path / "r.json"],
         ["validate", out / "rank1"],
-        ["generate", out, "--ids", "1 2", "--max-new-tokens", 2],
+        ["generate", out / "rank0", "--ids", "1 2"],
         ["export", checkpoint, "-o", tmp_path / "never", "--tp", 3],
         ["export", checkpoint, "-o", tmp_path / "never", "--tp", 2, "--quantize", "fp8", "--calib-random", 2],
         ["export", checkpoint, "-o", tmp_path / "never", "--tp-vocab", "replicated"],
@@ -102,7 +102,7 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
     assert any(c["name"] == f"layer_output.{MAMBA_LAYER} (rank 3)" for c in report["checks"])  # per layer, every rank
     for i, (what, fix) in {
         2: ("is rank 1 of a 4-rank tensor-parallel export", f"hybridtrt validate {out}"),
-        3: ("is a tensor-parallel export", f"hybridtrt build {out / 'rank0'}"),
+        3: ("is rank 0 of a 4-rank tensor-parallel export", f"hybridtrt generate {out}"),
         4: ("--tp 3: a rank holds whole Mamba heads", "--tp 2 or 4 or 8"),
         5: ("--quantize fp8 with --tp is not built yet", "drop --quantize"),
         6: ("--tp-vocab replicated only applies to --tp exports", "add --tp N"),
@@ -112,6 +112,11 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
         assert o.code == 2 and what in " ".join(o.output.split()) and "fix:" in o.output and fix in " ".join(o.output.split()), (cases[i], o.output)
         assert "Traceback" not in o.output
     assert not (tmp_path / "never").exists() or not any((tmp_path / "never").iterdir())
+    from hybridtrt.runtime import load
+
+    with pytest.raises(ArtefactError, match="is a tensor-parallel export") as e:  # the top directory, to a one-device runtime
+        load(out)
+    assert f"hybridtrt generate {out}" in e.value.fix and f"hybridtrt build {out}" in e.value.fix
 
     top = json.loads((out / TP_MANIFEST).read_text())
     assert top["tensor_parallel"] == {"world": 4, "vocab": "parallel", "ranks": ["rank0", "rank1", "rank2", "rank3"]}
@@ -209,7 +214,7 @@ def _a_rank_engine_is_refused_by_a_one_process_runtime(rank_dir, tmp_path, monke
     monkeypatch.setattr(trt_runtime.TrtModel, "_select_device", lambda self, index: torch.device("cpu"))
     with pytest.raises(ArtefactError, match="is rank 1 of a 2-rank tensor-parallel model") as e:
         trt_runtime.TrtModel(engine)
-    assert "hybridtrt validate" in e.value.fix
+    assert "hybridtrt generate" in e.value.fix and "TensorParallelModel" in e.value.fix
 
 
 def test_verification_that_cannot_fit_is_refused_before_anything_is_written(checkpoint, tmp_path, monkeypatch):

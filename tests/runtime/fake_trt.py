@@ -110,7 +110,32 @@ class FakeRegistry:
         return object() if (name, version, namespace) in self.creators else None
 
 
-def fake_tensorrt(session, sidecar: dict, contexts: list, aliases: dict[str, str] | None = None, buffers: dict | None = None) -> types.ModuleType:
+class FakeRankContext(FakeContext):
+    """The context of one rank's engine (``export --tp N``): it runs only once TensorRT is given the rank's
+    communicator (``set_communicator``, a capsule named ``ncclComm_t``: TensorRT's Python binding), then runs
+    the rank's graph cut at its collectives, which go through that communicator to the other processes."""
+
+    def __init__(self, graph_path, *args) -> None:
+        super().__init__(None, *args)
+        self.graph_path = graph_path
+        self.capsules: list = []
+
+    def set_communicator(self, capsule) -> bool:
+        from hybridtrt.runtime.communicators import GlooCommunicator
+        from hybridtrt.runtime.rank_emulator import CollectiveSession
+
+        self.capsules.append(capsule)
+        self.session = CollectiveSession(self.graph_path, GlooCommunicator.from_capsule(capsule))  # KeyError: not a live communicator's capsule
+        return True
+
+    def execute(self, *args) -> None:
+        assert self.session is not None, "a rank's engine ran without a communicator"
+        super().execute(*args)
+
+
+def fake_tensorrt(session, sidecar: dict, contexts: list, aliases: dict[str, str] | None = None, buffers: dict | None = None, rank_graph=None) -> types.ModuleType:
+    """A ``tensorrt`` module whose engines run ``session`` (``rank_graph``: a rank's graph file, run by a
+    `FakeRankContext` once its communicator is set)."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "11.1.0"
     aliases = aliases or {}
@@ -128,7 +153,10 @@ def fake_tensorrt(session, sidecar: dict, contexts: list, aliases: dict[str, str
             return aliases.get(name)
 
         def create_execution_context(self):
-            contexts.append(FakeContext(session, sidecar, aliases, buffers))
+            if rank_graph is not None:
+                contexts.append(FakeRankContext(rank_graph, sidecar, aliases, buffers))
+            else:
+                contexts.append(FakeContext(session, sidecar, aliases, buffers))
             return contexts[-1]
 
     class Runtime:
@@ -150,8 +178,6 @@ def fake_tensorrt(session, sidecar: dict, contexts: list, aliases: dict[str, str
 def cpu_trt_model(monkeypatch, export_dir: Path, sidecar: dict, engine: Path, aliases=None, trt=None, **kwargs):
     """``(TrtModel on the CPU, its fake context)`` for ``sidecar`` written beside ``engine``; ``trt``: reuse a fake
     module (several models in one process), else a new one is installed as ``tensorrt``."""
-    from hybridtrt.runtime import tensorrt as trt_runtime
-
     engine.write_bytes(b"fake engine")
     write_sidecar(sidecar, engine)
     contexts: list = []
@@ -159,7 +185,13 @@ def cpu_trt_model(monkeypatch, export_dir: Path, sidecar: dict, engine: Path, al
         session = OrtSession(export_dir / sidecar["source"]["onnx"])
         trt = fake_tensorrt(session, sidecar, contexts, aliases)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    buffers = trt.buffers
+    model = cpu_trt_class(trt.buffers)(engine, **kwargs)
+    return model, model.context
+
+
+def cpu_trt_class(buffers: dict) -> type:
+    """`TrtModel` with its CUDA touch points on the CPU, its buffers registered in ``buffers`` by address."""
+    from hybridtrt.runtime import tensorrt as trt_runtime
 
     class CpuTrtModel(trt_runtime.TrtModel):
         def _select_device(self, index):
@@ -179,5 +211,4 @@ def cpu_trt_model(monkeypatch, export_dir: Path, sidecar: dict, engine: Path, al
         def _graph_api(self):
             return FakeGraphs(self.context)
 
-    model = CpuTrtModel(engine, **kwargs)
-    return model, model.context
+    return CpuTrtModel
