@@ -57,23 +57,28 @@ def main() -> None:
     rows = []
     for world in (2, 4, 8):
         spec = RankSpec(tuple(f"rank{r}" for r in range(world)), "gloo", f"{__name__}:idle_rank", {"vocab": args.vocab}, "idle")
-        start = time.perf_counter()
-        with TensorParallelModel(spec) as model:
-            started = time.perf_counter() - start
-            for batch in (1, 8):
-                state = model.zero_state(batch)
-                ids, mask = torch.ones(batch, 1, dtype=torch.long), torch.ones(batch, 1, dtype=torch.long)
-                times = []
-                for _ in range(args.steps):
-                    t = time.perf_counter()
-                    _, state = model.step(ids, mask, state, decode=True)
-                    times.append(time.perf_counter() - t)
-                rows.append((world, batch, statistics.median(times) * 1e3, sorted(times)[int(0.95 * len(times))] * 1e3, started))
-    print(f"tensor-parallel driver, idle ranks, vocab {args.vocab:,}, {args.steps} steps each (median and p95 per step)\n")
-    print("| ranks | batch | logits back | median ms/step | p95 ms/step | start s |")
-    print("|---|---|---|---|---|---|")
-    for world, batch, median, p95, started in rows:
-        print(f"| {world} | {batch} | {batch * args.vocab * 4 / 2**20:.1f} MiB | {median:.2f} | {p95:.2f} | {started:.1f} |")
+        for batch in (1, 8):
+            medians = {}
+            for shared in (False, True):
+                start = time.perf_counter()
+                with TensorParallelModel(spec, shared_logits=shared) as model:
+                    started = time.perf_counter() - start
+                    state = model.zero_state(batch)
+                    ids, mask = torch.ones(batch, 1, dtype=torch.long), torch.ones(batch, 1, dtype=torch.long)
+                    times = []
+                    for _ in range(args.steps):
+                        t = time.perf_counter()
+                        logits, state = model.step(ids, mask, state, decode=True)
+                        times.append(time.perf_counter() - t)
+                    assert logits.shape == (batch, args.vocab)
+                medians[shared] = statistics.median(times) * 1e3
+            rows.append((world, batch, medians[False], medians[True], started))
+    print(f"tensor-parallel driver, idle ranks, vocab {args.vocab:,}, {args.steps} steps each: median ms per step, rank 0's")
+    print("logits back through the pipe or through shared memory (the default), side by side\n")
+    print("| ranks | batch | logits | pipe ms/step | shared ms/step | pipe ÷ shared | start s |")
+    print("|---|---|---|---|---|---|---|")
+    for world, batch, pipe, shared, started in rows:
+        print(f"| {world} | {batch} | {batch * args.vocab * 4 / 2**20:.1f} MiB | {pipe:.2f} | {shared:.2f} | {pipe / shared:.1f} | {started:.1f} |")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ if _OWN_SHARED:
 
 
 @contextlib.contextmanager
-def _made_once(kind: str, key: str):
+def made_once(kind: str, key: str):
     """``(folder, done)`` for ``key``, this process holding its lock: ``done`` when a process made it already;
     else make it in ``folder`` and it is marked done when the block ends without an error."""
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -52,7 +52,7 @@ def make_checkpoint():
 
     def make(preset: str = "tiny-nemotron-h", seed: int = 0, **overrides) -> Path:
         key = json.dumps([preset, seed, overrides], sort_keys=True)
-        with _made_once("ckpt", key) as (folder, done):
+        with made_once("ckpt", key) as (folder, done):
             out = folder / preset.replace("-", "_")
             if not done:
                 create_checkpoint(preset, out, seed=seed, **overrides)
@@ -127,7 +127,7 @@ def make_export(make_checkpoint):
         # share one export with split=True.
         key = json.dumps([preset, {**vars(options), "split": options.split is not False}, overrides], sort_keys=True, default=str)
         ckpt = make_checkpoint(preset, **overrides)
-        with _made_once("export", key) as (folder, done):
+        with made_once("export", key) as (folder, done):
             out = folder / "export"
             if not done:
                 export(ckpt, out, options)

@@ -127,18 +127,21 @@ def _worker(spec: RankSpec, rank: int, rendezvous: Any, conn: Any) -> None:
         model, communicator = _resolve(spec.factory)(spec, rank, rendezvous)
         methods = [name for name in _RANK0_CALLS if callable(getattr(model, name, None))]
         conn.send(("ready", {"vocab_size": getattr(model, "vocab_size", None), "pid": os.getpid(), "methods": methods}))
-        state = None
+        state, shared = None, None
         while True:
             op, *args = conn.recv()
             if op == "stop":
                 break
             if op == "zero_state":
-                state = model.zero_state(args[0])
+                batch, name = args
+                state = model.zero_state(batch)
+                if rank == 0 and name is not None and (shared is None or shared.name != name):
+                    shared = _attach(name, shared)
                 conn.send(("ok", None))
             elif op == "step":
                 ids, mask, decode = args
                 logits, state = model.step(torch.from_numpy(ids), torch.from_numpy(mask), state, decode)
-                conn.send(("ok", logits.float().cpu().numpy() if rank == 0 else None))
+                conn.send(("ok", _hand_back(logits, shared) if rank == 0 else None))
             elif op == "call" and args[0] in _RANK0_CALLS:  # a local method of rank 0's model (no collective in it)
                 name, call_args = args
                 conn.send(("ok", getattr(model, name)(*call_args)))
@@ -159,6 +162,26 @@ def _worker(spec: RankSpec, rank: int, rendezvous: Any, conn: Any) -> None:
                 pass
 
 
+def _attach(name: str, old: Any) -> Any:
+    """The driver's shared logits buffer ``name`` (rank 0's side; the driver owns and unlinks it)."""
+    from multiprocessing import shared_memory
+
+    if old is not None:
+        old.close()
+    return shared_memory.SharedMemory(name=name)
+
+
+def _hand_back(logits: torch.Tensor, shared: Any) -> Any:
+    """Rank 0's logits for the driver: written into the shared buffer when they fit (``("shared", shape)``),
+    else the array itself. Through the pipe, 4 MiB of logits (batch 8, 131,072 tokens) took 19 ms a step
+    (benchmarks/tp_driver.py); through shared memory one copy on each side."""
+    array = logits.float().cpu().numpy()
+    if shared is None or array.nbytes > shared.size:
+        return array
+    np.ndarray(array.shape, np.float32, buffer=shared.buf)[...] = array
+    return ("shared", array.shape)
+
+
 @dataclass(frozen=True)
 class TpState:
     """Handle to the states the ranks hold (not the tensors themselves): which `zero_state` it descends
@@ -175,13 +198,15 @@ class TensorParallelModel:
     Args:
         spec: What each rank loads (`tensor_parallel_spec` makes it from an export or an engine).
         timeout_s: How long the driver waits for a rank to start or to answer one call.
+        shared_logits: Rank 0's logits come back through shared memory (default), not the pipe
+            (benchmarks/tp_driver.py measures both).
 
     Raises:
         The first rank's error that stopped it (its type, its message prefixed with the rank); EngineError
         when a rank's process exits or does not answer in ``timeout_s``.
     """
 
-    def __init__(self, spec: RankSpec, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, spec: RankSpec, *, timeout_s: float = DEFAULT_TIMEOUT_S, shared_logits: bool = True) -> None:
         if spec.communicator not in COMMUNICATORS:
             raise InputError(f"communicator {spec.communicator!r} is not one of {', '.join(COMMUNICATORS)}")
         self.spec, self.timeout_s = spec, timeout_s
@@ -191,6 +216,8 @@ class TensorParallelModel:
         self._conns: list[Any] = []
         self._generation = 0
         self._current: TpState | None = None
+        self._shared: Any = None  # rank 0's logits come back through it (`_hand_back`)
+        self._shared_logits = shared_logits
         context = multiprocessing.get_context("spawn")
         rendezvous = self._rendezvous()
         try:
@@ -295,6 +322,10 @@ class TensorParallelModel:
         for conn in self._conns:
             conn.close()
         self._conns, self._processes = [], []
+        if self._shared is not None:
+            self._shared.close()
+            self._shared.unlink()
+            self._shared = None
         self._folder.cleanup()
 
     def __enter__(self) -> TensorParallelModel:
@@ -317,7 +348,15 @@ class TensorParallelModel:
         return self._vocab_size
 
     def zero_state(self, batch: int) -> TpState:
-        self._send(("zero_state", int(batch)))
+        from multiprocessing import shared_memory
+
+        need = int(batch) * int(self._vocab_size or 0) * 4 * self._shared_logits  # fp32 logits [batch, vocab]
+        if need and (self._shared is None or self._shared.size < need):
+            if self._shared is not None:
+                self._shared.close()
+                self._shared.unlink()
+            self._shared = shared_memory.SharedMemory(create=True, size=need)
+        self._send(("zero_state", int(batch), self._shared.name if self._shared is not None else None))
         self._gather("zeroing the states")
         self._generation += 1
         self._current = TpState(self._generation, 0, int(batch))
@@ -333,6 +372,8 @@ class TensorParallelModel:
         mask = np.ascontiguousarray(attention_mask.cpu().numpy().astype(np.int64))
         self._send(("step", ids, mask, bool(decode)))
         logits = self._gather("stepping")[0]
+        if isinstance(logits, tuple):  # in the shared buffer (`_hand_back`)
+            logits = np.ndarray(logits[1], np.float32, buffer=self._shared.buf).copy()
         self._current = TpState(state.generation, state.steps + 1, state.batch)
         return torch.from_numpy(logits), self._current
 

@@ -7,6 +7,8 @@
   library with the same C ABI that runs the kernels on CPU threads.
 - ``trt_test_build``: the TensorRT plugin libraries compiled with g++ on the emulated kernels, against the
   stub headers (always) and TensorRT's own (with ``$TENSORRT_ROOT``), plus the fake libnvinfer harness.
+
+Each is built once per run, shared by the xdist workers (`tests.conftest.made_once`).
 """
 
 from __future__ import annotations
@@ -20,19 +22,20 @@ from pathlib import Path
 import pytest
 
 from hybridtrt.plugins.build import BuildResult, build_plugins, find_nvcc, source_dir
+from tests.conftest import made_once
 
 PLUGINS = source_dir()
 
 
 @pytest.fixture(scope="session")
-def plugin_build(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
+def plugin_build() -> BuildResult:
     """The kernels (and, with $TENSORRT_ROOT, plugins) built for sm_89 and sm_90."""
     if find_nvcc() is None:
         pytest.skip("needs nvcc (the CUDA compiler) to build plugins/")
     if shutil.which("cmake") is None:
         pytest.skip("needs cmake (>= 3.24) to build plugins/")
-    out = tmp_path_factory.mktemp("plugins_build")
-    return build_plugins(build_dir=out, tensorrt_root=os.environ.get("TENSORRT_ROOT") or None, cuda_archs="89;90")
+    with made_once("plugins-build", os.environ.get("TENSORRT_ROOT") or "") as (out, _):  # a second worker's build is incremental: nothing to do
+        return build_plugins(build_dir=out, tensorrt_root=os.environ.get("TENSORRT_ROOT") or None, cuda_archs="89;90")
 
 
 def _cuda_include_dir() -> Path | None:
@@ -52,13 +55,20 @@ def cuda_include_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def emulated_kernels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def emulated_kernels() -> Path:
     """libhybridtrt_kernels compiled for the CPU (HYBRIDTRT_CPU_EMULATION, plugins/tests/emulation)."""
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     include = _cuda_include_dir()
     if cxx is None or include is None:
         pytest.skip("needs a C++20 compiler and the CUDA headers (cuda_fp16.h) for the CPU emulation")
-    out = tmp_path_factory.mktemp("emulated") / "libhybridtrt_kernels_emulated.so"
+    with made_once("emulated-kernels", str(include)) as (folder, done):
+        out = folder / "libhybridtrt_kernels_emulated.so"
+        if not done:
+            _compile_emulated(cxx, include, out)
+    return out
+
+
+def _compile_emulated(cxx: str, include: Path, out: Path) -> None:
     cmd = [
         cxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-DHYBRIDTRT_CPU_EMULATION",
         f"-I{PLUGINS / 'kernels' / 'include'}", f"-I{PLUGINS / 'tests' / 'emulation'}", f"-I{include}",
@@ -69,7 +79,6 @@ def emulated_kernels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
 
 
 #: The sources of libhybridtrt_trt.so (plugins/CMakeLists.txt's hybridtrt_trt target).
@@ -109,7 +118,7 @@ def _compile(cmd: list[str]) -> None:
 
 
 @pytest.fixture(scope="session", params=HEADER_SETS)
-def trt_test_build(request, emulated_kernels: Path, tmp_path_factory: pytest.TempPathFactory) -> TrtTestBuild:
+def trt_test_build(request, emulated_kernels: Path) -> TrtTestBuild:
     """libhybridtrt_trt.so + libhybridtrt_trt_autoreg.so (g++, linked to the emulated kernels), the fake
     libnvinfer and the registry harness, compiled against one header set."""
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
@@ -118,24 +127,26 @@ def trt_test_build(request, emulated_kernels: Path, tmp_path_factory: pytest.Tem
         pytest.skip("needs a C++17 compiler and the CUDA headers (cuda_runtime_api.h)")
     headers = request.param
     include = PLUGINS / "tests" / "trtStub" if headers == "stub" else Path(os.environ["TENSORRT_ROOT"]) / "include"
-    out = tmp_path_factory.mktemp(f"trt_{headers}")
+    with made_once(f"trt-{headers}", str(include)) as (out, done):
+        return _trt_test_build(cxx, cuda_include, headers, include, emulated_kernels, out, done)
+
+
+def _trt_test_build(cxx: str, cuda_include: Path, headers: str, include: Path, emulated_kernels: Path, out: Path, done: bool) -> TrtTestBuild:
     kernels_dir = emulated_kernels.parent
     flags = (
         "-std=c++17", "-O1", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Werror", "-Wno-deprecated-declarations",
         f"-I{include}", f"-I{PLUGINS / 'trt'}", f"-I{PLUGINS / 'kernels' / 'include'}", f"-I{cuda_include}",
     )  # fmt: skip
     kernels = (f"-L{kernels_dir}", f"-l:{emulated_kernels.name}", f"-Wl,-rpath,{kernels_dir}")
-    trt = out / "libhybridtrt_trt.so"
-    _compile([cxx, *flags, "-shared", "-fvisibility=hidden",
-              *(str(PLUGINS / "trt" / f) for f in TRT_SOURCES),
-              *kernels, "-o", str(trt)])  # fmt: skip
-    autoreg = out / "libhybridtrt_trt_autoreg.so"
-    _compile([cxx, *flags, "-shared", "-fvisibility=hidden", str(PLUGINS / "trt" / "autoRegister.cpp"),
-              f"-L{out}", "-l:libhybridtrt_trt.so", "-Wl,--no-as-needed", "-Wl,-rpath,$ORIGIN", "-ldl", "-o", str(autoreg)])  # fmt: skip
-    fake = out / "libnvinfer.so.11"
-    _compile([cxx, *flags, "-shared", "-Wl,-soname,libnvinfer.so.11",
-              str(PLUGINS / "tests" / "fakeNvinfer" / "fakeNvinfer.cpp"), "-ldl", "-o", str(fake)])  # fmt: skip
-    harness = out / "registryHarness"
-    runner_dir = PLUGINS.parent / "examples" / "cpp"  # plugin_libraries.h: the C++ runner's one-load rule
-    _compile([cxx, *flags, f"-I{runner_dir}", str(PLUGINS / "tests" / "fakeNvinfer" / "registryHarness.cpp"), "-ldl", "-o", str(harness)])
+    trt, autoreg, fake, harness = (out / n for n in ("libhybridtrt_trt.so", "libhybridtrt_trt_autoreg.so", "libnvinfer.so.11", "registryHarness"))
+    if not done:
+        _compile([cxx, *flags, "-shared", "-fvisibility=hidden",
+                  *(str(PLUGINS / "trt" / f) for f in TRT_SOURCES),
+                  *kernels, "-o", str(trt)])  # fmt: skip
+        _compile([cxx, *flags, "-shared", "-fvisibility=hidden", str(PLUGINS / "trt" / "autoRegister.cpp"),
+                  f"-L{out}", "-l:libhybridtrt_trt.so", "-Wl,--no-as-needed", "-Wl,-rpath,$ORIGIN", "-ldl", "-o", str(autoreg)])  # fmt: skip
+        _compile([cxx, *flags, "-shared", "-Wl,-soname,libnvinfer.so.11",
+                  str(PLUGINS / "tests" / "fakeNvinfer" / "fakeNvinfer.cpp"), "-ldl", "-o", str(fake)])  # fmt: skip
+        runner_dir = PLUGINS.parent / "examples" / "cpp"  # plugin_libraries.h: the C++ runner's one-load rule
+        _compile([cxx, *flags, f"-I{runner_dir}", str(PLUGINS / "tests" / "fakeNvinfer" / "registryHarness.cpp"), "-ldl", "-o", str(harness)])
     return TrtTestBuild(headers, include, trt, autoreg, fake, harness, (*flags, *kernels, f"-L{out}", "-l:libhybridtrt_trt.so", f"-Wl,-rpath,{out}", "-ldl"))
