@@ -26,6 +26,7 @@ from hybridtrt.models.loading import load_model
 from hybridtrt.runtime.generation import TorchStepper, left_pad
 from hybridtrt.runtime.tensor_parallel import TensorParallelModel, tensor_parallel_spec
 from tests.cli.batch import run_batch
+from tests.conftest import made_once
 
 WORLD = 4
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4]]
@@ -36,17 +37,21 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(scope="module")
-def tp(make_checkpoint, tmp_path_factory):
+def tp(make_checkpoint):
     checkpoint = make_checkpoint("tiny-nemotron3-moe", num_attention_heads=8, layers_block_type=["mamba", "attention", "moe", "mlp"])
-    out = tmp_path_factory.mktemp("tp") / "tp4"
-    export_tp(checkpoint, out, WORLD, ExportOptions())
+    with made_once("tp-runtime-export", str(checkpoint)) as (folder, done):  # one per run, shared by the workers
+        out = folder / "tp4"
+        if not done:
+            export_tp(checkpoint, out, WORLD, ExportOptions())
+            _engines(out)
     ids, mask = left_pad(PROMPTS)
     truth = TorchStepper(load_model(checkpoint)).generate(ids, mask, max_new_tokens=NEW).tokens
     return checkpoint, out, truth
 
 
 def _engines(out: Path, name: str = "model.engine") -> Path:
-    """A fake engine and its real sidecar in every rank directory, as `hybridtrt build OUT` writes them."""
+    """A fake engine and its real sidecar in every rank directory, as `hybridtrt build OUT` writes them (made
+    with the export, `tp`)."""
     for rank in range(WORLD):
         folder = out / f"rank{rank}"
         manifest = read_manifest(folder)
@@ -61,7 +66,7 @@ def test_trt_ranks_generate_the_references_tokens_in_lock_step(tp):
     """4 processes, each `TrtModel` on its rank's engine with its communicator set: a left-padded batch gives
     the reference's greedy tokens; a stale state is refused; the processes end with the model."""
     checkpoint, out, truth = tp
-    spec = tensor_parallel_spec(_engines(out))
+    spec = tensor_parallel_spec(out / "rank0" / "model.engine")
     assert spec.communicator == "nccl" and spec.artefacts == tuple(str(out / f"rank{r}" / "model.engine") for r in range(WORLD))
     ids, mask = left_pad(PROMPTS)
     with TensorParallelModel(dataclasses.replace(spec, communicator="gloo", factory=FAKE)) as model:
@@ -78,18 +83,45 @@ def test_trt_ranks_generate_the_references_tokens_in_lock_step(tp):
 
 def test_a_rank_that_fails_ends_every_rank_and_is_named(tp):
     """Rank 2 raises at its third call while the others wait for it at a collective: the driver names rank 2,
-    ends all 4 processes, and does not hang. A rank loaded with another rank's engine is refused by name."""
+    ends all 4 processes, and does not hang."""
     _, out, _ = tp
-    spec = dataclasses.replace(tensor_parallel_spec(_engines(out)), communicator="gloo", factory=FAKE)
+    spec = dataclasses.replace(tensor_parallel_spec(out / "rank0" / "model.engine"), communicator="gloo", factory=FAKE)
     ids, mask = left_pad(PROMPTS)
     model = TensorParallelModel(dataclasses.replace(spec, options={"fail_rank": 2, "fail_step": 3}), timeout_s=120)
     processes = list(model._processes)
     with pytest.raises(EngineError, match="rank 2 failed: RuntimeError: planted failure at step 3"):
         model.generate(ids, mask, max_new_tokens=NEW)
     assert not any(p.is_alive() for p in processes)
-    swapped = (spec.artefacts[1], spec.artefacts[0], *spec.artefacts[2:])
-    with pytest.raises(ArtefactError, match=r"rank [01]: .*is rank [01] of a 4-rank tensor-parallel model, loaded as rank [01] of 4"):
-        TensorParallelModel(dataclasses.replace(spec, artefacts=swapped), timeout_s=120)
+
+
+def test_a_rank_engine_loads_only_as_its_rank(tp, monkeypatch):
+    """`TrtModel` with a communicator (TensorRT faked, in this process): rank 1's engine loaded as rank 0 is
+    refused by name before TensorRT sees it, and a communicator TensorRT refuses is an error, not a run."""
+    import sys
+
+    from hybridtrt.engine.sidecar import read_sidecar
+    from hybridtrt.runtime.communicators import make_capsule
+    from tests.runtime.fake_trt import FakeRankContext, cpu_trt_class, fake_tensorrt
+
+    _, out, _ = tp
+    engine = out / "rank1" / "model.engine"
+    trt = fake_tensorrt(None, read_sidecar(engine), [], rank_graph=str(out / "rank1" / "model.onnx"))
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    model = cpu_trt_class(trt.buffers)
+
+    class Stub:
+        rank, world = 0, WORLD
+
+        def capsule(self):
+            return make_capsule(1)
+
+    with pytest.raises(ArtefactError, match="is rank 1 of a 4-rank tensor-parallel model, loaded as rank 0 of 4") as e:
+        model(engine, communicator=Stub())
+    assert "load rank0's artefact in rank 0's process" in e.value.fix
+    Stub.rank = 1
+    monkeypatch.setattr(FakeRankContext, "set_communicator", lambda self, capsule: False)
+    with pytest.raises(EngineError, match="TensorRT refused rank 1's NCCL communicator"):
+        model(engine, communicator=Stub())
 
 
 def test_generate_and_build_on_a_tp_export_through_the_cli(tp, tmp_path, monkeypatch):
@@ -99,7 +131,6 @@ def test_generate_and_build_on_a_tp_export_through_the_cli(tp, tmp_path, monkeyp
     an engine of a rank moved out of its export is refused with the fix; ``build OUT --check-tensorrt``
     checks every rank's graph (10.16 imports DistCollective, 10.15 does not)."""
     checkpoint, out, truth = tp
-    _engines(out)
     alone = tmp_path / "alone.engine"
     alone.write_bytes(b"fake")
     (tmp_path / "alone.engine.json").write_text((out / "rank1" / "model.engine.json").read_text())

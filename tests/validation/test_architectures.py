@@ -18,6 +18,7 @@ from hybridtrt.exporter.export import ExportOptions, export
 from hybridtrt.models.architectures import scaled_config, write_hf_checkpoint
 from hybridtrt.validation.artefact import validate_artefact
 from tests.cli.test_bad_inputs import run_cli
+from tests.conftest import made_once
 from tests.validation.faults import perturb_weight
 
 pytest.importorskip("transformers")
@@ -38,32 +39,35 @@ DTYPES = ["fp16", "bf16"]  # the dtypes real checkpoints ship and serve in; fp32
 #: structure: the Nemotron-3 copies in test_moe_routing.py) here and through the CLI
 #: (`test_cli_export_and_validate_bf16`), Mamba-2 in fp16 (in bf16: benchmarks/architectures.py).
 CASES = [("nemotron-nano-9b-v2", "bf16"), ("mamba-codestral-7b", "fp16")]
+#: The scan's chunk and the longest prompt, 2 · chunk + 5: two whole chunks and a partial one, so the states
+#: cross chunk boundaries (chunk 8 here; the real chunk sizes in benchmarks/architectures.py).
+CHUNK = 8
+PROMPT = 2 * CHUNK + 5
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("archs")
+def checkpoints():
     out = {}
     for name, size in ARCHS.items():
         cfg = scaled_config(name, vocab=256, **size)
-        cfg["chunk_size"] = 16  # 2 · chunk + 5 = 37 tokens: several chunks at CI cost
+        cfg["chunk_size"] = CHUNK  # 2 · chunk + 5 = 21 tokens: several chunks at CI cost
         if name in PATTERNS:
             assert set(PATTERNS[name]) == set(cfg["hybrid_override_pattern"]), cfg["hybrid_override_pattern"]
             cfg["hybrid_override_pattern"] = PATTERNS[name]
-        out[name] = write_hf_checkpoint(cfg, root / name, dtype="bfloat16")
+        with made_once("arch-checkpoint", json.dumps(cfg, sort_keys=True)) as (folder, done):  # one per run, shared by the workers
+            out[name] = folder / name
+            if not done:
+                write_hf_checkpoint(cfg, out[name], dtype="bfloat16")
     return out
 
 
 @pytest.fixture(scope="module")
-def exports(checkpoints, tmp_path_factory):
-    made = {}
-
+def exports(checkpoints):
     def make(name: str, dtype: str):
-        if (name, dtype) not in made:
-            out = tmp_path_factory.mktemp(f"{name}-{dtype}")
-            export(checkpoints[name], out, ExportOptions(dtype=dtype))
-            made[name, dtype] = out
-        return made[name, dtype]
+        with made_once("arch-export", json.dumps([str(checkpoints[name]), dtype])) as (folder, done):
+            if not done:
+                export(checkpoints[name], folder / "out", ExportOptions(dtype=dtype))
+        return folder / "out"
 
     return make
 
@@ -80,8 +84,8 @@ def test_export_passes_against_the_fp32_truth(name, dtype, checkpoints, exports)
     out = exports(name, dtype)
     manifest = json.loads((out / "hybridtrt.json").read_text())
     assert manifest["dtype"] == dtype
-    report = validate_artefact(out, random_n=3, prompt_length=2 * 16 + 5, steps=3)
-    assert report.batch == 3 and max(report.prompt_lengths) == 37 and min(report.prompt_lengths) < 37
+    report = validate_artefact(out, random_n=3, prompt_length=PROMPT, steps=3)
+    assert report.batch == 3 and max(report.prompt_lengths) == PROMPT and min(report.prompt_lengths) < PROMPT
     assert report.yardstick == {"fp32": "pytorch-fp64"}.get(dtype, f"pytorch-{dtype}")
     assert report.passed, [(c.phase, c.name, c.failures) for c in report.failures()]
     logits = next(c for c in report.checks if c.phase == "prefill" and c.name == "logits")
@@ -93,7 +97,7 @@ def test_a_planted_fault_fails_at_its_layer(name, dtype, checkpoints, exports, t
     layer = _mamba_layer(checkpoints[name])
     bad = shutil.copytree(exports(name, dtype), tmp_path / "bad")
     perturb_weight(bad, f"model.layers.{layer}.mixer.in_proj.weight_t", 1.1)
-    report = validate_artefact(bad, random_n=3, prompt_length=2 * 16 + 5, steps=2, per_layer=True)
+    report = validate_artefact(bad, random_n=3, prompt_length=PROMPT, steps=2, per_layer=True)
     assert not report.passed
     assert report.first_divergence["layer"] == layer, report.first_divergence
 
@@ -108,7 +112,7 @@ def test_cli_export_and_validate_bf16(checkpoints, tmp_path):
     done = run_cli("export", ckpt, "-o", out)  # no --dtype: the checkpoint declares bf16
     assert done.returncode == 0, done.stderr[-2000:]
     assert "bf16 (the checkpoint's declared dtype" in done.stdout, done.stdout[-3000:]
-    done = run_cli("validate", out, "--random", 3, "--prompt-length", 37, "--steps", 2, "--json", tmp_path / "r.json")
+    done = run_cli("validate", out, "--random", 3, "--prompt-length", PROMPT, "--steps", 2, "--json", tmp_path / "r.json")
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-2000:])
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] and report["yardstick"] == f"pytorch-{dtype}" and report["precision"] == dtype

@@ -27,6 +27,7 @@ from hybridtrt.models.moe import RoutingHold, held_routing
 from hybridtrt.validation.artefact import validate_artefact
 from hybridtrt.validation.runner import random_prompts
 from tests.cli.test_bad_inputs import run_cli
+from tests.conftest import made_once
 from tests.validation.faults import edit_initializers, perturb_weight
 
 pytest.importorskip("transformers")
@@ -52,24 +53,23 @@ def _checkpoint(root, name, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nemotron3")
-    return {name: _checkpoint(root, name) for name in ARCHS}
+def checkpoints():
+    with made_once("nemotron3-checkpoints", json.dumps(sorted(ARCHS))) as (root, done):  # one per run, shared by the workers
+        return {name: (root / name if done else _checkpoint(root, name)) for name in ARCHS}
 
 
 @pytest.fixture(scope="module")
-def cli_exports(checkpoints, tmp_path_factory):
+def cli_exports(checkpoints):
     """``name -> (export dir, export's stdout)``: `hybridtrt export CKPT -o OUT` as a user runs it
-    (no --dtype: bf16, the checkpoint's dtype), once per architecture."""
-    made = {}
+    (no --dtype: bf16, the checkpoint's dtype), once per architecture (and run)."""
 
     def make(name):
-        if name not in made:
-            out = tmp_path_factory.mktemp(name) / "out"
-            done = run_cli("export", checkpoints[name], "-o", out)
-            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-            made[name] = out, done.stdout
-        return made[name]
+        with made_once("nemotron3-cli-export", str(checkpoints[name])) as (folder, done):
+            if not done:
+                run = run_cli("export", checkpoints[name], "-o", folder / "out")
+                assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+                (folder / "stdout.txt").write_text(run.stdout)
+        return folder / "out", (folder / "stdout.txt").read_text()
 
     return make
 
