@@ -136,6 +136,32 @@ def make_export(make_checkpoint):
     return make
 
 
+@pytest.fixture(scope="session")
+def tp_export(make_checkpoint):
+    """``(checkpoint, OUT)``: ``export --tp 4`` of a model with every block kind in 4 layers (two ranks share
+    each Mamba group, the KV heads are replicated), with a fake engine and its real sidecar in every rank
+    directory (``rank{r}/model.engine``, as ``hybridtrt build OUT`` names them); once per run."""
+    from hybridtrt.engine.profiles import engine_profiles
+    from hybridtrt.engine.sidecar import make_sidecar, write_sidecar
+    from hybridtrt.exporter.export import ExportOptions
+    from hybridtrt.exporter.manifest import read_manifest
+    from hybridtrt.exporter.tensor_parallel import export_tp
+
+    checkpoint = make_checkpoint("tiny-nemotron3-moe", num_attention_heads=8, layers_block_type=["mamba", "attention", "moe", "mlp"])
+    with made_once("tp-export", str(checkpoint)) as (folder, done):
+        out = folder / "tp4"
+        if not done:
+            export_tp(checkpoint, out, 4, ExportOptions())
+            for rank in range(4):
+                manifest = read_manifest(out / f"rank{rank}")
+                profiles = engine_profiles(manifest, max_batch=2, max_input_len=16, max_cache_len=32)
+                sidecar = make_sidecar(manifest, out / f"rank{rank}", profiles, tensorrt_version="11.1.0", gpu_name=None,
+                                       compute_capability=None, plugin_library=None, build_flags={})  # fmt: skip
+                (out / f"rank{rank}" / "model.engine").write_bytes(b"fake engine")
+                write_sidecar(sidecar, out / f"rank{rank}" / "model.engine")
+    return checkpoint, out
+
+
 #: The longest modules on 2 cores (``make test PYTEST_ARGS=--durations=0``, setup + calls summed per module,
 #: 2026-12-07), scheduled first: xdist's loadscope hands out whole modules in collection order, and a long
 #: module handed out last leaves the other worker idle. Other modules keep their order. The trace-cache module

@@ -314,3 +314,29 @@ def test_every_build_applies_the_parser_rules_before_parsing(attention_export, t
     with pytest.raises(EngineError, match="softmax_precision"):
         _build(planted, out / "model.engine", plugins=None)
     assert trt.networks == [] and list(out.iterdir()) == []
+
+
+def test_build_of_a_tensor_parallel_export_builds_every_rank(tp_export, fake, tmp_path, capsys):
+    """``hybridtrt build OUT -o NAME`` on ``export --tp 4``: one engine per rank in its rank directory, each
+    parsed from that rank's graph, each sidecar recording its rank and the world (what the N-process runtime
+    checks); ``-o`` with a directory in it is refused (it names the file each rank directory gets)."""
+    from hybridtrt.cli.main import main
+
+    _, out = tp_export
+    fake("11.1.0")
+    name = f"built-{tmp_path.name}.engine"  # the export is shared: a name of this test's own
+    assert main(["build", str(out), "-o", name, "--max-batch", "2", "--max-input-len", "8", "--max-cache-len", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 rank engines" in printed and f"hybridtrt generate {out / 'rank0' / name}" in " ".join(printed.split())
+    parsed = [Path(call["network"][1].path) for call in fake.calls]
+    assert parsed == [out / f"rank{r}" / "model.onnx" for r in range(4)]
+    for rank in range(4):
+        engine = out / f"rank{rank}" / name
+        assert engine.read_bytes() == b"serialized engine"
+        sidecar = read_sidecar(engine)
+        assert sidecar["tensor_parallel"] == {"rank": rank, "world": 4, "vocab": "parallel"}
+        assert sidecar["source"]["export_dir"] == str((out / f"rank{rank}").resolve())
+        engine.unlink()
+        engine.with_name(name + ".json").unlink()
+    assert main(["build", str(out), "-o", str(tmp_path / "x.engine")]) == 2
+    assert "-o names the engine file each rank's directory gets" in " ".join(capsys.readouterr().err.split())

@@ -16,17 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybridtrt.engine.profiles import engine_profiles
-from hybridtrt.engine.sidecar import make_sidecar, write_sidecar
 from hybridtrt.errors import ArtefactError, EngineError, InputError
-from hybridtrt.exporter.export import ExportOptions
-from hybridtrt.exporter.manifest import read_manifest
-from hybridtrt.exporter.tensor_parallel import export_tp
 from hybridtrt.models.loading import load_model
 from hybridtrt.runtime.generation import TorchStepper, left_pad
 from hybridtrt.runtime.tensor_parallel import TensorParallelModel, tensor_parallel_spec
 from tests.cli.batch import run_batch
-from tests.conftest import made_once
 
 WORLD = 4
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4]]
@@ -37,29 +31,12 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(scope="module")
-def tp(make_checkpoint):
-    checkpoint = make_checkpoint("tiny-nemotron3-moe", num_attention_heads=8, layers_block_type=["mamba", "attention", "moe", "mlp"])
-    with made_once("tp-runtime-export", str(checkpoint)) as (folder, done):  # one per run, shared by the workers
-        out = folder / "tp4"
-        if not done:
-            export_tp(checkpoint, out, WORLD, ExportOptions())
-            _engines(out)
+def tp(tp_export):
+    """``(checkpoint, OUT, the reference's greedy tokens on PROMPTS)``; OUT: tests/conftest.py ``tp_export``."""
+    checkpoint, out = tp_export
     ids, mask = left_pad(PROMPTS)
     truth = TorchStepper(load_model(checkpoint)).generate(ids, mask, max_new_tokens=NEW).tokens
     return checkpoint, out, truth
-
-
-def _engines(out: Path, name: str = "model.engine") -> Path:
-    """A fake engine and its real sidecar in every rank directory, as `hybridtrt build OUT` writes them (made
-    with the export, `tp`)."""
-    for rank in range(WORLD):
-        folder = out / f"rank{rank}"
-        manifest = read_manifest(folder)
-        profiles = engine_profiles(manifest, max_batch=2, max_input_len=16, max_cache_len=32)
-        sidecar = make_sidecar(manifest, folder, profiles, tensorrt_version="11.1.0", gpu_name=None, compute_capability=None, plugin_library=None, build_flags={})
-        (folder / name).write_bytes(b"fake engine")
-        write_sidecar(sidecar, folder / name)
-    return out / "rank0" / name
 
 
 def test_trt_ranks_generate_the_references_tokens_in_lock_step(tp):
