@@ -252,6 +252,13 @@ def run(args: argparse.Namespace) -> int:
     if args.ids is not None:
         _prompt_ids(args, None)  # malformed or out-of-range ids, before anything loads
     _check_speculative(args, sampling)
+    if is_tensor_parallel(args.artefact):
+        for flag, given in (("--speculative", args.speculative), ("--snapshot", args.snapshot), ("--save-snapshot", args.save_snapshot)):
+            if given:
+                raise InputError(
+                    f"{flag} with a tensor-parallel model is not built yet ({args.artefact} runs as N rank processes)",
+                    fix=f"drop {flag}, or use a one-device export",
+                )
     snapshot = None
     if args.save_snapshot:
         from hybridtrt.runtime.snapshot import check_writable
@@ -263,13 +270,6 @@ def run(args: argparse.Namespace) -> int:
         snapshot = Snapshot.load(args.snapshot)
 
     check_integrity(args, args.artefact)
-    if is_tensor_parallel(args.artefact):
-        for flag, given in (("--speculative", args.speculative), ("--snapshot", args.snapshot), ("--save-snapshot", args.save_snapshot)):
-            if given:
-                raise InputError(
-                    f"{flag} with a tensor-parallel model is not built yet ({args.artefact} runs as N rank processes)",
-                    fix=f"drop {flag}, or use a one-device export",
-                )
 
     target = resolve(args.artefact, plugins=args.plugins, identity=bool(args.snapshot or args.save_snapshot), bf16=args.bf16)
     try:

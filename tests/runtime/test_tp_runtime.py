@@ -41,34 +41,27 @@ def tp(tp_export):
 
 def test_trt_ranks_generate_the_references_tokens_in_lock_step(tp):
     """4 processes, each `TrtModel` on its rank's engine with its communicator set: a left-padded batch gives
-    the reference's greedy tokens; a stale state is refused; the processes end with the model."""
+    the reference's greedy tokens; a stale state is refused. Then rank 2 raises at its next generation's third
+    call while the others wait for it at a collective: the driver names rank 2, ends all 4 processes, and does
+    not hang."""
     checkpoint, out, truth = tp
     spec = tensor_parallel_spec(out / "rank0" / "model.engine")
     assert spec.communicator == "nccl" and spec.artefacts == tuple(str(out / f"rank{r}" / "model.engine") for r in range(WORLD))
     ids, mask = left_pad(PROMPTS)
-    with TensorParallelModel(dataclasses.replace(spec, communicator="gloo", factory=FAKE)) as model:
-        assert model.backend == "tensorrt ×4 (gloo)" and model.vocab_size == 256
-        processes = list(model._processes)
-        got = model.generate(ids, mask, max_new_tokens=NEW)
-        assert torch.equal(got.tokens, truth), (got.tokens, truth)
-        stale = model.zero_state(2)
-        model.zero_state(2)
-        with pytest.raises(InputError, match="not the ranks' current one"):
-            model.step(ids, mask, stale, decode=False)
-    assert not any(p.is_alive() for p in processes)
-
-
-def test_a_rank_that_fails_ends_every_rank_and_is_named(tp):
-    """Rank 2 raises at its third call while the others wait for it at a collective: the driver names rank 2,
-    ends all 4 processes, and does not hang."""
-    _, out, _ = tp
-    spec = dataclasses.replace(tensor_parallel_spec(out / "rank0" / "model.engine"), communicator="gloo", factory=FAKE)
-    ids, mask = left_pad(PROMPTS)
-    model = TensorParallelModel(dataclasses.replace(spec, options={"fail_rank": 2, "fail_step": 3}), timeout_s=120)
+    fail_at = NEW + 3  # the first generation makes NEW calls (one prefill, NEW - 1 decode steps)
+    model = TensorParallelModel(dataclasses.replace(spec, communicator="gloo", factory=FAKE, options={"fail_rank": 2, "fail_step": fail_at}), timeout_s=120)
+    assert model.backend == "tensorrt ×4 (gloo)" and model.vocab_size == 256
     processes = list(model._processes)
-    with pytest.raises(EngineError, match="rank 2 failed: RuntimeError: planted failure at step 3"):
+    got = model.generate(ids, mask, max_new_tokens=NEW)
+    assert torch.equal(got.tokens, truth), (got.tokens, truth)
+    stale = model.zero_state(2)
+    model.zero_state(2)
+    with pytest.raises(InputError, match="not the ranks' current one"):
+        model.step(ids, mask, stale, decode=False)
+    with pytest.raises(EngineError, match=f"rank 2 failed: RuntimeError: planted failure at step {fail_at}"):
         model.generate(ids, mask, max_new_tokens=NEW)
     assert not any(p.is_alive() for p in processes)
+    model.close()  # idempotent after a failure
 
 
 def test_a_rank_engine_loads_only_as_its_rank(tp, monkeypatch):
