@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     from hybridtrt.engine.build import build_engine, check_dispatch, import_tensorrt
     from hybridtrt.errors import InputError
 
-    if _is_tp_export(args.export_dir):
+    from hybridtrt.exporter.manifest import is_tp_export
+
+    if is_tp_export(args.export_dir):
         return _run_tp(args)
     if args.output is None and args.check_tensorrt is None:
         raise InputError("hybridtrt build needs -o/--output (or --check-tensorrt VERSION to only check)", fix="pass -o model.engine")
@@ -79,17 +81,11 @@ def run(args: argparse.Namespace) -> int:
     plan = _plan(args, args.export_dir, args.output or f"{args.export_dir}/model.engine")
     _print_plan(plan)
     if args.check_tensorrt is not None:
-        report = check_dispatch(plan, args.check_tensorrt)  # raises EngineError (exit 2) listing every problem
-        console.print(_dispatch_table(report, plan.plugin_library is not None))
-        for note in report.notes:
-            console.print(f"note: {note}", markup=False, soft_wrap=True)
+        _print_dispatch(check_dispatch(plan, args.check_tensorrt), plan)  # check_dispatch raises EngineError (exit 2) listing every problem
         console.print(f"TensorRT {args.check_tensorrt} would build {plan.onnx_path.name} as asked")
         return 0
     trt = import_tensorrt()  # fails here, after the table and before anything is written
-    report = check_dispatch(plan, str(trt.__version__))
-    console.print(_dispatch_table(report, plan.plugin_library is not None))
-    for note in report.notes:
-        console.print(f"note: {note}", markup=False, soft_wrap=True)
+    _print_dispatch(check_dispatch(plan, str(trt.__version__)), plan)
     with step("building TensorRT engine"):
         result = build_engine(args.export_dir, args.output, plan=plan)
     rows = [
@@ -140,12 +136,10 @@ def _print_plan(plan) -> None:  # noqa: ANN001 - a BuildPlan
         console.print("plugins: none built — the custom ops build from their ONNX function bodies (slower; `hybridtrt plugins build` for the plugins)")
 
 
-def _is_tp_export(path: str) -> bool:
-    from pathlib import Path
-
-    from hybridtrt.exporter.manifest import MANIFEST_FILE, TP_MANIFEST
-
-    return (Path(path) / TP_MANIFEST).is_file() and not (Path(path) / MANIFEST_FILE).exists()
+def _print_dispatch(report, plan) -> None:  # noqa: ANN001 - a DispatchReport and its BuildPlan
+    console.print(_dispatch_table(report, plan.plugin_library is not None))
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
 
 
 def _run_tp(args: argparse.Namespace) -> int:
@@ -174,9 +168,7 @@ def _run_tp(args: argparse.Namespace) -> int:
     if version is None:
         version = str(import_tensorrt().__version__)  # fails here, before anything is written
     reports = [check_dispatch(plan, version) for plan in plans]  # raises EngineError (exit 2) naming the problems
-    console.print(_dispatch_table(reports[0], plans[0].plugin_library is not None))
-    for note in reports[0].notes:
-        console.print(f"note: {note}", markup=False, soft_wrap=True)
+    _print_dispatch(reports[0], plans[0])
     if args.check_tensorrt is not None:
         rows = [[rank_dir(r), str(plan.onnx_path.name), "would build"] for r, plan in enumerate(plans)]
         console.print(table(f"TensorRT {version}: {world} ranks", ["rank", "graph", "parser"], rows, numeric=False))

@@ -167,11 +167,11 @@ def resolve(artefact: str | Path, *, plugins: str | None = None, identity: bool 
 
 def is_tensor_parallel(path: str | Path) -> bool:
     """``path`` is the top directory of ``export --tp N`` or one of its ranks' engines."""
-    from hybridtrt.exporter.manifest import MANIFEST_FILE, TP_MANIFEST
+    from hybridtrt.exporter.manifest import is_tp_export
 
     path = Path(path)
     if path.is_dir():
-        return (path / TP_MANIFEST).is_file() and not (path / MANIFEST_FILE).exists()
+        return is_tp_export(path)
     if path.suffix == ".engine" and path.is_file():
         from hybridtrt.engine.sidecar import read_sidecar, sidecar_path
 

@@ -232,7 +232,9 @@ def check_inputs(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from hybridtrt.validation.preflight import check_arguments, check_output_dir, check_output_file
 
-    tensor_parallel = args.export_dir is not None and _is_tp_export(args.export_dir)
+    from hybridtrt.exporter.manifest import is_tp_export
+
+    tensor_parallel = args.export_dir is not None and is_tp_export(args.export_dir)
     if tensor_parallel:
         _refuse_for_tp(args)
     elif args.export_dir is not None:
@@ -281,13 +283,6 @@ def run(args: argparse.Namespace) -> int:
             paths = write_report(report, args.report, provenance=origin)
             console.print(f"report: {paths['html']}", markup=False, soft_wrap=True)
     return 0 if report.passed else 1
-
-
-def _is_tp_export(path: str) -> bool:
-    from hybridtrt.exporter.manifest import MANIFEST_FILE
-    from hybridtrt.exporter.tensor_parallel import TP_MANIFEST
-
-    return (Path(path) / TP_MANIFEST).is_file() and not (Path(path) / MANIFEST_FILE).exists()
 
 
 def _refuse_for_tp(args: argparse.Namespace) -> None:

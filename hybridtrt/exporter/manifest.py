@@ -260,6 +260,11 @@ def refuse_alone(export_dir: str | Path, manifest: Manifest) -> None:
     )
 
 
+def is_tp_export(path: str | Path) -> bool:
+    """``path`` is the top directory of ``export --tp N`` (`TP_MANIFEST` there, no one-device manifest)."""
+    return (Path(path) / TP_MANIFEST).is_file() and not (Path(path) / MANIFEST_FILE).exists()
+
+
 def check_rank(artefact: str | Path, tp: dict | None, rank: int, world: int) -> None:
     """Refuse to load ``artefact`` (a rank's export or engine, ``tp`` its ``tensor_parallel`` record) as rank
     ``rank`` of ``world`` processes unless it is that rank of that world: a rank's graph holds only its

@@ -361,6 +361,47 @@ def cast_cache(cache, dtype: torch.dtype):
     return HybridCache(to(cache.conv), dict(cache.ssm), to(cache.key), to(cache.value))
 
 
+def held_ranks(graphs, moe: bool):  # noqa: ANN001, ANN201 - rank graphs (or their RankEmulator) -> RankEmulator | None
+    """Rank 0 … N − 1's graphs in a `RankEmulator` (one given passes through; None stays None); an MoE model's
+    graphs get the held-routing pass (`hybridtrt.graphs.held_routing`), so that they can be held to the truth's
+    expert choices (`run_held`)."""
+    from hybridtrt.graphs.held_routing import hold_routing
+    from hybridtrt.runtime.rank_emulator import RankEmulator
+
+    if graphs is None or isinstance(graphs, RankEmulator):
+        return graphs
+    return RankEmulator([hold_routing(g).model if moe else g for g in graphs])
+
+
+def run_held(truth: HybridLM, yardstick: HybridLM | None, plan: TensorParallelPlan, ranks, ids: torch.Tensor, mask: torch.Tensor, cache, *,
+             held: bool, hidden: bool = False):  # noqa: ANN001, ANN201 - fmt: skip
+    """One call of the unsharded fp32 ``truth``, which chooses the experts; the ``yardstick`` (the one-device
+    model in the graphs' dtype, on the truth's states cast to it) and every rank's graph (its slice of the
+    same inputs) held to those choices when ``held``. The one step `judge_ranks` and
+    `hybridtrt.validation.tensor_parallel.validate_ranks` share.
+
+    Returns:
+        ``(truth's output, yardstick's or None, every rank's outputs, the truth's RoutingHold, the yardstick's)``.
+    """
+    from hybridtrt.exporter.wrapper import flat_from_cache
+    from hybridtrt.graphs.held_routing import held_feeds
+    from hybridtrt.models.moe import RoutingHold, held_routing
+
+    truth_hold = RoutingHold()
+    with torch.no_grad(), held_routing(truth, truth_hold):
+        ref = truth(ids, mask, cache, logits="last", output_hidden_states=hidden)
+    yard_hold = RoutingHold(truth_hold.all_ids()) if held else RoutingHold()
+    yard = None
+    if yardstick is not None:
+        with torch.no_grad(), held_routing(yardstick, yard_hold):
+            yard = yardstick(ids, mask, cast_cache(cache, yardstick.dtype), logits="last", output_hidden_states=hidden)
+    names = io.input_names(truth.config, io.DYNAMIC_CACHE)
+    full = (ids, mask, *flat_from_cache(io.state_specs(truth.config), cache))
+    hold = held_feeds(truth_hold.all_ids().keys(), truth.config.moe.top_k, truth_hold.all_ids()) if held else {}
+    feeds = [{**{n: ranks.feed(n, t.numpy()) for n, t in zip(names, rank_inputs(truth, plan, r, full), strict=True)}, **hold} for r in range(plan.world)]
+    return ref, yard, ranks.run(feeds), truth_hold, yard_hold
+
+
 def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list, decode: list | None, manifest) -> dict:
     """Export-time verification of N ranks (the exporter's own judge, as `hybridtrt.exporter.verify` is
     for one device; ``hybridtrt validate`` judges with `hybridtrt.validation.tensor_parallel`).
@@ -379,27 +420,18 @@ def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list,
     """
     from hybridtrt.errors import ExportError
     from hybridtrt.exporter.verify import VERIFY_BATCH, VERIFY_PAST, VERIFY_SEQ, _Judge
-    from hybridtrt.exporter.wrapper import cache_from_flat, flat_from_cache
+    from hybridtrt.exporter.wrapper import cache_from_flat
+    from hybridtrt.graphs.held_routing import routed_ids
     from hybridtrt.judge.metrics import compare
     from hybridtrt.models.lazy import lazy_model
 
-    from hybridtrt.graphs.held_routing import held_feeds, hold_routing, routed_ids
-    from hybridtrt.models.moe import RoutingHold, held_routing
-    from hybridtrt.runtime.rank_emulator import RankEmulator
-
     moe = bool(plan.config.layers_of(MOE))
-
-    def emulator(protos: list | None) -> RankEmulator | None:
-        return None if protos is None else RankEmulator([hold_routing(p).model if moe else p for p in protos])
-
-    unified_ranks, decode_ranks = emulator(unified), emulator(decode)
+    unified_ranks, decode_ranks = held_ranks(unified, moe), held_ranks(decode, moe)
     judge = _Judge(manifest)
     truth = lazy_model(checkpoint.as_dtype(torch.float32))
     yardstick = lazy_model(checkpoint) if judge.yardstick else None  # the one-device model in the graphs' dtype
-    specs = io.state_specs(truth.config)
-    names = io.input_names(truth.config, io.DYNAMIC_CACHE)
     inputs = example_inputs(truth, seq=VERIFY_SEQ, batch=VERIFY_BATCH, past=VERIFY_PAST, seed=1)
-    ids, mask, cache = inputs[0], inputs[1], cache_from_flat(specs, inputs[2:])
+    ids, mask, cache = inputs[0], inputs[1], cache_from_flat(io.state_specs(truth.config), inputs[2:])
 
     worst: dict = {}
     checked = 0
@@ -411,19 +443,7 @@ def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list,
 
     def call(phase: str, ids: torch.Tensor, mask: torch.Tensor, cache, ranks) -> object:
         nonlocal worst, checked
-        truth_hold = RoutingHold()
-        with torch.no_grad(), held_routing(truth, truth_hold):
-            ref = truth(ids, mask, cache, logits="last")
-        yard_hold = RoutingHold(truth_hold.all_ids())  # the truth chooses; the others are held to it
-        if yardstick is not None:
-            with torch.no_grad(), held_routing(yardstick, yard_hold):
-                yard = yardstick(ids, mask, cast_cache(cache, yardstick.dtype), logits="last")
-        else:
-            yard = None
-        full = (ids, mask, *flat_from_cache(specs, cache))
-        hold = held_feeds(truth_hold.all_ids().keys(), plan.config.moe.top_k, truth_hold.all_ids()) if moe else {}
-        feeds = [{**{n: ranks.feed(n, t.numpy()) for n, t in zip(names, rank_inputs(truth, plan, r, full), strict=True)}, **hold} for r in range(plan.world)]
-        got = ranks.run(feeds)
+        ref, yard, got, truth_hold, yard_hold = run_held(truth, yardstick, plan, ranks, ids, mask, cache, held=moe)  # the truth chooses the experts
         if moe:
             for r in range(plan.world):  # the ranks' own choices (every rank routes the same all-reduced hidden state)
                 own = {layer: torch.from_numpy(v) for layer, v in routed_ids(got[r], *ids.shape).items()}

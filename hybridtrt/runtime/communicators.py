@@ -65,6 +65,22 @@ class Communicator(Protocol):
         ...
 
 
+def sum_in_rank_order(parts: Sequence[np.ndarray], members: Sequence[int], rank: int, what: str = "") -> np.ndarray:
+    """An all-reduce's result on ``rank``: ``parts[m]`` summed over ``members`` in rank order, so every member
+    (and every run) gets the same bits. The rank emulator (`hybridtrt.runtime.rank_emulator`) and
+    `GlooCommunicator` both sum here.
+
+    Raises:
+        ValueError: ``rank`` is not one of ``members``.
+    """
+    if rank not in members:
+        raise ValueError(f"{what}rank {rank} runs an all-reduce over {tuple(members)}, which it is not part of")
+    out = parts[members[0]].copy()
+    for member in members[1:]:
+        out += parts[member]
+    return out
+
+
 class _UniqueId(ctypes.Structure):
     """``ncclUniqueId``. Made from bytes with ``from_buffer_copy``: a ``c_char`` array's constructor stops at
     the first NUL, and an id has NUL bytes (the stand-in test's id has one at byte 73)."""
@@ -243,14 +259,10 @@ class GlooCommunicator:
 
     def all_reduce(self, value: np.ndarray, group: Sequence[int] = ()) -> np.ndarray:
         members = tuple(group) or tuple(range(self.world))
-        if self.rank not in members:
+        if self.rank not in members:  # before the exchange: the others would wait for this rank's part
             raise ValueError(f"rank {self.rank} runs an all-reduce over {members}, which it is not part of")
         self.calls.append(("all_reduce", tuple(value.shape)))
-        parts = self._gather(value)  # every rank takes part, as a TensorRT group collective's other ranks do not
-        out = parts[members[0]].copy()
-        for m in members[1:]:
-            out += parts[m]
-        return out
+        return sum_in_rank_order(self._gather(value), members, self.rank)  # every rank takes part in the gather
 
     def all_gather(self, value: np.ndarray) -> np.ndarray:
         self.calls.append(("all_gather", tuple(value.shape)))

@@ -21,6 +21,7 @@ import onnx
 from onnx import helper
 
 from hybridtrt.ops.collectives import ALL_GATHER, ALL_REDUCE, DIST_COLLECTIVE, TRT_DOMAIN, register_schema
+from hybridtrt.runtime.communicators import sum_in_rank_order
 
 
 @dataclass(frozen=True)
@@ -191,13 +192,7 @@ class RankEmulator:
     def _combine(self, node: Collective, parts: list[np.ndarray], rank: int) -> np.ndarray:
         if node.operation == ALL_GATHER:
             return np.concatenate(parts, axis=0)
-        group = node.groups or tuple(range(self.world))
-        if rank not in group:
-            raise ValueError(f"{node.name}: rank {rank} runs an all-reduce over {group}, which it is not part of")
-        out = parts[group[0]].copy()
-        for member in group[1:]:
-            out += parts[member]
-        return out
+        return sum_in_rank_order(parts, node.groups or tuple(range(self.world)), rank, f"{node.name}: ")
 
 
 class CollectiveSession:

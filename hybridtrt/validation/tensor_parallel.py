@@ -11,21 +11,17 @@ and rank (`Report.first_divergence`).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import numpy as np
 import onnx
 import torch
 
-from hybridtrt.exporter import io
-from hybridtrt.exporter.tensor_parallel import cast_cache, rank_inputs
+from hybridtrt.exporter.tensor_parallel import held_ranks, run_held
 from hybridtrt.exporter.integrity import SAMPLED
-from hybridtrt.exporter.wrapper import flat_from_cache
-from hybridtrt.graphs.held_routing import HOLD_ROUTING, held_feeds, hold_routing, routed_ids
+from hybridtrt.graphs.held_routing import HOLD_ROUTING, routed_ids
 from hybridtrt.judge.routing import RoutingTally, flips
 from hybridtrt.models.config import MOE
-from hybridtrt.models.moe import RoutingHold, held_routing
 from hybridtrt.models.model import HybridLM
 from hybridtrt.models.tensor_parallel import TensorParallelPlan
 from hybridtrt.runtime.rank_emulator import RankEmulator
@@ -63,17 +59,10 @@ def validate_ranks(
             export's verification does (`hybridtrt.exporter.verify`). None for fp32 graphs.
     """
     moe = bool(model.config.layers_of(MOE))
-
-    def ranks_of(graphs):
-        if graphs is None or isinstance(graphs, RankEmulator):
-            return graphs
-        return RankEmulator([hold_routing(g).model if moe else g for g in graphs])  # MoE: routing held to the reference's choices
-
-    emulator = ranks_of(protos)
-    stepper = ranks_of(decode) or emulator
+    emulator = held_ranks(protos, moe)  # MoE: routing held to the reference's choices
+    stepper = held_ranks(decode, moe) or emulator
     held = moe and any(HOLD_ROUTING in r.input_types for r in emulator.ranks)
     tallies: dict[int, RoutingTally] = {}
-    names = io.input_names(model.config, io.DYNAMIC_CACHE)
     report = Report(
         backend=f"onnxruntime × {plan.world} ranks (emulated collectives)",
         reference="pytorch (one device)",
@@ -87,16 +76,7 @@ def validate_ranks(
         report.yardstick = f"pytorch-{precision}"
 
     def call(ids: torch.Tensor, mask: torch.Tensor, cache, ranks: RankEmulator) -> tuple[object, object, list[dict[str, np.ndarray]]]:
-        truth_hold = RoutingHold()
-        with torch.no_grad(), held_routing(model, truth_hold):
-            ref = model(ids, mask, cache, logits="last", output_hidden_states=True)
-        yard_hold = RoutingHold(truth_hold.all_ids()) if held else RoutingHold()
-        with torch.no_grad(), held_routing(yardstick, yard_hold) if yardstick is not None else contextlib.nullcontext():
-            yard = None if yardstick is None else yardstick(ids, mask, cast_cache(cache, yardstick.dtype), logits="last", output_hidden_states=True)
-        full = (ids, mask, *flat_from_cache(io.state_specs(model.config), cache))
-        hold = held_feeds(truth_hold.all_ids().keys(), model.config.moe.top_k, truth_hold.all_ids()) if held else {}
-        feeds = [{**{n: ranks.feed(n, t.numpy()) for n, t in zip(names, rank_inputs(model, plan, r, full), strict=True)}, **hold} for r in range(plan.world)]
-        got = ranks.run(feeds)
+        ref, yard, got, truth_hold, yard_hold = run_held(model, yardstick, plan, ranks, ids, mask, cache, held=held, hidden=True)
         if held:  # every rank's own choices (the same all-reduced hidden state on every rank) against the reference's
             real = mask[:, -ids.shape[1] :].bool()
             for r in range(plan.world):
