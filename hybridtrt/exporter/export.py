@@ -467,7 +467,7 @@ def check_options(opts: ExportOptions, quantize: QuantizeOptions | None) -> int:
     parse_dtype(opts.state_dtype or "fp32")
     if opts.verify_mode not in VERIFY_MODES:
         raise ExportError(f"verification mode {opts.verify_mode!r} is unknown", fix=f"use one of {', '.join(VERIFY_MODES)}")
-    if quantize is not None:
+    if quantize is not None and quantize.fixed is None and quantize.act_amax is None:  # a checkpoint's own scales, or a TP rank's calibrated ones
         check_calibration_source(quantize.calib_file, quantize.calib_random)
     return opset
 
@@ -563,11 +563,14 @@ def export(
     flavour = io.cache_flavour(opts.kv_cache, opts.max_cache_len, opset)
     with step("read checkpoint (config.json, safetensors headers)"):
         checkpoint = open_checkpoint(checkpoint_dir, opts.dtype)
-    if rank is not None:
-        checkpoint = rank.view(checkpoint)
     if quantize is not None and weight_only is not None:
         raise ExportError("FP8 Q/DQ and 4-bit weights are two different recipes", fix="pass one --quantize")
-    quantize, weight_only = _checkpoint_quantization(checkpoint, quantize, weight_only, opts.dequantize, opts.fp4_activations, opts.dequantize_experts)
+    if rank is None:
+        quantize, weight_only = _checkpoint_quantization(checkpoint, quantize, weight_only, opts.dequantize, opts.fp4_activations, opts.dequantize_experts)
+    else:  # export_tp resolved the recipe for every rank, on the unsharded checkpoint
+        checkpoint = rank.view(checkpoint)
+        if quantize is not None and quantize.fixed is None:
+            quantize = rank.fp8(quantize)  # the unsharded model's activation and weight scales
     config = checkpoint.config
     if opts.speculative and config.mtp_layers:
         from hybridtrt.models.mtp import check_mtp_config
@@ -596,7 +599,7 @@ def export(
         # Calibration and the AWQ search run before anything is traced: their working set (a layer's
         # weights and the batches' activations) is gone before tracing's residue builds up, so the
         # export peaks at the larger of the two, not at their sum.
-        if quantize is not None and quantize.fixed is None:
+        if quantize is not None and quantize.fixed is None and rank is None:
             with progress("FP8 calibration (each layer read once)", len(reference.weights.groups), "layers") as advance:
                 quantize.progress = _counter(advance)
                 from hybridtrt.exporter.quantize import run_calibration

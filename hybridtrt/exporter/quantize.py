@@ -63,6 +63,9 @@ class QuantizeOptions:
             keeps in high precision (their dequantized weights).
         recipe: The ``--recipe`` the exclusions came from (`hybridtrt.exporter.recipes.describe`),
             recorded in the recipe dict.
+        weight_amax: A tensor-parallel rank's (`hybridtrt.exporter.tensor_parallel.RankExport.fp8`):
+            the amax of the unsharded weights its sliced weights come from, so their scales are the
+            whole tensors' (`hybridtrt.graphs.fp8_qdq.insert_fp8_qdq`).
     """
 
     calib_file: str | None = None
@@ -79,6 +82,7 @@ class QuantizeOptions:
     source: str = "calibration"
     kept: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     recipe: dict[str, Any] | None = None
+    weight_amax: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     _calibrated_for: weakref.ReferenceType | None = field(default=None, init=False, repr=False, compare=False)
 
 
@@ -358,7 +362,7 @@ def quantize_graph(
         recipe.excluded.update({node: why for node, why in options.kept.items() if node in recipe.excluded})
         return recipe.to_dict()
     amax = run_calibration(model, checkpoint_dir, options)
-    recipe = insert_fp8_qdq(proto, amax, exclude=options.exclude, weight_scale=options.weight_scale, quantizer=quantizer)
+    recipe = insert_fp8_qdq(proto, amax, exclude=options.exclude, weight_scale=options.weight_scale, quantizer=quantizer, weight_amax=options.weight_amax)
     if not recipe.quantized:
         raise QuantizationError(
             "FP8 was requested but no linear layer is left to quantize"

@@ -23,6 +23,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from hybridtrt import CONTRACT_VERSION
+from hybridtrt.errors import ExportError
 from hybridtrt.exporter import io, trace_cache
 from hybridtrt.exporter.export import GraphSpec, export_program, optimize_program, run_passes
 from hybridtrt.exporter.integrity import SAMPLED
@@ -120,16 +121,47 @@ def rank_dir(rank: int) -> str:
 @dataclass
 class RankExport:
     """What `hybridtrt.exporter.export.export` needs to write rank ``rank``'s directory: the plan, the
-    traces the ranks share (one per distinct rank config and graph), and the manifest's ``source`` (the
-    checkpoint is hashed once, not once per rank)."""
+    traces the ranks share (one per distinct rank config and graph), the manifest's ``source`` (the
+    checkpoint is hashed once, not once per rank), and for calibrated FP8 the unsharded weights' amax
+    (`unsharded_weight_amax`, read once for every rank)."""
 
     plan: TensorParallelPlan
     rank: int
     source: dict
     traces: dict = field(default_factory=dict)
+    weight_amax: dict | None = None
 
     def view(self, checkpoint: Checkpoint) -> RankCheckpoint:
         return rank_checkpoint(checkpoint, self.plan, self.rank)
+
+    def fp8(self, quantize):  # noqa: ANN001, ANN201 - QuantizeOptions -> QuantizeOptions
+        """The rank's copy of the export's calibrated FP8 options: the unsharded model's activation amax
+        (every rank quantizes its part of an activation with the whole activation's scale) and, for each
+        weight the rank holds a part of, the unsharded weight's amax restricted to the rank's output
+        channels (`hybridtrt.graphs.fp8_qdq.WeightAmax`): its scales are the whole tensor's, so the
+        rank's FP8 weights are the slices of the one-device export's (DESIGN.md §12)."""
+        if self.weight_amax is None or quantize.act_amax is None:
+            raise RuntimeError("calibrate the unsharded model and read its weights' amax first (export_tp)")
+        per_channel = quantize.weight_scale == "channel"
+        amax: dict = {}
+        for name, (node, a) in self.weight_amax.items():
+            value = self._restricted(name, a, per_channel)
+            if name.endswith(_EXPERT_STACKS):  # {"up": …, "down": …} of one MoeExperts node
+                amax.setdefault(node, {})[name.rsplit(".", 1)[1].removesuffix("_proj")] = value
+            else:
+                amax[node] = value
+        return dataclasses.replace(quantize, weight_amax=amax)
+
+    def _restricted(self, name: str, amax, per_channel: bool):  # noqa: ANN001, ANN202 - np.ndarray -> WeightAmax
+        """``amax`` of the unsharded parameter ``name`` as the rank's part needs it: per tensor as it is,
+        per channel the rank's output channels (a linear's rows ``[out, in]``, an expert stack's dim 1
+        ``[E, out, in]``) when its part is a slice of them, else all of them (its part is a slice of
+        the inputs: every output channel is the whole row's)."""
+        dim, idx = self.plan.part(name, self.rank)
+        experts = name.endswith(_EXPERT_STACKS)
+        if per_channel and dim == (1 if experts else 0):
+            amax = amax[:, list(idx)] if experts else amax[list(idx)]
+        return tuple(map(tuple, amax.tolist())) if amax.ndim == 2 else tuple(amax.tolist()) if amax.ndim == 1 else float(amax)
 
     def describe(self) -> dict:
         """The rank's ``tensor_parallel`` entry of its manifest."""
@@ -241,6 +273,7 @@ def export_tp(
     vocab: Vocab = "parallel",
     step=None,
     progress=None,
+    quantize=None,
 ) -> TensorParallelResult:
     """``hybridtrt export --tp N``: one export directory per rank (``rank{r}/``, each streamed from the
     checkpoint as the rank's slices: `RankCheckpoint`), verified together by the rank emulator against the
@@ -253,47 +286,61 @@ def export_tp(
         options: `hybridtrt.exporter.export.ExportOptions` (float dtypes, dynamic KV cache).
         vocab: ``"parallel"`` or ``"replicated"`` embedding and LM head (`TensorParallelPlan`).
         step, progress: As `hybridtrt.exporter.export.export`'s.
+        quantize: ``--quantize fp8`` (`hybridtrt.exporter.quantize.QuantizeOptions`): the unsharded model
+            is calibrated once and its weights' amax read once; every rank's scales are the unsharded
+            tensors' (`RankExport.fp8`). A ModelOpt FP8 checkpoint's own scales need no flag.
 
     Raises:
         ConfigError: A model the plan cannot split over ``world`` (the field, the worlds that fit).
         ExportError: Options not built for tensor parallelism yet; a verification failure (naming the
             rank and layer; nothing published).
     """
-    from hybridtrt.exporter.export import DECODE_FILE, MODEL_FILE, ExportOptions, _no_progress, _no_step, export
+    from hybridtrt.exporter.export import DECODE_FILE, MODEL_FILE, ExportOptions, _checkpoint_quantization, _no_progress, _no_step, check_options, export
     from hybridtrt.exporter.manifest import checkpoint_hash, tool_versions
     from hybridtrt.exporter.target import OutputDir
 
     opts = options or ExportOptions()
     step, progress = step or _no_step, progress or _no_progress
     _refuse_options(opts)
+    check_options(opts, quantize)
     with step("read checkpoint (config.json, safetensors headers)"):
         checkpoint = open_checkpoint(checkpoint_dir, opts.dtype)
     plan = TensorParallelPlan(checkpoint.config, world, vocab)
     rank_checkpoint(checkpoint, plan, 0)  # refuses what the rank view cannot split, before anything is written
+    quantize = _tp_quantization(checkpoint, quantize, opts, _checkpoint_quantization)
     if opts.verify:
         _check_verification_memory(checkpoint)
+    weight_amax = None
+    if quantize is not None and quantize.fixed is None:  # calibrated FP8: the unsharded model's scales, once for every rank
+        weight_amax = _calibrate_unsharded(checkpoint, plan, quantize, progress)
     names = [rank_dir(r) for r in range(world)]
     with OutputDir(Path(out_dir), set(names), TP_MANIFEST, checkpoint.root, force=opts.force) as target:
         with step("hash the checkpoint (config, weights, tokenizer)"):
             source = {"checkpoint": str(checkpoint.root.resolve()), "sha256": checkpoint_hash(checkpoint.root), "family": checkpoint.config.family}
+            if opts.dequantize:
+                source["dequantized"] = checkpoint.quantization.describe()
         shared: dict = {}
         results = []
         for r in range(world):
-            rank = RankExport(plan, r, source, shared)
+            rank = RankExport(plan, r, source, shared, weight_amax)
             results.append(export(
                 checkpoint_dir, target.partial / rank_dir(r), dataclasses.replace(opts, verify=False, force=False),
-                step=lambda what, r=r: step(f"rank {r}/{world}: {what}"), progress=progress, rank=rank,
+                step=lambda what, r=r: step(f"rank {r}/{world}: {what}"), progress=progress, rank=rank, quantize=quantize,
             ))  # fmt: skip
+        manifests = [res.manifest for res in results]
+        recipe = one_recipe(manifests, ExportError)
         verification: dict = {"method": "skipped", "reason": "--no-verify"}
         if opts.verify:
-            with step(f"verify: {world} ranks' graphs in ONNX Runtime, collectives emulated, against the fp32 reference"):
-                verification = _verify(checkpoint, plan, target.partial, MODEL_FILE, DECODE_FILE, results[0].manifest)
+            against = "the FP8 reference (fp32)" if recipe else "the fp32 reference"
+            with step(f"verify: {world} ranks' graphs in ONNX Runtime, collectives emulated, against {against}"):
+                verification = _verify(checkpoint, plan, target.partial, MODEL_FILE, DECODE_FILE, manifests)
         manifest = {
             "contract_version": CONTRACT_VERSION,
             "tensor_parallel": {"world": world, "vocab": vocab, "ranks": names},
             "source": source,
             "model": checkpoint.config.to_dict(),
             "dtype": results[0].manifest.dtype,
+            "quantization": None if recipe is None else {k: recipe.get(k) for k in ("scheme", "format", "weight_scale", "source")},
             "rank_manifests": {name: _sha256(target.partial / name / "hybridtrt.json") for name in names},
             "verification": verification,
             "tools": tool_versions(),
@@ -310,13 +357,125 @@ def _refuse_options(opts) -> None:
     refused = {
         "--speculative": opts.speculative,
         "--kv-cache static": opts.kv_cache == "static",
-        "--dequantize": opts.dequantize,
         "--fp4-activations": opts.fp4_activations,
         "--dequantize-experts": opts.dequantize_experts,
     }
     for flag, given in refused.items():
         if given:
             raise ExportError(f"{flag} with --tp is not built yet (issue 27)", fix=f"drop {flag}, or export on one device without --tp")
+
+
+def _tp_quantization(checkpoint: Checkpoint, quantize, opts, resolve):  # noqa: ANN001, ANN202
+    """The FP8 recipe of a ``--tp`` export, resolved once for every rank before anything is read:
+    ``--quantize fp8`` as given, a ModelOpt FP8 checkpoint's own scales (the unsharded tensors' per-tensor
+    scales, which every rank's slices keep), or none with ``--dequantize``. ``resolve`` is the one-device
+    rule (`hybridtrt.exporter.export._checkpoint_quantization`), so the refusals are its own. A ModelOpt
+    NVFP4 checkpoint's 4-bit weights are refused: their block scales would have to be sliced with them."""
+    from hybridtrt.errors import ExportError
+
+    quantize, four_bit = resolve(checkpoint, quantize, None, opts.dequantize, opts.fp4_activations, opts.dequantize_experts)
+    if four_bit is not None:
+        raise ExportError(
+            f"--tp of a ModelOpt {checkpoint.quantization.algo} checkpoint's 4-bit weights is not built yet "
+            "(their block scales must be sliced with the weights; issue 27)",
+            fix="add --dequantize (its weights dequantized to --dtype, split over the ranks), or export it on one device without --tp",
+        )
+    return quantize
+
+
+#: The parameters of a routed-experts stack (``layers.{i}.mixer.experts.up_proj``: ``[E, out, in]``).
+_EXPERT_STACKS = (".experts.up_proj", ".experts.down_proj")
+
+
+def fp8_sharded_weights(checkpoint: Checkpoint, plan: TensorParallelPlan) -> dict[str, str]:
+    """``{parameter: node}`` of the weights FP8 may quantize (`hybridtrt.graphs.fp8_qdq`'s projections, the
+    routed experts) that the ranks hold parts of; a weight every rank holds whole gets its own amax."""
+    from hybridtrt.exporter.calibration import matmul_node_name, moe_node_name
+    from hybridtrt.graphs.fp8_qdq import _QUANTIZABLE
+
+    out = {}
+    for name in checkpoint.parameters:
+        if plan.part(name, 0) is None:
+            continue
+        if name.endswith(_EXPERT_STACKS):
+            out[name] = moe_node_name(name.rsplit(".", 1)[0])
+        elif name.endswith(".weight") and _QUANTIZABLE.match(node := matmul_node_name(name.removesuffix(".weight"))):
+            out[name] = node
+    return out
+
+
+def unsharded_weight_amax(checkpoint: Checkpoint, names: dict[str, str], per_channel: bool, advance=lambda n: None) -> dict:  # noqa: ANN001
+    """``{parameter: (node, amax)}`` of the unsharded weights ``names`` (`fp8_sharded_weights`), in the
+    model dtype as the one-device quantizer sees them: a scalar per tensor, ``[out]`` per output channel;
+    a stack of experts ``[E]`` or ``[E, out]``. Read in blocks of rows (one expert at a time), so memory
+    holds a block, never a whole tensor."""
+    from hybridtrt.models.tensor_parallel import BLOCK_BYTES
+
+    out = {}
+    for name, node in names.items():
+        source = checkpoint.parameters[name]
+        rows = source.shape[0]
+        experts = name.endswith(_EXPERT_STACKS)
+        step = 1 if experts else max(1, BLOCK_BYTES // max(1, source.nbytes // rows))
+        parts = []
+        for start in range(0, rows, step):
+            block = checkpoint.read_rows(name, start, min(start + step, rows)).float().abs()
+            if experts:
+                parts.append(block.amax(dim=2) if per_channel else block.amax(dim=(1, 2)))
+            else:
+                parts.append(block.amax(dim=1) if per_channel else block.amax().reshape(1))
+            del block
+        amax = torch.cat(parts)
+        out[name] = (node, (amax if per_channel or experts else amax.max()).numpy())
+        advance(1)
+    return out
+
+
+def _calibrate_unsharded(checkpoint: Checkpoint, plan: TensorParallelPlan, quantize, progress) -> dict:  # noqa: ANN001
+    """Calibrate the unsharded model once (``quantize.act_amax``: every rank's activation scales) and read
+    the unsharded weights' amax (`unsharded_weight_amax`: every rank's weight scales)."""
+    from hybridtrt.exporter.export import _counter
+    from hybridtrt.exporter.quantize import run_calibration
+    from hybridtrt.models.lazy import lazy_model
+
+    reference = lazy_model(checkpoint)
+    with progress("FP8 calibration of the unsharded model (each layer read once)", len(reference.weights.groups), "layers") as advance:
+        quantize.progress = _counter(advance)
+        run_calibration(reference, checkpoint.root, quantize)
+    quantize.progress = None
+    del reference
+    names = fp8_sharded_weights(checkpoint, plan)
+    with progress("FP8: the unsharded weights' amax (each rank's weight scales)", len(names), "weights") as advance:
+        return unsharded_weight_amax(checkpoint, names, quantize.weight_scale == "channel", advance)
+
+
+def one_recipe(manifests, error) -> dict | None:  # noqa: ANN001
+    """The one FP8 recipe of N ranks: every rank's ``quantization`` must be rank 0's, scale for scale
+    (the same layers, the unsharded tensors' scales). Raises ``error`` naming the rank and the first
+    entry that differs."""
+    first = manifests[0].quantization
+    for r, m in enumerate(manifests[1:], 1):
+        if m.quantization != first:
+            raise error(
+                f"rank {r}'s quantization recipe is not rank 0's ({_first_difference(first, m.quantization)}): the ranks "
+                "would compute different quantized functions",
+                fix="re-export every rank together: hybridtrt export CHECKPOINT -o DIR --tp N",
+            )
+    return first
+
+
+def _first_difference(a, b, path: str = "") -> str:  # noqa: ANN001
+    """Where two JSON values first differ: ``weight_scales['/model/…/MatMul']: 0.01 vs 0.02``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}[{key!r}]" if path else key)
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{path}[{i}]")
+    show = lambda v: repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "…"  # noqa: E731
+    return f"{path or 'recipe'}: {show(a)} vs {show(b)}"
 
 
 def _check_verification_memory(checkpoint: Checkpoint) -> None:
@@ -343,14 +502,32 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _verify(checkpoint: Checkpoint, plan: TensorParallelPlan, root: Path, model_file: str, decode_file: str, manifest) -> dict:
+def _verify(checkpoint: Checkpoint, plan: TensorParallelPlan, root: Path, model_file: str, decode_file: str, manifests: list) -> dict:
     """The written ranks' graphs (`judge_ranks`), read back from ``root``."""
 
     def graphs(name: str) -> list[onnx.ModelProto] | None:
         paths = [root / rank_dir(r) / name for r in range(plan.world)]
         return [onnx.load(str(p)) for p in paths] if paths[0].is_file() else None
 
-    return judge_ranks(checkpoint, plan, graphs(model_file), graphs(decode_file), manifest)
+    return judge_ranks(checkpoint, plan, graphs(model_file), graphs(decode_file), manifests)
+
+
+def rank_references(checkpoint: Checkpoint, manifest, yardstick: bool = True) -> tuple[HybridLM, HybridLM | None]:
+    """The unsharded truth and yardstick the ranks of ``manifest``'s export (rank 0's; `one_recipe`) are
+    judged against, as a one-device export's are (`hybridtrt.exporter.verify`): the fp32 reference, or the
+    FP8 reference computing the recipe (`hybridtrt.exporter.fp8_reference.as_exported`); the yardstick is
+    the same model in the graphs' dtype, or for an fp32 FP8 export the truth's run dithered before each
+    quantizer. Lazy: one layer resident at a time."""
+    from hybridtrt.exporter.fp8_reference import FP32_DITHER, as_exported
+    from hybridtrt.exporter.verify import _Judge
+    from hybridtrt.models.lazy import lazy_model
+
+    judge = _Judge(manifest)
+    truth = as_exported(lazy_model(checkpoint.as_dtype(torch.float32)), manifest)
+    if not (yardstick and judge.yardstick):
+        return truth, None
+    dither = FP32_DITHER if manifest.dtype == "fp32" else None  # only a quantized fp32 export has a yardstick: the dithered run
+    return truth, as_exported(lazy_model(checkpoint.as_dtype(manifest.dtype)), manifest, dither=dither)
 
 
 def cast_cache(cache, dtype: torch.dtype):
@@ -402,16 +579,17 @@ def run_held(truth: HybridLM, yardstick: HybridLM | None, plan: TensorParallelPl
     return ref, yard, ranks.run(feeds), truth_hold, yard_hold
 
 
-def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list, decode: list | None, manifest) -> dict:
+def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list, decode: list | None, manifests: list) -> dict:
     """Export-time verification of N ranks (the exporter's own judge, as `hybridtrt.exporter.verify` is
     for one device; ``hybridtrt validate`` judges with `hybridtrt.validation.tensor_parallel`).
 
     ``unified`` (then ``decode``, when given: every rank's graph) run in a `RankEmulator` on the one-device verification's inputs
     (``example_inputs``: past states from a real prefill, no padding), then `VERIFY_STEPS` one-token
     calls on the reference's greedy tokens and states; every output of every rank (logits, and the
-    rank's slice of each present state) is judged against the unsharded fp32 reference with the gates
-    of ``manifest``'s precision, scaled by the one-device model in that dtype run on the same inputs
-    (fp16/bf16), in layer order. MoE routing is held to the truth's expert choices in every rank's
+    rank's slice of each present state) is judged against the unsharded fp32 reference (an FP8 export's:
+    the FP8 reference of the ranks' one recipe, `one_recipe`) with the gates of the ``manifests``'
+    precision, scaled by the one-device model in that dtype run on the same inputs (fp16/bf16; an fp32
+    FP8 export's: the dithered run), in layer order (`rank_references`). MoE routing is held to the truth's expert choices in every rank's
     graph and in the yardstick (`hybridtrt.graphs.held_routing`), and the ranks' own choices are judged
     by the routing gate, as a one-device export's are: a near-tie that routes otherwise is not a fault.
 
@@ -423,13 +601,13 @@ def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list,
     from hybridtrt.exporter.wrapper import cache_from_flat
     from hybridtrt.graphs.held_routing import routed_ids
     from hybridtrt.judge.metrics import compare
-    from hybridtrt.models.lazy import lazy_model
 
     moe = bool(plan.config.layers_of(MOE))
     unified_ranks, decode_ranks = held_ranks(unified, moe), held_ranks(decode, moe)
+    one_recipe(manifests, ExportError)
+    manifest = manifests[0]
     judge = _Judge(manifest)
-    truth = lazy_model(checkpoint.as_dtype(torch.float32))
-    yardstick = lazy_model(checkpoint) if judge.yardstick else None  # the one-device model in the graphs' dtype
+    truth, yardstick = rank_references(checkpoint, manifest)
     inputs = example_inputs(truth, seq=VERIFY_SEQ, batch=VERIFY_BATCH, past=VERIFY_PAST, seed=1)
     ids, mask, cache = inputs[0], inputs[1], cache_from_flat(io.state_specs(truth.config), inputs[2:])
 
@@ -478,9 +656,9 @@ def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list,
     return {
         "method": "rank-emulator",
         "executor": f"onnxruntime × {plan.world} ranks, collectives in NumPy",
-        "truth": "fp32 reference (one device)",
-        "yardstick": None if yardstick is None else f"pytorch-{manifest.dtype}",
-        "precision": manifest.dtype,
+        "truth": f"{judge.truth}, one device",
+        "yardstick": judge.yardstick if yardstick is not None else None,
+        "precision": judge.precision,
         "inputs": {"batch": VERIFY_BATCH, "past": VERIFY_PAST, "seq": VERIFY_SEQ, "steps": VERIFY_STEPS},
         "checks": checked,
         "worst": worst,

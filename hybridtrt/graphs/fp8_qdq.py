@@ -311,6 +311,21 @@ def quantize_weight_with_scale(w: np.ndarray, scale: float, elem_type: int) -> t
     return fp8_divided(w, stored.astype(np.float32)), stored
 
 
+#: The amax of the unsharded weight a tensor-parallel rank holds a part of (`insert_fp8_qdq`'s
+#: ``weight_amax``): a float per tensor, a tuple over the rank's output channels per channel; for routed
+#: experts one per expert, or per expert a tuple over its output channels. Tuples, so that a deferred
+#: FP8 weight's identity (`hybridtrt.exporter.streaming.DeferredFP8`) stays hashable.
+WeightAmax = float | tuple
+
+
+def quantize_weight_of_amax(w: np.ndarray, amax: WeightAmax, elem_type: int) -> tuple[np.ndarray, np.ndarray]:
+    """FP8 weight whose scale comes from a given ``amax`` (`quantize_weight`'s rule, ``amax / 448``
+    rounded to the model dtype), not from ``w``'s own values: a rank's slice of a weight quantized with
+    the whole tensor's scale, so that its FP8 values are the slice of the one-device export's."""
+    scale = _round_scale(np.asarray(amax, dtype=np.float32) / FP8_E4M3_MAX, elem_type)
+    return fp8_divided(w, scale.astype(np.float32)), scale
+
+
 def in_memory_quantizer(base_dir: str | None = None) -> WeightQuantizer:
     """The default `WeightQuantizer`: reads the weight (inline, or external under ``base_dir``)."""
 
@@ -331,6 +346,7 @@ def insert_fp8_qdq(
     quantizer: WeightQuantizer | None = None,
     fixed: Mapping[str, tuple[float, float] | ExpertScales] | None = None,
     source: str = "calibration",
+    weight_amax: Mapping[str, WeightAmax | Mapping[str, WeightAmax]] | None = None,
 ) -> FP8Recipe:
     """Insert FP8 Q/DQ on the linear layers of ``model``, in place.
 
@@ -347,6 +363,11 @@ def insert_fp8_qdq(
             with these scales, and every other one is left as the checkpoint left it; no default
             exclusion applies.
         source: The recipe's `FP8Recipe.source`.
+        weight_amax: A tensor-parallel rank's graph (DESIGN.md §12): ``{MatMul node: amax}`` and
+            ``{MoeExperts node: {"up": amax, "down": amax}}`` of the unsharded weights its weights are
+            parts of (`WeightAmax`, restricted to the rank's output channels per channel). Their scales
+            are the unsharded tensors' rather than the parts' own, so every rank's FP8 weights are
+            slices of the one-device export's and the ranks' partial sums add up to its MatMuls.
 
     Returns:
         The `FP8Recipe`.
@@ -454,6 +475,8 @@ def insert_fp8_qdq(
         fp8_name, ws_name, wzp_name = f"{dotted}.weight_t_fp8", f"{dotted}.weight_scale", f"{dotted}.weight_zero_point"
         if fixed is not None:
             how = partial(quantize_weight_with_scale, scale=float(fixed[node.name][1]), elem_type=elem)
+        elif weight_amax is not None and node.name in weight_amax:
+            how = partial(quantize_weight_of_amax, amax=weight_amax[node.name], elem_type=elem)
         else:
             how = partial(quantize_weight, mode=weight_scale, elem_type=elem)
         w_fp8, w_scale = quantize(w_init, fp8_name, how)
@@ -475,7 +498,8 @@ def insert_fp8_qdq(
     for node in experts_plan:
         old_weights = list(node.input[3:])  # replaced by FP8 copies
         stats = fixed[node.name] if fixed is not None else act_amax[node.name]
-        recipe.experts[node.name] = _quantize_experts(graph, node, stats, inits, weight_scale, quantize)
+        amax = (weight_amax or {}).get(node.name) if fixed is None else None
+        recipe.experts[node.name] = _quantize_experts(graph, node, stats, inits, weight_scale, quantize, amax)
         for name in old_weights:
             weight_users[name] -= 1
             if weight_users[name] == 0:
@@ -535,6 +559,15 @@ def quantize_expert_weights_with_scales(w: np.ndarray, scales: tuple[float, ...]
     return fp8_divided(w, scale[:, :, None]), scale
 
 
+def quantize_expert_weights_of_amax(w: np.ndarray, amax: tuple, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """FP8 expert weights ``[E', out, in]`` (experts ``first`` … of the layer) whose scales come from the
+    given per-expert ``amax`` (``[E]`` per expert, ``[E][out]`` per expert and output channel), as
+    `quantize_expert_weights` computes them from the weights: a rank's rows of the unsharded experts'."""
+    a = np.asarray(amax, dtype=np.float32)[first : first + w.shape[0]]
+    scale = _round_scale((a if a.ndim == 2 else a[:, None]) / FP8_E4M3_MAX, TensorProto.FLOAT)
+    return fp8_divided(w, scale[:, :, None]), scale
+
+
 def _quantize_experts(
     graph: onnx.GraphProto,
     node: onnx.NodeProto,
@@ -542,9 +575,11 @@ def _quantize_experts(
     inits: Mapping[str, TensorProto],
     weight_scale: WeightScale,
     quantizer: WeightQuantizer,
+    weight_amax: Mapping[str, WeightAmax] | None = None,
 ) -> dict[str, Any]:
     """Turn one ``MoeExperts`` node into ``MoeExpertsFp8`` in place; returns its recipe entry. With a
-    checkpoint's `ExpertScales`, its scales as they are (no token counts: nothing was calibrated)."""
+    checkpoint's `ExpertScales`, its scales as they are (no token counts: nothing was calibrated); with
+    ``weight_amax`` (``{"up": …, "down": …}``: a rank's experts), the unsharded experts' weight scales."""
     _, dotted = _prefixes(node.name)  # model.layers.{i}.mixer.experts
     given = isinstance(stats, ExpertScales)
     entry: dict[str, Any] = {"tokens": [] if given else list(stats.tokens)}
@@ -555,7 +590,10 @@ def _quantize_experts(
             how = partial(quantize_expert_weights_with_scales, scales=tuple(getattr(stats, f"{proj}_weight")))
             in_scale, fell_back = np.asarray(getattr(stats, f"{proj}_input"), dtype=np.float32), []
         else:
-            how = partial(quantize_expert_weights, mode=weight_scale)
+            if weight_amax is not None:
+                how = partial(quantize_expert_weights_of_amax, amax=weight_amax[proj])
+            else:
+                how = partial(quantize_expert_weights, mode=weight_scale)
             in_scale, fell_back = expert_input_scales(getattr(stats, f"{proj}_input"), stats.tokens)
         w_fp8, w_scale = quantizer(inits[w_name], names[0], how)
         graph.initializer.extend([w_fp8, numpy_helper.from_array(w_scale, names[1]), numpy_helper.from_array(in_scale, names[2])])
@@ -619,6 +657,9 @@ __all__ = [
     "insert_fp8_qdq",
     "expert_input_scales",
     "quantize_expert_weights",
+    "quantize_expert_weights_of_amax",
     "quantize_weight",
+    "quantize_weight_of_amax",
     "quantized_weight_bytes",
+    "WeightAmax",
 ]

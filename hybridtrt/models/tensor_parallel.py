@@ -607,20 +607,19 @@ class RankCheckpoint(Checkpoint):
 def rank_checkpoint(checkpoint: Checkpoint, plan: TensorParallelPlan, rank: int) -> RankCheckpoint:
     """Rank ``rank``'s `RankCheckpoint` of ``checkpoint`` (nothing is read).
 
+    A ModelOpt-quantized weight is read dequantized, its part's rows at a time (`Checkpoint.read_rows`);
+    the quantization stays the checkpoint's (its per-tensor scales are the unsharded tensors').
+
     Raises:
-        ConfigError: What the rank exporter does not split yet: a ModelOpt-quantized checkpoint (its
-            scales would have to be sharded with the weights), biases on an MoE layer's outputs.
+        ConfigError: What the rank exporter does not split yet: biases on an MoE layer's outputs.
     """
-    if checkpoint.quantization is not None:
-        raise ConfigError(
-            f"--tp of a ModelOpt {checkpoint.quantization.algo} checkpoint is not built yet (its scales must be sharded with its weights; issue 27)",
-            fix="export it on one device, or save it dequantized (bf16) and export that with --tp",
-        )
     if plan.config.moe is not None and plan.config.mlp_bias:
         raise ConfigError("--tp of an MoE model with mlp_bias is not built yet (the biases are added after the all-reduce)", fix="export it on one device")
     parameters = {
-        name: ParameterSource(name, source.tensor, plan.shard_shape(name, source.shape, rank), source.dtype)
+        name: ParameterSource(name, source.tensor, plan.shard_shape(name, source.shape, rank), source.dtype, quantized=source.quantized)
         for name, source in checkpoint.parameters.items()
     }
     parameters[VOCAB_START] = ParameterSource(VOCAB_START, f"(rank {rank}'s first vocabulary row)", (), torch.int64)
-    return RankCheckpoint(checkpoint.root, plan.rank_config(rank), checkpoint.index, checkpoint.dtype, parameters, None, full=checkpoint, plan=plan, rank=rank)
+    return RankCheckpoint(
+        checkpoint.root, plan.rank_config(rank), checkpoint.index, checkpoint.dtype, parameters, checkpoint.quantization, full=checkpoint, plan=plan, rank=rank
+    )

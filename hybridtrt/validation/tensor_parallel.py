@@ -140,7 +140,8 @@ def validate_export(
 ) -> Report:
     """``hybridtrt validate DIR`` of a tensor-parallel export (``export --tp N``): every rank's graphs run
     by the rank emulator (unified for the prompt, decode for the steps) against the unsharded reference
-    of the source checkpoint, with the one-device gates; a fault is named with its rank and layer.
+    of the source checkpoint (an FP8 export: the FP8 reference of the ranks' one recipe), with the
+    one-device gates; a fault is named with its rank and layer.
 
     Raises:
         ArtefactError: The ranks are not one export (`read_tp_manifest`), or the checkpoint is not the
@@ -151,8 +152,8 @@ def validate_export(
     from hybridtrt.errors import ArtefactError
     from hybridtrt.exporter.export import DECODE_FILE, MODEL_FILE
     from hybridtrt.exporter.manifest import checkpoint_hash
-    from hybridtrt.exporter.tensor_parallel import rank_dir, read_tp_manifest
-    from hybridtrt.models.lazy import lazy_model
+    from hybridtrt.exporter.tensor_parallel import one_recipe, rank_dir, rank_references, read_tp_manifest
+    from hybridtrt.judge.tolerances import precision_of
     from hybridtrt.models.loading import open_checkpoint
     from hybridtrt.validation.runner import random_prompts
 
@@ -166,6 +167,7 @@ def validate_export(
             fix="pass --checkpoint with the export's source, or --force to compare anyway",
         )
     world, vocab, dtype = int(top["tensor_parallel"]["world"]), top["tensor_parallel"]["vocab"], top["dtype"]
+    one_recipe(manifests, ArtefactError)
     opened = open_checkpoint(ckpt, dtype)
     plan = TensorParallelPlan(opened.config, world, vocab)
     for r, m in enumerate(manifests):
@@ -177,6 +179,5 @@ def validate_export(
         return [onnx.load(str(p)) for p in paths] if paths[0].is_file() else None
 
     ids, mask = random_prompts(random_n, plan.config.vocab_size, seed=seed, max_len=prompt_length)
-    truth = lazy_model(opened.as_dtype(torch.float32))
-    yard = lazy_model(opened) if yardstick and dtype != "fp32" else None
-    return validate_ranks(truth, plan, graphs(MODEL_FILE), ids, mask, steps=steps, precision=dtype, decode=graphs(DECODE_FILE), yardstick=yard)
+    truth, yard = rank_references(opened, manifests[0], yardstick)  # an FP8 export: the FP8 reference of its one recipe
+    return validate_ranks(truth, plan, graphs(MODEL_FILE), ids, mask, steps=steps, precision=precision_of(manifests[0]), decode=graphs(DECODE_FILE), yardstick=yard)

@@ -86,7 +86,7 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
         ["validate", out / "rank1"],
         ["generate", out / "rank0", "--ids", "1 2"],
         ["export", checkpoint, "-o", tmp_path / "never", "--tp", 3],
-        ["export", checkpoint, "-o", tmp_path / "never", "--tp", 2, "--quantize", "fp8", "--calib-random", 2],
+        ["export", checkpoint, "-o", tmp_path / "never", "--tp", 2, "--quantize", "int4"],
         ["export", checkpoint, "-o", tmp_path / "never", "--tp-vocab", "replicated"],
         ["export", checkpoint, "-o", tmp_path / "never", "--tp", 2, "--kv-cache", "static", "--max-cache-len", 64],
     ]
@@ -104,7 +104,7 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
         2: ("is rank 1 of a 4-rank tensor-parallel export", f"hybridtrt validate {out}"),
         3: ("is rank 0 of a 4-rank tensor-parallel export", f"hybridtrt generate {out}"),
         4: ("--tp 3: a rank holds whole Mamba heads", "--tp 2 or 4 or 8"),
-        5: ("--quantize fp8 with --tp is not built yet", "drop --quantize"),
+        5: ("--quantize int4 with --tp is not built yet", "use --quantize fp8"),
         6: ("--tp-vocab replicated only applies to --tp exports", "add --tp N"),
         7: ("--kv-cache static with --tp is not built yet", "drop --kv-cache static"),
     }.items():
@@ -170,7 +170,7 @@ def test_a_bf16_export_is_judged_with_the_bf16_yardstick(checkpoint, tmp_path, m
     refused by the one-process runtime."""
     result = export_tp(checkpoint, tmp_path / "bf16", 2, ExportOptions(dtype="bf16"))
     v = result.verification
-    assert v["yardstick"] == "pytorch-bf16" and v["precision"] == "bf16" and v["worst"]["rel_l2"] <= v["worst"]["bound"], v
+    assert v["yardstick"] == "bf16 reference" and v["precision"] == "bf16" and v["worst"]["rel_l2"] <= v["worst"]["bound"], v
     assert {p.name for p in (tmp_path / "bf16" / "rank1").iterdir()} >= {"model.onnx", "decode.onnx", "weights.data", MANIFEST_FILE}
     _a_rank_engine_is_refused_by_a_one_process_runtime(tmp_path / "bf16" / "rank1", tmp_path, monkeypatch)
     from hybridtrt.exporter.manifest import read_manifest
@@ -184,11 +184,11 @@ def test_a_bf16_export_is_judged_with_the_bf16_yardstick(checkpoint, tmp_path, m
                     t.CopyFrom(numpy_helper.from_array((a.astype(np.float32) * 1.05).astype(a.dtype), t.name))
         return protos
 
-    full, manifest = open_checkpoint(checkpoint, "bf16"), read_manifest(tmp_path / "bf16" / "rank0")
+    full, manifests = open_checkpoint(checkpoint, "bf16"), [read_manifest(tmp_path / "bf16" / f"rank{r}") for r in range(2)]
     plan = TensorParallelPlan(full.config, 2)
-    assert judge_ranks(full, plan, graphs("model.onnx"), graphs("decode.onnx"), manifest)["worst"] == v["worst"]  # the export's own verdict, again
+    assert judge_ranks(full, plan, graphs("model.onnx"), graphs("decode.onnx"), manifests)["worst"] == v["worst"]  # the export's own verdict, again
     with pytest.raises(ExportError, match=f"rank 1, layer {MAMBA_LAYER} "):
-        judge_ranks(full, plan, graphs("model.onnx", bad_rank=1), graphs("decode.onnx", bad_rank=1), manifest)
+        judge_ranks(full, plan, graphs("model.onnx", bad_rank=1), graphs("decode.onnx", bad_rank=1), manifests)
 
 
 def _a_rank_engine_is_refused_by_a_one_process_runtime(rank_dir, tmp_path, monkeypatch) -> None:
