@@ -165,8 +165,6 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.tp is not None:
         if args.tp < 2:
             raise InputError(f"--tp {args.tp}: tensor parallel needs at least 2 ranks", fix="--tp 2, 4 or 8 (or no --tp: one device)")
-        if args.quantize == "int4":
-            raise InputError("--quantize int4 with --tp is not built yet (issue 27)", fix="use --quantize fp8, or export on one device without --tp")
         if args.verify:
             raise InputError(f"--verify {args.verify}: a --tp export is verified by the rank emulator, whole graphs", fix="drop --verify (or --no-verify to skip it)")
 
@@ -239,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
             recipe=recorded,
         )
     if args.tp is not None:
-        return _run_tp(args, opts, dtype_source, quant)
+        return _run_tp(args, opts, dtype_source, quant, weights)
     result = export(args.checkpoint, args.output, opts, step=step, progress=progress, quantize=quant, weight_only=weights)
     from rich.markup import escape
 
@@ -291,21 +289,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 
-def _run_tp(args: argparse.Namespace, opts, dtype_source: str, quant) -> int:
+def _run_tp(args: argparse.Namespace, opts, dtype_source: str, quant, weights) -> int:
     """``export --tp N``: the rank directories, then a table of what each rank holds."""
     from rich.markup import escape
 
     from hybridtrt.exporter.tensor_parallel import TP_MANIFEST, export_tp
 
-    result = export_tp(args.checkpoint, args.output, args.tp, opts, vocab=args.tp_vocab or "parallel", step=step, progress=progress, quantize=quant)
+    result = export_tp(args.checkpoint, args.output, args.tp, opts, vocab=args.tp_vocab or "parallel", step=step, progress=progress, quantize=quant, weight_only=weights)
     for line in result.removed_partials:
         console.print(f"removed an unfinished export left by a killed run: {escape(line)}")
     plan, first = result.plan, result.ranks[0]
-    v = result.verification
+    m, v = first.manifest, result.verification
     rows = [
         ["ranks", f"{plan.world} ({plan.vocab} vocabulary)"],
         ["dtype", f"{first.manifest.dtype} ({dtype_source})"],
-        ["quantization", escape(_quant_summary(first.manifest.quantization)) + (", the same scales on every rank (the unsharded tensors')" if first.manifest.quantization else "")],
+        ["quantization", (escape(_quant_summary(m.quantization)) if m.quantization or not m.weight_only else escape(_weight_only_summary(m.weight_only)))
+         + (", the same scales on every rank (the unsharded tensors')" if m.quantization or m.weight_only else "")],
         ["parameters", f"{sum(r.parameters for r in result.ranks):,} over the ranks ({sum(r.parameters for r in result.ranks) / result.parameters:.3f}× the model's {result.parameters:,})"],
     ]
     if first.manifest.source.get("dequantized"):

@@ -142,6 +142,12 @@ class WeightOnlyOptions:
         recipe: The ``--recipe`` the exclusions came from, recorded in the recipe dict.
         fp4_activations: NVFP4: FP4 activations too (W4A4, `hybridtrt.graphs.fp4_activations`).
         input_scales: NVFP4: ``{MatMul node: the checkpoint's input_scale}`` (amax / (6 · 448)).
+        blocks: INT4 of a tensor-parallel export: ``{MatMul node: block or None}`` of the unsharded layers,
+            chosen so that every rank's part of a layer's inputs is whole blocks
+            (`hybridtrt.exporter.tensor_parallel.int4_blocks`); the AWQ search and every rank use them.
+        input_parts: INT4 of one rank (`hybridtrt.exporter.tensor_parallel.RankExport.int4`): ``{MatMul
+            node: the rank's input indices}`` of the layers whose inputs it holds a part of: its slice of
+            an AWQ pre-scale.
     """
 
     scheme: str = "int4"
@@ -161,6 +167,8 @@ class WeightOnlyOptions:
     recipe: dict[str, Any] | None = None
     fp4_activations: bool = False
     input_scales: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
+    blocks: dict[str, int | None] | None = field(default=None, repr=False, compare=False)
+    input_parts: dict[str, list[int]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def calibrated(self) -> bool:
@@ -235,7 +243,7 @@ def eligible_blocks(model: HybridLM, options: WeightOnlyOptions) -> dict[str, in
         if not isinstance(module, torch.nn.Linear):
             continue
         node = matmul_node_name(name)
-        block = layer_block(module.in_features, options.block_size)
+        block = options.blocks[node] if options.blocks is not None and node in options.blocks else layer_block(module.in_features, options.block_size)
         if _QUANTIZABLE.match(node) and block is not None and not any(rx.search(node) for _, rx in patterns):
             out[node] = block
     return out
@@ -264,6 +272,9 @@ def quantize_weights(proto: onnx.ModelProto, options: WeightOnlyOptions, quantiz
         from hybridtrt.exporter.awq import decode_scale
 
         pre_scales = {node: decode_scale(text) for node, text in options.awq["pre_quant_scales"].items()}
+        for node, part in (options.input_parts or {}).items():  # a tensor-parallel rank: its inputs of the unsharded layer's p
+            if node in pre_scales:
+                pre_scales[node] = np.asarray(pre_scales[node])[part]
         source = "AWQ (activation-aware pre-quant scales, hybridtrt.exporter.awq), scale = block amax / 7"
     recipe = insert_weight_only(
         proto,
@@ -274,6 +285,7 @@ def quantize_weights(proto: onnx.ModelProto, options: WeightOnlyOptions, quantiz
         fixed=options.fixed,
         source=source,
         pre_scales=pre_scales,
+        blocks=options.blocks,
     )
     recipe.excluded.update(options.kept)  # the checkpoint's 4-bit layers the export keeps in the model dtype
     if options.fp4_activations:

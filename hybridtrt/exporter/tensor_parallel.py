@@ -23,7 +23,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from hybridtrt import CONTRACT_VERSION
-from hybridtrt.errors import ExportError
+from hybridtrt.errors import ConfigError, ExportError
 from hybridtrt.exporter import io, trace_cache
 from hybridtrt.exporter.export import GraphSpec, export_program, optimize_program, run_passes
 from hybridtrt.exporter.integrity import SAMPLED
@@ -35,11 +35,14 @@ from hybridtrt.models.loading import Checkpoint, open_checkpoint
 from hybridtrt.models.model import HybridLM, meta_modules
 from hybridtrt.models.tensor_parallel import (
     VOCAB_START,
+    WORLDS,
     RankCheckpoint,
     RankLM,
     TensorParallelPlan,
     TracingCommunicator,
     Vocab,
+    _runs,
+    blocked_misalignment,
     rank_checkpoint,
     rank_model,
     wire_rank,
@@ -151,6 +154,35 @@ class RankExport:
             else:
                 amax[node] = value
         return dataclasses.replace(quantize, weight_amax=amax)
+
+    def nvfp4(self, weight_only, view: RankCheckpoint):  # noqa: ANN001, ANN201 - WeightOnlyOptions -> WeightOnlyOptions
+        """The rank's copy of an NVFP4 checkpoint's recipe (`hybridtrt.exporter.quantize.nvfp4_from_checkpoint`,
+        read once from the unsharded checkpoint): the same layers, global and input scales, each weight's
+        codes and block scales read as the rank's part of them (`RankCheckpoint.read_blocked_part`), so its
+        4-bit weights are the slices of the one-device export's."""
+        from hybridtrt.graphs.weight_only import NVFP4ExpertScales, NVFP4Scales
+
+        read = lambda tensor: view.read_blocked_part(tensor).view(torch.uint8).numpy()  # noqa: E731 - bytes as stored, as nvfp4_from_checkpoint's
+        ranked = lambda s: dataclasses.replace(s, read=read)  # noqa: E731
+        fixed = {
+            node: ranked(s) if isinstance(s, NVFP4Scales) else NVFP4ExpertScales(up=tuple(map(ranked, s.up)), down=tuple(map(ranked, s.down)))
+            for node, s in weight_only.fixed.items()
+        }
+        return dataclasses.replace(weight_only, fixed=fixed)
+
+    def int4(self, weight_only):  # noqa: ANN001, ANN201 - WeightOnlyOptions -> WeightOnlyOptions
+        """The rank's copy of the export's INT4 options: the unsharded layers' blocks (`int4_blocks`, in
+        ``weight_only.blocks`` already), and the rank's input indices of every layer whose inputs it holds a
+        part of, for its slice of an AWQ pre-scale, so its 4-bit weights and scales are the slices of the
+        one-device export's (of those blocks)."""
+        from hybridtrt.exporter.calibration import matmul_node_name
+
+        parts = {}
+        for name in _linears(self.plan):
+            where = self.plan.part(name, self.rank)
+            if where is not None and where[0] == 1:
+                parts[matmul_node_name(name.removesuffix(".weight"))] = list(where[1])
+        return dataclasses.replace(weight_only, input_parts=parts)
 
     def _restricted(self, name: str, amax, per_channel: bool):  # noqa: ANN001, ANN202 - np.ndarray -> WeightAmax
         """``amax`` of the unsharded parameter ``name`` as the rank's part needs it: per tensor as it is,
@@ -274,6 +306,7 @@ def export_tp(
     step=None,
     progress=None,
     quantize=None,
+    weight_only=None,
 ) -> TensorParallelResult:
     """``hybridtrt export --tp N``: one export directory per rank (``rank{r}/``, each streamed from the
     checkpoint as the rank's slices: `RankCheckpoint`), verified together by the rank emulator against the
@@ -288,7 +321,9 @@ def export_tp(
         step, progress: As `hybridtrt.exporter.export.export`'s.
         quantize: ``--quantize fp8`` (`hybridtrt.exporter.quantize.QuantizeOptions`): the unsharded model
             is calibrated once and its weights' amax read once; every rank's scales are the unsharded
-            tensors' (`RankExport.fp8`). A ModelOpt FP8 checkpoint's own scales need no flag.
+            tensors' (`RankExport.fp8`). A ModelOpt FP8 or NVFP4 checkpoint's own scales need no flag.
+        weight_only: ``--quantize int4`` (`hybridtrt.exporter.quantize.WeightOnlyOptions`): blocks that
+            every rank's parts fit (`int4_blocks`), the AWQ search once on the unsharded model.
 
     Raises:
         ConfigError: A model the plan cannot split over ``world`` (the field, the worlds that fit).
@@ -307,12 +342,14 @@ def export_tp(
         checkpoint = open_checkpoint(checkpoint_dir, opts.dtype)
     plan = TensorParallelPlan(checkpoint.config, world, vocab)
     rank_checkpoint(checkpoint, plan, 0)  # refuses what the rank view cannot split, before anything is written
-    quantize = _tp_quantization(checkpoint, quantize, opts, _checkpoint_quantization)
+    quantize, four_bit = _tp_quantization(checkpoint, plan, quantize, weight_only, opts, _checkpoint_quantization)
     if opts.verify:
         _check_verification_memory(checkpoint)
     weight_amax = None
     if quantize is not None and quantize.fixed is None:  # calibrated FP8: the unsharded model's scales, once for every rank
         weight_amax = _calibrate_unsharded(checkpoint, plan, quantize, progress)
+    if four_bit is not None and four_bit.calibrated and four_bit.awq is None:  # INT4 with AWQ: searched once, on the unsharded model
+        _awq_unsharded(checkpoint, four_bit, progress)
     names = [rank_dir(r) for r in range(world)]
     with OutputDir(Path(out_dir), set(names), TP_MANIFEST, checkpoint.root, force=opts.force) as target:
         with step("hash the checkpoint (config, weights, tokenizer)"):
@@ -325,13 +362,13 @@ def export_tp(
             rank = RankExport(plan, r, source, shared, weight_amax)
             results.append(export(
                 checkpoint_dir, target.partial / rank_dir(r), dataclasses.replace(opts, verify=False, force=False),
-                step=lambda what, r=r: step(f"rank {r}/{world}: {what}"), progress=progress, rank=rank, quantize=quantize,
+                step=lambda what, r=r: step(f"rank {r}/{world}: {what}"), progress=progress, rank=rank, quantize=quantize, weight_only=four_bit,
             ))  # fmt: skip
         manifests = [res.manifest for res in results]
         recipe = one_recipe(manifests, ExportError)
         verification: dict = {"method": "skipped", "reason": "--no-verify"}
         if opts.verify:
-            against = "the FP8 reference (fp32)" if recipe else "the fp32 reference"
+            against = "the FP8 reference (fp32)" if recipe else "the 4-bit weights' reference (fp32)" if four_bit else "the fp32 reference"
             with step(f"verify: {world} ranks' graphs in ONNX Runtime, collectives emulated, against {against}"):
                 verification = _verify(checkpoint, plan, target.partial, MODEL_FILE, DECODE_FILE, manifests)
         manifest = {
@@ -341,6 +378,7 @@ def export_tp(
             "model": checkpoint.config.to_dict(),
             "dtype": results[0].manifest.dtype,
             "quantization": None if recipe is None else {k: recipe.get(k) for k in ("scheme", "format", "weight_scale", "source")},
+            "weight_only": None if results[0].manifest.weight_only is None else {k: results[0].manifest.weight_only.get(k) for k in ("scheme", "format", "block_size", "source")},
             "rank_manifests": {name: _sha256(target.partial / name / "hybridtrt.json") for name in names},
             "verification": verification,
             "tools": tool_versions(),
@@ -357,30 +395,77 @@ def _refuse_options(opts) -> None:
     refused = {
         "--speculative": opts.speculative,
         "--kv-cache static": opts.kv_cache == "static",
-        "--fp4-activations": opts.fp4_activations,
-        "--dequantize-experts": opts.dequantize_experts,
     }
     for flag, given in refused.items():
         if given:
             raise ExportError(f"{flag} with --tp is not built yet (issue 27)", fix=f"drop {flag}, or export on one device without --tp")
 
 
-def _tp_quantization(checkpoint: Checkpoint, quantize, opts, resolve):  # noqa: ANN001, ANN202
-    """The FP8 recipe of a ``--tp`` export, resolved once for every rank before anything is read:
-    ``--quantize fp8`` as given, a ModelOpt FP8 checkpoint's own scales (the unsharded tensors' per-tensor
-    scales, which every rank's slices keep), or none with ``--dequantize``. ``resolve`` is the one-device
-    rule (`hybridtrt.exporter.export._checkpoint_quantization`), so the refusals are its own. A ModelOpt
-    NVFP4 checkpoint's 4-bit weights are refused: their block scales would have to be sliced with them."""
-    from hybridtrt.errors import ExportError
-
-    quantize, four_bit = resolve(checkpoint, quantize, None, opts.dequantize, opts.fp4_activations, opts.dequantize_experts)
-    if four_bit is not None:
+def _tp_quantization(checkpoint: Checkpoint, plan: TensorParallelPlan, quantize, weight_only, opts, resolve):  # noqa: ANN001, ANN202
+    """The recipes of a ``--tp`` export, ``(fp8, 4-bit)``, resolved once for every rank before anything is
+    read: ``--quantize fp8`` as given, ``--quantize int4`` with the blocks every rank's parts fit
+    (`int4_blocks`), a ModelOpt FP8 checkpoint's own scales (the unsharded tensors' per-tensor scales, which
+    every rank's slices keep), a ModelOpt NVFP4 checkpoint's (each rank its part of the codes and block
+    scales: `RankExport.nvfp4`), or none with ``--dequantize``. ``resolve`` is the
+    one-device rule (`hybridtrt.exporter.export._checkpoint_quantization`), so the refusals are its own. A
+    split that would cut a 4-bit block of inputs is refused with the worlds that do not."""
+    quantize, four_bit = resolve(checkpoint, quantize, weight_only, opts.dequantize, opts.fp4_activations, opts.dequantize_experts)
+    if four_bit is not None and four_bit.fixed is None:  # --quantize int4: our own blocks, fitted to the ranks' parts
+        four_bit.blocks = int4_blocks(checkpoint, plan, four_bit.block_size)
+        return quantize, four_bit
+    problem = blocked_misalignment(checkpoint, plan) if four_bit is not None else None
+    if problem is not None:
+        fits = [str(n) for n in WORLDS if n != plan.world and _fits(checkpoint, plan, n)]
         raise ExportError(
-            f"--tp of a ModelOpt {checkpoint.quantization.algo} checkpoint's 4-bit weights is not built yet "
-            "(their block scales must be sliced with the weights; issue 27)",
-            fix="add --dequantize (its weights dequantized to --dtype, split over the ranks), or export it on one device without --tp",
+            f"--tp {plan.world} of a ModelOpt {checkpoint.quantization.algo} checkpoint's 4-bit weights: {problem} "
+            "(a rank holds its weights' codes and block scales as stored, whole blocks)",
+            fix=(f"use --tp {' or '.join(fits)}, " if fits else "") + "add --dequantize (its weights dequantized to --dtype, split over the ranks), or export on one device",
         )
-    return quantize
+    return quantize, four_bit
+
+
+def _fits(checkpoint: Checkpoint, plan: TensorParallelPlan, world: int) -> bool:
+    """Whether ``world`` ranks split ``checkpoint`` with whole 4-bit blocks."""
+    try:
+        return blocked_misalignment(checkpoint, TensorParallelPlan(plan.config, world, plan.vocab)) is None
+    except ConfigError:
+        return False
+
+
+def _linears(plan: TensorParallelPlan) -> list[str]:
+    """The weights of the quantizable linear projections (`hybridtrt.graphs.fp8_qdq`'s, the 4-bit passes')
+    of ``plan``'s model, by parameter name."""
+    from hybridtrt.exporter.calibration import matmul_node_name
+    from hybridtrt.graphs.fp8_qdq import _QUANTIZABLE
+    from hybridtrt.models.model import HybridLM
+
+    with meta_modules():
+        model = HybridLM(plan.config)
+    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _QUANTIZABLE.match(matmul_node_name(n))]
+
+
+def int4_blocks(checkpoint: Checkpoint, plan: TensorParallelPlan, block_size: int) -> dict[str, int | None]:
+    """``{MatMul node: block}`` of every quantizable linear of a ``--quantize int4 --tp N`` export: the
+    one-device rule (`hybridtrt.graphs.weight_only.layer_block`: the requested block, else the largest power
+    of two below it, at least `MIN_BLOCK`) applied to the unsharded layer's inputs **and** every rank's part
+    of them, so that each rank's inputs are whole blocks and its INT4 weights and scales are the slices of
+    the one-device export's with those blocks. None: no such block (the layer stays in the model dtype on
+    every rank). A layer whose inputs no rank splits gets the one-device block."""
+    from hybridtrt.exporter.calibration import matmul_node_name
+    from hybridtrt.graphs.weight_only import MIN_BLOCK
+
+    out: dict[str, int | None] = {}
+    for name in _linears(plan):
+        cuts = [checkpoint.parameters[name].shape[1]]
+        for rank in range(plan.world):
+            where = plan.part(name, rank)
+            if where is not None and where[0] == 1:
+                cuts += [x for r in _runs(where[1]) for x in (r.start, len(r))]
+        block = block_size
+        while block >= MIN_BLOCK and any(c % block for c in cuts):
+            block //= 2
+        out[matmul_node_name(name.removesuffix(".weight"))] = block if block >= MIN_BLOCK else None
+    return out
 
 
 #: The parameters of a routed-experts stack (``layers.{i}.mixer.experts.up_proj``: ``[E, out, in]``).
@@ -431,6 +516,20 @@ def unsharded_weight_amax(checkpoint: Checkpoint, names: dict[str, str], per_cha
     return out
 
 
+def _awq_unsharded(checkpoint: Checkpoint, weight_only, progress) -> None:  # noqa: ANN001
+    """The AWQ search of ``--quantize int4 --calib`` once, on the unsharded model (one layer resident at a
+    time), with the blocks of the ranks (``weight_only.blocks``): every rank slices the same pre-scales."""
+    from hybridtrt.exporter.export import _counter
+    from hybridtrt.exporter.quantize import run_awq
+    from hybridtrt.models.lazy import lazy_model
+
+    reference = lazy_model(checkpoint)
+    with progress("AWQ search on the unsharded model (each layer read once)", len(reference.weights.groups), "layers") as advance:
+        weight_only.progress = _counter(advance)
+        run_awq(reference, checkpoint.root, weight_only)
+    weight_only.progress = None
+
+
 def _calibrate_unsharded(checkpoint: Checkpoint, plan: TensorParallelPlan, quantize, progress) -> dict:  # noqa: ANN001
     """Calibrate the unsharded model once (``quantize.act_amax``: every rank's activation scales) and read
     the unsharded weights' amax (`unsharded_weight_amax`: every rank's weight scales)."""
@@ -450,18 +549,19 @@ def _calibrate_unsharded(checkpoint: Checkpoint, plan: TensorParallelPlan, quant
 
 
 def one_recipe(manifests, error) -> dict | None:  # noqa: ANN001
-    """The one FP8 recipe of N ranks: every rank's ``quantization`` must be rank 0's, scale for scale
-    (the same layers, the unsharded tensors' scales). Raises ``error`` naming the rank and the first
-    entry that differs."""
-    first = manifests[0].quantization
+    """The one quantization recipe of N ranks: every rank's ``quantization`` (FP8) and ``weight_only``
+    (4-bit) must be rank 0's, scale for scale (the same layers, the unsharded tensors' scales). Raises
+    ``error`` naming the rank and the first entry that differs. Returns rank 0's FP8 recipe (or None)."""
     for r, m in enumerate(manifests[1:], 1):
-        if m.quantization != first:
-            raise error(
-                f"rank {r}'s quantization recipe is not rank 0's ({_first_difference(first, m.quantization)}): the ranks "
-                "would compute different quantized functions",
-                fix="re-export every rank together: hybridtrt export CHECKPOINT -o DIR --tp N",
-            )
-    return first
+        for field_ in ("quantization", "weight_only"):
+            mine, first = getattr(m, field_), getattr(manifests[0], field_)
+            if mine != first:
+                raise error(
+                    f"rank {r}'s quantization recipe is not rank 0's ({field_}: {_first_difference(first, mine)}): the ranks "
+                    "would compute different quantized functions",
+                    fix="re-export every rank together: hybridtrt export CHECKPOINT -o DIR --tp N",
+                )
+    return manifests[0].quantization
 
 
 def _first_difference(a, b, path: str = "") -> str:  # noqa: ANN001

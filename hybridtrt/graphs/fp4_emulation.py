@@ -177,9 +177,10 @@ def emulate_fp4(model: onnx.ModelProto) -> onnx.ModelProto:
         functions = [f for f in out.functions if not (f.domain == TRT_DOMAIN and f.name == FP4_DYNAMIC_QUANTIZE)]
         del out.functions[:]
         out.functions.extend(functions)
-        opsets = [o for o in out.opset_import if o.domain != TRT_DOMAIN]
-        del out.opset_import[:]
-        out.opset_import.extend(opsets)
+        if not any(n.domain == TRT_DOMAIN for n in g.node):  # a tensor-parallel rank's DistCollective nodes keep the domain
+            opsets = [o for o in out.opset_import if o.domain != TRT_DOMAIN]
+            del out.opset_import[:]
+            out.opset_import.extend(opsets)
     if not any(i.domain in ("", "ai.onnx") and i.version >= 18 for i in out.opset_import):
         raise ValueError("the fp4 emulation needs default-domain opset ≥ 18 (BitwiseAnd)")
     return out

@@ -301,6 +301,7 @@ def insert_weight_only(
     fixed: Mapping[str, NVFP4Scales | NVFP4ExpertScales] | None = None,
     source: str | None = None,
     pre_scales: Mapping[str, np.ndarray] | None = None,
+    blocks: Mapping[str, int | None] | None = None,
 ) -> WeightOnlyRecipe:
     """Give the linear layers of ``model`` 4-bit weights, in place.
 
@@ -316,6 +317,10 @@ def insert_weight_only(
         source: The recipe's `WeightOnlyRecipe.source`.
         pre_scales: INT4 with AWQ: ``{MatMul node: p [in]}`` (`hybridtrt.exporter.awq`): a ``Mul`` by
             ``p`` (model dtype) on the MatMul's input, the weight quantized as ``w / p``.
+        blocks: INT4, a tensor-parallel rank's graph: ``{MatMul node: block}`` chosen for the unsharded
+            layer so that every rank's part of its inputs is whole blocks (`hybridtrt.exporter.
+            tensor_parallel.int4_blocks`; None: no block of at least `MIN_BLOCK` does, the layer stays in the
+            model dtype), instead of `layer_block` of the rank's own ``in``.
 
     Returns:
         The `WeightOnlyRecipe`.
@@ -368,9 +373,12 @@ def insert_weight_only(
         reason = _exclusion_reason(node, inits, patterns)
         if reason is None:
             k = inits[node.input[1]].dims[0]
-            block = layer_block(k, block_size)
+            block = blocks[node.name] if blocks is not None and node.name in blocks else layer_block(k, block_size)
             if block is None:
-                recipe.excluded[node.name] = f"in = {k} is not a multiple of {MIN_BLOCK} (no block divides it)"
+                recipe.excluded[node.name] = (
+                    f"no block of at least {MIN_BLOCK} inputs divides every rank's part of its inputs" if blocks is not None and node.name in blocks
+                    else f"in = {k} is not a multiple of {MIN_BLOCK} (no block divides it)"
+                )  # fmt: skip
                 continue
             if block != block_size:
                 recipe.blocks[node.name] = block

@@ -527,6 +527,8 @@ class RankCheckpoint(Checkpoint):
     full: Checkpoint | None = None
     plan: TensorParallelPlan | None = None
     rank: int = 0
+    #: ``{stored tensor: (parameter, per-expert)}`` of the block-quantized weights (`read_blocked_part`), made on first use.
+    blocked: dict | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def num_parameters(self) -> int:
@@ -597,11 +599,65 @@ class RankCheckpoint(Checkpoint):
     def read_tensor(self, tensor: str, dtype: torch.dtype) -> Tensor:
         raise RuntimeError(f"{tensor}: a rank's view reads parameters (read, read_rows), not checkpoint tensors")
 
+    def read_blocked_part(self, tensor: str) -> Tensor:
+        """The rank's part of a stored tensor of a ModelOpt block-quantized (NVFP4) weight, as stored: its
+        packed codes ``[out, in/2]`` or its block scales ``[out, in/16]`` sliced as the weight ``[out, in]``
+        is, by rows or by columns in whole blocks (`blocked_misalignment` refuses a split that cuts one); a
+        per-expert tensor of a stack of experts as that expert's part. Any other tensor whole."""
+        index = self.full.index
+        if self.blocked is None:
+            self.blocked = _blocked_tensors(self.full)
+        owner = self.blocked.get(tensor)
+        where = None if owner is None else self.plan.part(owner[0], self.rank)
+        if where is None:
+            return index.read(tensor)
+        param, expert_of_stack = owner
+        dim, idx = where
+        dim -= expert_of_stack  # a per-expert tensor is one row of the stack
+        if dim == 0:
+            return torch.cat([index.read_rows(tensor, r.start, r.stop) for r in _runs(idx)])
+        stored = index.read(tensor)
+        per = self.full.parameters[param].shape[-1] // stored.shape[-1]  # inputs per stored column: 2 (codes), 16 (block scales)
+        return torch.cat([stored[:, r.start // per : r.stop // per] for r in _runs(idx)], dim=1).contiguous()
+
     @staticmethod
     def _cut(block: Tensor, dim: int, idx: list[int] | range) -> Tensor:
         if isinstance(idx, range):
             return block.narrow(dim, idx.start, len(idx))
         return block.index_select(dim, torch.tensor(idx, dtype=torch.int64))
+
+
+def _blocked_tensors(checkpoint: Checkpoint) -> dict[str, tuple[str, int]]:
+    """``{stored tensor: (parameter, 1 if a per-expert tensor of a stack else 0)}`` of the codes and block
+    scales of every block-quantized (NVFP4) weight of ``checkpoint``."""
+    quantization = checkpoint.quantization
+    out: dict[str, tuple[str, int]] = {}
+    if quantization is None:
+        return out
+    for name, source in checkpoint.parameters.items():
+        weights = [(source.quantized, 0)] if source.quantized is not None else []
+        weights += [(quantization.weights.get(p.removesuffix(".weight")), 1) for p in source.parts]
+        for q, expert in weights:
+            if q is not None and q.group_size:
+                out[q.weight] = out[q.weight_scale] = (name, expert)
+    return out
+
+
+def blocked_misalignment(checkpoint: Checkpoint, plan: TensorParallelPlan) -> str | None:
+    """Why the ranks' parts of a block-quantized (NVFP4) checkpoint would cut a block of inputs (a
+    row-parallel part whose columns do not start and end on a block of ``group_size``), or None: a
+    rank's part of the block scales is then whole blocks, the codes and scales as stored."""
+    blocks = {q.weight: q.group_size for q in (checkpoint.quantization.weights.values() if checkpoint.quantization else ())}
+    for tensor, (name, expert) in _blocked_tensors(checkpoint).items():
+        group = blocks.get(tensor)
+        input_dim = len(checkpoint.parameters[name].shape) - 1
+        for rank in range(plan.world):
+            where = plan.part(name, rank)
+            if group and where is not None and where[0] == input_dim:
+                for r in _runs(where[1]):
+                    if r.start % group or len(r) % group:
+                        return f"rank {rank} holds inputs {r.start}–{r.stop - 1} of {name}, which cuts its {group}-input blocks"
+    return None
 
 
 def rank_checkpoint(checkpoint: Checkpoint, plan: TensorParallelPlan, rank: int) -> RankCheckpoint:

@@ -78,9 +78,12 @@ class RankGraph:
         import onnxruntime as ort
 
         from hybridtrt.graphs.bf16_emulation import emulate_bf16, widen_bf16
+        from hybridtrt.graphs.fp4_emulation import emulate_fp4, graph_has_fp4
 
         #: The graph inputs' element types as exported (bf16 inputs take fp32 arrays of bf16 values below).
         self.input_types = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
+        if graph_has_fp4(proto):  # no float4e2m1 DequantizeLinear on the CPU provider: emulated bit for bit, as OrtSession does
+            proto = emulate_fp4(proto)
         if any(t == onnx.TensorProto.BFLOAT16 for t in self.input_types.values()) or any(
             i.data_type == onnx.TensorProto.BFLOAT16 for i in proto.graph.initializer
         ):

@@ -86,7 +86,7 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
         ["validate", out / "rank1"],
         ["generate", out / "rank0", "--ids", "1 2"],
         ["export", checkpoint, "-o", tmp_path / "never", "--tp", 3],
-        ["export", checkpoint, "-o", tmp_path / "never", "--tp", 2, "--quantize", "int4"],
+        ["export", checkpoint, "-o", tmp_path / "never", "--tp", 2, "--speculative"],
         ["export", checkpoint, "-o", tmp_path / "never", "--tp-vocab", "replicated"],
         ["export", checkpoint, "-o", tmp_path / "never", "--tp", 2, "--kv-cache", "static", "--max-cache-len", 64],
     ]
@@ -104,7 +104,7 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
         2: ("is rank 1 of a 4-rank tensor-parallel export", f"hybridtrt validate {out}"),
         3: ("is rank 0 of a 4-rank tensor-parallel export", f"hybridtrt generate {out}"),
         4: ("--tp 3: a rank holds whole Mamba heads", "--tp 2 or 4 or 8"),
-        5: ("--quantize int4 with --tp is not built yet", "use --quantize fp8"),
+        5: ("--speculative with --tp is not built yet", "drop --speculative"),
         6: ("--tp-vocab replicated only applies to --tp exports", "add --tp N"),
         7: ("--kv-cache static with --tp is not built yet", "drop --kv-cache static"),
     }.items():
