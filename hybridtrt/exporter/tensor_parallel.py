@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
@@ -332,6 +333,8 @@ def export_tp(
     """
     from hybridtrt.exporter.export import DECODE_FILE, MODEL_FILE, ExportOptions, _checkpoint_quantization, _no_progress, _no_step, check_options, export
     from hybridtrt.exporter.manifest import checkpoint_hash, tool_versions
+    from hybridtrt.exporter.verify import FULL_GRAPH_MAX_BYTES
+    from hybridtrt.models.loading import dtype_name
     from hybridtrt.exporter.target import OutputDir
 
     opts = options or ExportOptions()
@@ -343,8 +346,8 @@ def export_tp(
     plan = TensorParallelPlan(checkpoint.config, world, vocab)
     rank_checkpoint(checkpoint, plan, 0)  # refuses what the rank view cannot split, before anything is written
     quantize, four_bit = _tp_quantization(checkpoint, plan, quantize, weight_only, opts, _checkpoint_quantization)
-    if opts.verify:
-        _check_verification_memory(checkpoint)
+    if opts.verify and (opts.verify_mode == "full" or (opts.verify_mode == "auto" and checkpoint.parameter_bytes <= FULL_GRAPH_MAX_BYTES)):
+        _check_verification_memory(checkpoint.parameter_bytes, dtype_name(checkpoint.dtype))  # before anything is written
     weight_amax = None
     if quantize is not None and quantize.fixed is None:  # calibrated FP8: the unsharded model's scales, once for every rank
         weight_amax = _calibrate_unsharded(checkpoint, plan, quantize, progress)
@@ -370,7 +373,7 @@ def export_tp(
         if opts.verify:
             against = "the FP8 reference (fp32)" if recipe else "the 4-bit weights' reference (fp32)" if four_bit else "the fp32 reference"
             with step(f"verify: {world} ranks' graphs in ONNX Runtime, collectives emulated, against {against}"):
-                verification = _verify(checkpoint, plan, target.partial, MODEL_FILE, DECODE_FILE, manifests)
+                verification = _verify(checkpoint, plan, target.partial, MODEL_FILE, DECODE_FILE, manifests, opts.verify_mode)
         manifest = {
             "contract_version": CONTRACT_VERSION,
             "tensor_parallel": {"world": world, "vocab": vocab, "ranks": names},
@@ -578,21 +581,20 @@ def _first_difference(a, b, path: str = "") -> str:  # noqa: ANN001
     return f"{path or 'recipe'}: {show(a)} vs {show(b)}"
 
 
-def _check_verification_memory(checkpoint: Checkpoint) -> None:
-    """Refuse up front when the rank emulator cannot fit: it loads every rank's graph whole (the model's
-    weights in the export dtype), ONNX Runtime holds a second copy, a bf16 graph's weights are widened to
-    fp32 for its CPU kernels (`hybridtrt.graphs.bf16_emulation`): 2× the parameter bytes, 4× in bf16."""
-    from hybridtrt.errors import ExportError
+def _check_verification_memory(parameter_bytes: int, dtype: str) -> None:
+    """Refuse up front when whole rank graphs cannot fit: the rank emulator loads every rank's graph whole
+    (the model's weights in the export dtype), ONNX Runtime holds a second copy, a bf16 graph's weights are
+    widened to fp32 for its CPU kernels (`hybridtrt.graphs.bf16_emulation`): 2× the parameter bytes, 4× in bf16."""
     from hybridtrt.files import human_bytes
     from hybridtrt.memory import available_memory
 
-    needed = checkpoint.parameter_bytes * (4 if checkpoint.dtype == torch.bfloat16 else 2)
+    needed = parameter_bytes * (4 if dtype == "bf16" else 2)
     room = available_memory()
     if room.nbytes is not None and needed > room.nbytes:
         raise ExportError(
-            f"verifying a --tp export runs every rank's whole graph at once (about {human_bytes(needed)} for this model), "
+            f"verifying a --tp export by whole graphs runs every rank's graph at once (about {human_bytes(needed)} for this model), "
             f"and {human_bytes(room.nbytes)} is available: {room.source}",
-            fix="export with --no-verify, then `hybridtrt validate DIR` on a machine with that memory (verification by layer windows per rank is not built yet)",
+            fix="verify by layer windows (--verify layers: one window of every rank at a time), or export with --no-verify",
         )
 
 
@@ -602,14 +604,36 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _verify(checkpoint: Checkpoint, plan: TensorParallelPlan, root: Path, model_file: str, decode_file: str, manifests: list) -> dict:
-    """The written ranks' graphs (`judge_ranks`), read back from ``root``."""
+def _verify(checkpoint: Checkpoint, plan: TensorParallelPlan, root: Path, model_file: str, decode_file: str, manifests: list, mode: str) -> dict:
+    """The written ranks' graphs (`judge_ranks`), read back from ``root``: whole (``full``), or by layer
+    windows (``layers``, `WindowedRanks`); ``auto`` as one device chooses (`hybridtrt.exporter.verify`)."""
+    return judge_ranks(checkpoint, plan, *rank_runners(root, plan, checkpoint.parameter_bytes, manifests[0], (model_file, decode_file), mode), manifests)
 
-    def graphs(name: str) -> list[onnx.ModelProto] | None:
+
+def rank_runners(root: Path, plan: TensorParallelPlan, parameter_bytes: int, manifest, files: tuple[str, ...], mode: str = "auto") -> list:
+    """Every rank's graphs of each of ``files`` (None where absent) ready for `run_held`: whole in a
+    `RankEmulator` (``full``; ``auto`` up to `hybridtrt.exporter.verify.FULL_GRAPH_MAX_BYTES` of
+    parameters), or by layer windows of about `~hybridtrt.exporter.verify.WINDOW_FRACTION` of the model's
+    bytes each (``layers``; ``auto`` above). Whole graphs are refused up front when they cannot fit."""
+    from hybridtrt.exporter.verify import _ONNX_TYPES, FULL_GRAPH_MAX_BYTES, VERIFY_MODES, WINDOW_FRACTION
+    from hybridtrt.models.loading import parse_dtype
+
+    if mode not in VERIFY_MODES:
+        raise ExportError(f"verification mode {mode!r} is unknown", fix=f"use one of {', '.join(VERIFY_MODES)}")
+    chosen = mode if mode != "auto" else ("full" if parameter_bytes <= FULL_GRAPH_MAX_BYTES else "layers")
+    moe = bool(plan.config.layers_of(MOE))
+    out = []
+    for name in files:
         paths = [root / rank_dir(r) / name for r in range(plan.world)]
-        return [onnx.load(str(p)) for p in paths] if paths[0].is_file() else None
-
-    return judge_ranks(checkpoint, plan, graphs(model_file), graphs(decode_file), manifests)
+        if not paths[0].is_file():
+            out.append(None)
+        elif chosen == "full":
+            _check_verification_memory(parameter_bytes, manifest.dtype)
+            out.append([onnx.load(str(p)) for p in paths])
+        else:
+            hidden = _ONNX_TYPES[parse_dtype(manifest.dtype)]
+            out.append(WindowedRanks(paths, plan.config.num_layers, hidden, int(parameter_bytes * WINDOW_FRACTION), moe))
+    return out
 
 
 def rank_references(checkpoint: Checkpoint, manifest, yardstick: bool = True) -> tuple[HybridLM, HybridLM | None]:
@@ -630,6 +654,92 @@ def rank_references(checkpoint: Checkpoint, manifest, yardstick: bool = True) ->
     return truth, as_exported(lazy_model(checkpoint.as_dtype(manifest.dtype)), manifest, dither=dither)
 
 
+class WindowedRanks:
+    """Every rank's graph file run window by window of decoder layers (`hybridtrt.graphs.layer_window`), the
+    windows of all ranks together in a `RankEmulator`: one window's weights of every rank resident at a time
+    (about ``budget`` bytes of the model's), so ranks of a model beyond memory are judged as a one-device
+    export's layer windows are. Each window is fed the reference's hidden state at its start (``run``'s
+    ``hidden``: the graphs' dtype reference's) and every rank's slice of the call's past states; its outputs
+    are the window's present states, its routers' choices, the hidden state after its last layer (as
+    ``layer_output.{last}``), and the logits for the last window.
+
+    Args:
+        paths: Rank 0 … N − 1's graph files (their weights beside them, loaded one window at a time).
+        num_layers: Decoder layers.
+        hidden_type: ONNX element type of the residual stream (the graphs' dtype).
+        budget: Bytes of weights (all ranks' together) a window may hold (at least one layer).
+        held: Give every window the held-routing pass (`hybridtrt.graphs.held_routing`; MoE).
+    """
+
+    #: `run_held` feeds a window the reference's hidden state at its start.
+    needs_hidden = True
+
+    def __init__(self, paths: list[Path], num_layers: int, hidden_type: int, budget: int, held: bool) -> None:
+        from hybridtrt.exporter.verify import _layer_bytes, window_plan
+        from hybridtrt.graphs import layer_window
+
+        self.paths, self.num_layers, self.hidden_type, self.held = paths, num_layers, hidden_type, held
+        self.graphs = [onnx.load(str(p), load_external_data=False) for p in paths]
+        try:
+            self.streams = [layer_window.residual_stream(g, num_layers) for g in self.graphs]
+        except layer_window.WindowError as e:
+            raise ExportError(f"{paths[0].name}: cannot verify the ranks by layer windows ({e.message})", fix="verify whole graphs with --verify full, or skip with --no-verify") from None
+        member = [b * len(paths) for b in _layer_bytes(self.graphs[0], num_layers)]
+        self.windows = window_plan(member, max(budget, 1))
+        self.input_types = {i.name: i.type.tensor_type.elem_type for i in self.graphs[0].graph.input} | {layer_window.HIDDEN_IN: hidden_type}
+        self.presents: dict[int, list[str]] = {}  # layer -> its present states
+        for o in self.graphs[0].graph.output:
+            if o.name.startswith(("present_conv_state.", "present_ssm_state.", "present.")):
+                self.presents.setdefault(int(o.name.split(".")[1]), []).append(o.name)
+
+    @property
+    def world(self) -> int:
+        return len(self.paths)
+
+    def feed(self, name: str, value: np.ndarray) -> np.ndarray:
+        """As `RankEmulator.feed`."""
+        if self.input_types.get(name) == onnx.TensorProto.BFLOAT16:
+            import ml_dtypes
+
+            return value.astype(ml_dtypes.bfloat16).astype(np.float32)
+        return value
+
+    def _window(self, rank: int, first: int, last: int) -> onnx.ModelProto:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        from hybridtrt.graphs import layer_window
+        from hybridtrt.graphs.held_routing import hold_routing
+
+        states = [n for layer in range(first, min(last, self.num_layers - 1) + 1) for n in self.presents.get(layer, [])]
+        sub = layer_window.window(self.graphs[rank], self.streams[rank], first, last, states, self.hidden_type)
+        load_external_data_for_model(sub, str(self.paths[rank].parent))  # this window's weights only
+        return attach_dist_collective(hold_routing(sub).model if self.held else sub, _opset(sub))
+
+    def run(self, feeds: list[dict[str, np.ndarray]], hidden: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
+        """Every rank's outputs of one call, window by window (``hidden[k]``: the reference's output of
+        layer ``k``, fed to the window that starts after it)."""
+        from hybridtrt.graphs import layer_window
+        from hybridtrt.runtime.rank_emulator import RankEmulator
+
+        out: list[dict[str, np.ndarray]] = [{} for _ in self.paths]
+        for first, last in self.windows:
+            ranks = RankEmulator([self._window(r, first, last) for r in range(self.world)])
+            window_feeds = [dict(f) for f in feeds]
+            if first > 0:
+                for f in window_feeds:
+                    f[layer_window.HIDDEN_IN] = ranks.feed(layer_window.HIDDEN_IN, hidden[first - 1].float().numpy())
+            for mine, got in zip(out, ranks.run(window_feeds), strict=True):
+                if layer_window.HIDDEN_OUT in got:
+                    got[f"layer_output.{last}"] = got.pop(layer_window.HIDDEN_OUT)
+                mine.update(got)
+            del ranks
+        return out
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next(i.version for i in proto.opset_import if i.domain in ("", "ai.onnx"))
+
+
 def cast_cache(cache, dtype: torch.dtype):
     """The fp32 truth's states as a model in ``dtype`` holds them (SSM states keep their own dtype)."""
     from hybridtrt.models.cache import HybridCache
@@ -645,7 +755,7 @@ def held_ranks(graphs, moe: bool):  # noqa: ANN001, ANN201 - rank graphs (or the
     from hybridtrt.graphs.held_routing import hold_routing
     from hybridtrt.runtime.rank_emulator import RankEmulator
 
-    if graphs is None or isinstance(graphs, RankEmulator):
+    if graphs is None or isinstance(graphs, (RankEmulator, WindowedRanks)):
         return graphs
     return RankEmulator([hold_routing(g).model if moe else g for g in graphs])
 
@@ -664,19 +774,23 @@ def run_held(truth: HybridLM, yardstick: HybridLM | None, plan: TensorParallelPl
     from hybridtrt.graphs.held_routing import held_feeds
     from hybridtrt.models.moe import RoutingHold, held_routing
 
+    windows = getattr(ranks, "needs_hidden", False)  # WindowedRanks: each window fed the reference's hidden state
     truth_hold = RoutingHold()
     with torch.no_grad(), held_routing(truth, truth_hold):
-        ref = truth(ids, mask, cache, logits="last", output_hidden_states=hidden)
+        ref = truth(ids, mask, cache, logits="last", output_hidden_states=hidden or windows)
     yard_hold = RoutingHold(truth_hold.all_ids()) if held else RoutingHold()
     yard = None
     if yardstick is not None:
         with torch.no_grad(), held_routing(yardstick, yard_hold):
-            yard = yardstick(ids, mask, cast_cache(cache, yardstick.dtype), logits="last", output_hidden_states=hidden)
+            yard = yardstick(ids, mask, cast_cache(cache, yardstick.dtype), logits="last", output_hidden_states=hidden or windows)
     names = io.input_names(truth.config, io.DYNAMIC_CACHE)
     full = (ids, mask, *flat_from_cache(io.state_specs(truth.config), cache))
     hold = held_feeds(truth_hold.all_ids().keys(), truth.config.moe.top_k, truth_hold.all_ids()) if held else {}
     feeds = [{**{n: ranks.feed(n, t.numpy()) for n, t in zip(names, rank_inputs(truth, plan, r, full), strict=True)}, **hold} for r in range(plan.world)]
-    return ref, yard, ranks.run(feeds), truth_hold, yard_hold
+    if not windows:
+        return ref, yard, ranks.run(feeds), truth_hold, yard_hold
+    feeder = yard if yard is not None and yardstick.dtype != torch.float32 else ref  # the graphs' dtype reference (one device's rule)
+    return ref, yard, ranks.run(feeds, feeder.hidden_states), truth_hold, yard_hold
 
 
 def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list, decode: list | None, manifests: list) -> dict:
@@ -726,13 +840,15 @@ def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list,
             for r in range(plan.world):  # the ranks' own choices (every rank routes the same all-reduced hidden state)
                 own = {layer: torch.from_numpy(v) for layer, v in routed_ids(got[r], *ids.shape).items()}
                 routing[f"{phase}, rank {r}"] = judge.check_routing(f"rank {r}'s graph ({phase})", own, truth_hold.all_ids(), yard_hold)
-        want = {"logits": ref.logits, **ref.cache.named_states()}
-        ours = {"logits": None if yard is None else yard.logits, **({} if yard is None else yard.cache.named_states())}
+        outs = {f"layer_output.{k}": k for k in range(len(ref.hidden_states)) if f"layer_output.{k}" in got[0]}  # by windows: each window's last layer
+        want = {"logits": ref.logits, **ref.cache.named_states(), **{n: ref.hidden_states[k] for n, k in outs.items()}}
+        ours = {"logits": None if yard is None else yard.logits, **({} if yard is None else {**yard.cache.named_states(), **{n: yard.hidden_states[k] for n, k in outs.items()}})}
+        whole = lambda name: name == "logits" or name in outs  # noqa: E731 - every rank holds all of it
         for name in sorted(want, key=layer):
             for r in range(plan.world):
-                w = want[name] if name == "logits" else plan.state_slice(name, want[name], r)
+                w = want[name] if whole(name) else plan.state_slice(name, want[name], r)
                 y = ours.get(name)
-                y = None if y is None else compare(y if name == "logits" else plan.state_slice(name, y, r), w)
+                y = None if y is None else compare(y if whole(name) else plan.state_slice(name, y, r), w)
                 c = compare(torch.from_numpy(got[r][name]).float(), w)
                 g = judge.gate_of(name)
                 why = g.failures(c, y)
@@ -753,8 +869,11 @@ def judge_ranks(checkpoint: Checkpoint, plan: TensorParallelPlan, unified: list,
         token = ref.logits.argmax(-1)[:, None]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         ref = call(f"step {step}", token, mask, ref.cache, decode_ranks or unified_ranks)
+    windows = getattr(unified_ranks, "windows", None)
     return {
         "method": "rank-emulator",
+        "graphs": "layer windows" if windows else "whole",
+        **({"windows": [list(w) for w in windows]} if windows else {}),
         "executor": f"onnxruntime × {plan.world} ranks, collectives in NumPy",
         "truth": f"{judge.truth}, one device",
         "yardstick": judge.yardstick if yardstick is not None else None,

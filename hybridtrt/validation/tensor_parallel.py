@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import torch
 
-from hybridtrt.exporter.tensor_parallel import held_ranks, run_held
+from hybridtrt.exporter.tensor_parallel import WindowedRanks, held_ranks, run_held
 from hybridtrt.exporter.integrity import SAMPLED
 from hybridtrt.graphs.held_routing import HOLD_ROUTING, routed_ids
 from hybridtrt.judge.routing import RoutingTally, flips
@@ -61,7 +61,7 @@ def validate_ranks(
     moe = bool(model.config.layers_of(MOE))
     emulator = held_ranks(protos, moe)  # MoE: routing held to the reference's choices
     stepper = held_ranks(decode, moe) or emulator
-    held = moe and any(HOLD_ROUTING in r.input_types for r in emulator.ranks)
+    held = moe and (emulator.held if isinstance(emulator, WindowedRanks) else any(HOLD_ROUTING in r.input_types for r in emulator.ranks))
     tallies: dict[int, RoutingTally] = {}
     report = Report(
         backend=f"onnxruntime × {plan.world} ranks (emulated collectives)",
@@ -108,8 +108,9 @@ def _layers(report: Report, plan: TensorParallelPlan, ref, got: list[dict[str, n
     states = ref.cache.named_states()
     yard_states = {} if yard is None else yard.cache.named_states()
     tensors = [(name, r, plan.state_slice(name, t, r), _slice(plan, name, yard_states.get(name), r)) for name, t in states.items() for r in range(plan.world)]
-    if "layer_output.0" in got[0]:  # graphs exported with per-layer outputs (GraphSpec(per_layer=True))
-        tensors += [(f"layer_output.{i}", r, h, None if yard is None else yard.hidden_states[i]) for i, h in enumerate(ref.hidden_states) for r in range(plan.world)]
+    outputs = [i for i in range(len(ref.hidden_states)) if f"layer_output.{i}" in got[0]]  # per-layer graphs: every layer; by windows: each window's last
+    if outputs:
+        tensors += [(f"layer_output.{i}", r, ref.hidden_states[i], None if yard is None else yard.hidden_states[i]) for i in outputs for r in range(plan.world)]
     else:
         report.notes.append("per-layer: the ranks' graphs have no layer outputs, so layers are compared by their states only")
     for name, rank, want, y in sorted(tensors, key=lambda t: (layer_of(t[0]), not is_state(t[0]), t[1])):
@@ -137,11 +138,14 @@ def validate_export(
     yardstick: bool = True,
     force: bool = False,
     integrity: str | None = SAMPLED,
+    mode: str = "auto",
 ) -> Report:
     """``hybridtrt validate DIR`` of a tensor-parallel export (``export --tp N``): every rank's graphs run
     by the rank emulator (unified for the prompt, decode for the steps) against the unsharded reference
     of the source checkpoint (an FP8 export: the FP8 reference of the ranks' one recipe), with the
-    one-device gates; a fault is named with its rank and layer.
+    one-device gates; a fault is named with its rank and layer. ``mode``: whole graphs (``full``), or by
+    layer windows, one window of every rank resident at a time (``layers``); ``auto`` chooses by the
+    model's size, as export verification does (`hybridtrt.exporter.tensor_parallel.rank_runners`).
 
     Raises:
         ArtefactError: The ranks are not one export (`read_tp_manifest`), or the checkpoint is not the
@@ -152,7 +156,7 @@ def validate_export(
     from hybridtrt.errors import ArtefactError
     from hybridtrt.exporter.export import DECODE_FILE, MODEL_FILE
     from hybridtrt.exporter.manifest import checkpoint_hash
-    from hybridtrt.exporter.tensor_parallel import one_recipe, rank_dir, rank_references, read_tp_manifest
+    from hybridtrt.exporter.tensor_parallel import one_recipe, rank_dir, rank_references, rank_runners, read_tp_manifest
     from hybridtrt.judge.tolerances import precision_of
     from hybridtrt.models.loading import open_checkpoint
     from hybridtrt.validation.runner import random_prompts
@@ -174,10 +178,7 @@ def validate_export(
         if m.tensor_parallel.get("holds") != plan.holds(r):
             raise ArtefactError(f"{root / rank_dir(r)} holds {m.tensor_parallel.get('holds')}, not what this version splits: {plan.holds(r)}", fix="re-export with this hybridtrt")
 
-    def graphs(name: str) -> list[onnx.ModelProto] | None:
-        paths = [root / rank_dir(r) / name for r in range(world)]
-        return [onnx.load(str(p)) for p in paths] if paths[0].is_file() else None
-
+    unified, decode = rank_runners(root, plan, opened.parameter_bytes, manifests[0], (MODEL_FILE, DECODE_FILE), mode)  # whole, or by layer windows
     ids, mask = random_prompts(random_n, plan.config.vocab_size, seed=seed, max_len=prompt_length)
     truth, yard = rank_references(opened, manifests[0], yardstick)  # an FP8 export: the FP8 reference of its one recipe
-    return validate_ranks(truth, plan, graphs(MODEL_FILE), ids, mask, steps=steps, precision=precision_of(manifests[0]), decode=graphs(DECODE_FILE), yardstick=yard)
+    return validate_ranks(truth, plan, unified, ids, mask, steps=steps, precision=precision_of(manifests[0]), decode=decode, yardstick=yard)

@@ -70,7 +70,8 @@ def test_a_rank_reads_its_slices_in_blocks(make_checkpoint, stored, monkeypatch)
 
 
 def test_export_tp_through_the_cli(checkpoint, tmp_path):
-    """``export --tp 4`` writes rank0/ … rank3/ and hybridtrt-tp.json after the rank emulator passed;
+    """``export --tp 4 --verify layers`` writes rank0/ … rank3/ and hybridtrt-tp.json after the rank emulator
+    passed by layer windows (one layer each here, the head the seventh);
     each rank's graph (a stitched trace) and weights are the in-memory rank graph's (`rank_graphs`: the
     whole rank model traced, its weights sliced from the loaded model) exactly; ``validate`` runs the ranks together and passes per layer; a rank alone and the top
     directory are refused by the one-device runtimes, with the fix; swapped rank directories are refused;
@@ -81,7 +82,7 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
 
     out = tmp_path / "tp4"
     cases = [
-        ["export", checkpoint, "-o", out, "--tp", 4, "--per-layer", "--no-split"],
+        ["export", checkpoint, "-o", out, "--tp", 4, "--per-layer", "--no-split", "--verify", "layers"],
         ["validate", out, "--random", 2, "--prompt-length", 13, "--steps", 1, "--json", tmp_path / "r.json"],
         ["validate", out / "rank1"],
         ["generate", out / "rank0", "--ids", "1 2"],
@@ -93,7 +94,7 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
     got = run_batch(cases, columns=80)
     assert got[0].code == 0 and "tracing every layer" not in got[0].output, got[0].output
     text = " ".join(re.sub(r"[│┃]", " ", got[0].stdout).split())  # the tables' cells, unwrapped
-    assert "4 ranks emulated (collectives in NumPy) vs the fp32 reference" in text and "rank3/" in text, text
+    assert "4 ranks emulated (collectives in NumPy), by 7 layer windows, vs the fp32 reference" in text and "rank3/" in text, text
     assert all(len(line) <= 80 for line in got[0].stdout.splitlines() if str(tmp_path) not in line)  # paths are never wrapped
     assert got[1].code == 0 and "PASS" in got[1].stdout, got[1].output
     report = json.loads((tmp_path / "r.json").read_text())
@@ -120,7 +121,8 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
 
     top = json.loads((out / TP_MANIFEST).read_text())
     assert top["tensor_parallel"] == {"world": 4, "vocab": "parallel", "ranks": ["rank0", "rank1", "rank2", "rank3"]}
-    assert top["verification"]["method"] == "rank-emulator" and top["verification"]["worst"]["rel_l2"] <= top["verification"]["worst"]["bound"]
+    assert top["verification"]["method"] == "rank-emulator" and top["verification"]["graphs"] == "layer windows"
+    assert top["verification"]["worst"]["rel_l2"] <= top["verification"]["worst"]["bound"]
     model = load_model(checkpoint)
     plan = TensorParallelPlan(model.config, 4)
     memory = rank_graphs(model, plan, GraphSpec(per_layer=True))
@@ -153,13 +155,14 @@ def _plant(monkeypatch, *, rank: int, name: str, scale: float) -> None:
         monkeypatch.setattr(RankCheckpoint, method, faulty)
 
 
-def test_a_fault_in_one_ranks_stream_fails_the_export_at_its_rank_and_layer(checkpoint, tmp_path, monkeypatch):
-    """The verification is a gate: rank 2's in_proj of the Mamba layer read 10 % too large fails it,
-    named with that rank and layer; nothing is published."""
+@pytest.mark.parametrize("verify", ["full", "layers"])
+def test_a_fault_in_one_ranks_stream_fails_the_export_at_its_rank_and_layer(checkpoint, tmp_path, monkeypatch, verify):
+    """The verification is a gate, whole graphs or by layer windows: rank 2's in_proj of the Mamba layer read
+    10 % too large fails it, named with that rank and layer; nothing is published."""
     _plant(monkeypatch, rank=2, name=f"layers.{MAMBA_LAYER}.mixer.in_proj.weight", scale=1.1)
     out = tmp_path / "bad"
     with pytest.raises(ExportError, match=f"rank 2, layer {MAMBA_LAYER} "):
-        export_tp(checkpoint, out, 4, ExportOptions(per_layer=True, split=False))
+        export_tp(checkpoint, out, 4, ExportOptions(per_layer=True, split=False, verify_mode=verify))
     assert not (out / TP_MANIFEST).exists() and not any(p.name.startswith("rank") for p in out.iterdir())
 
 
@@ -189,6 +192,25 @@ def test_a_bf16_export_is_judged_with_the_bf16_yardstick(checkpoint, tmp_path, m
     assert judge_ranks(full, plan, graphs("model.onnx"), graphs("decode.onnx"), manifests)["worst"] == v["worst"]  # the export's own verdict, again
     with pytest.raises(ExportError, match=f"rank 1, layer {MAMBA_LAYER} "):
         judge_ranks(full, plan, graphs("model.onnx", bad_rank=1), graphs("decode.onnx", bad_rank=1), manifests)
+    _ranks_by_layer_windows(full, plan, tmp_path / "bf16", manifests, monkeypatch)
+
+
+def _ranks_by_layer_windows(full, plan: TensorParallelPlan, out, manifests, monkeypatch) -> None:
+    """By layer windows of one layer each (the budget of a model beyond memory, scaled down): every rank's
+    graphs cut at the same layers and run window by window, each fed the bf16 reference's hidden state,
+    pass the same gates, every window's output judged too; ``validate`` by windows passes."""
+    from hybridtrt.exporter import verify
+    from hybridtrt.exporter.tensor_parallel import WindowedRanks, rank_runners
+    from hybridtrt.validation.tensor_parallel import validate_export
+
+    monkeypatch.setattr(verify, "WINDOW_FRACTION", 1e-9)  # a window of one layer
+    unified, decode = rank_runners(out, plan, full.parameter_bytes, manifests[0], ("model.onnx", "decode.onnx"), "layers")
+    assert isinstance(unified, WindowedRanks) and unified.windows == [(i, i) for i in range(len(PATTERN) + 1)]
+    v = judge_ranks(full, plan, unified, decode, manifests)
+    assert v["graphs"] == "layer windows" and v["worst"]["rel_l2"] <= v["worst"]["bound"], v
+    assert v["checks"] > 2 * 3 * (len(PATTERN) - 1)  # every window's hidden state on every rank, beside the states
+    report = validate_export(out, random_n=2, prompt_length=9, steps=1, mode="layers")
+    assert report.passed and any(c.name == f"layer_output.{MAMBA_LAYER} (rank 1)" for c in report.checks), [(c.name, c.failures) for c in report.failures]
 
 
 def _a_rank_engine_is_refused_by_a_one_process_runtime(rank_dir, tmp_path, monkeypatch) -> None:
@@ -218,14 +240,15 @@ def _a_rank_engine_is_refused_by_a_one_process_runtime(rank_dir, tmp_path, monke
 
 
 def test_verification_that_cannot_fit_is_refused_before_anything_is_written(checkpoint, tmp_path, monkeypatch):
-    """The rank emulator holds every rank's whole graph: with less memory than that (here: a limit of
-    1 KiB), the export is refused up front naming the need and the fix, and writes nothing."""
+    """Whole graphs hold every rank's weights at once: with less memory than that (here: a limit of 1 KiB),
+    ``--verify full`` (and ``auto`` on a model this small, which picks it) is refused up front naming the
+    need and the fix (layer windows), and writes nothing."""
     from hybridtrt import memory
 
     monkeypatch.setattr(memory, "available_memory", lambda: memory.Available(1024, "a test's limit"))
-    with pytest.raises(ExportError, match="runs every rank's whole graph at once") as e:
+    with pytest.raises(ExportError, match="by whole graphs runs every rank's graph at once") as e:
         export_tp(checkpoint, tmp_path / "out", 2, ExportOptions())
-    assert "--no-verify" in e.value.fix and not (tmp_path / "out").exists()
+    assert "--verify layers" in e.value.fix and "--no-verify" in e.value.fix and not (tmp_path / "out").exists()
 
 
 def test_a_process_that_traced_nothing_checks_the_collectives_by_their_schema():
