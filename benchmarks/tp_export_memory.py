@@ -5,12 +5,14 @@ random checkpoint (issue 27: "per-rank export peak memory measured at a ~5B size
 The checkpoint is written shard by shard (`benchmarks/export_memory.write_checkpoint`); each export runs
 in a child process that reports its own peak RSS (VmHWM), beside a child that imports the same modules
 (the baseline). ``--tp N`` writes its N ranks one after another in one process, so its peak is the
-largest rank's. Exports run with ``--no-verify`` by default: the rank emulator runs whole graphs (every
-rank's weights at once), which is the model's size, not a rank's; ``--verify`` measures it too.
+largest rank's. Exports run with ``--no-verify`` by default; ``--verify`` measures verification too, by
+layer windows (``--verify-mode layers``, one window of every rank at a time) or whole graphs (``full``:
+every rank's weights at once, the model's size).
 Prints one table, and the ratios of each ``--tp N`` to the one-device export side by side:
 
     .venv/bin/python benchmarks/tp_export_memory.py                 # 5b (5.0 B, bf16 → fp16), N = 1, 2, 4
     .venv/bin/python benchmarks/tp_export_memory.py --size 1b --worlds 2 4 8
+    .venv/bin/python benchmarks/tp_export_memory.py --size 1b --worlds 2 4 --verify --verify-mode layers
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def main() -> None:
     parser.add_argument("--size", default="5b", choices=list(SIZES))
     parser.add_argument("--worlds", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--dtype", default=None, help="export dtype (default: the size's first)")
-    parser.add_argument("--verify", action="store_true", help="verify (one device: by layer windows; --tp: the rank emulator, whole graphs)")
+    parser.add_argument("--verify", action="store_true", help="verify (one device and --tp: --verify-mode)")
+    parser.add_argument("--verify-mode", default="layers", choices=["full", "layers"], help="with --verify: whole graphs, or by layer windows (default)")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
 
@@ -78,7 +81,7 @@ def main() -> None:
         rows, one = [], None
         for world in [1, *args.worlds]:
             out = work / f"out-{world}"
-            argv = ["export", str(ckpt), "-o", str(out), "--dtype", dtype, *([] if args.verify else ["--no-verify"]), *(["--tp", str(world)] if world > 1 else [])]
+            argv = ["export", str(ckpt), "-o", str(out), "--dtype", dtype, *(["--verify", args.verify_mode] if args.verify else ["--no-verify"]), *(["--tp", str(world)] if world > 1 else [])]
             r = child(argv)
             peak = r["maxrss_kib"] * 1024
             disk = _bytes(out) if world == 1 else max(_bytes(out / f"rank{k}") for k in range(world))
@@ -97,7 +100,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     header = ["export", "peak RSS", "peak − baseline", "÷ 1 device", "1/N", "largest rank on disk", "÷ 1 device", "wall"]
     print(f"\ntp_export_memory — {args.size} ({n_params / 1e9:.2f} B, {param_bytes / 2**30:.2f} GiB in {dtype}); baseline (imports) {base / 2**30:.2f} GiB;"
-          f" verification {'on' if args.verify else 'off (--no-verify)'}")  # fmt: skip
+          f" verification {f'--verify {args.verify_mode}' if args.verify else 'off (--no-verify)'}")  # fmt: skip
     print_markdown(header, rows)
 
 

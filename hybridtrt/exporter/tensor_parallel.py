@@ -581,14 +581,19 @@ def _first_difference(a, b, path: str = "") -> str:  # noqa: ANN001
     return f"{path or 'recipe'}: {show(a)} vs {show(b)}"
 
 
+#: Peak memory of whole-graph rank emulation per parameter byte (`benchmarks/tp_export_memory.py --size small
+#: --verify --verify-mode full`, 2026-12-08, N = 2: 1.00 GiB above the imports for 0.34 GiB of fp32 parameters,
+#: 1.67 GiB for 0.17 GiB of bf16 ones, the references' fixed part included): ONNX Runtime holds the unified and
+#: the decode graph's weights, and widens bf16 weights to fp32 copies (`hybridtrt.graphs.bf16_emulation`).
+WHOLE_GRAPH_BYTES_PER_PARAMETER_BYTE = {"bf16": 8, "fp16": 3, "fp32": 3}
+
+
 def _check_verification_memory(parameter_bytes: int, dtype: str) -> None:
-    """Refuse up front when whole rank graphs cannot fit: the rank emulator loads every rank's graph whole
-    (the model's weights in the export dtype), ONNX Runtime holds a second copy, a bf16 graph's weights are
-    widened to fp32 for its CPU kernels (`hybridtrt.graphs.bf16_emulation`): 2× the parameter bytes, 4× in bf16."""
+    """Refuse up front when whole rank graphs cannot fit (`WHOLE_GRAPH_BYTES_PER_PARAMETER_BYTE`)."""
     from hybridtrt.files import human_bytes
     from hybridtrt.memory import available_memory
 
-    needed = parameter_bytes * (4 if dtype == "bf16" else 2)
+    needed = parameter_bytes * WHOLE_GRAPH_BYTES_PER_PARAMETER_BYTE.get(dtype, 3)
     room = available_memory()
     if room.nbytes is not None and needed > room.nbytes:
         raise ExportError(
@@ -627,9 +632,13 @@ def rank_runners(root: Path, plan: TensorParallelPlan, parameter_bytes: int, man
         paths = [root / rank_dir(r) / name for r in range(plan.world)]
         if not paths[0].is_file():
             out.append(None)
-        elif chosen == "full":
+        elif chosen == "full":  # weights read by ONNX Runtime from the rank's files, not loaded here first
+            from hybridtrt.graphs.held_routing import hold_routing
+            from hybridtrt.runtime.rank_emulator import RankEmulator
+
             _check_verification_memory(parameter_bytes, manifest.dtype)
-            out.append([onnx.load(str(p)) for p in paths])
+            graphs = [onnx.load(str(p), load_external_data=False) for p in paths]
+            out.append(RankEmulator([hold_routing(g).model if moe else g for g in graphs], folders=[str(p.parent) for p in paths]))
         else:
             hidden = _ONNX_TYPES[parse_dtype(manifest.dtype)]
             out.append(WindowedRanks(paths, plan.config.num_layers, hidden, int(parameter_bytes * WINDOW_FRACTION), moe))
@@ -705,14 +714,12 @@ class WindowedRanks:
         return value
 
     def _window(self, rank: int, first: int, last: int) -> onnx.ModelProto:
-        from onnx.external_data_helper import load_external_data_for_model
-
+        """Rank ``rank``'s window, its weights not loaded: ONNX Runtime reads this window's from the rank's files."""
         from hybridtrt.graphs import layer_window
         from hybridtrt.graphs.held_routing import hold_routing
 
         states = [n for layer in range(first, min(last, self.num_layers - 1) + 1) for n in self.presents.get(layer, [])]
         sub = layer_window.window(self.graphs[rank], self.streams[rank], first, last, states, self.hidden_type)
-        load_external_data_for_model(sub, str(self.paths[rank].parent))  # this window's weights only
         return attach_dist_collective(hold_routing(sub).model if self.held else sub, _opset(sub))
 
     def run(self, feeds: list[dict[str, np.ndarray]], hidden: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
@@ -723,7 +730,7 @@ class WindowedRanks:
 
         out: list[dict[str, np.ndarray]] = [{} for _ in self.paths]
         for first, last in self.windows:
-            ranks = RankEmulator([self._window(r, first, last) for r in range(self.world)])
+            ranks = RankEmulator([self._window(r, first, last) for r in range(self.world)], folders=[str(p.parent) for p in self.paths])
             window_feeds = [dict(f) for f in feeds]
             if first > 0:
                 for f in window_feeds:

@@ -72,9 +72,12 @@ class RankGraph:
         bf16: How a bf16 graph runs (ONNX Runtime's CPU provider has no bf16 kernels): ``"emulate"``
             (default: rounded to bf16 where produced, what validation judges) or ``"fp32"`` (fp32
             compute from the bf16 weights, `hybridtrt.graphs.bf16_emulation.widen_bf16`).
+        folder: Where the graph's external weights are, when they are not loaded: ONNX Runtime reads them
+            from there, not from a copy in this process (a layer window of a rank's graph, by
+            `hybridtrt.exporter.tensor_parallel.WindowedRanks`), and does not pre-pack them.
     """
 
-    def __init__(self, proto: onnx.ModelProto, threads: int = 1, bf16: str = "emulate") -> None:
+    def __init__(self, proto: onnx.ModelProto, threads: int = 1, bf16: str = "emulate", folder: str | None = None) -> None:
         import onnxruntime as ort
 
         from hybridtrt.graphs.bf16_emulation import emulate_bf16, widen_bf16
@@ -112,6 +115,9 @@ class RankGraph:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        if folder is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+            options.add_session_config_entry("session.disable_prepacking", "1")  # pre-packing keeps a second copy of every weight
         self.stages: dict[int, _Stage] = {}
         for at, nodes in sorted(staged.items()):
             made = {o for n in nodes for o in n.output if o}
@@ -154,10 +160,11 @@ class RankEmulator:
     Args:
         protos: Rank 0 … N − 1's graphs, one architecture at the same widths.
         threads: ONNX Runtime intra-op threads per session.
+        folders: Each rank's directory of its external weights, when they are not loaded (`RankGraph`).
     """
 
-    def __init__(self, protos: Sequence[onnx.ModelProto], threads: int = 1) -> None:
-        self.ranks = [RankGraph(p, threads) for p in protos]
+    def __init__(self, protos: Sequence[onnx.ModelProto], threads: int = 1, folders: Sequence[str] | None = None) -> None:
+        self.ranks = [RankGraph(p, threads, folder=None if folders is None else folders[r]) for r, p in enumerate(protos)]
         first = self.ranks[0]
         for r, graph in enumerate(self.ranks[1:], 1):
             ops = {k: [c.operation for c in v] for k, v in graph.collectives.items()}

@@ -195,10 +195,10 @@ def test_a_modelopt_checkpoint_keeps_its_scales_on_every_rank(fixture, tmp_path)
     quantized): FP8, and NVFP4's 4-bit weights (each rank its part of the codes and block scales as stored;
     the routed experts as MoeExpertsNvfp4). Every rank's quantized weights and scales are the slices of the
     one-device export's, which are the checkpoint's bytes, and its recipe is the one-device recipe; verified
-    against the quantized reference. NVFP4 with FP4 activations (W4A4) and with --dequantize split too, the
+    against the quantized reference by layer windows (the quantized experts' function bodies cut with them). NVFP4 with FP4 activations (W4A4) and with --dequantize split too, the
     manifests saying where the weights came from."""
     checkpoint = FIXTURES / fixture
-    cases = [["export", checkpoint, "-o", tmp_path / "tp", "--tp", 2, "--no-split"]]
+    cases = [["export", checkpoint, "-o", tmp_path / "tp", "--tp", 2, "--no-split", "--verify", "layers"]]
     if fixture == "nvfp4-moe":  # one trace of the rank model serves all three (quantization comes after the trace)
         cases += [
             ["export", checkpoint, "-o", tmp_path / "w4a4", "--tp", 2, "--no-split", "--fp4-activations"],
@@ -208,7 +208,7 @@ def test_a_modelopt_checkpoint_keeps_its_scales_on_every_rank(fixture, tmp_path)
     assert all(o.code == 0 for o in got), [o.output for o in got]
     text = " ".join(re.sub(r"[│┃]", " ", got[0].stdout).split())
     truth = "FP8 reference (fp32)" if fixture == "fp8-moe" else "nvfp4 weights' fp32 reference"
-    assert "the checkpoint's own scales" in text and "the same scales on every rank" in text and f"vs the {truth}, one device" in text, text
+    assert "the checkpoint's own scales" in text and "the same scales on every rank" in text and f"by 5 layer windows, vs the {truth}, one device" in text, text
     assert all(len(line) <= 80 for line in got[0].stdout.splitlines() if str(tmp_path) not in line)
 
     one = export(checkpoint, tmp_path / "one", ExportOptions(dtype="bf16", verify=False, split=False))
