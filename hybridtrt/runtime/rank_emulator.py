@@ -210,18 +210,20 @@ class CollectiveSession:
     collectives through ``communicator``), with `hybridtrt.runtime.onnxruntime.OrtSession`'s ``run``.
 
     Args:
-        path: The rank's ``model.onnx`` / ``decode.onnx`` (its weights are loaded with it).
+        path: The rank's ``model.onnx`` / ``decode.onnx`` (ONNX Runtime reads its weights from beside it).
         communicator: This rank's end of the collectives (``all_reduce``, ``all_gather``).
         threads: ONNX Runtime intra-op threads per stage.
         bf16: As `RankGraph`.
     """
 
     def __init__(self, path, communicator, threads: int | None = None, bf16: str = "fp32") -> None:  # noqa: ANN001
-        proto = onnx.load(str(path))
+        from pathlib import Path
+
+        proto = onnx.load(str(path), load_external_data=False)
         has_bf16 = any(i.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for i in proto.graph.input) or any(
             i.data_type == onnx.TensorProto.BFLOAT16 for i in proto.graph.initializer
         )
-        self.graph = RankGraph(proto, threads or 1, bf16)
+        self.graph = RankGraph(proto, threads or 1, bf16, folder=str(Path(path).parent))
         del proto
         self.communicator = communicator
         self.emulated_bf16 = has_bf16 and bf16 == "emulate"
