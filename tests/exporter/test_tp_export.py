@@ -74,8 +74,8 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
     passed by layer windows (one layer each here, the head the seventh);
     each rank's graph (a stitched trace) and weights are the in-memory rank graph's (`rank_graphs`: the
     whole rank model traced, its weights sliced from the loaded model) exactly; ``validate`` runs the ranks together and passes per layer; a rank alone and the top
-    directory are refused by the one-device runtimes, with the fix; swapped rank directories are refused;
-    flag refusals exit 2 with the value and a fix."""
+    directory are refused by the one-device runtimes, with the fix; ``inspect`` summarizes the ranks; swapped
+    rank directories are refused; flag refusals exit 2 with the value and a fix."""
     from hybridtrt.exporter.export import GraphSpec
     from hybridtrt.exporter.tensor_parallel import rank_graphs
     from hybridtrt.models.loading import load_model
@@ -90,6 +90,7 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
         ["export", checkpoint, "-o", tmp_path / "never", "--tp", 2, "--speculative"],
         ["export", checkpoint, "-o", tmp_path / "never", "--tp-vocab", "replicated"],
         ["export", checkpoint, "-o", tmp_path / "never", "--tp", 2, "--kv-cache", "static", "--max-cache-len", 64],
+        ["inspect", out],
     ]
     got = run_batch(cases, columns=80)
     assert got[0].code == 0 and "tracing every layer" not in got[0].output, got[0].output
@@ -113,6 +114,9 @@ def test_export_tp_through_the_cli(checkpoint, tmp_path):
         assert o.code == 2 and what in " ".join(o.output.split()) and "fix:" in o.output and fix in " ".join(o.output.split()), (cases[i], o.output)
         assert "Traceback" not in o.output
     assert not (tmp_path / "never").exists() or not any((tmp_path / "never").iterdir())
+    inspected = " ".join(re.sub(r"[│┃]", " ", got[8].stdout).split())  # the top directory: ranks, recipe, verdict
+    assert got[8].code == 0 and "4 (parallel vocabulary)" in inspected and "4 ranks emulated, by 7 layer windows" in inspected, got[8].output
+    assert "rank3/" in inspected and all(len(line) <= 80 for line in got[8].stdout.splitlines() if str(tmp_path) not in line)
     from hybridtrt.runtime import load
 
     with pytest.raises(ArtefactError, match="is a tensor-parallel export") as e:  # the top directory, to a one-device runtime
