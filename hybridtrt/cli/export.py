@@ -287,6 +287,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 
+def tp_quantization(m) -> str:  # noqa: ANN001 - a rank's Manifest
+    """The quantization row of a tensor-parallel export (its summary, ``inspect``): the ranks' one recipe."""
+    if not (m.quantization or m.weight_only):
+        return "none"
+    summary = _quant_summary(m.quantization) if m.quantization else _weight_only_summary(m.weight_only)
+    return summary + ", the same scales on every rank (the unsharded tensors')"
+
+
+def tp_verdict(v: dict, world: int) -> str:
+    """A tensor-parallel export's verification record in one line (its summary, ``inspect``)."""
+    if v.get("method") == "skipped":
+        return f"skipped: {v.get('reason')}"
+    w = v["worst"]
+    how = f"by {len(v['windows'])} layer windows" if v.get("windows") else "whole graphs"
+    yard = f", the {v['yardstick']} as yardstick" if v.get("yardstick") else ""
+    return (f"{world} ranks emulated (collectives in NumPy), {how}, vs the {v['truth']}{yard}; {v['checks']} tensors, "
+            f"closest to its bound: {w['output']} rel L2 {w['rel_l2']:.1e} ≤ {w['bound']:.1e}")  # fmt: skip
+
+
+def tp_holds(holds: dict, vocab: str) -> str:
+    """What a rank holds (its manifest's ``tensor_parallel.holds``): ``mamba heads 0–3, …`` (its vocabulary
+    rows only when the vocabulary is split)."""
+    return ", ".join(f"{k.replace('_', ' ')} {a}" + (f"–{b - 1}" if b - a > 1 else "") for k, (a, b) in holds.items() if k != "vocab_rows" or vocab == "parallel")
+
+
 def _run_tp(args: argparse.Namespace, opts, dtype_source: str, quant, weights) -> int:
     """``export --tp N``: the rank directories, then a table of what each rank holds."""
     from rich.markup import escape
@@ -300,27 +325,16 @@ def _run_tp(args: argparse.Namespace, opts, dtype_source: str, quant, weights) -
     m, v = first.manifest, result.verification
     rows = [
         ["ranks", f"{plan.world} ({plan.vocab} vocabulary)"],
-        ["dtype", f"{first.manifest.dtype} ({dtype_source})"],
-        ["quantization", (escape(_quant_summary(m.quantization)) if m.quantization or not m.weight_only else escape(_weight_only_summary(m.weight_only)))
-         + (", the same scales on every rank (the unsharded tensors')" if m.quantization or m.weight_only else "")],
+        ["dtype", f"{m.dtype} ({dtype_source})"],
+        ["quantization", escape(tp_quantization(m))],
         ["parameters", f"{sum(r.parameters for r in result.ranks):,} over the ranks ({sum(r.parameters for r in result.ranks) / result.parameters:.3f}× the model's {result.parameters:,})"],
     ]
-    if first.manifest.source.get("dequantized"):
-        rows.append(["weights", f"dequantized to {first.manifest.dtype} from the checkpoint's {escape(first.manifest.source['dequantized'])}"])
-    if v.get("method") == "skipped":
-        rows.append(["verification", f"skipped: {escape(str(v.get('reason')))}"])
-    else:
-        w = v["worst"]
-        yard = f", the {v['yardstick']} as yardstick" if v.get("yardstick") else ""
-        how = f"by {len(v['windows'])} layer windows" if v.get("windows") else "whole graphs"
-        rows.append(["ORT vs reference", f"{plan.world} ranks emulated (collectives in NumPy), {how}, vs the {v['truth']}{yard}; {v['checks']} tensors, "
-                     f"closest to its bound: {escape(w['output'])} rel L2 {w['rel_l2']:.1e} ≤ {w['bound']:.1e}"])  # fmt: skip
+    if m.source.get("dequantized"):
+        rows.append(["weights", f"dequantized to {m.dtype} from the checkpoint's {escape(m.source['dequantized'])}"])
+    rows.append(["verification" if v.get("method") == "skipped" else "ORT vs reference", escape(tp_verdict(v, plan.world))])
     console.print(table("export summary", ["", ""], rows, numeric=False))
-    holds = []
-    for r, res in enumerate(result.ranks):
-        h = res.manifest.tensor_parallel["holds"]
-        spans = ", ".join(f"{k.replace('_', ' ')} {a}" + (f"–{b - 1}" if b - a > 1 else "") for k, (a, b) in h.items() if k != "vocab_rows" or plan.vocab == "parallel")
-        holds.append([f"rank{r}/", f"{res.parameters:,}", human_bytes(sum(res.files.values())), escape(spans)])
+    holds = [[f"rank{r}/", f"{res.parameters:,}", human_bytes(sum(res.files.values())), escape(tp_holds(res.manifest.tensor_parallel["holds"], plan.vocab))]
+             for r, res in enumerate(result.ranks)]  # fmt: skip
     console.print(table("ranks", ["dir", "params", "files", "holds"], holds, numeric=False))
     console.print(f"wrote {escape(str(result.out_dir / TP_MANIFEST))}", markup=True, soft_wrap=True)
     return 0

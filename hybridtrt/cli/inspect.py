@@ -45,32 +45,23 @@ def _tensor_parallel(path: Path, level: str) -> int:
     """A tensor-parallel export's top directory: the ranks (each one's manifest and files checked, as
     `read_tp_manifest` does for every consumer), what each holds, the one recipe, the verification."""
     from hybridtrt.cli.common import human_bytes
-    from hybridtrt.cli.export import _quant_summary, _weight_only_summary
+    from hybridtrt.cli.export import tp_holds, tp_quantization, tp_verdict
     from hybridtrt.exporter.tensor_parallel import read_tp_manifest
 
     top, manifests = read_tp_manifest(path, integrity=level)
-    tp, v, m = top["tensor_parallel"], top.get("verification") or {}, manifests[0]
-    quantization = _quant_summary(m.quantization) if m.quantization or not m.weight_only else _weight_only_summary(m.weight_only)
-    if v.get("method") == "skipped":
-        verified = f"skipped ({v.get('reason')})"
-    else:
-        w = v.get("worst") or {}
-        how = f"by {len(v['windows'])} layer windows" if v.get("windows") else "whole graphs"
-        verified = f"{tp['world']} ranks emulated, {how}, vs the {v.get('truth')}; {v.get('checks')} tensors, closest to its bound: {w.get('output')} rel L2 {w.get('rel_l2', 0):.1e} ≤ {w.get('bound', 0):.1e}"
+    tp, m = top["tensor_parallel"], manifests[0]
     rows = [
         ["ranks", f"{tp['world']} ({tp['vocab']} vocabulary)"],
         ["dtype", f"{m.dtype}, state {m.state_dtype}, kv {m.kv_cache}"],
-        ["quantization", quantization + (", the same scales on every rank" if m.quantization or m.weight_only else "")],
+        ["quantization", tp_quantization(m)],
         ["source", f"{top['source'].get('checkpoint')} (sha256 {str(top['source'].get('sha256'))[:12]}…)"],
-        ["verification", verified],
+        ["verification", tp_verdict(top.get("verification") or {"method": "skipped", "reason": "none recorded"}, tp["world"])],
     ]
     if m.source.get("dequantized"):
         rows.append(["weights", f"dequantized to {m.dtype} from the checkpoint's {m.source['dequantized']}"])
     console.print(table(f"tensor-parallel export {path}", ["", ""], rows, numeric=False))
-    ranks = []
-    for r, rank in enumerate(manifests):
-        holds = ", ".join(f"{k.replace('_', ' ')} {a}" + (f"–{b - 1}" if b - a > 1 else "") for k, (a, b) in rank.tensor_parallel["holds"].items())
-        ranks.append([f"rank{r}/", human_bytes(sum(rec["bytes"] for rec in rank.files.values())), ", ".join(rank.graphs), holds])
+    ranks = [[f"rank{r}/", human_bytes(sum(rec["bytes"] for rec in rank.files.values())), ", ".join(rank.graphs), tp_holds(rank.tensor_parallel["holds"], tp["vocab"])]
+             for r, rank in enumerate(manifests)]  # fmt: skip
     console.print(table("ranks (manifests and files checked)", ["dir", "files", "graphs", "holds"], ranks, numeric=False))
     return 0
 

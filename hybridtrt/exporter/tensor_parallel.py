@@ -707,20 +707,19 @@ class WindowedRanks:
 
     def feed(self, name: str, value: np.ndarray) -> np.ndarray:
         """As `RankEmulator.feed`."""
-        if self.input_types.get(name) == onnx.TensorProto.BFLOAT16:
-            import ml_dtypes
+        from hybridtrt.runtime.rank_emulator import as_fed
 
-            return value.astype(ml_dtypes.bfloat16).astype(np.float32)
-        return value
+        return as_fed(self.input_types[name], value)
 
     def _window(self, rank: int, first: int, last: int) -> onnx.ModelProto:
         """Rank ``rank``'s window, its weights not loaded: ONNX Runtime reads this window's from the rank's files."""
         from hybridtrt.graphs import layer_window
+        from hybridtrt.graphs.fp8_qdq import _opset
         from hybridtrt.graphs.held_routing import hold_routing
 
         states = [n for layer in range(first, min(last, self.num_layers - 1) + 1) for n in self.presents.get(layer, [])]
         sub = layer_window.window(self.graphs[rank], self.streams[rank], first, last, states, self.hidden_type)
-        return attach_dist_collective(hold_routing(sub).model if self.held else sub, _opset(sub))
+        return attach_dist_collective(hold_routing(sub).model if self.held else sub, _opset(sub))  # the functions' opset is the graph's
 
     def run(self, feeds: list[dict[str, np.ndarray]], hidden: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
         """Every rank's outputs of one call, window by window (``hidden[k]``: the reference's output of
@@ -743,10 +742,6 @@ class WindowedRanks:
                 mine.update({name: value.copy() for name, value in got.items()})
             del ranks
         return out
-
-
-def _opset(proto: onnx.ModelProto) -> int:
-    return next(i.version for i in proto.opset_import if i.domain in ("", "ai.onnx"))
 
 
 def cast_cache(cache, dtype: torch.dtype):
@@ -779,6 +774,7 @@ def run_held(truth: HybridLM, yardstick: HybridLM | None, plan: TensorParallelPl
     Returns:
         ``(truth's output, yardstick's or None, every rank's outputs, the truth's RoutingHold, the yardstick's)``.
     """
+    from hybridtrt.exporter.verify import _release
     from hybridtrt.exporter.wrapper import flat_from_cache
     from hybridtrt.graphs.held_routing import held_feeds
     from hybridtrt.models.moe import RoutingHold, held_routing
@@ -797,9 +793,8 @@ def run_held(truth: HybridLM, yardstick: HybridLM | None, plan: TensorParallelPl
     hold = held_feeds(truth_hold.all_ids().keys(), truth.config.moe.top_k, truth_hold.all_ids()) if held else {}
     feeds = [{**{n: ranks.feed(n, t.numpy()) for n, t in zip(names, rank_inputs(truth, plan, r, full), strict=True)}, **hold} for r in range(plan.world)]
     for reference in (truth, yardstick):  # a lazy reference's last group (the LM head) is not kept while the ranks run
-        weights = getattr(reference, "weights", None)
-        if weights is not None and hasattr(weights, "release"):
-            weights.release()
+        if reference is not None:
+            _release(reference)
     if not windows:
         return ref, yard, ranks.run(feeds), truth_hold, yard_hold
     feeder = yard if yard is not None and yardstick.dtype != torch.float32 else ref  # the graphs' dtype reference (one device's rule)

@@ -154,6 +154,16 @@ class RankGraph:
         return {name: values[name] for name in self.output_names}
 
 
+def as_fed(elem: int, value: np.ndarray) -> np.ndarray:
+    """``value`` as a rank graph's input of ONNX element type ``elem`` takes it: in that type, a bf16 input
+    as fp32 holding bf16 values (the bf16 emulation's form)."""
+    if elem == onnx.TensorProto.BFLOAT16:
+        import ml_dtypes
+
+        return value.astype(ml_dtypes.bfloat16).astype(np.float32)
+    return value.astype(helper.tensor_dtype_to_np_dtype(elem), copy=False)
+
+
 class RankEmulator:
     """Every rank's graph, run in lock step (`RankGraph` stages, collectives in NumPy).
 
@@ -176,14 +186,8 @@ class RankEmulator:
         return len(self.ranks)
 
     def feed(self, name: str, value: np.ndarray) -> np.ndarray:
-        """``value`` as the graphs' input ``name`` takes it: in its element type, a bf16 input as fp32
-        holding bf16 values (the bf16 emulation's form)."""
-        elem = self.ranks[0].input_types[name]
-        if elem == onnx.TensorProto.BFLOAT16:
-            import ml_dtypes
-
-            return value.astype(ml_dtypes.bfloat16).astype(np.float32)
-        return value.astype(helper.tensor_dtype_to_np_dtype(elem), copy=False)
+        """``value`` as the graphs' input ``name`` takes it (`as_fed`)."""
+        return as_fed(self.ranks[0].input_types[name], value)
 
     def run(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Each rank's graph outputs for its ``feeds`` (``feeds[r]``: rank r's inputs)."""
