@@ -19,7 +19,8 @@ The rules, per block (reasons in DESIGN.md §12):
   over those ranks (an all-reduce in that group of ranks). ``out_proj`` by columns, then an all-reduce.
 * Attention: query heads split; KV heads split when ``n_kv % N == 0``, each replicated on the
   ``N / n_kv`` ranks whose query heads read it when ``N % n_kv == 0``; ``o_proj`` by columns + all-reduce.
-* MLP: ``up_proj`` by rows, ``down_proj`` by columns, all-reduce (any N: uneven splits allowed).
+* MLP: ``up_proj`` by rows, ``down_proj`` by columns, all-reduce (any N: uneven splits allowed, in blocks
+  of 16 rows where the width allows: `KERNEL_ROWS`).
 * MoE, tensor parallel inside each expert: every rank routes (the router is replicated and sees the
   same all-reduced hidden state, so every rank makes the same choices), holds every expert's rows
   ``I_r`` of ``up_proj [E, I, D]`` and the same columns of ``down_proj [E, D, I]``; the shared expert is
@@ -74,10 +75,12 @@ def split_or_shared(count: int, world: int, rank: int) -> range:
     return range(first, first + 1)
 
 
-#: The MoE kernels' width granularity (plugins/kernels/include/hybridtrt/moeKernels.h: D and I "positive
-#: multiples of 16"): an expert's intermediate width splits in blocks of 16 rows where it can, so that every
-#: rank's experts are shapes the kernels take (Nemotron-3-Nano-30B's 1,856 over 8 ranks: 240 or 224 rows,
-#: not 232).
+#: Intermediate widths split in blocks of 16 rows where they can (`_unit`): the MoE kernels' granularity
+#: (plugins/kernels/include/hybridtrt/moeKernels.h: D and I "positive multiples of 16"), so that every rank's
+#: experts are shapes the kernels take (Nemotron-3-Nano-30B's 1,856 over 8 ranks: 240 or 224 rows, not 232);
+#: and the 4-bit formats' blocks along a row-parallel projection's inputs (NVFP4's 16, INT4's smallest), so
+#: that a rank's part of an MLP's or shared expert's ``down_proj`` is whole blocks (Nemotron-Nano-9B-v2's
+#: 15,680 over 8 ranks: 1,968 or 1,952 rows, not 1,960, which no 4-bit block of 16 divides).
 KERNEL_ROWS = 16
 
 
@@ -183,7 +186,9 @@ class TensorParallelPlan:
         return split_or_shared(self.config.num_key_value_heads, self.world, rank)
 
     def mlp_rows(self, rank: int) -> range:
-        return split_range(self.config.intermediate_size, self.world, rank)
+        """Rank ``rank``'s rows of the MLP's intermediate width (blocks of `KERNEL_ROWS` where they divide it)."""
+        width = self.config.intermediate_size
+        return split_range(width, self.world, rank, _unit(width, self.world))
 
     def expert_rows(self, rank: int) -> range:
         """Rank ``rank``'s rows of every expert's intermediate width (blocks of `KERNEL_ROWS` where they divide it)."""
@@ -191,8 +196,9 @@ class TensorParallelPlan:
         return split_range(width, self.world, rank, _unit(width, self.world))
 
     def shared_rows(self, rank: int) -> range:
-        """The shared expert's rows (a plain MLP: MatMuls, no kernel granularity)."""
-        return split_range(self.config.moe.shared_intermediate_size, self.world, rank)
+        """The shared expert's rows (a plain MLP: blocks of `KERNEL_ROWS` as the MLP's)."""
+        width = self.config.moe.shared_intermediate_size
+        return split_range(width, self.world, rank, _unit(width, self.world))
 
     def vocab_rows(self, rank: int) -> range:
         if self.vocab == "replicated":

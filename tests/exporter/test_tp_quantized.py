@@ -227,9 +227,10 @@ def test_a_modelopt_checkpoint_keeps_its_scales_on_every_rank(fixture, tmp_path)
 
 def test_a_split_that_cuts_a_4bit_block_is_refused(tmp_path, monkeypatch):
     """A rank holds its part of an NVFP4 weight's codes and block scales as stored, so its inputs must be
-    whole blocks of 16. An MLP split of 56 + 72 rows (uneven splits are the plan's rule: Nemotron-Nano-9B-v2's
-    15,680 over 8 ranks is 1,960 each, not a multiple of 16) cuts a block of down_proj's inputs: refused
-    before anything is written, naming the rank, the inputs and the weight, with --dequantize as the fix."""
+    whole blocks of 16. The plan splits widths in 16-row blocks where it can, and row by row where it cannot
+    (a width that is no multiple of 16); an MLP split of 56 + 72 rows stands for that and cuts a block of
+    down_proj's inputs: refused before anything is written, naming the rank, the inputs and the weight, with
+    --dequantize as the fix."""
     monkeypatch.setattr(TensorParallelPlan, "mlp_rows", lambda self, rank: range(0, 56) if rank == 0 else range(56, 128))
     with pytest.raises(ExportError, match=r"--tp 2 of a ModelOpt NVFP4 checkpoint's 4-bit weights: rank 0 holds inputs 0–55 of layers\.\d+\.mixer\.down_proj\.weight, which cuts its 16-input blocks") as e:
         export_tp(FIXTURES / "nvfp4", tmp_path / "out", 2, ExportOptions(dtype="bf16"))
