@@ -574,7 +574,7 @@ def export(
         if weight_only is not None and weight_only.fixed is not None:
             weight_only = rank.nvfp4(weight_only, checkpoint)  # the rank's part of the checkpoint's codes and block scales
         elif weight_only is not None:
-            weight_only = rank.int4(weight_only)  # the ranks' blocks; the rank's inputs of the AWQ pre-scales
+            weight_only = rank.int4(weight_only, checkpoint)  # the ranks' blocks; the rank's inputs of the AWQ pre-scales
     config = checkpoint.config
     if opts.speculative and config.mtp_layers:
         from hybridtrt.models.mtp import check_mtp_config

@@ -171,18 +171,16 @@ class RankExport:
         }
         return dataclasses.replace(weight_only, fixed=fixed)
 
-    def int4(self, weight_only):  # noqa: ANN001, ANN201 - WeightOnlyOptions -> WeightOnlyOptions
+    def int4(self, weight_only, view: RankCheckpoint):  # noqa: ANN001, ANN201 - WeightOnlyOptions -> WeightOnlyOptions
         """The rank's copy of the export's INT4 options: the unsharded layers' blocks (`int4_blocks`, in
         ``weight_only.blocks`` already), and the rank's input indices of every layer whose inputs it holds a
         part of, for its slice of an AWQ pre-scale, so its 4-bit weights and scales are the slices of the
         one-device export's (of those blocks)."""
-        from hybridtrt.exporter.calibration import matmul_node_name
-
         parts = {}
-        for name in _linears(self.plan):
+        for name, node in _linears(view).items():
             where = self.plan.part(name, self.rank)
             if where is not None and where[0] == 1:
-                parts[matmul_node_name(name.removesuffix(".weight"))] = list(where[1])
+                parts[node] = list(where[1])
         return dataclasses.replace(weight_only, input_parts=parts)
 
     def _restricted(self, name: str, amax, per_channel: bool):  # noqa: ANN001, ANN202 - np.ndarray -> WeightAmax
@@ -435,16 +433,14 @@ def _fits(checkpoint: Checkpoint, plan: TensorParallelPlan, world: int) -> bool:
         return False
 
 
-def _linears(plan: TensorParallelPlan) -> list[str]:
-    """The weights of the quantizable linear projections (`hybridtrt.graphs.fp8_qdq`'s, the 4-bit passes')
-    of ``plan``'s model, by parameter name."""
+def _linears(checkpoint: Checkpoint) -> dict[str, str]:
+    """``{parameter: MatMul node}`` of the quantizable linear projections (`hybridtrt.graphs.fp8_qdq`'s, the
+    4-bit passes') among ``checkpoint``'s parameters (a rank's view has the same names)."""
     from hybridtrt.exporter.calibration import matmul_node_name
     from hybridtrt.graphs.fp8_qdq import _QUANTIZABLE
-    from hybridtrt.models.model import HybridLM
 
-    with meta_modules():
-        model = HybridLM(plan.config)
-    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _QUANTIZABLE.match(matmul_node_name(n))]
+    nodes = {name: matmul_node_name(name.removesuffix(".weight")) for name in checkpoint.parameters if name.endswith(".weight")}
+    return {name: node for name, node in nodes.items() if _QUANTIZABLE.match(node)}
 
 
 def int4_blocks(checkpoint: Checkpoint, plan: TensorParallelPlan, block_size: int) -> dict[str, int | None]:
@@ -454,11 +450,10 @@ def int4_blocks(checkpoint: Checkpoint, plan: TensorParallelPlan, block_size: in
     of them, so that each rank's inputs are whole blocks and its INT4 weights and scales are the slices of
     the one-device export's with those blocks. None: no such block (the layer stays in the model dtype on
     every rank). A layer whose inputs no rank splits gets the one-device block."""
-    from hybridtrt.exporter.calibration import matmul_node_name
     from hybridtrt.graphs.weight_only import MIN_BLOCK
 
     out: dict[str, int | None] = {}
-    for name in _linears(plan):
+    for name, node in _linears(checkpoint).items():
         cuts = [checkpoint.parameters[name].shape[1]]
         for rank in range(plan.world):
             where = plan.part(name, rank)
@@ -467,7 +462,7 @@ def int4_blocks(checkpoint: Checkpoint, plan: TensorParallelPlan, block_size: in
         block = block_size
         while block >= MIN_BLOCK and any(c % block for c in cuts):
             block //= 2
-        out[matmul_node_name(name.removesuffix(".weight"))] = block if block >= MIN_BLOCK else None
+        out[node] = block if block >= MIN_BLOCK else None
     return out
 
 
@@ -478,18 +473,10 @@ _EXPERT_STACKS = (".experts.up_proj", ".experts.down_proj")
 def fp8_sharded_weights(checkpoint: Checkpoint, plan: TensorParallelPlan) -> dict[str, str]:
     """``{parameter: node}`` of the weights FP8 may quantize (`hybridtrt.graphs.fp8_qdq`'s projections, the
     routed experts) that the ranks hold parts of; a weight every rank holds whole gets its own amax."""
-    from hybridtrt.exporter.calibration import matmul_node_name, moe_node_name
-    from hybridtrt.graphs.fp8_qdq import _QUANTIZABLE
+    from hybridtrt.exporter.calibration import moe_node_name
 
-    out = {}
-    for name in checkpoint.parameters:
-        if plan.part(name, 0) is None:
-            continue
-        if name.endswith(_EXPERT_STACKS):
-            out[name] = moe_node_name(name.rsplit(".", 1)[0])
-        elif name.endswith(".weight") and _QUANTIZABLE.match(node := matmul_node_name(name.removesuffix(".weight"))):
-            out[name] = node
-    return out
+    nodes = {**_linears(checkpoint), **{name: moe_node_name(name.rsplit(".", 1)[0]) for name in checkpoint.parameters if name.endswith(_EXPERT_STACKS)}}
+    return {name: node for name, node in nodes.items() if plan.part(name, 0) is not None}
 
 
 def unsharded_weight_amax(checkpoint: Checkpoint, names: dict[str, str], per_channel: bool, advance=lambda n: None) -> dict:  # noqa: ANN001
@@ -497,14 +484,14 @@ def unsharded_weight_amax(checkpoint: Checkpoint, names: dict[str, str], per_cha
     model dtype as the one-device quantizer sees them: a scalar per tensor, ``[out]`` per output channel;
     a stack of experts ``[E]`` or ``[E, out]``. Read in blocks of rows (one expert at a time), so memory
     holds a block, never a whole tensor."""
-    from hybridtrt.models.tensor_parallel import BLOCK_BYTES
+    from hybridtrt.models.tensor_parallel import rows_per_block
 
     out = {}
     for name, node in names.items():
         source = checkpoint.parameters[name]
         rows = source.shape[0]
         experts = name.endswith(_EXPERT_STACKS)
-        step = 1 if experts else max(1, BLOCK_BYTES // max(1, source.nbytes // rows))
+        step = 1 if experts else rows_per_block(source)
         parts = []
         for start in range(0, rows, step):
             block = checkpoint.read_rows(name, start, min(start + step, rows)).float().abs()
@@ -633,12 +620,8 @@ def rank_runners(root: Path, plan: TensorParallelPlan, parameter_bytes: int, man
         if not paths[0].is_file():
             out.append(None)
         elif chosen == "full":  # weights read by ONNX Runtime from the rank's files, not loaded here first
-            from hybridtrt.graphs.held_routing import hold_routing
-            from hybridtrt.runtime.rank_emulator import RankEmulator
-
             _check_verification_memory(parameter_bytes, manifest.dtype)
-            graphs = [onnx.load(str(p), load_external_data=False) for p in paths]
-            out.append(RankEmulator([hold_routing(g).model if moe else g for g in graphs], folders=[str(p.parent) for p in paths]))
+            out.append(held_ranks([onnx.load(str(p), load_external_data=False) for p in paths], moe, [str(p.parent) for p in paths]))
         else:
             hidden = _ONNX_TYPES[parse_dtype(manifest.dtype)]
             out.append(WindowedRanks(paths, plan.config.num_layers, hidden, int(parameter_bytes * WINDOW_FRACTION), moe))
@@ -752,16 +735,16 @@ def cast_cache(cache, dtype: torch.dtype):
     return HybridCache(to(cache.conv), dict(cache.ssm), to(cache.key), to(cache.value))
 
 
-def held_ranks(graphs, moe: bool):  # noqa: ANN001, ANN201 - rank graphs (or their RankEmulator) -> RankEmulator | None
+def held_ranks(graphs, moe: bool, folders: list[str] | None = None):  # noqa: ANN001, ANN201 - rank graphs (or their RankEmulator) -> RankEmulator | None
     """Rank 0 … N − 1's graphs in a `RankEmulator` (one given passes through; None stays None); an MoE model's
     graphs get the held-routing pass (`hybridtrt.graphs.held_routing`), so that they can be held to the truth's
-    expert choices (`run_held`)."""
+    expert choices (`run_held`). ``folders``: each rank's weights, when the graphs were loaded without them."""
     from hybridtrt.graphs.held_routing import hold_routing
     from hybridtrt.runtime.rank_emulator import RankEmulator
 
     if graphs is None or isinstance(graphs, (RankEmulator, WindowedRanks)):
         return graphs
-    return RankEmulator([hold_routing(g).model if moe else g for g in graphs])
+    return RankEmulator([hold_routing(g).model if moe else g for g in graphs], folders=folders)
 
 
 def run_held(truth: HybridLM, yardstick: HybridLM | None, plan: TensorParallelPlan, ranks, ids: torch.Tensor, mask: torch.Tensor, cache, *,

@@ -505,6 +505,12 @@ def wire_rank(ranked: RankLM, plan: TensorParallelPlan, rank: int, comm: Communi
 BLOCK_BYTES = 16 << 20
 
 
+def rows_per_block(source: ParameterSource) -> int:
+    """Rows of parameter ``source`` in `BLOCK_BYTES` (at least one): what is read at a time when a whole
+    parameter is read only to be cut or reduced."""
+    return max(1, BLOCK_BYTES // max(1, source.nbytes // source.shape[0]))
+
+
 def _runs(idx: list[int] | range) -> list[range]:
     """``idx`` as contiguous runs (``[0, 1, 2, 7, 8]`` → ``range(0, 3), range(7, 9)``)."""
     if isinstance(idx, range):
@@ -570,7 +576,7 @@ class RankCheckpoint(Checkpoint):
                 at += len(r)
             return out
         rows = source.shape[0]
-        step = max(1, BLOCK_BYTES // max(1, source.nbytes // rows))
+        step = rows_per_block(source)
         for start in range(0, rows, step):
             stop = min(start + step, rows)
             out[start:stop] = self._cut(self.full.read_rows(name, start, stop), dim, idx)
